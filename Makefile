@@ -1,0 +1,39 @@
+# Two commands on a fresh machine (Python 3.11 + make): `make demo` and `make test`.
+PYTHON ?= python3.11
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: setup demo test lint typecheck unit bench bench-micro bench-quick clean
+
+$(STAMP): pyproject.toml
+	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found (set PYTHON=/path/to/python3.11)"; exit 2; }
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	@touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/tunneld demo
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check protocol relay agent tunneld tests bench
+	$(VENV)/bin/ruff format --check protocol relay agent tunneld tests bench
+
+typecheck: $(STAMP)
+	$(VENV)/bin/mypy protocol relay agent tunneld
+
+unit: $(STAMP)
+	$(PY) -m pytest --cov --cov-report=term --cov-report=html:.coverage-html -p no:cacheprovider -q
+
+test: lint typecheck unit
+
+bench-micro: $(STAMP)
+	$(PY) -m pytest bench/micro --benchmark-only --benchmark-columns=mean,median,ops -q -p no:cacheprovider -o testpaths=bench
+
+bench: bench-micro
+
+clean:
+	rm -rf $(VENV) .coverage .coverage-html .mypy_cache .ruff_cache .pytest_cache .benchmarks

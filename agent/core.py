@@ -1,0 +1,325 @@
+"""The agent: one outbound session to the edge, local connections for its streams, reconnects.
+
+Theory of operation
+-------------------
+``Agent.run()`` loops: connect (TCP or TLS) -> ``AgentSession`` sends ``Hello`` -> the edge answers
+``Welcome`` with the sandbox's exposures (the edge is authoritative, so they come back after any
+reconnect and preview URLs stay the same) -> serve until the link is lost -> back off with jitter
+(first retry after ~100 ms, doubling to a 20 s cap, reset once a session has lived a while) and
+connect again. A newer session for the same sandbox replaces the old one at the edge, so a
+reconnect after an unclean loss is never refused as "already connected".
+
+Each stream the edge opens carries a target port. The agent only ever dials 127.0.0.1 (then ::1)
+and only ports 1024-65535 except 3000; anything else is reset with PORT_NOT_ALLOWED. A refused
+connect is reset with CONNECT_REFUSED, which the edge turns into a 502 naming the port.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import ssl
+from dataclasses import dataclass
+from typing import Any, Final
+
+from protocol import control
+from protocol.errors import GoAwayCode, ResetCode
+from protocol.events import ConnectionTerminated, StreamOpened
+from protocol.hostnames import InvalidPortError, ValidationError, validate_port
+from protocol.session import Role, Session, SessionConfig
+from relay.mux import MuxProtocol, StreamEndpoint
+from relay.requests import ControlRequestError, PendingRequests
+
+from .errors import AgentError
+
+log = logging.getLogger("tunnel.agent")
+
+CONNECT_TIMEOUT: Final = 10.0  # dialing the edge, and dialing a local port
+REQUEST_TIMEOUT: Final = 10.0  # expose/unexpose/list round trip to the edge
+BACKOFF_FIRST: Final = 0.1  # first retry is fast: most losses are a blip or an edge restart
+BACKOFF_CAP: Final = 20.0  # frp's cap; long enough not to hammer a down edge
+STABLE_AFTER: Final = 10.0  # a session that lived this long resets the backoff
+
+
+@dataclass(slots=True)
+class AgentConfig:
+    server_host: str
+    server_port: int
+    sandbox_id: str
+    token: str
+    tls: ssl.SSLContext | None = None
+    server_hostname: str | None = None
+    dial_hosts: tuple[str, ...] = ("127.0.0.1", "::1")
+
+
+class LocalEndpoint(StreamEndpoint):
+    """A stream bound to a connection to the service on 127.0.0.1:PORT."""
+
+    __slots__ = ("_pending", "_pending_end")
+
+    def __init__(self, mux: AgentSession, stream_id: int) -> None:
+        super().__init__(mux, stream_id)
+        self._pending: list[bytes] = []  # bytes from the edge before the local connect finished
+        self._pending_end = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        pending, self._pending = self._pending, []
+        for data in pending:
+            super().receive_from_peer(data)
+        if self._pending_end:
+            super().peer_ended()
+
+    def receive_from_peer(self, data: bytes) -> None:
+        if self.transport is None:
+            # Bounded by the stream's receive window: nothing is acknowledged until written.
+            self._pending.append(data)
+        else:
+            super().receive_from_peer(data)
+
+    def peer_ended(self) -> None:
+        if self.transport is None:
+            self._pending_end = True
+            self._peer_eof = True
+        else:
+            super().peer_ended()
+
+
+class AgentSession(MuxProtocol):
+    def __init__(self, agent: Agent, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(Session(Role.AGENT, SessionConfig(), now=loop.time()), loop)
+        self.agent = agent
+        self.pending = PendingRequests(loop)
+        self.welcomed: asyncio.Future[control.Welcome] = loop.create_future()
+        self._dialing: set[asyncio.Task[None]] = set()
+
+    def on_connected(self) -> None:
+        self.session.send_control(control.Hello(self.agent.config.sandbox_id, self.agent.config.token))
+
+    def on_control(self, message: Any) -> None:
+        if isinstance(message, control.Welcome):
+            if not self.welcomed.done():
+                self.welcomed.set_result(message)
+        elif isinstance(message, control.Error) and message.id is None:
+            log.error("edge refused the session: %s (%s)", message.message, message.code)
+            self.agent.last_refusal = (message.code, message.message)
+        elif isinstance(message, (control.Ok, control.Error)):
+            self.pending.resolve(message)
+        elif isinstance(message, control.Expose):
+            self.agent.remember(control.Exposure(message.port, message.token or "", "", message.name), None)
+            self._ack(message.id)
+        elif isinstance(message, control.Unexpose):
+            self.agent.forget(message.port)
+            self._ack(message.id)
+
+    def _ack(self, request_id: int) -> None:
+        self.session.send_control(control.Ok(request_id))
+
+    async def request(self, message_factory: Any) -> control.Ok:
+        request_id, future = self.pending.new()
+        self.session.send_control(message_factory(request_id))
+        self.flush()
+        try:
+            return await asyncio.wait_for(future, REQUEST_TIMEOUT)
+        finally:
+            self.pending.forget(request_id)
+
+    # -- streams -------------------------------------------------------------------------------------
+    def on_stream_opened(self, event: StreamOpened) -> None:
+        try:
+            port = validate_port(event.port)
+        except InvalidPortError:
+            log.warning("edge asked for port %s, which the agent never dials", event.port)
+            self.session.reset_stream(event.stream_id, ResetCode.PORT_NOT_ALLOWED)
+            return
+        endpoint = LocalEndpoint(self, event.stream_id)
+        self.add_stream(endpoint)
+        task = self.loop.create_task(self._dial(endpoint, port))
+        self._dialing.add(task)
+        task.add_done_callback(self._dialing.discard)
+
+    async def _dial(self, endpoint: LocalEndpoint, port: int) -> None:
+        error: OSError | None = None
+        for host in self.agent.config.dial_hosts:
+            try:
+                await asyncio.wait_for(
+                    self.loop.create_connection(lambda: endpoint, host, port), CONNECT_TIMEOUT
+                )
+            except (OSError, asyncio.TimeoutError) as exc:
+                error = exc if isinstance(exc, OSError) else OSError("connect timed out")
+                continue
+            if endpoint._closed or self.streams.get(endpoint.stream_id) is not endpoint:
+                # the edge reset the stream while we were dialing
+                if endpoint.transport is not None:
+                    endpoint.transport.abort()
+                return
+            if not self.session.closed:
+                self.session.accept_stream(endpoint.stream_id)
+                self.flush()
+            return
+        if self.streams.pop(endpoint.stream_id, None) is not None and not self.session.closed:
+            refused = isinstance(error, ConnectionRefusedError)
+            log.info("stream %d: cannot connect to port %d: %s", endpoint.stream_id, port, error)
+            self.session.reset_stream(
+                endpoint.stream_id, ResetCode.CONNECT_REFUSED if refused else ResetCode.CONNECT_FAILED
+            )
+            self.flush()
+
+    # -- teardown ------------------------------------------------------------------------------------
+    def on_terminated(self, event: ConnectionTerminated) -> None:
+        log.info("session ended: %s (%s)", event.code.name, event.reason)
+        self.agent.last_termination = event.code
+
+    def on_disconnected(self, exc: Exception | None) -> None:
+        self.pending.fail_all("EDGE_NOT_CONNECTED", "The connection to the edge was lost.")
+        for task in list(self._dialing):
+            task.cancel()
+        if not self.welcomed.done():
+            self.welcomed.set_exception(ConnectionError("connection closed before welcome"))
+            self.welcomed.exception()  # mark retrieved
+
+
+class Agent:
+    """The in-sandbox agent; also the ExposureController behind the local API."""
+
+    def __init__(self, config: AgentConfig) -> None:
+        self.config = config
+        self.session: AgentSession | None = None
+        self.exposures: dict[int, control.Exposure] = {}
+        self.last_refusal: tuple[str, str] | None = None
+        self.last_termination: GoAwayCode | None = None
+        self.connected_event = asyncio.Event()
+        self._stopping = False
+        self._rng = random.Random()
+
+    # -- ExposureController --------------------------------------------------------------------------
+    @property
+    def connected(self) -> bool:
+        return self.session is not None and self.session.welcomed.done() and not self.session.session.closed
+
+    @property
+    def sandbox_id(self) -> str:
+        return self.config.sandbox_id
+
+    def _live(self) -> AgentSession:
+        session = self.session
+        if session is None or not self.connected:
+            raise AgentError("EDGE_NOT_CONNECTED", "The agent is not connected to the edge.", 503)
+        return session
+
+    async def _call(self, factory: Any) -> control.Ok:
+        session = self._live()
+        try:
+            return await session.request(factory)
+        except (TimeoutError, asyncio.TimeoutError):
+            raise AgentError("EDGE_TIMEOUT", "The edge did not answer in time.", 504) from None
+        except ControlRequestError as exc:
+            from .errors import status_for
+
+            raise AgentError(exc.code, exc.message, status_for(exc.code)) from None
+
+    async def expose(self, port: int, name: str | None = None, token: str | None = None) -> control.Exposure:
+        try:
+            port = validate_port(port)
+        except ValidationError as exc:
+            raise AgentError(exc.code, exc.message, 400) from None
+        ok = await self._call(lambda rid: control.Expose(rid, port, name, token))
+        if not ok.exposures:
+            raise AgentError("BAD_REPLY", "The edge answered without the exposure.", 502)
+        exposure = ok.exposures[0]
+        self.remember(exposure, None)
+        return exposure
+
+    async def unexpose(self, port: int) -> None:
+        try:
+            port = validate_port(port)
+        except ValidationError as exc:
+            raise AgentError(exc.code, exc.message, 400) from None
+        await self._call(lambda rid: control.Unexpose(rid, port))
+        self.forget(port)
+
+    async def list_exposures(self) -> list[control.Exposure]:
+        ok = await self._call(lambda rid: control.ListExposures(rid))
+        self.exposures = {e.port: e for e in ok.exposures}
+        return sorted(ok.exposures, key=lambda e: e.port)
+
+    def remember(self, exposure: control.Exposure, _: Any) -> None:
+        self.exposures[exposure.port] = exposure
+
+    def forget(self, port: int) -> None:
+        self.exposures.pop(port, None)
+
+    # -- connection loop -----------------------------------------------------------------------------
+    async def connect_once(self) -> AgentSession:
+        """Connect and complete the handshake; raises on failure."""
+        loop = asyncio.get_running_loop()
+        config = self.config
+        _, session = await asyncio.wait_for(
+            loop.create_connection(
+                lambda: AgentSession(self, loop),
+                config.server_host,
+                config.server_port,
+                ssl=config.tls,
+                server_hostname=(config.server_hostname or config.server_host) if config.tls else None,
+            ),
+            CONNECT_TIMEOUT,
+        )
+        try:
+            welcome = await asyncio.wait_for(asyncio.shield(session.welcomed), CONNECT_TIMEOUT)
+        except BaseException:
+            if session.transport is not None:
+                session.transport.abort()
+            raise
+        self.session = session
+        self.exposures = {e.port: e for e in welcome.exposures}
+        self.last_refusal = None
+        self.connected_event.set()
+        log.info(
+            "connected to edge %s:%d as sandbox %s (session %s, %d exposed port%s)",
+            config.server_host,
+            config.server_port,
+            config.sandbox_id,
+            welcome.session,
+            len(welcome.exposures),
+            "" if len(welcome.exposures) == 1 else "s",
+        )
+        return session
+
+    async def run(self) -> None:
+        """Stay connected until ``stop()``."""
+        loop = asyncio.get_running_loop()
+        delay = BACKOFF_FIRST
+        while not self._stopping:
+            started = loop.time()
+            try:
+                session = await self.connect_once()
+            except (OSError, asyncio.TimeoutError, ConnectionError) as exc:
+                reason = self.last_refusal[1] if self.last_refusal else str(exc) or type(exc).__name__
+                log.warning("cannot connect to edge %s:%d: %s", self.config.server_host, self.config.server_port, reason)
+            else:
+                await session.closed
+                self.connected_event.clear()
+                self.session = None
+                if self._stopping:
+                    break
+                log.warning("lost the edge session; reconnecting")
+                if loop.time() - started > STABLE_AFTER:
+                    delay = BACKOFF_FIRST
+            if self._stopping:
+                break
+            sleep = self._rng.uniform(delay / 2, delay)
+            await asyncio.sleep(sleep)
+            delay = min(delay * 2, BACKOFF_CAP)
+
+    async def stop(self) -> None:
+        self._stopping = True
+        session = self.session
+        if session is not None and session.transport is not None:
+            session.session.close(GoAwayCode.NORMAL)
+            session.flush()
+            try:
+                await asyncio.wait_for(asyncio.shield(session.closed), 2.0)
+            except asyncio.TimeoutError:
+                if session.transport is not None:
+                    session.transport.abort()

@@ -1,0 +1,1 @@
+"""asyncio relay shared by agent/ and tunneld/: drives a protocol.Session over sockets."""

@@ -1,0 +1,359 @@
+"""asyncio shell around one ``protocol.Session``: the tunnel connection and its streams.
+
+Theory of operation
+-------------------
+``MuxProtocol`` owns the tunnel transport (agent <-> edge). Bytes read from it go into
+``session.receive_data``; the session's events are dispatched to the stream endpoints; whatever the
+session wants to send goes out with ``transport.writelines`` in ``flush()``. The session decides
+everything about the protocol; this file only moves bytes and re-arms the session's timer.
+
+A ``StreamEndpoint`` is the other end of one stream: a local socket (the user's service on the
+agent, the browser's connection on the edge). It is itself a ``BufferedProtocol``:
+
+* local bytes in  -> ``session.send_data(sid, view)`` -> ``flush()``. If the session says the stream
+  has queued enough (no credit), the local socket stops being read until ``StreamWritable``.
+* peer bytes in   -> ``transport.write(data)``; credit goes back with ``session.acknowledge`` only
+  while the local transport is below its high-water mark. A paused local transport holds its
+  credit until ``resume_writing``, so a slow reader stalls only its own stream.
+* the tunnel transport above its high-water mark makes ``flush()`` send control frames only; data
+  waits in the session (bounded by the windows) until ``resume_writing``.
+
+Memory is therefore bounded by the flow-control windows, never by how fast anyone reads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from collections.abc import Callable
+from typing import Any, Final
+
+from protocol import events as ev
+from protocol.errors import GoAwayCode, ResetCode
+from protocol.session import Session
+
+from .buffers import SHARED
+
+log = logging.getLogger("tunnel.mux")
+
+# The tunnel transport queues at most this much before the session stops emitting DATA frames.
+# Small enough that a 100-byte write on an interactive stream never waits behind megabytes of a
+# bulk stream inside the kernel-side queue, large enough to keep the socket busy between callbacks.
+TUNNEL_HIGH_WATER: Final = 1024 * 1024
+TUNNEL_LOW_WATER: Final = 256 * 1024
+
+# A local socket may buffer this much written-but-unsent data before credit stops going back.
+LOCAL_HIGH_WATER: Final = 256 * 1024
+LOCAL_LOW_WATER: Final = 64 * 1024
+
+
+def set_nodelay(transport: asyncio.BaseTransport) -> None:
+    sock = transport.get_extra_info("socket")
+    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:  # pragma: no cover - the socket may already be gone
+            pass
+
+
+class StreamEndpoint(asyncio.BufferedProtocol):
+    """One stream of the session, bound to a local socket."""
+
+    __slots__ = (
+        "mux",
+        "stream_id",
+        "transport",
+        "_write_paused",
+        "_read_paused",
+        "_held_credit",
+        "_local_eof",
+        "_peer_eof",
+        "_closed",
+    )
+
+    def __init__(self, mux: MuxProtocol, stream_id: int) -> None:
+        self.mux = mux
+        self.stream_id = stream_id
+        self.transport: asyncio.Transport | None = None
+        self._write_paused = False
+        self._read_paused = False
+        self._held_credit = 0
+        self._local_eof = False
+        self._peer_eof = False
+        self._closed = False
+
+    # -- local socket -> session -------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # uvloop's is not a subclass
+        transport.set_write_buffer_limits(high=LOCAL_HIGH_WATER, low=LOCAL_LOW_WATER)
+        set_nodelay(transport)
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return SHARED.view
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.forward(SHARED.view[:nbytes])
+
+    def forward(self, data: memoryview | bytes) -> None:
+        """Send local bytes to the peer (``data`` may be a view of the shared read buffer)."""
+        mux = self.mux
+        if mux.session.closed or self._closed:
+            return
+        pause = mux.session.send_data(self.stream_id, data)
+        mux.flush()
+        if isinstance(data, memoryview):
+            mux.release_shared(self.stream_id)
+        if pause and not self._read_paused and self.transport is not None:
+            self._read_paused = True
+            self.transport.pause_reading()
+
+    def eof_received(self) -> bool:
+        self._local_eof = True
+        mux = self.mux
+        if not mux.session.closed and not self._closed:
+            mux.session.end_stream(self.stream_id)
+            mux.flush()
+        self._maybe_finish()
+        return True  # keep the write side open: TCP half-close maps to FIN
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self._closed:
+            self._closed = True
+            mux = self.mux
+            if mux.streams.pop(self.stream_id, None) is not None and not mux.session.closed:
+                if not (self._local_eof and self._peer_eof):
+                    mux.session.reset_stream(self.stream_id, ResetCode.CANCEL)
+                mux.flush()
+        self.on_closed()
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        if self._held_credit and not self._closed:
+            n, self._held_credit = self._held_credit, 0
+            self.mux.session.acknowledge(self.stream_id, n)
+            self.mux.flush()
+
+    # -- session -> local socket -------------------------------------------------------------------
+    def receive_from_peer(self, data: bytes) -> None:
+        transport = self.transport
+        if transport is None or self._closed:
+            return
+        transport.write(data)
+        if self._write_paused:
+            self._held_credit += len(data)
+        else:
+            self.mux.session.acknowledge(self.stream_id, len(data))
+
+    def peer_ended(self) -> None:
+        self._peer_eof = True
+        transport = self.transport
+        if transport is not None and not transport.is_closing() and transport.can_write_eof():
+            transport.write_eof()
+        self._maybe_finish()
+
+    def peer_writable(self) -> None:
+        if self._read_paused and self.transport is not None and not self._closed:
+            self._read_paused = False
+            self.transport.resume_reading()
+
+    def peer_reset(self, code: ResetCode) -> None:
+        """The peer (or the session, on teardown) reset this stream: drop the local connection."""
+        self._closed = True
+        if self.transport is not None:
+            self.transport.abort()
+        self.on_closed()
+
+    def peer_accepted(self) -> None:
+        """The agent connected this stream to its local port (edge side only)."""
+
+    # -- hooks ---------------------------------------------------------------------------------------
+    def on_closed(self) -> None:
+        """Called once the local connection is gone (subclasses count or log here)."""
+
+    def _maybe_finish(self) -> None:
+        if self._local_eof and self._peer_eof and self.transport is not None:
+            self.transport.close()
+
+
+class MuxProtocol(asyncio.BufferedProtocol):
+    """Drives one ``Session`` over the tunnel connection. Subclassed by the edge and the agent."""
+
+    def __init__(self, session: Session, loop: asyncio.AbstractEventLoop) -> None:
+        self.session = session
+        self.loop = loop
+        self.transport: asyncio.Transport | None = None
+        self.streams: dict[int, StreamEndpoint] = {}
+        self.closed: asyncio.Future[None] = loop.create_future()
+        self.rtt: float | None = None
+        self._write_paused = False
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at: float | None = None
+        self._dispatch: dict[type, Callable[[Any], None]] = {
+            ev.DataReceived: self._on_data,
+            ev.StreamWritable: self._on_writable,
+            ev.StreamReset: self._on_reset,
+            ev.StreamAccepted: self._on_accepted,
+            ev.StreamOpened: self.on_stream_opened,
+            ev.ControlReceived: self._on_control,
+            ev.PingAcknowledged: self._on_ping,
+            ev.GoAwayReceived: self._on_go_away,
+            ev.ConnectionTerminated: self._on_terminated,
+        }
+        stream_ended = getattr(ev, "StreamEnded", None)
+        if stream_ended is not None:
+            self._dispatch[stream_ended] = self._on_stream_ended
+
+    # -- tunnel transport ----------------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # uvloop's is not a subclass
+        transport.set_write_buffer_limits(high=TUNNEL_HIGH_WATER, low=TUNNEL_LOW_WATER)
+        set_nodelay(transport)
+        self.on_connected()
+        self.flush()
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return SHARED.view
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.receive(SHARED.view[:nbytes])
+
+    def receive(self, data: bytes | memoryview) -> None:
+        """Feed tunnel bytes (the session copies them into its own buffer)."""
+        self.session.receive_data(data, self.loop.time())
+        self.process_events()
+        self.flush()
+
+    def eof_received(self) -> bool:
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if not self.session.closed:
+            # The peer vanished without GO_AWAY: treat as a dead link.
+            self.session.close(GoAwayCode.INTERNAL_ERROR)
+            self.session.data_to_send()
+        for endpoint in list(self.streams.values()):
+            endpoint.peer_reset(ResetCode.CANCEL)
+        self.streams.clear()
+        if not self.closed.done():
+            self.closed.set_result(None)
+        self.on_disconnected(exc)
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        self.flush()
+
+    # -- session plumbing ----------------------------------------------------------------------------
+    def flush(self) -> None:
+        transport = self.transport
+        if transport is None:
+            return
+        data = self.session.data_to_send(0 if self._write_paused else None)
+        if data:
+            transport.writelines(data)
+        if self.session.closed and not self.session.has_data_to_send():
+            transport.close()
+            return
+        at = self.session.get_timer()
+        if at != self._timer_at:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer_at = at
+            self._timer = None if at is None else self.loop.call_at(at, self._on_timer)
+
+    def release_shared(self, stream_id: int) -> None:
+        """After ``send_data`` with a view of the shared read buffer: retire it if still referenced."""
+        transport = self.transport
+        if self.session.stream_send_buffered(stream_id) or (
+            transport is not None and transport.get_write_buffer_size()
+        ):
+            SHARED.swap()
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._timer_at = None
+        self.session.handle_timer(self.loop.time())
+        self.process_events()
+        self.flush()
+
+    def process_events(self) -> None:
+        dispatch = self._dispatch
+        for event in self.session.events_received():
+            dispatch[type(event)](event)
+
+    def add_stream(self, endpoint: StreamEndpoint) -> None:
+        self.streams[endpoint.stream_id] = endpoint
+
+    def _on_data(self, event: ev.DataReceived) -> None:
+        endpoint = self.streams.get(event.stream_id)
+        if endpoint is None:
+            return
+        if event.data:
+            endpoint.receive_from_peer(event.data)
+        if event.end_stream:
+            endpoint.peer_ended()
+
+    def _on_stream_ended(self, event: Any) -> None:
+        endpoint = self.streams.get(event.stream_id)
+        if endpoint is not None:
+            endpoint.peer_ended()
+
+    def _on_writable(self, event: ev.StreamWritable) -> None:
+        endpoint = self.streams.get(event.stream_id)
+        if endpoint is not None:
+            endpoint.peer_writable()
+
+    def _on_reset(self, event: ev.StreamReset) -> None:
+        endpoint = self.streams.pop(event.stream_id, None)
+        if endpoint is not None:
+            endpoint.peer_reset(event.code)
+
+    def _on_accepted(self, event: ev.StreamAccepted) -> None:
+        endpoint = self.streams.get(event.stream_id)
+        if endpoint is not None:
+            endpoint.peer_accepted()
+
+    def _on_ping(self, event: ev.PingAcknowledged) -> None:
+        self.rtt = event.rtt
+
+    def _on_go_away(self, event: ev.GoAwayReceived) -> None:
+        self.on_go_away(event.code)
+
+    def _on_terminated(self, event: ev.ConnectionTerminated) -> None:
+        for endpoint in list(self.streams.values()):
+            endpoint.peer_reset(ResetCode.CANCEL)
+        self.streams.clear()
+        self.on_terminated(event)
+
+    def _on_control(self, event: ev.ControlReceived) -> None:
+        self.on_control(event.message)
+
+    # -- hooks for the edge and the agent -------------------------------------------------------------
+    def on_connected(self) -> None:
+        """The tunnel transport is up (the agent sends its hello here)."""
+
+    def on_stream_opened(self, event: ev.StreamOpened) -> None:
+        """The peer opened a stream (agent side). Default: refuse it."""
+        self.session.reset_stream(event.stream_id, ResetCode.REFUSED_STREAM)
+
+    def on_control(self, message: Any) -> None:
+        """A control message arrived."""
+
+    def on_go_away(self, code: GoAwayCode) -> None:
+        """The peer is going away; existing streams may finish."""
+
+    def on_terminated(self, event: ev.ConnectionTerminated) -> None:
+        """The session is over (it will be closed after its last frames are flushed)."""
+
+    def on_disconnected(self, exc: Exception | None) -> None:
+        """The tunnel transport is gone."""

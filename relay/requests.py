@@ -1,0 +1,57 @@
+"""Request/reply matching for control messages (``Expose``/``Unexpose``/``ListExposures`` -> ``Ok``/``Error``)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Final
+
+from protocol.control import Error, Ok
+
+# Ids wrap below 2**31 (the control codec's bound) and skip 0.
+_MAX_ID: Final = 2**31 - 1
+
+
+class ControlRequestError(Exception):
+    """The peer answered a request with ``Error``, or the session went away first."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class PendingRequests:
+    __slots__ = ("_loop", "_next", "_waiting")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._next = 0
+        self._waiting: dict[int, asyncio.Future[Ok]] = {}
+
+    def new(self) -> tuple[int, asyncio.Future[Ok]]:
+        self._next = self._next % _MAX_ID + 1
+        future: asyncio.Future[Ok] = self._loop.create_future()
+        self._waiting[self._next] = future
+        return self._next, future
+
+    def forget(self, request_id: int) -> None:
+        self._waiting.pop(request_id, None)
+
+    def resolve(self, reply: Ok | Error) -> bool:
+        """Complete the matching request; False when nobody waits for this id."""
+        if reply.id is None:
+            return False
+        future = self._waiting.pop(reply.id, None)
+        if future is None or future.done():
+            return False
+        if isinstance(reply, Ok):
+            future.set_result(reply)
+        else:
+            future.set_exception(ControlRequestError(reply.code, reply.message))
+        return True
+
+    def fail_all(self, code: str, message: str) -> None:
+        waiting, self._waiting = self._waiting, {}
+        for future in waiting.values():
+            if not future.done():
+                future.set_exception(ControlRequestError(code, message))

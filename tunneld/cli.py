@@ -1,0 +1,224 @@
+"""``tunneld``: the edge daemon's command line (serve, token, demo)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from .config import Config, ConfigError, load_config
+
+log = logging.getLogger("tunneld")
+
+EPILOG = """\
+examples:
+  TUNNELD_ADMIN_TOKEN=$(cat /etc/tunneld/admin-token) TUNNELD_SECRET_FILE=/etc/tunneld/secret \\
+      tunneld serve --domain preview.example.com --scheme https --url-port 443
+  tunneld token abc123            # mint the agent token for sandbox abc123
+  tunneld demo                    # edge + agent + sample service on loopback, prints the preview URL
+
+secrets never go on the command line (they would show in ps): use TUNNELD_ADMIN_TOKEN / TUNNELD_SECRET,
+TUNNELD_ADMIN_TOKEN_FILE / TUNNELD_SECRET_FILE, or admin_token_file / secret_file in the config file.
+"""
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def new_event_loop() -> asyncio.AbstractEventLoop:
+    """uvloop when available (chosen here, at the entry point, never on import)."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux/macOS
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tunneld",
+        description="tunneld: preview URLs for sandbox ports ({port}-{sandbox}-{token}.{domain}).",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    serve = sub.add_parser(
+        "serve",
+        help="run the edge daemon",
+        description="Run the edge: agent listener, public preview listener, admin API.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    serve.add_argument("--config", "-c", metavar="FILE", help="TOML config file (env TUNNELD_CONFIG)")
+    serve.add_argument("--domain", help="preview domain (default localhost)")
+    serve.add_argument("--scheme", choices=["http", "https"], help="scheme printed in preview URLs")
+    serve.add_argument("--url-port", type=int, help="port printed in preview URLs (default: the public port)")
+    serve.add_argument("--public-host", help="public listener address (default 127.0.0.1)")
+    serve.add_argument("--public-port", type=int, help="public listener port (default 8080)")
+    serve.add_argument("--agent-host", help="agent listener address (default 127.0.0.1)")
+    serve.add_argument("--agent-port", type=int, help="agent listener port (default 7000)")
+    serve.add_argument("--admin-host", help="admin API address (default 127.0.0.1)")
+    serve.add_argument("--admin-port", type=int, help="admin API port (default 7070)")
+    serve.add_argument("--tls-cert", metavar="FILE", help="TLS certificate for the agent listener")
+    serve.add_argument("--tls-key", metavar="FILE", help="TLS key for the agent listener")
+    serve.add_argument("--parser", choices=["auto", "httptools", "h11"], help="request-head parser")
+    serve.add_argument("--no-tokens", action="store_const", const=False, dest="tokens",
+                       help="token-less URLs {port}-{sandbox}.{domain} (trusted networks only)")  # fmt: skip
+    serve.add_argument("--grace-period", type=float, help="seconds to drain streams on SIGTERM (default 30)")
+    serve.add_argument("--access-log", action="store_const", const=True, help="log every preview request")
+    serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+
+    token = sub.add_parser(
+        "token",
+        help="print the agent token for a sandbox id",
+        description="Derive the agent token of SANDBOX_ID from the server secret (HMAC-SHA256). "
+        "Hand it to the sandbox as TUNNEL_AGENT_TOKEN.",
+    )
+    token.add_argument("sandbox_id", metavar="SANDBOX_ID")
+    token.add_argument("--config", "-c", metavar="FILE", help="TOML config file holding secret_file")
+
+    demo = sub.add_parser(
+        "demo",
+        help="run edge + agent + a sample service on loopback and print the preview URL",
+        description="Everything on 127.0.0.1: tunneld, an agent for sandbox 'demo', a sample HTTP "
+        "service on port 8000, exposed through the SDK. Ctrl-C stops it.",
+    )
+    demo.add_argument("--public-port", type=int, default=8080, help="public port (default 8080; 0 = any)")
+    demo.add_argument("--service-port", type=int, default=8000, help="sample service port (default 8000)")
+    demo.add_argument("--self-test", action="store_true", help="fetch the URL once, print it, exit 0/1")
+    demo.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="warning")
+    return parser
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    keys = (
+        "domain", "scheme", "url_port", "public_host", "public_port", "agent_host", "agent_port",
+        "admin_host", "admin_port", "tls_cert", "tls_key", "parser", "tokens", "grace_period",
+        "access_log", "log_level",
+    )  # fmt: skip
+    return {k: getattr(args, k, None) for k in keys}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "serve":
+            config = load_config(args.config or os.environ.get("TUNNELD_CONFIG"), _overrides(args))
+            _setup_logging(config.log_level)
+            return serve(config, args.config or os.environ.get("TUNNELD_CONFIG"))
+        if args.command == "token":
+            return _token(args)
+        if args.command == "demo":
+            _setup_logging(args.log_level)
+            from .demo import run_demo
+
+            return run_demo(args)
+    except ConfigError as exc:
+        print(f"tunneld: configuration error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    parser.error(f"unknown command {args.command}")
+    return 2  # pragma: no cover
+
+
+def _token(args: argparse.Namespace) -> int:
+    from protocol.hostnames import ValidationError, validate_sandbox_id
+
+    from .auth import agent_token
+
+    try:
+        sandbox_id = validate_sandbox_id(args.sandbox_id)
+    except ValidationError as exc:
+        print(f"tunneld: {exc.message}", file=sys.stderr)
+        return 2
+    config_path = args.config or os.environ.get("TUNNELD_CONFIG")
+    # Only the secret matters here; the admin token may be absent on the orchestrator's machine.
+    env = dict(os.environ)
+    env.setdefault("TUNNELD_ADMIN_TOKEN", "unused-for-token-minting")
+    config = load_config(config_path, environ=env)
+    print(agent_token(config.secret, sandbox_id))
+    return 0
+
+
+def serve(config: Config, config_path: str | None = None) -> int:
+    with asyncio.Runner(loop_factory=new_event_loop) as runner:
+        return runner.run(_serve(config, config_path))
+
+
+async def _serve(config: Config, config_path: str | None) -> int:
+    from . import systemd
+    from .edge import EdgeServer
+
+    loop = asyncio.get_running_loop()
+    server = EdgeServer(config, loop)
+    try:
+        await server.start()
+    except OSError as exc:
+        log.error("cannot start: %s", exc)
+        return 1
+    stop = asyncio.Event()
+    signals: list[str] = []
+
+    def on_stop(name: str) -> None:
+        signals.append(name)
+        stop.set()
+
+    def on_reload() -> None:
+        try:
+            new = load_config(config_path, _current_overrides(config))
+        except ConfigError as exc:
+            log.error("SIGHUP: configuration not reloaded: %s", exc)
+            return
+        # Safe to change live: secrets, timeouts, logging. Listener addresses need a restart.
+        for name in ("admin_token", "secret", "head_timeout", "control_timeout", "grace_period",
+                     "access_log", "log_level"):  # fmt: skip
+            setattr(config, name, getattr(new, name))
+        logging.getLogger().setLevel(getattr(logging, config.log_level.upper(), logging.INFO))
+        log.info("SIGHUP: configuration reloaded")
+
+    loop.add_signal_handler(signal.SIGTERM, on_stop, "SIGTERM")
+    loop.add_signal_handler(signal.SIGINT, on_stop, "SIGINT")
+    loop.add_signal_handler(signal.SIGHUP, on_reload)
+    systemd.notify("READY=1\nSTATUS=serving")
+    interval = systemd.watchdog_interval()
+    watchdog = loop.create_task(_watchdog(interval)) if interval else None
+    await stop.wait()
+    log.info("%s: draining (grace period %.0fs)", signals[0], config.grace_period)
+    systemd.notify("STOPPING=1")
+    await server.stop()
+    if watchdog is not None:
+        watchdog.cancel()
+    log.info("stopped")
+    return 0
+
+
+def _current_overrides(config: Config) -> dict[str, Any]:
+    # Command-line values are not re-read on SIGHUP; keep the listener layout as it runs.
+    return {k: getattr(config, k) for k in ("public_host", "public_port", "agent_host", "agent_port",
+                                            "admin_host", "admin_port")}  # fmt: skip
+
+
+async def _watchdog(interval: float) -> None:
+    from . import systemd
+
+    while True:
+        systemd.notify("WATCHDOG=1")
+        await asyncio.sleep(interval)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,144 @@
+"""tunneld configuration: defaults < TOML file < environment (TUNNELD_*) < command-line flags."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(Exception):
+    """Bad configuration: the CLI prints the message and exits with status 2."""
+
+
+@dataclass(slots=True)
+class Config:
+    # Preview URLs: {port}-{sandbox}-{token}.{domain}
+    domain: str = "localhost"
+    scheme: str = "http"  # scheme printed in preview URLs (https when a TLS proxy/LB fronts us)
+    url_port: int | None = None  # port printed in URLs; None = the public port
+    tokens: bool = True  # False only on trusted networks: {port}-{sandbox}.{domain}
+    # Listeners
+    public_host: str = "127.0.0.1"
+    public_port: int = 8080
+    agent_host: str = "127.0.0.1"
+    agent_port: int = 7000
+    admin_host: str = "127.0.0.1"
+    admin_port: int = 7070
+    # Secrets (from env or files, never argv)
+    admin_token: str = ""
+    secret: str = ""  # HMAC key that derives agent tokens: token = HMAC(secret, sandbox_id)
+    # Agent listener TLS (optional)
+    tls_cert: str = ""
+    tls_key: str = ""
+    # Behaviour
+    parser: str = "auto"  # request-head parser: auto | httptools | h11
+    head_timeout: float = 10.0  # seconds to receive a request head (slowloris bound)
+    control_timeout: float = 5.0  # seconds to wait for the agent's ack of expose/unexpose
+    handshake_timeout: float = 10.0  # seconds for an agent to send hello after connecting
+    grace_period: float = 30.0  # SIGTERM: seconds to let live streams finish
+    heartbeat_interval: float = 10.0
+    dead_timeout: float = 15.0
+    log_level: str = "info"
+    access_log: bool = False
+
+    def url_port_effective(self) -> int | None:
+        return self.public_port if self.url_port is None else self.url_port
+
+    def validate(self) -> None:
+        if self.scheme not in ("http", "https"):
+            raise ConfigError(f"scheme must be http or https, not {self.scheme!r}")
+        if self.parser not in ("auto", "httptools", "h11"):
+            raise ConfigError(f"parser must be auto, httptools or h11, not {self.parser!r}")
+        if not self.domain or self.domain.startswith(".") or "/" in self.domain:
+            raise ConfigError(f"invalid domain {self.domain!r}")
+        if not self.admin_token:
+            raise ConfigError(
+                "no admin token: set TUNNELD_ADMIN_TOKEN or admin_token_file in the config file"
+            )
+        if not self.secret:
+            raise ConfigError("no agent secret: set TUNNELD_SECRET or secret_file in the config file")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ConfigError("tls_cert and tls_key go together")
+        for name in ("public_port", "agent_port", "admin_port"):
+            value = getattr(self, name)
+            if not 0 <= value <= 65535:
+                raise ConfigError(f"{name} must be 0-65535, not {value}")
+
+
+_FIELD_TYPES = {f.name: f.type for f in fields(Config)}
+
+
+def _coerce(name: str, value: Any) -> Any:
+    kind = str(_FIELD_TYPES[name])
+    try:
+        if kind == "bool":
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text in ("1", "true", "yes", "on"):
+                return True
+            if text in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(value)
+        if kind == "int":
+            return int(value)
+        if kind == "int | None":
+            return None if value in (None, "", "none") else int(value)
+        if kind == "float":
+            return float(value)
+        return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name}: invalid value {value!r} (expected {kind})") from None
+
+
+def _read_secret_file(path: str, what: str) -> str:
+    try:
+        return Path(path).read_text().strip()
+    except OSError as exc:
+        raise ConfigError(f"cannot read {what} file {path}: {exc.strerror}") from None
+
+
+def load_config(
+    path: str | None = None,
+    overrides: dict[str, Any] | None = None,
+    environ: dict[str, str] | None = None,
+) -> Config:
+    env = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    if path:
+        try:
+            with open(path, "rb") as f:
+                data = tomllib.load(f)
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {path}: {exc}") from None
+        for key, value in data.items():
+            if key in ("admin_token_file", "secret_file"):
+                values[key.removesuffix("_file")] = _read_secret_file(value, key)
+            elif key in ("admin_token", "secret"):
+                raise ConfigError(
+                    f"config file {path}: put {key} in a file ({key}_file = ...) or the environment"
+                )
+            elif key in _FIELD_TYPES:
+                values[key] = _coerce(key, value)
+            else:
+                raise ConfigError(f"config file {path}: unknown setting {key!r}")
+    for name in _FIELD_TYPES:
+        env_value = env.get(f"TUNNELD_{name.upper()}")
+        if env_value is not None:
+            values[name] = _coerce(name, env_value)
+    for name in ("admin_token", "secret"):
+        file_value = env.get(f"TUNNELD_{name.upper()}_FILE")
+        if file_value and name not in values:
+            values[name] = _read_secret_file(file_value, name)
+    for name, value in (overrides or {}).items():
+        if value is not None:
+            values[name] = _coerce(name, value)
+    config = dataclasses.replace(Config(), **values)
+    config.validate()
+    return config

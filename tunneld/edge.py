@@ -1,0 +1,390 @@
+"""The edge daemon: agent sessions, the public listener, exposures and graceful drain.
+
+Theory of operation
+-------------------
+``EdgeServer`` owns three listeners (agents, public preview traffic, admin API) and the
+``Registry``. An agent connects to the agent listener and becomes an ``EdgeSession`` (a
+``MuxProtocol`` over a ``protocol.Session`` in the EDGE role). Its first frame is ``Hello``; the
+token is checked in constant time against HMAC(secret, sandbox_id); on success the session is
+attached to the sandbox, atomically replacing any older session (closed with GO_AWAY REPLACED),
+and the agent gets ``Welcome`` with the edge's exposures of that sandbox.
+
+Expose/unexpose change the registry first (the edge is authoritative) and then tell the agent on
+the control channel; when the agent is online the call returns after its ``Ok``, so the URL works
+the moment the caller sees it. Unexpose also resets every live preview stream of that port.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import ssl
+from typing import Any
+
+from protocol import control
+from protocol.errors import GoAwayCode, ResetCode
+from protocol.events import ConnectionTerminated, StreamOpened
+from protocol.hostnames import (
+    ValidationError,
+    build_preview_url,
+    validate_custom_token,
+    validate_port,
+    validate_sandbox_id,
+)
+from protocol.session import Role, Session, SessionConfig
+from relay.mux import MuxProtocol, StreamEndpoint
+from relay.requests import ControlRequestError, PendingRequests
+
+from .auth import verify_agent_token
+from .config import Config
+from .httphead import default_parser
+from .metrics import Metrics
+from .public import PublicConnection
+from .registry import ExposureRecord, Registry, RegistryError
+
+log = logging.getLogger("tunneld")
+
+
+class EdgeSession(MuxProtocol):
+    """One connected agent."""
+
+    def __init__(self, server: EdgeServer) -> None:
+        config = server.config
+        session = Session(
+            Role.EDGE,
+            SessionConfig(heartbeat_interval=config.heartbeat_interval, dead_timeout=config.dead_timeout),
+            now=server.loop.time(),
+        )
+        super().__init__(session, server.loop)
+        self.server = server
+        self.sandbox_id: str | None = None
+        self.session_id = secrets.token_hex(8)
+        self.pending = PendingRequests(server.loop)
+        self.peer = "unknown"
+        self._handshake_timer: asyncio.TimerHandle | None = None
+        self._going_away = False
+
+    def on_connected(self) -> None:
+        assert self.transport is not None
+        peer = self.transport.get_extra_info("peername")
+        if isinstance(peer, tuple):
+            self.peer = f"{peer[0]}:{peer[1]}"
+        self.server.agent_connections.add(self)
+        self._handshake_timer = self.loop.call_later(
+            self.server.config.handshake_timeout, self._on_handshake_timeout
+        )
+
+    def _on_handshake_timeout(self) -> None:
+        self._handshake_timer = None
+        if self.sandbox_id is None and self.transport is not None:
+            log.warning("agent %s sent no hello within %.0fs; closing", self.peer, self.server.config.handshake_timeout)
+            self.transport.abort()
+
+    def can_open_streams(self) -> bool:
+        return not self._going_away and not self.session.closed and self.transport is not None
+
+    def open_public_stream(self, endpoint: StreamEndpoint, port: int, client: str) -> int:
+        sid = self.session.open_stream(port, "preview", client)
+        endpoint.stream_id = sid
+        self.add_stream(endpoint)
+        return sid
+
+    # -- control channel ------------------------------------------------------------------------------
+    def on_control(self, message: Any) -> None:
+        if self.sandbox_id is None:
+            if isinstance(message, control.Hello):
+                self._on_hello(message)
+            return
+        if isinstance(message, (control.Ok, control.Error)):
+            self.pending.resolve(message)
+        elif isinstance(message, control.Expose):
+            self._reply(message.id, self.server.expose_from_agent, message)
+        elif isinstance(message, control.Unexpose):
+            self._reply(message.id, self.server.unexpose_from_agent, message)
+        elif isinstance(message, control.ListExposures):
+            self._reply(message.id, lambda sid, m: self.server.exposure_messages(sid), message)
+        else:
+            self.session.send_control(
+                control.Error("UNEXPECTED_MESSAGE", f"{type(message).__name__} is not a request the edge serves", None)
+            )
+
+    def _reply(self, request_id: int, handler: Any, message: Any) -> None:
+        assert self.sandbox_id is not None
+        try:
+            exposures = handler(self.sandbox_id, message)
+        except ValidationError as exc:
+            self.session.send_control(control.Error(exc.code, exc.message, request_id))
+        else:
+            self.session.send_control(control.Ok(request_id, tuple(exposures)))
+
+    def _on_hello(self, hello: control.Hello) -> None:
+        server = self.server
+        if self._handshake_timer is not None:
+            self._handshake_timer.cancel()
+            self._handshake_timer = None
+        try:
+            sandbox_id = validate_sandbox_id(hello.sandbox_id)
+        except ValidationError as exc:
+            self._refuse(exc.code, exc.message)
+            return
+        if not verify_agent_token(server.config.secret, sandbox_id, hello.token):
+            server.metrics.agent_auth_failures.inc()
+            log.warning("agent %s: authentication failed for sandbox %s", self.peer, sandbox_id)
+            self._refuse("AUTH_FAILED", "Invalid agent token for this sandbox id.")
+            return
+        self.sandbox_id = sandbox_id
+        old = server.registry.attach(sandbox_id, self, self.loop.time())
+        if old is not None and old is not self:
+            log.info("sandbox %s: new session from %s replaces the old one", sandbox_id, self.peer)
+            old.replaced()
+        server.metrics.agent_sessions.inc()
+        self.session.send_control(
+            control.Welcome(
+                session=self.session_id,
+                heartbeat_s=server.config.heartbeat_interval,
+                limits={"max_streams": self.session_config_max_streams()},
+                exposures=tuple(server.exposure_messages(sandbox_id)),
+            )
+        )
+        log.info("sandbox %s: agent connected from %s (session %s)", sandbox_id, self.peer, self.session_id)
+
+    def session_config_max_streams(self) -> int:
+        return SessionConfig().max_streams
+
+    def _refuse(self, code: str, message: str) -> None:
+        self.session.send_control(control.Error(code, message, None))
+        self.session.close(GoAwayCode.AUTH_FAILED)
+        self.flush()
+
+    def replaced(self) -> None:
+        """A newer session took over this sandbox."""
+        self.sandbox_id_detach()
+        self.session.close(GoAwayCode.REPLACED)
+        self.flush()
+
+    def go_away(self, code: GoAwayCode = GoAwayCode.SHUTTING_DOWN) -> None:
+        self._going_away = True
+        if not self.session.closed:
+            self.session.close(code)
+            self.flush()
+
+    async def request(self, message_factory: Any) -> control.Ok:
+        """Send a request built by ``message_factory(id)`` and wait for the agent's reply."""
+        request_id, future = self.pending.new()
+        self.session.send_control(message_factory(request_id))
+        self.flush()
+        try:
+            return await asyncio.wait_for(future, self.server.config.control_timeout)
+        finally:
+            self.pending.forget(request_id)
+
+    # -- streams -------------------------------------------------------------------------------------
+    def on_stream_opened(self, event: StreamOpened) -> None:
+        # Agents never open streams towards the edge.
+        self.session.reset_stream(event.stream_id, ResetCode.REFUSED_STREAM)
+
+    def reset_port(self, port: int) -> int:
+        """Reset every live preview stream of ``port`` (unexpose closes the URL at once)."""
+        count = 0
+        for sid, endpoint in list(self.streams.items()):
+            if isinstance(endpoint, PublicConnection) and endpoint.port == port:
+                self.streams.pop(sid, None)
+                if not self.session.closed:
+                    self.session.reset_stream(sid, ResetCode.UNEXPOSED)
+                endpoint.peer_reset(ResetCode.UNEXPOSED)
+                count += 1
+        self.flush()
+        return count
+
+    # -- teardown ------------------------------------------------------------------------------------
+    def on_go_away(self, code: GoAwayCode) -> None:
+        self._going_away = True
+
+    def on_terminated(self, event: ConnectionTerminated) -> None:
+        if self.sandbox_id is not None:
+            log.info(
+                "sandbox %s: session %s ended (%s: %s)",
+                self.sandbox_id,
+                self.session_id,
+                event.code.name,
+                event.reason,
+            )
+        self.sandbox_id_detach()
+
+    def on_disconnected(self, exc: Exception | None) -> None:
+        if self._handshake_timer is not None:
+            self._handshake_timer.cancel()
+            self._handshake_timer = None
+        self.server.agent_connections.discard(self)
+        self.sandbox_id_detach()
+
+    def sandbox_id_detach(self) -> None:
+        self._going_away = True
+        self.pending.fail_all("SANDBOX_NOT_CONNECTED", "The agent disconnected.")
+        if self.sandbox_id is not None:
+            self.server.registry.detach(self.sandbox_id, self)
+
+
+class EdgeServer:
+    """All listeners of one tunneld process."""
+
+    def __init__(self, config: Config, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        self.config = config
+        self.loop = loop or asyncio.get_running_loop()
+        self.registry = Registry()
+        self.metrics = Metrics()
+        self.parser_name = config.parser
+        self.public_connections: set[PublicConnection] = set()
+        self.agent_connections: set[EdgeSession] = set()
+        self._servers: list[asyncio.Server] = []
+        self.public_port = 0
+        self.agent_port = 0
+        self.admin_port = 0
+        self.metrics.bind(
+            agents=lambda: sum(1 for s in self.registry.sandboxes() if s.session is not None),
+            streams=lambda: sum(len(c.streams) for c in self.agent_connections),
+            exposures=lambda: sum(len(s.exposures) for s in self.registry.sandboxes()),
+        )
+
+    # -- lifecycle -----------------------------------------------------------------------------------
+    async def start(self) -> None:
+        from .admin import AdminServer
+
+        config = self.config
+        loop = self.loop
+        parser = default_parser(config.parser)
+        self.parser_name = parser.name
+
+        def public_factory() -> PublicConnection:
+            self.metrics.public_connections.inc()
+            return PublicConnection(self, parser)
+
+        tls: ssl.SSLContext | None = None
+        if config.tls_cert:
+            tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            tls.load_cert_chain(config.tls_cert, config.tls_key)
+        agents = await loop.create_server(
+            lambda: EdgeSession(self), config.agent_host, config.agent_port, ssl=tls, backlog=1024
+        )
+        public = await loop.create_server(public_factory, config.public_host, config.public_port, backlog=4096)
+        self.admin = AdminServer(self)
+        admin = await self.admin.start(config.admin_host, config.admin_port)
+        self._servers = [agents, public, admin]
+        self.agent_port = agents.sockets[0].getsockname()[1]
+        self.public_port = public.sockets[0].getsockname()[1]
+        self.admin_port = admin.sockets[0].getsockname()[1]
+        log.info(
+            "tunneld listening: public http://%s:%d (domain %s, parser %s), agents %s:%d%s, admin http://%s:%d",
+            config.public_host,
+            self.public_port,
+            config.domain,
+            parser.name,
+            config.agent_host,
+            self.agent_port,
+            " (TLS)" if tls else "",
+            config.admin_host,
+            self.admin_port,
+        )
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Stop accepting, send GO_AWAY to every agent, wait up to ``grace`` for streams, close."""
+        grace = self.config.grace_period if grace is None else grace
+        for server in self._servers:
+            server.close()
+        for session in list(self.agent_connections):
+            session.go_away(GoAwayCode.SHUTTING_DOWN)
+        deadline = self.loop.time() + grace
+        while self.loop.time() < deadline and any(s.streams for s in self.agent_connections):
+            await asyncio.sleep(0.05)
+        for conn in list(self.public_connections):
+            if conn.transport is not None:
+                conn.transport.abort()
+        for session in list(self.agent_connections):
+            if session.transport is not None:
+                session.flush()
+                session.transport.close()
+        for server in self._servers:
+            await server.wait_closed()
+        await self.admin.close()
+
+    # -- exposures -----------------------------------------------------------------------------------
+    def preview_url(self, sandbox_id: str, record: ExposureRecord) -> str:
+        config = self.config
+        return build_preview_url(
+            record.port,
+            sandbox_id,
+            record.token if config.tokens else None,
+            config.domain,
+            scheme=config.scheme,
+            public_port=config.url_port_effective() or None,
+        )
+
+    def exposure_message(self, sandbox_id: str, record: ExposureRecord) -> control.Exposure:
+        return control.Exposure(record.port, record.token, self.preview_url(sandbox_id, record), record.name)
+
+    def exposure_messages(self, sandbox_id: str) -> list[control.Exposure]:
+        return [self.exposure_message(sandbox_id, r) for r in self.registry.exposures(sandbox_id)]
+
+    def _validate(self, port: object, name: object, token: object) -> tuple[int, str | None, str | None]:
+        port = validate_port(port)
+        if name is not None and (not isinstance(name, str) or len(name) > 256):
+            raise RegistryError(400, "INVALID_NAME", "Port name must be a string of at most 256 characters.")
+        if token is not None:
+            token = validate_custom_token(token)
+        return port, name, token  # type: ignore[return-value]
+
+    def expose_from_agent(self, sandbox_id: str, message: control.Expose) -> list[control.Exposure]:
+        port, name, token = self._validate(message.port, message.name, message.token)
+        record = self.registry.expose(sandbox_id, port, name, token)
+        log.info("sandbox %s: port %d exposed by the agent", sandbox_id, port)
+        return [self.exposure_message(sandbox_id, record)]
+
+    def unexpose_from_agent(self, sandbox_id: str, message: control.Unexpose) -> list[control.Exposure]:
+        port = validate_port(message.port)
+        self._unexpose_local(sandbox_id, port)
+        return []
+
+    def _unexpose_local(self, sandbox_id: str, port: int) -> None:
+        state = self.registry.get(sandbox_id)
+        session = state.session if state is not None else None
+        if self.registry.unexpose(sandbox_id, port):
+            log.info("sandbox %s: port %d unexposed", sandbox_id, port)
+        if session is not None:
+            session.reset_port(port)
+
+    async def expose(
+        self, sandbox_id: str, port: object, name: object = None, token: object = None
+    ) -> control.Exposure:
+        """Orchestrator-side expose (admin API / SDK)."""
+        sandbox_id = validate_sandbox_id(sandbox_id)
+        port, name, token = self._validate(port, name, token)
+        record = self.registry.expose(sandbox_id, port, name, token)
+        log.info("sandbox %s: port %d exposed", sandbox_id, port)
+        await self._tell_agent(
+            sandbox_id, lambda rid: control.Expose(rid, record.port, record.name, record.token)
+        )
+        return self.exposure_message(sandbox_id, record)
+
+    async def unexpose(self, sandbox_id: str, port: object) -> None:
+        sandbox_id = validate_sandbox_id(sandbox_id)
+        port = validate_port(port)
+        self._unexpose_local(sandbox_id, port)
+        await self._tell_agent(sandbox_id, lambda rid: control.Unexpose(rid, port))
+
+    async def _tell_agent(self, sandbox_id: str, factory: Any) -> None:
+        state = self.registry.get(sandbox_id)
+        session = state.session if state is not None else None
+        if session is None or not session.can_open_streams():
+            return  # offline: the agent gets the set in its next welcome
+        try:
+            await session.request(factory)
+        except (TimeoutError, asyncio.TimeoutError):
+            log.warning("sandbox %s: agent did not acknowledge in time", sandbox_id)
+            raise RegistryError(
+                504, "AGENT_TIMEOUT", f"The agent of sandbox {sandbox_id} did not acknowledge in time."
+            ) from None
+        except ControlRequestError as exc:
+            if exc.code == "SANDBOX_NOT_CONNECTED":
+                return  # it went away meanwhile; the registry already has the change
+            raise RegistryError(502, exc.code, f"The agent refused: {exc.message}") from None

@@ -1,0 +1,48 @@
+"""Prometheus metrics of one edge (served on the admin listener at ``/metrics``).
+
+Counters are bumped per connection or per control operation, never per chunk: the relay's hot path
+stays free of metric calls. Gauges that are cheap to derive (agents, streams) are computed at scrape
+time instead of being maintained.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.public_connections = Counter(
+            "tunneld_public_connections", "Client connections accepted on the public listener", registry=r
+        )
+        self.preview_denied = Counter(
+            "tunneld_preview_denied", "Preview requests refused: bad token or port not exposed", registry=r
+        )
+        self.agent_sessions = Counter(
+            "tunneld_agent_sessions", "Agent sessions authenticated", registry=r
+        )
+        self.agent_auth_failures = Counter(
+            "tunneld_agent_auth_failures", "Agent handshakes refused", registry=r
+        )
+        self.agents_connected = Gauge(
+            "tunneld_agents_connected", "Agents with a live session", registry=r
+        )
+        self.streams_open = Gauge("tunneld_streams_open", "Streams open across all sessions", registry=r)
+        self.exposures = Gauge("tunneld_exposures", "Exposed ports across all sandboxes", registry=r)
+
+    def bind(
+        self,
+        agents: Callable[[], float],
+        streams: Callable[[], float],
+        exposures: Callable[[], float],
+    ) -> None:
+        self.agents_connected.set_function(agents)
+        self.streams_open.set_function(streams)
+        self.exposures.set_function(exposures)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
