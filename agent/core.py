@@ -21,7 +21,7 @@ import logging
 import random
 import ssl
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, cast
 
 from protocol import control
 from protocol.errors import GoAwayCode, ResetCode
@@ -65,6 +65,15 @@ class LocalEndpoint(StreamEndpoint):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
+        mux = self.mux
+        if self._closed or mux.streams.get(self.stream_id) is not self or mux.session.closed:
+            cast(
+                asyncio.Transport, transport
+            ).abort()  # the edge reset the stream while we were dialing
+            return
+        # Accept before anything else: the service may answer before create_connection() returns.
+        mux.session.accept_stream(self.stream_id)
+        mux.flush()
         pending, self._pending = self._pending, []
         for data in pending:
             super().receive_from_peer(data)
@@ -95,7 +104,9 @@ class AgentSession(MuxProtocol):
         self._dialing: set[asyncio.Task[None]] = set()
 
     def on_connected(self) -> None:
-        self.session.send_control(control.Hello(self.agent.config.sandbox_id, self.agent.config.token))
+        self.session.send_control(
+            control.Hello(self.agent.config.sandbox_id, self.agent.config.token)
+        )
 
     def on_control(self, message: Any) -> None:
         if isinstance(message, control.Welcome):
@@ -107,7 +118,9 @@ class AgentSession(MuxProtocol):
         elif isinstance(message, (control.Ok, control.Error)):
             self.pending.resolve(message)
         elif isinstance(message, control.Expose):
-            self.agent.remember(control.Exposure(message.port, message.token or "", "", message.name), None)
+            self.agent.remember(
+                control.Exposure(message.port, message.token or "", "", message.name), None
+            )
             self._ack(message.id)
         elif isinstance(message, control.Unexpose):
             self.agent.forget(message.port)
@@ -125,7 +138,7 @@ class AgentSession(MuxProtocol):
         finally:
             self.pending.forget(request_id)
 
-    # -- streams -------------------------------------------------------------------------------------
+    # -- streams ---------------------------------------------------------------------------------
     def on_stream_opened(self, event: StreamOpened) -> None:
         try:
             port = validate_port(event.port)
@@ -146,27 +159,20 @@ class AgentSession(MuxProtocol):
                 await asyncio.wait_for(
                     self.loop.create_connection(lambda: endpoint, host, port), CONNECT_TIMEOUT
                 )
-            except (OSError, asyncio.TimeoutError) as exc:
+            except (TimeoutError, OSError) as exc:
                 error = exc if isinstance(exc, OSError) else OSError("connect timed out")
                 continue
-            if endpoint._closed or self.streams.get(endpoint.stream_id) is not endpoint:
-                # the edge reset the stream while we were dialing
-                if endpoint.transport is not None:
-                    endpoint.transport.abort()
-                return
-            if not self.session.closed:
-                self.session.accept_stream(endpoint.stream_id)
-                self.flush()
-            return
+            return  # LocalEndpoint.connection_made accepted the stream
         if self.streams.pop(endpoint.stream_id, None) is not None and not self.session.closed:
             refused = isinstance(error, ConnectionRefusedError)
             log.info("stream %d: cannot connect to port %d: %s", endpoint.stream_id, port, error)
             self.session.reset_stream(
-                endpoint.stream_id, ResetCode.CONNECT_REFUSED if refused else ResetCode.CONNECT_FAILED
+                endpoint.stream_id,
+                ResetCode.CONNECT_REFUSED if refused else ResetCode.CONNECT_FAILED,
             )
             self.flush()
 
-    # -- teardown ------------------------------------------------------------------------------------
+    # -- teardown --------------------------------------------------------------------------------
     def on_terminated(self, event: ConnectionTerminated) -> None:
         log.info("session ended: %s (%s)", event.code.name, event.reason)
         self.agent.last_termination = event.code
@@ -193,10 +199,14 @@ class Agent:
         self._stopping = False
         self._rng = random.Random()
 
-    # -- ExposureController --------------------------------------------------------------------------
+    # -- ExposureController ----------------------------------------------------------------------
     @property
     def connected(self) -> bool:
-        return self.session is not None and self.session.welcomed.done() and not self.session.session.closed
+        return (
+            self.session is not None
+            and self.session.welcomed.done()
+            and not self.session.session.closed
+        )
 
     @property
     def sandbox_id(self) -> str:
@@ -212,14 +222,16 @@ class Agent:
         session = self._live()
         try:
             return await session.request(factory)
-        except (TimeoutError, asyncio.TimeoutError):
+        except TimeoutError:
             raise AgentError("EDGE_TIMEOUT", "The edge did not answer in time.", 504) from None
         except ControlRequestError as exc:
             from .errors import status_for
 
             raise AgentError(exc.code, exc.message, status_for(exc.code)) from None
 
-    async def expose(self, port: int, name: str | None = None, token: str | None = None) -> control.Exposure:
+    async def expose(
+        self, port: int, name: str | None = None, token: str | None = None
+    ) -> control.Exposure:
         try:
             port = validate_port(port)
         except ValidationError as exc:
@@ -250,7 +262,7 @@ class Agent:
     def forget(self, port: int) -> None:
         self.exposures.pop(port, None)
 
-    # -- connection loop -----------------------------------------------------------------------------
+    # -- connection loop -------------------------------------------------------------------------
     async def connect_once(self) -> AgentSession:
         """Connect and complete the handshake; raises on failure."""
         loop = asyncio.get_running_loop()
@@ -261,7 +273,9 @@ class Agent:
                 config.server_host,
                 config.server_port,
                 ssl=config.tls,
-                server_hostname=(config.server_hostname or config.server_host) if config.tls else None,
+                server_hostname=(config.server_hostname or config.server_host)
+                if config.tls
+                else None,
             ),
             CONNECT_TIMEOUT,
         )
@@ -294,9 +308,16 @@ class Agent:
             started = loop.time()
             try:
                 session = await self.connect_once()
-            except (OSError, asyncio.TimeoutError, ConnectionError) as exc:
-                reason = self.last_refusal[1] if self.last_refusal else str(exc) or type(exc).__name__
-                log.warning("cannot connect to edge %s:%d: %s", self.config.server_host, self.config.server_port, reason)
+            except (TimeoutError, OSError, ConnectionError) as exc:
+                reason = (
+                    self.last_refusal[1] if self.last_refusal else str(exc) or type(exc).__name__
+                )
+                log.warning(
+                    "cannot connect to edge %s:%d: %s",
+                    self.config.server_host,
+                    self.config.server_port,
+                    reason,
+                )
             else:
                 await session.closed
                 self.connected_event.clear()
@@ -320,6 +341,77 @@ class Agent:
             session.flush()
             try:
                 await asyncio.wait_for(asyncio.shield(session.closed), 2.0)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 if session.transport is not None:
                     session.transport.abort()
+
+
+def _tls_context(args: Any) -> ssl.SSLContext | None:
+    if not getattr(args, "tls", False):
+        return None
+    context = ssl.create_default_context(cafile=getattr(args, "tls_ca", None) or None)
+    return context
+
+
+async def _run(args: Any) -> int:
+    import json
+    import os
+    import signal
+
+    from .local_api import start_local_api
+
+    host, _, port = args.server.rpartition(":")
+    config = AgentConfig(
+        server_host=host.strip("[]"),
+        server_port=int(port),
+        sandbox_id=args.sandbox_id,
+        token=args.token,
+        tls=_tls_context(args),
+        server_hostname=getattr(args, "tls_server_name", None),
+    )
+    agent = Agent(config)
+    loop = asyncio.get_running_loop()
+    try:
+        api = await start_local_api(agent, args.api_host, args.api_port)
+    except OSError as exc:
+        log.error(
+            "cannot serve the local API on %s:%s: %s",
+            args.api_host,
+            args.api_port,
+            exc.strerror or exc,
+        )
+        return 1
+    ports_file = os.environ.get("TUNNEL_AGENT_PORTS_FILE")
+    if ports_file:
+        with open(ports_file + ".tmp", "w") as f:
+            json.dump({"api": api.port}, f)
+        os.replace(ports_file + ".tmp", ports_file)
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    runner = loop.create_task(agent.run())
+    await stop.wait()
+    log.info("stopping")
+    await agent.stop()
+    runner.cancel()
+    try:
+        await runner
+    except asyncio.CancelledError:
+        pass
+    await api.close()
+    return 0
+
+
+def run_from_args(args: Any) -> int:
+    import logging as _logging
+    import sys
+
+    _logging.basicConfig(
+        level=getattr(_logging, str(args.log_level).upper(), _logging.INFO),
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    from relay.loop import new_event_loop
+
+    with asyncio.Runner(loop_factory=new_event_loop) as runner:
+        return runner.run(_run(args))

@@ -28,7 +28,7 @@ READ_SIZE: Final = 256 * 1024
 class ReadBuffer:
     """One reusable receive buffer, retired and replaced when a reader leaves references into it."""
 
-    __slots__ = ("_buf", "view", "swaps")
+    __slots__ = ("_buf", "swaps", "view")
 
     def __init__(self, size: int = READ_SIZE) -> None:
         self._buf = bytearray(size)

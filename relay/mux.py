@@ -27,7 +27,7 @@ import asyncio
 import logging
 import socket
 from collections.abc import Callable
-from typing import Any, Final
+from typing import Any, Final, cast
 
 from protocol import events as ev
 from protocol.errors import GoAwayCode, ResetCode
@@ -61,15 +61,15 @@ class StreamEndpoint(asyncio.BufferedProtocol):
     """One stream of the session, bound to a local socket."""
 
     __slots__ = (
-        "mux",
-        "stream_id",
-        "transport",
-        "_write_paused",
-        "_read_paused",
+        "_closed",
         "_held_credit",
         "_local_eof",
         "_peer_eof",
-        "_closed",
+        "_read_paused",
+        "_write_paused",
+        "mux",
+        "stream_id",
+        "transport",
     )
 
     def __init__(self, mux: MuxProtocol, stream_id: int) -> None:
@@ -83,10 +83,11 @@ class StreamEndpoint(asyncio.BufferedProtocol):
         self._peer_eof = False
         self._closed = False
 
-    # -- local socket -> session -------------------------------------------------------------------
+    # -- local socket -> session -----------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]  # uvloop's is not a subclass
-        transport.set_write_buffer_limits(high=LOCAL_HIGH_WATER, low=LOCAL_LOW_WATER)
+        # uvloop's transports are not asyncio.Transport subclasses, but have the same methods
+        self.transport = t = cast(asyncio.Transport, transport)
+        t.set_write_buffer_limits(high=LOCAL_HIGH_WATER, low=LOCAL_LOW_WATER)
         set_nodelay(transport)
 
     def get_buffer(self, sizehint: int) -> memoryview:
@@ -137,7 +138,7 @@ class StreamEndpoint(asyncio.BufferedProtocol):
             self.mux.session.acknowledge(self.stream_id, n)
             self.mux.flush()
 
-    # -- session -> local socket -------------------------------------------------------------------
+    # -- session -> local socket -----------------------------------------------------------------
     def receive_from_peer(self, data: bytes) -> None:
         transport = self.transport
         if transport is None or self._closed:
@@ -170,7 +171,7 @@ class StreamEndpoint(asyncio.BufferedProtocol):
     def peer_accepted(self) -> None:
         """The agent connected this stream to its local port (edge side only)."""
 
-    # -- hooks ---------------------------------------------------------------------------------------
+    # -- hooks -----------------------------------------------------------------------------------
     def on_closed(self) -> None:
         """Called once the local connection is gone (subclasses count or log here)."""
 
@@ -207,10 +208,10 @@ class MuxProtocol(asyncio.BufferedProtocol):
         if stream_ended is not None:
             self._dispatch[stream_ended] = self._on_stream_ended
 
-    # -- tunnel transport ----------------------------------------------------------------------------
+    # -- tunnel transport ------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]  # uvloop's is not a subclass
-        transport.set_write_buffer_limits(high=TUNNEL_HIGH_WATER, low=TUNNEL_LOW_WATER)
+        self.transport = t = cast(asyncio.Transport, transport)
+        t.set_write_buffer_limits(high=TUNNEL_HIGH_WATER, low=TUNNEL_LOW_WATER)
         set_nodelay(transport)
         self.on_connected()
         self.flush()
@@ -253,7 +254,7 @@ class MuxProtocol(asyncio.BufferedProtocol):
         self._write_paused = False
         self.flush()
 
-    # -- session plumbing ----------------------------------------------------------------------------
+    # -- session plumbing ------------------------------------------------------------------------
     def flush(self) -> None:
         transport = self.transport
         if transport is None:
@@ -272,7 +273,7 @@ class MuxProtocol(asyncio.BufferedProtocol):
             self._timer = None if at is None else self.loop.call_at(at, self._on_timer)
 
     def release_shared(self, stream_id: int) -> None:
-        """After ``send_data`` with a view of the shared read buffer: retire it if still referenced."""
+        """After ``send_data`` with a view of the shared buffer: retire it if still referenced."""
         transport = self.transport
         if self.session.stream_send_buffered(stream_id) or (
             transport is not None and transport.get_write_buffer_size()
@@ -338,7 +339,7 @@ class MuxProtocol(asyncio.BufferedProtocol):
     def _on_control(self, event: ev.ControlReceived) -> None:
         self.on_control(event.message)
 
-    # -- hooks for the edge and the agent -------------------------------------------------------------
+    # -- hooks for the edge and the agent --------------------------------------------------------
     def on_connected(self) -> None:
         """The tunnel transport is up (the agent sends its hello here)."""
 

@@ -1,4 +1,5 @@
-"""Request/reply matching for control messages (``Expose``/``Unexpose``/``ListExposures`` -> ``Ok``/``Error``)."""
+"""Request/reply matching on the control channel (``Expose``, ``Unexpose``, ``ListExposures``
+are answered by ``Ok`` or ``Error`` carrying the same id)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Admin API (HTTP/1.1 on h11, JSON on orjson, Bearer token): what the orchestrator and the SDK call.
+"""Admin API (HTTP/1.1 on h11, JSON on orjson, Bearer token): what orchestrators and the SDK call.
 
     GET    /healthz                                   liveness, no auth
     GET    /metrics                                   Prometheus text
@@ -6,7 +6,7 @@
     GET    /v1/sandboxes/{id}/ports                   {"ports": [{port, exposedAt, name}]}
     POST   /v1/sandboxes/{id}/ports                   {"port": 8000, "name"?: "api", "token"?: "t"}
     DELETE /v1/sandboxes/{id}/ports/{port}            204, idempotent
-    GET    /v1/sandboxes/{id}/ports/{port}/ws?path=/  WebSocket handshake relayed end to end (wsConnect)
+    GET    /v1/sandboxes/{id}/ports/{port}/ws?path=/  WebSocket handshake relayed to the sandbox
 
 Not a hot path: plain asyncio streams and h11 for clarity, every read bounded in size and time.
 """
@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, cast
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import h11
@@ -26,8 +26,8 @@ from protocol.hostnames import ValidationError, validate_port, validate_sandbox_
 from relay.mux import StreamEndpoint
 
 from .auth import verify_bearer
-from .public import forward_head
 from .httphead import H11HeadParser, HeadError
+from .public import forward_head
 
 if TYPE_CHECKING:
     from .edge import EdgeServer
@@ -40,7 +40,9 @@ IDLE_TIMEOUT: Final = 60.0
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, code: str, message: str, headers: list[tuple[str, str]] | None = None):
+    def __init__(
+        self, status: int, code: str, message: str, headers: list[tuple[str, str]] | None = None
+    ):
         super().__init__(message)
         self.status = status
         self.code = code
@@ -72,37 +74,53 @@ class AdminServer:
         for task in list(self._tasks):
             try:
                 await task
-            except BaseException:  # noqa: BLE001 - shutting down
+            except BaseException:
                 pass
 
-    # -- connection loop -----------------------------------------------------------------------------
+    # -- connection loop -------------------------------------------------------------------------
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
         self._tasks.add(task)
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_BODY)
+        switched = False
         try:
             while True:
                 try:
                     request, body = await self._read_request(conn, reader)
                 except ApiError as exc:
-                    await self._send(conn, writer, *_json(exc.status, {"error": exc.message, "code": exc.code}), close=True)
+                    await self._send(
+                        conn,
+                        writer,
+                        *_json(exc.status, {"error": exc.message, "code": exc.code}),
+                        close=True,
+                    )
                     return
                 if request is None:
                     return
                 try:
-                    status, headers, payload = await self._dispatch(request, body, conn, reader, writer)
+                    status, headers, payload = await self._dispatch(
+                        request, body, conn, reader, writer
+                    )
                 except _Switch:
+                    switched = True
                     return
                 except ApiError as exc:
-                    status, headers, payload = _json(exc.status, {"error": exc.message, "code": exc.code})
+                    status, headers, payload = _json(
+                        exc.status, {"error": exc.message, "code": exc.code}
+                    )
                     headers += exc.headers
                 except ValidationError as exc:
-                    status, headers, payload = _json(exc.status, {"error": exc.message, "code": exc.code})
-                except Exception:
-                    log.exception("admin API: unexpected error on %s %s", request.method, request.target)
                     status, headers, payload = _json(
-                        500, {"error": "Internal error; see the tunneld log.", "code": "INTERNAL_ERROR"}
+                        exc.status, {"error": exc.message, "code": exc.code}
+                    )
+                except Exception:
+                    log.exception(
+                        "admin API: unexpected error on %s %s", request.method, request.target
+                    )
+                    status, headers, payload = _json(
+                        500,
+                        {"error": "Internal error; see the tunneld log.", "code": "INTERNAL_ERROR"},
                     )
                 await self._send(conn, writer, status, headers, payload)
                 if conn.our_state is h11.MUST_CLOSE or conn.their_state is h11.MUST_CLOSE:
@@ -117,7 +135,7 @@ class AdminServer:
             return
         finally:
             self._tasks.discard(task)
-            if not writer.transport.is_closing() and not getattr(writer, "_tunnel_switched", False):
+            if not switched and not writer.transport.is_closing():
                 writer.close()
 
     async def _read_request(
@@ -131,18 +149,26 @@ class AdminServer:
                 event = conn.next_event()
             except h11.RemoteProtocolError as exc:
                 status = exc.error_status_hint
-                raise ApiError(status, "BAD_REQUEST" if status != 431 else "HEADERS_TOO_LARGE", f"Malformed request: {exc}.") from None
+                raise ApiError(
+                    status,
+                    "BAD_REQUEST" if status != 431 else "HEADERS_TOO_LARGE",
+                    f"Malformed request: {exc}.",
+                ) from None
             if event is h11.NEED_DATA:
-                timeout = IDLE_TIMEOUT if request is None and not conn.trailing_data[0] else READ_TIMEOUT
+                timeout = (
+                    IDLE_TIMEOUT if request is None and not conn.trailing_data[0] else READ_TIMEOUT
+                )
                 if deadline is None or request is None:
                     deadline = asyncio.get_running_loop().time() + timeout
                 remaining = deadline - asyncio.get_running_loop().time()
                 try:
                     data = await asyncio.wait_for(reader.read(65536), max(remaining, 0.001))
-                except (TimeoutError, asyncio.TimeoutError):
+                except TimeoutError:
                     if request is None and not conn.trailing_data[0]:
                         return None, b""  # idle keep-alive connection: just close
-                    raise ApiError(408, "REQUEST_TIMEOUT", "The request did not arrive in time.") from None
+                    raise ApiError(
+                        408, "REQUEST_TIMEOUT", "The request did not arrive in time."
+                    ) from None
                 conn.receive_data(data)
                 if not data and request is None and not conn.trailing_data[0]:
                     return None, b""
@@ -154,7 +180,9 @@ class AdminServer:
             elif isinstance(event, h11.Data):
                 body += event.data
                 if len(body) > MAX_BODY:
-                    raise ApiError(413, "BODY_TOO_LARGE", f"Request body larger than {MAX_BODY} bytes.")
+                    raise ApiError(
+                        413, "BODY_TOO_LARGE", f"Request body larger than {MAX_BODY} bytes."
+                    )
             elif isinstance(event, h11.EndOfMessage):
                 assert request is not None
                 return request, bytes(body)
@@ -188,7 +216,7 @@ class AdminServer:
         writer.write(data)
         await asyncio.wait_for(writer.drain(), READ_TIMEOUT)
 
-    # -- routing -------------------------------------------------------------------------------------
+    # -- routing ---------------------------------------------------------------------------------
     async def _dispatch(
         self,
         request: h11.Request,
@@ -203,7 +231,9 @@ class AdminServer:
         if parts == ["healthz"]:
             self._allow(method, "GET")
             return _json(200, {"status": "ok"})
-        auth = next((v for n, v in request.headers.raw_items() if n.lower() == b"authorization"), None)
+        auth = next(
+            (v for n, v in request.headers.raw_items() if n.lower() == b"authorization"), None
+        )
         if not verify_bearer(self.edge.config.admin_token, auth):
             raise ApiError(
                 401,
@@ -217,7 +247,14 @@ class AdminServer:
             return 200, [("content-type", "text/plain; version=0.0.4")], edge.metrics.render()
         if parts == ["v1", "sandboxes"]:
             self._allow(method, "GET")
-            return _json(200, {"sandboxes": [self._sandbox_json(s.sandbox_id) for s in edge.registry.sandboxes()]})
+            return _json(
+                200,
+                {
+                    "sandboxes": [
+                        self._sandbox_json(s.sandbox_id) for s in edge.registry.sandboxes()
+                    ]
+                },
+            )
         if len(parts) >= 4 and parts[:2] == ["v1", "sandboxes"] and parts[3] == "ports":
             sandbox_id = validate_sandbox_id(parts[2])
             if len(parts) == 4:
@@ -227,11 +264,17 @@ class AdminServer:
                 payload = self._json_body(body)
                 unknown = set(payload) - {"port", "name", "token"}
                 if unknown:
-                    raise ApiError(400, "INVALID_REQUEST", f"Unknown field(s): {', '.join(sorted(unknown))}.")
+                    raise ApiError(
+                        400, "INVALID_REQUEST", f"Unknown field(s): {', '.join(sorted(unknown))}."
+                    )
                 if "port" not in payload:
                     raise ApiError(400, "INVALID_REQUEST", "Missing field: port.")
-                exposure = await edge.expose(sandbox_id, payload["port"], payload.get("name"), payload.get("token"))
-                return _json(200, {"port": exposure.port, "exposedAt": exposure.url, "name": exposure.name})
+                exposure = await edge.expose(
+                    sandbox_id, payload["port"], payload.get("name"), payload.get("token")
+                )
+                return _json(
+                    200, {"port": exposure.port, "exposedAt": exposure.url, "name": exposure.name}
+                )
             port = _path_port(parts[4])
             if len(parts) == 5:
                 self._allow(method, "DELETE")
@@ -240,14 +283,19 @@ class AdminServer:
             if len(parts) == 6 and parts[5] == "ws":
                 self._allow(method, "GET")
                 target = parse_qs(url.query).get("path", ["/"])[0]
-                self._ws_connect(sandbox_id, validate_port(port), target, request, conn, reader, writer)
+                self._ws_connect(
+                    sandbox_id, validate_port(port), target, request, conn, reader, writer
+                )
         raise ApiError(404, "NOT_FOUND", f"No such endpoint: {method} {url.path}")
 
     @staticmethod
     def _allow(method: str, *allowed: str) -> None:
         if method not in allowed:
             raise ApiError(
-                405, "METHOD_NOT_ALLOWED", f"Method {method} not allowed here.", [("allow", ", ".join(allowed))]
+                405,
+                "METHOD_NOT_ALLOWED",
+                f"Method {method} not allowed here.",
+                [("allow", ", ".join(allowed))],
             )
 
     @staticmethod
@@ -262,23 +310,30 @@ class AdminServer:
 
     def _ports_json(self, sandbox_id: str) -> list[dict[str, Any]]:
         return [
-            {"port": e.port, "exposedAt": e.url, "name": e.name} for e in self.edge.exposure_messages(sandbox_id)
+            {"port": e.port, "exposedAt": e.url, "name": e.name}
+            for e in self.edge.exposure_messages(sandbox_id)
         ]
 
     def _sandbox_json(self, sandbox_id: str) -> dict[str, Any]:
         state = self.edge.registry.get(sandbox_id)
         session = state.session if state is not None else None
-        out: dict[str, Any] = {"id": sandbox_id, "connected": session is not None, "ports": self._ports_json(sandbox_id)}
+        out: dict[str, Any] = {
+            "id": sandbox_id,
+            "connected": session is not None,
+            "ports": self._ports_json(sandbox_id),
+        }
         if session is not None:
             out["session"] = session.session_id
             out["peer"] = session.peer
             out["streams"] = len(session.streams)
-            out["connectedAt"] = time.time() - (self.edge.loop.time() - (state.connected_at or 0.0))
+            connected_at = state.connected_at if state is not None else None
+            if connected_at is not None:
+                out["connectedAt"] = time.time() - (self.edge.loop.time() - connected_at)
             if session.rtt is not None:
                 out["rttMs"] = round(session.rtt * 1000, 3)
         return out
 
-    # -- wsConnect -----------------------------------------------------------------------------------
+    # -- wsConnect -------------------------------------------------------------------------------
     def _ws_connect(
         self,
         sandbox_id: str,
@@ -309,14 +364,19 @@ class AdminServer:
             raise ApiError(exc.status, exc.code, exc.message) from None
         peer = writer.get_extra_info("peername")
         client = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else ""
-        trailer = b"x-forwarded-for: " + client.rsplit(":", 1)[0].encode() + b"\r\nx-sandbox-name: " + sandbox_id.encode() + b"\r\n\r\n"
+        trailer = (
+            b"x-forwarded-for: "
+            + client.rsplit(":", 1)[0].encode()
+            + b"\r\nx-sandbox-name: "
+            + sandbox_id.encode()
+            + b"\r\n\r\n"
+        )
         endpoint = _DirectEndpoint(session, 0)
         sid = session.session.open_stream(port, "direct", client)
         endpoint.stream_id = sid
         session.add_stream(endpoint)
-        transport = writer.transport
+        transport = cast(asyncio.Transport, writer.transport)
         leftover = conn.trailing_data[0]
-        setattr(writer, "_tunnel_switched", True)
         transport.set_protocol(endpoint)
         endpoint.connection_made(transport)
         endpoint.forward(forward_head(head, b"host: localhost:%d\r\n" % port, trailer))
@@ -346,13 +406,22 @@ class _DirectEndpoint(StreamEndpoint):
 
         from .public import error_response
 
-        if not self._responded and self.transport is not None and code in (
-            ResetCode.CONNECT_REFUSED,
-            ResetCode.CONNECT_FAILED,
+        if (
+            not self._responded
+            and self.transport is not None
+            and code
+            in (
+                ResetCode.CONNECT_REFUSED,
+                ResetCode.CONNECT_FAILED,
+            )
         ):
             self._responded = True
             self.transport.write(
-                error_response(502, "UPSTREAM_CONNECT_FAILED", "Nothing is listening on that port in the sandbox.")
+                error_response(
+                    502,
+                    "UPSTREAM_CONNECT_FAILED",
+                    "Nothing is listening on that port in the sandbox.",
+                )
             )
             self.transport.close()
             self._closed = True

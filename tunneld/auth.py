@@ -1,8 +1,8 @@
 """Agent authentication: tokens derived from one server secret.
 
-``agent_token(secret, sandbox_id)`` is an HMAC-SHA256 of the sandbox id, so the orchestrator can mint
-a token for a new sandbox (``tunneld token ID``) and tunneld stores no per-sandbox secret. A token
-works for exactly one sandbox id; rotating the secret revokes every token at once.
+``agent_token(secret, sandbox_id)`` is an HMAC-SHA256 of the sandbox id, so the orchestrator can
+mint a token for a new sandbox (``tunneld token ID``) and tunneld stores no per-sandbox secret.
+A token works for exactly one sandbox id; rotating the secret revokes every token at once.
 """
 
 from __future__ import annotations
@@ -26,6 +26,6 @@ def verify_agent_token(secret: str, sandbox_id: str, token: str) -> bool:
 
 def verify_bearer(expected: str, authorization: bytes | None) -> bool:
     """Constant-time check of an ``Authorization: Bearer <token>`` header."""
-    if not authorization or not authorization[:7].lower() == b"bearer ":
+    if not authorization or authorization[:7].lower() != b"bearer ":
         return False
     return hmac.compare_digest(expected.encode(), authorization[7:].strip())

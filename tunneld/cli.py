@@ -11,6 +11,8 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from relay.loop import new_event_loop
+
 from .config import Config, ConfigError, load_config
 
 log = logging.getLogger("tunneld")
@@ -20,10 +22,11 @@ examples:
   TUNNELD_ADMIN_TOKEN=$(cat /etc/tunneld/admin-token) TUNNELD_SECRET_FILE=/etc/tunneld/secret \\
       tunneld serve --domain preview.example.com --scheme https --url-port 443
   tunneld token abc123            # mint the agent token for sandbox abc123
-  tunneld demo                    # edge + agent + sample service on loopback, prints the preview URL
+  tunneld demo                    # edge + agent + sample service on loopback, prints the URL
 
-secrets never go on the command line (they would show in ps): use TUNNELD_ADMIN_TOKEN / TUNNELD_SECRET,
-TUNNELD_ADMIN_TOKEN_FILE / TUNNELD_SECRET_FILE, or admin_token_file / secret_file in the config file.
+secrets never go on the command line (they would show in ps): use the environment
+(TUNNELD_ADMIN_TOKEN, TUNNELD_SECRET), files (TUNNELD_ADMIN_TOKEN_FILE, TUNNELD_SECRET_FILE),
+or admin_token_file / secret_file in the config file.
 """
 
 
@@ -33,15 +36,6 @@ def _setup_logging(level: str) -> None:
         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-
-
-def new_event_loop() -> asyncio.AbstractEventLoop:
-    """uvloop when available (chosen here, at the entry point, never on import)."""
-    try:
-        import uvloop
-    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux/macOS
-        return asyncio.new_event_loop()
-    return uvloop.new_event_loop()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -61,10 +55,14 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    serve.add_argument("--config", "-c", metavar="FILE", help="TOML config file (env TUNNELD_CONFIG)")
+    serve.add_argument(
+        "--config", "-c", metavar="FILE", help="TOML config file (env TUNNELD_CONFIG)"
+    )
     serve.add_argument("--domain", help="preview domain (default localhost)")
     serve.add_argument("--scheme", choices=["http", "https"], help="scheme printed in preview URLs")
-    serve.add_argument("--url-port", type=int, help="port printed in preview URLs (default: the public port)")
+    serve.add_argument(
+        "--url-port", type=int, help="port printed in preview URLs (default: the public port)"
+    )
     serve.add_argument("--public-host", help="public listener address (default 127.0.0.1)")
     serve.add_argument("--public-port", type=int, help="public listener port (default 8080)")
     serve.add_argument("--agent-host", help="agent listener address (default 127.0.0.1)")
@@ -74,11 +72,23 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--tls-cert", metavar="FILE", help="TLS certificate for the agent listener")
     serve.add_argument("--tls-key", metavar="FILE", help="TLS key for the agent listener")
     serve.add_argument("--parser", choices=["auto", "httptools", "h11"], help="request-head parser")
-    serve.add_argument("--no-tokens", action="store_const", const=False, dest="tokens",
-                       help="token-less URLs {port}-{sandbox}.{domain} (trusted networks only)")  # fmt: skip
-    serve.add_argument("--grace-period", type=float, help="seconds to drain streams on SIGTERM (default 30)")
-    serve.add_argument("--access-log", action="store_const", const=True, help="log every preview request")
+    serve.add_argument(
+        "--no-tokens",
+        action="store_const",
+        const=False,
+        dest="tokens",
+        help="token-less URLs {port}-{sandbox}.{domain} (trusted networks only)",
+    )
+    serve.add_argument(
+        "--grace-period", type=float, help="seconds to drain streams on SIGTERM (default 30)"
+    )
+    serve.add_argument(
+        "--access-log", action="store_const", const=True, help="log every preview request"
+    )
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    serve.add_argument(
+        "--ports-file", metavar="FILE", help="write the bound ports here as JSON (for port 0)"
+    )
 
     token = sub.add_parser(
         "token",
@@ -87,7 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
         "Hand it to the sandbox as TUNNEL_AGENT_TOKEN.",
     )
     token.add_argument("sandbox_id", metavar="SANDBOX_ID")
-    token.add_argument("--config", "-c", metavar="FILE", help="TOML config file holding secret_file")
+    token.add_argument(
+        "--config", "-c", metavar="FILE", help="TOML config file holding secret_file"
+    )
 
     demo = sub.add_parser(
         "demo",
@@ -95,10 +107,18 @@ def build_parser() -> argparse.ArgumentParser:
         description="Everything on 127.0.0.1: tunneld, an agent for sandbox 'demo', a sample HTTP "
         "service on port 8000, exposed through the SDK. Ctrl-C stops it.",
     )
-    demo.add_argument("--public-port", type=int, default=8080, help="public port (default 8080; 0 = any)")
-    demo.add_argument("--service-port", type=int, default=8000, help="sample service port (default 8000)")
-    demo.add_argument("--self-test", action="store_true", help="fetch the URL once, print it, exit 0/1")
-    demo.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="warning")
+    demo.add_argument(
+        "--public-port", type=int, default=8080, help="public port (default 8080; 0 = any)"
+    )
+    demo.add_argument(
+        "--service-port", type=int, default=8000, help="sample service port (default 8000)"
+    )
+    demo.add_argument(
+        "--self-test", action="store_true", help="fetch the URL once, print it, exit 0/1"
+    )
+    demo.add_argument(
+        "--log-level", choices=["debug", "info", "warning", "error"], default="warning"
+    )
     return parser
 
 
@@ -118,7 +138,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "serve":
             config = load_config(args.config or os.environ.get("TUNNELD_CONFIG"), _overrides(args))
             _setup_logging(config.log_level)
-            return serve(config, args.config or os.environ.get("TUNNELD_CONFIG"))
+            return serve(config, args.config or os.environ.get("TUNNELD_CONFIG"), args.ports_file)
         if args.command == "token":
             return _token(args)
         if args.command == "demo":
@@ -154,12 +174,12 @@ def _token(args: argparse.Namespace) -> int:
     return 0
 
 
-def serve(config: Config, config_path: str | None = None) -> int:
+def serve(config: Config, config_path: str | None = None, ports_file: str | None = None) -> int:
     with asyncio.Runner(loop_factory=new_event_loop) as runner:
-        return runner.run(_serve(config, config_path))
+        return runner.run(_serve(config, config_path, ports_file))
 
 
-async def _serve(config: Config, config_path: str | None) -> int:
+async def _serve(config: Config, config_path: str | None, ports_file: str | None) -> int:
     from . import systemd
     from .edge import EdgeServer
 
@@ -170,6 +190,8 @@ async def _serve(config: Config, config_path: str | None) -> int:
     except OSError as exc:
         log.error("cannot start: %s", exc)
         return 1
+    if ports_file:
+        _write_ports(ports_file, server)
     stop = asyncio.Event()
     signals: list[str] = []
 
@@ -206,10 +228,19 @@ async def _serve(config: Config, config_path: str | None) -> int:
     return 0
 
 
+def _write_ports(path: str, server: Any) -> None:
+    import json
+
+    ports = {"public": server.public_port, "agent": server.agent_port, "admin": server.admin_port}
+    with open(path + ".tmp", "w") as f:
+        json.dump(ports, f)
+    os.replace(path + ".tmp", path)
+
+
 def _current_overrides(config: Config) -> dict[str, Any]:
     # Command-line values are not re-read on SIGHUP; keep the listener layout as it runs.
-    return {k: getattr(config, k) for k in ("public_host", "public_port", "agent_host", "agent_port",
-                                            "admin_host", "admin_port")}  # fmt: skip
+    keys = ("public_host", "public_port", "agent_host", "agent_port", "admin_host", "admin_port")
+    return {k: getattr(config, k) for k in keys}
 
 
 async def _watchdog(interval: float) -> None:

@@ -60,7 +60,9 @@ class Config:
                 "no admin token: set TUNNELD_ADMIN_TOKEN or admin_token_file in the config file"
             )
         if not self.secret:
-            raise ConfigError("no agent secret: set TUNNELD_SECRET or secret_file in the config file")
+            raise ConfigError(
+                "no agent secret: set TUNNELD_SECRET or secret_file in the config file"
+            )
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ConfigError("tls_cert and tls_key go together")
         for name in ("public_port", "agent_port", "admin_port"):

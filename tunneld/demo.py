@@ -13,7 +13,8 @@ import signal
 import socket
 import sys
 
-from .cli import new_event_loop
+from relay.loop import new_event_loop
+
 from .config import Config
 
 PAGE = b"""<!doctype html>
@@ -26,13 +27,15 @@ single multiplexed connection to tunneld.</p>
 """
 
 
-async def _sample_service(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, port: int) -> None:
+async def _sample_service(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, port: int
+) -> None:
     """A minimal keep-alive HTTP/1.1 server: every GET gets the page."""
     try:
         while True:
             try:
                 head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 30)
-            except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, asyncio.TimeoutError):
+            except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
                 return
             length = 0
             close = False
@@ -157,6 +160,6 @@ def run_demo(args: argparse.Namespace) -> int:
     with asyncio.Runner(loop_factory=new_event_loop) as runner:
         try:
             return runner.run(_demo(args))
-        except (OSError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, OSError) as exc:
             print(f"tunneld demo: {exc}", file=sys.stderr)
             return 1

@@ -53,7 +53,9 @@ class EdgeSession(MuxProtocol):
         config = server.config
         session = Session(
             Role.EDGE,
-            SessionConfig(heartbeat_interval=config.heartbeat_interval, dead_timeout=config.dead_timeout),
+            SessionConfig(
+                heartbeat_interval=config.heartbeat_interval, dead_timeout=config.dead_timeout
+            ),
             now=server.loop.time(),
         )
         super().__init__(session, server.loop)
@@ -78,7 +80,11 @@ class EdgeSession(MuxProtocol):
     def _on_handshake_timeout(self) -> None:
         self._handshake_timer = None
         if self.sandbox_id is None and self.transport is not None:
-            log.warning("agent %s sent no hello within %.0fs; closing", self.peer, self.server.config.handshake_timeout)
+            log.warning(
+                "agent %s sent no hello within %.0fs; closing",
+                self.peer,
+                self.server.config.handshake_timeout,
+            )
             self.transport.abort()
 
     def can_open_streams(self) -> bool:
@@ -90,7 +96,7 @@ class EdgeSession(MuxProtocol):
         self.add_stream(endpoint)
         return sid
 
-    # -- control channel ------------------------------------------------------------------------------
+    # -- control channel -------------------------------------------------------------------------
     def on_control(self, message: Any) -> None:
         if self.sandbox_id is None:
             if isinstance(message, control.Hello):
@@ -106,7 +112,11 @@ class EdgeSession(MuxProtocol):
             self._reply(message.id, lambda sid, m: self.server.exposure_messages(sid), message)
         else:
             self.session.send_control(
-                control.Error("UNEXPECTED_MESSAGE", f"{type(message).__name__} is not a request the edge serves", None)
+                control.Error(
+                    "UNEXPECTED_MESSAGE",
+                    f"{type(message).__name__} is not a request the edge serves",
+                    None,
+                )
             )
 
     def _reply(self, request_id: int, handler: Any, message: Any) -> None:
@@ -147,7 +157,12 @@ class EdgeSession(MuxProtocol):
                 exposures=tuple(server.exposure_messages(sandbox_id)),
             )
         )
-        log.info("sandbox %s: agent connected from %s (session %s)", sandbox_id, self.peer, self.session_id)
+        log.info(
+            "sandbox %s: agent connected from %s (session %s)",
+            sandbox_id,
+            self.peer,
+            self.session_id,
+        )
 
     def session_config_max_streams(self) -> int:
         return SessionConfig().max_streams
@@ -179,7 +194,7 @@ class EdgeSession(MuxProtocol):
         finally:
             self.pending.forget(request_id)
 
-    # -- streams -------------------------------------------------------------------------------------
+    # -- streams ---------------------------------------------------------------------------------
     def on_stream_opened(self, event: StreamOpened) -> None:
         # Agents never open streams towards the edge.
         self.session.reset_stream(event.stream_id, ResetCode.REFUSED_STREAM)
@@ -197,7 +212,7 @@ class EdgeSession(MuxProtocol):
         self.flush()
         return count
 
-    # -- teardown ------------------------------------------------------------------------------------
+    # -- teardown --------------------------------------------------------------------------------
     def on_go_away(self, code: GoAwayCode) -> None:
         self._going_away = True
 
@@ -247,7 +262,7 @@ class EdgeServer:
             exposures=lambda: sum(len(s.exposures) for s in self.registry.sandboxes()),
         )
 
-    # -- lifecycle -----------------------------------------------------------------------------------
+    # -- lifecycle -------------------------------------------------------------------------------
     async def start(self) -> None:
         from .admin import AdminServer
 
@@ -267,7 +282,9 @@ class EdgeServer:
         agents = await loop.create_server(
             lambda: EdgeSession(self), config.agent_host, config.agent_port, ssl=tls, backlog=1024
         )
-        public = await loop.create_server(public_factory, config.public_host, config.public_port, backlog=4096)
+        public = await loop.create_server(
+            public_factory, config.public_host, config.public_port, backlog=4096
+        )
         self.admin = AdminServer(self)
         admin = await self.admin.start(config.admin_host, config.admin_port)
         self._servers = [agents, public, admin]
@@ -308,7 +325,7 @@ class EdgeServer:
             await server.wait_closed()
         await self.admin.close()
 
-    # -- exposures -----------------------------------------------------------------------------------
+    # -- exposures -------------------------------------------------------------------------------
     def preview_url(self, sandbox_id: str, record: ExposureRecord) -> str:
         config = self.config
         return build_preview_url(
@@ -321,18 +338,24 @@ class EdgeServer:
         )
 
     def exposure_message(self, sandbox_id: str, record: ExposureRecord) -> control.Exposure:
-        return control.Exposure(record.port, record.token, self.preview_url(sandbox_id, record), record.name)
+        return control.Exposure(
+            record.port, record.token, self.preview_url(sandbox_id, record), record.name
+        )
 
     def exposure_messages(self, sandbox_id: str) -> list[control.Exposure]:
         return [self.exposure_message(sandbox_id, r) for r in self.registry.exposures(sandbox_id)]
 
-    def _validate(self, port: object, name: object, token: object) -> tuple[int, str | None, str | None]:
+    def _validate(
+        self, port: object, name: object, token: object
+    ) -> tuple[int, str | None, str | None]:
         port = validate_port(port)
         if name is not None and (not isinstance(name, str) or len(name) > 256):
-            raise RegistryError(400, "INVALID_NAME", "Port name must be a string of at most 256 characters.")
+            raise RegistryError(
+                400, "INVALID_NAME", "Port name must be a string of at most 256 characters."
+            )
         if token is not None:
             token = validate_custom_token(token)
-        return port, name, token  # type: ignore[return-value]
+        return port, name, token
 
     def expose_from_agent(self, sandbox_id: str, message: control.Expose) -> list[control.Exposure]:
         port, name, token = self._validate(message.port, message.name, message.token)
@@ -340,7 +363,9 @@ class EdgeServer:
         log.info("sandbox %s: port %d exposed by the agent", sandbox_id, port)
         return [self.exposure_message(sandbox_id, record)]
 
-    def unexpose_from_agent(self, sandbox_id: str, message: control.Unexpose) -> list[control.Exposure]:
+    def unexpose_from_agent(
+        self, sandbox_id: str, message: control.Unexpose
+    ) -> list[control.Exposure]:
         port = validate_port(message.port)
         self._unexpose_local(sandbox_id, port)
         return []
@@ -379,10 +404,12 @@ class EdgeServer:
             return  # offline: the agent gets the set in its next welcome
         try:
             await session.request(factory)
-        except (TimeoutError, asyncio.TimeoutError):
+        except TimeoutError:
             log.warning("sandbox %s: agent did not acknowledge in time", sandbox_id)
             raise RegistryError(
-                504, "AGENT_TIMEOUT", f"The agent of sandbox {sandbox_id} did not acknowledge in time."
+                504,
+                "AGENT_TIMEOUT",
+                f"The agent of sandbox {sandbox_id} did not acknowledge in time.",
             ) from None
         except ControlRequestError as exc:
             if exc.code == "SANDBOX_NOT_CONNECTED":

@@ -38,9 +38,21 @@ class HeadError(Exception):
 class RequestHead:
     """One parsed request head. Header names are lowercased; values are raw bytes."""
 
-    __slots__ = ("method", "target", "version", "headers", "host", "content_length", "chunked", "upgrade", "keep_alive")
+    __slots__ = (
+        "chunked",
+        "content_length",
+        "headers",
+        "host",
+        "keep_alive",
+        "method",
+        "target",
+        "upgrade",
+        "version",
+    )
 
-    def __init__(self, method: bytes, target: bytes, version: bytes, headers: list[tuple[bytes, bytes]]) -> None:
+    def __init__(
+        self, method: bytes, target: bytes, version: bytes, headers: list[tuple[bytes, bytes]]
+    ) -> None:
         self.method = method
         self.target = target
         self.version = version
@@ -154,7 +166,9 @@ class HttptoolsHeadParser:
             raise _bad("Malformed request head.")
         version = parser.get_http_version().encode()
         if version not in (b"1.1", b"1.0"):
-            raise HeadError(505, "HTTP_VERSION_NOT_SUPPORTED", "Only HTTP/1.0 and HTTP/1.1 are supported.")
+            raise HeadError(
+                505, "HTTP_VERSION_NOT_SUPPORTED", "Only HTTP/1.0 and HTTP/1.1 are supported."
+            )
         return _finish(RequestHead(parser.get_method(), self._url, version, self._headers))
 
 
@@ -178,7 +192,11 @@ class H11HeadParser:
             raise _bad("Malformed request head.")
         headers = [(bytes(n), bytes(v)) for n, v in event.headers.raw_items()]
         headers = [(n.lower(), v) for n, v in headers]
-        return _finish(RequestHead(bytes(event.method), bytes(event.target), bytes(event.http_version), headers))
+        return _finish(
+            RequestHead(
+                bytes(event.method), bytes(event.target), bytes(event.http_version), headers
+            )
+        )
 
 
 def default_parser(name: str = "auto") -> HeadParser:
@@ -202,7 +220,7 @@ class ChunkedScanner:
     any byte boundary. Trailers are relayed and skipped like headers.
     """
 
-    __slots__ = ("done", "_state", "_remaining", "_line")
+    __slots__ = ("_line", "_remaining", "_state", "done")
 
     _SIZE, _DATA, _DATA_CRLF, _TRAILER = range(4)
 

@@ -17,10 +17,14 @@ class Metrics:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.public_connections = Counter(
-            "tunneld_public_connections", "Client connections accepted on the public listener", registry=r
+            "tunneld_public_connections",
+            "Client connections accepted on the public listener",
+            registry=r,
         )
         self.preview_denied = Counter(
-            "tunneld_preview_denied", "Preview requests refused: bad token or port not exposed", registry=r
+            "tunneld_preview_denied",
+            "Preview requests refused: bad token or port not exposed",
+            registry=r,
         )
         self.agent_sessions = Counter(
             "tunneld_agent_sessions", "Agent sessions authenticated", registry=r
@@ -31,8 +35,12 @@ class Metrics:
         self.agents_connected = Gauge(
             "tunneld_agents_connected", "Agents with a live session", registry=r
         )
-        self.streams_open = Gauge("tunneld_streams_open", "Streams open across all sessions", registry=r)
-        self.exposures = Gauge("tunneld_exposures", "Exposed ports across all sandboxes", registry=r)
+        self.streams_open = Gauge(
+            "tunneld_streams_open", "Streams open across all sessions", registry=r
+        )
+        self.exposures = Gauge(
+            "tunneld_exposures", "Exposed ports across all sandboxes", registry=r
+        )
 
     def bind(
         self,

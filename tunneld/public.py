@@ -9,9 +9,9 @@ relayed raw, unparsed and unbuffered (SSE, chunked, multi-GB downloads).
 The client -> service direction is parsed, because every request on a keep-alive connection must be
 checked: the connection is in one of four states.
 
-``HEAD``     collecting a request head (bounded by ``MAX_HEAD_SIZE`` and ``head_timeout``). The first
-             head routes the connection: Host -> (port, sandbox, token) -> registry -> session ->
-             new stream. Later heads must name the same route.
+``HEAD``     collecting a request head (bounded by ``MAX_HEAD_SIZE`` and ``head_timeout``).
+             The first head routes the connection: Host -> (port, sandbox, token) ->
+             registry -> session -> new stream. Later heads must name the same route.
 ``LENGTH``   relaying ``remaining`` bytes of a Content-Length body, zero-copy.
 ``CHUNKED``  relaying a chunked body while ``ChunkedScanner`` finds its end.
 ``TUNNEL``   after ``Upgrade: websocket``: a raw two-way relay, nothing parsed any more.
@@ -87,21 +87,21 @@ class PublicConnection(StreamEndpoint):
     """One client connection on the public listener (see the module docstring)."""
 
     __slots__ = (
-        "server",
-        "parser",
-        "_state",
         "_head_buf",
-        "_remaining",
-        "_scanner",
-        "_route",
         "_host_line",
-        "_trailer",
-        "_responded",
         "_misdirected",
-        "_timer",
         "_peer",
+        "_remaining",
+        "_responded",
+        "_route",
+        "_scanner",
+        "_state",
+        "_timer",
+        "_trailer",
+        "parser",
         "port",
         "sandbox_id",
+        "server",
     )
 
     def __init__(self, server: EdgeServer, parser: HeadParser) -> None:
@@ -122,7 +122,7 @@ class PublicConnection(StreamEndpoint):
         self.port = 0
         self.sandbox_id = ""
 
-    # -- connection ---------------------------------------------------------------------------------
+    # -- connection ------------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
         peer = transport.get_extra_info("peername")
@@ -133,7 +133,9 @@ class PublicConnection(StreamEndpoint):
 
     def _arm_head_timer(self) -> None:
         if self._timer is None:
-            self._timer = self.server.loop.call_later(self.server.config.head_timeout, self._on_head_timeout)
+            self._timer = self.server.loop.call_later(
+                self.server.config.head_timeout, self._on_head_timeout
+            )
 
     def _cancel_timer(self) -> None:
         if self._timer is not None:
@@ -198,7 +200,7 @@ class PublicConnection(StreamEndpoint):
     def _take_head(self) -> bool:
         """Try to complete the head in ``_head_buf``; on success leave the rest in the buffer."""
         buf = self._head_buf
-        # RFC 9112 2.2: ignore empty lines before a request line (some clients send CRLF after bodies)
+        # RFC 9112 2.2: ignore empty lines before a request line (some clients add CRLF to bodies)
         while buf[:2] == b"\r\n":
             del buf[:2]
         if not buf:
@@ -285,7 +287,7 @@ class PublicConnection(StreamEndpoint):
         self.forward(forward_head(head, self._host_line, self._trailer))
         return True
 
-    # -- errors -------------------------------------------------------------------------------------
+    # -- errors ----------------------------------------------------------------------------------
     def _client_error(self, exc: HeadError) -> None:
         if self.mux is None or not self._responded:
             self.fail(exc.status, exc.code, exc.message)
@@ -295,7 +297,9 @@ class PublicConnection(StreamEndpoint):
 
     def _misdirect(self) -> None:
         self._misdirected = error_response(
-            421, "MISDIRECTED_REQUEST", "This connection serves another preview URL; open a new one."
+            421,
+            "MISDIRECTED_REQUEST",
+            "This connection serves another preview URL; open a new one.",
         )
         self._stop_upstream()
 
@@ -330,7 +334,7 @@ class PublicConnection(StreamEndpoint):
                 transport.write(error_response(status, code, message))
             transport.close()
 
-    # -- stream events ------------------------------------------------------------------------------
+    # -- stream events ---------------------------------------------------------------------------
     def receive_from_peer(self, data: bytes) -> None:
         self._responded = True
         super().receive_from_peer(data)

@@ -50,7 +50,7 @@ class Registry:
     def __init__(self) -> None:
         self._sandboxes: dict[str, SandboxState] = {}
 
-    # -- lookups -------------------------------------------------------------------------------------
+    # -- lookups ---------------------------------------------------------------------------------
     def get(self, sandbox_id: str) -> SandboxState | None:
         return self._sandboxes.get(sandbox_id)
 
@@ -81,7 +81,7 @@ class Registry:
             return None
         return state
 
-    # -- exposures -----------------------------------------------------------------------------------
+    # -- exposures -------------------------------------------------------------------------------
     def expose(
         self, sandbox_id: str, port: int, name: str | None = None, token: str | None = None
     ) -> ExposureRecord:
@@ -120,7 +120,7 @@ class Registry:
             if token not in used:
                 return token
 
-    # -- sessions ------------------------------------------------------------------------------------
+    # -- sessions --------------------------------------------------------------------------------
     def attach(self, sandbox_id: str, session: Any, now: float) -> Any:
         """Make ``session`` the one serving the sandbox; return the session it replaced, if any."""
         state = self._sandboxes.get(sandbox_id)

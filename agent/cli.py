@@ -1,0 +1,449 @@
+"""``tunnel-agent``: run the in-sandbox agent, or talk to a running one.
+
+``run`` starts the agent (the core lives in :mod:`agent.core`, imported only by ``run``). The other
+subcommands are thin clients of the local control API (:mod:`agent.local_api`) and use only the
+standard library, so they start fast and work in a minimal sandbox image.
+
+Exit codes: 0 ok, 1 the agent refused or failed the request, 2 usage error, 3 the agent cannot be
+reached.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import importlib
+import json
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any, Final, NoReturn
+from urllib.parse import urlsplit
+
+from protocol.hostnames import validate_sandbox_id
+
+__all__ = [
+    "CLIENT_TIMEOUT",
+    "DEFAULT_API",
+    "EXIT_API_ERROR",
+    "EXIT_OK",
+    "EXIT_UNREACHABLE",
+    "EXIT_USAGE",
+    "AgentClient",
+    "build_parser",
+    "main",
+]
+
+EXIT_OK: Final = 0
+EXIT_API_ERROR: Final = 1
+EXIT_USAGE: Final = 2  # argparse's own code
+EXIT_UNREACHABLE: Final = 3
+
+DEFAULT_API: Final = "http://127.0.0.1:3000"
+# The local API answers in milliseconds unless it waits on the edge, which has its own timeout.
+CLIENT_TIMEOUT: Final = 10.0
+
+ENV_API: Final = "TUNNEL_AGENT_API"
+ENV_SERVER: Final = "TUNNEL_AGENT_SERVER"
+ENV_SANDBOX_ID: Final = "TUNNEL_AGENT_SANDBOX_ID"
+ENV_TOKEN: Final = "TUNNEL_AGENT_TOKEN"
+ENV_LOG_LEVEL: Final = "TUNNEL_AGENT_LOG_LEVEL"
+
+_DESCRIPTION = """\
+tunnel-agent gives ports inside this sandbox public preview URLs.
+
+`tunnel-agent run` keeps one connection to the tunneld edge and serves a local control API on
+127.0.0.1:3000; the other commands talk to that API.
+"""
+
+_EPILOG = """\
+examples:
+  TUNNEL_AGENT_TOKEN=... tunnel-agent run --server edge.example.com:7000 --sandbox-id abc123
+  tunnel-agent expose 8000 --name api      # prints the preview URL
+  tunnel-agent ports                       # PORT NAME URL table
+  tunnel-agent unexpose 8000
+  tunnel-agent status
+
+exit codes: 0 ok, 1 the agent refused the request, 2 usage error, 3 agent not reachable
+"""
+
+_RUN_EPILOG = f"""\
+The agent token is read from the environment variable {ENV_TOKEN} or from --token-file,
+never from the command line: arguments are visible to every process on the machine (ps,
+/proc/PID/cmdline), which is how tokens passed as `cloudflared tunnel run --token ...` leaked.
+
+example:
+  export {ENV_TOKEN}=...    # or: --token-file /run/secrets/tunnel-agent-token
+  tunnel-agent run --server edge.example.com:7000 --sandbox-id abc123
+"""
+
+_EXPOSE_EPILOG = """\
+example:
+  $ tunnel-agent expose 8000 --name api
+  http://8000-abc123-k3x9q2m7p4w8z1c5.localhost:8080/
+
+Exposing a port again is harmless and keeps its URL (unless --token changes it).
+"""
+
+_UNEXPOSE_EPILOG = """\
+example:
+  tunnel-agent unexpose 8000    # the URL stops working at once; unknown ports are not an error
+"""
+
+_PORTS_EPILOG = """\
+example:
+  $ tunnel-agent ports
+  PORT  NAME  URL
+  8000  api   http://8000-abc123-k3x9q2m7p4w8z1c5.localhost:8080/
+"""
+
+_STATUS_EPILOG = """\
+example:
+  $ tunnel-agent status
+  sandbox  abc123
+  edge     connected
+"""
+
+
+class _ApiError(Exception):
+    def __init__(self, message: str, code: str) -> None:
+        super().__init__(message)
+        self.message = message
+        self.code = code
+
+
+class _Unreachable(Exception):
+    pass
+
+
+class AgentClient:
+    """A minimal blocking client of the local control API (stdlib ``http.client`` only)."""
+
+    def __init__(self, base_url: str = DEFAULT_API, timeout: float = CLIENT_TIMEOUT) -> None:
+        parts = urlsplit(base_url)
+        if parts.scheme != "http" or not parts.hostname:
+            raise ValueError(f"expected an http://HOST:PORT URL, got {base_url!r}")
+        self.base_url = base_url
+        self._host = parts.hostname
+        self._port = parts.port or 80  # raises ValueError on a bad port
+        self._prefix = parts.path.rstrip("/")
+        self._timeout = timeout
+
+    def request(self, method: str, path: str, body: object = None) -> Any:
+        """Send one request; return the decoded JSON (``None`` for an empty body).
+
+        Raises ``_Unreachable`` if the agent does not answer, ``_ApiError`` on a non-2xx answer.
+        """
+        payload = None if body is None else json.dumps(body).encode()
+        headers = {"accept": "application/json"}
+        if payload is not None:
+            headers["content-type"] = "application/json"
+        conn = http.client.HTTPConnection(self._host, self._port, timeout=self._timeout)
+        try:
+            conn.request(method, self._prefix + path, body=payload, headers=headers)
+            response = conn.getresponse()
+            status, reason, raw = response.status, response.reason, response.read()
+        except (OSError, http.client.HTTPException) as exc:
+            raise _Unreachable(str(exc)) from exc
+        finally:
+            conn.close()
+        try:
+            data = json.loads(raw) if raw else None
+        except ValueError:
+            data = None
+        if 200 <= status < 300:
+            if raw and data is None:
+                raise _ApiError("the agent sent a response that is not JSON", "BAD_RESPONSE")
+            return data
+        if isinstance(data, dict) and isinstance(data.get("error"), str):
+            raise _ApiError(data["error"], str(data.get("code", "UNKNOWN_ERROR")))
+        raise _ApiError(f"the agent answered HTTP {status} {reason}", f"HTTP_{status}")
+
+
+# -- argument types --------------------------------------------------------------------------
+
+
+def _host_port(text: str) -> str:
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {text!r}")
+    return text
+
+
+def _tcp_port(text: str) -> int:
+    if not text.isdigit() or int(text) > 65535:
+        raise argparse.ArgumentTypeError(f"expected a TCP port 0-65535, got {text!r}")
+    return int(text)
+
+
+def _sandbox_id(text: str) -> str:
+    try:
+        return validate_sandbox_id(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+class _RefuseToken(argparse.Action):
+    """``run --token`` exists only to explain why it does not."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: object,
+        option_string: str | None = None,
+    ) -> NoReturn:
+        parser.error(
+            f"--token is not accepted: command lines are visible to every process (ps); "
+            f"set {ENV_TOKEN} or use --token-file PATH"
+        )
+
+
+# -- parser ----------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    fmt = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(
+        prog="tunnel-agent",
+        description=_DESCRIPTION,
+        epilog=_EPILOG,
+        formatter_class=fmt,
+        allow_abbrev=False,  # so `--token` can never silently mean `--token-file`
+    )
+    api_help = f"local control API of the agent (env {ENV_API}, default {DEFAULT_API})"
+    parser.add_argument("--api", metavar="URL", default=None, help=api_help)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    # A client subcommand also takes --api after its name; SUPPRESS keeps the top-level value.
+    client = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    client.add_argument("--api", metavar="URL", default=argparse.SUPPRESS, help=api_help)
+
+    run = sub.add_parser(
+        "run",
+        help="run the agent: connect to the edge and serve the local control API",
+        description="Run the agent: connect to the tunneld edge, keep the connection alive "
+        "(reconnecting after any loss) and serve the local control API.",
+        epilog=_RUN_EPILOG,
+        formatter_class=fmt,
+        allow_abbrev=False,
+    )
+    run.add_argument(
+        "--server",
+        metavar="HOST:PORT",
+        type=_host_port,
+        default=os.environ.get(ENV_SERVER),
+        help=f"edge agent listener (required; env {ENV_SERVER})",
+    )
+    run.add_argument(
+        "--sandbox-id",
+        metavar="ID",
+        type=_sandbox_id,
+        default=os.environ.get(ENV_SANDBOX_ID),
+        help=f"this sandbox's id, 1-63 of [a-z0-9-] (env {ENV_SANDBOX_ID})",
+    )
+    run.add_argument(
+        "--token-file",
+        metavar="PATH",
+        help=f"read the agent token from PATH (default: env {ENV_TOKEN}); "
+        "never pass a token as an argument",
+    )
+    run.add_argument("--token", nargs="?", action=_RefuseToken, help=argparse.SUPPRESS)
+    run.add_argument(
+        "--api-host",
+        metavar="HOST",
+        default="127.0.0.1",
+        help="address of the local control API (default 127.0.0.1: anything that can reach it "
+        "can publish ports)",
+    )
+    run.add_argument(
+        "--api-port",
+        metavar="PORT",
+        type=_tcp_port,
+        default=3000,
+        help="port of the local control API (default 3000)",
+    )
+    run.add_argument("--tls", action="store_true", help="connect to the edge over TLS")
+    run.add_argument(
+        "--tls-ca", metavar="FILE", help="CA bundle to verify the edge with (implies --tls)"
+    )
+    run.add_argument(
+        "--tls-server-name",
+        metavar="NAME",
+        help="name expected in the edge's certificate, if not the --server host (implies --tls)",
+    )
+    run.add_argument(
+        "--log-level",
+        choices=("debug", "info", "warning", "error"),
+        default=os.environ.get(ENV_LOG_LEVEL, "info").lower(),
+        help=f"log verbosity (env {ENV_LOG_LEVEL}, default info)",
+    )
+    run.set_defaults(handler=_cmd_run)
+
+    expose = sub.add_parser(
+        "expose",
+        parents=[client],
+        help="expose a port and print its preview URL",
+        description="Expose PORT (1024-65535, not 3000) and print its public preview URL.",
+        epilog=_EXPOSE_EPILOG,
+        formatter_class=fmt,
+        allow_abbrev=False,
+    )
+    expose.add_argument("port", metavar="PORT", type=int, help="local port to expose")
+    expose.add_argument("--name", help="a label for the port (shown in `ports`)")
+    expose.add_argument(
+        "--token",
+        help="custom URL token, 1-16 of [a-z0-9_] (default: keep the current one or generate one)",
+    )
+    expose.add_argument("--json", action="store_true", help="print the JSON answer instead")
+    expose.set_defaults(handler=_cmd_expose)
+
+    unexpose = sub.add_parser(
+        "unexpose",
+        parents=[client],
+        help="stop exposing a port",
+        description="Stop exposing PORT: its preview URL stops working at once.",
+        epilog=_UNEXPOSE_EPILOG,
+        formatter_class=fmt,
+        allow_abbrev=False,
+    )
+    unexpose.add_argument("port", metavar="PORT", type=int, help="exposed port")
+    unexpose.set_defaults(handler=_cmd_unexpose)
+
+    ports = sub.add_parser(
+        "ports",
+        parents=[client],
+        help="list exposed ports",
+        description="List the exposed ports with their names and preview URLs, sorted by port.",
+        epilog=_PORTS_EPILOG,
+        formatter_class=fmt,
+        allow_abbrev=False,
+    )
+    ports.add_argument("--json", action="store_true", help="print a JSON list instead")
+    ports.set_defaults(handler=_cmd_ports)
+
+    status = sub.add_parser(
+        "status",
+        parents=[client],
+        help="show the sandbox id and whether the agent is connected to the edge",
+        description="Show the sandbox id and whether the agent is connected to the edge.",
+        epilog=_STATUS_EPILOG,
+        formatter_class=fmt,
+        allow_abbrev=False,
+    )
+    status.add_argument("--json", action="store_true", help="print the JSON answer instead")
+    status.set_defaults(handler=_cmd_status)
+    return parser
+
+
+# -- commands --------------------------------------------------------------------------------
+
+
+def _read_token(args: argparse.Namespace, parser: argparse.ArgumentParser) -> str:
+    if args.token_file:
+        try:
+            with open(args.token_file, encoding="utf-8") as f:
+                token = f.read().strip()
+        except OSError as exc:
+            parser.error(f"cannot read --token-file: {exc.strerror or exc}")
+        if not token:
+            parser.error(f"--token-file {args.token_file} is empty")
+        return token
+    token = os.environ.get(ENV_TOKEN, "").strip()
+    if not token:
+        parser.error(f"no agent token: set {ENV_TOKEN} or pass --token-file PATH")
+    return token
+
+
+def _cmd_run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    if not args.server:
+        parser.error(f"--server HOST:PORT is required (or set {ENV_SERVER})")
+    args.token = _read_token(args, parser)
+    if args.tls_ca or args.tls_server_name:
+        args.tls = True
+    # Imported here: the client commands must not need (or pay for) the core.
+    core = importlib.import_module("agent.core")
+    return int(core.run_from_args(args) or 0)
+
+
+def _client(args: argparse.Namespace, parser: argparse.ArgumentParser) -> AgentClient:
+    url = args.api or os.environ.get(ENV_API) or DEFAULT_API
+    try:
+        return AgentClient(url)
+    except ValueError as exc:
+        parser.error(f"--api: {exc}")
+
+
+def _print_json(data: object) -> None:
+    print(json.dumps(data, indent=2))
+
+
+def _cmd_expose(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    body: dict[str, object] = {"port": args.port}
+    if args.name is not None:
+        body["name"] = args.name
+    if args.token is not None:
+        body["token"] = args.token
+    data = _client(args, parser).request("POST", "/v1/ports", body)
+    if args.json:
+        _print_json(data)
+    else:
+        print(data["exposedAt"])
+    return EXIT_OK
+
+
+def _cmd_unexpose(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    _client(args, parser).request("DELETE", f"/v1/ports/{args.port}")
+    print(f"port {args.port} is no longer exposed")
+    return EXIT_OK
+
+
+def _cmd_ports(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    ports = _client(args, parser).request("GET", "/v1/ports")["ports"]
+    if args.json:
+        _print_json(ports)
+        return EXIT_OK
+    rows = [("PORT", "NAME", "URL")]
+    rows += [(str(p["port"]), p.get("name") or "-", p["exposedAt"]) for p in ports]
+    widths = [max(len(row[i]) for row in rows) for i in range(2)]
+    for port, name, url in rows:
+        print(f"{port:<{widths[0]}}  {name:<{widths[1]}}  {url}")
+    return EXIT_OK
+
+
+def _cmd_status(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    data = _client(args, parser).request("GET", "/v1/status")
+    if args.json:
+        _print_json(data)
+    else:
+        print(f"sandbox  {data['sandboxId']}")
+        print(f"edge     {'connected' if data['connected'] else 'not connected'}")
+    return EXIT_OK
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        return int(args.handler(args, parser))
+    except SystemExit as exc:  # argparse: --help (0) and usage errors (2)
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    except _ApiError as exc:
+        print(f"error: {exc.message} ({exc.code})", file=sys.stderr)
+        return EXIT_API_ERROR
+    except _Unreachable:
+        url = getattr(args, "api", None) or os.environ.get(ENV_API) or DEFAULT_API
+        print(
+            f"error: cannot reach the tunnel agent at {url} — is `tunnel-agent run` running?",
+            file=sys.stderr,
+        )
+        return EXIT_UNREACHABLE
+    except (KeyError, TypeError):  # a 2xx answer without the fields we print
+        if args.command == "run":
+            raise
+        print("error: unexpected response from the tunnel agent (BAD_RESPONSE)", file=sys.stderr)
+        return EXIT_API_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,64 @@
+"""Errors the agent core raises to its callers (the local control API, the CLI).
+
+An :class:`AgentError` carries a stable ``code`` (UPPER_SNAKE), a human ``message`` and the HTTP
+``status`` the local API answers with. The status comes from one table, :data:`STATUS_BY_CODE`,
+so the core raises ``AgentError("EDGE_NOT_CONNECTED", "...")`` and never thinks about HTTP.
+A code missing from the table is an error the edge reported back to us: 502, like any proxy
+relaying an upstream failure.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from types import MappingProxyType
+from typing import Final
+
+__all__ = ["DEFAULT_STATUS", "STATUS_BY_CODE", "AgentError", "status_for"]
+
+# Anything not listed is a failure reported by (or about) the edge, which we only relay.
+DEFAULT_STATUS: Final = 502
+
+STATUS_BY_CODE: Final[Mapping[str, int]] = MappingProxyType(
+    {
+        # The caller sent something we refuse.
+        "INVALID_PORT": 400,
+        "INVALID_TOKEN_FORMAT": 400,
+        "INVALID_NAME": 400,
+        "INVALID_JSON": 400,
+        "INVALID_REQUEST": 400,
+        "FORBIDDEN": 403,
+        "NOT_FOUND": 404,
+        "METHOD_NOT_ALLOWED": 405,
+        "REQUEST_TIMEOUT": 408,
+        "TOKEN_IN_USE": 409,
+        "PAYLOAD_TOO_LARGE": 413,
+        "HEADERS_TOO_LARGE": 431,
+        # Our own bug: never the caller's fault, never the edge's.
+        "INTERNAL_ERROR": 500,
+        # The edge is unreachable or slow: retrying later may work.
+        "EDGE_NOT_CONNECTED": 503,
+        "TOO_MANY_CONNECTIONS": 503,
+        "EDGE_TIMEOUT": 504,
+    }
+)
+
+
+def status_for(code: str) -> int:
+    """The HTTP status for an error ``code`` (502 for codes the table does not know)."""
+    return STATUS_BY_CODE.get(code, DEFAULT_STATUS)
+
+
+class AgentError(Exception):
+    """A refused or failed agent operation.
+
+    ``status`` defaults to :func:`status_for` ``(code)``; pass it only to override the table.
+    """
+
+    def __init__(self, code: str, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.status = status_for(code) if status is None else status
+
+    def __repr__(self) -> str:
+        return f"AgentError(code={self.code!r}, message={self.message!r}, status={self.status})"

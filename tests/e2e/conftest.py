@@ -1,0 +1,149 @@
+"""In-process end-to-end stack: a real EdgeServer, real agents and a real origin on 127.0.0.1.
+
+Everything listens on port 0 and talks over real sockets; only the process is shared. Tests about
+processes themselves (signals, restarts, the CLI) live in test_processes.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from collections.abc import AsyncIterator
+
+import httpx
+import pytest
+
+from agent.core import Agent, AgentConfig
+from tunneld.auth import agent_token
+from tunneld.config import Config
+from tunneld.edge import EdgeServer
+
+from .origin import Origin
+
+
+@pytest.fixture(
+    params=[
+        pytest.param(("asyncio", {"use_uvloop": False}), id="asyncio"),
+        pytest.param(("asyncio", {"use_uvloop": True}), id="uvloop"),
+    ]
+)
+def anyio_backend(request):
+    return request.param
+
+
+class Stack:
+    def __init__(self, parser: str = "auto", **config: object) -> None:
+        self.admin_token = secrets.token_urlsafe(16)
+        self.secret = secrets.token_urlsafe(16)
+        self.config = Config(
+            public_port=0,
+            agent_port=0,
+            admin_port=0,
+            admin_token=self.admin_token,
+            secret=self.secret,
+            parser=parser,
+            grace_period=1.0,
+            **config,  # type: ignore[arg-type]
+        )
+        self.edge: EdgeServer | None = None
+        self.agents: list[tuple[Agent, asyncio.Task[None]]] = []
+        self.origins: list[Origin] = []
+        self.admin: httpx.AsyncClient | None = None
+
+    async def start(self) -> Stack:
+        self.edge = EdgeServer(self.config, asyncio.get_running_loop())
+        await self.edge.start()
+        self.config.url_port = self.edge.public_port
+        self.admin = httpx.AsyncClient(
+            base_url=f"http://127.0.0.1:{self.edge.admin_port}",
+            headers={"authorization": f"Bearer {self.admin_token}"},
+            timeout=30,
+        )
+        return self
+
+    async def close(self) -> None:
+        for agent, task in self.agents:
+            await agent.stop()
+            task.cancel()
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
+        if self.admin is not None:
+            await self.admin.aclose()
+        if self.edge is not None:
+            await self.edge.stop(grace=0.2)
+        for origin in self.origins:
+            await origin.close()
+
+    async def origin(self) -> Origin:
+        origin = await Origin().start()
+        self.origins.append(origin)
+        return origin
+
+    async def agent(self, sandbox_id: str = "sb1", *, wait: bool = True) -> Agent:
+        assert self.edge is not None
+        agent = Agent(
+            AgentConfig(
+                "127.0.0.1", self.edge.agent_port, sandbox_id, agent_token(self.secret, sandbox_id)
+            )
+        )
+        task = asyncio.get_running_loop().create_task(agent.run())
+        self.agents.append((agent, task))
+        if wait:
+            await asyncio.wait_for(agent.connected_event.wait(), 10)
+        return agent
+
+    async def expose(self, sandbox_id: str, port: int, **body: object) -> dict:
+        assert self.admin is not None
+        response = await self.admin.post(
+            f"/v1/sandboxes/{sandbox_id}/ports", json={"port": port, **body}
+        )
+        assert response.status_code == 200, response.text
+        return response.json()
+
+    def host_of(self, url: str) -> str:
+        return url.split("//", 1)[1].split("/", 1)[0]
+
+    def client(self, url: str, **kwargs: object) -> httpx.AsyncClient:
+        """An httpx client for a preview URL: connects to 127.0.0.1, sends the preview Host."""
+        assert self.edge is not None
+        return httpx.AsyncClient(
+            base_url=f"http://127.0.0.1:{self.edge.public_port}",
+            headers={"host": self.host_of(url)},
+            timeout=kwargs.pop("timeout", 30),  # type: ignore[arg-type]
+            **kwargs,  # type: ignore[arg-type]
+        )
+
+
+@pytest.fixture
+async def stack() -> AsyncIterator[Stack]:
+    s = await Stack().start()
+    try:
+        yield s
+    finally:
+        await s.close()
+
+
+@pytest.fixture(params=["httptools", "h11"])
+async def any_parser_stack(request) -> AsyncIterator[Stack]:
+    s = await Stack(parser=request.param).start()
+    try:
+        yield s
+    finally:
+        await s.close()
+
+
+async def raw_request(
+    port: int, data: bytes, *, read_until_close: bool = True, timeout: float = 10
+) -> bytes:
+    """Send raw bytes to 127.0.0.1:port and read the answer (until close, bounded by timeout)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(data)
+        await writer.drain()
+        if read_until_close:
+            return await asyncio.wait_for(reader.read(), timeout)
+        return await asyncio.wait_for(reader.read(65536), timeout)
+    finally:
+        writer.close()

@@ -1,0 +1,179 @@
+"""Frame codec: whole input, byte by byte, random splits, trailing bytes."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from protocol.errors import GoAwayCode, RemoteProtocolError
+from protocol.frames import (
+    HEADER,
+    HEADER_SIZE,
+    MAX_FRAME_PAYLOAD,
+    PREFACE,
+    Flag,
+    Frame,
+    FrameReader,
+    FrameType,
+    encode_frame,
+    pack_header,
+)
+
+SAMPLE = [
+    Frame(FrameType.DATA, Flag.SYN, 2, 10, b'{"port":1}'),
+    Frame(FrameType.DATA, 0, 2, 5, b"hello"),
+    Frame(FrameType.DATA, Flag.FIN, 2, 0, b""),
+    Frame(FrameType.WINDOW_UPDATE, Flag.ACK, 2, 0, b""),
+    Frame(FrameType.WINDOW_UPDATE, 0, 0, 1 << 20, b""),
+    Frame(FrameType.WINDOW_UPDATE, Flag.RST, 4, 6, b""),
+    Frame(FrameType.PING, 0, 0, 0xFFFFFFFF, b""),
+    Frame(FrameType.PING, Flag.ACK, 0, 7, b""),
+    Frame(FrameType.GO_AWAY, 0, 0, 9, b""),
+    Frame(FrameType.CONTROL, 0, 0, 2, b"{}"),
+    Frame(FrameType.DATA, 0, 0xFFFFFFFF, MAX_FRAME_PAYLOAD, bytes(MAX_FRAME_PAYLOAD)),
+]
+
+
+def encode(frames: list[Frame]) -> bytes:
+    return b"".join(encode_frame(f.type, f.flags, f.stream_id, f.payload, f.length) for f in frames)
+
+
+def read_all(reader: FrameReader) -> list[Frame]:
+    out = []
+    while (frame := reader.next_frame()) is not None:
+        out.append(frame)
+    return out
+
+
+def test_header_layout() -> None:
+    assert HEADER.format == ">BBHII" and HEADER_SIZE == 12
+    assert pack_header(FrameType.DATA, Flag.FIN, 3, 258) == b"\x01\x00\x00\x04\x00\x00\x00\x03" + (
+        b"\x00\x00\x01\x02"
+    )
+    assert PREFACE == b"TUNL\r\n\x01\n"
+
+
+def test_whole_input() -> None:
+    reader = FrameReader()
+    reader.feed(encode(SAMPLE))
+    assert read_all(reader) == SAMPLE
+    assert reader.buffered == 0
+
+
+def test_byte_by_byte_with_preface() -> None:
+    reader = FrameReader(expect_preface=True)
+    got = []
+    for b in PREFACE + encode(SAMPLE):
+        reader.feed(bytes([b]))
+        got += read_all(reader)
+    assert got == SAMPLE
+
+
+def test_trailing_bytes_stay_buffered() -> None:
+    data = encode(SAMPLE[:3])
+    extra = encode(SAMPLE[3:4])
+    reader = FrameReader()
+    reader.feed(data + extra[:5])
+    assert read_all(reader) == SAMPLE[:3]
+    assert reader.buffered == 5
+    reader.feed(memoryview(extra)[5:])
+    assert read_all(reader) == SAMPLE[3:4]
+    assert reader.buffered == 0
+
+
+def test_partial_payload_waits() -> None:
+    reader = FrameReader()
+    frame = encode_frame(FrameType.DATA, 0, 1, b"abcdef")
+    reader.feed(frame[:-1])
+    assert reader.next_frame() is None
+    reader.feed(bytearray(frame[-1:]))
+    assert reader.next_frame() == Frame(0, 0, 1, 6, b"abcdef")
+
+
+def test_preface_then_nothing() -> None:
+    reader = FrameReader(expect_preface=True)
+    reader.feed(PREFACE[:3])
+    assert reader.next_frame() is None
+    reader.feed(PREFACE[3:])
+    assert reader.next_frame() is None and reader.buffered == 0
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    frames=st.lists(st.sampled_from(SAMPLE[:-1]), max_size=20),
+    cuts=st.lists(st.integers(min_value=0, max_value=2000), max_size=20),
+)
+def test_random_splits(frames: list[Frame], cuts: list[int]) -> None:
+    data = PREFACE + encode(frames)
+    points = sorted({min(c, len(data)) for c in cuts})
+    reader = FrameReader(expect_preface=True)
+    got: list[Frame] = []
+    prev = 0
+    for p in [*points, len(data)]:
+        reader.feed(data[prev:p])
+        got += read_all(reader)
+        prev = p
+    assert got == frames and reader.buffered == 0
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    ftype=st.sampled_from(list(FrameType)),
+    flags=st.integers(0, 0xFFFF),
+    sid=st.integers(0, 2**32 - 1),
+    length=st.integers(0, 2**32 - 1),
+)
+def test_any_header_parses_or_raises_remote_error(
+    ftype: int, flags: int, sid: int, length: int
+) -> None:
+    reader = FrameReader()
+    reader.feed(pack_header(ftype, flags, sid, length))
+    try:
+        frame = reader.next_frame()
+    except RemoteProtocolError as exc:
+        assert exc.code in (GoAwayCode.PROTOCOL_ERROR, GoAwayCode.FRAME_TOO_LARGE)
+        return
+    if frame is not None:
+        assert (frame.type, frame.flags, frame.stream_id, frame.length) == (
+            ftype,
+            flags,
+            sid,
+            length,
+        )
+
+
+@pytest.mark.parametrize(
+    ("data", "code"),
+    [
+        (b"\x02" + pack_header(0, 0, 1, 0)[1:], GoAwayCode.PROTOCOL_ERROR),
+        (pack_header(5, 0, 0, 0), GoAwayCode.PROTOCOL_ERROR),
+        (pack_header(255, 0, 0, 0), GoAwayCode.PROTOCOL_ERROR),
+        (pack_header(FrameType.PING, Flag.SYN, 0, 0), GoAwayCode.PROTOCOL_ERROR),
+        (pack_header(FrameType.DATA, 0x10, 1, 0), GoAwayCode.PROTOCOL_ERROR),
+        (pack_header(FrameType.DATA, 0, 1, MAX_FRAME_PAYLOAD + 1), GoAwayCode.FRAME_TOO_LARGE),
+        (pack_header(FrameType.CONTROL, 0, 0, 2**32 - 1), GoAwayCode.FRAME_TOO_LARGE),
+    ],
+)
+def test_bad_headers(data: bytes, code: GoAwayCode) -> None:
+    reader = FrameReader()
+    reader.feed(data)  # the oversized payload is refused before it is buffered
+    with pytest.raises(RemoteProtocolError) as info:
+        reader.next_frame()
+    assert info.value.code == code
+
+
+@pytest.mark.parametrize(
+    ("data", "code"),
+    [
+        (b"X", GoAwayCode.PROTOCOL_ERROR),
+        (b"TUNL\r\n\x02", GoAwayCode.UNSUPPORTED_VERSION),
+        (b"TUNL\r\n\x01\r", GoAwayCode.PROTOCOL_ERROR),
+        (b"TUNL\n", GoAwayCode.PROTOCOL_ERROR),
+    ],
+)
+def test_bad_preface(data: bytes, code: GoAwayCode) -> None:
+    reader = FrameReader(expect_preface=True)
+    with pytest.raises(RemoteProtocolError) as info:
+        reader.feed(data)
+    assert info.value.code == code

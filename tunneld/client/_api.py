@@ -1,0 +1,353 @@
+"""The SDK surface: :class:`TunnelClient`, :class:`Sandbox`, :class:`ExposedPort`.
+
+Mirrors Cloudflare Sandbox SDK's "Ports" API (``exposePort``, ``unexposePort``,
+``getExposedPorts``, ``wsConnect``) over tunneld's admin HTTP API. Arguments are validated with
+the same rules and messages as the server (``protocol.hostnames``) before any network call.
+"""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any
+from urllib.parse import quote
+
+import orjson
+
+from protocol import hostnames as _hostnames
+
+from ._errors import (
+    InvalidPortError,
+    InvalidSandboxIdError,
+    InvalidTokenError,
+    TunnelError,
+    ValidationError,
+)
+from ._http import DEFAULT_MAX_RESPONSE_SIZE, HTTPTransport, Origin, Response
+from ._websocket import DEFAULT_MAX_MESSAGE_SIZE, WebSocket
+
+__all__ = ["ExposedPort", "Sandbox", "SandboxInfo", "TunnelClient"]
+
+DEFAULT_BASE_URL = "http://127.0.0.1:7070"
+DEFAULT_TIMEOUT = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class ExposedPort:
+    """An exposed port and its preview URL.
+
+    Example::
+
+        p = await sb.expose_port(8000, name="api")
+        p.port, p.exposed_at, p.name   # 8000, "http://8000-abc123-<token>.localhost:8080/", "api"
+    """
+
+    port: int
+    exposed_at: str
+    name: str | None = None
+
+    @property
+    def url(self) -> str:
+        """The preview URL (alias of ``exposed_at``; Cloudflare's ``exposePort`` calls it url)."""
+        return self.exposed_at
+
+    @classmethod
+    def _from_json(cls, data: object) -> ExposedPort:
+        if not isinstance(data, dict):
+            raise _bad_response(f"expected an object for an exposed port, got {data!r:.100}")
+        port, exposed_at, name = data.get("port"), data.get("exposedAt"), data.get("name")
+        if type(port) is not int or not isinstance(exposed_at, str):
+            raise _bad_response(f"malformed exposed port {data!r:.200}")
+        if name is not None and not isinstance(name, str):
+            raise _bad_response(f"malformed port name {name!r:.100}")
+        return cls(port=port, exposed_at=exposed_at, name=name)
+
+
+@dataclass(frozen=True, slots=True)
+class SandboxInfo:
+    """One entry of :meth:`TunnelClient.list_sandboxes`: id, whether its agent is connected, and
+    its exposed ports (sorted by port)."""
+
+    id: str
+    connected: bool
+    ports: tuple[ExposedPort, ...] = ()
+
+    @classmethod
+    def _from_json(cls, data: object) -> SandboxInfo:
+        if not isinstance(data, dict):
+            raise _bad_response(f"expected an object for a sandbox, got {data!r:.100}")
+        sandbox_id, connected, ports = data.get("id"), data.get("connected"), data.get("ports", [])
+        if not isinstance(sandbox_id, str) or not isinstance(connected, bool):
+            raise _bad_response(f"malformed sandbox {data!r:.200}")
+        if not isinstance(ports, list):
+            raise _bad_response(f"malformed port list {ports!r:.100}")
+        parsed = sorted((ExposedPort._from_json(p) for p in ports), key=lambda p: p.port)
+        return cls(id=sandbox_id, connected=connected, ports=tuple(parsed))
+
+
+def _bad_response(detail: str, status: int | None = None) -> TunnelError:
+    return TunnelError(f"Unexpected response from tunneld: {detail}", "BAD_RESPONSE", status)
+
+
+def _json_body(response: Response) -> Any:
+    try:
+        return orjson.loads(response.body)
+    except orjson.JSONDecodeError:
+        raise _bad_response(f"invalid JSON {response.body[:100]!r}", response.status) from None
+
+
+def _check_port(port: object) -> int:
+    try:
+        return _hostnames.validate_port(port)
+    except _hostnames.InvalidPortError as exc:
+        raise InvalidPortError(exc.message, exc.code) from None
+
+
+def _check_sandbox_id(sandbox_id: object) -> str:
+    try:
+        return _hostnames.validate_sandbox_id(sandbox_id)
+    except _hostnames.InvalidSandboxIdError as exc:
+        raise InvalidSandboxIdError(exc.message, exc.code) from None
+
+
+def _check_token(token: object) -> str:
+    try:
+        return _hostnames.validate_custom_token(token)
+    except _hostnames.InvalidTokenError as exc:
+        raise InvalidTokenError(exc.message, exc.code) from None
+
+
+class TunnelClient:
+    """Client of tunneld's admin API.
+
+    ``base_url`` is the admin listener (``https://`` uses TLS, with ``ssl_context`` if given);
+    ``token`` the admin bearer token; ``timeout`` (seconds) bounds every connect, write and read.
+    Use it as an async context manager: inside, idle connections are kept alive and reused;
+    outside, each request uses its own connection.
+
+    Example::
+
+        async with TunnelClient("http://127.0.0.1:7070", token="admin-secret") as client:
+            sb = client.sandbox("abc123")
+            preview = await sb.expose_port(8000, name="api")
+            print(preview.url)
+    """
+
+    def __init__(
+        self,
+        base_url: str = DEFAULT_BASE_URL,
+        token: str | None = None,
+        *,
+        timeout: float = DEFAULT_TIMEOUT,
+        ssl_context: ssl.SSLContext | None = None,
+        max_response_size: int = DEFAULT_MAX_RESPONSE_SIZE,
+    ) -> None:
+        if not timeout > 0:
+            raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
+        self._origin = Origin.parse(base_url)
+        self._token = token
+        self._transport = HTTPTransport(
+            self._origin,
+            timeout=timeout,
+            ssl_context=ssl_context,
+            max_response_size=max_response_size,
+        )
+
+    @property
+    def base_url(self) -> str:
+        return str(self._origin)
+
+    @property
+    def timeout(self) -> float:
+        return self._transport.timeout
+
+    def __repr__(self) -> str:
+        return f"TunnelClient({self.base_url!r})"
+
+    async def __aenter__(self) -> TunnelClient:
+        self._transport.keepalive = True
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close idle keep-alive connections (``async with`` does this on exit)."""
+        self._transport.keepalive = False
+        await self._transport.aclose()
+
+    def sandbox(self, sandbox_id: str) -> Sandbox:
+        """A handle on sandbox ``sandbox_id`` (validated now; no network call).
+
+        Example::
+
+            sb = client.sandbox("abc123")
+        """
+        return Sandbox(self, _check_sandbox_id(sandbox_id))
+
+    async def list_sandboxes(self) -> list[SandboxInfo]:
+        """Every sandbox tunneld knows: ``GET /v1/sandboxes``.
+
+        Example::
+
+            for info in await client.list_sandboxes():
+                print(info.id, info.connected, [p.port for p in info.ports])
+        """
+        body = await self._request_json("GET", "/v1/sandboxes")
+        if not isinstance(body, dict) or not isinstance(body.get("sandboxes"), list):
+            raise _bad_response(f"expected {{'sandboxes': [...]}}, got {body!r:.100}")
+        return [SandboxInfo._from_json(item) for item in body["sandboxes"]]
+
+    async def health(self) -> dict[str, Any]:
+        """tunneld's health document (``GET /healthz``), e.g. ``{"status": "ok"}``."""
+        body = await self._request_json("GET", "/healthz")
+        if not isinstance(body, dict):
+            raise _bad_response(f"expected an object, got {body!r:.100}")
+        return body
+
+    async def _request(self, method: str, path: str, body: object = None) -> Response:
+        payload = None if body is None else orjson.dumps(body)
+        response = await self._transport.request(method, path, token=self._token, body=payload)
+        response.raise_for_status()
+        return response
+
+    async def _request_json(self, method: str, path: str, body: object = None) -> Any:
+        return _json_body(await self._request(method, path, body))
+
+    async def _ws_connect(
+        self,
+        target: str,
+        *,
+        headers: Mapping[str, str] | None,
+        subprotocols: Sequence[str],
+        max_message_size: int,
+    ) -> WebSocket:
+        stream = await self._transport.open_stream()
+        ws = WebSocket(stream, timeout=self._transport.timeout, max_message_size=max_message_size)
+        request_headers = [
+            (k, v) for k, v in self._transport.request_headers(self._token) if k != "Host"
+        ]
+        if headers:
+            request_headers += list(headers.items())
+        try:
+            await ws._handshake(
+                host=self._origin.host_header,
+                target=self._origin.base_path + target,
+                headers=request_headers,
+                subprotocols=subprotocols,
+            )
+        except BaseException:
+            await ws._abort()
+            raise
+        return ws
+
+
+class Sandbox:
+    """One sandbox's ports. Get it with :meth:`TunnelClient.sandbox`.
+
+    Method names follow PEP 8; the Cloudflare TypeScript names are aliases:
+    ``exposePort``, ``unexposePort``, ``getExposedPorts``, ``wsConnect``.
+    """
+
+    __slots__ = ("_client", "_path", "id")
+
+    def __init__(self, client: TunnelClient, sandbox_id: str) -> None:
+        self._client = client
+        self.id = sandbox_id
+        self._path = f"/v1/sandboxes/{quote(sandbox_id, safe='')}"
+
+    def __repr__(self) -> str:
+        return f"Sandbox({self.id!r})"
+
+    async def expose_port(
+        self, port: int, *, name: str | None = None, token: str | None = None
+    ) -> ExposedPort:
+        """Expose ``port`` at a preview URL. Idempotent: re-exposing keeps the token and URL.
+
+        ``token`` picks a custom URL token (1-16 of ``[a-z0-9_]``, unique in the sandbox).
+
+        Example::
+
+            p = await sb.expose_port(8000, name="api")
+            p.exposed_at   # "http://8000-abc123-k3x9q2m7p4w8z1c5.localhost:8080/"
+            await sb.exposePort(8001, token="my_token")
+        """
+        body: dict[str, object] = {"port": _check_port(port)}
+        if name is not None:
+            if not isinstance(name, str):
+                raise ValidationError(f"Port name must be a string, got {type(name).__name__}.")
+            body["name"] = name
+        if token is not None:
+            body["token"] = _check_token(token)
+        data = await self._client._request_json("POST", f"{self._path}/ports", body)
+        return ExposedPort._from_json(data)
+
+    async def unexpose_port(self, port: int) -> None:
+        """Close the preview URL of ``port`` and reset its live connections. Idempotent.
+
+        Example::
+
+            await sb.unexpose_port(8000)
+        """
+        await self._client._request("DELETE", f"{self._path}/ports/{_check_port(port)}")
+
+    async def get_exposed_ports(self) -> list[ExposedPort]:
+        """The sandbox's exposed ports, sorted by port.
+
+        Example::
+
+            for p in await sb.get_exposed_ports():
+                print(p.port, p.url, p.name)
+        """
+        data = await self._client._request_json("GET", f"{self._path}/ports")
+        if not isinstance(data, dict) or not isinstance(data.get("ports"), list):
+            raise _bad_response(f"expected {{'ports': [...]}}, got {data!r:.100}")
+        ports = [ExposedPort._from_json(item) for item in data["ports"]]
+        ports.sort(key=lambda p: p.port)
+        return ports
+
+    async def ws_connect(
+        self,
+        port: int,
+        path: str = "/",
+        *,
+        headers: Mapping[str, str] | None = None,
+        subprotocols: Sequence[str] = (),
+        max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
+    ) -> WebSocket:
+        """Open a WebSocket to ``ws://localhost:{port}{path}`` inside the sandbox, via tunneld.
+
+        Needs no exposure (the admin token authorises it); the handshake goes end to end to the
+        sandbox's server, so ``headers`` and ``subprotocols`` reach it.
+
+        Example::
+
+            async with await sb.ws_connect(8000, path="/ws") as ws:
+                await ws.send("hi")
+                print(await ws.receive())
+        """
+        port = _check_port(port)
+        if not isinstance(path, str) or not path.startswith("/"):
+            raise ValidationError(
+                f"WebSocket path must be a string starting with '/', got {path!r:.100}.",
+                "INVALID_PATH",
+            )
+        target = f"{self._path}/ports/{port}/ws?path={quote(path, safe='/')}"
+        return await self._client._ws_connect(
+            target,
+            headers=headers,
+            subprotocols=subprotocols,
+            max_message_size=max_message_size,
+        )
+
+    exposePort = expose_port  # Cloudflare Sandbox SDK names
+    unexposePort = unexpose_port
+    getExposedPorts = get_exposed_ports
+    wsConnect = ws_connect
