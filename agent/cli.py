@@ -143,6 +143,12 @@ class AgentClient:
             conn.request(method, self._prefix + path, body=payload, headers=headers)
             response = conn.getresponse()
             status, reason, raw = response.status, response.reason, response.read()
+        except TimeoutError:
+            # It answered the connect (loopback) but not the request: running, but stuck.
+            raise _ApiError(
+                f"the tunnel agent at {self.base_url} did not answer within {self._timeout:g} s",
+                "AGENT_TIMEOUT",
+            ) from None
         except (OSError, http.client.HTTPException) as exc:
             raise _Unreachable(str(exc)) from exc
         finally:

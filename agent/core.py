@@ -195,6 +195,7 @@ class Agent:
         self.exposures: dict[int, control.Exposure] = {}
         self.last_refusal: tuple[str, str] | None = None
         self.last_termination: GoAwayCode | None = None
+        self.session_id: str | None = None
         self.connected_event = asyncio.Event()
         self._stopping = False
         self._rng = random.Random()
@@ -286,6 +287,7 @@ class Agent:
                 session.transport.abort()
             raise
         self.session = session
+        self.session_id = welcome.session
         self.exposures = {e.port: e for e in welcome.exposures}
         self.last_refusal = None
         self.connected_event.set()
@@ -324,14 +326,25 @@ class Agent:
                 self.session = None
                 if self._stopping:
                     break
-                log.warning("lost the edge session; reconnecting")
-                if loop.time() - started > STABLE_AFTER:
-                    delay = BACKOFF_FIRST
+                if self.last_termination == GoAwayCode.REPLACED:
+                    # Another agent with our identity is alive: do not fight it for the session.
+                    log.error(
+                        "another agent connected as sandbox %s and replaced this one; "
+                        "retrying in %.0fs",
+                        self.config.sandbox_id,
+                        BACKOFF_CAP,
+                    )
+                    delay = BACKOFF_CAP * 2
+                else:
+                    log.warning("lost the edge session; reconnecting")
+                    if loop.time() - started > STABLE_AFTER:
+                        delay = BACKOFF_FIRST
             if self._stopping:
                 break
             sleep = self._rng.uniform(delay / 2, delay)
             await asyncio.sleep(sleep)
             delay = min(delay * 2, BACKOFF_CAP)
+            self.last_termination = None
 
     async def stop(self) -> None:
         self._stopping = True

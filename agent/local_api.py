@@ -3,10 +3,11 @@
 Theory of operation
 -------------------
 One asyncio task per client connection drives an ``h11.Connection``: read one whole request
-(head <= 16 KiB, body <= 64 KiB, all of it within 10 s), route it through :data:`_ROUTES`, send one
-JSON response, then start the next keep-alive cycle. Any framing trouble (malformed head, head or
-body too large, too slow) gets a small JSON error with ``Connection: close`` and ends the
-connection. This is not a hot path: requests are rare and tiny, so clarity wins over speed.
+(head <= 16 KiB, body <= 64 KiB, all of it within 10 s), refuse it if a browser sent it, route it
+through the ``LocalAPI._routes`` table, send one JSON response, then start the next keep-alive
+cycle. Any framing trouble (malformed head, head or body too large, too slow) gets a small JSON
+error with ``Connection: close`` and ends the connection. This is not a hot path: requests are
+rare and tiny, so clarity wins over speed.
 
 Two API families share the routing table:
 

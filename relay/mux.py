@@ -101,13 +101,14 @@ class StreamEndpoint(asyncio.BufferedProtocol):
         mux = self.mux
         if mux.session.closed or self._closed:
             return
-        pause = mux.session.send_data(self.stream_id, data)
+        if mux.session.send_data(self.stream_id, data) and not self._read_paused:
+            # Pause before flushing: the flush may already report the stream writable again.
+            self._read_paused = True
+            if self.transport is not None:
+                self.transport.pause_reading()
         mux.flush()
         if isinstance(data, memoryview):
             mux.release_shared(self.stream_id)
-        if pause and not self._read_paused and self.transport is not None:
-            self._read_paused = True
-            self.transport.pause_reading()
 
     def eof_received(self) -> bool:
         self._local_eof = True
@@ -259,9 +260,19 @@ class MuxProtocol(asyncio.BufferedProtocol):
         transport = self.transport
         if transport is None:
             return
-        data = self.session.data_to_send(0 if self._write_paused else None)
-        if data:
-            transport.writelines(data)
+        session = self.session
+        while True:
+            data = session.data_to_send(0 if self._write_paused else None)
+            if data:
+                transport.writelines(data)
+            # Sending can make streams writable again (StreamWritable): act on it now, not at
+            # the next read or timer, or a paused source would stall until then.
+            events = session.events_received()
+            if not events:
+                break
+            self._dispatch_events(events)
+            if self.transport is None:
+                return
         if self.session.closed and not self.session.has_data_to_send():
             transport.close()
             return
@@ -288,8 +299,11 @@ class MuxProtocol(asyncio.BufferedProtocol):
         self.flush()
 
     def process_events(self) -> None:
+        self._dispatch_events(self.session.events_received())
+
+    def _dispatch_events(self, events: list[Any]) -> None:
         dispatch = self._dispatch
-        for event in self.session.events_received():
+        for event in events:
             dispatch[type(event)](event)
 
     def add_stream(self, endpoint: StreamEndpoint) -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.cli import main
+from agent.cli import AgentClient, main
 from agent.local_api import LocalAPI
 
 from .test_local_api import FakeController
@@ -347,3 +347,15 @@ def test_subprocess_exit_codes(server: ServerThread, dead_url: str) -> None:
     assert "cannot reach the tunnel agent" in done.stderr
     done = _python_m("expose")
     assert done.returncode == 2
+
+
+def test_agent_timeout_is_an_api_error() -> None:
+    # A listener that accepts but never answers: the agent is running but stuck.
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        url = f"http://127.0.0.1:{listener.getsockname()[1]}"
+        client = AgentClient(url, timeout=0.2)
+        with pytest.raises(Exception, match=r"did not answer within 0\.2 s") as info:
+            client.request("GET", "/v1/status")
+    assert getattr(info.value, "code", None) == "AGENT_TIMEOUT"

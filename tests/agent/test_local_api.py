@@ -401,15 +401,18 @@ async def test_connection_limit(controller: FakeController) -> None:
 
 async def test_close_drops_idle_connections(controller: FakeController) -> None:
     api = await start_local_api(controller, port=0)
-    assert api.host == "127.0.0.1"
-    async with await anyio.connect_tcp("127.0.0.1", api.port) as stream:
-        await stream.send(b"GET /v1/status HTTP/1.1\r\nHost: localhost\r\n\r\n")
-        assert (await stream.receive()).startswith(b"HTTP/1.1 200 ")
-        with anyio.fail_after(2):
-            await api.close()
-        with pytest.raises((anyio.EndOfStream, anyio.BrokenResourceError)):
-            await stream.receive()
-    await api.close()  # idempotent
+    try:
+        assert api.host == "127.0.0.1"
+        async with await anyio.connect_tcp("127.0.0.1", api.port) as stream:
+            await stream.send(b"GET /v1/status HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            assert (await stream.receive()).startswith(b"HTTP/1.1 200 ")
+            with anyio.fail_after(2):
+                await api.close()
+            with pytest.raises((anyio.EndOfStream, anyio.BrokenResourceError)):
+                await stream.receive()
+    finally:
+        # A server left open hangs the anyio runner's teardown under uvloop: always close.
+        await api.close()  # idempotent
     with pytest.raises(RuntimeError):
         _ = api.port
 
@@ -539,3 +542,23 @@ async def test_browser_requests_are_refused(
 async def test_host_header_check(client: httpx.AsyncClient, host: str, status: int) -> None:
     r = await client.get("/v1/status", headers={"host": host})
     assert r.status_code == status
+
+
+async def test_expect_100_continue(api: LocalAPI) -> None:
+    body = b'{"port": 8000}'
+    async with await anyio.connect_tcp("127.0.0.1", api.port) as stream:
+        await stream.send(
+            b"POST /v1/ports HTTP/1.1\r\nHost: localhost\r\nExpect: 100-continue\r\n"
+            b"Content-Length: %d\r\n\r\n" % len(body)
+        )
+        with anyio.fail_after(5):
+            assert (await stream.receive()).startswith(b"HTTP/1.1 100 ")
+            await stream.send(body)
+            assert (await stream.receive()).startswith(b"HTTP/1.1 200 ")
+    # Too large: refused before the client sends the body.
+    data = await raw_exchange(
+        api.port,
+        b"POST /v1/ports HTTP/1.1\r\nHost: localhost\r\nExpect: 100-continue\r\n"
+        b"Content-Length: 1000000\r\n\r\n",
+    )
+    assert data.startswith(b"HTTP/1.1 413 ")

@@ -1,0 +1,195 @@
+"""Admin API and SDK against the real edge; exposures made from both sides are one set."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+import pytest
+
+from agent.local_api import start_local_api
+from tunneld.client import (
+    AuthenticationError,
+    ConflictError,
+    ExposedPort,
+    InvalidPortError,
+    TunnelClient,
+)
+
+from .conftest import Stack
+
+pytestmark = pytest.mark.anyio
+
+PORT_MESSAGE = (
+    "Invalid port number: {}. Must be 1024-65535, excluding 3000 (sandbox control plane)."
+)
+
+
+@pytest.mark.parametrize(
+    "port, shown", [(80, "80"), (3000, "3000"), (70000, "70000"), ("8080", "8080")]
+)
+async def test_invalid_ports_get_the_exact_message(stack: Stack, port: object, shown: str) -> None:
+    r = await stack.admin.post("/v1/sandboxes/sb1/ports", json={"port": port})
+    assert r.status_code == 400
+    assert r.json() == {"error": PORT_MESSAGE.format(shown), "code": "INVALID_PORT"}
+
+
+async def test_admin_requires_token(stack: Stack) -> None:
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{stack.edge.admin_port}") as anon:
+        for method, path in (
+            ("GET", "/v1/sandboxes"),
+            ("POST", "/v1/sandboxes/sb1/ports"),
+            ("GET", "/metrics"),
+        ):
+            r = await anon.request(method, path, json={"port": 8000})
+            assert r.status_code == 401, path
+            assert r.json()["code"] == "UNAUTHORIZED"
+            assert r.headers["www-authenticate"].startswith("Bearer")
+        r = await anon.get("/v1/sandboxes", headers={"authorization": "Bearer wrong"})
+        assert r.status_code == 401
+        assert (await anon.get("/healthz")).json() == {"status": "ok"}
+
+
+async def test_admin_errors_are_json(stack: Stack) -> None:
+    admin = stack.admin
+    cases = [
+        (admin.post("/v1/sandboxes/sb1/ports", content=b"{not json"), 400, "INVALID_JSON"),
+        (admin.post("/v1/sandboxes/sb1/ports", json={"prot": 8000}), 400, "INVALID_REQUEST"),
+        (admin.post("/v1/sandboxes/sb1/ports", json={}), 400, "INVALID_REQUEST"),
+        (admin.post("/v1/sandboxes/Bad_Id/ports", json={"port": 8000}), 400, "INVALID_SANDBOX_ID"),
+        (
+            admin.post("/v1/sandboxes/sb1/ports", json={"port": 8000, "token": "UPPER"}),
+            400,
+            "INVALID_TOKEN_FORMAT",
+        ),
+        (admin.put("/v1/sandboxes/sb1/ports", json={"port": 8000}), 405, "METHOD_NOT_ALLOWED"),
+        (admin.get("/v1/nothing"), 404, "NOT_FOUND"),
+        (admin.delete("/v1/sandboxes/sb1/ports/80"), 400, "INVALID_PORT"),
+        (admin.post("/v1/sandboxes/sb1/ports", content=b"x" * 70_000), 413, "BODY_TOO_LARGE"),
+    ]
+    for request, status, code in cases:
+        r = await request
+        assert r.status_code == status, (code, r.text)
+        assert r.json()["code"].startswith(code), r.text
+        assert r.json()["error"]
+
+
+async def test_expose_offline_then_agent_gets_it_in_welcome(stack: Stack) -> None:
+    r = await stack.admin.post("/v1/sandboxes/sb1/ports", json={"port": 8000, "name": "api"})
+    assert r.status_code == 200
+    url = r.json()["exposedAt"]
+    agent = await stack.agent("sb1")
+    assert agent.exposures[8000].url == url
+    assert agent.exposures[8000].name == "api"
+
+
+async def test_token_conflict_is_409(stack: Stack) -> None:
+    await stack.expose("sb1", 8000, token="shared")
+    r = await stack.admin.post("/v1/sandboxes/sb1/ports", json={"port": 8001, "token": "shared"})
+    assert r.status_code == 409
+    assert r.json() == {
+        "error": "Token 'shared' is already in use by port 8000. Please use a different token.",
+        "code": "TOKEN_IN_USE",
+    }
+
+
+async def test_list_sandboxes_and_metrics(stack: Stack) -> None:
+    await stack.agent("sb1")
+    await stack.expose("sb1", 8000)
+    await stack.expose("sb2", 8001)
+    r = await stack.admin.get("/v1/sandboxes")
+    sandboxes = {s["id"]: s for s in r.json()["sandboxes"]}
+    assert sandboxes["sb1"]["connected"] is True
+    assert sandboxes["sb2"]["connected"] is False
+    assert [p["port"] for p in sandboxes["sb1"]["ports"]] == [8000]
+    metrics = (await stack.admin.get("/metrics")).text
+    assert "tunneld_agents_connected 1.0" in metrics
+    assert "tunneld_exposures 2.0" in metrics
+
+
+async def test_sdk_round_trip_against_real_edge(stack: Stack) -> None:
+    agent = await stack.agent("sb1")
+    async with TunnelClient(
+        f"http://127.0.0.1:{stack.edge.admin_port}", stack.admin_token
+    ) as client:
+        sandbox = client.sandbox("sb1")
+        p = await sandbox.expose_port(8001, name="web")
+        assert isinstance(p, ExposedPort) and p.port == 8001 and p.name == "web"
+        assert p.exposed_at.startswith("http://8001-sb1-")
+        q = await sandbox.exposePort(8000, token="tok_1")
+        assert q.url == f"http://8000-sb1-tok_1.localhost:{stack.edge.public_port}/"
+        assert [e.port for e in await sandbox.get_exposed_ports()] == [8000, 8001]
+        # the agent heard about both before expose returned
+        assert set(agent.exposures) == {8000, 8001}
+        with pytest.raises(InvalidPortError) as info:
+            await sandbox.expose_port(3000)
+        assert info.value.message == PORT_MESSAGE.format(3000)
+        with pytest.raises(ConflictError):
+            await sandbox.expose_port(8002, token="tok_1")
+        await sandbox.unexpose_port(8001)
+        await sandbox.unexpose_port(8001)  # idempotent
+        assert [e.port for e in await sandbox.getExposedPorts()] == [8000]
+        assert set(agent.exposures) == {8000}
+    async with TunnelClient(f"http://127.0.0.1:{stack.edge.admin_port}", "nope") as bad:
+        with pytest.raises(AuthenticationError):
+            await bad.sandbox("sb1").get_exposed_ports()
+
+
+async def test_agent_local_api_and_admin_agree(stack: Stack) -> None:
+    agent = await stack.agent("sb1")
+    api = await start_local_api(agent, "127.0.0.1", 0)
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{api.port}") as local:
+            r = await local.post("/v1/ports", json={"port": 8000, "name": "from-inside"})
+            assert r.status_code == 200, r.text
+            inside_url = r.json()["exposedAt"]
+            r = await local.post("/api/expose-port", json={"port": 8001, "name": "legacy"})
+            assert r.status_code == 200 and r.json()["success"] is True
+            await stack.expose("sb1", 8002, name="from-outside")
+            admin_view = (await stack.admin.get("/v1/sandboxes/sb1/ports")).json()["ports"]
+            local_view = (await local.get("/v1/ports")).json()["ports"]
+            assert admin_view == local_view
+            assert [p["port"] for p in admin_view] == [8000, 8001, 8002]
+            assert admin_view[0] == {"port": 8000, "exposedAt": inside_url, "name": "from-inside"}
+            r = await local.delete("/api/exposed-ports/8001")
+            assert r.status_code == 200
+            await stack.admin.delete("/v1/sandboxes/sb1/ports/8000")
+            admin_view = (await stack.admin.get("/v1/sandboxes/sb1/ports")).json()["ports"]
+            local_view = (await local.get("/v1/ports")).json()["ports"]
+            assert (
+                admin_view
+                == local_view
+                == [{"port": 8002, "exposedAt": admin_view[0]["exposedAt"], "name": "from-outside"}]
+            )
+            r = await local.post("/v1/ports", json={"port": 3000})
+            assert r.status_code == 400
+            assert r.json()["error"] == PORT_MESSAGE.format(3000)
+    finally:
+        await api.close()
+
+
+async def test_reconnect_keeps_urls(stack: Stack) -> None:
+    agent = await stack.agent("sb1")
+    exposed = await stack.expose("sb1", 8000)
+    old_session = stack.edge.registry.get("sb1").session
+    old_session.transport.abort()  # an unclean loss of the tunnel connection
+    for _ in range(200):
+        await asyncio.sleep(0.02)
+        state = stack.edge.registry.get("sb1")
+        if state.session is not None and state.session is not old_session and agent.connected:
+            break
+    else:
+        raise AssertionError("the agent did not reconnect")
+    assert agent.exposures[8000].url == exposed["exposedAt"]
+
+
+async def test_new_session_replaces_old_one(stack: Stack) -> None:
+    first = await stack.agent("sb1")
+    second = await stack.agent("sb1")
+    for _ in range(100):
+        if not first.connected:
+            break
+        await asyncio.sleep(0.02)
+    await asyncio.sleep(0.5)  # the replaced agent must not take the session back
+    assert second.connected and not first.connected
+    assert stack.edge.registry.get("sb1").session.session_id == second.session_id
