@@ -1,0 +1,328 @@
+"""Behaviour about processes: signals, restarts, the CLIs and the demo, with real child processes."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import threading
+import time
+
+import httpx
+import pytest
+from websockets.sync.server import serve as sync_serve
+
+from tunneld.client import TunnelClient
+
+from .origin import Origin
+from .procs import BIN, Processes
+
+LOOPS = [pytest.param("asyncio", id="asyncio"), pytest.param("uvloop", id="uvloop")]
+
+
+@pytest.fixture(params=LOOPS)
+def procs(request, tmp_path):
+    p = Processes(tmp_path, request.param)
+    try:
+        yield p
+    finally:
+        p.close()
+
+
+def _admin(p: Processes) -> httpx.Client:
+    return httpx.Client(
+        base_url=f"http://127.0.0.1:{p.ports['admin']}",
+        headers={"authorization": f"Bearer {p.admin_token}"},
+        timeout=10,
+    )
+
+
+def _get(p: Processes, url: str, path: str = "/") -> httpx.Response:
+    host = url.split("//", 1)[1].split("/", 1)[0]
+    return httpx.get(
+        f"http://127.0.0.1:{p.ports['public']}{path}", headers={"host": host}, timeout=10
+    )
+
+
+def _wait(predicate, timeout: float = 15, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _connected(p: Processes, sandbox: str) -> bool:
+    with _admin(p) as admin:
+        sandboxes = admin.get("/v1/sandboxes").json()["sandboxes"]
+    return any(s["id"] == sandbox and s["connected"] for s in sandboxes)
+
+
+class OriginThread:
+    """The test origin on its own asyncio loop in a thread (the service in the sandbox)."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.origin = Origin()
+        ready = threading.Event()
+
+        def run() -> None:
+            asyncio.set_event_loop(self.loop)
+            self.loop.run_until_complete(self.origin.start())
+            ready.set()
+            self.loop.run_forever()
+
+        self.thread = threading.Thread(target=run, daemon=True)
+        self.thread.start()
+        ready.wait(10)
+        self.port = self.origin.port
+
+    def release_sse(self) -> None:
+        self.loop.call_soon_threadsafe(self.origin.sse_release.set)
+
+    def close(self) -> None:
+        async def stop() -> None:
+            await self.origin.close()
+
+        asyncio.run_coroutine_threadsafe(stop(), self.loop).result(10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        self.loop.close()
+
+
+@pytest.fixture
+def origin():
+    o = OriginThread()
+    try:
+        yield o
+    finally:
+        o.close()
+
+
+def test_expose_via_agent_cli_and_serve(procs: Processes, origin: OriginThread) -> None:
+    procs.start_edge()
+    agent, api_port = procs.start_agent("sb1")
+    api = f"http://127.0.0.1:{api_port}"
+    cli = [str(BIN / "tunnel-agent")]
+    _wait(
+        lambda: subprocess.run([*cli, "status", "--api", api], capture_output=True).returncode == 0
+    )
+    out = subprocess.run(
+        [*cli, "expose", str(origin.port), "--name", "web", "--api", api],
+        capture_output=True,
+        timeout=30,
+    )
+    assert out.returncode == 0, out.stderr
+    url = out.stdout.decode().strip()
+    assert url.startswith(f"http://{origin.port}-sb1-")
+    r = _get(procs, url)
+    assert r.status_code == 200 and r.content == b"hello from origin"
+    listed = subprocess.run(
+        [*cli, "ports", "--json", "--api", api], capture_output=True, timeout=30
+    )
+    assert json.loads(listed.stdout)[0]["exposedAt"] == url
+    with _admin(procs) as admin:
+        assert admin.get("/v1/sandboxes/sb1/ports").json()["ports"][0]["exposedAt"] == url
+    bad = subprocess.run([*cli, "expose", "80", "--api", api], capture_output=True, timeout=30)
+    assert bad.returncode == 1
+    assert b"Invalid port number: 80." in bad.stderr
+    assert (
+        subprocess.run([*cli, "unexpose", str(origin.port), "--api", api], timeout=30).returncode
+        == 0
+    )
+    assert _get(procs, url).status_code == 404
+
+
+def test_agent_restart_keeps_url(procs: Processes, origin: OriginThread) -> None:
+    procs.start_edge()
+    agent, _ = procs.start_agent("sb1")
+    _wait(lambda: _connected(procs, "sb1"), what="agent connected")
+    with _admin(procs) as admin:
+        url = admin.post("/v1/sandboxes/sb1/ports", json={"port": origin.port}).json()["exposedAt"]
+    assert _get(procs, url).status_code == 200
+    agent.kill()  # no goodbye: the edge must not hold the sandbox hostage
+    agent.wait(10)
+    procs.start_agent("sb1")
+    _wait(lambda: _get(procs, url).status_code == 200, what="URL served by the new agent")
+    with _admin(procs) as admin:
+        assert admin.get("/v1/sandboxes/sb1/ports").json()["ports"][0]["exposedAt"] == url
+
+
+def test_agent_reconnects_after_edge_restart(procs: Processes, origin: OriginThread) -> None:
+    procs.start_edge()
+    agent, _ = procs.start_agent("sb1")
+    _wait(lambda: _connected(procs, "sb1"), what="agent connected")
+    old_agent_port = procs.ports["agent"]
+    assert procs.stop(procs.edge) == 0
+    # a new edge on the same agent port; the agent's backoff finds it
+    procs.start_edge("--agent-port", str(old_agent_port))
+    _wait(lambda: _connected(procs, "sb1"), timeout=30, what="agent reconnected")
+    assert agent.poll() is None
+
+
+def test_sigterm_drains_in_flight_requests(procs: Processes, origin: OriginThread) -> None:
+    procs.start_edge()
+    procs.start_agent("sb1")
+    _wait(lambda: _connected(procs, "sb1"), what="agent connected")
+    with _admin(procs) as admin:
+        url = admin.post("/v1/sandboxes/sb1/ports", json={"port": origin.port}).json()["exposedAt"]
+    host = url.split("//", 1)[1].split("/", 1)[0]
+    lines: list[str] = []
+    with httpx.Client(timeout=20) as client:
+        with client.stream(
+            "GET", f"http://127.0.0.1:{procs.ports['public']}/sse", headers={"host": host}
+        ) as r:
+            it = r.iter_lines()
+            lines.append(next(it))
+            procs.edge.send_signal(signal.SIGTERM)
+            # no new connections once draining
+            _wait(lambda: _refused(procs.ports["public"]), what="listener closed")
+            origin.release_sse()
+            lines.extend(line for line in it if line)
+    assert lines == ["data: first", "data: second", "data: third"]
+    assert procs.edge.wait(15) == 0
+    log = procs.output(procs.edge)
+    assert "SIGTERM: draining" in log and "stopped" in log
+
+
+def _refused(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(1)
+        return s.connect_ex(("127.0.0.1", port)) != 0
+
+
+def test_systemd_notify_ready_and_stopping(procs: Processes, tmp_path) -> None:
+    path = str(tmp_path / "notify.sock")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(path)
+    sock.settimeout(15)
+    try:
+        procs.start_edge(
+            env=procs.env(
+                TUNNELD_ADMIN_TOKEN=procs.admin_token,
+                TUNNELD_SECRET=procs.secret,
+                NOTIFY_SOCKET=path,
+            )
+        )
+        assert sock.recv(4096).startswith(b"READY=1")
+        procs.edge.send_signal(signal.SIGTERM)
+        assert sock.recv(4096) == b"STOPPING=1"
+        assert procs.edge.wait(15) == 0
+    finally:
+        sock.close()
+
+
+def test_sighup_reloads_admin_token(procs: Processes, tmp_path) -> None:
+    token_file = tmp_path / "admin-token"
+    token_file.write_text("first-token\n")
+    procs.start_edge(
+        env=procs.env(TUNNELD_ADMIN_TOKEN_FILE=str(token_file), TUNNELD_SECRET=procs.secret)
+    )
+    base = f"http://127.0.0.1:{procs.ports['admin']}"
+    assert (
+        httpx.get(
+            f"{base}/v1/sandboxes", headers={"authorization": "Bearer first-token"}
+        ).status_code
+        == 200
+    )
+    token_file.write_text("second-token\n")
+    procs.edge.send_signal(signal.SIGHUP)
+    _wait(
+        lambda: (
+            httpx.get(
+                f"{base}/v1/sandboxes", headers={"authorization": "Bearer second-token"}
+            ).status_code
+            == 200
+        ),
+        what="new token accepted",
+    )
+    assert (
+        httpx.get(
+            f"{base}/v1/sandboxes", headers={"authorization": "Bearer first-token"}
+        ).status_code
+        == 401
+    )
+
+
+def test_bad_config_is_a_clear_error(tmp_path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TUNNELD_")}
+    out = subprocess.run([str(BIN / "tunneld"), "serve"], env=env, capture_output=True, timeout=30)
+    assert out.returncode == 2
+    assert b"configuration error: no admin token" in out.stderr
+    assert b"Traceback" not in out.stderr
+    bad = tmp_path / "bad.toml"
+    bad.write_text('domian = "x"\n')
+    out = subprocess.run(
+        [str(BIN / "tunneld"), "serve", "-c", str(bad)], env=env, capture_output=True, timeout=30
+    )
+    assert out.returncode == 2 and b"unknown setting 'domian'" in out.stderr
+
+
+def test_agent_refuses_token_in_argv() -> None:
+    out = subprocess.run(
+        [
+            str(BIN / "tunnel-agent"),
+            "run",
+            "--server",
+            "127.0.0.1:1",
+            "--sandbox-id",
+            "x",
+            "--token",
+            "secret",
+        ],
+        capture_output=True,
+        timeout=30,
+    )
+    assert out.returncode == 2
+    assert b"secret" not in out.stderr
+
+
+def test_demo_self_test() -> None:
+    out = subprocess.run(
+        [str(BIN / "tunneld"), "demo", "--self-test", "--public-port", "0", "--service-port", "0"],
+        capture_output=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    text = out.stdout.decode()
+    assert "preview URL:  http://" in text and "-demo-" in text
+    assert "self-test: ok" in text
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_sdk_on_both_backends_against_real_processes(procs: Processes, backend: str) -> None:
+    import anyio
+
+    procs.start_edge()
+    procs.start_agent("sb1")
+    _wait(lambda: _connected(procs, "sb1"), what="agent connected")
+
+    def echo(ws) -> None:
+        for message in ws:
+            ws.send(message)
+
+    with sync_serve(echo, "127.0.0.1", 0) as server:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        echo_port = server.socket.getsockname()[1]
+
+        async def main() -> None:
+            async with TunnelClient(
+                f"http://127.0.0.1:{procs.ports['admin']}", procs.admin_token
+            ) as client:
+                sandbox = client.sandbox("sb1")
+                exposed = await sandbox.expose_port(8000, name="api")
+                assert exposed.exposed_at.startswith("http://8000-sb1-")
+                assert [p.port for p in await sandbox.get_exposed_ports()] == [8000]
+                await sandbox.unexpose_port(8000)
+                assert await sandbox.get_exposed_ports() == []
+                async with await sandbox.ws_connect(echo_port, path="/x") as ws:
+                    await ws.send("hi")
+                    assert await ws.receive() == "hi"
+
+        anyio.run(main, backend=backend)
+        server.shutdown()
