@@ -64,7 +64,7 @@ class Processes:
                 "5",
                 *self.extra_args,
                 *args,
-            ],  # fmt: skip
+            ],
             env=env or self.env(TUNNELD_ADMIN_TOKEN=self.admin_token, TUNNELD_SECRET=self.secret),
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
@@ -95,7 +95,7 @@ class Processes:
                 sandbox_id,
                 "--api-port",
                 "0",
-            ],  # fmt: skip
+            ],
             env=self.env(
                 TUNNEL_AGENT_TOKEN=self.token(sandbox_id), TUNNEL_AGENT_PORTS_FILE=str(ports_file)
             ),

@@ -1,4 +1,4 @@
-"""Behaviour about processes: signals, restarts, the CLIs and the demo, with real child processes."""
+"""Behaviour about processes: signals, restarts, the CLIs and the demo (real child processes)."""
 
 from __future__ import annotations
 
@@ -106,7 +106,7 @@ def origin():
 
 def test_expose_via_agent_cli_and_serve(procs: Processes, origin: OriginThread) -> None:
     procs.start_edge()
-    agent, api_port = procs.start_agent("sb1")
+    _, api_port = procs.start_agent("sb1")
     api = f"http://127.0.0.1:{api_port}"
     cli = [str(BIN / "tunnel-agent")]
     _wait(
