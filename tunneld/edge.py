@@ -51,14 +51,12 @@ class EdgeSession(MuxProtocol):
 
     def __init__(self, server: EdgeServer) -> None:
         config = server.config
-        session = Session(
-            Role.EDGE,
-            SessionConfig(
-                heartbeat_interval=config.heartbeat_interval, dead_timeout=config.dead_timeout
-            ),
-            now=server.loop.time(),
+        session_config = SessionConfig(
+            heartbeat_interval=config.heartbeat_interval, dead_timeout=config.dead_timeout
         )
+        session = Session(Role.EDGE, session_config, now=server.loop.time())
         super().__init__(session, server.loop)
+        self.session_max_streams = session_config.max_streams
         self.server = server
         self.sandbox_id: str | None = None
         self.session_id = secrets.token_hex(8)
@@ -153,7 +151,7 @@ class EdgeSession(MuxProtocol):
             control.Welcome(
                 session=self.session_id,
                 heartbeat_s=server.config.heartbeat_interval,
-                limits={"max_streams": self.session_config_max_streams()},
+                limits={"max_streams": self.session_max_streams},
                 exposures=tuple(server.exposure_messages(sandbox_id)),
             )
         )
@@ -164,9 +162,6 @@ class EdgeSession(MuxProtocol):
             self.session_id,
         )
 
-    def session_config_max_streams(self) -> int:
-        return SessionConfig().max_streams
-
     def _refuse(self, code: str, message: str) -> None:
         self.session.send_control(control.Error(code, message, None))
         self.session.close(GoAwayCode.AUTH_FAILED)
@@ -174,7 +169,7 @@ class EdgeSession(MuxProtocol):
 
     def replaced(self) -> None:
         """A newer session took over this sandbox."""
-        self.sandbox_id_detach()
+        self._detach()
         self.session.close(GoAwayCode.REPLACED)
         self.flush()
 
@@ -225,16 +220,16 @@ class EdgeSession(MuxProtocol):
                 event.code.name,
                 event.reason,
             )
-        self.sandbox_id_detach()
+        self._detach()
 
     def on_disconnected(self, exc: Exception | None) -> None:
         if self._handshake_timer is not None:
             self._handshake_timer.cancel()
             self._handshake_timer = None
         self.server.agent_connections.discard(self)
-        self.sandbox_id_detach()
+        self._detach()
 
-    def sandbox_id_detach(self) -> None:
+    def _detach(self) -> None:
         self._going_away = True
         self.pending.fail_all("SANDBOX_NOT_CONNECTED", "The agent disconnected.")
         if self.sandbox_id is not None:

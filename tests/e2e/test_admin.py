@@ -193,3 +193,20 @@ async def test_new_session_replaces_old_one(stack: Stack) -> None:
     await asyncio.sleep(0.5)  # the replaced agent must not take the session back
     assert second.connected and not first.connected
     assert stack.edge.registry.get("sb1").session.session_id == second.session_id
+
+
+async def test_agent_token_is_bound_to_its_sandbox(stack: Stack) -> None:
+    from agent.core import Agent, AgentConfig
+    from tunneld.auth import agent_token
+
+    await stack.expose("sb2", 8000)
+    # sb1's valid token cannot claim sandbox sb2
+    thief = Agent(
+        AgentConfig("127.0.0.1", stack.edge.agent_port, "sb2", agent_token(stack.secret, "sb1"))
+    )
+    with pytest.raises(ConnectionError):
+        await thief.connect_once()
+    assert thief.last_refusal is not None and thief.last_refusal[0] == "AUTH_FAILED"
+    assert stack.edge.registry.get("sb2").session is None
+    r = await stack.admin.get("/metrics")
+    assert "tunneld_agent_auth_failures_total 1.0" in r.text
