@@ -76,6 +76,10 @@ def _bad(message: str) -> HeadError:
 
 def _finish(head: RequestHead) -> RequestHead:
     """Apply the framing and routing rules shared by both parsers (RFC 9112 section 6)."""
+    if head.version not in (b"1.1", b"1.0"):
+        raise HeadError(
+            505, "HTTP_VERSION_NOT_SUPPORTED", "Only HTTP/1.0 and HTTP/1.1 are supported."
+        )
     if len(head.headers) > MAX_HEADERS:
         raise HeadError(431, "HEADERS_TOO_LARGE", f"Too many header fields (limit {MAX_HEADERS}).")
     target = head.target
@@ -107,7 +111,8 @@ def _finish(head: RequestHead) -> RequestHead:
             raise _bad("Content-Length and Transfer-Encoding together are not allowed.")
         codings = [c.strip().lower() for c in b",".join(te).split(b",")]
         if codings != [b"chunked"]:
-            raise HeadError(501, "NOT_IMPLEMENTED", "Only Transfer-Encoding: chunked is supported.")
+            # RFC 9112 6.3: a request whose final coding is not chunked has no knowable length
+            raise _bad("Only Transfer-Encoding: chunked is supported.")
         head.chunked = True
     elif lengths:
         values = {v.strip() for v in b",".join(lengths).split(b",")}
@@ -165,10 +170,6 @@ class HttptoolsHeadParser:
         if not self._complete:
             raise _bad("Malformed request head.")
         version = parser.get_http_version().encode()
-        if version not in (b"1.1", b"1.0"):
-            raise HeadError(
-                505, "HTTP_VERSION_NOT_SUPPORTED", "Only HTTP/1.0 and HTTP/1.1 are supported."
-            )
         return _finish(RequestHead(parser.get_method(), self._url, version, self._headers))
 
 
@@ -178,6 +179,10 @@ class H11HeadParser:
     name = "h11"
 
     def parse(self, head: bytes) -> RequestHead:
+        if b"\r\n " in head or b"\r\n\t" in head:
+            # h11 unfolds obs-fold (RFC 9112 5.2 allows rejecting it); llhttp rejects it. Both
+            # parsers must draw the same request boundaries, so the fast path's rule wins.
+            raise _bad("Obsolete line folding in headers is not allowed.")
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD_SIZE)
         conn.receive_data(head)
         try:
