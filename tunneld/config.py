@@ -37,6 +37,7 @@ class Config:
     # Behaviour
     parser: str = "auto"  # request-head parser: auto | httptools | h11
     head_timeout: float = 10.0  # seconds to receive a request head (slowloris bound)
+    idle_timeout: float = 3600.0  # close public connections silent both ways this long; 0 = never
     control_timeout: float = 5.0  # seconds to wait for the agent's ack of expose/unexpose
     handshake_timeout: float = 10.0  # seconds for an agent to send hello after connecting
     grace_period: float = 30.0  # SIGTERM: seconds to let live streams finish

@@ -248,6 +248,7 @@ class EdgeServer:
         self.public_connections: set[PublicConnection] = set()
         self.agent_connections: set[EdgeSession] = set()
         self._servers: list[asyncio.Server] = []
+        self._sweeper: asyncio.Task[None] | None = None
         self.public_port = 0
         self.agent_port = 0
         self.admin_port = 0
@@ -283,6 +284,8 @@ class EdgeServer:
         self.admin = AdminServer(self)
         admin = await self.admin.start(config.admin_host, config.admin_port)
         self._servers = [agents, public, admin]
+        if config.idle_timeout > 0:
+            self._sweeper = loop.create_task(self._sweep_idle(config.idle_timeout))
         self.agent_port = agents.sockets[0].getsockname()[1]
         self.public_port = public.sockets[0].getsockname()[1]
         self.admin_port = admin.sockets[0].getsockname()[1]
@@ -302,6 +305,8 @@ class EdgeServer:
     async def stop(self, grace: float | None = None) -> None:
         """Stop accepting, send GO_AWAY to every agent, wait up to ``grace`` for streams, close."""
         grace = self.config.grace_period if grace is None else grace
+        if self._sweeper is not None:
+            self._sweeper.cancel()
         for server in self._servers:
             server.close()
         for session in list(self.agent_connections):
@@ -319,6 +324,19 @@ class EdgeServer:
         for server in self._servers:
             await server.wait_closed()
         await self.admin.close()
+
+    async def _sweep_idle(self, timeout: float) -> None:
+        """Close public connections with no traffic either way for about ``timeout`` seconds.
+
+        Each sweep (every timeout/2) marks what it saw; a connection idle across two sweeps is
+        closed, so a connection is closed after between 1x and 1.5x the timeout of silence.
+        """
+        while True:
+            await asyncio.sleep(timeout / 2)
+            for conn in list(self.public_connections):
+                if conn.idle_check() and conn.transport is not None:
+                    log.info("closing a public connection silent for %.0fs", timeout)
+                    conn.transport.close()
 
     # -- exposures -------------------------------------------------------------------------------
     def preview_url(self, sandbox_id: str, record: ExposureRecord) -> str:

@@ -95,9 +95,11 @@ class PublicConnection(StreamEndpoint):
         "_responded",
         "_route",
         "_scanner",
+        "_seen_activity",
         "_state",
         "_timer",
         "_trailer",
+        "activity",
         "parser",
         "port",
         "sandbox_id",
@@ -121,6 +123,10 @@ class PublicConnection(StreamEndpoint):
         self._peer = "unknown"
         self.port = 0
         self.sandbox_id = ""
+        # Bumped on every read and every response chunk; the edge's idle sweep compares it
+        # between two sweeps (cheaper than reading the clock per chunk).
+        self.activity = 0
+        self._seen_activity = -1
 
     # -- connection ------------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -151,6 +157,7 @@ class PublicConnection(StreamEndpoint):
             self._stop_upstream()
 
     def buffer_updated(self, nbytes: int) -> None:
+        self.activity += 1
         state = self._state
         if state == _TUNNEL:
             self.forward(SHARED.view[:nbytes])
@@ -337,7 +344,14 @@ class PublicConnection(StreamEndpoint):
     # -- stream events ---------------------------------------------------------------------------
     def receive_from_peer(self, data: bytes) -> None:
         self._responded = True
+        self.activity += 1
         super().receive_from_peer(data)
+
+    def idle_check(self) -> bool:
+        """True when nothing moved either way since the previous check (the sweep closes it)."""
+        idle = self.activity == self._seen_activity
+        self._seen_activity = self.activity
+        return idle
 
     def peer_ended(self) -> None:
         self._peer_eof = True

@@ -292,3 +292,23 @@ async def test_second_request_for_other_host_is_refused(stack: Stack) -> None:
     answer = await raw_request(stack.edge.public_port, data)
     assert answer.count(b"hello from origin") == 1
     assert b"HTTP/1.1 421 " in answer
+
+
+async def test_idle_connections_are_closed() -> None:
+    stack = await Stack(idle_timeout=0.4).start()
+    try:
+        origin, exposed = await _exposed(stack)
+        host = stack.host_of(exposed["exposedAt"]).encode()
+        reader, writer = await asyncio.open_connection("127.0.0.1", stack.edge.public_port)
+        writer.write(b"GET / HTTP/1.1\r\nHost: " + host + b"\r\n\r\n")
+        assert b"hello from origin" in await asyncio.wait_for(reader.read(4096), 5)
+        # then silence: the edge closes the keep-alive connection, and the origin's side too
+        assert await asyncio.wait_for(reader.read(), 5) == b""
+        writer.close()
+        for _ in range(100):
+            if origin.open_connections == 0:
+                break
+            await asyncio.sleep(0.02)
+        assert origin.open_connections == 0
+    finally:
+        await stack.close()
