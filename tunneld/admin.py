@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from http import HTTPStatus
 from typing import TYPE_CHECKING, Any, Final, cast
 from urllib.parse import parse_qs, unquote, urlsplit
 
@@ -34,6 +35,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("tunneld.admin")
 
+_STATUSES: Final = frozenset(s.value for s in HTTPStatus)
 MAX_BODY: Final = 64 * 1024  # expose requests are tiny JSON objects
 READ_TIMEOUT: Final = 10.0
 IDLE_TIMEOUT: Final = 60.0
@@ -206,7 +208,8 @@ class AdminServer:
         if close:
             headers.append(("connection", "close"))
         try:
-            data = conn.send(h11.Response(status_code=status, headers=headers))
+            reason = HTTPStatus(status).phrase if status in _STATUSES else ""
+            data = conn.send(h11.Response(status_code=status, headers=headers, reason=reason))
             if payload:
                 data = (data or b"") + (conn.send(h11.Data(data=payload)) or b"")
             data = (data or b"") + (conn.send(h11.EndOfMessage()) or b"")
@@ -372,6 +375,9 @@ class AdminServer:
             + b"\r\n\r\n"
         )
         endpoint = _DirectEndpoint(session, 0)
+        # asyncio's StreamWriter closes its transport when garbage-collected (3.11.5+): the
+        # endpoint keeps it alive for as long as the relay uses that transport.
+        endpoint.writer = writer
         sid = session.session.open_stream(port, "direct", client)
         endpoint.stream_id = sid
         session.add_stream(endpoint)
@@ -391,11 +397,12 @@ class AdminServer:
 class _DirectEndpoint(StreamEndpoint):
     """The admin client's connection after the switch to a raw relay."""
 
-    __slots__ = ("_responded",)
+    __slots__ = ("_responded", "writer")
 
     def __init__(self, mux: Any, stream_id: int) -> None:
         super().__init__(mux, stream_id)
         self._responded = False
+        self.writer: asyncio.StreamWriter | None = None
 
     def receive_from_peer(self, data: bytes) -> None:
         self._responded = True

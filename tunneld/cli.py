@@ -138,7 +138,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "serve":
             config = load_config(args.config or os.environ.get("TUNNELD_CONFIG"), _overrides(args))
             _setup_logging(config.log_level)
-            return serve(config, args.config or os.environ.get("TUNNELD_CONFIG"), args.ports_file)
+            return serve(
+                config,
+                args.config or os.environ.get("TUNNELD_CONFIG"),
+                args.ports_file,
+                _overrides(args),
+            )
         if args.command == "token":
             return _token(args)
         if args.command == "demo":
@@ -174,12 +179,19 @@ def _token(args: argparse.Namespace) -> int:
     return 0
 
 
-def serve(config: Config, config_path: str | None = None, ports_file: str | None = None) -> int:
+def serve(
+    config: Config,
+    config_path: str | None = None,
+    ports_file: str | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> int:
     with asyncio.Runner(loop_factory=new_event_loop) as runner:
-        return runner.run(_serve(config, config_path, ports_file))
+        return runner.run(_serve(config, config_path, ports_file, overrides or {}))
 
 
-async def _serve(config: Config, config_path: str | None, ports_file: str | None) -> int:
+async def _serve(
+    config: Config, config_path: str | None, ports_file: str | None, overrides: dict[str, Any]
+) -> int:
     from . import systemd
     from .edge import EdgeServer
 
@@ -201,7 +213,8 @@ async def _serve(config: Config, config_path: str | None, ports_file: str | None
 
     def on_reload() -> None:
         try:
-            new = load_config(config_path, _current_overrides(config))
+            # Same sources as at start: file and environment re-read, command-line flags kept.
+            new = load_config(config_path, overrides)
         except ConfigError as exc:
             log.error("SIGHUP: configuration not reloaded: %s", exc)
             return
@@ -235,12 +248,6 @@ def _write_ports(path: str, server: Any) -> None:
     with open(path + ".tmp", "w") as f:
         json.dump(ports, f)
     os.replace(path + ".tmp", path)
-
-
-def _current_overrides(config: Config) -> dict[str, Any]:
-    # Command-line values are not re-read on SIGHUP; keep the listener layout as it runs.
-    keys = ("public_host", "public_port", "agent_host", "agent_port", "admin_host", "admin_port")
-    return {k: getattr(config, k) for k in keys}
 
 
 async def _watchdog(interval: float) -> None:

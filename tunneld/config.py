@@ -46,9 +46,6 @@ class Config:
     log_level: str = "info"
     access_log: bool = False
 
-    def url_port_effective(self) -> int | None:
-        return self.public_port if self.url_port is None else self.url_port
-
     def validate(self) -> None:
         if self.scheme not in ("http", "https"):
             raise ConfigError(f"scheme must be http or https, not {self.scheme!r}")
@@ -136,8 +133,9 @@ def load_config(
         if env_value is not None:
             values[name] = _coerce(name, env_value)
     for name in ("admin_token", "secret"):
+        # The environment beats the config file; a direct value beats a file named in the env.
         file_value = env.get(f"TUNNELD_{name.upper()}_FILE")
-        if file_value and name not in values:
+        if file_value and env.get(f"TUNNELD_{name.upper()}") is None:
             values[name] = _read_secret_file(file_value, name)
     for name, value in (overrides or {}).items():
         if value is not None:

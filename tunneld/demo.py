@@ -96,7 +96,6 @@ async def _demo(args: argparse.Namespace) -> int:
     )
     edge = EdgeServer(config, loop)
     await edge.start()
-    config.url_port = edge.public_port
 
     service_port = _free(args.service_port) or 0
     service = await asyncio.start_server(

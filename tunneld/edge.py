@@ -347,7 +347,7 @@ class EdgeServer:
             record.token if config.tokens else None,
             config.domain,
             scheme=config.scheme,
-            public_port=config.url_port_effective() or None,
+            public_port=self.public_port if config.url_port is None else config.url_port or None,
         )
 
     def exposure_message(self, sandbox_id: str, record: ExposureRecord) -> control.Exposure:

@@ -53,7 +53,6 @@ class Stack:
     async def start(self) -> Stack:
         self.edge = EdgeServer(self.config, asyncio.get_running_loop())
         await self.edge.start()
-        self.config.url_port = self.edge.public_port
         self.admin = httpx.AsyncClient(
             base_url=f"http://127.0.0.1:{self.edge.admin_port}",
             headers={"authorization": f"Bearer {self.admin_token}"},
@@ -147,3 +146,18 @@ async def raw_request(
         return await asyncio.wait_for(reader.read(65536), timeout)
     finally:
         writer.close()
+
+
+@pytest.fixture(autouse=True)
+def no_unhandled_errors(caplog):
+    """Fail a test in which any callback raised: asyncio only logs those, it does not fail."""
+    import logging
+
+    caplog.set_level(logging.WARNING)
+    yield
+    crashes = [
+        r
+        for r in caplog.get_records("call")
+        if r.levelno >= logging.ERROR and r.exc_info is not None
+    ]
+    assert not crashes, "\n".join(f"{r.name}: {r.getMessage()}" for r in crashes)

@@ -144,6 +144,8 @@ def test_agent_restart_keeps_url(procs: Processes, origin: OriginThread) -> None
     _wait(lambda: _connected(procs, "sb1"), what="agent connected")
     with _admin(procs) as admin:
         url = admin.post("/v1/sandboxes/sb1/ports", json={"port": origin.port}).json()["exposedAt"]
+    # started with --public-port 0: the URL carries the port actually bound
+    assert url.endswith(f".localhost:{procs.ports['public']}/")
     assert _get(procs, url).status_code == 200
     agent.kill()  # no goodbye: the edge must not hold the sandbox hostage
     agent.wait(10)

@@ -1,0 +1,70 @@
+"""tunneld configuration precedence: defaults < TOML file < environment < command-line flags."""
+
+from __future__ import annotations
+
+import pytest
+
+from tunneld.config import ConfigError, load_config
+
+
+def _write(path, text: str) -> str:
+    path.write_text(text)
+    return str(path)
+
+
+def test_precedence(tmp_path) -> None:
+    admin_file = _write(tmp_path / "admin", "from-file\n")
+    secret_file = _write(tmp_path / "secret", "file-secret\n")
+    env_admin_file = _write(tmp_path / "admin-env", "from-env-file\n")
+    toml = _write(
+        tmp_path / "t.toml",
+        f'domain = "file.example"\npublic_port = 9000\nadmin_token_file = "{admin_file}"\n'
+        f'secret_file = "{secret_file}"\nhead_timeout = 3\n',
+    )
+    config = load_config(toml, environ={})
+    assert (config.domain, config.public_port, config.admin_token, config.head_timeout) == (
+        "file.example",
+        9000,
+        "from-file",
+        3.0,
+    )
+    env = {"TUNNELD_PUBLIC_PORT": "9001", "TUNNELD_ADMIN_TOKEN_FILE": env_admin_file}
+    config = load_config(toml, environ=env)
+    assert (config.public_port, config.admin_token) == (9001, "from-env-file")
+    env["TUNNELD_ADMIN_TOKEN"] = "direct"
+    config = load_config(toml, {"public_port": 9002, "domain": None}, environ=env)
+    assert (config.public_port, config.admin_token, config.domain) == (
+        9002,
+        "direct",
+        "file.example",
+    )
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ('admin_token = "inline"\n', "put admin_token in a file"),
+        ("nope = 1\n", "unknown setting 'nope'"),
+        ("public_port = 'x'\n", "public_port: invalid value"),
+        ("scheme = 'ftp'\n", "scheme must be http or https"),
+        ("public_port = 70000\n", "public_port must be 0-65535"),
+        ("[broken\n", "config file"),
+    ],
+)
+def test_errors_are_clear(tmp_path, text: str, message: str) -> None:
+    toml = _write(tmp_path / "t.toml", text)
+    with pytest.raises(ConfigError) as info:
+        load_config(toml, environ={"TUNNELD_ADMIN_TOKEN": "a", "TUNNELD_SECRET": "b"})
+    assert message in str(info.value)
+
+
+def test_missing_secrets(tmp_path) -> None:
+    with pytest.raises(ConfigError, match="no admin token"):
+        load_config(None, environ={"TUNNELD_SECRET": "b"})
+    with pytest.raises(ConfigError, match="no agent secret"):
+        load_config(None, environ={"TUNNELD_ADMIN_TOKEN": "a"})
+    with pytest.raises(ConfigError, match="cannot read admin_token file"):
+        load_config(
+            None,
+            environ={"TUNNELD_ADMIN_TOKEN_FILE": str(tmp_path / "nope"), "TUNNELD_SECRET": "b"},
+        )
