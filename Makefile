@@ -33,7 +33,13 @@ test: lint typecheck unit
 bench-micro: $(STAMP)
 	$(PY) -m pytest bench/micro --benchmark-only --benchmark-columns=mean,median,ops -q -p no:cacheprovider -o testpaths=bench
 
+# End to end (nginx + wrk from Debian; installed with apt-get when missing and run as root).
 bench: bench-micro
+	$(PY) -m pip install -q -e '.[bench]'
+	BENCH_INSTALL=1 $(PY) -m bench.e2e
+
+bench-quick: $(STAMP)
+	BENCH_INSTALL=1 $(PY) -m bench.e2e --quick --tag quick
 
 clean:
 	rm -rf $(VENV) .coverage .coverage-html .mypy_cache .ruff_cache .pytest_cache .benchmarks

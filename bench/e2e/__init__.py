@@ -1,0 +1,1 @@
+"""End-to-end bench: real processes on loopback, direct vs tunnel vs nginx proxy (issue 4)."""

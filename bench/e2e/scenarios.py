@@ -1,0 +1,382 @@
+"""The scenarios of issue 4. Each runs the same load against every path of ``Stack.targets()``
+(direct origin, the tunnel, nginx as a one-hop proxy), interleaved, ``repeat`` times, and returns
+``{metric: {path: median}}`` plus the raw runs. Targets are checked in ``runner``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .stack import ROOT, Sampler, Stack, rss, tree_pids
+
+PATHS = ("direct", "tunnel", "nginx")
+
+
+@dataclass
+class Settings:
+    duration: float = 5.0
+    repeat: int = 3
+    idle_ws: int = 10_000
+    agents: int = 1_000
+    ws_conns: int = 100
+
+
+@dataclass
+class Result:
+    name: str
+    metrics: dict[str, dict[str, float]] = field(default_factory=dict)
+    runs: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    memory: dict[str, int] = field(default_factory=dict)  # peak RSS of tunneld/agent (tunnel runs)
+    cpu: dict[str, float] = field(default_factory=dict)  # CPU share of tunneld/agent (tunnel runs)
+    notes: list[str] = field(default_factory=list)
+
+
+# -- wrk -------------------------------------------------------------------------------------------
+_UNITS = {"us": 1e-3, "ms": 1.0, "s": 1000.0, "m": 60000.0}
+_BYTES = {"B": 1, "KB": 1024, "MB": 1024**2, "GB": 1024**3, "TB": 1024**4}
+
+
+def _ms(text: str) -> float:
+    m = re.fullmatch(r"([\d.]+)(us|ms|s|m)", text)
+    assert m, text
+    return float(m.group(1)) * _UNITS[m.group(2)]
+
+
+def wrk(
+    port: int,
+    host: str,
+    path: str,
+    conns: int,
+    duration: float,
+    *,
+    headers: tuple[str, ...] = (),
+    script: str | None = None,
+    threads: int = 2,
+) -> dict[str, Any]:
+    argv = [
+        "wrk",
+        f"-t{threads}",
+        f"-c{conns}",
+        f"-d{max(1, round(duration))}s",
+        "--latency",
+        "-H",
+        f"Host: {host}",
+    ]
+    for h in headers:
+        argv += ["-H", h]
+    if script:
+        argv += ["-s", script]
+    argv.append(f"http://127.0.0.1:{port}{path}")
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=duration + 60).stdout
+    res: dict[str, Any] = {"errors": 0, "non2xx": 0}
+    m = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    res["req_s"] = float(m.group(1)) if m else 0.0
+    m = re.search(r"Transfer/sec:\s+([\d.]+)(\w+)", out)
+    res["mib_s"] = float(m.group(1)) * _BYTES[m.group(2)] / 2**20 if m else 0.0
+    for p in ("50", "99"):
+        m = re.search(rf"^\s+{p}%\s+(\S+)", out, re.M)
+        res[f"p{p}"] = _ms(m.group(1)) if m else float("nan")
+    m = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    if m:
+        res["errors"] = sum(int(x) for x in m.groups())
+    m = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    if m:
+        res["non2xx"] = int(m.group(1))
+    if not res["req_s"]:
+        res["raw"] = out[-2000:]
+    return res
+
+
+def loadgen(mode: str, port: int, host: str, **kw: Any) -> subprocess.Popen:
+    argv = [
+        sys.executable,
+        "-m",
+        "bench.e2e.loadgen",
+        mode,
+        "--port",
+        str(port),
+        "--host-header",
+        host,
+    ]
+    for k, v in kw.items():
+        argv += [f"--{k.replace('_', '-')}", str(v)]
+    stdin = subprocess.PIPE if mode == "ws-idle" else subprocess.DEVNULL
+    return subprocess.Popen(argv, stdout=subprocess.PIPE, stdin=stdin, text=True, cwd=ROOT)
+
+
+def run_loadgen(mode: str, port: int, host: str, **kw: Any) -> dict[str, Any]:
+    p = loadgen(mode, port, host, **kw)
+    out, _ = p.communicate(timeout=float(kw.get("duration", 5)) + 120)
+    return json.loads(out.strip().splitlines()[-1])
+
+
+# -- the generic repeat loop -----------------------------------------------------------------------
+def _repeat(
+    stack: Stack,
+    s: Settings,
+    name: str,
+    run: Callable[[int, str, str], dict[str, Any]],
+    kind: str = "http",
+    paths: tuple[str, ...] = PATHS,
+) -> Result:
+    res = Result(name)
+    targets = stack.targets(kind)
+    for _ in range(s.repeat):
+        for path in paths:
+            port, host = targets[path]
+            if path == "tunnel":
+                with Sampler(stack.relay_pids()) as sampler:
+                    r = run(port, host, path)
+                for k, v in sampler.peak.items():
+                    res.memory[k] = max(res.memory.get(k, 0), v)
+                for k, v in sampler.cpu.items():
+                    res.cpu[k] = max(res.cpu.get(k, 0.0), v)
+            else:
+                r = run(port, host, path)
+            res.runs.setdefault(path, []).append(r)
+            time.sleep(0.3)
+    keys = [
+        k for k, v in res.runs["direct"][0].items() if isinstance(v, int | float) and k != "pid"
+    ]
+    for k in keys:
+        res.metrics[k] = {
+            p: statistics.median(float(r[k]) for r in res.runs[p]) for p in paths if p in res.runs
+        }
+    return res
+
+
+# -- 1. small HTTP ---------------------------------------------------------------------------------
+def small_http(stack: Stack, s: Settings) -> Result:
+    return _repeat(
+        stack, s, "small_http", lambda port, host, _: wrk(port, host, "/1k", 50, s.duration)
+    )
+
+
+# -- 2. bulk ---------------------------------------------------------------------------------------
+_POST_LUA = """wrk.method = "POST"
+wrk.body = string.rep("u", 1048576)
+wrk.headers["Content-Type"] = "application/octet-stream"
+"""
+
+
+def bulk_download(stack: Stack, s: Settings) -> Result:
+    return _repeat(
+        stack, s, "bulk_download", lambda port, host, _: wrk(port, host, "/1m", 10, s.duration)
+    )
+
+
+def single_download(stack: Stack, s: Settings) -> Result:
+    return _repeat(
+        stack,
+        s,
+        "single_download",
+        lambda port, host, _: run_loadgen("download", port, host, path="/big", duration=s.duration),
+    )
+
+
+def bulk_upload(stack: Stack, s: Settings) -> Result:
+    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as f:
+        f.write(_POST_LUA)
+    try:
+
+        def run(port: int, host: str, _: str) -> dict[str, Any]:
+            r = wrk(port, host, "/upload", 10, s.duration, script=f.name)
+            r["mib_s"] = r["req_s"]  # wrk's Transfer/sec counts responses; each request is 1 MiB
+            return r
+
+        return _repeat(stack, s, "bulk_upload", run)
+    finally:
+        Path(f.name).unlink()
+
+
+def single_upload(stack: Stack, s: Settings) -> Result:
+    return _repeat(
+        stack,
+        s,
+        "single_upload",
+        lambda port, host, _: run_loadgen(
+            "upload", port, host, path="/upload", duration=s.duration
+        ),
+    )
+
+
+# -- 3. WebSocket ----------------------------------------------------------------------------------
+def websocket(stack: Stack, s: Settings) -> Result:
+    return _repeat(
+        stack,
+        s,
+        "websocket",
+        lambda port, host, _: run_loadgen(
+            "ws", port, host, conns=s.ws_conns, duration=s.duration, warmup=1
+        ),
+        kind="ws",
+    )
+
+
+# -- 4. churn --------------------------------------------------------------------------------------
+def churn(stack: Stack, s: Settings) -> Result:
+    return _repeat(
+        stack,
+        s,
+        "churn",
+        lambda port, host, _: wrk(
+            port, host, "/1k", 50, s.duration, headers=("Connection: close",)
+        ),
+    )
+
+
+# -- 5. head-of-line -------------------------------------------------------------------------------
+def head_of_line(stack: Stack, s: Settings) -> Result:
+    """Small GETs at 200/s on 4 connections, alone and while one bulk download of the big file
+    runs on the same sandbox (same session, same port) for the whole probe."""
+
+    return _head_of_line(stack, s, "head_of_line", 0)
+
+
+def head_of_line_paced(stack: Stack, s: Settings) -> Result:
+    """Diagnostic variant: the bulk download is paced by its reader at 200 MiB/s, so the CPU is
+    not saturated and what remains is queueing inside the relay (frames of the bulk stream ahead
+    of the small responses). Not a target of issue 4; it separates mux HOL from CPU contention."""
+    return _head_of_line(stack, s, "head_of_line_paced", 200)
+
+
+def _head_of_line(stack: Stack, s: Settings, name: str, rate_mib: float) -> Result:
+    def run(port: int, host: str, _: str) -> dict[str, Any]:
+        probe = dict(path="/1k", conns=4, rate=200, duration=s.duration, warmup=0.5)
+        alone = run_loadgen("probe", port, host, **probe)
+        time.sleep(0.2)
+        bulk = loadgen(
+            "download", port, host, path="/big", duration=s.duration + 1.5, rate_mib=rate_mib
+        )
+        time.sleep(0.3)
+        loaded = run_loadgen("probe", port, host, **probe)
+        out, _ = bulk.communicate(timeout=s.duration + 60)
+        down = json.loads(out.strip().splitlines()[-1])
+        return {
+            "p50_alone": alone["p50"],
+            "p99_alone": alone["p99"],
+            "p50_loaded": loaded["p50"],
+            "p99_loaded": loaded["p99"],
+            "p99_ratio": loaded["p99"] / alone["p99"],
+            "bulk_mib_s": down["mib_per_s"],
+            "errors": alone["errors"] + loaded["errors"],
+        }
+
+    return _repeat(stack, s, name, run)
+
+
+# -- 6. scale --------------------------------------------------------------------------------------
+def idle_websockets(stack: Stack, s: Settings) -> Result:
+    """N idle WebSockets held open; RSS growth divided by N. One run (memory, not timing)."""
+    res = Result("idle_websockets")
+    assert stack.echo and stack.proxy and stack.tunneld and stack.agent
+    targets = stack.targets("ws")
+    # nginx holds two fds per proxied connection; keep it under the per-process fd limit
+    from .stack import nofile_limit
+
+    counts = {
+        "direct": s.idle_ws,
+        "tunnel": s.idle_ws,
+        "nginx": min(s.idle_ws, (nofile_limit() - 500) // 4),
+    }
+    measured = {
+        "direct": lambda: [stack.echo.pid],  # type: ignore[union-attr]
+        "tunnel": lambda: [stack.tunneld.pid, stack.agent.pid],  # type: ignore[union-attr]
+        "nginx": lambda: tree_pids(stack.proxy.pid),  # type: ignore[union-attr]
+    }
+    for path in PATHS:
+        port, host = targets[path]
+        pids = measured[path]()
+        before = {p: rss(p) for p in pids}
+        p = loadgen("ws-idle", port, host, conns=counts[path])
+        assert p.stdout is not None and p.stdin is not None
+        line = p.stdout.readline()
+        if not line:
+            p.stdin.close()
+            p.wait(60)
+            res.notes.append(f"{path}: opening {counts[path]} idle WebSockets failed")
+            continue
+        ready = json.loads(line)
+        time.sleep(1.0)
+        after = {q: rss(q) for q in measured[path]()}
+        grown = sum(after.values()) - sum(before.get(q, 0) for q in after)
+        run = {
+            "conns": ready["ready"],
+            "open_s": ready["open_s"],
+            "rss_delta": grown,
+            "bytes_per_conn": grown / ready["ready"],
+        }
+        if path == "tunnel":
+            run["tunneld_bytes_per_conn"] = (
+                after[stack.tunneld.pid] - before[stack.tunneld.pid]
+            ) / ready["ready"]
+            run["agent_bytes_per_conn"] = (
+                after[stack.agent.pid] - before[stack.agent.pid]
+            ) / ready["ready"]
+            run["tunneld_rss"] = after[stack.tunneld.pid]
+            run["agent_rss"] = after[stack.agent.pid]
+        p.stdin.close()
+        p.wait(60)
+        res.runs[path] = [run]
+        time.sleep(1.0)
+    for k in ("bytes_per_conn", "conns"):
+        res.metrics[k] = {path: float(res.runs[path][0][k]) for path in PATHS if path in res.runs}
+    if "tunnel" in res.runs:
+        for k in ("tunneld_bytes_per_conn", "agent_bytes_per_conn"):
+            res.metrics[k] = {"tunnel": float(res.runs["tunnel"][0][k])}
+    return res
+
+
+def many_agents(stack: Stack, s: Settings) -> Result:
+    """N agents (in-process ``agent.core.Agent`` objects in one Python process) connected to the
+    one tunneld: tunneld's RSS growth per agent. No direct counterpart."""
+    res = Result("many_agents")
+    assert stack.tunneld is not None
+    before = rss(stack.tunneld.pid)
+    argv = [sys.executable, "-m", "bench.e2e.agents", "--server", f"127.0.0.1:{stack.agent_port}",
+            "--count", str(s.agents)]  # fmt: skip
+    p = subprocess.Popen(argv, stdout=subprocess.PIPE, stdin=subprocess.PIPE, text=True, cwd=ROOT)
+    assert p.stdout is not None and p.stdin is not None
+    line = p.stdout.readline()
+    if not line:
+        raise RuntimeError("agents process failed")
+    ready = json.loads(line)
+    time.sleep(1.0)
+    after = rss(stack.tunneld.pid)
+    p.stdin.close()
+    p.wait(60)
+    run = {
+        "agents": ready["connected"],
+        "connect_s": ready["connect_s"],
+        "tunneld_bytes_per_agent": (after - before) / ready["connected"],
+        "agent_process_bytes_per_agent": ready["bytes_per_agent"],
+    }
+    res.runs["tunnel"] = [run]
+    for k in ("tunneld_bytes_per_agent", "agent_process_bytes_per_agent", "agents"):
+        res.metrics[k] = {"tunnel": float(run[k])}
+    return res
+
+
+SCENARIOS: dict[str, Callable[[Stack, Settings], Result]] = {
+    "small_http": small_http,
+    "bulk_download": bulk_download,
+    "single_download": single_download,
+    "bulk_upload": bulk_upload,
+    "single_upload": single_upload,
+    "websocket": websocket,
+    "churn": churn,
+    "head_of_line": head_of_line,
+    "head_of_line_paced": head_of_line_paced,
+    "idle_websockets": idle_websockets,
+    "many_agents": many_agents,
+}
