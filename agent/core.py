@@ -156,11 +156,10 @@ class AgentSession(MuxProtocol):
         error: OSError | None = None
         for host in self.agent.config.dial_hosts:
             try:
-                await asyncio.wait_for(
-                    self.loop.create_connection(lambda: endpoint, host, port), CONNECT_TIMEOUT
-                )
-            except (TimeoutError, OSError) as exc:
-                error = exc if isinstance(exc, OSError) else OSError("connect timed out")
+                async with asyncio.timeout(CONNECT_TIMEOUT):  # no extra task, unlike wait_for
+                    await self.loop.create_connection(lambda: endpoint, host, port)
+            except OSError as exc:  # TimeoutError included
+                error = exc
                 continue
             return  # LocalEndpoint.connection_made accepted the stream
         if self.streams.pop(endpoint.stream_id, None) is not None and not self.session.closed:

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
 from collections.abc import Callable
 from typing import Any, Final, cast
 
@@ -43,18 +42,14 @@ log = logging.getLogger("tunnel.mux")
 TUNNEL_HIGH_WATER: Final = 1024 * 1024
 TUNNEL_LOW_WATER: Final = 256 * 1024
 
+# Reads up to this size are copied and their flush deferred to the end of the loop iteration, so
+# many small messages (WebSocket frames, small requests) read in one iteration share one tunnel
+# write. Larger reads are sent zero-copy and flushed at once (their buffer is reused next read).
+COALESCE_MAX: Final = 16 * 1024
+
 # A local socket may buffer this much written-but-unsent data before credit stops going back.
 LOCAL_HIGH_WATER: Final = 256 * 1024
 LOCAL_LOW_WATER: Final = 64 * 1024
-
-
-def set_nodelay(transport: asyncio.BaseTransport) -> None:
-    sock = transport.get_extra_info("socket")
-    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-        try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        except OSError:  # pragma: no cover - the socket may already be gone
-            pass
 
 
 class StreamEndpoint(asyncio.BufferedProtocol):
@@ -88,7 +83,6 @@ class StreamEndpoint(asyncio.BufferedProtocol):
         # uvloop's transports are not asyncio.Transport subclasses, but have the same methods
         self.transport = t = cast(asyncio.Transport, transport)
         t.set_write_buffer_limits(high=LOCAL_HIGH_WATER, low=LOCAL_LOW_WATER)
-        set_nodelay(transport)
 
     def get_buffer(self, sizehint: int) -> memoryview:
         return SHARED.view
@@ -101,14 +95,20 @@ class StreamEndpoint(asyncio.BufferedProtocol):
         mux = self.mux
         if mux.session.closed or self._closed:
             return
+        small = len(data) <= COALESCE_MAX
+        if small and isinstance(data, memoryview):
+            data = data.tobytes()  # a few bytes: copying frees the shared buffer at once
         if mux.session.send_data(self.stream_id, data) and not self._read_paused:
             # Pause before flushing: the flush may already report the stream writable again.
             self._read_paused = True
             if self.transport is not None:
                 self.transport.pause_reading()
-        mux.flush()
-        if isinstance(data, memoryview):
-            mux.release_shared(self.stream_id)
+        if small:
+            mux.schedule_flush()
+        else:
+            mux.flush()
+            if isinstance(data, memoryview):
+                mux.release_shared(self.stream_id)
 
     def eof_received(self) -> bool:
         self._local_eof = True
@@ -194,6 +194,7 @@ class MuxProtocol(asyncio.BufferedProtocol):
         self._write_paused = False
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
+        self._flush_scheduled = False
         self._dispatch: dict[type, Callable[[Any], None]] = {
             ev.DataReceived: self._on_data,
             ev.StreamWritable: self._on_writable,
@@ -213,7 +214,6 @@ class MuxProtocol(asyncio.BufferedProtocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = t = cast(asyncio.Transport, transport)
         t.set_write_buffer_limits(high=TUNNEL_HIGH_WATER, low=TUNNEL_LOW_WATER)
-        set_nodelay(transport)
         self.on_connected()
         self.flush()
 
@@ -282,6 +282,16 @@ class MuxProtocol(asyncio.BufferedProtocol):
                 self._timer.cancel()
             self._timer_at = at
             self._timer = None if at is None else self.loop.call_at(at, self._on_timer)
+
+    def schedule_flush(self) -> None:
+        """Flush once at the end of this loop iteration (coalesces many small sends)."""
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self.loop.call_soon(self._scheduled_flush)
+
+    def _scheduled_flush(self) -> None:
+        self._flush_scheduled = False
+        self.flush()
 
     def release_shared(self, stream_id: int) -> None:
         """After ``send_data`` with a view of the shared buffer: retire it if still referenced."""

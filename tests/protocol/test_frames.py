@@ -177,3 +177,30 @@ def test_bad_preface(data: bytes, code: GoAwayCode) -> None:
     with pytest.raises(RemoteProtocolError) as info:
         reader.feed(data)
     assert info.value.code == code
+
+
+def test_reader_keeps_unparsed_input_across_feeds() -> None:
+    """Feeding again before parsing everything must keep the earlier bytes, in order."""
+    a = encode_frame(FrameType.DATA, 0, 2, b"first")
+    b = encode_frame(FrameType.DATA, 0, 2, b"second")
+    reader = FrameReader()
+    reader.feed(memoryview(a + b[:5]))
+    assert reader.buffered == len(a) + 5
+    reader.feed(b[5:])  # nothing was parsed in between
+    frames = []
+    while (frame := reader.next_frame()) is not None:
+        frames.append(frame.payload)
+    assert frames == [b"first", b"second"]
+    assert reader.buffered == 0
+
+
+def test_reader_payloads_do_not_alias_the_fed_buffer() -> None:
+    """Frames parsed in place from the fed bytes must survive the caller reusing its buffer."""
+    shared = bytearray(encode_frame(FrameType.DATA, 0, 2, b"payload") + b"\x01")
+    reader = FrameReader()
+    reader.feed(memoryview(shared))
+    frame = reader.next_frame()
+    assert reader.next_frame() is None  # the one-byte tail moved into the reader's buffer
+    shared[:] = b"\x00" * len(shared)
+    assert frame is not None and frame.payload == b"payload"
+    assert reader.buffered == 1
