@@ -170,9 +170,15 @@ class AgentClient:
 
 
 def _host_port(text: str) -> str:
-    host, sep, port = text.rpartition(":")
+    """HOST:PORT, or ws://HOST:PORT / wss://HOST:PORT for the WebSocket link."""
+    scheme, sep, rest = text.partition("://")
+    if not sep:
+        rest = text
+    elif scheme not in ("ws", "wss"):
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT or ws(s)://HOST:PORT, got {text!r}")
+    host, sep, port = rest.rstrip("/").rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT or ws(s)://HOST:PORT, got {text!r}")
     return text
 
 
@@ -239,7 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="HOST:PORT",
         type=_host_port,
         default=os.environ.get(ENV_SERVER),
-        help=f"edge agent listener (required; env {ENV_SERVER})",
+        help=f"edge agent listener (required; env {ENV_SERVER}); ws://HOST:PORT or "
+        "wss://HOST:PORT carries the link in WebSocket messages (egress that allows only HTTP)",
     )
     run.add_argument(
         "--sandbox-id",

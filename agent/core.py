@@ -30,6 +30,7 @@ from protocol.hostnames import InvalidPortError, ValidationError, validate_port
 from protocol.session import Role, Session, SessionConfig
 from relay.mux import MuxProtocol, StreamEndpoint
 from relay.requests import ControlRequestError, PendingRequests
+from relay.wslink import WebSocketLink
 
 from .errors import AgentError
 
@@ -50,6 +51,7 @@ class AgentConfig:
     token: str
     tls: ssl.SSLContext | None = None
     server_hostname: str | None = None
+    websocket: bool = False  # carry the session in WebSocket messages (egress allows only HTTP)
     dial_hosts: tuple[str, ...] = ("127.0.0.1", "::1")
 
 
@@ -104,9 +106,19 @@ class AgentSession(MuxProtocol):
         self._dialing: set[asyncio.Task[None]] = set()
 
     def on_connected(self) -> None:
-        self.session.send_control(
-            control.Hello(self.agent.config.sandbox_id, self.agent.config.token)
-        )
+        config = self.agent.config
+        if config.websocket:
+            self.link = WebSocketLink(client=True)
+            host = config.server_hostname or config.server_host
+            assert self.transport is not None
+            self.transport.write(self.link.handshake(f"{host}:{config.server_port}"))
+            return
+        self.on_link_open()
+
+    def on_link_open(self) -> None:
+        config = self.agent.config
+        self.session.send_control(control.Hello(config.sandbox_id, config.token))
+        self.flush()
 
     def on_control(self, message: Any) -> None:
         if isinstance(message, control.Welcome):
@@ -372,7 +384,12 @@ async def _run(args: Any) -> int:
 
     from .local_api import start_local_api
 
-    host, _, port = args.server.rpartition(":")
+    scheme, sep, address = args.server.partition("://")
+    if not sep:
+        scheme, address = "", args.server
+    if scheme == "wss":
+        args.tls = True
+    host, _, port = address.rstrip("/").rpartition(":")
     config = AgentConfig(
         server_host=host.strip("[]"),
         server_port=int(port),
@@ -380,6 +397,7 @@ async def _run(args: Any) -> int:
         token=args.token,
         tls=_tls_context(args),
         server_hostname=getattr(args, "tls_server_name", None),
+        websocket=scheme in ("ws", "wss"),
     )
     agent = Agent(config)
     loop = asyncio.get_running_loop()

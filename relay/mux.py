@@ -33,6 +33,7 @@ from protocol.errors import GoAwayCode, ResetCode
 from protocol.session import Session
 
 from .buffers import SHARED
+from .wslink import LinkClosed, WebSocketLink
 
 log = logging.getLogger("tunnel.mux")
 
@@ -195,6 +196,10 @@ class MuxProtocol(asyncio.BufferedProtocol):
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
         self._flush_scheduled = False
+        # WebSocket carriage of the session (relay/wslink.py): set by the agent before connecting,
+        # or by the edge once the first bytes (``_sniff``) turn out to be an HTTP upgrade.
+        self.link: WebSocketLink | None = None
+        self._sniff: bytearray | None = None
         self._dispatch: dict[type, Callable[[Any], None]] = {
             ev.DataReceived: self._on_data,
             ev.StreamWritable: self._on_writable,
@@ -206,9 +211,6 @@ class MuxProtocol(asyncio.BufferedProtocol):
             ev.GoAwayReceived: self._on_go_away,
             ev.ConnectionTerminated: self._on_terminated,
         }
-        stream_ended = getattr(ev, "StreamEnded", None)
-        if stream_ended is not None:
-            self._dispatch[stream_ended] = self._on_stream_ended
 
     # -- tunnel transport ------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -225,9 +227,41 @@ class MuxProtocol(asyncio.BufferedProtocol):
 
     def receive(self, data: bytes | memoryview) -> None:
         """Feed tunnel bytes (the session copies them into its own buffer)."""
+        if self.link is not None or self._sniff is not None:
+            data = self._unwrap(data)
+            if not data:
+                return
         self.session.receive_data(data, self.loop.time())
         self.process_events()
         self.flush()
+
+    def _unwrap(self, data: bytes | memoryview) -> bytes | memoryview:
+        """Edge: tell a raw link from a WebSocket one; both: strip the WebSocket framing."""
+        if self._sniff is not None:
+            self._sniff += data
+            if len(self._sniff) < 4:
+                return b""
+            data, self._sniff = bytes(self._sniff), None
+            if not data.startswith(b"GET "):
+                return data  # the raw link: preface and frames from the first byte
+            self.link = WebSocketLink(client=False)
+        link = self.link
+        assert link is not None
+        was_open = link.open
+        try:
+            payload, reply = link.receive(data)
+        except LinkClosed as exc:
+            log.info("agent link closed: %s", exc)
+            if self.transport is not None:
+                if exc.reply:
+                    self.transport.write(exc.reply)
+                self.transport.close()
+            return b""
+        if reply and self.transport is not None:
+            self.transport.write(reply)
+        if link.open and not was_open:
+            self.on_link_open()
+        return payload
 
     def eof_received(self) -> bool:
         return False
@@ -258,13 +292,16 @@ class MuxProtocol(asyncio.BufferedProtocol):
     # -- session plumbing ------------------------------------------------------------------------
     def flush(self) -> None:
         transport = self.transport
-        if transport is None:
-            return
+        if transport is None or (self.link is not None and not self.link.open):
+            return  # nothing goes out before the transport (and a WebSocket upgrade) is up
         session = self.session
         while True:
             data = session.data_to_send(0 if self._write_paused else None)
             if data:
-                transport.writelines(data)
+                if self.link is None:
+                    transport.writelines(data)
+                else:
+                    transport.write(self.link.wrap(data))
             # Sending can make streams writable again (StreamWritable): act on it now, not at
             # the next read or timer, or a paused source would stall until then.
             events = session.events_received()
@@ -328,11 +365,6 @@ class MuxProtocol(asyncio.BufferedProtocol):
         if event.end_stream:
             endpoint.peer_ended()
 
-    def _on_stream_ended(self, event: Any) -> None:
-        endpoint = self.streams.get(event.stream_id)
-        if endpoint is not None:
-            endpoint.peer_ended()
-
     def _on_writable(self, event: ev.StreamWritable) -> None:
         endpoint = self.streams.get(event.stream_id)
         if endpoint is not None:
@@ -366,6 +398,9 @@ class MuxProtocol(asyncio.BufferedProtocol):
     # -- hooks for the edge and the agent --------------------------------------------------------
     def on_connected(self) -> None:
         """The tunnel transport is up (the agent sends its hello here)."""
+
+    def on_link_open(self) -> None:
+        """The WebSocket upgrade completed (WebSocket links only)."""
 
     def on_stream_opened(self, event: ev.StreamOpened) -> None:
         """The peer opened a stream (agent side). Default: refuse it."""

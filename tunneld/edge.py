@@ -63,6 +63,7 @@ class EdgeSession(MuxProtocol):
         self.pending = PendingRequests(server.loop)
         self.peer = "unknown"
         self._handshake_timer: asyncio.TimerHandle | None = None
+        self._sniff = bytearray()  # raw (preface) or WebSocket (GET) link: the first bytes tell
         self._going_away = False
 
     def on_connected(self) -> None:

@@ -83,14 +83,16 @@ class Processes:
         )
         return out.stdout.decode().strip()
 
-    def start_agent(self, sandbox_id: str = "sb1") -> tuple[subprocess.Popen[bytes], int]:
+    def start_agent(
+        self, sandbox_id: str = "sb1", scheme: str = ""
+    ) -> tuple[subprocess.Popen[bytes], int]:
         ports_file = self.tmp / f"agent-{len(self.procs)}.json"
         proc = subprocess.Popen(
             [
                 str(BIN / "tunnel-agent"),
                 "run",
                 "--server",
-                f"127.0.0.1:{self.ports['agent']}",
+                f"{scheme}127.0.0.1:{self.ports['agent']}",
                 "--sandbox-id",
                 sandbox_id,
                 "--api-port",

@@ -328,3 +328,13 @@ def test_sdk_on_both_backends_against_real_processes(procs: Processes, backend: 
 
         anyio.run(main, backend=backend)
         server.shutdown()
+
+
+def test_agent_over_websocket_link(procs: Processes, origin: OriginThread) -> None:
+    procs.start_edge()
+    procs.start_agent("sb1", scheme="ws://")
+    _wait(lambda: _connected(procs, "sb1"), what="agent connected over ws://")
+    with _admin(procs) as admin:
+        url = admin.post("/v1/sandboxes/sb1/ports", json={"port": origin.port}).json()["exposedAt"]
+    r = _get(procs, url, "/bytes?n=2000000")
+    assert r.status_code == 200 and len(r.content) == 2_000_000

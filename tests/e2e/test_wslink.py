@@ -1,0 +1,56 @@
+"""The agent link over WebSocket (for egress that allows only HTTP(S)) on the same agent port."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from agent.core import Agent, AgentConfig
+from tunneld.auth import agent_token
+
+from .conftest import Stack, raw_request
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_agent_over_websocket_serves_preview_traffic(stack: Stack) -> None:
+    origin = await stack.origin()
+    agent = Agent(
+        AgentConfig(
+            "127.0.0.1",
+            stack.edge.agent_port,
+            "sb1",
+            agent_token(stack.secret, "sb1"),
+            websocket=True,
+        )
+    )
+    task = asyncio.get_running_loop().create_task(agent.run())
+    stack.agents.append((agent, task))
+    await asyncio.wait_for(agent.connected_event.wait(), 10)
+    edge_session = stack.edge.registry.get("sb1").session
+    assert edge_session.link is not None and edge_session.link.open
+    exposed = await stack.expose("sb1", origin.port)
+    async with stack.client(exposed["exposedAt"]) as client:
+        r = await client.get("/bytes", params={"n": 5_000_000, "seed": 2})
+        assert r.status_code == 200 and len(r.content) == 5_000_000
+        r = await client.post("/upload", content=b"y" * 3_000_000)
+        assert r.json()["length"] == 3_000_000
+    # a raw agent still works on the same listener
+    raw = await stack.agent("sb2")
+    assert raw.connected and stack.edge.registry.get("sb2").session.link is None
+
+
+async def test_websocket_upgrade_for_another_path_is_refused(stack: Stack) -> None:
+    answer = await raw_request(
+        stack.edge.agent_port,
+        b"GET /other HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+    )
+    assert answer.startswith(b"HTTP/1.1 404")
+
+
+async def test_garbage_on_the_agent_port_is_closed(stack: Stack) -> None:
+    for junk in (b"GET / HTTP/1.1\r\n\r\n", b"hello there\r\n", b"\x00" * 64):
+        answer = await raw_request(stack.edge.agent_port, junk, timeout=15)
+        assert b"Traceback" not in answer
