@@ -136,44 +136,29 @@ def encode_frame(
 class FrameReader:
     """Incremental frame parser. ``feed()`` bytes in any split, then call ``next_frame()`` until
     it returns None. Invalid input raises :class:`RemoteProtocolError` as soon as the offending
-    header (or preface byte) is in the buffer, so a hostile length is refused before buffering.
+    header (or preface byte) is in the buffer, so a hostile length is refused before buffering."""
 
-    When nothing is buffered, frames are parsed straight out of the fed bytes and only an
-    incomplete tail is copied into the buffer: a bulk transfer's payload is then copied once (into
-    its ``Frame.payload``) instead of twice. The fed object is referenced only until
-    ``next_frame()`` returns None, which every caller reaches before ``feed()`` again."""
-
-    __slots__ = ("_buf", "_ext", "_ext_pos", "_need_preface", "_pos", "_view")
+    __slots__ = ("_buf", "_need_preface", "_pos", "_view")
 
     def __init__(self, *, expect_preface: bool = False) -> None:
         self._buf = bytearray()
         self._pos = 0
         self._view: memoryview | None = None
-        self._ext: memoryview | None = None  # fed bytes parsed in place (buffer was empty)
-        self._ext_pos = 0
         self._need_preface = expect_preface
 
     @property
     def buffered(self) -> int:
         """Bytes received but not yet parsed into a frame."""
-        ext = self._ext
-        return len(self._buf) - self._pos + (len(ext) - self._ext_pos if ext is not None else 0)
+        return len(self._buf) - self._pos
 
     def feed(self, data: bytes | bytearray | memoryview) -> None:
         if self._view is not None:
             # a live export would forbid resizing the bytearray
             self._view.release()
             self._view = None
-        if self._ext is not None:  # the previous feed was not parsed to the end: keep its rest
-            self._buf += self._ext[self._ext_pos :]
-            self._ext = None
         if self._pos:
             del self._buf[: self._pos]
             self._pos = 0
-        if not self._buf and not self._need_preface:
-            self._ext = data if isinstance(data, memoryview) else memoryview(data)
-            self._ext_pos = 0
-            return
         self._buf += data
         if self._need_preface:
             self._check_preface()
@@ -200,52 +185,33 @@ class FrameReader:
     def next_frame(self) -> Frame | None:
         if self._need_preface:
             return None
-        ext = self._ext
-        if ext is not None:
-            pos = self._ext_pos
-            parsed = _parse(ext, pos, len(ext) - pos)
-            if parsed is not None:
-                self._ext_pos = parsed[1]
-                return parsed[0]
-            # an incomplete frame (or nothing) is left: it waits in our own buffer
-            if pos < len(ext):
-                self._buf += ext[pos:]
-            self._ext = None
-            return None
         buf = self._buf
         pos = self._pos
         avail = len(buf) - pos
         if avail < HEADER_SIZE:
             return None
-        view = self._view
-        if view is None:
-            view = self._view = memoryview(buf)
-        parsed = _parse(view, pos, avail)
-        if parsed is None:
-            return None
-        self._pos = parsed[1]
-        return parsed[0]
-
-
-def _parse(view: memoryview, pos: int, avail: int) -> tuple[Frame, int] | None:
-    """The frame at ``pos`` and where it ends, or None if it is not complete yet."""
-    if avail < HEADER_SIZE:
-        return None
-    version, ftype, flags, stream_id, length = HEADER.unpack_from(view, pos)
-    if version != VERSION:
-        raise RemoteProtocolError("bad frame version", GoAwayCode.PROTOCOL_ERROR)
-    if ftype > _MAX_TYPE:
-        raise RemoteProtocolError("unknown frame type", GoAwayCode.PROTOCOL_ERROR)
-    if flags & ~_ALLOWED_FLAGS[ftype]:
-        raise RemoteProtocolError("flags not allowed on this frame type")
-    if ftype in (_DATA, _CONTROL):
-        if length > (MAX_FRAME_PAYLOAD if ftype == _DATA else MAX_CONTROL_PAYLOAD):
-            raise RemoteProtocolError("frame too large", GoAwayCode.FRAME_TOO_LARGE)
-        end = pos + HEADER_SIZE + length
-        if avail < HEADER_SIZE + length:
-            return None
-        payload = view[pos + HEADER_SIZE : end].tobytes() if length else b""
-    else:
-        end = pos + HEADER_SIZE
-        payload = b""
-    return Frame(ftype, flags, stream_id, length, payload), end
+        version, ftype, flags, stream_id, length = HEADER.unpack_from(buf, pos)
+        if version != VERSION:
+            raise RemoteProtocolError("bad frame version", GoAwayCode.PROTOCOL_ERROR)
+        if ftype > _MAX_TYPE:
+            raise RemoteProtocolError("unknown frame type", GoAwayCode.PROTOCOL_ERROR)
+        if flags & ~_ALLOWED_FLAGS[ftype]:
+            raise RemoteProtocolError("flags not allowed on this frame type")
+        if ftype in (_DATA, _CONTROL):
+            if length > (MAX_FRAME_PAYLOAD if ftype == _DATA else MAX_CONTROL_PAYLOAD):
+                raise RemoteProtocolError("frame too large", GoAwayCode.FRAME_TOO_LARGE)
+            end = pos + HEADER_SIZE + length
+            if avail < HEADER_SIZE + length:
+                return None
+            if length:
+                view = self._view
+                if view is None:
+                    view = self._view = memoryview(buf)
+                payload = bytes(view[pos + HEADER_SIZE : end])
+            else:
+                payload = b""
+        else:
+            end = pos + HEADER_SIZE
+            payload = b""
+        self._pos = end
+        return Frame(ftype, flags, stream_id, length, payload)
