@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .stack import ROOT, Sampler, Stack, rss, tree_pids
+from .stack import ADMIN_TOKEN, ROOT, SECRET, VENV_BIN, Sampler, Stack, _wait_json, rss, tree_pids
 
 PATHS = ("direct", "tunnel", "nginx")
 
@@ -338,12 +338,23 @@ def idle_websockets(stack: Stack, s: Settings) -> Result:
 
 
 def many_agents(stack: Stack, s: Settings) -> Result:
-    """N agents (in-process ``agent.core.Agent`` objects in one Python process) connected to the
-    one tunneld: tunneld's RSS growth per agent. No direct counterpart."""
+    """N agents (in-process ``agent.core.Agent`` objects in one Python process) connected to a
+    fresh tunneld: its RSS growth per agent. No direct counterpart.
+
+    A fresh tunneld, because the shared one has already grown its heap in earlier scenarios
+    (10,000 idle WebSockets) and would host the agents in freed memory, showing ~0 per agent."""
     res = Result("many_agents")
-    assert stack.tunneld is not None
-    before = rss(stack.tunneld.pid)
-    argv = [sys.executable, "-m", "bench.e2e.agents", "--server", f"127.0.0.1:{stack.agent_port}",
+    ports_file = stack.dir / "tunneld-agents-ports.json"
+    fresh = stack.spawn(
+        "tunneld-agents",
+        [str(VENV_BIN / "tunneld"), "serve", "--public-port", "0", "--agent-port", "0",
+         "--admin-port", "0", "--ports-file", str(ports_file), "--log-level", "warning"],
+        {"TUNNELD_ADMIN_TOKEN": ADMIN_TOKEN, "TUNNELD_SECRET": SECRET},
+    )  # fmt: skip
+    agent_port = _wait_json(ports_file, fresh)["agent"]
+    time.sleep(0.5)
+    before = rss(fresh.pid)
+    argv = [sys.executable, "-m", "bench.e2e.agents", "--server", f"127.0.0.1:{agent_port}",
             "--count", str(s.agents)]  # fmt: skip
     p = subprocess.Popen(argv, stdout=subprocess.PIPE, stdin=subprocess.PIPE, text=True, cwd=ROOT)
     assert p.stdout is not None and p.stdin is not None
@@ -352,9 +363,11 @@ def many_agents(stack: Stack, s: Settings) -> Result:
         raise RuntimeError("agents process failed")
     ready = json.loads(line)
     time.sleep(1.0)
-    after = rss(stack.tunneld.pid)
+    after = rss(fresh.pid)
     p.stdin.close()
     p.wait(60)
+    fresh.popen.terminate()
+    fresh.popen.wait(30)
     run = {
         "agents": ready["connected"],
         "connect_s": ready["connect_s"],

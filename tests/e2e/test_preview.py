@@ -295,7 +295,7 @@ async def test_second_request_for_other_host_is_refused(stack: Stack) -> None:
 
 
 async def test_idle_connections_are_closed() -> None:
-    stack = await Stack(idle_timeout=0.4).start()
+    stack = await Stack(idle_timeout=1.0).start()
     try:
         origin, exposed = await _exposed(stack)
         host = stack.host_of(exposed["exposedAt"]).encode()
