@@ -25,11 +25,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 from collections.abc import Callable
 from typing import Any, Final, cast
 
 from protocol import events as ev
 from protocol.errors import GoAwayCode, ResetCode
+from protocol.frames import MAX_FRAME_PAYLOAD
 from protocol.session import Session
 
 from .buffers import SHARED
@@ -40,8 +42,8 @@ log = logging.getLogger("tunnel.mux")
 # The tunnel transport queues at most this much before the session stops emitting DATA frames.
 # Small enough that a 100-byte write on an interactive stream never waits behind megabytes of a
 # bulk stream inside the kernel-side queue, large enough to keep the socket busy between callbacks.
-TUNNEL_HIGH_WATER: Final = 1024 * 1024
-TUNNEL_LOW_WATER: Final = 256 * 1024
+TUNNEL_HIGH_WATER: Final = 256 * 1024
+TUNNEL_LOW_WATER: Final = 64 * 1024
 
 # Reads up to this size are copied and their flush deferred to the end of the loop iteration, so
 # many small messages (WebSocket frames, small requests) read in one iteration share one tunnel
@@ -51,6 +53,24 @@ COALESCE_MAX: Final = 16 * 1024
 # A local socket may buffer this much written-but-unsent data before credit stops going back.
 LOCAL_HIGH_WATER: Final = 256 * 1024
 LOCAL_LOW_WATER: Final = 64 * 1024
+
+
+# TCP_NOTSENT_LOWAT on the tunnel socket: the kernel takes new data only while less than this is
+# still unsent, so the queue in front of an interactive stream's frame stays short while data in
+# flight (the bandwidth-delay product) is not limited at all. What the kernel refuses stays in
+# the transport, then in the session, where streams take turns.
+TUNNEL_NOTSENT_LOWAT: Final = 128 * 1024
+
+
+def _limit_unsent(transport: asyncio.BaseTransport) -> None:
+    option = getattr(socket, "TCP_NOTSENT_LOWAT", None)
+    sock = transport.get_extra_info("socket")
+    if option is None or sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, option, TUNNEL_NOTSENT_LOWAT)
+    except OSError:  # pragma: no cover - not supported by this kernel
+        pass
 
 
 class StreamEndpoint(asyncio.BufferedProtocol):
@@ -216,6 +236,7 @@ class MuxProtocol(asyncio.BufferedProtocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = t = cast(asyncio.Transport, transport)
         t.set_write_buffer_limits(high=TUNNEL_HIGH_WATER, low=TUNNEL_LOW_WATER)
+        _limit_unsent(t)
         self.on_connected()
         self.flush()
 
@@ -296,7 +317,15 @@ class MuxProtocol(asyncio.BufferedProtocol):
             return  # nothing goes out before the transport (and a WebSocket upgrade) is up
         session = self.session
         while True:
-            data = session.data_to_send(0 if self._write_paused else None)
+            # DATA only up to just past the high-water mark: the rest waits in the session, where
+            # it is scheduled fairly across streams, instead of queueing in front of everything
+            # in the transport (a 4 MiB window burst ahead of a 100-byte response).
+            if self._write_paused:
+                budget = 0
+            else:
+                budget = TUNNEL_HIGH_WATER - transport.get_write_buffer_size()
+                budget = (budget if budget > 0 else 0) + MAX_FRAME_PAYLOAD
+            data = session.data_to_send(budget)
             if data:
                 if self.link is None:
                     transport.writelines(data)
@@ -305,11 +334,12 @@ class MuxProtocol(asyncio.BufferedProtocol):
             # Sending can make streams writable again (StreamWritable): act on it now, not at
             # the next read or timer, or a paused source would stall until then.
             events = session.events_received()
-            if not events:
+            if events:
+                self._dispatch_events(events)
+                if self.transport is None:
+                    return
+            elif not data or self._write_paused or not session.has_data_to_send():
                 break
-            self._dispatch_events(events)
-            if self.transport is None:
-                return
         if self.session.closed and not self.session.has_data_to_send():
             transport.close()
             return
