@@ -23,6 +23,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 import h11
 import orjson
 
+from protocol.errors import LocalProtocolError
 from protocol.hostnames import ValidationError, validate_port, validate_sandbox_id
 from relay.mux import StreamEndpoint
 
@@ -378,8 +379,12 @@ class AdminServer:
         # asyncio's StreamWriter closes its transport when garbage-collected (3.11.5+): the
         # endpoint keeps it alive for as long as the relay uses that transport.
         endpoint.writer = writer
-        sid = session.session.open_stream(port, "direct", client)
-        endpoint.stream_id = sid
+        try:
+            endpoint.stream_id = session.session.open_stream(port, "direct", client)
+        except LocalProtocolError:
+            raise ApiError(
+                503, "SANDBOX_BUSY", f"Sandbox {sandbox_id} cannot take more connections right now."
+            ) from None
         session.add_stream(endpoint)
         transport = cast(asyncio.Transport, writer.transport)
         leftover = conn.trailing_data[0]

@@ -41,6 +41,7 @@ class Config:
     control_timeout: float = 5.0  # seconds to wait for the agent's ack of expose/unexpose
     handshake_timeout: float = 10.0  # seconds for an agent to send hello after connecting
     grace_period: float = 30.0  # SIGTERM: seconds to let live streams finish
+    max_streams: int = 32768  # concurrent connections per agent session (then 503 SANDBOX_BUSY)
     heartbeat_interval: float = 10.0
     dead_timeout: float = 15.0
     log_level: str = "info"

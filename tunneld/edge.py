@@ -52,7 +52,9 @@ class EdgeSession(MuxProtocol):
     def __init__(self, server: EdgeServer) -> None:
         config = server.config
         session_config = SessionConfig(
-            heartbeat_interval=config.heartbeat_interval, dead_timeout=config.dead_timeout
+            max_streams=config.max_streams,
+            heartbeat_interval=config.heartbeat_interval,
+            dead_timeout=config.dead_timeout,
         )
         session = Session(Role.EDGE, session_config, now=server.loop.time())
         super().__init__(session, server.loop)

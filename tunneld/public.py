@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Final
 
 import orjson
 
-from protocol.errors import ResetCode
+from protocol.errors import LocalProtocolError, ResetCode
 from protocol.hostnames import parse_preview_host
 from relay.buffers import SHARED
 from relay.mux import StreamEndpoint
@@ -270,8 +270,17 @@ class PublicConnection(StreamEndpoint):
                     b"x-sandbox-name: ", route.sandbox_id.encode(), b"\r\n\r\n",
                 )
             )  # fmt: skip
+            try:
+                session.open_public_stream(self, route.port, self._peer)
+            except LocalProtocolError:
+                # the session's stream limit (max_streams) or it started going away meanwhile
+                self.fail(
+                    503,
+                    "SANDBOX_BUSY",
+                    f"Sandbox {route.sandbox_id} cannot take more connections right now.",
+                )
+                return False
             self.mux = session
-            self.stream_id = session.open_public_stream(self, route.port, self._peer)
         if head.upgrade is not None:
             self._state = _TUNNEL
         elif head.chunked:

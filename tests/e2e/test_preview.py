@@ -312,3 +312,35 @@ async def test_idle_connections_are_closed() -> None:
         assert origin.open_connections == 0
     finally:
         await stack.close()
+
+
+async def test_stream_limit_answers_503_and_recovers() -> None:
+    stack = await Stack(max_streams=2).start()
+    try:
+        origin, exposed = await _exposed(stack)
+        host = stack.host_of(exposed["exposedAt"]).encode()
+        held = []
+        for _ in range(2):  # two live streams: SSE responses that stay open
+            reader, writer = await asyncio.open_connection("127.0.0.1", stack.edge.public_port)
+            writer.write(b"GET /sse HTTP/1.1\r\nHost: " + host + b"\r\n\r\n")
+            assert b"data: first" in await asyncio.wait_for(reader.readuntil(b"first"), 5)
+            held.append(writer)
+        answer = await raw_request(
+            stack.edge.public_port, b"GET / HTTP/1.1\r\nHost: " + host + b"\r\n\r\n"
+        )
+        assert answer.startswith(b"HTTP/1.1 503 ")
+        assert orjson.loads(answer.split(b"\r\n\r\n", 1)[1])["code"] == "SANDBOX_BUSY"
+        for writer in held:
+            writer.close()
+        origin.sse_release.set()
+        for _ in range(100):  # the streams are released, new connections work again
+            answer = await raw_request(
+                stack.edge.public_port,
+                b"GET / HTTP/1.1\r\nHost: " + host + b"\r\nConnection: close\r\n\r\n",
+            )
+            if answer.startswith(b"HTTP/1.1 200"):
+                break
+            await asyncio.sleep(0.05)
+        assert answer.startswith(b"HTTP/1.1 200")
+    finally:
+        await stack.close()
