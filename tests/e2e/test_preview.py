@@ -344,3 +344,33 @@ async def test_stream_limit_answers_503_and_recovers() -> None:
         assert answer.startswith(b"HTTP/1.1 200")
     finally:
         await stack.close()
+
+
+async def test_random_garbage_never_crashes_the_listeners(stack: Stack) -> None:
+    """Random bytes (and random bytes after a valid head) on every listener: an HTTP error or a
+    close, never a traceback in a callback (the autouse fixture fails on those) or a hang."""
+    import random
+
+    _, exposed = await _exposed(stack)
+    host = stack.host_of(exposed["exposedAt"]).encode()
+    rng = random.Random(1234)
+    valid = b"POST /upload HTTP/1.1\r\nHost: " + host + b"\r\nTransfer-Encoding: chunked\r\n\r\n"
+    for i in range(60):
+        junk = rng.randbytes(rng.randrange(1, 3000))
+        if i % 3 == 1:
+            junk = b"GET / HTTP/1.1\r\n" + junk.replace(b"\r\n\r\n", b"") + b"\r\n\r\n"
+        elif i % 3 == 2:
+            junk = valid + junk
+        port = (stack.edge.public_port, stack.edge.agent_port, stack.edge.admin_port)[i % 3]
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(junk)
+        writer.write_eof()  # an incomplete head would otherwise wait for head_timeout (408)
+        try:
+            answer = await asyncio.wait_for(reader.read(), 15)
+        except ConnectionResetError:
+            answer = b""
+        writer.close()
+        assert not answer or answer.startswith(b"HTTP/1.1 "), answer[:80]
+    # still serving
+    async with stack.client(exposed["exposedAt"]) as client:
+        assert (await client.get("/")).status_code == 200
