@@ -148,7 +148,6 @@ class StreamEndpoint(asyncio.BufferedProtocol):
                 if not (self._local_eof and self._peer_eof):
                     mux.session.reset_stream(self.stream_id, ResetCode.CANCEL)
                 mux.flush()
-        self.on_closed()
 
     def pause_writing(self) -> None:
         self._write_paused = True
@@ -188,15 +187,11 @@ class StreamEndpoint(asyncio.BufferedProtocol):
         self._closed = True
         if self.transport is not None:
             self.transport.abort()
-        self.on_closed()
 
     def peer_accepted(self) -> None:
         """The agent connected this stream to its local port (edge side only)."""
 
-    # -- hooks -----------------------------------------------------------------------------------
-    def on_closed(self) -> None:
-        """Called once the local connection is gone (subclasses count or log here)."""
-
+    # -- helpers ---------------------------------------------------------------------------------
     def _maybe_finish(self) -> None:
         if self._local_eof and self._peer_eof and self.transport is not None:
             self.transport.close()
