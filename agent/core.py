@@ -32,7 +32,7 @@ from relay.mux import MuxProtocol, StreamEndpoint
 from relay.requests import ControlRequestError, PendingRequests
 from relay.wslink import WebSocketLink
 
-from .errors import AgentError
+from .errors import AgentError, status_for
 
 log = logging.getLogger("tunnel.agent")
 
@@ -131,7 +131,7 @@ class AgentSession(MuxProtocol):
             self.pending.resolve(message)
         elif isinstance(message, control.Expose):
             self.agent.remember(
-                control.Exposure(message.port, message.token or "", "", message.name), None
+                control.Exposure(message.port, message.token or "", "", message.name)
             )
             self._ack(message.id)
         elif isinstance(message, control.Unexpose):
@@ -237,8 +237,6 @@ class Agent:
         except TimeoutError:
             raise AgentError("EDGE_TIMEOUT", "The edge did not answer in time.", 504) from None
         except ControlRequestError as exc:
-            from .errors import status_for
-
             raise AgentError(exc.code, exc.message, status_for(exc.code)) from None
 
     async def expose(
@@ -252,7 +250,7 @@ class Agent:
         if not ok.exposures:
             raise AgentError("BAD_REPLY", "The edge answered without the exposure.", 502)
         exposure = ok.exposures[0]
-        self.remember(exposure, None)
+        self.remember(exposure)
         return exposure
 
     async def unexpose(self, port: int) -> None:
@@ -268,7 +266,7 @@ class Agent:
         self.exposures = {e.port: e for e in ok.exposures}
         return sorted(ok.exposures, key=lambda e: e.port)
 
-    def remember(self, exposure: control.Exposure, _: Any) -> None:
+    def remember(self, exposure: control.Exposure) -> None:
         self.exposures[exposure.port] = exposure
 
     def forget(self, port: int) -> None:

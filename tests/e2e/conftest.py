@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 from collections.abc import AsyncIterator
+from typing import Any
 
 import httpx
 import pytest
@@ -80,13 +81,11 @@ class Stack:
         self.origins.append(origin)
         return origin
 
-    async def agent(self, sandbox_id: str = "sb1", *, wait: bool = True) -> Agent:
+    async def agent(self, sandbox_id: str = "sb1", *, wait: bool = True, **options: Any) -> Agent:
+        """A running agent for ``sandbox_id``; ``options`` go to AgentConfig (tls, websocket...)."""
         assert self.edge is not None
-        agent = Agent(
-            AgentConfig(
-                "127.0.0.1", self.edge.agent_port, sandbox_id, agent_token(self.secret, sandbox_id)
-            )
-        )
+        token = agent_token(self.secret, sandbox_id)
+        agent = Agent(AgentConfig("127.0.0.1", self.edge.agent_port, sandbox_id, token, **options))
         task = asyncio.get_running_loop().create_task(agent.run())
         self.agents.append((agent, task))
         if wait:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import ssl
 
 import pytest
@@ -38,19 +37,7 @@ async def test_agent_over_tls_serves_preview_traffic(ca: trustme.CA, tmp_path) -
         origin = await stack.origin()
         context = ssl.create_default_context()
         ca.configure_trust(context)
-        agent = Agent(
-            AgentConfig(
-                "127.0.0.1",
-                stack.edge.agent_port,
-                "sb1",
-                agent_token(stack.secret, "sb1"),
-                tls=context,
-                server_hostname="edge.test",
-            )
-        )
-        task = asyncio.get_running_loop().create_task(agent.run())
-        stack.agents.append((agent, task))
-        await asyncio.wait_for(agent.connected_event.wait(), 10)
+        await stack.agent("sb1", tls=context, server_hostname="edge.test")
         exposed = await stack.expose("sb1", origin.port)
         async with stack.client(exposed["exposedAt"]) as client:
             r = await client.get("/bytes", params={"n": 3_000_000})

@@ -2,12 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
-
 import pytest
-
-from agent.core import Agent, AgentConfig
-from tunneld.auth import agent_token
 
 from .conftest import Stack, raw_request
 
@@ -16,18 +11,7 @@ pytestmark = pytest.mark.anyio
 
 async def test_agent_over_websocket_serves_preview_traffic(stack: Stack) -> None:
     origin = await stack.origin()
-    agent = Agent(
-        AgentConfig(
-            "127.0.0.1",
-            stack.edge.agent_port,
-            "sb1",
-            agent_token(stack.secret, "sb1"),
-            websocket=True,
-        )
-    )
-    task = asyncio.get_running_loop().create_task(agent.run())
-    stack.agents.append((agent, task))
-    await asyncio.wait_for(agent.connected_event.wait(), 10)
+    await stack.agent("sb1", websocket=True)
     edge_session = stack.edge.registry.get("sb1").session
     assert edge_session.link is not None and edge_session.link.open
     exposed = await stack.expose("sb1", origin.port)
