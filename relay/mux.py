@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import struct
 from collections.abc import Callable
 from typing import Any, Final, cast
 
@@ -60,6 +61,27 @@ LOCAL_LOW_WATER: Final = 64 * 1024
 # flight (the bandwidth-delay product) is not limited at all. What the kernel refuses stays in
 # the transport, then in the session, where streams take turns.
 TUNNEL_NOTSENT_LOWAT: Final = 128 * 1024
+
+
+def abort_with_reset(transport: asyncio.Transport | None) -> None:
+    """Close ``transport`` so that the peer sees a reset (RST), never a clean end of stream.
+
+    ``transport.abort()`` alone sends FIN when nothing is left unread, which a client reading a
+    response without a length takes for a complete body: an abnormal end must look abnormal.
+    ``SO_LINGER`` with a zero timeout makes the kernel answer the close with RST instead.
+    """
+    if transport is None:
+        return
+    sock = transport.get_extra_info("socket")
+    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+        except OSError:  # pragma: no cover - already closed by the kernel
+            pass
+    transport.abort()
+
+
+_LINGER_RESET: Final = struct.pack("ii", 1, 0)
 
 
 def _limit_unsent(transport: asyncio.BaseTransport) -> None:
@@ -185,8 +207,7 @@ class StreamEndpoint(asyncio.BufferedProtocol):
     def peer_reset(self, code: ResetCode) -> None:
         """The peer (or the session, on teardown) reset this stream: drop the local connection."""
         self._closed = True
-        if self.transport is not None:
-            self.transport.abort()
+        abort_with_reset(self.transport)
 
     def peer_accepted(self) -> None:
         """The agent connected this stream to its local port (edge side only)."""

@@ -117,6 +117,8 @@ class Origin:
         async def send(*events) -> None:
             for e in events:
                 data = conn.send(e)
+                if writer.is_closing():  # the tunnel reset this connection (RST from the agent)
+                    raise ConnectionResetError("the client reset the connection")
                 if data:
                     writer.write(data)
             await writer.drain()
