@@ -1,0 +1,90 @@
+"""Fixtures for the fault and abuse suite: the e2e ``Stack`` plus a fault proxy on its agent link.
+
+``faulty_stack`` is a ``Stack`` whose agents connect through a ``FaultProxy`` (``stack.proxy``)
+instead of straight to the edge's agent port, so a test can stall, drop, refuse, slow or corrupt
+the agent link while real clients use real preview URLs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from agent.core import Agent, AgentConfig
+from tests.e2e.conftest import (  # re-exported: the same fixtures as the e2e suite
+    Stack,
+    anyio_backend,
+    no_unhandled_errors,
+    raw_request,
+    stack,
+)
+from tunneld.auth import agent_token
+
+from .faultproxy import FaultProxy
+
+__all__ = [
+    "FaultProxy",
+    "FaultStack",
+    "Stack",
+    "anyio_backend",
+    "fault_proxy_to",
+    "faulty_stack",
+    "no_unhandled_errors",
+    "raw_request",
+    "stack",
+]
+
+
+class FaultStack(Stack):
+    """A ``Stack`` whose agents reach the edge through ``self.proxy``."""
+
+    proxy: FaultProxy
+
+    async def start(self) -> FaultStack:
+        await super().start()
+        assert self.edge is not None
+        self.proxy = await FaultProxy("127.0.0.1", self.edge.agent_port).start()
+        return self
+
+    async def close(self) -> None:
+        # The proxy first: agents then see their link fail and stop promptly.
+        await self.proxy.close()
+        await super().close()
+
+    async def agent(self, sandbox_id: str = "sb1", *, wait: bool = True, **options: Any) -> Agent:
+        token = agent_token(self.secret, sandbox_id)
+        agent = Agent(AgentConfig("127.0.0.1", self.proxy.port, sandbox_id, token, **options))
+        task = asyncio.get_running_loop().create_task(agent.run())
+        self.agents.append((agent, task))
+        if wait:
+            await asyncio.wait_for(agent.connected_event.wait(), 10)
+        return agent
+
+
+@pytest.fixture
+async def faulty_stack() -> AsyncIterator[FaultStack]:
+    s = await FaultStack().start()
+    try:
+        yield s
+    finally:
+        await s.close()
+
+
+@pytest.fixture
+async def fault_proxy_to() -> AsyncIterator[Any]:
+    """``await fault_proxy_to(port, seed=...)``: a started proxy to 127.0.0.1:port, closed after."""
+    proxies: list[FaultProxy] = []
+
+    async def make(port: int, **options: Any) -> FaultProxy:
+        proxy = await FaultProxy("127.0.0.1", port, **options).start()
+        proxies.append(proxy)
+        return proxy
+
+    try:
+        yield make
+    finally:
+        for proxy in proxies:
+            await proxy.close()
