@@ -21,7 +21,7 @@ import logging
 import random
 import ssl
 from dataclasses import dataclass
-from typing import Any, Final, cast
+from typing import TYPE_CHECKING, Any, Final, cast
 
 from protocol import control
 from protocol.errors import GoAwayCode, ResetCode
@@ -32,7 +32,10 @@ from relay.mux import MuxProtocol, StreamEndpoint
 from relay.requests import ControlRequestError, PendingRequests
 from relay.wslink import WebSocketLink
 
-from .errors import AgentError, status_for
+from .errors import AgentError, api_port_error, status_for
+
+if TYPE_CHECKING:
+    from .local_api import LocalAPI
 
 log = logging.getLogger("tunnel.agent")
 
@@ -58,15 +61,22 @@ class AgentConfig:
 class LocalEndpoint(StreamEndpoint):
     """A stream bound to a connection to the service on 127.0.0.1:PORT."""
 
-    __slots__ = ("_pending", "_pending_end")
+    __slots__ = ("_dialled", "_pending", "_pending_end", "_sockname")
 
     def __init__(self, mux: AgentSession, stream_id: int) -> None:
         super().__init__(mux, stream_id)
         self._pending: list[bytes] = []  # bytes from the edge before the local connect finished
         self._pending_end = False
+        self._dialled = mux.agent.dialled
+        self._sockname: tuple[str, int] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
+        sockname = transport.get_extra_info("sockname")
+        if isinstance(sockname, tuple) and len(sockname) >= 2:
+            # The local API refuses requests from these sockets: they carry tunnel traffic.
+            self._sockname = (str(sockname[0]), int(sockname[1]))
+            self._dialled.add(self._sockname)
         mux = self.mux
         if self._closed or mux.streams.get(self.stream_id) is not self or mux.session.closed:
             cast(
@@ -81,6 +91,11 @@ class LocalEndpoint(StreamEndpoint):
             super().receive_from_peer(data)
         if self._pending_end:
             super().peer_ended()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._sockname is not None:
+            self._dialled.discard(self._sockname)
+        super().connection_lost(exc)
 
     def receive_from_peer(self, data: bytes) -> None:
         if self.transport is None:
@@ -158,6 +173,14 @@ class AgentSession(MuxProtocol):
             log.warning("edge asked for port %s, which the agent never dials", event.port)
             self.session.reset_stream(event.stream_id, ResetCode.PORT_NOT_ALLOWED)
             return
+        if port == self.agent.api_port:
+            log.warning(
+                "edge asked for port %d, the agent's own control API; refused (stream %d)",
+                port,
+                event.stream_id,
+            )
+            self.session.reset_stream(event.stream_id, ResetCode.PORT_NOT_ALLOWED)
+            return
         endpoint = LocalEndpoint(self, event.stream_id)
         self.add_stream(endpoint)
         task = self.loop.create_task(self._dial(endpoint, port))
@@ -207,6 +230,10 @@ class Agent:
         self.last_refusal: tuple[str, str] | None = None
         self.last_termination: GoAwayCode | None = None
         self.session_id: str | None = None
+        # The port the local control API is bound to: never exposed, never dialled.
+        self.api_port: int | None = None
+        # (address, port) of every open socket the agent dialled for a stream (is_tunnel_peer).
+        self.dialled: set[tuple[str, int]] = set()
         self.connected_event = asyncio.Event()
         self._stopping = False
         self._rng = random.Random()
@@ -223,6 +250,28 @@ class Agent:
     @property
     def sandbox_id(self) -> str:
         return self.config.sandbox_id
+
+    def is_tunnel_peer(self, address: tuple[str, int]) -> bool:
+        """Is ``address`` one of the agent's own sockets toward a local service?"""
+        return address in self.dialled
+
+    def check_port(self, port: object) -> int:
+        """``validate_port``, and never the local API's own port."""
+        try:
+            port = validate_port(port)
+        except ValidationError as exc:
+            raise AgentError(exc.code, exc.message, 400) from None
+        if port == self.api_port:
+            raise api_port_error(port)
+        return port
+
+    async def serve_local_api(self, host: str, port: int, **options: Any) -> LocalAPI:
+        """Start the local control API for this agent; its port is then refused for streams."""
+        from .local_api import start_local_api
+
+        api = await start_local_api(self, host, port, is_tunnel_peer=self.is_tunnel_peer, **options)
+        self.api_port = api.port
+        return api
 
     def _live(self) -> AgentSession:
         session = self.session
@@ -242,10 +291,7 @@ class Agent:
     async def expose(
         self, port: int, name: str | None = None, token: str | None = None
     ) -> control.Exposure:
-        try:
-            port = validate_port(port)
-        except ValidationError as exc:
-            raise AgentError(exc.code, exc.message, 400) from None
+        port = self.check_port(port)
         ok = await self._call(lambda rid: control.Expose(rid, port, name, token))
         if not ok.exposures:
             raise AgentError("BAD_REPLY", "The edge answered without the exposure.", 502)
@@ -380,8 +426,6 @@ async def _run(args: Any) -> int:
     import os
     import signal
 
-    from .local_api import start_local_api
-
     scheme, sep, address = args.server.partition("://")
     if not sep:
         scheme, address = "", args.server
@@ -400,7 +444,7 @@ async def _run(args: Any) -> int:
     agent = Agent(config)
     loop = asyncio.get_running_loop()
     try:
-        api = await start_local_api(agent, args.api_host, args.api_port)
+        api = await agent.serve_local_api(args.api_host, args.api_port)
     except OSError as exc:
         log.error(
             "cannot serve the local API on %s:%s: %s",

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Final
 
-__all__ = ["DEFAULT_STATUS", "STATUS_BY_CODE", "AgentError", "status_for"]
+__all__ = ["DEFAULT_STATUS", "STATUS_BY_CODE", "AgentError", "api_port_error", "status_for"]
 
 # Anything not listed is a failure reported by (or about) the edge, which we only relay.
 DEFAULT_STATUS: Final = 502
@@ -62,3 +62,16 @@ class AgentError(Exception):
 
     def __repr__(self) -> str:
         return f"AgentError(code={self.code!r}, message={self.message!r}, status={self.status})"
+
+
+def api_port_error(port: int) -> AgentError:
+    """The refusal to expose ``port``, the port the agent's own control API listens on.
+
+    Worded like ``protocol.hostnames.validate_port``'s (Cloudflare's) message for port 3000: a
+    preview URL for the control API would give anyone with the URL every token and port."""
+    return AgentError(
+        "INVALID_PORT",
+        f"Invalid port number: {port}. Must be 1024-65535, excluding 3000 and {port} "
+        "(the tunnel agent's control API).",
+        400,
+    )

@@ -37,7 +37,7 @@ from typing import Any, Final, Protocol
 import h11
 import orjson
 
-from agent.errors import AgentError, status_for
+from agent.errors import AgentError, api_port_error, status_for
 from protocol.control import Exposure
 from protocol.hostnames import ValidationError, validate_custom_token, validate_port
 
@@ -107,6 +107,8 @@ class _Request:
     body: bytes
     host: str  # the Host header's name part, lowercased ("" if absent)
     from_browser: bool  # an Origin header was sent
+    forwarded: bool  # a proxy header was sent (X-Forwarded-*, Forwarded): it came through a proxy
+    peer: tuple[str, int] | None  # the client's address and port
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,6 +140,20 @@ class _ClientGone(Exception):
 
 
 _Handler = Callable[[_Request, "re.Match[str]"], Awaitable[_Response]]
+# ``is_tunnel_peer(("127.0.0.1", 51234))``: is that address one of the agent's own dialled sockets?
+TunnelPeerCheck = Callable[[tuple[str, int]], bool]
+
+
+def _is_proxy_header(name: bytes) -> bool:
+    # "_" too: WSGI/CGI-style stacks read X_Forwarded_For as X-Forwarded-For.
+    name = name.replace(b"_", b"-")
+    return name == b"forwarded" or name.startswith(b"x-forwarded-")
+
+
+def _address(value: object) -> tuple[str, int] | None:
+    if isinstance(value, tuple) and len(value) >= 2:
+        return (str(value[0]), int(value[1]))
+    return None
 
 
 def _shown(value: str) -> str:
@@ -260,8 +276,10 @@ class LocalAPI:
         *,
         request_timeout: float = REQUEST_TIMEOUT,
         max_connections: int = MAX_CONNECTIONS,
+        is_tunnel_peer: TunnelPeerCheck | None = None,
     ) -> None:
         self._controller = controller
+        self._is_tunnel_peer = is_tunnel_peer
         self._host = host
         self._requested_port = port
         # Host names a legitimate client may send; a wildcard bind cannot know its own names.
@@ -413,14 +431,19 @@ class LocalAPI:
                 assert head is not None
                 target = head.target.decode("ascii", "replace")
                 path, _, query = target.partition("?")
-                host, from_browser = "", False
+                host, from_browser, forwarded = "", False, False
                 for name, value in head.headers:
                     if name == b"host":
                         host = _host_name(value.decode("ascii", "replace"))
                     elif name == b"origin":
                         from_browser = True
+                    elif _is_proxy_header(name):
+                        forwarded = True
                 method = head.method.decode("ascii", "replace")
-                return _Request(method, path, query, bytes(body), host, from_browser)
+                peer = _address(writer.get_extra_info("peername"))
+                return _Request(
+                    method, path, query, bytes(body), host, from_browser, forwarded, peer
+                )
             else:  # ConnectionClosed before a new request: the client is done with us
                 raise _ClientGone
 
@@ -483,7 +506,19 @@ class LocalAPI:
         """Refuse web pages. A page in a browser on this machine can send a "simple" cross-origin
         POST here without any preflight, and a DNS-rebinding page can even read the answers;
         either would let any website publish sandbox ports. Browsers always send ``Origin`` on
-        such requests (our clients never do) and a rebinding page's ``Host`` is its own name."""
+        such requests (our clients never do) and a rebinding page's ``Host`` is its own name.
+
+        Refuse the tunnel too: a request relayed by the edge (or any proxy) carries
+        ``X-Forwarded-*``/``Forwarded``, and a stream the agent dialled to this port comes from one
+        of the agent's own sockets. The agent never dials this port; this is the second lock."""
+        if request.forwarded or (
+            self._is_tunnel_peer is not None
+            and request.peer is not None
+            and self._is_tunnel_peer(request.peer)
+        ):
+            return _HTTPError(
+                "FORBIDDEN", "Requests through the tunnel are not accepted by the local API."
+            )
         if request.from_browser:
             return _HTTPError("FORBIDDEN", "Browser requests are not accepted by the local API.")
         host = request.host
@@ -520,11 +555,18 @@ class LocalAPI:
         err = _HTTPError("NOT_FOUND", f"No such endpoint: {_shown(request.path)}.")
         return _error_response(err, request.path.startswith("/api/"))
 
+    def _exposable_port(self, obj: Mapping[str, Any]) -> int:
+        port = _body_port(obj)
+        server = self._server
+        if server is not None and server.sockets and port == self.port:
+            raise api_port_error(port)  # a preview URL of this API would hand it to anyone
+        return port
+
     # -- native endpoints -------------------------------------------------------------------
 
     async def _expose(self, request: _Request, match: re.Match[str]) -> _Response:
         obj = _json_object(request.body)
-        port = _body_port(obj)
+        port = self._exposable_port(obj)
         name = _optional_name(obj)
         token = _optional_token(obj)
         exposure = await self._controller.expose(port, name=name, token=token)
@@ -547,7 +589,7 @@ class LocalAPI:
     async def _legacy_expose(self, request: _Request, match: re.Match[str]) -> _Response:
         obj = _json_object(request.body)
         with _legacy_port_context(obj.get("port")):
-            port = _body_port(obj)
+            port = self._exposable_port(obj)
             name = _optional_name(obj)
             exposure = await self._controller.expose(port, name=name)
         return _json(
@@ -581,7 +623,8 @@ async def start_local_api(
 ) -> LocalAPI:
     """Start the local control API and return it (read ``.port``; ``await .close()`` to stop).
 
-    ``options`` go to :class:`LocalAPI` (``request_timeout``, ``max_connections``).
+    ``options`` go to :class:`LocalAPI` (``request_timeout``, ``max_connections``,
+    ``is_tunnel_peer``).
     """
     api = LocalAPI(controller, host, port, **options)
     await api.start()
