@@ -159,3 +159,75 @@ def test_chunked_scanner_finds_the_end_at_any_split(pieces, trailers, cuts, rest
 def test_chunked_scanner_rejects_garbage(bad: bytes) -> None:
     with pytest.raises(HeadError):
         ChunkedScanner().feed(bad)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        b"0x5\r\nhello\r\n0\r\n\r\n",  # a C/Python prefix: int(_, 16) accepts it, HTTP does not
+        b"+5\r\nhello\r\n0\r\n\r\n",
+        b"-0\r\n\r\n",
+        b"1_0\r\n" + b"x" * 16 + b"\r\n0\r\n\r\n",
+        b" 5 \r\nhello\r\n0\r\n\r\n",
+        b"5 \r\nhello\r\n0\r\n\r\n",
+        b"\t5\r\nhello\r\n0\r\n\r\n",
+        b"5\nhello\r\n0\r\n\r\n",  # bare LF ends the size line
+        b"5\r\nhello\n0\r\n\r\n",  # bare LF after the data
+        b"5\r\nhello\r\n0\n\r\n",
+        b"5\r\nhello\r\n0\r\n\n",  # bare LF ends the trailer section
+        b"5\r\nhello\r\n0\r\nX-T: 1\n\r\n",
+        b"5\rhello\r\n0\r\n\r\n",
+        b"\r\n",  # empty chunk size
+        b";ext\r\n",
+        b"1" * 17 + b"\r\n",  # more than 16 hex digits
+        b"5;a\x00b\r\nhello\r\n0\r\n\r\n",  # control character in an extension
+        # the same faults inside a run of tiny chunks (the scanner's fast path)
+        b"1\r\nx\r\n" * 3 + b"1\nx\r\n0\r\n\r\n",
+        b"1\r\nx\r\n" * 3 + b"1\r\nx\n1\r\nx\r\n0\r\n\r\n",
+        b"1\r\nx\r\n" * 3 + b"+1\r\nx\r\n0\r\n\r\n",
+        b"1\r\nx\r\n" * 3 + b"0x1\r\nx\r\n0\r\n\r\n",
+        b"1\r\nx\r\n" * 3 + b"1 \r\nx\r\n0\r\n\r\n",
+        b"1\r\nx\r\n" * 3 + b"00000000000000001\r\nx\r\n0\r\n\r\n",
+        b"1\r\nx\r\n" * 3 + b"2\r\nx\r\n0\r\n\r\n",  # data shorter than its size
+    ],
+)
+def test_chunked_scanner_strict_grammar(bad: bytes) -> None:
+    """Row 11: 1-16 hex digits, optional ;ext, CRLF everywhere; whole input and byte by byte."""
+    with pytest.raises(HeadError) as info:
+        ChunkedScanner().feed(bad)
+    assert info.value.status == 400
+    scanner = ChunkedScanner()
+    with pytest.raises(HeadError):
+        for i in range(len(bad)):
+            scanner.feed(bad[i : i + 1])
+
+
+@pytest.mark.parametrize(
+    "good",
+    [
+        b"5\r\nhello\r\n0\r\n\r\n",
+        b"A\r\n0123456789\r\n0\r\n\r\n",
+        b"a;name=value\r\n0123456789\r\n0;last\r\n\r\n",
+        b"5 ;ext\r\nhello\r\n0\r\n\r\n",  # RFC 9112 7.1.1: BWS before the extension
+        b"0000000000000005\r\nhello\r\n0\r\nX-Trailer: a\r\nX-Other: b\r\n\r\n",
+    ],
+)
+def test_chunked_scanner_accepts_valid_bodies(good: bytes) -> None:
+    for rest in (b"", b"GET / HTTP/1.1\r\n"):
+        data = good + rest
+        scanner = ChunkedScanner()
+        assert scanner.feed(data) == len(good) and scanner.done
+        scanner = ChunkedScanner()
+        consumed = 0
+        for i in range(len(data)):
+            consumed += scanner.feed(data[i : i + 1])
+            if scanner.done:
+                break
+        assert consumed == len(good) and scanner.done
+
+
+def test_chunked_scanner_many_tiny_chunks_in_one_read() -> None:
+    """A 256 KiB read of 1-byte chunks is scanned in one call (bounded work per read)."""
+    body = b"1\r\nx\r\n" * 40_000 + b"0\r\n\r\n"
+    scanner = ChunkedScanner()
+    assert scanner.feed(memoryview(body)) == len(body) and scanner.done
