@@ -43,3 +43,14 @@ bench-quick: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .coverage .coverage-html .mypy_cache .ruff_cache .pytest_cache .benchmarks
+
+# Mutation testing (not CI: slow). mutmut mutates protocol/frames.py and protocol/session.py and
+# runs the protocol unit tests against each mutant ([tool.mutmut] in pyproject.toml). Results stay
+# in mutants/: `$(VENV)/bin/mutmut results` lists the survivors, `mutmut show NAME` shows one.
+# The last score and the triage of the survivors are in docs/testing.md. Niced: machines are shared.
+.PHONY: mutation
+MUTATION_JOBS ?= 1
+mutation: $(STAMP)
+	$(PY) -m pip install -q -e '.[mutation]'
+	nice -n 10 $(VENV)/bin/mutmut run --max-children $(MUTATION_JOBS)
+	$(VENV)/bin/mutmut results
