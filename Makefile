@@ -1,19 +1,51 @@
-# Two commands on a fresh machine (Python 3.11 + make): `make demo` and `make test`.
-PYTHON ?= python3.11
+# Two commands on a fresh machine (Python >= 3.11 + make): `make demo` and `make test`.
+# $(VENV) is created with PYTHON: by default the newest python3.X (X >= 11) on PATH that runs, else
+# python3 when it is >= 3.11 (tools/find_python.sh; `make print-python` shows the pick). A working
+# $(VENV) is reused as it is: to switch interpreters, `make clean` first or pick another VENV=.
+PYTHON ?=
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+FIND_PYTHON := $(SHELL) tools/find_python.sh
 
-.PHONY: setup demo test lint typecheck unit bench bench-micro bench-quick clean
+.PHONY: setup demo test lint typecheck unit bench bench-micro bench-quick clean print-python test-versions
 
 $(STAMP): pyproject.toml
-	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found (set PYTHON=/path/to/python3.11)"; exit 2; }
-	$(PYTHON) -m venv $(VENV)
+	@if $(PY) -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then \
+	    echo "$(VENV): reusing it ($$($(PY) -V))$(if $(PYTHON), - PYTHON=$(PYTHON) applies only when it is created)"; \
+	else \
+	    py=$$($(FIND_PYTHON) $(if $(PYTHON),'$(PYTHON)')) || exit 2; \
+	    echo "$(VENV): creating it with $$py ($$("$$py" -V))"; \
+	    "$$py" -m venv --clear $(VENV) || exit 2; \
+	fi
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'
 	@touch $(STAMP)
 
 setup: $(STAMP)
+
+print-python:
+	@$(FIND_PYTHON) $(if $(PYTHON),'$(PYTHON)')
+
+# Not part of CI (slow): the test suite under every supported Python found on PATH or in pyenv's
+# versions/, each in its own venv .venv-3.X (log in .venv-3.X/pytest.log). VERSIONS="3.12 3.13"
+# limits it. Run it niced on a shared machine: `nice -n 10 make test-versions`.
+VERSIONS ?=
+test-versions:
+	@found=$$($(FIND_PYTHON) --all) || exit 2; set -- $$found; status=0; summary=; \
+	while [ $$# -ge 2 ]; do \
+	    v=$$1; py=$$2; shift 2; \
+	    case " $(strip $(VERSIONS)) " in "  " | *" $$v "*) ;; *) continue ;; esac; \
+	    venv=.venv-$$v; echo "== Python $$v: $$py -> $$venv"; \
+	    if ! $(MAKE) --no-print-directory setup PYTHON="$$py" VENV="$$venv"; then \
+	        status=1; summary="$$summary\n  $$v: venv setup failed"; continue; \
+	    fi; \
+	    echo '*' > "$$venv/.gitignore"; \
+	    "$$venv/bin/python" -m pytest -q -p no:cacheprovider > "$$venv/pytest.log" 2>&1 || status=1; \
+	    last=$$(tail -n 1 "$$venv/pytest.log"); echo "   $$last"; \
+	    summary="$$summary\n  $$("$$venv/bin/python" -V): $$last"; \
+	done; \
+	printf 'test-versions, %s:%b\n' "$$(date -u +%Y-%m-%d)" "$$summary"; exit $$status
 
 demo: $(STAMP)
 	$(VENV)/bin/tunneld demo
