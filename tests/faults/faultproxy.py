@@ -268,7 +268,7 @@ class FaultProxy:
                     size = max(1, min(size, int(self._rate / 20)))
                 data = await reader.read(size)
                 if not data:
-                    if writer.can_write_eof():
+                    if not writer.transport.is_closing() and writer.can_write_eof():
                         writer.write_eof()
                     return
                 await self._flowing.wait()  # a stall that began during the read holds the chunk
@@ -283,8 +283,9 @@ class FaultProxy:
                 await writer.drain()
                 if self._rate:
                     await asyncio.sleep(len(data) / self._rate)
-        except (ConnectionError, OSError):
-            # One side failed: the other must see an abnormal end too.
+        except (ConnectionError, OSError, RuntimeError):
+            # One side failed (uvloop raises RuntimeError on a closed handle): the other side
+            # must see an abnormal end too.
             link.reset()
 
     def _maybe_corrupt(self, data: bytes, direction: str) -> bytes:
