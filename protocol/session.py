@@ -31,13 +31,20 @@ per stream (initial :data:`INITIAL_STREAM_WINDOW`, assumed by both sides) and pe
 (initial :data:`INITIAL_SESSION_WINDOW`; a larger ``SessionConfig.session_window`` is granted by a
 WINDOW_UPDATE on stream 0 right after our handshake message). We never send beyond
 ``min(stream credit, session credit)``; the peer doing so is FLOW_CONTROL_ERROR. Received bytes
-are returned as credit only when the application calls :meth:`Session.acknowledge`, batched:
-a stream's WINDOW_UPDATE goes out when its acknowledged-but-unreturned bytes reach half its
-window (the session's likewise on stream 0). When that update goes out, the application holds
-nothing (``unacked == 0``) and the peer used at least 3/4 of the window since the last update, the
-window doubles (up to ``max_stream_window``) and the increase rides in the same update. Streams
-that are gone (reset, finished) return their unacknowledged session credit at once, and DATA
-still arriving for them is counted against the session window and its credit returned.
+leave the session at once as ``DataReceived`` events, so their *session* credit is returned as
+soon as they are delivered: the session window bounds the bytes in flight on the link, nothing
+more. *Stream* credit comes back only when the application calls :meth:`Session.acknowledge`
+(the shell does once the bytes are handed to a socket below its high-water mark), so a stream
+whose reader stopped holds its own credit and never strands the session's: one stalled reader
+(or 200) cannot freeze the other streams. Credit is batched: a stream's WINDOW_UPDATE goes out
+when its acknowledged-but-unreturned bytes reach half its window (the session's likewise on
+stream 0). When that update goes out, the application holds nothing (``unacked == 0``) and the
+peer used at least 3/4 of the window since the last update, the window doubles (up to
+``max_stream_window``, and while the session's growth budget ``stream_growth_budget`` lasts) and
+the increase rides in the same update. The receiver's memory is therefore bounded by
+``streams x INITIAL_STREAM_WINDOW + stream_growth_budget`` plus what the shell buffers per stream.
+DATA still arriving for streams that are gone is counted against the session window and its
+credit returned.
 
 Lifetime. ``close()`` sends GO_AWAY: no new streams either way (peer SYNs are refused with
 REFUSED_STREAM), existing streams finish. The session terminates (``ConnectionTerminated``,
@@ -96,7 +103,14 @@ from protocol.frames import (
     FrameType,
 )
 
-__all__ = ["Role", "Session", "SessionConfig"]
+__all__ = ["DEFAULT_STREAM_GROWTH_BUDGET", "Role", "Session", "SessionConfig"]
+
+# Stream windows start at INITIAL_STREAM_WINDOW and double for streams whose reader keeps up. A
+# window cannot be taken back once granted, so a stream that then stalls keeps what it was given;
+# this caps what all of one session's streams together may have been granted beyond the initial
+# window (8 streams at the 4 MiB maximum), which bounds the receiver's memory at
+# streams x INITIAL_STREAM_WINDOW + this, whatever the readers do (docs/architecture.md).
+DEFAULT_STREAM_GROWTH_BUDGET: Final = 32 * 1024 * 1024
 
 
 class Role(enum.Enum):
@@ -113,6 +127,8 @@ class SessionConfig:
     dead_timeout: float = DEAD_TIMEOUT
     stream_send_high_water: int = 256 * 1024  # send_data() says "pause your source" above this
     stream_send_low_water: int = 64 * 1024  # StreamWritable once queued bytes fall to this
+    # what all streams together may be granted beyond INITIAL_STREAM_WINDOW (window growth)
+    stream_growth_budget: int = DEFAULT_STREAM_GROWTH_BUDGET
 
     def __post_init__(self) -> None:
         if not INITIAL_STREAM_WINDOW <= self.max_stream_window <= MAX_WINDOW:
@@ -126,6 +142,8 @@ class SessionConfig:
             raise ValueError("heartbeat_interval and dead_timeout must be > 0")
         if not 0 <= self.stream_send_low_water <= self.stream_send_high_water:
             raise ValueError("need 0 <= stream_send_low_water <= stream_send_high_water")
+        if self.stream_growth_budget < 0:
+            raise ValueError("stream_growth_budget must be >= 0")
 
 
 _DEFAULT_CONFIG: Final = SessionConfig()
@@ -225,6 +243,7 @@ class Session:
         "_config",
         "_ctrl",
         "_events",
+        "_grown",
         "_handlers",
         "_highest_remote_id",
         "_initial_update",
@@ -267,6 +286,7 @@ class Session:
         self._recv_size = config.session_window  # credit we grant (once _initial_update is sent)
         self._recv_avail = INITIAL_SESSION_WINDOW  # what the peer may still send us
         self._recv_unreturned = 0
+        self._grown = 0  # sum over live streams of recv_size - INITIAL_STREAM_WINDOW
         self._initial_update = config.session_window - INITIAL_SESSION_WINDOW
         self._sent_first = False
         self._received_first = False
@@ -558,7 +578,6 @@ class Session:
             st.recv_unreturned += n
             if st.recv_unreturned >= st.recv_size >> 1:
                 self._send_stream_update(st)
-        self._return_session_credit(n)
 
     def ping(self, now: float) -> None:
         self._require_handshake()
@@ -644,10 +663,8 @@ class Session:
         st.chunks.clear()
         st.queued = 0
         del self._streams[st.id]
-        if st.recv_unacked:
-            unacked = st.recv_unacked
-            st.recv_unacked = 0
-            self._return_session_credit(unacked)
+        st.recv_unacked = 0
+        self._grown -= st.recv_size - INITIAL_STREAM_WINDOW
         self._check_done()
 
     def _reset(self, st: _Stream, code: ResetCode, *, emit: bool = False) -> None:
@@ -664,9 +681,11 @@ class Session:
         size = st.recv_size
         limit = self._config.max_stream_window
         if size < limit and not st.recv_unacked and st.recv_used >= size - (size >> 2):
-            grown = min(size * 2, limit)
-            delta += grown - size
-            st.recv_size = grown
+            extra = min(size, limit - size, self._config.stream_growth_budget - self._grown)
+            if extra > 0:
+                delta += extra
+                st.recv_size = size + extra
+                self._grown += extra
         st.recv_unreturned = 0
         st.recv_used = 0
         st.recv_avail += delta
@@ -767,6 +786,7 @@ class Session:
             st.recv_avail -= n
             st.recv_unacked += n
             st.recv_used += n
+            self._return_session_credit(n)  # delivered: only the stream's credit is held
         fin = flags & _FIN
         if fin:
             self._events.append(DataReceived(stream_id, frame.payload, True))
