@@ -10,8 +10,12 @@ connect again. A newer session for the same sandbox replaces the old one at the 
 reconnect after an unclean loss is never refused as "already connected".
 
 Each stream the edge opens carries a target port. The agent only ever dials 127.0.0.1 (then ::1)
-and only ports 1024-65535 except 3000; anything else is reset with PORT_NOT_ALLOWED. A refused
-connect is reset with CONNECT_REFUSED, which the edge turns into a 502 naming the port.
+and only ports 1024-65535 except 3000 and its own local API port; a ``preview`` stream must also
+target a port the agent knows is exposed (``Agent.exposures``, updated synchronously from the
+Welcome, Expose/Unexpose and the Ok replies to its own requests), while ``direct`` streams (the
+admin API's connect, authorised at the edge) may reach any such port. Anything else is reset with
+PORT_NOT_ALLOWED and logged. A refused connect is reset with CONNECT_REFUSED, which the edge turns
+into a 502 naming the port.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import asyncio
 import logging
 import random
 import ssl
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final, cast
 
@@ -119,6 +124,7 @@ class AgentSession(MuxProtocol):
         self.pending = PendingRequests(loop)
         self.welcomed: asyncio.Future[control.Welcome] = loop.create_future()
         self._dialing: set[asyncio.Task[None]] = set()
+        self._on_ok: dict[int, Callable[[control.Ok], None]] = {}
 
     def on_connected(self) -> None:
         config = self.agent.config
@@ -136,18 +142,22 @@ class AgentSession(MuxProtocol):
         self.flush()
 
     def on_control(self, message: Any) -> None:
+        # Exposure changes apply here, synchronously: the edge may open a preview stream to a
+        # port in the very read that carries the Welcome or the Ok that exposed it.
         if isinstance(message, control.Welcome):
             if not self.welcomed.done():
+                self.agent.exposures = {e.port for e in message.exposures}
                 self.welcomed.set_result(message)
         elif isinstance(message, control.Error) and message.id is None:
             log.error("edge refused the session: %s (%s)", message.message, message.code)
             self.agent.last_refusal = (message.code, message.message)
         elif isinstance(message, (control.Ok, control.Error)):
+            on_ok = self._on_ok.pop(message.id, None) if message.id is not None else None
+            if on_ok is not None and isinstance(message, control.Ok):
+                on_ok(message)
             self.pending.resolve(message)
         elif isinstance(message, control.Expose):
-            self.agent.remember(
-                control.Exposure(message.port, message.token or "", "", message.name)
-            )
+            self.agent.remember(message.port)
             self._ack(message.id)
         elif isinstance(message, control.Unexpose):
             self.agent.forget(message.port)
@@ -156,14 +166,20 @@ class AgentSession(MuxProtocol):
     def _ack(self, request_id: int) -> None:
         self.session.send_control(control.Ok(request_id))
 
-    async def request(self, message_factory: Any) -> control.Ok:
+    async def request(
+        self, message_factory: Any, on_ok: Callable[[control.Ok], None] | None = None
+    ) -> control.Ok:
+        """Send a control request and wait for its reply; ``on_ok(reply)`` runs as it is read."""
         request_id, future = self.pending.new()
+        if on_ok is not None:
+            self._on_ok[request_id] = on_ok
         self.session.send_control(message_factory(request_id))
         self.flush()
         try:
             return await asyncio.wait_for(future, REQUEST_TIMEOUT)
         finally:
             self.pending.forget(request_id)
+            self._on_ok.pop(request_id, None)
 
     # -- streams ---------------------------------------------------------------------------------
     def on_stream_opened(self, event: StreamOpened) -> None:
@@ -178,6 +194,18 @@ class AgentSession(MuxProtocol):
                 "edge asked for port %d, the agent's own control API; refused (stream %d)",
                 port,
                 event.stream_id,
+            )
+            self.session.reset_stream(event.stream_id, ResetCode.PORT_NOT_ALLOWED)
+            return
+        if event.via == "preview" and port not in self.agent.exposures:
+            # Direct streams are authorised by the admin token at the edge; preview streams only
+            # by an exposure, and the agent hears of every one.
+            log.warning(
+                "edge opened a preview stream to port %d, which is not exposed; refused "
+                "(stream %d, client %s)",
+                port,
+                event.stream_id,
+                event.client,
             )
             self.session.reset_stream(event.stream_id, ResetCode.PORT_NOT_ALLOWED)
             return
@@ -226,7 +254,9 @@ class Agent:
     def __init__(self, config: AgentConfig) -> None:
         self.config = config
         self.session: AgentSession | None = None
-        self.exposures: dict[int, control.Exposure] = {}
+        # Ports the edge says are exposed (welcome, expose, unexpose, list replies): the only
+        # ports a preview stream may reach.
+        self.exposures: set[int] = set()
         self.last_refusal: tuple[str, str] | None = None
         self.last_termination: GoAwayCode | None = None
         self.session_id: str | None = None
@@ -279,10 +309,12 @@ class Agent:
             raise AgentError("EDGE_NOT_CONNECTED", "The agent is not connected to the edge.", 503)
         return session
 
-    async def _call(self, factory: Any) -> control.Ok:
+    async def _call(
+        self, factory: Any, on_ok: Callable[[control.Ok], None] | None = None
+    ) -> control.Ok:
         session = self._live()
         try:
-            return await session.request(factory)
+            return await session.request(factory, on_ok)
         except TimeoutError:
             raise AgentError("EDGE_TIMEOUT", "The edge did not answer in time.", 504) from None
         except ControlRequestError as exc:
@@ -292,31 +324,32 @@ class Agent:
         self, port: int, name: str | None = None, token: str | None = None
     ) -> control.Exposure:
         port = self.check_port(port)
-        ok = await self._call(lambda rid: control.Expose(rid, port, name, token))
+        ok = await self._call(
+            lambda rid: control.Expose(rid, port, name, token), lambda ok: self.remember(port)
+        )
         if not ok.exposures:
             raise AgentError("BAD_REPLY", "The edge answered without the exposure.", 502)
-        exposure = ok.exposures[0]
-        self.remember(exposure)
-        return exposure
+        return ok.exposures[0]
 
     async def unexpose(self, port: int) -> None:
         try:
             port = validate_port(port)
         except ValidationError as exc:
             raise AgentError(exc.code, exc.message, 400) from None
-        await self._call(lambda rid: control.Unexpose(rid, port))
-        self.forget(port)
+        await self._call(lambda rid: control.Unexpose(rid, port), lambda ok: self.forget(port))
 
     async def list_exposures(self) -> list[control.Exposure]:
-        ok = await self._call(lambda rid: control.ListExposures(rid))
-        self.exposures = {e.port: e for e in ok.exposures}
+        ok = await self._call(lambda rid: control.ListExposures(rid), self._learn)
         return sorted(ok.exposures, key=lambda e: e.port)
 
-    def remember(self, exposure: control.Exposure) -> None:
-        self.exposures[exposure.port] = exposure
+    def _learn(self, ok: control.Ok) -> None:
+        self.exposures = {e.port for e in ok.exposures}  # the edge's whole, authoritative set
+
+    def remember(self, port: int) -> None:
+        self.exposures.add(port)
 
     def forget(self, port: int) -> None:
-        self.exposures.pop(port, None)
+        self.exposures.discard(port)
 
     # -- connection loop -------------------------------------------------------------------------
     async def connect_once(self) -> AgentSession:
@@ -343,7 +376,6 @@ class Agent:
             raise
         self.session = session
         self.session_id = welcome.session
-        self.exposures = {e.port: e for e in welcome.exposures}
         self.last_refusal = None
         self.connected_event.set()
         log.info(

@@ -74,7 +74,7 @@ async def test_agent_reports_refused_connect() -> None:
     await closed.wait_closed()
     try:
         await agent.connect_once()
-        sid = edge.session.open_stream(free_port, "preview", "1.2.3.4:5")
+        sid = edge.session.open_stream(free_port, "direct", "1.2.3.4:5")  # preview: unexposed
         edge.flush()
         while True:
             event = await asyncio.wait_for(edge.events.get(), 15)

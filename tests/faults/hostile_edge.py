@@ -17,10 +17,19 @@ from protocol.events import ControlReceived, DataReceived, Event, StreamAccepted
 from protocol.session import Role, Session
 
 
+def _exposure(port: int) -> control.Exposure:
+    return control.Exposure(port, f"t{port}", f"http://{port}-sb1-t{port}.test/")
+
+
 class HostileEdge(asyncio.Protocol):
     def __init__(self, exposures: Iterable[int] = ()) -> None:
         self.session = Session(Role.EDGE)
-        self.exposures = tuple(control.Exposure(p, f"t{p}", f"http://{p}.test/") for p in exposures)
+        self.exposures = {p: _exposure(p) for p in exposures}
+        # Ports to open a preview stream to in the same write as the Welcome / an Ok reply (the
+        # real edge may do that: a client was waiting), as (port, data) pairs.
+        self.open_after_welcome: list[tuple[int, bytes]] = []
+        self.open_after_reply: list[tuple[int, bytes]] = []
+        self.opened: list[int] = []
         self.events: asyncio.Queue[Event] = asyncio.Queue()
         self.transport: asyncio.Transport | None = None
         self.lost = asyncio.Event()
@@ -31,11 +40,43 @@ class HostileEdge(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self.session.receive_data(data)
         for event in self.session.events_received():
-            if isinstance(event, ControlReceived) and isinstance(event.message, control.Hello):
-                self.session.send_control(control.Welcome("s", 10.0, {}, self.exposures))
+            if isinstance(event, ControlReceived):
+                self._answer(event.message)
             if isinstance(event, DataReceived) and event.data:
                 self.session.acknowledge(event.stream_id, len(event.data))
             self.events.put_nowait(event)
+        self.flush()
+
+    def _answer(self, message: object) -> None:
+        if isinstance(message, control.Hello):
+            welcome = control.Welcome("s", 10.0, {}, tuple(self.exposures.values()))
+            self.session.send_control(welcome)
+            opens, self.open_after_welcome = self.open_after_welcome, []
+        elif isinstance(message, control.Expose):
+            self.exposures[message.port] = _exposure(message.port)
+            reply = (self.exposures[message.port],)
+            self.session.send_control(control.Ok(message.id, reply))
+            opens, self.open_after_reply = self.open_after_reply, []
+        elif isinstance(message, control.Unexpose):
+            self.exposures.pop(message.port, None)
+            self.session.send_control(control.Ok(message.id))
+            opens, self.open_after_reply = self.open_after_reply, []
+        elif isinstance(message, control.ListExposures):
+            reply = tuple(self.exposures.values())
+            self.session.send_control(control.Ok(message.id, reply))
+            opens, self.open_after_reply = self.open_after_reply, []
+        else:
+            return
+        for port, data in opens:
+            self.opened.append(self.open(port, "preview", data, flush=False))
+
+    def tell(self, message: control.Message) -> None:
+        """Send a control message the way the real edge tells the agent about admin changes."""
+        if isinstance(message, control.Expose):
+            self.exposures[message.port] = _exposure(message.port)
+        elif isinstance(message, control.Unexpose):
+            self.exposures.pop(message.port, None)
+        self.session.send_control(message)
         self.flush()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -45,11 +86,12 @@ class HostileEdge(asyncio.Protocol):
         if self.transport is not None and not self.transport.is_closing():
             self.transport.writelines(self.session.data_to_send())
 
-    def open(self, port: int, via: str = "preview", data: bytes = b"") -> int:
+    def open(self, port: int, via: str = "preview", data: bytes = b"", flush: bool = True) -> int:
         sid = self.session.open_stream(port, via, "203.0.113.9:4444")
         if data:
             self.session.send_data(sid, data)
-        self.flush()
+        if flush:
+            self.flush()
         return sid
 
     async def outcome(self, sid: int, timeout: float = 10) -> Event:
@@ -78,10 +120,12 @@ class HostileEdge(asyncio.Protocol):
 
 
 @asynccontextmanager
-async def hostile_edge(exposures: Iterable[int] = ()) -> AsyncIterator[tuple[HostileEdge, Agent]]:
+async def hostile_edge(
+    exposures: Iterable[int] = (), edge: HostileEdge | None = None
+) -> AsyncIterator[tuple[HostileEdge, Agent]]:
     """A started ``HostileEdge`` and an ``Agent`` connected to it (not running its loop)."""
     loop = asyncio.get_running_loop()
-    edge = HostileEdge(exposures)
+    edge = edge or HostileEdge(exposures)
     server = await loop.create_server(lambda: edge, "127.0.0.1", 0)
     agent = Agent(AgentConfig("127.0.0.1", server.sockets[0].getsockname()[1], "sb1", "t"))
     try:
