@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import http.client
 import importlib
+import ipaddress
 import json
 import os
 import sys
@@ -182,6 +183,29 @@ def _host_port(text: str) -> str:
     return text
 
 
+def plaintext_refusal(server: str, *, tls: bool, insecure: bool) -> str | None:
+    """Why ``--server`` must not be used without TLS, or None (issue 7 row 3).
+
+    Only TLS detects a corrupted byte on the link, so plain TCP and ws:// go to loopback only
+    (``localhost`` or a loopback address) unless ``--insecure-plaintext`` says the network is
+    trusted; the edge applies the same rule to its peers.
+    """
+    scheme, sep, address = server.partition("://")
+    if tls or insecure or (sep and scheme == "wss"):
+        return None
+    host = (address if sep else server).rstrip("/").rpartition(":")[0].strip("[]")
+    try:
+        loopback = host.lower() == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if loopback:
+        return None
+    return (
+        f"--server {server} is not a loopback address: the link to the edge must use TLS "
+        "(--tls or wss://), or pass --insecure-plaintext on a trusted network"
+    )
+
+
 def _tcp_port(text: str) -> int:
     if not text.isdigit() or int(text) > 65535:
         raise argparse.ArgumentTypeError(f"expected a TCP port 0-65535, got {text!r}")
@@ -277,6 +301,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="port of the local control API (default 3000)",
     )
     run.add_argument("--tls", action="store_true", help="connect to the edge over TLS")
+    run.add_argument(
+        "--insecure-plaintext",
+        action="store_true",
+        help="allow plain TCP / ws:// to a non-loopback --server (trusted networks only: "
+        "without TLS a corrupted byte on the link goes undetected)",
+    )
     run.add_argument(
         "--tls-ca", metavar="FILE", help="CA bundle to verify the edge with (implies --tls)"
     )
@@ -374,6 +404,9 @@ def _cmd_run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     args.token = _read_token(args, parser)
     if args.tls_ca or args.tls_server_name:
         args.tls = True
+    refusal = plaintext_refusal(args.server, tls=args.tls, insecure=args.insecure_plaintext)
+    if refusal is not None:
+        parser.error(refusal)
     # Imported here: the client commands must not need (or pay for) the core.
     core = importlib.import_module("agent.core")
     return int(core.run_from_args(args) or 0)

@@ -8,6 +8,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -71,6 +72,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--admin-port", type=int, help="admin API port (default 7070)")
     serve.add_argument("--tls-cert", metavar="FILE", help="TLS certificate for the agent listener")
     serve.add_argument("--tls-key", metavar="FILE", help="TLS key for the agent listener")
+    serve.add_argument(
+        "--allow-plaintext-agents",
+        action="store_const",
+        const=True,
+        help="accept plain TCP / ws:// agent links from non-loopback peers (trusted networks "
+        "only: without TLS a corrupted byte on the link goes undetected)",
+    )
     serve.add_argument("--parser", choices=["auto", "httptools", "h11"], help="request-head parser")
     serve.add_argument(
         "--no-tokens",
@@ -97,6 +105,12 @@ def build_parser() -> argparse.ArgumentParser:
         "Hand it to the sandbox as TUNNEL_AGENT_TOKEN.",
     )
     token.add_argument("sandbox_id", metavar="SANDBOX_ID")
+    token.add_argument(
+        "--ttl",
+        metavar="DURATION",
+        help="mint a token that expires after DURATION (90s, 15m, 24h, 7d); the edge then "
+        "closes the agent's session when it expires. Default: no expiry",
+    )
     token.add_argument(
         "--config", "-c", metavar="FILE", help="TOML config file holding secret_file"
     )
@@ -125,8 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     keys = (
         "domain", "scheme", "url_port", "public_host", "public_port", "agent_host", "agent_port",
-        "admin_host", "admin_port", "tls_cert", "tls_key", "parser", "tokens", "grace_period",
-        "access_log", "log_level",
+        "admin_host", "admin_port", "tls_cert", "tls_key", "allow_plaintext_agents", "parser",
+        "tokens", "grace_period", "access_log", "log_level",
     )  # fmt: skip
     return {k: getattr(args, k, None) for k in keys}
 
@@ -163,19 +177,26 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _token(args: argparse.Namespace) -> int:
     from protocol.hostnames import ValidationError, validate_sandbox_id
 
-    from .auth import agent_token
+    from .auth import agent_token, parse_ttl
 
     try:
         sandbox_id = validate_sandbox_id(args.sandbox_id)
     except ValidationError as exc:
         print(f"tunneld: {exc.message}", file=sys.stderr)
         return 2
+    expires_at = None
+    if args.ttl is not None:
+        try:
+            expires_at = int(time.time()) + parse_ttl(args.ttl)
+        except ValueError as exc:
+            print(f"tunneld: --ttl: {exc}", file=sys.stderr)
+            return 2
     config_path = args.config or os.environ.get("TUNNELD_CONFIG")
     # Only the secret matters here; the admin token may be absent on the orchestrator's machine.
     env = dict(os.environ)
     env.setdefault("TUNNELD_ADMIN_TOKEN", "unused-for-token-minting")
     config = load_config(config_path, environ=env)
-    print(agent_token(config.secret, sandbox_id))
+    print(agent_token(config.secret, sandbox_id, expires_at))
     return 0
 
 
@@ -204,6 +225,11 @@ async def _serve(
         return 1
     if ports_file:
         _write_ports(ports_file, server)
+    if not config.tls_cert and not config.allow_plaintext_agents:
+        log.info(
+            "agent listener without TLS: only agents on loopback are accepted (use tls_cert/"
+            "tls_key, or allow_plaintext_agents = true on a trusted network)"
+        )
     stop = asyncio.Event()
     signals: list[str] = []
 
@@ -218,11 +244,7 @@ async def _serve(
         except ConfigError as exc:
             log.error("SIGHUP: configuration not reloaded: %s", exc)
             return
-        # Safe to change live: secrets, timeouts, logging. Listener addresses need a restart.
-        for name in ("admin_token", "secret", "head_timeout", "control_timeout", "grace_period",
-                     "access_log", "log_level"):  # fmt: skip
-            setattr(config, name, getattr(new, name))
-        logging.getLogger().setLevel(getattr(logging, config.log_level.upper(), logging.INFO))
+        apply_reload(server, new)
         log.info("SIGHUP: configuration reloaded")
 
     loop.add_signal_handler(signal.SIGTERM, on_stop, "SIGTERM")
@@ -239,6 +261,22 @@ async def _serve(
         watchdog.cancel()
     log.info("stopped")
     return 0
+
+
+def apply_reload(server: Any, new: Config) -> None:
+    """Install the live-changeable settings of ``new`` (SIGHUP) and act on them.
+
+    Safe to change live: secrets, timeouts, logging, the plaintext rule. Listener addresses need a
+    restart. Agent sessions whose token no longer verifies under the new secret are closed.
+    """
+    config = server.config
+    for name in ("admin_token", "secret", "head_timeout", "control_timeout", "grace_period",
+                 "access_log", "log_level", "allow_plaintext_agents"):  # fmt: skip
+        setattr(config, name, getattr(new, name))
+    logging.getLogger().setLevel(getattr(logging, config.log_level.upper(), logging.INFO))
+    closed = server.auth.revalidate()
+    if closed:
+        log.warning("reload: closed %d agent session%s", closed, "" if closed == 1 else "s")
 
 
 def _write_ports(path: str, server: Any) -> None:

@@ -34,16 +34,25 @@ class Config:
     # Agent listener TLS (optional)
     tls_cert: str = ""
     tls_key: str = ""
+    # Plaintext (TCP, ws://) agent links from non-loopback peers; TLS is what detects corruption
+    allow_plaintext_agents: bool = False
     # Behaviour
     parser: str = "auto"  # request-head parser: auto | httptools | h11
     head_timeout: float = 10.0  # seconds to receive a request head (slowloris bound)
     idle_timeout: float = 3600.0  # close public connections silent both ways this long; 0 = never
+    keepalive_timeout: float = 75.0  # close a public connection idle between requests (nginx: 75)
+    max_connections: int = 10000  # public connections in total (then 503 TOO_MANY_CONNECTIONS)
+    max_connections_per_ip: int = 256  # public connections per client IP (then 503)
     control_timeout: float = 5.0  # seconds to wait for the agent's ack of expose/unexpose
     handshake_timeout: float = 10.0  # seconds for an agent to send hello after connecting
     grace_period: float = 30.0  # SIGTERM: seconds to let live streams finish
     max_streams: int = 32768  # concurrent connections per agent session (then 503 SANDBOX_BUSY)
     heartbeat_interval: float = 10.0
     dead_timeout: float = 15.0
+    # Control requests (expose, unexpose, list) an agent may send: a token bucket per session.
+    # Past it requests get a RATE_LIMITED error; far past it the session is closed.
+    control_rate: float = 20.0  # per second, sustained
+    control_burst: int = 100
     log_level: str = "info"
     access_log: bool = False
 
@@ -64,6 +73,12 @@ class Config:
             )
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ConfigError("tls_cert and tls_key go together")
+        if self.control_rate <= 0 or self.control_burst < 1:
+            raise ConfigError("control_rate must be > 0 and control_burst at least 1")
+        if self.keepalive_timeout <= 0:
+            raise ConfigError("keepalive_timeout must be > 0")
+        if self.max_connections < 1 or self.max_connections_per_ip < 1:
+            raise ConfigError("max_connections and max_connections_per_ip must be at least 1")
         for name in ("public_port", "agent_port", "admin_port"):
             value = getattr(self, name)
             if not 0 <= value <= 65535:
