@@ -33,7 +33,7 @@ from protocol.errors import GoAwayCode, ResetCode
 from protocol.events import ConnectionTerminated, StreamOpened
 from protocol.hostnames import InvalidPortError, ValidationError, validate_port
 from protocol.session import Role, Session, SessionConfig
-from relay.mux import MuxProtocol, StreamEndpoint
+from relay.mux import MuxProtocol, StreamEndpoint, abort_with_reset
 from relay.requests import ControlRequestError, PendingRequests
 from relay.wslink import WebSocketLink
 
@@ -84,9 +84,9 @@ class LocalEndpoint(StreamEndpoint):
             self._dialled.add(self._sockname)
         mux = self.mux
         if self._closed or mux.streams.get(self.stream_id) is not self or mux.session.closed:
-            cast(
-                asyncio.Transport, transport
-            ).abort()  # the edge reset the stream while we were dialing
+            # The edge reset the stream (or the link was lost) while we were dialing: RST, so the
+            # service never takes the cut-short request for a complete one.
+            abort_with_reset(cast(asyncio.Transport, transport))
             return
         # Accept before anything else: the service may answer before create_connection() returns.
         mux.session.accept_stream(self.stream_id)
@@ -372,7 +372,7 @@ class Agent:
             welcome = await asyncio.wait_for(asyncio.shield(session.welcomed), CONNECT_TIMEOUT)
         except BaseException:
             if session.transport is not None:
-                session.transport.abort()
+                abort_with_reset(session.transport)
             raise
         self.session = session
         self.session_id = welcome.session
@@ -443,7 +443,7 @@ class Agent:
                 await asyncio.wait_for(asyncio.shield(session.closed), 2.0)
             except TimeoutError:
                 if session.transport is not None:
-                    session.transport.abort()
+                    abort_with_reset(session.transport)
 
 
 def _tls_context(args: Any) -> ssl.SSLContext | None:
