@@ -442,4 +442,7 @@ class _DirectEndpoint(StreamEndpoint):
 
 
 def _path_port(text: str) -> object:
-    return int(text) if text.isdigit() and len(text) < 7 else text
+    """A port from a path segment: ASCII digits only (``str.isdigit()`` also accepts ``²``,
+    which ``int()`` rejects, and full-width digits, which it parses); anything else is returned
+    as is for ``validate_port`` to refuse with 400 INVALID_PORT."""
+    return int(text) if text.isascii() and text.isdigit() and len(text) < 7 else text
