@@ -25,7 +25,7 @@ import logging
 import random
 import ssl
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final, cast
 
 from protocol import control
@@ -61,6 +61,21 @@ class AgentConfig:
     server_hostname: str | None = None
     websocket: bool = False  # carry the session in WebSocket messages (egress allows only HTTP)
     dial_hosts: tuple[str, ...] = ("127.0.0.1", "::1")
+    session: SessionConfig = field(
+        default_factory=SessionConfig
+    )  # windows, heartbeat, dead timeout
+
+
+def describe_error(exc: BaseException) -> str:
+    """One line for the log saying why a connection to the edge failed or ended."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return f"TLS handshake failed: {exc.verify_message} ({exc.reason})"
+    if isinstance(exc, ssl.SSLError):
+        return f"TLS failed: {exc.reason or exc}"
+    if isinstance(exc, TimeoutError):
+        return f"timed out after {CONNECT_TIMEOUT:g} s"
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 class LocalEndpoint(StreamEndpoint):
@@ -119,12 +134,15 @@ class LocalEndpoint(StreamEndpoint):
 
 class AgentSession(MuxProtocol):
     def __init__(self, agent: Agent, loop: asyncio.AbstractEventLoop) -> None:
-        super().__init__(Session(Role.AGENT, SessionConfig(), now=loop.time()), loop)
+        super().__init__(Session(Role.AGENT, agent.config.session, now=loop.time()), loop)
         self.agent = agent
         self.pending = PendingRequests(loop)
         self.welcomed: asyncio.Future[control.Welcome] = loop.create_future()
         self._dialing: set[asyncio.Task[None]] = set()
         self._on_ok: dict[int, Callable[[control.Ok], None]] = {}
+        # Why the session ended, for the log: the first of GO_AWAY/terminated/refused/lost.
+        self.end_reason: str | None = None
+        self._edge_going_away: GoAwayCode | None = None
 
     def on_connected(self) -> None:
         config = self.agent.config
@@ -151,6 +169,8 @@ class AgentSession(MuxProtocol):
         elif isinstance(message, control.Error) and message.id is None:
             log.error("edge refused the session: %s (%s)", message.message, message.code)
             self.agent.last_refusal = (message.code, message.message)
+            if self.end_reason is None:
+                self.end_reason = f"refused by the edge: {message.message} ({message.code})"
         elif isinstance(message, (control.Ok, control.Error)):
             on_ok = self._on_ok.pop(message.id, None) if message.id is not None else None
             if on_ok is not None and isinstance(message, control.Ok):
@@ -235,11 +255,26 @@ class AgentSession(MuxProtocol):
             self.flush()
 
     # -- teardown --------------------------------------------------------------------------------
+    def on_go_away(self, code: GoAwayCode) -> None:
+        log.info("the edge is going away (%s); streams in flight may finish", code.name)
+        self._edge_going_away = code
+
     def on_terminated(self, event: ConnectionTerminated) -> None:
         log.info("session ended: %s (%s)", event.code.name, event.reason)
         self.agent.last_termination = event.code
+        if self.end_reason is None:
+            reason = f" ({event.reason})" if event.reason else ""
+            if event.remote:
+                self.end_reason = f"GO_AWAY {event.code.name} from the edge{reason}"
+            else:
+                self.end_reason = f"{event.code.name}{reason}"
 
     def on_disconnected(self, exc: Exception | None) -> None:
+        if self.end_reason is None:
+            lost = describe_error(exc) if exc is not None else "closed by the edge"
+            going = self._edge_going_away
+            then = f"GO_AWAY {going.name} from the edge, then " if going is not None else ""
+            self.end_reason = f"{then}connection lost: {lost}"
         self.pending.fail_all("EDGE_NOT_CONNECTED", "The connection to the edge was lost.")
         for task in list(self._dialing):
             task.cancel()
@@ -390,45 +425,48 @@ class Agent:
         return session
 
     async def run(self) -> None:
-        """Stay connected until ``stop()``."""
+        """Stay connected until ``stop()``; log every failed connect and every session end."""
         loop = asyncio.get_running_loop()
         delay = BACKOFF_FIRST
+        config = self.config
         while not self._stopping:
             started = loop.time()
+            replaced = False
             try:
                 session = await self.connect_once()
             except (TimeoutError, OSError, ConnectionError) as exc:
-                reason = (
-                    self.last_refusal[1] if self.last_refusal else str(exc) or type(exc).__name__
-                )
-                log.warning(
-                    "cannot connect to edge %s:%d: %s",
-                    self.config.server_host,
-                    self.config.server_port,
-                    reason,
-                )
+                if self.last_refusal is not None:
+                    code, message = self.last_refusal
+                    what = f"refused by the edge: {message} ({code})"
+                else:
+                    what = describe_error(exc)
+                what = f"cannot connect to edge {config.server_host}:{config.server_port}: {what}"
             else:
                 await session.closed
                 self.connected_event.clear()
                 self.session = None
                 if self._stopping:
                     break
+                what = f"edge session {self.session_id} ended: {session.end_reason or 'unknown'}"
                 if self.last_termination == GoAwayCode.REPLACED:
                     # Another agent with our identity is alive: do not fight it for the session.
-                    log.error(
-                        "another agent connected as sandbox %s and replaced this one; "
-                        "retrying in %.0fs",
-                        self.config.sandbox_id,
-                        BACKOFF_CAP,
-                    )
+                    replaced = True
                     delay = BACKOFF_CAP * 2
-                else:
-                    log.warning("lost the edge session; reconnecting")
-                    if loop.time() - started > STABLE_AFTER:
-                        delay = BACKOFF_FIRST
+                elif loop.time() - started > STABLE_AFTER:
+                    delay = BACKOFF_FIRST
             if self._stopping:
                 break
             sleep = self._rng.uniform(delay / 2, delay)
+            if replaced:
+                log.error(
+                    "%s: another agent connected as sandbox %s and replaced this one; "
+                    "retrying in %.0f s",
+                    what,
+                    config.sandbox_id,
+                    sleep,
+                )
+            else:
+                log.warning("%s; retrying in %.1f s", what, sleep)
             await asyncio.sleep(sleep)
             delay = min(delay * 2, BACKOFF_CAP)
             self.last_termination = None
