@@ -7,8 +7,9 @@ processes themselves (signals, restarts, the CLI) live in test_processes.py.
 from __future__ import annotations
 
 import asyncio
+import logging
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import httpx
@@ -132,6 +133,18 @@ async def any_parser_stack(request) -> AsyncIterator[Stack]:
         await s.close()
 
 
+async def wait_until(
+    predicate: Callable[[], object], timeout: float = 5, what: str = "condition"
+) -> None:
+    """Poll ``predicate`` until it is true; fail after ``timeout`` seconds naming ``what``."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not predicate():
+        if loop.time() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
 async def raw_request(
     port: int, data: bytes, *, read_until_close: bool = True, timeout: float = 10
 ) -> bytes:
@@ -147,16 +160,27 @@ async def raw_request(
         writer.close()
 
 
+def _crashes(records: list[logging.LogRecord]) -> list[str]:
+    return [
+        f"{r.name}: {r.getMessage()}"
+        for r in records
+        if r.levelno >= logging.ERROR and r.exc_info is not None
+    ]
+
+
 @pytest.fixture(autouse=True)
 def no_unhandled_errors(caplog):
-    """Fail a test in which any callback raised: asyncio only logs those, it does not fail."""
-    import logging
+    """Fail a test in which any callback raised: asyncio only logs those, it does not fail.
 
+    Autouse fixtures are set up first and torn down last, so this runs after the other fixtures'
+    teardown (``Stack.close``, ``edge.stop``): a traceback logged there fails the test as well as
+    one logged while the fixtures were set up or while the test ran.
+    """
     caplog.set_level(logging.WARNING)
     yield
     crashes = [
-        r
-        for r in caplog.get_records("call")
-        if r.levelno >= logging.ERROR and r.exc_info is not None
+        f"[{when}] {line}"
+        for when in ("setup", "call", "teardown")
+        for line in _crashes(caplog.get_records(when))
     ]
-    assert not crashes, "\n".join(f"{r.name}: {r.getMessage()}" for r in crashes)
+    assert not crashes, "\n".join(crashes)

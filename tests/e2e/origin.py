@@ -86,6 +86,11 @@ class Origin:
                     return
         except (ConnectionError, h11.ProtocolError, asyncio.IncompleteReadError):
             return
+        except asyncio.CancelledError:
+            # The loop is shutting down under a handler still waiting (an SSE never released).
+            # Python 3.11's start_server callback calls task.exception() on a cancelled handler
+            # and logs a traceback that the e2e error check would blame on the test: end quietly.
+            return
         finally:
             self.open_connections -= 1
             writer.close()

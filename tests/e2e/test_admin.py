@@ -7,6 +7,7 @@ import asyncio
 import httpx
 import pytest
 
+from agent.core import BACKOFF_FIRST
 from agent.local_api import start_local_api
 from tunneld.client import (
     AuthenticationError,
@@ -16,7 +17,7 @@ from tunneld.client import (
     TunnelClient,
 )
 
-from .conftest import Stack
+from .conftest import Stack, wait_until
 
 pytestmark = pytest.mark.anyio
 
@@ -169,30 +170,53 @@ async def test_agent_local_api_and_admin_agree(stack: Stack) -> None:
 
 
 async def test_reconnect_keeps_urls(stack: Stack) -> None:
+    origin = await stack.origin()
     agent = await stack.agent("sb1")
-    exposed = await stack.expose("sb1", 8000)
+    exposed = await stack.expose("sb1", origin.port)
     old_session = stack.edge.registry.get("sb1").session
     old_session.transport.abort()  # an unclean loss of the tunnel connection
-    for _ in range(200):
-        await asyncio.sleep(0.02)
+
+    def reconnected() -> bool:
         state = stack.edge.registry.get("sb1")
-        if state.session is not None and state.session is not old_session and agent.connected:
-            break
-    else:
-        raise AssertionError("the agent did not reconnect")
-    assert agent.exposures[8000].url == exposed["exposedAt"]
+        return state.session is not None and state.session is not old_session and agent.connected
+
+    await wait_until(reconnected, 10, "the agent to reconnect")
+    ports = (await stack.admin.get("/v1/sandboxes/sb1/ports")).json()["ports"]
+    assert [p["exposedAt"] for p in ports] == [exposed["exposedAt"]]
+    # the same URL reaches the service through the new session
+    async with stack.client(exposed["exposedAt"]) as client:
+        r = await client.get("/")
+    assert r.status_code == 200 and r.content == b"hello from origin"
 
 
 async def test_new_session_replaces_old_one(stack: Stack) -> None:
+    """A replaced agent stays away: it must not dial again and take the session back (flapping)."""
+    origin = await stack.origin()
     first = await stack.agent("sb1")
+    dialled = 0
+    connect_once = first.connect_once
+
+    async def counting_connect_once() -> object:
+        nonlocal dialled
+        dialled += 1
+        return await connect_once()
+
+    first.connect_once = counting_connect_once  # type: ignore[method-assign]
     second = await stack.agent("sb1")
-    for _ in range(100):
-        if not first.connected:
-            break
+    await wait_until(lambda: not first.connected, 5, "the first agent to be replaced")
+    current = stack.edge.registry.get("sb1").session
+    assert current.session_id == second.session_id
+    # Watch for many times the quickest retry: neither a new dial nor a session change.
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + max(2.0, 20 * BACKOFF_FIRST)
+    while loop.time() < deadline:
+        assert dialled == 0, "the replaced agent dialled the edge again"
+        assert stack.edge.registry.get("sb1").session is current
+        assert second.connected and not first.connected
         await asyncio.sleep(0.02)
-    await asyncio.sleep(0.5)  # the replaced agent must not take the session back
-    assert second.connected and not first.connected
-    assert stack.edge.registry.get("sb1").session.session_id == second.session_id
+    exposed = await stack.expose("sb1", origin.port)
+    async with stack.client(exposed["exposedAt"]) as client:
+        assert (await client.get("/")).status_code == 200
 
 
 async def test_agent_token_is_bound_to_its_sandbox(stack: Stack) -> None:
