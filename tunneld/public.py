@@ -7,25 +7,34 @@ connection to the service, so HTTP keep-alive and pipelining map one to one and 
 relayed raw, unparsed and unbuffered (SSE, chunked, multi-GB downloads).
 
 The client -> service direction is parsed, because every request on a keep-alive connection must be
-checked: the connection is in one of four states.
+checked. Where each request begins and ends is decided by the sans-IO ``RequestFramer``
+(``tunneld/framing.py``: states HEAD, LENGTH, CHUNKED, UPGRADE_PENDING, TUNNEL, DONE); this class
+is its I/O shell: socket bytes in, framer events to actions, timers, limits.
 
-``HEAD``     collecting a request head (bounded by ``MAX_HEAD_SIZE`` and ``head_timeout``).
-             The first head routes the connection: Host -> (port, sandbox, token) ->
-             registry -> session -> new stream. Later heads must name the same route.
-``LENGTH``   relaying ``remaining`` bytes of a Content-Length body, zero-copy.
-``CHUNKED``  relaying a chunked body while ``ChunkedScanner`` finds its end.
-``TUNNEL``   after ``Upgrade: websocket``: a raw two-way relay, nothing parsed any more.
-
-Every forwarded head is rebuilt: ``Host: localhost:{port}`` (dev servers refuse foreign hosts),
-``X-Forwarded-For/-Host/-Proto`` and ``X-Sandbox-Name`` set by us, and every client-sent header of
-the internal families (``X-Tunnel-*``, ``X-Sandbox-*``, ``X-Forwarded-*``, ``Forwarded``,
-``X-Real-IP``) dropped, so nothing from a client can spoof them.
+* The first head routes the connection: Host -> (port, sandbox, token) -> registry -> session ->
+  new stream. Later heads must name the same route (else 421 once the earlier answers are out).
+* Every forwarded head is rebuilt (``framing.forward_head``): ``Host: localhost:{port}`` (dev
+  servers refuse foreign hosts), ``X-Forwarded-For/-Host/-Proto`` and ``X-Sandbox-Name`` set by us,
+  and every client-sent header of the internal families (``X-Tunnel-*``, ``X-Sandbox-*``,
+  ``X-Forwarded-*``, ``Forwarded``, ``X-Real-IP``) or with ``_`` in its name dropped.
+* After an upgrade request, client reading pauses and the first response bytes of the stream go
+  through the framer: 101 -> raw two-way tunnel; anything else -> that response, then close.
+* Timers: ``head_timeout`` while a head is incomplete (408 before the first request),
+  ``keepalive_timeout`` while idle between requests (nothing moving either way), and the edge's
+  ``idle_timeout`` sweep for everything else (silent WebSockets, stalled bodies).
+* Limits: ``max_connections`` in total and ``max_connections_per_ip``; past them a new connection
+  gets 503 ``TOO_MANY_CONNECTIONS`` and is closed at once.
+* Failures: before any response byte a JSON page (502 ``UPSTREAM_CONNECT_FAILED`` /
+  ``UPSTREAM_RESET`` / ``UPSTREAM_CLOSED``, 503 ``SANDBOX_BUSY`` / ``SANDBOX_NOT_CONNECTED``);
+  after one, a reset stream ends the client connection with RST (``abort_with_reset``), so a cut
+  short response never looks complete.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import weakref
 from typing import TYPE_CHECKING, Final
 
 import orjson
@@ -35,14 +44,15 @@ from protocol.hostnames import parse_preview_host
 from relay.buffers import SHARED
 from relay.mux import StreamEndpoint
 
-from .httphead import MAX_HEAD_SIZE, ChunkedScanner, HeadError, HeadParser, RequestHead
+from .framing import Body, Head, Invalid, RequestFramer, State, forward_head
+from .httphead import HeadError, HeadParser, RequestHead
 
 if TYPE_CHECKING:
     from .edge import EdgeServer, EdgeSession
 
-log = logging.getLogger("tunneld.public")
+__all__ = ["PublicConnection", "error_response", "forward_head"]
 
-_HEAD, _LENGTH, _CHUNKED, _TUNNEL, _DONE = range(5)
+log = logging.getLogger("tunneld.public")
 
 _REASONS: Final = {
     400: "Bad Request",
@@ -58,8 +68,8 @@ _REASONS: Final = {
     505: "HTTP Version Not Supported",
 }
 
-_DROPPED_PREFIXES: Final = (b"x-tunnel-", b"x-sandbox-", b"x-forwarded-")
-_DROPPED_NAMES: Final = frozenset({b"host", b"forwarded", b"x-real-ip"})
+# Refused connections are logged at most this often (a flood must not flood the log too).
+_REFUSAL_LOG_INTERVAL: Final = 10.0
 
 
 def error_response(status: int, code: str, message: str) -> bytes:
@@ -72,32 +82,44 @@ def error_response(status: int, code: str, message: str) -> bytes:
     ) + body
 
 
-def forward_head(head: RequestHead, host_line: bytes, trailer: bytes) -> bytes:
-    """Rebuild ``head`` for the service: our Host and forwarding headers, internal ones dropped."""
-    out = [head.method, b" ", head.target, b" HTTP/", head.version, b"\r\n", host_line]
-    for name, value in head.headers:
-        if name in _DROPPED_NAMES or name.startswith(_DROPPED_PREFIXES):
-            continue
-        out += (name, b": ", value, b"\r\n")
-    out.append(trailer)
-    return b"".join(out)
+class _Limits:
+    """Public connections per client IP, and refusals not yet logged (one per EdgeServer)."""
+
+    __slots__ = ("last_log", "per_ip", "unlogged")
+
+    def __init__(self) -> None:
+        self.per_ip: dict[str, int] = {}
+        self.unlogged = 0
+        self.last_log = float("-inf")
+
+
+_LIMITS: weakref.WeakKeyDictionary[EdgeServer, _Limits] = weakref.WeakKeyDictionary()
+
+
+def _limits(server: EdgeServer) -> _Limits:
+    limits = _LIMITS.get(server)
+    if limits is None:
+        limits = _LIMITS[server] = _Limits()
+    return limits
 
 
 class PublicConnection(StreamEndpoint):
     """One client connection on the public listener (see the module docstring)."""
 
     __slots__ = (
-        "_head_buf",
+        "_counted_ip",
+        "_framer",
+        "_holding",
         "_host_line",
         "_misdirected",
         "_peer",
-        "_remaining",
+        "_peer_ip",
         "_responded",
         "_route",
-        "_scanner",
         "_seen_activity",
-        "_state",
         "_timer",
+        "_timer_activity",
+        "_timer_kind",
         "_trailer",
         "activity",
         "parser",
@@ -110,21 +132,23 @@ class PublicConnection(StreamEndpoint):
         super().__init__(None, 0)  # type: ignore[arg-type]  # bound to a session on the first head
         self.server = server
         self.parser = parser
-        self._state = _HEAD
-        self._head_buf = bytearray()
-        self._remaining = 0
-        self._scanner: ChunkedScanner | None = None
+        self._framer = RequestFramer(parser)
+        self._holding = False  # reading paused until the service answers an upgrade
         self._route: tuple[int, str, str | None] | None = None
         self._host_line = b""
         self._trailer = b""
         self._responded = False  # response bytes reached the client
         self._misdirected: bytes | None = None  # error to send once the service finishes
         self._timer: asyncio.TimerHandle | None = None
+        self._timer_kind = ""  # "head" or "keepalive"
+        self._timer_activity = -1
         self._peer = "unknown"
+        self._peer_ip = ""
+        self._counted_ip: str | None = None
         self.port = 0
         self.sandbox_id = ""
-        # Bumped on every read and every response chunk; the edge's idle sweep compares it
-        # between two sweeps (cheaper than reading the clock per chunk).
+        # Bumped on every read and every response chunk; the edge's idle sweep and the keep-alive
+        # timer compare it between two looks (cheaper than reading the clock per chunk).
         self.activity = 0
         self._seen_activity = -1
 
@@ -133,103 +157,120 @@ class PublicConnection(StreamEndpoint):
         super().connection_made(transport)
         peer = transport.get_extra_info("peername")
         if isinstance(peer, tuple) and len(peer) >= 2:
+            self._peer_ip = str(peer[0])
             self._peer = f"{peer[0]}:{peer[1]}" if ":" not in peer[0] else f"[{peer[0]}]:{peer[1]}"
+        if not self._admit():
+            return
         self.server.public_connections.add(self)
-        self._arm_head_timer()
+        self._arm_timer("head")
 
-    def _arm_head_timer(self) -> None:
-        if self._timer is None:
-            self._timer = self.server.loop.call_later(
-                self.server.config.head_timeout, self._on_head_timeout
+    def _admit(self) -> bool:
+        """Enforce ``max_connections`` and ``max_connections_per_ip``: 503 and close past them."""
+        config = self.server.config
+        limits = _limits(self.server)
+        ip = self._peer_ip
+        count = limits.per_ip.get(ip, 0)
+        if len(self.server.public_connections) >= config.max_connections:
+            what = f"{config.max_connections} public connections in total"
+        elif count >= config.max_connections_per_ip:
+            what = f"{config.max_connections_per_ip} connections from {ip}"
+        else:
+            limits.per_ip[ip] = count + 1
+            self._counted_ip = ip
+            return True
+        self.server.metrics.preview_denied.inc()
+        now = self.server.loop.time()
+        limits.unlogged += 1
+        if now - limits.last_log >= _REFUSAL_LOG_INTERVAL:
+            log.warning(
+                "public connection from %s refused: limit of %s reached (%d refused since the "
+                "last such message)",
+                self._peer,
+                what,
+                limits.unlogged,
             )
+            limits.last_log = now
+            limits.unlogged = 0
+        self.fail(503, "TOO_MANY_CONNECTIONS", f"Too many connections: the limit is {what}.")
+        return False
+
+    # -- timers ----------------------------------------------------------------------------------
+    def _arm_timer(self, kind: str) -> None:
+        """Arm the head or keep-alive timer; an armed head timer is never pushed back."""
+        if self._timer is not None:
+            if self._timer_kind == kind:
+                return
+            self._timer.cancel()
+        config = self.server.config
+        delay = config.head_timeout if kind == "head" else config.keepalive_timeout
+        self._timer_kind = kind
+        self._timer_activity = self.activity
+        self._timer = self.server.loop.call_later(delay, self._on_timer)
 
     def _cancel_timer(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
 
-    def _on_head_timeout(self) -> None:
+    def _on_timer(self) -> None:
         self._timer = None
-        if self._state == _HEAD and self.mux is None:
-            self.fail(408, "REQUEST_TIMEOUT", "The request head did not arrive in time.")
-        elif self._state == _HEAD and self.transport is not None:
-            # Idle between requests or a slow head on a live stream: end our side cleanly.
-            self._stop_upstream()
+        framer = self._framer
+        if self.transport is None or self.transport.is_closing():
+            return
+        if self._timer_kind == "head":
+            if self.mux is None and framer.state is State.HEAD:
+                self.fail(408, "REQUEST_TIMEOUT", "The request head did not arrive in time.")
+            elif framer.head_pending:
+                # a slow head on a live stream: let the service finish, then close
+                log.info("%s: request head not complete within head_timeout", self._peer)
+                self._stop_upstream()
+            self._after_input()
+            return
+        # keep-alive: between requests, or finishing after _stop_upstream
+        if not (framer.idle or framer.state is State.DONE):
+            return
+        if self.activity != self._timer_activity:
+            self._arm_timer("keepalive")  # bytes moved since: look again one timeout later
+            return
+        log.debug("%s: keep-alive connection idle for keepalive_timeout; closing", self._peer)
+        self.transport.close()
 
+    def _after_input(self) -> None:
+        """Re-arm the timer that fits the framer's state; pause reading while an upgrade waits."""
+        framer = self._framer
+        if framer.head_pending or (self.mux is None and framer.state is State.HEAD):
+            self._arm_timer("head")
+        elif framer.idle:
+            self._arm_timer("keepalive")
+        elif framer.state is not State.DONE:
+            self._cancel_timer()  # a body or a tunnel: only the idle sweep applies
+        if framer.holding and not self._holding:
+            self._holding = True
+            if self.transport is not None:
+                self.transport.pause_reading()
+
+    # -- client -> service -----------------------------------------------------------------------
     def buffer_updated(self, nbytes: int) -> None:
         self.activity += 1
-        state = self._state
-        if state == _TUNNEL:
+        framer = self._framer
+        if framer.state is State.TUNNEL:
             self.forward(SHARED.view[:nbytes])
-        elif state == _LENGTH and self._remaining > nbytes:
-            self._remaining -= nbytes
-            self.forward(SHARED.view[:nbytes])
-        else:
-            self._feed(SHARED.view[:nbytes])
+            return
+        self._feed(SHARED.view[:nbytes])
 
     def _feed(self, data: memoryview | bytes) -> None:
-        pos = 0
-        end = len(data)
-        while pos < end:
-            state = self._state
-            if state == _HEAD:
-                self._head_buf += data[pos:]
-                pos = end
-                if not self._take_head():
+        for event in self._framer.receive_data(data):
+            if isinstance(event, Body):
+                self.forward(event.data)
+            elif isinstance(event, Head):
+                if self._timer_kind == "head":
+                    self._cancel_timer()
+                if not self._on_head(event.head):
                     return
-                rest, self._head_buf = bytes(self._head_buf), bytearray()
-                data, pos, end = rest, 0, len(rest)
-            elif state == _LENGTH:
-                take = min(self._remaining, end - pos)
-                self.forward(data[pos : pos + take])
-                pos += take
-                self._remaining -= take
-                if self._remaining == 0:
-                    self._state = _HEAD
-            elif state == _CHUNKED:
-                assert self._scanner is not None
-                try:
-                    take = self._scanner.feed(data[pos:])
-                except HeadError as exc:
-                    self._client_error(exc)
-                    return
-                self.forward(data[pos : pos + take])
-                pos += take
-                if self._scanner.done:
-                    self._scanner = None
-                    self._state = _HEAD
-            elif state == _TUNNEL:
-                self.forward(data[pos:])
+            elif isinstance(event, Invalid):
+                self._client_error(event.error)
                 return
-            else:  # _DONE: the connection is finishing; nothing more is relayed
-                return
-
-    def _take_head(self) -> bool:
-        """Try to complete the head in ``_head_buf``; on success leave the rest in the buffer."""
-        buf = self._head_buf
-        # RFC 9112 2.2: ignore empty lines before a request line (some clients add CRLF to bodies)
-        while buf[:2] == b"\r\n":
-            del buf[:2]
-        if not buf:
-            return False
-        self._arm_head_timer()
-        idx = buf.find(b"\r\n\r\n")
-        if idx < 0:
-            if len(buf) > MAX_HEAD_SIZE:
-                self._client_error(HeadError(431, "HEADERS_TOO_LARGE", "Request head too large."))
-            return False
-        if idx + 4 > MAX_HEAD_SIZE:
-            self._client_error(HeadError(431, "HEADERS_TOO_LARGE", "Request head too large."))
-            return False
-        raw = bytes(buf[: idx + 4])
-        del buf[: idx + 4]
-        self._cancel_timer()
-        try:
-            head = self.parser.parse(raw)
-        except HeadError as exc:
-            self._client_error(exc)
-            return False
-        return self._on_head(head)
+        self._after_input()
 
     def _on_head(self, head: RequestHead) -> bool:
         server = self.server
@@ -261,10 +302,9 @@ class PublicConnection(StreamEndpoint):
             self.port = route.port
             self.sandbox_id = route.sandbox_id
             self._host_line = b"host: localhost:%d\r\n" % route.port
-            peer_ip = self._peer.rsplit(":", 1)[0].strip("[]")
             self._trailer = b"".join(
                 (
-                    b"x-forwarded-for: ", peer_ip.encode(), b"\r\n",
+                    b"x-forwarded-for: ", self._peer_ip.encode(), b"\r\n",
                     b"x-forwarded-host: ", head.host, b"\r\n",
                     b"x-forwarded-proto: ", config.scheme.encode(), b"\r\n",
                     b"x-sandbox-name: ", route.sandbox_id.encode(), b"\r\n\r\n",
@@ -281,16 +321,6 @@ class PublicConnection(StreamEndpoint):
                 )
                 return False
             self.mux = session
-        if head.upgrade is not None:
-            self._state = _TUNNEL
-        elif head.chunked:
-            self._state = _CHUNKED
-            self._scanner = ChunkedScanner()
-        elif head.content_length:
-            self._state = _LENGTH
-            self._remaining = head.content_length
-        else:
-            self._state = _HEAD
         if config.access_log:
             log.info(
                 "%s %s %s -> %s:%d",
@@ -321,7 +351,7 @@ class PublicConnection(StreamEndpoint):
 
     def _stop_upstream(self) -> None:
         """Stop relaying client bytes; the service finishes its responses and then we close."""
-        self._state = _DONE
+        self._framer.close()
         if self.transport is not None:
             self.transport.pause_reading()
         mux = self.mux
@@ -329,6 +359,7 @@ class PublicConnection(StreamEndpoint):
             self._local_eof = True
             mux.session.end_stream(self.stream_id)
             mux.flush()
+            self._arm_timer("keepalive")  # a service that never closes is not waited for forever
         elif mux is None:
             self._finish_error()
 
@@ -341,7 +372,7 @@ class PublicConnection(StreamEndpoint):
 
     def fail(self, status: int, code: str, message: str) -> None:
         """Answer with a JSON error (only before any response byte) and close."""
-        self._state = _DONE
+        self._framer.close()
         self._cancel_timer()
         transport = self.transport
         if transport is not None and not transport.is_closing():
@@ -354,7 +385,30 @@ class PublicConnection(StreamEndpoint):
     def receive_from_peer(self, data: bytes) -> None:
         self._responded = True
         self.activity += 1
+        framer = self._framer
+        if framer.state is not State.UPGRADE_PENDING:
+            super().receive_from_peer(data)
+            return
+        # The answer to an upgrade request: its status line decides what the connection becomes.
+        accepted = framer.receive_response(data)
         super().receive_from_peer(data)
+        if accepted:
+            held = framer.take_held()
+            if held:
+                self.forward(held)
+            self._holding = False
+            self._cancel_timer()
+            if not self._read_paused and self.transport is not None and not self._closed:
+                self.transport.resume_reading()
+        elif accepted is False:
+            # Not 101: relay this response, then end; nothing more from the client is relayed.
+            self._stop_upstream()
+
+    def peer_writable(self) -> None:
+        if self._holding:
+            self._read_paused = False  # reading stays paused until the upgrade is answered
+            return
+        super().peer_writable()
 
     def idle_check(self) -> bool:
         """True when nothing moved either way since the previous check (the sweep closes it)."""
@@ -367,27 +421,51 @@ class PublicConnection(StreamEndpoint):
         transport = self.transport
         if transport is None:
             return
-        if self._state == _TUNNEL and not self._local_eof:
+        if self._framer.state is State.TUNNEL and not self._local_eof:
             if transport.can_write_eof():
                 transport.write_eof()  # WebSocket/raw tunnel: keep TCP half-close semantics
+            return
+        if not self._responded and self._misdirected is None:
+            # The service closed without a byte of response: say so instead of an empty reply.
+            self.fail(
+                502,
+                "UPSTREAM_CLOSED",
+                f"The service on port {self.port} in sandbox {self.sandbox_id} closed the "
+                "connection without answering.",
+            )
             return
         # HTTP: the service closed its side, so this connection is over.
         self._finish_error()
 
     def peer_reset(self, code: ResetCode) -> None:
-        if not self._responded and code in (ResetCode.CONNECT_REFUSED, ResetCode.CONNECT_FAILED):
+        if self._responded:
+            super().peer_reset(code)  # response bytes went out: the client must see a reset
+            return
+        self._closed = True
+        mux = self.mux
+        if code in (ResetCode.CONNECT_REFUSED, ResetCode.CONNECT_FAILED):
             self.fail(
                 502,
                 "UPSTREAM_CONNECT_FAILED",
                 f"Nothing is listening on port {self.port} in sandbox {self.sandbox_id}.",
             )
-            self._closed = True
-            return
-        if not self._responded and code == ResetCode.REFUSED_STREAM:
+        elif code == ResetCode.REFUSED_STREAM:
             self.fail(503, "SANDBOX_BUSY", f"Sandbox {self.sandbox_id} refused a new connection.")
-            self._closed = True
-            return
-        super().peer_reset(code)
+        elif code == ResetCode.UNEXPOSED:
+            self.fail(404, "INVALID_TOKEN", "Access denied: Invalid token or port not exposed")
+        elif mux is None or mux.session.closed or mux.transport is None:
+            self.fail(
+                503,
+                "SANDBOX_NOT_CONNECTED",
+                f"Sandbox {self.sandbox_id} disconnected before answering; its agent is offline.",
+            )
+        else:
+            self.fail(
+                502,
+                "UPSTREAM_RESET",
+                f"The connection to port {self.port} in sandbox {self.sandbox_id} was reset "
+                f"before any response ({code.name}).",
+            )
 
     def eof_received(self) -> bool:
         if self.mux is None:
@@ -397,6 +475,15 @@ class PublicConnection(StreamEndpoint):
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_timer()
         self.server.public_connections.discard(self)
+        ip = self._counted_ip
+        if ip is not None:
+            self._counted_ip = None
+            per_ip = _limits(self.server).per_ip
+            left = per_ip.get(ip, 1) - 1
+            if left > 0:
+                per_ip[ip] = left
+            else:
+                per_ip.pop(ip, None)
         if self.mux is None:
             self._closed = True
             return

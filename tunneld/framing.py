@@ -1,0 +1,294 @@
+"""Sans-IO request framing for the public listener: where each request begins and ends.
+
+Theory of operation
+-------------------
+``RequestFramer`` is fed the client's bytes (``receive_data``) and returns events, in order:
+
+``Head(head)``     a complete, parsed request head (the shell routes it and forwards it rebuilt)
+``Body(data)``     body bytes to relay as they are (views of the input: no copy)
+``Invalid(error)`` the client broke HTTP framing; nothing after it is relayed
+
+It never touches a socket or a clock; the shell (``tunneld/public.py``) owns timers and I/O.
+States and their legal transitions (one table, ``_TRANSITIONS``)::
+
+    HEAD --head, no body------------> HEAD
+    HEAD --head + Content-Length----> LENGTH  --body done--> HEAD (or UPGRADE_PENDING)
+    HEAD --head + chunked-----------> CHUNKED --body done--> HEAD (or UPGRADE_PENDING)
+    HEAD --head with Upgrade--------> UPGRADE_PENDING --101--> TUNNEL
+                                                       --other status--> DONE
+    any  --invalid input / close()--> DONE
+
+``UPGRADE_PENDING``: the request asked for ``Connection: upgrade``. Its head went to the service,
+but the connection is not a raw tunnel until the service answers ``101``: the shell shows the
+first response bytes of that one request to ``receive_response``. Client bytes arriving meanwhile
+are held (at most ``MAX_UPGRADE_HOLD``); on ``101`` they are released as ``Body`` and everything
+after is relayed raw (``TUNNEL``); on any other status they are dropped and the connection ends
+after that response (``DONE``), so no later request ever reaches the service unparsed, with a
+spoofed ``Host`` or forwarding headers, or without the 421 check.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Final
+
+from .httphead import MAX_HEAD_SIZE, ChunkedScanner, HeadError, HeadParser, RequestHead
+
+# Bytes a client may send after an upgrade request before the service answered 101 (a WebSocket
+# client waits for the 101; a few early frames fit). Reading pauses meanwhile, so one read is
+# the most that can arrive; more than this is refused.
+MAX_UPGRADE_HOLD: Final = 64 * 1024
+# The response status line of an upgrade request must fit in this (it is ~40 bytes).
+MAX_STATUS_LINE: Final = 8 * 1024
+
+# Header names the edge sets itself, or that are internal; a client never gets to send them.
+_DROPPED_PREFIXES: Final = (b"x-tunnel-", b"x-sandbox-", b"x-forwarded-")
+_DROPPED_NAMES: Final = frozenset({b"host", b"forwarded", b"x-real-ip"})
+
+
+class State(enum.Enum):
+    HEAD = "head"  # collecting a request head
+    LENGTH = "length"  # relaying a Content-Length body
+    CHUNKED = "chunked"  # relaying a chunked body while the scanner finds its end
+    UPGRADE_PENDING = "upgrade-pending"  # upgrade head sent; waiting for the service's status
+    TUNNEL = "tunnel"  # after 101: raw two-way relay, nothing parsed
+    DONE = "done"  # nothing more is relayed from the client
+
+
+_TRANSITIONS: Final[dict[State, frozenset[State]]] = {
+    State.HEAD: frozenset(
+        {State.HEAD, State.LENGTH, State.CHUNKED, State.UPGRADE_PENDING, State.DONE}
+    ),
+    State.LENGTH: frozenset({State.HEAD, State.UPGRADE_PENDING, State.DONE}),
+    State.CHUNKED: frozenset({State.HEAD, State.UPGRADE_PENDING, State.DONE}),
+    State.UPGRADE_PENDING: frozenset({State.TUNNEL, State.DONE}),
+    State.TUNNEL: frozenset({State.DONE}),
+    State.DONE: frozenset({State.DONE}),
+}
+
+
+class Head:
+    __slots__ = ("head",)
+
+    def __init__(self, head: RequestHead) -> None:
+        self.head = head
+
+
+class Body:
+    __slots__ = ("data",)
+
+    def __init__(self, data: memoryview | bytes) -> None:
+        self.data = data
+
+
+class Invalid:
+    __slots__ = ("error",)
+
+    def __init__(self, error: HeadError) -> None:
+        self.error = error
+
+
+Event = Head | Body | Invalid
+
+
+def forward_head(head: RequestHead, host_line: bytes, trailer: bytes) -> bytes:
+    """Rebuild ``head`` for the service: our Host and forwarding headers, internal ones dropped.
+
+    Every name with ``_`` is dropped too (nginx's ``underscores_in_headers off``): CGI/WSGI
+    servers map ``-`` and ``_`` to the same ``HTTP_*`` variable, so ``X_Forwarded_For`` would
+    reach them as ``X-Forwarded-For``.
+    """
+    out = [head.method, b" ", head.target, b" HTTP/", head.version, b"\r\n", host_line]
+    for name, value in head.headers:
+        if name in _DROPPED_NAMES or name.startswith(_DROPPED_PREFIXES) or b"_" in name:
+            continue
+        out += (name, b": ", value, b"\r\n")
+    out.append(trailer)
+    return b"".join(out)
+
+
+class RequestFramer:
+    """Splits one client connection's byte stream into request heads and bodies (see above)."""
+
+    __slots__ = (
+        "_head_buf",
+        "_held",
+        "_parser",
+        "_remaining",
+        "_scanner",
+        "_status_buf",
+        "_upgrade_after_body",
+        "state",
+    )
+
+    def __init__(self, parser: HeadParser) -> None:
+        self._parser = parser
+        self.state = State.HEAD
+        self._head_buf = bytearray()
+        self._remaining = 0
+        self._scanner: ChunkedScanner | None = None
+        self._upgrade_after_body = False
+        self._held = bytearray()
+        self._status_buf = bytearray()
+
+    # -- introspection for the shell -------------------------------------------------------------
+    @property
+    def idle(self) -> bool:
+        """Between requests: the last request is complete and no byte of the next one arrived."""
+        return self.state is State.HEAD and not self._head_buf
+
+    @property
+    def head_pending(self) -> bool:
+        """Part of a request head arrived and the rest has not (the head timeout runs)."""
+        return self.state is State.HEAD and bool(self._head_buf)
+
+    @property
+    def holding(self) -> bool:
+        """Client bytes must not be read now: waiting for the service to accept an upgrade."""
+        return self.state is State.UPGRADE_PENDING
+
+    def _to(self, state: State) -> None:
+        assert state in _TRANSITIONS[self.state], (self.state, state)
+        self.state = state
+
+    def close(self) -> None:
+        """Relay nothing more (an error, a 421, a timeout): later input is ignored."""
+        self.state = State.DONE
+        self._head_buf.clear()
+        self._held.clear()
+        self._status_buf.clear()
+        self._scanner = None
+
+    # -- client -> service -----------------------------------------------------------------------
+    def receive_data(self, data: memoryview | bytes) -> list[Event]:
+        """Feed client bytes; ``Body`` events may be views of ``data`` (use them before reuse)."""
+        events: list[Event] = []
+        pos = 0
+        end = len(data)
+        while pos < end:
+            state = self.state
+            if state is State.HEAD:
+                self._head_buf += data[pos:]
+                pos = end
+                head = self._take_head(events)
+                if head is None:
+                    break
+                if self._head_buf:  # the rest of the read belongs to what follows the head
+                    data, self._head_buf = bytes(self._head_buf), bytearray()
+                    pos, end = 0, len(data)
+            elif state is State.LENGTH:
+                take = min(self._remaining, end - pos)
+                events.append(Body(data[pos : pos + take]))
+                pos += take
+                self._remaining -= take
+                if self._remaining == 0:
+                    self._body_done()
+            elif state is State.CHUNKED:
+                assert self._scanner is not None
+                try:
+                    take = self._scanner.feed(data[pos:])
+                except HeadError as exc:
+                    self.close()
+                    events.append(Invalid(exc))
+                    break
+                if take:
+                    events.append(Body(data[pos : pos + take]))
+                pos += take
+                if self._scanner.done:
+                    self._scanner = None
+                    self._body_done()
+            elif state is State.UPGRADE_PENDING:
+                self._held += data[pos:]
+                pos = end
+                if len(self._held) > MAX_UPGRADE_HOLD:
+                    self.close()
+                    events.append(
+                        Invalid(
+                            HeadError(
+                                400,
+                                "BAD_REQUEST",
+                                "Too many bytes sent before the upgrade was accepted.",
+                            )
+                        )
+                    )
+            elif state is State.TUNNEL:
+                events.append(Body(data[pos:end]))
+                break
+            else:  # DONE
+                break
+        return events
+
+    def _take_head(self, events: list[Event]) -> RequestHead | None:
+        buf = self._head_buf
+        # RFC 9112 2.2: ignore empty lines before a request line (some clients add CRLF to bodies)
+        while buf[:2] == b"\r\n":
+            del buf[:2]
+        if not buf:
+            return None
+        idx = buf.find(b"\r\n\r\n")
+        if (idx < 0 and len(buf) > MAX_HEAD_SIZE) or idx + 4 > MAX_HEAD_SIZE:
+            self.close()
+            events.append(Invalid(HeadError(431, "HEADERS_TOO_LARGE", "Request head too large.")))
+            return None
+        if idx < 0:
+            return None
+        raw = bytes(buf[: idx + 4])
+        del buf[: idx + 4]
+        try:
+            head = self._parser.parse(raw)
+        except HeadError as exc:
+            self.close()
+            events.append(Invalid(exc))
+            return None
+        events.append(Head(head))
+        self._upgrade_after_body = head.upgrade is not None
+        if head.chunked:
+            self._to(State.CHUNKED)
+            self._scanner = ChunkedScanner()
+        elif head.content_length:
+            self._to(State.LENGTH)
+            self._remaining = head.content_length
+        else:
+            self._body_done()
+        return head
+
+    def _body_done(self) -> None:
+        if self._upgrade_after_body:
+            self._upgrade_after_body = False
+            self._status_buf.clear()
+            self._to(State.UPGRADE_PENDING)
+        else:
+            self._to(State.HEAD)
+
+    # -- service -> client (upgrade requests only) -----------------------------------------------
+    def receive_response(self, data: bytes) -> bool | None:
+        """Show the framer response bytes while ``UPGRADE_PENDING``.
+
+        Returns None while the status line is incomplete, True when the service answered 101 (the
+        state is now ``TUNNEL``; ``take_held()`` gives what the client sent meanwhile), False for
+        any other answer (the state is now ``DONE``: relay that response, then close).
+        """
+        if self.state is not State.UPGRADE_PENDING:
+            return None
+        buf = self._status_buf
+        buf += data[: MAX_STATUS_LINE + 2 - len(buf)]
+        nl = buf.find(b"\r\n")
+        if nl < 0:
+            if len(buf) < MAX_STATUS_LINE:
+                return None
+            self.close()  # no status line a proxy could trust: not an upgrade
+            return False
+        line = bytes(buf[:nl])
+        buf.clear()
+        # "HTTP/1.1 101 Switching Protocols": the status code is the second field
+        parts = line.split(b" ", 2)
+        if len(parts) >= 2 and parts[0].startswith(b"HTTP/1.") and parts[1] == b"101":
+            self._to(State.TUNNEL)
+            return True
+        self.close()
+        return False
+
+    def take_held(self) -> bytes:
+        """The client bytes held while the upgrade was pending (after a 101: relay them)."""
+        held, self._held = bytes(self._held), bytearray()
+        return held
