@@ -5,8 +5,8 @@ Theory of operation
 ``Agent.run()`` loops: connect (TCP or TLS) -> ``AgentSession`` sends ``Hello`` -> the edge answers
 ``Welcome`` with the sandbox's exposures (the edge is authoritative, so they come back after any
 reconnect and preview URLs stay the same) -> serve until the link is lost -> back off with jitter
-(first retry after ~100 ms, doubling to a 20 s cap, reset once a session has lived a while) and
-connect again. A newer session for the same sandbox replaces the old one at the edge, so a
+(first retry after ~100 ms, doubling to a 20 s cap while connects fail, reset by every welcome)
+and connect again. A newer session for the same sandbox replaces the old one at the edge, so a
 reconnect after an unclean loss is never refused as "already connected".
 
 Each stream the edge opens carries a target port. The agent only ever dials 127.0.0.1 (then ::1)
@@ -48,7 +48,6 @@ CONNECT_TIMEOUT: Final = 10.0  # dialing the edge, and dialing a local port
 REQUEST_TIMEOUT: Final = 10.0  # expose/unexpose/list round trip to the edge
 BACKOFF_FIRST: Final = 0.1  # first retry is fast: most losses are a blip or an edge restart
 BACKOFF_CAP: Final = 20.0  # frp's cap; long enough not to hammer a down edge
-STABLE_AFTER: Final = 10.0  # a session that lived this long resets the backoff
 
 
 @dataclass(slots=True)
@@ -426,11 +425,9 @@ class Agent:
 
     async def run(self) -> None:
         """Stay connected until ``stop()``; log every failed connect and every session end."""
-        loop = asyncio.get_running_loop()
         delay = BACKOFF_FIRST
         config = self.config
         while not self._stopping:
-            started = loop.time()
             replaced = False
             try:
                 session = await self.connect_once()
@@ -442,6 +439,10 @@ class Agent:
                     what = describe_error(exc)
                 what = f"cannot connect to edge {config.server_host}:{config.server_port}: {what}"
             else:
+                # A welcome proves the edge and the path to it work: the next loss is a new
+                # incident, not the next failure of this one (a link dropping every 2 s must
+                # not push the retry to 20 s when every connect succeeds).
+                delay = BACKOFF_FIRST
                 await session.closed
                 self.connected_event.clear()
                 self.session = None
@@ -452,8 +453,6 @@ class Agent:
                     # Another agent with our identity is alive: do not fight it for the session.
                     replaced = True
                     delay = BACKOFF_CAP * 2
-                elif loop.time() - started > STABLE_AFTER:
-                    delay = BACKOFF_FIRST
             if self._stopping:
                 break
             sleep = self._rng.uniform(delay / 2, delay)
