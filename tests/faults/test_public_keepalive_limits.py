@@ -1,0 +1,158 @@
+"""Issue 7 row 12: idle keep-alive connections are closed, and public connections are capped.
+
+An idle keep-alive connection (the last request complete, nothing moving either way) is closed
+after ``keepalive_timeout`` instead of living for ``idle_timeout`` (1 h); long-lived traffic that
+is merely silent (a request body in progress; a tunnel after 101) is not. ``max_connections`` and
+``max_connections_per_ip`` answer 503 ``TOO_MANY_CONNECTIONS`` past the cap.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import orjson
+import pytest
+
+from tests.faults.conftest import Stack
+
+pytestmark = pytest.mark.anyio
+
+
+async def _exposed(stack: Stack) -> bytes:
+    origin = await stack.origin()
+    await stack.agent("sb1")
+    exposed = await stack.expose("sb1", origin.port)
+    return stack.host_of(exposed["exposedAt"]).encode()
+
+
+async def _started(**config: object) -> Stack:
+    return await Stack(**config).start()
+
+
+async def test_idle_keepalive_connection_is_closed() -> None:
+    stack = await _started(keepalive_timeout=0.5)  # idle_timeout stays 1 h
+    try:
+        host = await _exposed(stack)
+        assert stack.edge is not None
+        reader, writer = await asyncio.open_connection("127.0.0.1", stack.edge.public_port)
+        started = asyncio.get_running_loop().time()
+        writer.write(b"GET / HTTP/1.1\r\nHost: " + host + b"\r\n\r\n")
+        assert b"hello from origin" in await asyncio.wait_for(reader.read(4096), 5)
+        assert await asyncio.wait_for(reader.read(), 10) == b""  # then closed by the edge
+        assert asyncio.get_running_loop().time() - started < 10
+        writer.close()
+    finally:
+        await stack.close()
+
+
+async def test_keepalive_timer_restarts_with_each_request() -> None:
+    stack = await _started(keepalive_timeout=1.0)
+    try:
+        host = await _exposed(stack)
+        assert stack.edge is not None
+        reader, writer = await asyncio.open_connection("127.0.0.1", stack.edge.public_port)
+        for _ in range(4):  # 4 x 0.4 s > the timeout, but never 1 s idle
+            writer.write(b"GET / HTTP/1.1\r\nHost: " + host + b"\r\n\r\n")
+            got = await asyncio.wait_for(reader.readuntil(b"hello from origin"), 5)
+            assert got.startswith(b"HTTP/1.1 200")
+            await asyncio.sleep(0.4)
+        writer.close()
+    finally:
+        await stack.close()
+
+
+async def test_silent_request_body_outlives_keepalive_timeout() -> None:
+    stack = await _started(keepalive_timeout=0.3)
+    try:
+        host = await _exposed(stack)
+        assert stack.edge is not None
+        reader, writer = await asyncio.open_connection("127.0.0.1", stack.edge.public_port)
+        writer.write(
+            b"POST /upload HTTP/1.1\r\nHost: " + host + b"\r\nContent-Length: 10\r\n\r\n12345"
+        )
+        await writer.drain()
+        await asyncio.sleep(1.2)  # silent mid-body for 4x keepalive_timeout: not idle keep-alive
+        writer.write(b"67890")
+        got = await asyncio.wait_for(reader.readuntil(b"}"), 5)
+        assert got.startswith(b"HTTP/1.1 200") and b'"length":10' in got
+        writer.close()
+    finally:
+        await stack.close()
+
+
+async def test_connections_per_ip_are_capped() -> None:
+    stack = await _started(max_connections_per_ip=2)
+    opened: list[asyncio.StreamWriter] = []
+    try:
+        host = await _exposed(stack)
+        assert stack.edge is not None
+        port = stack.edge.public_port
+        held = [await asyncio.open_connection("127.0.0.1", port) for _ in range(2)]
+        opened.extend(w for _, w in held)
+        await _wait_for(lambda: len(stack.edge.public_connections) == 2)
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        answer = await asyncio.wait_for(reader.read(), 5)
+        writer.close()
+        assert answer.startswith(b"HTTP/1.1 503 ")
+        assert orjson.loads(answer.split(b"\r\n\r\n", 1)[1]) == {
+            "error": "Too many connections: the limit is 2 connections from 127.0.0.1.",
+            "code": "TOO_MANY_CONNECTIONS",
+        }
+        # the held connections still work, and a freed slot is usable again
+        r0, w0 = held[0]
+        w0.write(b"GET / HTTP/1.1\r\nHost: " + host + b"\r\nConnection: close\r\n\r\n")
+        assert b"hello from origin" in await asyncio.wait_for(r0.read(), 5)
+        w0.close()
+        await _wait_for(lambda: len(stack.edge.public_connections) == 1)
+        answer = await _get(port, host)
+        assert answer.startswith(b"HTTP/1.1 200"), answer[:100]
+    finally:
+        for w in opened:
+            w.close()
+        await stack.close()
+
+
+async def test_total_connections_are_capped_and_logged(caplog) -> None:
+    caplog.set_level(logging.WARNING, logger="tunneld.public")
+    stack = await _started(max_connections=3)
+    opened: list[asyncio.StreamWriter] = []
+    try:
+        host = await _exposed(stack)
+        assert stack.edge is not None
+        port = stack.edge.public_port
+        held = [await asyncio.open_connection("127.0.0.1", port) for _ in range(3)]
+        opened.extend(w for _, w in held)
+        await _wait_for(lambda: len(stack.edge.public_connections) == 3)
+        for _ in range(3):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            answer = await asyncio.wait_for(reader.read(), 5)
+            writer.close()
+            assert answer.startswith(b"HTTP/1.1 503 ") and b"TOO_MANY_CONNECTIONS" in answer
+        refusals = [r for r in caplog.records if "refused" in r.getMessage()]
+        assert len(refusals) == 1  # one line, not one per refused connection
+        assert "3 public connections in total" in refusals[0].getMessage()
+        for _, w in held:
+            w.close()
+        await _wait_for(lambda: len(stack.edge.public_connections) == 0)
+        assert (await _get(port, host)).startswith(b"HTTP/1.1 200")
+    finally:
+        for w in opened:
+            w.close()
+        await stack.close()
+
+
+async def _get(port: int, host: bytes) -> bytes:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(b"GET / HTTP/1.1\r\nHost: " + host + b"\r\nConnection: close\r\n\r\n")
+        return await asyncio.wait_for(reader.read(), 5)
+    finally:
+        writer.close()
+
+
+async def _wait_for(predicate, timeout: float = 5) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not predicate():
+        assert asyncio.get_running_loop().time() < deadline, "condition not met in time"
+        await asyncio.sleep(0.02)
