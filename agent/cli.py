@@ -1,7 +1,8 @@
 """``tunnel-agent``: run the in-sandbox agent, or talk to a running one.
 
-``run`` starts the agent (the core lives in :mod:`agent.core`, imported only by ``run``). The other
-subcommands are thin clients of the local control API (:mod:`agent.local_api`) and use only the
+``run`` starts the agent process (:func:`run_from_args`: logging, the event loop, signals, the
+local API and :class:`agent.core.Agent`, all imported only by ``run``). The other subcommands are
+thin clients of the local control API (:mod:`agent.local_api`) and use only the
 standard library, so they start fast and work in a minimal sandbox image.
 
 Exit codes: 0 ok, 1 the agent refused or failed the request, 2 usage error, 3 the agent cannot be
@@ -12,16 +13,18 @@ from __future__ import annotations
 
 import argparse
 import http.client
-import importlib
 import ipaddress
 import json
 import os
 import sys
 from collections.abc import Sequence
-from typing import Any, Final, NoReturn
+from typing import TYPE_CHECKING, Any, Final, NoReturn
 from urllib.parse import urlsplit
 
 from protocol.hostnames import validate_sandbox_id
+
+if TYPE_CHECKING:
+    import ssl
 
 __all__ = [
     "CLIENT_TIMEOUT",
@@ -33,6 +36,7 @@ __all__ = [
     "AgentClient",
     "build_parser",
     "main",
+    "run_from_args",
 ]
 
 EXIT_OK: Final = 0
@@ -298,7 +302,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PORT",
         type=_tcp_port,
         default=3000,
-        help="port of the local control API (default 3000)",
+        help="port of the local control API (default 3000; 0 picks a free one, written to "
+        "$TUNNEL_AGENT_PORTS_FILE if set); the agent never exposes nor dials this port",
     )
     run.add_argument("--tls", action="store_true", help="connect to the edge over TLS")
     run.add_argument(
@@ -327,7 +332,8 @@ def build_parser() -> argparse.ArgumentParser:
         "expose",
         parents=[client],
         help="expose a port and print its preview URL",
-        description="Expose PORT (1024-65535, not 3000) and print its public preview URL.",
+        description="Expose PORT (1024-65535, not 3000 nor the agent's own API port) and print "
+        "its public preview URL.",
         epilog=_EXPOSE_EPILOG,
         formatter_class=fmt,
         allow_abbrev=False,
@@ -407,9 +413,92 @@ def _cmd_run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     refusal = plaintext_refusal(args.server, tls=args.tls, insecure=args.insecure_plaintext)
     if refusal is not None:
         parser.error(refusal)
-    # Imported here: the client commands must not need (or pay for) the core.
-    core = importlib.import_module("agent.core")
-    return int(core.run_from_args(args) or 0)
+    return run_from_args(args)
+
+
+# -- the agent process -----------------------------------------------------------------------
+# asyncio, ssl, the core and the event loop are imported here only: the client commands must not
+# need (or pay for) them.
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    """Run the agent until SIGTERM/SIGINT; the exit code of ``tunnel-agent run``."""
+    import asyncio
+    import logging
+
+    logging.basicConfig(
+        level=getattr(logging, str(args.log_level).upper(), logging.INFO),
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    from relay.loop import new_event_loop
+
+    with asyncio.Runner(loop_factory=new_event_loop) as runner:
+        return int(runner.run(_run(args)) or 0)
+
+
+def _tls_context(args: argparse.Namespace) -> ssl.SSLContext | None:
+    if not getattr(args, "tls", False):
+        return None
+    import ssl
+
+    return ssl.create_default_context(cafile=getattr(args, "tls_ca", None) or None)
+
+
+async def _run(args: argparse.Namespace) -> int:
+    import asyncio
+    import logging
+    import signal
+
+    from .core import Agent, AgentConfig
+
+    log = logging.getLogger("tunnel.agent")
+    scheme, sep, address = args.server.partition("://")
+    if not sep:
+        scheme, address = "", args.server
+    if scheme == "wss":
+        args.tls = True
+    host, _, port = address.rstrip("/").rpartition(":")
+    config = AgentConfig(
+        server_host=host.strip("[]"),
+        server_port=int(port),
+        sandbox_id=args.sandbox_id,
+        token=args.token,
+        tls=_tls_context(args),
+        server_hostname=getattr(args, "tls_server_name", None),
+        websocket=scheme in ("ws", "wss"),
+    )
+    agent = Agent(config)
+    loop = asyncio.get_running_loop()
+    try:
+        api = await agent.serve_local_api(args.api_host, args.api_port)
+    except OSError as exc:
+        log.error(
+            "cannot serve the local API on %s:%s: %s",
+            args.api_host,
+            args.api_port,
+            exc.strerror or exc,
+        )
+        return 1
+    ports_file = os.environ.get("TUNNEL_AGENT_PORTS_FILE")
+    if ports_file:
+        with open(ports_file + ".tmp", "w") as f:
+            json.dump({"api": api.port}, f)
+        os.replace(ports_file + ".tmp", ports_file)
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    runner = loop.create_task(agent.run())
+    await stop.wait()
+    log.info("stopping")
+    await agent.stop()
+    runner.cancel()
+    try:
+        await runner
+    except asyncio.CancelledError:
+        pass
+    await api.close()
+    return 0
 
 
 def _client(args: argparse.Namespace, parser: argparse.ArgumentParser) -> AgentClient:

@@ -10,12 +10,12 @@ import socket
 import subprocess
 import sys
 import threading
-import types
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from agent import cli
 from agent.cli import AgentClient, main
 from agent.local_api import LocalAPI
 
@@ -230,6 +230,32 @@ def test_help(capsys: pytest.CaptureFixture[str]) -> None:
     assert "ps" in out
 
 
+def test_help_explains_every_option() -> None:
+    parser = cli.build_parser()
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for name, sub in {"": parser, **subparsers.choices}.items():
+        for action in sub._actions:
+            refused_token = name == "run" and "--token" in action.option_strings
+            if action.dest in ("help", "command") or refused_token:
+                continue  # run --token exists only to refuse it, and says why
+            assert action.help and action.help != argparse.SUPPRESS, (name, action.dest)
+            assert len(action.help) > 10, (name, action.dest, action.help)
+
+
+def test_client_commands_do_not_load_the_core() -> None:
+    code = (
+        "import sys, agent.cli\n"
+        "assert agent.cli.main(['--help']) == 0\n"
+        "loaded = {'agent.core', 'agent.local_api', 'asyncio', 'relay.loop'} & set(sys.modules)\n"
+        "sys.exit(f'loaded: {sorted(loaded)}' if loaded else 0)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=30, env=env
+    )
+    assert done.returncode == 0, done.stderr
+
+
 # -- run -------------------------------------------------------------------------------------
 
 
@@ -241,9 +267,7 @@ def fake_core(monkeypatch: pytest.MonkeyPatch) -> list[argparse.Namespace]:
         calls.append(args)
         return 0
 
-    module = types.ModuleType("agent.core")
-    module.run_from_args = run_from_args  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "agent.core", module)
+    monkeypatch.setattr(cli, "run_from_args", run_from_args)
     return calls
 
 
