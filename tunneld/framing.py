@@ -197,6 +197,8 @@ class RequestFramer:
                 if self._scanner.done:
                     self._scanner = None
                     self._body_done()
+                elif not take:  # pragma: no cover - the scanner always consumes or keeps input
+                    break
             elif state is State.UPGRADE_PENDING:
                 self._held += data[pos:]
                 pos = end
