@@ -1,4 +1,9 @@
-"""Real ``tunneld`` and ``tunnel-agent`` processes for the tests that are about processes."""
+"""Real ``tunneld`` and ``tunnel-agent`` processes for the tests that are about processes.
+
+A child's stdout and stderr go to a log file in the test's tmp directory, never to a pipe: nobody
+reads a pipe while the child runs, so a child that logs more than the pipe buffer would block in
+``write()`` and the test would hang on something that is not the behaviour under test.
+"""
 
 from __future__ import annotations
 
@@ -14,13 +19,15 @@ from pathlib import Path
 BIN = Path(sys.executable).parent
 
 
-def wait_for_file(path: Path, proc: subprocess.Popen[bytes], timeout: float = 15) -> dict:
+def wait_for_file(
+    path: Path, proc: subprocess.Popen[bytes], timeout: float = 15, log: Path | None = None
+) -> dict:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if path.exists():
             return json.loads(path.read_text())
         if proc.poll() is not None:
-            out = proc.stdout.read().decode() if proc.stdout else ""
+            out = log.read_text(errors="replace") if log is not None and log.exists() else ""
             raise RuntimeError(f"process exited with {proc.returncode}: {out}")
         time.sleep(0.02)
     raise TimeoutError(f"{path} did not appear")
@@ -35,6 +42,7 @@ class Processes:
         self.admin_token = secrets.token_urlsafe(16)
         self.secret = secrets.token_urlsafe(16)
         self.procs: list[subprocess.Popen[bytes]] = []
+        self.logs: dict[int, Path] = {}  # pid -> the file holding the child's stdout and stderr
         self.extra_args = extra_args
         self.ports: dict[str, int] = {}
         self.edge: subprocess.Popen[bytes] | None = None
@@ -46,9 +54,18 @@ class Processes:
         env.update(extra)
         return env
 
+    def _spawn(self, name: str, argv: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
+        log = self.tmp / f"{name}-{len(self.procs)}.log"
+        with log.open("wb") as out:  # the child holds its own descriptor; ours closes here
+            proc = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT)
+        self.procs.append(proc)
+        self.logs[proc.pid] = log
+        return proc
+
     def start_edge(self, *args: str, env: dict[str, str] | None = None) -> dict[str, int]:
         ports_file = self.tmp / f"edge-{len(self.procs)}.json"
-        self.edge = subprocess.Popen(
+        self.edge = self._spawn(
+            "edge",
             [
                 str(BIN / "tunneld"),
                 "serve",
@@ -65,12 +82,9 @@ class Processes:
                 *self.extra_args,
                 *args,
             ],
-            env=env or self.env(TUNNELD_ADMIN_TOKEN=self.admin_token, TUNNELD_SECRET=self.secret),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
+            env or self.env(TUNNELD_ADMIN_TOKEN=self.admin_token, TUNNELD_SECRET=self.secret),
         )
-        self.procs.append(self.edge)
-        self.ports = wait_for_file(ports_file, self.edge)
+        self.ports = wait_for_file(ports_file, self.edge, log=self.logs[self.edge.pid])
         return self.ports
 
     def token(self, sandbox_id: str) -> str:
@@ -86,26 +100,30 @@ class Processes:
     def start_agent(
         self, sandbox_id: str = "sb1", scheme: str = ""
     ) -> tuple[subprocess.Popen[bytes], int]:
+        return self.start_agent_at(f"{scheme}127.0.0.1:{self.ports['agent']}", sandbox_id)
+
+    def start_agent_at(
+        self, server: str, sandbox_id: str = "sb1"
+    ) -> tuple[subprocess.Popen[bytes], int]:
+        """An agent dialling ``server`` (``[ws://|wss://]host:port``)."""
         ports_file = self.tmp / f"agent-{len(self.procs)}.json"
-        proc = subprocess.Popen(
+        proc = self._spawn(
+            "agent",
             [
                 str(BIN / "tunnel-agent"),
                 "run",
                 "--server",
-                f"{scheme}127.0.0.1:{self.ports['agent']}",
+                server,
                 "--sandbox-id",
                 sandbox_id,
                 "--api-port",
                 "0",
             ],
-            env=self.env(
+            self.env(
                 TUNNEL_AGENT_TOKEN=self.token(sandbox_id), TUNNEL_AGENT_PORTS_FILE=str(ports_file)
             ),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
         )
-        self.procs.append(proc)
-        api_port = wait_for_file(ports_file, proc)["api"]
+        api_port = wait_for_file(ports_file, proc, log=self.logs[proc.pid])["api"]
         return proc, api_port
 
     def stop(
@@ -116,13 +134,11 @@ class Processes:
         return proc.wait(timeout)
 
     def output(self, proc: subprocess.Popen[bytes]) -> str:
-        assert proc.poll() is not None, "read output only after the process exited"
-        return proc.stdout.read().decode() if proc.stdout else ""
+        """What the child wrote to stdout and stderr so far (all of it once it exited)."""
+        return self.logs[proc.pid].read_text(errors="replace")
 
     def close(self) -> None:
         for proc in self.procs:
             if proc.poll() is None:
                 proc.kill()
             proc.wait(10)
-            if proc.stdout:
-                proc.stdout.close()

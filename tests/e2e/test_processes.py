@@ -8,6 +8,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 
@@ -87,7 +88,13 @@ class OriginThread:
 
     def close(self) -> None:
         async def stop() -> None:
+            # End handlers still waiting on an SSE release, so that no task is left pending
+            # when the loop stops (bounded: idle keep-alive handlers may stay until then).
+            self.origin.sse_release.set()
             await self.origin.close()
+            deadline = self.loop.time() + 1
+            while self.origin.open_connections and self.loop.time() < deadline:
+                await asyncio.sleep(0.01)
 
         asyncio.run_coroutine_threadsafe(stop(), self.loop).result(10)
         self.loop.call_soon_threadsafe(self.loop.stop)
@@ -155,16 +162,88 @@ def test_agent_restart_keeps_url(procs: Processes, origin: OriginThread) -> None
         assert admin.get("/v1/sandboxes/sb1/ports").json()["ports"][0]["exposedAt"] == url
 
 
-def test_agent_reconnects_after_edge_restart(procs: Processes, origin: OriginThread) -> None:
-    procs.start_edge()
-    agent, _ = procs.start_agent("sb1")
-    _wait(lambda: _connected(procs, "sb1"), what="agent connected")
-    old_agent_port = procs.ports["agent"]
-    assert procs.stop(procs.edge) == 0
-    # a new edge on the same agent port; the agent's backoff finds it
-    procs.start_edge("--agent-port", str(old_agent_port))
-    _wait(lambda: _connected(procs, "sb1"), timeout=30, what="agent reconnected")
-    assert agent.poll() is None
+class Forwarder:
+    """A loopback TCP forwarder whose target can change: the agent's fixed edge address while the
+    edge behind it is replaced. The new edge listens on a port 0 of its own: no port number is
+    ever closed and bound again (another process could take it in between)."""
+
+    def __init__(self, target: int | None) -> None:
+        self.target = target
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.server.settimeout(0.1)
+        self.port = self.server.getsockname()[1]
+        self.closed = False
+        self.sockets: list[socket.socket] = []
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+        self.thread.start()
+
+    def _accept(self) -> None:
+        while not self.closed:
+            try:
+                client, _ = self.server.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            client.settimeout(None)
+            try:
+                if self.target is None:
+                    raise ConnectionRefusedError("no edge behind the forwarder")
+                upstream = socket.create_connection(("127.0.0.1", self.target), timeout=5)
+            except OSError:
+                client.close()
+                continue
+            upstream.settimeout(None)
+            self.sockets += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pump(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for sock in (src, dst):
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        self.closed = True
+        self.thread.join(5)
+        self.server.close()
+        for sock in self.sockets:
+            sock.close()
+
+
+def test_agent_reconnects_after_edge_restart(tmp_path, origin: OriginThread) -> None:
+    procs = Processes(tmp_path, "uvloop")
+    forwarder = Forwarder(None)
+    try:
+        procs.start_edge()
+        forwarder.target = procs.ports["agent"]
+        agent, _ = procs.start_agent_at(f"127.0.0.1:{forwarder.port}", "sb1")
+        _wait(lambda: _connected(procs, "sb1"), what="agent connected")
+        forwarder.target = None  # the edge is going away
+        assert procs.stop(procs.edge) == 0
+        # a new edge on a port of its own; the agent's backoff finds it through the forwarder
+        procs.start_edge()
+        forwarder.target = procs.ports["agent"]
+        _wait(lambda: _connected(procs, "sb1"), timeout=30, what="agent reconnected")
+        assert agent.poll() is None
+        # exposures live in the edge's memory: expose again, then the URL reaches the service
+        with _admin(procs) as admin:
+            r = admin.post("/v1/sandboxes/sb1/ports", json={"port": origin.port})
+            assert r.status_code == 200, r.text
+        response = _get(procs, r.json()["exposedAt"])
+        assert response.status_code == 200 and response.content == b"hello from origin"
+    finally:
+        procs.close()
+        forwarder.close()
 
 
 def test_sigterm_drains_in_flight_requests(procs: Processes, origin: OriginThread) -> None:
@@ -190,6 +269,51 @@ def test_sigterm_drains_in_flight_requests(procs: Processes, origin: OriginThrea
     assert procs.edge.wait(15) == 0
     log = procs.output(procs.edge)
     assert "SIGTERM: draining" in log and "stopped" in log
+
+
+def test_sigterm_cuts_streams_when_the_grace_period_ends(
+    procs: Processes, origin: OriginThread
+) -> None:
+    """A stream still open when the grace period ends is cut (an error, not a clean end), the
+    edge exits 0, and the cut comes at the end of the grace period, not at the signal."""
+    grace = 2.0
+    procs.start_edge("--grace-period", str(grace))
+    procs.start_agent("sb1")
+    _wait(lambda: _connected(procs, "sb1"), what="agent connected")
+    with _admin(procs) as admin:
+        url = admin.post("/v1/sandboxes/sb1/ports", json={"port": origin.port}).json()["exposedAt"]
+    host = url.split("//", 1)[1].split("/", 1)[0]
+    with httpx.Client(timeout=30) as client:
+        with client.stream(
+            "GET", f"http://127.0.0.1:{procs.ports['public']}/sse", headers={"host": host}
+        ) as r:
+            it = r.iter_lines()
+            assert next(it) == "data: first"
+            signalled = time.monotonic()
+            procs.edge.send_signal(signal.SIGTERM)
+            # the origin never finishes this response: only the grace period can end it
+            with pytest.raises((httpx.RemoteProtocolError, httpx.ReadError)):
+                for _ in it:
+                    pass
+            cut_after = time.monotonic() - signalled
+    assert grace / 2 <= cut_after < grace + 10, cut_after
+    assert procs.edge.wait(15) == 0
+    assert "SIGTERM: draining" in procs.output(procs.edge)
+
+
+def test_a_chatty_child_never_blocks_on_its_output(tmp_path) -> None:
+    """Children log to a file: 4 MiB of output (far past a pipe's 64 KiB) cannot stall them."""
+    procs = Processes(tmp_path)
+    try:
+        proc = procs._spawn(
+            "chatty",
+            [sys.executable, "-c", "import sys; sys.stdout.write('x' * (4 << 20))"],
+            procs.env(),
+        )
+        assert proc.wait(30) == 0
+        assert len(procs.output(proc)) == 4 << 20
+    finally:
+        procs.close()
 
 
 def _refused(port: int) -> bool:
