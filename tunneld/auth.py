@@ -174,7 +174,8 @@ class AgentAuth:
             self._arm()
 
     def revalidate(self) -> int:
-        """Close every session whose token no longer verifies (rotated secret, expiry)."""
+        """Close every session whose token no longer verifies (rotated secret, expiry) or whose
+        plaintext link is no longer allowed (``allow_plaintext_agents`` unset by a reload)."""
         closed = 0
         now = time.time()
         for session, token in list(self._tokens.items()):
@@ -182,14 +183,18 @@ class AgentAuth:
             if sandbox_id is None or session.session.closed or session.transport is None:
                 self._forget(session)
                 continue
-            if verify_agent_token(self.server.config.secret, sandbox_id, token, now):
+            refusal = self.link_refusal(session)  # allow_plaintext_agents may have been unset
+            if refusal is None and verify_agent_token(
+                self.server.config.secret, sandbox_id, token, now
+            ):
                 continue
             expiry = token_expiry(token)
-            why = (
-                "its token expired"
-                if expiry is not None and expiry <= now and self._mac_valid(sandbox_id, token)
-                else "its token no longer verifies (secret rotated)"
-            )
+            if refusal is not None:
+                why = refusal
+            elif expiry is not None and expiry <= now and self._mac_valid(sandbox_id, token):
+                why = "its token expired"
+            else:
+                why = "its token no longer verifies (secret rotated)"
             log.warning(
                 "sandbox %s: closing session %s from %s: %s",
                 sandbox_id,

@@ -134,10 +134,10 @@ async def _wait(predicate, timeout: float = 10) -> None:
 def test_agent_cli_refuses_plaintext_to_a_remote_edge_without_connecting(
     server: str, monkeypatch, capsys
 ) -> None:
-    def no_agent(name: str):  # the CLI must stop before it loads the agent that would connect
-        raise AssertionError(f"the agent was started ({name})")
+    def no_agent(args):  # the CLI must stop before it starts the agent that would connect
+        raise AssertionError(f"the agent was started for {args.server}")
 
-    monkeypatch.setattr(agent.cli.importlib, "import_module", no_agent)
+    monkeypatch.setattr(agent.cli, "run_from_args", no_agent)
     monkeypatch.setenv("TUNNEL_AGENT_TOKEN", "t")
     code = agent.cli.main(["run", "--server", server, "--sandbox-id", "sb1"])
     err = capsys.readouterr().err
@@ -162,3 +162,26 @@ def test_agent_cli_refuses_plaintext_to_a_remote_edge_without_connecting(
 )
 def test_agent_plaintext_rule(server: str, tls: bool, insecure: bool, refused: bool) -> None:
     assert (agent_plaintext_refusal(server, tls=tls, insecure=insecure) is not None) is refused
+
+
+async def test_reload_that_disallows_plaintext_closes_remote_plaintext_sessions(
+    monkeypatch,
+) -> None:
+    import dataclasses
+
+    from tunneld.cli import apply_reload
+
+    monkeypatch.setattr(tunneld.auth, "is_loopback_peer", lambda peer: False)
+    stack = await Stack(allow_plaintext_agents=True).start()
+    try:
+        await stack.agent("sb1")
+        live = stack.edge.registry.get("sb1").session
+        apply_reload(stack.edge, dataclasses.replace(stack.config))  # unchanged: stays
+        assert not live.session.closed
+        apply_reload(stack.edge, dataclasses.replace(stack.config, allow_plaintext_agents=False))
+        await _wait(lambda: live.session.closed)
+        assert stack.edge.registry.get("sb1") is None or (
+            stack.edge.registry.get("sb1").session is not live
+        )
+    finally:
+        await stack.close()
