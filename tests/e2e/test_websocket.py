@@ -115,11 +115,22 @@ async def test_server_close_code_reaches_client(stack: Stack, echo: EchoServer) 
 async def test_websocket_needs_exposure_and_token(stack: Stack, echo: EchoServer) -> None:
     await stack.agent("sb1")
     exposed = await stack.expose("sb1", echo.port)
-    bad = exposed["exposedAt"].replace("-sb1-", "-sb1-x")  # wrong token
-    with pytest.raises(websockets.InvalidStatus) as info:
-        async with _preview_ws(stack, bad):
-            pass
-    assert info.value.response.status_code == 404
+    url = exposed["exposedAt"]
+    other = 65000 if echo.port != 65000 else 65001  # a port that was never exposed
+    wrong_token = url.replace("-sb1-", "-sb1-x")
+    unexposed = url.replace(f"//{echo.port}-", f"//{other}-")
+    assert unexposed != url
+    for bad in (wrong_token, unexposed):
+        with pytest.raises(websockets.InvalidStatus) as info:
+            async with _preview_ws(stack, bad):
+                pass
+        assert info.value.response.status_code == 404, bad
+        assert b'"INVALID_TOKEN"' in info.value.response.body, bad
+    # the echo server never saw an upgrade; the right URL still works
+    assert echo.paths == []
+    async with _preview_ws(stack, url) as ws:
+        await ws.send("ok")
+        assert await ws.recv() == "ok"
 
 
 async def test_sdk_ws_connect_on_unexposed_port(stack: Stack, echo: EchoServer) -> None:
