@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 
 import pytest
 
@@ -68,10 +69,11 @@ async def test_agent_reports_refused_connect() -> None:
     edge = FakeEdge()
     server = await loop.create_server(lambda: edge, "127.0.0.1", 0)
     agent = Agent(AgentConfig("127.0.0.1", server.sockets[0].getsockname()[1], "sb1", "t"))
-    closed = await loop.create_server(asyncio.Protocol, "127.0.0.1", 0)
-    free_port = closed.sockets[0].getsockname()[1]
-    closed.close()
-    await closed.wait_closed()
+    # Bound but not listening: a connect is refused, and the port stays ours meanwhile (a closed
+    # listener's port could be bound by anyone before the agent dials it).
+    unused = socket.socket()
+    unused.bind(("127.0.0.1", 0))
+    free_port = unused.getsockname()[1]
     try:
         await agent.connect_once()
         sid = edge.session.open_stream(free_port, "direct", "1.2.3.4:5")  # preview: unexposed
@@ -83,6 +85,7 @@ async def test_agent_reports_refused_connect() -> None:
         assert event.stream_id == sid
         assert event.code in (ResetCode.CONNECT_REFUSED, ResetCode.CONNECT_FAILED)
     finally:
+        unused.close()
         await agent.stop()
         server.close()
         if edge.transport is not None:
