@@ -12,7 +12,7 @@ import shutil
 import socket
 import ssl
 import subprocess
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -84,6 +84,7 @@ class FakeAdmin:
         self.stall = False  # read requests, never answer
         self.close_after_response = False  # drop keep-alive connections silently
         self.connections = 0
+        self.closed_connections = 0  # connections this server has finished with
         self.requests: list[tuple[str, str]] = []
         self.ws_paths: list[str] = []
         self.ws_headers: list[dict[str, str]] = []
@@ -106,6 +107,7 @@ class FakeAdmin:
                 pass
             except Exception as exc:  # a bug in the fake: fail the test, not the server
                 self.errors.append(exc)
+        self.closed_connections += 1
 
     async def _serve(self, stream: anyio.abc.ByteStream) -> None:
         conn = h11.Connection(h11.SERVER)
@@ -395,9 +397,19 @@ def self_signed_cert(tmp_path_factory: pytest.TempPathFactory) -> SelfSignedCert
 
 
 @pytest.fixture
-def refused_url() -> str:
-    """A loopback URL where nothing listens (the port was free a moment ago)."""
+def refused_url() -> Iterator[str]:
+    """A loopback URL where nothing listens: the port is bound but not listening (connecting is
+    refused) and stays bound for the whole test, so no other process can take it meanwhile."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    return f"http://127.0.0.1:{port}"
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+
+
+async def wait_until(predicate: Callable[[], object], timeout: float = 5, what: str = "it") -> None:
+    """Poll ``predicate`` (any anyio backend) until true; fail after ``timeout`` seconds."""
+    try:
+        with anyio.fail_after(timeout):
+            while not predicate():
+                await anyio.sleep(0.005)
+    except TimeoutError:
+        raise AssertionError(f"timed out after {timeout} s waiting for {what}") from None

@@ -31,7 +31,7 @@ from tunneld.client import (
     WebSocket,
 )
 
-from .conftest import ADMIN_TOKEN, FakeAdmin, SelfSignedCert, running
+from .conftest import ADMIN_TOKEN, FakeAdmin, SelfSignedCert, running, wait_until
 
 pytestmark = pytest.mark.anyio
 
@@ -151,7 +151,7 @@ async def test_without_context_manager_no_connection_is_kept(fake_admin: FakeAdm
 async def test_stale_keepalive_connection_is_retried(sb: Sandbox, fake_admin: FakeAdmin) -> None:
     fake_admin.close_after_response = True  # closes without "Connection: close"
     await sb.expose_port(8000)
-    await anyio.sleep(0.05)
+    await wait_until(lambda: fake_admin.closed_connections == 1, what="the server to close")
     assert [p.port for p in await sb.get_exposed_ports()] == [8000]
     await sb.unexpose_port(8000)
     assert fake_admin.connections == 3
@@ -324,7 +324,8 @@ async def test_timeout_against_a_server_that_never_answers(fake_admin: FakeAdmin
         with pytest.raises(TunnelTimeoutError) as info:
             await client.sandbox("abc123").get_exposed_ports()
         elapsed = time.monotonic() - start
-    assert 0.4 < elapsed < 3.0
+    # not before the timeout; and it does fire (a generous bound: the machine may be busy)
+    assert 0.45 <= elapsed < 15, elapsed
     assert info.value.status is None and isinstance(info.value, TimeoutError)
     with pytest.raises(TunnelTimeoutError):
         await client.sandbox("abc123").ws_connect(8000)
@@ -446,7 +447,7 @@ async def test_ws_concurrent_ping_and_receive(sb: Sandbox) -> None:
 
         async with anyio.create_task_group() as tg:
             tg.start_soon(reader)
-            await anyio.sleep(0.05)  # the reader now holds the read lock
+            await wait_until(ws._read_lock.locked, what="the reader to hold the read lock")
             await ws.ping(b"p")  # answered through the reader's read
             await ws.send("later")
         assert received == ["later"]
