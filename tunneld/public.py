@@ -178,7 +178,6 @@ class PublicConnection(StreamEndpoint):
             limits.per_ip[ip] = count + 1
             self._counted_ip = ip
             return True
-        self.server.metrics.preview_denied.inc()
         now = self.server.loop.time()
         limits.unlogged += 1
         if now - limits.last_log >= _REFUSAL_LOG_INTERVAL:

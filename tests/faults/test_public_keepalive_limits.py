@@ -2,7 +2,7 @@
 
 An idle keep-alive connection (the last request complete, nothing moving either way) is closed
 after ``keepalive_timeout`` instead of living for ``idle_timeout`` (1 h); long-lived traffic that
-is merely silent (a request body in progress; a tunnel after 101) is not. ``max_connections`` and
+is merely silent (a request body in progress, a tunnel after 101) is not. ``max_connections`` and
 ``max_connections_per_ip`` answer 503 ``TOO_MANY_CONNECTIONS`` past the cap.
 """
 
@@ -79,6 +79,44 @@ async def test_silent_request_body_outlives_keepalive_timeout() -> None:
         writer.close()
     finally:
         await stack.close()
+
+
+async def test_silent_tunnel_outlives_keepalive_timeout(stack: Stack) -> None:
+    """After a 101 the connection is a tunnel: silence there is governed by idle_timeout only."""
+
+    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+            writer.write(
+                b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\nConnection: upgrade\r\n\r\n"
+            )
+            while data := await asyncio.wait_for(reader.read(65536), 10):
+                writer.write(data)
+        except (ConnectionError, TimeoutError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+
+    stack.config.keepalive_timeout = 0.3
+    server = await asyncio.start_server(echo, "127.0.0.1", 0)
+    try:
+        await stack.agent("sb1")
+        exposed = await stack.expose("sb1", server.sockets[0].getsockname()[1])
+        host = stack.host_of(exposed["exposedAt"]).encode()
+        assert stack.edge is not None
+        reader, writer = await asyncio.open_connection("127.0.0.1", stack.edge.public_port)
+        writer.write(
+            b"GET /ws HTTP/1.1\r\nHost: " + host + b"\r\nConnection: Upgrade\r\nUpgrade: x\r\n\r\n"
+        )
+        assert (await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)).startswith(
+            b"HTTP/1.1 101 "
+        )
+        await asyncio.sleep(1.2)  # silent for 4x keepalive_timeout
+        writer.write(b"still there?")
+        assert await asyncio.wait_for(reader.readexactly(12), 5) == b"still there?"
+        writer.close()
+    finally:
+        server.close()
 
 
 async def test_connections_per_ip_are_capped() -> None:
