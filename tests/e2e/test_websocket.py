@@ -11,7 +11,7 @@ from websockets.asyncio.server import serve
 
 from tunneld.client import TunnelClient
 
-from .conftest import Stack
+from .conftest import Stack, wait_until
 
 pytestmark = pytest.mark.anyio
 
@@ -92,10 +92,7 @@ async def test_websocket_echo_through_preview_url(
         await asyncio.wait_for(pong, 5)
         await ws.close(4001, "client says bye")
     assert ws.close_code == 4001
-    for _ in range(100):
-        if echo.close_codes:
-            break
-        await asyncio.sleep(0.02)
+    await wait_until(lambda: echo.close_codes, 5, "the echo server to see the close")
     assert echo.close_codes == [4001]
     assert echo.paths == ["/chat?room=1"]
     assert echo.hosts == [f"localhost:{echo.port}"]
@@ -148,10 +145,7 @@ async def test_sdk_ws_connect_on_unexposed_port(stack: Stack, echo: EchoServer) 
             assert await ws.receive() == b"\x01" * MIB
             await ws.ping(b"p")
             await ws.close(4003, "done")
-    for _ in range(100):
-        if echo.close_codes:
-            break
-        await asyncio.sleep(0.02)
+    await wait_until(lambda: echo.close_codes, 5, "the echo server to see the close")
     assert echo.close_codes == [4003]
     assert echo.paths == ["/direct?x=1"]
 
