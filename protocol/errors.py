@@ -34,6 +34,7 @@ class GoAwayCode(enum.IntEnum):
     SHUTTING_DOWN = 7
     FRAME_TOO_LARGE = 8
     UNSUPPORTED_VERSION = 9
+    TOO_MANY_REQUESTS = 10  # control requests far past the rate limit
 
 
 class ResetCode(enum.IntEnum):

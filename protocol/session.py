@@ -127,6 +127,9 @@ class SessionConfig:
     dead_timeout: float = DEAD_TIMEOUT
     stream_send_high_water: int = 256 * 1024  # send_data() says "pause your source" above this
     stream_send_low_water: int = 64 * 1024  # StreamWritable once queued bytes fall to this
+    # False: a SYN from the peer is a protocol error (the edge: agents never open streams, and
+    # refusing each SYN with an RST would let an agent make the edge write without reading)
+    accept_remote_streams: bool = True
     # what all streams together may be granted beyond INITIAL_STREAM_WINDOW (window growth)
     stream_growth_budget: int = DEFAULT_STREAM_GROWTH_BUDGET
 
@@ -159,6 +162,11 @@ _ACK: Final = 2
 _FIN: Final = 4
 _RST: Final = 8
 _MAX_STREAM_ID: Final = 0xFFFFFFFF
+# PINGs from the peer, each of which costs a PING|ACK: a token bucket, as gRPC's keepalive
+# enforcement and the HTTP/2 ping-flood fixes (CVE-2019-9512) do. An honest peer pings every
+# HEARTBEAT_INTERVAL; past the bucket the session ends with GO_AWAY(TOO_MANY_REQUESTS).
+_PING_RATE: Final = 10.0  # per second, sustained
+_PING_BURST: Final = 100.0
 # Unanswered PINGs remembered for RTT; older ones are forgotten (their PONG is then ignored).
 _MAX_OUTSTANDING_PINGS: Final = 16
 # Peer GO_AWAY codes after which existing streams may still finish; any other code means the peer
@@ -252,7 +260,9 @@ class Session:
         "_next_local_id",
         "_next_ping",
         "_now",
+        "_ping_at",
         "_ping_counter",
+        "_ping_tokens",
         "_pings",
         "_reader",
         "_received_first",
@@ -299,6 +309,8 @@ class Session:
         self._next_ping: float | None = None
         self._pings: dict[int, float] = {}
         self._ping_counter = 0
+        self._ping_tokens = _PING_BURST
+        self._ping_at = now
         self._handlers = (
             self._on_data,
             self._on_window_update,
@@ -802,6 +814,8 @@ class Session:
             raise RemoteProtocolError("peer opened a stream with an id of our parity")
         if stream_id <= self._highest_remote_id:
             raise RemoteProtocolError("stream id reused or not increasing")
+        if not self._config.accept_remote_streams:
+            raise RemoteProtocolError("the peer may not open streams")
         if frame.length > MAX_OPEN_METADATA:
             raise RemoteProtocolError("stream open metadata too large")
         port, via, client = _parse_open_metadata(frame.payload)
@@ -874,6 +888,12 @@ class Session:
             if sent is not None:
                 self._events.append(PingAcknowledged(self._now - sent))
         else:
+            now = self._now
+            tokens = min(_PING_BURST, self._ping_tokens + (now - self._ping_at) * _PING_RATE)
+            self._ping_at = now
+            if tokens < 1.0:
+                raise RemoteProtocolError("too many pings", GoAwayCode.TOO_MANY_REQUESTS)
+            self._ping_tokens = tokens - 1.0
             self._ctrl.append(_pack(VERSION, _PING, _ACK, 0, value))
 
     def _on_go_away(self, frame: Frame) -> None:

@@ -51,6 +51,14 @@ TUNNEL_LOW_WATER: Final = 64 * 1024
 # write. Larger reads are sent zero-copy and flushed at once (their buffer is reused next read).
 COALESCE_MAX: Final = 16 * 1024
 
+# Replies the peer provoked (PING ACKs, RSTs for refused streams, control replies, WebSocket pongs)
+# are written even while DATA waits, so a peer that sends without ever reading would make the
+# tunnel transport's buffer grow without bound. Past this much unsent output the tunnel socket
+# stops being read: the peer's own sends then block in its kernel, and the dead-peer timer ends a
+# session that stays that way. An honest peer never gets near it: DATA stops at TUNNEL_HIGH_WATER
+# plus one frame, and control frames are tiny.
+TUNNEL_OUTPUT_CAP: Final = 4 * TUNNEL_HIGH_WATER
+
 # A local socket may buffer this much written-but-unsent data before credit stops going back.
 LOCAL_HIGH_WATER: Final = 256 * 1024
 LOCAL_LOW_WATER: Final = 64 * 1024
@@ -72,12 +80,13 @@ def abort_with_reset(transport: asyncio.Transport | None) -> None:
     """
     if transport is None:
         return
-    sock = transport.get_extra_info("socket")
-    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
-        except OSError:  # pragma: no cover - already closed by the kernel
-            pass
+    if not transport.is_closing():
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+            except (OSError, ValueError):  # closed under us (uvloop: ValueError, fd -1)
+                pass
     transport.abort()
 
 
@@ -232,6 +241,7 @@ class MuxProtocol(asyncio.BufferedProtocol):
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
         self._flush_scheduled = False
+        self._read_paused = False  # the tunnel socket, past TUNNEL_OUTPUT_CAP
         # WebSocket carriage of the session (relay/wslink.py): set by the agent before connecting,
         # or by the edge once the first bytes (``_sniff``) turn out to be an HTTP upgrade.
         self.link: WebSocketLink | None = None
@@ -295,7 +305,8 @@ class MuxProtocol(asyncio.BufferedProtocol):
                 self.transport.close()
             return b""
         if reply and self.transport is not None:
-            self.transport.write(reply)
+            self.transport.write(reply)  # a pong or a close reply: capped like any other output
+            self._cap_output(self.transport)
         if link.open and not was_open:
             self.on_link_open()
         return payload
@@ -324,7 +335,33 @@ class MuxProtocol(asyncio.BufferedProtocol):
 
     def resume_writing(self) -> None:
         self._write_paused = False
+        if self._read_paused and self.transport is not None:
+            self._read_paused = False
+            if not self.transport.is_closing():
+                self.transport.resume_reading()
         self.flush()
+
+    def _cap_output(self, transport: asyncio.Transport) -> None:
+        """Stop reading a peer that lets our output pile up (see TUNNEL_OUTPUT_CAP)."""
+        if not self._read_paused and transport.get_write_buffer_size() > TUNNEL_OUTPUT_CAP:
+            self._read_paused = True
+            transport.pause_reading()
+            log.warning(
+                "%s: the peer does not read what it asks for (%d bytes unsent); "
+                "reading from it is paused",
+                self.describe(),
+                transport.get_write_buffer_size(),
+            )
+
+    @property
+    def output_backlog(self) -> int:
+        """Bytes written to the tunnel transport and not yet taken by the kernel."""
+        transport = self.transport
+        return transport.get_write_buffer_size() if transport is not None else 0
+
+    def describe(self) -> str:
+        """How log lines name this connection (the edge adds the sandbox and the peer)."""
+        return "tunnel"
 
     # -- session plumbing ------------------------------------------------------------------------
     def flush(self) -> None:
@@ -347,6 +384,8 @@ class MuxProtocol(asyncio.BufferedProtocol):
                     transport.writelines(data)
                 else:
                     transport.write(self.link.wrap(data))
+                if self._write_paused:
+                    self._cap_output(transport)
             # Sending can make streams writable again (StreamWritable): act on it now, not at
             # the next read or timer, or a paused source would stall until then.
             events = session.events_received()

@@ -20,11 +20,11 @@ import asyncio
 import logging
 import secrets
 import ssl
-from typing import Any
+from typing import Any, Final
 
 from protocol import control
 from protocol.errors import GoAwayCode, ResetCode
-from protocol.events import ConnectionTerminated, StreamOpened
+from protocol.events import ConnectionTerminated
 from protocol.hostnames import (
     ValidationError,
     build_preview_url,
@@ -33,7 +33,7 @@ from protocol.hostnames import (
     validate_sandbox_id,
 )
 from protocol.session import Role, Session, SessionConfig
-from relay.mux import MuxProtocol, StreamEndpoint
+from relay.mux import TUNNEL_OUTPUT_CAP, MuxProtocol, StreamEndpoint
 from relay.requests import ControlRequestError, PendingRequests
 
 from .auth import AgentAuth
@@ -45,6 +45,35 @@ from .registry import ExposureRecord, Registry, RegistryError
 
 log = logging.getLogger("tunneld")
 
+# Refused control requests a session may pile up (past its rate limit or while its replies go
+# unread) before the edge gives up on it with GO_AWAY(TOO_MANY_REQUESTS).
+MAX_REFUSED_REQUESTS: Final = 1000
+
+
+# Session ends that are part of normal operation (logged at INFO; anything else at WARNING).
+_ORDERLY_ENDS: Final = frozenset({GoAwayCode.NORMAL, GoAwayCode.SHUTTING_DOWN, GoAwayCode.REPLACED})
+
+
+class RequestBudget:
+    """Token bucket: ``rate`` requests per second on average, bursts of up to ``burst``."""
+
+    __slots__ = ("_at", "_burst", "_rate", "_tokens")
+
+    def __init__(self, rate: float, burst: int, now: float) -> None:
+        self._rate = rate
+        self._burst = float(burst)
+        self._tokens = float(burst)
+        self._at = now
+
+    def take(self, now: float) -> bool:
+        tokens = min(self._burst, self._tokens + (now - self._at) * self._rate)
+        self._at = now
+        if tokens < 1.0:
+            self._tokens = tokens
+            return False
+        self._tokens = tokens - 1.0
+        return True
+
 
 class EdgeSession(MuxProtocol):
     """One connected agent."""
@@ -55,6 +84,7 @@ class EdgeSession(MuxProtocol):
             max_streams=config.max_streams,
             heartbeat_interval=config.heartbeat_interval,
             dead_timeout=config.dead_timeout,
+            accept_remote_streams=False,
         )
         session = Session(Role.EDGE, session_config, now=server.loop.time())
         super().__init__(session, server.loop)
@@ -67,6 +97,10 @@ class EdgeSession(MuxProtocol):
         self._handshake_timer: asyncio.TimerHandle | None = None
         self._sniff = bytearray()  # raw (preface) or WebSocket (GET) link: the first bytes tell
         self._going_away = False
+        self._budget = RequestBudget(config.control_rate, config.control_burst, server.loop.time())
+        self._refused = 0
+        self._connected_at = server.loop.time()
+        self._end_logged = False
 
     def on_connected(self) -> None:
         assert self.transport is not None
@@ -88,6 +122,11 @@ class EdgeSession(MuxProtocol):
             )
             self.transport.abort()
 
+    def describe(self) -> str:
+        if self.sandbox_id is None:
+            return f"agent {self.peer} (no hello yet)"
+        return f"sandbox {self.sandbox_id} (agent {self.peer}, session {self.session_id})"
+
     def can_open_streams(self) -> bool:
         return not self._going_away and not self.session.closed and self.transport is not None
 
@@ -105,12 +144,8 @@ class EdgeSession(MuxProtocol):
             return
         if isinstance(message, (control.Ok, control.Error)):
             self.pending.resolve(message)
-        elif isinstance(message, control.Expose):
-            self._reply(message.id, self.server.expose_from_agent, message)
-        elif isinstance(message, control.Unexpose):
-            self._reply(message.id, self.server.unexpose_from_agent, message)
-        elif isinstance(message, control.ListExposures):
-            self._reply(message.id, lambda sid, m: self.server.exposure_messages(sid), message)
+        elif isinstance(message, (control.Expose, control.Unexpose, control.ListExposures)):
+            self._serve_request(message)
         else:
             self.session.send_control(
                 control.Error(
@@ -119,6 +154,43 @@ class EdgeSession(MuxProtocol):
                     None,
                 )
             )
+
+    def _serve_request(self, message: Any) -> None:
+        """Answer one control request, unless the agent is over its budget.
+
+        Every request costs a reply, and a `list` reply can be 1000x its request, so requests
+        are rate-limited per session, and refused while earlier replies sit unread (the output
+        backlog): a refusal is a ~100-byte error, and the tunnel stops being read at
+        TUNNEL_OUTPUT_CAP anyway. A session that keeps going far past that is closed."""
+        if self.output_backlog > TUNNEL_OUTPUT_CAP // 2 or not self._budget.take(self.loop.time()):
+            self._refused += 1
+            if self._refused == 1 or self._refused % 100 == 0:
+                log.warning(
+                    "%s: control requests past the limit (%d refused so far)",
+                    self.describe(),
+                    self._refused,
+                )
+            if self._refused >= MAX_REFUSED_REQUESTS:
+                log.warning("%s: closing the session (too many requests)", self.describe())
+                self.go_away(GoAwayCode.TOO_MANY_REQUESTS)
+                if self.transport is not None and self.output_backlog > TUNNEL_OUTPUT_CAP // 2:
+                    self.transport.abort()  # it reads nothing, not even the GO_AWAY
+                return
+            self.session.send_control(
+                control.Error(
+                    "RATE_LIMITED",
+                    "Too many control requests; slow down and retry.",
+                    message.id,
+                )
+            )
+            return
+        if isinstance(message, control.Expose):
+            self._reply(message.id, self.server.expose_from_agent, message)
+        elif isinstance(message, control.Unexpose):
+            self._reply(message.id, self.server.unexpose_from_agent, message)
+        else:
+            self._reply(message.id, lambda sid, m: self.server.exposure_messages(sid), message)
+        self.flush()  # the reply goes to the transport now, where output_backlog sees it
 
     def _reply(self, request_id: int, handler: Any, message: Any) -> None:
         assert self.sandbox_id is not None
@@ -199,10 +271,6 @@ class EdgeSession(MuxProtocol):
             self.pending.forget(request_id)
 
     # -- streams ---------------------------------------------------------------------------------
-    def on_stream_opened(self, event: StreamOpened) -> None:
-        # Agents never open streams towards the edge.
-        self.session.reset_stream(event.stream_id, ResetCode.REFUSED_STREAM)
-
     def reset_port(self, port: int) -> int:
         """Reset every live preview stream of ``port`` (unexpose closes the URL at once)."""
         count = 0
@@ -222,16 +290,28 @@ class EdgeSession(MuxProtocol):
 
     def on_terminated(self, event: ConnectionTerminated) -> None:
         if self.sandbox_id is not None:
-            log.info(
-                "sandbox %s: session %s ended (%s: %s)",
-                self.sandbox_id,
-                self.session_id,
+            self._end_logged = True
+            log.log(
+                logging.INFO if event.code in _ORDERLY_ENDS else logging.WARNING,
+                "%s ended after %.1fs: %s by %s (%s)",
+                self.describe(),
+                self.loop.time() - self._connected_at,
                 event.code.name,
+                "the agent" if event.remote else "the edge",
                 event.reason,
             )
         self._detach()
 
     def on_disconnected(self, exc: Exception | None) -> None:
+        if self.sandbox_id is not None and not self._end_logged:
+            # Lost without a GO_AWAY either way: kill -9, a dropped link, a TLS error.
+            self._end_logged = True
+            log.warning(
+                "%s lost after %.1fs: %s",
+                self.describe(),
+                self.loop.time() - self._connected_at,
+                f"{type(exc).__name__}: {exc}" if exc is not None else "connection closed by peer",
+            )
         if self._handshake_timer is not None:
             self._handshake_timer.cancel()
             self._handshake_timer = None

@@ -633,6 +633,29 @@ def test_syn_refused_while_going_away() -> None:
     assert edge.events_received() == [] and not edge.closed
 
 
+def test_ping_flood_ends_the_session() -> None:
+    """Each PING costs a reply: a burst of 100 is answered, a flood ends the session; pings
+    at an honest pace never do."""
+    edge = raw_edge()
+    for i in range(100):
+        edge.receive_data(encode_frame(PING, 0, 0, length=i), now=0.0)
+    assert len(sent_frames(edge)) == 100 and not edge.closed
+    for i in range(50):  # 10 per second refill: one every 0.15 s is fine forever
+        edge.receive_data(encode_frame(PING, 0, 0, length=i), now=0.15 * (i + 1))
+    assert not edge.closed
+    edge.receive_data(b"".join(encode_frame(PING, 0, 0, length=i) for i in range(200)), now=8.0)
+    assert_protocol_error(edge, GoAwayCode.TOO_MANY_REQUESTS)
+
+
+def test_syn_is_a_protocol_error_where_streams_are_not_accepted() -> None:
+    """The edge takes no streams from agents: a SYN ends the session instead of costing an RST
+    reply each (a hostile agent flooding SYNs would make the edge write without reading)."""
+    edge = raw_edge(SessionConfig(accept_remote_streams=False))
+    edge.receive_data(encode_frame(DATA, SYN, 1, meta()) + encode_frame(DATA, SYN, 3, meta()))
+    assert_protocol_error(edge, GoAwayCode.PROTOCOL_ERROR)
+    assert edge.error is not None and "may not open streams" in str(edge.error)
+
+
 def test_syn_refused_beyond_max_streams() -> None:
     edge = raw_edge(SessionConfig(max_streams=2))
     for sid in (1, 3, 5):
