@@ -1,4 +1,4 @@
-"""Every end of the agent's session is logged with its reason (row 10 of the hardening issue, agent).
+"""Every end of the agent's session is logged with its reason (row 10 of issue 7, agent side).
 
 An operator reading the agent's log must be able to tell a TLS misconfiguration from a dropped
 link, an edge restart, a dead peer or a refused token, without turning on debug logging.
@@ -42,9 +42,7 @@ async def _logged(caplog: pytest.LogCaptureFixture, *needles: str, timeout: floa
         await asyncio.sleep(0.05)
 
 
-async def test_tls_failure_logs_the_ssl_reason(
-    tmp_path, caplog: pytest.LogCaptureFixture
-) -> None:
+async def test_tls_failure_logs_the_ssl_reason(tmp_path, caplog: pytest.LogCaptureFixture) -> None:
     edge_ca, other_ca = trustme.CA(), trustme.CA()
     cert = edge_ca.issue_cert("edge.test", "127.0.0.1")
     cert_file, key_file = tmp_path / "cert.pem", tmp_path / "key.pem"
