@@ -34,22 +34,36 @@ FORBIDDEN: frozenset[str] = frozenset(
         "time",
         "datetime",
         # the shells depend on protocol/, never the reverse
+        "relay",
         "agent",
         "tunneld",
     }
 )
+
+# The order above protocol/: relay/ (the asyncio shell both daemons share) imports protocol/ only;
+# agent/ and tunneld/ import relay/ and protocol/ but not each other. The one exception is the
+# demo, which runs an edge and an agent in one process on purpose.
+ROOT = PROTOCOL_DIR.parent
+SHELL_FORBIDDEN: dict[str, frozenset[str]] = {
+    "relay": frozenset({"agent", "tunneld"}),
+    "agent": frozenset({"tunneld"}),
+    "tunneld": frozenset({"agent"}),
+}
+SHELL_EXEMPT: frozenset[str] = frozenset({"tunneld/demo.py"})
 
 
 def _top(module: str) -> str:
     return module.split(".", 1)[0]
 
 
-def forbidden_imports(source: str, filename: str = "<string>") -> list[str]:
-    """``"file:line: name"`` for every forbidden import in ``source``."""
+def forbidden_imports(
+    source: str, filename: str = "<string>", forbidden: frozenset[str] = FORBIDDEN
+) -> list[str]:
+    """``"file:line: name"`` for every import in ``source`` of a module in ``forbidden``."""
     found: list[str] = []
 
     def hit(node: ast.AST, module: str) -> None:
-        if _top(module) in FORBIDDEN:
+        if _top(module) in forbidden:
             found.append(f"{filename}:{getattr(node, 'lineno', '?')}: {module}")
 
     for node in ast.walk(ast.parse(source, filename)):
@@ -86,6 +100,28 @@ def test_protocol_package_exists() -> None:
 )
 def test_protocol_module_is_sans_io(path: Path) -> None:
     assert_sans_io(path, PROTOCOL_DIR.parent)
+
+
+def shell_files() -> list[Path]:
+    files = (p for layer in SHELL_FORBIDDEN for p in (ROOT / layer).rglob("*.py"))
+    return sorted(p for p in files if str(p.relative_to(ROOT)) not in SHELL_EXEMPT)
+
+
+@pytest.mark.parametrize("path", shell_files(), ids=lambda p: str(p.relative_to(ROOT)))
+def test_shell_layers_import_only_downwards(path: Path) -> None:
+    rel = str(path.relative_to(ROOT))
+    found = forbidden_imports(
+        path.read_text(encoding="utf-8"), rel, SHELL_FORBIDDEN[path.parts[len(ROOT.parts)]]
+    )
+    assert found == [], "layer order protocol -> relay -> agent | tunneld broken:\n" + "\n".join(
+        found
+    )
+
+
+def test_shell_checker_would_fail(tmp_path: Path) -> None:
+    assert forbidden_imports("from tunneld.edge import x", "relay/x.py", SHELL_FORBIDDEN["relay"])
+    assert forbidden_imports("import agent.core", "tunneld/x.py", SHELL_FORBIDDEN["tunneld"])
+    assert not forbidden_imports("from relay.mux import x", "agent/x.py", SHELL_FORBIDDEN["agent"])
 
 
 def assert_sans_io(path: Path, root: Path) -> None:
