@@ -143,7 +143,7 @@ class PublicConnection(StreamEndpoint):
         self._timer_kind = ""  # "head" or "keepalive"
         self._timer_activity = -1
         self._peer = "unknown"
-        self._peer_ip = ""
+        self._peer_ip = "unknown"
         self._counted_ip: str | None = None
         self.port = 0
         self.sandbox_id = ""
@@ -393,7 +393,7 @@ class PublicConnection(StreamEndpoint):
         super().receive_from_peer(data)
         if accepted:
             held = framer.take_held()
-            if held:
+            if held and not self._local_eof:
                 self.forward(held)
             self._holding = False
             self._cancel_timer()
