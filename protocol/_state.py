@@ -40,6 +40,8 @@ TRANSITIONS: Final[dict[tuple[StreamState, StreamEvent], StreamState]] = {
     (_S.HALF_CLOSED_LOCAL, _E.RESET): _S.CLOSED,
     (_S.HALF_CLOSED_REMOTE, _E.SEND_FIN): _S.CLOSED,
     (_S.HALF_CLOSED_REMOTE, _E.RESET): _S.CLOSED,
+    # both directions finished, but our FIN frame still waits behind queued data: a reset drops it
+    (_S.CLOSED, _E.RESET): _S.CLOSED,
 }
 
 # Which states allow sending / receiving DATA. The session caches these per stream as booleans

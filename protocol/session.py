@@ -663,7 +663,10 @@ class Session:
             self._next_ping = self._now + self._config.heartbeat_interval
 
     def _transition(self, st: _Stream, event: StreamEvent) -> None:
-        new = TRANSITIONS[(st.state, event)]  # callers checked legality via send_open/recv_open
+        """Every state change of a stream goes through the table (protocol/_state.py)."""
+        new = TRANSITIONS.get((st.state, event))
+        if new is None:  # callers check legality first (send_open/recv_open): this is a bug
+            raise LocalProtocolError(f"stream {st.id}: {event.value} in state {st.state.value}")
         st.state = new
         st.send_open = new in CAN_SEND
         st.recv_open = new in CAN_RECEIVE
@@ -682,11 +685,9 @@ class Session:
     def _reset(self, st: _Stream, code: ResetCode, *, emit: bool = False) -> None:
         self._ctrl.append(_pack(VERSION, _WINDOW_UPDATE, _RST, st.id, code))
         st.fin_pending = False
-        st.state = StreamState.CLOSED
-        st.send_open = st.recv_open = False
         if emit:
             self._events.append(StreamReset(st.id, code, False))
-        self._remove(st)
+        self._transition(st, StreamEvent.RESET)  # CLOSED, and removed
 
     def _send_stream_update(self, st: _Stream) -> None:
         delta = st.recv_unreturned
@@ -858,11 +859,9 @@ class Session:
                 code = ResetCode(value)
             except ValueError:
                 code = ResetCode.INTERNAL  # a newer peer's code: still a reset
-            st.state = StreamState.CLOSED
-            st.send_open = st.recv_open = False
             st.fin_pending = False
             self._events.append(StreamReset(stream_id, code, True))
-            self._remove(st)
+            self._transition(st, StreamEvent.RESET)  # CLOSED, and removed
             return
         if flags & _ACK:
             if not st.local:

@@ -1068,3 +1068,20 @@ def test_peer_reset_of_a_stream_with_queued_data() -> None:
     assert agent.events_received() == [StreamReset(sid, ResetCode.PORT_NOT_ALLOWED, True)]
     assert agent.has_data_to_send() is False
     assert agent.data_to_send() == []
+
+
+def test_every_state_change_goes_through_the_table(pair: SessionPair) -> None:
+    """A (state, event) pair missing from protocol/_state.py is a LocalProtocolError (a bug in
+    the caller), never a KeyError; RST from any live state is in the table."""
+    from protocol._state import TRANSITIONS, StreamEvent, StreamState
+
+    assert all((state, StreamEvent.RESET) in TRANSITIONS for state in StreamState)
+    sid = open_accepted(pair)
+    pair.edge.end_stream(sid)
+    stream = pair.edge._streams[sid]
+    assert stream.state is StreamState.HALF_CLOSED_LOCAL
+    with pytest.raises(LocalProtocolError, match="send FIN in state half-closed"):
+        pair.edge._transition(stream, StreamEvent.SEND_FIN)
+    assert stream.state is StreamState.HALF_CLOSED_LOCAL  # unchanged
+    pair.edge.reset_stream(sid, ResetCode.CANCEL)
+    assert stream.state is StreamState.CLOSED and sid not in pair.edge._streams
