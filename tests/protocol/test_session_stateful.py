@@ -93,6 +93,20 @@ class PairMachine(RuleBasedStateMachine):
         sid = self.side(name).open_stream(port)
         self.opened[sid] = name
 
+    @rule(name=SIDES, port=st.integers(1024, 65535))
+    def open_and_accept(self, name: str, port: int) -> None:
+        """Open, deliver the SYN and accept in one step, so that both directions of a stream
+        (the acceptor's replies too, and the window updates that pace them) are common."""
+        if len(self.opened) >= 40:
+            return
+        sid = self.side(name).open_stream(port)
+        self.opened[sid] = name
+        self.pair.step(self.side(name))
+        self.process()
+        if sid in self.seen_open and sid not in self.reset:
+            self.side(self.peer(name)).accept_stream(sid)
+            self.accepted.add(sid)
+
     @rule(data=st.data())
     def accept(self, data: st.DataObject) -> None:
         candidates = sorted(self.seen_open - self.accepted - self.reset)
