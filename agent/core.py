@@ -34,7 +34,7 @@ from protocol.events import ConnectionTerminated, StreamOpened
 from protocol.hostnames import InvalidPortError, ValidationError, validate_port
 from protocol.session import Role, Session, SessionConfig
 from relay.mux import MuxProtocol, StreamEndpoint, abort_with_reset
-from relay.requests import ControlRequestError, PendingRequests
+from relay.requests import ControlRequestError
 from relay.wslink import WebSocketLink
 
 from .errors import AgentError, api_port_error, status_for
@@ -135,10 +135,8 @@ class AgentSession(MuxProtocol):
     def __init__(self, agent: Agent, loop: asyncio.AbstractEventLoop) -> None:
         super().__init__(Session(Role.AGENT, agent.config.session, now=loop.time()), loop)
         self.agent = agent
-        self.pending = PendingRequests(loop)
         self.welcomed: asyncio.Future[control.Welcome] = loop.create_future()
         self._dialing: set[asyncio.Task[None]] = set()
-        self._on_ok: dict[int, Callable[[control.Ok], None]] = {}
         # Why the session ended, for the log: the first of GO_AWAY/terminated/refused/lost.
         self.end_reason: str | None = None
         self._edge_going_away: GoAwayCode | None = None
@@ -171,10 +169,7 @@ class AgentSession(MuxProtocol):
             if self.end_reason is None:
                 self.end_reason = f"refused by the edge: {message.message} ({message.code})"
         elif isinstance(message, (control.Ok, control.Error)):
-            on_ok = self._on_ok.pop(message.id, None) if message.id is not None else None
-            if on_ok is not None and isinstance(message, control.Ok):
-                on_ok(message)
-            self.pending.resolve(message)
+            self.pending.resolve(message)  # runs the request's on_ok first (see _call)
         elif isinstance(message, control.Expose):
             self.agent.remember(message.port)
             self._ack(message.id)
@@ -184,21 +179,6 @@ class AgentSession(MuxProtocol):
 
     def _ack(self, request_id: int) -> None:
         self.session.send_control(control.Ok(request_id))
-
-    async def request(
-        self, message_factory: Any, on_ok: Callable[[control.Ok], None] | None = None
-    ) -> control.Ok:
-        """Send a control request and wait for its reply; ``on_ok(reply)`` runs as it is read."""
-        request_id, future = self.pending.new()
-        if on_ok is not None:
-            self._on_ok[request_id] = on_ok
-        self.session.send_control(message_factory(request_id))
-        self.flush()
-        try:
-            return await asyncio.wait_for(future, REQUEST_TIMEOUT)
-        finally:
-            self.pending.forget(request_id)
-            self._on_ok.pop(request_id, None)
 
     # -- streams ---------------------------------------------------------------------------------
     def on_stream_opened(self, event: StreamOpened) -> None:
@@ -348,7 +328,7 @@ class Agent:
     ) -> control.Ok:
         session = self._live()
         try:
-            return await session.request(factory, on_ok)
+            return await session.request(factory, REQUEST_TIMEOUT, on_ok)
         except TimeoutError:
             raise AgentError("EDGE_TIMEOUT", "The edge did not answer in time.", 504) from None
         except ControlRequestError as exc:

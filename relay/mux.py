@@ -30,12 +30,14 @@ import struct
 from collections.abc import Callable
 from typing import Any, Final, cast
 
+from protocol import control
 from protocol import events as ev
 from protocol.errors import GoAwayCode, ResetCode
 from protocol.frames import MAX_FRAME_PAYLOAD
 from protocol.session import Session
 
 from .buffers import SHARED
+from .requests import OnOk, PendingRequests
 from .wslink import LinkClosed, WebSocketLink
 
 log = logging.getLogger("tunnel.mux")
@@ -237,6 +239,7 @@ class MuxProtocol(asyncio.BufferedProtocol):
         self.streams: dict[int, StreamEndpoint] = {}
         self.closed: asyncio.Future[None] = loop.create_future()
         self.rtt: float | None = None
+        self.pending = PendingRequests(loop)  # control requests we sent, waiting for a reply
         self._write_paused = False
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
@@ -362,6 +365,22 @@ class MuxProtocol(asyncio.BufferedProtocol):
     def describe(self) -> str:
         """How log lines name this connection (the edge adds the sandbox and the peer)."""
         return "tunnel"
+
+    async def request(
+        self, message_factory: Callable[[int], Any], timeout: float, on_ok: OnOk | None = None
+    ) -> control.Ok:
+        """Send the control request ``message_factory(id)`` and wait for its ``Ok``.
+
+        ``Error`` replies raise ``ControlRequestError``, as does the session going away first
+        (the subclass calls ``pending.fail_all``); no reply within ``timeout`` is TimeoutError.
+        ``on_ok(reply)`` runs as the reply is read (see ``PendingRequests``)."""
+        request_id, future = self.pending.new(on_ok)
+        self.session.send_control(message_factory(request_id))
+        self.flush()
+        try:
+            return await asyncio.wait_for(future, timeout)
+        finally:
+            self.pending.forget(request_id)
 
     # -- session plumbing ------------------------------------------------------------------------
     def flush(self) -> None:

@@ -4,6 +4,7 @@ are answered by ``Ok`` or ``Error`` carrying the same id)."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Final
 
 from protocol.control import Error, Ok
@@ -21,18 +22,25 @@ class ControlRequestError(Exception):
         self.message = message
 
 
+OnOk = Callable[[Ok], None]
+
+
 class PendingRequests:
+    """Requests waiting for their reply, by id. ``on_ok`` callbacks run synchronously when the
+    reply is read, before the waiting coroutine resumes: state that later frames of the same
+    read depend on (the agent's exposure set) is applied in order."""
+
     __slots__ = ("_loop", "_next", "_waiting")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
         self._next = 0
-        self._waiting: dict[int, asyncio.Future[Ok]] = {}
+        self._waiting: dict[int, tuple[asyncio.Future[Ok], OnOk | None]] = {}
 
-    def new(self) -> tuple[int, asyncio.Future[Ok]]:
+    def new(self, on_ok: OnOk | None = None) -> tuple[int, asyncio.Future[Ok]]:
         self._next = self._next % _MAX_ID + 1
         future: asyncio.Future[Ok] = self._loop.create_future()
-        self._waiting[self._next] = future
+        self._waiting[self._next] = (future, on_ok)
         return self._next, future
 
     def forget(self, request_id: int) -> None:
@@ -42,10 +50,13 @@ class PendingRequests:
         """Complete the matching request; False when nobody waits for this id."""
         if reply.id is None:
             return False
-        future = self._waiting.pop(reply.id, None)
-        if future is None or future.done():
+        waiting = self._waiting.pop(reply.id, None)
+        if waiting is None or waiting[0].done():
             return False
+        future, on_ok = waiting
         if isinstance(reply, Ok):
+            if on_ok is not None:
+                on_ok(reply)
             future.set_result(reply)
         else:
             future.set_exception(ControlRequestError(reply.code, reply.message))
@@ -53,6 +64,9 @@ class PendingRequests:
 
     def fail_all(self, code: str, message: str) -> None:
         waiting, self._waiting = self._waiting, {}
-        for future in waiting.values():
+        for future, _ in waiting.values():
             if not future.done():
                 future.set_exception(ControlRequestError(code, message))
+
+    def __len__(self) -> int:
+        return len(self._waiting)

@@ -34,7 +34,7 @@ from protocol.hostnames import (
 )
 from protocol.session import Role, Session, SessionConfig
 from relay.mux import TUNNEL_OUTPUT_CAP, MuxProtocol, StreamEndpoint
-from relay.requests import ControlRequestError, PendingRequests
+from relay.requests import ControlRequestError
 
 from .auth import AgentAuth
 from .config import Config
@@ -92,7 +92,6 @@ class EdgeSession(MuxProtocol):
         self.server = server
         self.sandbox_id: str | None = None
         self.session_id = secrets.token_hex(8)
-        self.pending = PendingRequests(server.loop)
         self.peer = "unknown"
         self._handshake_timer: asyncio.TimerHandle | None = None
         self._sniff = bytearray()  # raw (preface) or WebSocket (GET) link: the first bytes tell
@@ -259,16 +258,6 @@ class EdgeSession(MuxProtocol):
         if not self.session.closed:
             self.session.close(code)
             self.flush()
-
-    async def request(self, message_factory: Any) -> control.Ok:
-        """Send a request built by ``message_factory(id)`` and wait for the agent's reply."""
-        request_id, future = self.pending.new()
-        self.session.send_control(message_factory(request_id))
-        self.flush()
-        try:
-            return await asyncio.wait_for(future, self.server.config.control_timeout)
-        finally:
-            self.pending.forget(request_id)
 
     # -- streams ---------------------------------------------------------------------------------
     def reset_port(self, port: int) -> int:
@@ -507,7 +496,7 @@ class EdgeServer:
         if session is None or not session.can_open_streams():
             return  # offline: the agent gets the set in its next welcome
         try:
-            await session.request(factory)
+            await session.request(factory, self.config.control_timeout)
         except TimeoutError:
             log.warning("sandbox %s: agent did not acknowledge in time", sandbox_id)
             raise RegistryError(
