@@ -33,7 +33,7 @@ from protocol.hostnames import (
     validate_sandbox_id,
 )
 from protocol.session import Role, Session, SessionConfig
-from relay.mux import TUNNEL_OUTPUT_CAP, MuxProtocol, StreamEndpoint
+from relay.mux import TUNNEL_OUTPUT_CAP, MuxProtocol, StreamEndpoint, abort_with_reset
 from relay.requests import ControlRequestError
 
 from .auth import AgentAuth
@@ -395,8 +395,12 @@ class EdgeServer:
         while self.loop.time() < deadline and any(s.streams for s in self.agent_connections):
             await asyncio.sleep(0.05)
         for conn in list(self.public_connections):
-            if conn.transport is not None:
-                conn.transport.abort()
+            if conn.transport is None:
+                continue
+            if conn.mux is not None and conn.mux.streams.get(conn.stream_id) is conn:
+                abort_with_reset(conn.transport)  # cut mid-stream: the client must see a reset
+            else:
+                conn.transport.abort()  # between requests (or never routed): nothing was cut
         for session in list(self.agent_connections):
             if session.transport is not None:
                 session.flush()
