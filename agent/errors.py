@@ -13,6 +13,8 @@ from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Final
 
+from relay.httpapi import ApiError
+
 __all__ = ["DEFAULT_STATUS", "STATUS_BY_CODE", "AgentError", "api_port_error", "status_for"]
 
 # Anything not listed is a failure reported by (or about) the edge, which we only relay.
@@ -48,17 +50,15 @@ def status_for(code: str) -> int:
     return STATUS_BY_CODE.get(code, DEFAULT_STATUS)
 
 
-class AgentError(Exception):
-    """A refused or failed agent operation.
+class AgentError(ApiError):
+    """A refused or failed agent operation (an :class:`relay.httpapi.ApiError`: the local API
+    answers it as is).
 
     ``status`` defaults to :func:`status_for` ``(code)``; pass it only to override the table.
     """
 
     def __init__(self, code: str, message: str, status: int | None = None) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-        self.status = status_for(code) if status is None else status
+        super().__init__(status_for(code) if status is None else status, code, message)
 
     def __repr__(self) -> str:
         return f"AgentError(code={self.code!r}, message={self.message!r}, status={self.status})"

@@ -8,7 +8,8 @@
     DELETE /v1/sandboxes/{id}/ports/{port}            204, idempotent
     GET    /v1/sandboxes/{id}/ports/{port}/ws?path=/  WebSocket handshake relayed to the sandbox
 
-Not a hot path: plain asyncio streams and h11 for clarity, every read bounded in size and time.
+The connection loop, limits and error rendering are the shared server's (:mod:`relay.httpapi`, also
+behind the agent's local API); this module owns the routes and the WebSocket connect hand-over.
 """
 
 from __future__ import annotations
@@ -16,15 +17,22 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from http import HTTPStatus
 from typing import TYPE_CHECKING, Any, Final, cast
-from urllib.parse import parse_qs, unquote, urlsplit
+from urllib.parse import parse_qs, unquote
 
-import h11
 import orjson
 
 from protocol.errors import LocalProtocolError
 from protocol.hostnames import ValidationError, validate_port, validate_sandbox_id
+from relay.httpapi import (
+    ApiError,
+    ApiServer,
+    Exchange,
+    Limits,
+    Request,
+    Response,
+    json_response,
+)
 from relay.mux import StreamEndpoint
 
 from .auth import verify_bearer
@@ -34,211 +42,48 @@ from .public import forward_head
 if TYPE_CHECKING:
     from .edge import EdgeServer
 
+__all__ = ["LIMITS", "AdminServer", "ApiError"]
+
 log = logging.getLogger("tunneld.admin")
 
-_STATUSES: Final = frozenset(s.value for s in HTTPStatus)
-MAX_BODY: Final = 64 * 1024  # expose requests are tiny JSON objects
-READ_TIMEOUT: Final = 10.0
-IDLE_TIMEOUT: Final = 60.0
-
-
-class ApiError(Exception):
-    def __init__(
-        self, status: int, code: str, message: str, headers: list[tuple[str, str]] | None = None
-    ):
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
-        self.headers = headers or []
-
-
-class _Switch(Exception):
-    """The connection became a raw relay (WebSocket connect); stop serving HTTP on it."""
-
-
-def _json(status: int, payload: Any) -> tuple[int, list[tuple[str, str]], bytes]:
-    return status, [("content-type", "application/json")], orjson.dumps(payload)
+# Orchestrators keep a few keep-alive connections; WebSocket connects stop counting once they are
+# handed over to a tunnel stream. Past this, 503 TOO_MANY_CONNECTIONS.
+LIMITS: Final = Limits(idle_timeout=60.0, request_timeout=10.0, max_connections=256)
 
 
 class AdminServer:
     def __init__(self, edge: EdgeServer) -> None:
         self.edge = edge
-        self._server: asyncio.Server | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
+        self.http = ApiServer(
+            self._handle,
+            name="admin API",
+            limits=LIMITS,
+            accept_upgrades=True,
+            internal_error="Internal error; see the tunneld log.",
+            logger=log,
+        )
 
     async def start(self, host: str, port: int) -> asyncio.Server:
-        self._server = await asyncio.start_server(self._serve, host, port, limit=MAX_BODY * 2)
-        return self._server
+        return await self.http.start(host, port)
 
     async def close(self) -> None:
-        for task in list(self._tasks):
-            task.cancel()
-        for task in list(self._tasks):
-            try:
-                await task
-            except BaseException:
-                pass
+        await self.http.close()
 
-    # -- connection loop -------------------------------------------------------------------------
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._tasks.add(task)
-        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_BODY)
-        switched = False
+    async def _handle(self, request: Request, exchange: Exchange) -> Response | None:
         try:
-            while True:
-                try:
-                    request, body = await self._read_request(conn, reader)
-                except ApiError as exc:
-                    await self._send(
-                        conn,
-                        writer,
-                        *_json(exc.status, {"error": exc.message, "code": exc.code}),
-                        close=True,
-                    )
-                    return
-                if request is None:
-                    return
-                try:
-                    status, headers, payload = await self._dispatch(
-                        request, body, conn, reader, writer
-                    )
-                except _Switch:
-                    switched = True
-                    return
-                except ApiError as exc:
-                    status, headers, payload = _json(
-                        exc.status, {"error": exc.message, "code": exc.code}
-                    )
-                    headers += exc.headers
-                except ValidationError as exc:
-                    status, headers, payload = _json(
-                        exc.status, {"error": exc.message, "code": exc.code}
-                    )
-                except Exception:
-                    log.exception(
-                        "admin API: unexpected error on %s %s", request.method, request.target
-                    )
-                    status, headers, payload = _json(
-                        500,
-                        {"error": "Internal error; see the tunneld log.", "code": "INTERNAL_ERROR"},
-                    )
-                await self._send(conn, writer, status, headers, payload)
-                if conn.our_state is h11.MUST_CLOSE or conn.their_state is h11.MUST_CLOSE:
-                    return
-                try:
-                    conn.start_next_cycle()
-                except h11.LocalProtocolError:
-                    return
-        except (ConnectionError, asyncio.IncompleteReadError, h11.LocalProtocolError):
-            return
-        except asyncio.CancelledError:
-            return
-        finally:
-            self._tasks.discard(task)
-            if not switched and not writer.transport.is_closing():
-                writer.close()
-
-    async def _read_request(
-        self, conn: h11.Connection, reader: asyncio.StreamReader
-    ) -> tuple[h11.Request | None, bytes]:
-        request: h11.Request | None = None
-        body = bytearray()
-        deadline = None
-        while True:
-            try:
-                event = conn.next_event()
-            except h11.RemoteProtocolError as exc:
-                status = exc.error_status_hint
-                raise ApiError(
-                    status,
-                    "BAD_REQUEST" if status != 431 else "HEADERS_TOO_LARGE",
-                    f"Malformed request: {exc}.",
-                ) from None
-            if event is h11.NEED_DATA:
-                timeout = (
-                    IDLE_TIMEOUT if request is None and not conn.trailing_data[0] else READ_TIMEOUT
-                )
-                if deadline is None or request is None:
-                    deadline = asyncio.get_running_loop().time() + timeout
-                remaining = deadline - asyncio.get_running_loop().time()
-                try:
-                    data = await asyncio.wait_for(reader.read(65536), max(remaining, 0.001))
-                except TimeoutError:
-                    if request is None and not conn.trailing_data[0]:
-                        return None, b""  # idle keep-alive connection: just close
-                    raise ApiError(
-                        408, "REQUEST_TIMEOUT", "The request did not arrive in time."
-                    ) from None
-                conn.receive_data(data)
-                if not data and request is None and not conn.trailing_data[0]:
-                    return None, b""
-                continue
-            if isinstance(event, h11.Request):
-                request = event
-                if self._is_upgrade(request):
-                    return request, b""
-            elif isinstance(event, h11.Data):
-                body += event.data
-                if len(body) > MAX_BODY:
-                    raise ApiError(
-                        413, "BODY_TOO_LARGE", f"Request body larger than {MAX_BODY} bytes."
-                    )
-            elif isinstance(event, h11.EndOfMessage):
-                assert request is not None
-                return request, bytes(body)
-            elif isinstance(event, h11.ConnectionClosed):
-                return None, b""
-
-    @staticmethod
-    def _is_upgrade(request: h11.Request) -> bool:
-        return any(n == b"upgrade" and v.lower() == b"websocket" for n, v in request.headers)
-
-    async def _send(
-        self,
-        conn: h11.Connection,
-        writer: asyncio.StreamWriter,
-        status: int,
-        headers: list[tuple[str, str]],
-        payload: bytes,
-        close: bool = False,
-    ) -> None:
-        headers = [*headers, ("content-length", str(len(payload))), ("cache-control", "no-store")]
-        if close:
-            headers.append(("connection", "close"))
-        try:
-            reason = HTTPStatus(status).phrase if status in _STATUSES else ""
-            data = conn.send(h11.Response(status_code=status, headers=headers, reason=reason))
-            if payload:
-                data = (data or b"") + (conn.send(h11.Data(data=payload)) or b"")
-            data = (data or b"") + (conn.send(h11.EndOfMessage()) or b"")
-        except h11.LocalProtocolError:
-            writer.close()
-            return
-        writer.write(data)
-        await asyncio.wait_for(writer.drain(), READ_TIMEOUT)
+            return await self._dispatch(request, exchange)
+        except ValidationError as exc:  # RegistryError too
+            raise ApiError(exc.status, exc.code, exc.message) from None
 
     # -- routing ---------------------------------------------------------------------------------
-    async def _dispatch(
-        self,
-        request: h11.Request,
-        body: bytes,
-        conn: h11.Connection,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
-    ) -> tuple[int, list[tuple[str, str]], bytes]:
-        method = request.method.decode()
-        url = urlsplit(request.target.decode("latin-1"))
-        parts = [unquote(p) for p in url.path.split("/") if p]
+    async def _dispatch(self, request: Request, exchange: Exchange) -> Response | None:
+        method = request.method
+        path = request.path
+        parts = [unquote(p) for p in path.split("/") if p]
         if parts == ["healthz"]:
             self._allow(method, "GET")
-            return _json(200, {"status": "ok"})
-        auth = next(
-            (v for n, v in request.headers.raw_items() if n.lower() == b"authorization"), None
-        )
-        if not verify_bearer(self.edge.config.admin_token, auth):
+            return json_response(200, {"status": "ok"})
+        if not verify_bearer(self.edge.config.admin_token, request.header(b"authorization")):
             raise ApiError(
                 401,
                 "UNAUTHORIZED",
@@ -248,10 +93,10 @@ class AdminServer:
         edge = self.edge
         if parts == ["metrics"]:
             self._allow(method, "GET")
-            return 200, [("content-type", "text/plain; version=0.0.4")], edge.metrics.render()
+            return Response(200, edge.metrics.render(), content_type="text/plain; version=0.0.4")
         if parts == ["v1", "sandboxes"]:
             self._allow(method, "GET")
-            return _json(
+            return json_response(
                 200,
                 {
                     "sandboxes": [
@@ -263,9 +108,9 @@ class AdminServer:
             sandbox_id = validate_sandbox_id(parts[2])
             if len(parts) == 4:
                 if method == "GET":
-                    return _json(200, {"ports": self._ports_json(sandbox_id)})
+                    return json_response(200, {"ports": self._ports_json(sandbox_id)})
                 self._allow(method, "GET", "POST")
-                payload = self._json_body(body)
+                payload = self._json_body(request.body)
                 unknown = set(payload) - {"port", "name", "token"}
                 if unknown:
                     raise ApiError(
@@ -276,21 +121,20 @@ class AdminServer:
                 exposure = await edge.expose(
                     sandbox_id, payload["port"], payload.get("name"), payload.get("token")
                 )
-                return _json(
+                return json_response(
                     200, {"port": exposure.port, "exposedAt": exposure.url, "name": exposure.name}
                 )
             port = _path_port(parts[4])
             if len(parts) == 5:
                 self._allow(method, "DELETE")
                 await edge.unexpose(sandbox_id, port)
-                return 204, [], b""
+                return Response(204)
             if len(parts) == 6 and parts[5] == "ws":
                 self._allow(method, "GET")
-                target = parse_qs(url.query).get("path", ["/"])[0]
-                self._ws_connect(
-                    sandbox_id, validate_port(port), target, request, conn, reader, writer
-                )
-        raise ApiError(404, "NOT_FOUND", f"No such endpoint: {method} {url.path}")
+                target = parse_qs(request.query).get("path", ["/"])[0]
+                self._ws_connect(sandbox_id, validate_port(port), target, request, exchange)
+                return None
+        raise ApiError(404, "NOT_FOUND", f"No such endpoint: {method} {path}")
 
     @staticmethod
     def _allow(method: str, *allowed: str) -> None:
@@ -339,15 +183,10 @@ class AdminServer:
 
     # -- wsConnect -------------------------------------------------------------------------------
     def _ws_connect(
-        self,
-        sandbox_id: str,
-        port: int,
-        target: str,
-        request: h11.Request,
-        conn: h11.Connection,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
+        self, sandbox_id: str, port: int, target: str, request: Request, exchange: Exchange
     ) -> None:
+        """Relay the WebSocket handshake to the sandbox and hand the connection over to a tunnel
+        stream (the shared server stops serving HTTP on it)."""
         if not target.startswith("/") or any(c in target for c in "\r\n "):
             raise ApiError(400, "INVALID_PATH", "path must be an absolute path, e.g. /ws.")
         state = self.edge.registry.get(sandbox_id)
@@ -358,16 +197,16 @@ class AdminServer:
             raise ApiError(503, "SANDBOX_NOT_CONNECTED", f"Sandbox {sandbox_id} is not connected.")
         # Rebuild the handshake for the sandbox's server: its path, no admin credentials.
         raw = b"GET " + target.encode() + b" HTTP/1.1\r\n"
-        for name, value in request.headers.raw_items():
+        for name, value in request.raw_headers:
             if name.lower() != b"authorization":
-                raw += bytes(name) + b": " + bytes(value) + b"\r\n"
+                raw += name + b": " + value + b"\r\n"
         raw += b"\r\n"
         try:
             head = H11HeadParser().parse(raw)
         except HeadError as exc:
             raise ApiError(exc.status, exc.code, exc.message) from None
-        peer = writer.get_extra_info("peername")
-        client = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else ""
+        peer = request.peer
+        client = f"{peer[0]}:{peer[1]}" if peer is not None else ""
         trailer = (
             b"x-forwarded-for: "
             + client.rsplit(":", 1)[0].encode()
@@ -375,6 +214,7 @@ class AdminServer:
             + sandbox_id.encode()
             + b"\r\n\r\n"
         )
+        writer = exchange.writer
         endpoint = _DirectEndpoint(session, 0)
         # asyncio's StreamWriter closes its transport when garbage-collected (3.11.5+): the
         # endpoint keeps it alive for as long as the relay uses that transport.
@@ -387,16 +227,15 @@ class AdminServer:
             ) from None
         session.add_stream(endpoint)
         transport = cast(asyncio.Transport, writer.transport)
-        leftover = conn.trailing_data[0]
+        leftover = exchange.detach()
         transport.set_protocol(endpoint)
         endpoint.connection_made(transport)
         endpoint.forward(forward_head(head, b"host: localhost:%d\r\n" % port, trailer))
         if leftover:
-            endpoint.forward(bytes(leftover))
+            endpoint.forward(leftover)
         if not transport.is_reading():
             transport.resume_reading()
         log.info("sandbox %s: admin WebSocket connect to port %d%s", sandbox_id, port, target)
-        raise _Switch
 
 
 class _DirectEndpoint(StreamEndpoint):
