@@ -9,17 +9,20 @@ from typing import Final
 
 from protocol.control import Error, Ok
 
+from .httpapi import ApiError
+
 # Ids wrap below 2**31 (the control codec's bound) and skip 0.
 _MAX_ID: Final = 2**31 - 1
 
 
-class ControlRequestError(Exception):
-    """The peer answered a request with ``Error``, or the session went away first."""
+class ControlRequestError(ApiError):
+    """The peer answered a request with ``Error``, or the session went away first.
 
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
+    An :class:`relay.httpapi.ApiError`: ``code`` and ``message`` are the peer's; the status is 502
+    (an upstream refused, as any proxy relays it) unless the caller maps the code itself."""
+
+    def __init__(self, code: str, message: str, status: int = 502) -> None:
+        super().__init__(status, code, message)
 
 
 OnOk = Callable[[Ok], None]

@@ -8,6 +8,7 @@ answered ``HEAD`` with nothing. Every behaviour here is checked on both servers.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
@@ -18,7 +19,17 @@ import orjson
 import pytest
 
 from agent.local_api import LocalAPI
-from relay.httpapi import ApiError, ApiServer, Exchange, Request, Response, json_response
+from protocol.control import Error
+from relay.httpapi import (
+    ApiError,
+    ApiServer,
+    Exchange,
+    Request,
+    Response,
+    error_response,
+    json_response,
+)
+from relay.requests import ControlRequestError, PendingRequests
 
 from .agent.test_local_api import FakeController
 from .e2e.conftest import Stack
@@ -398,3 +409,27 @@ async def test_upgrade_answered_normally_closes(caplog: pytest.LogCaptureFixture
         assert data.count(b"HTTP/1.1") == 1
     finally:
         await server.close()
+
+
+# -- the control channel's Error is the same error type ---------------------------------------
+
+
+async def test_control_error_reply_is_an_api_error() -> None:
+    """``control.Error(code, message)`` answering a request raises an ``ApiError`` (502: the peer
+    refused, as any proxy relaying an upstream failure), with ``code``/``message`` kept."""
+    pending = PendingRequests(asyncio.get_running_loop())
+    request_id, future = pending.new()
+    assert pending.resolve(Error("TOKEN_IN_USE", "Token 'a' is in use.", request_id))
+    with pytest.raises(ControlRequestError) as raised:
+        await future
+    exc = raised.value
+    assert isinstance(exc, ApiError)
+    assert (exc.status, exc.code, exc.message) == (502, "TOKEN_IN_USE", "Token 'a' is in use.")
+    assert orjson.loads(error_response(exc).body) == {
+        "error": "Token 'a' is in use.",
+        "code": "TOKEN_IN_USE",
+    }
+    _, gone = pending.new()
+    pending.fail_all("SANDBOX_NOT_CONNECTED", "The session ended.")
+    with pytest.raises(ApiError, match=r"The session ended\."):
+        await gone
