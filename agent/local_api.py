@@ -44,6 +44,7 @@ from relay.httpapi import (
     Request,
     Response,
     json_response,
+    shown,
 )
 
 __all__ = [
@@ -72,8 +73,6 @@ REQUEST_TIMEOUT: Final = 10.0
 MAX_CONNECTIONS: Final = 64
 # Same limit as the control protocol's exposure name, so whatever we accept the edge accepts.
 MAX_NAME_LENGTH: Final = 256
-# Longest rendering of client input (a path, a port) echoed in an error message.
-_MAX_SHOWN: Final = 64
 
 
 class ExposureController(Protocol):
@@ -119,10 +118,6 @@ def _is_proxy_header(name: bytes) -> bool:
     # "_" too: WSGI/CGI-style stacks read X_Forwarded_For as X-Forwarded-For.
     name = name.replace(b"_", b"-")
     return name == b"forwarded" or name.startswith(b"x-forwarded-")
-
-
-def _shown(value: str) -> str:
-    return value if len(value) <= _MAX_SHOWN else value[:_MAX_SHOWN] + "..."
 
 
 def _host_name(value: str) -> str:
@@ -181,7 +176,7 @@ def _optional_token(obj: Mapping[str, Any]) -> str | None:
 
 def _port_context(value: object) -> dict[str, Any]:
     if isinstance(value, str):
-        value = _shown(value)
+        value = shown(value)
     elif not isinstance(value, int | float | bool) or (isinstance(value, int) and value > 2**53):
         value = None
     return {"port": value}
@@ -253,6 +248,7 @@ class LocalAPI:
             name="local API",
             limits=limits,
             internal_error="Internal error in the tunnel agent.",
+            logger=log,
         )
         # path pattern -> {method: handler}; routes under /api/ answer in the legacy shape.
         self._routes: tuple[tuple[re.Pattern[str], Mapping[str, _Handler]], ...] = (
@@ -314,7 +310,7 @@ class LocalAPI:
             return _HTTPError("FORBIDDEN", "Browser requests are not accepted by the local API.")
         host = _host_name((request.header(b"host") or b"").decode("ascii", "replace"))
         if self._check_host and not (host in self._allowed_hosts or host.endswith(".localhost")):
-            return _HTTPError("FORBIDDEN", f"Host {_shown(host)!r} is not allowed.")
+            return _HTTPError("FORBIDDEN", f"Host {shown(host)!r} is not allowed.")
         return None
 
     async def _handle(self, request: Request, exchange: Exchange) -> Response:
@@ -334,7 +330,7 @@ class LocalAPI:
         except Exception:
             if not legacy:
                 raise
-            log.exception("local API %s %s failed", _shown(request.method), _shown(request.path))
+            log.exception("local API %s %s failed", shown(request.method), shown(request.path))
             err = _HTTPError("INTERNAL_ERROR", "Internal error in the tunnel agent.")
         if legacy:
             return _legacy_error(err)
@@ -353,11 +349,11 @@ class LocalAPI:
                 allow = ", ".join(handlers)
                 raise _HTTPError(
                     "METHOD_NOT_ALLOWED",
-                    f"Method {_shown(request.method)} is not allowed here; use {allow}.",
+                    f"Method {shown(request.method)} is not allowed here; use {allow}.",
                     headers=[("allow", allow)],
                 )
             return await handler(request, match)
-        raise _HTTPError("NOT_FOUND", f"No such endpoint: {_shown(request.path)}.")
+        raise _HTTPError("NOT_FOUND", f"No such endpoint: {shown(request.path)}.")
 
     def _exposable_port(self, obj: Mapping[str, Any]) -> int:
         port = _body_port(obj)

@@ -55,6 +55,7 @@ __all__ = [
     "Response",
     "error_response",
     "json_response",
+    "shown",
 ]
 
 log = logging.getLogger(__name__)
