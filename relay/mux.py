@@ -82,17 +82,28 @@ def abort_with_reset(transport: asyncio.Transport | None) -> None:
     """
     if transport is None:
         return
-    if not transport.is_closing():
-        sock = transport.get_extra_info("socket")
-        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-            try:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
-            except (OSError, ValueError):  # closed under us (uvloop: ValueError, fd -1)
-                pass
+    set_reset_on_close(transport, True)
     transport.abort()
 
 
+def set_reset_on_close(transport: asyncio.Transport, on: bool) -> None:
+    """Arm (or disarm) ``SO_LINGER`` 0: while armed, *any* close of the socket is an RST, the
+    kernel's own close of a process that died (kill -9) included. A graceful close must disarm
+    it first, or the RST would discard data still in flight."""
+    if transport.is_closing():
+        return
+    sock = transport.get_extra_info("socket")
+    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            sock.setsockopt(
+                socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET if on else _LINGER_OFF
+            )
+        except (OSError, ValueError):  # closed under us (uvloop: ValueError, fd -1)
+            pass
+
+
 _LINGER_RESET: Final = struct.pack("ii", 1, 0)
+_LINGER_OFF: Final = struct.pack("ii", 0, 0)
 
 
 def _limit_unsent(transport: asyncio.BaseTransport) -> None:
@@ -226,6 +237,11 @@ class StreamEndpoint(asyncio.BufferedProtocol):
     # -- helpers ---------------------------------------------------------------------------------
     def _maybe_finish(self) -> None:
         if self._local_eof and self._peer_eof and self.transport is not None:
+            self.close_gracefully()
+
+    def close_gracefully(self) -> None:
+        """Close the local connection normally (FIN after everything written)."""
+        if self.transport is not None:
             self.transport.close()
 
 

@@ -33,7 +33,7 @@ from protocol.hostnames import (
     validate_sandbox_id,
 )
 from protocol.session import Role, Session, SessionConfig
-from relay.mux import TUNNEL_OUTPUT_CAP, MuxProtocol, StreamEndpoint, abort_with_reset
+from relay.mux import TUNNEL_OUTPUT_CAP, MuxProtocol, StreamEndpoint
 from relay.requests import ControlRequestError
 
 from .auth import AgentAuth
@@ -395,12 +395,7 @@ class EdgeServer:
         while self.loop.time() < deadline and any(s.streams for s in self.agent_connections):
             await asyncio.sleep(0.05)
         for conn in list(self.public_connections):
-            if conn.transport is None:
-                continue
-            if conn.mux is not None and conn.mux.streams.get(conn.stream_id) is conn:
-                abort_with_reset(conn.transport)  # cut mid-stream: the client must see a reset
-            else:
-                conn.transport.abort()  # between requests (or never routed): nothing was cut
+            conn.end()  # a live stream is cut with RST, an idle connection closed normally
         for session in list(self.agent_connections):
             if session.transport is not None:
                 session.flush()
@@ -420,7 +415,8 @@ class EdgeServer:
             for conn in list(self.public_connections):
                 if conn.idle_check() and conn.transport is not None:
                     log.info("closing a public connection silent for %.0fs", timeout)
-                    conn.transport.close()
+                    # Silent both ways: almost always a keep-alive connection between requests.
+                    conn.close_gracefully()
 
     # -- exposures -------------------------------------------------------------------------------
     def preview_url(self, sandbox_id: str, record: ExposureRecord) -> str:

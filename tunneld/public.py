@@ -42,7 +42,7 @@ import orjson
 from protocol.errors import LocalProtocolError, ResetCode
 from protocol.hostnames import parse_preview_host
 from relay.buffers import SHARED
-from relay.mux import StreamEndpoint
+from relay.mux import StreamEndpoint, abort_with_reset, set_reset_on_close
 
 from .framing import Body, Head, Invalid, RequestFramer, State, forward_head
 from .httphead import HeadError, HeadParser, RequestHead
@@ -232,7 +232,7 @@ class PublicConnection(StreamEndpoint):
             self._arm_timer("keepalive")  # bytes moved since: look again one timeout later
             return
         log.debug("%s: keep-alive connection idle for keepalive_timeout; closing", self._peer)
-        self.transport.close()
+        self.close_gracefully()
 
     def _after_input(self) -> None:
         """Re-arm the timer that fits the framer's state; pause reading while an upgrade waits."""
@@ -367,7 +367,7 @@ class PublicConnection(StreamEndpoint):
         if transport is not None and not transport.is_closing():
             if self._misdirected is not None:
                 transport.write(self._misdirected)
-            transport.close()
+            self.close_gracefully()
 
     def fail(self, status: int, code: str, message: str) -> None:
         """Answer with a JSON error (only before any response byte) and close."""
@@ -378,10 +378,31 @@ class PublicConnection(StreamEndpoint):
             if not self._responded:
                 self._responded = True
                 transport.write(error_response(status, code, message))
-            transport.close()
+            self.close_gracefully()
 
     # -- stream events ---------------------------------------------------------------------------
+    def end(self) -> None:
+        """The edge ends this connection at shutdown: a live stream is cut with RST (the
+        edge cannot tell a keep-alive pause from a response that is not over), a connection
+        never routed is closed normally."""
+        mux = self.mux
+        if mux is not None and mux.streams.get(self.stream_id) is self:
+            abort_with_reset(self.transport)
+        else:
+            self.close_gracefully()
+
+    def close_gracefully(self) -> None:
+        if self.transport is not None:
+            if self._responded:
+                set_reset_on_close(self.transport, False)
+            self.transport.close()
+
     def receive_from_peer(self, data: bytes) -> None:
+        if not self._responded and self.transport is not None:
+            # From the first response byte until a graceful close, any other end of this
+            # connection is an RST, even the kernel's close if the edge dies (kill -9): a
+            # length-less response cut short must not look complete.
+            set_reset_on_close(self.transport, True)
         self._responded = True
         self.activity += 1
         framer = self._framer
