@@ -114,6 +114,11 @@ async def test_stalled_readers_do_not_freeze_their_sandbox(tmp_path: Path) -> No
             bound = STALLED * per_stream + DEFAULT_STREAM_GROWTH_BUDGET + 32 * MiB
             edge_growth = rss(procs.edge.pid) - edge_before
             agent_growth = rss(agent.pid) - agent_before
+            print(
+                f"stalled={STALLED}: edge RSS +{edge_growth / MiB:.1f} MiB, agent RSS "
+                f"+{agent_growth / MiB:.1f} MiB (bound {bound / MiB:.0f} MiB); slowest small "
+                f"request {slowest * 1000:.0f} ms"
+            )
             assert edge_growth < bound, f"edge grew {edge_growth / MiB:.0f} MiB"
             assert agent_growth < bound, f"agent grew {agent_growth / MiB:.0f} MiB"
     finally:
