@@ -33,7 +33,12 @@ import orjson
 
 from agent.errors import api_port_error, status_for
 from protocol.control import Exposure
-from protocol.hostnames import ValidationError, validate_custom_token, validate_port
+from protocol.hostnames import (
+    ValidationError,
+    validate_custom_token,
+    validate_port,
+    validate_port_name,
+)
 from relay.httpapi import (
     MAX_BODY_BYTES,
     MAX_HEAD_BYTES,
@@ -53,7 +58,6 @@ __all__ = [
     "MAX_BODY_BYTES",
     "MAX_CONNECTIONS",
     "MAX_HEAD_BYTES",
-    "MAX_NAME_LENGTH",
     "REQUEST_TIMEOUT",
     "ExposureController",
     "LocalAPI",
@@ -71,8 +75,6 @@ DEFAULT_PORT: Final = 3000
 REQUEST_TIMEOUT: Final = 10.0
 # Clients are a few local tools; more concurrent connections than this is a leak or an attack.
 MAX_CONNECTIONS: Final = 64
-# Same limit as the control protocol's exposure name, so whatever we accept the edge accepts.
-MAX_NAME_LENGTH: Final = 256
 
 
 class ExposureController(Protocol):
@@ -159,14 +161,10 @@ def _path_port(text: str) -> int:
 
 
 def _optional_name(obj: Mapping[str, Any]) -> str | None:
-    name = obj.get("name")
-    if name is None:
-        return None
-    if not isinstance(name, str) or len(name) > MAX_NAME_LENGTH:
-        raise _HTTPError(
-            "INVALID_NAME", f"Name must be a string of at most {MAX_NAME_LENGTH} characters."
-        )
-    return name
+    try:
+        return validate_port_name(obj.get("name"))
+    except ValidationError as exc:
+        raise _HTTPError(exc.code, exc.message) from None
 
 
 def _optional_token(obj: Mapping[str, Any]) -> str | None:

@@ -22,6 +22,8 @@ from typing import Any, Final
 
 import orjson
 
+from protocol.hostnames import MAX_PORT_NAME_LENGTH
+
 __all__ = [
     "MAX_CONTROL_MESSAGE_SIZE",
     "PROTOCOL_VERSION",
@@ -51,7 +53,7 @@ _MAX_ID: Final = 2**31 - 1
 _MAX_SANDBOX_ID: Final = 63  # one DNS label
 _MAX_SECRET: Final = 1024  # the agent's auth token (opaque to us: JWT-sized)
 _MAX_TOKEN: Final = 63  # a preview token fits one DNS label
-_MAX_NAME: Final = 256
+_MAX_NAME: Final = MAX_PORT_NAME_LENGTH
 _MAX_URL: Final = 2048  # common browser/CDN URL limit
 _MAX_SESSION: Final = 128
 _MAX_CODE: Final = 64

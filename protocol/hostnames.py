@@ -28,6 +28,7 @@ __all__ = [
     "CONTROL_PLANE_PORT",
     "MAX_CUSTOM_TOKEN_LENGTH",
     "MAX_PORT",
+    "MAX_PORT_NAME_LENGTH",
     "MAX_SANDBOX_ID_LENGTH",
     "MAX_TOKEN_LENGTH",
     "MIN_PORT",
@@ -35,6 +36,7 @@ __all__ = [
     "TOKEN_ALPHABET",
     "TOKEN_LENGTH",
     "InvalidDomainError",
+    "InvalidNameError",
     "InvalidPortError",
     "InvalidSandboxIdError",
     "InvalidTokenError",
@@ -47,6 +49,7 @@ __all__ = [
     "tokens_equal",
     "validate_custom_token",
     "validate_port",
+    "validate_port_name",
     "validate_route_token",
     "validate_sandbox_id",
 ]
@@ -56,6 +59,8 @@ MIN_PORT: Final = 1024
 MAX_PORT: Final = 65535
 # The agent's local control API listens here (Cloudflare's sandbox control plane port).
 CONTROL_PLANE_PORT: Final = 3000
+# A port's display name (Cloudflare's ``name``): free text, bounded so exposures stay small.
+MAX_PORT_NAME_LENGTH: Final = 256
 # One DNS label holds at most 63 octets (RFC 1035 §2.3.4).
 MAX_SANDBOX_ID_LENGTH: Final = 63
 # Custom tokens: Cloudflare's limit, short enough to leave room for port and id in one label.
@@ -123,6 +128,10 @@ class InvalidDomainError(ValidationError):
     code = "INVALID_DOMAIN"
 
 
+class InvalidNameError(ValidationError):
+    code = "INVALID_NAME"
+
+
 @dataclass(frozen=True, slots=True)
 class PreviewRoute:
     port: int
@@ -169,6 +178,16 @@ def validate_port(port: object) -> int:
     raise InvalidPortError(
         f"Invalid port number: {_js_str(port)}. "
         "Must be 1024-65535, excluding 3000 (sandbox control plane)."
+    )
+
+
+def validate_port_name(name: object) -> str | None:
+    """Return ``name`` if it is None or a string of at most 256 characters (the one rule, used
+    by the admin API, the agent's local API and the control codec)."""
+    if name is None or (isinstance(name, str) and len(name) <= MAX_PORT_NAME_LENGTH):
+        return name
+    raise InvalidNameError(
+        f"Port name must be a string of at most {MAX_PORT_NAME_LENGTH} characters."
     )
 
 

@@ -28,18 +28,16 @@ READ_SIZE: Final = 256 * 1024
 class ReadBuffer:
     """One reusable receive buffer, retired and replaced when a reader leaves references into it."""
 
-    __slots__ = ("_buf", "swaps", "view")
+    __slots__ = ("_buf", "view")
 
     def __init__(self, size: int = READ_SIZE) -> None:
         self._buf = bytearray(size)
         self.view = memoryview(self._buf)
-        self.swaps = 0
 
     def swap(self) -> None:
         """Retire the current buffer (someone still references it) and start a fresh one."""
         self._buf = bytearray(len(self._buf))
         self.view = memoryview(self._buf)
-        self.swaps += 1
 
 
 # One per process is enough: each event loop runs its callbacks one at a time, and the relay runs

@@ -231,9 +231,6 @@ class StreamEndpoint(asyncio.BufferedProtocol):
         self._closed = True
         abort_with_reset(self.transport)
 
-    def peer_accepted(self) -> None:
-        """The agent connected this stream to its local port (edge side only)."""
-
     # -- helpers ---------------------------------------------------------------------------------
     def _maybe_finish(self) -> None:
         if self._local_eof and self._peer_eof and self.transport is not None:
@@ -496,9 +493,7 @@ class MuxProtocol(asyncio.BufferedProtocol):
             endpoint.peer_reset(event.code)
 
     def _on_accepted(self, event: ev.StreamAccepted) -> None:
-        endpoint = self.streams.get(event.stream_id)
-        if endpoint is not None:
-            endpoint.peer_accepted()
+        """The agent dialled the port: nothing to do (bytes already flow behind the SYN)."""
 
     def _on_ping(self, event: ev.PingAcknowledged) -> None:
         self.rtt = event.rtt

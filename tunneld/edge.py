@@ -30,6 +30,7 @@ from protocol.hostnames import (
     build_preview_url,
     validate_custom_token,
     validate_port,
+    validate_port_name,
     validate_sandbox_id,
 )
 from protocol.session import Role, Session, SessionConfig
@@ -323,7 +324,6 @@ class EdgeServer:
         self.registry = Registry()
         self.metrics = Metrics()
         self.auth = AgentAuth(self)
-        self.parser_name = config.parser
         self.public_connections: set[PublicConnection] = set()
         self.agent_connections: set[EdgeSession] = set()
         self._servers: list[asyncio.Server] = []
@@ -344,7 +344,6 @@ class EdgeServer:
         config = self.config
         loop = self.loop
         parser = default_parser(config.parser)
-        self.parser_name = parser.name
 
         def public_factory() -> PublicConnection:
             self.metrics.public_connections.inc()
@@ -442,10 +441,7 @@ class EdgeServer:
         self, port: object, name: object, token: object
     ) -> tuple[int, str | None, str | None]:
         port = validate_port(port)
-        if name is not None and (not isinstance(name, str) or len(name) > 256):
-            raise RegistryError(
-                400, "INVALID_NAME", "Port name must be a string of at most 256 characters."
-            )
+        name = validate_port_name(name)
         if token is not None:
             token = validate_custom_token(token)
         return port, name, token

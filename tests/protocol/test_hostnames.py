@@ -501,3 +501,22 @@ def test_parse_near_miss_hosts(host: str) -> None:
     route = parse_preview_host(host, DOMAIN)
     if route is not None:
         assert build_preview_host(route.port, route.sandbox_id, route.token, DOMAIN) == host
+
+
+def test_port_name_rule_is_one_rule() -> None:
+    """256 characters, or None: the admin API, the local API and the control codec share it."""
+    from protocol import control
+    from protocol.hostnames import MAX_PORT_NAME_LENGTH, InvalidNameError, validate_port_name
+
+    assert validate_port_name(None) is None
+    assert validate_port_name("n" * MAX_PORT_NAME_LENGTH) == "n" * MAX_PORT_NAME_LENGTH
+    for bad in ("n" * (MAX_PORT_NAME_LENGTH + 1), 5, b"api"):
+        with pytest.raises(InvalidNameError) as err:
+            validate_port_name(bad)
+        assert err.value.code == "INVALID_NAME"
+    longest = control.Expose(1, 8000, name="n" * MAX_PORT_NAME_LENGTH)
+    assert control.decode_message(control.encode_message(longest)) == longest
+    with pytest.raises(control.ControlError):
+        control.decode_message(
+            control.encode_message(longest).replace(b'"n', b'"nn', 1)  # one character more
+        )
