@@ -13,6 +13,7 @@ from protocol.frames import (
     INITIAL_SESSION_WINDOW,
     INITIAL_STREAM_WINDOW,
     MAX_WINDOW,
+    Flag,
     FrameType,
     pack_header,
 )
@@ -90,3 +91,34 @@ def test_a_window_update_for_an_idle_stream_sends_nothing() -> None:
     edge.receive_data(pack_header(FrameType.WINDOW_UPDATE, 0, sid, 10), 0.0)
     sent = frames_of(flatten(edge.data_to_send()))
     assert [(f[0], f[2], f[3]) for f in sent] == [(FrameType.DATA, sid, 10)]
+
+
+def _many_streams_of_one_window(pair: SessionPair) -> tuple[list[int], int]:
+    """Enough streams, each sending its whole initial window, to exceed the session window."""
+    count = INITIAL_SESSION_WINDOW // INITIAL_STREAM_WINDOW + 6
+    chunk = b"z" * INITIAL_STREAM_WINDOW
+    sids = []
+    for _ in range(count):
+        sid = pair.edge.open_stream(8000)
+        pair.edge.send_data(sid, chunk)
+        sids.append(sid)
+    return sids, count * INITIAL_STREAM_WINDOW
+
+
+def test_the_session_window_bounds_all_streams_together() -> None:
+    """A sender never puts more than its session credit on the wire, however many streams have
+    stream credit: one batch, before any WINDOW_UPDATE can come back, carries at most the
+    initial session window; the rest follows as credit returns. Kills ``min(queued,
+    st.send_window, MAX_FRAME_PAYLOAD, budget)`` in ``data_to_send`` (session credit left out)."""
+    pair = SessionPair()
+    _sids, total = _many_streams_of_one_window(pair)
+    assert total > INITIAL_SESSION_WINDOW
+    first = flatten(pair.edge.data_to_send())
+    frames = frames_of(first)
+    in_flight = sum(f[3] for f in frames if f[0] == FrameType.DATA and not f[1] & Flag.SYN)
+    assert in_flight <= INITIAL_SESSION_WINDOW
+    pair.agent.receive_data(first)
+    pair.pump()
+    pair.assert_alive()
+    delivered = sum(len(e.data) for e in pair.take(pair.agent) if isinstance(e, DataReceived))
+    assert delivered == total
