@@ -11,7 +11,6 @@ dead-peer timer. Meanwhile another sandbox keeps answering. Real edge process, s
 from __future__ import annotations
 
 import asyncio
-import socket
 import threading
 import time
 from pathlib import Path
@@ -19,15 +18,16 @@ from pathlib import Path
 import httpx
 import orjson
 import pytest
-import wsproto
-import wsproto.events as wse
 
-from protocol import control
-from protocol.events import ControlReceived
 from protocol.frames import FrameType, encode_frame
-from protocol.session import Role, Session
 from tests.e2e.origin import Origin
 from tests.e2e.procs import Processes
+from tests.faults.hostile_agent import (
+    HostileAgent,
+    list_batch,
+    ping_batch,
+    websocket_ping_flood,
+)
 
 FLOOD_SECONDS = 10.0
 MiB = 1024 * 1024
@@ -49,111 +49,10 @@ def rss(pid: int) -> int:
     return 0  # a zombie: the process died (the test then says so)
 
 
-class HostileAgent:
-    """Authenticates like an agent, then sends whatever it likes and never reads again."""
-
-    def __init__(self, port: int, sandbox_id: str, token: str) -> None:
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
-        self.session = Session(Role.AGENT)
-        self.session.send_control(control.Hello(sandbox_id, token))
-        self._send()
-        self._until(lambda m: isinstance(m, control.Welcome), 1)
-
-    def _send(self) -> None:
-        self.sock.sendall(b"".join(bytes(b) for b in self.session.data_to_send()))
-
-    def _until(self, done, count: int) -> None:
-        seen = 0
-        deadline = time.monotonic() + 15
-        while seen < count:
-            assert time.monotonic() < deadline, "the edge did not answer the setup"
-            data = self.sock.recv(1 << 16)
-            assert data, "the edge closed the setup connection"
-            self.session.receive_data(data)
-            for event in self.session.events_received():
-                if isinstance(event, ControlReceived) and done(event.message):
-                    seen += 1
-            self._send()
-
-    def expose_many(self, n: int) -> None:
-        """Exposures with long names, so that one 40-byte `list` costs the edge ~25 KiB."""
-        for i in range(n):
-            self.session.send_control(control.Expose(i + 1, 2000 + i, name="n" * 200))
-        self._send()
-        self._until(lambda m: isinstance(m, control.Ok), n)
-
-    def flood(self, make_batch, seconds: float) -> int:
-        """Send batches until ``seconds`` passed; a full socket (the edge stopped reading) or
-        a closed one is what a capped edge does, so both just end or pause the flood."""
-        self.sock.settimeout(0.2)
-        sent = 0
-        deadline = time.monotonic() + seconds
-        i = 0
-        while time.monotonic() < deadline:
-            batch = make_batch(i)
-            i += 1
-            view = memoryview(batch)
-            while view and time.monotonic() < deadline:
-                try:
-                    n = self.sock.send(view)
-                except TimeoutError:
-                    continue
-                except OSError:
-                    return sent  # the edge dropped us: fine
-                sent += n
-                view = view[n:]
-        return sent
-
-    def close(self) -> None:
-        self.sock.close()
-
-
-def ping_batch(i: int) -> bytes:
-    return b"".join(
-        encode_frame(FrameType.PING, 0, 0, length=(i * 1000 + k) & 0xFFFF) for k in range(1000)
-    )
-
-
-_LIST = encode_frame(FrameType.CONTROL, 0, 0, orjson.dumps({"type": "list", "id": 7}))
-
-
-def list_batch(i: int) -> bytes:
-    return _LIST * 1000
-
-
 def syn_batch(i: int) -> bytes:
     meta = orjson.dumps({"port": 8000, "via": "preview"})
     first = 1001 + 2000 * i
     return b"".join(encode_frame(FrameType.DATA, 1, first + 2 * k, meta) for k in range(1000))
-
-
-def websocket_ping_flood(port: int, seconds: float) -> int:
-    """No token at all: a WebSocket agent link whose pings ask for pongs nobody reads."""
-    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
-    ws = wsproto.WSConnection(wsproto.ConnectionType.CLIENT)
-    sock.sendall(ws.send(wse.Request(host="edge", target="/v1/agent")))
-    deadline = time.monotonic() + 10
-    accepted = False
-    while not accepted:
-        assert time.monotonic() < deadline, "no WebSocket handshake answer"
-        ws.receive_data(sock.recv(4096))
-        accepted = any(isinstance(e, wse.AcceptConnection) for e in ws.events())
-    ping = ws.send(wse.Ping(payload=b"p" * 125))
-    sock.settimeout(0.2)
-    batch = memoryview(ping * 500)
-    sent = 0
-    deadline = time.monotonic() + seconds
-    try:
-        while time.monotonic() < deadline:
-            try:
-                sent += sock.send(batch)
-            except TimeoutError:
-                continue
-            except OSError:
-                break
-    finally:
-        sock.close()
-    return sent
 
 
 @pytest.mark.anyio
