@@ -297,6 +297,7 @@ async def probe(args: argparse.Namespace) -> dict:
     loop = asyncio.get_running_loop()
     req = f"GET {args.path} HTTP/1.1\r\nHost: {args.host_header}\r\n\r\n".encode()
     lat: list[float] = []
+    when: list[float] = []  # send time of each sample, s after the warm-up
     errors = 0
     interval = args.conns / args.rate
     start = time.perf_counter() + args.warmup
@@ -322,11 +323,19 @@ async def probe(args: argparse.Namespace) -> dict:
                 return
             if t0 >= start:
                 lat.append((time.perf_counter() - t0) * 1000.0)
+                when.append(t0 - start)
             t_next += interval
         conn.transport.close()  # type: ignore[union-attr]
 
     await asyncio.gather(*(one(k) for k in range(args.conns)))
-    return {"requests": len(lat), "errors": errors, **percentiles(lat, (50, 90, 99))}
+    return {
+        "requests": len(lat),
+        "errors": errors,
+        **percentiles(lat, (50, 90, 99)),
+        "max": max(lat, default=float("nan")),
+        # the 10 slowest requests as [s after the warm-up, ms]: when the tail happened
+        "slowest": sorted(zip(when, lat, strict=True), key=lambda x: -x[1])[:10],
+    }
 
 
 def main(argv: list[str] | None = None) -> int:

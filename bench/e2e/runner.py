@@ -1,4 +1,5 @@
-"""Runs the scenarios, checks the targets of issue 4, writes Markdown + JSON (+ PNG) results."""
+"""Runs the scenarios, checks the targets of issues 4 and 7, writes Markdown + JSON (+ PNG)
+results."""
 
 from __future__ import annotations
 
@@ -49,6 +50,22 @@ TARGETS: list[tuple[str, str, str, str, float]] = [
     ),
     ("tunneld RSS under small HTTP ≤ 60 MiB", "small_http", "tunneld", "max_mem", 60.0),
     ("agent RSS under small HTTP ≤ 60 MiB", "small_http", "agent", "max_mem", 60.0),
+    # issue 7: isolation
+    (
+        "200 stalled readers: same sandbox small GET p99 ≤ 100 ms",
+        "stalled_readers",
+        "p99_loaded",
+        "max",
+        100.0,
+    ),
+    ("hostile-agent floods: other sandbox p99 ≤ 50 ms", "hostile_flood", "p99", "max", 50.0),
+    (
+        "hostile-agent floods: tunneld RSS growth ≤ 64 MiB",
+        "hostile_flood",
+        "rss_growth_mib",
+        "max",
+        64.0,
+    ),
 ]
 
 _HOL = [("p99_alone", "ms"), ("p99_loaded", "ms"), ("p99_ratio", "x"), ("bulk_mib_s", "MiB/s")]
@@ -67,6 +84,13 @@ SHOWN: dict[str, list[tuple[str, str]]] = {
                         ("agent_bytes_per_conn", "B/conn"), ("conns", "conns")],
     "many_agents": [("tunneld_bytes_per_agent", "B/agent"),
                     ("agent_process_bytes_per_agent", "B/agent"), ("agents", "agents")],
+    "hostile_flood": [("p99", "ms"), ("p50", "ms"), ("p99_alone", "ms"), ("errors", "errors"),
+                      ("rss_growth_mib", "MiB"), ("ping_mib_sent", "MiB"),
+                      ("list_mib_sent", "MiB"), ("wsping_mib_sent", "MiB")],
+    "stalled_readers": [("p99_loaded", "ms"), ("p50_loaded", "ms"), ("p99_alone", "ms"),
+                        ("p50_alone", "ms"), ("p99_ratio", "x"), ("p99_filling", "ms"),
+                        ("max_filling", "ms"), ("settle_s", "s"), ("stalled_ok", "conns"),
+                        ("errors", "errors")],
 }  # fmt: skip
 
 
@@ -228,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     ensure_tools(args.install or os.environ.get("BENCH_INSTALL") == "1")
     settings = Settings()
     if args.quick:
-        settings = Settings(duration=2.0, repeat=1, idle_ws=2_000, agents=200)
+        settings = Settings(duration=2.0, repeat=1, idle_ws=2_000, agents=200, flood_s=4.0)
     if args.duration:
         settings.duration = args.duration
     if args.repeat:

@@ -1,18 +1,24 @@
 """The scenarios of issue 4. Each runs the same load against every path of ``Stack.targets()``
 (direct origin, the tunnel, nginx as a one-hop proxy), interleaved, ``repeat`` times, and returns
 ``{metric: {path: median}}`` plus the raw runs. Targets are checked in ``runner``.
+
+Issue 7 added two isolation scenarios: ``hostile_flood`` (hostile agents flood the agent port
+while another sandbox is probed; tunnel only) and ``stalled_readers`` (200 downloads that never
+read, then small GETs to the same sandbox; tunnel, and direct as the baseline).
 """
 
 from __future__ import annotations
 
 import json
 import re
+import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +35,8 @@ class Settings:
     idle_ws: int = 10_000
     agents: int = 1_000
     ws_conns: int = 100
+    flood_s: float = 10.0  # issue 7: each hostile-agent flood lasts 10 s
+    stalled: int = 200  # issue 7: 200 stalled readers on one sandbox
 
 
 @dataclass
@@ -380,6 +388,198 @@ def many_agents(stack: Stack, s: Settings) -> Result:
     return res
 
 
+# -- 7. isolation (issue 7) ------------------------------------------------------------------------
+_PROBE: dict[str, Any] = {"path": "/1k", "conns": 4, "rate": 200, "warmup": 0.5}
+MIB = 2**20
+FILL_PROBE_S = 3.0  # stalled_readers: the 200 downloads start ~0.1 s in and fill in ~2 s
+
+
+def _stalled_download(port: int, host: str) -> socket.socket:
+    """A GET of the big file on a raw socket with a 4 KiB receive buffer that is never read."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", port))
+    sock.sendall(f"GET /big HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+    return sock
+
+
+def _wait_response_heads(socks: list[socket.socket], timeout: float) -> tuple[int, int]:
+    """Waits (peeking, reading nothing) until every socket holds the start of its response;
+    returns (answered 200, answered otherwise or closed). Bounded by ``timeout``."""
+    pending = list(socks)
+    ok = bad = 0
+    deadline = time.monotonic() + timeout
+    while pending and time.monotonic() < deadline:
+        still = []
+        for sock in pending:
+            try:
+                head = sock.recv(12, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                still.append(sock)
+                continue
+            except OSError:
+                bad += 1
+                continue
+            if len(head) < 12 and head:
+                still.append(sock)
+            elif head.startswith(b"HTTP/1.1 200"):
+                ok += 1
+            else:
+                bad += 1
+        pending = still
+        if pending:
+            time.sleep(0.05)
+    return ok, bad
+
+
+def _wait_rss_settled(pids: list[int], timeout: float, quiet: float = 1.0) -> float:
+    """Waits until the summed RSS of ``pids`` moved by < 1 MiB over ``quiet`` s (the stalled
+    streams' windows and buffers are full); returns the seconds it took (``timeout`` if never)."""
+    t0 = time.monotonic()
+    last = sum(rss(p) for p in pids)
+    since = t0
+    while time.monotonic() - t0 < timeout:
+        time.sleep(0.1)
+        now = sum(rss(p) for p in pids)
+        if abs(now - last) >= MIB:
+            last, since = now, time.monotonic()
+        elif time.monotonic() - since >= quiet:
+            return since - t0
+    return timeout
+
+
+def _abort(sock: socket.socket) -> None:
+    """Close with RST (SO_LINGER 0): the stalled client goes away at once, as a killed one does."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+    except OSError:
+        pass
+    sock.close()
+
+
+def stalled_readers(stack: Stack, s: Settings) -> Result:
+    """Small GETs at 200/s on 4 connections, alone and while ``s.stalled`` downloads of the big
+    file on the same sandbox (same port) are open and never read (4 KiB SO_RCVBUF). Direct runs
+    the same against the origin, so the ratio compares like with like. Issue 7: tunnel
+    p99_loaded <= 100 ms; tunneld and agent peak RSS come from the tunnel runs' sampler."""
+
+    def run(port: int, host: str, path: str) -> dict[str, Any]:
+        assert stack.origin is not None
+        watched = [*stack.relay_pids().values()] if path == "tunnel" else [[stack.origin.pid]]
+        pids = [q for group in watched for p in group for q in tree_pids(p)]
+        alone = run_loadgen("probe", port, host, duration=s.duration, **_PROBE)
+        socks: list[socket.socket] = []
+        # diagnostic: a probe that runs while the stalled downloads start and fill their windows
+        filling = loadgen("probe", port, host, **{**_PROBE, "duration": FILL_PROBE_S})
+        try:
+            time.sleep(0.6)  # the probe process is up and connected (0.5 s warm-up)
+            t0 = time.perf_counter()
+            for _i in range(s.stalled):
+                socks.append(_stalled_download(port, host))
+            ok, bad = _wait_response_heads(socks, 30.0)
+            open_s = time.perf_counter() - t0
+            # established = every response started and the relay's memory stopped growing
+            # (windows and buffers full): the probe then measures the stalled steady state
+            settle_s = _wait_rss_settled(pids, 30.0)
+            out, _err = filling.communicate(timeout=FILL_PROBE_S + 60)
+            fill = json.loads(out.strip().splitlines()[-1])
+            loaded = run_loadgen("probe", port, host, duration=s.duration, **_PROBE)
+        finally:
+            for sock in socks:
+                _abort(sock)
+            if filling.poll() is None:  # only on an error above: it ends by itself otherwise
+                filling.kill()
+                filling.wait()
+        time.sleep(1.0)  # the relay cleans up 200 reset streams before the next run
+        return {
+            "p50_alone": alone["p50"],
+            "p99_alone": alone["p99"],
+            "p50_loaded": loaded["p50"],
+            "p99_loaded": loaded["p99"],
+            "p99_ratio": loaded["p99"] / alone["p99"],
+            "p99_filling": fill["p99"],
+            "max_filling": fill["max"],
+            "stalled_ok": ok,
+            "stalled_failed": bad,
+            "open_s": open_s,
+            "settle_s": settle_s,
+            "requests": loaded["requests"],
+            "errors": alone["errors"] + loaded["errors"],
+            "slowest_loaded": loaded["slowest"],
+            "slowest_filling": fill["slowest"],
+        }
+
+    return _repeat(stack, s, "stalled_readers", run, paths=("direct", "tunnel"))
+
+
+def hostile_flood(stack: Stack, s: Settings) -> Result:
+    """Three hostile sandboxes flood the bench's tunneld for ``s.flood_s`` each run: a PING
+    flood, a `list` flood after 100 long-named exposures (~25 KiB per 40-byte request), and a
+    WebSocket ping flood on the agent port before any token. None reads what the edge sends.
+    Meanwhile the probe measures small GETs to the bench's own sandbox. Tunnel only (the floods
+    are about the agent link). Issue 7: p99 <= 50 ms, tunneld RSS growth <= 64 MiB."""
+    from tests.faults.hostile_agent import (
+        HostileAgent,
+        list_batch,
+        ping_batch,
+        websocket_ping_flood,
+    )
+    from tunneld.auth import agent_token
+
+    assert stack.tunneld is not None
+    res = Result("hostile_flood")
+    port, host = stack.targets()["tunnel"]
+    pid = stack.tunneld.pid
+    for i in range(s.repeat):
+        alone = run_loadgen("probe", port, host, duration=s.duration, **_PROBE)
+        names = (f"hostile-ping-{i}", f"hostile-list-{i}")
+        hostiles = [HostileAgent(stack.agent_port, n, agent_token(SECRET, n)) for n in names]
+        try:
+            hostiles[1].expose_many(100)
+            time.sleep(0.5)
+            before = rss(pid)
+            with Sampler(stack.relay_pids()) as sampler, ThreadPoolExecutor(3) as pool:
+                floods = [
+                    pool.submit(hostiles[0].flood, ping_batch, s.flood_s),
+                    pool.submit(hostiles[1].flood, list_batch, s.flood_s),
+                    pool.submit(websocket_ping_flood, stack.agent_port, s.flood_s),
+                ]
+                # warm-up 0.5 s + (flood_s - 1) s: the probe measures inside the flood
+                loaded = run_loadgen("probe", port, host, duration=s.flood_s - 1.0, **_PROBE)
+                sent = [f.result(timeout=s.flood_s + 30) for f in floods]
+        finally:
+            for h in hostiles:
+                h.close()
+        for k, v in sampler.peak.items():
+            res.memory[k] = max(res.memory.get(k, 0), v)
+        for k, v in sampler.cpu.items():
+            res.cpu[k] = max(res.cpu.get(k, 0.0), v)
+        res.runs.setdefault("tunnel", []).append(
+            {
+                "p50_alone": alone["p50"],
+                "p99_alone": alone["p99"],
+                "p50": loaded["p50"],
+                "p99": loaded["p99"],
+                "max_ms": loaded["max"],
+                "requests": loaded["requests"],
+                "errors": alone["errors"] + loaded["errors"],
+                "rss_before_mib": before / MIB,
+                "rss_growth_mib": (sampler.peak["tunneld"] - before) / MIB,
+                "rss_after_mib": rss(pid) / MIB,
+                "ping_mib_sent": sent[0] / MIB,
+                "list_mib_sent": sent[1] / MIB,
+                "wsping_mib_sent": sent[2] / MIB,
+                "slowest": loaded["slowest"],
+            }
+        )
+        time.sleep(1.0)
+    runs = res.runs["tunnel"]
+    for k, v in runs[0].items():
+        if isinstance(v, int | float):
+            res.metrics[k] = {"tunnel": statistics.median(float(r[k]) for r in runs)}
+    return res
+
+
 SCENARIOS: dict[str, Callable[[Stack, Settings], Result]] = {
     "small_http": small_http,
     "bulk_download": bulk_download,
@@ -392,4 +592,8 @@ SCENARIOS: dict[str, Callable[[Stack, Settings], Result]] = {
     "head_of_line_paced": head_of_line_paced,
     "idle_websockets": idle_websockets,
     "many_agents": many_agents,
+    # last: they grow tunneld's heap (stalled readers up to the windows' bound), which would
+    # hide the growth the idle_websockets and many_agents scenarios measure
+    "hostile_flood": hostile_flood,
+    "stalled_readers": stalled_readers,
 }
