@@ -50,6 +50,11 @@ BACKOFF_FIRST: Final = 0.1  # first retry is fast: most losses are a blip or an 
 BACKOFF_CAP: Final = 20.0  # frp's cap; long enough not to hammer a down edge
 
 
+# The shortest keepalive interval the agent adopts from an edge's welcome: well within the PING
+# budget every session enforces (protocol.session: 10 per second).
+MIN_HEARTBEAT: Final = 0.2
+
+
 @dataclass(slots=True)
 class AgentConfig:
     server_host: str
@@ -161,6 +166,11 @@ class AgentSession(MuxProtocol):
         # port in the very read that carries the Welcome or the Ok that exposed it.
         if isinstance(message, control.Welcome):
             if not self.welcomed.done():
+                # Ping at the edge's pace; never declare the edge dead before it had two
+                # chances to ping us (its interval may be longer than our dead timeout).
+                own = self.agent.config.session
+                interval = max(message.heartbeat_s, MIN_HEARTBEAT)  # a welcome cannot make us flood
+                self.session.set_keepalive(interval, max(own.dead_timeout, 1.5 * interval))
                 self.agent.exposures = {e.port for e in message.exposures}
                 self.welcomed.set_result(message)
         elif isinstance(message, control.Error) and message.id is None:

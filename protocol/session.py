@@ -250,9 +250,11 @@ class Session:
         "_active",
         "_config",
         "_ctrl",
+        "_dead_timeout",
         "_events",
         "_grown",
         "_handlers",
+        "_heartbeat",
         "_highest_remote_id",
         "_initial_update",
         "_last_activity",
@@ -309,6 +311,8 @@ class Session:
         self._next_ping: float | None = None
         self._pings: dict[int, float] = {}
         self._ping_counter = 0
+        self._heartbeat = config.heartbeat_interval
+        self._dead_timeout = config.dead_timeout
         self._ping_tokens = _PING_BURST
         self._ping_at = now
         self._handlers = (
@@ -599,8 +603,18 @@ class Session:
         if len(pings) >= _MAX_OUTSTANDING_PINGS:
             del pings[next(iter(pings))]
         pings[value] = now
-        self._next_ping = now + self._config.heartbeat_interval
+        self._next_ping = now + self._heartbeat
         self._ctrl.append(_pack(VERSION, _PING, 0, 0, value))
+
+    def set_keepalive(self, heartbeat_interval: float, dead_timeout: float) -> None:
+        """Change the keepalive timing mid-session (the agent adopts the edge's ``heartbeat_s``
+        from the welcome). The next PING is brought forward if the new interval is shorter."""
+        if heartbeat_interval <= 0 or dead_timeout <= 0:
+            raise LocalProtocolError("heartbeat_interval and dead_timeout must be > 0")
+        self._heartbeat = heartbeat_interval
+        self._dead_timeout = dead_timeout
+        if self._next_ping is not None:
+            self._next_ping = min(self._next_ping, self._now + heartbeat_interval)
 
     def close(self, code: GoAwayCode = GoAwayCode.NORMAL) -> None:
         """Send GO_AWAY: no new streams; existing ones may finish. Idempotent."""
@@ -614,7 +628,7 @@ class Session:
     def get_timer(self) -> float | None:
         if self._terminated:
             return None
-        deadline = self._last_activity + self._config.dead_timeout
+        deadline = self._last_activity + self._dead_timeout
         next_ping = self._next_ping
         if next_ping is not None and next_ping < deadline:
             return next_ping
@@ -624,7 +638,7 @@ class Session:
         if self._terminated:
             return
         self._now = now
-        if now >= self._last_activity + self._config.dead_timeout:
+        if now >= self._last_activity + self._dead_timeout:
             self._fail(
                 RemoteProtocolError(
                     "nothing received from the peer within dead_timeout", GoAwayCode.TIMEOUT
@@ -660,7 +674,7 @@ class Session:
 
     def _maybe_start_keepalive(self) -> None:
         if self._sent_first and self._received_first and self._next_ping is None:
-            self._next_ping = self._now + self._config.heartbeat_interval
+            self._next_ping = self._now + self._heartbeat
 
     def _transition(self, st: _Stream, event: StreamEvent) -> None:
         """Every state change of a stream goes through the table (protocol/_state.py)."""

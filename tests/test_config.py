@@ -49,6 +49,9 @@ def test_precedence(tmp_path) -> None:
         ("scheme = 'ftp'\n", "scheme must be http or https"),
         ("public_port = 70000\n", "public_port must be 0-65535"),
         ("[broken\n", "config file"),
+        ("heartbeat_interval = 0.01\n", "heartbeat_interval must be at least 0.2 s"),
+        ("heartbeat_interval = 20.0\n", "and below dead_timeout"),
+        ("control_rate = 0\n", "control_rate must be > 0"),
     ],
 )
 def test_errors_are_clear(tmp_path, text: str, message: str) -> None:

@@ -73,6 +73,12 @@ class Config:
             )
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ConfigError("tls_cert and tls_key go together")
+        if not 0.2 <= self.heartbeat_interval < self.dead_timeout:
+            # faster than 5 PINGs a second would trip the agents' PING budget (10/s)
+            raise ConfigError(
+                "heartbeat_interval must be at least 0.2 s and below dead_timeout "
+                f"(got {self.heartbeat_interval} and {self.dead_timeout})"
+            )
         if self.control_rate <= 0 or self.control_burst < 1:
             raise ConfigError("control_rate must be > 0 and control_burst at least 1")
         if self.keepalive_timeout <= 0:

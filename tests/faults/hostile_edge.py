@@ -33,6 +33,7 @@ class HostileEdge(asyncio.Protocol):
         self.events: asyncio.Queue[Event] = asyncio.Queue()
         self.transport: asyncio.Transport | None = None
         self.lost = asyncio.Event()
+        self.heartbeat_s = 10.0  # what the welcome announces
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -49,7 +50,7 @@ class HostileEdge(asyncio.Protocol):
 
     def _answer(self, message: object) -> None:
         if isinstance(message, control.Hello):
-            welcome = control.Welcome("s", 10.0, {}, tuple(self.exposures.values()))
+            welcome = control.Welcome("s", self.heartbeat_s, {}, tuple(self.exposures.values()))
             self.session.send_control(welcome)
             opens, self.open_after_welcome = self.open_after_welcome, []
         elif isinstance(message, control.Expose):

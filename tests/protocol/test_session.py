@@ -29,6 +29,7 @@ from protocol.events import (
 )
 from protocol.frames import (
     DEFAULT_MAX_STREAM_WINDOW,
+    HEARTBEAT_INTERVAL,
     INITIAL_SESSION_WINDOW,
     INITIAL_STREAM_WINDOW,
     MAX_FRAME_PAYLOAD,
@@ -1085,3 +1086,20 @@ def test_every_state_change_goes_through_the_table(pair: SessionPair) -> None:
     assert stream.state is StreamState.HALF_CLOSED_LOCAL  # unchanged
     pair.edge.reset_stream(sid, ResetCode.CANCEL)
     assert stream.state is StreamState.CLOSED and sid not in pair.edge._streams
+
+
+def test_set_keepalive_changes_the_pace_mid_session(pair: SessionPair) -> None:
+    """The agent adopts the edge's heartbeat from the welcome: the next PING comes sooner."""
+    agent = pair.agent  # the pair's clock is at 0: the default PING is due at 10 s
+    assert agent.get_timer() == HEARTBEAT_INTERVAL
+    agent.set_keepalive(0.5, 20.0)
+    assert agent.get_timer() == 0.5
+    agent.handle_timer(0.5)
+    assert frames_of(flatten(agent.data_to_send()))[-1][0] == PING
+    # the dead timeout follows too: silent for 15 s is not dead any more, 20 s is
+    agent.handle_timer(15.0)
+    assert not agent.closed
+    agent.handle_timer(20.0)
+    assert_protocol_error(agent, GoAwayCode.TIMEOUT)
+    with pytest.raises(LocalProtocolError):
+        pair.edge.set_keepalive(0, 1)
