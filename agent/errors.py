@@ -34,6 +34,7 @@ STATUS_BY_CODE: Final[Mapping[str, int]] = MappingProxyType(
         "METHOD_NOT_ALLOWED": 405,
         "REQUEST_TIMEOUT": 408,
         "TOKEN_IN_USE": 409,
+        "RATE_LIMITED": 429,
         "BODY_TOO_LARGE": 413,
         "HEADERS_TOO_LARGE": 431,
         # Our own bug: never the caller's fault, never the edge's.
