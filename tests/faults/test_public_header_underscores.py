@@ -16,46 +16,27 @@ import pytest
 
 from tests.e2e.conftest import any_parser_stack  # noqa: F401 - fixture
 from tests.faults.conftest import Stack
+from tests.faults.origins import ScriptedOrigin
 
 pytestmark = pytest.mark.anyio
 
 
-class CgiOrigin:
+class CgiOrigin(ScriptedOrigin):
     """Answers each request with JSON ``{HTTP_NAME: [values...]}`` as a CGI gateway names them."""
 
-    def __init__(self) -> None:
-        self.server: asyncio.Server | None = None
-        self.port = 0
-
-    async def __aenter__(self) -> CgiOrigin:
-        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        self.port = self.server.sockets[0].getsockname()[1]
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        assert self.server is not None
-        self.server.close()
-        await self.server.wait_closed()
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
-            environ: dict[str, list[str]] = {}
-            for line in head.decode("latin-1").split("\r\n")[1:]:
-                if ":" in line:
-                    name, value = line.split(":", 1)
-                    key = "HTTP_" + name.strip().upper().replace("-", "_")
-                    environ.setdefault(key, []).append(value.strip())
-            body = orjson.dumps(environ)
-            writer.write(
-                b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\nconnection: close\r\n\r\n" % len(body)
-                + body
-            )
-            await writer.drain()
-        except (ConnectionError, TimeoutError, asyncio.IncompleteReadError):
-            pass
-        finally:
-            writer.close()
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        environ: dict[str, list[str]] = {}
+        for line in head.decode("latin-1").split("\r\n")[1:]:
+            if ":" in line:
+                name, value = line.split(":", 1)
+                key = "HTTP_" + name.strip().upper().replace("-", "_")
+                environ.setdefault(key, []).append(value.strip())
+        body = orjson.dumps(environ)
+        writer.write(
+            b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\nconnection: close\r\n\r\n" % len(body) + body
+        )
+        await writer.drain()
 
 
 async def test_underscore_headers_cannot_spoof_forwarding(any_parser_stack: Stack) -> None:  # noqa: F811

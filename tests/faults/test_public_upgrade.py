@@ -15,6 +15,7 @@ import pytest
 
 from tests.e2e.conftest import any_parser_stack  # noqa: F401 - fixture
 from tests.faults.conftest import Stack
+from tests.faults.origins import ScriptedOrigin
 
 pytestmark = pytest.mark.anyio
 
@@ -66,50 +67,30 @@ async def test_non_101_answer_keeps_later_requests_parsed(any_parser_stack: Stac
     assert (b"host", b"localhost:%d" % origin.port) in seen
 
 
-class _UpgradeOrigin:
+class _UpgradeOrigin(ScriptedOrigin):
     """A raw service: reads one head, answers ``status``; after a 101 it echoes every byte."""
 
     def __init__(self, status: bytes) -> None:
+        super().__init__()
         self.status = status
         self.received: list[bytes] = []
-        self.writers: list[asyncio.StreamWriter] = []
-        self.server: asyncio.Server | None = None
-        self.port = 0
 
-    async def __aenter__(self) -> _UpgradeOrigin:
-        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        self.port = self.server.sockets[0].getsockname()[1]
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        assert self.server is not None
-        self.server.close()
-        for writer in self.writers:
-            writer.transport.abort()
-        await self.server.wait_closed()
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.writers.append(writer)
-        try:
-            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
-            self.received.append(head)
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        self.received.append(head)
+        if self.status == b"101":
+            writer.write(
+                b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                b"Connection: Upgrade\r\n\r\n"
+            )
+        else:
+            writer.write(b"HTTP/1.1 " + self.status + b" No\r\ncontent-length: 2\r\n\r\nno")
+        # after a 101 echo everything; otherwise (keep-alive) record what comes next
+        while data := await asyncio.wait_for(reader.read(65536), 10):
+            self.received.append(data)
             if self.status == b"101":
-                writer.write(
-                    b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
-                    b"Connection: Upgrade\r\n\r\n"
-                )
-            else:
-                writer.write(b"HTTP/1.1 " + self.status + b" No\r\ncontent-length: 2\r\n\r\nno")
-            # after a 101 echo everything; otherwise (keep-alive) record what comes next
-            while data := await asyncio.wait_for(reader.read(65536), 10):
-                self.received.append(data)
-                if self.status == b"101":
-                    writer.write(data)
-                    await writer.drain()
-        except (ConnectionError, TimeoutError, asyncio.IncompleteReadError):
-            pass
-        finally:
-            writer.close()
+                writer.write(data)
+                await writer.drain()
 
 
 async def test_101_makes_a_raw_tunnel_and_early_bytes_arrive(stack: Stack) -> None:

@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 
 from tests.faults.conftest import FaultStack, Stack
+from tests.faults.origins import ScriptedOrigin
 from tunneld.auth import agent_token
 
 pytestmark = pytest.mark.anyio
@@ -37,7 +38,7 @@ def _rst(writer: asyncio.StreamWriter) -> None:
     writer.transport.abort()
 
 
-class RawOrigin:
+class RawOrigin(ScriptedOrigin):
     """A service that misbehaves on purpose after reading one request head.
 
     ``reset``/``close``: RST / FIN without a byte of response. ``hang``: never answers.
@@ -46,51 +47,35 @@ class RawOrigin:
     """
 
     def __init__(self, mode: str, cut: str = "reset") -> None:
+        super().__init__()
         self.mode = mode
         self.cut = cut
         self.got_head = asyncio.Event()
         self.sent_partial = asyncio.Event()
         self.release = asyncio.Event()
-        self.writers: list[asyncio.StreamWriter] = []
-        self.server: asyncio.Server | None = None
-        self.port = 0
 
-    async def __aenter__(self) -> RawOrigin:
-        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        self.port = self.server.sockets[0].getsockname()[1]
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        assert self.server is not None
+    def closing(self) -> None:
         self.release.set()
-        self.server.close()
-        for writer in self.writers:
-            writer.transport.abort()
-        await self.server.wait_closed()
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.writers.append(writer)
-        try:
-            await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
-            self.got_head.set()
-            if self.mode == "reset":
-                _rst(writer)
-                return
-            if self.mode == "close":
-                writer.close()
-                return
-            if self.mode == "partial":
-                writer.write(
-                    b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nConnection: close\r\n\r\n"
-                )
-                writer.write(PARTIAL)
-                await writer.drain()
-                self.sent_partial.set()
-            await asyncio.wait_for(self.release.wait(), 30)
-            if self.mode == "partial" and self.cut == "reset":
-                _rst(writer)
-        except (ConnectionError, TimeoutError, asyncio.IncompleteReadError):
-            pass
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        self.got_head.set()
+        if self.mode == "reset":
+            _rst(writer)
+            return
+        if self.mode == "close":
+            writer.close()
+            return
+        if self.mode == "partial":
+            writer.write(
+                b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nConnection: close\r\n\r\n"
+            )
+            writer.write(PARTIAL)
+            await writer.drain()
+            self.sent_partial.set()
+        await asyncio.wait_for(self.release.wait(), 30)
+        if self.mode == "partial" and self.cut == "reset":
+            _rst(writer)
 
 
 async def _wait_for(predicate, timeout: float = 10) -> None:
