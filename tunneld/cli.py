@@ -24,6 +24,8 @@ examples:
       tunneld serve --domain preview.example.com --scheme https --url-port 443
   tunneld token abc123            # mint the agent token for sandbox abc123
   tunneld demo                    # edge + agent + sample service on loopback, prints the URL
+  tunneld exposures export > backup.jsonl     # stored exposures as JSON lines (safe while running)
+  tunneld exposures import backup.jsonl       # restore them (tunneld stopped)
 
 secrets never go on the command line (they would show in ps): use the environment
 (TUNNELD_ADMIN_TOKEN, TUNNELD_SECRET), files (TUNNELD_ADMIN_TOKEN_FILE, TUNNELD_SECRET_FILE),
@@ -97,6 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--ports-file", metavar="FILE", help="write the bound ports here as JSON (for port 0)"
     )
+    _store_arguments(serve)
 
     token = sub.add_parser(
         "token",
@@ -114,6 +117,38 @@ def build_parser() -> argparse.ArgumentParser:
     token.add_argument(
         "--config", "-c", metavar="FILE", help="TOML config file holding secret_file"
     )
+
+    exposures = sub.add_parser(
+        "exposures",
+        help="export or import the stored exposures (JSON lines)",
+        description="Back up, restore, inspect or migrate the exposures kept in a state directory "
+        "(sqlite store). One JSON object per line: sandbox_id, port, token, name, created_at.",
+    )
+    exposures_sub = exposures.add_subparsers(dest="action", metavar="ACTION")
+    exposures_sub.required = True
+    export = exposures_sub.add_parser(
+        "export",
+        help="write every stored exposure to stdout",
+        description="Write every stored exposure to stdout, one JSON object per line. Safe while "
+        "tunneld runs (it reads a consistent snapshot).",
+    )
+    importer = exposures_sub.add_parser(
+        "import",
+        help="store exposures read from a file or stdin",
+        description="Store the exposures of FILE (or stdin), in one transaction: every line is "
+        "checked first (sandbox id, port, token, name, the per-sandbox cap, unique tokens) and "
+        "nothing is written if one is wrong. Existing exposures are kept unless --replace. "
+        "Refused while a tunneld uses the state directory: stop it first.",
+    )
+    importer.add_argument("file", nargs="?", metavar="FILE", help="JSON lines (default: stdin)")
+    importer.add_argument(
+        "--replace", action="store_true", help="drop every stored exposure first (a restore)"
+    )
+    for action in (export, importer):
+        action.add_argument(
+            "--config", "-c", metavar="FILE", help="TOML config file (for state_dir)"
+        )
+        action.add_argument("--state-dir", metavar="DIR", help="state directory (see serve)")
 
     demo = sub.add_parser(
         "demo",
@@ -136,11 +171,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _store_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--store",
+        choices=["sqlite", "memory"],
+        help="where exposures are kept: sqlite (default: survive restarts) or memory",
+    )
+    parser.add_argument(
+        "--state-dir",
+        metavar="DIR",
+        help="directory of the sqlite store (default $STATE_DIRECTORY under systemd, else "
+        "~/.local/state/tunneld)",
+    )
+
+
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     keys = (
         "domain", "scheme", "url_port", "public_host", "public_port", "agent_host", "agent_port",
         "admin_host", "admin_port", "tls_cert", "tls_key", "allow_plaintext_agents", "parser",
-        "tokens", "grace_period", "access_log", "log_level",
+        "tokens", "grace_period", "access_log", "log_level", "store", "state_dir",
     )  # fmt: skip
     return {k: getattr(args, k, None) for k in keys}
 
@@ -160,6 +209,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
         if args.command == "token":
             return _token(args)
+        if args.command == "exposures":
+            from .exposures_cli import run_exposures
+
+            return run_exposures(args)
         if args.command == "demo":
             _setup_logging(args.log_level)
             from .demo import run_demo
@@ -215,13 +268,24 @@ async def _serve(
 ) -> int:
     from . import systemd
     from .edge import EdgeServer
+    from .store import StoreError, open_store
 
     loop = asyncio.get_running_loop()
-    server = EdgeServer(config, loop)
+    try:
+        store = open_store(config.store, config.state_dir)
+    except StoreError as exc:
+        log.error("cannot start: %s", exc)
+        return 2
+    server = EdgeServer(config, loop, store)
     try:
         await server.start()
+    except StoreError as exc:
+        log.error("cannot start: %s", exc)
+        await store.close()
+        return 2
     except OSError as exc:
         log.error("cannot start: %s", exc)
+        await store.close()
         return 1
     if ports_file:
         _write_ports(ports_file, server)

@@ -55,6 +55,12 @@ class Config:
     control_burst: int = 100
     log_level: str = "info"
     access_log: bool = False
+    # Durable exposures (tunneld/store.py). EdgeServer built directly keeps them in memory;
+    # `tunneld serve` opens this store: sqlite in state_dir ("" = $STATE_DIRECTORY under
+    # systemd, else ~/.local/state/tunneld), or memory (gone at exit).
+    store: str = "sqlite"
+    state_dir: str = ""
+    max_exposures_per_sandbox: int = 128  # then 409 TOO_MANY_EXPOSURES
 
     def validate(self) -> None:
         if self.scheme not in ("http", "https"):
@@ -85,6 +91,13 @@ class Config:
             raise ConfigError("keepalive_timeout must be > 0")
         if self.max_connections < 1 or self.max_connections_per_ip < 1:
             raise ConfigError("max_connections and max_connections_per_ip must be at least 1")
+        if self.store not in ("sqlite", "memory"):
+            raise ConfigError(f"store must be sqlite or memory, not {self.store!r}")
+        if not 1 <= self.max_exposures_per_sandbox <= 1024:
+            # 1024: the most exposures one control message may list (protocol/control.py)
+            raise ConfigError(
+                f"max_exposures_per_sandbox must be 1-1024, not {self.max_exposures_per_sandbox}"
+            )
         for name in ("public_port", "agent_port", "admin_port"):
             value = getattr(self, name)
             if not 0 <= value <= 65535:

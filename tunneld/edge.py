@@ -22,8 +22,10 @@ import secrets
 import ssl
 from typing import Any, Final
 
+import orjson
+
 from protocol import control
-from protocol.errors import GoAwayCode, ResetCode
+from protocol.errors import GoAwayCode, LocalProtocolError, ResetCode
 from protocol.events import ConnectionTerminated
 from protocol.hostnames import (
     ValidationError,
@@ -43,12 +45,18 @@ from .httphead import default_parser
 from .metrics import Metrics
 from .public import PublicConnection
 from .registry import ExposureRecord, Registry, RegistryError
+from .store import Store
 
 log = logging.getLogger("tunneld")
 
 # Refused control requests a session may pile up (past its rate limit or while its replies go
 # unread) before the edge gives up on it with GO_AWAY(TOO_MANY_REQUESTS).
 MAX_REFUSED_REQUESTS: Final = 1000
+# Agent expose/unexpose requests of one session waiting for the store (each is one queued write);
+# past this they are refused like requests over the rate limit.
+MAX_WRITES_IN_FLIGHT: Final = 64
+# Room kept free in the welcome for everything but the exposures (session id, limits, framing).
+_WELCOME_SLACK: Final = 1024
 
 
 # Session ends that are part of normal operation (logged at INFO; anything else at WARNING).
@@ -99,6 +107,7 @@ class EdgeSession(MuxProtocol):
         self._going_away = False
         self._budget = RequestBudget(config.control_rate, config.control_burst, server.loop.time())
         self._refused = 0
+        self._writes: set[asyncio.Task[None]] = set()  # agent requests waiting for the store
         self._connected_at = server.loop.time()
         self._end_logged = False
 
@@ -162,7 +171,11 @@ class EdgeSession(MuxProtocol):
         are rate-limited per session, and refused while earlier replies sit unread (the output
         backlog): a refusal is a ~100-byte error, and the tunnel stops being read at
         TUNNEL_OUTPUT_CAP anyway. A session that keeps going far past that is closed."""
-        if self.output_backlog > TUNNEL_OUTPUT_CAP // 2 or not self._budget.take(self.loop.time()):
+        if (
+            self.output_backlog > TUNNEL_OUTPUT_CAP // 2
+            or len(self._writes) >= MAX_WRITES_IN_FLIGHT
+            or not self._budget.take(self.loop.time())
+        ):
             self._refused += 1
             if self._refused == 1 or self._refused % 100 == 0:
                 log.warning(
@@ -185,9 +198,9 @@ class EdgeSession(MuxProtocol):
             )
             return
         if isinstance(message, control.Expose):
-            self._reply(message.id, self.server.expose_from_agent, message)
+            self._reply_after_write(message.id, self.server.expose_from_agent, message)
         elif isinstance(message, control.Unexpose):
-            self._reply(message.id, self.server.unexpose_from_agent, message)
+            self._reply_after_write(message.id, self.server.unexpose_from_agent, message)
         else:
             self._reply(message.id, lambda sid, m: self.server.exposure_messages(sid), message)
         self.flush()  # the reply goes to the transport now, where output_backlog sees it
@@ -199,7 +212,45 @@ class EdgeSession(MuxProtocol):
         except ValidationError as exc:
             self.session.send_control(control.Error(exc.code, exc.message, request_id))
         else:
+            self._send_ok(request_id, exposures)
+
+    def _send_ok(self, request_id: int, exposures: list[control.Exposure]) -> None:
+        try:
             self.session.send_control(control.Ok(request_id, tuple(exposures)))
+        except (control.ControlError, LocalProtocolError) as exc:
+            # Only a list of many long-named exposures gets here; the admin API has no such limit.
+            log.warning("%s: reply %d not sent: %s", self.describe(), request_id, exc)
+            self.session.send_control(
+                control.Error(
+                    "TOO_LARGE",
+                    "The reply does not fit one control message; list through the admin API.",
+                    request_id,
+                )
+            )
+
+    def _reply_after_write(self, request_id: int, handler: Any, message: Any) -> None:
+        """Serve an agent's expose/unexpose: the Ok goes out once the store has the change."""
+        assert self.sandbox_id is not None
+        sandbox_id = self.sandbox_id
+
+        async def write() -> None:
+            try:
+                exposures = await handler(sandbox_id, message)
+            except ValidationError as exc:
+                reply: Any = control.Error(exc.code, exc.message, request_id)
+            else:
+                reply = None
+            if self.session.closed:
+                return  # the change is stored; the agent learns it from its next welcome
+            if reply is None:
+                self._send_ok(request_id, exposures)
+            else:
+                self.session.send_control(reply)
+            self.flush()
+
+        task = self.loop.create_task(write())
+        self._writes.add(task)
+        task.add_done_callback(self._writes.discard)
 
     def _on_hello(self, hello: control.Hello) -> None:
         server = self.server
@@ -228,20 +279,72 @@ class EdgeSession(MuxProtocol):
             log.info("sandbox %s: new session from %s replaces the old one", sandbox_id, self.peer)
             old.replaced()
         server.metrics.agent_sessions.inc()
-        self.session.send_control(
-            control.Welcome(
-                session=self.session_id,
-                heartbeat_s=server.config.heartbeat_interval,
-                limits={"max_streams": self.session_max_streams},
-                exposures=tuple(server.exposure_messages(sandbox_id)),
-            )
-        )
+        self._send_welcome(server.exposure_messages(sandbox_id))
         log.info(
             "sandbox %s: agent connected from %s (session %s)",
             sandbox_id,
             self.peer,
             self.session_id,
         )
+
+    def _send_welcome(self, exposures: list[control.Exposure]) -> None:
+        """Welcome with as many exposures as fit one control message; Expose requests follow
+        for the rest (the agent adds each to its set), so any set within the cap reaches it."""
+        budget = control.MAX_CONTROL_MESSAGE_SIZE - _WELCOME_SLACK
+        fit = 0
+        for exposure in exposures:
+            size = _encoded_size(exposure) + 1
+            if size > budget:
+                break
+            budget -= size
+            fit += 1
+        welcome = control.Welcome(
+            session=self.session_id,
+            heartbeat_s=self.server.config.heartbeat_interval,
+            limits={"max_streams": self.session_max_streams},
+            exposures=tuple(exposures[:fit]),
+        )
+        try:
+            self.session.send_control(welcome)
+        except (control.ControlError, LocalProtocolError) as exc:  # pragma: no cover - a bug
+            log.error("%s: welcome with %d exposures not sent (%s)", self.describe(), fit, exc)
+            fit = 0
+            self.session.send_control(
+                control.Welcome(
+                    session=welcome.session,
+                    heartbeat_s=welcome.heartbeat_s,
+                    limits=welcome.limits,
+                    exposures=(),
+                )
+            )
+        rest = exposures[fit:]
+        if rest:
+            log.info(
+                "%s: welcome carries %d exposures, %d follow as expose requests",
+                self.describe(),
+                fit,
+                len(rest),
+            )
+            task = self.loop.create_task(self._send_rest(rest))
+            self._writes.add(task)
+            task.add_done_callback(self._writes.discard)
+
+    async def _send_rest(self, rest: list[control.Exposure]) -> None:
+        timeout = self.server.config.control_timeout
+
+        def expose_request(e: control.Exposure) -> Any:
+            return self.request(lambda rid: control.Expose(rid, e.port, e.name, e.token), timeout)
+
+        results = await asyncio.gather(*map(expose_request, rest), return_exceptions=True)
+        failed = [r for r in results if isinstance(r, BaseException)]
+        if failed and not self.session.closed:
+            log.warning(
+                "%s: %d of %d exposures after the welcome not acknowledged (%s)",
+                self.describe(),
+                len(failed),
+                len(rest),
+                failed[0],
+            )
 
     def _refuse(self, code: str, message: str) -> None:
         self.session.send_control(control.Error(code, message, None))
@@ -318,10 +421,17 @@ class EdgeSession(MuxProtocol):
 class EdgeServer:
     """All listeners of one tunneld process."""
 
-    def __init__(self, config: Config, loop: asyncio.AbstractEventLoop | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        loop: asyncio.AbstractEventLoop | None = None,
+        store: Store | None = None,
+    ) -> None:
+        """``store`` None: exposures in memory only (tests, the demo); ``tunneld serve`` passes
+        the configured store (:func:`tunneld.store.open_store`)."""
         self.config = config
         self.loop = loop or asyncio.get_running_loop()
-        self.registry = Registry()
+        self.registry = Registry(store, config.max_exposures_per_sandbox)
         self.metrics = Metrics()
         self.auth = AgentAuth(self)
         self.public_connections: set[PublicConnection] = set()
@@ -344,6 +454,7 @@ class EdgeServer:
         config = self.config
         loop = self.loop
         parser = default_parser(config.parser)
+        await self._load_exposures()
 
         def public_factory() -> PublicConnection:
             self.metrics.public_connections.inc()
@@ -402,6 +513,21 @@ class EdgeServer:
         for server in self._servers:
             await server.wait_closed()
         await self.admin.close()
+        await self.registry.store.close()
+
+    async def _load_exposures(self) -> None:
+        """Read every stored exposure before any listener opens (StoreError: refuse to start)."""
+        store = self.registry.store
+        started = self.loop.time()
+        count = self.registry.load(await store.load_all())
+        if store.kind != "memory":
+            log.info(
+                "loaded %d exposures of %d sandboxes from %s in %.2fs",
+                count,
+                len(self.registry.sandboxes()),
+                store.location,
+                self.loop.time() - started,
+            )
 
     async def _sweep_idle(self, timeout: float) -> None:
         """Close public connections with no traffic either way for about ``timeout`` seconds.
@@ -446,24 +572,26 @@ class EdgeServer:
             token = validate_custom_token(token)
         return port, name, token
 
-    def expose_from_agent(self, sandbox_id: str, message: control.Expose) -> list[control.Exposure]:
+    async def expose_from_agent(
+        self, sandbox_id: str, message: control.Expose
+    ) -> list[control.Exposure]:
         port, name, token = self._validate(message.port, message.name, message.token)
-        record = self.registry.expose(sandbox_id, port, name, token)
+        record = await self.registry.commit_expose(sandbox_id, port, name, token)
         log.info("sandbox %s: port %d exposed by the agent", sandbox_id, port)
         return [self.exposure_message(sandbox_id, record)]
 
-    def unexpose_from_agent(
+    async def unexpose_from_agent(
         self, sandbox_id: str, message: control.Unexpose
     ) -> list[control.Exposure]:
         port = validate_port(message.port)
-        self._unexpose_local(sandbox_id, port)
+        await self._unexpose_local(sandbox_id, port)
         return []
 
-    def _unexpose_local(self, sandbox_id: str, port: int) -> None:
+    async def _unexpose_local(self, sandbox_id: str, port: int) -> None:
+        if await self.registry.commit_unexpose(sandbox_id, port):
+            log.info("sandbox %s: port %d unexposed", sandbox_id, port)
         state = self.registry.get(sandbox_id)
         session = state.session if state is not None else None
-        if self.registry.unexpose(sandbox_id, port):
-            log.info("sandbox %s: port %d unexposed", sandbox_id, port)
         if session is not None:
             session.reset_port(port)
 
@@ -473,7 +601,7 @@ class EdgeServer:
         """Orchestrator-side expose (admin API / SDK)."""
         sandbox_id = validate_sandbox_id(sandbox_id)
         port, name, token = self._validate(port, name, token)
-        record = self.registry.expose(sandbox_id, port, name, token)
+        record = await self.registry.commit_expose(sandbox_id, port, name, token)
         log.info("sandbox %s: port %d exposed", sandbox_id, port)
         await self._tell_agent(
             sandbox_id, lambda rid: control.Expose(rid, record.port, record.name, record.token)
@@ -483,7 +611,7 @@ class EdgeServer:
     async def unexpose(self, sandbox_id: str, port: object) -> None:
         sandbox_id = validate_sandbox_id(sandbox_id)
         port = validate_port(port)
-        self._unexpose_local(sandbox_id, port)
+        await self._unexpose_local(sandbox_id, port)
         await self._tell_agent(sandbox_id, lambda rid: control.Unexpose(rid, port))
 
     async def _tell_agent(self, sandbox_id: str, factory: Any) -> None:
@@ -504,3 +632,17 @@ class EdgeServer:
             if exc.code == "SANDBOX_NOT_CONNECTED":
                 return  # it went away meanwhile; the registry already has the change
             raise RegistryError(502, exc.code, f"The agent refused: {exc.message}") from None
+
+
+def _encoded_size(exposure: control.Exposure) -> int:
+    """Bytes ``exposure`` takes in a control message (as the codec writes it: orjson)."""
+    return len(
+        orjson.dumps(
+            {
+                "port": exposure.port,
+                "token": exposure.token,
+                "url": exposure.url,
+                "name": exposure.name,
+            }
+        )
+    )

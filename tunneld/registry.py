@@ -8,17 +8,44 @@ once it has exposed a port or connected. At most one live session serves a sandb
 swaps the new session in atomically and hands back the old one for the caller to close (rathole's
 rule; the field's top complaint is a stale session holding a name after an unclean disconnect).
 
-This class is synchronous and in memory on purpose: every method is one dict operation, so the
-event loop never waits on it. A shared store (SQLite embedded, Redis for several nodes) would sit
-behind the same methods.
+The view routing reads (``get``, ``match``, ``exposures``) is synchronous and in memory: every
+lookup is one dict operation, so a preview request never waits on storage. Durability is behind
+it: a :class:`~tunneld.store.Store` is read once at start-up (``load``) and written through by
+``commit_expose`` / ``commit_unexpose``, which change the view only after the store has the
+change (an expose is answered 2xx only once its record is committed). Changes to one sandbox are
+serialized by a per-sandbox lock, so the cap and the token-uniqueness checks see every earlier
+change of that sandbox; different sandboxes write concurrently (the SQLite writer commits them
+together). The plain ``expose`` / ``unexpose`` change only the view (tests, memory-only use).
+
+Each sandbox holds at most ``max_exposures`` exposures: stored state stays bounded, and the
+welcome that carries them all to a reconnecting agent always fits one control message
+(:func:`tunneld.config.worst_welcome_size` checks that for the configured domain).
 """
 
 from __future__ import annotations
 
+import asyncio
+import time
+from collections.abc import AsyncIterator, Iterable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Final
 
-from protocol.hostnames import ValidationError, generate_token, tokens_equal
+from protocol.hostnames import (
+    ValidationError,
+    generate_token,
+    tokens_equal,
+    validate_custom_token,
+    validate_port,
+    validate_port_name,
+    validate_sandbox_id,
+)
+
+from .store import MemoryStore, Store, StoredExposure, StoreError
+
+# Exposures per sandbox: far above what a dev server uses (a handful), and with the longest names
+# and a domain of up to ~100 characters the welcome stays under the 64 KiB control-message limit.
+DEFAULT_MAX_EXPOSURES: Final = 128
 
 
 class RegistryError(ValidationError):
@@ -36,6 +63,7 @@ class ExposureRecord:
     port: int
     token: str
     name: str | None = None
+    created_at: float = 0.0
 
 
 @dataclass(slots=True)
@@ -47,8 +75,13 @@ class SandboxState:
 
 
 class Registry:
-    def __init__(self) -> None:
+    def __init__(
+        self, store: Store | None = None, max_exposures: int = DEFAULT_MAX_EXPOSURES
+    ) -> None:
         self._sandboxes: dict[str, SandboxState] = {}
+        self.store: Store = store if store is not None else MemoryStore()
+        self.max_exposures = max_exposures
+        self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
 
     # -- lookups ---------------------------------------------------------------------------------
     def get(self, sandbox_id: str) -> SandboxState | None:
@@ -81,18 +114,114 @@ class Registry:
             return None
         return state
 
-    # -- exposures -------------------------------------------------------------------------------
+    # -- exposures, durable -----------------------------------------------------------------------
+    async def commit_expose(
+        self, sandbox_id: str, port: int, name: str | None = None, token: str | None = None
+    ) -> ExposureRecord:
+        """``expose``, answered only once the store has the record (then the view changes)."""
+        async with self._sandbox_lock(sandbox_id):
+            record = self._prepare(sandbox_id, port, name, token)
+            await self._write(
+                self.store.put(
+                    StoredExposure(sandbox_id, port, record.token, name, record.created_at)
+                )
+            )
+            self._apply(sandbox_id, record)
+            return record
+
+    async def commit_unexpose(self, sandbox_id: str, port: int) -> bool:
+        """``unexpose``, answered only once the store has forgotten the record."""
+        async with self._sandbox_lock(sandbox_id):
+            state = self._sandboxes.get(sandbox_id)
+            if state is None or port not in state.exposures:
+                return False
+            await self._write(self.store.delete(sandbox_id, port))
+            return self.unexpose(sandbox_id, port)
+
+    async def _write(self, operation: Any) -> None:
+        try:
+            await operation
+        except StoreError as exc:
+            raise RegistryError(
+                503,
+                "STORE_UNAVAILABLE",
+                f"The change could not be saved ({exc}); nothing changed. See the tunneld log.",
+            ) from None
+
+    @asynccontextmanager
+    async def _sandbox_lock(self, sandbox_id: str) -> AsyncIterator[None]:
+        lock, users = self._locks.get(sandbox_id, (None, 0))
+        if lock is None:
+            lock = asyncio.Lock()
+        self._locks[sandbox_id] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._locks[sandbox_id]
+            if users == 1:
+                del self._locks[sandbox_id]
+            else:
+                self._locks[sandbox_id] = (lock, users - 1)
+
+    def load(self, records: Iterable[StoredExposure]) -> int:
+        """Install stored exposures at start-up; StoreError on a record the rules refuse."""
+        count = 0
+        for r in records:
+            where = f"stored exposure {r.sandbox_id!r} port {r.port!r}"
+            try:
+                validate_sandbox_id(r.sandbox_id)
+                validate_port(r.port)
+                validate_port_name(r.name)
+                validate_custom_token(r.token)
+                if not isinstance(r.created_at, (int, float)):
+                    raise RegistryError(400, "INVALID_REQUEST", "created_at is not a number")
+                record = self._prepare(r.sandbox_id, r.port, r.name, r.token, float(r.created_at))
+            except ValidationError as exc:
+                raise StoreError(f"{where}: {exc.message}") from None
+            self._apply(r.sandbox_id, record)
+            count += 1
+        return count
+
+    def records(self) -> list[StoredExposure]:
+        """The whole view as store records (sorted), e.g. for an export."""
+        return [
+            StoredExposure(s.sandbox_id, r.port, r.token, r.name, r.created_at)
+            for s in self.sandboxes()
+            for r in self.exposures(s.sandbox_id)
+        ]
+
+    # -- exposures, in memory --------------------------------------------------------------------
     def expose(
         self, sandbox_id: str, port: int, name: str | None = None, token: str | None = None
     ) -> ExposureRecord:
         """Expose ``port`` (idempotent: re-exposing keeps the token unless a new one is given)."""
+        record = self._prepare(sandbox_id, port, name, token)
+        self._apply(sandbox_id, record)
+        return record
+
+    def _prepare(
+        self,
+        sandbox_id: str,
+        port: int,
+        name: str | None,
+        token: str | None,
+        created_at: float | None = None,
+    ) -> ExposureRecord:
+        """The record ``expose`` would install, after the rules; changes nothing."""
         state = self._sandboxes.get(sandbox_id)
-        if state is None:
-            state = self._sandboxes[sandbox_id] = SandboxState(sandbox_id)
-        existing = state.exposures.get(port)
+        exposures = state.exposures if state is not None else {}
+        existing = exposures.get(port)
+        if existing is None and len(exposures) >= self.max_exposures:
+            raise RegistryError(
+                409,
+                "TOO_MANY_EXPOSURES",
+                f"Sandbox {sandbox_id} already exposes {len(exposures)} ports, the maximum "
+                f"({self.max_exposures}). Unexpose a port first.",
+            )
         if token is None:
-            token = existing.token if existing is not None else self._fresh_token(state)
-        for other in state.exposures.values():
+            token = existing.token if existing is not None else self._fresh_token(exposures)
+        for other in exposures.values():
             if other.port != port and other.token == token:
                 raise RegistryError(
                     409,
@@ -100,9 +229,15 @@ class Registry:
                     f"Token '{token}' is already in use by port {other.port}. "
                     "Please use a different token.",
                 )
-        record = ExposureRecord(port, token, name)
-        state.exposures[port] = record
-        return record
+        if created_at is None:
+            created_at = existing.created_at if existing is not None else time.time()
+        return ExposureRecord(port, token, name, created_at)
+
+    def _apply(self, sandbox_id: str, record: ExposureRecord) -> None:
+        state = self._sandboxes.get(sandbox_id)
+        if state is None:
+            state = self._sandboxes[sandbox_id] = SandboxState(sandbox_id)
+        state.exposures[record.port] = record
 
     def unexpose(self, sandbox_id: str, port: int) -> bool:
         state = self._sandboxes.get(sandbox_id)
@@ -113,8 +248,8 @@ class Registry:
         return removed
 
     @staticmethod
-    def _fresh_token(state: SandboxState) -> str:
-        used = {r.token for r in state.exposures.values()}
+    def _fresh_token(exposures: dict[int, ExposureRecord]) -> str:
+        used = {r.token for r in exposures.values()}
         while True:
             token = generate_token()
             if token not in used:

@@ -79,6 +79,8 @@ class Processes:
                 str(ports_file),
                 "--grace-period",
                 "5",
+                "--state-dir",  # one per test, kept across restarts; never the user's own
+                str(self.tmp / "state"),
                 *self.extra_args,
                 *args,
             ],

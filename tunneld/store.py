@@ -1,0 +1,484 @@
+"""Durable exposures: the store behind the registry (``memory`` or ``sqlite``; Redis later).
+
+Theory of operation
+-------------------
+The registry (:mod:`tunneld.registry`) keeps the in-memory view that routing reads on every
+preview request; the store only makes that view survive a restart. It is read once, at start-up
+(``load_all``), and written through on every expose and unexpose (``put`` / ``delete``), before
+the caller is answered. Nothing about sessions is stored: they are runtime state.
+
+The interface is asynchronous so that a networked backend (Redis, for several edges) fits
+behind it unchanged; the embedded backends simply finish quickly:
+
+- :class:`MemoryStore` keeps nothing (tests, the demo, throwaway runs).
+- :class:`SqliteStore` keeps one database file, ``exposures.db``, in the state directory. WAL
+  journal, ``synchronous=FULL`` (a commit is on disk, WAL fsynced, before ``put`` returns, so a
+  2xx expose survives ``kill -9`` and power loss), schema migrations numbered in
+  ``PRAGMA user_version``. Writes never run on the event loop: one writer thread owns the only
+  writing connection and commits whatever has queued up in one transaction (group commit), so
+  1,000 concurrent exposes cost a handful of fsyncs, not 1,000. A lock file (``flock``) makes
+  the state directory one edge's: a second tunneld on the same directory refuses to start, and
+  ``tunneld exposures import`` refuses while the edge runs. Readers (``export``) need no lock:
+  WAL gives them a consistent snapshot while the edge writes.
+
+Opening checks everything a later surprise would hide: the directory is writable, the file is a
+database of a schema this version knows, ``PRAGMA quick_check`` passes. Anything else raises
+:class:`StoreError` with a message naming the file and what to do; the CLI exits 2 with it. An
+edge never starts empty over a database it could not read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import logging
+import os
+import queue
+import sqlite3
+import threading
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final, Protocol
+
+__all__ = [
+    "DB_FILE",
+    "LOCK_FILE",
+    "SCHEMA_VERSION",
+    "MemoryStore",
+    "SqliteStore",
+    "Store",
+    "StoreError",
+    "StoredExposure",
+    "default_state_dir",
+    "open_store",
+    "read_exposures",
+]
+
+log = logging.getLogger("tunneld.store")
+
+DB_FILE: Final = "exposures.db"
+LOCK_FILE: Final = "tunneld.lock"
+SCHEMA_VERSION: Final = 1
+# Operations one commit may carry: big enough that a burst of exposes shares a few fsyncs,
+# small enough that one transaction never holds the write lock for long.
+MAX_BATCH: Final = 512
+# A write that takes longer than this is reported as a store failure (a hung disk, a stuck NFS
+# mount) instead of holding the API request open forever.
+WRITE_TIMEOUT: Final = 30.0
+
+_MIGRATIONS: Final[dict[int, str]] = {
+    # version -> SQL that brings the previous version to it
+    1: """
+        CREATE TABLE exposures (
+            sandbox_id TEXT NOT NULL,
+            port       INTEGER NOT NULL,
+            token      TEXT NOT NULL,
+            name       TEXT,
+            created_at REAL NOT NULL,
+            PRIMARY KEY (sandbox_id, port)
+        ) WITHOUT ROWID;
+    """,
+}
+
+
+class StoreError(Exception):
+    """The store cannot be used: the message names the file and says what to do."""
+
+
+@dataclass(frozen=True, slots=True)
+class StoredExposure:
+    """One exposure as stored (and as exported: one JSON object per line)."""
+
+    sandbox_id: str
+    port: int
+    token: str
+    name: str | None
+    created_at: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "sandbox_id": self.sandbox_id,
+            "port": self.port,
+            "token": self.token,
+            "name": self.name,
+            "created_at": self.created_at,
+        }
+
+
+class Store(Protocol):
+    """What the registry needs from durable storage. Every write is durable when it returns."""
+
+    kind: str
+    location: str  # for logs and messages: a path, a URL, or "memory"
+
+    async def load_all(self) -> list[StoredExposure]: ...
+
+    async def put(self, record: StoredExposure) -> None: ...
+
+    async def delete(self, sandbox_id: str, port: int) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+class MemoryStore:
+    """Keeps nothing: exposures live as long as the process (``--store memory``)."""
+
+    kind = "memory"
+    location = "memory"
+
+    async def load_all(self) -> list[StoredExposure]:
+        return []
+
+    async def put(self, record: StoredExposure) -> None:
+        return None
+
+    async def delete(self, sandbox_id: str, port: int) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+
+def default_state_dir(environ: dict[str, str] | os._Environ[str] | None = None) -> Path:
+    """Where ``tunneld serve`` keeps state when no ``state_dir`` is configured.
+
+    Under systemd, ``StateDirectory=tunneld`` sets ``$STATE_DIRECTORY`` (/var/lib/tunneld); by
+    hand it is the per-user ``$XDG_STATE_HOME/tunneld`` (~/.local/state/tunneld), never the
+    current directory, so a run from a checkout writes nothing into it.
+    """
+    env = os.environ if environ is None else environ
+    systemd_dir = env.get("STATE_DIRECTORY")
+    if systemd_dir:
+        return Path(systemd_dir.split(":")[0])
+    xdg = env.get("XDG_STATE_HOME")
+    base = Path(xdg) if xdg else Path.home() / ".local" / "state"
+    return base / "tunneld"
+
+
+def _what_to_do(path: Path) -> str:
+    return (
+        f"stop tunneld, move {path} aside and restore it from a backup "
+        "(`tunneld exposures import`), or start with an empty state directory"
+    )
+
+
+def _connect(path: Path, *, readonly: bool = False) -> sqlite3.Connection:
+    """A connection to ``path`` with the store's pragmas, the schema checked (and migrated)."""
+    try:
+        if readonly:
+            conn = sqlite3.connect(
+                f"{path.as_uri()}?mode=ro", uri=True, isolation_level=None, check_same_thread=False
+            )
+        else:
+            conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    except sqlite3.Error as exc:
+        raise StoreError(f"cannot open the state database {path}: {exc}") from None
+    try:
+        conn.execute("PRAGMA busy_timeout = 5000")
+        if not readonly:
+            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            if str(mode).lower() != "wal":
+                raise StoreError(f"{path}: cannot switch the database to WAL mode (got {mode})")
+            conn.execute("PRAGMA synchronous = FULL")
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise StoreError(
+                f"{path} has schema version {version}, newer than this tunneld knows "
+                f"({SCHEMA_VERSION}): run the tunneld that wrote it, or export/import with it"
+            )
+        if version < SCHEMA_VERSION:
+            if readonly:
+                if version == 0 and not _has_tables(conn):
+                    return conn  # empty: nothing to read
+                raise StoreError(
+                    f"{path} has schema version {version}: start tunneld once to migrate it"
+                )
+            _migrate(conn, version)
+        check = conn.execute("PRAGMA quick_check").fetchall()
+        if check != [("ok",)]:
+            detail = "; ".join(str(row[0]) for row in check[:3])
+            raise StoreError(f"{path} is corrupt ({detail}): {_what_to_do(path)}")
+    except StoreError:
+        conn.close()
+        raise
+    except sqlite3.Error as exc:
+        conn.close()
+        raise StoreError(
+            f"{path} is not a usable tunneld database ({exc}): {_what_to_do(path)}"
+        ) from None
+    return conn
+
+
+def _has_tables(conn: sqlite3.Connection) -> bool:
+    return bool(conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0] > 0)
+
+
+def _migrate(conn: sqlite3.Connection, version: int) -> None:
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        if version == 0 and _has_tables(conn):
+            raise StoreError(
+                f"{conn_path(conn)} holds tables but no tunneld schema version: it is not a "
+                "tunneld database; point state_dir elsewhere"
+            )
+        for target in range(version + 1, SCHEMA_VERSION + 1):
+            for statement in _MIGRATIONS[target].split(";"):
+                if statement.strip():
+                    conn.execute(statement)
+            conn.execute(f"PRAGMA user_version = {target}")
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+
+
+def conn_path(conn: sqlite3.Connection) -> str:
+    row = conn.execute("PRAGMA database_list").fetchone()
+    return str(row[2]) if row else "the database"
+
+
+def _rows(conn: sqlite3.Connection) -> Iterator[StoredExposure]:
+    cursor = conn.execute(
+        "SELECT sandbox_id, port, token, name, created_at FROM exposures ORDER BY sandbox_id, port"
+    )
+    for sandbox_id, port, token, name, created_at in cursor:
+        yield StoredExposure(sandbox_id, port, token, name, created_at)
+
+
+@dataclass(slots=True)
+class _Op:
+    sql: str
+    args: tuple[Any, ...]
+    done: asyncio.Future[None]
+    loop: asyncio.AbstractEventLoop
+
+
+_PUT: Final = (
+    "INSERT INTO exposures (sandbox_id, port, token, name, created_at) VALUES (?, ?, ?, ?, ?) "
+    "ON CONFLICT (sandbox_id, port) DO UPDATE SET token = excluded.token, name = excluded.name"
+)
+# import restores a backup exactly, created_at included
+_RESTORE: Final = _PUT + ", created_at = excluded.created_at"
+_DELETE: Final = "DELETE FROM exposures WHERE sandbox_id = ? AND port = ?"
+
+
+class SqliteStore:
+    """Exposures in ``<state_dir>/exposures.db`` (see the module docstring)."""
+
+    kind = "sqlite"
+
+    def __init__(self, state_dir: Path, conn: sqlite3.Connection, lock_fd: int) -> None:
+        self.state_dir = state_dir
+        self.path = state_dir / DB_FILE
+        self.location = str(self.path)
+        self._conn = conn
+        self._lock_fd = lock_fd
+        self._queue: queue.SimpleQueue[_Op | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._closed = False
+
+    # -- opening ---------------------------------------------------------------------------------
+    @classmethod
+    def open(cls, state_dir: str | os.PathLike[str]) -> SqliteStore:
+        """Open (creating if needed) the store in ``state_dir``; raise StoreError if unusable."""
+        directory = Path(state_dir)
+        try:
+            directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        except OSError as exc:
+            raise StoreError(
+                f"cannot create the state directory {directory}: {exc.strerror}; create it "
+                "writable by tunneld's user or set state_dir / --state-dir"
+            ) from None
+        lock_fd = lock_state_dir(directory)
+        try:
+            _check_writable(directory)
+            conn = _connect(directory / DB_FILE)
+        except BaseException:
+            os.close(lock_fd)
+            raise
+        return cls(directory, conn, lock_fd)
+
+    # -- Store -----------------------------------------------------------------------------------
+    async def load_all(self) -> list[StoredExposure]:
+        try:
+            return await asyncio.to_thread(lambda: list(_rows(self._conn)))
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot read {self.path} ({exc}): {_what_to_do(self.path)}") from None
+
+    async def put(self, record: StoredExposure) -> None:
+        await self._submit(
+            _PUT,
+            (record.sandbox_id, record.port, record.token, record.name, record.created_at),
+        )
+
+    async def delete(self, sandbox_id: str, port: int) -> None:
+        await self._submit(_DELETE, (sandbox_id, port))
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._thread is not None:
+            self._queue.put(None)
+            await asyncio.to_thread(self._thread.join, WRITE_TIMEOUT)
+        self._conn.close()
+        os.close(self._lock_fd)
+
+    # -- offline use (tunneld exposures import), with the lock held -------------------------------
+    def read_all_now(self) -> list[StoredExposure]:
+        try:
+            return list(_rows(self._conn))
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot read {self.path} ({exc}): {_what_to_do(self.path)}") from None
+
+    def import_now(self, records: Iterable[StoredExposure], *, replace: bool) -> int:
+        """Write ``records`` in one transaction (``replace``: drop every stored one first)."""
+        conn = self._conn
+        count = 0
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                if replace:
+                    conn.execute("DELETE FROM exposures")
+                for r in records:
+                    conn.execute(_RESTORE, (r.sandbox_id, r.port, r.token, r.name, r.created_at))
+                    count += 1
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+        except sqlite3.Error as exc:
+            raise StoreError(f"{self.path}: import failed, nothing written ({exc})") from None
+        return count
+
+    def close_now(self) -> None:
+        assert self._thread is None, "close() a store whose writer thread runs"
+        if not self._closed:
+            self._closed = True
+            self._conn.close()
+            os.close(self._lock_fd)
+
+    # -- the writer thread -----------------------------------------------------------------------
+    async def _submit(self, sql: str, args: tuple[Any, ...]) -> None:
+        if self._closed:
+            raise StoreError(f"{self.path}: the store is closed")
+        loop = asyncio.get_running_loop()
+        if self._thread is None:
+            self._thread = threading.Thread(
+                target=self._writer, name="tunneld-store-writer", daemon=True
+            )
+            self._thread.start()
+        done: asyncio.Future[None] = loop.create_future()
+        self._queue.put(_Op(sql, args, done, loop))
+        try:
+            await asyncio.wait_for(asyncio.shield(done), WRITE_TIMEOUT)
+        except TimeoutError:
+            raise StoreError(f"{self.path}: a write took longer than {WRITE_TIMEOUT:g}s") from None
+
+    def _writer(self) -> None:
+        conn = self._conn
+        while True:
+            first = self._queue.get()
+            if first is None:
+                return
+            batch = [first]
+            while len(batch) < MAX_BATCH:
+                try:
+                    op = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if op is None:
+                    self._queue.put(None)  # finish this batch, then stop
+                    break
+                batch.append(op)
+            error: BaseException | None = None
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    for op in batch:
+                        conn.execute(op.sql, op.args)
+                    conn.execute("COMMIT")
+                except BaseException:
+                    conn.execute("ROLLBACK")
+                    raise
+            except sqlite3.Error as exc:
+                log.error("%s: write failed, %d change(s) lost: %s", self.path, len(batch), exc)
+                error = StoreError(f"{self.path}: {exc}")
+            for op in batch:
+                op.loop.call_soon_threadsafe(_settle, op.done, error)
+
+
+def _settle(future: asyncio.Future[None], error: BaseException | None) -> None:
+    if future.done():
+        return
+    if error is None:
+        future.set_result(None)
+    else:
+        future.set_exception(error)
+
+
+def lock_state_dir(directory: Path) -> int:
+    """Take the state directory's lock (non-blocking); StoreError if another process holds it."""
+    path = directory / LOCK_FILE
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as exc:
+        raise StoreError(
+            f"cannot open the lock file {path}: {exc.strerror}; the state directory "
+            f"{directory} must be writable by tunneld's user"
+        ) from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise StoreError(
+            f"the state directory {directory} is in use by another process (lock {path} is "
+            "held): stop the tunneld that uses it first"
+        ) from None
+    return fd
+
+
+def _check_writable(directory: Path) -> None:
+    """Fail now, with a clear message, rather than at the first expose."""
+    probe = directory / f".write-probe-{os.getpid()}"
+    try:
+        with open(probe, "wb") as f:
+            f.write(b"x")
+            f.flush()
+            os.fsync(f.fileno())
+        probe.unlink()
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            probe.unlink()
+        raise StoreError(
+            f"the state directory {directory} is not writable ({exc.strerror}): tunneld must "
+            "be able to write its database there; fix the permissions or the mount, or set "
+            "state_dir / --state-dir"
+        ) from None
+
+
+def read_exposures(state_dir: str | os.PathLike[str]) -> list[StoredExposure]:
+    """Every stored exposure, read without the lock (safe while tunneld runs: WAL snapshot)."""
+    path = Path(state_dir) / DB_FILE
+    if not path.exists():
+        raise StoreError(f"no tunneld database at {path}")
+    conn = _connect(path, readonly=True)
+    try:
+        if not _has_tables(conn):
+            return []
+        return list(_rows(conn))
+    except sqlite3.Error as exc:
+        raise StoreError(f"cannot read {path} ({exc}): {_what_to_do(path)}") from None
+    finally:
+        conn.close()
+
+
+def open_store(kind: str, state_dir: str) -> Store:
+    """The store ``tunneld serve`` runs with (``state_dir`` empty: :func:`default_state_dir`)."""
+    if kind == "memory":
+        return MemoryStore()
+    if kind == "sqlite":
+        return SqliteStore.open(state_dir or default_state_dir())
+    raise StoreError(f"unknown store {kind!r} (memory or sqlite)")
