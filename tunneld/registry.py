@@ -178,7 +178,10 @@ class Registry:
                     raise RegistryError(400, "INVALID_REQUEST", "created_at is not a number")
                 record = self._prepare(r.sandbox_id, r.port, r.name, r.token, float(r.created_at))
             except ValidationError as exc:
-                raise StoreError(f"{where}: {exc.message}") from None
+                hint = ""
+                if getattr(exc, "code", "") == "TOO_MANY_EXPOSURES":
+                    hint = " (raise max_exposures_per_sandbox, or export, trim and import)"
+                raise StoreError(f"{where}: {exc.message}{hint}") from None
             self._apply(r.sandbox_id, record)
             count += 1
         return count

@@ -10,7 +10,7 @@ the caller is answered. Nothing about sessions is stored: they are runtime state
 The interface is asynchronous so that a networked backend (Redis, for several edges) fits
 behind it unchanged; the embedded backends simply finish quickly:
 
-- :class:`MemoryStore` keeps nothing (tests, the demo, throwaway runs).
+- :class:`MemoryStore` keeps records in a dict, gone with the process (tests, the demo).
 - :class:`SqliteStore` keeps one database file, ``exposures.db``, in the state directory. WAL
   journal, ``synchronous=FULL`` (a commit is on disk, WAL fsynced, before ``put`` returns, so a
   2xx expose survives ``kill -9`` and power loss), schema migrations numbered in
@@ -123,19 +123,31 @@ class Store(Protocol):
 
 
 class MemoryStore:
-    """Keeps nothing: exposures live as long as the process (``--store memory``)."""
+    """Exposures for as long as this object lives (``--store memory``, tests, the demo).
+
+    It keeps its records like any store, so an edge restarted in the same process with the same
+    object gets them back (the contract tests run on it as on sqlite); nothing reaches a disk."""
 
     kind = "memory"
     location = "memory"
 
+    def __init__(self) -> None:
+        self._records: dict[tuple[str, int], StoredExposure] = {}
+
     async def load_all(self) -> list[StoredExposure]:
-        return []
+        return [self._records[k] for k in sorted(self._records)]
 
     async def put(self, record: StoredExposure) -> None:
-        return None
+        key = (record.sandbox_id, record.port)
+        old = self._records.get(key)
+        if old is not None:  # the same rule as sqlite's upsert: created_at stays
+            record = StoredExposure(
+                record.sandbox_id, record.port, record.token, record.name, old.created_at
+            )
+        self._records[key] = record
 
     async def delete(self, sandbox_id: str, port: int) -> None:
-        return None
+        self._records.pop((sandbox_id, port), None)
 
     async def close(self) -> None:
         return None
