@@ -140,3 +140,12 @@ def test_has_data_to_send_follows_the_credit() -> None:
     assert not edge.has_data_to_send()  # nothing queued, no credit left
     edge.end_stream(sid)
     assert edge.has_data_to_send()  # a bare FIN needs no credit
+
+
+@pytest.mark.parametrize("port", [0, 65536])
+def test_a_peer_opening_a_port_outside_the_range_is_a_protocol_error(port: int) -> None:
+    pair = SessionPair()
+    _, sid = _next_edge_stream_id(pair)
+    pair.agent.receive_data(_syn(sid, {"port": port, "via": "preview"}))
+    ended = [e for e in pair.agent.events_received() if isinstance(e, ConnectionTerminated)]
+    assert [e.code for e in ended] == [GoAwayCode.PROTOCOL_ERROR]
