@@ -53,10 +53,12 @@ class HostileAgent:
 
     def expose_many(self, n: int) -> None:
         """Exposures with long names, so that one 40-byte `list` costs the edge ~25 KiB."""
-        for i in range(n):
-            self.session.send_control(control.Expose(i + 1, 2000 + i, name="n" * 200))
-        self._send()
-        self._until(lambda m: isinstance(m, control.Ok), n)
+        for first in range(0, n, 32):  # the edge has at most 64 store writes in flight per session
+            batch = range(first, min(n, first + 32))
+            for i in batch:
+                self.session.send_control(control.Expose(i + 1, 2000 + i, name="n" * 200))
+            self._send()
+            self._until(lambda m: isinstance(m, control.Ok), len(batch))
 
     def flood(self, make_batch: Callable[[int], bytes], seconds: float) -> int:
         """Send batches until ``seconds`` passed; a full socket (the edge stopped reading) or
