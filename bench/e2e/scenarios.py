@@ -23,7 +23,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .stack import ADMIN_TOKEN, ROOT, SECRET, VENV_BIN, Sampler, Stack, _wait_json, rss, tree_pids
+from .stack import (
+    ROOT,
+    SECRET,
+    VENV_BIN,
+    Sampler,
+    Stack,
+    _wait_json,
+    rss,
+    tree_pids,
+    tunneld_env,
+)
 
 PATHS = ("direct", "tunnel", "nginx")
 
@@ -357,7 +367,7 @@ def many_agents(stack: Stack, s: Settings) -> Result:
         "tunneld-agents",
         [str(VENV_BIN / "tunneld"), "serve", "--public-port", "0", "--agent-port", "0",
          "--admin-port", "0", "--ports-file", str(ports_file), "--log-level", "warning"],
-        {"TUNNELD_ADMIN_TOKEN": ADMIN_TOKEN, "TUNNELD_SECRET": SECRET},
+        tunneld_env(),
     )  # fmt: skip
     agent_port = _wait_json(ports_file, fresh)["agent"]
     time.sleep(0.5)

@@ -46,6 +46,21 @@ def big_file() -> Path:
     return path
 
 
+def tunneld_env() -> dict[str, str]:
+    """Secrets, plus the settings a bench run needs that production does not: every client is
+    127.0.0.1 and idle_websockets holds 10,000 connections, so the public connection caps
+    (256 per IP, 10,000 in total: issue 7) are lifted; exposures live in memory, so a run neither
+    reads nor writes the sqlite store in the user's state directory. Environment variables, so a
+    tunneld of an older commit (no such settings) ignores them."""
+    return {
+        "TUNNELD_ADMIN_TOKEN": ADMIN_TOKEN,
+        "TUNNELD_SECRET": SECRET,
+        "TUNNELD_MAX_CONNECTIONS_PER_IP": "1000000",
+        "TUNNELD_MAX_CONNECTIONS": "1000000",
+        "TUNNELD_STORE": "memory",
+    }
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -309,7 +324,7 @@ class Stack:
         assert self.echo.popen.stdout is not None
         self.ws_port = json.loads(self.echo.popen.stdout.readline())["port"]
         # tunneld
-        env = {"TUNNELD_ADMIN_TOKEN": ADMIN_TOKEN, "TUNNELD_SECRET": SECRET}
+        env = tunneld_env()
         ports_file = d / "tunneld-ports.json"
         self.tunneld = self.spawn(
             "tunneld",
