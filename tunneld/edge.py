@@ -17,6 +17,7 @@ the moment the caller sees it. Unexpose also resets every live preview stream of
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import secrets
 import ssl
@@ -519,7 +520,14 @@ class EdgeServer:
         """Read every stored exposure before any listener opens (StoreError: refuse to start)."""
         store = self.registry.store
         started = self.loop.time()
-        count = self.registry.load(await store.load_all())
+        # 100,000 records are 200,000+ objects: collecting while they are built only slows the
+        # start (measured ~1.5x), and they live as long as the process, so freeze them after.
+        gc.disable()
+        try:
+            count = self.registry.load(await store.load_all())
+        finally:
+            gc.enable()
+        gc.freeze()
         if store.kind != "memory":
             log.info(
                 "loaded %d exposures of %d sandboxes from %s in %.2fs",

@@ -167,10 +167,11 @@ class Registry:
     def load(self, records: Iterable[StoredExposure]) -> int:
         """Install stored exposures at start-up; StoreError on a record the rules refuse."""
         count = 0
+        valid_ids: set[str] = set()
         for r in records:
-            where = f"stored exposure {r.sandbox_id!r} port {r.port!r}"
             try:
-                validate_sandbox_id(r.sandbox_id)
+                if r.sandbox_id not in valid_ids:
+                    valid_ids.add(validate_sandbox_id(r.sandbox_id))
                 validate_port(r.port)
                 validate_port_name(r.name)
                 validate_custom_token(r.token)
@@ -178,6 +179,7 @@ class Registry:
                     raise RegistryError(400, "INVALID_REQUEST", "created_at is not a number")
                 record = self._prepare(r.sandbox_id, r.port, r.name, r.token, float(r.created_at))
             except ValidationError as exc:
+                where = f"stored exposure {r.sandbox_id!r} port {r.port!r}"
                 hint = ""
                 if getattr(exc, "code", "") == "TOO_MANY_EXPOSURES":
                     hint = " (raise max_exposures_per_sandbox, or export, trim and import)"
