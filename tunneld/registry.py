@@ -17,9 +17,9 @@ serialized by a per-sandbox lock, so the cap and the token-uniqueness checks see
 change of that sandbox; different sandboxes write concurrently (the SQLite writer commits them
 together). The plain ``expose`` / ``unexpose`` change only the view (tests, memory-only use).
 
-Each sandbox holds at most ``max_exposures`` exposures: stored state stays bounded, and the
-welcome that carries them all to a reconnecting agent always fits one control message
-(:func:`tunneld.config.worst_welcome_size` checks that for the configured domain).
+Each sandbox holds at most ``max_exposures`` exposures (at most 1024, the control codec's list
+bound), so stored state stays bounded; the edge sends a reconnecting agent whatever does not fit
+its welcome as Expose requests (``EdgeSession._send_welcome``), so any such set reconnects.
 """
 
 from __future__ import annotations
