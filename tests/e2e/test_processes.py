@@ -228,18 +228,23 @@ def test_agent_reconnects_after_edge_restart(tmp_path, origin: OriginThread) -> 
         forwarder.target = procs.ports["agent"]
         agent, _ = procs.start_agent_at(f"127.0.0.1:{forwarder.port}", "sb1")
         _wait(lambda: _connected(procs, "sb1"), what="agent connected")
+        with _admin(procs) as admin:
+            r = admin.post("/v1/sandboxes/sb1/ports", json={"port": origin.port})
+            assert r.status_code == 200, r.text
+        url = r.json()["exposedAt"]
         forwarder.target = None  # the edge is going away
         assert procs.stop(procs.edge) == 0
-        # a new edge on a port of its own; the agent's backoff finds it through the forwarder
+        # a new edge on a port of its own (same state directory); the agent's backoff finds it
+        # through the forwarder, and the exposure (its token, so its URL) is still there
         procs.start_edge()
         forwarder.target = procs.ports["agent"]
         _wait(lambda: _connected(procs, "sb1"), timeout=30, what="agent reconnected")
         assert agent.poll() is None
-        # exposures live in the edge's memory: expose again, then the URL reaches the service
         with _admin(procs) as admin:
-            r = admin.post("/v1/sandboxes/sb1/ports", json={"port": origin.port})
-            assert r.status_code == 200, r.text
-        response = _get(procs, r.json()["exposedAt"])
+            listed = admin.get("/v1/sandboxes/sb1/ports").json()["ports"]
+        label = url.split("//", 1)[1].split(".", 1)[0]  # {port}-{sandbox}-{token}
+        assert [p["exposedAt"].split("//", 1)[1].split(".", 1)[0] for p in listed] == [label]
+        response = _get(procs, url)  # the old URL, sent to the new edge
         assert response.status_code == 200 and response.content == b"hello from origin"
     finally:
         procs.close()
