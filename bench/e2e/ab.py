@@ -1,0 +1,100 @@
+"""A/B of the tunnel across commits, in one run:
+``python -m bench.e2e.ab COMMIT,COMMIT [ROUNDS [small_http,websocket,single_download]]``.
+
+For each commit, ``git archive`` of protocol/ relay/ agent/ tunneld/ goes to a temp dir that is put
+first on PYTHONPATH for tunneld and the agent (the bench code, nginx origin and load stay the
+same); the commits alternate, ``ROUNDS`` times, each on a fresh ``Stack``. Each run measures the
+direct baseline and the tunnel back to back and prints tunnel/direct for small HTTP (wrk, 1 KiB,
+50 connections), WebSocket echo (100 connections) and one download, then the medians. On a shared
+machine a figure from another day mixes code and machine; this compares code only (issue 7 used it
+for the "did not drop by more than 5 %" check). Needs the commits' CLIs to accept the bench's flags.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from .scenarios import run_loadgen, wrk
+from .stack import ROOT, Stack
+
+DURATION = 3.0
+
+
+def tree(commit: str, base: Path) -> Path:
+    d = base / commit
+    if not d.exists():
+        d.mkdir()
+        archive = subprocess.run(
+            ["git", "-C", str(ROOT), "archive", commit, "protocol", "relay", "agent", "tunneld"],
+            capture_output=True,
+            check=True,
+        ).stdout
+        subprocess.run(["tar", "-x", "-C", str(d)], input=archive, check=True)
+    return d
+
+
+def one_run(metrics: list[str]) -> dict[str, float]:
+    stack = Stack().start()
+    try:
+        out: dict[str, float] = {}
+        (dp, dh), (tp, th) = stack.targets()["direct"], stack.targets()["tunnel"]
+        if "small_http" in metrics:
+            d, t = (wrk(p, h, "/1k", 50, DURATION)["req_s"] for p, h in ((dp, dh), (tp, th)))
+            out["small_http"] = t / d
+        if "single_download" in metrics:
+            d, t = (
+                run_loadgen("download", p, h, path="/big", duration=DURATION)["mib_per_s"]
+                for p, h in ((dp, dh), (tp, th))
+            )
+            out["single_download"] = t / d
+            out["single_download_mib_s"] = t
+        if "websocket" in metrics:
+            (dp, dh), (tp, th) = stack.targets("ws")["direct"], stack.targets("ws")["tunnel"]
+            d, t = (
+                run_loadgen("ws", p, h, conns=100, duration=DURATION, warmup=1)["msgs_per_s"]
+                for p, h in ((dp, dh), (tp, th))
+            )
+            out["websocket"] = t / d
+        return out
+    finally:
+        stack.close()
+
+
+def main(argv: list[str]) -> int:
+    if not argv:
+        print(__doc__)
+        return 2
+    commits = argv[0].split(",")
+    rounds = int(argv[1]) if len(argv) > 1 else 4
+    metrics = ["small_http", "websocket", "single_download"]
+    if len(argv) > 2:
+        metrics = argv[2].split(",")
+    runs: dict[str, list[dict[str, float]]] = {c: [] for c in commits}
+    saved = os.environ.get("PYTHONPATH")
+    with tempfile.TemporaryDirectory(prefix="tunneld-ab-") as tmp:
+        for i in range(rounds):
+            for c in commits:
+                os.environ["PYTHONPATH"] = str(tree(c, Path(tmp)))
+                try:
+                    r = one_run(metrics)
+                finally:
+                    if saved is None:
+                        os.environ.pop("PYTHONPATH", None)
+                    else:
+                        os.environ["PYTHONPATH"] = saved
+                runs[c].append(r)
+                shown = {k: round(v, 3) for k, v in r.items()}
+                print(f"round {i} {c}: {shown} load {os.getloadavg()[0]:.1f}", flush=True)
+    medians = {c: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for c, rs in runs.items()}
+    print(json.dumps({"runs": runs, "medians": medians}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
