@@ -1,13 +1,14 @@
 """A/B of the tunnel across commits, in one run:
-``python -m bench.e2e.ab COMMIT,COMMIT [ROUNDS [small_http,websocket,single_download]]``.
+``python -m bench.e2e.ab COMMIT,COMMIT [ROUNDS [small_http,churn,websocket,single_download]]``
 
 For each commit, ``git archive`` of protocol/ relay/ agent/ tunneld/ goes to a temp dir that is put
 first on PYTHONPATH for tunneld and the agent (the bench code, nginx origin and load stay the
 same); the commits alternate, ``ROUNDS`` times, each on a fresh ``Stack``. Each run measures the
 direct baseline and the tunnel back to back and prints tunnel/direct for small HTTP (wrk, 1 KiB,
-50 connections), WebSocket echo (100 connections) and one download, then the medians. On a shared
-machine a figure from another day mixes code and machine; this compares code only (issue 7 used it
-for the "did not drop by more than 5 %" check). Needs the commits' CLIs to accept the bench's flags.
+50 connections), churn (the same with ``Connection: close``), WebSocket echo (100 connections)
+and one download, then the medians. On a shared machine a figure from another day mixes code and
+machine; this compares code only (issue 7 used it for the "did not drop by more than 5 %"
+check). Needs the commits' CLIs to accept the bench's flags.
 """
 
 from __future__ import annotations
@@ -47,6 +48,12 @@ def one_run(metrics: list[str]) -> dict[str, float]:
         if "small_http" in metrics:
             d, t = (wrk(p, h, "/1k", 50, DURATION)["req_s"] for p, h in ((dp, dh), (tp, th)))
             out["small_http"] = t / d
+        if "churn" in metrics:
+            d, t = (
+                wrk(p, h, "/1k", 50, DURATION, headers=("Connection: close",))["req_s"]
+                for p, h in ((dp, dh), (tp, th))
+            )
+            out["churn"] = t / d
         if "single_download" in metrics:
             d, t = (
                 run_loadgen("download", p, h, path="/big", duration=DURATION)["mib_per_s"]
