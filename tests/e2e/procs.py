@@ -15,6 +15,9 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
+
+import httpx
 
 BIN = Path(sys.executable).parent
 
@@ -144,3 +147,39 @@ class Processes:
             if proc.poll() is None:
                 proc.kill()
             proc.wait(10)
+
+
+# -- helpers for tests that drive these processes over HTTP ---------------------------------------
+def admin_client(p: Processes, timeout: float = 10) -> httpx.Client:
+    """An admin API client of ``p``'s edge, with its token."""
+    return httpx.Client(
+        base_url=f"http://127.0.0.1:{p.ports['admin']}",
+        headers={"authorization": f"Bearer {p.admin_token}"},
+        timeout=timeout,
+    )
+
+
+def preview_get(p: Processes, url: str, path: str = "/") -> httpx.Response:
+    """GET ``path`` through ``url``'s preview host on ``p``'s current public port."""
+    host = url.split("//", 1)[1].split("/", 1)[0]
+    return httpx.get(
+        f"http://127.0.0.1:{p.ports['public']}{path}", headers={"host": host}, timeout=10
+    )
+
+
+def wait_for(predicate: Any, timeout: float = 15, what: str = "condition") -> Any:
+    """Poll ``predicate`` until it is truthy (returned) or ``timeout`` passes (AssertionError)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def is_connected(p: Processes, sandbox: str) -> bool:
+    """True when ``p``'s edge lists ``sandbox`` as connected."""
+    with admin_client(p) as admin:
+        sandboxes = admin.get("/v1/sandboxes").json()["sandboxes"]
+    return any(s["id"] == sandbox and s["connected"] for s in sandboxes)

@@ -19,7 +19,7 @@ from websockets.sync.server import serve as sync_serve
 from tunneld.client import TunnelClient
 
 from .origin import Origin
-from .procs import BIN, Processes
+from .procs import BIN, Processes, admin_client, is_connected, preview_get, wait_for
 
 LOOPS = [pytest.param("asyncio", id="asyncio"), pytest.param("uvloop", id="uvloop")]
 
@@ -33,35 +33,10 @@ def procs(request, tmp_path):
         p.close()
 
 
-def _admin(p: Processes) -> httpx.Client:
-    return httpx.Client(
-        base_url=f"http://127.0.0.1:{p.ports['admin']}",
-        headers={"authorization": f"Bearer {p.admin_token}"},
-        timeout=10,
-    )
-
-
-def _get(p: Processes, url: str, path: str = "/") -> httpx.Response:
-    host = url.split("//", 1)[1].split("/", 1)[0]
-    return httpx.get(
-        f"http://127.0.0.1:{p.ports['public']}{path}", headers={"host": host}, timeout=10
-    )
-
-
-def _wait(predicate, timeout: float = 15, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-def _connected(p: Processes, sandbox: str) -> bool:
-    with _admin(p) as admin:
-        sandboxes = admin.get("/v1/sandboxes").json()["sandboxes"]
-    return any(s["id"] == sandbox and s["connected"] for s in sandboxes)
+_admin = admin_client
+_get = preview_get
+_wait = wait_for
+_connected = is_connected
 
 
 class OriginThread:

@@ -7,14 +7,13 @@ import os
 import shutil
 import subprocess
 import threading
-import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import httpx
 
-from tests.e2e.procs import BIN, Processes
+from tests.e2e.procs import BIN, Processes, admin_client, is_connected, preview_get, wait_for
 
 
 class Service:
@@ -45,32 +44,18 @@ class Service:
 
 
 def admin(p: Processes) -> httpx.Client:
-    return httpx.Client(
-        base_url=f"http://127.0.0.1:{p.ports['admin']}",
-        headers={"authorization": f"Bearer {p.admin_token}"},
-        timeout=30,
-    )
+    return admin_client(p, timeout=30)
 
 
 def preview(p: Processes, url: str) -> httpx.Response:
-    host = url.split("//", 1)[1].split("/", 1)[0]
-    return httpx.get(f"http://127.0.0.1:{p.ports['public']}/", headers={"host": host}, timeout=10)
+    return preview_get(p, url)
 
 
 def wait(predicate: Any, timeout: float = 30, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
+    return wait_for(predicate, timeout, what)
 
 
-def connected(p: Processes, sandbox: str) -> bool:
-    with admin(p) as a:
-        sandboxes = a.get("/v1/sandboxes").json()["sandboxes"]
-    return any(s["id"] == sandbox and s["connected"] for s in sandboxes)
+connected = is_connected
 
 
 def state_dir(p: Processes) -> Path:
