@@ -166,10 +166,11 @@ class AgentSession(MuxProtocol):
         # port in the very read that carries the Welcome or the Ok that exposed it.
         if isinstance(message, control.Welcome):
             if not self.welcomed.done():
-                # Ping at the edge's pace; never declare the edge dead before it had two
-                # chances to ping us (its interval may be longer than our dead timeout).
+                # Ping at least as often as the edge asks (never faster than MIN_HEARTBEAT: a
+                # welcome cannot make us flood); every PING of ours is answered, so our dead
+                # timeout only has to outlast our own interval.
                 own = self.agent.config.session
-                interval = max(message.heartbeat_s, MIN_HEARTBEAT)  # a welcome cannot make us flood
+                interval = max(min(message.heartbeat_s, own.heartbeat_interval), MIN_HEARTBEAT)
                 self.session.set_keepalive(interval, max(own.dead_timeout, 1.5 * interval))
                 self.agent.exposures = {e.port for e in message.exposures}
                 self.welcomed.set_result(message)
