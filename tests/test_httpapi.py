@@ -32,6 +32,7 @@ from relay.httpapi import (
 from relay.requests import ControlRequestError, PendingRequests
 
 from .agent.test_local_api import FakeController
+from .agent.test_local_api import raw_exchange as exchange
 from .e2e.conftest import Stack
 
 pytestmark = pytest.mark.anyio
@@ -78,20 +79,6 @@ async def target(request: pytest.FixtureRequest) -> AsyncIterator[Target]:
     else:
         async with LocalAPI(FakeController(), port=0) as api:
             yield Target("local", api.http, api.port, b"/v1/status", b"/v1/ports")
-
-
-async def exchange(port: int, data: bytes, *, timeout: float = 5.0) -> bytes:
-    """Send ``data`` on a fresh connection; return everything until the server closes."""
-    chunks: list[bytes] = []
-    async with await anyio.connect_tcp("127.0.0.1", port) as stream:
-        await stream.send(data)
-        with anyio.fail_after(timeout):
-            while True:
-                try:
-                    chunks.append(await stream.receive())
-                except (anyio.EndOfStream, anyio.BrokenResourceError):
-                    break
-    return b"".join(chunks)
 
 
 async def receive_response(stream: anyio.abc.ByteStream, timeout: float = 5.0) -> bytes:

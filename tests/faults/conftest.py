@@ -8,7 +8,8 @@ the agent link while real clients use real preview URLs.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -21,6 +22,7 @@ from tests.e2e.conftest import (  # re-exported: the same fixtures as the e2e su
     raw_request,
     stack,
 )
+from tests.e2e.procs import Processes
 from tunneld.auth import agent_token
 
 from .faultproxy import FaultProxy
@@ -33,6 +35,7 @@ __all__ = [
     "fault_proxy_to",
     "faulty_stack",
     "no_unhandled_errors",
+    "procs",
     "raw_request",
     "stack",
 ]
@@ -62,6 +65,16 @@ class FaultStack(Stack):
         if wait:
             await asyncio.wait_for(agent.connected_event.wait(), 10)
         return agent
+
+
+@pytest.fixture
+def procs(tmp_path: Path) -> Iterator[Processes]:
+    """Real tunneld / tunnel-agent child processes (uvloop), all killed afterwards."""
+    p = Processes(tmp_path, "uvloop")
+    try:
+        yield p
+    finally:
+        p.close()
 
 
 @pytest.fixture

@@ -19,40 +19,30 @@ from protocol.errors import ResetCode
 from protocol.events import StreamAccepted, StreamReset
 
 from .hostile_edge import HostileEdge, hostile_edge
+from .origins import ScriptedOrigin
 
 pytestmark = pytest.mark.anyio
 
 REQUEST = b"GET / HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n"
 
 
-class Service:
+class Service(ScriptedOrigin):
     """A sandbox service that counts the connections it gets."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.connections = 0
-        self.server: asyncio.Server | None = None
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
         writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok")
         await writer.drain()
-        writer.close()
-
-    @property
-    def port(self) -> int:
-        assert self.server is not None
-        return int(self.server.sockets[0].getsockname()[1])
 
 
 @pytest.fixture
 async def service() -> AsyncIterator[Service]:
-    s = Service()
-    s.server = await asyncio.start_server(s._serve, "127.0.0.1", 0)
-    try:
+    async with Service() as s:
         yield s
-    finally:
-        s.server.close()
-        await s.server.wait_closed()
 
 
 async def test_preview_stream_to_an_unexposed_port_is_reset_and_logged(

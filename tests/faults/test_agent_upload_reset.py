@@ -18,6 +18,7 @@ from relay.mux import abort_with_reset
 
 from .conftest import FaultStack
 from .hostile_edge import hostile_edge
+from .origins import ScriptedOrigin
 
 pytestmark = pytest.mark.anyio
 
@@ -25,15 +26,15 @@ HEAD = b"POST /upload HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n"
 CHUNK = b"4000\r\n" + b"u" * 0x4000 + b"\r\n"
 
 
-class EofReader:
+class EofReader(ScriptedOrigin):
     """A service that reads each connection until EOF and reports how it ended."""
 
     def __init__(self) -> None:
-        self.server: asyncio.Server | None = None
+        super().__init__()
         self.outcomes: asyncio.Queue[tuple[str, int]] = asyncio.Queue()
         self.connected = asyncio.Event()
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connected.set()
         received = 0
         try:
@@ -46,12 +47,6 @@ class EofReader:
         except TimeoutError:
             outcome = "timeout"
         self.outcomes.put_nowait((outcome, received))
-        writer.close()
-
-    @property
-    def port(self) -> int:
-        assert self.server is not None
-        return int(self.server.sockets[0].getsockname()[1])
 
     async def outcome(self) -> tuple[str, int]:
         return await asyncio.wait_for(self.outcomes.get(), 15)
@@ -59,13 +54,8 @@ class EofReader:
 
 @pytest.fixture
 async def service() -> AsyncIterator[EofReader]:
-    s = EofReader()
-    s.server = await asyncio.start_server(s._serve, "127.0.0.1", 0)
-    try:
+    async with EofReader() as s:
         yield s
-    finally:
-        s.server.close()
-        await s.server.wait_closed()
 
 
 async def test_stream_reset_while_the_agent_is_dialling(service: EofReader) -> None:

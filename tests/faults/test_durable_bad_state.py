@@ -10,21 +10,10 @@ from __future__ import annotations
 import os
 import signal
 
-import pytest
-
 from tests.e2e.procs import Processes
 from tunneld.store import DB_FILE
 
 from .durable import admin, serve_refused, state_dir
-
-
-@pytest.fixture
-def procs(tmp_path):
-    p = Processes(tmp_path, "uvloop")
-    try:
-        yield p
-    finally:
-        p.close()
 
 
 def _seed(procs: Processes) -> None:

@@ -18,15 +18,6 @@ from tests.e2e.procs import BIN, Processes
 from .durable import admin, state_dir
 
 
-@pytest.fixture
-def procs(tmp_path):
-    p = Processes(tmp_path, "uvloop")
-    try:
-        yield p
-    finally:
-        p.close()
-
-
 def exposures_cli(
     procs: Processes, *args: str, stdin: bytes = b"", env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[bytes]:
