@@ -44,7 +44,7 @@ from .auth import AgentAuth
 from .config import Config
 from .httphead import default_parser
 from .metrics import Metrics
-from .public import PublicConnection
+from .public import PublicConnection, PublicLimits
 from .registry import ExposureRecord, Registry, RegistryError
 from .store import Store
 
@@ -438,6 +438,7 @@ class EdgeServer:
         self.metrics = Metrics()
         self.auth = AgentAuth(self)
         self.public_connections: set[PublicConnection] = set()
+        self.public_limits = PublicLimits()
         self.agent_connections: set[EdgeSession] = set()
         self._servers: list[asyncio.Server] = []
         self._sweeper: asyncio.Task[None] | None = None

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import weakref
 from typing import TYPE_CHECKING, Final
 
 import orjson
@@ -82,8 +81,8 @@ def error_response(status: int, code: str, message: str) -> bytes:
     ) + body
 
 
-class _Limits:
-    """Public connections per client IP, and refusals not yet logged (one per EdgeServer)."""
+class PublicLimits:
+    """Public connections per client IP, and refusals not yet logged (``EdgeServer``'s)."""
 
     __slots__ = ("last_log", "per_ip", "unlogged")
 
@@ -91,16 +90,6 @@ class _Limits:
         self.per_ip: dict[str, int] = {}
         self.unlogged = 0
         self.last_log = float("-inf")
-
-
-_LIMITS: weakref.WeakKeyDictionary[EdgeServer, _Limits] = weakref.WeakKeyDictionary()
-
-
-def _limits(server: EdgeServer) -> _Limits:
-    limits = _LIMITS.get(server)
-    if limits is None:
-        limits = _LIMITS[server] = _Limits()
-    return limits
 
 
 class PublicConnection(StreamEndpoint):
@@ -167,7 +156,7 @@ class PublicConnection(StreamEndpoint):
     def _admit(self) -> bool:
         """Enforce ``max_connections`` and ``max_connections_per_ip``: 503 and close past them."""
         config = self.server.config
-        limits = _limits(self.server)
+        limits = self.server.public_limits
         ip = self._peer_ip
         count = limits.per_ip.get(ip, 0)
         if len(self.server.public_connections) >= config.max_connections:
@@ -498,7 +487,7 @@ class PublicConnection(StreamEndpoint):
         ip = self._counted_ip
         if ip is not None:
             self._counted_ip = None
-            per_ip = _limits(self.server).per_ip
+            per_ip = self.server.public_limits.per_ip
             left = per_ip.get(ip, 1) - 1
             if left > 0:
                 per_ip[ip] = left
