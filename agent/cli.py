@@ -16,15 +16,18 @@ import http.client
 import ipaddress
 import json
 import os
+import re
 import sys
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, Final, NoReturn
+from typing import TYPE_CHECKING, Any, Final, NamedTuple, NoReturn
 from urllib.parse import urlsplit
 
 from protocol.hostnames import validate_sandbox_id
 
 if TYPE_CHECKING:
     import ssl
+
+    from .core import AgentConfig
 
 __all__ = [
     "CLIENT_TIMEOUT",
@@ -34,8 +37,12 @@ __all__ = [
     "EXIT_UNREACHABLE",
     "EXIT_USAGE",
     "AgentClient",
+    "ServerEntry",
+    "agent_config",
     "build_parser",
     "main",
+    "parse_servers",
+    "plaintext_refusal",
     "run_from_args",
 ]
 
@@ -77,9 +84,23 @@ The agent token is read from the environment variable {ENV_TOKEN} or from --toke
 never from the command line: arguments are visible to every process on the machine (ps,
 /proc/PID/cmdline), which is how tokens passed as `cloudflared tunnel run --token ...` leaked.
 
-example:
+several edges (failover):
+  --server takes a comma-separated list, e.g. --server a.example.com:7000,b.example.com:7000
+  (each entry HOST:PORT, [IPv6]:PORT, ws://HOST:PORT or wss://HOST:PORT). A host name may also
+  resolve to several addresses; it is looked up again at every connect round, and all of its
+  addresses are tried in the order DNS returns them. The agent starts with the address that
+  last worked (the first at start); when a connect or handshake fails (each bounded by a 10 s
+  timeout) it tries the next address at once, and it backs off (~0.1 s doubling to 20 s, with
+  jitter) only after every address failed in a row. After a lost session it tries the same
+  edge first; after an edge's GO_AWAY SHUTTING_DOWN (it is draining) the next one first.
+  With TLS each edge's certificate must name that entry's host, unless --tls-server-name is
+  given.
+
+examples:
   export {ENV_TOKEN}=...    # or: --token-file /run/secrets/tunnel-agent-token
   tunnel-agent run --server edge.example.com:7000 --sandbox-id abc123
+  tunnel-agent run --tls --server edge-a.example.com:7000,edge-b.example.com:7000 \\
+      --sandbox-id abc123
 """
 
 _EXPOSE_EPILOG = """\
@@ -174,16 +195,72 @@ class AgentClient:
 # -- argument types --------------------------------------------------------------------------
 
 
-def _host_port(text: str) -> str:
-    """HOST:PORT, or ws://HOST:PORT / wss://HOST:PORT for the WebSocket link."""
+class ServerEntry(NamedTuple):
+    """One entry of ``--server``: ``[ws://|wss://]HOST:PORT`` (``[v6]:PORT`` for IPv6)."""
+
+    text: str  # as written, for messages
+    scheme: str  # "", "ws" or "wss"
+    host: str  # without brackets
+    port: int
+
+
+_SERVER_SYNTAX: Final = "expected HOST:PORT or ws(s)://HOST:PORT"
+# A host name as resolvers take it (letters, digits, '-', '_', '.'); IP literals are checked apart.
+_HOST_NAME: Final = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_.-]{0,252})")
+
+
+def _server_entry(text: str) -> ServerEntry:
+    """Parse one ``[ws://|wss://]HOST:PORT``; ValueError saying what is wrong with it."""
     scheme, sep, rest = text.partition("://")
     if not sep:
-        rest = text
+        scheme, rest = "", text
     elif scheme not in ("ws", "wss"):
-        raise argparse.ArgumentTypeError(f"expected HOST:PORT or ws(s)://HOST:PORT, got {text!r}")
+        raise ValueError(f"{_SERVER_SYNTAX}, got {text!r} (unknown scheme {scheme}://)")
     host, sep, port = rest.rstrip("/").rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise argparse.ArgumentTypeError(f"expected HOST:PORT or ws(s)://HOST:PORT, got {text!r}")
+        raise ValueError(f"{_SERVER_SYNTAX}, got {text!r}")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError(f"{_SERVER_SYNTAX}, got {text!r} (not an IPv6 address)") from None
+    elif ":" in host:
+        try:  # unbracketed IPv6, accepted as before lists: the port follows the last ':'
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError(f"{_SERVER_SYNTAX}, got {text!r}") from None
+    elif not _HOST_NAME.fullmatch(host):
+        raise ValueError(f"{_SERVER_SYNTAX}, got {text!r} (not a host name)")
+    return ServerEntry(text, scheme, host, int(port))
+
+
+def parse_servers(text: str) -> list[ServerEntry]:
+    """``--server``: a comma-separated list of edges; every entry checked, the bad one named."""
+    parts = [part.strip() for part in text.split(",")]
+    entries: list[ServerEntry] = []
+    seen: set[tuple[str, int]] = set()
+    for number, part in enumerate(parts, 1):
+        where = f" (entry {number} of {len(parts)})" if len(parts) > 1 else ""
+        if not part:
+            raise ValueError(f"{_SERVER_SYNTAX}, got an empty entry{where} in {text!r}")
+        try:
+            entry = _server_entry(part)
+        except ValueError as exc:
+            raise ValueError(f"{exc}{where}") from None
+        if (entry.host.lower(), entry.port) in seen:
+            raise ValueError(f"{part!r} is listed twice in --server {text!r}")
+        seen.add((entry.host.lower(), entry.port))
+        entries.append(entry)
+    return entries
+
+
+def _server_list(text: str) -> str:
+    """argparse type of ``--server``: validated up front, kept as written."""
+    try:
+        parse_servers(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
     return text
 
 
@@ -192,22 +269,26 @@ def plaintext_refusal(server: str, *, tls: bool, insecure: bool) -> str | None:
 
     Only TLS detects a corrupted byte on the link, so plain TCP and ws:// go to loopback only
     (``localhost`` or a loopback address) unless ``--insecure-plaintext`` says the network is
-    trusted; the edge applies the same rule to its peers.
+    trusted; the edge applies the same rule to its peers. With a list, every entry must pass:
+    the first one that does not is named.
     """
-    scheme, sep, address = server.partition("://")
-    if tls or insecure or (sep and scheme == "wss"):
+    if tls or insecure:
         return None
-    host = (address if sep else server).rstrip("/").rpartition(":")[0].strip("[]")
-    try:
-        loopback = host.lower() == "localhost" or ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        loopback = False
-    if loopback:
-        return None
-    return (
-        f"--server {server} is not a loopback address: the link to the edge must use TLS "
-        "(--tls or wss://), or pass --insecure-plaintext on a trusted network"
-    )
+    for entry in parse_servers(server):
+        if entry.scheme == "wss":
+            continue
+        try:
+            loopback = (
+                entry.host.lower() == "localhost" or ipaddress.ip_address(entry.host).is_loopback
+            )
+        except ValueError:
+            loopback = False
+        if not loopback:
+            return (
+                f"--server {entry.text} is not a loopback address: the link to the edge must "
+                "use TLS (--tls or wss://), or pass --insecure-plaintext on a trusted network"
+            )
+    return None
 
 
 def _tcp_port(text: str) -> int:
@@ -270,11 +351,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--server",
-        metavar="HOST:PORT",
-        type=_host_port,
+        metavar="HOST:PORT[,HOST:PORT...]",
+        type=_server_list,
         default=os.environ.get(ENV_SERVER),
-        help=f"edge agent listener (required; env {ENV_SERVER}); ws://HOST:PORT or "
-        "wss://HOST:PORT carries the link in WebSocket messages (egress that allows only HTTP)",
+        help=f"edge agent listener (required; env {ENV_SERVER}), or a comma-separated list of "
+        "edges to fail over between, in order (see below); ws://HOST:PORT or wss://HOST:PORT "
+        "carries the link in WebSocket messages (egress that allows only HTTP)",
     )
     run.add_argument(
         "--sandbox-id",
@@ -318,7 +400,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--tls-server-name",
         metavar="NAME",
-        help="name expected in the edge's certificate, if not the --server host (implies --tls)",
+        help="name expected in every edge's certificate, if not each --server entry's host "
+        "(implies --tls)",
     )
     run.add_argument(
         "--log-level",
@@ -437,12 +520,37 @@ def run_from_args(args: argparse.Namespace) -> int:
         return int(runner.run(_run(args)) or 0)
 
 
-def _tls_context(args: argparse.Namespace) -> ssl.SSLContext | None:
-    if not getattr(args, "tls", False):
-        return None
+def _tls_context(args: argparse.Namespace) -> ssl.SSLContext:
     import ssl
 
     return ssl.create_default_context(cafile=getattr(args, "tls_ca", None) or None)
+
+
+def agent_config(args: argparse.Namespace) -> AgentConfig:
+    """The ``AgentConfig`` that ``run`` builds from its parsed arguments (``args.token`` set)."""
+    from .core import AgentConfig, EdgeAddress
+
+    tls = bool(getattr(args, "tls", False))
+    servers = tuple(
+        EdgeAddress(
+            entry.host,
+            entry.port,
+            tls=tls or entry.scheme == "wss",
+            websocket=entry.scheme in ("ws", "wss"),
+        )
+        for entry in parse_servers(args.server)
+    )
+    first = servers[0]
+    return AgentConfig(
+        server_host=first.host,
+        server_port=first.port,
+        sandbox_id=args.sandbox_id,
+        token=args.token,
+        tls=_tls_context(args) if any(edge.tls for edge in servers) else None,
+        server_hostname=getattr(args, "tls_server_name", None),
+        websocket=first.websocket,
+        servers=servers,
+    )
 
 
 async def _run(args: argparse.Namespace) -> int:
@@ -450,24 +558,10 @@ async def _run(args: argparse.Namespace) -> int:
     import logging
     import signal
 
-    from .core import Agent, AgentConfig
+    from .core import Agent
 
     log = logging.getLogger("tunnel.agent")
-    scheme, sep, address = args.server.partition("://")
-    if not sep:
-        scheme, address = "", args.server
-    if scheme == "wss":
-        args.tls = True
-    host, _, port = address.rstrip("/").rpartition(":")
-    config = AgentConfig(
-        server_host=host.strip("[]"),
-        server_port=int(port),
-        sandbox_id=args.sandbox_id,
-        token=args.token,
-        tls=_tls_context(args),
-        server_hostname=getattr(args, "tls_server_name", None),
-        websocket=scheme in ("ws", "wss"),
-    )
+    config = agent_config(args)
     agent = Agent(config)
     loop = asyncio.get_running_loop()
     try:

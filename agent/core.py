@@ -9,6 +9,16 @@ reconnect and preview URLs stay the same) -> serve until the link is lost -> bac
 and connect again. A newer session for the same sandbox replaces the old one at the edge, so a
 reconnect after an unclean loss is never refused as "already connected".
 
+Failover. ``AgentConfig.servers`` lists one or more edges (``--server a:7000,b:7000``); each
+entry's host is resolved on the loop at every connect round (DNS may change), and every address
+it resolves to is an address of the round, in the order getaddrinfo returns them. A round starts
+with the address that last answered with a welcome (the first one at start) and goes on in list
+order, wrapping around: a failed connect or handshake (each bounded by the connect timeout) moves
+on to the next address at once, and only a round in which every address failed ends in the
+backoff sleep. A session that ends after a welcome starts the next round with the same address
+(most losses are an edge restart), except after GO_AWAY(SHUTTING_DOWN): that edge is draining, so
+the round starts with the address after it and comes back to it last.
+
 Each stream the edge opens carries a target port. The agent only ever dials 127.0.0.1 (then ::1)
 and only ports 1024-65535 except 3000 and its own local API port; a ``preview`` stream must also
 target a port the agent knows is exposed (``Agent.exposures``, updated synchronously from the
@@ -23,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import socket
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -55,31 +66,96 @@ BACKOFF_CAP: Final = 20.0  # frp's cap; long enough not to hammer a down edge
 MIN_HEARTBEAT: Final = 0.2
 
 
+@dataclass(frozen=True, slots=True)
+class EdgeAddress:
+    """One edge the agent may connect to: an entry of ``--server`` (a host name or an address)."""
+
+    host: str
+    port: int
+    tls: bool = False  # use AgentConfig.tls (``--tls``, or a wss:// entry)
+    websocket: bool = False  # carry the session in WebSocket messages (egress allows only HTTP)
+
+    def __str__(self) -> str:
+        return _host_port(self.host, self.port)
+
+
+def _host_port(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 @dataclass(slots=True)
 class AgentConfig:
+    """What the agent connects to and as whom.
+
+    ``server_host``/``server_port`` (with ``tls`` and ``websocket``) describe one edge; ``servers``
+    lists the edges to fail over between, in order, and defaults to that one.
+    """
+
     server_host: str
     server_port: int
     sandbox_id: str
     token: str
     tls: ssl.SSLContext | None = None
-    server_hostname: str | None = None
+    server_hostname: str | None = None  # name checked in every edge's certificate; default: host
     websocket: bool = False  # carry the session in WebSocket messages (egress allows only HTTP)
     dial_hosts: tuple[str, ...] = ("127.0.0.1", "::1")
     session: SessionConfig = field(
         default_factory=SessionConfig
     )  # windows, heartbeat, dead timeout
+    servers: tuple[EdgeAddress, ...] = ()
+    connect_timeout: float = CONNECT_TIMEOUT  # per address: resolve, connect + TLS, and welcome
+
+    def __post_init__(self) -> None:
+        if not self.servers:
+            self.servers = (
+                EdgeAddress(
+                    self.server_host, self.server_port, self.tls is not None, self.websocket
+                ),
+            )
+        if self.tls is None and any(entry.tls for entry in self.servers):
+            raise ValueError("an edge address uses TLS but AgentConfig.tls has no SSLContext")
+
+    def tls_server_name(self, entry: EdgeAddress) -> str | None:
+        """The name checked in ``entry``'s certificate (None: no TLS to that edge)."""
+        return (self.server_hostname or entry.host) if entry.tls else None
 
 
-def describe_error(exc: BaseException) -> str:
+class EdgeRefusedError(ConnectionError):
+    """The edge answered the Hello with an error (bad token, plaintext refused...)."""
+
+
+def describe_error(exc: BaseException, timeout: float = CONNECT_TIMEOUT) -> str:
     """One line for the log saying why a connection to the edge failed or ended."""
     if isinstance(exc, ssl.SSLCertVerificationError):
         return f"TLS handshake failed: {exc.verify_message} ({exc.reason})"
     if isinstance(exc, ssl.SSLError):
         return f"TLS failed: {exc.reason or exc}"
     if isinstance(exc, TimeoutError):
-        return f"timed out after {CONNECT_TIMEOUT:g} s"
+        return f"timed out after {timeout:g} s"
+    if isinstance(exc, EdgeRefusedError):
+        return str(exc)
     text = str(exc)
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+@dataclass(frozen=True, slots=True)
+class EdgeTarget:
+    """One address of a connect round: ``entry`` (number ``index`` of the list) resolved."""
+
+    index: int  # of the entry in AgentConfig.servers
+    entry: EdgeAddress
+    address: str | None  # the resolved address; None: let create_connection resolve the host
+    port: int
+    family: int = 0
+    nth: int = 1  # of the entry's resolved addresses, from 1
+    of: int = 1
+
+
+@dataclass(slots=True)
+class _Failure:
+    label: str
+    what: str
+    logged: bool
 
 
 class LocalEndpoint(StreamEndpoint):
@@ -137,22 +213,28 @@ class LocalEndpoint(StreamEndpoint):
 
 
 class AgentSession(MuxProtocol):
-    def __init__(self, agent: Agent, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(
+        self, agent: Agent, loop: asyncio.AbstractEventLoop, edge: EdgeAddress | None = None
+    ) -> None:
         super().__init__(Session(Role.AGENT, agent.config.session, now=loop.time()), loop)
         self.agent = agent
+        self.edge = edge or agent.config.servers[0]
         self.welcomed: asyncio.Future[control.Welcome] = loop.create_future()
         self._dialing: set[asyncio.Task[None]] = set()
         # Why the session ended, for the log: the first of GO_AWAY/terminated/refused/lost.
         self.end_reason: str | None = None
-        self._edge_going_away: GoAwayCode | None = None
+        # The edge's session-level Error, if it refused the Hello: (code, message).
+        self.refusal: tuple[str, str] | None = None
+        # The edge's GO_AWAY code, if it sent one (SHUTTING_DOWN: fail over to the next edge).
+        self.edge_going_away: GoAwayCode | None = None
 
     def on_connected(self) -> None:
-        config = self.agent.config
-        if config.websocket:
+        edge = self.edge
+        if edge.websocket:
             self.link = WebSocketLink(client=True)
-            host = config.server_hostname or config.server_host
+            host = self.agent.config.server_hostname or edge.host
             assert self.transport is not None
-            self.transport.write(self.link.handshake(f"{host}:{config.server_port}"))
+            self.transport.write(self.link.handshake(_host_port(host, edge.port)))
             return
         self.on_link_open()
 
@@ -176,7 +258,7 @@ class AgentSession(MuxProtocol):
                 self.welcomed.set_result(message)
         elif isinstance(message, control.Error) and message.id is None:
             log.error("edge refused the session: %s (%s)", message.message, message.code)
-            self.agent.last_refusal = (message.code, message.message)
+            self.refusal = self.agent.last_refusal = (message.code, message.message)
             if self.end_reason is None:
                 self.end_reason = f"refused by the edge: {message.message} ({message.code})"
         elif isinstance(message, (control.Ok, control.Error)):
@@ -247,7 +329,7 @@ class AgentSession(MuxProtocol):
     # -- teardown --------------------------------------------------------------------------------
     def on_go_away(self, code: GoAwayCode) -> None:
         log.info("the edge is going away (%s); streams in flight may finish", code.name)
-        self._edge_going_away = code
+        self.edge_going_away = code
 
     def on_terminated(self, event: ConnectionTerminated) -> None:
         log.info("session ended: %s (%s)", event.code.name, event.reason)
@@ -262,7 +344,7 @@ class AgentSession(MuxProtocol):
     def on_disconnected(self, exc: Exception | None) -> None:
         if self.end_reason is None:
             lost = describe_error(exc) if exc is not None else "closed by the edge"
-            going = self._edge_going_away
+            going = self.edge_going_away
             then = f"GO_AWAY {going.name} from the edge, then " if going is not None else ""
             self.end_reason = f"{then}connection lost: {lost}"
         self.pending.fail_all("EDGE_NOT_CONNECTED", "The connection to the edge was lost.")
@@ -292,6 +374,9 @@ class Agent:
         self.connected_event = asyncio.Event()
         self._stopping = False
         self._rng = random.Random()
+        # Where the next connect round starts: the entry and (address, port) that last answered
+        # with a welcome (the first entry at start).
+        self._last_worked: tuple[int, tuple[str | None, int] | None] = (0, None)
 
     # -- ExposureController ----------------------------------------------------------------------
     @property
@@ -377,36 +462,78 @@ class Agent:
         self.exposures.discard(port)
 
     # -- connection loop -------------------------------------------------------------------------
-    async def connect_once(self) -> AgentSession:
-        """Connect and complete the handshake; raises on failure."""
+    def describe_target(self, target: EdgeTarget) -> str:
+        """``edge b:7000 (2 of 3)``, plus the address when the host resolved to another one."""
+        text = f"edge {target.entry}"
+        count = len(self.config.servers)
+        if count > 1:
+            text += f" ({target.index + 1} of {count})"
+        address = target.address
+        if address is not None and (address != target.entry.host or target.of > 1):
+            text += f" at {_host_port(address, target.port)}"
+            if target.of > 1:
+                text += f" (address {target.nth} of {target.of})"
+        return text
+
+    async def resolve(self, index: int) -> list[EdgeTarget]:
+        """The addresses of entry ``index``, in getaddrinfo's order (looked up now, on the loop)."""
+        entry = self.config.servers[index]
+        loop = asyncio.get_running_loop()
+        async with asyncio.timeout(self.config.connect_timeout):
+            infos = await loop.getaddrinfo(entry.host, entry.port, type=socket.SOCK_STREAM)
+        seen: list[tuple[int, str, int]] = []
+        for family, _type, _proto, _name, sockaddr in infos:
+            key = (int(family), str(sockaddr[0]), int(sockaddr[1]))
+            if key not in seen:
+                seen.append(key)
+        if not seen:
+            raise OSError(f"{entry.host} has no address")
+        return [
+            EdgeTarget(index, entry, address, port, family, nth, len(seen))
+            for nth, (family, address, port) in enumerate(seen, 1)
+        ]
+
+    async def connect_once(self, target: EdgeTarget | None = None) -> AgentSession:
+        """Connect to ``target`` (default: the first edge, by name) and complete the handshake.
+
+        Raises on failure (``EdgeRefusedError`` when the edge refused the Hello); the connect and
+        the handshake each have ``config.connect_timeout``.
+        """
         loop = asyncio.get_running_loop()
         config = self.config
+        if target is None:
+            entry = config.servers[0]
+            target = EdgeTarget(0, entry, None, entry.port)
+        edge = target.entry
         _, session = await asyncio.wait_for(
             loop.create_connection(
-                lambda: AgentSession(self, loop),
-                config.server_host,
-                config.server_port,
-                ssl=config.tls,
-                server_hostname=(config.server_hostname or config.server_host)
-                if config.tls
-                else None,
+                lambda: AgentSession(self, loop, edge),
+                target.address or edge.host,
+                target.port,
+                family=target.family,
+                ssl=config.tls if edge.tls else None,
+                server_hostname=config.tls_server_name(edge),
             ),
-            CONNECT_TIMEOUT,
+            config.connect_timeout,
         )
         try:
-            welcome = await asyncio.wait_for(asyncio.shield(session.welcomed), CONNECT_TIMEOUT)
-        except BaseException:
+            welcome = await asyncio.wait_for(
+                asyncio.shield(session.welcomed), config.connect_timeout
+            )
+        except BaseException as exc:
             if session.transport is not None:
                 abort_with_reset(session.transport)
+            if session.refusal is not None and isinstance(exc, Exception):
+                code, message = session.refusal
+                raise EdgeRefusedError(f"refused by the edge: {message} ({code})") from exc
             raise
         self.session = session
         self.session_id = welcome.session
         self.last_refusal = None
         self.connected_event.set()
         log.info(
-            "connected to edge %s:%d as sandbox %s (session %s, %d exposed port%s)",
-            config.server_host,
-            config.server_port,
+            "connected to %s as sandbox %s (session %s, %d exposed port%s)",
+            self.describe_target(target),
             config.sandbox_id,
             welcome.session,
             len(welcome.exposures),
@@ -414,21 +541,79 @@ class Agent:
         )
         return session
 
+    async def connect_round(
+        self, failures: list[_Failure], *, after_drain: bool = False
+    ) -> AgentSession | None:
+        """Try every address once, starting with the one that last worked; None if all failed.
+
+        ``after_drain``: the edge that last worked is draining, so start with the address after
+        it (and try it last). Each failure is appended to ``failures`` (and logged at once when
+        there is more than one address).
+        """
+        servers = self.config.servers
+        count = len(servers)
+        start, last = self._last_worked
+        several = count > 1
+
+        async def addresses(index: int) -> list[EdgeTarget]:
+            try:
+                return await self.resolve(index)
+            except (OSError, TimeoutError) as exc:
+                entry = servers[index]
+                label = f"edge {entry}" + (f" ({index + 1} of {count})" if several else "")
+                why = describe_error(exc, self.config.connect_timeout)
+                what = f"cannot resolve {entry.host}: {why}"
+                failures.append(_Failure(label, what, several))
+                if several:
+                    log.warning("cannot connect to %s: %s", label, what)
+                return []
+
+        first = await addresses(start)
+        pivot = 0
+        for position, target in enumerate(first):
+            if (target.address, target.port) == last:
+                pivot = position + 1 if after_drain else position
+                break
+        # Lazily: an entry is resolved only when the round reaches it.
+        plan: list[list[EdgeTarget] | int] = [first[pivot:]]
+        plan += [(start + k) % count for k in range(1, count)]
+        plan.append(first[:pivot])
+        for step in plan:
+            targets = step if isinstance(step, list) else await addresses(step)
+            for target in targets:
+                if self._stopping:
+                    return None
+                multi = several or target.of > 1
+                label = self.describe_target(target)
+                (log.info if multi else log.debug)("connecting to %s", label)
+                try:
+                    session = await self.connect_once(target)
+                except (TimeoutError, OSError, ConnectionError) as exc:
+                    what = describe_error(exc, self.config.connect_timeout)
+                    failures.append(_Failure(label, what, multi))
+                    if multi:
+                        log.warning("cannot connect to %s: %s", label, what)
+                    continue
+                self._last_worked = (target.index, (target.address, target.port))
+                return session
+        return None
+
     async def run(self) -> None:
         """Stay connected until ``stop()``; log every failed connect and every session end."""
         delay = BACKOFF_FIRST
         config = self.config
+        after_drain = False
         while not self._stopping:
             replaced = False
-            try:
-                session = await self.connect_once()
-            except (TimeoutError, OSError, ConnectionError) as exc:
-                if self.last_refusal is not None:
-                    code, message = self.last_refusal
-                    what = f"refused by the edge: {message} ({code})"
+            failures: list[_Failure] = []
+            session = await self.connect_round(failures, after_drain=after_drain)
+            after_drain = False
+            if session is None:
+                if len(failures) == 1 and not failures[0].logged:
+                    what = f"cannot connect to {failures[0].label}: {failures[0].what}"
                 else:
-                    what = describe_error(exc)
-                what = f"cannot connect to edge {config.server_host}:{config.server_port}: {what}"
+                    tried = len(failures)
+                    what = f"no edge answered ({tried} attempt{'' if tried == 1 else 's'} failed)"
             else:
                 # A welcome proves the edge and the path to it work: the next loss is a new
                 # incident, not the next failure of this one (a link dropping every 2 s must
@@ -444,6 +629,8 @@ class Agent:
                     # Another agent with our identity is alive: do not fight it for the session.
                     replaced = True
                     delay = BACKOFF_CAP * 2
+                elif session.edge_going_away == GoAwayCode.SHUTTING_DOWN:
+                    after_drain = True  # that edge is draining: the next one first
             if self._stopping:
                 break
             sleep = self._rng.uniform(delay / 2, delay)
