@@ -1,0 +1,742 @@
+"""The Redis store: exposures shared by several edges, a change feed, ownership leases, nodes.
+
+Theory of operation
+-------------------
+Several tunneld nodes (event loops, on one host or many) share one Redis (or Valkey). Each node
+keeps the registry's in-memory view as before: routing never waits on Redis. Redis holds the
+exposures every node serves, tells the other nodes about each change, and holds the runtime
+facts a cluster needs: which node owns a sandbox's agent session (a lease with a fencing epoch)
+and which nodes are alive (records with a TTL).
+
+Keys, under a prefix (``tunneld`` unless the URL says ``?prefix=NAME``; one Redis can hold
+several clusters this way):
+
+==================================  =============================================================
+``{prefix}:exp:{sandbox_id}``       hash, field port -> JSON record ``{"created_at": 1.5,
+                                    "token": "...", "name": null}`` (``created_at`` first, always)
+``{prefix}:sandboxes``              set of the sandbox ids that have a hash
+``{prefix}:changes``                pub/sub channel: one JSON message per change (below)
+``{prefix}:owner:{sandbox_id}``     string ``"{epoch} {node_id}"`` with the lease as its TTL
+``{prefix}:epochs``                 hash, sandbox_id -> last epoch handed out (never expires)
+``{prefix}:node:{node_id}``         string, the node's JSON info, with a TTL
+``{prefix}:nodes``                  set of node ids (members whose record expired are pruned)
+==================================  =============================================================
+
+Every write is one Lua script (atomic, and one round trip) that changes the keys and PUBLISHes
+the change: ``{"node": id, "op": "put", "sandbox_id", "port", "record"}``, ``"op": "delete"``,
+or ``"op": "owner"`` with ``"owner": [node_id, epoch]`` or ``null`` (released). ``node`` is the
+writer's id: a node ignores its own echoes. Lease expiry is not published (Redis does not tell
+without keyspace notifications): a reader that cares asks :meth:`RedisStore.owner`. A put keeps
+the ``created_at`` of an existing record, as every store does. The scripts build key names only
+from their KEYS, except node pruning: a single Redis (or a primary with replicas), not Redis
+Cluster.
+
+Change feed. :meth:`RedisStore.watch` starts one background task that subscribes to the channel
+on a connection of its own, then reads a full snapshot (every exposure and lease) and delivers it
+as :class:`Resync`; after that, other nodes' changes as :class:`ExposurePut`,
+:class:`ExposureDeleted` and :class:`OwnerChanged`, in Redis's order. Pub/sub loses whatever is
+published while a subscriber is away, so after any loss of the connection (an error, or no
+answer to the PING sent every ``ping_interval`` seconds: a hung Redis looks alive to TCP) the task
+reconnects with jittered exponential backoff and delivers a fresh :class:`Resync`; it subscribes
+before it reads, so nothing published in between is missed (a change may arrive twice: applying
+one again changes nothing). The loss and the return of Redis are logged once each, not per try.
+
+Failures never hang a caller. Every command has a socket timeout (``timeout``, 2 s by default,
+``?timeout=SECONDS`` in the URL) and an overall deadline; a broken pooled connection is retried
+once (a Redis restart leaves every pooled connection dead), a timeout is not. Any failure raises
+:class:`~tunneld.store.StoreError`, which the registry answers as 503 ``STORE_UNAVAILABLE``;
+sessions already attached keep serving from the in-memory view meanwhile. A timeout is
+ambiguous (a hung Redis that resumes still runs what it had read), so the echo of a write that
+failed is delivered to its own node rather than ignored: the node's view follows what Redis
+finally holds, as the other nodes' views do.
+
+Durability. A put returns once Redis has applied it in memory. It survives a Redis crash only
+if Redis writes its append-only file: ``appendonly yes`` with ``appendfsync always`` (each write
+fsynced before Redis replies: a 2xx expose is on disk, as with SQLite), or ``appendfsync
+everysec`` (the default: up to about a second of acknowledged writes can be lost in a crash or a
+power loss). Redis 7.0 (Debian 12's) has no ``WAITAOF`` (7.2+), so tunneld cannot ask Redis to
+confirm the fsync of a write: the guarantee is exactly what Redis's configuration gives, and
+tunneld cannot check it beyond reading ``CONFIG GET`` (it warns at start when ``appendonly`` is
+off). Replicas are asynchronous: a failover to a replica can lose the last writes either way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import random
+import re
+import secrets
+import socket
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Final, TypeVar
+from urllib.parse import parse_qsl, urlencode, urlsplit
+
+import orjson
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+
+from .store import StoredExposure, StoreError
+
+__all__ = [
+    "DEFAULT_PREFIX",
+    "DEFAULT_TIMEOUT",
+    "Change",
+    "ExposureDeleted",
+    "ExposurePut",
+    "OwnerChanged",
+    "RedisStore",
+    "RedisURL",
+    "Resync",
+    "is_redis_url",
+    "parse_redis_url",
+]
+
+log = logging.getLogger("tunneld.store")
+
+REDIS_SCHEMES: Final = ("redis", "rediss", "unix")
+DEFAULT_PREFIX: Final = "tunneld"
+# Socket timeout of every command: long enough for a loaded Redis on a LAN (sub-millisecond
+# normally), short enough that an admin request answers 503 well before a client gives up.
+DEFAULT_TIMEOUT: Final = 2.0
+MAX_TIMEOUT: Final = 60.0
+# The feed PINGs its subscription this often; no answer within ping_interval + timeout = lost.
+DEFAULT_PING_INTERVAL: Final = 1.0
+# Reconnect backoff of the feed: from MIN to MAX seconds, doubling, each wait jittered (50-100 %).
+BACKOFF_MIN: Final = 0.1
+BACKOFF_MAX: Final = 5.0
+# Sandboxes read per pipeline round trip when loading everything.
+LOAD_CHUNK: Final = 500
+_PREFIX_RE: Final = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
+
+T = TypeVar("T")
+
+
+# -- URLs ------------------------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class RedisURL:
+    url: str  # what redis-py gets: our own query options removed
+    location: str  # for logs and messages: the URL without its password
+    prefix: str
+    timeout: float
+
+
+def is_redis_url(value: str) -> bool:
+    return value.split("://", 1)[0].lower() in REDIS_SCHEMES and "://" in value
+
+
+def parse_redis_url(value: str) -> RedisURL:
+    """Check a ``redis://``, ``rediss://`` or ``unix://`` URL; ValueError says what is wrong.
+
+    Our options ride in the query (``prefix``, ``timeout``); every other query option goes to
+    redis-py unchanged (``db`` for unix sockets, ``ssl_cert_reqs`` for rediss...).
+    """
+    parts = urlsplit(value)
+    scheme = parts.scheme.lower()
+    if scheme not in REDIS_SCHEMES or "://" not in value:
+        raise ValueError(
+            f"not a Redis URL: {redact(value)!r} (redis://host:port/db, rediss://..., "
+            "unix:///path/to/redis.sock)"
+        )
+    if scheme == "unix":
+        if not parts.path:
+            raise ValueError(f"{redact(value)}: a unix:// URL needs the socket path")
+    else:
+        if not parts.hostname:
+            raise ValueError(f"{redact(value)}: the URL needs a host (redis://host:port/db)")
+        try:
+            parts.port  # noqa: B018 - raises on a bad port
+        except ValueError:
+            raise ValueError(f"{redact(value)}: bad port") from None
+        db = parts.path.strip("/")
+        if db and not db.isdigit():
+            raise ValueError(f"{redact(value)}: the database must be a number, not {db!r}")
+    prefix, timeout = DEFAULT_PREFIX, DEFAULT_TIMEOUT
+    rest: list[tuple[str, str]] = []
+    for key, val in parse_qsl(parts.query, keep_blank_values=True):
+        if key == "prefix":
+            if not _PREFIX_RE.fullmatch(val):
+                raise ValueError(f"prefix must be 1-64 of A-Z a-z 0-9 _ . : -, not {val!r}")
+            prefix = val
+        elif key == "timeout":
+            try:
+                timeout = float(val)
+            except ValueError:
+                timeout = -1.0
+            if not 0 < timeout <= MAX_TIMEOUT:
+                raise ValueError(f"timeout must be a number of seconds in (0, 60], not {val!r}")
+        else:
+            rest.append((key, val))
+    query = urlencode(rest)
+    # by hand: urlunsplit drops the "//" of an empty netloc (unix:///path -> unix:/path)
+    clean = f"{parts.scheme}://{parts.netloc}{parts.path}" + (f"?{query}" if query else "")
+    return RedisURL(clean, redact(clean), prefix, timeout)
+
+
+def redact(url: str) -> str:
+    """``url`` without its password (user names stay: they help to tell accounts apart)."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.netloc.rsplit("@", 1)[1]
+    query = f"?{parts.query}" if parts.query else ""
+    return f"{parts.scheme}://{user}:***@{host}{parts.path}{query}"
+
+
+# -- the feed's events -----------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class ExposurePut:
+    """Another node stored ``record`` (created_at as stored: an existing one's is kept)."""
+
+    node: str
+    record: StoredExposure
+
+
+@dataclass(frozen=True, slots=True)
+class ExposureDeleted:
+    node: str
+    sandbox_id: str
+    port: int
+
+
+@dataclass(frozen=True, slots=True)
+class OwnerChanged:
+    """``owner`` (node id, epoch) claimed the sandbox, or None: its owner released it."""
+
+    node: str
+    sandbox_id: str
+    owner: tuple[str, int] | None
+
+
+@dataclass(frozen=True, slots=True)
+class Resync:
+    """Everything Redis holds now: replace the view with it (after a (re)subscription)."""
+
+    records: list[StoredExposure]
+    owners: dict[str, tuple[str, int]]
+
+
+Change = ExposurePut | ExposureDeleted | OwnerChanged | Resync
+
+
+# -- scripts ---------------------------------------------------------------------------------------
+# KEYS: exposure hash, sandboxes set. ARGV: sandbox id, port, created_at (JSON number), the
+# record's JSON after created_at, channel, message head (the message up to "record":).
+_PUT_LUA: Final = """
+local created = ARGV[3]
+local old = redis.call('HGET', KEYS[1], ARGV[2])
+if old then
+  local kept = string.match(old, '^{"created_at":([^,]+),')
+  if kept then created = kept end
+end
+local value = '{"created_at":' .. created .. ',' .. ARGV[4]
+redis.call('HSET', KEYS[1], ARGV[2], value)
+redis.call('SADD', KEYS[2], ARGV[1])
+redis.call('PUBLISH', ARGV[5], ARGV[6] .. value .. '}')
+return value
+"""
+# KEYS: exposure hash, sandboxes set. ARGV: sandbox id, port, channel, message.
+_DELETE_LUA: Final = """
+if redis.call('HDEL', KEYS[1], ARGV[2]) == 0 then return 0 end
+if redis.call('EXISTS', KEYS[1]) == 0 then redis.call('SREM', KEYS[2], ARGV[1]) end
+redis.call('PUBLISH', ARGV[3], ARGV[4])
+return 1
+"""
+# KEYS: owner key, epochs hash. ARGV: sandbox id, node id, lease ms, channel, message head.
+_CLAIM_LUA: Final = """
+local epoch = redis.call('HINCRBY', KEYS[2], ARGV[1], 1)
+redis.call('SET', KEYS[1], epoch .. ' ' .. ARGV[2], 'PX', ARGV[3])
+redis.call('PUBLISH', ARGV[4], ARGV[5] .. epoch .. ']}')
+return epoch
+"""
+# KEYS: owner key. ARGV: "epoch node", lease ms.
+_RENEW_LUA: Final = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 1
+end
+return 0
+"""
+# KEYS: owner key. ARGV: "epoch node", channel, message.
+_RELEASE_LUA: Final = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('DEL', KEYS[1])
+  redis.call('PUBLISH', ARGV[2], ARGV[3])
+  return 1
+end
+return 0
+"""
+# KEYS: node key, nodes set. ARGV: node id, info JSON, ttl ms.
+_REGISTER_NODE_LUA: Final = """
+redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+redis.call('SADD', KEYS[2], ARGV[1])
+return 1
+"""
+# KEYS: nodes set. ARGV: node key prefix. Returns id, info, id, info... pruning expired ones.
+_NODES_LUA: Final = """
+local out = {}
+for _, id in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  local info = redis.call('GET', ARGV[1] .. id)
+  if info then
+    out[#out + 1] = id
+    out[#out + 1] = info
+  else
+    redis.call('SREM', KEYS[1], id)
+  end
+end
+return out
+"""
+
+
+def default_node_id() -> str:
+    """Unique per process and start: host, pid and a random part (a restarted node is new)."""
+    host = socket.gethostname().split(".")[0] or "host"
+    return f"{host}-{os.getpid()}-{secrets.token_hex(3)}"
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, TimeoutError) and not str(exc):
+        return "timed out"
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+class RedisStore:
+    """Exposures, leases and node records in Redis (see the module docstring)."""
+
+    kind = "redis"
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        node_id: str | None = None,
+        prefix: str | None = None,
+        timeout: float | None = None,
+        ping_interval: float = DEFAULT_PING_INTERVAL,
+    ) -> None:
+        """``url``: see :func:`parse_redis_url` (ValueError when it is not usable). Nothing
+        connects here: the first command does (the edge's start-up ``load_all``)."""
+        parsed = parse_redis_url(url)
+        self.location = parsed.location
+        self.node_id = node_id or default_node_id()
+        self.prefix = prefix if prefix is not None else parsed.prefix
+        self.timeout = timeout if timeout is not None else parsed.timeout
+        self.ping_interval = ping_interval
+        # Socket timeout per command; one retry on a broken pooled connection can double it.
+        self._deadline = 2 * self.timeout + 0.5
+        options: dict[str, Any] = {
+            "socket_timeout": self.timeout,
+            "socket_connect_timeout": self.timeout,
+            "health_check_interval": 0,
+        }
+        # Typed Any: redis-py's stubs cannot know that decode_responses is off (bytes back).
+        self._client: Any = aioredis.Redis.from_url(
+            parsed.url,
+            retry=Retry(NoBackoff(), 1, (RedisConnectionError,)),
+            **options,
+        )
+        # The feed's own client never retries: a reconnect must be seen, to resync after it.
+        self._feed_client: Any = aioredis.Redis.from_url(
+            parsed.url, retry=Retry(NoBackoff(), 0), **options
+        )
+        p = self.prefix
+        self.channel = f"{p}:changes"
+        self.sandboxes_key = f"{p}:sandboxes"
+        self.epochs_key = f"{p}:epochs"
+        self.nodes_key = f"{p}:nodes"
+        self._put_script = self._client.register_script(_PUT_LUA)
+        self._delete_script = self._client.register_script(_DELETE_LUA)
+        self._claim_script = self._client.register_script(_CLAIM_LUA)
+        self._renew_script = self._client.register_script(_RENEW_LUA)
+        self._release_script = self._client.register_script(_RELEASE_LUA)
+        self._register_node_script = self._client.register_script(_REGISTER_NODE_LUA)
+        self._nodes_script = self._client.register_script(_NODES_LUA)
+        self._callbacks: list[Callable[[Change], None]] = []
+        self._feed: asyncio.Task[None] | None = None
+        self._closed = False
+        # Writes that failed with an unknown outcome (a timeout: Redis may still apply them when
+        # it recovers). Their echo is delivered, not ignored, so this node's view follows Redis.
+        self._uncertain: set[tuple[str, int]] = set()
+        self.feed_connected = False  # the feed is subscribed and has delivered its Resync
+        self.resyncs = 0  # Resync events delivered so far (tests and metrics)
+
+    @classmethod
+    def from_url(cls, url: str, **options: Any) -> RedisStore:
+        try:
+            return cls(url, **options)
+        except ValueError as exc:
+            raise StoreError(f"store: {exc}") from None
+
+    # -- key names -------------------------------------------------------------------------------
+    def exposure_key(self, sandbox_id: str) -> str:
+        return f"{self.prefix}:exp:{sandbox_id}"
+
+    def owner_key(self, sandbox_id: str) -> str:
+        return f"{self.prefix}:owner:{sandbox_id}"
+
+    def node_key(self, node_id: str) -> str:
+        return f"{self.prefix}:node:{node_id}"
+
+    # -- calls -----------------------------------------------------------------------------------
+    async def _call(self, what: str, operation: Awaitable[T]) -> T:
+        """Await a Redis operation within the deadline; any failure is a StoreError."""
+        if self._closed:
+            if asyncio.iscoroutine(operation):
+                operation.close()
+            raise StoreError(f"redis at {self.location}: the store is closed")
+        try:
+            async with asyncio.timeout(self._deadline):
+                return await operation
+        except (RedisError, OSError, TimeoutError) as exc:
+            raise StoreError(
+                f"redis at {self.location}: {what} failed ({_describe(exc)})"
+            ) from None
+
+    def _head(self, op: str, sandbox_id: str, **fields: Any) -> bytes:
+        """The change message up to its last value (the scripts append it and the closing)."""
+        body = orjson.dumps({"node": self.node_id, "op": op, "sandbox_id": sandbox_id, **fields})
+        return body[:-1] + b","
+
+    # -- Store -----------------------------------------------------------------------------------
+    async def load_all(self) -> list[StoredExposure]:
+        return await self._call("reading the exposures", self._load_all())
+
+    async def _load_all(self) -> list[StoredExposure]:
+        client = self._client
+        members = sorted(m.decode() for m in await client.smembers(self.sandboxes_key))
+        records: list[StoredExposure] = []
+        for start in range(0, len(members), LOAD_CHUNK):
+            chunk = members[start : start + LOAD_CHUNK]
+            async with client.pipeline(transaction=False) as pipe:
+                for sandbox_id in chunk:
+                    pipe.hgetall(self.exposure_key(sandbox_id))
+                hashes = await pipe.execute()
+            for sandbox_id, fields in zip(chunk, hashes, strict=True):
+                for port in sorted(int(p) for p in fields):
+                    records.append(self._decode(sandbox_id, port, fields[str(port).encode()]))
+        return records
+
+    def _decode(self, sandbox_id: str, port: int, value: bytes) -> StoredExposure:
+        try:
+            data = orjson.loads(value)
+            return StoredExposure(
+                sandbox_id, port, data["token"], data["name"], float(data["created_at"])
+            )
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+            raise StoreError(
+                f"redis at {self.location}: {self.exposure_key(sandbox_id)} port {port} holds "
+                f"an unreadable record {value[:80]!r}: fix or delete it (HDEL)"
+            ) from None
+
+    async def put(self, record: StoredExposure) -> None:
+        created = orjson.dumps(record.created_at)
+        tail = orjson.dumps({"token": record.token, "name": record.name})[1:]
+        head = self._head("put", record.sandbox_id, port=record.port) + b'"record":'
+        await self._write(
+            record.sandbox_id,
+            record.port,
+            f"storing {record.sandbox_id} port {record.port}",
+            self._put_script(
+                keys=[self.exposure_key(record.sandbox_id), self.sandboxes_key],
+                args=[record.sandbox_id, record.port, created, tail, self.channel, head],
+            ),
+        )
+
+    async def delete(self, sandbox_id: str, port: int) -> None:
+        message = orjson.dumps(
+            {"node": self.node_id, "op": "delete", "sandbox_id": sandbox_id, "port": port}
+        )
+        await self._write(
+            sandbox_id,
+            port,
+            f"deleting {sandbox_id} port {port}",
+            self._delete_script(
+                keys=[self.exposure_key(sandbox_id), self.sandboxes_key],
+                args=[sandbox_id, port, self.channel, message],
+            ),
+        )
+
+    async def _write(
+        self, sandbox_id: str, port: int, what: str, operation: Awaitable[Any]
+    ) -> None:
+        key = (sandbox_id, port)
+        try:
+            await self._call(what, operation)
+        except StoreError:
+            self._uncertain.add(key)
+            raise
+        self._uncertain.discard(key)  # this write superseded the uncertain one
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._feed is not None:
+            self._feed.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._feed
+        for client in (self._client, self._feed_client):
+            with contextlib.suppress(RedisError, OSError, TimeoutError):
+                async with asyncio.timeout(self.timeout):
+                    await client.aclose()
+
+    async def check_durability(self) -> str | None:
+        """A warning when Redis is not configured to keep writes across its own crash."""
+        try:
+            config = await self._call(
+                "reading CONFIG", self._client.config_get("append*")
+            )  # may be refused (renamed CONFIG): then we cannot tell
+        except StoreError:
+            return None
+        appendonly = config.get(b"appendonly", config.get("appendonly"))
+        if appendonly in (b"no", "no"):
+            return (
+                f"redis at {self.location} runs with appendonly no: exposures are lost if "
+                "Redis restarts; set appendonly yes and appendfsync always (docs/operations.md)"
+            )
+        return None
+
+    # -- ownership leases ------------------------------------------------------------------------
+    async def claim(self, sandbox_id: str, node_id: str, lease_s: float) -> int:
+        """Make ``node_id`` the owner for ``lease_s`` seconds; return its fencing epoch, higher
+        than any epoch handed out for the sandbox before (the newest claimant wins)."""
+        head = orjson.dumps(
+            {"node": node_id, "op": "owner", "sandbox_id": sandbox_id, "owner": [node_id, 0]}
+        )
+        head = head[: head.rindex(b"0]}")]  # the script appends the epoch
+        epoch = await self._call(
+            f"claiming {sandbox_id}",
+            self._claim_script(
+                keys=[self.owner_key(sandbox_id), self.epochs_key],
+                args=[sandbox_id, node_id, _ms(lease_s), self.channel, head],
+            ),
+        )
+        return int(epoch)
+
+    async def renew(self, sandbox_id: str, node_id: str, epoch: int, lease_s: float) -> bool:
+        """Extend the lease; False when it is gone or another claim replaced it: stop serving."""
+        renewed = await self._call(
+            f"renewing {sandbox_id}",
+            self._renew_script(
+                keys=[self.owner_key(sandbox_id)], args=[f"{epoch} {node_id}", _ms(lease_s)]
+            ),
+        )
+        return bool(renewed)
+
+    async def release(self, sandbox_id: str, node_id: str, epoch: int) -> bool:
+        """Drop the lease if it is still ``node_id``'s at ``epoch`` (True when it was)."""
+        message = orjson.dumps(
+            {"node": node_id, "op": "owner", "sandbox_id": sandbox_id, "owner": None}
+        )
+        released = await self._call(
+            f"releasing {sandbox_id}",
+            self._release_script(
+                keys=[self.owner_key(sandbox_id)],
+                args=[f"{epoch} {node_id}", self.channel, message],
+            ),
+        )
+        return bool(released)
+
+    async def owner(self, sandbox_id: str) -> tuple[str, int] | None:
+        value = await self._call(
+            f"reading {sandbox_id}'s owner", self._client.get(self.owner_key(sandbox_id))
+        )
+        return _parse_owner(value)
+
+    async def _owners(self) -> dict[str, tuple[str, int]]:
+        keys: list[bytes] = [
+            k async for k in self._client.scan_iter(match=f"{self.prefix}:owner:*", count=1000)
+        ]
+        owners: dict[str, tuple[str, int]] = {}
+        cut = len(self.owner_key(""))
+        for start in range(0, len(keys), LOAD_CHUNK):
+            chunk = keys[start : start + LOAD_CHUNK]
+            for key, value in zip(chunk, await self._client.mget(chunk), strict=True):
+                owner = _parse_owner(value)
+                if owner is not None:
+                    owners[key.decode()[cut:]] = owner
+        return owners
+
+    # -- node records ----------------------------------------------------------------------------
+    async def register_node(self, node_id: str, info: dict[str, Any], ttl_s: float) -> None:
+        await self._call(
+            f"registering node {node_id}",
+            self._register_node_script(
+                keys=[self.node_key(node_id), self.nodes_key],
+                args=[node_id, orjson.dumps(info), _ms(ttl_s)],
+            ),
+        )
+
+    async def renew_node(self, node_id: str, ttl_s: float) -> bool:
+        """Extend the record's TTL; False when it expired meanwhile (register again)."""
+        return bool(
+            await self._call(
+                f"renewing node {node_id}",
+                self._client.pexpire(self.node_key(node_id), _ms(ttl_s)),
+            )
+        )
+
+    async def unregister_node(self, node_id: str) -> None:
+        async def both() -> None:
+            async with self._client.pipeline(transaction=True) as pipe:
+                pipe.delete(self.node_key(node_id))
+                pipe.srem(self.nodes_key, node_id)
+                await pipe.execute()
+
+        await self._call(f"unregistering node {node_id}", both())
+
+    async def nodes(self) -> dict[str, dict[str, Any]]:
+        """Every node whose record has not expired: node id -> the info it registered."""
+        flat = await self._call(
+            "listing nodes",
+            self._nodes_script(keys=[self.nodes_key], args=[self.node_key("")]),
+        )
+        result: dict[str, dict[str, Any]] = {}
+        for i in range(0, len(flat), 2):
+            with contextlib.suppress(orjson.JSONDecodeError):
+                result[flat[i].decode()] = orjson.loads(flat[i + 1])
+        return result
+
+    # -- change feed -----------------------------------------------------------------------------
+    def watch(self, callback: Callable[[Change], None]) -> None:
+        """Call ``callback`` on the event loop with every change of other nodes, and with a
+        :class:`Resync` after each (re)subscription, the first one included. Started once; the
+        task runs until :meth:`close`. A callback that raises is logged and kept."""
+        self._callbacks.append(callback)
+        if self._feed is None and not self._closed:
+            self._feed = asyncio.get_running_loop().create_task(
+                self._run_feed(), name=f"tunneld-redis-feed {self.location}"
+            )
+
+    def unwatch(self, callback: Callable[[Change], None]) -> None:
+        with contextlib.suppress(ValueError):
+            self._callbacks.remove(callback)
+
+    def _emit(self, change: Change) -> None:
+        for callback in list(self._callbacks):
+            try:
+                callback(change)
+            except Exception:
+                log.exception("redis change feed: a subscriber failed on %s", type(change).__name__)
+
+    async def _run_feed(self) -> None:
+        loop = asyncio.get_running_loop()
+        lost_at: float | None = None
+        delay = 0.0
+        while True:
+            pubsub = self._feed_client.pubsub()
+            try:
+                async with asyncio.timeout(self._deadline):
+                    await pubsub.subscribe(self.channel)
+                    while True:  # the confirmation: from here on nothing published is missed
+                        message = await pubsub.get_message(timeout=self.timeout)
+                        if message is not None and message["type"] == "subscribe":
+                            break
+                    records = await self._load_all()
+                    owners = await self._owners()
+                if lost_at is not None:
+                    log.warning(
+                        "redis at %s is back after %.1fs: resynced %d exposures",
+                        self.location,
+                        loop.time() - lost_at,
+                        len(records),
+                    )
+                lost_at, delay = None, 0.0
+                self.feed_connected = True
+                self.resyncs += 1
+                self._emit(Resync(records, owners))
+                await self._listen(pubsub)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # anything: the feed must outlive every failure
+                self.feed_connected = False
+                if lost_at is None:
+                    lost_at = loop.time()
+                    log.warning(
+                        "redis at %s unreachable (%s): serving the exposures in memory; "
+                        "changes answer 503 STORE_UNAVAILABLE until it is back",
+                        self.location,
+                        _describe(exc),
+                    )
+                delay = min(BACKOFF_MAX, max(BACKOFF_MIN, delay * 2))
+                await asyncio.sleep(random.uniform(delay / 2, delay))
+            finally:
+                with contextlib.suppress(Exception):
+                    async with asyncio.timeout(self.timeout):
+                        await pubsub.aclose()
+
+    async def _listen(self, pubsub: Any) -> None:
+        """Deliver messages until the subscription fails or stops answering PINGs (raises)."""
+        loop = asyncio.get_running_loop()
+        last_heard = next_ping = loop.time()
+        while True:
+            message = await pubsub.get_message(timeout=max(0.0, next_ping - loop.time()) or 0.001)
+            now = loop.time()
+            if message is not None:
+                last_heard = now
+                if message["type"] == "message":
+                    self._receive(message["data"])
+            if now >= next_ping:
+                if now - last_heard > self.ping_interval + self.timeout:
+                    raise TimeoutError(f"no answer to PING for {now - last_heard:.1f}s")
+                async with asyncio.timeout(self.timeout):
+                    await pubsub.ping()
+                next_ping = now + self.ping_interval
+
+    def _receive(self, data: bytes) -> None:
+        try:
+            change = _parse_change(data)
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+            log.warning("redis change feed: unreadable message %r (%s)", data[:120], exc)
+            return
+        if change is None:
+            return
+        if change.node == self.node_id:
+            if not isinstance(change, (ExposurePut, ExposureDeleted)):
+                return
+            key = (
+                (change.record.sandbox_id, change.record.port)
+                if isinstance(change, ExposurePut)
+                else (change.sandbox_id, change.port)
+            )
+            if key not in self._uncertain:
+                return  # our own echo: the writer already has it
+            self._uncertain.discard(key)
+        self._emit(change)
+
+
+def _ms(seconds: float) -> int:
+    return max(1, round(seconds * 1000))
+
+
+def _parse_owner(value: bytes | None) -> tuple[str, int] | None:
+    if value is None:
+        return None
+    epoch, _, node = value.decode().partition(" ")
+    return node, int(epoch)
+
+
+def _parse_change(data: bytes) -> ExposurePut | ExposureDeleted | OwnerChanged | None:
+    message = orjson.loads(data)
+    op = message["op"]
+    node = str(message["node"])
+    sandbox_id = str(message["sandbox_id"])
+    if op == "put":
+        r = message["record"]
+        record = StoredExposure(
+            sandbox_id, int(message["port"]), r["token"], r["name"], float(r["created_at"])
+        )
+        return ExposurePut(node, record)
+    if op == "delete":
+        return ExposureDeleted(node, sandbox_id, int(message["port"]))
+    if op == "owner":
+        owner = message["owner"]
+        return OwnerChanged(node, sandbox_id, None if owner is None else (owner[0], int(owner[1])))
+    return None  # a newer node's message kind: not ours to act on
