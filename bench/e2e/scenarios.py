@@ -99,6 +99,8 @@ def wrk(
     res: dict[str, Any] = {"errors": 0, "non2xx": 0}
     m = re.search(r"Requests/sec:\s+([\d.]+)", out)
     res["req_s"] = float(m.group(1)) if m else 0.0
+    m = re.search(r"(\d+) requests in", out)
+    res["requests"] = int(m.group(1)) if m else 0
     m = re.search(r"Transfer/sec:\s+([\d.]+)(\w+)", out)
     res["mib_s"] = float(m.group(1)) * _BYTES[m.group(2)] / 2**20 if m else 0.0
     for p in ("50", "99"):

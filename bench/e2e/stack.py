@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import resource
+import shlex
 import shutil
 import signal
 import socket
@@ -326,14 +327,19 @@ class Stack:
         # tunneld
         env = tunneld_env()
         ports_file = d / "tunneld-ports.json"
+        # BENCH_TUNNELD_WRAP: a command put in front of tunneld (bench/e2e/instr.py runs it
+        # under valgrind --tool=callgrind to count instructions per request).
+        wrap = shlex.split(os.environ.get("BENCH_TUNNELD_WRAP", ""))
+        if wrap:
+            wrap.append(sys.executable)
         self.tunneld = self.spawn(
             "tunneld",
-            [str(VENV_BIN / "tunneld"), "serve", "--public-port", "0", "--agent-port", "0",
+            [*wrap, str(VENV_BIN / "tunneld"), "serve", "--public-port", "0", "--agent-port", "0",
              "--admin-port", "0", "--ports-file", str(ports_file), "--log-level", "warning",
              "--parser", self.parser],
             env,
         )  # fmt: skip
-        ports = _wait_json(ports_file, self.tunneld)
+        ports = _wait_json(ports_file, self.tunneld, 180 if wrap else 15)
         self.public_port, self.agent_port, self.admin_port = (
             ports["public"],
             ports["agent"],

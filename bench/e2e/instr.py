@@ -1,0 +1,121 @@
+"""Instructions per request of the edge, across commits: a cost that machine noise cannot move.
+
+``python -m bench.e2e.instr COMMIT[,COMMIT...] [REQUESTS]``
+
+On a shared two-core machine req/s and even CPU-seconds per request swing by 10-30 % with what
+else runs, so a code change of a few percent cannot be seen in them. This runs tunneld (each
+commit's ``protocol relay agent tunneld``, as ``bench.e2e.ab`` does) under
+``valgrind --tool=callgrind --instr-atstart=no``, warms it up with uninstrumented requests, then
+counts the instructions tunneld executes for ``REQUESTS`` small keep-alive requests
+(``GET /1k`` through the tunnel, 10 connections used in turn, one request in flight: every
+request pays a full event-loop round trip, so this weighs per-request overhead, the part that
+matters for small HTTP). The count is repeatable to well under 1 % between runs of the same
+commit, whatever the load of the machine (checked: see docs/performance.md). Needs valgrind
+(Debian package ``valgrind``), nginx and wrk as for ``bench.e2e``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from .ab import tree
+from .stack import Stack
+
+CONNS = 10
+
+
+def _request_loop(port: int, host: str, count: int) -> None:
+    socks = [socket.create_connection(("127.0.0.1", port), timeout=60) for _ in range(CONNS)]
+    req = f"GET /1k HTTP/1.1\r\nHost: {host}\r\n\r\n".encode()
+    try:
+        for i in range(count):
+            s = socks[i % CONNS]
+            s.sendall(req)
+            buf = b""
+            while True:
+                chunk = s.recv(65536)
+                if not chunk:
+                    raise RuntimeError("the tunnel closed a keep-alive connection")
+                buf += chunk
+                head_end = buf.find(b"\r\n\r\n")
+                if head_end >= 0:
+                    m = re.search(rb"content-length: *(\d+)", buf[:head_end], re.I)
+                    if m is None or not buf.startswith(b"HTTP/1.1 200"):
+                        raise RuntimeError(f"unexpected response: {buf[:200]!r}")
+                    if len(buf) >= head_end + 4 + int(m.group(1)):
+                        break
+    finally:
+        for s in socks:
+            s.close()
+
+
+def _control(pid: int, *args: str) -> None:
+    subprocess.run(["callgrind_control", *args, str(pid)], check=True, capture_output=True)
+
+
+def measure(requests: int, out_dir: Path) -> float:
+    """Instructions tunneld executes per request (this PYTHONPATH's code)."""
+    out_file = out_dir / "callgrind.out"
+    os.environ["BENCH_TUNNELD_WRAP"] = (
+        f"valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file={out_file}"
+    )
+    try:
+        stack = Stack().start()
+    finally:
+        del os.environ["BENCH_TUNNELD_WRAP"]
+    try:
+        assert stack.tunneld is not None
+        pid = stack.tunneld.pid
+        _request_loop(stack.public_port, stack.http_host, 300)  # warm: caches, JIT translation
+        _control(pid, "--instr=on")
+        _request_loop(stack.public_port, stack.http_host, requests)
+        _control(pid, "--instr=off")
+        _control(pid, "--dump")
+        time.sleep(0.5)
+    finally:
+        stack.close()
+    total = 0
+    for f in out_dir.glob("callgrind.out*"):
+        # a dump's "summary:" line may be 0 (it is written first); "totals:" has the count
+        counts = re.findall(r"^(?:summary|totals): (\d+)", f.read_text(errors="replace"), re.M)
+        total = max([total, *map(int, counts)])
+        f.unlink()
+    if not total:
+        raise RuntimeError("callgrind wrote no totals")
+    return total / requests
+
+
+def main(argv: list[str]) -> int:
+    if not argv:
+        print(__doc__)
+        return 2
+    commits = argv[0].split(",")
+    requests = int(argv[1]) if len(argv) > 1 else 2000
+    saved = os.environ.get("PYTHONPATH")
+    results: dict[str, float] = {}
+    with tempfile.TemporaryDirectory(prefix="tunneld-instr-") as tmp:
+        for c in commits:
+            os.environ["PYTHONPATH"] = str(tree(c, Path(tmp)))
+            try:
+                results[c] = measure(requests, Path(tmp))
+            finally:
+                if saved is None:
+                    os.environ.pop("PYTHONPATH", None)
+                else:
+                    os.environ["PYTHONPATH"] = saved
+            print(f"{c}: {results[c]:,.0f} instructions per request", flush=True)
+    base = results[commits[0]]
+    print(json.dumps({c: {"ir": v, "ratio": v / base} for c, v in results.items()}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
