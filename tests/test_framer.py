@@ -6,14 +6,11 @@ import pytest
 
 from tunneld.framing import (
     MAX_UPGRADE_HOLD,
-    Body,
-    Head,
-    Invalid,
     RequestFramer,
     State,
     forward_head,
 )
-from tunneld.httphead import H11HeadParser, HttptoolsHeadParser
+from tunneld.httphead import H11HeadParser, HeadError, HttptoolsHeadParser, RequestHead
 
 PARSERS = [HttptoolsHeadParser(), H11HeadParser()]
 UPGRADE = b"GET /ws HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"
@@ -27,16 +24,16 @@ def _run(framer: RequestFramer, data: bytes, *, split: bool) -> list[tuple[str, 
         events += framer.receive_data(memoryview(piece))
     out: list[tuple[str, bytes]] = []
     for event in events:
-        if isinstance(event, Head):
-            out.append(("head", event.head.target))
-        elif isinstance(event, Body):
-            if out and out[-1][0] == "body":
-                out[-1] = ("body", out[-1][1] + bytes(event.data))
-            else:
-                out.append(("body", bytes(event.data)))
+        if isinstance(event, RequestHead):
+            out.append(("head", event.target))
+        elif isinstance(event, HeadError):
+            out.append(("invalid", event.code.encode()))
         else:
-            assert isinstance(event, Invalid)
-            out.append(("invalid", event.error.code.encode()))
+            assert isinstance(event, (bytes, memoryview)), event
+            if out and out[-1][0] == "body":
+                out[-1] = ("body", out[-1][1] + bytes(event))
+            else:
+                out.append(("body", bytes(event)))
     return out
 
 
@@ -124,7 +121,7 @@ def test_upgrade_hold_is_bounded(framer: RequestFramer) -> None:
     framer.receive_data(UPGRADE)
     assert framer.receive_data(b"x" * MAX_UPGRADE_HOLD) == []
     events = framer.receive_data(b"x")
-    assert len(events) == 1 and isinstance(events[0], Invalid) and events[0].error.status == 400
+    assert len(events) == 1 and isinstance(events[0], HeadError) and events[0].status == 400
     assert framer.state is State.DONE and framer.take_held() == b""
 
 

@@ -43,7 +43,7 @@ from protocol.hostnames import parse_preview_host
 from relay.buffers import SHARED
 from relay.mux import StreamEndpoint, abort_with_reset, set_reset_on_close
 
-from .framing import Body, Head, Invalid, RequestFramer, State, forward_head
+from .framing import RequestFramer, State, forward_head
 from .httphead import HeadError, HeadParser, RequestHead
 
 if TYPE_CHECKING:
@@ -105,6 +105,7 @@ class PublicConnection(StreamEndpoint):
         "_peer_ip",
         "_responded",
         "_route",
+        "_routed_host",
         "_seen_activity",
         "_timer",
         "_timer_activity",
@@ -124,6 +125,7 @@ class PublicConnection(StreamEndpoint):
         self._framer = RequestFramer(parser)
         self._holding = False  # reading paused until the service answers an upgrade
         self._route: tuple[int, str, str | None] | None = None
+        self._routed_host = b""  # the first request's Host bytes
         self._host_line = b""
         self._trailer = b""
         self._responded = False  # response bytes reached the client
@@ -226,16 +228,18 @@ class PublicConnection(StreamEndpoint):
     def _after_input(self) -> None:
         """Re-arm the timer that fits the framer's state; pause reading while an upgrade waits."""
         framer = self._framer
-        if framer.head_pending or (self.mux is None and framer.state is State.HEAD):
-            self._arm_timer("head")
-        elif framer.idle:
-            self._arm_timer("keepalive")
-        elif framer.state is not State.DONE:
-            self._cancel_timer()  # a body or a tunnel: only the idle sweep applies
-        if framer.holding and not self._holding:
-            self._holding = True
-            if self.transport is not None:
-                self.transport.pause_reading()
+        state = framer.state
+        if state is State.HEAD:
+            if self.mux is None or framer.head_pending:
+                self._arm_timer("head")  # the first head, or a later one part-way in
+            else:
+                self._arm_timer("keepalive")  # between requests
+        elif state is not State.DONE:
+            self._cancel_timer()  # a body, a tunnel, an upgrade: only the idle sweep applies
+            if framer.holding and not self._holding:
+                self._holding = True
+                if self.transport is not None:
+                    self.transport.pause_reading()
 
     # -- client -> service -----------------------------------------------------------------------
     def buffer_updated(self, nbytes: int) -> None:
@@ -248,28 +252,34 @@ class PublicConnection(StreamEndpoint):
 
     def _feed(self, data: memoryview | bytes) -> None:
         for event in self._framer.receive_data(data):
-            if isinstance(event, Body):
-                self.forward(event.data)
-            elif isinstance(event, Head):
+            if isinstance(event, RequestHead):
                 if self._timer_kind == "head":
                     self._cancel_timer()
-                if not self._on_head(event.head):
+                if not self._on_head(event):
                     return
-            elif isinstance(event, Invalid):
-                self._client_error(event.error)
+            elif isinstance(event, HeadError):
+                self._client_error(event)
                 return
+            else:
+                self.forward(event)
         self._after_input()
 
     def _on_head(self, head: RequestHead) -> bool:
         server = self.server
         config = server.config
-        host = head.host.decode("latin-1")
-        route = parse_preview_host(host, config.domain, tokens=config.tokens)
         if self._route is not None:
-            if route is None or (route.port, route.sandbox_id, route.token) != self._route:
-                self._misdirect()
-                return False
+            # A later request on the connection: the same Host bytes as the first one are the
+            # same route (the common case, and no parse); any other must name that route too.
+            if head.host != self._routed_host:
+                route = parse_preview_host(
+                    head.host.decode("latin-1"), config.domain, tokens=config.tokens
+                )
+                if route is None or (route.port, route.sandbox_id, route.token) != self._route:
+                    self._misdirect()
+                    return False
         else:
+            host = head.host.decode("latin-1")
+            route = parse_preview_host(host, config.domain, tokens=config.tokens)
             if route is None:
                 self.fail(404, "UNKNOWN_HOST", f"No preview URL matches host {host!r}.")
                 return False
@@ -287,6 +297,7 @@ class PublicConnection(StreamEndpoint):
                 )
                 return False
             self._route = (route.port, route.sandbox_id, route.token)
+            self._routed_host = head.host
             self.port = route.port
             self.sandbox_id = route.sandbox_id
             self._host_line = b"host: localhost:%d\r\n" % route.port

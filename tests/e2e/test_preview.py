@@ -311,6 +311,21 @@ async def test_second_request_for_other_host_is_refused(stack: Stack) -> None:
     assert b"HTTP/1.1 421 " in answer
 
 
+async def test_later_requests_are_checked_even_when_host_bytes_differ(stack: Stack) -> None:
+    """Later requests whose Host equals the first one's skip the parse; any other spelling is
+    parsed and must name the same route: upper case is the same URL, another token is not."""
+    _origin, exposed = await _exposed(stack)
+    host = stack.host_of(exposed["exposedAt"]).encode()
+    port, rest = host.split(b"-", 1)
+    wrong_token = port + b"-" + rest.rsplit(b"-", 1)[0] + b"-" + b"x" * 16 + b".localhost"
+    same = b"GET / HTTP/1.1\r\nHost: " + host + b"\r\n\r\n"
+    upper = b"GET / HTTP/1.1\r\nHost: " + host.upper() + b"\r\n\r\n"
+    other = b"GET / HTTP/1.1\r\nHost: " + wrong_token + b"\r\n\r\n"
+    answer = await raw_request(stack.edge.public_port, same + upper + same + other + same)
+    assert answer.count(b"hello from origin") == 3, answer
+    assert answer.count(b"HTTP/1.1 421 ") == 1, answer
+
+
 async def test_idle_connections_are_closed() -> None:
     stack = await Stack(idle_timeout=1.0).start()
     try:
