@@ -1,17 +1,17 @@
-"""Instructions per request of the edge, across commits: a cost that machine noise cannot move.
+"""Instructions per request of the edge and the agent, across commits: a cost that noise can't move.
 
 ``python -m bench.e2e.instr COMMIT[,COMMIT...] [REQUESTS]``
 
 On a shared two-core machine req/s and even CPU-seconds per request swing by 10-30 % with what
-else runs, so a code change of a few percent cannot be seen in them. This runs tunneld (each
-commit's ``protocol relay agent tunneld``, as ``bench.e2e.ab`` does) under
-``valgrind --tool=callgrind --instr-atstart=no``, warms it up with uninstrumented requests, then
-counts the instructions tunneld executes for ``REQUESTS`` small keep-alive requests
+else runs, so a code change of a few percent cannot be seen in them. This runs tunneld and the
+agent (each commit's ``protocol relay agent tunneld``, as ``bench.e2e.ab`` does) under
+``valgrind --tool=callgrind --instr-atstart=no``, warms them up with uninstrumented requests,
+then counts the instructions each executes for ``REQUESTS`` small keep-alive requests
 (``GET /1k`` through the tunnel, 10 connections used in turn, one request in flight: every
 request pays a full event-loop round trip, so this weighs per-request overhead, the part that
-matters for small HTTP). The count is repeatable to well under 1 % between runs of the same
-commit, whatever the load of the machine (checked: see docs/performance.md). Needs valgrind
-(Debian package ``valgrind``), nginx and wrk as for ``bench.e2e``.
+matters for small HTTP). Runs of the same commit agree within about 1.5 %, whatever the load of
+the machine (docs/performance.md). Needs valgrind (Debian package ``valgrind``), nginx and wrk
+as for ``bench.e2e``.
 """
 
 from __future__ import annotations
@@ -61,36 +61,43 @@ def _control(pid: int, *args: str) -> None:
     subprocess.run(["callgrind_control", *args, str(pid)], check=True, capture_output=True)
 
 
-def measure(requests: int, out_dir: Path) -> float:
-    """Instructions tunneld executes per request (this PYTHONPATH's code)."""
-    out_file = out_dir / "callgrind.out"
-    os.environ["BENCH_TUNNELD_WRAP"] = (
-        f"valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file={out_file}"
-    )
+def measure(requests: int, out_dir: Path) -> dict[str, float]:
+    """Instructions tunneld and the agent execute per request (this PYTHONPATH's code)."""
+    names = ("tunneld", "agent")
+    for name in names:
+        os.environ[f"BENCH_{name.upper()}_WRAP"] = (
+            "valgrind --tool=callgrind --instr-atstart=no "
+            f"--callgrind-out-file={out_dir / name}.callgrind"
+        )
     try:
         stack = Stack().start()
     finally:
-        del os.environ["BENCH_TUNNELD_WRAP"]
+        for name in names:
+            del os.environ[f"BENCH_{name.upper()}_WRAP"]
     try:
-        assert stack.tunneld is not None
-        pid = stack.tunneld.pid
+        pids = {name: getattr(stack, name).pid for name in names}
         _request_loop(stack.public_port, stack.http_host, 300)  # warm: caches, JIT translation
-        _control(pid, "--instr=on")
+        for pid in pids.values():
+            _control(pid, "--instr=on")
         _request_loop(stack.public_port, stack.http_host, requests)
-        _control(pid, "--instr=off")
-        _control(pid, "--dump")
-        time.sleep(0.5)
+        for pid in pids.values():
+            _control(pid, "--instr=off")
+            _control(pid, "--dump")
+        time.sleep(1.0)
     finally:
         stack.close()
-    total = 0
-    for f in out_dir.glob("callgrind.out*"):
-        # a dump's "summary:" line may be 0 (it is written first); "totals:" has the count
-        counts = re.findall(r"^(?:summary|totals): (\d+)", f.read_text(errors="replace"), re.M)
-        total = max([total, *map(int, counts)])
-        f.unlink()
-    if not total:
-        raise RuntimeError("callgrind wrote no totals")
-    return total / requests
+    result: dict[str, float] = {}
+    for name in names:
+        total = 0
+        for f in out_dir.glob(f"{name}.callgrind*"):
+            # a dump's "summary:" line may be 0 (it is written first); "totals:" has the count
+            counts = re.findall(r"^(?:summary|totals): (\d+)", f.read_text(errors="replace"), re.M)
+            total = max([total, *map(int, counts)])
+            f.unlink()
+        if not total:
+            raise RuntimeError(f"callgrind wrote no totals for {name}")
+        result[name] = total / requests
+    return result
 
 
 def main(argv: list[str]) -> int:
@@ -100,7 +107,7 @@ def main(argv: list[str]) -> int:
     commits = argv[0].split(",")
     requests = int(argv[1]) if len(argv) > 1 else 2000
     saved = os.environ.get("PYTHONPATH")
-    results: dict[str, float] = {}
+    results: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory(prefix="tunneld-instr-") as tmp:
         for c in commits:
             os.environ["PYTHONPATH"] = str(tree(c, Path(tmp)))
@@ -111,9 +118,13 @@ def main(argv: list[str]) -> int:
                     os.environ.pop("PYTHONPATH", None)
                 else:
                     os.environ["PYTHONPATH"] = saved
-            print(f"{c}: {results[c]:,.0f} instructions per request", flush=True)
+            shown = ", ".join(f"{k} {v:,.0f}" for k, v in results[c].items())
+            print(f"{c}: instructions per request: {shown}", flush=True)
     base = results[commits[0]]
-    print(json.dumps({c: {"ir": v, "ratio": v / base} for c, v in results.items()}, indent=1))
+    report = {
+        c: {k: {"ir": v, "ratio": v / base[k]} for k, v in r.items()} for c, r in results.items()
+    }
+    print(json.dumps(report, indent=1))
     return 0
 
 

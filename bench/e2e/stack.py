@@ -363,10 +363,14 @@ class Stack:
     def spawn_agent(self, sandbox: str) -> Proc:
         from tunneld.auth import agent_token
 
+        wrap = shlex.split(os.environ.get("BENCH_AGENT_WRAP", ""))  # as BENCH_TUNNELD_WRAP
+        if wrap:
+            wrap.append(sys.executable)
         return self.spawn(
             "agent",
-            [str(VENV_BIN / "tunnel-agent"), "run", "--server", f"127.0.0.1:{self.agent_port}",
-             "--sandbox-id", sandbox, "--api-port", "0", "--log-level", "warning"],
+            [*wrap, str(VENV_BIN / "tunnel-agent"), "run",
+             "--server", f"127.0.0.1:{self.agent_port}", "--sandbox-id", sandbox,
+             "--api-port", "0", "--log-level", "warning"],
             {"TUNNEL_AGENT_TOKEN": agent_token(SECRET, sandbox),
              "TUNNEL_AGENT_PORTS_FILE": str(self.dir / f"agent-{sandbox}.json")},
         )  # fmt: skip
