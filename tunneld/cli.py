@@ -14,7 +14,7 @@ from typing import Any
 
 from relay.loop import new_event_loop
 
-from .config import Config, ConfigError, load_config
+from .config import Config, ConfigError, check_store, load_config
 
 log = logging.getLogger("tunneld")
 
@@ -174,8 +174,13 @@ def build_parser() -> argparse.ArgumentParser:
 def _store_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--store",
-        choices=["sqlite", "memory"],
-        help="where exposures are kept: sqlite (default: survive restarts) or memory",
+        type=_store_choice,
+        metavar="STORE",
+        help="where exposures are kept: sqlite (default: survive restarts, one edge), memory, "
+        "or a Redis URL shared by several edges: redis://host:port/db, rediss://host:port/db "
+        "(TLS), unix:///path/redis.sock?db=N; options ?prefix=NAME (keys, default tunneld) and "
+        "?timeout=SECONDS (per command, default 2). A URL with a password belongs in "
+        "TUNNELD_STORE or the config file, not here (it would show in ps)",
     )
     parser.add_argument(
         "--state-dir",
@@ -183,6 +188,13 @@ def _store_arguments(parser: argparse.ArgumentParser) -> None:
         help="directory of the sqlite store (default $STATE_DIRECTORY under systemd, else "
         "~/.local/state/tunneld)",
     )
+
+
+def _store_choice(value: str) -> str:
+    try:
+        return check_store(value)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix("store: ")) from None
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:

@@ -57,7 +57,8 @@ class Config:
     access_log: bool = False
     # Durable exposures (tunneld/store.py). EdgeServer built directly keeps them in memory;
     # `tunneld serve` opens this store: sqlite in state_dir ("" = $STATE_DIRECTORY under
-    # systemd, else ~/.local/state/tunneld), or memory (gone at exit).
+    # systemd, else ~/.local/state/tunneld), memory (gone at exit), or a Redis URL shared by
+    # several edges (redis://host:port/db, rediss://, unix:///path; tunneld/redis_store.py).
     store: str = "sqlite"
     state_dir: str = ""
     max_exposures_per_sandbox: int = 128  # then 409 TOO_MANY_EXPOSURES
@@ -91,8 +92,7 @@ class Config:
             raise ConfigError("keepalive_timeout must be > 0")
         if self.max_connections < 1 or self.max_connections_per_ip < 1:
             raise ConfigError("max_connections and max_connections_per_ip must be at least 1")
-        if self.store not in ("sqlite", "memory"):
-            raise ConfigError(f"store must be sqlite or memory, not {self.store!r}")
+        self.store = check_store(self.store)
         if not 1 <= self.max_exposures_per_sandbox <= 1024:
             # 1024: the most exposures one control message may list (protocol/control.py)
             raise ConfigError(
@@ -102,6 +102,26 @@ class Config:
             value = getattr(self, name)
             if not 0 <= value <= 65535:
                 raise ConfigError(f"{name} must be 0-65535, not {value}")
+
+
+def check_store(value: str) -> str:
+    """``value`` if it names a store (sqlite, memory, or a Redis URL), else ConfigError."""
+    if value in ("sqlite", "memory"):
+        return value
+    if "://" in value:
+        from .redis_store import parse_redis_url
+
+        try:
+            parse_redis_url(value)
+        except ValueError as exc:
+            raise ConfigError(f"store: {exc}") from None
+        return value
+    from .redis_store import redact
+
+    raise ConfigError(
+        f"store must be sqlite or memory or a Redis URL (redis://host:port/db, rediss://..., "
+        f"unix:///path/redis.sock), not {redact(value)!r}"
+    )
 
 
 _FIELD_TYPES = {f.name: f.type for f in fields(Config)}

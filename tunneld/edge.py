@@ -442,6 +442,7 @@ class EdgeServer:
         self.agent_connections: set[EdgeSession] = set()
         self._servers: list[asyncio.Server] = []
         self._sweeper: asyncio.Task[None] | None = None
+        self._feed: _StoreFeed | None = None  # a shared store's changes (Redis), applied here
         self.public_port = 0
         self.agent_port = 0
         self.admin_port = 0
@@ -459,6 +460,7 @@ class EdgeServer:
         loop = self.loop
         parser = default_parser(config.parser)
         await self._load_exposures()
+        await self._start_feed()
 
         def public_factory() -> PublicConnection:
             self.metrics.public_connections.inc()
@@ -499,6 +501,7 @@ class EdgeServer:
         """Stop accepting, send GO_AWAY to every agent, wait up to ``grace`` for streams, close."""
         grace = self.config.grace_period if grace is None else grace
         self.auth.close()
+        await self._stop_feed()
         if self._sweeper is not None:
             self._sweeper.cancel()
         for server in self._servers:
@@ -626,6 +629,87 @@ class EdgeServer:
         await self._unexpose_local(sandbox_id, port)
         await self._tell_agent(sandbox_id, lambda rid: control.Unexpose(rid, port))
 
+    # -- a shared store's feed: exposes and unexposes made through other nodes -------------------
+    async def _start_feed(self) -> None:
+        """Apply other nodes' changes when the store has a feed (Redis; memory and sqlite do
+        not: one edge is the only writer). The first Resync arrives once subscribed."""
+        store: Any = self.registry.store
+        if not hasattr(store, "watch"):
+            return
+        warning = await store.check_durability()
+        if warning:
+            log.warning("%s", warning)
+        self._feed = _StoreFeed(self)
+        store.watch(self._feed.changes.put_nowait)
+
+    async def _stop_feed(self) -> None:
+        feed, self._feed = self._feed, None
+        if feed is None:
+            return
+        self.registry.store.unwatch(feed.changes.put_nowait)  # type: ignore[attr-defined]
+        await feed.close()
+
+    async def _apply_store_change(self, change: Any) -> None:
+        """One change from the feed: the view first, then what a local change would do too:
+        the agent, when this node holds its session, gets Expose/Unexpose; an unexpose resets
+        the port's live streams. A Resync replaces the view with the snapshot, same effects."""
+        from .redis_store import ExposureDeleted, ExposurePut, Resync
+
+        registry = self.registry
+        if isinstance(change, ExposurePut):
+            record = await registry.apply_remote_put(change.record)
+            if record is not None:
+                self._remote_exposed(change.record.sandbox_id, record)
+        elif isinstance(change, ExposureDeleted):
+            if await registry.apply_remote_delete(change.sandbox_id, change.port):
+                self._remote_unexposed(change.sandbox_id, change.port)
+        elif isinstance(change, Resync):
+            installed, removed = registry.resync(change.records)
+            for sandbox_id, port in removed:
+                self._remote_unexposed(sandbox_id, port)
+            for sandbox_id, record in installed:
+                self._remote_exposed(sandbox_id, record)
+            if installed or removed:
+                log.info(
+                    "store resync: %d exposures installed or changed, %d removed",
+                    len(installed),
+                    len(removed),
+                )
+
+    def _remote_exposed(self, sandbox_id: str, record: ExposureRecord) -> None:
+        log.info("sandbox %s: port %d exposed through another node", sandbox_id, record.port)
+        self._tell_agent_later(
+            sandbox_id,
+            lambda rid: control.Expose(rid, record.port, record.name, record.token),
+            f"the expose of port {record.port}",
+        )
+
+    def _remote_unexposed(self, sandbox_id: str, port: int) -> None:
+        log.info("sandbox %s: port %d unexposed through another node", sandbox_id, port)
+        state = self.registry.get(sandbox_id)
+        if state is not None and state.session is not None:
+            state.session.reset_port(port)
+        self._tell_agent_later(
+            sandbox_id, lambda rid: control.Unexpose(rid, port), f"the unexpose of port {port}"
+        )
+
+    def _tell_agent_later(self, sandbox_id: str, factory: Any, what: str) -> None:
+        """``_tell_agent`` without waiting: nobody waits on the answer; a failure is logged."""
+        state = self.registry.get(sandbox_id)
+        feed = self._feed
+        if feed is None or state is None or state.session is None:
+            return  # not connected here: the agent gets the set in its next welcome
+
+        async def tell() -> None:
+            try:
+                await self._tell_agent(sandbox_id, factory)
+            except RegistryError as exc:
+                log.warning("sandbox %s: agent not told of %s: %s", sandbox_id, what, exc.message)
+
+        task = self.loop.create_task(tell())
+        feed.tells.add(task)
+        task.add_done_callback(feed.tells.discard)
+
     async def _tell_agent(self, sandbox_id: str, factory: Any) -> None:
         state = self.registry.get(sandbox_id)
         session = state.session if state is not None else None
@@ -644,6 +728,29 @@ class EdgeServer:
             if exc.code == "SANDBOX_NOT_CONNECTED":
                 return  # it went away meanwhile; the registry already has the change
             raise RegistryError(502, exc.code, f"The agent refused: {exc.message}") from None
+
+
+class _StoreFeed:
+    """Another node's changes, in the store's order: a queue and the task that applies it."""
+
+    def __init__(self, server: EdgeServer) -> None:
+        self.server = server
+        self.changes: asyncio.Queue[Any] = asyncio.Queue()
+        self.consumer = server.loop.create_task(self._consume(), name="tunneld-store-feed")
+        self.tells: set[asyncio.Task[None]] = set()
+
+    async def close(self) -> None:
+        for task in (self.consumer, *self.tells):
+            task.cancel()
+        await asyncio.gather(self.consumer, *self.tells, return_exceptions=True)
+
+    async def _consume(self) -> None:
+        while True:
+            change = await self.changes.get()
+            try:
+                await self.server._apply_store_change(change)
+            except Exception:
+                log.exception("store feed: %s not applied", type(change).__name__)
 
 
 def _encoded_size(exposure: control.Exposure) -> int:

@@ -642,7 +642,7 @@ class RedisStore:
                     records = await self._load_all()
                     owners = await self._owners()
                 if lost_at is not None:
-                    log.warning(
+                    log.info(
                         "redis at %s is back after %.1fs: resynced %d exposures",
                         self.location,
                         loop.time() - lost_at,

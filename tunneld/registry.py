@@ -25,6 +25,7 @@ its welcome as Expose requests (``EdgeSession._send_welcome``), so any such set 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
@@ -42,6 +43,8 @@ from protocol.hostnames import (
 )
 
 from .store import MemoryStore, Store, StoredExposure, StoreError
+
+log = logging.getLogger("tunneld")
 
 # Exposures per sandbox: far above what a dev server uses (a handful), and with the longest names
 # and a domain of up to ~100 characters the welcome stays under the 64 KiB control-message limit.
@@ -195,6 +198,59 @@ class Registry:
             for s in self.sandboxes()
             for r in self.exposures(s.sandbox_id)
         ]
+
+    # -- exposures, changed by another node (a shared store's feed) -------------------------------
+    async def apply_remote_put(self, r: StoredExposure) -> ExposureRecord | None:
+        """Install a record another node stored; the new record, or None if nothing changed.
+
+        Taken under the sandbox's lock, so it lands after a local write of that sandbox in
+        flight (the store's order; the cap is the writer's to enforce: the store holds it)."""
+        async with self._sandbox_lock(r.sandbox_id):
+            return self._install_remote(r)
+
+    async def apply_remote_delete(self, sandbox_id: str, port: int) -> bool:
+        """Forget an exposure another node deleted; True when the view had it."""
+        async with self._sandbox_lock(sandbox_id):
+            return self.unexpose(sandbox_id, port)
+
+    def resync(
+        self, records: Iterable[StoredExposure]
+    ) -> tuple[list[tuple[str, ExposureRecord]], list[tuple[str, int]]]:
+        """Make the view equal to ``records`` (a full snapshot of the store); return what it
+        changed: (sandbox, record) installed or replaced, (sandbox, port) removed. Sessions are
+        kept: a sandbox with a session but no exposure left stays known."""
+        wanted: dict[str, dict[int, StoredExposure]] = {}
+        for r in records:
+            wanted.setdefault(r.sandbox_id, {})[r.port] = r
+        removed: list[tuple[str, int]] = []
+        for state in list(self._sandboxes.values()):
+            keep = wanted.get(state.sandbox_id, {})
+            for port in [p for p in state.exposures if p not in keep]:
+                self.unexpose(state.sandbox_id, port)
+                removed.append((state.sandbox_id, port))
+        installed: list[tuple[str, ExposureRecord]] = []
+        for sandbox_records in wanted.values():
+            for r in sandbox_records.values():
+                record = self._install_remote(r)
+                if record is not None:
+                    installed.append((r.sandbox_id, record))
+        return installed, removed
+
+    def _install_remote(self, r: StoredExposure) -> ExposureRecord | None:
+        try:
+            validate_sandbox_id(r.sandbox_id)
+            validate_port(r.port)
+            validate_port_name(r.name)
+            validate_custom_token(r.token)
+        except ValidationError as exc:  # not a record a tunneld writes: skipped, said once
+            log.warning("stored exposure %r port %r skipped: %s", r.sandbox_id, r.port, exc)
+            return None
+        record = ExposureRecord(r.port, r.token, r.name, float(r.created_at))
+        state = self._sandboxes.get(r.sandbox_id)
+        if state is not None and state.exposures.get(r.port) == record:
+            return None
+        self._apply(r.sandbox_id, record)
+        return record
 
     # -- exposures, in memory --------------------------------------------------------------------
     def expose(

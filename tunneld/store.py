@@ -487,9 +487,14 @@ def read_exposures(state_dir: str | os.PathLike[str]) -> list[StoredExposure]:
 
 
 def open_store(kind: str, state_dir: str) -> Store:
-    """The store ``tunneld serve`` runs with (``state_dir`` empty: :func:`default_state_dir`)."""
+    """The store ``tunneld serve`` runs with (``state_dir`` empty: :func:`default_state_dir`);
+    ``kind`` is ``memory``, ``sqlite`` or a Redis URL (:mod:`tunneld.redis_store`)."""
     if kind == "memory":
         return MemoryStore()
     if kind == "sqlite":
         return SqliteStore.open(state_dir or default_state_dir())
-    raise StoreError(f"unknown store {kind!r} (memory or sqlite)")
+    if kind.split("://", 1)[0].lower() in ("redis", "rediss", "unix") and "://" in kind:
+        from .redis_store import RedisStore  # imported only by those who use it
+
+        return RedisStore.from_url(kind)
+    raise StoreError(f"unknown store {kind!r} (memory, sqlite or a redis:// URL)")

@@ -165,7 +165,7 @@ async def test_two_nodes_see_each_others_changes_but_not_their_own(
 async def test_a_node_cut_off_resyncs_and_sees_what_it_missed(
     redis_tcp_server, open_stores, caplog
 ) -> None:
-    caplog.set_level(logging.WARNING, "tunneld.store")
+    caplog.set_level(logging.INFO, "tunneld.store")
     async with FaultProxy("127.0.0.1", redis_tcp_server.port) as proxy:
         a = store_on(
             redis_tcp_server,

@@ -1,0 +1,236 @@
+"""Two edges (in-process EdgeServers) on one real Redis: an expose through one reaches the other
+and the agent connected to it; a Redis outage leaves previews serving, makes writes a clear 503,
+and the nodes converge once Redis is back."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+from collections.abc import AsyncIterator, Callable
+
+import httpx
+import pytest
+
+from agent.core import Agent, AgentConfig
+from tests.e2e.origin import Origin
+from tests.faults.faultproxy import FaultProxy
+from tunneld.auth import agent_token
+from tunneld.config import Config
+from tunneld.edge import EdgeServer
+from tunneld.redis_store import RedisStore
+
+from .conftest import RedisServer
+
+pytestmark = pytest.mark.anyio
+
+
+async def wait_for(predicate: Callable[[], object], timeout: float = 10, what: str = "it") -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not predicate():
+        if loop.time() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
+class Node:
+    def __init__(self, edge: EdgeServer, admin_token: str) -> None:
+        self.edge = edge
+        self.store: RedisStore = edge.registry.store  # type: ignore[assignment]
+        self.admin = httpx.AsyncClient(
+            base_url=f"http://127.0.0.1:{edge.admin_port}",
+            headers={"authorization": f"Bearer {admin_token}"},
+            timeout=30,
+        )
+
+    def public(self, url: str) -> httpx.AsyncClient:
+        host = url.split("//", 1)[1].split("/", 1)[0]
+        return httpx.AsyncClient(
+            base_url=f"http://127.0.0.1:{self.edge.public_port}", headers={"host": host}, timeout=10
+        )
+
+    def records(self) -> list:
+        return self.edge.registry.records()
+
+
+class Cluster:
+    def __init__(self, redis: RedisServer) -> None:
+        self.redis = redis
+        self.admin_token = secrets.token_urlsafe(12)
+        self.secret = secrets.token_urlsafe(12)
+        self.nodes: list[Node] = []
+        self.agents: list[tuple[Agent, asyncio.Task[None]]] = []
+        self.origins: list[Origin] = []
+
+    async def node(self, name: str, url: str | None = None) -> Node:
+        config = Config(
+            public_port=0,
+            agent_port=0,
+            admin_port=0,
+            admin_token=self.admin_token,
+            secret=self.secret,
+            grace_period=0.2,
+            control_timeout=2.0,
+        )
+        store = RedisStore(url or self.redis.url, node_id=name, ping_interval=0.2)
+        edge = EdgeServer(config, asyncio.get_running_loop(), store)
+        await edge.start()
+        node = Node(edge, self.admin_token)
+        self.nodes.append(node)
+        await wait_for(lambda: store.resyncs >= 1, what=f"{name}'s feed")
+        return node
+
+    async def agent(self, node: Node, sandbox_id: str) -> Agent:
+        token = agent_token(self.secret, sandbox_id)
+        agent = Agent(AgentConfig("127.0.0.1", node.edge.agent_port, sandbox_id, token))
+        task = asyncio.get_running_loop().create_task(agent.run())
+        self.agents.append((agent, task))
+        await asyncio.wait_for(agent.connected_event.wait(), 10)
+        return agent
+
+    async def origin(self) -> Origin:
+        origin = await Origin().start()
+        self.origins.append(origin)
+        return origin
+
+    async def close(self) -> None:
+        agents, nodes, origins = self.agents, self.nodes, self.origins
+        self.agents, self.nodes, self.origins = [], [], []
+        for agent, task in agents:
+            await agent.stop()
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        for node in nodes:
+            await node.admin.aclose()
+            await node.edge.stop(grace=0.2)
+        for origin in origins:
+            await origin.close()
+
+
+@pytest.fixture
+async def cluster(redis_server: RedisServer) -> AsyncIterator[Cluster]:
+    c = Cluster(redis_server)
+    try:
+        yield c
+    finally:
+        await c.close()
+
+
+@pytest.fixture
+async def tcp_cluster(redis_tcp_server: RedisServer) -> AsyncIterator[Cluster]:
+    c = Cluster(redis_tcp_server)
+    try:
+        yield c
+    finally:
+        await c.close()
+
+
+async def test_an_expose_on_one_node_reaches_the_other_and_its_agent(cluster: Cluster) -> None:
+    a = await cluster.node("node-a")
+    b = await cluster.node("node-b")
+    origin = await cluster.origin()
+    agent = await cluster.agent(b, "sb1")
+
+    r = await a.admin.post("/v1/sandboxes/sb1/ports", json={"port": origin.port, "name": "web"})
+    assert r.status_code == 200, r.text
+    url = r.json()["exposedAt"]
+    token = a.edge.registry.exposures("sb1")[0].token
+    await wait_for(lambda: b.edge.registry.match("sb1", origin.port, token), what="B's view")
+    await wait_for(lambda: origin.port in agent.exposures, what="the Expose to B's agent")
+    async with b.public(url) as client:
+        response = await client.get("/")
+    assert (response.status_code, response.content) == (200, b"hello from origin")
+    listed = await b.admin.get("/v1/sandboxes/sb1/ports")
+    assert [p["port"] for p in listed.json()["ports"]] == [origin.port]
+
+    # an unexpose through A closes the URL on B and tells B's agent
+    r = await a.admin.delete(f"/v1/sandboxes/sb1/ports/{origin.port}")
+    assert r.status_code in (200, 204), r.text
+    await wait_for(lambda: origin.port not in agent.exposures, what="the Unexpose to B's agent")
+    assert b.edge.registry.get("sb1") is not None  # the session stays
+    async with b.public(url) as client:
+        response = await client.get("/")
+    assert response.status_code == 404
+
+
+async def test_a_redis_outage_keeps_previews_refuses_writes_and_converges(
+    cluster: Cluster, caplog
+) -> None:
+    caplog.set_level(logging.INFO, "tunneld")
+    a = await cluster.node("node-a")
+    b = await cluster.node("node-b")
+    origin = await cluster.origin()
+    agent = await cluster.agent(b, "sb1")
+    r = await a.admin.post("/v1/sandboxes/sb1/ports", json={"port": origin.port})
+    url = r.json()["exposedAt"]
+    await wait_for(lambda: origin.port in agent.exposures, what="B's agent to have the port")
+
+    cluster.redis.stop()
+    await wait_for(
+        lambda: not a.store.feed_connected and not b.store.feed_connected,
+        what="both feeds to notice",
+    )
+    loop = asyncio.get_running_loop()
+    async with b.public(url) as client:
+        for _ in range(5):  # the session serves from memory
+            response = await client.get("/")
+            assert (response.status_code, response.content) == (200, b"hello from origin")
+    for node in (a, b):
+        started = loop.time()
+        r = await node.admin.post("/v1/sandboxes/sb1/ports", json={"port": 9999})
+        assert loop.time() - started < 2 * node.store.timeout + 1
+        assert r.status_code == 503
+        assert r.json()["code"] == "STORE_UNAVAILABLE" and "redis at" in r.json()["error"]
+    assert [e.port for e in b.edge.registry.exposures("sb1")] == [origin.port]
+
+    cluster.redis.start()  # same socket, same append-only file
+    await wait_for(lambda: a.store.feed_connected and b.store.feed_connected, what="resyncs")
+    r = await b.admin.post("/v1/sandboxes/sb1/ports", json={"port": 9999, "name": "late"})
+    assert r.status_code == 200, r.text
+    r = await a.admin.post("/v1/sandboxes/sb2/ports", json={"port": 3001})
+    assert r.status_code == 200, r.text
+    stored = await a.store.load_all()
+    await wait_for(
+        lambda: a.records() == b.records() == stored,
+        what=f"both views to equal Redis: {a.records()} / {b.records()} / {stored}",
+    )
+    assert {9999, origin.port} <= agent.exposures
+    async with b.public(url) as client:
+        assert (await client.get("/")).status_code == 200
+    messages = [r.getMessage() for r in caplog.records]
+    assert sum("unreachable" in m for m in messages) == 2  # once per node, not per retry
+    assert sum("is back after" in m for m in messages) == 2
+
+
+async def test_a_change_missed_while_cut_off_is_applied_by_the_resync(
+    tcp_cluster: Cluster,
+) -> None:
+    cluster = tcp_cluster
+    async with FaultProxy("127.0.0.1", cluster.redis.port) as proxy:
+        a = await cluster.node("node-a")
+        b = await cluster.node("node-b", f"redis://127.0.0.1:{proxy.port}/0")  # B via the proxy
+        origin = await cluster.origin()
+        agent = await cluster.agent(b, "sb1")
+        r = await a.admin.post("/v1/sandboxes/sb1/ports", json={"port": origin.port})
+        url = r.json()["exposedAt"]
+        await wait_for(lambda: origin.port in agent.exposures, what="B's agent to have the port")
+
+        proxy.refuse()
+        proxy.drop()  # B is cut off from Redis: it misses what A does now
+        await wait_for(lambda: not b.store.feed_connected, what="B to notice")
+        r = await a.admin.delete(f"/v1/sandboxes/sb1/ports/{origin.port}")
+        assert r.status_code == 204
+        r = await a.admin.post("/v1/sandboxes/sb2/ports", json={"port": 3001})
+        assert r.status_code == 200
+        assert origin.port in agent.exposures  # B did not hear of it
+        async with b.public(url) as client:
+            assert (await client.get("/")).status_code == 200  # served from B's memory
+
+        proxy.accept()  # the resync brings B up to date, side effects included
+        await wait_for(lambda: b.records() == a.records(), what="B's view after the resync")
+        assert [(r.sandbox_id, r.port) for r in b.records()] == [("sb2", 3001)]
+        await wait_for(lambda: origin.port not in agent.exposures, what="the Unexpose to B's agent")
+        async with b.public(url) as client:
+            assert (await client.get("/")).status_code == 404
+        await cluster.close()  # before the proxy goes: B's store closes without a new outage
