@@ -14,6 +14,7 @@ import http.server
 import logging
 import re
 import socket
+import ssl
 import threading
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
@@ -21,6 +22,7 @@ from typing import Any
 
 import httpx
 import pytest
+import trustme
 
 from agent import core
 from agent.core import Agent, AgentConfig, EdgeAddress
@@ -319,6 +321,54 @@ async def test_a_name_with_several_addresses_tries_them_in_order_and_is_resolved
     assert connected[-1].startswith(
         f"connected to edge edges.test:7000 at 127.0.0.1:{second.port} as sandbox sb1"
     )
+
+
+@pytest.mark.anyio
+async def test_with_tls_each_edge_is_checked_against_its_own_entry_host(
+    tmp_path: Any, agent_log: pytest.LogCaptureFixture, monkeypatch
+) -> None:
+    """The certificate names edge.test only: the entry other.test fails, edge.test connects."""
+    ca = trustme.CA()
+    cert = ca.issue_cert("edge.test")
+    cert_file, key_file = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert.cert_chain_pems[0].write_to_path(str(cert_file))
+    for extra in cert.cert_chain_pems[1:]:
+        extra.write_to_path(str(cert_file), append=True)
+    cert.private_key_pem.write_to_path(str(key_file))
+    stack = await Stack(tls_cert=str(cert_file), tls_key=str(key_file)).start()
+    try:
+        assert stack.edge is not None
+        port = stack.edge.agent_port
+        loop = asyncio.get_running_loop()
+        real = loop.getaddrinfo
+
+        async def getaddrinfo(host: Any, port_: Any, **kwargs: Any) -> Any:
+            if host in ("other.test", "edge.test"):  # both names are this edge
+                return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", port_))]
+            return await real(host, port_, **kwargs)
+
+        monkeypatch.setattr(loop, "getaddrinfo", getaddrinfo)
+        context = ssl.create_default_context()
+        ca.configure_trust(context)
+        servers = (
+            EdgeAddress("other.test", port, tls=True),
+            EdgeAddress("edge.test", port, tls=True),
+        )
+        async with running(Agent(config(stack.secret, servers, tls=context))) as agent:
+            await asyncio.wait_for(agent.connected_event.wait(), 10)
+            session = stack.edge.registry.get("sb1").session
+            assert session is not None and session.transport is not None
+            assert session.transport.get_extra_info("ssl_object") is not None
+    finally:
+        await stack.close()
+    logged = messages(agent_log)
+    assert any(
+        m.startswith(f"cannot connect to edge other.test:{port} (1 of 2) at 127.0.0.1:{port}: ")
+        and "TLS handshake failed" in m
+        and "other.test" in m.split(": ", 1)[1]
+        for m in logged
+    ), logged
+    assert any(m.startswith(f"connected to edge edge.test:{port} (2 of 2) at ") for m in logged)
 
 
 # -- real processes ------------------------------------------------------------------------------
