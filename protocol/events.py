@@ -46,6 +46,10 @@ class StreamOpened(Event):
     port: int
     via: str
     client: str
+    # Node-to-node links only (tunneld/nodelink.py): the sandbox the stream is for, and the
+    # ownership epoch the opener saw. None on an agent link.
+    sandbox: str | None = None
+    epoch: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

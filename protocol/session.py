@@ -224,7 +224,7 @@ class _Stream:
         self.recv_used = 0  # received since our last WINDOW_UPDATE (growth signal)
 
 
-def _parse_open_metadata(payload: bytes) -> tuple[int, str, str]:
+def _parse_open_metadata(payload: bytes) -> tuple[int, str, str, str | None, int | None]:
     try:
         obj = orjson.loads(payload)
     except orjson.JSONDecodeError:
@@ -234,13 +234,19 @@ def _parse_open_metadata(payload: bytes) -> tuple[int, str, str]:
     port = obj.get("port")
     via = obj.get("via")
     client = obj.get("client", "")
+    sandbox = obj.get("sandbox")
+    epoch = obj.get("epoch")
     if type(port) is not int or not 1 <= port <= 65535:
         raise RemoteProtocolError("stream open metadata: bad port")
     if type(via) is not str or via not in _VIA:
         raise RemoteProtocolError("stream open metadata: bad via")
     if type(client) is not str:
         raise RemoteProtocolError("stream open metadata: bad client")
-    return port, via, client
+    if sandbox is not None and type(sandbox) is not str:
+        raise RemoteProtocolError("stream open metadata: bad sandbox")
+    if epoch is not None and (type(epoch) is not int or epoch < 0):
+        raise RemoteProtocolError("stream open metadata: bad epoch")
+    return port, via, client, sandbox, epoch
 
 
 class Session:
@@ -488,8 +494,19 @@ class Session:
                 self._initial_update = 0
             self._maybe_start_keepalive()
 
-    def open_stream(self, port: int, via: str = "preview", client: str = "") -> int:
-        """Open a stream (DATA|SYN). Data may be sent at once, before the peer's ACK."""
+    def open_stream(
+        self,
+        port: int,
+        via: str = "preview",
+        client: str = "",
+        *,
+        sandbox: str | None = None,
+        epoch: int | None = None,
+    ) -> int:
+        """Open a stream (DATA|SYN). Data may be sent at once, before the peer's ACK.
+
+        ``sandbox`` and ``epoch`` are for node-to-node links (the stream's sandbox and the
+        ownership epoch the opener saw); an agent link leaves them out."""
         self._require_handshake()
         if not self._received_first:
             raise LocalProtocolError("cannot open streams before the peer's handshake message")
@@ -503,8 +520,17 @@ class Session:
             raise LocalProtocolError(f"bad via {via!r}")
         if type(client) is not str:
             raise LocalProtocolError("client must be a str")
+        if sandbox is not None and type(sandbox) is not str:
+            raise LocalProtocolError("sandbox must be a str")
+        if epoch is not None and (type(epoch) is not int or epoch < 0):
+            raise LocalProtocolError("epoch must be an int >= 0")
+        fields: dict[str, object] = {"port": port, "via": via, "client": client}
+        if sandbox is not None:
+            fields["sandbox"] = sandbox
+        if epoch is not None:
+            fields["epoch"] = epoch
         try:
-            meta = orjson.dumps({"port": port, "via": via, "client": client})
+            meta = orjson.dumps(fields)
         except orjson.JSONEncodeError as exc:
             raise LocalProtocolError(f"cannot encode open metadata: {exc}") from exc
         if len(meta) > MAX_OPEN_METADATA:
@@ -833,7 +859,7 @@ class Session:
             raise RemoteProtocolError("the peer may not open streams")
         if frame.length > MAX_OPEN_METADATA:
             raise RemoteProtocolError("stream open metadata too large")
-        port, via, client = _parse_open_metadata(frame.payload)
+        port, via, client, sandbox, epoch = _parse_open_metadata(frame.payload)
         self._highest_remote_id = stream_id
         if (
             self._local_goaway is not None
@@ -846,7 +872,7 @@ class Session:
             return
         st = _Stream(stream_id, local=False)
         self._streams[stream_id] = st
-        self._events.append(StreamOpened(stream_id, port, via, client))
+        self._events.append(StreamOpened(stream_id, port, via, client, sandbox, epoch))
         if frame.flags & _FIN:
             self._events.append(DataReceived(stream_id, b"", True))
             self._transition(st, StreamEvent.RECV_FIN)

@@ -196,10 +196,10 @@ async def test_new_session_replaces_old_one(stack: Stack) -> None:
     dialled = 0
     connect_once = first.connect_once
 
-    async def counting_connect_once() -> object:
+    async def counting_connect_once(*args: object) -> object:
         nonlocal dialled
         dialled += 1
-        return await connect_once()
+        return await connect_once(*args)  # type: ignore[arg-type]
 
     first.connect_once = counting_connect_once  # type: ignore[method-assign]
     second = await stack.agent("sb1")
