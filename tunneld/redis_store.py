@@ -111,8 +111,14 @@ DEFAULT_PING_INTERVAL: Final = 1.0
 # Reconnect backoff of the feed: from MIN to MAX seconds, doubling, each wait jittered (50-100 %).
 BACKOFF_MIN: Final = 0.1
 BACKOFF_MAX: Final = 5.0
+# Connections one node opens for commands (the feed has one more): plenty for pipelined
+# sub-millisecond commands, and 100 nodes stay far below Redis's default maxclients (10,000).
+MAX_CONNECTIONS: Final = 32
 # Sandboxes read per pipeline round trip when loading everything.
 LOAD_CHUNK: Final = 500
+# A whole snapshot (start-up, resync) is many commands: each still has the socket timeout, the
+# whole gets this much (100,000 exposures load in well under a second on loopback).
+LOAD_DEADLINE: Final = 60.0
 _PREFIX_RE: Final = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 
 T = TypeVar("T")
@@ -337,11 +343,16 @@ class RedisStore:
             "health_check_interval": 0,
         }
         # Typed Any: redis-py's stubs cannot know that decode_responses is off (bytes back).
-        self._client: Any = aioredis.Redis.from_url(
+        # A blocking pool: a burst of writes (1,000 concurrent exposes) queues for a connection
+        # within the deadline instead of failing with "too many connections".
+        pool = aioredis.BlockingConnectionPool.from_url(
             parsed.url,
+            max_connections=MAX_CONNECTIONS,
+            timeout=self._deadline,
             retry=Retry(NoBackoff(), 1, (RedisConnectionError,)),
             **options,
         )
+        self._client: Any = aioredis.Redis.from_pool(pool)  # closing the client closes the pool
         # The feed's own client never retries: a reconnect must be seen, to resync after it.
         self._feed_client: Any = aioredis.Redis.from_url(
             parsed.url, retry=Retry(NoBackoff(), 0), **options
@@ -385,14 +396,14 @@ class RedisStore:
         return f"{self.prefix}:node:{node_id}"
 
     # -- calls -----------------------------------------------------------------------------------
-    async def _call(self, what: str, operation: Awaitable[T]) -> T:
+    async def _call(self, what: str, operation: Awaitable[T], deadline: float = 0.0) -> T:
         """Await a Redis operation within the deadline; any failure is a StoreError."""
         if self._closed:
             if asyncio.iscoroutine(operation):
                 operation.close()
             raise StoreError(f"redis at {self.location}: the store is closed")
         try:
-            async with asyncio.timeout(self._deadline):
+            async with asyncio.timeout(deadline or self._deadline):
                 return await operation
         except (RedisError, OSError, TimeoutError) as exc:
             raise StoreError(
@@ -406,7 +417,7 @@ class RedisStore:
 
     # -- Store -----------------------------------------------------------------------------------
     async def load_all(self) -> list[StoredExposure]:
-        return await self._call("reading the exposures", self._load_all())
+        return await self._call("reading the exposures", self._load_all(), LOAD_DEADLINE)
 
     async def _load_all(self) -> list[StoredExposure]:
         client = self._client
@@ -639,6 +650,7 @@ class RedisStore:
                         message = await pubsub.get_message(timeout=self.timeout)
                         if message is not None and message["type"] == "subscribe":
                             break
+                async with asyncio.timeout(LOAD_DEADLINE):
                     records = await self._load_all()
                     owners = await self._owners()
                 if lost_at is not None:
