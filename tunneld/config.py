@@ -62,6 +62,16 @@ class Config:
     store: str = "sqlite"
     state_dir: str = ""
     max_exposures_per_sandbox: int = 128  # then 409 TOO_MANY_EXPOSURES
+    # Cluster (a Redis store: several nodes share exposures; tunneld/cluster.py). Each node
+    # listens for node-to-node links on node_host:node_port and registers node_advertise
+    # (default node_host:port) for the others to dial; links use TLS when tls_cert is set
+    # (the agent listener's certificate), checked against node_tls_ca by the dialing node.
+    node_id: str = ""  # "" = {hostname}-{pid}-{random}: a restarted node is a new node
+    node_host: str = "127.0.0.1"
+    node_port: int = 7071
+    node_advertise: str = ""  # host:port other nodes dial; "" = node_host and the bound port
+    node_tls_ca: str = ""  # CA file for other nodes' certificates ("" = plain TCP links)
+    lease_s: float = 15.0  # ownership lease of a sandbox's agent session, renewed every lease/3
 
     def validate(self) -> None:
         if self.scheme not in ("http", "https"):
@@ -98,7 +108,11 @@ class Config:
             raise ConfigError(
                 f"max_exposures_per_sandbox must be 1-1024, not {self.max_exposures_per_sandbox}"
             )
-        for name in ("public_port", "agent_port", "admin_port"):
+        if not 1.0 <= self.lease_s <= 300.0:
+            raise ConfigError(f"lease_s must be 1-300 seconds, not {self.lease_s}")
+        if self.node_advertise and self.node_advertise.rpartition(":")[2].isdigit() is False:
+            raise ConfigError(f"node_advertise must be host:port, not {self.node_advertise!r}")
+        for name in ("public_port", "agent_port", "admin_port", "node_port"):
             value = getattr(self, name)
             if not 0 <= value <= 65535:
                 raise ConfigError(f"{name} must be 0-65535, not {value}")
