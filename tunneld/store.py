@@ -486,9 +486,10 @@ def read_exposures(state_dir: str | os.PathLike[str]) -> list[StoredExposure]:
         conn.close()
 
 
-def open_store(kind: str, state_dir: str) -> Store:
+def open_store(kind: str, state_dir: str, node_id: str = "") -> Store:
     """The store ``tunneld serve`` runs with (``state_dir`` empty: :func:`default_state_dir`);
-    ``kind`` is ``memory``, ``sqlite`` or a Redis URL (:mod:`tunneld.redis_store`)."""
+    ``kind`` is ``memory``, ``sqlite`` or a Redis URL (:mod:`tunneld.redis_store`), whose
+    changes carry ``node_id`` ("" = host-pid-random)."""
     if kind == "memory":
         return MemoryStore()
     if kind == "sqlite":
@@ -496,5 +497,5 @@ def open_store(kind: str, state_dir: str) -> Store:
     if kind.split("://", 1)[0].lower() in ("redis", "rediss", "unix") and "://" in kind:
         from .redis_store import RedisStore  # imported only by those who use it
 
-        return RedisStore.from_url(kind)
+        return RedisStore.from_url(kind, node_id=node_id or None)
     raise StoreError(f"unknown store {kind!r} (memory, sqlite or a redis:// URL)")

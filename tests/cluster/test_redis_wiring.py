@@ -37,10 +37,10 @@ def test_config_and_cli_take_a_redis_url_and_refuse_a_bad_one() -> None:
 
 @pytest.mark.anyio
 async def test_open_store_gives_a_redis_store_without_the_password() -> None:
-    store = open_store("redis://:hunter2@127.0.0.1:1/0?prefix=x", "")
+    store = open_store("redis://:hunter2@127.0.0.1:1/0?prefix=x", "", "node-7")
     try:
         assert isinstance(store, RedisStore)
-        assert (store.kind, store.prefix) == ("redis", "x")
+        assert (store.kind, store.prefix, store.node_id) == ("redis", "x", "node-7")
         assert "hunter2" not in store.location
     finally:
         await store.close()
