@@ -284,7 +284,7 @@ async def _serve(
 
     loop = asyncio.get_running_loop()
     try:
-        store = open_store(config.store, config.state_dir)
+        store = open_store(config.store, config.state_dir, config.node_id)
     except StoreError as exc:
         log.error("cannot start: %s", exc)
         return 2

@@ -38,8 +38,13 @@ def _config(args: argparse.Namespace) -> Config:
 
 def run_exposures(args: argparse.Namespace) -> int:
     config = _config(args)
+    if config.store == "memory":
+        raise ConfigError("store = memory: nothing is stored, nothing to export/import")
     if config.store != "sqlite":
-        raise ConfigError(f"store = {config.store}: nothing is stored, nothing to export/import")
+        raise ConfigError(
+            "export/import work on the sqlite store; with Redis use redis-cli or Redis's own "
+            "backups (docs/operations.md, Redis store)"
+        )
     state_dir = config.state_dir or str(default_state_dir())
     try:
         if args.action == "export":

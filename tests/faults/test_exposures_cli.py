@@ -128,3 +128,18 @@ def test_the_default_state_dir_is_per_user(procs: Processes, tmp_path: Path) -> 
     env["STATE_DIRECTORY"] = str(tmp_path / "systemd")  # what StateDirectory= sets
     assert exposures_cli(procs, "import", stdin=line, env=env).returncode == 0
     assert (tmp_path / "systemd" / "exposures.db").exists()
+
+
+@pytest.mark.parametrize(
+    ("store", "message"),
+    [
+        ("memory", b"nothing is stored"),
+        ("redis://127.0.0.1:1/0", b"with Redis use redis-cli"),
+    ],
+)
+def test_other_stores_are_refused_with_what_to_do(
+    procs: Processes, store: str, message: bytes
+) -> None:
+    result = exposures_cli(procs, "export", env=procs.env(TUNNELD_STORE=store))
+    assert result.returncode == 2, result
+    assert message in result.stderr and b"Traceback" not in result.stderr
