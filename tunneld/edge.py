@@ -21,7 +21,7 @@ import gc
 import logging
 import secrets
 import ssl
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import orjson
 
@@ -47,6 +47,9 @@ from .metrics import Metrics
 from .public import PublicConnection, PublicLimits
 from .registry import ExposureRecord, Registry, RegistryError
 from .store import Store
+
+if TYPE_CHECKING:
+    from .cluster import Cluster
 
 log = logging.getLogger("tunneld")
 
@@ -281,6 +284,8 @@ class EdgeSession(MuxProtocol):
         if old is not None and old is not self:
             log.info("sandbox %s: new session from %s replaces the old one", sandbox_id, self.peer)
             old.replaced()
+        if server.cluster is not None:
+            server.cluster.on_attach(self)  # claim the sandbox: other nodes forward to us
         server.metrics.agent_sessions.inc()
         self._send_welcome(server.exposure_messages(sandbox_id))
         log.info(
@@ -419,6 +424,8 @@ class EdgeSession(MuxProtocol):
         self.pending.fail_all("SANDBOX_NOT_CONNECTED", "The agent disconnected.")
         if self.sandbox_id is not None:
             self.server.registry.detach(self.sandbox_id, self)
+            if self.server.cluster is not None:
+                self.server.cluster.on_detach(self)
 
 
 class EdgeServer:
@@ -443,6 +450,10 @@ class EdgeServer:
         self._servers: list[asyncio.Server] = []
         self._sweeper: asyncio.Task[None] | None = None
         self._feed: _StoreFeed | None = None  # a shared store's changes (Redis), applied here
+        # With a Redis store: ownership of agent sessions and node links (tunneld/cluster.py)
+        self.cluster: Cluster | None = None
+        self.parser = default_parser(config.parser)
+        self.background: set[asyncio.Task[None]] = set()  # tasks a connection started
         self.public_port = 0
         self.agent_port = 0
         self.admin_port = 0
@@ -458,7 +469,7 @@ class EdgeServer:
 
         config = self.config
         loop = self.loop
-        parser = default_parser(config.parser)
+        parser = self.parser
         await self._load_exposures()
         await self._start_feed()
 
@@ -470,6 +481,11 @@ class EdgeServer:
         if config.tls_cert:
             tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
             tls.load_cert_chain(config.tls_cert, config.tls_key)
+        if self.registry.store.kind == "redis":
+            from .cluster import Cluster
+
+            self.cluster = Cluster(self, self.registry.store)  # type: ignore[arg-type]
+            await self.cluster.start(tls)  # node links up before any agent can connect
         agents = await loop.create_server(
             lambda: EdgeSession(self), config.agent_host, config.agent_port, ssl=tls, backlog=1024
         )
@@ -519,6 +535,10 @@ class EdgeServer:
                 session.transport.close()
         for server in self._servers:
             await server.wait_closed()
+        if self.cluster is not None:
+            await self.cluster.stop()
+        for task in list(self.background):
+            task.cancel()
         await self.admin.close()
         await self.registry.store.close()
 

@@ -21,6 +21,7 @@ States and their legal transitions (one table, ``_TRANSITIONS``)::
     HEAD --head with Upgrade--------> UPGRADE_PENDING --101--> TUNNEL
                                                        --other status--> DONE
     any  --invalid input / close()--> DONE
+    any but DONE --hand_off()--------> TUNNEL  (a cluster node relays it to the owner node)
 
 ``UPGRADE_PENDING``: the request asked for ``Connection: upgrade``. Its head went to the service,
 but the connection is not a raw tunnel until the service answers ``101``: the shell shows the
@@ -64,11 +65,12 @@ class State(enum.Enum):
 
 
 _TRANSITIONS: Final[dict[State, frozenset[State]]] = {
+    # any state but DONE -> TUNNEL: hand_off (a cluster node forwards the connection raw)
     State.HEAD: frozenset(
-        {State.HEAD, State.LENGTH, State.CHUNKED, State.UPGRADE_PENDING, State.DONE}
+        {State.HEAD, State.LENGTH, State.CHUNKED, State.UPGRADE_PENDING, State.TUNNEL, State.DONE}
     ),
-    State.LENGTH: frozenset({State.HEAD, State.UPGRADE_PENDING, State.DONE}),
-    State.CHUNKED: frozenset({State.HEAD, State.UPGRADE_PENDING, State.DONE}),
+    State.LENGTH: frozenset({State.HEAD, State.UPGRADE_PENDING, State.TUNNEL, State.DONE}),
+    State.CHUNKED: frozenset({State.HEAD, State.UPGRADE_PENDING, State.TUNNEL, State.DONE}),
     State.UPGRADE_PENDING: frozenset({State.TUNNEL, State.DONE}),
     State.TUNNEL: frozenset({State.DONE}),
     State.DONE: frozenset({State.DONE}),
@@ -138,6 +140,16 @@ class RequestFramer:
     def _to(self, state: State) -> None:
         assert state in _TRANSITIONS[self.state], (self.state, state)
         self.state = state
+
+    def hand_off(self) -> None:
+        """Relay everything from now on unparsed (another node of a cluster parses it: the
+        shell forwards the raw bytes it kept, then every later byte)."""
+        self._head_buf.clear()
+        self._held.clear()
+        self._status_buf.clear()
+        self._scanner = None
+        self._upgrade_after_body = False
+        self._to(State.TUNNEL)
 
     def close(self) -> None:
         """Relay nothing more (an error, a 421, a timeout): later input is ignored."""

@@ -103,6 +103,7 @@ class PublicConnection(StreamEndpoint):
         "_misdirected",
         "_peer",
         "_peer_ip",
+        "_prelude",
         "_responded",
         "_route",
         "_routed_host",
@@ -136,6 +137,9 @@ class PublicConnection(StreamEndpoint):
         self._peer = "unknown"
         self._peer_ip = "unknown"
         self._counted_ip: str | None = None
+        # Bytes read before the first head was routed, kept only in a cluster (another node may
+        # own the sandbox: it then gets them all, unparsed; see tunneld/cluster.py).
+        self._prelude: bytearray | None = bytearray() if server.cluster is not None else None
         self.port = 0
         self.sandbox_id = ""
         # Bumped on every read and every response chunk; the edge's idle sweep and the keep-alive
@@ -251,6 +255,11 @@ class PublicConnection(StreamEndpoint):
         self._feed(SHARED.view[:nbytes])
 
     def _feed(self, data: memoryview | bytes) -> None:
+        if self._prelude is not None:
+            if self.mux is None:
+                self._prelude += data  # until routed: what another node would need to see
+            else:
+                self._prelude = None
         for event in self._framer.receive_data(data):
             if isinstance(event, RequestHead):
                 if self._timer_kind == "head":
@@ -290,6 +299,12 @@ class PublicConnection(StreamEndpoint):
                 return False
             session: EdgeSession | None = state.session
             if session is None or not session.can_open_streams():
+                if server.cluster is not None:
+                    # Its agent is on another node of the cluster: hand the connection on.
+                    self.port = route.port
+                    self.sandbox_id = route.sandbox_id
+                    self._hand_on()
+                    return False
                 self.fail(
                     503,
                     "SANDBOX_NOT_CONNECTED",
@@ -331,6 +346,48 @@ class PublicConnection(StreamEndpoint):
             )
         self.forward(forward_head(head, self._host_line, self._trailer))
         return True
+
+    # -- cluster: the sandbox's agent is on another node ------------------------------------------
+    def _hand_on(self) -> None:
+        """Forward this connection to the owner node (tunneld/cluster.py): reading pauses and
+        the head timer stops while the link is found; ``_hand_on_task`` finishes the job."""
+        self._cancel_timer()
+        self._framer.hand_off()
+        if self.transport is not None:
+            self.transport.pause_reading()
+        task = self.server.loop.create_task(self._hand_on_task())
+        self.server.background.add(task)
+        task.add_done_callback(self.server.background.discard)
+
+    async def _hand_on_task(self) -> None:
+        from .cluster import RouteError
+
+        cluster = self.server.cluster
+        assert cluster is not None
+        try:
+            link, epoch = await cluster.route(self.sandbox_id)
+        except RouteError as exc:
+            self.fail(exc.status, exc.code, exc.message)
+            return
+        transport = self.transport
+        if transport is None or transport.is_closing() or self._closed:
+            return  # the client left meanwhile
+        try:
+            self.stream_id = link.session.open_stream(
+                self.port, "preview", self._peer, sandbox=self.sandbox_id, epoch=epoch
+            )
+        except LocalProtocolError:
+            self.fail(
+                503, "SANDBOX_BUSY", f"Sandbox {self.sandbox_id} cannot take more connections now."
+            )
+            return
+        link.add_stream(self)
+        self.mux = link
+        prelude, self._prelude = self._prelude, None
+        if prelude:
+            self.forward(bytes(prelude))
+        link.flush()
+        transport.resume_reading()
 
     # -- errors ----------------------------------------------------------------------------------
     def _client_error(self, exc: HeadError) -> None:

@@ -54,6 +54,7 @@ class Processes:
         env = dict(os.environ)
         env["TUNNEL_LOOP"] = self.loop
         env["PYTHONUNBUFFERED"] = "1"
+        env["TUNNELD_NODE_PORT"] = "0"  # a cluster node's link listener (Redis store): any port
         env.update(extra)
         return env
 

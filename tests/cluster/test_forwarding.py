@@ -1,0 +1,250 @@
+"""Three nodes on one real Redis: every preview URL answers through every node (a request that
+lands on a node without the sandbox's agent is forwarded to the owner over a node link), the
+owner parses and checks what it is forwarded, abnormal ends stay abnormal across the hop, and an
+unreachable owner is a clear 502, never a hang."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import AsyncIterator
+
+import pytest
+
+from protocol import control
+from protocol.session import Role, Session
+from relay.mux import MuxProtocol, abort_with_reset
+from tests.e2e.origin import pattern_sha256
+from tests.faults.origins import ScriptedOrigin
+from tunneld.nodelink import node_link_token, verify_node_link_token
+
+from .conftest import RedisServer
+from .nodes import Cluster, Node, wait_for
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+async def cluster(redis_server: RedisServer) -> AsyncIterator[Cluster]:
+    c = Cluster(redis_server)
+    try:
+        yield c
+    finally:
+        await c.close()
+
+
+async def _three_nodes_agent_on_b(cluster: Cluster) -> tuple[list[Node], str, int]:
+    nodes = [await cluster.node(name) for name in ("node-a", "node-b", "node-c")]
+    origin = await cluster.origin()
+    await cluster.agent(nodes[1], "sb1")
+    r = await nodes[0].admin.post("/v1/sandboxes/sb1/ports", json={"port": origin.port})
+    assert r.status_code == 200, r.text
+    url = r.json()["exposedAt"]
+    for node in nodes:  # every node's view has the exposure and knows who owns sb1
+        await wait_for(lambda n=node: n.edge.registry.exposures("sb1"), what="the exposure")
+        await wait_for(
+            lambda n=node: n.edge.cluster.owners.get("sb1", ("",))[0] == "node-b",
+            what="the owner",
+        )
+    return nodes, url, origin.port
+
+
+def _host(url: str) -> str:
+    return url.split("//", 1)[1].split("/", 1)[0]
+
+
+async def raw_exchange(port: int, data: bytes, timeout: float = 10) -> bytes:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(data)
+        return await asyncio.wait_for(reader.read(), timeout)
+    finally:
+        writer.close()
+
+
+async def test_a_preview_url_answers_through_every_node(cluster: Cluster) -> None:
+    nodes, url, _port = await _three_nodes_agent_on_b(cluster)
+    for node in nodes:
+        async with node.public(url) as client:
+            r = await client.get("/")
+            assert (r.status_code, r.content) == (200, b"hello from origin"), node.edge.config
+            # a large download and an upload, hash-checked, through the forwarded hop
+            r = await client.get("/bytes", params={"n": 3_000_000, "seed": 7})
+            assert hashlib.sha256(r.content).hexdigest() == pattern_sha256(3_000_000, 7)
+            body = bytes(range(256)) * 8000
+            r = await client.post("/upload", content=body)
+            assert r.json() == {"length": len(body), "sha256": hashlib.sha256(body).hexdigest()}
+            # the service sees the real client, not the node in between
+            r = await client.get("/headers")
+            headers = dict(r.json())
+            assert headers["x-forwarded-for"] == "127.0.0.1"
+            assert headers["x-forwarded-host"] == _host(url)
+    a = nodes[0]
+    assert a.edge.registry.get("sb1").session is None  # A really forwarded: no agent there
+    assert "node-b" in {link for link in a.edge.cluster.links}
+
+
+async def test_the_owner_checks_every_forwarded_request(cluster: Cluster) -> None:
+    """The landing node relays unparsed after the first head; the owner still applies the
+    421 check to later requests and strips internal headers."""
+    nodes, url, _port = await _three_nodes_agent_on_b(cluster)
+    host = _host(url).encode()
+    data = (
+        b"GET / HTTP/1.1\r\nHost: " + host + b"\r\n\r\n"
+        b"GET /headers HTTP/1.1\r\nHost: " + host + b"\r\nX-Sandbox-Name: other\r\n"
+        b"X_Forwarded_For: 6.6.6.6\r\n\r\n"
+        b"GET / HTTP/1.1\r\nHost: 9999-other-tok.localhost\r\n\r\n"
+    )
+    answer = await raw_exchange(nodes[2].edge.public_port, data)
+    assert answer.count(b"hello from origin") == 1, answer
+    assert b"6.6.6.6" not in answer and b'"x-sandbox-name","sb1"' in answer
+    assert b"HTTP/1.1 421 " in answer
+
+
+async def test_a_websocket_across_the_forwarded_hop(cluster: Cluster) -> None:
+    import websockets
+
+    nodes, _url, _port = await _three_nodes_agent_on_b(cluster)
+
+    async def echo(ws) -> None:
+        async for message in ws:
+            await ws.send(message)
+
+    server = await websockets.serve(echo, "127.0.0.1", 0)
+    try:
+        ws_port = server.sockets[0].getsockname()[1]
+        r = await nodes[0].admin.post("/v1/sandboxes/sb1/ports", json={"port": ws_port})
+        ws_url = r.json()["exposedAt"]
+        await wait_for(lambda: nodes[2].edge.registry.exposures("sb1")[1:], what="the expose")
+        async with websockets.connect(
+            f"ws://{_host(ws_url)}/",
+            host="127.0.0.1",
+            port=nodes[2].edge.public_port,
+            open_timeout=10,
+        ) as ws:
+            for i in range(20):
+                payload = f"message {i} ".encode() * (i * 100 + 1)
+                await ws.send(payload)
+                assert await asyncio.wait_for(ws.recv(), 10) == payload
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+class CutShort(ScriptedOrigin):
+    """A response without a length that stops half-way: the connection is then reset."""
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nconnection: close\r\n\r\n" + b"x" * 100_000)
+        await writer.drain()
+        await asyncio.sleep(0.2)
+        abort_with_reset(writer.transport)  # RST from the service: the body is incomplete
+
+
+async def test_an_abnormal_end_stays_abnormal_across_the_hop(cluster: Cluster) -> None:
+    nodes = [await cluster.node(name) for name in ("node-a", "node-b")]
+    await cluster.agent(nodes[1], "sb1")
+    async with CutShort() as origin:
+        r = await nodes[0].admin.post("/v1/sandboxes/sb1/ports", json={"port": origin.port})
+        host = _host(r.json()["exposedAt"]).encode()
+        await wait_for(
+            lambda: nodes[0].edge.cluster.owners.get("sb1", ("",))[0] == "node-b",
+            what="the owner",
+        )
+        reader, writer = await asyncio.open_connection("127.0.0.1", nodes[0].edge.public_port)
+        writer.write(b"GET / HTTP/1.1\r\nHost: " + host + b"\r\n\r\n")
+        received = b""
+        with pytest.raises(ConnectionResetError):
+            while True:
+                chunk = await asyncio.wait_for(reader.read(65536), 10)
+                if not chunk:
+                    break  # a clean end: the cut-short body would look complete
+                received += chunk
+        writer.close()
+        assert received.startswith(b"HTTP/1.1 200 ")
+
+
+async def test_an_unreachable_owner_is_a_quick_502(cluster: Cluster) -> None:
+    nodes, url, _port = await _three_nodes_agent_on_b(cluster)
+    b = nodes[1].edge.cluster
+    assert b._listener is not None
+    b._listener.close()  # the node-to-node port refuses from now on (a partition)
+    for link in list(b.server_links):
+        assert link.transport is not None
+        link.transport.abort()
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    async with nodes[2].public(url) as client:
+        r = await client.get("/")
+    assert r.status_code == 502
+    assert r.json()["code"] == "NODE_UNREACHABLE" and "node-b" in r.json()["error"]
+    assert loop.time() - started < 10
+    # the owner itself still serves its own clients
+    async with nodes[1].public(url) as client:
+        assert (await client.get("/")).status_code == 200
+
+
+async def test_a_new_session_on_another_node_takes_the_sandbox_over(cluster: Cluster) -> None:
+    nodes, url, _port = await _three_nodes_agent_on_b(cluster)
+    first_epoch = nodes[1].edge.cluster.epochs["sb1"]
+    await cluster.agent(nodes[2], "sb1")  # the agent reconnects to C (B never saw it go)
+    await wait_for(lambda: nodes[1].edge.registry.get("sb1").session is None, what="B to let go")
+    assert nodes[2].edge.cluster.epochs["sb1"] > first_epoch
+    for node in nodes:
+        await wait_for(
+            lambda n=node: n.edge.cluster.owners.get("sb1", ("",))[0] == "node-c",
+            what="every node to see C as the owner",
+        )
+        async with node.public(url) as client:
+            assert (await client.get("/")).content == b"hello from origin"
+
+
+async def test_a_stale_owner_refuses_a_stream_of_a_newer_epoch(cluster: Cluster) -> None:
+    nodes, _url, _port = await _three_nodes_agent_on_b(cluster)
+    b = nodes[1].edge.cluster
+    epoch = b.epochs["sb1"]
+    assert b.serves("sb1", epoch) and b.serves("sb1", epoch - 1)
+    assert not b.serves("sb1", epoch + 1)  # someone claimed after us: we are stale
+    assert not b.serves("sb2", None)  # no session here at all
+
+
+class _Dialer(MuxProtocol):
+    def __init__(self, loop: asyncio.AbstractEventLoop, hello: control.Hello) -> None:
+        super().__init__(Session(Role.AGENT, now=loop.time()), loop)
+        self.hello = hello
+        self.replies: list[object] = []
+
+    def on_connected(self) -> None:
+        self.session.send_control(self.hello)
+        self.flush()
+
+    def on_control(self, message: object) -> None:
+        self.replies.append(message)
+
+
+async def test_node_links_need_the_cluster_secret(cluster: Cluster) -> None:
+    a = await cluster.node("node-a")
+    loop = asyncio.get_running_loop()
+    assert a.edge.cluster is not None
+    port = a.edge.cluster.port
+    # a forged token: refused with an error, and the connection closes
+    _t, forged = await loop.create_connection(
+        lambda: _Dialer(loop, control.Hello("evil", node_link_token("wrong secret", "evil"))),
+        "127.0.0.1",
+        port,
+    )
+    await asyncio.wait_for(forged.closed, 5)
+    assert any(isinstance(m, control.Error) and m.code == "AUTH_FAILED" for m in forged.replies)
+    assert not a.edge.cluster.server_links or all(
+        link.peer_node is None for link in a.edge.cluster.server_links
+    )
+
+
+def test_node_link_tokens_expire_and_bind_the_node_id() -> None:
+    token = node_link_token("s3cret", "node-a", now=1_000_000)
+    assert verify_node_link_token("s3cret", "node-a", token, now=1_000_100)
+    assert not verify_node_link_token("s3cret", "node-b", token, now=1_000_100)
+    assert not verify_node_link_token("other", "node-a", token, now=1_000_100)
+    assert not verify_node_link_token("s3cret", "node-a", token, now=1_000_000 + 301)
+    assert not verify_node_link_token("s3cret", "node-a", "garbage", now=1_000_000)
