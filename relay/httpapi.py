@@ -220,8 +220,10 @@ class ApiServer:
         """Connections being served now (taken-over ones not included)."""
         return len(self._connections)
 
-    async def start(self, host: str, port: int) -> asyncio.Server:
-        self._server = await asyncio.start_server(self._on_connection, host, port)
+    async def start(self, host: str, port: int, *, reuse_port: bool = False) -> asyncio.Server:
+        self._server = await asyncio.start_server(
+            self._on_connection, host, port, reuse_port=reuse_port
+        )
         return self._server
 
     async def close(self) -> None:

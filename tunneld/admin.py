@@ -63,8 +63,8 @@ class AdminServer:
             logger=log,
         )
 
-    async def start(self, host: str, port: int) -> asyncio.Server:
-        return await self.http.start(host, port)
+    async def start(self, host: str, port: int, *, reuse_port: bool = False) -> asyncio.Server:
+        return await self.http.start(host, port, reuse_port=reuse_port)
 
     async def close(self) -> None:
         await self.http.close()

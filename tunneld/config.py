@@ -7,7 +7,7 @@ import os
 import tomllib
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 
 class ConfigError(Exception):
@@ -28,6 +28,12 @@ class Config:
     agent_port: int = 7000
     admin_host: str = "127.0.0.1"
     admin_port: int = 7070
+    # SO_REUSEPORT on the three listeners: several processes listen on one port and the kernel
+    # spreads new connections over them. Set for the workers of `tunneld serve --workers N`.
+    reuse_port: bool = False
+    # Processes: 1 = one event loop (this process); N > 1 = a supervisor and N worker processes
+    # (tunneld/supervisor.py), which share state through a Redis store. "auto" = the core count.
+    workers: int = 1
     # Secrets (from env or files, never argv)
     admin_token: str = ""
     secret: str = ""  # HMAC key that derives agent tokens: token = HMAC(secret, sandbox_id)
@@ -112,10 +118,36 @@ class Config:
             raise ConfigError(f"lease_s must be 1-300 seconds, not {self.lease_s}")
         if self.node_advertise and self.node_advertise.rpartition(":")[2].isdigit() is False:
             raise ConfigError(f"node_advertise must be host:port, not {self.node_advertise!r}")
+        if not 1 <= self.workers <= MAX_WORKERS:
+            raise ConfigError(f"workers must be 1-{MAX_WORKERS} or auto, not {self.workers}")
+        if self.workers > 1 and "://" not in self.store:
+            raise ConfigError(
+                f"workers = {self.workers} needs a Redis store (--store redis://host:port/db): "
+                "workers are separate processes that share exposures and agent ownership through "
+                f"the store, and the {self.store} store belongs to one process. Run Redis or "
+                "Valkey, or keep workers = 1 (docs/operations.md, Workers)"
+            )
         for name in ("public_port", "agent_port", "admin_port", "node_port"):
             value = getattr(self, name)
             if not 0 <= value <= 65535:
                 raise ConfigError(f"{name} must be 0-65535, not {value}")
+
+
+# More worker processes than this is a typo, not a machine: one worker per core is the point.
+MAX_WORKERS: Final = 1024
+
+
+def parse_workers(value: object) -> int:
+    """``workers`` from a flag, the environment or the config file: a count or ``auto`` (the
+    number of cores). The range is checked by :meth:`Config.validate`."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text == "auto":
+        return os.cpu_count() or 1
+    if text.isdigit():
+        return int(text)
+    raise ConfigError(f"workers must be a number of processes or auto, not {value!r}")
 
 
 def check_store(value: str) -> str:
@@ -143,6 +175,8 @@ _FIELD_TYPES = {f.name: f.type for f in fields(Config)}
 
 def _coerce(name: str, value: Any) -> Any:
     kind = str(_FIELD_TYPES[name])
+    if name == "workers":
+        return parse_workers(value)
     try:
         if kind == "bool":
             if isinstance(value, bool):
