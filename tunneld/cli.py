@@ -14,7 +14,7 @@ from typing import Any
 
 from relay.loop import new_event_loop
 
-from .config import Config, ConfigError, check_store, load_config
+from .config import Config, ConfigError, check_store, load_config, parse_workers
 
 log = logging.getLogger("tunneld")
 
@@ -33,10 +33,11 @@ or admin_token_file / secret_file in the config file.
 """
 
 
-def _setup_logging(level: str) -> None:
+def _setup_logging(level: str, worker: int | None = None) -> None:
+    tag = "" if worker is None else f"[w{worker}]"  # workers share the supervisor's stderr
     logging.basicConfig(
         level=getattr(logging, level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        format=f"%(asctime)s %(levelname)-7s %(name)s{tag}: %(message)s",
         stream=sys.stderr,
     )
 
@@ -99,6 +100,18 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--ports-file", metavar="FILE", help="write the bound ports here as JSON (for port 0)"
     )
+    serve.add_argument(
+        "--workers",
+        type=_workers_choice,
+        metavar="N",
+        help="processes: 1 (default) = this one; N > 1 or auto (one per core) = a supervisor and "
+        "N worker processes listening on the same ports (SO_REUSEPORT: the kernel spreads "
+        "connections over them). Workers share state through the store, so N > 1 needs "
+        "--store redis://...; the supervisor restarts a worker that dies, passes SIGHUP on, "
+        "drains them all on SIGTERM, and is what systemd sees (docs/operations.md, Workers)",
+    )
+    # Set by the supervisor on the workers it starts (tunneld/supervisor.py), never by hand.
+    serve.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)
     _store_arguments(serve)
 
     token = sub.add_parser(
@@ -190,6 +203,16 @@ def _store_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _workers_choice(value: str) -> int:
+    try:
+        workers = parse_workers(value)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix("workers ")) from None
+    if workers < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1 (or auto), not {value!r}")
+    return workers
+
+
 def _store_choice(value: str) -> str:
     try:
         return check_store(value)
@@ -201,7 +224,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     keys = (
         "domain", "scheme", "url_port", "public_host", "public_port", "agent_host", "agent_port",
         "admin_host", "admin_port", "tls_cert", "tls_key", "allow_plaintext_agents", "parser",
-        "tokens", "grace_period", "access_log", "log_level", "store", "state_dir",
+        "tokens", "grace_period", "access_log", "log_level", "store", "state_dir", "workers",
     )  # fmt: skip
     return {k: getattr(args, k, None) for k in keys}
 
@@ -211,14 +234,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.command == "serve":
-            config = load_config(args.config or os.environ.get("TUNNELD_CONFIG"), _overrides(args))
-            _setup_logging(config.log_level)
-            return serve(
-                config,
-                args.config or os.environ.get("TUNNELD_CONFIG"),
-                args.ports_file,
-                _overrides(args),
-            )
+            config_path = args.config or os.environ.get("TUNNELD_CONFIG")
+            overrides = _overrides(args)
+            ports_file = args.ports_file
+            if args.worker_index is not None:
+                from .supervisor import prepare_worker
+
+                overrides, ports_file = prepare_worker(), None
+            config = load_config(config_path, overrides)
+            _setup_logging(config.log_level, args.worker_index)
+            if config.workers > 1:
+                from .supervisor import supervise
+
+                return supervise(config, config_path, ports_file, overrides)
+            return serve(config, config_path, ports_file, overrides)
         if args.command == "token":
             return _token(args)
         if args.command == "exposures":

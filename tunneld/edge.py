@@ -486,14 +486,22 @@ class EdgeServer:
 
             self.cluster = Cluster(self, self.registry.store)  # type: ignore[arg-type]
             await self.cluster.start(tls)  # node links up before any agent can connect
+        # reuse_port: the workers of `tunneld serve --workers N` each listen on the same ports
+        # and the kernel spreads connections over them (tunneld/supervisor.py).
+        reuse = config.reuse_port
         agents = await loop.create_server(
-            lambda: EdgeSession(self), config.agent_host, config.agent_port, ssl=tls, backlog=1024
+            lambda: EdgeSession(self),
+            config.agent_host,
+            config.agent_port,
+            ssl=tls,
+            backlog=1024,
+            reuse_port=reuse,
         )
         public = await loop.create_server(
-            public_factory, config.public_host, config.public_port, backlog=4096
+            public_factory, config.public_host, config.public_port, backlog=4096, reuse_port=reuse
         )
         self.admin = AdminServer(self)
-        admin = await self.admin.start(config.admin_host, config.admin_port)
+        admin = await self.admin.start(config.admin_host, config.admin_port, reuse_port=reuse)
         self._servers = [agents, public, admin]
         if config.idle_timeout > 0:
             self._sweeper = loop.create_task(self._sweep_idle(config.idle_timeout))

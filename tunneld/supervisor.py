@@ -1,0 +1,482 @@
+"""``tunneld serve --workers N``: a supervisor and N worker processes on one host.
+
+Theory of operation
+-------------------
+One tunneld event loop uses one core. With ``workers`` > 1, ``tunneld serve`` becomes a
+supervisor that serves no traffic itself: it starts N workers, each a complete single-process
+tunneld (``python -m tunneld.cli serve --worker-index I``: a fresh interpreter, not a fork, since
+asyncio and fork do not mix), watches them, and is the one process systemd sees.
+
+**Listeners: SO_REUSEPORT.** Every worker binds and listens on the same public, agent and admin
+ports with ``SO_REUSEPORT`` (``Config.reuse_port``). The kernel then keeps one accept queue per
+worker and spreads new connections over them by a hash of the connection's addresses, so the
+workers never contend for one queue or wake each other up for one connection. The known cost: the
+spread is blind to load (a busy worker gets its share anyway), and when a worker dies the
+connections waiting in its accept queue, not yet accepted, are reset (Linux >= 5.14 migrates them
+to another worker instead when ``net.ipv4.tcp_migrate_req = 1``). Before starting any worker the
+supervisor binds each listener once itself, with ``SO_REUSEPORT``, and never listens on it: a
+socket that does not listen receives no connections, but it holds the port. That reservation is
+what makes ``--public-port 0`` work (the supervisor learns the port and gives every worker the
+same explicit one) and keeps the ports ours while a worker restarts, even when every worker is
+down at once.
+
+**State.** Workers share nothing in memory. Exposures and agent ownership live in the shared
+store, so N > 1 needs a Redis store (``Config.validate`` refuses sqlite and memory: the sqlite
+file belongs to one process). A worker is a cluster node like any other: its node id is
+``{node_id or hostname}-w{index}``, and its node-link port is ``node_port + index``. An agent
+holds its session with whichever worker the kernel gave its connection to; when that worker
+dies, the agent reconnects and lands on any worker.
+
+**Each worker gets** the supervisor's configuration: the same config file (``--config``) and
+command-line values, in ``$TUNNELD_WORKER_OVERRIDES`` (JSON: command-line values beat the file and
+the environment, as they do for a single process) with the ports made explicit, plus
+``reuse_port``, ``workers = 1``, its node id and node port.
+
+**systemd.** The supervisor opens its own notification socket (:mod:`tunneld.systemd`, with
+``SO_PASSCRED`` so the kernel names each message's sender) and gives it to the workers as
+``NOTIFY_SOCKET``. It tells the real ``$NOTIFY_SOCKET`` ``READY=1`` once every worker has said
+``READY=1`` (after writing ``--ports-file``), and never again; ``WATCHDOG=1`` only while every
+running worker has pinged within its own interval (half of the supervisor's, given to the workers
+as ``WATCHDOG_USEC``; without ``WATCHDOG_PID``, which cannot be known before the worker starts);
+``STOPPING=1`` when it is told to stop.
+
+**Signals.** SIGHUP is passed to every ready worker (each reloads; one still starting reads the
+new configuration anyway). SIGTERM or SIGINT: ``STOPPING=1``, SIGTERM to every worker, each drains
+for its grace period; a worker still running ``grace_period + STOP_MARGIN`` later is killed; the
+supervisor exits 0. Each worker also asks the kernel for SIGTERM should the supervisor die
+(``PR_SET_PDEATHSIG``), so a killed supervisor leaves no worker holding the ports.
+
+**Restarts.** A worker that exits on its own is logged (exit code or signal) and started again
+after a backoff: 1 s, doubling to 30 s, back to 1 s for a worker that ran 60 s. A worker that
+exits before every worker was ready the first time is a failed start (a bad store URL, a port in
+use): the supervisor stops the others and exits with that worker's status (2 stays 2).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from typing import Any, Final
+
+from . import systemd
+from .config import Config, ConfigError, load_config
+
+log = logging.getLogger("tunneld.supervisor")
+
+RESTART_DELAY_MIN: Final = 1.0  # a crash loop costs one start a second at worst...
+RESTART_DELAY_MAX: Final = 30.0  # ...and a worker that cannot start is retried twice a minute
+STABLE_AFTER: Final = 60.0  # a worker that ran this long restarts after RESTART_DELAY_MIN again
+# SIGTERM -> SIGKILL: a worker's own drain is bounded by its grace period; this is for one hung
+# beyond it (a stuck store call, a blocked loop).
+STOP_MARGIN: Final = 10.0
+KILL_WAIT: Final = 5.0  # after SIGKILL, the kernel's part
+WORKER_ENV: Final = "TUNNELD_WORKER_OVERRIDES"
+SUPERVISOR_PID_ENV: Final = "TUNNELD_SUPERVISOR_PID"
+# Inherited from systemd for the supervisor alone: the workers get their own (or none).
+_NOT_FOR_WORKERS: Final = (
+    "NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES",
+)  # fmt: skip
+_LISTENERS: Final = ("public", "agent", "admin")
+_PR_SET_PDEATHSIG: Final = 1
+
+
+def supervise(
+    config: Config, config_path: str | None, ports_file: str | None, overrides: dict[str, Any]
+) -> int:
+    """Run the supervisor until it is stopped; the exit status for ``tunneld serve``."""
+    return asyncio.run(Supervisor(config, config_path, ports_file, overrides).run())
+
+
+def worker_node_id(base: str, index: int) -> str:
+    return f"{base or socket.gethostname().split('.')[0] or 'host'}-w{index}"
+
+
+def prepare_worker() -> dict[str, Any]:
+    """In a worker (``--worker-index``): the configuration overrides its supervisor chose, and
+    SIGTERM from the kernel if the supervisor dies. ConfigError when not started by one."""
+    raw = os.environ.get(WORKER_ENV)
+    if raw is None:
+        raise ConfigError(
+            "--worker-index is for the workers `tunneld serve --workers N` starts "
+            f"(no ${WORKER_ENV})"
+        )
+    try:
+        overrides = json.loads(raw)
+    except ValueError:
+        raise ConfigError(f"${WORKER_ENV} is not JSON") from None
+    if not isinstance(overrides, dict):
+        raise ConfigError(f"${WORKER_ENV} is not a JSON object")
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    except (OSError, AttributeError):  # not Linux: an orphaned worker is stopped by hand
+        pass
+    supervisor = os.environ.get(SUPERVISOR_PID_ENV, "")
+    if supervisor.isdigit() and os.getppid() != int(supervisor):
+        # It died before prctl took effect: nobody would ever stop this worker.
+        raise ConfigError("the supervisor that started this worker is gone")
+    return overrides
+
+
+def reserve_port(host: str, port: int) -> list[socket.socket]:
+    """Bind (never listen) ``SO_REUSEPORT`` sockets on every address of ``host``, all on one port
+    (the first address's, when ``port`` is 0). They hold the port; they receive nothing."""
+    infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    sockets: list[socket.socket] = []
+    try:
+        for family, kind, proto, _name, address in dict.fromkeys(infos):
+            sock = socket.socket(family, kind, proto)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)  # as asyncio does
+            if port == 0 and len(sockets) > 1:
+                address = (address[0], sockets[0].getsockname()[1], *address[2:])
+            sock.bind(address)
+    except OSError:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets
+
+
+def describe_exit(returncode: int) -> str:
+    if returncode < 0:
+        try:
+            return f"was killed by {signal.Signals(-returncode).name}"
+        except ValueError:
+            return f"was killed by signal {-returncode}"
+    return f"exited with status {returncode}"
+
+
+class Worker:
+    """One worker slot: the process in it now, and its restart backoff."""
+
+    __slots__ = ("delay", "index", "last_seen", "proc", "ready", "restart", "started")
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.started = 0.0
+        self.last_seen = 0.0  # last READY=1 or WATCHDOG=1 (monotonic)
+        self.ready = False
+        self.delay = RESTART_DELAY_MIN
+        self.restart: asyncio.TimerHandle | None = None
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid if self.proc is not None else 0
+
+
+class Supervisor:
+    def __init__(
+        self,
+        config: Config,
+        config_path: str | None,
+        ports_file: str | None,
+        overrides: dict[str, Any],
+    ) -> None:
+        self.config = config
+        self.config_path = config_path
+        self.ports_file = ports_file
+        self.overrides = {k: v for k, v in overrides.items() if v is not None}
+        self.workers = [Worker(i) for i in range(config.workers)]
+        self.ports: dict[str, int] = {}
+        self._reserved: list[socket.socket] = []
+        self._notify: socket.socket | None = None
+        self._notify_name = ""
+        self._usec = systemd.watchdog_usec()  # ours, from systemd; the workers get half
+        self._ready_sent = False
+        self._stopping = False
+        self._status = 0
+        self._done = asyncio.Event()
+        self._silent: set[int] = set()  # worker indexes whose missed watchdog was logged
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    async def run(self) -> int:
+        loop = self._loop = asyncio.get_running_loop()
+        config = self.config
+        try:
+            for name in _LISTENERS:
+                host = getattr(config, f"{name}_host")
+                sockets = reserve_port(host, getattr(config, f"{name}_port"))
+                self._reserved += sockets
+                self.ports[name] = sockets[0].getsockname()[1]
+            self._check_node_ports()
+            self._notify, self._notify_name = systemd.open_notify_socket()
+        except (OSError, ConfigError) as exc:
+            log.error("cannot start: %s", exc)
+            self._close()
+            return 2 if isinstance(exc, ConfigError) else 1
+        loop.add_reader(self._notify, self._on_notify)
+        loop.add_signal_handler(signal.SIGCHLD, self._reap)
+        loop.add_signal_handler(signal.SIGTERM, self._stop, "SIGTERM")
+        loop.add_signal_handler(signal.SIGINT, self._stop, "SIGINT")
+        loop.add_signal_handler(signal.SIGHUP, self._reload)
+        log.info(
+            "supervisor (pid %d): %d workers on public %s:%d, agents %s:%d, admin %s:%d",
+            os.getpid(),
+            len(self.workers),
+            config.public_host,
+            self.ports["public"],
+            config.agent_host,
+            self.ports["agent"],
+            config.admin_host,
+            self.ports["admin"],
+        )
+        watchdog = loop.create_task(self._watchdog(self._usec / 1e6)) if self._usec else None
+        try:
+            for worker in self.workers:
+                if not self._stopping:
+                    self._start(worker)
+            await self._done.wait()
+        finally:
+            if watchdog is not None:
+                watchdog.cancel()
+            for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                loop.remove_signal_handler(sig)
+            self._close()
+        log.info("supervisor stopped")
+        return self._status
+
+    def _close(self) -> None:
+        if self._notify is not None:
+            if self._loop is not None:
+                self._loop.remove_reader(self._notify)
+            self._notify.close()
+            self._notify = None
+        for sock in self._reserved:
+            sock.close()
+        self._reserved = []
+
+    def _check_node_ports(self) -> None:
+        last = self.config.node_port + len(self.workers) - 1
+        if self.config.node_port and last > 65535:
+            raise ConfigError(
+                f"node_port {self.config.node_port} + {len(self.workers)} workers passes 65535"
+            )
+
+    # -- workers ---------------------------------------------------------------------------------
+    def worker_overrides(self, index: int) -> dict[str, Any]:
+        config = self.config
+        overrides = dict(self.overrides)
+        overrides.update(
+            public_port=self.ports["public"],
+            agent_port=self.ports["agent"],
+            admin_port=self.ports["admin"],
+            reuse_port=True,
+            workers=1,
+            node_id=worker_node_id(config.node_id, index),
+        )
+        if config.node_port:  # 0 stays 0: each worker takes a port of its own
+            overrides["node_port"] = config.node_port + index
+        if config.node_advertise:
+            host, _, port = config.node_advertise.rpartition(":")
+            overrides["node_advertise"] = f"{host}:{int(port) + index}"
+        return overrides
+
+    def _worker_env(self, index: int) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if k not in _NOT_FOR_WORKERS}
+        env["NOTIFY_SOCKET"] = self._notify_name
+        if self._usec:
+            env["WATCHDOG_USEC"] = str(max(self._usec // 2, 1000))
+        env[WORKER_ENV] = json.dumps(self.worker_overrides(index))
+        env[SUPERVISOR_PID_ENV] = str(os.getpid())
+        return env
+
+    def _start(self, worker: Worker) -> None:
+        worker.restart = None
+        argv = [sys.executable, "-m", "tunneld.cli", "serve", "--worker-index", str(worker.index)]
+        if self.config_path:
+            argv += ["--config", self.config_path]
+        try:
+            worker.proc = subprocess.Popen(
+                argv, env=self._worker_env(worker.index), stdin=subprocess.DEVNULL
+            )
+        except OSError as exc:
+            log.error("worker %d: cannot start: %s", worker.index, exc)
+            if not self._ready_sent:
+                self._status = 1
+                self._stop("a failed start")
+            else:
+                self._schedule_restart(worker)
+            return
+        worker.started = worker.last_seen = time.monotonic()
+        worker.ready = False
+        log.info("worker %d started (pid %d)", worker.index, worker.pid)
+
+    def _reap(self) -> None:
+        """SIGCHLD: collect every worker that exited (signals coalesce: check them all)."""
+        for worker in self.workers:
+            proc = worker.proc
+            if proc is None or proc.poll() is None:
+                continue
+            worker.proc = None
+            worker.ready = False
+            self._on_exit(worker, proc.pid, proc.returncode)
+        if self._stopping and all(w.proc is None for w in self.workers):
+            self._done.set()
+
+    def _on_exit(self, worker: Worker, pid: int, returncode: int) -> None:
+        how = describe_exit(returncode)
+        ran = time.monotonic() - worker.started
+        if self._stopping:
+            log.info("worker %d (pid %d) %s", worker.index, pid, how)
+            return
+        if not self._ready_sent:
+            log.error("worker %d (pid %d) %s during start-up; stopping", worker.index, pid, how)
+            self._status = returncode if returncode > 0 else 1
+            self._stop("a failed start")
+            return
+        if ran >= STABLE_AFTER:
+            worker.delay = RESTART_DELAY_MIN
+        log.warning(
+            "worker %d (pid %d) %s after %.1fs; restarting it in %.0fs",
+            worker.index,
+            pid,
+            how,
+            ran,
+            worker.delay,
+        )
+        self._schedule_restart(worker)
+        systemd.notify(f"STATUS={self._describe_status()}")
+
+    def _schedule_restart(self, worker: Worker) -> None:
+        assert self._loop is not None
+        worker.restart = self._loop.call_later(worker.delay, self._start, worker)
+        worker.delay = min(worker.delay * 2, RESTART_DELAY_MAX)
+
+    def _describe_status(self) -> str:
+        ready = sum(1 for w in self.workers if w.ready)
+        return f"{ready} of {len(self.workers)} workers serving"
+
+    # -- notifications from the workers ----------------------------------------------------------
+    def _on_notify(self) -> None:
+        assert self._notify is not None
+        while (message := systemd.receive_notification(self._notify)) is not None:
+            pid, fields = message
+            worker = next((w for w in self.workers if pid and w.pid == pid), None)
+            if worker is None:
+                log.debug("notification from pid %d, not a worker: ignored", pid)
+                continue
+            if fields.get("READY") == "1" or fields.get("WATCHDOG") == "1":
+                worker.last_seen = time.monotonic()
+                self._silent.discard(worker.index)
+            if fields.get("READY") == "1" and not worker.ready:
+                worker.ready = True
+                log.info("worker %d (pid %d) ready", worker.index, pid)
+                self._on_worker_ready()
+
+    def _on_worker_ready(self) -> None:
+        if self._stopping or not all(w.ready for w in self.workers):
+            return
+        pids = [w.pid for w in self.workers]
+        if self.ports_file:
+            self._write_ports(self.ports_file, pids)  # before READY=1: whoever waits reads it
+        status = f"serving with {len(pids)} workers"
+        if not self._ready_sent:
+            self._ready_sent = True
+            log.info("all %d workers ready (pids %s)", len(pids), " ".join(map(str, pids)))
+            systemd.notify(f"READY=1\nSTATUS={status}")
+        else:
+            log.info("all %d workers serving again (pids %s)", len(pids), " ".join(map(str, pids)))
+            systemd.notify(f"STATUS={status}")
+
+    def _write_ports(self, path: str, pids: list[int]) -> None:
+        with open(path + ".tmp", "w") as f:
+            json.dump({**self.ports, "workers": pids}, f)
+        os.replace(path + ".tmp", path)
+
+    async def _watchdog(self, period: float) -> None:
+        """Ping systemd twice per period while every running worker pinged within half of it."""
+        while True:
+            await asyncio.sleep(period / 2)
+            if self._ready_sent and not self._stopping and self._healthy(period / 2):
+                systemd.notify("WATCHDOG=1")
+
+    def _healthy(self, limit: float) -> bool:
+        now = time.monotonic()
+        healthy = True
+        for worker in self.workers:
+            if worker.proc is None:
+                continue  # being restarted: that is this process doing its job
+            silent = now - worker.last_seen
+            if silent > limit:
+                healthy = False
+                if worker.index not in self._silent:
+                    self._silent.add(worker.index)
+                    log.warning(
+                        "worker %d (pid %d) silent for %.1fs: withholding the systemd watchdog",
+                        worker.index,
+                        worker.pid,
+                        silent,
+                    )
+        return healthy
+
+    # -- signals ---------------------------------------------------------------------------------
+    def _reload(self) -> None:
+        if self._stopping:
+            return
+        try:
+            # Only the grace period matters here; the workers re-read everything themselves.
+            self.config.grace_period = load_config(self.config_path, self.overrides).grace_period
+        except ConfigError as exc:
+            log.error("SIGHUP: configuration not reloaded: %s", exc)
+            return
+        ready = [w for w in self.workers if w.ready and w.proc is not None]
+        for worker in ready:
+            self._signal(worker, signal.SIGHUP)
+        log.info("SIGHUP: passed to %d workers", len(ready))
+
+    def _stop(self, why: str) -> None:
+        if self._stopping:
+            return
+        assert self._loop is not None
+        self._stopping = True
+        running = [w for w in self.workers if w.proc is not None]
+        log.info(
+            "%s: stopping %d workers (grace period %.0fs)",
+            why,
+            len(running),
+            self.config.grace_period,
+        )
+        if why in ("SIGTERM", "SIGINT"):
+            systemd.notify("STOPPING=1")
+        for worker in self.workers:
+            if worker.restart is not None:
+                worker.restart.cancel()
+                worker.restart = None
+            self._signal(worker, signal.SIGTERM)
+        self._loop.call_later(self.config.grace_period + STOP_MARGIN, self._kill_all)
+        if not running:
+            self._done.set()
+
+    def _kill_all(self) -> None:
+        assert self._loop is not None
+        for worker in self.workers:
+            if worker.proc is not None and worker.proc.poll() is None:
+                log.warning(
+                    "worker %d (pid %d) still running %.0fs after SIGTERM: SIGKILL",
+                    worker.index,
+                    worker.pid,
+                    self.config.grace_period + STOP_MARGIN,
+                )
+                self._signal(worker, signal.SIGKILL)
+        self._loop.call_later(KILL_WAIT, self._done.set)
+
+    def _signal(self, worker: Worker, sig: signal.Signals) -> None:
+        if worker.proc is not None and worker.proc.returncode is None:
+            try:
+                worker.proc.send_signal(sig)
+            except ProcessLookupError:
+                pass
