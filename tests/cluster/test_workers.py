@@ -16,7 +16,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.e2e.procs import BIN, Processes, admin_client, wait_for
+from tests.e2e.procs import BIN, Processes, admin_client, preview_get, wait_for
+from tests.e2e.test_processes import OriginThread
 from tunneld.config import ConfigError, load_config
 
 from .conftest import RedisServer
@@ -83,11 +84,32 @@ def public_answers(procs: Processes, times: int = 10) -> None:
         assert r.status_code == 404 and r.json()["code"] == "UNKNOWN_HOST"
 
 
+def previews_answer(procs: Processes, url: str, times: int = 20) -> bool:
+    """``times`` preview requests, each a new connection (so on either worker: one not holding
+    the agent hands it to the one that does over a node link), all served by the origin."""
+    for _ in range(times):
+        r = preview_get(procs, url)
+        if r.status_code != 200 or r.content != b"hello from origin":
+            return False
+    return True
+
+
+@pytest.fixture
+def origin() -> Iterator[OriginThread]:
+    o = OriginThread()
+    try:
+        yield o
+    finally:
+        o.close()
+
+
 def agent_status(api_port: int) -> dict:
     return httpx.get(f"http://127.0.0.1:{api_port}/v1/status", timeout=10).json()
 
 
-def test_workers_serve_restart_reload_and_stop(procs: Processes, redis_server: RedisServer) -> None:
+def test_workers_serve_restart_reload_and_stop(
+    procs: Processes, redis_server: RedisServer, origin: OriginThread
+) -> None:
     pids = start_workers(procs, redis_server)
     supervisor = procs.edge
     assert supervisor is not None
@@ -105,7 +127,7 @@ def test_workers_serve_restart_reload_and_stop(procs: Processes, redis_server: R
     # exposure is in Redis, so the admin API of every worker lists it.
     _, api_port = procs.start_agent("sb1")
     wait_for(lambda: agent_status(api_port)["connected"], what="agent connected")
-    r = httpx.post(f"http://127.0.0.1:{api_port}/v1/ports", json={"port": 8000}, timeout=10)
+    r = httpx.post(f"http://127.0.0.1:{api_port}/v1/ports", json={"port": origin.port}, timeout=10)
     assert r.status_code == 200, r.text
     url = r.json()["exposedAt"]
     assert f".localhost:{procs.ports['public']}/" in url
@@ -119,6 +141,7 @@ def test_workers_serve_restart_reload_and_stop(procs: Processes, redis_server: R
             )
 
     wait_for(listed_everywhere, what="the exposure listed by every worker")
+    assert previews_answer(procs, url)
 
     # kill -9 one worker: the supervisor logs it, starts another, and rewrites the ports file
     # once that one is ready; the listeners answer throughout the new set.
@@ -135,7 +158,9 @@ def test_workers_serve_restart_reload_and_stop(procs: Processes, redis_server: R
     public_answers(procs)
     wait_for(lambda: agent_status(api_port)["connected"], what="agent connected after the kill")
     with admin_client(procs) as admin:
-        assert [p["port"] for p in admin.get("/v1/sandboxes/sb1/ports").json()["ports"]] == [8000]
+        ports = admin.get("/v1/sandboxes/sb1/ports").json()["ports"]
+        assert [p["port"] for p in ports] == [origin.port]
+    wait_for(lambda: previews_answer(procs, url), what="previews served after the kill")
 
     # SIGHUP reaches every worker, each reloads.
     supervisor.send_signal(signal.SIGHUP)
