@@ -58,7 +58,9 @@ def tunneld_env() -> dict[str, str]:
         "TUNNELD_SECRET": SECRET,
         "TUNNELD_MAX_CONNECTIONS_PER_IP": "1000000",
         "TUNNELD_MAX_CONNECTIONS": "1000000",
-        "TUNNELD_STORE": "memory",
+        # bench/e2e/cluster.py runs the nodes on a Redis store
+        "TUNNELD_STORE": os.environ.get("BENCH_TUNNELD_STORE", "memory"),
+        "TUNNELD_NODE_PORT": "0",  # a cluster node's link listener: any free port
     }
 
 

@@ -56,7 +56,7 @@ class Cluster:
         self.agents: list[tuple[Agent, asyncio.Task[None]]] = []
         self.origins: list[Origin] = []
 
-    async def node(self, name: str, url: str | None = None) -> Node:
+    async def node(self, name: str, url: str | None = None, **settings: object) -> Node:
         config = Config(
             public_port=0,
             agent_port=0,
@@ -66,6 +66,7 @@ class Cluster:
             secret=self.secret,
             grace_period=0.2,
             control_timeout=2.0,
+            **settings,  # type: ignore[arg-type]
         )
         store = RedisStore(url or self.redis.url, node_id=name, ping_interval=0.2)
         edge = EdgeServer(config, asyncio.get_running_loop(), store)

@@ -248,3 +248,36 @@ def test_node_link_tokens_expire_and_bind_the_node_id() -> None:
     assert not verify_node_link_token("other", "node-a", token, now=1_000_100)
     assert not verify_node_link_token("s3cret", "node-a", token, now=1_000_000 + 301)
     assert not verify_node_link_token("s3cret", "node-a", "garbage", now=1_000_000)
+
+
+async def test_an_outage_longer_than_the_lease_ends_with_the_owner_claiming_again(
+    cluster: Cluster,
+) -> None:
+    """Redis away for longer than the lease: the owner keeps serving its own clients, the
+    lease expires in Redis meanwhile, and once Redis is back the owner claims the sandbox again
+    (nobody else did) and the other nodes forward to it again."""
+    a = await cluster.node("node-a", lease_s=1.0)
+    b = await cluster.node("node-b", lease_s=1.0)
+    origin = await cluster.origin()
+    await cluster.agent(a, "sb1")
+    r = await b.admin.post("/v1/sandboxes/sb1/ports", json={"port": origin.port})
+    url = r.json()["exposedAt"]
+    await wait_for(lambda: b.edge.cluster.owners.get("sb1", ("",))[0] == "node-a", what="owner")
+    first = a.edge.cluster.epochs["sb1"]
+
+    cluster.redis.stop()
+    async with a.public(url) as client:  # the owner serves its own clients throughout
+        for _ in range(5):
+            assert (await client.get("/")).status_code == 200
+            await asyncio.sleep(0.5)
+    cluster.redis.start()  # same data (appendonly): the lease has expired meanwhile
+
+    await wait_for(lambda: a.edge.cluster.epochs.get("sb1", 0) > first, 15, "node-a to claim again")
+    await wait_for(
+        lambda: b.edge.cluster.owners.get("sb1") == ("node-a", a.edge.cluster.epochs["sb1"]),
+        15,
+        "node-b to learn the new epoch",
+    )
+    async with b.public(url) as client:
+        r = await client.get("/")
+    assert (r.status_code, r.content) == (200, b"hello from origin")
