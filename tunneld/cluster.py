@@ -88,6 +88,8 @@ class Cluster:
         self._loops: list[asyncio.Task[None]] = []
         self._client_tls: ssl.SSLContext | None = None
         self._redis_down = False
+        # More of what other nodes read in this node's record (the hand-over socket: handover.py)
+        self.node_info: dict[str, Any] = {}
 
     # -- lifecycle -------------------------------------------------------------------------------
     async def start(self, tls: ssl.SSLContext | None) -> None:
@@ -153,7 +155,7 @@ class Cluster:
 
     # -- node record -----------------------------------------------------------------------------
     async def _register(self) -> None:
-        info = {"link": self.advertise, "tls": self._listener_tls()}
+        info = {"link": self.advertise, "tls": self._listener_tls(), **self.node_info}
         await self.store.register_node(self.node_id, info, self.lease_s * NODE_TTL_FACTOR)
 
     def _listener_tls(self) -> bool:
