@@ -78,6 +78,9 @@ class Config:
     node_advertise: str = ""  # host:port other nodes dial; "" = node_host and the bound port
     node_tls_ca: str = ""  # CA file for other nodes' certificates ("" = plain TCP links)
     lease_s: float = 15.0  # ownership lease of a sandbox's agent session, renewed every lease/3
+    # Nodes of one host (workers) pass a public connection's socket to its owner instead of
+    # relaying it over a node link (tunneld/handover.py); false: always the node link.
+    handover: bool = True
 
     def validate(self) -> None:
         if self.scheme not in ("http", "https"):

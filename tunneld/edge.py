@@ -50,6 +50,7 @@ from .store import Store
 
 if TYPE_CHECKING:
     from .cluster import Cluster
+    from .handover import HandoverServer
 
 log = logging.getLogger("tunneld")
 
@@ -452,6 +453,7 @@ class EdgeServer:
         self._feed: _StoreFeed | None = None  # a shared store's changes (Redis), applied here
         # With a Redis store: ownership of agent sessions and node links (tunneld/cluster.py)
         self.cluster: Cluster | None = None
+        self.handover: HandoverServer | None = None  # workers of one host pass sockets
         self.parser = default_parser(config.parser)
         self.background: set[asyncio.Task[None]] = set()  # tasks a connection started
         self.public_port = 0
@@ -485,6 +487,12 @@ class EdgeServer:
             from .cluster import Cluster
 
             self.cluster = Cluster(self, self.registry.store)  # type: ignore[arg-type]
+            if config.handover:
+                from .handover import HandoverServer
+
+                self.handover = HandoverServer(self, self.cluster.node_id)
+                self.handover.start()
+                self.cluster.node_info.update(self.handover.info())
             await self.cluster.start(tls)  # node links up before any agent can connect
         # reuse_port: the workers of `tunneld serve --workers N` each listen on the same ports
         # and the kernel spreads connections over them (tunneld/supervisor.py).
@@ -543,6 +551,8 @@ class EdgeServer:
                 session.transport.close()
         for server in self._servers:
             await server.wait_closed()
+        if self.handover is not None:
+            self.handover.close()
         if self.cluster is not None:
             await self.cluster.stop()
         for task in list(self.background):

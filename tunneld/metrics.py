@@ -38,6 +38,22 @@ class Metrics:
         self.streams_open = Gauge(
             "tunneld_streams_open", "Streams open across all sessions", registry=r
         )
+        # Cluster: connections that landed on a node without the sandbox's agent
+        self.handed_over = Counter(
+            "tunneld_connections_handed_over",
+            "Public connections passed to the owner worker of this host (socket hand-over)",
+            registry=r,
+        )
+        self.adopted = Counter(
+            "tunneld_connections_adopted",
+            "Public connections another worker of this host handed to this one",
+            registry=r,
+        )
+        self.forwarded = Counter(
+            "tunneld_connections_forwarded",
+            "Public connections relayed to the owner node over a node link",
+            registry=r,
+        )
         self.exposures = Gauge(
             "tunneld_exposures", "Exposed ports across all sandboxes", registry=r
         )

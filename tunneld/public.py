@@ -364,6 +364,8 @@ class PublicConnection(StreamEndpoint):
 
         cluster = self.server.cluster
         assert cluster is not None
+        if self.server.handover is not None and await self._hand_over_socket():
+            return  # another worker of this host serves it now; this object is done
         try:
             link, epoch = await cluster.route(self.sandbox_id)
         except RouteError as exc:
@@ -383,11 +385,53 @@ class PublicConnection(StreamEndpoint):
             return
         link.add_stream(self)
         self.mux = link
+        self.server.metrics.forwarded.inc()
         prelude, self._prelude = self._prelude, None
         if prelude:
             self.forward(bytes(prelude))
         link.flush()
         transport.resume_reading()
+
+    async def _hand_over_socket(self) -> bool:
+        """Pass the socket itself to the owner when it runs on this host (tunneld/handover.py);
+        False: not possible or refused, and this connection is still ours to forward."""
+        from .handover import MAX_PRELUDE, host_identity
+
+        server = self.server
+        cluster = server.cluster
+        handover = server.handover
+        assert cluster is not None and handover is not None
+        owner = cluster.owners.get(self.sandbox_id)
+        prelude = self._prelude
+        if owner is None or owner[0] == cluster.node_id or len(prelude or b"") > MAX_PRELUDE:
+            return False
+        record = cluster.nodes.get(owner[0])
+        if record is None:
+            try:
+                cluster.nodes = await cluster.store.nodes()
+            except Exception:  # the store is away: the node link path reports it
+                return False
+            record = cluster.nodes.get(owner[0])
+        if record is None or record.get("host") != host_identity() or not record.get("handover"):
+            return False
+        transport = self.transport
+        sock = transport.get_extra_info("socket") if transport is not None else None
+        if sock is None or transport is None or transport.is_closing():
+            return False
+        header = {"sandbox": self.sandbox_id, "port": self.port, "epoch": owner[1]}
+        if not await handover.hand_over(record["handover"], sock, header, bytes(prelude or b"")):
+            return False
+        # The owner holds its own descriptor of the socket now: closing ours sends nothing.
+        self._prelude = None
+        self._closed = True
+        transport.abort()
+        return True
+
+    def adopt(self, prelude: bytes) -> None:
+        """A connection another worker of this host handed over: ``prelude`` is what it read."""
+        if prelude and self.transport is not None and not self.transport.is_closing():
+            self.activity += 1
+            self._feed(prelude)
 
     # -- errors ----------------------------------------------------------------------------------
     def _client_error(self, exc: HeadError) -> None:
@@ -526,6 +570,14 @@ class PublicConnection(StreamEndpoint):
                 "UPSTREAM_CONNECT_FAILED",
                 f"Nothing is listening on port {self.port} in sandbox {self.sandbox_id}.",
             )
+        elif code == ResetCode.REFUSED_STREAM and mux is not None and _is_node_link(mux):
+            # the node we forwarded to does not hold the sandbox's session (any more)
+            self.fail(
+                503,
+                "SANDBOX_NOT_CONNECTED",
+                f"Sandbox {self.sandbox_id} is not connected to the node that owned it; its agent "
+                "is offline or moving to another node (retry).",
+            )
         elif code == ResetCode.REFUSED_STREAM:
             self.fail(503, "SANDBOX_BUSY", f"Sandbox {self.sandbox_id} refused a new connection.")
         elif code == ResetCode.UNEXPOSED:
@@ -565,3 +617,9 @@ class PublicConnection(StreamEndpoint):
             self._closed = True
             return
         super().connection_lost(exc)
+
+
+def _is_node_link(mux: object) -> bool:
+    from .nodelink import NodeLinkClient
+
+    return isinstance(mux, NodeLinkClient)
