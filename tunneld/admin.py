@@ -3,6 +3,7 @@
     GET    /healthz                                   liveness, no auth
     GET    /metrics                                   Prometheus text
     GET    /v1/sandboxes                              sandboxes with their session state and ports
+    GET    /v1/sandboxes/{id}                         one of them (404 when unknown)
     GET    /v1/sandboxes/{id}/ports                   {"ports": [{port, exposedAt, name}]}
     POST   /v1/sandboxes/{id}/ports                   {"port": 8000, "name"?: "api", "token"?: "t"}
     DELETE /v1/sandboxes/{id}/ports/{port}            204, idempotent
@@ -10,6 +11,11 @@
 
 The connection loop, limits and error rendering are the shared server's (:mod:`relay.httpapi`, also
 behind the agent's local API); this module owns the routes and the WebSocket connect hand-over.
+
+In a cluster (tunneld/cluster.py) every node answers for every sandbox: exposures are shared, a
+sandbox whose agent is connected to another node is reported connected with that node (from the
+ownership feed), and a WebSocket connect for it is routed to the owner over a node link as one
+``direct`` stream carrying exactly the bytes the local path would send to the agent.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ from urllib.parse import parse_qs, unquote
 
 import orjson
 
-from protocol.errors import LocalProtocolError
+from protocol.errors import LocalProtocolError, ResetCode
 from protocol.hostnames import ValidationError, validate_port, validate_sandbox_id
 from relay.httpapi import (
     ApiError,
@@ -33,16 +39,19 @@ from relay.httpapi import (
     Response,
     json_response,
 )
-from relay.mux import StreamEndpoint
+from relay.linked import LinkedTransport
+from relay.mux import MuxProtocol, StreamEndpoint, abort_with_reset
 
 from .auth import verify_bearer
+from .cluster import RouteError
 from .httphead import H11HeadParser, HeadError
-from .public import forward_head
+from .public import error_response, forward_head
+from .store import StoreError
 
 if TYPE_CHECKING:
     from .edge import EdgeServer
 
-__all__ = ["LIMITS", "AdminServer", "ApiError"]
+__all__ = ["LIMITS", "AdminServer", "ApiError", "LinkedDirectStream"]
 
 log = logging.getLogger("tunneld.admin")
 
@@ -96,14 +105,13 @@ class AdminServer:
             return Response(200, edge.metrics.render(), content_type="text/plain; version=0.0.4")
         if parts == ["v1", "sandboxes"]:
             self._allow(method, "GET")
-            return json_response(
-                200,
-                {
-                    "sandboxes": [
-                        self._sandbox_json(s.sandbox_id) for s in edge.registry.sandboxes()
-                    ]
-                },
-            )
+            ids = {s.sandbox_id for s in edge.registry.sandboxes()}
+            if edge.cluster is not None:
+                ids.update(edge.cluster.owners)  # connected to a node, nothing exposed
+            return json_response(200, {"sandboxes": [self._sandbox_json(i) for i in sorted(ids)]})
+        if len(parts) == 3 and parts[:2] == ["v1", "sandboxes"]:
+            self._allow(method, "GET")
+            return json_response(200, await self._one_sandbox(validate_sandbox_id(parts[2])))
         if len(parts) >= 4 and parts[:2] == ["v1", "sandboxes"] and parts[3] == "ports":
             sandbox_id = validate_sandbox_id(parts[2])
             if len(parts) == 4:
@@ -132,7 +140,7 @@ class AdminServer:
             if len(parts) == 6 and parts[5] == "ws":
                 self._allow(method, "GET")
                 target = parse_qs(request.query).get("path", ["/"])[0]
-                self._ws_connect(sandbox_id, validate_port(port), target, request, exchange)
+                await self._ws_connect(sandbox_id, validate_port(port), target, request, exchange)
                 return None
         raise ApiError(404, "NOT_FOUND", f"No such endpoint: {method} {path}")
 
@@ -162,14 +170,30 @@ class AdminServer:
             for e in self.edge.exposure_messages(sandbox_id)
         ]
 
-    def _sandbox_json(self, sandbox_id: str) -> dict[str, Any]:
+    def _sandbox_json(
+        self, sandbox_id: str, owner: tuple[str, int] | None = None, *, read: bool = False
+    ) -> dict[str, Any]:
+        """In a cluster, the sandbox's owner (node id, epoch) is ``owner`` when ``read`` from
+        the store, else the ownership feed's view (``Cluster.owners``). Session details exist
+        only on the node that holds the session."""
         state = self.edge.registry.get(sandbox_id)
         session = state.session if state is not None else None
-        out: dict[str, Any] = {
-            "id": sandbox_id,
-            "connected": session is not None,
-            "ports": self._ports_json(sandbox_id),
-        }
+        cluster = self.edge.cluster
+        out: dict[str, Any] = {"id": sandbox_id, "connected": session is not None}
+        if cluster is not None:
+            if session is not None:
+                out["node"] = cluster.node_id
+                epoch = cluster.epochs.get(sandbox_id)
+                if epoch:
+                    out["epoch"] = epoch
+            else:
+                if not read:
+                    owner = cluster.owners.get(sandbox_id)
+                if owner is not None and owner[0] != cluster.node_id:
+                    # its agent holds its one connection to another node
+                    out["connected"] = True
+                    out["node"], out["epoch"] = owner
+        out["ports"] = self._ports_json(sandbox_id)
         if session is not None:
             out["session"] = session.session_id
             out["peer"] = session.peer
@@ -181,19 +205,42 @@ class AdminServer:
                 out["rttMs"] = round(session.rtt * 1000, 3)
         return out
 
+    async def _one_sandbox(self, sandbox_id: str) -> dict[str, Any]:
+        """``GET /v1/sandboxes/{id}``: in a cluster, the owner is read from the store (the feed
+        does not see a lease expire)."""
+        state = self.edge.registry.get(sandbox_id)
+        cluster = self.edge.cluster
+        owner: tuple[str, int] | None = None
+        if cluster is not None and (state is None or state.session is None):
+            try:
+                owner = await cluster.store.owner(sandbox_id)
+            except StoreError:
+                owner = cluster.owners.get(sandbox_id)  # the feed's view, the best we have
+            if owner is not None and owner[0] == cluster.node_id:
+                owner = None  # ours, yet no session here: it just ended
+        if state is None and owner is None:
+            raise ApiError(
+                404,
+                "SANDBOX_NOT_FOUND",
+                f"Sandbox {sandbox_id} is unknown (nothing exposed, no agent connected).",
+            )
+        return self._sandbox_json(sandbox_id, owner, read=cluster is not None)
+
     # -- wsConnect -------------------------------------------------------------------------------
-    def _ws_connect(
+    async def _ws_connect(
         self, sandbox_id: str, port: int, target: str, request: Request, exchange: Exchange
     ) -> None:
         """Relay the WebSocket handshake to the sandbox and hand the connection over to a tunnel
-        stream (the shared server stops serving HTTP on it)."""
+        stream (the shared server stops serving HTTP on it): a ``direct`` stream of the agent's
+        session here, or, in a cluster, of a node link to the node that holds the session."""
         if not target.startswith("/") or any(c in target for c in "\r\n "):
             raise ApiError(400, "INVALID_PATH", "path must be an absolute path, e.g. /ws.")
         state = self.edge.registry.get(sandbox_id)
-        if state is None:
+        cluster = self.edge.cluster
+        if state is None and cluster is None:
             raise ApiError(404, "SANDBOX_NOT_FOUND", f"Sandbox {sandbox_id} is unknown.")
-        session = state.session
-        if session is None or not session.can_open_streams():
+        session = state.session if state is not None else None
+        if (session is None or not session.can_open_streams()) and cluster is None:
             raise ApiError(503, "SANDBOX_NOT_CONNECTED", f"Sandbox {sandbox_id} is not connected.")
         # Rebuild the handshake for the sandbox's server: its path, no admin credentials.
         raw = b"GET " + target.encode() + b" HTTP/1.1\r\n"
@@ -215,18 +262,39 @@ class AdminServer:
             + b"\r\n\r\n"
         )
         writer = exchange.writer
-        endpoint = _DirectEndpoint(session, 0)
+        transport = cast(asyncio.Transport, writer.transport)
+        mux: MuxProtocol
+        if session is not None and session.can_open_streams():
+            mux = session
+            endpoint = _DirectEndpoint(session, 0)
+            try:
+                endpoint.stream_id = session.session.open_stream(port, "direct", client)
+            except LocalProtocolError:
+                raise _busy(sandbox_id) from None
+            where = ""
+        else:
+            assert cluster is not None
+            if state is None and sandbox_id not in cluster.owners:
+                await self._known_in_cluster(sandbox_id)
+            try:
+                link, epoch = await cluster.route(sandbox_id)
+            except RouteError as exc:
+                raise ApiError(exc.status, exc.code, exc.message) from None
+            if transport.is_closing():
+                raise ApiError(400, "CLIENT_GONE", "The client left while its owner was found.")
+            mux = link
+            endpoint = _DirectEndpoint(link, 0)
+            try:
+                endpoint.stream_id = link.session.open_stream(
+                    port, "direct", client, sandbox=sandbox_id, epoch=epoch
+                )
+            except LocalProtocolError:
+                raise _busy(sandbox_id) from None
+            where = f" via node {link.node_id}"
         # asyncio's StreamWriter closes its transport when garbage-collected (3.11.5+): the
         # endpoint keeps it alive for as long as the relay uses that transport.
         endpoint.writer = writer
-        try:
-            endpoint.stream_id = session.session.open_stream(port, "direct", client)
-        except LocalProtocolError:
-            raise ApiError(
-                503, "SANDBOX_BUSY", f"Sandbox {sandbox_id} cannot take more connections right now."
-            ) from None
-        session.add_stream(endpoint)
-        transport = cast(asyncio.Transport, writer.transport)
+        mux.add_stream(endpoint)
         leftover = exchange.detach()
         transport.set_protocol(endpoint)
         endpoint.connection_made(transport)
@@ -235,7 +303,26 @@ class AdminServer:
             endpoint.forward(leftover)
         if not transport.is_reading():
             transport.resume_reading()
-        log.info("sandbox %s: admin WebSocket connect to port %d%s", sandbox_id, port, target)
+        log.info(
+            "sandbox %s: admin WebSocket connect to port %d%s%s", sandbox_id, port, target, where
+        )
+
+    async def _known_in_cluster(self, sandbox_id: str) -> None:
+        """404 for a sandbox no node knows: nothing exposed here and no owner in the store."""
+        cluster = self.edge.cluster
+        assert cluster is not None
+        try:
+            owner = await cluster.store.owner(sandbox_id)
+        except StoreError:
+            return  # cannot tell: the route says the store is unavailable
+        if owner is None:
+            raise ApiError(404, "SANDBOX_NOT_FOUND", f"Sandbox {sandbox_id} is unknown.")
+
+
+def _busy(sandbox_id: str) -> ApiError:
+    return ApiError(
+        503, "SANDBOX_BUSY", f"Sandbox {sandbox_id} cannot take more connections right now."
+    )
 
 
 class _DirectEndpoint(StreamEndpoint):
@@ -253,31 +340,59 @@ class _DirectEndpoint(StreamEndpoint):
         super().receive_from_peer(data)
 
     def peer_reset(self, code: Any) -> None:
-        from protocol.errors import ResetCode
-
-        from .public import error_response
-
-        if (
-            not self._responded
-            and self.transport is not None
-            and code
-            in (
-                ResetCode.CONNECT_REFUSED,
-                ResetCode.CONNECT_FAILED,
-            )
-        ):
+        page = _RESET_PAGES.get(code)
+        if not self._responded and self.transport is not None and page is not None:
+            # Nothing from the sandbox's server yet: say why in a page, as before the switch. A
+            # reset after its first byte stays a reset (RST), on one node as across a node link.
             self._responded = True
-            self.transport.write(
-                error_response(
-                    502,
-                    "UPSTREAM_CONNECT_FAILED",
-                    "Nothing is listening on that port in the sandbox.",
-                )
-            )
+            self.transport.write(error_response(*page))
             self.transport.close()
             self._closed = True
             return
         super().peer_reset(code)
+
+
+class LinkedDirectStream(StreamEndpoint):
+    """The owner node's end of a WebSocket connect that another node received
+    (``Cluster._serve_direct``): a ``direct`` stream of the agent's session whose "socket" is a
+    node-link stream (:class:`relay.linked.LinkedTransport`). A reset from the agent crosses the
+    link with its own code, so that the landing node's ``_DirectEndpoint`` still turns
+    CONNECT_REFUSED into its 502 page (aborting the LinkedTransport would say CANCEL)."""
+
+    __slots__ = ()
+
+    def peer_reset(self, code: ResetCode) -> None:
+        self._closed = True
+        transport = self.transport
+        if isinstance(transport, LinkedTransport):
+            link = transport.mux
+            if link.streams.pop(transport.stream_id, None) is not None and not link.session.closed:
+                link.session.reset_stream(transport.stream_id, code)
+                link.flush()
+        abort_with_reset(transport)  # the LinkedTransport forgets the stream, nothing more
+
+
+# Resets that come before any byte from the sandbox's server, and the page the admin client gets
+# for each (instead of a bare RST). REFUSED_STREAM: the agent's stream limit, or, across a node
+# link, an owner that no longer holds the sandbox's session (it just moved on).
+_RESET_PAGES: Final = {
+    ResetCode.CONNECT_REFUSED: (
+        502,
+        "UPSTREAM_CONNECT_FAILED",
+        "Nothing is listening on that port in the sandbox.",
+    ),
+    ResetCode.CONNECT_FAILED: (
+        502,
+        "UPSTREAM_CONNECT_FAILED",
+        "Nothing is listening on that port in the sandbox.",
+    ),
+    ResetCode.REFUSED_STREAM: (
+        503,
+        "SANDBOX_BUSY",
+        "The sandbox refused a new connection (its stream limit, or its agent just moved to "
+        "another node); retry.",
+    ),
+}
 
 
 def _path_port(text: str) -> object:

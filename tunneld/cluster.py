@@ -387,9 +387,12 @@ class Cluster:
 
         sandbox_id = event.sandbox
         assert sandbox_id is not None
-        if event.via != "preview" or not self.serves(sandbox_id, event.epoch):
+        if event.via not in ("preview", "direct") or not self.serves(sandbox_id, event.epoch):
             link.session.reset_stream(event.stream_id, ResetCode.REFUSED_STREAM)
             link.flush()
+            return
+        if event.via == "direct":
+            self._serve_direct(link, event, sandbox_id)
             return
         try:
             link.session.accept_stream(event.stream_id)
@@ -401,6 +404,33 @@ class Cluster:
         transport = LinkedTransport(link, event.stream_id, conn, {"peername": _peer(event.client)})
         transport.start()
         link.flush()
+
+    def _serve_direct(self, link: NodeLinkServer, event: StreamOpened, sandbox_id: str) -> None:
+        """An admin WebSocket connect another node received (tunneld/admin.py): the landing node
+        already rebuilt the handshake, so the link stream is spliced, unparsed, to a ``direct``
+        stream of the agent's session here; resets cross with their code both ways."""
+        from .admin import LinkedDirectStream
+
+        session = self._session_of(sandbox_id)
+        assert session is not None  # serves() said so
+        try:
+            agent_stream = session.session.open_stream(event.port, "direct", event.client)
+        except LocalProtocolError:  # the agent's stream limit, or it started going away
+            link.session.reset_stream(event.stream_id, ResetCode.REFUSED_STREAM)
+            link.flush()
+            return
+        try:
+            link.session.accept_stream(event.stream_id)
+        except LocalProtocolError:
+            session.session.reset_stream(agent_stream, ResetCode.CANCEL)
+            session.flush()
+            return
+        endpoint = LinkedDirectStream(session, agent_stream)
+        session.add_stream(endpoint)
+        peer = {"peername": _peer(event.client)}
+        LinkedTransport(link, event.stream_id, endpoint, peer).start()
+        link.flush()
+        session.flush()
 
 
 def _peer(client: str) -> tuple[str, int]:
