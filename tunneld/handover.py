@@ -16,11 +16,14 @@ publishes its name and the host's identity (``/proc/sys/kernel/random/boot_id``)
 record. A landing node hands a connection over only when the owner's record names the same
 host and a hand-over socket; one message per connection carries a JSON header (sandbox, port,
 epoch, id), the bytes read so far (at most ``MAX_PRELUDE``) and the descriptor. The owner
-answers ``{"id": .., "ok": true}`` once it adopted the socket (or ``false``: not the owner any
-more, a stale epoch, or anything unexpected), and only then does the landing node close its
-own descriptor, so a connection is never dropped between the two: on a refusal, a timeout
-(``ACK_TIMEOUT``) or any error the landing node still holds the connection and falls back to
-the node link. Closing one of two descriptors of a socket sends nothing to the client.
+answers ``{"id": .., "ok": true}`` once it adopted the socket, and only then does the landing
+node close its own descriptor, so a refused hand-over loses nothing: on ``false`` (not the
+owner any more, a stale epoch, anything unexpected) or when the message cannot be sent, the
+landing node still holds the connection and falls back to the node link. With no answer within
+``ACK_TIMEOUT`` it cannot know whether the owner adopted the socket, and two processes must
+never serve one connection: it lets go (logged); a socket nobody adopted then ends without a
+response, which the client sees as an error. Closing one of two descriptors of a socket sends
+nothing to the client.
 
 Only a process of the same user may hand over (``SO_PEERCRED`` is checked on every accepted
 hand-over connection): abstract sockets have no file permissions.
@@ -30,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import logging
 import os
@@ -51,13 +55,15 @@ log = logging.getLogger("tunneld.cluster")
 # read may carry more behind it). Larger: the connection goes over the node link instead.
 MAX_PRELUDE: Final = 128 * 1024
 _MAX_MESSAGE: Final = MAX_PRELUDE + 4096
-ACK_TIMEOUT: Final = 2.0  # the owner answers within this, or the landing node keeps the socket
+ACK_TIMEOUT: Final = 2.0  # the owner answers within this (else the landing node lets go)
 _HEADER: Final = struct.Struct("!H")  # length of the JSON header that starts each message
 _UCRED: Final = struct.Struct("3i")  # pid, uid, gid
 
 
+@functools.cache
 def host_identity() -> str:
-    """The same string for every process of this kernel, another on any other host."""
+    """The same string for every process of this kernel, another on any other host (read once:
+    it is compared for every connection that lands on a non-owner)."""
     try:
         with open("/proc/sys/kernel/random/boot_id") as f:
             return f.read().strip()
@@ -76,7 +82,7 @@ class HandoverServer:
         self._listener: socket.socket | None = None
         self._accepted: set[socket.socket] = set()
         self._peers: dict[str, socket.socket] = {}  # address -> our connection to that node
-        self._waiting: dict[int, asyncio.Future[bool]] = {}
+        self._waiting: dict[int, asyncio.Future[bool | None]] = {}
         self._ids = itertools.count(1)
         self.received = 0  # connections adopted (tests, metrics)
         self.sent = 0  # connections handed over
@@ -209,8 +215,9 @@ class HandoverServer:
     async def hand_over(
         self, address: str, sock: socket.socket, header: dict[str, Any], prelude: bytes
     ) -> bool:
-        """Give ``sock`` (and ``prelude``) to the node listening on ``address``; True once it
-        adopted it (close ours then), False if it refused or did not answer (keep serving it)."""
+        """Give ``sock`` (and ``prelude``) to the node listening on ``address``. True: it is the
+        owner's now (it adopted it, or did not answer in time and may have: close ours either
+        way); False: it refused, or the message never left (keep serving it)."""
         if len(prelude) > MAX_PRELUDE:
             return False
         peer = self._peers.get(address)
@@ -222,23 +229,34 @@ class HandoverServer:
                 self.loop.add_reader(peer.fileno(), self._on_message, peer)
             request_id = next(self._ids)
             head = orjson.dumps({**header, "id": request_id})
-            future: asyncio.Future[bool] = self.loop.create_future()
+            future: asyncio.Future[bool | None] = self.loop.create_future()
             self._waiting[request_id] = future
             socket.send_fds(peer, [_HEADER.pack(len(head)) + head + prelude], [sock.fileno()])
         except OSError as exc:  # the owner is gone, or its queue is full
             log.debug("hand-over to %s failed: %s", address, exc)
             self._drop_peer(address)
             return False
+        # A timer on the future rather than asyncio.wait_for: one per connection on the churn
+        # path, and wait_for wraps the future in a task of its own.
+        timer = self.loop.call_later(ACK_TIMEOUT, _settle, future, None)
         try:
-            ok = await asyncio.wait_for(future, ACK_TIMEOUT)
-        except TimeoutError:
-            ok = False
+            answer = await future
         finally:
+            timer.cancel()
             self._waiting.pop(request_id, None)
-        if ok:
+        if answer is None:
+            # No answer: the owner may still adopt the socket, so serving it here too could
+            # put two readers on one connection. Let go of it; if the owner never adopts it,
+            # the client sees the connection end without a response (an error, not a wrong
+            # answer).
+            log.warning(
+                "hand-over to %s: no answer within %.0fs; connection given up", address, ACK_TIMEOUT
+            )
+            return True
+        if answer:
             self.sent += 1
             self.server.metrics.handed_over.inc()
-        return ok
+        return answer
 
     def _answer(self, data: bytes, fds: list[int]) -> None:
         for fd in fds:
@@ -258,3 +276,8 @@ class HandoverServer:
                 with contextlib.suppress(ValueError, OSError):
                     self.loop.remove_reader(peer.fileno())
             peer.close()
+
+
+def _settle(future: asyncio.Future[bool | None], value: bool | None) -> None:
+    if not future.done():
+        future.set_result(value)

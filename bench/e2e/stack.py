@@ -267,6 +267,7 @@ class Stack:
 
     loop: str = "uvloop"
     parser: str = "auto"
+    tunneld_args: tuple[str, ...] = ()  # e.g. ("--workers", "2") (bench/e2e/cluster.py)
     dir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="tunneld-bench-")))
     procs: list[Proc] = field(default_factory=list)
     origin_port: int = 0
@@ -338,7 +339,7 @@ class Stack:
             "tunneld",
             [*wrap, str(VENV_BIN / "tunneld"), "serve", "--public-port", "0", "--agent-port", "0",
              "--admin-port", "0", "--ports-file", str(ports_file), "--log-level", "warning",
-             "--parser", self.parser],
+             "--parser", self.parser, *self.tunneld_args],
             env,
         )  # fmt: skip
         ports = _wait_json(ports_file, self.tunneld, 180 if wrap else 15)

@@ -110,3 +110,35 @@ async def test_the_hand_over_socket_refuses_garbage_and_keeps_serving(cluster: C
     async with a.public(url) as client:  # and the real thing still works
         assert (await client.get("/")).status_code == 200
     assert b.edge.handover.received == 1
+
+
+async def test_an_owner_that_never_answers_gets_the_socket_and_nobody_serves_it_twice(
+    cluster: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No answer within the timeout: the landing node cannot know whether the owner adopted the
+    socket, so it lets go rather than risk two readers; the client sees no response at all."""
+    import tunneld.handover as handover
+
+    monkeypatch.setattr(handover, "ACK_TIMEOUT", 0.3)
+    a, _b, url = await _two_nodes_agent_on_b(cluster)
+    silent = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    silent.bind("\0tunneld-test-silent-owner")
+    silent.listen(1)
+    a.edge.cluster.nodes = await a.store.nodes()
+    a.edge.cluster.nodes["node-b"]["handover"] = "@tunneld-test-silent-owner"
+    loop = asyncio.get_running_loop()
+    host = url.split("//", 1)[1].split("/", 1)[0].encode()
+    reader, writer = await asyncio.open_connection("127.0.0.1", a.edge.public_port)
+    writer.write(b"GET / HTTP/1.1\r\nHost: " + host + b"\r\n\r\n")
+    silent.settimeout(5)
+    conn, _ = await loop.run_in_executor(None, silent.accept)
+    conn.settimeout(5)
+    _msg, fds, _flags, _addr = await loop.run_in_executor(None, socket.recv_fds, conn, 65536, 1)
+    await wait_for(lambda: not a.edge.public_connections, what="node-a to let go")
+    assert a.edge.handover.sent == 0 and not a.edge.cluster.links  # no fallback: no 2nd reader
+    for fd in fds:
+        os.close(fd)  # the "owner" drops it without answering
+    conn.close()
+    silent.close()
+    assert await asyncio.wait_for(reader.read(), 5) == b""  # no response: an error, not a 200
+    writer.close()

@@ -86,7 +86,8 @@ def public_answers(procs: Processes, times: int = 10) -> None:
 
 def previews_answer(procs: Processes, url: str, times: int = 20) -> bool:
     """``times`` preview requests, each a new connection (so on either worker: one not holding
-    the agent hands it to the one that does over a node link), all served by the origin."""
+    the agent passes its socket to the one that does: tunneld/handover.py), all served by the
+    origin."""
     for _ in range(times):
         r = preview_get(procs, url)
         if r.status_code != 200 or r.content != b"hello from origin":
