@@ -282,33 +282,42 @@ class Cluster:
 
     # -- forwarding (landing node) ---------------------------------------------------------------
     async def route(self, sandbox_id: str) -> tuple[NodeLinkClient, int]:
-        """A usable link to the sandbox's owner, and the owner's epoch; RouteError otherwise."""
+        """A usable link to the sandbox's owner, and the owner's epoch; RouteError otherwise.
+
+        A failed dial is tried once more with the owner and its node record read again from
+        Redis (the sandbox may have moved; a worker restarted under the same node id listens on
+        another port), unless both turn out unchanged: then the owner really is unreachable."""
         owner = self.owners.get(sandbox_id)
+        failed: tuple[tuple[str, int], object] | None = None  # (owner, its link address)
+        last = ""
         for attempt in range(2):
-            if owner is None or attempt:
-                try:
-                    fresh = await self.store.owner(sandbox_id)
-                except StoreError as exc:
-                    raise RouteError(
-                        503,
-                        "SANDBOX_NOT_CONNECTED",
-                        f"Sandbox {sandbox_id} is not connected to this node and the cluster "
-                        f"store cannot be read ({exc}).",
-                    ) from None
-                if attempt and fresh == owner:
-                    break  # the same owner again: it really is unreachable
-                owner = fresh
+            try:
+                if owner is None or attempt:
+                    owner = await self.store.owner(sandbox_id)
+                if attempt:
+                    self.nodes = await self.store.nodes()
+            except StoreError as exc:
+                raise RouteError(
+                    503,
+                    "SANDBOX_NOT_CONNECTED",
+                    f"Sandbox {sandbox_id} is not connected to this node and the cluster "
+                    f"store cannot be read ({exc}).",
+                ) from None
             if owner is None or owner[0] == self.node_id:
                 raise RouteError(
                     503,
                     "SANDBOX_NOT_CONNECTED",
                     f"Sandbox {sandbox_id} is not connected; its agent is offline.",
                 )
+            address = (self.nodes.get(owner[0]) or {}).get("link")
+            if failed is not None and failed == (owner, address):
+                break  # the same owner at the same address: it really is unreachable
             try:
                 return await self._link(owner[0]), owner[1]
             except (OSError, TimeoutError, ConnectionError, LookupError) as exc:
                 log.warning("sandbox %s: owner node %s unreachable: %s", sandbox_id, owner[0], exc)
                 last = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+                failed = (owner, (self.nodes.get(owner[0]) or {}).get("link"))
         assert owner is not None
         raise RouteError(
             502,

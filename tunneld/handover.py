@@ -200,13 +200,13 @@ class HandoverServer:
         sock.setblocking(False)
         server.metrics.public_connections.inc()
         conn = PublicConnection(server, server.parser)
+        conn.adopt(prelude)  # replayed in connection_made, before the first read
         try:
             await self.loop.connect_accepted_socket(lambda: conn, sock)
         except OSError as exc:
             log.warning("hand-over: could not adopt a connection: %s", exc)
             sock.close()
             return False
-        conn.adopt(prelude)
         self.received += 1
         server.metrics.adopted.inc()
         return True

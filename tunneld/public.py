@@ -96,6 +96,7 @@ class PublicConnection(StreamEndpoint):
     """One client connection on the public listener (see the module docstring)."""
 
     __slots__ = (
+        "_adopted",
         "_counted_ip",
         "_framer",
         "_holding",
@@ -140,6 +141,7 @@ class PublicConnection(StreamEndpoint):
         # Bytes read before the first head was routed, kept only in a cluster (another node may
         # own the sandbox: it then gets them all, unparsed; see tunneld/cluster.py).
         self._prelude: bytearray | None = bytearray() if server.cluster is not None else None
+        self._adopted = b""  # what another worker read before handing this connection over
         self.port = 0
         self.sandbox_id = ""
         # Bumped on every read and every response chunk; the edge's idle sweep and the keep-alive
@@ -158,6 +160,10 @@ class PublicConnection(StreamEndpoint):
             return
         self.server.public_connections.add(self)
         self._arm_timer("head")
+        if self._adopted:
+            prelude, self._adopted = self._adopted, b""
+            self.activity += 1
+            self._feed(prelude)
 
     def _admit(self) -> bool:
         """Enforce ``max_connections`` and ``max_connections_per_ip``: 503 and close past them."""
@@ -420,6 +426,7 @@ class PublicConnection(StreamEndpoint):
             return False
         header = {"sandbox": self.sandbox_id, "port": self.port, "epoch": owner[1]}
         if not await handover.hand_over(record["handover"], sock, header, bytes(prelude or b"")):
+            cluster.nodes.pop(owner[0], None)  # perhaps a stale record: read it again next time
             return False
         # The owner holds its own descriptor of the socket now: closing ours sends nothing.
         self._prelude = None
@@ -428,10 +435,10 @@ class PublicConnection(StreamEndpoint):
         return True
 
     def adopt(self, prelude: bytes) -> None:
-        """A connection another worker of this host handed over: ``prelude`` is what it read."""
-        if prelude and self.transport is not None and not self.transport.is_closing():
-            self.activity += 1
-            self._feed(prelude)
+        """A connection another worker of this host handed over: ``prelude`` is what it read.
+        Call before the transport exists: ``connection_made`` replays it before the first read
+        from the socket, so later bytes can never overtake it."""
+        self._adopted = prelude
 
     # -- errors ----------------------------------------------------------------------------------
     def _client_error(self, exc: HeadError) -> None:

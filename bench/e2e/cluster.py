@@ -127,9 +127,10 @@ def _workers(rounds: int, sandboxes: int = 4) -> dict[str, list[float]]:
                 )  # fmt: skip
                 figures[workers] = r["req_s"]
                 bad = r["errors"] + r["non2xx"]
+                detail = f"{r.get('socket_errors', '')}, non-2xx {r['non2xx']}"
                 print(
                     f"round {i} --workers {workers}: {r['req_s']:.0f} req/s over {sandboxes} "
-                    f"sandboxes{f', {bad} errors' if bad else ''} "
+                    f"sandboxes{f', {bad} errors: {detail}' if bad else ''} "
                     f"(load {os.getloadavg()[0]:.1f})",
                     flush=True,
                 )

@@ -109,6 +109,7 @@ def wrk(
     m = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
     if m:
         res["errors"] = sum(int(x) for x in m.groups())
+        res["socket_errors"] = m.group(0)
     m = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     if m:
         res["non2xx"] = int(m.group(1))

@@ -281,3 +281,31 @@ async def test_an_outage_longer_than_the_lease_ends_with_the_owner_claiming_agai
     async with b.public(url) as client:
         r = await client.get("/")
     assert (r.status_code, r.content) == (200, b"hello from origin")
+
+
+async def test_a_node_restarted_under_the_same_id_is_found_at_its_new_address(
+    cluster: Cluster,
+) -> None:
+    """Workers keep their node id across restarts (host-w0) but not their link port: a cached
+    record that no longer answers is read again from Redis, not trusted forever."""
+    nodes, url, _port = await _three_nodes_agent_on_b(cluster)
+    a = nodes[0]
+    async with a.public(url) as client:
+        assert (await client.get("/")).status_code == 200  # A has node-b's record and a link
+    old = nodes[1]
+    cluster.nodes.remove(old)
+    await old.admin.aclose()
+    for agent, _task in cluster.agents:
+        await agent.stop()
+    await old.edge.stop(grace=0.1)
+    new_b = await cluster.node("node-b")  # same id, another port
+    assert new_b.edge.cluster.port != old.edge.cluster.port
+    await cluster.agent(new_b, "sb1")
+    await wait_for(lambda: "sb1" in new_b.edge.cluster.epochs, what="the new claim")
+    await wait_for(
+        lambda: a.edge.cluster.owners.get("sb1") == ("node-b", new_b.edge.cluster.epochs["sb1"]),
+        what="A to see the new epoch",
+    )
+    async with a.public(url) as client:
+        r = await client.get("/")
+    assert (r.status_code, r.content) == (200, b"hello from origin")
