@@ -142,6 +142,8 @@ class Cluster:
         self.epochs.clear()
         with contextlib.suppress(StoreError):
             await self.store.unregister_node(self.node_id)
+        if self._tasks:  # releases of sessions that just ended: let them reach Redis
+            await asyncio.wait(list(self._tasks), timeout=self.store.timeout * 2)
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._loops, *self._tasks, return_exceptions=True)

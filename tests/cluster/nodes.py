@@ -78,9 +78,17 @@ class Cluster:
         await wait_for(lambda: store.resyncs >= 1, what=f"{name}'s feed")
         return node
 
-    async def agent(self, node: Node, sandbox_id: str) -> Agent:
+    async def agent(self, node: Node, sandbox_id: str, **options: object) -> Agent:
         token = agent_token(self.secret, sandbox_id)
-        agent = Agent(AgentConfig("127.0.0.1", node.edge.agent_port, sandbox_id, token))
+        agent = Agent(
+            AgentConfig(
+                "127.0.0.1",
+                node.edge.agent_port,
+                sandbox_id,
+                token,
+                **options,  # type: ignore[arg-type]
+            )
+        )
         task = asyncio.get_running_loop().create_task(agent.run())
         self.agents.append((agent, task))
         await asyncio.wait_for(agent.connected_event.wait(), 10)

@@ -309,3 +309,53 @@ async def test_a_node_restarted_under_the_same_id_is_found_at_its_new_address(
     async with a.public(url) as client:
         r = await client.get("/")
     assert (r.status_code, r.content) == (200, b"hello from origin")
+
+
+async def test_node_links_over_tls(cluster: Cluster, tmp_path) -> None:
+    """Nodes with a certificate take node links over TLS only; a node that can check that
+    certificate (node_tls_ca) forwards over it, one that cannot answers a clear 502."""
+    import ssl
+
+    import trustme
+
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1", "localhost")
+    cert_file, key_file, ca_file = (tmp_path / n for n in ("node.pem", "node.key", "ca.pem"))
+    cert.cert_chain_pems[0].write_to_path(cert_file)
+    cert.private_key_pem.write_to_path(key_file)
+    ca.cert_pem.write_to_path(ca_file)
+    tls = {"tls_cert": str(cert_file), "tls_key": str(key_file)}
+    a = await cluster.node("node-a", node_tls_ca=str(ca_file), **tls)
+    b = await cluster.node("node-b", node_tls_ca=str(ca_file), **tls)
+    c = await cluster.node("node-c", **tls)  # no node_tls_ca: cannot check the others
+    origin = await cluster.origin()
+    agent_tls = ssl.create_default_context(cafile=str(ca_file))
+    await cluster.agent(b, "sb1", tls=agent_tls)
+    r = await a.admin.post("/v1/sandboxes/sb1/ports", json={"port": origin.port})
+    url = r.json()["exposedAt"]
+    for node in (a, c):
+        await wait_for(
+            lambda n=node: n.edge.cluster.owners.get("sb1", ("",))[0] == "node-b", what="owner"
+        )
+    async with a.public(url) as client:
+        r = await client.get("/")
+    assert (r.status_code, r.content) == (200, b"hello from origin")
+    link = a.edge.cluster.links["node-b"].result()
+    assert link.transport is not None and link.transport.get_extra_info("ssl_object") is not None
+    async with c.public(url) as client:
+        r = await client.get("/")
+    assert r.status_code == 502 and "node_tls_ca is not set" in r.json()["error"]
+
+
+async def test_a_stopped_node_releases_its_leases_and_record(cluster: Cluster) -> None:
+    a = await cluster.node("node-a")
+    b = await cluster.node("node-b")
+    await cluster.agent(b, "sb1")
+    await wait_for(lambda: "sb1" in b.edge.cluster.epochs, what="the claim")
+    assert await a.store.owner("sb1") == ("node-b", b.edge.cluster.epochs["sb1"])
+    assert "node-b" in await a.store.nodes()
+    cluster.nodes.remove(b)
+    await b.admin.aclose()
+    await b.edge.stop(grace=0.1)
+    assert await a.store.owner("sb1") is None
+    assert "node-b" not in await a.store.nodes()
