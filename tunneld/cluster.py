@@ -27,8 +27,15 @@ no live session for it, or only an older epoch, refuses the stream (``REFUSED_ST
 the landing node answers 503 ``SANDBOX_NOT_CONNECTED``. An owner that cannot be reached is a
 502 ``NODE_UNREACHABLE`` within ``LINK_TIMEOUT``, never a hang.
 
+Between nodes of one host the landing node first tries to pass the client's socket itself to
+the owner (:mod:`tunneld.handover`), which then serves it directly; the node link is the
+fallback.
+
 The admin API works on every node: exposures are in Redis; an expose through node A reaches an
-agent on node B through the feed (``EdgeServer._apply_store_change``).
+agent on node B through the feed (``EdgeServer._apply_store_change``); a WebSocket connect
+(wsConnect) through node A for a sandbox owned by B goes to B as one ``direct`` link stream
+carrying the rebuilt handshake, which B splices to a ``direct`` stream of its agent
+(``_serve_direct``; resets cross with their code).
 """
 
 from __future__ import annotations
