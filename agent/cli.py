@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     import ssl
 
     from .core import AgentConfig
+    from .proxy import ProxyChoice
 
 __all__ = [
     "CLIENT_TIMEOUT",
@@ -43,6 +44,7 @@ __all__ = [
     "main",
     "parse_servers",
     "plaintext_refusal",
+    "proxy_choices",
     "run_from_args",
 ]
 
@@ -60,6 +62,7 @@ ENV_SERVER: Final = "TUNNEL_AGENT_SERVER"
 ENV_SANDBOX_ID: Final = "TUNNEL_AGENT_SANDBOX_ID"
 ENV_TOKEN: Final = "TUNNEL_AGENT_TOKEN"
 ENV_LOG_LEVEL: Final = "TUNNEL_AGENT_LOG_LEVEL"
+ENV_PROXY: Final = "TUNNEL_AGENT_PROXY"
 
 _DESCRIPTION = """\
 tunnel-agent gives ports inside this sandbox public preview URLs.
@@ -96,11 +99,25 @@ several edges (failover):
   With TLS each edge's certificate must name that entry's host, unless --tls-server-name is
   given.
 
+behind an HTTP proxy:
+  Each edge is reached through an HTTP proxy's CONNECT when one applies, as curl chooses:
+  --proxy URL (or env TUNNEL_AGENT_PROXY) wins; else https_proxy / HTTPS_PROXY for a TLS or
+  wss:// edge, http_proxy / HTTP_PROXY for a plain one, then all_proxy / ALL_PROXY. An edge
+  whose host matches no_proxy / NO_PROXY (comma-separated: *, example.com or .example.com for
+  the domain and its subdomains, IP addresses, CIDR blocks, optionally :PORT) is dialled
+  directly; loopback is not excluded unless listed. The URL is http://[USER:PASSWORD@]HOST:PORT
+  (Basic authentication; https:// and socks proxies are not supported). TLS and the WebSocket
+  handshake go end to end to the edge inside the tunnel (the certificate must name the edge, not
+  the proxy); the proxy resolves the edge's name. --no-proxy or --proxy "" turns proxies off.
+  The log names the proxy used for each edge; credentials are never logged.
+
 examples:
   export {ENV_TOKEN}=...    # or: --token-file /run/secrets/tunnel-agent-token
   tunnel-agent run --server edge.example.com:7000 --sandbox-id abc123
   tunnel-agent run --tls --server edge-a.example.com:7000,edge-b.example.com:7000 \\
       --sandbox-id abc123
+  HTTPS_PROXY=http://proxy.internal:3128 tunnel-agent run --tls \\
+      --server edge.example.com:7000 --sandbox-id abc123
 """
 
 _EXPOSE_EPILOG = """\
@@ -403,6 +420,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="name expected in every edge's certificate, if not each --server entry's host "
         "(implies --tls)",
     )
+    egress = run.add_mutually_exclusive_group()
+    egress.add_argument(
+        "--proxy",
+        metavar="URL",
+        default=None,
+        help=f"reach every edge through this HTTP proxy, http://[USER:PASSWORD@]HOST:PORT (env "
+        f"{ENV_PROXY}; default: https_proxy/http_proxy/all_proxy, minus no_proxy; see below); "
+        '--proxy "" connects directly',
+    )
+    egress.add_argument(
+        "--no-proxy",
+        action="store_true",
+        help="connect to the edges directly, whatever the proxy environment variables say",
+    )
     run.add_argument(
         "--log-level",
         choices=("debug", "info", "warning", "error"),
@@ -496,6 +527,12 @@ def _cmd_run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     refusal = plaintext_refusal(args.server, tls=args.tls, insecure=args.insecure_plaintext)
     if refusal is not None:
         parser.error(refusal)
+    from .proxy import ProxyConfigError
+
+    try:
+        proxy_choices(args)
+    except ProxyConfigError as exc:  # the message is redacted: no credentials in it
+        parser.error(str(exc))
     return run_from_args(args)
 
 
@@ -526,8 +563,36 @@ def _tls_context(args: argparse.Namespace) -> ssl.SSLContext:
     return ssl.create_default_context(cafile=getattr(args, "tls_ca", None) or None)
 
 
-def agent_config(args: argparse.Namespace) -> AgentConfig:
-    """The ``AgentConfig`` that ``run`` builds from its parsed arguments (``args.token`` set)."""
+def proxy_choices(
+    args: argparse.Namespace, environ: dict[str, str] | None = None
+) -> list[ProxyChoice]:
+    """The proxy (or none) for each ``--server`` entry, in order, and why (agent/proxy.py).
+
+    Raises ``ProxyConfigError`` (redacted) when the chosen proxy URL cannot be used.
+    """
+    from .proxy import select_proxy
+
+    env = dict(os.environ) if environ is None else environ
+    explicit = getattr(args, "proxy", None)
+    if explicit is None:
+        explicit = env.get(ENV_PROXY, "").strip() or None
+    tls = bool(getattr(args, "tls", False))
+    return [
+        select_proxy(
+            entry.host,
+            entry.port,
+            tls or entry.scheme == "wss",
+            explicit=explicit,
+            disabled=bool(getattr(args, "no_proxy", False)),
+            environ=env,
+        )
+        for entry in parse_servers(args.server)
+    ]
+
+
+def agent_config(args: argparse.Namespace, environ: dict[str, str] | None = None) -> AgentConfig:
+    """The ``AgentConfig`` that ``run`` builds from its parsed arguments (``args.token`` set)
+    and the proxy environment (``environ``, default ``os.environ``)."""
     from .core import AgentConfig, EdgeAddress
 
     tls = bool(getattr(args, "tls", False))
@@ -537,8 +602,11 @@ def agent_config(args: argparse.Namespace) -> AgentConfig:
             entry.port,
             tls=tls or entry.scheme == "wss",
             websocket=entry.scheme in ("ws", "wss"),
+            proxy=choice.proxy,
         )
-        for entry in parse_servers(args.server)
+        for entry, choice in zip(
+            parse_servers(args.server), proxy_choices(args, environ), strict=True
+        )
     )
     first = servers[0]
     return AgentConfig(
@@ -561,7 +629,19 @@ async def _run(args: argparse.Namespace) -> int:
     from .core import Agent
 
     log = logging.getLogger("tunnel.agent")
+    choices = proxy_choices(args)
     config = agent_config(args)
+    if args.proxy and "@" in args.proxy:
+        log.warning(
+            "--proxy carries credentials on the command line, where every process can read "
+            "them (ps); set %s or HTTPS_PROXY instead",
+            ENV_PROXY,
+        )
+    for edge, choice in zip(config.servers, choices, strict=True):
+        if choice.proxy is not None:
+            log.info("edge %s: via proxy %s (%s)", edge, choice.proxy, choice.reason)
+        elif choice.reason != "no proxy configured":
+            log.info("edge %s: direct (%s)", edge, choice.reason)
     agent = Agent(config)
     loop = asyncio.get_running_loop()
     try:

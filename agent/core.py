@@ -26,6 +26,13 @@ Welcome, Expose/Unexpose and the Ok replies to its own requests), while ``direct
 admin API's connect, authorised at the edge) may reach any such port. Anything else is reset with
 PORT_NOT_ALLOWED and logged. A refused connect is reset with CONNECT_REFUSED, which the edge turns
 into a 502 naming the port.
+
+Proxies. An ``EdgeAddress`` may name an HTTP proxy (``tunnel-agent run`` picks it from ``--proxy``
+and the environment: agent/proxy.py). Such an entry is not resolved here, the proxy resolves the
+edge's name, so it is one address of the round; its attempt is a CONNECT through the proxy
+(``proxy.open_tunnel``) and the tunnel's socket then carries TLS, the WebSocket handshake and the
+session exactly as a direct socket would. A proxy that cannot be reached or refuses the CONNECT is
+a failed attempt of that address like any other (failover and backoff unchanged).
 """
 
 from __future__ import annotations
@@ -49,6 +56,7 @@ from relay.requests import ControlRequestError
 from relay.wslink import WebSocketLink
 
 from .errors import AgentError, api_port_error, status_for
+from .proxy import ProxyError, ProxyURL, open_tunnel
 
 if TYPE_CHECKING:
     from .local_api import LocalAPI
@@ -74,6 +82,7 @@ class EdgeAddress:
     port: int
     tls: bool = False  # use AgentConfig.tls (``--tls``, or a wss:// entry)
     websocket: bool = False  # carry the session in WebSocket messages (egress allows only HTTP)
+    proxy: ProxyURL | None = None  # reach this edge through an HTTP proxy's CONNECT
 
     def __str__(self) -> str:
         return _host_port(self.host, self.port)
@@ -132,7 +141,7 @@ def describe_error(exc: BaseException, timeout: float = CONNECT_TIMEOUT) -> str:
         return f"TLS failed: {exc.reason or exc}"
     if isinstance(exc, TimeoutError):
         return f"timed out after {timeout:g} s"
-    if isinstance(exc, EdgeRefusedError):
+    if isinstance(exc, (EdgeRefusedError, ProxyError)):
         return str(exc)
     text = str(exc)
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
@@ -473,11 +482,19 @@ class Agent:
             text += f" at {_host_port(address, target.port)}"
             if target.of > 1:
                 text += f" (address {target.nth} of {target.of})"
+        if target.entry.proxy is not None:
+            text += f" via proxy {target.entry.proxy}"
         return text
 
     async def resolve(self, index: int) -> list[EdgeTarget]:
-        """The addresses of entry ``index``, in getaddrinfo's order (looked up now, on the loop)."""
+        """The addresses of entry ``index``, in getaddrinfo's order (looked up now, on the loop).
+
+        Through a proxy the entry is one target, by name: the proxy resolves it (the sandbox may
+        have no DNS of its own).
+        """
         entry = self.config.servers[index]
+        if entry.proxy is not None:
+            return [EdgeTarget(index, entry, None, entry.port)]
         loop = asyncio.get_running_loop()
         async with asyncio.timeout(self.config.connect_timeout):
             infos = await loop.getaddrinfo(entry.host, entry.port, type=socket.SOCK_STREAM)
@@ -499,23 +516,11 @@ class Agent:
         Raises on failure (``EdgeRefusedError`` when the edge refused the Hello); the connect and
         the handshake each have ``config.connect_timeout``.
         """
-        loop = asyncio.get_running_loop()
         config = self.config
         if target is None:
             entry = config.servers[0]
             target = EdgeTarget(0, entry, None, entry.port)
-        edge = target.entry
-        _, session = await asyncio.wait_for(
-            loop.create_connection(
-                lambda: AgentSession(self, loop, edge),
-                target.address or edge.host,
-                target.port,
-                family=target.family,
-                ssl=config.tls if edge.tls else None,
-                server_hostname=config.tls_server_name(edge),
-            ),
-            config.connect_timeout,
-        )
+        _, session = await asyncio.wait_for(self._connect(target), config.connect_timeout)
         try:
             welcome = await asyncio.wait_for(
                 asyncio.shield(session.welcomed), config.connect_timeout
@@ -540,6 +545,34 @@ class Agent:
             "" if len(welcome.exposures) == 1 else "s",
         )
         return session
+
+    async def _connect(self, target: EdgeTarget) -> tuple[asyncio.BaseTransport, AgentSession]:
+        """TCP (or a proxy's CONNECT tunnel) to ``target``, then TLS if the entry uses it."""
+        loop = asyncio.get_running_loop()
+        config = self.config
+        edge = target.entry
+        tls = config.tls if edge.tls else None
+        server_hostname = config.tls_server_name(edge)  # the edge's name, never the proxy's
+        if edge.proxy is None:
+            return await loop.create_connection(
+                lambda: AgentSession(self, loop, edge),
+                target.address or edge.host,
+                target.port,
+                family=target.family,
+                ssl=tls,
+                server_hostname=server_hostname,
+            )
+        sock = await open_tunnel(edge.proxy, edge.host, edge.port)
+        try:
+            return await loop.create_connection(
+                lambda: AgentSession(self, loop, edge),
+                sock=sock,
+                ssl=tls,
+                server_hostname=server_hostname,
+            )
+        except BaseException:
+            sock.close()
+            raise
 
     async def connect_round(
         self, failures: list[_Failure], *, after_drain: bool = False
@@ -585,7 +618,9 @@ class Agent:
                     return None
                 multi = several or target.of > 1
                 label = self.describe_target(target)
-                (log.info if multi else log.debug)("connecting to %s", label)
+                # Through a proxy the line says which one, even for a single edge.
+                loud = multi or target.entry.proxy is not None
+                (log.info if loud else log.debug)("connecting to %s", label)
                 try:
                     session = await self.connect_once(target)
                 except (TimeoutError, OSError, ConnectionError) as exc:
