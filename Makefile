@@ -8,7 +8,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 FIND_PYTHON := $(SHELL) tools/find_python.sh
 
-.PHONY: setup demo test lint typecheck unit bench bench-micro bench-quick clean print-python test-versions ensure-redis
+.PHONY: setup demo test lint typecheck unit bench bench-micro bench-quick clean print-python test-versions ensure-redis ensure-tinyproxy
 
 $(STAMP): pyproject.toml
 	@if $(PY) -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then \
@@ -68,7 +68,18 @@ ensure-redis:
 	    echo "redis-server is missing: install it (apt-get install redis-server) for tests/cluster/" >&2; exit 2; \
 	fi
 
-unit: $(STAMP) ensure-redis
+# tests/faults/test_agent_proxy.py runs the agent through a real tinyproxy (Debian's package),
+# installed the same way.
+ensure-tinyproxy:
+	@if command -v tinyproxy >/dev/null 2>&1 || [ -x /usr/bin/tinyproxy ]; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing tinyproxy with apt-get ..."; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq tinyproxy >/dev/null || exit 2; \
+	else \
+	    echo "tinyproxy is missing: install it (apt-get install tinyproxy) for tests/faults/test_agent_proxy.py" >&2; exit 2; \
+	fi
+
+unit: $(STAMP) ensure-redis ensure-tinyproxy
 	$(PY) -m pytest --cov --cov-report=term --cov-report=html:.coverage-html -p no:cacheprovider -q
 
 test: lint typecheck unit
