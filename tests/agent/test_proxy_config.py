@@ -1,11 +1,18 @@
-"""Which proxy the agent uses for each edge, how a proxy URL is read, and the CONNECT exchange's
-sans-IO parts (agent/proxy.py), plus the ``tunnel-agent run`` flags. No network here: the agent
-going through a real proxy is tested in tests/faults/test_agent_proxy.py."""
+"""Which proxy the agent uses for each edge, how a proxy URL is read, and the CONNECT exchange
+(agent/proxy.py), plus the ``tunnel-agent run`` flags. ``open_tunnel`` is driven here against a
+scripted proxy on 127.0.0.1 (what a real proxy rarely does: bytes right behind the answer, a
+huge head, a hang-up); the agent going through a real proxy is tested in
+tests/faults/test_agent_proxy.py."""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import base64
+import re
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
 
 import pytest
 from hypothesis import given
@@ -21,6 +28,7 @@ from agent.proxy import (
     connect_request,
     head_bytes_needed,
     no_proxy_matches,
+    open_tunnel,
     parse_connect_response,
     parse_proxy_url,
     redact,
@@ -299,6 +307,107 @@ def test_a_non_http_answer_is_an_error_with_a_printable_excerpt() -> None:
     with pytest.raises(ProxyError) as caught:
         response(long)
     assert len(str(caught.value)) < 300
+
+
+# -- open_tunnel against a scripted proxy ----------------------------------------------------------
+
+
+@pytest.fixture(
+    params=[
+        pytest.param(("asyncio", {"use_uvloop": False}), id="asyncio"),
+        pytest.param(("asyncio", {"use_uvloop": True}), id="uvloop"),
+    ]
+)
+def anyio_backend(request: pytest.FixtureRequest) -> Any:
+    return request.param
+
+
+@asynccontextmanager
+async def scripted_proxy(
+    answer: Callable[[bytes], list[bytes]],
+) -> AsyncIterator[tuple[ProxyURL, list[bytes]]]:
+    """A proxy on 127.0.0.1 that reads a request head, writes ``answer(head)`` (each item one
+    write) and then closes; yields its URL and the heads it received."""
+    heads: list[bytes] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+            heads.append(head)
+            for piece in answer(head):
+                writer.write(piece)
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    try:
+        yield ProxyURL("127.0.0.1", server.sockets[0].getsockname()[1], "alice", "s3cret"), heads
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+@pytest.mark.anyio
+async def test_bytes_right_behind_the_answer_stay_in_the_socket_for_the_edge() -> None:
+    # The edge's first bytes may arrive in the same segment as the 200: they are the tunnel's.
+    answer = [b"HTTP/1.1 200 Connection established\r\nVia: test\r\n\r\nEDGE-SPEAKS-FIRST"]
+    async with scripted_proxy(lambda head: answer) as (proxy, heads):
+        sock = await asyncio.wait_for(open_tunnel(proxy, "edge.example", 7000), 10)
+        try:
+            loop = asyncio.get_running_loop()
+            received = b""
+            while len(received) < len(b"EDGE-SPEAKS-FIRST"):
+                chunk = await asyncio.wait_for(loop.sock_recv(sock, 100), 10)
+                assert chunk, "the proxy closed before the edge's bytes were read"
+                received += chunk
+        finally:
+            sock.close()
+    assert received == b"EDGE-SPEAKS-FIRST"
+    (head,) = heads
+    assert head.startswith(b"CONNECT edge.example:7000 HTTP/1.1\r\n")
+    basic = base64.b64encode(b"alice:s3cret")
+    assert b"\r\nProxy-Authorization: Basic " + basic + b"\r\n" in head
+
+
+@pytest.mark.anyio
+async def test_a_status_line_split_over_many_writes_is_read() -> None:
+    line = b"HTTP/1.1 200 OK\r\n\r\n"
+    async with scripted_proxy(lambda head: [line[i : i + 1] for i in range(len(line))]) as (
+        proxy,
+        _,
+    ):
+        sock = await asyncio.wait_for(open_tunnel(proxy, "edge.example", 7000), 10)
+        sock.close()
+
+
+@pytest.mark.anyio
+async def test_a_response_head_over_16_kib_is_refused() -> None:
+    huge = [b"HTTP/1.1 200 OK\r\n" + b"X-Pad: " + b"a" * MAX_RESPONSE_HEAD + b"\r\n\r\n"]
+    async with scripted_proxy(lambda head: huge) as (proxy, _):
+        with pytest.raises(ProxyError, match="a head over 16 KiB"):
+            await asyncio.wait_for(open_tunnel(proxy, "edge.example", 7000), 10)
+
+
+@pytest.mark.anyio
+async def test_a_proxy_that_hangs_up_before_answering_is_named() -> None:
+    async with scripted_proxy(lambda head: [b"HTTP/1.1 20"]) as (proxy, _):
+        with pytest.raises(ProxyError) as caught:
+            await asyncio.wait_for(open_tunnel(proxy, "edge.example", 7000), 10)
+    assert str(caught.value) == (
+        f"proxy {proxy} closed the connection before answering CONNECT to edge.example:7000"
+    )
+
+
+@pytest.mark.anyio
+async def test_a_non_2xx_answer_closes_the_socket_and_says_why() -> None:
+    answer = [b"HTTP/1.1 502 Bad Gateway\r\nContent-Length: 0\r\n\r\n"]
+    async with scripted_proxy(lambda head: answer) as (proxy, _):
+        refused = re.escape("refused CONNECT to edge.example:7000: HTTP/1.1 502")
+        with pytest.raises(ProxyError, match=refused):
+            await asyncio.wait_for(open_tunnel(proxy, "edge.example", 7000), 10)
 
 
 # -- tunnel-agent run --------------------------------------------------------------------------
