@@ -95,6 +95,15 @@ bench: bench-micro
 bench-quick: $(STAMP)
 	BENCH_INSTALL=1 $(PY) -m bench.e2e --quick --tag quick
 
+# The agent alone, without the edge (docs/agent.md, "Installing the agent"): dist/tunnel-agent.pyz,
+# one file that runs with any python3 >= 3.11 and nothing installed, and the tunnel-agent wheel
+# (agent/, protocol/, relay/ with only h11, wsproto, orjson and uvloop). AGENT_BUILD=pyz builds the
+# zipapp only (the wheel's build lets pip fetch setuptools, as `make setup` does).
+.PHONY: agent
+AGENT_BUILD ?= all
+agent: $(STAMP)
+	$(PY) tools/build_agent.py --out dist --what $(AGENT_BUILD)
+
 clean:
 	rm -rf $(VENV) .coverage .coverage-html .mypy_cache .ruff_cache .pytest_cache .benchmarks
 
