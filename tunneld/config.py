@@ -123,13 +123,8 @@ class Config:
             raise ConfigError(f"node_advertise must be host:port, not {self.node_advertise!r}")
         if not 1 <= self.workers <= MAX_WORKERS:
             raise ConfigError(f"workers must be 1-{MAX_WORKERS} or auto, not {self.workers}")
-        if self.workers > 1 and "://" not in self.store:
-            raise ConfigError(
-                f"workers = {self.workers} needs a Redis store (--store redis://host:port/db): "
-                "workers are separate processes that share exposures and agent ownership through "
-                f"the store, and the {self.store} store belongs to one process. Run Redis or "
-                "Valkey, or keep workers = 1 (docs/operations.md, Workers)"
-            )
+        # workers > 1 with sqlite or memory: the supervisor runs a private redis-server for them
+        # (tunneld/private_redis.py)
         for name in ("public_port", "agent_port", "admin_port", "node_port"):
             value = getattr(self, name)
             if not 0 <= value <= 65535:

@@ -15,6 +15,7 @@ import os
 import sys
 import time
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any, TextIO
 
 import orjson
@@ -56,7 +57,11 @@ def run_exposures(args: argparse.Namespace) -> int:
 
 
 def _export(state_dir: str, out: TextIO) -> int:
-    records = read_exposures(state_dir)
+    from .private_redis import read_unsaved
+
+    records = read_unsaved(Path(state_dir))  # a --workers run holds newer ones, if any
+    if records is None:
+        records = read_exposures(state_dir)
     for record in records:
         out.write(orjson.dumps(record.to_json()).decode())
         out.write("\n")

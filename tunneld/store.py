@@ -292,8 +292,10 @@ class SqliteStore:
 
     # -- opening ---------------------------------------------------------------------------------
     @classmethod
-    def open(cls, state_dir: str | os.PathLike[str]) -> SqliteStore:
-        """Open (creating if needed) the store in ``state_dir``; raise StoreError if unusable."""
+    def open(cls, state_dir: str | os.PathLike[str], *, unsaved_ok: bool = False) -> SqliteStore:
+        """Open (creating if needed) the store in ``state_dir``; raise StoreError if unusable,
+        or if a ``--workers`` run left newer exposures in its private Redis (``unsaved_ok``:
+        the supervisor, which recovers them)."""
         directory = Path(state_dir)
         try:
             directory.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -304,6 +306,10 @@ class SqliteStore:
             ) from None
         lock_fd = lock_state_dir(directory)
         try:
+            if not unsaved_ok:
+                from .private_redis import check_unsaved
+
+                check_unsaved(directory)
             _check_writable(directory)
             conn = _connect(directory / DB_FILE)
         except BaseException:

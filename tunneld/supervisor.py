@@ -20,9 +20,11 @@ what makes ``--public-port 0`` work (the supervisor learns the port and gives ev
 same explicit one) and keeps the ports ours while a worker restarts, even when every worker is
 down at once.
 
-**State.** Workers share nothing in memory. Exposures and agent ownership live in the shared
-store, so N > 1 needs a Redis store (``Config.validate`` refuses sqlite and memory: the sqlite
-file belongs to one process). A worker is a cluster node like any other: its node id is
+**State.** Workers share nothing in memory. Exposures and agent ownership live in a shared
+Redis store, as between hosts. With the operator's Redis (``store = redis://...``) the workers
+use it; with ``sqlite`` or ``memory`` the supervisor runs a private ``redis-server`` on a Unix
+socket for them and keeps ``exposures.db`` the copy at rest (:mod:`tunneld.private_redis`: why,
+and how the two copies never diverge). A worker is a cluster node like any other: its node id is
 ``{node_id or hostname}-w{index}``, and its node-link port is ``node_port + index``. An agent
 holds its session with whichever worker the kernel gave its connection to; when that worker
 dies, the agent reconnects and lands on any worker.
@@ -64,10 +66,14 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Any, Final
 
 from . import systemd
 from .config import Config, ConfigError, load_config
+from .private_redis import REDIS_DIR, UNSAVED, PrivateRedis
+from .redis_store import is_redis_url
+from .store import SqliteStore, StoredExposure, StoreError
 
 log = logging.getLogger("tunneld.supervisor")
 
@@ -201,6 +207,8 @@ class Supervisor:
         self._done = asyncio.Event()
         self._silent: set[int] = set()  # worker indexes whose missed watchdog was logged
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._private: PrivateRedis | None = None  # the workers' store without one of ours
+        self._sqlite: SqliteStore | None = None  # held (locked) while the private one runs
 
     # -- lifecycle -------------------------------------------------------------------------------
     async def run(self) -> int:
@@ -214,10 +222,13 @@ class Supervisor:
                 self.ports[name] = sockets[0].getsockname()[1]
             self._check_node_ports()
             self._notify, self._notify_name = systemd.open_notify_socket()
-        except (OSError, ConfigError) as exc:
+            if not is_redis_url(config.store):
+                await self._start_private_store()
+        except (OSError, ConfigError, StoreError) as exc:
             log.error("cannot start: %s", exc)
             self._close()
-            return 2 if isinstance(exc, ConfigError) else 1
+            await self._stop_private_store(save=False)
+            return 1 if isinstance(exc, OSError) else 2
         loop.add_reader(self._notify, self._on_notify)
         loop.add_signal_handler(signal.SIGCHLD, self._reap)
         loop.add_signal_handler(signal.SIGTERM, self._stop, "SIGTERM")
@@ -246,8 +257,83 @@ class Supervisor:
             for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
             self._close()
+            await self._stop_private_store(save=True)
         log.info("supervisor stopped")
         return self._status
+
+    # -- the workers' private store (tunneld/private_redis.py) -----------------------------------
+    async def _start_private_store(self) -> None:
+        from .store import default_state_dir
+
+        config = self.config
+        if config.store == "memory":
+            self._private = PrivateRedis(None)
+            self._private.start(fresh=True)
+        else:
+            state_dir = config.state_dir or str(default_state_dir())
+            self._sqlite = SqliteStore.open(state_dir, unsaved_ok=True)  # holds the lock
+            data_dir = self._sqlite.state_dir / REDIS_DIR
+            recover = (data_dir / UNSAVED).exists()
+            self._private = PrivateRedis(data_dir)
+            self._private.start(fresh=not recover)
+            if recover:
+                log.warning(
+                    "recovering the exposures of a --workers run that did not stop cleanly from "
+                    "%s (newer than %s)",
+                    data_dir,
+                    self._sqlite.path,
+                )
+            else:
+                records = self._sqlite.read_all_now()
+                await _copy(records, self._private.url)
+                _write_marker(data_dir / UNSAVED)
+                log.info(
+                    "workers share state through a private redis-server: %d exposures copied "
+                    "from %s, written back at a clean stop",
+                    len(records),
+                    self._sqlite.path,
+                )
+        self.overrides["store"] = self._private.url
+
+    async def _stop_private_store(self, *, save: bool) -> None:
+        private, sqlite = self._private, self._sqlite
+        self._private = self._sqlite = None
+        try:
+            if private is not None and sqlite is not None and save and private.ping():
+                from .redis_store import RedisStore
+
+                store = RedisStore(private.url, node_id="supervisor")
+                try:
+                    records = await store.load_all()
+                finally:
+                    await store.close()
+                count = sqlite.import_now(records, replace=True)
+                private.stop()  # its append-only file is now a stale copy: drop the marker
+                marker = sqlite.state_dir / REDIS_DIR / UNSAVED
+                marker.unlink(missing_ok=True)
+                log.info("%d exposures written back to %s", count, sqlite.path)
+        except StoreError as exc:
+            log.error(
+                "exposures NOT written back (%s): the next --workers start recovers them", exc
+            )
+        finally:
+            if private is not None:
+                private.cleanup()
+            if sqlite is not None:
+                sqlite.close_now()
+
+    def _check_private_store(self) -> None:
+        """SIGCHLD: the private redis-server died: start it again on its own data at once."""
+        private = self._private
+        if private is None or private.exited() is None or self._stopping:
+            return
+        log.error("the workers' private redis-server exited (%s); restarting it", private.exited())
+        try:
+            private.start(fresh=False)
+        except StoreError as exc:
+            log.error("cannot restart the private redis-server: %s; stopping", exc)
+            self._status = 1
+            self._stop("the private store failed")
 
     def _close(self) -> None:
         if self._notify is not None:
@@ -317,6 +403,7 @@ class Supervisor:
 
     def _reap(self) -> None:
         """SIGCHLD: collect every worker that exited (signals coalesce: check them all)."""
+        self._check_private_store()
         for worker in self.workers:
             proc = worker.proc
             if proc is None or proc.poll() is None:
@@ -480,3 +567,29 @@ class Supervisor:
                 worker.proc.send_signal(sig)
             except ProcessLookupError:
                 pass
+
+
+async def _copy(records: list[StoredExposure], url: str) -> None:
+    from .redis_store import RedisStore
+
+    store = RedisStore(url, node_id="supervisor")
+    try:
+        for start in range(0, len(records), 500):
+            await asyncio.gather(*map(store.put, records[start : start + 500]))
+    finally:
+        await store.close()
+
+
+def _write_marker(path: Path) -> None:
+    """Create ``path`` durably: it says exposures.db is no longer the newest copy."""
+    with open(path, "w") as f:
+        f.write(
+            "exposures live in the private redis of a --workers run; see tunneld/private_redis.py\n"
+        )
+        f.flush()
+        os.fsync(f.fileno())
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

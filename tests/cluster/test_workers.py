@@ -295,15 +295,6 @@ def run_serve(procs: Processes, *args: str) -> subprocess.CompletedProcess[bytes
     )
 
 
-@pytest.mark.parametrize("store", ["sqlite", "memory"])
-def test_workers_without_redis_exit_2(procs: Processes, tmp_path: Path, store: str) -> None:
-    out = run_serve(procs, "--workers", "2", "--store", store, "--state-dir", str(tmp_path))
-    assert out.returncode == 2
-    err = out.stderr.decode()
-    assert "workers = 2 needs a Redis store (--store redis://host:port/db)" in err
-    assert f"the {store} store belongs to one process" in err
-
-
 @pytest.mark.parametrize(
     ("value", "message"),
     [("0", "must be at least 1"), ("x", "a number of processes or auto"), ("-1", "or auto")],
