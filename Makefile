@@ -51,8 +51,8 @@ demo: $(STAMP)
 	$(VENV)/bin/tunneld demo
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check protocol relay agent tunneld tests bench
-	$(VENV)/bin/ruff format --check protocol relay agent tunneld tests bench
+	$(VENV)/bin/ruff check protocol relay agent tunneld tests bench tools packaging
+	$(VENV)/bin/ruff format --check protocol relay agent tunneld tests bench tools packaging
 
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy protocol relay agent tunneld

@@ -19,6 +19,8 @@ from typing import Any
 
 import httpx
 
+from tests.conftest import PROXY_VARIABLES
+
 BIN = Path(sys.executable).parent
 
 
@@ -52,6 +54,8 @@ class Processes:
 
     def env(self, **extra: str) -> dict[str, str]:
         env = dict(os.environ)
+        for name in PROXY_VARIABLES:  # children too: no outside proxy on loopback edges
+            env.pop(name, None)
         env["TUNNEL_LOOP"] = self.loop
         env["PYTHONUNBUFFERED"] = "1"
         env["TUNNELD_NODE_PORT"] = "0"  # a cluster node's link listener (Redis store): any port
