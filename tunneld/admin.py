@@ -1,6 +1,7 @@
 """Admin API (HTTP/1.1 on h11, JSON on orjson, Bearer token): what orchestrators and the SDK call.
 
     GET    /healthz                                   liveness, no auth
+    GET    /readyz                                    readiness (200 / 503 with reasons), no auth
     GET    /metrics                                   Prometheus text
     GET    /v1/sandboxes                              sandboxes with their session state and ports
     GET    /v1/sandboxes/{id}                         one of them (404 when unknown)
@@ -92,6 +93,9 @@ class AdminServer:
         if parts == ["healthz"]:
             self._allow(method, "GET")
             return json_response(200, {"status": "ok"})
+        if parts == ["readyz"]:
+            self._allow(method, "GET")
+            return self._readiness()
         if not verify_bearer(self.edge.config.admin_token, request.header(b"authorization")):
             raise ApiError(
                 401,
@@ -153,6 +157,25 @@ class AdminServer:
                 f"Method {method} not allowed here.",
                 [("allow", ", ".join(allowed))],
             )
+
+    def _readiness(self) -> Response:
+        """200 while this node should get traffic: listeners bound and exposures loaded
+        (``start()`` finished), not draining. 503 otherwise, saying why (a load balancer's or
+        orchestrator's readiness probe; no token, as /healthz). A Redis store that is away does
+        not make a node unready: it keeps serving what it has (its ``store`` field says so)."""
+        edge = self.edge
+        reasons = []
+        if not edge.ready:
+            reasons.append("starting: listeners or stored exposures not ready yet")
+        if edge.draining:
+            reasons.append("draining: stopping, no new traffic")
+        body: dict[str, Any] = {"status": "ready" if not reasons else "not ready"}
+        if reasons:
+            body["reasons"] = reasons
+        store: Any = edge.registry.store
+        if hasattr(store, "feed_connected"):
+            body["store"] = "connected" if store.feed_connected else "unavailable"
+        return json_response(503 if reasons else 200, body)
 
     @staticmethod
     def _json_body(body: bytes) -> dict[str, Any]:

@@ -456,6 +456,8 @@ class EdgeServer:
         self.handover: HandoverServer | None = None  # workers of one host pass sockets
         self.parser = default_parser(config.parser)
         self.background: set[asyncio.Task[None]] = set()  # tasks a connection started
+        self.ready = False  # set once start() bound every listener (GET /readyz)
+        self.draining = False  # set when stop() begins
         self.public_port = 0
         self.agent_port = 0
         self.admin_port = 0
@@ -516,6 +518,7 @@ class EdgeServer:
         self.agent_port = agents.sockets[0].getsockname()[1]
         self.public_port = public.sockets[0].getsockname()[1]
         self.admin_port = admin.sockets[0].getsockname()[1]
+        self.ready = True  # /readyz: listeners bound, exposures loaded
         log.info(
             "tunneld listening: public http://%s:%d (domain %s, parser %s), agents %s:%d%s, admin http://%s:%d",
             config.public_host,
@@ -531,6 +534,7 @@ class EdgeServer:
 
     async def stop(self, grace: float | None = None) -> None:
         """Stop accepting, send GO_AWAY to every agent, wait up to ``grace`` for streams, close."""
+        self.draining = True  # /readyz answers 503 from now on
         grace = self.config.grace_period if grace is None else grace
         self.auth.close()
         await self._stop_feed()

@@ -234,3 +234,30 @@ async def test_agent_token_is_bound_to_its_sandbox(stack: Stack) -> None:
     assert stack.edge.registry.get("sb2").session is None
     r = await stack.admin.get("/metrics")
     assert "tunneld_agent_auth_failures_total 1.0" in r.text
+
+
+async def test_readyz_says_ready_only_between_start_and_stop(stack: Stack) -> None:
+    """No token needed (a load balancer's probe); 503 with the reason before start() finished
+    and from the moment stop() begins (draining), while /healthz stays 200."""
+    from tunneld.admin import AdminServer
+    from tunneld.edge import EdgeServer
+
+    r = await stack.admin.get("/readyz", headers={"authorization": ""})
+    assert (r.status_code, r.json()) == (200, {"status": "ready"})
+    not_started = EdgeServer(stack.edge.config, asyncio.get_running_loop())
+    starting = AdminServer(not_started)._readiness()
+    assert starting.status == 503 and b"starting" in starting.body
+    origin = await stack.origin()
+    await stack.agent("sb1")
+    exposed = await stack.expose("sb1", origin.port)
+    async with stack.client(exposed["exposedAt"]) as client:
+        async with client.stream("GET", "/sse") as sse:  # a live stream: stop() drains it
+            assert sse.status_code == 200
+            stopping = asyncio.get_running_loop().create_task(stack.edge.stop(grace=3))
+            await wait_until(lambda: stack.edge.draining, 5, "the drain to begin")
+            r = await stack.admin.get("/readyz")  # the kept-alive admin connection
+            assert r.status_code == 503
+            assert r.json()["status"] == "not ready" and "draining" in r.json()["reasons"][0]
+            assert (await stack.admin.get("/healthz")).status_code == 200
+            origin.sse_release.set()
+        await stopping
