@@ -117,6 +117,7 @@ class EdgeSession(MuxProtocol):
         self._writes: set[asyncio.Task[None]] = set()  # agent requests waiting for the store
         self._connected_at = server.loop.time()
         self._end_logged = False
+        self._lifetime_observed = False  # tunneld_agent_session_seconds, once per session
 
     def on_connected(self) -> None:
         assert self.transport is not None
@@ -423,6 +424,11 @@ class EdgeSession(MuxProtocol):
     def _detach(self) -> None:
         self._going_away = True
         self.pending.fail_all("SANDBOX_NOT_CONNECTED", "The agent disconnected.")
+        if self.sandbox_id is not None and not self._lifetime_observed:
+            self._lifetime_observed = True
+            self.server.metrics.agent_session_seconds.observe(
+                self.loop.time() - self._connected_at
+            )
         if self.sandbox_id is not None:
             self.server.registry.detach(self.sandbox_id, self)
             if self.server.cluster is not None:
@@ -465,7 +471,9 @@ class EdgeServer:
             agents=lambda: sum(1 for s in self.registry.sandboxes() if s.session is not None),
             streams=lambda: sum(len(c.streams) for c in self.agent_connections),
             exposures=lambda: sum(len(s.exposures) for s in self.registry.sandboxes()),
+            public_open=lambda: len(self.public_connections),
         )
+        self.registry.on_write = self.metrics.store_write
 
     # -- lifecycle -------------------------------------------------------------------------------
     async def start(self) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 
 class Metrics:
@@ -54,6 +54,33 @@ class Metrics:
             "Public connections relayed to the owner node over a node link",
             registry=r,
         )
+        # Refusals answered with an error page, by code (a fixed set: the codes of public.py)
+        self.public_refusals = Counter(
+            "tunneld_public_refusals",
+            "Preview requests answered with an error page, by its code",
+            ["code"],
+            registry=r,
+        )
+        self.public_open = Gauge(
+            "tunneld_public_connections_open", "Client connections open now", registry=r
+        )
+        self.agent_session_seconds = Histogram(
+            "tunneld_agent_session_seconds",
+            "How long authenticated agent sessions lasted (observed when one ends)",
+            buckets=(1, 10, 60, 300, 1800, 3600, 6 * 3600, 86400, float("inf")),
+            registry=r,
+        )
+        self.store_write_seconds = Histogram(
+            "tunneld_store_write_seconds",
+            "Time to make an expose or unexpose durable in the store",
+            buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, float("inf")),
+            registry=r,
+        )
+        self.store_write_failures = Counter(
+            "tunneld_store_write_failures",
+            "Store writes that failed (answered 503 STORE_UNAVAILABLE)",
+            registry=r,
+        )
         self.exposures = Gauge(
             "tunneld_exposures", "Exposed ports across all sandboxes", registry=r
         )
@@ -63,10 +90,18 @@ class Metrics:
         agents: Callable[[], float],
         streams: Callable[[], float],
         exposures: Callable[[], float],
+        public_open: Callable[[], float] | None = None,
     ) -> None:
         self.agents_connected.set_function(agents)
         self.streams_open.set_function(streams)
         self.exposures.set_function(exposures)
+        if public_open is not None:
+            self.public_open.set_function(public_open)
+
+    def store_write(self, seconds: float, ok: bool) -> None:
+        self.store_write_seconds.observe(seconds)
+        if not ok:
+            self.store_write_failures.inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

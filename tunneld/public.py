@@ -485,6 +485,7 @@ class PublicConnection(StreamEndpoint):
         if transport is not None and not transport.is_closing():
             if not self._responded:
                 self._responded = True
+                self.server.metrics.public_refusals.labels(code).inc()
                 transport.write(error_response(status, code, message))
             self.close_gracefully()
 

@@ -27,7 +27,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -85,6 +85,8 @@ class Registry:
         self.store: Store = store if store is not None else MemoryStore()
         self.max_exposures = max_exposures
         self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
+        # Told how long each store write took and whether it succeeded (the edge's metrics)
+        self.on_write: Callable[[float, bool], None] | None = None
 
     # -- lookups ---------------------------------------------------------------------------------
     def get(self, sandbox_id: str) -> SandboxState | None:
@@ -142,14 +144,19 @@ class Registry:
             return self.unexpose(sandbox_id, port)
 
     async def _write(self, operation: Any) -> None:
+        started = time.monotonic()
         try:
             await operation
         except StoreError as exc:
+            if self.on_write is not None:
+                self.on_write(time.monotonic() - started, False)
             raise RegistryError(
                 503,
                 "STORE_UNAVAILABLE",
                 f"The change could not be saved ({exc}); nothing changed. See the tunneld log.",
             ) from None
+        if self.on_write is not None:
+            self.on_write(time.monotonic() - started, True)
 
     @asynccontextmanager
     async def _sandbox_lock(self, sandbox_id: str) -> AsyncIterator[None]:

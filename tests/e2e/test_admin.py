@@ -17,7 +17,7 @@ from tunneld.client import (
     TunnelClient,
 )
 
-from .conftest import Stack, wait_until
+from .conftest import Stack, raw_request, wait_until
 
 pytestmark = pytest.mark.anyio
 
@@ -261,3 +261,37 @@ async def test_readyz_says_ready_only_between_start_and_stop(stack: Stack) -> No
             assert (await stack.admin.get("/healthz")).status_code == 200
             origin.sse_release.set()
         await stopping
+
+
+async def test_metrics_count_refusals_sessions_store_writes_and_open_connections(
+    stack: Stack,
+) -> None:
+    def value(text: str, name: str) -> float:
+        for line in text.splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[-1])
+        raise AssertionError(f"{name} not in the metrics")
+
+    origin = await stack.origin()
+    agent = await stack.agent("sb1")
+    exposed = await stack.expose("sb1", origin.port)
+    host = stack.host_of(exposed["exposedAt"])
+    bad = host.replace("-sb1-", "-sb1-x", 1)
+    for _ in range(3):
+        answer = await raw_request(
+            stack.edge.public_port, f"GET / HTTP/1.1\r\nHost: {bad}\r\n\r\n".encode()
+        )
+        assert answer.startswith(b"HTTP/1.1 404 ")
+    reader, writer = await asyncio.open_connection("127.0.0.1", stack.edge.public_port)
+    await wait_until(lambda: len(stack.edge.public_connections) == 1, 5, "the connection")
+    text = (await stack.admin.get("/metrics")).text
+    assert value(text, 'tunneld_public_refusals_total{code="INVALID_TOKEN"}') == 3
+    assert value(text, "tunneld_public_connections_open") == 1
+    assert value(text, "tunneld_store_write_seconds_count") == 1  # the expose
+    assert value(text, "tunneld_agent_session_seconds_count") == 0
+    writer.close()
+    await agent.stop()
+    await wait_until(lambda: stack.edge.registry.get("sb1").session is None, 5, "the agent gone")
+    text = (await stack.admin.get("/metrics")).text
+    assert value(text, "tunneld_agent_session_seconds_count") == 1
+    del reader
