@@ -18,10 +18,19 @@ Two API families share the routing table:
 
 The controller (the agent core) does the work; this module only validates input, translates, and
 never lets a traceback reach a client.
+
+``POST /api/port-watch`` (Cloudflare's current container endpoint) answers a Server-Sent Events
+stream instead of JSON: the handler validates the body, takes a watch slot (429 past
+:data:`agent.portwatch.MAX_WATCHES`), then takes the connection over from the shared server
+(``Exchange.detach``) and hands it to a task that writes ``watching``, probes
+(:mod:`agent.portwatch`), writes ``ready`` or ``error`` and closes. The connection's protocol is
+swapped for :class:`_WatchStream`, which cancels that task when the client closes its side: a
+client that leaves stops its watch.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import re
@@ -32,6 +41,7 @@ from typing import Any, Final, Protocol
 import orjson
 
 from agent.errors import api_port_error, status_for
+from agent.portwatch import PortWatches, TooManyWatches, WatchSpec, spec_from_json, watch_port
 from protocol.control import Exposure
 from protocol.hostnames import (
     ValidationError,
@@ -111,7 +121,7 @@ class _HTTPError(ApiError):
         self.context = context
 
 
-_Handler = Callable[[Request, "re.Match[str]"], Awaitable[Response]]
+_Handler = Callable[[Request, "re.Match[str]", Exchange], Awaitable[Response | None]]
 # ``is_tunnel_peer(("127.0.0.1", 51234))``: is that address one of the agent's own dialled sockets?
 TunnelPeerCheck = Callable[[tuple[str, int]], bool]
 
@@ -226,8 +236,12 @@ class LocalAPI:
         request_timeout: float = REQUEST_TIMEOUT,
         max_connections: int = MAX_CONNECTIONS,
         is_tunnel_peer: TunnelPeerCheck | None = None,
+        watches: PortWatches | None = None,
     ) -> None:
         self._controller = controller
+        # The agent's watch counter (shared with the edge's watch_port requests), else our own.
+        self.watches = watches if watches is not None else PortWatches()
+        self._watch_tasks: set[asyncio.Task[None]] = set()
         self._is_tunnel_peer = is_tunnel_peer
         self._host = host
         self._requested_port = port
@@ -256,6 +270,7 @@ class LocalAPI:
             (re.compile(r"/api/expose-port"), {"POST": self._legacy_expose}),
             (re.compile(r"/api/exposed-ports"), {"GET": self._legacy_list}),
             (re.compile(r"/api/exposed-ports/([^/]+)"), {"DELETE": self._legacy_unexpose}),
+            (re.compile(r"/api/port-watch"), {"POST": self._port_watch}),
         )
 
     @property
@@ -275,8 +290,13 @@ class LocalAPI:
         log.info("local control API listening on http://%s:%d", self._host, self.port)
 
     async def close(self) -> None:
-        """Stop listening and drop every connection (idle keep-alives included). Idempotent."""
+        """Stop listening and drop every connection (idle keep-alives included), port watches
+        too. Idempotent."""
         await self.http.close()
+        tasks = list(self._watch_tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     async def __aenter__(self) -> LocalAPI:
         await self.start()
@@ -311,12 +331,12 @@ class LocalAPI:
             return _HTTPError("FORBIDDEN", f"Host {shown(host)!r} is not allowed.")
         return None
 
-    async def _handle(self, request: Request, exchange: Exchange) -> Response:
+    async def _handle(self, request: Request, exchange: Exchange) -> Response | None:
         """Native routes raise their refusals to the shared server, which renders them;
         legacy routes (under ``/api/``) answer every refusal in the legacy shape."""
         legacy = request.path.startswith("/api/")
         try:
-            return await self._route(request)
+            return await self._route(request, exchange)
         except _HTTPError as exc:
             err = exc
         except ValidationError as exc:
@@ -334,7 +354,7 @@ class LocalAPI:
             return _legacy_error(err)
         raise err
 
-    async def _route(self, request: Request) -> Response:
+    async def _route(self, request: Request, exchange: Exchange) -> Response | None:
         refusal = self._refusal(request)
         if refusal is not None:
             raise refusal
@@ -350,7 +370,7 @@ class LocalAPI:
                     f"Method {shown(request.method)} is not allowed here; use {allow}.",
                     headers=[("allow", allow)],
                 )
-            return await handler(request, match)
+            return await handler(request, match, exchange)
         raise _HTTPError("NOT_FOUND", f"No such endpoint: {shown(request.path)}.")
 
     def _exposable_port(self, obj: Mapping[str, Any]) -> int:
@@ -362,7 +382,7 @@ class LocalAPI:
 
     # -- native endpoints -------------------------------------------------------------------
 
-    async def _expose(self, request: Request, match: re.Match[str]) -> Response:
+    async def _expose(self, request: Request, match: re.Match[str], exchange: Exchange) -> Response:
         obj = _json_object(request.body)
         port = self._exposable_port(obj)
         name = _optional_name(obj)
@@ -370,15 +390,17 @@ class LocalAPI:
         exposure = await self._controller.expose(port, name=name, token=token)
         return json_response(200, _exposurejson_response(exposure))
 
-    async def _unexpose(self, request: Request, match: re.Match[str]) -> Response:
+    async def _unexpose(
+        self, request: Request, match: re.Match[str], exchange: Exchange
+    ) -> Response:
         await self._controller.unexpose(_path_port(match[1]))
         return Response(204)
 
-    async def _list(self, request: Request, match: re.Match[str]) -> Response:
+    async def _list(self, request: Request, match: re.Match[str], exchange: Exchange) -> Response:
         exposures = sorted(await self._controller.list_exposures(), key=lambda e: e.port)
         return json_response(200, {"ports": [_exposurejson_response(e) for e in exposures]})
 
-    async def _status(self, request: Request, match: re.Match[str]) -> Response:
+    async def _status(self, request: Request, match: re.Match[str], exchange: Exchange) -> Response:
         controller = self._controller
         return json_response(
             200, {"sandboxId": controller.sandbox_id, "connected": controller.connected}
@@ -386,7 +408,9 @@ class LocalAPI:
 
     # -- legacy Cloudflare container endpoints ----------------------------------------------
 
-    async def _legacy_expose(self, request: Request, match: re.Match[str]) -> Response:
+    async def _legacy_expose(
+        self, request: Request, match: re.Match[str], exchange: Exchange
+    ) -> Response:
         obj = _json_object(request.body)
         with _legacy_port_context(obj.get("port")):
             port = self._exposable_port(obj)
@@ -403,16 +427,123 @@ class LocalAPI:
             },
         )
 
-    async def _legacy_list(self, request: Request, match: re.Match[str]) -> Response:
+    async def _legacy_list(
+        self, request: Request, match: re.Match[str], exchange: Exchange
+    ) -> Response:
         exposures = sorted(await self._controller.list_exposures(), key=lambda e: e.port)
         ports = [{"port": e.port, "url": e.url, "status": "active"} for e in exposures]
         return json_response(200, {"success": True, "ports": ports, "timestamp": _timestamp()})
 
-    async def _legacy_unexpose(self, request: Request, match: re.Match[str]) -> Response:
+    async def _legacy_unexpose(
+        self, request: Request, match: re.Match[str], exchange: Exchange
+    ) -> Response:
         with _legacy_port_context(_path_value(match[1])):
             port = _path_port(match[1])
             await self._controller.unexpose(port)
         return json_response(200, {"success": True, "port": port, "timestamp": _timestamp()})
+
+    # -- Cloudflare's port watch (Server-Sent Events) ---------------------------------------
+
+    async def _port_watch(
+        self, request: Request, match: re.Match[str], exchange: Exchange
+    ) -> Response | None:
+        spec = spec_from_json(_json_object(request.body))  # ValidationError -> 400
+        if spec.port == self.port:
+            raise api_port_error(spec.port)
+        try:
+            self.watches.acquire()
+        except TooManyWatches as exc:
+            raise _HTTPError("TOO_MANY_WATCHES", str(exc), 429) from None
+        transport = exchange.writer.transport
+        if transport.is_closing():
+            self.watches.release()
+            return None  # the client left already; the shared server closes the connection
+        exchange.detach()  # anything the client sends from now on is ignored
+        stream = _WatchStream(exchange.writer)
+        transport.set_protocol(stream)
+        stream.connection_made(transport)
+        task = asyncio.get_running_loop().create_task(self._run_watch(spec, stream))
+        stream.task = task
+        self._watch_tasks.add(task)
+        task.add_done_callback(self._watch_tasks.discard)
+        log.info("watching port %d (%s %s)", spec.port, spec.mode, spec.path)
+        return None
+
+    async def _run_watch(self, spec: WatchSpec, stream: _WatchStream) -> None:
+        try:
+            stream.write(_SSE_HEAD)
+            stream.event({"type": "watching", "port": spec.port})
+            result = await watch_port(spec, self.watches.hosts)
+            event: dict[str, Any]
+            if result.ready:
+                event = {"type": "ready", "port": spec.port}
+                if result.last is not None and result.last.status is not None:
+                    event["statusCode"] = result.last.status
+            else:
+                event = {"type": "error", "port": spec.port, "error": result.message(spec)}
+                if result.last is not None and result.last.status is not None:
+                    event["statusCode"] = result.last.status
+            stream.event(event)
+            stream.write(b"0\r\n\r\n")
+            log.info("port %d %s after %.1f s", spec.port, event["type"], result.elapsed)
+        finally:
+            self.watches.release()
+            stream.close()
+
+
+# A streamed answer: chunked, so the end of the stream is explicit, and then the connection closes
+# (Cloudflare sends ``Connection: keep-alive``; nothing follows a watch, so we say close).
+_SSE_HEAD: Final = (
+    b"HTTP/1.1 200 OK\r\n"
+    b"content-type: text/event-stream\r\n"
+    b"cache-control: no-cache\r\n"
+    b"connection: close\r\n"
+    b"transfer-encoding: chunked\r\n"
+    b"\r\n"
+)
+
+
+class _WatchStream(asyncio.Protocol):
+    """A port-watch connection after the switch from HTTP: writes SSE frames as HTTP chunks,
+    ignores input, and cancels the watch when the client closes or half-closes its side."""
+
+    def __init__(self, writer: asyncio.StreamWriter) -> None:
+        # asyncio closes a StreamWriter's transport when the writer is garbage-collected: keep it.
+        self._writer = writer
+        self.transport: asyncio.WriteTransport | None = None
+        self.task: asyncio.Task[None] | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        if isinstance(transport, asyncio.ReadTransport) and not transport.is_reading():
+            transport.resume_reading()
+
+    def data_received(self, data: bytes) -> None:
+        pass  # an SSE client has nothing more to say
+
+    def eof_received(self) -> bool:
+        self._gone()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._gone()
+
+    def _gone(self) -> None:
+        task = self.task
+        if task is not None and not task.done() and task is not asyncio.current_task():
+            task.cancel()
+
+    def write(self, data: bytes) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(data)
+
+    def event(self, obj: Mapping[str, Any]) -> None:
+        frame = b"data: " + orjson.dumps(obj) + b"\n\n"
+        self.write(b"%x\r\n%s\r\n" % (len(frame), frame))
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
 
 
 async def start_local_api(
@@ -424,7 +555,7 @@ async def start_local_api(
     """Start the local control API and return it (read ``.port``; ``await .close()`` to stop).
 
     ``options`` go to :class:`LocalAPI` (``request_timeout``, ``max_connections``,
-    ``is_tunnel_peer``).
+    ``is_tunnel_peer``, ``watches``).
     """
     api = LocalAPI(controller, host, port, **options)
     await api.start()
