@@ -35,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import ssl as ssl_module
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from http import HTTPStatus
@@ -220,9 +221,16 @@ class ApiServer:
         """Connections being served now (taken-over ones not included)."""
         return len(self._connections)
 
-    async def start(self, host: str, port: int, *, reuse_port: bool = False) -> asyncio.Server:
+    async def start(
+        self,
+        host: str,
+        port: int,
+        *,
+        reuse_port: bool = False,
+        ssl: ssl_module.SSLContext | None = None,
+    ) -> asyncio.Server:
         self._server = await asyncio.start_server(
-            self._on_connection, host, port, reuse_port=reuse_port
+            self._on_connection, host, port, reuse_port=reuse_port, ssl=ssl
         )
         return self._server
 

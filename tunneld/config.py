@@ -40,6 +40,16 @@ class Config:
     # Agent listener TLS (optional)
     tls_cert: str = ""
     tls_key: str = ""
+    # Public listener TLS (tunneld/tls.py): the default pair, then more pairs chosen by SNI
+    # (TOML: [[public_tls]] tables with cert and key; env TUNNELD_PUBLIC_TLS_EXTRA="c:k,c:k").
+    # With a certificate, scheme defaults to https. Re-read on SIGHUP.
+    public_tls_cert: str = ""
+    public_tls_key: str = ""
+    public_tls_extra: tuple[tuple[str, str], ...] = ()
+    public_redirect_port: int = 0  # plain-HTTP listener answering 308 to https; 0 = off
+    # Admin API over TLS (optional; re-read on SIGHUP)
+    admin_tls_cert: str = ""
+    admin_tls_key: str = ""
     # Plaintext (TCP, ws://) agent links from non-loopback peers; TLS is what detects corruption
     allow_plaintext_agents: bool = False
     # Behaviour
@@ -99,6 +109,14 @@ class Config:
             )
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ConfigError("tls_cert and tls_key go together")
+        for what in ("public_tls", "admin_tls"):
+            if bool(getattr(self, f"{what}_cert")) != bool(getattr(self, f"{what}_key")):
+                raise ConfigError(f"{what}_cert and {what}_key go together")
+        if self.public_tls_extra and not self.public_tls_cert:
+            raise ConfigError("[[public_tls]] pairs need public_tls_cert/public_tls_key first")
+        if self.public_redirect_port and not self.public_tls_cert:
+            raise ConfigError("public_redirect_port redirects to HTTPS: set public_tls_cert")
+        self._check_certificates()
         if not 0.2 <= self.heartbeat_interval < self.dead_timeout:
             # faster than 5 PINGs a second would trip the agents' PING budget (10/s)
             raise ConfigError(
@@ -125,10 +143,51 @@ class Config:
             raise ConfigError(f"workers must be 1-{MAX_WORKERS} or auto, not {self.workers}")
         # workers > 1 with sqlite or memory: the supervisor runs a private redis-server for them
         # (tunneld/private_redis.py)
-        for name in ("public_port", "agent_port", "admin_port", "node_port"):
+        for name in (
+            "public_port",
+            "agent_port",
+            "admin_port",
+            "node_port",
+            "public_redirect_port",
+        ):
             value = getattr(self, name)
             if not 0 <= value <= 65535:
                 raise ConfigError(f"{name} must be 0-65535, not {value}")
+
+    def _check_certificates(self) -> None:
+        """Load every TLS pair once (readable, key matches): a bad file stops the start, or a
+        reload, with a message naming it."""
+        from .tls import load_pair, public_pairs
+
+        for cert, key in public_pairs(self):
+            load_pair(cert, key, "public_tls")
+        if self.admin_tls_cert:
+            load_pair(self.admin_tls_cert, self.admin_tls_key, "admin_tls")
+
+
+def parse_tls_pairs(value: object) -> tuple[tuple[str, str], ...]:
+    """``[[public_tls]]`` tables ({cert, key}), or "cert:key,cert:key" from the environment."""
+    if isinstance(value, str):
+        items: list[object] = [p for p in (s.strip() for s in value.split(",")) if p]
+        pairs = []
+        for item in items:
+            cert, sep, key = str(item).partition(":")
+            if not (cert and sep and key):
+                raise ConfigError(f"public_tls_extra: expected cert:key, not {item!r}")
+            pairs.append((cert, key))
+        return tuple(pairs)
+    if isinstance(value, list):
+        pairs = []
+        for table in value:
+            if not isinstance(table, dict) or set(table) != {"cert", "key"}:
+                raise ConfigError(
+                    "[[public_tls]]: each table holds exactly cert = ... and key = ..."
+                )
+            pairs.append((str(table["cert"]), str(table["key"])))
+        return tuple(pairs)
+    if isinstance(value, tuple):
+        return value  # already parsed (overrides)
+    raise ConfigError(f"public_tls: invalid value {value!r}")
 
 
 # More worker processes than this is a typo, not a machine: one worker per core is the point.
@@ -175,6 +234,8 @@ def _coerce(name: str, value: Any) -> Any:
     kind = str(_FIELD_TYPES[name])
     if name == "workers":
         return parse_workers(value)
+    if name == "public_tls_extra":
+        return parse_tls_pairs(value)
     try:
         if kind == "bool":
             if isinstance(value, bool):
@@ -225,6 +286,8 @@ def load_config(
                 raise ConfigError(
                     f"config file {path}: put {key} in a file ({key}_file = ...) or the environment"
                 )
+            elif key == "public_tls":
+                values["public_tls_extra"] = parse_tls_pairs(value)
             elif key in _FIELD_TYPES:
                 values[key] = _coerce(key, value)
             else:
@@ -241,6 +304,8 @@ def load_config(
     for name, value in (overrides or {}).items():
         if value is not None:
             values[name] = _coerce(name, value)
+    if values.get("public_tls_cert") and values.get("scheme") is None:
+        values["scheme"] = "https"  # preview URLs say what the listener serves, unless set
     config = dataclasses.replace(Config(), **values)
     config.validate()
     return config
