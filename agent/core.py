@@ -56,6 +56,7 @@ from relay.requests import ControlRequestError
 from relay.wslink import WebSocketLink
 
 from .errors import AgentError, api_port_error, status_for
+from .portwatch import PortWatches, TooManyWatches, WatchSpec, watch_port
 from .proxy import ProxyError, ProxyURL, open_tunnel
 
 if TYPE_CHECKING:
@@ -230,6 +231,7 @@ class AgentSession(MuxProtocol):
         self.edge = edge or agent.config.servers[0]
         self.welcomed: asyncio.Future[control.Welcome] = loop.create_future()
         self._dialing: set[asyncio.Task[None]] = set()
+        self._watching: set[asyncio.Task[None]] = set()  # watch_port requests of the edge
         # Why the session ended, for the log: the first of GO_AWAY/terminated/refused/lost.
         self.end_reason: str | None = None
         # The edge's session-level Error, if it refused the Hello: (code, message).
@@ -249,7 +251,9 @@ class AgentSession(MuxProtocol):
 
     def on_link_open(self) -> None:
         config = self.agent.config
-        self.session.send_control(control.Hello(config.sandbox_id, config.token))
+        # WATCH_PORT_VERSION: this agent serves watch_port requests.
+        hello = control.Hello(config.sandbox_id, config.token, control.WATCH_PORT_VERSION)
+        self.session.send_control(hello)
         self.flush()
 
     def on_control(self, message: Any) -> None:
@@ -278,6 +282,52 @@ class AgentSession(MuxProtocol):
         elif isinstance(message, control.Unexpose):
             self.agent.forget(message.port)
             self._ack(message.id)
+        elif isinstance(message, control.WatchPort):
+            self._start_watch(message)
+
+    def _start_watch(self, message: control.WatchPort) -> None:
+        """Probe the port in a task and answer ``Ok`` (ready) or ``Error`` (not ready in time,
+        refused). The task ends with the session (the edge's wait fails with it anyway)."""
+        try:
+            port = self.agent.check_port(message.port)
+            if message.status_min > message.status_max:
+                raise AgentError("INVALID_REQUEST", "status_min is greater than status_max.", 400)
+            self.agent.port_watches.acquire()
+        except AgentError as exc:
+            self.session.send_control(control.Error(exc.code, exc.message, message.id))
+            return
+        except TooManyWatches as exc:
+            self.session.send_control(control.Error("TOO_MANY_WATCHES", str(exc), message.id))
+            return
+        spec = WatchSpec(
+            port,
+            message.mode,
+            message.path,
+            message.status_min,
+            message.status_max,
+            message.interval_ms / 1000,
+            message.timeout_s,
+        )
+        task = self.loop.create_task(self._watch(message.id, spec))
+        self._watching.add(task)
+        task.add_done_callback(self._watching.discard)
+
+    async def _watch(self, request_id: int, spec: WatchSpec) -> None:
+        watches = self.agent.port_watches
+        try:
+            result = await watch_port(spec, watches.hosts)
+        finally:
+            watches.release()
+        if self.session.closed:
+            return
+        if result.ready:
+            reply: Any = control.Ok(request_id)
+        else:
+            last = result.last
+            status = last.status if last is not None else None
+            reply = control.Error("PORT_NOT_READY", result.message(spec), request_id, status)
+        self.session.send_control(reply)
+        self.flush()
 
     def _ack(self, request_id: int) -> None:
         self.session.send_control(control.Ok(request_id))
@@ -359,6 +409,8 @@ class AgentSession(MuxProtocol):
         self.pending.fail_all("EDGE_NOT_CONNECTED", "The connection to the edge was lost.")
         for task in list(self._dialing):
             task.cancel()
+        for task in list(self._watching):
+            task.cancel()
         if not self.welcomed.done():
             self.welcomed.set_exception(ConnectionError("connection closed before welcome"))
             self.welcomed.exception()  # mark retrieved
@@ -380,6 +432,8 @@ class Agent:
         self.api_port: int | None = None
         # (address, port) of every open socket the agent dialled for a stream (is_tunnel_peer).
         self.dialled: set[tuple[str, int]] = set()
+        # Live port watches, the local API's and the edge's together (at most MAX_WATCHES).
+        self.port_watches = PortWatches(hosts=config.dial_hosts)
         self.connected_event = asyncio.Event()
         self._stopping = False
         self._rng = random.Random()
@@ -418,7 +472,14 @@ class Agent:
         """Start the local control API for this agent; its port is then refused for streams."""
         from .local_api import start_local_api
 
-        api = await start_local_api(self, host, port, is_tunnel_peer=self.is_tunnel_peer, **options)
+        api = await start_local_api(
+            self,
+            host,
+            port,
+            is_tunnel_peer=self.is_tunnel_peer,
+            watches=self.port_watches,
+            **options,
+        )
         self.api_port = api.port
         return api
 

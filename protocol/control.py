@@ -5,7 +5,10 @@ the fields of the dataclass below in snake_case. The handshake is ``hello`` (age
 frame) answered by ``welcome`` or ``error`` (then close). After that, requests carry an ``id``
 chosen by the sender and are answered by ``ok`` or ``error`` with the same ``id``: ``expose`` /
 ``unexpose`` go both ways (the edge pushes changes made through the admin API; the agent forwards
-its local CLI's), and ``list`` asks the edge for the current set.
+its local CLI's), and ``list`` asks the edge for the current set. ``watch_port`` (edge -> agent,
+only to an agent whose hello says version >= 2) asks the agent to probe a port until it is ready:
+``ok`` when it is, ``error`` ``PORT_NOT_READY`` (with the last HTTP ``status_code`` seen, if any)
+when ``timeout_s`` passed first.
 
 Every message type is described by one row of ``_SCHEMAS``: wire name, dataclass, and per field a
 checker (type + bounds) and whether the field may be absent. :func:`decode_message` checks the
@@ -26,7 +29,9 @@ from protocol.hostnames import MAX_PORT_NAME_LENGTH
 
 __all__ = [
     "MAX_CONTROL_MESSAGE_SIZE",
+    "MAX_WATCH_TIMEOUT_S",
     "PROTOCOL_VERSION",
+    "WATCH_PORT_VERSION",
     "ControlError",
     "Error",
     "Expose",
@@ -36,6 +41,7 @@ __all__ = [
     "Message",
     "Ok",
     "Unexpose",
+    "WatchPort",
     "Welcome",
     "decode_message",
     "encode_message",
@@ -45,7 +51,11 @@ __all__ = [
 # of a sandbox (~150 bytes each, so 64 KiB holds ~400). The cap bounds what a peer can make us
 # buffer and parse per frame, and matches h11's and nginx's order of magnitude for a request head.
 MAX_CONTROL_MESSAGE_SIZE: Final = 64 * 1024
+# The base protocol, a Hello's default version. An agent that serves ``watch_port`` says
+# WATCH_PORT_VERSION in its hello: an older agent would take the unknown message for a protocol
+# error and drop its session, so the edge sends ``watch_port`` only to an agent that says so.
 PROTOCOL_VERSION: Final = 1
+WATCH_PORT_VERSION: Final = 2
 
 # Request ids are non-negative int32: fit every language's int, never wrap silently.
 _MAX_ID: Final = 2**31 - 1
@@ -62,6 +72,11 @@ _MAX_LIMITS: Final = 64  # entries in welcome.limits
 _MAX_LIMIT_VALUE: Final = 2**63 - 1  # orjson ints are 64-bit
 _MAX_EXPOSURES: Final = 1024  # the size cap binds first; this bounds encoding too
 _MAX_HEARTBEAT_S: Final = 86400.0
+# watch_port bounds: Cloudflare's interval clamp (ms), and the longest wait an agent runs (s).
+_MIN_WATCH_INTERVAL_MS: Final = 100
+_MAX_WATCH_INTERVAL_MS: Final = 10_000
+MAX_WATCH_TIMEOUT_S: Final = 300.0
+_MAX_PATH: Final = 2048  # a probe path is one request target: the URL limit
 
 
 class ControlError(Exception):
@@ -127,6 +142,22 @@ class ListExposures:
 
 
 @dataclass(frozen=True, slots=True)
+class WatchPort:
+    """edge -> agent: probe ``port`` until ready (``mode`` "http": ``GET path`` answers with a
+    status in ``[status_min, status_max]``; "tcp": a connect succeeds), every ``interval_ms``,
+    for at most ``timeout_s``. Answered by ``Ok`` (ready) or ``Error`` (PORT_NOT_READY...)."""
+
+    id: int
+    port: int
+    mode: str = "http"
+    path: str = "/"
+    status_min: int = 200
+    status_max: int = 399
+    interval_ms: int = 500
+    timeout_s: float = 30.0
+
+
+@dataclass(frozen=True, slots=True)
 class Ok:
     """Reply to the request with the same ``id``."""
 
@@ -141,9 +172,11 @@ class Error:
     code: str
     message: str
     id: int | None = None
+    # PORT_NOT_READY: the last HTTP status the probe saw (absent: it saw none).
+    status_code: int | None = None
 
 
-Message = Hello | Welcome | Expose | Unexpose | ListExposures | Ok | Error
+Message = Hello | Welcome | Expose | Unexpose | ListExposures | WatchPort | Ok | Error
 
 # --- field checkers ------------------------------------------------------------------------------
 # A checker takes (value, path) and returns the value to store, or raises ControlError(BAD_FIELD).
@@ -229,6 +262,39 @@ def _exposures(value: object, path: str) -> tuple[Exposure, ...]:
 
 _ID = _int(0, _MAX_ID)
 _PORT = _int(1, 65535)
+_HTTP_STATUS = _int(100, 599)
+
+
+def _mode(value: object, path: str) -> str:
+    if value in ("http", "tcp") and type(value) is str:
+        return value
+    raise _bad(path, "'http' or 'tcp'", value)
+
+
+def _probe_path(value: object, path: str) -> str:
+    # An absolute request target with no whitespace or control characters: it goes into a
+    # request line as is.
+    if (
+        type(value) is str
+        and 1 <= len(value) <= _MAX_PATH
+        and value.startswith("/")
+        and value.isascii()
+        and all(" " < c < "\x7f" for c in value)
+    ):
+        return value
+    raise _bad(path, f"an absolute ASCII path of at most {_MAX_PATH} characters", value)
+
+
+def _watch_timeout(value: object, path: str) -> float:
+    if (
+        isinstance(value, int | float)
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and 0 < value <= MAX_WATCH_TIMEOUT_S
+    ):
+        return float(value)
+    raise _bad(path, f"a number in (0, {MAX_WATCH_TIMEOUT_S:g}]", value)
+
 
 # field name -> (checker, required on the wire). A field with a dataclass default may be absent.
 _Fields = Mapping[str, tuple[_Checker, bool]]
@@ -269,6 +335,19 @@ _SCHEMAS: Final[Mapping[str, tuple[type[Any], _Fields]]] = {
     ),
     "unexpose": (Unexpose, {"id": (_ID, True), "port": (_PORT, True)}),
     "list": (ListExposures, {"id": (_ID, True)}),
+    "watch_port": (
+        WatchPort,
+        {
+            "id": (_ID, True),
+            "port": (_PORT, True),
+            "mode": (_mode, False),
+            "path": (_probe_path, False),
+            "status_min": (_HTTP_STATUS, False),
+            "status_max": (_HTTP_STATUS, False),
+            "interval_ms": (_int(_MIN_WATCH_INTERVAL_MS, _MAX_WATCH_INTERVAL_MS), False),
+            "timeout_s": (_watch_timeout, False),
+        },
+    ),
     "ok": (Ok, {"id": (_ID, True), "exposures": (_exposures, False)}),
     "error": (
         Error,
@@ -276,6 +355,7 @@ _SCHEMAS: Final[Mapping[str, tuple[type[Any], _Fields]]] = {
             "code": (_str(1, _MAX_CODE), True),
             "message": (_str(0, _MAX_TEXT), True),
             "id": (_optional(_ID), False),
+            "status_code": (_optional(_HTTP_STATUS), False),
         },
     ),
 }

@@ -9,6 +9,8 @@
     POST   /v1/sandboxes/{id}/ports                   {"port": 8000, "name"?: "api", "token"?: "t"}
     DELETE /v1/sandboxes/{id}/ports/{port}            204, idempotent
     GET    /v1/sandboxes/{id}/ports/{port}/ws?path=/  WebSocket handshake relayed to the sandbox
+    POST   /v1/sandboxes/{id}/ports/{port}/wait       {"mode"?, "path"?, "timeout"?...}: 200 ready,
+                                                      504 PORT_NOT_READY, 503 not connected
 
 The connection loop, limits and error rendering are the shared server's (:mod:`relay.httpapi`, also
 behind the agent's local API); this module owns the routes and the WebSocket connect hand-over.
@@ -45,6 +47,7 @@ from relay.mux import MuxProtocol, StreamEndpoint, abort_with_reset
 
 from .auth import verify_bearer
 from .cluster import RouteError
+from .edge import PortNotReady
 from .httphead import H11HeadParser, HeadError
 from .public import error_response, forward_head
 from .store import StoreError
@@ -146,6 +149,9 @@ class AdminServer:
                 target = parse_qs(request.query).get("path", ["/"])[0]
                 await self._ws_connect(sandbox_id, validate_port(port), target, request, exchange)
                 return None
+            if len(parts) == 6 and parts[5] == "wait":
+                self._allow(method, "POST")
+                return await self._wait_port(sandbox_id, port, request.body)
         raise ApiError(404, "NOT_FOUND", f"No such endpoint: {method} {path}")
 
     @staticmethod
@@ -249,6 +255,46 @@ class AdminServer:
             )
         return self._sandbox_json(sandbox_id, owner, read=cluster is not None)
 
+    # -- wait for a port -------------------------------------------------------------------------
+    async def _wait_port(self, sandbox_id: str, port: object, body: bytes) -> Response:
+        """Ask the agent to probe the port until it is ready (Cloudflare's ``waitForPort``).
+
+        Answers 200 once ready, 504 PORT_NOT_READY with the last status the probe saw, 503
+        SANDBOX_NOT_CONNECTED when the agent is not connected to this node or leaves meanwhile.
+        The wait is bounded by ``timeout`` plus the edge's control timeout."""
+        payload = self._json_body(body) if body.strip() else {}
+        unknown = set(payload) - _WAIT_FIELDS
+        if unknown:
+            raise ApiError(
+                400, "INVALID_REQUEST", f"Unknown field(s): {', '.join(sorted(unknown)[:5])}."
+            )
+        port = validate_port(port)
+        interval = payload.get("interval", 500)
+        if isinstance(interval, int | float) and not isinstance(interval, bool):
+            interval = round(min(max(interval, 100), 10_000))  # clamped, as Cloudflare does
+        try:
+            await self.edge.wait_port(
+                sandbox_id,
+                port,
+                mode=payload.get("mode", "http"),
+                path=payload.get("path", "/"),
+                status_min=payload.get("statusMin", 200),
+                status_max=payload.get("statusMax", 399),
+                interval_ms=interval,
+                timeout_s=payload.get("timeout", 30.0),
+            )
+        except PortNotReady as exc:
+            return json_response(
+                504,
+                {
+                    "error": exc.message,
+                    "code": exc.code,
+                    "port": exc.port,
+                    "lastStatus": exc.last_status,
+                },
+            )
+        return json_response(200, {"port": port, "ready": True})
+
     # -- wsConnect -------------------------------------------------------------------------------
     async def _ws_connect(
         self, sandbox_id: str, port: int, target: str, request: Request, exchange: Exchange
@@ -340,6 +386,10 @@ class AdminServer:
             return  # cannot tell: the route says the store is unavailable
         if owner is None:
             raise ApiError(404, "SANDBOX_NOT_FOUND", f"Sandbox {sandbox_id} is unknown.")
+
+
+# The body of POST .../ports/{port}/wait: Cloudflare's port-watch fields; timeout in seconds.
+_WAIT_FIELDS: Final = frozenset({"mode", "path", "statusMin", "statusMax", "interval", "timeout"})
 
 
 def _busy(sandbox_id: str) -> ApiError:

@@ -17,6 +17,7 @@ the moment the caller sees it. Unexpose also resets every live preview stream of
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import gc
 import logging
 import secrets
@@ -118,6 +119,10 @@ class EdgeSession(MuxProtocol):
         self._connected_at = server.loop.time()
         self._end_logged = False
         self._lifetime_observed = False  # tunneld_agent_session_seconds, once per session
+        self.agent_version = 0  # the hello's: WATCH_PORT_VERSION and up serve watch_port
+        # watch_port requests waiting for their reply, and the Error that answered (its
+        # status_code is lost once the reply becomes a ControlRequestError)
+        self.port_waits: dict[int, control.Error | None] = {}
 
     def on_connected(self) -> None:
         assert self.transport is not None
@@ -160,6 +165,8 @@ class EdgeSession(MuxProtocol):
                 self._on_hello(message)
             return
         if isinstance(message, (control.Ok, control.Error)):
+            if isinstance(message, control.Error) and message.id in self.port_waits:
+                self.port_waits[message.id] = message
             self.pending.resolve(message)
         elif isinstance(message, (control.Expose, control.Unexpose, control.ListExposures)):
             self._serve_request(message)
@@ -281,6 +288,7 @@ class EdgeSession(MuxProtocol):
             self._refuse("AUTH_FAILED", "Invalid agent token for this sandbox id.")
             return
         self.sandbox_id = sandbox_id
+        self.agent_version = hello.version
         server.auth.admit(self, hello.token)  # checked again on reload and at its expiry
         old = server.registry.attach(sandbox_id, self, self.loop.time())
         if old is not None and old is not self:
@@ -778,6 +786,115 @@ class EdgeServer:
             if exc.code == "SANDBOX_NOT_CONNECTED":
                 return  # it went away meanwhile; the registry already has the change
             raise RegistryError(502, exc.code, f"The agent refused: {exc.message}") from None
+
+    async def wait_port(
+        self,
+        sandbox_id: str,
+        port: object,
+        *,
+        mode: object = "http",
+        path: object = "/",
+        status_min: object = 200,
+        status_max: object = 399,
+        interval_ms: object = 500,
+        timeout_s: object = 30.0,
+    ) -> None:
+        """Ask the sandbox's agent to probe ``port`` until it is ready (``watch_port``); return
+        when it is. Raises :class:`PortNotReady` (504) when ``timeout_s`` passed first, and
+        :class:`RegistryError` 503 SANDBOX_NOT_CONNECTED when the agent is not connected here or
+        leaves meanwhile. Never waits longer than ``timeout_s`` plus ``control_timeout``."""
+        sandbox_id = validate_sandbox_id(sandbox_id)
+        try:
+            message = control.WatchPort(
+                0,
+                validate_port(port),
+                mode,  # type: ignore[arg-type]
+                path,  # type: ignore[arg-type]
+                status_min,  # type: ignore[arg-type]
+                status_max,  # type: ignore[arg-type]
+                interval_ms,  # type: ignore[arg-type]
+                timeout_s,  # type: ignore[arg-type]
+            )
+            control.encode_message(message)  # the codec's bounds are the API's
+        except control.ControlError as exc:
+            where, _, what = exc.message.partition(": ")
+            field = where.removeprefix("watch_port.")
+            field = _WATCH_FIELDS.get(field, field)
+            raise RegistryError(400, "INVALID_REQUEST", f"Invalid {field}: {what}.") from None
+        if message.status_min > message.status_max:
+            raise RegistryError(400, "INVALID_REQUEST", "statusMin is greater than statusMax.")
+        state = self.registry.get(sandbox_id)
+        session = state.session if state is not None else None
+        if session is None or not session.can_open_streams():
+            where = " to this node" if self.cluster is not None else ""
+            raise RegistryError(
+                503, "SANDBOX_NOT_CONNECTED", f"Sandbox {sandbox_id} is not connected{where}."
+            )
+        if session.agent_version < control.WATCH_PORT_VERSION:
+            raise RegistryError(
+                501,
+                "AGENT_TOO_OLD",
+                f"The agent of sandbox {sandbox_id} cannot wait for ports; upgrade tunnel-agent.",
+            )
+        request_ids: list[int] = []
+
+        def factory(request_id: int) -> control.WatchPort:
+            request_ids.append(request_id)
+            session.port_waits[request_id] = None
+            return dataclasses.replace(message, id=request_id)
+
+        budget = message.timeout_s + self.config.control_timeout
+        try:
+            await session.request(factory, budget)
+        except TimeoutError:
+            raise RegistryError(
+                504,
+                "AGENT_TIMEOUT",
+                f"The agent of sandbox {sandbox_id} did not answer within {budget:g} s.",
+            ) from None
+        except ControlRequestError as exc:
+            reply = session.port_waits.get(request_ids[0]) if request_ids else None
+            if exc.code == "PORT_NOT_READY":
+                raise PortNotReady(
+                    message.port, exc.message, reply.status_code if reply else None
+                ) from None
+            if exc.code == "SANDBOX_NOT_CONNECTED":
+                raise RegistryError(
+                    503,
+                    "SANDBOX_NOT_CONNECTED",
+                    f"The agent of sandbox {sandbox_id} disconnected while waiting for port "
+                    f"{message.port}.",
+                ) from None
+            status = _WATCH_STATUSES.get(exc.code, 502)
+            raise RegistryError(status, exc.code, f"The agent refused: {exc.message}") from None
+        finally:
+            for request_id in request_ids:
+                session.port_waits.pop(request_id, None)
+
+
+class PortNotReady(RegistryError):
+    """``wait_port``: the port was not ready in time; ``last_status`` is the last HTTP status the
+    agent's probe saw (None: none, e.g. nothing listened)."""
+
+    def __init__(self, port: int, message: str, last_status: int | None) -> None:
+        super().__init__(504, "PORT_NOT_READY", message)
+        self.port = port
+        self.last_status = last_status
+
+
+# watch_port fields by the admin API's names, for its error messages.
+_WATCH_FIELDS: Final = {
+    "status_min": "statusMin",
+    "status_max": "statusMax",
+    "interval_ms": "interval (ms)",
+    "timeout_s": "timeout (s)",
+}
+# The agent's refusals of a watch_port, as the admin API answers them.
+_WATCH_STATUSES: Final = {
+    "INVALID_PORT": 400,
+    "INVALID_REQUEST": 400,
+    "TOO_MANY_WATCHES": 429,
+}
 
 
 class _StoreFeed:

@@ -10,6 +10,7 @@ Example::
         sb = client.sandbox("abc123")
         p = await sb.expose_port(8000, name="api")      # sb.exposePort(...) also works
         print(p.url)                                    # http://8000-abc123-<token>.localhost:8080/
+        await sb.wait_for_port(8000, path="/health", timeout=30)  # or waitForPort
         print(await sb.get_exposed_ports())
         async with await sb.ws_connect(8000, path="/ws") as ws:
             await ws.send("hi")
@@ -28,6 +29,7 @@ from ._errors import (
     InvalidSandboxIdError,
     InvalidTokenError,
     NotFoundError,
+    PortNotReadyError,
     SandboxNotConnectedError,
     TunnelConnectionError,
     TunnelError,
@@ -45,6 +47,7 @@ __all__ = [
     "InvalidSandboxIdError",
     "InvalidTokenError",
     "NotFoundError",
+    "PortNotReadyError",
     "Sandbox",
     "SandboxInfo",
     "SandboxNotConnectedError",

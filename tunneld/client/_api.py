@@ -7,6 +7,7 @@ the same rules and messages as the server (``protocol.hostnames``) before any ne
 
 from __future__ import annotations
 
+import math
 import ssl
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -32,6 +33,17 @@ __all__ = ["ExposedPort", "Sandbox", "SandboxInfo", "TunnelClient"]
 
 DEFAULT_BASE_URL = "http://127.0.0.1:7070"
 DEFAULT_TIMEOUT = 10.0
+# The longest wait_for_port tunneld's agents run (protocol.control.MAX_WATCH_TIMEOUT_S).
+MAX_WAIT_SECONDS = 300.0
+
+
+def _positive(value: object) -> bool:
+    return (
+        isinstance(value, int | float)
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and value > 0
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -212,14 +224,20 @@ class TunnelClient:
             raise _bad_response(f"expected an object, got {body!r:.100}")
         return body
 
-    async def _request(self, method: str, path: str, body: object = None) -> Response:
+    async def _request(
+        self, method: str, path: str, body: object = None, timeout: float | None = None
+    ) -> Response:
         payload = None if body is None else orjson.dumps(body)
-        response = await self._transport.request(method, path, token=self._token, body=payload)
+        response = await self._transport.request(
+            method, path, token=self._token, body=payload, timeout=timeout
+        )
         response.raise_for_status()
         return response
 
-    async def _request_json(self, method: str, path: str, body: object = None) -> Any:
-        return _json_body(await self._request(method, path, body))
+    async def _request_json(
+        self, method: str, path: str, body: object = None, timeout: float | None = None
+    ) -> Any:
+        return _json_body(await self._request(method, path, body, timeout))
 
     async def _ws_connect(
         self,
@@ -267,17 +285,27 @@ class Sandbox:
         return f"Sandbox({self.id!r})"
 
     async def expose_port(
-        self, port: int, *, name: str | None = None, token: str | None = None
+        self,
+        port: int,
+        *,
+        name: str | None = None,
+        token: str | None = None,
+        wait: bool | float | Mapping[str, Any] | None = None,
     ) -> ExposedPort:
         """Expose ``port`` at a preview URL. Idempotent: re-exposing keeps the token and URL.
 
         ``token`` picks a custom URL token (1-16 of ``[a-z0-9_]``, unique in the sandbox).
+        ``wait`` first waits for the port to be ready (:meth:`wait_for_port`), so the URL works
+        the moment it is returned: ``True`` (its defaults), a number (its ``timeout``), or a
+        mapping of its keyword arguments. If the port is not ready, nothing is exposed and
+        :class:`PortNotReadyError` is raised.
 
         Example::
 
             p = await sb.expose_port(8000, name="api")
             p.exposed_at   # "http://8000-abc123-k3x9q2m7p4w8z1c5.localhost:8080/"
             await sb.exposePort(8001, token="my_token")
+            await sb.expose_port(8002, wait={"path": "/health", "timeout": 60})
         """
         body: dict[str, object] = {"port": _check_port(port)}
         if name is not None:
@@ -286,8 +314,85 @@ class Sandbox:
             body["name"] = name
         if token is not None:
             body["token"] = _check_token(token)
+        if wait is not None and wait is not False:
+            if wait is True:
+                options: Mapping[str, Any] = {}
+            elif isinstance(wait, int | float) and not isinstance(wait, bool):
+                options = {"timeout": wait}
+            elif isinstance(wait, Mapping):
+                options = wait
+            else:
+                raise ValidationError(
+                    f"wait must be True, a timeout in seconds or a mapping of wait_for_port "
+                    f"options, got {type(wait).__name__}."
+                )
+            await self.wait_for_port(port, **options)
         data = await self._client._request_json("POST", f"{self._path}/ports", body)
         return ExposedPort._from_json(data)
+
+    async def wait_for_port(
+        self,
+        port: int,
+        *,
+        mode: str = "http",
+        path: str = "/",
+        status: int | tuple[int, int] = (200, 399),
+        interval: float = 0.5,
+        timeout: float = 30.0,
+    ) -> None:
+        """Wait until ``port`` is ready inside the sandbox (Cloudflare's ``waitForPort``).
+
+        The agent probes ``127.0.0.1:port`` every ``interval`` seconds (clamped to 0.1-10):
+        ``mode="http"`` until ``GET path`` answers with ``status`` (one code, or an inclusive
+        ``(min, max)`` range; default 200-399), ``mode="tcp"`` until a connect succeeds. Returns
+        once ready. ``timeout`` (seconds, at most 300) bounds the wait: then
+        :class:`PortNotReadyError` with ``last_status``. :class:`SandboxNotConnectedError` when
+        the agent is not connected, or leaves while waiting. The port needs no exposure.
+
+        Example::
+
+            await sb.wait_for_port(8000, path="/health", timeout=30)
+            await sb.waitForPort(5432, mode="tcp")
+        """
+        port = _check_port(port)
+        if mode not in ("http", "tcp"):
+            raise ValidationError(f"mode must be 'http' or 'tcp', got {mode!r:.64}.")
+        if not isinstance(path, str) or not path.startswith("/"):
+            raise ValidationError(
+                f"path must be a string starting with '/', got {path!r:.100}.", "INVALID_PATH"
+            )
+        if isinstance(status, int) and not isinstance(status, bool):
+            low = high = status
+        elif isinstance(status, tuple) and len(status) == 2 and all(type(s) is int for s in status):
+            low, high = status
+        else:
+            raise ValidationError(
+                f"status must be an int or a (min, max) pair, got {status!r:.64}."
+            )
+        if not 100 <= low <= high <= 599:
+            raise ValidationError(f"status must be HTTP statuses with min <= max, got {status!r}.")
+        if not _positive(interval):
+            raise ValidationError(
+                f"interval must be a positive number of seconds, got {interval!r}."
+            )
+        if not _positive(timeout) or timeout > MAX_WAIT_SECONDS:
+            raise ValidationError(
+                f"timeout must be a number of seconds in (0, {MAX_WAIT_SECONDS:g}], "
+                f"got {timeout!r}."
+            )
+        body = {
+            "mode": mode,
+            "path": path,
+            "statusMin": low,
+            "statusMax": high,
+            "interval": round(min(max(interval * 1000, 100), 10_000)),
+            "timeout": timeout,
+        }
+        client = self._client
+        # tunneld answers within timeout + its control timeout (5 s by default); wait that long.
+        await client._request(
+            "POST", f"{self._path}/ports/{port}/wait", body, timeout + client.timeout
+        )
 
     async def unexpose_port(self, port: int) -> None:
         """Close the preview URL of ``port`` and reset its live connections. Idempotent.
@@ -348,6 +453,7 @@ class Sandbox:
         )
 
     exposePort = expose_port  # Cloudflare Sandbox SDK names
+    waitForPort = wait_for_port
     unexposePort = unexpose_port
     getExposedPorts = get_exposed_ports
     wsConnect = ws_connect

@@ -7,7 +7,7 @@ and falls back to :class:`TunnelError`; a body that is not that JSON still gives
 
 from __future__ import annotations
 
-from typing import Final
+from typing import Any, Final
 
 import orjson
 
@@ -19,6 +19,7 @@ __all__ = [
     "InvalidSandboxIdError",
     "InvalidTokenError",
     "NotFoundError",
+    "PortNotReadyError",
     "SandboxNotConnectedError",
     "TunnelConnectionError",
     "TunnelError",
@@ -121,6 +122,35 @@ class TunnelTimeoutError(TunnelError, TimeoutError):
     default_code = "TIMEOUT"
 
 
+class PortNotReadyError(TunnelTimeoutError):
+    """:meth:`Sandbox.wait_for_port` gave up: the port was not ready in time (504
+    PORT_NOT_READY). ``last_status`` is the last HTTP status the agent's probe got (``None``: it
+    got none, e.g. nothing listened); the message also says why the last probe failed.
+
+    Example::
+
+        try:
+            await sb.wait_for_port(8000, path="/health", timeout=30)
+        except PortNotReadyError as exc:
+            print(exc.last_status, exc.message)   # 503 "Port 8000 was not ready within 30 s ..."
+    """
+
+    default_code = "PORT_NOT_READY"
+
+    def __init__(
+        self,
+        message: str,
+        code: str | None = None,
+        status: int | None = None,
+        last_status: int | None = None,
+    ) -> None:
+        super().__init__(message, code, status)
+        self.last_status = last_status
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.message, self.code, self.status, self.last_status))
+
+
 class TunnelConnectionError(TunnelError, ConnectionError):
     """tunneld cannot be reached, or the connection broke mid-request."""
 
@@ -156,6 +186,7 @@ _BY_CODE: Final[dict[str, type[TunnelError]]] = {
     "TOKEN_IN_USE": ConflictError,
     "SANDBOX_NOT_CONNECTED": SandboxNotConnectedError,
     "AGENT_TIMEOUT": TunnelTimeoutError,
+    "PORT_NOT_READY": PortNotReadyError,
 }
 
 _BY_STATUS: Final[dict[int, type[TunnelError]]] = {
@@ -188,4 +219,9 @@ def error_from_response(status: int, reason: str, body: bytes) -> TunnelError:
         if text:
             message += f": {text}"
     cls = _BY_CODE.get(code or "") or _BY_STATUS.get(status) or TunnelError
-    return cls(message, code if code is not None else f"HTTP_{status}", status)
+    code = code if code is not None else f"HTTP_{status}"
+    if cls is PortNotReadyError:
+        assert isinstance(payload, dict)  # the code came from it
+        last = payload.get("lastStatus")
+        return PortNotReadyError(message, code, status, last if type(last) is int else None)
+    return cls(message, code, status)

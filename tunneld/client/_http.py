@@ -154,7 +154,10 @@ class HTTPTransport:
         *,
         token: str | None,
         body: bytes | None = None,
+        timeout: float | None = None,
     ) -> Response:
+        """``timeout``: this request's bound on each wait instead of the client's (a call that
+        waits on the server, as ``wait_for_port`` does, needs longer for its answer)."""
         headers = self.request_headers(token)
         headers.append(("Accept", "application/json"))
         if body is not None:
@@ -163,11 +166,11 @@ class HTTPTransport:
         if self._idle:
             conn = self._idle.pop()
             try:
-                return await self._exchange(conn, method, target, headers, body)
+                return await self._exchange(conn, method, target, headers, body, timeout)
             except _Stale:
                 pass
         conn = _Connection(await self.open_stream())
-        return await self._exchange(conn, method, target, headers, body)
+        return await self._exchange(conn, method, target, headers, body, timeout)
 
     async def _exchange(
         self,
@@ -176,10 +179,11 @@ class HTTPTransport:
         target: str,
         headers: list[tuple[str, str]],
         body: bytes | None,
+        timeout: float | None = None,
     ) -> Response:
         done = False
         try:
-            response = await self._exchange_inner(conn, method, target, headers, body)
+            response = await self._exchange_inner(conn, method, target, headers, body, timeout)
             done = True
             return response
         finally:
@@ -203,14 +207,16 @@ class HTTPTransport:
         target: str,
         headers: list[tuple[str, str]],
         body: bytes | None,
+        timeout: float | None = None,
     ) -> Response:
+        wait = self.timeout if timeout is None else timeout
         got_bytes = False
         try:
             data = conn.h11.send(h11.Request(method=method, target=target, headers=headers))
             if body:
                 data += conn.h11.send(h11.Data(data=body))
             data += conn.h11.send(h11.EndOfMessage())
-            with anyio.fail_after(self.timeout):
+            with anyio.fail_after(wait):
                 await conn.stream.send(data)
             head: h11.Response | None = None
             chunks: list[bytes] = []
@@ -218,7 +224,7 @@ class HTTPTransport:
             while True:
                 event = conn.h11.next_event()
                 if event is h11.NEED_DATA:
-                    with anyio.fail_after(self.timeout):
+                    with anyio.fail_after(wait):
                         try:
                             received = await conn.stream.receive(_READ_SIZE)
                         except anyio.EndOfStream:
@@ -250,7 +256,7 @@ class HTTPTransport:
             raise
         except TimeoutError:
             raise TunnelTimeoutError(
-                f"Timed out after {self.timeout:g}s waiting for tunneld ({method} {target})."
+                f"Timed out after {wait:g}s waiting for tunneld ({method} {target})."
             ) from None
         except h11.RemoteProtocolError as exc:
             raise TunnelConnectionError(
