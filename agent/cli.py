@@ -15,6 +15,7 @@ import argparse
 import http.client
 import ipaddress
 import json
+import math
 import os
 import re
 import sys
@@ -56,6 +57,9 @@ EXIT_UNREACHABLE: Final = 3
 DEFAULT_API: Final = "http://127.0.0.1:3000"
 # The local API answers in milliseconds unless it waits on the edge, which has its own timeout.
 CLIENT_TIMEOUT: Final = 10.0
+# The longest `wait` the agent runs (agent.portwatch.MAX_WATCH_SECONDS; not imported: the client
+# commands stay standard-library only).
+WAIT_MAX_SECONDS: Final = 300.0
 
 ENV_API: Final = "TUNNEL_AGENT_API"
 ENV_SERVER: Final = "TUNNEL_AGENT_SERVER"
@@ -78,6 +82,7 @@ examples:
   tunnel-agent ports                       # PORT NAME URL table
   tunnel-agent unexpose 8000
   tunnel-agent status
+  tunnel-agent wait 8000 --http /health && tunnel-agent expose 8000
 
 exit codes: 0 ok, 1 the agent refused the request, 2 usage error, 3 agent not reachable
 """
@@ -140,6 +145,20 @@ example:
   8000  api   http://8000-abc123-k3x9q2m7p4w8z1c5.localhost:8080/
 """
 
+_WAIT_EPILOG = """\
+The agent probes 127.0.0.1:PORT (then ::1) until it is ready: with --http PATH, until
+GET PATH answers with a status in the --status range (default 200-399); without, until a TCP
+connect succeeds. The port need not be exposed.
+
+exit codes: 0 ready, 1 not ready within --timeout (the last status or error is printed),
+2 usage error, 3 agent not reachable
+
+example:
+  $ tunnel-agent wait 8000 --http /health --timeout 60 && tunnel-agent expose 8000
+  port 8000 is ready
+  http://8000-abc123-k3x9q2m7p4w8z1c5.localhost:8080/
+"""
+
 _STATUS_EPILOG = """\
 example:
   $ tunnel-agent status
@@ -149,10 +168,11 @@ example:
 
 
 class _ApiError(Exception):
-    def __init__(self, message: str, code: str) -> None:
+    def __init__(self, message: str, code: str, status: int | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.code = code
+        self.status = status
 
 
 class _Unreachable(Exception):
@@ -207,6 +227,57 @@ class AgentClient:
         if isinstance(data, dict) and isinstance(data.get("error"), str):
             raise _ApiError(data["error"], str(data.get("code", "UNKNOWN_ERROR")))
         raise _ApiError(f"the agent answered HTTP {status} {reason}", f"HTTP_{status}")
+
+    def watch(self, body: dict[str, object]) -> dict[str, Any]:
+        """``POST /api/port-watch``: read the event stream to its last event (``ready`` or
+        ``error``) and return it. Raises like :meth:`request`."""
+        conn = http.client.HTTPConnection(self._host, self._port, timeout=self._timeout)
+        try:
+            conn.request(
+                "POST",
+                self._prefix + "/api/port-watch",
+                body=json.dumps(body).encode(),
+                headers={"content-type": "application/json", "accept": "text/event-stream"},
+            )
+            response = conn.getresponse()
+            if response.status != 200:
+                raw = response.read()
+                try:
+                    data = json.loads(raw)
+                except ValueError:
+                    data = None
+                if isinstance(data, dict) and isinstance(data.get("message"), str):
+                    code = str(data.get("code", "UNKNOWN_ERROR"))
+                    raise _ApiError(data["message"], code, response.status)
+                raise _ApiError(
+                    f"the agent answered HTTP {response.status} {response.reason}",
+                    f"HTTP_{response.status}",
+                    response.status,
+                )
+            last: dict[str, Any] = {}
+            while True:
+                line = response.readline(65536)
+                if not line:
+                    break
+                if line.startswith(b"data: "):
+                    try:
+                        last = json.loads(line[6:])
+                    except ValueError:
+                        raise _ApiError(
+                            "the agent sent an event that is not JSON", "BAD_RESPONSE"
+                        ) from None
+                    if last.get("type") in ("ready", "error"):
+                        return last
+        except TimeoutError:
+            raise _ApiError(
+                f"the tunnel agent at {self.base_url} did not answer within {self._timeout:g} s",
+                "AGENT_TIMEOUT",
+            ) from None
+        except (OSError, http.client.HTTPException) as exc:
+            raise _Unreachable(str(exc)) from exc
+        finally:
+            conn.close()
+        raise _ApiError("the agent ended the watch without a result", "BAD_RESPONSE")
 
 
 # -- argument types --------------------------------------------------------------------------
@@ -312,6 +383,33 @@ def _tcp_port(text: str) -> int:
     if not text.isdigit() or int(text) > 65535:
         raise argparse.ArgumentTypeError(f"expected a TCP port 0-65535, got {text!r}")
     return int(text)
+
+
+def _status_range(text: str) -> tuple[int, int]:
+    low, dash, high = text.partition("-")
+    try:
+        lo, hi = int(low), int(high if dash else low)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected CODE or MIN-MAX, e.g. 200-399, got {text!r}"
+        ) from None
+    if not 100 <= lo <= hi <= 599:
+        raise argparse.ArgumentTypeError(
+            f"expected HTTP statuses 100-599, MIN <= MAX, got {text!r}"
+        )
+    return lo, hi
+
+
+def _wait_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 < value <= WAIT_MAX_SECONDS:  # nan fails too
+        raise argparse.ArgumentTypeError(
+            f"expected seconds in (0, {WAIT_MAX_SECONDS:g}], got {text!r}"
+        )
+    return value
 
 
 def _sandbox_id(text: str) -> str:
@@ -496,6 +594,44 @@ def build_parser() -> argparse.ArgumentParser:
     )
     status.add_argument("--json", action="store_true", help="print the JSON answer instead")
     status.set_defaults(handler=_cmd_status)
+
+    wait = sub.add_parser(
+        "wait",
+        parents=[client],
+        help="wait until a port is ready (a TCP listener, or an HTTP status)",
+        description="Wait until PORT inside the sandbox is ready, then exit 0.",
+        epilog=_WAIT_EPILOG,
+        formatter_class=fmt,
+        allow_abbrev=False,
+    )
+    wait.add_argument("port", metavar="PORT", type=int, help="local port to watch")
+    wait.add_argument(
+        "--http",
+        metavar="PATH",
+        dest="http_path",
+        help="ready when GET PATH answers with a --status code (default: a TCP connect)",
+    )
+    wait.add_argument(
+        "--status",
+        metavar="MIN-MAX",
+        type=_status_range,
+        help="with --http: the ready status codes, e.g. 200 or 200-399 (default 200-399)",
+    )
+    wait.add_argument(
+        "--timeout",
+        metavar="SECONDS",
+        type=_wait_seconds,
+        default=30.0,
+        help=f"give up after this long (default 30, at most {WAIT_MAX_SECONDS:g})",
+    )
+    wait.add_argument(
+        "--interval",
+        metavar="SECONDS",
+        type=_wait_seconds,
+        default=0.5,
+        help="between probes (default 0.5; the agent clamps it to 0.1-10)",
+    )
+    wait.set_defaults(handler=_cmd_wait)
     return parser
 
 
@@ -675,10 +811,12 @@ async def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _client(args: argparse.Namespace, parser: argparse.ArgumentParser) -> AgentClient:
+def _client(
+    args: argparse.Namespace, parser: argparse.ArgumentParser, timeout: float = CLIENT_TIMEOUT
+) -> AgentClient:
     url = args.api or os.environ.get(ENV_API) or DEFAULT_API
     try:
-        return AgentClient(url)
+        return AgentClient(url, timeout)
     except ValueError as exc:
         parser.error(f"--api: {exc}")
 
@@ -728,6 +866,34 @@ def _cmd_status(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
         print(f"sandbox  {data['sandboxId']}")
         print(f"edge     {'connected' if data['connected'] else 'not connected'}")
     return EXIT_OK
+
+
+def _cmd_wait(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    if args.status is not None and args.http_path is None:
+        parser.error("--status needs --http PATH")
+    body: dict[str, object] = {
+        "port": args.port,
+        "mode": "tcp" if args.http_path is None else "http",
+        "interval": round(args.interval * 1000),
+        "timeout": round(args.timeout * 1000),
+    }
+    if args.http_path is not None:
+        body["path"] = args.http_path
+    if args.status is not None:
+        body["statusMin"], body["statusMax"] = args.status
+    # The agent ends the stream by itself at --timeout; the margin covers a busy machine.
+    client = _client(args, parser, args.timeout + CLIENT_TIMEOUT)
+    try:
+        event = client.watch(body)
+    except _ApiError as exc:
+        if exc.status == 400:
+            parser.error(exc.message)
+        raise
+    if event.get("type") == "ready":
+        print(f"port {args.port} is ready")
+        return EXIT_OK
+    print(f"error: {event.get('error') or 'the port is not ready'}", file=sys.stderr)
+    return EXIT_API_ERROR
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -8,8 +8,17 @@ test says so; an HTTP service answers /health with 503 a few times, then 200.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import http.server
+import json
+import os
 import socket
+import subprocess
+import sys
+import threading
+import time
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -375,3 +384,141 @@ async def test_a_silent_service_times_out_within_the_watch(reserved: socket.sock
     assert loop.time() - started < 2  # the 5 s probe timeout is cut to the watch's end
     assert not result.ready
     assert result.last is not None and result.last.error == "timed out"
+
+
+# -- `tunnel-agent wait` as a real process, against a real `tunnel-agent run` ----------------------
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+class _HealthHandler(http.server.BaseHTTPRequestHandler):
+    failures = 0  # set per server class
+    count = 0
+
+    def do_GET(self) -> None:
+        cls = type(self)
+        cls.count += 1
+        ok = self.path == "/health" and cls.count > cls.failures
+        self.send_response(200 if ok else 503)
+        self.send_header("content-length", "0")
+        self.end_headers()
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def health_server(failures: int) -> Iterator[tuple[int, type[_HealthHandler]]]:
+    handler = type("Health", (_HealthHandler,), {"failures": failures, "count": 0})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server.server_address[1], handler
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+
+
+@pytest.fixture(scope="module")
+def agent_process(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """``tunnel-agent run`` with its local API on a free port (no edge: it keeps retrying, the
+    local API serves regardless). Yields the API's URL."""
+    tmp = tmp_path_factory.mktemp("agent")
+    ports_file = tmp / "ports.json"
+    with socket.socket() as closed:  # an edge address that refuses: nothing listens there
+        closed.bind(("127.0.0.1", 0))
+        edge = f"127.0.0.1:{closed.getsockname()[1]}"
+        env = {
+            **os.environ,
+            "PYTHONPATH": str(REPO),
+            "TUNNEL_AGENT_TOKEN": "t",
+            "TUNNEL_AGENT_PORTS_FILE": str(ports_file),
+        }
+        argv = ["run", "--server", edge, "--sandbox-id", "sb1", "--api-port", "0"]
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "agent.cli", *argv, "--log-level", "error"],
+            env=env,
+            cwd=REPO,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            deadline = time.monotonic() + 20
+            while not ports_file.exists():
+                assert proc.poll() is None, "tunnel-agent run exited"
+                assert time.monotonic() < deadline, "tunnel-agent run wrote no ports file"
+                time.sleep(0.02)
+            api = json.loads(ports_file.read_text())["api"]
+            yield f"http://127.0.0.1:{api}"
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
+
+
+def tunnel_agent(*argv: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env.pop("TUNNEL_AGENT_API", None)
+    return subprocess.run(
+        [sys.executable, "-m", "agent.cli", *argv],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def test_cli_wait_exits_0_once_ready(agent_process: str) -> None:
+    with health_server(failures=2) as (port, handler):
+        done = tunnel_agent(
+            "wait", str(port), "--http", "/health", "--interval", "0.1", "--api", agent_process
+        )
+        assert handler.count == 3
+    assert (done.returncode, done.stdout, done.stderr) == (0, f"port {port} is ready\n", "")
+    with health_server(failures=1000) as (port, _):
+        done = tunnel_agent("wait", str(port), "--api", agent_process)  # tcp: any listener
+    assert done.returncode == 0
+
+
+def test_cli_wait_exits_1_with_the_last_status(agent_process: str) -> None:
+    with health_server(failures=1000) as (port, _):
+        done = tunnel_agent(
+            "wait", str(port), "--http", "/health", "--status", "200-299", "--timeout", "0.5",
+            "--interval", "0.1", "--api", agent_process,
+        )  # fmt: skip
+    assert done.returncode == 1
+    assert done.stderr.startswith(f"error: Port {port} was not ready within 0.5 s")
+    assert "HTTP 503" in done.stderr
+
+
+def test_cli_wait_nobody_listening(agent_process: str, reserved: socket.socket) -> None:
+    port = reserved.getsockname()[1]
+    done = tunnel_agent("wait", str(port), "--timeout", "0.3", "--api", agent_process)
+    assert done.returncode == 1
+    assert "connection refused" in done.stderr
+
+
+def test_cli_wait_usage_and_unreachable(agent_process: str, reserved: socket.socket) -> None:
+    for argv in (
+        ["wait"],
+        ["wait", "8000", "--status", "200-399"],  # --status without --http
+        ["wait", "8000", "--http", "/", "--status", "abc"],
+        ["wait", "8000", "--timeout", "0"],
+        ["wait", "8000", "--timeout", "301"],
+        ["wait", "3000"],  # refused by the agent: 400
+        ["wait", "8000", "--http", "no-slash"],
+    ):
+        done = tunnel_agent(*argv, "--api", agent_process)
+        assert done.returncode == 2, (argv, done.stderr)
+        assert done.stderr
+    dead = f"http://127.0.0.1:{reserved.getsockname()[1]}"
+    done = tunnel_agent("wait", "8000", "--api", dead)
+    assert done.returncode == 3
+    assert "cannot reach the tunnel agent" in done.stderr
