@@ -49,6 +49,8 @@ MAX_STATUS_LINE: Final = 8 * 1024
 # Header names the edge sets itself, or that are internal; a client never gets to send them.
 _DROPPED_PREFIXES: Final = (b"x-tunnel-", b"x-sandbox-", b"x-forwarded-")
 _DROPPED_NAMES: Final = frozenset({b"host", b"forwarded", b"x-real-ip"})
+# With the access log on the edge sets X-Request-Id itself (the client's, if well formed).
+_DROPPED_WITH_ID: Final = _DROPPED_NAMES | {b"x-request-id"}
 
 
 class State(enum.Enum):
@@ -81,16 +83,20 @@ _TRANSITIONS: Final[dict[State, frozenset[State]]] = {
 Event = RequestHead | memoryview | bytes | HeadError
 
 
-def forward_head(head: RequestHead, host_line: bytes, trailer: bytes) -> bytes:
+def forward_head(
+    head: RequestHead, host_line: bytes, trailer: bytes, *, drop_request_id: bool = False
+) -> bytes:
     """Rebuild ``head`` for the service: our Host and forwarding headers, internal ones dropped.
 
+    ``drop_request_id``: the caller's ``trailer`` carries the X-Request-Id (accesslog.py).
     Every name with ``_`` is dropped too (nginx's ``underscores_in_headers off``): CGI/WSGI
     servers map ``-`` and ``_`` to the same ``HTTP_*`` variable, so ``X_Forwarded_For`` would
     reach them as ``X-Forwarded-For``.
     """
     out = [head.method, b" ", head.target, b" HTTP/", head.version, b"\r\n", host_line]
+    dropped = _DROPPED_WITH_ID if drop_request_id else _DROPPED_NAMES
     for name, value in head.headers:
-        if name in _DROPPED_NAMES or name.startswith(_DROPPED_PREFIXES) or b"_" in name:
+        if name in dropped or name.startswith(_DROPPED_PREFIXES) or b"_" in name:
             continue
         out += (name, b": ", value, b"\r\n")
     out.append(trailer)

@@ -43,6 +43,7 @@ from protocol.hostnames import parse_preview_host
 from relay.buffers import SHARED
 from relay.mux import StreamEndpoint, abort_with_reset, set_reset_on_close
 
+from .accesslog import ConnectionLog
 from .framing import RequestFramer, State, forward_head
 from .httphead import HeadError, HeadParser, RequestHead
 
@@ -96,6 +97,7 @@ class PublicConnection(StreamEndpoint):
     """One client connection on the public listener (see the module docstring)."""
 
     __slots__ = (
+        "_access",
         "_adopted",
         "_counted_ip",
         "_framer",
@@ -142,6 +144,7 @@ class PublicConnection(StreamEndpoint):
         # own the sandbox: it then gets them all, unparsed; see tunneld/cluster.py).
         self._prelude: bytearray | None = bytearray() if server.cluster is not None else None
         self._adopted = b""  # what another worker read before handing this connection over
+        self._access: ConnectionLog | None = None  # access log + X-Request-Id (accesslog.py)
         self.port = 0
         self.sandbox_id = ""
         # Bumped on every read and every response chunk; the edge's idle sweep and the keep-alive
@@ -158,6 +161,8 @@ class PublicConnection(StreamEndpoint):
             self._peer = f"{peer[0]}:{peer[1]}" if ":" not in peer[0] else f"[{peer[0]}]:{peer[1]}"
         if not self._admit():
             return
+        if self.server.config.access_log:
+            self._access = ConnectionLog(self._peer_ip)
         self.server.public_connections.add(self)
         self._arm_timer("head")
         if self._adopted:
@@ -277,6 +282,8 @@ class PublicConnection(StreamEndpoint):
                 return
             else:
                 self.forward(event)
+                if self._access is not None:
+                    self._access.body(len(event))
         self._after_input()
 
     def _on_head(self, head: RequestHead) -> bool:
@@ -341,15 +348,12 @@ class PublicConnection(StreamEndpoint):
                 )
                 return False
             self.mux = session
-        if config.access_log:
-            log.info(
-                "%s %s %s -> %s:%d",
-                self._peer,
-                head.method.decode("latin-1"),
-                head.target.decode("latin-1"),
-                self.sandbox_id,
-                self.port,
-            )
+        access = self._access
+        if access is not None:
+            access.sandbox_id, access.port = self.sandbox_id, self.port
+            trailer = access.request(head) + self._trailer
+            self.forward(forward_head(head, self._host_line, trailer, drop_request_id=True))
+            return True
         self.forward(forward_head(head, self._host_line, self._trailer))
         return True
 
@@ -486,6 +490,8 @@ class PublicConnection(StreamEndpoint):
             if not self._responded:
                 self._responded = True
                 self.server.metrics.public_refusals.labels(code).inc()
+                if self._access is not None:
+                    self._access.edge_answered(status, code)
                 transport.write(error_response(status, code, message))
             self.close_gracefully()
 
@@ -516,11 +522,17 @@ class PublicConnection(StreamEndpoint):
         self.activity += 1
         framer = self._framer
         if framer.state is not State.UPGRADE_PENDING:
-            super().receive_from_peer(data)
+            if self._access is None:
+                super().receive_from_peer(data)
+            else:
+                self._write_logged(self._access, data)
             return
         # The answer to an upgrade request: its status line decides what the connection becomes.
         accepted = framer.receive_response(data)
-        super().receive_from_peer(data)
+        if self._access is None:
+            super().receive_from_peer(data)
+        else:
+            self._write_logged(self._access, data)
         if accepted:
             held = framer.take_held()
             if held and not self._local_eof:
@@ -532,6 +544,19 @@ class PublicConnection(StreamEndpoint):
         elif accepted is False:
             # Not 101: relay this response, then end; nothing more from the client is relayed.
             self._stop_upstream()
+
+    def _write_logged(self, access: ConnectionLog, data: bytes) -> None:
+        """``receive_from_peer`` with the access log on: the response framer's bytes (the
+        service's, plus an x-request-id line) are written; credit is what was received."""
+        transport = self.transport
+        if transport is None or self._closed:
+            return
+        for piece in access.response(data):
+            transport.write(piece)
+        if self._write_paused:
+            self._held_credit += len(data)
+        else:
+            self.mux.session.acknowledge(self.stream_id, len(data))
 
     def peer_writable(self) -> None:
         if self._holding:
@@ -611,6 +636,8 @@ class PublicConnection(StreamEndpoint):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_timer()
+        if self._access is not None:
+            self._access.closed()
         self.server.public_connections.discard(self)
         ip = self._counted_ip
         if ip is not None:

@@ -1,0 +1,128 @@
+"""The access log (``access_log = true``): one record per completed request with its status,
+sizes, timings and request id; X-Request-Id kept or made, passed to the service and echoed; and
+the service's bytes otherwise untouched (tunneld/accesslog.py, tunneld/responses.py)."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+from collections.abc import AsyncIterator
+
+import pytest
+
+from .conftest import Stack, raw_request, wait_until
+from .origin import pattern_sha256
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+async def logged() -> AsyncIterator[Stack]:
+    stack = await Stack(access_log=True).start()
+    try:
+        yield stack
+    finally:
+        await stack.close()
+
+
+def records(caplog: pytest.LogCaptureFixture) -> list[dict]:
+    return [r.access for r in caplog.records if r.name == "tunneld.access"]  # type: ignore[attr-defined]
+
+
+async def _url(stack: Stack) -> str:
+    origin = await stack.origin()
+    await stack.agent("sb1")
+    return (await stack.expose("sb1", origin.port))["exposedAt"]
+
+
+async def test_one_record_per_request_with_sizes_and_the_request_id(
+    logged: Stack, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, "tunneld.access")
+    url = await _url(logged)
+    async with logged.client(url) as client:
+        r = await client.get("/headers", headers={"x-request-id": "client-id.1"})
+        sent = dict(r.json())
+        assert sent["x-request-id"] == "client-id.1"  # kept, passed on
+        assert r.headers["x-request-id"] == "client-id.1"  # and echoed
+        r = await client.get("/headers", headers={"x-request-id": "bad id"})
+        made = dict(r.json())["x-request-id"]
+        assert re.fullmatch(r"[0-9a-f]{32}", made) and r.headers["x-request-id"] == made
+        r = await client.get("/bytes", params={"n": 500_000, "seed": 3})
+        assert hashlib.sha256(r.content).hexdigest() == pattern_sha256(500_000, 3)
+        r = await client.get("/chunked", params={"n": 70_000})
+        assert len(r.content) == 70_000
+        body = b"x" * 123_456
+        assert (await client.post("/upload", content=body)).json()["length"] == len(body)
+        r = await client.head("/bytes", params={"n": 10})
+        assert r.status_code == 200
+        r = await client.get("/")
+    await wait_until(lambda: len(records(caplog)) == 7, 5, "seven access records")
+    rows = records(caplog)
+    assert [(x["method"], x["status"]) for x in rows] == [
+        ("GET", 200), ("GET", 200), ("GET", 200), ("GET", 200), ("POST", 200), ("HEAD", 200),
+        ("GET", 200),
+    ]  # fmt: skip
+    assert rows[0]["request_id"] == "client-id.1" and rows[1]["request_id"] == made
+    assert rows[2]["bytes_out"] == 500_000 and rows[2]["path"].startswith("/bytes?n=500000")
+    assert rows[3]["bytes_out"] >= 70_000  # chunk framing counted
+    assert rows[4]["bytes_in"] == len(body)
+    assert rows[5]["bytes_out"] == 0  # HEAD: no body
+    for row in rows:
+        assert row["sandbox"] == "sb1" and row["client"] == "127.0.0.1"
+        assert 0 <= row["ttfb_ms"] <= row["duration_ms"]
+
+
+async def test_edge_answers_and_unanswered_requests_are_logged_too(
+    logged: Stack, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, "tunneld.access")
+    origin = await logged.origin()
+    await logged.agent("sb1")
+    host = logged.host_of((await logged.expose("sb1", origin.port))["exposedAt"]).encode()
+    await origin.close()  # nothing listens now: the edge answers 502 itself
+    request = b"GET / HTTP/1.1\r\nHost: " + host + b"\r\n\r\n"
+    answer = await raw_request(logged.edge.public_port, request)
+    assert answer.startswith(b"HTTP/1.1 502 ")
+    await wait_until(lambda: records(caplog), 5, "the record")
+    (row,) = records(caplog)
+    assert row["status"] == 502 and row["note"] == "edge: UPSTREAM_CONNECT_FAILED"
+
+
+async def test_a_websocket_upgrade_is_logged_and_then_relayed_untouched(
+    logged: Stack, caplog: pytest.LogCaptureFixture
+) -> None:
+    import websockets
+
+    caplog.set_level(logging.INFO, "tunneld.access")
+
+    async def echo(ws) -> None:
+        async for message in ws:
+            await ws.send(message)
+
+    server = await websockets.serve(echo, "127.0.0.1", 0)
+    try:
+        await logged.agent("sb1")
+        exposed = await logged.expose("sb1", server.sockets[0].getsockname()[1])
+        async with websockets.connect(
+            f"ws://{logged.host_of(exposed['exposedAt'])}/",
+            host="127.0.0.1",
+            port=logged.edge.public_port,
+        ) as ws:
+            for i in range(5):
+                await ws.send(b"\x00\r\n\r\nHTTP/1.1 200 OK\r\n" * i)
+                assert await ws.recv() == b"\x00\r\n\r\nHTTP/1.1 200 OK\r\n" * i
+    finally:
+        server.close()
+        await server.wait_closed()
+    await wait_until(lambda: records(caplog), 5, "the record")
+    assert records(caplog)[0]["status"] == 101
+
+
+async def test_without_the_access_log_nothing_is_added(stack: Stack) -> None:
+    url = await _url(stack)
+    async with stack.client(url) as client:
+        r = await client.get("/headers", headers={"x-request-id": "bad id"})
+    assert "x-request-id" not in r.headers
+    assert dict(r.json())["x-request-id"] == "bad id"  # passed through as before

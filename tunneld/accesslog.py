@@ -1,0 +1,171 @@
+"""The access log and ``X-Request-Id`` of one public connection (on when ``access_log`` is set).
+
+Theory of operation
+-------------------
+With ``access_log`` off nothing here exists: ``PublicConnection`` keeps ``None`` and its hot
+path does one ``is None`` check. With it on, each connection gets a ``ConnectionLog``:
+
+- every request forwarded to the service gets a request id: the client's ``X-Request-Id`` when
+  it is well formed (1-200 of ``A-Za-z0-9._:-``), else a new random one; it travels to the
+  service in ``X-Request-Id`` (a client's malformed one is dropped, never passed on);
+- the service's bytes go through a :class:`~tunneld.responses.ResponseFramer`, which never changes
+  them except to add ``x-request-id`` to a final response head that has none;
+- when a response ends, one line goes to the ``tunneld.access`` logger: client, sandbox, port,
+  method, target, status, request body bytes, response body bytes, total duration and time to
+  first response byte, request id. With ``--log-format json`` the same fields are JSON keys.
+  Requests that got no response (the client or the service went away, or the responses could
+  not be followed) are logged when the connection ends, with status ``null`` and a note.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import time
+from collections import deque
+from typing import TYPE_CHECKING, Any, Final
+
+from .responses import ResponseDone, ResponseFramer, ResponseHead, Unframed
+
+if TYPE_CHECKING:
+    from .httphead import RequestHead
+
+__all__ = ["ConnectionLog", "request_id_of"]
+
+log = logging.getLogger("tunneld.access")
+
+_VALID_ID: Final = re.compile(rb"[A-Za-z0-9._:-]{1,200}")
+
+
+def request_id_of(head: RequestHead) -> bytes:
+    """The client's well-formed X-Request-Id, else a new one (32 hex digits)."""
+    for name, value in head.headers:
+        if name == b"x-request-id":
+            if _VALID_ID.fullmatch(value):
+                return value
+            break
+    return os.urandom(16).hex().encode()
+
+
+class _Request:
+    __slots__ = ("body_in", "method", "request_id", "started", "target", "ttfb")
+
+    def __init__(self, method: bytes, target: bytes, request_id: bytes) -> None:
+        self.method = method
+        self.target = target
+        self.request_id = request_id
+        self.started = time.monotonic()
+        self.ttfb: float | None = None
+        self.body_in = 0
+
+
+class ConnectionLog:
+    """Requests in flight on one connection, in order, and the framer of their responses."""
+
+    __slots__ = ("_requests", "client", "framer", "port", "sandbox_id")
+
+    def __init__(self, client: str) -> None:
+        self.client = client
+        self.sandbox_id = ""
+        self.port = 0
+        self.framer = ResponseFramer()
+        self._requests: deque[_Request] = deque()
+
+    # -- requests --------------------------------------------------------------------------------
+    def request(self, head: RequestHead) -> bytes:
+        """A request is forwarded; returns the ``x-request-id`` header line it carries."""
+        request_id = request_id_of(head)
+        if len(self._requests) < 1024:  # pipelining without reading: stop recording, not grow
+            self._requests.append(_Request(head.method, head.target, request_id))
+            self.framer.expect(head.method)
+        return b"x-request-id: " + request_id + b"\r\n"
+
+    def body(self, n: int) -> None:
+        if self._requests:
+            self._requests[-1].body_in += n
+
+    # -- responses -------------------------------------------------------------------------------
+    def response(self, data: bytes) -> list[bytes | memoryview]:
+        """The service's bytes -> the bytes to write to the client (the same, plus at most
+        one x-request-id line per final response head)."""
+        out: list[bytes | memoryview] = []
+        for event in self.framer.feed(data):
+            if isinstance(event, (bytes, memoryview)):
+                out.append(event)
+            elif isinstance(event, ResponseHead):
+                out.append(self._head(event))
+            elif isinstance(event, ResponseDone):
+                self._done(event)
+            elif isinstance(event, Unframed):
+                self._unframed(event.reason)
+        return out
+
+    def _head(self, head: ResponseHead) -> bytes:
+        if head.status < 200 and head.status != 101:
+            return head.raw  # informational
+        request = self._requests[0] if self._requests else None
+        if request is None:
+            return head.raw
+        if request.ttfb is None:
+            request.ttfb = time.monotonic() - request.started
+        if head.has_request_id:
+            return head.raw
+        return head.raw[:-2] + b"x-request-id: " + request.request_id + b"\r\n\r\n"
+
+    def _done(self, done: ResponseDone) -> None:
+        if self._requests:
+            self._write(self._requests.popleft(), done.status, done.body, None)
+
+    def _unframed(self, reason: str) -> None:
+        while self._requests:
+            self._write(self._requests.popleft(), None, None, f"responses not followed: {reason}")
+
+    def edge_answered(self, status: int, code: str) -> None:
+        """The edge answered the oldest request itself (an error page) and closes."""
+        if self._requests:
+            self._write(self._requests.popleft(), status, None, f"edge: {code}")
+
+    def closed(self) -> None:
+        """The connection ended: a body read until close is complete; the rest got nothing."""
+        for event in self.framer.close():
+            if isinstance(event, ResponseDone):
+                self._done(event)
+        while self._requests:
+            self._write(self._requests.popleft(), None, None, "no response")
+
+    def _write(
+        self, request: _Request, status: int | None, body_out: int | None, note: str | None
+    ) -> None:
+        duration = time.monotonic() - request.started
+        fields: dict[str, Any] = {
+            "client": self.client,
+            "sandbox": self.sandbox_id,
+            "port": self.port,
+            "method": request.method.decode("latin-1"),
+            "path": request.target.decode("latin-1"),
+            "status": status,
+            "bytes_in": request.body_in,
+            "bytes_out": body_out,
+            "duration_ms": round(duration * 1000, 3),
+            "ttfb_ms": None if request.ttfb is None else round(request.ttfb * 1000, 3),
+            "request_id": request.request_id.decode("ascii"),
+        }
+        if note:
+            fields["note"] = note
+        log.info(
+            '%s "%s %s" %s %s %sB %.1fms ttfb %s %s:%d id=%s%s',
+            self.client,
+            fields["method"],
+            fields["path"],
+            status if status is not None else "-",
+            request.body_in,
+            body_out if body_out is not None else "-",
+            fields["duration_ms"],
+            "-" if fields["ttfb_ms"] is None else f"{fields['ttfb_ms']:.1f}ms",
+            self.sandbox_id,
+            self.port,
+            fields["request_id"],
+            f" ({note})" if note else "",
+            extra={"access": fields},
+        )

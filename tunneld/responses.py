@@ -1,0 +1,248 @@
+"""Sans-IO response framing, for the access log and ``X-Request-Id``: where each response on one
+client connection begins and ends, and its head.
+
+Theory of operation
+-------------------
+Responses are relayed to the client unparsed: a tunnel must not alter what a service answers.
+When the access log is on, the edge must still know each response's status, size and end, and
+echo the request id in its head. ``ResponseFramer`` follows the byte stream the service sends
+without changing it: it keeps a response's head until it is complete (at most
+``MAX_RESPONSE_HEAD`` bytes), hands it to the shell as :class:`ResponseHead` (which may add one
+header line before the blank line), then passes body bytes through as they come (views of the
+input, no copy), counting them, and reports :class:`ResponseDone` where the body ends
+(``Content-Length``, chunked framing via ``ChunkedScanner``, or the end of the connection). The
+request methods are told to it in order (``expect``): a response to ``HEAD``, a 204 or a 304 has
+no body; 1xx other than 101 are informational heads before the real one.
+
+Anything it cannot follow is never guessed at: a head over the limit or one that is not a valid
+status line and header block, conflicting lengths, a ``101`` (the connection becomes a tunnel):
+it emits :class:`Unframed` and from then on passes every byte through untouched, uncounted.
+Whatever it does, the bytes that reach the client are the service's bytes, in order, with at
+most one header line added to a complete, valid head (tests check this against h11-made
+responses split at every boundary).
+"""
+
+from __future__ import annotations
+
+import re
+from collections import deque
+from typing import Final
+
+from .httphead import ChunkedScanner, HeadError
+
+__all__ = ["MAX_RESPONSE_HEAD", "ResponseDone", "ResponseFramer", "ResponseHead", "Unframed"]
+
+# Responses carry bigger heads than requests (many Set-Cookie lines); past this, stop following.
+MAX_RESPONSE_HEAD: Final = 64 * 1024
+_STATUS_LINE: Final = re.compile(rb"HTTP/1\.[01] ([1-9][0-9][0-9])(?: [^\r\n]*)?")
+_HEADER_LINE: Final = re.compile(rb"([!#$%&'*+.^_`|~0-9A-Za-z-]+):[ \t]*([^\r\n]*?)[ \t]*")
+
+
+class ResponseHead:
+    """A complete response head (``raw``: its exact bytes, ending with the blank line)."""
+
+    __slots__ = ("has_request_id", "raw", "status")
+
+    def __init__(self, status: int, raw: bytes, has_request_id: bool) -> None:
+        self.status = status
+        self.raw = raw
+        self.has_request_id = has_request_id
+
+
+class ResponseDone:
+    """The response that began with the last final head ended; ``body`` bytes followed it."""
+
+    __slots__ = ("body", "status")
+
+    def __init__(self, status: int, body: int) -> None:
+        self.status = status
+        self.body = body
+
+
+class Unframed:
+    """From here on the bytes are passed through untouched and unfollowed (``reason``: why)."""
+
+    __slots__ = ("reason",)
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+
+Event = ResponseHead | ResponseDone | Unframed | bytes | memoryview
+
+_HEAD, _LENGTH, _CHUNKED, _UNTIL_CLOSE, _RAW = range(5)
+
+
+class ResponseFramer:
+    """Follows one connection's responses (see the module docstring)."""
+
+    __slots__ = ("_body", "_buf", "_methods", "_remaining", "_scanner", "_state", "_status")
+
+    def __init__(self) -> None:
+        self._state = _HEAD
+        self._buf = bytearray()
+        self._methods: deque[bytes] = deque()
+        self._remaining = 0
+        self._scanner: ChunkedScanner | None = None
+        self._status = 0
+        self._body = 0
+
+    @property
+    def following(self) -> bool:
+        return self._state != _RAW
+
+    def expect(self, method: bytes) -> None:
+        """A request with ``method`` was sent to the service: its response comes in order."""
+        if self._state != _RAW and len(self._methods) < 1024:
+            self._methods.append(method)
+
+    def feed(self, data: bytes | memoryview) -> list[Event]:
+        events: list[Event] = []
+        pos, end = 0, len(data)
+        while pos < end:
+            state = self._state
+            if state == _RAW:
+                events.append(data[pos:])
+                break
+            if state == _HEAD:
+                self._buf += data[pos:]
+                pos = end
+                rest = self._take_head(events)
+                if rest is not None:
+                    data, pos, end = rest, 0, len(rest)
+            elif state == _LENGTH:
+                take = min(self._remaining, end - pos)
+                events.append(data[pos : pos + take])
+                pos += take
+                self._body += take
+                self._remaining -= take
+                if not self._remaining:
+                    self._done(events)
+            elif state == _CHUNKED:
+                assert self._scanner is not None
+                try:
+                    take = self._scanner.feed(data[pos:])
+                except HeadError:
+                    self._unframe(events, "a malformed chunked body")
+                    events.append(data[pos:])
+                    break
+                if take:
+                    events.append(data[pos : pos + take])
+                pos += take
+                self._body += take
+                if self._scanner.done:
+                    self._scanner = None
+                    self._done(events)
+            else:  # _UNTIL_CLOSE
+                events.append(data[pos:])
+                self._body += end - pos
+                break
+        return events
+
+    def close(self) -> list[Event]:
+        """The service ended the connection: a body read until close is complete now."""
+        if self._state == _UNTIL_CLOSE:
+            events: list[Event] = []
+            self._done(events)
+            return events
+        return []
+
+    # -- internals -------------------------------------------------------------------------------
+    def _take_head(self, events: list[Event]) -> bytes | None:
+        """Complete head in the buffer: emit it, set the body state, return the bytes after it
+        (None: wait for more, or unframed)."""
+        buf = self._buf
+        idx = buf.find(b"\r\n\r\n")
+        if idx < 0:
+            if len(buf) > MAX_RESPONSE_HEAD:
+                self._unframe(events, "a response head over the size limit")
+                events.append(bytes(buf))
+                buf.clear()
+            return None
+        raw = bytes(buf[: idx + 4])
+        rest = bytes(buf[idx + 4 :])
+        buf.clear()
+        parsed = _parse_head(raw)
+        if parsed is None:
+            self._unframe(events, "a response head that is not valid HTTP/1.1")
+            events.append(raw + rest)
+            return None
+        status, length, chunked, has_id = parsed
+        events.append(ResponseHead(status, raw, has_id))
+        if 100 <= status < 200 and status != 101:
+            return rest  # informational: the final head follows
+        method = self._methods.popleft() if self._methods else b"GET"
+        self._status = status
+        self._body = 0
+        if status == 101:
+            events.append(ResponseDone(status, 0))
+            self._unframe(events, "switched protocols")
+            if rest:
+                events.append(rest)
+            return None
+        if method == b"HEAD" or status in (204, 304):
+            self._done(events)
+        elif chunked:
+            self._state = _CHUNKED
+            self._scanner = ChunkedScanner()
+        elif length is not None:
+            self._remaining = length
+            self._state = _LENGTH
+            if not length:
+                self._done(events)
+        elif length is None and chunked is None:
+            self._unframe(events, "conflicting body lengths")
+            if rest:
+                events.append(rest)
+            return None
+        else:
+            self._state = _UNTIL_CLOSE
+        return rest
+
+    def _done(self, events: list[Event]) -> None:
+        events.append(ResponseDone(self._status, self._body))
+        self._state = _HEAD
+
+    def _unframe(self, events: list[Event], reason: str) -> None:
+        self._state = _RAW
+        self._methods.clear()
+        self._scanner = None
+        events.append(Unframed(reason))
+
+
+def _parse_head(raw: bytes) -> tuple[int, int | None, bool | None, bool] | None:
+    """(status, content length or None, chunked, has x-request-id), or None if invalid.
+
+    ``chunked`` None with length None means conflicting or unparsable lengths (unframed)."""
+    lines = raw[:-4].split(b"\r\n")
+    match = _STATUS_LINE.fullmatch(lines[0])
+    if match is None:
+        return None
+    status = int(match.group(1))
+    lengths: set[bytes] = set()
+    codings: list[bytes] = []
+    has_id = False
+    for line in lines[1:]:
+        header = _HEADER_LINE.fullmatch(line)
+        if header is None:
+            return None
+        name = header.group(1).lower()
+        value = header.group(2)
+        if name == b"content-length":
+            lengths.update(v.strip() for v in value.split(b","))
+        elif name == b"transfer-encoding":
+            codings += [c.strip().lower() for c in value.split(b",")]
+        elif name == b"x-request-id":
+            has_id = True
+    if codings:
+        if lengths:
+            return status, None, None, has_id  # both: ambiguous, follow nothing
+        return status, None, codings[-1] == b"chunked", has_id
+    if lengths:
+        if len(lengths) != 1:
+            return status, None, None, has_id
+        (text,) = lengths
+        if not text.isdigit() or len(text) > 18:
+            return status, None, None, has_id
+        return status, int(text), False, has_id
+    return status, None, False, has_id
