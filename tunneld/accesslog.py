@@ -137,6 +137,8 @@ class ConnectionLog:
     def _write(
         self, request: _Request, status: int | None, body_out: int | None, note: str | None
     ) -> None:
+        if not log.isEnabledFor(logging.INFO):
+            return
         duration = time.monotonic() - request.started
         fields: dict[str, Any] = {
             "client": self.client,

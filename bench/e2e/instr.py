@@ -1,6 +1,8 @@
 """Instructions per request of the edge and the agent, across commits: a cost that noise can't move.
 
-``python -m bench.e2e.instr COMMIT[,COMMIT...] [REQUESTS]``
+``python -m bench.e2e.instr COMMIT[,COMMIT...] [REQUESTS]`` (``COMMIT+access``: that commit
+with the access log on, every request logged at info level; ``COMMIT+access-quiet``: on, but
+the log level drops the lines: what following the responses costs)
 
 On a shared two-core machine req/s and even CPU-seconds per request swing by 10-30 % with what
 else runs, so a code change of a few percent cannot be seen in them. This runs tunneld and the
@@ -61,7 +63,9 @@ def _control(pid: int, *args: str) -> None:
     subprocess.run(["callgrind_control", *args, str(pid)], check=True, capture_output=True)
 
 
-def measure(requests: int, out_dir: Path) -> dict[str, float]:
+def measure(
+    requests: int, out_dir: Path, access_log: bool = False, quiet: bool = False
+) -> dict[str, float]:
     """Instructions tunneld and the agent execute per request (this PYTHONPATH's code)."""
     names = ("tunneld", "agent")
     for name in names:
@@ -70,10 +74,14 @@ def measure(requests: int, out_dir: Path) -> dict[str, float]:
             f"--callgrind-out-file={out_dir / name}.callgrind"
         )
     try:
-        stack = Stack().start()
+        if access_log:  # every request logged at info level to tunneld's log file
+            os.environ["TUNNELD_ACCESS_LOG"] = "true"
+        verbose = access_log and not quiet  # quiet: framed and recorded, no line written
+        stack = Stack(tunneld_args=("--log-level", "info") if verbose else ()).start()
     finally:
         for name in names:
             del os.environ[f"BENCH_{name.upper()}_WRAP"]
+        os.environ.pop("TUNNELD_ACCESS_LOG", None)
     try:
         pids = {name: getattr(stack, name).pid for name in names}
         _request_loop(stack.public_port, stack.http_host, 300)  # warm: caches, JIT translation
@@ -110,9 +118,15 @@ def main(argv: list[str]) -> int:
     results: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory(prefix="tunneld-instr-") as tmp:
         for c in commits:
-            os.environ["PYTHONPATH"] = str(tree(c, Path(tmp)))
+            commit, _, variant = c.partition("+")  # COMMIT+access: with the access log on
+            os.environ["PYTHONPATH"] = str(tree(commit, Path(tmp)))
             try:
-                results[c] = measure(requests, Path(tmp))
+                results[c] = measure(
+                    requests,
+                    Path(tmp),
+                    access_log=variant.startswith("access"),
+                    quiet=variant == "access-quiet",
+                )
             finally:
                 if saved is None:
                     os.environ.pop("PYTHONPATH", None)
