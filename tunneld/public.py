@@ -551,8 +551,11 @@ class PublicConnection(StreamEndpoint):
         transport = self.transport
         if transport is None or self._closed:
             return
-        for piece in access.response(data):
-            transport.write(piece)
+        pieces = access.response(data)
+        if len(pieces) == 1:
+            transport.write(pieces[0])
+        elif pieces:
+            transport.write(b"".join(pieces))  # one write: a head and its body are one read
         if self._write_paused:
             self._held_credit += len(data)
         else:
