@@ -22,6 +22,8 @@ EPILOG = """\
 examples:
   TUNNELD_ADMIN_TOKEN=$(cat /etc/tunneld/admin-token) TUNNELD_SECRET_FILE=/etc/tunneld/secret \\
       tunneld serve --domain preview.example.com --scheme https --url-port 443
+  tunneld serve --domain preview.example.com --public-port 443 --public-redirect-port 80 \
+      --public-tls-cert /etc/tunneld/wildcard.pem --public-tls-key /etc/tunneld/wildcard.key
   tunneld token abc123            # mint the agent token for sandbox abc123
   tunneld demo                    # edge + agent + sample service on loopback, prints the URL
   tunneld exposures export > backup.jsonl     # stored exposures as JSON lines (safe while running)
@@ -75,6 +77,22 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--admin-port", type=int, help="admin API port (default 7070)")
     serve.add_argument("--tls-cert", metavar="FILE", help="TLS certificate for the agent listener")
     serve.add_argument("--tls-key", metavar="FILE", help="TLS key for the agent listener")
+    serve.add_argument(
+        "--public-tls-cert",
+        metavar="FILE",
+        help="serve preview URLs over HTTPS with this certificate (chain), normally a wildcard "
+        "*.DOMAIN; more pairs chosen by SNI go in the config file ([[public_tls]]); re-read on "
+        "SIGHUP. Preview URLs then default to https",
+    )
+    serve.add_argument("--public-tls-key", metavar="FILE", help="key of --public-tls-cert")
+    serve.add_argument(
+        "--public-redirect-port",
+        type=int,
+        metavar="PORT",
+        help="also listen for plain HTTP on this port and redirect (308) to https (default 0: off)",
+    )
+    serve.add_argument("--admin-tls-cert", metavar="FILE", help="serve the admin API over HTTPS")
+    serve.add_argument("--admin-tls-key", metavar="FILE", help="key of --admin-tls-cert")
     serve.add_argument(
         "--allow-plaintext-agents",
         action="store_const",
@@ -225,6 +243,8 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         "domain", "scheme", "url_port", "public_host", "public_port", "agent_host", "agent_port",
         "admin_host", "admin_port", "tls_cert", "tls_key", "allow_plaintext_agents", "parser",
         "tokens", "grace_period", "access_log", "log_level", "store", "state_dir", "workers",
+        "public_tls_cert", "public_tls_key", "public_redirect_port", "admin_tls_cert",
+        "admin_tls_key",
     )  # fmt: skip
     return {k: getattr(args, k, None) for k in keys}
 
@@ -371,13 +391,21 @@ async def _serve(
 def apply_reload(server: Any, new: Config) -> None:
     """Install the live-changeable settings of ``new`` (SIGHUP) and act on them.
 
-    Safe to change live: secrets, timeouts, logging, the plaintext rule. Listener addresses need a
-    restart. Agent sessions whose token no longer verifies under the new secret are closed.
+    Safe to change live: secrets, timeouts, logging, the plaintext rule, the public and admin
+    certificates (files re-read for new handshakes; open connections keep theirs). Listener
+    addresses, and turning TLS on or off, need a restart. Agent sessions whose token no longer
+    verifies under the new secret are closed.
     """
     config = server.config
     for name in ("admin_token", "secret", "head_timeout", "control_timeout", "grace_period",
                  "access_log", "log_level", "allow_plaintext_agents"):  # fmt: skip
         setattr(config, name, getattr(new, name))
+    server.reload_tls(new)
+    if server.public_tls is not None:
+        for name in ("public_tls_cert", "public_tls_key", "public_tls_extra"):
+            setattr(config, name, getattr(new, name))
+    if server.admin_tls is not None:
+        config.admin_tls_cert, config.admin_tls_key = new.admin_tls_cert, new.admin_tls_key
     logging.getLogger().setLevel(getattr(logging, config.log_level.upper(), logging.INFO))
     closed = server.auth.revalidate()
     if closed:
@@ -388,6 +416,8 @@ def _write_ports(path: str, server: Any) -> None:
     import json
 
     ports = {"public": server.public_port, "agent": server.agent_port, "admin": server.admin_port}
+    if server.redirect_port:
+        ports["redirect"] = server.redirect_port
     with open(path + ".tmp", "w") as f:
         json.dump(ports, f)
     os.replace(path + ".tmp", path)

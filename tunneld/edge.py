@@ -48,6 +48,8 @@ from .metrics import Metrics
 from .public import PublicConnection, PublicLimits
 from .registry import ExposureRecord, Registry, RegistryError
 from .store import Store
+from .tls import TLS_SHUTDOWN_TIMEOUT, CertificateSet
+from .tls import public_pairs as tls_pairs
 
 if TYPE_CHECKING:
     from .cluster import Cluster
@@ -475,6 +477,11 @@ class EdgeServer:
         self.public_port = 0
         self.agent_port = 0
         self.admin_port = 0
+        self.redirect_port = 0  # public_redirect_port once bound (0: no redirect listener)
+        # TLS certificates of the public listener and the admin API (tunneld/tls.py), reloaded
+        # by SIGHUP (reload_tls)
+        self.public_tls: CertificateSet | None = None
+        self.admin_tls: CertificateSet | None = None
         self.metrics.bind(
             agents=lambda: sum(1 for s in self.registry.sandboxes() if s.session is not None),
             streams=lambda: sum(len(c.streams) for c in self.agent_connections),
@@ -497,6 +504,13 @@ class EdgeServer:
             self.metrics.public_connections.inc()
             return PublicConnection(self, parser)
 
+        public_pairs = tls_pairs(config)
+        if public_pairs:
+            self.public_tls = CertificateSet(public_pairs, "public_tls")
+        if config.admin_tls_cert:
+            self.admin_tls = CertificateSet(
+                [(config.admin_tls_cert, config.admin_tls_key)], "admin_tls"
+            )
         tls: ssl.SSLContext | None = None
         if config.tls_cert:
             tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
@@ -524,11 +538,32 @@ class EdgeServer:
             reuse_port=reuse,
         )
         public = await loop.create_server(
-            public_factory, config.public_host, config.public_port, backlog=4096, reuse_port=reuse
+            public_factory,
+            config.public_host,
+            config.public_port,
+            backlog=4096,
+            reuse_port=reuse,
+            ssl=self.public_tls.context if self.public_tls is not None else None,
+            # the handshake is part of the request head's time budget (slowloris bound)
+            ssl_handshake_timeout=config.head_timeout if self.public_tls is not None else None,
+            ssl_shutdown_timeout=TLS_SHUTDOWN_TIMEOUT if self.public_tls is not None else None,
         )
         self.admin = AdminServer(self)
-        admin = await self.admin.start(config.admin_host, config.admin_port, reuse_port=reuse)
+        admin = await self.admin.http.start(
+            config.admin_host,
+            config.admin_port,
+            reuse_port=reuse,
+            ssl=self.admin_tls.context if self.admin_tls is not None else None,
+        )
         self._servers = [agents, public, admin]
+        if config.public_redirect_port:
+            from .tls import RedirectServer
+
+            redirect = await RedirectServer(self).start(
+                config.public_host, config.public_redirect_port, reuse_port=reuse
+            )
+            self._servers.append(redirect)
+            self.redirect_port = redirect.sockets[0].getsockname()[1]
         if config.idle_timeout > 0:
             self._sweeper = loop.create_task(self._sweep_idle(config.idle_timeout))
         self.agent_port = agents.sockets[0].getsockname()[1]
@@ -536,7 +571,8 @@ class EdgeServer:
         self.admin_port = admin.sockets[0].getsockname()[1]
         self.ready = True  # /readyz: listeners bound, exposures loaded
         log.info(
-            "tunneld listening: public http://%s:%d (domain %s, parser %s), agents %s:%d%s, admin http://%s:%d",
+            "tunneld listening: public %s://%s:%d (domain %s, parser %s), agents %s:%d%s, admin %s://%s:%d",
+            "https" if self.public_tls is not None else "http",
             config.public_host,
             self.public_port,
             config.domain,
@@ -544,9 +580,26 @@ class EdgeServer:
             config.agent_host,
             self.agent_port,
             " (TLS)" if tls else "",
+            "https" if self.admin_tls is not None else "http",
             config.admin_host,
             self.admin_port,
         )
+
+    def reload_tls(self, config: Config) -> None:
+        """SIGHUP: re-read the certificate files for new handshakes (open connections keep
+        theirs). A listener without TLS needs a restart to get it; a bad file keeps the old."""
+        for what, current, pairs in (
+            ("public_tls", self.public_tls, tls_pairs(config)),
+            (
+                "admin_tls",
+                self.admin_tls,
+                [(config.admin_tls_cert, config.admin_tls_key)] if config.admin_tls_cert else [],
+            ),
+        ):
+            if current is not None and pairs:
+                current.reload(pairs)
+            elif pairs or current is not None:
+                log.warning("%s: turning TLS on or off needs a restart; not changed", what)
 
     async def stop(self, grace: float | None = None) -> None:
         """Stop accepting, send GO_AWAY to every agent, wait up to ``grace`` for streams, close."""

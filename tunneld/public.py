@@ -411,6 +411,11 @@ class PublicConnection(StreamEndpoint):
         cluster = server.cluster
         handover = server.handover
         assert cluster is not None and handover is not None
+        transport = self.transport
+        if transport is None or transport.get_extra_info("sslcontext") is not None:
+            # A TLS session's keys and sequence numbers live in this process's SSL object: the
+            # socket alone would be undecipherable to the owner. The node link carries it.
+            return False
         owner = cluster.owners.get(self.sandbox_id)
         prelude = self._prelude
         if owner is None or owner[0] == cluster.node_id or len(prelude or b"") > MAX_PRELUDE:
