@@ -486,6 +486,8 @@ class LocalAPI:
             stream.event(event)
             stream.write(b"0\r\n\r\n")
             log.info("port %d %s after %.1f s", spec.port, event["type"], result.elapsed)
+        except Exception:  # a bug: log it here, the client sees the stream end without a result
+            log.exception("port watch of %d failed", spec.port)
         finally:
             self.watches.release()
             stream.close()
