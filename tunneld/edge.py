@@ -436,9 +436,7 @@ class EdgeSession(MuxProtocol):
         self.pending.fail_all("SANDBOX_NOT_CONNECTED", "The agent disconnected.")
         if self.sandbox_id is not None and not self._lifetime_observed:
             self._lifetime_observed = True
-            self.server.metrics.agent_session_seconds.observe(
-                self.loop.time() - self._connected_at
-            )
+            self.server.metrics.agent_session_seconds.observe(self.loop.time() - self._connected_at)
         if self.sandbox_id is not None:
             self.server.registry.detach(self.sandbox_id, self)
             if self.server.cluster is not None:
