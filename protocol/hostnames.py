@@ -33,6 +33,7 @@ __all__ = [
     "MAX_TOKEN_LENGTH",
     "MIN_PORT",
     "RESERVED_SANDBOX_IDS",
+    "GENERATED_TOKEN_ALPHABET",
     "TOKEN_ALPHABET",
     "TOKEN_LENGTH",
     "InvalidDomainError",
@@ -69,7 +70,10 @@ MAX_CUSTOM_TOKEN_LENGTH: Final = 16
 MAX_TOKEN_LENGTH: Final = 63
 # Generated tokens: 16 chars as Cloudflare's, from the same 37-char alphabet.
 TOKEN_LENGTH: Final = 16
-TOKEN_ALPHABET: Final = "abcdefghijklmnopqrstuvwxyz0123456789_"
+TOKEN_ALPHABET: Final = "abcdefghijklmnopqrstuvwxyz0123456789_"  # what a custom token may use
+# Generated tokens leave out "_": a hostname label with "_" does not match a wildcard certificate
+# in OpenSSL-based clients (curl, Python, wget), so an HTTPS preview URL with one would fail.
+GENERATED_TOKEN_ALPHABET: Final = TOKEN_ALPHABET.replace("_", "")
 RESERVED_SANDBOX_IDS: Final = frozenset(
     {"www", "api", "admin", "root", "system", "cloudflare", "workers"}
 )
@@ -257,12 +261,12 @@ def validate_route_token(token: object) -> str:
 
 
 def generate_token() -> str:
-    """A fresh preview token: 16 chars of ``[a-z0-9_]``.
+    """A fresh preview token: 16 chars of ``[a-z0-9]`` (no ``_``: see GENERATED_TOKEN_ALPHABET).
 
-    Each char is an independent ``secrets.choice`` over 37 symbols: 16 * log2(37) ~ 83.4 bits,
+    Each char is an independent ``secrets.choice`` over 36 symbols: 16 * log2(36) ~ 82.7 bits,
     uniformly spread. Cloudflare base64-encodes 12 random bytes and then lowercases, which folds
     letter pairs together and skews the distribution ("fewer than 96 bits" and uneven)."""
-    return "".join([secrets.choice(TOKEN_ALPHABET) for _ in range(TOKEN_LENGTH)])
+    return "".join([secrets.choice(GENERATED_TOKEN_ALPHABET) for _ in range(TOKEN_LENGTH)])
 
 
 def tokens_equal(a: str, b: str) -> bool:
