@@ -35,13 +35,18 @@ or admin_token_file / secret_file in the config file.
 """
 
 
-def _setup_logging(level: str, worker: int | None = None) -> None:
+def _setup_logging(level: str, worker: int | None = None, fmt: str = "text") -> None:
     tag = "" if worker is None else f"[w{worker}]"  # workers share the supervisor's stderr
     logging.basicConfig(
         level=getattr(logging, level.upper(), logging.INFO),
         format=f"%(asctime)s %(levelname)-7s %(name)s{tag}: %(message)s",
         stream=sys.stderr,
     )
+    if fmt == "json":
+        from .logs import JsonFormatter
+
+        for handler in logging.getLogger().handlers:
+            handler.setFormatter(JsonFormatter(worker))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -115,6 +120,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--access-log", action="store_const", const=True, help="log every preview request"
     )
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    serve.add_argument(
+        "--log-format",
+        choices=["text", "json"],
+        help="text (default) or json: one JSON object per line, access log fields as keys",
+    )
     serve.add_argument(
         "--ports-file", metavar="FILE", help="write the bound ports here as JSON (for port 0)"
     )
@@ -242,7 +252,8 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     keys = (
         "domain", "scheme", "url_port", "public_host", "public_port", "agent_host", "agent_port",
         "admin_host", "admin_port", "tls_cert", "tls_key", "allow_plaintext_agents", "parser",
-        "tokens", "grace_period", "access_log", "log_level", "store", "state_dir", "workers",
+        "tokens", "grace_period", "access_log", "log_level", "log_format", "store", "state_dir",
+        "workers",
         "public_tls_cert", "public_tls_key", "public_redirect_port", "admin_tls_cert",
         "admin_tls_key",
     )  # fmt: skip
@@ -262,7 +273,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
                 overrides, ports_file = prepare_worker(), None
             config = load_config(config_path, overrides)
-            _setup_logging(config.log_level, args.worker_index)
+            _setup_logging(config.log_level, args.worker_index, config.log_format)
             if config.workers > 1:
                 from .supervisor import supervise
 

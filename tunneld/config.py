@@ -70,6 +70,7 @@ class Config:
     control_rate: float = 20.0  # per second, sustained
     control_burst: int = 100
     log_level: str = "info"
+    log_format: str = "text"  # or "json": one object per line (tunneld/logs.py)
     access_log: bool = False
     # Durable exposures (tunneld/store.py). EdgeServer built directly keeps them in memory;
     # `tunneld serve` opens this store: sqlite in state_dir ("" = $STATE_DIRECTORY under
@@ -125,6 +126,8 @@ class Config:
             )
         if self.control_rate <= 0 or self.control_burst < 1:
             raise ConfigError("control_rate must be > 0 and control_burst at least 1")
+        if self.log_format not in ("text", "json"):
+            raise ConfigError(f"log_format must be text or json, not {self.log_format!r}")
         if self.keepalive_timeout <= 0:
             raise ConfigError("keepalive_timeout must be > 0")
         if self.max_connections < 1 or self.max_connections_per_ip < 1:
