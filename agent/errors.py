@@ -35,6 +35,7 @@ STATUS_BY_CODE: Final[Mapping[str, int]] = MappingProxyType(
         "REQUEST_TIMEOUT": 408,
         "TOKEN_IN_USE": 409,
         "RATE_LIMITED": 429,
+        "TOO_MANY_WATCHES": 429,
         "BODY_TOO_LARGE": 413,
         "HEADERS_TOO_LARGE": 431,
         # Our own bug: never the caller's fault, never the edge's.
@@ -43,6 +44,7 @@ STATUS_BY_CODE: Final[Mapping[str, int]] = MappingProxyType(
         "EDGE_NOT_CONNECTED": 503,
         "TOO_MANY_CONNECTIONS": 503,
         "EDGE_TIMEOUT": 504,
+        "PORT_NOT_READY": 504,  # a port watch ended without the port becoming ready
     }
 )
 
