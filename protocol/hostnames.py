@@ -26,6 +26,7 @@ from typing import Final
 
 __all__ = [
     "CONTROL_PLANE_PORT",
+    "GENERATED_TOKEN_ALPHABET",
     "MAX_CUSTOM_TOKEN_LENGTH",
     "MAX_PORT",
     "MAX_PORT_NAME_LENGTH",
@@ -33,7 +34,6 @@ __all__ = [
     "MAX_TOKEN_LENGTH",
     "MIN_PORT",
     "RESERVED_SANDBOX_IDS",
-    "GENERATED_TOKEN_ALPHABET",
     "TOKEN_ALPHABET",
     "TOKEN_LENGTH",
     "InvalidDomainError",
