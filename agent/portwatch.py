@@ -267,13 +267,18 @@ async def watch_port(
         left = deadline - loop.time()
         if left <= 0:
             return WatchResult(False, last, loop.time() - start)
-        last = await probe(spec, hosts, min(PROBE_TIMEOUT, left))
+        budget = min(PROBE_TIMEOUT, left)
+        observation = await probe(spec, hosts, budget)
+        # A probe cut short by the watch's own deadline says nothing about the service: keep
+        # the last real observation for the error (the "last observed status").
+        if not (last is not None and budget < PROBE_TIMEOUT and observation.error == "timed out"):
+            last = observation
         if on_probe is not None:
-            maybe = on_probe(last)
+            maybe = on_probe(observation)
             if maybe is not None:
                 await maybe
-        if last.ready:
-            return WatchResult(True, last, loop.time() - start)
+        if observation.ready:
+            return WatchResult(True, observation, loop.time() - start)
         left = deadline - loop.time()
         if left <= 0:
             return WatchResult(False, last, loop.time() - start)

@@ -366,7 +366,9 @@ async def test_a_service_that_is_not_http_is_not_ready(reserved: socket.socket) 
 
     server = await asyncio.start_server(handle, sock=reserved)
     try:
-        spec = WatchSpec(reserved.getsockname()[1], "http", "/", interval=0.1, timeout=0.3)
+        # 2 s: room for whole probes on a loaded machine (a probe the deadline cuts short does
+        # not replace the last real observation)
+        spec = WatchSpec(reserved.getsockname()[1], "http", "/", interval=0.1, timeout=2.0)
         result = await watch_port(spec)
     finally:
         server.close()
