@@ -66,7 +66,12 @@ LIMITS: Final = Limits(idle_timeout=60.0, request_timeout=10.0, max_connections=
 
 class AdminServer:
     def __init__(self, edge: EdgeServer) -> None:
+        from .edge import RequestBudget
+
         self.edge = edge
+        # every admin request but the probes, all clients together (admin_rate / admin_burst)
+        config = edge.config
+        self.budget = RequestBudget(config.admin_rate, config.admin_burst, edge.loop.time())
         self.http = ApiServer(
             self._handle,
             name="admin API",
@@ -99,6 +104,14 @@ class AdminServer:
         if parts == ["readyz"]:
             self._allow(method, "GET")
             return self._readiness()
+        if not self.budget.take(self.edge.loop.time()):
+            self.edge.metrics.admin_rate_limited.inc()
+            raise ApiError(
+                429,
+                "RATE_LIMITED",
+                "Too many admin API requests; retry later.",
+                [("retry-after", "1")],
+            )
         if not verify_bearer(self.edge.config.admin_token, request.header(b"authorization")):
             raise ApiError(
                 401,

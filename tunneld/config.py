@@ -69,6 +69,17 @@ class Config:
     # Past it requests get a RATE_LIMITED error; far past it the session is closed.
     control_rate: float = 20.0  # per second, sustained
     control_burst: int = 100
+    # Admission control (token buckets; past them a 429 with Retry-After, counted in metrics).
+    # Preview 404s (wrong token, unknown host) per client IP: slows token guessing; the
+    # requests that find their URL are never counted.
+    miss_rate: float = 10.0
+    miss_burst: int = 50
+    # New streams (client connections) per second per sandbox session.
+    stream_rate: float = 10000.0
+    stream_burst: int = 20000
+    # Admin API requests per second, all clients together.
+    admin_rate: float = 1000.0
+    admin_burst: int = 2000
     log_level: str = "info"
     log_format: str = "text"  # or "json": one object per line (tunneld/logs.py)
     access_log: bool = False
@@ -126,6 +137,9 @@ class Config:
             )
         if self.control_rate <= 0 or self.control_burst < 1:
             raise ConfigError("control_rate must be > 0 and control_burst at least 1")
+        for kind in ("miss", "stream", "admin"):
+            if getattr(self, f"{kind}_rate") <= 0 or getattr(self, f"{kind}_burst") < 1:
+                raise ConfigError(f"{kind}_rate must be > 0 and {kind}_burst at least 1")
         if self.log_format not in ("text", "json"):
             raise ConfigError(f"log_format must be text or json, not {self.log_format!r}")
         if self.keepalive_timeout <= 0:

@@ -116,6 +116,9 @@ class EdgeSession(MuxProtocol):
         self._sniff = bytearray()  # raw (preface) or WebSocket (GET) link: the first bytes tell
         self._going_away = False
         self._budget = RequestBudget(config.control_rate, config.control_burst, server.loop.time())
+        # new public streams per second to this sandbox (429 TOO_MANY_STREAMS past it)
+        now = server.loop.time()
+        self.stream_budget = RequestBudget(config.stream_rate, config.stream_burst, now)
         self._refused = 0
         self._writes: set[asyncio.Task[None]] = set()  # agent requests waiting for the store
         self._connected_at = server.loop.time()

@@ -61,6 +61,11 @@ class Metrics:
             ["code"],
             registry=r,
         )
+        self.admin_rate_limited = Counter(
+            "tunneld_admin_rate_limited",
+            "Admin API requests refused with 429 RATE_LIMITED (admin_rate / admin_burst)",
+            registry=r,
+        )
         self.public_open = Gauge(
             "tunneld_public_connections_open", "Client connections open now", registry=r
         )

@@ -72,25 +72,45 @@ _REASONS: Final = {
 _REFUSAL_LOG_INTERVAL: Final = 10.0
 
 
-def error_response(status: int, code: str, message: str) -> bytes:
+def error_response(status: int, code: str, message: str, retry_after: int = 0) -> bytes:
     """A small JSON error page; the connection closes after it."""
     body = orjson.dumps({"error": message, "code": code})
+    retry = b"retry-after: %d\r\n" % retry_after if retry_after else b""
     return (
         b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
-        b"connection: close\r\ncache-control: no-store\r\n\r\n"
-        % (status, _REASONS.get(status, "Error").encode(), len(body))
+        b"connection: close\r\ncache-control: no-store\r\n%s\r\n"
+        % (status, _REASONS.get(status, "Error").encode(), len(body), retry)
     ) + body
 
 
-class PublicLimits:
-    """Public connections per client IP, and refusals not yet logged (``EdgeServer``'s)."""
+# Client IPs whose preview 404s are counted at once (the oldest is forgotten past this).
+_MAX_MISS_BUCKETS: Final = 65536
 
-    __slots__ = ("last_log", "per_ip", "unlogged")
+
+class PublicLimits:
+    """Public connections per client IP, preview 404s per client IP (a token bucket each), and
+    refusals not yet logged (``EdgeServer``'s)."""
+
+    __slots__ = ("last_log", "misses", "per_ip", "unlogged")
 
     def __init__(self) -> None:
         self.per_ip: dict[str, int] = {}
+        self.misses: dict[str, list[float]] = {}  # ip -> [tokens, at], oldest first
         self.unlogged = 0
         self.last_log = float("-inf")
+
+    def allow_miss(self, ip: str, now: float, rate: float, burst: int) -> bool:
+        """Take one token of ``ip``'s 404 budget; False when it is spent (answer 429)."""
+        bucket = self.misses.pop(ip, None)  # re-inserted: the dict stays oldest first
+        if bucket is None:
+            if len(self.misses) >= _MAX_MISS_BUCKETS:
+                del self.misses[next(iter(self.misses))]
+            bucket = [float(burst), now]
+        tokens = min(float(burst), bucket[0] + (now - bucket[1]) * rate)
+        allowed = tokens >= 1.0
+        bucket[0], bucket[1] = (tokens - 1.0 if allowed else tokens), now
+        self.misses[ip] = bucket
+        return allowed
 
 
 class PublicConnection(StreamEndpoint):
@@ -196,7 +216,7 @@ class PublicConnection(StreamEndpoint):
             )
             limits.last_log = now
             limits.unlogged = 0
-        self.fail(503, "TOO_MANY_CONNECTIONS", f"Too many connections: the limit is {what}.")
+        self.fail(503, "TOO_MANY_CONNECTIONS", f"Too many connections: the limit is {what}.", 1)
         return False
 
     # -- timers ----------------------------------------------------------------------------------
@@ -337,6 +357,15 @@ class PublicConnection(StreamEndpoint):
                     b"x-sandbox-name: ", route.sandbox_id.encode(), b"\r\n\r\n",
                 )
             )  # fmt: skip
+            if not session.stream_budget.take(server.loop.time()):
+                self.fail(
+                    429,
+                    "TOO_MANY_STREAMS",
+                    f"Sandbox {route.sandbox_id} gets too many new connections per second; "
+                    "retry later.",
+                    retry_after=1,
+                )
+                return False
             try:
                 session.open_public_stream(self, route.port, self._peer)
             except LocalProtocolError:
@@ -486,18 +515,29 @@ class PublicConnection(StreamEndpoint):
                 transport.write(self._misdirected)
             self.close_gracefully()
 
-    def fail(self, status: int, code: str, message: str) -> None:
+    def fail(self, status: int, code: str, message: str, retry_after: int = 0) -> None:
         """Answer with a JSON error (only before any response byte) and close."""
         self._framer.close()
         self._cancel_timer()
         transport = self.transport
         if transport is not None and not transport.is_closing():
             if not self._responded:
+                if status == 404:
+                    server = self.server
+                    config = server.config
+                    if not server.public_limits.allow_miss(
+                        self._peer_ip, server.loop.time(), config.miss_rate, config.miss_burst
+                    ):
+                        status, code, retry_after = 429, "TOO_MANY_MISSES", 1
+                        message = (
+                            f"Too many requests for unknown preview URLs from {self._peer_ip}; "
+                            "retry later."
+                        )
                 self._responded = True
                 self.server.metrics.public_refusals.labels(code).inc()
                 if self._access is not None:
                     self._access.edge_answered(status, code)
-                transport.write(error_response(status, code, message))
+                transport.write(error_response(status, code, message, retry_after))
             self.close_gracefully()
 
     # -- stream events ---------------------------------------------------------------------------
