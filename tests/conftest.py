@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from pathlib import Path
+
 import pytest
 from hypothesis import HealthCheck, settings
+
+from tests.e2e.procs import PROXY_VARIABLES, Processes
 
 # The machines that run this suite are shared and noisy: a per-example deadline would turn a busy
 # neighbour into a failure. Example counts stay bounded by each test's own @settings.
@@ -11,15 +16,17 @@ settings.register_profile("tunneld", deadline=None, suppress_health_check=[Healt
 settings.load_profile("tunneld")
 
 
-# The agent honours the proxy variables (agent/proxy.py); a developer's or CI's own proxy must
-# not reroute the loopback edges of the suite. Tests that want a proxy set their own.
-PROXY_VARIABLES = (
-    "http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY",
-    "no_proxy", "NO_PROXY", "TUNNEL_AGENT_PROXY",
-)  # fmt: skip
-
-
 @pytest.fixture(autouse=True)
 def _no_proxy_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in PROXY_VARIABLES:
         monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture
+def procs(tmp_path: Path) -> Iterator[Processes]:
+    """Real tunneld / tunnel-agent child processes (uvloop), all killed afterwards."""
+    p = Processes(tmp_path, "uvloop")
+    try:
+        yield p
+    finally:
+        p.close()

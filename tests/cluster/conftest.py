@@ -18,6 +18,7 @@ import subprocess
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -166,3 +167,26 @@ async def open_stores(redis_server: RedisServer) -> AsyncIterator[list[RedisStor
     finally:
         for store in stores:
             await store.close()
+
+
+@pytest.fixture
+async def cluster(redis_server: RedisServer) -> AsyncIterator[Any]:
+    """In-process cluster nodes on ``redis_server`` (tests/cluster/nodes.py), closed after."""
+    from .nodes import Cluster  # nodes.py imports this module
+
+    c = Cluster(redis_server)
+    try:
+        yield c
+    finally:
+        await c.close()
+
+
+@pytest.fixture
+async def tcp_cluster(redis_tcp_server: RedisServer) -> AsyncIterator[Any]:
+    from .nodes import Cluster
+
+    c = Cluster(redis_tcp_server)
+    try:
+        yield c
+    finally:
+        await c.close()

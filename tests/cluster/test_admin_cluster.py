@@ -19,7 +19,6 @@ from relay.mux import abort_with_reset
 from tests.faults.origins import ScriptedOrigin
 from tunneld.client import SandboxNotConnectedError, TunnelClient, TunnelError
 
-from .conftest import RedisServer
 from .nodes import Cluster, Node, wait_for
 
 pytestmark = pytest.mark.anyio
@@ -31,15 +30,6 @@ HANDSHAKE = {
     "sec-websocket-key": "dGhlIHNhbXBsZSBub25jZQ==",
     "sec-websocket-version": "13",
 }
-
-
-@pytest.fixture
-async def cluster(redis_server: RedisServer) -> AsyncIterator[Cluster]:
-    c = Cluster(redis_server)
-    try:
-        yield c
-    finally:
-        await c.close()
 
 
 @pytest.fixture

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import httpx
 
+from tests.e2e.origin import OriginThread
 from tests.e2e.procs import Processes, wait_for
-from tests.e2e.test_processes import OriginThread
 
 from .conftest import RedisServer
 

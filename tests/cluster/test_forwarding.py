@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from collections.abc import AsyncIterator
 
 import pytest
 
@@ -18,19 +17,9 @@ from tests.e2e.origin import pattern_sha256
 from tests.faults.origins import ScriptedOrigin
 from tunneld.nodelink import node_link_token, verify_node_link_token
 
-from .conftest import RedisServer
 from .nodes import Cluster, Node, wait_for
 
 pytestmark = pytest.mark.anyio
-
-
-@pytest.fixture
-async def cluster(redis_server: RedisServer) -> AsyncIterator[Cluster]:
-    c = Cluster(redis_server)
-    try:
-        yield c
-    finally:
-        await c.close()
 
 
 async def _three_nodes_agent_on_b(cluster: Cluster) -> tuple[list[Node], str, int]:

@@ -8,25 +8,14 @@ import asyncio
 import hashlib
 import os
 import socket
-from collections.abc import AsyncIterator
 
 import pytest
 
 from tunneld.handover import host_identity
 
-from .conftest import RedisServer
 from .nodes import Cluster, Node, wait_for
 
 pytestmark = pytest.mark.anyio
-
-
-@pytest.fixture
-async def cluster(redis_server: RedisServer) -> AsyncIterator[Cluster]:
-    c = Cluster(redis_server)
-    try:
-        yield c
-    finally:
-        await c.close()
 
 
 async def _two_nodes_agent_on_b(cluster: Cluster) -> tuple[Node, Node, str]:

@@ -8,28 +8,17 @@ from __future__ import annotations
 import hashlib
 import os
 import ssl
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
 import pytest
 import trustme
 
-from .conftest import RedisServer
 from .nodes import Cluster, Node, wait_for
 
 pytestmark = pytest.mark.anyio
 
 DOMAIN = "preview.test"
-
-
-@pytest.fixture
-async def cluster(redis_server: RedisServer) -> AsyncIterator[Cluster]:
-    c = Cluster(redis_server)
-    try:
-        yield c
-    finally:
-        await c.close()
 
 
 def _pair(ca: trustme.CA, directory: Path) -> dict[str, object]:

@@ -6,34 +6,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
 
 import pytest
 
 from tests.faults.faultproxy import FaultProxy
 
-from .conftest import RedisServer
 from .nodes import Cluster, wait_for
 
 pytestmark = pytest.mark.anyio
-
-
-@pytest.fixture
-async def cluster(redis_server: RedisServer) -> AsyncIterator[Cluster]:
-    c = Cluster(redis_server)
-    try:
-        yield c
-    finally:
-        await c.close()
-
-
-@pytest.fixture
-async def tcp_cluster(redis_tcp_server: RedisServer) -> AsyncIterator[Cluster]:
-    c = Cluster(redis_tcp_server)
-    try:
-        yield c
-    finally:
-        await c.close()
 
 
 async def test_an_expose_on_one_node_reaches_the_other_and_its_agent(cluster: Cluster) -> None:

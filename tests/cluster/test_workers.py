@@ -16,23 +16,14 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.e2e.origin import OriginThread
 from tests.e2e.procs import BIN, Processes, admin_client, preview_get, wait_for
-from tests.e2e.test_processes import OriginThread
 from tunneld.config import ConfigError, load_config
 
 from .conftest import RedisServer
 
 GRACE = 5.0  # Processes.start_edge passes --grace-period 5
 STOP_MARGIN = 10.0  # tunneld.supervisor.STOP_MARGIN: SIGTERM -> SIGKILL beyond the grace period
-
-
-@pytest.fixture
-def procs(tmp_path: Path) -> Iterator[Processes]:
-    p = Processes(tmp_path)
-    try:
-        yield p
-    finally:
-        p.close()
 
 
 def start_workers(procs: Processes, redis: RedisServer, *args: str, **env: str) -> list[int]:

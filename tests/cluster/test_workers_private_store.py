@@ -10,22 +10,12 @@ import os
 import signal
 import subprocess
 from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import pytest
 
+from tests.e2e.origin import OriginThread
 from tests.e2e.procs import BIN, Processes, admin_client, preview_get, wait_for
-from tests.e2e.test_processes import OriginThread
-
-
-@pytest.fixture
-def procs(tmp_path: Path) -> Iterator[Processes]:
-    p = Processes(tmp_path)
-    try:
-        yield p
-    finally:
-        p.close()
 
 
 @pytest.fixture

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import random
+import threading
 from urllib.parse import parse_qs, urlsplit
 
 import h11
@@ -215,3 +216,41 @@ class Origin:
                 h11.Data(data=body),
                 h11.EndOfMessage(),
             )
+
+
+class OriginThread:
+    """The test origin on its own asyncio loop in a thread (the service in the sandbox)."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.origin = Origin()
+        ready = threading.Event()
+
+        def run() -> None:
+            asyncio.set_event_loop(self.loop)
+            self.loop.run_until_complete(self.origin.start())
+            ready.set()
+            self.loop.run_forever()
+
+        self.thread = threading.Thread(target=run, daemon=True)
+        self.thread.start()
+        ready.wait(10)
+        self.port = self.origin.port
+
+    def release_sse(self) -> None:
+        self.loop.call_soon_threadsafe(self.origin.sse_release.set)
+
+    def close(self) -> None:
+        async def stop() -> None:
+            # End handlers still waiting on an SSE release, so that no task is left pending
+            # when the loop stops (bounded: idle keep-alive handlers may stay until then).
+            self.origin.sse_release.set()
+            await self.origin.close()
+            deadline = self.loop.time() + 1
+            while self.origin.open_connections and self.loop.time() < deadline:
+                await asyncio.sleep(0.01)
+
+        asyncio.run_coroutine_threadsafe(stop(), self.loop).result(10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        self.loop.close()

@@ -19,8 +19,6 @@ from typing import Any
 
 import httpx
 
-from tests.conftest import PROXY_VARIABLES
-
 BIN = Path(sys.executable).parent
 
 
@@ -36,6 +34,14 @@ def wait_for_file(
             raise RuntimeError(f"process exited with {proc.returncode}: {out}")
         time.sleep(0.02)
     raise TimeoutError(f"{path} did not appear")
+
+
+# The agent honours the proxy variables (agent/proxy.py); a developer's or CI's own proxy must
+# not reroute the suite's loopback edges. Tests that want a proxy set their own.
+PROXY_VARIABLES = (
+    "http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY",
+    "no_proxy", "NO_PROXY", "TUNNEL_AGENT_PROXY",
+)  # fmt: skip
 
 
 class Processes:

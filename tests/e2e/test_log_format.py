@@ -4,22 +4,10 @@ fields as keys (a real ``tunneld serve`` process)."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
-
+from .origin import OriginThread
 from .procs import Processes, admin_client, preview_get, wait_for
-from .test_processes import OriginThread
-
-
-@pytest.fixture
-def procs(tmp_path: Path) -> Iterator[Processes]:
-    p = Processes(tmp_path)
-    try:
-        yield p
-    finally:
-        p.close()
 
 
 def test_json_lines_with_access_fields(procs: Processes) -> None:

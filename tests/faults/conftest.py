@@ -8,8 +8,7 @@ the agent link while real clients use real preview URLs.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -22,7 +21,6 @@ from tests.e2e.conftest import (  # re-exported: the same fixtures as the e2e su
     raw_request,
     stack,
 )
-from tests.e2e.procs import Processes
 from tunneld.auth import agent_token
 
 from .faultproxy import FaultProxy
@@ -35,7 +33,6 @@ __all__ = [
     "fault_proxy_to",
     "faulty_stack",
     "no_unhandled_errors",
-    "procs",
     "raw_request",
     "stack",
 ]
@@ -65,16 +62,6 @@ class FaultStack(Stack):
         if wait:
             await asyncio.wait_for(agent.connected_event.wait(), 10)
         return agent
-
-
-@pytest.fixture
-def procs(tmp_path: Path) -> Iterator[Processes]:
-    """Real tunneld / tunnel-agent child processes (uvloop), all killed afterwards."""
-    p = Processes(tmp_path, "uvloop")
-    try:
-        yield p
-    finally:
-        p.close()
 
 
 @pytest.fixture

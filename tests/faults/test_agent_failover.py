@@ -10,12 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import http.server
 import logging
 import re
 import socket
 import ssl
-import threading
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -26,6 +24,7 @@ import trustme
 
 from agent import core
 from agent.core import Agent, AgentConfig, EdgeAddress
+from tests.e2e.origin import OriginThread
 from tests.e2e.procs import Processes, admin_client, is_connected, preview_get, wait_for
 from tunneld.auth import agent_token
 
@@ -374,42 +373,26 @@ async def test_with_tls_each_edge_is_checked_against_its_own_entry_host(
 # -- real processes ------------------------------------------------------------------------------
 
 
-class _Hello(http.server.BaseHTTPRequestHandler):
-    def do_GET(self) -> None:
-        body = b"hello from the sandbox"
-        self.send_response(200)
-        self.send_header("content-length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
-
-
 def test_agent_process_fails_over_to_the_edge_process_and_serves_a_preview(
     procs: Processes, refusing: int
 ) -> None:
     ports = procs.start_edge()
-    service = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Hello)
-    thread = threading.Thread(target=service.serve_forever, daemon=True)
-    thread.start()
+    service = OriginThread()  # the sandbox's service
     try:
         server = f"127.0.0.1:{refusing},127.0.0.1:{ports['agent']}"
         agent, _ = procs.start_agent_at(server, "sb1")
         wait_for(lambda: is_connected(procs, "sb1"), 15, "the agent connected")
         with admin_client(procs) as admin:
-            r = admin.post("/v1/sandboxes/sb1/ports", json={"port": service.server_address[1]})
+            r = admin.post("/v1/sandboxes/sb1/ports", json={"port": service.port})
             assert r.status_code == 200, r.text
             url = r.json()["exposedAt"]
         answer = wait_for(
             lambda: (r := preview_get(procs, url)).status_code == 200 and r, 15, "a 200 preview"
         )
-        assert answer.content == b"hello from the sandbox"
+        assert answer.content == b"hello from origin"
         assert procs.stop(agent) == 0
     finally:
-        service.shutdown()
-        service.server_close()
-        thread.join(10)
+        service.close()
     out = procs.output(agent)
     assert f"connecting to edge 127.0.0.1:{refusing} (1 of 2)" in out
     assert f"cannot connect to edge 127.0.0.1:{refusing} (1 of 2): ConnectionRefused" in out

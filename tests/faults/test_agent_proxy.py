@@ -14,7 +14,6 @@ test runs ``tunnel-agent run`` as a process with the proxy in its environment.
 from __future__ import annotations
 
 import asyncio
-import http.server
 import logging
 import os
 import random
@@ -23,7 +22,6 @@ import shutil
 import socket
 import ssl
 import subprocess
-import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
@@ -36,6 +34,7 @@ import trustme
 from agent import cli
 from agent.core import Agent, AgentConfig, EdgeAddress
 from agent.proxy import ProxyURL
+from tests.e2e.origin import OriginThread
 from tests.e2e.procs import BIN, Processes, admin_client, is_connected, preview_get, wait_for
 from tunneld.auth import agent_token
 
@@ -438,25 +437,11 @@ async def test_no_proxy_sends_the_agent_straight_to_the_edge(
 # -- a real agent process ----------------------------------------------------------------------
 
 
-class _Hello(http.server.BaseHTTPRequestHandler):
-    def do_GET(self) -> None:
-        body = b"hello through the proxy"
-        self.send_response(200)
-        self.send_header("content-length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
-
-
 def test_the_agent_process_takes_the_proxy_from_its_environment(
     tmp_path: Path, tinyproxy: Callable[..., Tinyproxy]
 ) -> None:
     procs = Processes(tmp_path, "uvloop")
-    service = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Hello)
-    thread = threading.Thread(target=service.serve_forever, daemon=True)
-    thread.start()
+    service = OriginThread()  # the sandbox's service
     try:
         ports = procs.start_edge()
         proxy = tinyproxy([ports["agent"]], auth=(USER, PASSWORD))
@@ -471,17 +456,15 @@ def test_the_agent_process_takes_the_proxy_from_its_environment(
         agent = procs._spawn("agent", [*argv, "--api-port", "0"], env)
         wait_for(lambda: is_connected(procs, "sb1"), 15, "the agent connected via the proxy")
         with admin_client(procs) as admin:
-            r = admin.post("/v1/sandboxes/sb1/ports", json={"port": service.server_address[1]})
+            r = admin.post("/v1/sandboxes/sb1/ports", json={"port": service.port})
             assert r.status_code == 200, r.text
             url = r.json()["exposedAt"]
         answer = preview_get(procs, url)
-        assert (answer.status_code, answer.content) == (200, b"hello through the proxy")
+        assert (answer.status_code, answer.content) == (200, b"hello from origin")
         assert procs.stop(agent) == 0
     finally:
         procs.close()
-        service.shutdown()
-        service.server_close()
-        thread.join(10)
+        service.close()
     out = procs.output(agent)
     edge = f"127.0.0.1:{ports['agent']}"
     assert f"edge {edge}: via proxy 127.0.0.1:{proxy.port} (from HTTP_PROXY)" in out, out
