@@ -46,6 +46,7 @@ from relay.linked import LinkedTransport
 from relay.mux import MuxProtocol, StreamEndpoint, abort_with_reset
 
 from .auth import verify_bearer
+from .budget import RequestBudget
 from .cluster import RouteError
 from .edge import PortNotReady
 from .httphead import H11HeadParser, HeadError
@@ -66,8 +67,6 @@ LIMITS: Final = Limits(idle_timeout=60.0, request_timeout=10.0, max_connections=
 
 class AdminServer:
     def __init__(self, edge: EdgeServer) -> None:
-        from .edge import RequestBudget
-
         self.edge = edge
         # every admin request but the probes, all clients together (admin_rate / admin_burst)
         config = edge.config

@@ -42,6 +42,7 @@ from relay.mux import TUNNEL_OUTPUT_CAP, MuxProtocol, StreamEndpoint
 from relay.requests import ControlRequestError
 
 from .auth import AgentAuth
+from .budget import RequestBudget
 from .config import Config
 from .httphead import default_parser
 from .metrics import Metrics
@@ -71,27 +72,6 @@ _WELCOME_SLACK: Final = 1024
 
 # Session ends that are part of normal operation (logged at INFO; anything else at WARNING).
 _ORDERLY_ENDS: Final = frozenset({GoAwayCode.NORMAL, GoAwayCode.SHUTTING_DOWN, GoAwayCode.REPLACED})
-
-
-class RequestBudget:
-    """Token bucket: ``rate`` requests per second on average, bursts of up to ``burst``."""
-
-    __slots__ = ("_at", "_burst", "_rate", "_tokens")
-
-    def __init__(self, rate: float, burst: int, now: float) -> None:
-        self._rate = rate
-        self._burst = float(burst)
-        self._tokens = float(burst)
-        self._at = now
-
-    def take(self, now: float) -> bool:
-        tokens = min(self._burst, self._tokens + (now - self._at) * self._rate)
-        self._at = now
-        if tokens < 1.0:
-            self._tokens = tokens
-            return False
-        self._tokens = tokens - 1.0
-        return True
 
 
 class EdgeSession(MuxProtocol):

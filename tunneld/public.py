@@ -44,6 +44,7 @@ from relay.buffers import SHARED
 from relay.mux import StreamEndpoint, abort_with_reset, set_reset_on_close
 
 from .accesslog import ConnectionLog
+from .budget import RequestBudget
 from .framing import RequestFramer, State, forward_head
 from .httphead import HeadError, HeadParser, RequestHead
 
@@ -95,22 +96,19 @@ class PublicLimits:
 
     def __init__(self) -> None:
         self.per_ip: dict[str, int] = {}
-        self.misses: dict[str, list[float]] = {}  # ip -> [tokens, at], oldest first
+        self.misses: dict[str, RequestBudget] = {}  # ip -> its 404 budget, oldest first
         self.unlogged = 0
         self.last_log = float("-inf")
 
     def allow_miss(self, ip: str, now: float, rate: float, burst: int) -> bool:
         """Take one token of ``ip``'s 404 budget; False when it is spent (answer 429)."""
-        bucket = self.misses.pop(ip, None)  # re-inserted: the dict stays oldest first
-        if bucket is None:
+        budget = self.misses.pop(ip, None)  # re-inserted: the dict stays oldest first
+        if budget is None:
             if len(self.misses) >= _MAX_MISS_BUCKETS:
                 del self.misses[next(iter(self.misses))]
-            bucket = [float(burst), now]
-        tokens = min(float(burst), bucket[0] + (now - bucket[1]) * rate)
-        allowed = tokens >= 1.0
-        bucket[0], bucket[1] = (tokens - 1.0 if allowed else tokens), now
-        self.misses[ip] = bucket
-        return allowed
+            budget = RequestBudget(rate, burst, now)
+        self.misses[ip] = budget
+        return budget.take(now)
 
 
 class PublicConnection(StreamEndpoint):
