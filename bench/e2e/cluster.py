@@ -24,41 +24,15 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import socket
 import statistics
-import subprocess
 import sys
-import tempfile
-import time
-from pathlib import Path
+
+from tunneld.private_redis import PrivateRedis
 
 from .scenarios import wrk
 from .stack import VENV_BIN, Stack, _wait_json, tunneld_env
 
 DURATION = 3.0
-
-
-def start_redis(directory: Path) -> tuple[subprocess.Popen[bytes], str]:
-    binary = shutil.which("redis-server") or "/usr/bin/redis-server"
-    sock = directory / "redis.sock"
-    proc = subprocess.Popen(
-        [binary, "--port", "0", "--unixsocket", str(sock), "--dir", str(directory),
-         "--appendonly", "yes", "--save", "", "--logfile", str(directory / "redis.log")],
-        stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
-    )  # fmt: skip
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        try:
-            with socket.socket(socket.AF_UNIX) as conn:
-                conn.connect(str(sock))
-                conn.sendall(b"PING\r\n")
-                if conn.recv(16).startswith(b"+PONG"):
-                    return proc, f"unix://{sock}"
-        except OSError:
-            time.sleep(0.05)
-    proc.kill()
-    raise RuntimeError("redis-server did not start")
 
 
 def _landing(url: str, rounds: int, handover: bool) -> dict[str, list[float]]:
@@ -143,20 +117,21 @@ def _workers(rounds: int, sandboxes: int = 4) -> dict[str, list[float]]:
 def main(argv: list[str]) -> int:
     rounds = int(argv[0]) if argv else 5
     parts = argv[1].split(",") if len(argv) > 1 else ["landing", "workers"]
-    with tempfile.TemporaryDirectory(prefix="tunneld-cluster-bench-") as tmp:
-        redis, url = start_redis(Path(tmp))
-        os.environ["BENCH_TUNNELD_STORE"] = url
-        runs: dict[str, list[float]] = {}
-        try:
-            if "landing" in parts:
-                runs.update(_landing(url, rounds, handover=True))
-                runs.update(_landing(url, rounds, handover=False))
-            if "workers" in parts:
-                runs.update(_workers(rounds))
-        finally:
-            redis.terminate()
-            redis.wait(10)
-            os.environ.pop("BENCH_TUNNELD_STORE", None)
+    # The redis-server tunneld runs for --workers without a store of one's own: a private Unix
+    # socket, no persistence, stopped at the end.
+    redis = PrivateRedis(None)
+    redis.start(fresh=True)
+    os.environ["BENCH_TUNNELD_STORE"] = redis.url
+    runs: dict[str, list[float]] = {}
+    try:
+        if "landing" in parts:
+            runs.update(_landing(redis.url, rounds, handover=True))
+            runs.update(_landing(redis.url, rounds, handover=False))
+        if "workers" in parts:
+            runs.update(_workers(rounds))
+    finally:
+        redis.cleanup()
+        os.environ.pop("BENCH_TUNNELD_STORE", None)
     medians = {k: round(statistics.median(v), 3) for k, v in runs.items()}
     print(json.dumps({"runs": runs, "medians": medians}, indent=1))
     return 0
