@@ -556,6 +556,23 @@ def build_parser() -> argparse.ArgumentParser:
         "--token",
         help="custom URL token, 1-16 of [a-z0-9_] (default: keep the current one or generate one)",
     )
+    expose.add_argument(
+        "--protocol",
+        choices=("http", "tcp", "tls"),
+        default="http",
+        help="http: a preview URL (default); tcp: a public TCP port; tls: TLS routed by SNI and "
+        "ended in the sandbox (tcp and tls only where the edge enables them)",
+    )
+    expose.add_argument(
+        "--proxy-protocol",
+        action="store_true",
+        help="send the service a PROXY protocol v2 header with the client's address first",
+    )
+    expose.add_argument(
+        "--inspect",
+        action="store_true",
+        help="record requests to this port for inspection (`tunneld inspect`; http only)",
+    )
     expose.add_argument("--json", action="store_true", help="print the JSON answer instead")
     expose.set_defaults(handler=_cmd_expose)
 
@@ -831,6 +848,12 @@ def _cmd_expose(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
         body["name"] = args.name
     if args.token is not None:
         body["token"] = args.token
+    if args.protocol != "http":
+        body["protocol"] = args.protocol
+    if args.proxy_protocol:
+        body["proxyProtocol"] = True
+    if args.inspect:
+        body["inspect"] = True
     data = _client(args, parser).request("POST", "/v1/ports", body)
     if args.json:
         _print_json(data)

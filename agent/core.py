@@ -49,7 +49,13 @@ from typing import TYPE_CHECKING, Any, Final, cast
 from protocol import control
 from protocol.errors import GoAwayCode, ResetCode
 from protocol.events import ConnectionTerminated, StreamOpened
-from protocol.hostnames import InvalidPortError, ValidationError, validate_port
+from protocol.hostnames import (
+    DEFAULT_OPTIONS,
+    ExposureOptions,
+    InvalidPortError,
+    ValidationError,
+    validate_port,
+)
 from protocol.session import Role, Session, SessionConfig
 from relay.mux import MuxProtocol, StreamEndpoint, abort_with_reset
 from relay.requests import ControlRequestError
@@ -501,11 +507,19 @@ class Agent:
             raise AgentError(exc.code, exc.message, status_for(exc.code)) from None
 
     async def expose(
-        self, port: int, name: str | None = None, token: str | None = None
+        self,
+        port: int,
+        name: str | None = None,
+        token: str | None = None,
+        options: ExposureOptions = DEFAULT_OPTIONS,
     ) -> control.Exposure:
         port = self.check_port(port)
+        o = options
         ok = await self._call(
-            lambda rid: control.Expose(rid, port, name, token), lambda ok: self.remember(port)
+            lambda rid: control.Expose(
+                rid, port, name, token, o.protocol, o.proxy_protocol, o.inspect
+            ),
+            lambda ok: self.remember(port),
         )
         if not ok.exposures:
             raise AgentError("BAD_REPLY", "The edge answered without the exposure.", 502)

@@ -44,8 +44,11 @@ from agent.errors import api_port_error, status_for
 from agent.portwatch import PortWatches, TooManyWatches, WatchSpec, spec_from_json, watch_port
 from protocol.control import Exposure
 from protocol.hostnames import (
+    DEFAULT_OPTIONS,
+    ExposureOptions,
     ValidationError,
     validate_custom_token,
+    validate_exposure_options,
     validate_port,
     validate_port_name,
 )
@@ -97,7 +100,11 @@ class ExposureController(Protocol):
     def sandbox_id(self) -> str: ...
 
     async def expose(
-        self, port: int, name: str | None = None, token: str | None = None
+        self,
+        port: int,
+        name: str | None = None,
+        token: str | None = None,
+        options: ExposureOptions = DEFAULT_OPTIONS,
     ) -> Exposure: ...
 
     async def unexpose(self, port: int) -> None: ...
@@ -387,7 +394,10 @@ class LocalAPI:
         port = self._exposable_port(obj)
         name = _optional_name(obj)
         token = _optional_token(obj)
-        exposure = await self._controller.expose(port, name=name, token=token)
+        options = validate_exposure_options(
+            obj.get("protocol"), obj.get("proxyProtocol"), obj.get("inspect")
+        )
+        exposure = await self._controller.expose(port, name=name, token=token, options=options)
         return json_response(200, _exposurejson_response(exposure))
 
     async def _unexpose(

@@ -118,12 +118,20 @@ class Welcome:
 
 @dataclass(frozen=True, slots=True)
 class Expose:
-    """Both directions. ``token`` None: keep the existing token or let the edge generate one."""
+    """Both directions. ``token`` None: keep the existing token or let the edge generate one.
+
+    The options (``protocol`` "http" | "tcp" | "tls", ``proxy_protocol``, ``inspect``) travel
+    agent -> edge only, and only when not the default, so an edge or agent that predates them
+    reads every plain expose as before; the edge tells an agent about an exposure by its ``url``.
+    """
 
     id: int
     port: int
     name: str | None = None
     token: str | None = None
+    protocol: str = "http"
+    proxy_protocol: bool = False
+    inspect: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -271,6 +279,26 @@ def _mode(value: object, path: str) -> str:
     raise _bad(path, "'http' or 'tcp'", value)
 
 
+def _protocol(value: object, path: str) -> str:
+    if value in ("http", "tcp", "tls") and type(value) is str:
+        return value
+    raise _bad(path, "'http', 'tcp' or 'tls'", value)
+
+
+def _bool(value: object, path: str) -> bool:
+    if type(value) is bool:
+        return value
+    raise _bad(path, "true or false", value)
+
+
+# Fields left off the wire when they hold their default (see Expose).
+_WIRE_DEFAULTS: Final[Mapping[str, object]] = {
+    "protocol": "http",
+    "proxy_protocol": False,
+    "inspect": False,
+}
+
+
 def _probe_path(value: object, path: str) -> str:
     # An absolute request target with no whitespace or control characters: it goes into a
     # request line as is.
@@ -331,6 +359,9 @@ _SCHEMAS: Final[Mapping[str, tuple[type[Any], _Fields]]] = {
             "port": (_PORT, True),
             "name": (_optional(_str(0, _MAX_NAME)), False),
             "token": (_optional(_str(1, _MAX_TOKEN)), False),
+            "protocol": (_protocol, False),
+            "proxy_protocol": (_bool, False),
+            "inspect": (_bool, False),
         },
     ),
     "unexpose": (Unexpose, {"id": (_ID, True), "port": (_PORT, True)}),
@@ -393,6 +424,12 @@ def _to_dict(name: str, msg: object) -> dict[str, Any]:
         value = getattr(msg, key)
         if value is None:
             continue  # optional and unset: leave it off the wire
+        if (
+            key in _WIRE_DEFAULTS
+            and value == _WIRE_DEFAULTS[key]
+            and type(value) is type(_WIRE_DEFAULTS[key])
+        ):
+            continue
         if key == "exposures":
             value = [
                 {k: v for k, v in _exposure_dict(e, f"{name}.{key}[{i}]").items() if v is not None}

@@ -26,6 +26,8 @@ from typing import Final
 
 __all__ = [
     "CONTROL_PLANE_PORT",
+    "DEFAULT_OPTIONS",
+    "EXPOSURE_PROTOCOLS",
     "GENERATED_TOKEN_ALPHABET",
     "MAX_CUSTOM_TOKEN_LENGTH",
     "MAX_PORT",
@@ -36,8 +38,10 @@ __all__ = [
     "RESERVED_SANDBOX_IDS",
     "TOKEN_ALPHABET",
     "TOKEN_LENGTH",
+    "ExposureOptions",
     "InvalidDomainError",
     "InvalidNameError",
+    "InvalidOptionError",
     "InvalidPortError",
     "InvalidSandboxIdError",
     "InvalidTokenError",
@@ -49,6 +53,7 @@ __all__ = [
     "parse_preview_host",
     "tokens_equal",
     "validate_custom_token",
+    "validate_exposure_options",
     "validate_port",
     "validate_port_name",
     "validate_route_token",
@@ -134,6 +139,48 @@ class InvalidDomainError(ValidationError):
 
 class InvalidNameError(ValidationError):
     code = "INVALID_NAME"
+
+
+class InvalidOptionError(ValidationError):
+    code = "INVALID_OPTION"
+
+
+# What an exposure carries: "http" (a preview URL, the default), "tcp" (a public TCP port, raw
+# bytes), "tls" (routed by SNI on the public TLS port, TLS ended in the sandbox).
+EXPOSURE_PROTOCOLS: Final = ("http", "tcp", "tls")
+
+
+@dataclass(frozen=True, slots=True)
+class ExposureOptions:
+    """How an exposure is served, beyond port/name/token. The defaults are a plain preview URL,
+    and a message or record that carries only defaults leaves the fields out (older peers)."""
+
+    protocol: str = "http"
+    proxy_protocol: bool = False  # send a PROXY protocol v2 header to the service first
+    inspect: bool = False  # record requests in the sandbox's inspection buffer
+
+
+DEFAULT_OPTIONS: Final = ExposureOptions()
+
+
+def validate_exposure_options(
+    protocol: object = "http", proxy_protocol: object = False, inspect: object = False
+) -> ExposureOptions:
+    """The options from untrusted values (JSON ``null`` = the default); InvalidOptionError."""
+    if protocol is None:
+        protocol = "http"
+    if protocol not in EXPOSURE_PROTOCOLS or not isinstance(protocol, str):
+        raise InvalidOptionError(
+            f"protocol must be one of {', '.join(EXPOSURE_PROTOCOLS)}; got {_js_str(protocol)}."
+        )
+    for field_name, value in (("proxyProtocol", proxy_protocol), ("inspect", inspect)):
+        if value is not None and not isinstance(value, bool):
+            raise InvalidOptionError(f"{field_name} must be true or false.")
+    if inspect and protocol != "http":
+        raise InvalidOptionError("inspect records HTTP requests: only for protocol http.")
+    if protocol == DEFAULT_OPTIONS.protocol and not proxy_protocol and not inspect:
+        return DEFAULT_OPTIONS
+    return ExposureOptions(str(protocol), bool(proxy_protocol), bool(inspect))
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,6 +15,10 @@ path does one ``is None`` check. With it on, each connection gets a ``Connection
   first response byte, request id. With ``--log-format json`` the same fields are JSON keys.
   Requests that got no response (the client or the service went away, or the responses could
   not be followed) are logged when the connection ends, with status ``null`` and a note.
+
+An inspected connection (tunneld/inspect.py) takes this same path, with ``quiet`` when the access
+log is off: its ``recorder`` gets each request's head and body prefix, the response head and
+body prefix, and the end (complete, aborted, edge-answered), at the same points as the log line.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from .responses import ResponseDone, ResponseFramer, ResponseHead, Unframed
 
 if TYPE_CHECKING:
     from .httphead import RequestHead
+    from .inspect import ConnectionRecorder, Record
 
 __all__ = ["ConnectionLog", "request_id_of"]
 
@@ -49,7 +54,7 @@ def request_id_of(head: RequestHead) -> bytes:
 
 
 class _Request:
-    __slots__ = ("body_in", "method", "request_id", "started", "target", "ttfb")
+    __slots__ = ("body_in", "method", "record", "request_id", "started", "target", "ttfb")
 
     def __init__(self, method: bytes, target: bytes, request_id: bytes) -> None:
         self.method = method
@@ -58,15 +63,28 @@ class _Request:
         self.started = time.monotonic()
         self.ttfb: float | None = None
         self.body_in = 0
+        self.record: Record | None = None  # inspection (tunneld/inspect.py), when on
 
 
 class ConnectionLog:
     """Requests in flight on one connection, in order, and the framer of their responses."""
 
-    __slots__ = ("_requests", "client", "framer", "port", "sandbox_id")
+    __slots__ = (
+        "_capture",
+        "_requests",
+        "client",
+        "framer",
+        "port",
+        "quiet",
+        "recorder",
+        "sandbox_id",
+    )
 
-    def __init__(self, client: str) -> None:
+    def __init__(self, client: str, *, quiet: bool = False) -> None:
         self.client = client
+        self.quiet = quiet  # no log lines: the connection is here for inspection only
+        self.recorder: ConnectionRecorder | None = None
+        self._capture: Record | None = None  # the record whose response body is flowing
         self.sandbox_id = ""
         self.port = 0
         self.framer = ResponseFramer()
@@ -77,13 +95,19 @@ class ConnectionLog:
         """A request is forwarded; returns the ``x-request-id`` header line it carries."""
         request_id = request_id_of(head)
         if len(self._requests) < 1024:  # pipelining without reading: stop recording, not grow
-            self._requests.append(_Request(head.method, head.target, request_id))
+            request = _Request(head.method, head.target, request_id)
+            if self.recorder is not None:
+                request.record = self.recorder.begin(head, request_id)
+            self._requests.append(request)
             self.framer.expect(head.method)
         return b"x-request-id: " + request_id + b"\r\n"
 
-    def body(self, n: int) -> None:
+    def body(self, data: bytes | memoryview) -> None:
         if self._requests:
-            self._requests[-1].body_in += n
+            request = self._requests[-1]
+            request.body_in += len(data)
+            if request.record is not None:
+                request.record.request_body(data)
 
     # -- responses -------------------------------------------------------------------------------
     def response(self, data: bytes) -> list[bytes | memoryview]:
@@ -93,6 +117,8 @@ class ConnectionLog:
         for event in self.framer.feed(data):
             if isinstance(event, (bytes, memoryview)):
                 out.append(event)
+                if self._capture is not None:
+                    self._capture.response_body(event)
             elif isinstance(event, ResponseHead):
                 out.append(self._head(event))
             elif isinstance(event, ResponseDone):
@@ -109,15 +135,20 @@ class ConnectionLog:
             return head.raw
         if request.ttfb is None:
             request.ttfb = time.monotonic() - request.started
+        if request.record is not None:
+            self._capture = request.record
+            request.record.response_head_raw(head.raw)
         if head.has_request_id:
             return head.raw
         return head.raw[:-2] + b"x-request-id: " + request.request_id + b"\r\n\r\n"
 
     def _done(self, done: ResponseDone) -> None:
+        self._capture = None
         if self._requests:
             self._write(self._requests.popleft(), done.status, done.body, None)
 
     def _unframed(self, reason: str) -> None:
+        self._capture = None
         while self._requests:
             self._write(self._requests.popleft(), None, None, f"responses not followed: {reason}")
 
@@ -126,18 +157,25 @@ class ConnectionLog:
         if self._requests:
             self._write(self._requests.popleft(), status, None, f"edge: {code}")
 
-    def closed(self) -> None:
-        """The connection ended: a body read until close is complete; the rest got nothing."""
-        for event in self.framer.close():
-            if isinstance(event, ResponseDone):
-                self._done(event)
+    def closed(self, service_ended: bool = True) -> None:
+        """The connection ended: a body read until close is complete if the service ended it
+        (``service_ended``: its FIN, not a reset); the rest got no (whole) response."""
+        if service_ended:
+            for event in self.framer.close():
+                if isinstance(event, ResponseDone):
+                    self._done(event)
+        self._capture = None
         while self._requests:
-            self._write(self._requests.popleft(), None, None, "no response")
+            request = self._requests.popleft()
+            cut = request.ttfb is not None  # its head went out: the response was cut short
+            self._write(request, None, None, "response cut short" if cut else "no response")
 
     def _write(
         self, request: _Request, status: int | None, body_out: int | None, note: str | None
     ) -> None:
-        if not log.isEnabledFor(logging.INFO):
+        if request.record is not None and self.recorder is not None:
+            self.recorder.end(request.record, status, note)
+        if self.quiet or not log.isEnabledFor(logging.INFO):
             return
         duration = time.monotonic() - request.started
         fields: dict[str, Any] = {

@@ -11,6 +11,9 @@
     GET    /v1/sandboxes/{id}/ports/{port}/ws?path=/  WebSocket handshake relayed to the sandbox
     POST   /v1/sandboxes/{id}/ports/{port}/wait       {"mode"?, "path"?, "timeout"?...}: 200 ready,
                                                       504 PORT_NOT_READY, 503 not connected
+    GET    /v1/sandboxes/{id}/requests?since=&follow= inspected requests (tunneld/inspect.py)
+    GET    /v1/sandboxes/{id}/requests/{rid}          one record: heads, body prefixes, timings
+    PUT    /v1/sandboxes/{id}/inspect                 inspection on/off for the sandbox (DELETE)
 
 The connection loop, limits and error rendering are the shared server's (:mod:`relay.httpapi`, also
 behind the agent's local API); this module owns the routes and the WebSocket connect hand-over.
@@ -131,6 +134,11 @@ class AdminServer:
         if len(parts) == 3 and parts[:2] == ["v1", "sandboxes"]:
             self._allow(method, "GET")
             return json_response(200, await self._one_sandbox(validate_sandbox_id(parts[2])))
+        if 4 <= len(parts) <= 5 and parts[:2] == ["v1", "sandboxes"] and parts[3] in _INSPECTION:
+            from .inspect import handle_admin  # request inspection: tunneld/inspect.py
+
+            sandbox_id = validate_sandbox_id(parts[2])
+            return await handle_admin(edge, method, sandbox_id, parts[3:], request.query)
         if len(parts) >= 4 and parts[:2] == ["v1", "sandboxes"] and parts[3] == "ports":
             sandbox_id = validate_sandbox_id(parts[2])
             if len(parts) == 4:
@@ -402,6 +410,10 @@ class AdminServer:
 
 # The body of POST .../ports/{port}/wait: Cloudflare's port-watch fields; timeout in seconds.
 _WAIT_FIELDS: Final = frozenset({"mode", "path", "statusMin", "statusMax", "interval", "timeout"})
+
+
+# The request-inspection routes under /v1/sandboxes/{id}/ (tunneld/inspect.py)
+_INSPECTION: Final = frozenset({"requests", "inspect"})
 
 
 def _busy(sandbox_id: str) -> ApiError:

@@ -28,6 +28,8 @@ examples:
   tunneld demo                    # edge + agent + sample service on loopback, prints the URL
   tunneld exposures export > backup.jsonl     # stored exposures as JSON lines (safe while running)
   tunneld exposures import backup.jsonl       # restore them (tunneld stopped)
+  tunneld inspect abc123 --follow             # requests its preview URLs serve (inspection on)
+  tunneld replay abc123 42                    # send recorded request 42 again
 
 secrets never go on the command line (they would show in ps): use the environment
 (TUNNELD_ADMIN_TOKEN, TUNNELD_SECRET), files (TUNNELD_ADMIN_TOKEN_FILE, TUNNELD_SECRET_FILE),
@@ -191,6 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
         )
         action.add_argument("--state-dir", metavar="DIR", help="state directory (see serve)")
 
+    from .inspect_cli import add_parsers as inspect_parsers
+
+    inspect_parsers(sub)  # inspect, replay: request inspection over the admin API
     demo = sub.add_parser(
         "demo",
         help="run edge + agent + a sample service on loopback and print the preview URL",
@@ -285,6 +290,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .exposures_cli import run_exposures
 
             return run_exposures(args)
+        if args.command in ("inspect", "replay"):
+            from .inspect_cli import run_inspect, run_replay
+
+            return run_inspect(args) if args.command == "inspect" else run_replay(args)
         if args.command == "demo":
             _setup_logging(args.log_level)
             from .demo import run_demo

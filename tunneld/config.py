@@ -83,6 +83,13 @@ class Config:
     log_level: str = "info"
     log_format: str = "text"  # or "json": one object per line (tunneld/logs.py)
     access_log: bool = False
+    # Request inspection (tunneld/inspect.py; on per sandbox or per exposure, never by default):
+    # records kept per sandbox, body bytes kept per request and per response, all records of
+    # this node together (bytes), and credentials headers replaced by "[redacted]".
+    inspect_max_requests: int = 100
+    inspect_body_bytes: int = 16 * 1024
+    inspect_max_bytes: int = 64 * 1024 * 1024
+    inspect_redact: bool = True
     # Durable exposures (tunneld/store.py). EdgeServer built directly keeps them in memory;
     # `tunneld serve` opens this store: sqlite in state_dir ("" = $STATE_DIRECTORY under
     # systemd, else ~/.local/state/tunneld), memory (gone at exit), or a Redis URL shared by
@@ -144,6 +151,16 @@ class Config:
             raise ConfigError(f"log_format must be text or json, not {self.log_format!r}")
         if self.keepalive_timeout <= 0:
             raise ConfigError("keepalive_timeout must be > 0")
+        if not 1 <= self.inspect_max_requests <= 100_000:
+            raise ConfigError(
+                f"inspect_max_requests must be 1-100000, not {self.inspect_max_requests}"
+            )
+        if not 0 <= self.inspect_body_bytes <= 16 * 1024 * 1024:
+            raise ConfigError(f"inspect_body_bytes must be 0-16 MiB, not {self.inspect_body_bytes}")
+        if self.inspect_max_bytes < 1024 * 1024:
+            raise ConfigError(
+                f"inspect_max_bytes must be at least 1 MiB, not {self.inspect_max_bytes}"
+            )
         if self.max_connections < 1 or self.max_connections_per_ip < 1:
             raise ConfigError("max_connections and max_connections_per_ip must be at least 1")
         self.store = check_store(self.store)

@@ -45,6 +45,7 @@ from .auth import AgentAuth
 from .budget import RequestBudget
 from .config import Config
 from .httphead import default_parser
+from .inspect import Inspector
 from .metrics import Metrics
 from .public import PublicConnection, PublicLimits
 from .registry import ExposureRecord, Registry, RegistryError
@@ -444,6 +445,13 @@ class EdgeServer:
         self.auth = AgentAuth(self)
         self.public_connections: set[PublicConnection] = set()
         self.public_limits = PublicLimits()
+        # Request inspection (tunneld/inspect.py): records of inspected sandboxes, this node's
+        self.inspector = Inspector(
+            max_requests=config.inspect_max_requests,
+            body_bytes=config.inspect_body_bytes,
+            max_bytes=config.inspect_max_bytes,
+            redact=config.inspect_redact,
+        )
         self.agent_connections: set[EdgeSession] = set()
         self._servers: list[asyncio.Server] = []
         self._sweeper: asyncio.Task[None] | None = None

@@ -24,7 +24,17 @@ from .config import Config, ConfigError, load_config
 from .registry import Registry
 from .store import SqliteStore, StoredExposure, StoreError, default_state_dir, read_exposures
 
-_FIELDS = {"sandbox_id", "port", "token", "name", "created_at"}
+_FIELDS = {
+    "sandbox_id",
+    "port",
+    "token",
+    "name",
+    "created_at",
+    "protocol",
+    "proxy_protocol",
+    "inspect",
+    "public_port",
+}
 
 
 def _config(args: argparse.Namespace) -> Config:
@@ -91,9 +101,17 @@ def parse_lines(lines: Iterable[str], now: float) -> list[StoredExposure]:
         created_at = item.get("created_at", now)
         if isinstance(created_at, bool) or not isinstance(created_at, (int, float)):
             raise StoreError(f"line {number}: created_at must be a number (Unix time)")
-        records.append(
+        records.append(  # option values are checked by Registry.load, as a stored record's
             StoredExposure(
-                item["sandbox_id"], item["port"], item["token"], item.get("name"), created_at
+                item["sandbox_id"],
+                item["port"],
+                item["token"],
+                item.get("name"),
+                created_at,
+                item.get("protocol", "http"),
+                item.get("proxy_protocol", False),
+                item.get("inspect", False),
+                item.get("public_port"),
             )
         )
     return records

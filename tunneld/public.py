@@ -47,6 +47,7 @@ from .accesslog import ConnectionLog
 from .budget import RequestBudget
 from .framing import RequestFramer, State, forward_head
 from .httphead import HeadError, HeadParser, RequestHead
+from .inspect import ConnectionRecorder
 
 if TYPE_CHECKING:
     from .edge import EdgeServer, EdgeSession
@@ -301,7 +302,7 @@ class PublicConnection(StreamEndpoint):
             else:
                 self.forward(event)
                 if self._access is not None:
-                    self._access.body(len(event))
+                    self._access.body(event)
         self._after_input()
 
     def _on_head(self, head: RequestHead) -> bool:
@@ -375,6 +376,14 @@ class PublicConnection(StreamEndpoint):
                 )
                 return False
             self.mux = session
+            # Inspection (tunneld/inspect.py) is decided here, once per connection.
+            ring = server.inspector.wants(route.sandbox_id, state.exposures.get(route.port))
+            if ring is not None:
+                if self._access is None:
+                    self._access = ConnectionLog(self._peer_ip, quiet=True)
+                self._access.recorder = ConnectionRecorder(
+                    server.inspector, ring, route.port, self._peer_ip, config.scheme
+                )
         access = self._access
         if access is not None:
             access.sandbox_id, access.port = self.sandbox_id, self.port
@@ -683,7 +692,7 @@ class PublicConnection(StreamEndpoint):
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_timer()
         if self._access is not None:
-            self._access.closed()
+            self._access.closed(self._peer_eof)
         self.server.public_connections.discard(self)
         ip = self._counted_ip
         if ip is not None:

@@ -13,7 +13,9 @@ several clusters this way):
 
 ==================================  =============================================================
 ``{prefix}:exp:{sandbox_id}``       hash, field port -> JSON record ``{"created_at": 1.5,
-                                    "token": "...", "name": null}`` (``created_at`` first, always)
+                                    "token": "...", "name": null}`` (``created_at`` first, always;
+                                    options only when set: ``"protocol"``, ``"proxy_protocol"``,
+                                    ``"inspect"``, ``"public_port"``)
 ``{prefix}:sandboxes``              set of the sandbox ids that have a hash
 ``{prefix}:changes``                pub/sub channel: one JSON message per change (below)
 ``{prefix}:owner:{sandbox_id}``     string ``"{epoch} {node_id}"`` with the lease as its TTL
@@ -436,10 +438,7 @@ class RedisStore:
 
     def _decode(self, sandbox_id: str, port: int, value: bytes) -> StoredExposure:
         try:
-            data = orjson.loads(value)
-            return StoredExposure(
-                sandbox_id, port, data["token"], data["name"], float(data["created_at"])
-            )
+            return _record(sandbox_id, port, orjson.loads(value))
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
             raise StoreError(
                 f"redis at {self.location}: {self.exposure_key(sandbox_id)} port {port} holds "
@@ -448,7 +447,10 @@ class RedisStore:
 
     async def put(self, record: StoredExposure) -> None:
         created = orjson.dumps(record.created_at)
-        tail = orjson.dumps({"token": record.token, "name": record.name})[1:]
+        fields = record.to_json()
+        for key in ("sandbox_id", "port", "created_at"):
+            del fields[key]
+        tail = orjson.dumps(fields)[1:]  # token, name, then the options that are set
         head = self._head("put", record.sandbox_id, port=record.port) + b'"record":'
         await self._write(
             record.sandbox_id,
@@ -728,6 +730,22 @@ def _ms(seconds: float) -> int:
     return max(1, round(seconds * 1000))
 
 
+def _record(sandbox_id: str, port: int, r: dict[str, Any]) -> StoredExposure:
+    """A stored record from its JSON (KeyError/TypeError/ValueError when malformed); the
+    options' values are checked by the registry like any stored record's."""
+    return StoredExposure(
+        sandbox_id,
+        port,
+        r["token"],
+        r["name"],
+        float(r["created_at"]),
+        r.get("protocol", "http"),
+        r.get("proxy_protocol", False),
+        r.get("inspect", False),
+        r.get("public_port"),
+    )
+
+
 def _parse_owner(value: bytes | None) -> tuple[str, int] | None:
     if value is None:
         return None
@@ -741,11 +759,7 @@ def _parse_change(data: bytes) -> ExposurePut | ExposureDeleted | OwnerChanged |
     node = str(message["node"])
     sandbox_id = str(message["sandbox_id"])
     if op == "put":
-        r = message["record"]
-        record = StoredExposure(
-            sandbox_id, int(message["port"]), r["token"], r["name"], float(r["created_at"])
-        )
-        return ExposurePut(node, record)
+        return ExposurePut(node, _record(sandbox_id, int(message["port"]), message["record"]))
     if op == "delete":
         return ExposureDeleted(node, sandbox_id, int(message["port"]))
     if op == "owner":

@@ -33,10 +33,14 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 from protocol.hostnames import (
+    DEFAULT_OPTIONS,
+    ExposureOptions,
+    InvalidOptionError,
     ValidationError,
     generate_token,
     tokens_equal,
     validate_custom_token,
+    validate_exposure_options,
     validate_port,
     validate_port_name,
     validate_sandbox_id,
@@ -67,6 +71,22 @@ class ExposureRecord:
     token: str
     name: str | None = None
     created_at: float = 0.0
+    options: ExposureOptions = DEFAULT_OPTIONS
+    public_port: int | None = None  # the public TCP port of a "tcp" exposure, once assigned
+
+    def stored(self, sandbox_id: str) -> StoredExposure:
+        o = self.options
+        return StoredExposure(
+            sandbox_id,
+            self.port,
+            self.token,
+            self.name,
+            self.created_at,
+            o.protocol,
+            o.proxy_protocol,
+            o.inspect,
+            self.public_port,
+        )
 
 
 @dataclass(slots=True)
@@ -121,16 +141,17 @@ class Registry:
 
     # -- exposures, durable -----------------------------------------------------------------------
     async def commit_expose(
-        self, sandbox_id: str, port: int, name: str | None = None, token: str | None = None
+        self,
+        sandbox_id: str,
+        port: int,
+        name: str | None = None,
+        token: str | None = None,
+        options: ExposureOptions = DEFAULT_OPTIONS,
     ) -> ExposureRecord:
         """``expose``, answered only once the store has the record (then the view changes)."""
         async with self._sandbox_lock(sandbox_id):
-            record = self._prepare(sandbox_id, port, name, token)
-            await self._write(
-                self.store.put(
-                    StoredExposure(sandbox_id, port, record.token, name, record.created_at)
-                )
-            )
+            record = self._prepare(sandbox_id, port, name, token, options=options)
+            await self._write(self.store.put(record.stored(sandbox_id)))
             self._apply(sandbox_id, record)
             return record
 
@@ -187,7 +208,15 @@ class Registry:
                 validate_custom_token(r.token)
                 if not isinstance(r.created_at, (int, float)):
                     raise RegistryError(400, "INVALID_REQUEST", "created_at is not a number")
-                record = self._prepare(r.sandbox_id, r.port, r.name, r.token, float(r.created_at))
+                record = self._prepare(
+                    r.sandbox_id,
+                    r.port,
+                    r.name,
+                    r.token,
+                    float(r.created_at),
+                    _stored_options(r),
+                    _stored_public_port(r),
+                )
             except ValidationError as exc:
                 where = f"stored exposure {r.sandbox_id!r} port {r.port!r}"
                 hint = ""
@@ -201,9 +230,7 @@ class Registry:
     def records(self) -> list[StoredExposure]:
         """The whole view as store records (sorted), e.g. for an export."""
         return [
-            StoredExposure(s.sandbox_id, r.port, r.token, r.name, r.created_at)
-            for s in self.sandboxes()
-            for r in self.exposures(s.sandbox_id)
+            r.stored(s.sandbox_id) for s in self.sandboxes() for r in self.exposures(s.sandbox_id)
         ]
 
     # -- exposures, changed by another node (a shared store's feed) -------------------------------
@@ -249,10 +276,12 @@ class Registry:
             validate_port(r.port)
             validate_port_name(r.name)
             validate_custom_token(r.token)
+            options = _stored_options(r)
+            public_port = _stored_public_port(r)
         except ValidationError as exc:  # not a record a tunneld writes: skipped, said once
             log.warning("stored exposure %r port %r skipped: %s", r.sandbox_id, r.port, exc)
             return None
-        record = ExposureRecord(r.port, r.token, r.name, float(r.created_at))
+        record = ExposureRecord(r.port, r.token, r.name, float(r.created_at), options, public_port)
         state = self._sandboxes.get(r.sandbox_id)
         if state is not None and state.exposures.get(r.port) == record:
             return None
@@ -261,10 +290,16 @@ class Registry:
 
     # -- exposures, in memory --------------------------------------------------------------------
     def expose(
-        self, sandbox_id: str, port: int, name: str | None = None, token: str | None = None
+        self,
+        sandbox_id: str,
+        port: int,
+        name: str | None = None,
+        token: str | None = None,
+        options: ExposureOptions = DEFAULT_OPTIONS,
     ) -> ExposureRecord:
-        """Expose ``port`` (idempotent: re-exposing keeps the token unless a new one is given)."""
-        record = self._prepare(sandbox_id, port, name, token)
+        """Expose ``port`` (idempotent: re-exposing keeps the token unless a new one is given;
+        name and options are replaced by the ones given)."""
+        record = self._prepare(sandbox_id, port, name, token, options=options)
         self._apply(sandbox_id, record)
         return record
 
@@ -275,6 +310,8 @@ class Registry:
         name: str | None,
         token: str | None,
         created_at: float | None = None,
+        options: ExposureOptions = DEFAULT_OPTIONS,
+        public_port: int | None = None,
     ) -> ExposureRecord:
         """The record ``expose`` would install, after the rules; changes nothing."""
         state = self._sandboxes.get(sandbox_id)
@@ -299,7 +336,13 @@ class Registry:
                 )
         if created_at is None:
             created_at = existing.created_at if existing is not None else time.time()
-        return ExposureRecord(port, token, name, created_at)
+        if (
+            public_port is None
+            and existing is not None
+            and existing.options.protocol == options.protocol
+        ):
+            public_port = existing.public_port  # an assigned public port stays with the exposure
+        return ExposureRecord(port, token, name, created_at, options, public_port)
 
     def _apply(self, sandbox_id: str, record: ExposureRecord) -> None:
         state = self._sandboxes.get(sandbox_id)
@@ -343,3 +386,17 @@ class Registry:
     def _forget_if_empty(self, state: SandboxState) -> None:
         if not state.exposures and state.session is None:
             self._sandboxes.pop(state.sandbox_id, None)
+
+
+def _stored_options(r: StoredExposure) -> ExposureOptions:
+    """A stored record's options, checked like an API client's (InvalidOptionError)."""
+    return validate_exposure_options(r.protocol, r.proxy_protocol, r.inspect)
+
+
+def _stored_public_port(r: StoredExposure) -> int | None:
+    port = r.public_port
+    if port is None:
+        return None
+    if isinstance(port, int) and not isinstance(port, bool) and 1 <= port <= 65535:
+        return port
+    raise InvalidOptionError(f"public_port must be a TCP port number; got {port!r}.")

@@ -60,7 +60,7 @@ log = logging.getLogger("tunneld.store")
 
 DB_FILE: Final = "exposures.db"
 LOCK_FILE: Final = "tunneld.lock"
-SCHEMA_VERSION: Final = 1
+SCHEMA_VERSION: Final = 2
 # Operations one commit may carry: big enough that a burst of exposes shares a few fsyncs,
 # small enough that one transaction never holds the write lock for long.
 MAX_BATCH: Final = 512
@@ -80,6 +80,13 @@ _MIGRATIONS: Final[dict[int, str]] = {
             PRIMARY KEY (sandbox_id, port)
         ) WITHOUT ROWID;
     """,
+    # exposure options (issue 11): defaults are what every version-1 exposure was
+    2: """
+        ALTER TABLE exposures ADD COLUMN protocol TEXT NOT NULL DEFAULT 'http';
+        ALTER TABLE exposures ADD COLUMN proxy_protocol INTEGER NOT NULL DEFAULT 0;
+        ALTER TABLE exposures ADD COLUMN inspect INTEGER NOT NULL DEFAULT 0;
+        ALTER TABLE exposures ADD COLUMN public_port INTEGER;
+    """,
 }
 
 
@@ -96,15 +103,30 @@ class StoredExposure(NamedTuple):
     token: str
     name: str | None
     created_at: float
+    # Options (schema 2); the defaults are a plain HTTP preview URL.
+    protocol: str = "http"
+    proxy_protocol: bool = False
+    inspect: bool = False
+    public_port: int | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "sandbox_id": self.sandbox_id,
             "port": self.port,
             "token": self.token,
             "name": self.name,
             "created_at": self.created_at,
         }
+        # Options only when set: an export of plain exposures reads as it always did.
+        if self.protocol != "http":
+            out["protocol"] = self.protocol
+        if self.proxy_protocol:
+            out["proxy_protocol"] = True
+        if self.inspect:
+            out["inspect"] = True
+        if self.public_port is not None:
+            out["public_port"] = self.public_port
+        return out
 
 
 class Store(Protocol):
@@ -141,9 +163,7 @@ class MemoryStore:
         key = (record.sandbox_id, record.port)
         old = self._records.get(key)
         if old is not None:  # the same rule as sqlite's upsert: created_at stays
-            record = StoredExposure(
-                record.sandbox_id, record.port, record.token, record.name, old.created_at
-            )
+            record = record._replace(created_at=old.created_at)
         self._records[key] = record
 
     async def delete(self, sandbox_id: str, port: int) -> None:
@@ -253,9 +273,13 @@ def conn_path(conn: sqlite3.Connection) -> str:
 
 def _rows(conn: sqlite3.Connection) -> Iterator[StoredExposure]:
     cursor = conn.execute(
-        "SELECT sandbox_id, port, token, name, created_at FROM exposures ORDER BY sandbox_id, port"
+        "SELECT sandbox_id, port, token, name, created_at, protocol, proxy_protocol, inspect, "
+        "public_port FROM exposures ORDER BY sandbox_id, port"
     )
-    return map(StoredExposure._make, cursor)
+    return (
+        StoredExposure(s, p, t, n, c, proto, bool(pp), bool(i), pub)
+        for s, p, t, n, c, proto, pp, i, pub in cursor
+    )
 
 
 @dataclass(slots=True)
@@ -267,8 +291,11 @@ class _Op:
 
 
 _PUT: Final = (
-    "INSERT INTO exposures (sandbox_id, port, token, name, created_at) VALUES (?, ?, ?, ?, ?) "
-    "ON CONFLICT (sandbox_id, port) DO UPDATE SET token = excluded.token, name = excluded.name"
+    "INSERT INTO exposures (sandbox_id, port, token, name, created_at, protocol, proxy_protocol, "
+    "inspect, public_port) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
+    "ON CONFLICT (sandbox_id, port) DO UPDATE SET token = excluded.token, name = excluded.name, "
+    "protocol = excluded.protocol, proxy_protocol = excluded.proxy_protocol, "
+    "inspect = excluded.inspect, public_port = excluded.public_port"
 )
 # import restores a backup exactly, created_at included
 _RESTORE: Final = _PUT + ", created_at = excluded.created_at"
@@ -325,10 +352,7 @@ class SqliteStore:
             raise StoreError(f"cannot read {self.path} ({exc}): {_what_to_do(self.path)}") from None
 
     async def put(self, record: StoredExposure) -> None:
-        await self._submit(
-            _PUT,
-            (record.sandbox_id, record.port, record.token, record.name, record.created_at),
-        )
+        await self._submit(_PUT, tuple(record))
 
     async def delete(self, sandbox_id: str, port: int) -> None:
         await self._submit(_DELETE, (sandbox_id, port))
@@ -360,7 +384,7 @@ class SqliteStore:
                 if replace:
                     conn.execute("DELETE FROM exposures")
                 for r in records:
-                    conn.execute(_RESTORE, (r.sandbox_id, r.port, r.token, r.name, r.created_at))
+                    conn.execute(_RESTORE, tuple(r))
                     count += 1
                 conn.execute("COMMIT")
             except BaseException:

@@ -14,6 +14,7 @@ import pytest
 from agent.errors import AgentError
 from agent.local_api import MAX_BODY_BYTES, LocalAPI, start_local_api
 from protocol.control import Exposure
+from protocol.hostnames import DEFAULT_OPTIONS, ExposureOptions
 
 PORT_MESSAGE = (
     "Invalid port number: {}. Must be 1024-65535, excluding 3000 (sandbox control plane)."
@@ -49,9 +50,14 @@ class FakeController:
             raise AgentError("EDGE_NOT_CONNECTED", "The agent is not connected to the edge.")
 
     async def expose(
-        self, port: int, name: str | None = None, token: str | None = None
+        self,
+        port: int,
+        name: str | None = None,
+        token: str | None = None,
+        options: ExposureOptions = DEFAULT_OPTIONS,
     ) -> Exposure:
-        self.calls.append(("expose", port, name, token))
+        call: tuple[Any, ...] = ("expose", port, name, token)
+        self.calls.append(call if options == DEFAULT_OPTIONS else (*call, options))
         self._check()
         current = self.exposures.get(port)
         tok = token or (current.token if current else f"tok{port}")
@@ -562,3 +568,17 @@ async def test_expect_100_continue(api: LocalAPI) -> None:
         b"Content-Length: 1000000\r\n\r\n",
     )
     assert data.startswith(b"HTTP/1.1 413 ")
+
+
+async def test_expose_options_reach_the_controller_and_bad_ones_are_400(
+    client: httpx.AsyncClient, controller: FakeController
+) -> None:
+    r = await client.post(
+        "/v1/ports", json={"port": 8000, "protocol": "tls", "proxyProtocol": True}
+    )
+    assert r.status_code == 200, r.text
+    assert controller.last_call() == ("expose", 8000, None, None, ExposureOptions("tls", True))
+    r = await client.post("/v1/ports", json={"port": 8001, "protocol": "sctp"})
+    assert r.status_code == 400
+    assert r.json()["code"] == "INVALID_OPTION"
+    assert controller.last_call()[1] == 8000  # refused before the edge was asked

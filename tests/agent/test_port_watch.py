@@ -48,7 +48,7 @@ class Controller:
     sandbox_id = "sb1"
 
     async def expose(
-        self, port: int, name: str | None = None, token: str | None = None
+        self, port: int, name: str | None = None, token: str | None = None, options: Any = None
     ) -> Exposure:
         raise AssertionError("not used")
 

@@ -14,6 +14,7 @@ import pytest
 from tests.store.test_contract import (
     test_concurrent_custom_tokens_stay_unique_per_sandbox,
     test_delete_removes_only_that_port_and_missing_is_fine,
+    test_exposure_options_survive_a_reopen_and_a_replace,
     test_put_again_replaces_token_and_name_but_keeps_created_at,
     test_put_then_load_gives_every_field_back,
     test_registry_restarted_on_the_store_has_the_same_tokens,
@@ -27,6 +28,7 @@ from .conftest import RedisServer
 __all__ = [
     "test_concurrent_custom_tokens_stay_unique_per_sandbox",
     "test_delete_removes_only_that_port_and_missing_is_fine",
+    "test_exposure_options_survive_a_reopen_and_a_replace",
     "test_put_again_replaces_token_and_name_but_keeps_created_at",
     "test_put_then_load_gives_every_field_back",
     "test_registry_restarted_on_the_store_has_the_same_tokens",

@@ -19,6 +19,7 @@ from agent.core import Agent, AgentConfig
 from tunneld.auth import agent_token
 from tunneld.config import Config
 from tunneld.edge import EdgeServer
+from tunneld.store import Store
 
 from .origin import Origin
 
@@ -48,12 +49,13 @@ class Stack:
             **config,  # type: ignore[arg-type]
         )
         self.edge: EdgeServer | None = None
+        self.store: Store | None = None  # set before start(): exposures in it (else memory)
         self.agents: list[tuple[Agent, asyncio.Task[None]]] = []
         self.origins: list[Origin] = []
         self.admin: httpx.AsyncClient | None = None
 
     async def start(self) -> Stack:
-        self.edge = EdgeServer(self.config, asyncio.get_running_loop())
+        self.edge = EdgeServer(self.config, asyncio.get_running_loop(), self.store)
         await self.edge.start()
         self.admin = httpx.AsyncClient(
             base_url=f"http://127.0.0.1:{self.edge.admin_port}",

@@ -32,7 +32,10 @@ def exposures_cli(
 
 def _expose_three(procs: Processes) -> list[dict]:
     with admin(procs) as a:
-        for body in ({"port": 8000, "token": "mine"}, {"port": 8001, "name": "api ✓"}):
+        for body in (
+            {"port": 8000, "token": "mine"},
+            {"port": 8001, "name": "api ✓", "inspect": True, "proxyProtocol": True},
+        ):
             assert a.post("/v1/sandboxes/sb1/ports", json=body).status_code == 200
         assert a.post("/v1/sandboxes/sb2/ports", json={"port": 9000}).status_code == 200
         return [a.get(f"/v1/sandboxes/{s}/ports").json()["ports"] for s in ("sb1", "sb2")]
@@ -50,6 +53,8 @@ def test_export_while_running_then_import_elsewhere_gives_the_same_urls(
         ("sb1", 8000), ("sb1", 8001), ("sb2", 9000)
     ]  # fmt: skip
     assert lines[0]["token"] == "mine" and lines[1]["name"] == "api ✓"
+    assert lines[1]["inspect"] is lines[1]["proxy_protocol"] is True  # options are backed up
+    assert "inspect" not in lines[0]  # and a plain record reads as before
     assert all(isinstance(r["created_at"], float) for r in lines)
     assert procs.edge is not None and procs.stop(procs.edge) == 0
 
@@ -86,6 +91,8 @@ def test_import_is_refused_while_tunneld_runs(procs: Processes) -> None:
         (b'{"sandbox_id": "Bad", "port": 8000, "token": "x"}', b"Sandbox ID must"),
         (b'{"sandbox_id": "sb1", "port": 8000, "token": "x", "extra": 1}', b"unknown field"),
         (b'{"sandbox_id": "sb1", "port": 8002, "token": "ok"}', b"already in use by port"),
+        (b'{"sandbox_id": "sb1", "port": 8002, "token": "y", "protocol": "udp"}', b"protocol must"),
+        (b'{"sandbox_id": "sb1", "port": 8002, "token": "y", "inspect": "1"}', b"inspect must"),
     ],
 )
 def test_a_bad_line_imports_nothing(procs: Processes, line: bytes, message: bytes) -> None:

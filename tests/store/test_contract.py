@@ -145,3 +145,26 @@ async def test_a_failed_write_changes_nothing_and_is_a_503() -> None:
     assert unexpose_error.value.code == "STORE_UNAVAILABLE"
     assert [r.port for r in registry.exposures("sb1")] == [8000]
     assert registry.match("sb1", 8000, "tok_a") is not None
+
+
+async def test_exposure_options_survive_a_reopen_and_a_replace(backend) -> None:
+    """Options (protocol, PROXY v2, inspect, the assigned public port) come back as written,
+    a plain record next to them keeps the defaults, and a put replaces them like the name."""
+    store, reopen = backend
+    tcp = StoredExposure("sb1", 8000, "tok_a", None, 1.5, "tcp", True, False, 20001)
+    http = StoredExposure("sb1", 8001, "tok_b", "web", 2.5, "http", False, True, None)
+    await store.put(tcp)
+    await store.put(http)
+    await store.put(rec("sb2", 9000, "tok_c"))
+    store = await reopen()
+    loaded = await store.load_all()
+    assert loaded == [tcp, http, rec("sb2", 9000, "tok_c")]
+    assert loaded[2].protocol == "http" and loaded[2].public_port is None
+    assert type(loaded[0].proxy_protocol) is bool and type(loaded[1].inspect) is bool
+    await store.put(tcp._replace(protocol="http", proxy_protocol=False, public_port=None))
+    again = await (await reopen()).load_all()
+    assert again[0] == StoredExposure("sb1", 8000, "tok_a", None, 1.5)
+    registry = Registry(await reopen())
+    registry.load(await registry.store.load_all())
+    record = registry.get("sb1").exposures[8001]
+    assert (record.options.inspect, record.options.protocol, record.name) == (True, "http", "web")

@@ -452,6 +452,63 @@ class Sandbox:
             max_message_size=max_message_size,
         )
 
+    # -- request inspection (docs/sdk.md#request-inspection) -------------------------------------
+    async def set_inspection(self, on: bool = True) -> bool:
+        """Record this sandbox's preview requests (``on``) or stop (``False``); returns the new
+        state. Runtime state of the node that holds the sandbox's agent (an exposure's
+        ``inspect=True`` is the durable alternative, for one port).
+
+        Example::
+
+            await sb.set_inspection(True)
+        """
+        method = "PUT" if on else "DELETE"
+        data = await self._client._request_json(method, f"{self._path}/inspect")
+        if not isinstance(data, dict) or type(data.get("inspect")) is not bool:
+            raise _bad_response(f"expected {{'inspect': bool}}, got {data!r:.100}")
+        return bool(data["inspect"])
+
+    async def requests(self, *, since: int = 0, wait: float = 0) -> list[dict[str, Any]]:
+        """Recorded requests, oldest first (summaries: ``id``, ``time``, ``method``, ``target``,
+        ``status``, ``state``, ``requestBytes``, ``responseBytes``, ``durationMs``, ...), those
+        with an ``id`` above ``since``; ``wait`` (seconds, at most 30) waits for a new one when
+        there is none yet (long-poll).
+
+        Example::
+
+            for r in await sb.requests():
+                print(r["id"], r["method"], r["target"], r["status"])
+        """
+        if not isinstance(since, int) or isinstance(since, bool) or since < 0:
+            raise ValidationError(f"since must be a request id (int >= 0), got {since!r:.32}.")
+        if not isinstance(wait, int | float) or isinstance(wait, bool) or not 0 <= wait <= 30:
+            raise ValidationError(f"wait must be 0-30 seconds, got {wait!r:.32}.")
+        query = f"?since={since}" + (f"&wait={math.ceil(wait)}" if wait else "")
+        client = self._client
+        data = await client._request_json(
+            "GET", f"{self._path}/requests{query}", timeout=math.ceil(wait) + client.timeout
+        )
+        if not isinstance(data, dict) or not isinstance(data.get("requests"), list):
+            raise _bad_response(f"expected {{'requests': [...]}}, got {data!r:.100}")
+        return list(data["requests"])
+
+    async def request(self, request_id: int) -> dict[str, Any]:
+        """One recorded request in full: ``request`` and ``response`` with headers (credentials
+        ``[redacted]``) and the first bytes of each body. :class:`NotFoundError` when it was
+        never recorded or was evicted.
+
+        Example::
+
+            r = await sb.request(42)
+            print(r["response"]["status"], r["response"]["body"])
+        """
+        if not isinstance(request_id, int) or isinstance(request_id, bool) or request_id < 0:
+            raise ValidationError(f"request_id must be an int >= 0, got {request_id!r:.32}.")
+        data = await self._client._request_json("GET", f"{self._path}/requests/{request_id}")
+        if not isinstance(data, dict):
+            raise _bad_response(f"expected a request record, got {data!r:.100}")
+        return data
+
     exposePort = expose_port  # Cloudflare Sandbox SDK names
     waitForPort = wait_for_port
     unexposePort = unexpose_port
