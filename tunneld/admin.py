@@ -35,7 +35,12 @@ from urllib.parse import parse_qs, unquote
 import orjson
 
 from protocol.errors import LocalProtocolError, ResetCode
-from protocol.hostnames import ValidationError, validate_port, validate_sandbox_id
+from protocol.hostnames import (
+    ValidationError,
+    validate_exposure_options,
+    validate_port,
+    validate_sandbox_id,
+)
 from relay.httpapi import (
     ApiError,
     ApiServer,
@@ -54,6 +59,7 @@ from .cluster import RouteError
 from .edge import PortNotReady
 from .httphead import H11HeadParser, HeadError
 from .public import error_response, forward_head
+from .registry import ExposureRecord
 from .store import StoreError
 
 if TYPE_CHECKING:
@@ -146,19 +152,20 @@ class AdminServer:
                     return json_response(200, {"ports": self._ports_json(sandbox_id)})
                 self._allow(method, "GET", "POST")
                 payload = self._json_body(request.body)
-                unknown = set(payload) - {"port", "name", "token"}
+                unknown = set(payload) - _EXPOSE_FIELDS
                 if unknown:
                     raise ApiError(
                         400, "INVALID_REQUEST", f"Unknown field(s): {', '.join(sorted(unknown))}."
                     )
                 if "port" not in payload:
                     raise ApiError(400, "INVALID_REQUEST", "Missing field: port.")
+                options = validate_exposure_options(
+                    payload.get("protocol"), payload.get("proxyProtocol"), payload.get("inspect")
+                )
                 exposure = await edge.expose(
-                    sandbox_id, payload["port"], payload.get("name"), payload.get("token")
+                    sandbox_id, payload["port"], payload.get("name"), payload.get("token"), options
                 )
-                return json_response(
-                    200, {"port": exposure.port, "exposedAt": exposure.url, "name": exposure.name}
-                )
+                return json_response(200, self._port_json(sandbox_id, exposure.port))
             port = _path_port(parts[4])
             if len(parts) == 5:
                 self._allow(method, "DELETE")
@@ -215,9 +222,16 @@ class AdminServer:
 
     def _ports_json(self, sandbox_id: str) -> list[dict[str, Any]]:
         return [
-            {"port": e.port, "exposedAt": e.url, "name": e.name}
-            for e in self.edge.exposure_messages(sandbox_id)
+            exposure_json(self.edge.preview_url(sandbox_id, r), r)
+            for r in self.edge.registry.exposures(sandbox_id)
         ]
+
+    def _port_json(self, sandbox_id: str, port: int) -> dict[str, Any]:
+        state = self.edge.registry.get(sandbox_id)
+        record = state.exposures.get(port) if state is not None else None
+        if record is None:  # unexposed by another request while this one was answered
+            raise ApiError(409, "CONFLICT", f"Port {port} was unexposed meanwhile; retry.")
+        return exposure_json(self.edge.preview_url(sandbox_id, record), record)
 
     def _sandbox_json(
         self, sandbox_id: str, owner: tuple[str, int] | None = None, *, read: bool = False
@@ -410,6 +424,26 @@ class AdminServer:
 
 # The body of POST .../ports/{port}/wait: Cloudflare's port-watch fields; timeout in seconds.
 _WAIT_FIELDS: Final = frozenset({"mode", "path", "statusMin", "statusMax", "interval", "timeout"})
+
+
+# The body of POST .../ports: Cloudflare's fields, then the exposure options (issue 11).
+_EXPOSE_FIELDS: Final = frozenset({"port", "name", "token", "protocol", "proxyProtocol", "inspect"})
+
+
+def exposure_json(url: str, record: ExposureRecord) -> dict[str, Any]:
+    """An exposure as the admin API shows it: Cloudflare's ``{port, exposedAt, name}``, then
+    the options that differ from a plain preview URL."""
+    out: dict[str, Any] = {"port": record.port, "exposedAt": url, "name": record.name}
+    options = record.options
+    if options.protocol != "http":
+        out["protocol"] = options.protocol
+    if record.public_port is not None:
+        out["publicPort"] = record.public_port
+    if options.proxy_protocol:
+        out["proxyProtocol"] = True
+    if options.inspect:
+        out["inspect"] = True
+    return out
 
 
 # The request-inspection routes under /v1/sandboxes/{id}/ (tunneld/inspect.py)

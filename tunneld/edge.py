@@ -30,9 +30,12 @@ from protocol import control
 from protocol.errors import GoAwayCode, LocalProtocolError, ResetCode
 from protocol.events import ConnectionTerminated
 from protocol.hostnames import (
+    DEFAULT_OPTIONS,
+    ExposureOptions,
     ValidationError,
     build_preview_url,
     validate_custom_token,
+    validate_exposure_options,
     validate_port,
     validate_port_name,
     validate_sandbox_id,
@@ -691,8 +694,11 @@ class EdgeServer:
         self, sandbox_id: str, message: control.Expose
     ) -> list[control.Exposure]:
         port, name, token = self._validate(message.port, message.name, message.token)
-        record = await self.registry.commit_expose(sandbox_id, port, name, token)
-        log.info("sandbox %s: port %d exposed by the agent", sandbox_id, port)
+        options = validate_exposure_options(
+            message.protocol, message.proxy_protocol, message.inspect
+        )
+        record = await self.registry.commit_expose(sandbox_id, port, name, token, options)
+        log.info("sandbox %s: port %d exposed by the agent%s", sandbox_id, port, _describe(options))
         return [self.exposure_message(sandbox_id, record)]
 
     async def unexpose_from_agent(
@@ -711,13 +717,18 @@ class EdgeServer:
             session.reset_port(port)
 
     async def expose(
-        self, sandbox_id: str, port: object, name: object = None, token: object = None
+        self,
+        sandbox_id: str,
+        port: object,
+        name: object = None,
+        token: object = None,
+        options: ExposureOptions = DEFAULT_OPTIONS,
     ) -> control.Exposure:
-        """Orchestrator-side expose (admin API / SDK)."""
+        """Orchestrator-side expose (admin API / SDK); ``options`` already validated."""
         sandbox_id = validate_sandbox_id(sandbox_id)
         port, name, token = self._validate(port, name, token)
-        record = await self.registry.commit_expose(sandbox_id, port, name, token)
-        log.info("sandbox %s: port %d exposed", sandbox_id, port)
+        record = await self.registry.commit_expose(sandbox_id, port, name, token, options)
+        log.info("sandbox %s: port %d exposed%s", sandbox_id, port, _describe(options))
         await self._tell_agent(
             sandbox_id, lambda rid: control.Expose(rid, record.port, record.name, record.token)
         )
@@ -974,3 +985,13 @@ def _encoded_size(exposure: control.Exposure) -> int:
             }
         )
     )
+
+
+def _describe(options: ExposureOptions) -> str:
+    """`` (tcp, PROXY v2, inspected)`` for a log line; empty for a plain preview URL."""
+    parts = [options.protocol] if options.protocol != "http" else []
+    if options.proxy_protocol:
+        parts.append("PROXY v2")
+    if options.inspect:
+        parts.append("inspected")
+    return f" ({', '.join(parts)})" if parts else ""

@@ -59,6 +59,10 @@ class ExposedPort:
     port: int
     exposed_at: str
     name: str | None = None
+    protocol: str = "http"  # "tcp": exposed_at is tcp://host:public_port; "tls": SNI-routed
+    public_port: int | None = None
+    proxy_protocol: bool = False
+    inspect: bool = False
 
     @property
     def url(self) -> str:
@@ -74,7 +78,16 @@ class ExposedPort:
             raise _bad_response(f"malformed exposed port {data!r:.200}")
         if name is not None and not isinstance(name, str):
             raise _bad_response(f"malformed port name {name!r:.100}")
-        return cls(port=port, exposed_at=exposed_at, name=name)
+        protocol, public_port = data.get("protocol", "http"), data.get("publicPort")
+        proxy_protocol, inspect = data.get("proxyProtocol", False), data.get("inspect", False)
+        if (
+            not isinstance(protocol, str)
+            or (public_port is not None and type(public_port) is not int)
+            or type(proxy_protocol) is not bool
+            or type(inspect) is not bool
+        ):
+            raise _bad_response(f"malformed exposure options {data!r:.200}")
+        return cls(port, exposed_at, name, protocol, public_port, proxy_protocol, inspect)
 
 
 @dataclass(frozen=True, slots=True)
@@ -291,10 +304,18 @@ class Sandbox:
         name: str | None = None,
         token: str | None = None,
         wait: bool | float | Mapping[str, Any] | None = None,
+        protocol: str = "http",
+        proxy_protocol: bool = False,
+        inspect: bool = False,
     ) -> ExposedPort:
-        """Expose ``port`` at a preview URL. Idempotent: re-exposing keeps the token and URL.
+        """Expose ``port`` at a preview URL. Idempotent: re-exposing keeps the token and URL
+        (name and options become the ones given).
 
         ``token`` picks a custom URL token (1-16 of ``[a-z0-9_]``, unique in the sandbox).
+        ``protocol`` "tcp" exposes the port as raw TCP on a public port of the edge's range,
+        "tls" routes TLS by SNI to the sandbox without ending it (both when the edge enables
+        them); ``proxy_protocol`` sends the service a PROXY protocol v2 header with the client's
+        address; ``inspect`` records requests for :meth:`requests` (HTTP only).
         ``wait`` first waits for the port to be ready (:meth:`wait_for_port`), so the URL works
         the moment it is returned: ``True`` (its defaults), a number (its ``timeout``), or a
         mapping of its keyword arguments. If the port is not ready, nothing is exposed and
@@ -314,6 +335,16 @@ class Sandbox:
             body["name"] = name
         if token is not None:
             body["token"] = _check_token(token)
+        try:  # the edge's rule, checked here first: a clear error without a round trip
+            checked = _hostnames.validate_exposure_options(protocol, proxy_protocol, inspect)
+        except _hostnames.ValidationError as exc:
+            raise ValidationError(exc.message) from None
+        if checked.protocol != "http":
+            body["protocol"] = checked.protocol
+        if checked.proxy_protocol:
+            body["proxyProtocol"] = True
+        if checked.inspect:
+            body["inspect"] = True
         if wait is not None and wait is not False:
             if wait is True:
                 options: Mapping[str, Any] = {}
