@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-from types import SimpleNamespace
 
 import pytest
 
+from protocol.hostnames import validate_exposure_options
 from tunneld.inspect import REDACTED, Inspector, Record, SandboxRing, parse_response_head
+from tunneld.registry import ExposureRecord
 
 
 def _begin(inspector: Inspector, ring: SandboxRing, target: str = "/", **kw: object) -> Record:
@@ -35,10 +36,12 @@ def _ring(inspector: Inspector, sandbox_id: str = "sb1") -> SandboxRing:
 def test_nothing_is_inspected_unless_asked() -> None:
     inspector = Inspector()
     assert inspector.wants("sb1") is None
-    assert inspector.wants("sb1", SimpleNamespace(inspect=False)) is None
+    plain = ExposureRecord(8000, "tok")
+    assert inspector.wants("sb1", plain) is None
     assert inspector.rings == {}  # asking creates nothing
     # per exposure: that port only, no switch for the sandbox
-    assert inspector.wants("sb1", SimpleNamespace(inspect=True)) is not None
+    inspected = ExposureRecord(8001, "tok", options=validate_exposure_options("http", False, True))
+    assert inspector.wants("sb1", inspected) is not None
     assert not inspector.enabled("sb1")
     inspector.set_enabled("sb2", True)
     assert inspector.enabled("sb2") and inspector.wants("sb2") is not None

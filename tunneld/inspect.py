@@ -45,6 +45,7 @@ if TYPE_CHECKING:
 
     from .edge import EdgeServer
     from .httphead import RequestHead
+    from .registry import ExposureRecord
 
 log = logging.getLogger("tunneld.inspect")
 
@@ -334,14 +335,14 @@ class Inspector:
             ring.enabled = False
             self._forget_if_empty(ring)
 
-    def wants(self, sandbox_id: str, exposure: object | None = None) -> SandboxRing | None:
+    def wants(self, sandbox_id: str, exposure: ExposureRecord | None = None) -> SandboxRing | None:
         """The ring a new connection to ``sandbox_id`` records into, or None (not inspected).
         Called once per connection; ``exposure`` is the registry's record of the port (its
         ``inspect`` flag turns inspection on for that port only)."""
         ring = self.rings.get(sandbox_id)
         if ring is not None and ring.enabled:
             return ring
-        if exposure is not None and getattr(exposure, "inspect", False):
+        if exposure is not None and exposure.options.inspect:
             if ring is None:
                 ring = self.rings[sandbox_id] = SandboxRing(sandbox_id)
             return ring

@@ -90,6 +90,33 @@ async def test_records_appear_only_when_inspection_is_on(stack: Stack) -> None:
     assert [x["id"] for x in await _records(stack)] == [summary["id"]]
 
 
+async def test_per_exposure_inspection_records_that_port_only(stack: Stack) -> None:
+    inspected_origin, plain_origin = await stack.origin(), await stack.origin()
+    inspected = await _url(stack, inspected_origin.port, inspect=True)
+    plain = await _url(stack, plain_origin.port)
+    assert stack.admin is not None
+    ports = (await stack.admin.get("/v1/sandboxes/sb1/ports")).json()["ports"]
+    assert {p["port"]: p.get("inspect", False) for p in ports} == {
+        inspected_origin.port: True,
+        plain_origin.port: False,
+    }
+    async with stack.client(plain) as client:
+        assert (await client.get("/?plain")).status_code == 200
+    async with stack.client(inspected) as client:
+        assert (await client.get("/?inspected")).status_code == 200
+    await wait_until(lambda: stack.edge.inspector.ring("sb1").records, 5)  # type: ignore[union-attr]
+    rows = await _records(stack)
+    assert [(r["target"], r["port"]) for r in rows] == [("/?inspected", inspected_origin.port)]
+    state = (await stack.admin.get("/v1/sandboxes/sb1/inspect")).json()
+    assert state["inspect"] is False  # the sandbox switch stays off
+    # the sandbox switch on: every port is recorded
+    await _inspect(stack)
+    async with stack.client(plain) as client:
+        assert (await client.get("/?plain-now")).status_code == 200
+    await wait_until(lambda: len(stack.edge.inspector.ring("sb1").records) == 2, 5)  # type: ignore[union-attr]
+    assert (await _records(stack))[-1]["target"] == "/?plain-now"
+
+
 async def test_the_ring_keeps_the_last_100_requests(stack: Stack) -> None:
     url = await _url(stack)
     await _inspect(stack)
