@@ -47,6 +47,10 @@ class Config:
     public_tls_key: str = ""
     public_tls_extra: tuple[tuple[str, str], ...] = ()
     public_redirect_port: int = 0  # plain-HTTP listener answering 308 to https; 0 = off
+    # HTTP/2 on the HTTPS listener (ALPN h2 offered before http/1.1; tunneld/h2public.py) and
+    # the concurrent streams one HTTP/2 connection may have open (SETTINGS_MAX_CONCURRENT_STREAMS).
+    public_h2: bool = True
+    h2_max_streams: int = 100
     # Admin API over TLS (optional; re-read on SIGHUP)
     admin_tls_cert: str = ""
     admin_tls_key: str = ""
@@ -128,6 +132,8 @@ class Config:
             )
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ConfigError("tls_cert and tls_key go together")
+        if not 1 <= self.h2_max_streams <= 1000:
+            raise ConfigError(f"h2_max_streams must be 1-1000, not {self.h2_max_streams}")
         for what in ("public_tls", "admin_tls"):
             if bool(getattr(self, f"{what}_cert")) != bool(getattr(self, f"{what}_key")):
                 raise ConfigError(f"{what}_cert and {what}_key go together")

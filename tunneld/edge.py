@@ -47,13 +47,14 @@ from relay.requests import ControlRequestError
 from .auth import AgentAuth
 from .budget import RequestBudget
 from .config import Config
+from .h2public import PublicTlsConnection
 from .httphead import default_parser
 from .inspect import Inspector
 from .metrics import Metrics
 from .public import PublicConnection, PublicLimits
 from .registry import ExposureRecord, Registry, RegistryError
 from .store import Store
-from .tls import TLS_SHUTDOWN_TIMEOUT, CertificateSet
+from .tls import TLS_SHUTDOWN_TIMEOUT, CertificateSet, public_alpn
 from .tls import public_pairs as tls_pairs
 
 if TYPE_CHECKING:
@@ -494,11 +495,14 @@ class EdgeServer:
 
         def public_factory() -> PublicConnection:
             self.metrics.public_connections.inc()
+            if h2:  # HTTP/1.1 or HTTP/2, as ALPN decides (tunneld/h2public.py)
+                return PublicTlsConnection(self, parser)
             return PublicConnection(self, parser)
 
         public_pairs = tls_pairs(config)
+        h2 = bool(public_pairs) and config.public_h2
         if public_pairs:
-            self.public_tls = CertificateSet(public_pairs, "public_tls")
+            self.public_tls = CertificateSet(public_pairs, "public_tls", public_alpn(config))
         if config.admin_tls_cert:
             self.admin_tls = CertificateSet(
                 [(config.admin_tls_cert, config.admin_tls_key)], "admin_tls"

@@ -16,7 +16,10 @@ reload, since the callback always switches.
 new handshakes use the new certificates, connections already established keep the context they
 were made with (an ``SSLObject`` holds its own reference), so nothing is dropped.
 
-Every context offers ALPN ``http/1.1`` only (HTTP/2 is not served yet) and TLS 1.2 or later.
+The public listener's contexts offer ALPN ``h2`` then ``http/1.1`` (``public_h2 = false``:
+``http/1.1`` only; HTTP/2 is served by tunneld/h2public.py), the admin API's ``http/1.1`` only;
+all of them TLS 1.2 or later. Every context of a set offers the same list: after the SNI switch
+OpenSSL negotiates ALPN with the context the handshake moved to.
 """
 
 from __future__ import annotations
@@ -40,8 +43,10 @@ log = logging.getLogger("tunneld.tls")
 
 __all__ = ["TLS_SHUTDOWN_TIMEOUT", "CertificateSet", "RedirectServer", "load_pair", "names_match"]
 
-# ALPN offered on the public listener. "h2" joins when HTTP/2 is served (issue 10, second step).
+# ALPN offered: HTTP/1.1 only (the admin API), or h2 first (the public listener, unless public_h2
+# is off: public_alpn).
 ALPN: Final = ("http/1.1",)
+ALPN_H2: Final = ("h2", "http/1.1")
 # Seconds a closing TLS connection waits for the client's close_notify before the socket is
 # dropped (asyncio's default, 30, would hold a stopping edge that long per silent client).
 TLS_SHUTDOWN_TIMEOUT: Final = 5.0
@@ -67,18 +72,23 @@ def _readable(path: str, what: str) -> None:
         raise ConfigError(f"cannot read {what} file {path}: {exc.strerror}") from None
 
 
-def _context() -> ssl.SSLContext:
+def _context(alpn: Sequence[str] = ALPN) -> ssl.SSLContext:
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.set_alpn_protocols(list(ALPN))
+    context.set_alpn_protocols(list(alpn))
     return context
 
 
-def load_pair(cert: str, key: str, what: str = "public_tls") -> _Entry:
+def public_alpn(config: Any) -> tuple[str, ...]:
+    """The ALPN list of the public listener."""
+    return ALPN_H2 if config.public_h2 else ALPN
+
+
+def load_pair(cert: str, key: str, what: str = "public_tls", alpn: Sequence[str] = ALPN) -> _Entry:
     """Load one certificate + key; ConfigError naming the file when unreadable or mismatched."""
     _readable(cert, f"{what}_cert")
     _readable(key, f"{what}_key")
-    context = _context()
+    context = _context(alpn)
     try:
         context.load_cert_chain(cert, key)
     except ssl.SSLError as exc:
@@ -114,18 +124,24 @@ def names_match(pattern: str, name: str) -> bool:
 class CertificateSet:
     """The pairs of one TLS listener; ``context`` is what the listener is created with."""
 
-    def __init__(self, pairs: Sequence[tuple[str, str]], what: str = "public_tls") -> None:
+    def __init__(
+        self,
+        pairs: Sequence[tuple[str, str]],
+        what: str = "public_tls",
+        alpn: Sequence[str] = ALPN,
+    ) -> None:
         if not pairs:
             raise ConfigError(f"{what}: no certificate")
         self.what = what
+        self.alpn = tuple(alpn)
         self._entries = self._load(pairs)
         first = self._entries[0]
-        self.context = _context()
+        self.context = _context(self.alpn)
         self.context.load_cert_chain(first.cert, first.key)
         self.context.sni_callback = self._on_sni
 
     def _load(self, pairs: Sequence[tuple[str, str]]) -> list[_Entry]:
-        return [load_pair(cert, key, self.what) for cert, key in pairs]
+        return [load_pair(cert, key, self.what, self.alpn) for cert, key in pairs]
 
     @property
     def pairs(self) -> list[tuple[str, str]]:
