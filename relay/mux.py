@@ -221,6 +221,10 @@ class StreamEndpoint(asyncio.BufferedProtocol):
             transport.write_eof()
         self._maybe_finish()
 
+    def peer_accepted(self) -> None:
+        """The peer accepted a stream we opened (its WINDOW_UPDATE|ACK: the agent connected to
+        the port). Bytes flow before it; only a caller that must know waits for it."""
+
     def peer_writable(self) -> None:
         if self._read_paused and self.transport is not None and not self._closed:
             self._read_paused = False
@@ -493,7 +497,10 @@ class MuxProtocol(asyncio.BufferedProtocol):
             endpoint.peer_reset(event.code)
 
     def _on_accepted(self, event: ev.StreamAccepted) -> None:
-        """The agent dialled the port: nothing to do (bytes already flow behind the SYN)."""
+        """The agent dialled the port (bytes already flow behind the SYN)."""
+        endpoint = self.streams.get(event.stream_id)
+        if endpoint is not None:
+            endpoint.peer_accepted()
 
     def _on_ping(self, event: ev.PingAcknowledged) -> None:
         self.rtt = event.rtt

@@ -9,6 +9,8 @@
     POST   /v1/sandboxes/{id}/ports                   {"port": 8000, "name"?: "api", "token"?: "t"}
     DELETE /v1/sandboxes/{id}/ports/{port}            204, idempotent
     GET    /v1/sandboxes/{id}/ports/{port}/ws?path=/  WebSocket handshake relayed to the sandbox
+    GET    /v1/sandboxes/{id}/ports/{port}/tcp        Upgrade: tcp -> 101, then raw bytes to
+                                                      127.0.0.1:PORT (502 when the connect fails)
     POST   /v1/sandboxes/{id}/ports/{port}/wait       {"mode"?, "path"?, "timeout"?...}: 200 ready,
                                                       504 PORT_NOT_READY, 503 not connected
     GET    /v1/sandboxes/{id}/requests?since=&follow= inspected requests (tunneld/inspect.py)
@@ -16,12 +18,15 @@
     PUT    /v1/sandboxes/{id}/inspect                 inspection on/off for the sandbox (DELETE)
 
 The connection loop, limits and error rendering are the shared server's (:mod:`relay.httpapi`, also
-behind the agent's local API); this module owns the routes and the WebSocket connect hand-over.
+behind the agent's local API); this module owns the routes and the hand-over of a connection to a
+tunnel stream (WebSocket connect, raw TCP).
 
 In a cluster (tunneld/cluster.py) every node answers for every sandbox: exposures are shared, a
 sandbox whose agent is connected to another node is reported connected with that node (from the
-ownership feed), and a WebSocket connect for it is routed to the owner over a node link as one
-``direct`` stream carrying exactly the bytes the local path would send to the agent.
+ownership feed), and a WebSocket connect or raw TCP for it is routed to the owner over a node link
+as one ``direct`` stream carrying exactly the bytes the local path would send to the agent. The
+owner accepts that link stream only when the agent accepted its own (it connected to the port), so
+the landing node learns of the connect the way a single node does.
 """
 
 from __future__ import annotations
@@ -175,6 +180,10 @@ class AdminServer:
                 self._allow(method, "GET")
                 target = parse_qs(request.query).get("path", ["/"])[0]
                 await self._ws_connect(sandbox_id, validate_port(port), target, request, exchange)
+                return None
+            if len(parts) == 6 and parts[5] == "tcp":
+                self._allow(method, "GET")
+                await self._tcp_connect(sandbox_id, validate_port(port), request, exchange)
                 return None
             if len(parts) == 6 and parts[5] == "wait":
                 self._allow(method, "POST")
@@ -338,13 +347,6 @@ class AdminServer:
         session here, or, in a cluster, of a node link to the node that holds the session."""
         if not target.startswith("/") or any(c in target for c in "\r\n "):
             raise ApiError(400, "INVALID_PATH", "path must be an absolute path, e.g. /ws.")
-        state = self.edge.registry.get(sandbox_id)
-        cluster = self.edge.cluster
-        if state is None and cluster is None:
-            raise ApiError(404, "SANDBOX_NOT_FOUND", f"Sandbox {sandbox_id} is unknown.")
-        session = state.session if state is not None else None
-        if (session is None or not session.can_open_streams()) and cluster is None:
-            raise ApiError(503, "SANDBOX_NOT_CONNECTED", f"Sandbox {sandbox_id} is not connected.")
         # Rebuild the handshake for the sandbox's server: its path, no admin credentials.
         raw = b"GET " + target.encode() + b" HTTP/1.1\r\n"
         for name, value in request.raw_headers:
@@ -355,8 +357,7 @@ class AdminServer:
             head = H11HeadParser().parse(raw)
         except HeadError as exc:
             raise ApiError(exc.status, exc.code, exc.message) from None
-        peer = request.peer
-        client = f"{peer[0]}:{peer[1]}" if peer is not None else ""
+        client = _client(request)
         trailer = (
             b"x-forwarded-for: "
             + client.rsplit(":", 1)[0].encode()
@@ -364,43 +365,9 @@ class AdminServer:
             + sandbox_id.encode()
             + b"\r\n\r\n"
         )
-        writer = exchange.writer
-        transport = cast(asyncio.Transport, writer.transport)
-        mux: MuxProtocol
-        if session is not None and session.can_open_streams():
-            mux = session
-            endpoint = _DirectEndpoint(session, 0)
-            try:
-                endpoint.stream_id = session.session.open_stream(port, "direct", client)
-            except LocalProtocolError:
-                raise _busy(sandbox_id) from None
-            where = ""
-        else:
-            assert cluster is not None
-            if state is None and sandbox_id not in cluster.owners:
-                await self._known_in_cluster(sandbox_id)
-            try:
-                link, epoch = await cluster.route(sandbox_id)
-            except RouteError as exc:
-                raise ApiError(exc.status, exc.code, exc.message) from None
-            if transport.is_closing():
-                raise ApiError(400, "CLIENT_GONE", "The client left while its owner was found.")
-            mux = link
-            endpoint = _DirectEndpoint(link, 0)
-            try:
-                endpoint.stream_id = link.session.open_stream(
-                    port, "direct", client, sandbox=sandbox_id, epoch=epoch
-                )
-            except LocalProtocolError:
-                raise _busy(sandbox_id) from None
-            where = f" via node {link.node_id}"
-        # asyncio's StreamWriter closes its transport when garbage-collected (3.11.5+): the
-        # endpoint keeps it alive for as long as the relay uses that transport.
-        endpoint.writer = writer
-        mux.add_stream(endpoint)
-        leftover = exchange.detach()
-        transport.set_protocol(endpoint)
-        endpoint.connection_made(transport)
+        mux, stream_id, where = await self._open_direct(sandbox_id, port, client, exchange)
+        endpoint = _DirectEndpoint(mux, stream_id)
+        transport, leftover = self._hand_over(endpoint, mux, exchange)
         endpoint.forward(forward_head(head, b"host: localhost:%d\r\n" % port, trailer))
         if leftover:
             endpoint.forward(leftover)
@@ -409,6 +376,88 @@ class AdminServer:
         log.info(
             "sandbox %s: admin WebSocket connect to port %d%s%s", sandbox_id, port, target, where
         )
+
+    async def _tcp_connect(
+        self, sandbox_id: str, port: int, request: Request, exchange: Exchange
+    ) -> None:
+        """Raw TCP to 127.0.0.1:PORT in the sandbox: ``Connection: Upgrade`` + ``Upgrade: tcp``,
+        answered ``101`` only once the agent connected to the port (its ACK of the stream), or
+        with a JSON page when it could not; then the connection carries the bytes both ways."""
+        upgrade = (request.header(b"upgrade") or b"").strip().lower()
+        tokens = {t.strip() for t in (request.header(b"connection") or b"").lower().split(b",")}
+        if upgrade != b"tcp" or b"upgrade" not in tokens:
+            raise ApiError(
+                426,
+                "UPGRADE_REQUIRED",
+                "Raw TCP needs the headers Connection: Upgrade and Upgrade: tcp.",
+                [("upgrade", "tcp")],
+            )
+        client = _client(request)
+        mux, stream_id, where = await self._open_direct(sandbox_id, port, client, exchange)
+        endpoint = _DirectEndpoint(mux, stream_id, upgrade=_SWITCHED_TO_TCP)
+        transport, leftover = self._hand_over(endpoint, mux, exchange)
+        # The client waits for the 101 before it sends; anything it sent anyway waits in the
+        # agent's LocalEndpoint until the connect (bounded by the stream window).
+        transport.pause_reading()
+        if leftover:
+            endpoint.forward(leftover)
+        mux.flush()  # the SYN goes now: no request head follows it
+        endpoint.arm_connect_timer(self.edge.loop, TCP_CONNECT_TIMEOUT)
+        log.info(
+            "sandbox %s: admin raw TCP to port %d%s (client %s)", sandbox_id, port, where, client
+        )
+
+    async def _open_direct(
+        self, sandbox_id: str, port: int, client: str, exchange: Exchange
+    ) -> tuple[MuxProtocol, int, str]:
+        """Open a ``direct`` stream to ``port``: of the agent's session here, or, in a cluster, of
+        a node link to the node that holds the session. Returns the mux, the stream id and a
+        note for the log. Nothing is awaited between the open and the caller's endpoint."""
+        state = self.edge.registry.get(sandbox_id)
+        cluster = self.edge.cluster
+        if state is None and cluster is None:
+            raise ApiError(404, "SANDBOX_NOT_FOUND", f"Sandbox {sandbox_id} is unknown.")
+        session = state.session if state is not None else None
+        if (session is None or not session.can_open_streams()) and cluster is None:
+            raise ApiError(503, "SANDBOX_NOT_CONNECTED", f"Sandbox {sandbox_id} is not connected.")
+        if session is not None and session.can_open_streams():
+            try:
+                return session, session.session.open_stream(port, "direct", client), ""
+            except LocalProtocolError:
+                raise _busy(sandbox_id) from None
+        assert cluster is not None
+        if state is None and sandbox_id not in cluster.owners:
+            await self._known_in_cluster(sandbox_id)
+        try:
+            link, epoch = await cluster.route(sandbox_id)
+        except RouteError as exc:
+            raise ApiError(exc.status, exc.code, exc.message) from None
+        if exchange.writer.transport.is_closing():
+            raise ApiError(400, "CLIENT_GONE", "The client left while its owner was found.")
+        try:
+            stream_id = link.session.open_stream(
+                port, "direct", client, sandbox=sandbox_id, epoch=epoch
+            )
+        except LocalProtocolError:
+            raise _busy(sandbox_id) from None
+        return link, stream_id, f" via node {link.node_id}"
+
+    @staticmethod
+    def _hand_over(
+        endpoint: _DirectEndpoint, mux: MuxProtocol, exchange: Exchange
+    ) -> tuple[asyncio.Transport, bytes]:
+        """The admin connection becomes ``endpoint``'s socket (the shared server lets go of it);
+        returns its transport and the bytes the client sent after the request head."""
+        writer = exchange.writer
+        transport = cast(asyncio.Transport, writer.transport)
+        # asyncio's StreamWriter closes its transport when garbage-collected (3.11.5+): the
+        # endpoint keeps it alive for as long as the relay uses that transport.
+        endpoint.writer = writer
+        mux.add_stream(endpoint)
+        leftover = exchange.detach()
+        transport.set_protocol(endpoint)
+        endpoint.connection_made(transport)
+        return transport, leftover
 
     async def _known_in_cluster(self, sandbox_id: str) -> None:
         """404 for a sandbox no node knows: nothing exposed here and no owner in the store."""
@@ -420,6 +469,21 @@ class AdminServer:
             return  # cannot tell: the route says the store is unavailable
         if owner is None:
             raise ApiError(404, "SANDBOX_NOT_FOUND", f"Sandbox {sandbox_id} is unknown.")
+
+
+# Raw TCP: the agent tries each of its dial hosts (127.0.0.1, then ::1) for up to 10 s
+# (agent.core.CONNECT_TIMEOUT); past this the admin client gets 504 instead of waiting forever on
+# an agent that never answers.
+TCP_CONNECT_TIMEOUT: Final = 30.0
+
+_SWITCHED_TO_TCP: Final = (
+    b"HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: tcp\r\n\r\n"
+)
+
+
+def _client(request: Request) -> str:
+    peer = request.peer
+    return f"{peer[0]}:{peer[1]}" if peer is not None else ""
 
 
 # The body of POST .../ports/{port}/wait: Cloudflare's port-watch fields; timeout in seconds.
@@ -457,30 +521,80 @@ def _busy(sandbox_id: str) -> ApiError:
 
 
 class _DirectEndpoint(StreamEndpoint):
-    """The admin client's connection after the switch to a raw relay."""
+    """The admin client's connection after the switch to a raw relay. For raw TCP, ``upgrade``
+    holds the 101 response, written when the agent accepts the stream (it connected to the
+    port); a reset or the timeout before that is a JSON page instead."""
 
-    __slots__ = ("_responded", "writer")
+    __slots__ = ("_responded", "_timer", "upgrade", "writer")
 
-    def __init__(self, mux: Any, stream_id: int) -> None:
+    def __init__(self, mux: Any, stream_id: int, upgrade: bytes | None = None) -> None:
         super().__init__(mux, stream_id)
         self._responded = False
         self.writer: asyncio.StreamWriter | None = None
+        self.upgrade = upgrade
+        self._timer: asyncio.TimerHandle | None = None
+
+    def arm_connect_timer(self, loop: asyncio.AbstractEventLoop, timeout: float) -> None:
+        self._timer = loop.call_later(timeout, self._connect_timed_out)
+
+    def _connect_timed_out(self) -> None:
+        self._timer = None
+        if self._responded or self._closed:
+            return
+        mux = self.mux
+        if mux.streams.pop(self.stream_id, None) is not None and not mux.session.closed:
+            mux.session.reset_stream(self.stream_id, ResetCode.CANCEL)
+            mux.flush()
+        self._page(
+            504,
+            "UPSTREAM_CONNECT_TIMEOUT",
+            f"The sandbox did not connect to the port within {TCP_CONNECT_TIMEOUT:g}s.",
+        )
+
+    def peer_accepted(self) -> None:
+        upgrade, self.upgrade = self.upgrade, None
+        if upgrade is None or self._responded or self._closed or self.transport is None:
+            return
+        self._responded = True
+        self._cancel_timer()
+        self.transport.write(upgrade)
+        self.transport.resume_reading()
 
     def receive_from_peer(self, data: bytes) -> None:
         self._responded = True
         super().receive_from_peer(data)
 
     def peer_reset(self, code: Any) -> None:
+        self._cancel_timer()
         page = _RESET_PAGES.get(code)
+        if page is None and self.upgrade is not None:  # raw TCP: every reset before the 101
+            page = _TCP_RESET_PAGES.get(code) or (
+                502,
+                "UPSTREAM_RESET",
+                f"The sandbox reset the connection before it was established ({code.name}).",
+            )
         if not self._responded and self.transport is not None and page is not None:
             # Nothing from the sandbox's server yet: say why in a page, as before the switch. A
             # reset after its first byte stays a reset (RST), on one node as across a node link.
-            self._responded = True
-            self.transport.write(error_response(*page))
-            self.transport.close()
-            self._closed = True
+            self._page(*page)
             return
         super().peer_reset(code)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_timer()
+        super().connection_lost(exc)
+
+    def _page(self, status: int, code: str, message: str) -> None:
+        self._responded = True
+        self._closed = True
+        if self.transport is not None:
+            self.transport.write(error_response(status, code, message))
+            self.transport.close()
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
 
 class LinkedDirectStream(StreamEndpoint):
@@ -488,9 +602,21 @@ class LinkedDirectStream(StreamEndpoint):
     (``Cluster._serve_direct``): a ``direct`` stream of the agent's session whose "socket" is a
     node-link stream (:class:`relay.linked.LinkedTransport`). A reset from the agent crosses the
     link with its own code, so that the landing node's ``_DirectEndpoint`` still turns
-    CONNECT_REFUSED into its 502 page (aborting the LinkedTransport would say CANCEL)."""
+    CONNECT_REFUSED into its 502 page (aborting the LinkedTransport would say CANCEL); the agent's
+    accept crosses as the link stream's accept (raw TCP answers 101 on it)."""
 
     __slots__ = ()
+
+    def peer_accepted(self) -> None:
+        transport = self.transport
+        if isinstance(transport, LinkedTransport) and not self._closed:
+            link = transport.mux
+            if transport.stream_id in link.streams and not link.session.closed:
+                try:
+                    link.session.accept_stream(transport.stream_id)
+                except LocalProtocolError:  # the link stream already ended
+                    return
+                link.flush()
 
     def peer_reset(self, code: ResetCode) -> None:
         self._closed = True
@@ -522,6 +648,15 @@ _RESET_PAGES: Final = {
         "SANDBOX_BUSY",
         "The sandbox refused a new connection (its stream limit, or its agent just moved to "
         "another node); retry.",
+    ),
+}
+
+
+_TCP_RESET_PAGES: Final = {
+    ResetCode.PORT_NOT_ALLOWED: (
+        502,
+        "PORT_NOT_ALLOWED",
+        "The sandbox's agent refuses connections to that port (its own control API).",
     ),
 }
 

@@ -424,9 +424,10 @@ class Cluster:
         link.flush()
 
     def _serve_direct(self, link: NodeLinkServer, event: StreamOpened, sandbox_id: str) -> None:
-        """An admin WebSocket connect another node received (tunneld/admin.py): the landing node
-        already rebuilt the handshake, so the link stream is spliced, unparsed, to a ``direct``
-        stream of the agent's session here; resets cross with their code both ways."""
+        """An admin WebSocket connect or raw TCP another node received (tunneld/admin.py): the
+        landing node already rebuilt any handshake, so the link stream is spliced, unparsed, to a
+        ``direct`` stream of the agent's session here; the agent's accept and resets cross with
+        their code both ways."""
         from .admin import LinkedDirectStream
 
         session = self._session_of(sandbox_id)
@@ -437,12 +438,8 @@ class Cluster:
             link.session.reset_stream(event.stream_id, ResetCode.REFUSED_STREAM)
             link.flush()
             return
-        try:
-            link.session.accept_stream(event.stream_id)
-        except LocalProtocolError:
-            session.session.reset_stream(agent_stream, ResetCode.CANCEL)
-            session.flush()
-            return
+        # The link stream is accepted when the agent accepts its stream (it connected to the
+        # port: LinkedDirectStream.peer_accepted), so the landing node learns of it as one would.
         endpoint = LinkedDirectStream(session, agent_stream)
         session.add_stream(endpoint)
         peer = {"peername": _peer(event.client)}

@@ -15,6 +15,8 @@ Example::
         async with await sb.ws_connect(8000, path="/ws") as ws:
             await ws.send("hi")
             print(await ws.receive())
+        async with await sb.open_tcp(6379) as tcp:     # raw TCP: an anyio byte stream
+            await tcp.send(b"PING\\r\\n")
         await sb.unexpose_port(8000)
 """
 
@@ -36,6 +38,7 @@ from ._errors import (
     TunnelTimeoutError,
     ValidationError,
 )
+from ._tcp import TcpStream
 from ._websocket import WebSocket
 
 __all__ = [
@@ -51,6 +54,7 @@ __all__ = [
     "Sandbox",
     "SandboxInfo",
     "SandboxNotConnectedError",
+    "TcpStream",
     "TunnelClient",
     "TunnelConnectionError",
     "TunnelError",

@@ -27,6 +27,7 @@ from ._errors import (
     ValidationError,
 )
 from ._http import DEFAULT_MAX_RESPONSE_SIZE, HTTPTransport, Origin, Response
+from ._tcp import TcpStream, open_tcp_stream
 from ._websocket import DEFAULT_MAX_MESSAGE_SIZE, WebSocket
 
 __all__ = ["ExposedPort", "Sandbox", "SandboxInfo", "TunnelClient"]
@@ -481,6 +482,32 @@ class Sandbox:
             headers=headers,
             subprotocols=subprotocols,
             max_message_size=max_message_size,
+        )
+
+    async def open_tcp(self, port: int, *, timeout: float | None = None) -> TcpStream:
+        """A raw TCP connection to ``127.0.0.1:{port}`` inside the sandbox, via tunneld: an anyio
+        byte stream (``send``, ``receive``, ``send_eof``, ``aclose``; ``abort`` resets).
+
+        Needs no exposure (the admin token authorises it). Returns once the agent has connected
+        to the port, waiting at most ``timeout`` (default: the client's); nothing listening is
+        :class:`TunnelError` with code ``UPSTREAM_CONNECT_FAILED`` (HTTP 502). A reset anywhere
+        on the path is ``anyio.BrokenResourceError`` from ``receive``, never a clean EOF.
+
+        Example::
+
+            async with await sb.open_tcp(6379) as redis:
+                await redis.send(b"PING\\r\\n")
+                print(await redis.receive())   # b"+PONG\\r\\n"
+        """
+        port = _check_port(port)
+        client = self._client
+        if timeout is not None and not _positive(timeout):
+            raise ValidationError(f"timeout must be a positive number of seconds, got {timeout!r}.")
+        return await open_tcp_stream(
+            client._transport,
+            client._origin.base_path + f"{self._path}/ports/{port}/tcp",
+            client._token,
+            client.timeout if timeout is None else timeout,
         )
 
     # -- request inspection (docs/sdk.md#request-inspection) -------------------------------------
