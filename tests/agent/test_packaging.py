@@ -403,6 +403,81 @@ def test_agent_distribution_requires_exactly_what_the_agent_imports() -> None:
     assert agent_meta["scripts"] == {"tunnel-agent": edge_meta["scripts"]["tunnel-agent"]}
 
 
+def test_the_wheel_installs_alone_and_its_agent_serves_a_preview_request(
+    edge: Processes, service: int, tmp_path: Path
+) -> None:
+    """The tunnel-agent wheel (``make agent``) in a fresh venv: pip brings exactly the agent's
+    dependencies (nothing of the edge's), ``import tunneld`` fails there, and its
+    ``tunnel-agent`` console script connects, exposes and serves a preview request."""
+    out = tmp_path / "dist"
+    built = subprocess.run(
+        [sys.executable, str(BUILD), "--what", "wheel", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert built.returncode == 0, built.stdout + built.stderr
+    (wheel,) = out.glob("tunnel_agent-*.whl")
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+    python = venv / "bin" / "python"
+    installed = subprocess.run(
+        [str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check", str(wheel)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert installed.returncode == 0, installed.stderr
+    listed = subprocess.run(
+        [str(python), "-m", "pip", "list", "--format=json", "--disable-pip-version-check"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    names = {p["name"].lower().replace("_", "-") for p in json.loads(listed.stdout)}
+    names -= {"pip", "setuptools", "wheel"}  # what venv brings
+    # h11 is wsproto's dependency as well as ours; nothing else may come along
+    assert names == {"tunnel-agent", "h11", "wsproto", "orjson", "uvloop"}, names
+    probe = subprocess.run(  # from tmp_path: the checkout's tunneld is not on sys.path
+        [str(python), "-c", "import tunneld"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+    )
+    assert probe.returncode != 0 and "No module named 'tunneld'" in probe.stderr
+
+    sandbox = "wheel-agent"
+    ports_file = tmp_path / "agent.json"
+    script = str(venv / "bin" / "tunnel-agent")
+    agent = edge._spawn(
+        "wheel-agent",
+        [script, "run", "--server", f"127.0.0.1:{edge.ports['agent']}", "--api-port", "0"],
+        edge.env(
+            TUNNEL_AGENT_TOKEN=edge.token(sandbox),
+            TUNNEL_AGENT_SANDBOX_ID=sandbox,
+            TUNNEL_AGENT_PORTS_FILE=str(ports_file),
+        ),
+    )
+    api_port = wait_for_file(ports_file, agent, log=edge.logs[agent.pid])["api"]
+    wait_for(lambda: is_connected(edge, sandbox), what=f"{sandbox} connected")
+    exposed = subprocess.run(
+        [script, "--api", f"http://127.0.0.1:{api_port}", "expose", str(service), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert exposed.returncode == 0, exposed.stderr + edge.output(agent)
+    answer = preview_get(edge, json.loads(exposed.stdout)["exposedAt"], "/through-the-wheel")
+    assert answer.status_code == 200 and answer.text == "hello from /through-the-wheel"
+    assert edge.stop(agent) == 0
+    assert "Traceback" not in edge.output(agent)
+
+
 # -- the orjson stand-in ----------------------------------------------------------------------
 def _load_fallback() -> ModuleType:
     spec = importlib.util.spec_from_file_location(
