@@ -1,4 +1,4 @@
-"""``tunneld``: the edge daemon's command line (serve, token, demo)."""
+"""``tunneld``: the edge daemon's command line (serve, token, exposures, port-forward, demo)."""
 
 from __future__ import annotations
 
@@ -30,6 +30,7 @@ examples:
   tunneld exposures import backup.jsonl       # restore them (tunneld stopped)
   tunneld inspect abc123 --follow             # requests its preview URLs serve (inspection on)
   tunneld replay abc123 42                    # send recorded request 42 again
+  tunneld port-forward abc123 16379:6379      # 127.0.0.1:16379 -> port 6379 in sandbox abc123
 
 secrets never go on the command line (they would show in ps): use the environment
 (TUNNELD_ADMIN_TOKEN, TUNNELD_SECRET), files (TUNNELD_ADMIN_TOKEN_FILE, TUNNELD_SECRET_FILE),
@@ -193,6 +194,10 @@ def build_parser() -> argparse.ArgumentParser:
         )
         action.add_argument("--state-dir", metavar="DIR", help="state directory (see serve)")
 
+    from .portforward import add_parser as add_port_forward
+
+    add_port_forward(sub)
+
     from .inspect_cli import add_parsers as inspect_parsers
 
     inspect_parsers(sub)  # inspect, replay: request inspection over the admin API
@@ -290,6 +295,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .exposures_cli import run_exposures
 
             return run_exposures(args)
+        if args.command == "port-forward":
+            from .portforward import run_port_forward
+
+            return run_port_forward(args)
         if args.command in ("inspect", "replay"):
             from .inspect_cli import run_inspect, run_replay
 
