@@ -755,13 +755,13 @@ class EdgeServer:
         if warning:
             log.warning("%s", warning)
         self._feed = _StoreFeed(self)
-        store.watch(self._feed.changes.put_nowait)
+        store.watch(self._feed.offer)
 
     async def _stop_feed(self) -> None:
         feed, self._feed = self._feed, None
         if feed is None:
             return
-        self.registry.store.unwatch(feed.changes.put_nowait)  # type: ignore[attr-defined]
+        self.registry.store.unwatch(feed.offer)  # type: ignore[attr-defined]
         await feed.close()
 
     async def _apply_store_change(self, change: Any) -> None:
@@ -954,14 +954,48 @@ _WATCH_STATUSES: Final = {
 }
 
 
+# Changes from other nodes waiting to be applied. A node that falls this far behind (a burst of
+# exposes elsewhere while its loop is busy) drops them and asks the store for a fresh snapshot,
+# which replaces the view as after a reconnect: memory stays bounded and nothing is lost.
+FEED_BACKLOG: Final = 10_000
+
+
 class _StoreFeed:
-    """Another node's changes, in the store's order: a queue and the task that applies it."""
+    """Another node's changes, in the store's order: a bounded queue and the task that applies
+    it. Past :data:`FEED_BACKLOG` the queue is dropped and a Resync requested; changes until
+    that Resync are ignored (its snapshot, read after resubscribing, holds them)."""
 
     def __init__(self, server: EdgeServer) -> None:
         self.server = server
         self.changes: asyncio.Queue[Any] = asyncio.Queue()
         self.consumer = server.loop.create_task(self._consume(), name="tunneld-store-feed")
         self.tells: set[asyncio.Task[None]] = set()
+        self.awaiting_resync = False
+        self.overflows = 0
+
+    def offer(self, change: Any) -> None:
+        """The store's callback (on the event loop)."""
+        from .redis_store import Resync
+
+        changes = self.changes
+        if isinstance(change, Resync):
+            self.awaiting_resync = False
+            _drain(changes)  # older than the snapshot, which supersedes them
+        elif self.awaiting_resync:
+            return
+        elif changes.qsize() >= FEED_BACKLOG:
+            _drain(changes)
+            self.awaiting_resync = True
+            self.overflows += 1
+            self.server.metrics.store_feed_overflows.inc()
+            log.warning(
+                "store feed: %d changes from other nodes not applied yet; dropped them and "
+                "asked for a full resync",
+                FEED_BACKLOG,
+            )
+            self.server.registry.store.request_resync()  # type: ignore[attr-defined]
+            return
+        changes.put_nowait(change)
 
     async def close(self) -> None:
         for task in (self.consumer, *self.tells):
@@ -975,6 +1009,11 @@ class _StoreFeed:
                 await self.server._apply_store_change(change)
             except Exception:
                 log.exception("store feed: %s not applied", type(change).__name__)
+
+
+def _drain(queue: asyncio.Queue[Any]) -> None:
+    while not queue.empty():
+        queue.get_nowait()
 
 
 def _encoded_size(exposure: control.Exposure) -> int:

@@ -89,6 +89,11 @@ class Metrics:
         self.exposures = Gauge(
             "tunneld_exposures", "Exposed ports across all sandboxes", registry=r
         )
+        self.store_feed_overflows = Counter(
+            "tunneld_store_feed_overflows",
+            "Times this node fell too far behind other nodes' changes and resynced instead",
+            registry=r,
+        )
 
     def bind(
         self,

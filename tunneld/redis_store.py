@@ -379,6 +379,7 @@ class RedisStore:
         self._uncertain: set[tuple[str, int]] = set()
         self.feed_connected = False  # the feed is subscribed and has delivered its Resync
         self.resyncs = 0  # Resync events delivered so far (tests and metrics)
+        self._resync_wanted = False  # a subscriber fell behind: resubscribe and resync
 
     @classmethod
     def from_url(cls, url: str, **options: Any) -> RedisStore:
@@ -632,6 +633,11 @@ class RedisStore:
         with contextlib.suppress(ValueError):
             self._callbacks.remove(callback)
 
+    def request_resync(self) -> None:
+        """Deliver a fresh :class:`Resync` soon (a subscriber dropped changes it could not keep
+        up with): the feed resubscribes and reads a new snapshot, as after a reconnect."""
+        self._resync_wanted = True
+
     def _emit(self, change: Change) -> None:
         for callback in list(self._callbacks):
             try:
@@ -669,6 +675,9 @@ class RedisStore:
                 await self._listen(pubsub)
             except asyncio.CancelledError:
                 raise
+            except _ResyncWanted:
+                log.info("redis change feed: resubscribing for a fresh snapshot")
+                continue  # at once, no backoff: Redis is fine
             except Exception as exc:  # anything: the feed must outlive every failure
                 self.feed_connected = False
                 if lost_at is None:
@@ -690,7 +699,10 @@ class RedisStore:
         """Deliver messages until the subscription fails or stops answering PINGs (raises)."""
         loop = asyncio.get_running_loop()
         last_heard = next_ping = loop.time()
+        self._resync_wanted = False  # the snapshot just delivered is that fresh one
         while True:
+            if self._resync_wanted:
+                raise _ResyncWanted
             message = await pubsub.get_message(timeout=max(0.0, next_ping - loop.time()) or 0.001)
             now = loop.time()
             if message is not None:
@@ -724,6 +736,10 @@ class RedisStore:
                 return  # our own echo: the writer already has it
             self._uncertain.discard(key)
         self._emit(change)
+
+
+class _ResyncWanted(Exception):
+    """Internal: leave the subscription loop to resubscribe (:meth:`RedisStore.request_resync`)."""
 
 
 def _ms(seconds: float) -> int:
