@@ -165,3 +165,80 @@ def test_outcomes_are_kept(outcome: str) -> None:
     assert record.summary()["state"] == outcome and record.summary()["note"] == "n"
     inspector.end(record, 200, "complete")  # a second end changes nothing
     assert record.summary()["state"] == outcome
+
+
+def test_settings_are_checked() -> None:
+    from tunneld.config import ConfigError, load_config
+
+    env = {"TUNNELD_ADMIN_TOKEN": "a", "TUNNELD_SECRET": "s"}
+    config = load_config(None, environ=env)
+    assert (config.inspect_max_requests, config.inspect_body_bytes) == (100, 16 * 1024)
+    assert config.inspect_max_bytes == 64 * 1024 * 1024 and config.inspect_redact is True
+    config = load_config(
+        None, environ={**env, "TUNNELD_INSPECT_MAX_REQUESTS": "500", "TUNNELD_INSPECT_REDACT": "0"}
+    )
+    assert config.inspect_max_requests == 500 and config.inspect_redact is False
+    for name, value in (
+        ("INSPECT_MAX_REQUESTS", "0"),
+        ("INSPECT_BODY_BYTES", "-1"),
+        ("INSPECT_MAX_BYTES", "1000"),
+    ):
+        with pytest.raises(ConfigError, match=name.lower()):
+            load_config(None, environ={**env, f"TUNNELD_{name}": value})
+
+
+def test_one_connection_has_at_most_16_unanswered_records() -> None:
+    from tunneld.httphead import H11HeadParser
+    from tunneld.inspect import MAX_LIVE_PER_CONNECTION, ConnectionRecorder
+
+    inspector = Inspector()
+    ring = _ring(inspector)
+    recorder = ConnectionRecorder(inspector, ring, 8000, "127.0.0.1", "http")
+    head = H11HeadParser().parse(b"GET /p HTTP/1.1\r\nhost: h\r\n\r\n")
+    records = [recorder.begin(head, b"id") for _ in range(MAX_LIVE_PER_CONNECTION + 3)]
+    assert MAX_LIVE_PER_CONNECTION == 16
+    assert all(r is not None for r in records[:16]) and records[16:] == [None] * 3
+    assert ring.skipped == 3
+    first = records[0]
+    assert first is not None
+    recorder.end(first, 200, None)  # answered: room for one more
+    assert recorder.begin(head, b"id") is not None
+    assert first.summary()["state"] == "complete"
+
+
+def test_replay_builds_the_request_and_refuses_what_it_cannot_send_as_recorded() -> None:
+    from tunneld.inspect_cli import CliError, dechunk, replay_request
+
+    def record(headers: list[list[str]], body: str, truncated: bool = False) -> dict:
+        return {
+            "id": 7,
+            "request": {
+                "method": "POST",
+                "target": "/x?y=1",
+                "headers": headers,
+                "body": body,
+                "bodyEncoding": "utf-8",
+                "bodySize": 99 if truncated else len(body),
+                "bodyCaptured": len(body),
+                "bodyTruncated": truncated,
+            },
+        }
+
+    data, notes = replay_request(
+        record([["Host", "h"], ["cookie", REDACTED], ["transfer-encoding", "chunked"]],
+               "3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n"),
+        force=False,
+    )  # fmt: skip
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert head.split(b"\r\n") == [
+        b"POST /x?y=1 HTTP/1.1", b"Host: h", b"content-length: 5", b"connection: close",
+    ]  # fmt: skip
+    assert body == b"abcde" and notes == ["header cookie was redacted when recorded: left out"]
+    with pytest.raises(CliError, match="truncated") as refused:
+        replay_request(record([["Host", "h"]], "abc", truncated=True), force=False)
+    assert refused.value.status == 2
+    data, notes = replay_request(record([["Host", "h"]], "abc", truncated=True), force=True)
+    assert data.endswith(b"content-length: 3\r\nconnection: close\r\n\r\nabc") and notes
+    with pytest.raises(CliError, match="upgrade"):
+        replay_request(record([["Host", "h"], ["Upgrade", "websocket"]], ""), force=True)
+    assert dechunk(b"3\r\nabc\r\n5;ext=1\r\nde") == b"abcde"  # a cut-short one, as far as it goes

@@ -80,6 +80,8 @@ async def test_records_appear_only_when_inspection_is_on(stack: Stack) -> None:
     assert summary["responseBytes"] == len(r.content)
     full = await _record(stack, summary["id"])
     assert ["x-trace", "abc"] in full["request"]["headers"]
+    assert r.headers["x-request-id"] == summary["requestId"]  # the access log's path
+    assert dict(r.json())["x-request-id"] == summary["requestId"]  # the service got it
     assert full["response"]["status"] == 200
     assert full["response"]["body"] == r.text and full["response"]["bodyTruncated"] is False
     # off again: new connections are not recorded, the records stay readable
@@ -336,6 +338,26 @@ async def test_sdk_reads_records_and_follows(stack: Stack) -> None:
         assert await sb.set_inspection(False) is False
 
 
+async def test_follow_waits_for_the_next_request(stack: Stack) -> None:
+    url = await _url(stack)
+    await _inspect(stack)
+    assert stack.admin is not None
+    polling = asyncio.ensure_future(
+        stack.admin.get("/v1/sandboxes/sb1/requests", params={"since": 0, "follow": 1})
+    )
+    await asyncio.sleep(0.1)  # a pace: parked before the request is made
+    assert not polling.done()
+    async with stack.client(url) as client:
+        assert (await client.get("/?next")).status_code == 200
+    r = await asyncio.wait_for(polling, 10)
+    assert [x["target"] for x in r.json()["requests"]] == ["/?next"]
+    # nothing newer: an empty list once the wait is over
+    r = await stack.admin.get(
+        "/v1/sandboxes/sb1/requests", params={"since": r.json()["last"], "wait": 0}
+    )
+    assert r.json()["requests"] == []
+
+
 async def test_admin_errors_are_clear(stack: Stack) -> None:
     assert stack.admin is not None
     r = await stack.admin.get("/v1/sandboxes/sb1/requests", params={"since": "x"})
@@ -395,6 +417,8 @@ async def test_cli_inspect_prints_one_line_per_request(stack: Stack) -> None:
     assert len(lines) == 2
     assert " GET / 200 in=0B out=17B " in lines[0] and lines[0].endswith(f"id={ids[0]}")
     assert " POST /upload 200 in=3B " in lines[1] and lines[1].endswith(f"id={ids[1]}")
+    code, out, err = await _cli(stack, "inspect", "sb1", "--since", str(ids[0]))
+    assert code == 0 and out.splitlines() == lines[1:], err
     code, out, err = await _cli(stack, "inspect", "sb1", "--json")
     assert code == 0, err
     import orjson
@@ -473,3 +497,44 @@ async def test_cli_replay_sends_the_request_again(small: Stack) -> None:
     assert '"length":1000' in forced["response"]["body"]
     code, out, err = await _cli(small, "replay", "sb1", "999999", "--connect", connect)
     assert code == 1 and "Traceback" not in err
+
+
+# -- a cluster: the records live on the owner node --------------------------------------------
+
+
+async def test_in_a_cluster_records_are_on_the_owner_and_other_nodes_say_so(
+    redis_server: object,
+) -> None:
+    from tests.cluster.nodes import Cluster, wait_for
+
+    cluster = Cluster(redis_server)  # type: ignore[arg-type]
+    try:
+        a, b = await cluster.node("node-a"), await cluster.node("node-b")
+        origin = await cluster.origin()
+        await cluster.agent(b, "sb1")
+        r = await a.admin.post(
+            "/v1/sandboxes/sb1/ports", json={"port": origin.port, "inspect": True}
+        )
+        assert r.status_code == 200, r.text
+        url = r.json()["exposedAt"]
+        for node in (a, b):
+            await wait_for(lambda n=node: n.edge.registry.exposures("sb1"), what="the exposure")
+            await wait_for(
+                lambda n=node: n.edge.cluster.owners.get("sb1", ("",))[0] == "node-b",
+                what="the owner",
+            )
+        async with a.public(url) as client:  # lands on A, served (and parsed) by B
+            assert (await client.get("/?via-a")).status_code == 200
+        await wait_for(
+            lambda: b.edge.inspector.ring("sb1") and b.edge.inspector.ring("sb1").records
+        )
+        r = await b.admin.get("/v1/sandboxes/sb1/requests")
+        assert [x["target"] for x in r.json()["requests"]] == ["/?via-a"]
+        assert a.edge.inspector.ring("sb1") is None  # nothing recorded on the landing node
+        for method in ("GET", "PUT"):
+            path = "/v1/sandboxes/sb1/requests" if method == "GET" else "/v1/sandboxes/sb1/inspect"
+            r = await a.admin.request(method, path)
+            assert r.status_code == 409 and r.json()["code"] == "WRONG_NODE", r.text
+            assert "node-b" in r.json()["error"]
+    finally:
+        await cluster.close()
