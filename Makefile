@@ -8,7 +8,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 FIND_PYTHON := $(SHELL) tools/find_python.sh
 
-.PHONY: setup demo test lint typecheck unit bench bench-micro bench-quick clean print-python test-versions ensure-redis ensure-tinyproxy
+.PHONY: setup demo test lint typecheck unit bench bench-micro bench-quick clean print-python test-versions ensure-redis ensure-tinyproxy ensure-chromium
 
 $(STAMP): pyproject.toml
 	@if $(PY) -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then \
@@ -79,7 +79,18 @@ ensure-tinyproxy:
 	    echo "tinyproxy is missing: install it (apt-get install tinyproxy) for tests/faults/test_agent_proxy.py" >&2; exit 2; \
 	fi
 
-unit: $(STAMP) ensure-redis ensure-tinyproxy
+# tests/e2e/test_browser.py drives a real headless Chromium (Debian's package) and
+# tests/e2e/test_http2.py runs curl --http2 (Debian's curl is built with nghttp2).
+ensure-chromium:
+	@if command -v chromium >/dev/null 2>&1 && command -v curl >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing chromium and curl with apt-get ..."; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium curl >/dev/null || exit 2; \
+	else \
+	    echo "chromium is missing: install it (apt-get install chromium curl) for tests/e2e/test_browser.py" >&2; exit 2; \
+	fi
+
+unit: $(STAMP) ensure-redis ensure-tinyproxy ensure-chromium
 	$(PY) -m pytest --cov --cov-report=term --cov-report=html:.coverage-html -p no:cacheprovider -q
 
 test: lint typecheck unit

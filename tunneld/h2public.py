@@ -87,6 +87,7 @@ TLS_HIGH_WATER: Final = 256 * 1024  # the TLS transport: DATA stops above this
 TLS_LOW_WATER: Final = 64 * 1024
 OUTPUT_CAP: Final = 1024 * 1024  # unsent output past which the client is not read
 FINISH_GRACE: Final = 2.0  # seconds the service has to close after a complete response
+GOAWAY_LINGER: Final = 1.0  # seconds a connection stays open (reading, ignoring) after GOAWAY
 
 _TOKEN: Final = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 _TARGET: Final = re.compile(rb"/[\x21-\x7e\x80-\xff]*")
@@ -414,7 +415,7 @@ class H2PublicConnection(asyncio.Protocol):
         """GOAWAY and close (streams still open are reset by the close)."""
         if self.closed or self.transport is None:
             return
-        self._terminate(h2.errors.ErrorCodes.NO_ERROR)
+        self._terminate(h2.errors.ErrorCodes.NO_ERROR, linger=True)
 
     def end(self) -> None:
         """Edge shutdown: live streams are reset, then GOAWAY and close."""
@@ -424,7 +425,11 @@ class H2PublicConnection(asyncio.Protocol):
             stream.abort()
         self.close()
 
-    def _terminate(self, code: h2.errors.ErrorCodes) -> None:
+    def _terminate(self, code: h2.errors.ErrorCodes, linger: bool = False) -> None:
+        """Reset live streams, GOAWAY, close. ``linger``: close only after ``GOAWAY_LINGER``
+        (or the client's close), so that what the client sends meanwhile (a SETTINGS ack, a
+        request GOAWAY tells it to retry elsewhere) does not make the kernel answer with an RST
+        that could destroy the GOAWAY and a last response before the client read them."""
         transport = self.transport
         if self.closed or transport is None:
             return
@@ -438,7 +443,11 @@ class H2PublicConnection(asyncio.Protocol):
         if data:
             transport.write(data)
         self.closed = True
-        transport.close()
+        if linger:
+            self._cancel_timer()
+            self._timer = self.loop.call_later(GOAWAY_LINGER, transport.close)
+        else:
+            transport.close()
 
     def idle_check(self) -> bool:
         """The edge's idle sweep: a stream silent both ways is reset; the connection is idle
@@ -501,6 +510,7 @@ class _StreamTransport:
         self.chunked = False
         self.websocket = False
         self.raw = False  # after the service's 101: bytes both ways unparsed
+        self.switch: h11.InformationalResponse | None = None  # the service's 101
         self.reading = True
         self.inbound: deque[tuple[bytes, int]] = deque()  # (data, flow-controlled length)
         self.client_eof = False  # END_STREAM from the client
@@ -618,7 +628,9 @@ class _StreamTransport:
                     self._switched()
                 return
             if isinstance(event, h11.InformationalResponse):
-                if event.status_code != 101:
+                if event.status_code == 101:
+                    self.switch = event  # sent as :status 200 once h11 has switched
+                else:
                     self._send_headers(event, informational=True)
             elif isinstance(event, h11.Response):
                 self._send_headers(event)
@@ -657,7 +669,8 @@ class _StreamTransport:
             return
         self.raw = True
         data, _ = self.response.trailing_data
-        self._send_headers(h11.Response(status_code=200, headers=[]))
+        # the 101's fields (Sec-WebSocket-Protocol, -Extensions) are the 200's
+        self._send_headers(self.switch or h11.Response(status_code=200, headers=[]))
         if data:
             self._queue(bytes(data))
 

@@ -502,7 +502,7 @@ async def _echo(ws) -> None:
 async def test_websocket_over_h2_extended_connect(stack: Stack, ca: trustme.CA) -> None:
     """RFC 8441: the edge offers SETTINGS_ENABLE_CONNECT_PROTOCOL; an extended CONNECT becomes
     an HTTP/1.1 upgrade to the service, and DATA frames carry the WebSocket both ways."""
-    async with serve(_echo, "127.0.0.1", 0) as echo:
+    async with serve(_echo, "127.0.0.1", 0, subprotocols=["chat"], compression=None) as echo:
         echo_port = next(iter(echo.sockets)).getsockname()[1]
         await stack.agent("sb1")
         url = (await stack.expose("sb1", echo_port, token=TOKEN))["exposedAt"]
@@ -512,7 +512,11 @@ async def test_websocket_over_h2_extended_connect(stack: Stack, ca: trustme.CA) 
             sid = client.request(
                 b"CONNECT",
                 b"/chat",
-                [(b":protocol", b"websocket"), (b"sec-websocket-version", b"13")],
+                [
+                    (b":protocol", b"websocket"),
+                    (b"sec-websocket-version", b"13"),
+                    (b"sec-websocket-protocol", b"chat"),
+                ],
                 end=False,
             )
             await client.send()
@@ -522,6 +526,7 @@ async def test_websocket_over_h2_extended_connect(stack: Stack, ca: trustme.CA) 
             assert isinstance(event, h2.events.ResponseReceived), event
             headers = dict(event.headers)
             assert headers[b":status"] == b"200"
+            assert headers[b"sec-websocket-protocol"] == b"chat"  # the service's 101's fields
             assert b"sec-websocket-accept" not in headers and b"upgrade" not in headers
             big = os.urandom(300_000)
             buf = bytearray()
@@ -713,3 +718,77 @@ def test_curl_http2_downloads_and_uploads_through_the_full_tunnel(
     finally:
         origin.close()
     assert "Traceback" not in procs.output(procs.edge)
+
+
+# -- ALPN and limits -------------------------------------------------------------------------------
+
+
+async def test_alpn_offers_h2_on_every_sni_certificate_and_can_be_turned_off(
+    ca: trustme.CA, tmp_path: Path
+) -> None:
+    from .test_public_tls import handshake, write_pair
+
+    other_cert, other_key = write_pair(ca, tmp_path, "other", "*.other.test")
+    stack = await tls_stack(ca, tmp_path, public_tls_extra=((other_cert, other_key),))
+    try:
+        assert stack.edge is not None
+        port = stack.edge.public_port
+        both = ["h2", "http/1.1"]
+        assert (await handshake(port, ca, f"x.{DOMAIN}", both))[1] == "h2"
+        assert (await handshake(port, ca, "x.other.test", both))[1] == "h2"  # after SNI switch
+        assert (await handshake(port, ca, f"x.{DOMAIN}", ["http/1.1"]))[1] == "http/1.1"
+    finally:
+        await stack.close()
+    stack = await tls_stack(ca, tmp_path, public_h2=False)
+    try:
+        url, _ = await exposed_origin(stack)
+        assert stack.edge is not None
+        assert (await handshake(stack.edge.public_port, ca, f"x.{DOMAIN}", both))[1] == "http/1.1"
+        async with h2_client(stack, ca, url) as client:
+            r = await client.get("/")  # an h2-capable client falls back to HTTP/1.1
+            assert r.http_version == "HTTP/1.1" and r.content == b"hello from origin"
+    finally:
+        await stack.close()
+
+
+async def test_connection_limits_count_an_h2_connection_once(
+    ca: trustme.CA, tmp_path: Path
+) -> None:
+    stack = await tls_stack(ca, tmp_path, max_connections_per_ip=1)
+    try:
+        url, _ = await exposed_origin(stack)
+        async with RawH2(stack, ca, host_of(url)) as first:
+            sids = [first.request(b"GET", b"/") for _ in range(5)]  # streams are not connections
+            await first.send()
+            for sid in sids:
+                headers, body, _ = await first.response(sid)
+                assert headers[b":status"] == b"200" and body == b"hello from origin"
+            async with RawH2(stack, ca, host_of(url)) as second:
+                sid = second.request(b"GET", b"/")
+                await second.send()
+                headers, body, _ = await second.response(sid)
+                assert headers[b":status"] == b"503"
+                assert orjson.loads(body)["code"] == "TOO_MANY_CONNECTIONS"
+                assert headers[b"retry-after"] == b"1"
+        async with h2_client(stack, ca, url) as client:  # the places were given back
+            await wait_until(lambda: not stack.edge.public_connections, what="connections gone")
+            assert (await client.get("/")).status_code == 200
+    finally:
+        await stack.close()
+
+
+async def test_unexpose_resets_live_h2_streams(stack: Stack, ca: trustme.CA) -> None:
+    url, origin = await exposed_origin(stack)
+    async with RawH2(stack, ca, host_of(url)) as client:
+        sid = client.request(b"GET", b"/sse")
+        await client.send()
+        event = await client.next_event()
+        while not isinstance(event, h2.events.DataReceived):
+            event = await client.next_event()
+        assert b"first" in event.data
+        assert stack.admin is not None
+        r = await stack.admin.delete(f"/v1/sandboxes/sb1/ports/{origin.port}")
+        assert r.status_code in (200, 204), r.text
+        while not isinstance(event, (h2.events.StreamReset, h2.events.StreamEnded)):
+            event = await client.next_event()
+        assert isinstance(event, h2.events.StreamReset) and event.stream_id == sid
