@@ -13,7 +13,9 @@ each direction on its own:
 - a reset or error on either side resets both (``SO_LINGER`` 0, so the peer sees RST): an
   abnormal end in the sandbox is never turned into a clean EOF for the local client;
 - a connection that cannot be opened (nothing listens on the port: 502) is logged with
-  tunneld's reason and the local client is reset.
+  tunneld's reason and the local client is reset;
+- over an ``https://`` admin URL there is no half-close (TLS has none here): the local client's
+  EOF closes the connection both ways, normally.
 
 SIGINT or SIGTERM stops listening, resets the connections still open (they were cut short) and
 exits with status 0. Usage errors exit with status 2. The admin token comes from the
@@ -266,7 +268,10 @@ class PortForward:
                 if pair.reset is None and pair.ended == 2:
                     await local.aclose()
                     await remote.aclose()
-                    log.info("%s: closed (%s)", who, counts)
+                    note = (
+                        ", on its EOF: TLS to tunneld has no half-close" if pair.tls_close else ""
+                    )
+                    log.info("%s: closed (%s%s)", who, counts, note)
                 else:
                     await _abort(local)
                     await remote.abort()
@@ -282,6 +287,7 @@ class _Pair:
         self.local = local
         self.remote = remote
         self.reset: str | None = None
+        self.tls_close = False
         self.ended = 0
         self.sent = [0, 0]  # to the sandbox, from the sandbox
 
@@ -306,8 +312,13 @@ class _Pair:
             failed = dst
             try:
                 await dst.send_eof()  # a half-close is passed on as one
-            except NotImplementedError:  # TLS to tunneld has no half-close
-                log.debug("cannot pass a half-close on to %s over TLS", self._name(dst))
+            except NotImplementedError:
+                # TLS to tunneld (an https:// admin URL) has no half-close: the end of the
+                # client's output closes the connection both ways, normally.
+                self.ended = 2
+                self.tls_close = True
+                scope.cancel()
+                return
             self.ended += 1
         except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
             cause = exc.__cause__ or exc

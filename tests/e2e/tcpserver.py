@@ -7,6 +7,8 @@ One thread per connection. The client's first line is a command:
   A tunnel that does not honour the half-close never gets the answer.
 - ``hold N\\n``: send ``N`` pattern bytes, then keep the connection open, reading until it ends;
   used to cut a stream in the middle (an agent killed).
+- ``rst N\\n``: send ``N`` pattern bytes, then close with a reset (``SO_LINGER`` 0): the service
+  itself ends abnormally.
 
 ``ends`` records how each connection ended on the service's side ("eof", "reset"), so a test can
 tell that an abnormal end reached the service as one.
@@ -17,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import socket
 import socketserver
+import struct
 import threading
 from typing import Final
 
@@ -44,6 +47,12 @@ class _Handler(socketserver.BaseRequestHandler):
                 sock.sendall(digest.hexdigest().encode() + b"\n")
                 for piece in pattern(n, seed=2):
                     sock.sendall(piece)
+            elif mode == b"rst":
+                for piece in pattern(n, seed=3):
+                    sock.sendall(piece)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                sock.close()  # now: socketserver would shut the write side (a FIN) first
+                end = "reset sent"
             elif mode == b"hold":
                 for piece in pattern(n, seed=3):
                     sock.sendall(piece)

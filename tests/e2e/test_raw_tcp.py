@@ -8,6 +8,7 @@ front of a real ``redis-server`` and of tests/e2e/tcpserver.py.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import re
 import signal
@@ -19,8 +20,11 @@ from pathlib import Path
 import anyio
 import orjson
 import pytest
+import trustme
 
+from agent.core import AgentSession
 from tests.cluster.conftest import RedisServer
+from tunneld import admin
 from tunneld.client import TunnelClient, TunnelError
 
 from .conftest import Stack
@@ -186,6 +190,62 @@ async def test_the_port_needs_no_exposure_and_101_comes_after_the_connect(
                 except anyio.EndOfStream:
                     break
     assert answer == hashlib.sha256(b"abc").hexdigest().encode() + b"\n" + next(pattern(5, 2))
+
+
+@pytest.mark.anyio
+async def test_a_service_reset_reaches_the_client_as_a_reset(
+    stack: Stack, hash_server: HashServer
+) -> None:
+    await stack.agent("sb1")
+    assert stack.edge is not None
+    client = TunnelClient(f"http://127.0.0.1:{stack.edge.admin_port}", stack.admin_token)
+    async with await client.sandbox("sb1").open_tcp(hash_server.port) as tcp:
+        with anyio.fail_after(IO_TIMEOUT):
+            await tcp.send(b"rst %d\n" % MIB)
+            with pytest.raises(anyio.BrokenResourceError):
+                while True:
+                    await tcp.receive()  # EndOfStream (a clean end) would fail the test
+    assert hash_server.ends == ["reset sent"]
+
+
+@pytest.mark.anyio
+async def test_a_sandbox_whose_agent_is_offline_is_503(
+    stack: Stack, hash_server: HashServer
+) -> None:
+    await stack.expose("sb2", 8000)  # known (an exposure), never connected
+    response = await upgrade(stack, f"/v1/sandboxes/sb2/ports/{hash_server.port}/tcp")
+    assert response.startswith(b"HTTP/1.1 503 "), response
+    assert json_body(response)["code"] == "SANDBOX_NOT_CONNECTED"
+
+
+@pytest.mark.anyio
+async def test_the_agents_own_api_port_is_a_502_port_not_allowed(stack: Stack) -> None:
+    """The agent refuses its control API's port (a reset before any connect): a page, not a 101."""
+    agent = await stack.agent("sb1")
+    api = await agent.serve_local_api("127.0.0.1", 0)
+    try:
+        response = await upgrade(stack, f"/v1/sandboxes/sb1/ports/{api.port}/tcp")
+    finally:
+        await api.close()
+    assert response.startswith(b"HTTP/1.1 502 "), response
+    assert json_body(response)["code"] == "PORT_NOT_ALLOWED"
+
+
+@pytest.mark.anyio
+async def test_an_agent_that_never_connects_is_a_504(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No answer from the agent within TCP_CONNECT_TIMEOUT (shortened here): 504, no hang."""
+
+    async def never(self: AgentSession, endpoint: object, port: int) -> None:
+        await asyncio.sleep(3600)  # cancelled when the agent's session ends
+
+    monkeypatch.setattr(AgentSession, "_dial", never)
+    monkeypatch.setattr(admin, "TCP_CONNECT_TIMEOUT", 0.5)
+    await stack.agent("sb1")
+    response = await upgrade(stack, f"/v1/sandboxes/sb1/ports/{free_port()}/tcp")
+    assert response.startswith(b"HTTP/1.1 504 "), response
+    assert json_body(response)["code"] == "UPSTREAM_CONNECT_TIMEOUT"
 
 
 # -- tunneld port-forward, as processes ---------------------------------------------------------
@@ -419,3 +479,39 @@ def test_port_forward_errors_exit_with_a_message(procs: Processes) -> None:
     assert busy.returncode == 1 and "cannot listen on 127.0.0.1:" in busy.stderr
     for result in (wrong, unknown, bad_port, bad_local, no_token, bad_url, unreachable, busy):
         assert "Traceback" not in result.stderr
+
+
+def test_port_forward_over_an_https_admin_api(
+    procs: Processes, redis: RedisServer, tmp_path: Path
+) -> None:
+    """--admin-url https://... with --cacert: the admin API's certificate is verified."""
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1")
+    cert_file, key_file, ca_file = (
+        tmp_path / "admin.pem",
+        tmp_path / "admin.key",
+        tmp_path / "ca.pem",
+    )
+    cert.private_key_pem.write_to_path(str(key_file))
+    cert.cert_chain_pems[0].write_to_path(str(cert_file))
+    ca.cert_pem.write_to_path(str(ca_file))
+    procs.start_edge("--admin-tls-cert", str(cert_file), "--admin-tls-key", str(key_file))
+    procs.start_agent("sb1")
+    https = f"https://127.0.0.1:{procs.ports['admin']}"
+    unverified = run_port_forward(procs, "sb1", "6379", TUNNELD_ADMIN_URL=https)
+    assert unverified.returncode == 1 and "CERTIFICATE_VERIFY_FAILED" in unverified.stderr
+    proc = procs._spawn(
+        "port-forward",
+        [str(BIN / "tunneld"), "port-forward", "sb1", str(redis.port), "--cacert", str(ca_file),
+         "--admin-url", https],
+        procs.env(TUNNELD_ADMIN_TOKEN=procs.admin_token),
+    )  # fmt: skip
+    match = wait_for(
+        lambda: re.search(r"Forwarding from 127\.0\.0\.1:(\d+) -> ", procs.output(proc)),
+        what=f"port-forward's listening line: {procs.output(proc)}",
+    )
+    cli = subprocess.run(
+        ["redis-cli", "-p", match.group(1), "PING"], capture_output=True, timeout=IO_TIMEOUT
+    )
+    assert cli.stdout.strip() == b"PONG", cli
+    wait_for(lambda: "TLS to tunneld has no half-close" in procs.output(proc), what="the close")
