@@ -8,7 +8,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 FIND_PYTHON := $(SHELL) tools/find_python.sh
 
-.PHONY: setup demo test lint typecheck unit bench bench-micro bench-quick clean print-python test-versions ensure-redis ensure-tinyproxy ensure-chromium
+.PHONY: setup demo test lint typecheck unit bench bench-micro bench-quick clean print-python test-versions ensure-redis ensure-tinyproxy ensure-chromium ensure-nginx
 
 $(STAMP): pyproject.toml
 	@if $(PY) -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then \
@@ -90,7 +90,18 @@ ensure-chromium:
 	    echo "chromium is missing: install it (apt-get install chromium curl) for tests/e2e/test_browser.py" >&2; exit 2; \
 	fi
 
-unit: $(STAMP) ensure-redis ensure-tinyproxy ensure-chromium
+# tests/e2e/test_public_tcp.py reads PROXY protocol v2 headers with a real nginx (Debian's
+# package), installed the same way.
+ensure-nginx:
+	@if command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ]; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing nginx with apt-get ..."; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx >/dev/null || exit 2; \
+	else \
+	    echo "nginx is missing: install it (apt-get install nginx) for tests/e2e/test_public_tcp.py" >&2; exit 2; \
+	fi
+
+unit: $(STAMP) ensure-redis ensure-tinyproxy ensure-chromium ensure-nginx
 	$(PY) -m pytest --cov --cov-report=term --cov-report=html:.coverage-html -p no:cacheprovider -q
 
 test: lint typecheck unit

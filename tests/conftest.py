@@ -9,6 +9,7 @@ import pytest
 from hypothesis import HealthCheck, settings
 
 from tests.e2e.procs import PROXY_VARIABLES, Processes
+from tests.redis_server import RedisServer
 
 # The machines that run this suite are shared and noisy: a per-example deadline would turn a busy
 # neighbour into a failure. Example counts stay bounded by each test's own @settings.
@@ -30,3 +31,23 @@ def procs(tmp_path: Path) -> Iterator[Processes]:
         yield p
     finally:
         p.close()
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A real redis-server on a Unix socket (tests/redis_server.py)."""
+    server = RedisServer(tmp_path / "redis").start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def redis_tcp_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A real redis-server on 127.0.0.1 (a random free port)."""
+    server = RedisServer(tmp_path / "redis-tcp", tcp=True).start()
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -108,6 +108,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="accept plain TCP / ws:// agent links from non-loopback peers (trusted networks "
         "only: without TLS a corrupted byte on the link goes undetected)",
     )
+    serve.add_argument(
+        "--public-tcp-ports",
+        metavar="FIRST-LAST",
+        help="public TCP ports for protocol tcp exposures, one each (default: none, off)",
+    )
+    serve.add_argument(
+        "--public-tls-passthrough",
+        action="store_const",
+        const=True,
+        help="route TLS by server name on the public HTTPS port to protocol tls exposures, "
+        "unterminated (needs --public-tls-cert for every other name)",
+    )
     serve.add_argument("--parser", choices=["auto", "httptools", "h11"], help="request-head parser")
     serve.add_argument(
         "--no-tokens",
@@ -266,6 +278,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         "workers",
         "public_tls_cert", "public_tls_key", "public_redirect_port", "admin_tls_cert",
         "admin_tls_key",
+        "public_tcp_ports", "public_tls_passthrough",
     )  # fmt: skip
     return {k: getattr(args, k, None) for k in keys}
 

@@ -114,6 +114,11 @@ class Config:
     # Nodes of one host (workers) pass a public connection's socket to its owner instead of
     # relaying it over a node link (tunneld/handover.py); false: always the node link.
     handover: bool = True
+    # Public raw TCP and TLS passthrough exposures (tunneld/tcpexpose.py), off by default:
+    # "FIRST-LAST" ports handed to protocol "tcp" exposures, one each ("" = none), and routing
+    # TLS by server name on the public HTTPS port to protocol "tls" exposures.
+    public_tcp_ports: str = ""
+    public_tls_passthrough: bool = False
 
     def validate(self) -> None:
         if self.scheme not in ("http", "https"):
@@ -193,6 +198,23 @@ class Config:
             value = getattr(self, name)
             if not 0 <= value <= 65535:
                 raise ConfigError(f"{name} must be 0-65535, not {value}")
+        self._check_public_tcp()
+
+    def _check_public_tcp(self) -> None:
+        from .tcpexpose import parse_port_range
+
+        if self.public_tcp_ports:
+            try:
+                ports = parse_port_range(self.public_tcp_ports)
+            except ValueError as exc:
+                raise ConfigError(f"public_tcp_ports: {exc}") from None
+            for name in ("public_port", "agent_port", "admin_port", "public_redirect_port"):
+                if getattr(self, name) in ports:
+                    raise ConfigError(f"public_tcp_ports must not include {name}")
+        if self.public_tls_passthrough and not self.public_tls_cert:
+            raise ConfigError(
+                "public_tls_passthrough routes on the public HTTPS port: set public_tls_cert"
+            )
 
     def _check_certificates(self) -> None:
         """Load every TLS pair once (readable, key matches): a bad file stops the start, or a

@@ -54,6 +54,7 @@ from .metrics import Metrics
 from .public import PublicConnection, PublicLimits
 from .registry import ExposureRecord, Registry, RegistryError
 from .store import Store
+from .tcpexpose import SniListener, TcpExposures, proxy_header
 from .tls import TLS_SHUTDOWN_TIMEOUT, CertificateSet, public_alpn
 from .tls import public_pairs as tls_pairs
 
@@ -146,6 +147,11 @@ class EdgeSession(MuxProtocol):
         sid = self.session.open_stream(port, "preview", client)
         endpoint.stream_id = sid
         self.add_stream(endpoint)
+        state = self.server.registry.get(self.sandbox_id or "")
+        record = state.exposures.get(port) if state is not None else None
+        if record is not None and record.options.proxy_protocol:
+            # PROXY v2 first, so the service sees the real client (tunneld/proxyproto.py)
+            self.session.send_data(sid, proxy_header(endpoint.transport, client))
         return sid
 
     # -- control channel -------------------------------------------------------------------------
@@ -449,6 +455,7 @@ class EdgeServer:
         self.auth = AgentAuth(self)
         self.public_connections: set[PublicConnection] = set()
         self.public_limits = PublicLimits()
+        self.tcp = TcpExposures(self)  # tcp / tls exposures (tunneld/tcpexpose.py)
         # Request inspection (tunneld/inspect.py): records of inspected sandboxes, this node's
         self.inspector = Inspector(
             max_requests=config.inspect_max_requests,
@@ -533,17 +540,28 @@ class EdgeServer:
             backlog=1024,
             reuse_port=reuse,
         )
-        public = await loop.create_server(
-            public_factory,
-            config.public_host,
-            config.public_port,
-            backlog=4096,
-            reuse_port=reuse,
-            ssl=self.public_tls.context if self.public_tls is not None else None,
-            # the handshake is part of the request head's time budget (slowloris bound)
-            ssl_handshake_timeout=config.head_timeout if self.public_tls is not None else None,
-            ssl_shutdown_timeout=TLS_SHUTDOWN_TIMEOUT if self.public_tls is not None else None,
-        )
+        public: Any
+        if config.public_tls_passthrough and self.public_tls is not None:
+            # TLS routed by server name first: tls exposures unterminated (tunneld/tcpexpose.py)
+            public = await SniListener(
+                self.tcp,
+                public_factory,
+                self.public_tls.context,
+                handshake_timeout=config.head_timeout,
+                shutdown_timeout=TLS_SHUTDOWN_TIMEOUT,
+            ).start(config.public_host, config.public_port, reuse_port=reuse)
+        else:
+            public = await loop.create_server(
+                public_factory,
+                config.public_host,
+                config.public_port,
+                backlog=4096,
+                reuse_port=reuse,
+                ssl=self.public_tls.context if self.public_tls is not None else None,
+                # the handshake is part of the request head's time budget (slowloris bound)
+                ssl_handshake_timeout=config.head_timeout if self.public_tls is not None else None,
+                ssl_shutdown_timeout=TLS_SHUTDOWN_TIMEOUT if self.public_tls is not None else None,
+            )
         self.admin = AdminServer(self)
         admin = await self.admin.http.start(
             config.admin_host,
@@ -565,6 +583,7 @@ class EdgeServer:
         self.agent_port = agents.sockets[0].getsockname()[1]
         self.public_port = public.sockets[0].getsockname()[1]
         self.admin_port = admin.sockets[0].getsockname()[1]
+        await self.tcp.start()  # the public TCP ports of stored tcp exposures
         self.ready = True  # /readyz: listeners bound, exposures loaded
         log.info(
             "tunneld listening: public %s://%s:%d (domain %s, parser %s), agents %s:%d%s, admin %s://%s:%d",
@@ -607,6 +626,7 @@ class EdgeServer:
             self._sweeper.cancel()
         for server in self._servers:
             server.close()
+        self.tcp.close_listeners()
         for session in list(self.agent_connections):
             session.go_away(GoAwayCode.SHUTTING_DOWN)
         deadline = self.loop.time() + grace
@@ -614,6 +634,7 @@ class EdgeServer:
             await asyncio.sleep(0.05)
         for conn in list(self.public_connections):
             conn.end()  # a live stream is cut with RST, an idle connection closed normally
+        await self.tcp.close()  # raw connections too (RST)
         for session in list(self.agent_connections):
             if session.transport is not None:
                 session.flush()
@@ -701,7 +722,7 @@ class EdgeServer:
         options = validate_exposure_options(
             message.protocol, message.proxy_protocol, message.inspect
         )
-        record = await self.registry.commit_expose(sandbox_id, port, name, token, options)
+        record = await self.tcp.commit_expose(sandbox_id, port, name, token, options)
         log.info("sandbox %s: port %d exposed by the agent%s", sandbox_id, port, _describe(options))
         return [self.exposure_message(sandbox_id, record)]
 
@@ -715,6 +736,7 @@ class EdgeServer:
     async def _unexpose_local(self, sandbox_id: str, port: int) -> None:
         if await self.registry.commit_unexpose(sandbox_id, port):
             log.info("sandbox %s: port %d unexposed", sandbox_id, port)
+        await self.tcp.sync(sandbox_id)  # its public TCP port closes, raw connections reset
         state = self.registry.get(sandbox_id)
         session = state.session if state is not None else None
         if session is not None:
@@ -731,7 +753,7 @@ class EdgeServer:
         """Orchestrator-side expose (admin API / SDK); ``options`` already validated."""
         sandbox_id = validate_sandbox_id(sandbox_id)
         port, name, token = self._validate(port, name, token)
-        record = await self.registry.commit_expose(sandbox_id, port, name, token, options)
+        record = await self.tcp.commit_expose(sandbox_id, port, name, token, options)
         log.info("sandbox %s: port %d exposed%s", sandbox_id, port, _describe(options))
         await self._tell_agent(
             sandbox_id, lambda rid: control.Expose(rid, record.port, record.name, record.token)
@@ -793,6 +815,7 @@ class EdgeServer:
 
     def _remote_exposed(self, sandbox_id: str, record: ExposureRecord) -> None:
         log.info("sandbox %s: port %d exposed through another node", sandbox_id, record.port)
+        self.tcp.sync_later([sandbox_id])
         self._tell_agent_later(
             sandbox_id,
             lambda rid: control.Expose(rid, record.port, record.name, record.token),
@@ -801,6 +824,7 @@ class EdgeServer:
 
     def _remote_unexposed(self, sandbox_id: str, port: int) -> None:
         log.info("sandbox %s: port %d unexposed through another node", sandbox_id, port)
+        self.tcp.sync_later([sandbox_id])
         state = self.registry.get(sandbox_id)
         if state is not None and state.session is not None:
             state.session.reset_port(port)

@@ -147,10 +147,12 @@ class Registry:
         name: str | None = None,
         token: str | None = None,
         options: ExposureOptions = DEFAULT_OPTIONS,
+        public_port: int | None = None,
     ) -> ExposureRecord:
-        """``expose``, answered only once the store has the record (then the view changes)."""
+        """``expose``, answered only once the store has the record (then the view changes).
+        ``public_port``: a newly assigned public TCP port (None keeps the one it has)."""
         async with self._sandbox_lock(sandbox_id):
-            record = self._prepare(sandbox_id, port, name, token, options=options)
+            record = self._prepare(sandbox_id, port, name, token, None, options, public_port)
             await self._write(self.store.put(record.stored(sandbox_id)))
             self._apply(sandbox_id, record)
             return record

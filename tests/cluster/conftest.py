@@ -1,161 +1,23 @@
-"""A real redis-server for the cluster tests (Debian's package; `make unit` installs it).
-
-``RedisServer`` runs ``redis-server`` in a temporary directory with ``appendonly yes`` and
-``appendfsync always`` (what docs/operations.md asks of production), on a Unix socket by default
-(``--port 0``: no TCP port to pick) or on TCP. It can be stopped and started again on the same
-address with the same data (outage tests), and paused with SIGSTOP (a hung server: connections
-are accepted by the kernel, nothing answers).
-"""
+"""Cluster test fixtures: stores and in-process nodes over a real redis-server
+(``tests/redis_server.py``; the ``redis_server`` and ``redis_tcp_server`` fixtures are in
+tests/conftest.py, shared with the raw TCP tests)."""
 
 from __future__ import annotations
 
-import os
-import random
-import shutil
-import signal
-import socket
-import subprocess
-import time
-from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 
+from tests.redis_server import RedisServer
 from tunneld.redis_store import RedisStore
 
-REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
-# TCP: ports tried before giving up (a port taken by something else fails the bind).
-TCP_ATTEMPTS = 10
-START_TIMEOUT = 10.0
+__all__ = ["RedisServer"]  # tests import it from here too
 
 
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
-
-
-class RedisServer:
-    def __init__(self, directory: Path, *, tcp: bool = False) -> None:
-        self.dir = directory
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self.tcp = tcp
-        self.socket_path = self.dir / "redis.sock"
-        self.port = 0
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.log = self.dir / "redis.log"
-
-    @property
-    def url(self) -> str:
-        if self.tcp:
-            return f"redis://127.0.0.1:{self.port}/0"
-        return f"unix://{self.socket_path}"
-
-    def _command(self) -> list[str]:
-        return [
-            REDIS_SERVER,
-            "--port", str(self.port),
-            "--bind", "127.0.0.1",
-            "--unixsocket", str(self.socket_path),
-            "--unixsocketperm", "700",
-            "--dir", str(self.dir),
-            "--appendonly", "yes",
-            "--appendfsync", "always",
-            "--save", "",
-            "--daemonize", "no",
-            "--logfile", str(self.log),
-        ]  # fmt: skip
-
-    def start(self) -> RedisServer:
-        """Start (again, on the same address and data); wait until it answers PING."""
-        if not os.path.exists(REDIS_SERVER):
-            pytest.fail("redis-server is not installed: run `make ensure-redis` (apt-get)")
-        if not self.tcp:
-            self._spawn()
-            return self
-        if self.port:  # a restart: the same port, taken by us a moment ago
-            self._spawn()
-            return self
-        for _ in range(TCP_ATTEMPTS):
-            self.port = random.randint(20000, 60000)
-            try:
-                self._spawn()
-                return self
-            except RuntimeError:
-                if "Address already in use" not in self.log.read_text(errors="replace"):
-                    raise
-        raise RuntimeError(f"redis-server found no free TCP port in {TCP_ATTEMPTS} tries")
-
-    def _spawn(self) -> None:
-        self.proc = subprocess.Popen(
-            self._command(), stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT
-        )
-        deadline = time.monotonic() + START_TIMEOUT
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                self.proc = None
-                raise RuntimeError(f"redis-server exited: {self.log.read_text()[-2000:]}")
-            if self.ping():
-                return
-            time.sleep(0.02)
-        self.kill()
-        raise RuntimeError(f"redis-server did not answer within {START_TIMEOUT}s")
-
-    def ping(self) -> bool:
-        try:
-            family = socket.AF_INET if self.tcp else socket.AF_UNIX
-            with socket.socket(family) as conn:
-                conn.settimeout(1)
-                conn.connect(("127.0.0.1", self.port) if self.tcp else str(self.socket_path))
-                conn.sendall(b"PING\r\n")
-                return conn.recv(64).startswith(b"+PONG")
-        except OSError:
-            return False
-
-    def stop(self) -> None:
-        """SIGTERM: Redis flushes its AOF and exits; start() brings the same data back."""
-        if self.proc is None:
-            return
-        self.resume()
-        self.proc.terminate()
-        try:
-            self.proc.wait(START_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(START_TIMEOUT)
-        self.proc = None
-
-    def kill(self) -> None:
-        if self.proc is not None:
-            self.proc.kill()
-            self.proc.wait(START_TIMEOUT)
-            self.proc = None
-
-    def pause(self) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGSTOP)
-
-    def resume(self) -> None:
-        if self.proc is not None:
-            self.proc.send_signal(signal.SIGCONT)
-
-
-@pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path / "redis").start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
-@pytest.fixture
-def redis_tcp_server(tmp_path: Path) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path / "redis-tcp", tcp=True).start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture
