@@ -247,6 +247,7 @@ class H2PublicConnection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.streams: dict[int, _StreamTransport] = {}
         self.refused: bytes | None = None  # the 503 page of a connection past the limits
+        self.client_gone = False  # the client sent GOAWAY
         self.closed = False
         self._write_paused = False
         self._read_paused = False
@@ -302,8 +303,11 @@ class H2PublicConnection(asyncio.Protocol):
             elif isinstance(event, h2.events.RemoteSettingsChanged):
                 self._waiting.update(s for s in self.streams.values() if s.outbound)
             elif isinstance(event, h2.events.ConnectionTerminated):
-                self.close()
-                return
+                # the client's GOAWAY: no new streams; the open ones may finish
+                self.client_gone = True
+                if not self.streams:
+                    self.close()
+                    return
         self.flush()
 
     def _on_request(self, event: h2.events.RequestReceived) -> None:
@@ -408,7 +412,10 @@ class H2PublicConnection(asyncio.Protocol):
             del self.streams[stream.sid]
         self._waiting.discard(stream)
         if not self.streams and not self.closed:
-            self._arm_timer(self.server.config.keepalive_timeout)
+            if self.client_gone:
+                self.close()
+            else:
+                self._arm_timer(self.server.config.keepalive_timeout)
 
     # -- ends ------------------------------------------------------------------------------------
     def close(self) -> None:

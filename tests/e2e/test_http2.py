@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import os
 import shutil
 import socket
@@ -792,3 +793,109 @@ async def test_unexpose_resets_live_h2_streams(stack: Stack, ca: trustme.CA) -> 
         while not isinstance(event, (h2.events.StreamReset, h2.events.StreamEnded)):
             event = await client.next_event()
         assert isinstance(event, h2.events.StreamReset) and event.stream_id == sid
+
+
+async def test_access_log_and_request_id_over_h2(
+    ca: trustme.CA, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    stack = await tls_stack(ca, tmp_path, access_log=True)
+    try:
+        url, _ = await exposed_origin(stack)
+        with caplog.at_level(logging.INFO, logger="tunneld.access"):
+            async with h2_client(stack, ca, url) as client:
+                r = await client.get("/headers", headers={"x-request-id": "h2-req-1"})
+                assert r.http_version == "HTTP/2"
+                assert r.headers["x-request-id"] == "h2-req-1"  # echoed in the response
+                assert dict(r.json())["x-request-id"] == "h2-req-1"  # passed to the service
+            await wait_until(
+                lambda: any("h2-req-1" in rec.getMessage() for rec in caplog.records),
+                what="the access log line",
+            )
+        (line,) = [rec.getMessage() for rec in caplog.records if "h2-req-1" in rec.getMessage()]
+        assert " 200 " in line and "/headers" in line
+    finally:
+        await stack.close()
+
+
+async def test_streams_of_one_connection_route_to_different_preview_hosts(
+    stack: Stack, ca: trustme.CA
+) -> None:
+    """Browsers reuse a connection for every host its wildcard certificate covers: each stream
+    is routed by its own :authority (no 421 as on an HTTP/1.1 keep-alive connection)."""
+    url, origin = await exposed_origin(stack)
+    other = await stack.origin()
+    other_url = (await stack.expose("sb1", other.port, token="othertoken"))["exposedAt"]
+    async with RawH2(stack, ca, host_of(url)) as client:
+        first = client.request(b"GET", b"/")
+        await client.send()
+        client.host = host_of(other_url)  # same connection, another preview host
+        second = client.request(b"GET", b"/")
+        await client.send()
+        for sid in (first, second):
+            headers, body, _ = await client.response(sid)
+            assert headers[b":status"] == b"200" and body == b"hello from origin"
+    assert origin.requests == 1 and other.requests == 1
+
+
+async def test_404_budget_and_head_limit_apply_per_request(ca: trustme.CA, tmp_path: Path) -> None:
+    stack = await tls_stack(ca, tmp_path, miss_rate=0.001, miss_burst=2)
+    try:
+        url, origin = await exposed_origin(stack)
+        wrong = host_of(url).replace(TOKEN, "wrongtoken0")
+        async with RawH2(stack, ca, wrong) as client:
+            codes = []
+            for _ in range(3):
+                sid = client.request(b"GET", b"/")
+                await client.send()
+                headers, body, _ = await client.response(sid)
+                codes.append((headers[b":status"], orjson.loads(body)["code"]))
+        assert codes == [
+            (b"404", "INVALID_TOKEN"),
+            (b"404", "INVALID_TOKEN"),
+            (b"429", "TOO_MANY_MISSES"),
+        ]
+        async with RawH2(stack, ca, host_of(url)) as client:
+            sid = client.request(b"GET", b"/headers", [(b"x-big", b"a" * 40_000)])
+            await client.send()
+            try:
+                headers, _, _ = await client.response(sid)
+                assert headers[b":status"] == b"431"
+            except ConnectionError:
+                pass  # refused by the h2 layer itself (SETTINGS_MAX_HEADER_LIST_SIZE)
+        assert origin.requests == 0  # neither reached the service
+    finally:
+        await stack.close()
+
+
+async def test_idle_h2_connection_is_closed_after_keepalive_timeout(
+    ca: trustme.CA, tmp_path: Path
+) -> None:
+    stack = await tls_stack(ca, tmp_path, keepalive_timeout=0.5)
+    try:
+        url, _ = await exposed_origin(stack)
+        async with RawH2(stack, ca, host_of(url)) as client:
+            sid = client.request(b"GET", b"/")
+            await client.send()
+            headers, _, _ = await client.response(sid)
+            assert headers[b":status"] == b"200"
+            event = None
+            with pytest.raises(ConnectionError):
+                while True:  # GOAWAY, then the close (bounded by next_event's timeout)
+                    event = await client.next_event()
+                    if isinstance(event, h2.events.ConnectionTerminated):
+                        assert event.error_code == h2.errors.ErrorCodes.NO_ERROR
+            assert isinstance(event, h2.events.ConnectionTerminated)
+    finally:
+        await stack.close()
+
+
+def test_h2_settings_from_the_environment_and_their_bounds(tmp_path: Path) -> None:
+    from tunneld.config import ConfigError, load_config
+
+    env = {"TUNNELD_ADMIN_TOKEN": "a", "TUNNELD_SECRET": "s"}
+    config = load_config(environ={**env, "TUNNELD_PUBLIC_H2": "0", "TUNNELD_H2_MAX_STREAMS": "7"})
+    assert config.public_h2 is False and config.h2_max_streams == 7
+    assert load_config(environ=env).public_h2 is True
+    for bad in ("0", "1001"):
+        with pytest.raises(ConfigError, match="h2_max_streams must be 1-1000"):
+            load_config(environ={**env, "TUNNELD_H2_MAX_STREAMS": bad})
