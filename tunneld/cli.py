@@ -40,6 +40,9 @@ or admin_token_file / secret_file in the config file.
 
 def _setup_logging(level: str, worker: int | None = None, fmt: str = "text") -> None:
     tag = "" if worker is None else f"[w{worker}]"  # workers share the supervisor's stderr
+    from . import accesslog
+
+    accesslog.WORKER = worker  # its lines carry the same tag (tunneld/accesslog.py)
     logging.basicConfig(
         level=getattr(logging, level.upper(), logging.INFO),
         format=f"%(asctime)s %(levelname)-7s %(name)s{tag}: %(message)s",

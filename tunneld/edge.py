@@ -44,6 +44,7 @@ from protocol.session import Role, Session, SessionConfig
 from relay.mux import TUNNEL_OUTPUT_CAP, MuxProtocol, StreamEndpoint
 from relay.requests import ControlRequestError
 
+from .accesslog import AccessWriter
 from .auth import AgentAuth
 from .budget import RequestBudget
 from .config import Config
@@ -457,6 +458,8 @@ class EdgeServer:
         self.public_limits = PublicLimits()
         self.tcp = TcpExposures(self)  # tcp / tls exposures (tunneld/tcpexpose.py)
         # Request inspection (tunneld/inspect.py): records of inspected sandboxes, this node's
+        # Access lines, batched per loop iteration (tunneld/accesslog.py), when access_log is on.
+        self.access_writer = AccessWriter(self.loop, config.log_format)
         self.inspector = Inspector(
             max_requests=config.inspect_max_requests,
             body_bytes=config.inspect_body_bytes,
@@ -648,6 +651,7 @@ class EdgeServer:
         for task in list(self.background):
             task.cancel()
         await self.admin.close()
+        self.access_writer.flush()
         await self.registry.store.close()
 
     async def _load_exposures(self) -> None:

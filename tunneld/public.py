@@ -181,7 +181,7 @@ class PublicConnection(StreamEndpoint):
         if not self._admit():
             return
         if self.server.config.access_log:
-            self._access = ConnectionLog(self._peer_ip)
+            self._access = ConnectionLog(self._peer_ip, writer=self.server.access_writer)
         self.server.public_connections.add(self)
         self._arm_timer("head")
         if self._adopted:

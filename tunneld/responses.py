@@ -34,8 +34,17 @@ __all__ = ["MAX_RESPONSE_HEAD", "ResponseDone", "ResponseFramer", "ResponseHead"
 
 # Responses carry bigger heads than requests (many Set-Cookie lines); past this, stop following.
 MAX_RESPONSE_HEAD: Final = 64 * 1024
-_STATUS_LINE: Final = re.compile(rb"HTTP/1\.[01] ([1-9][0-9][0-9])(?: [^\r\n]*)?")
-_HEADER_LINE: Final = re.compile(rb"([!#$%&'*+.^_`|~0-9A-Za-z-]+):[ \t]*([^\r\n]*?)[ \t]*")
+# A whole head, validated in one match (C, not a Python loop per line): the status line, then
+# header lines "name: value" (the value any bytes but CR and LF), then the blank line.
+_HEAD_RE: Final = re.compile(
+    rb"HTTP/1\.[01] ([1-9][0-9][0-9])(?: [^\r\n]*)?\r\n"
+    rb"(?:[!#$%&'*+.^_`|~0-9A-Za-z-]+:[^\r\n]*\r\n)*\r\n"
+)
+# The three headers the framer reads, found in a valid head (each line starts after a CRLF).
+_FRAMING_HEADERS: Final = re.compile(
+    rb"\r\n(content-length|transfer-encoding|x-request-id):[ \t]*([^\r\n]*?)[ \t]*(?=\r\n)",
+    re.IGNORECASE,
+)
 
 
 class ResponseHead:
@@ -214,25 +223,20 @@ def _parse_head(raw: bytes) -> tuple[int, int | None, bool | None, bool] | None:
     """(status, content length or None, chunked, has x-request-id), or None if invalid.
 
     ``chunked`` None with length None means conflicting or unparsable lengths (unframed)."""
-    lines = raw[:-4].split(b"\r\n")
-    match = _STATUS_LINE.fullmatch(lines[0])
+    match = _HEAD_RE.fullmatch(raw)
     if match is None:
         return None
     status = int(match.group(1))
     lengths: set[bytes] = set()
     codings: list[bytes] = []
     has_id = False
-    for line in lines[1:]:
-        header = _HEADER_LINE.fullmatch(line)
-        if header is None:
-            return None
-        name = header.group(1).lower()
-        value = header.group(2)
+    for name, value in _FRAMING_HEADERS.findall(raw, match.end(1)):
+        name = name.lower()
         if name == b"content-length":
             lengths.update(v.strip() for v in value.split(b","))
         elif name == b"transfer-encoding":
             codings += [c.strip().lower() for c in value.split(b",")]
-        elif name == b"x-request-id":
+        else:
             has_id = True
     if codings:
         if lengths:

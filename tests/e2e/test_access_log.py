@@ -5,6 +5,8 @@ the service's bytes otherwise untouched (tunneld/accesslog.py, tunneld/responses
 from __future__ import annotations
 
 import hashlib
+import io
+import json
 import logging
 import re
 from collections.abc import AsyncIterator
@@ -19,15 +21,25 @@ pytestmark = pytest.mark.anyio
 
 @pytest.fixture
 async def logged() -> AsyncIterator[Stack]:
-    stack = await Stack(access_log=True).start()
+    """An edge whose access lines (JSON) go to a StringIO instead of stderr."""
+    stack = await Stack(access_log=True, log_format="json").start()
+    stack.edge.access_writer.stream = io.StringIO()
     try:
         yield stack
     finally:
         await stack.close()
 
 
-def records(caplog: pytest.LogCaptureFixture) -> list[dict]:
-    return [r.access for r in caplog.records if r.name == "tunneld.access"]  # type: ignore[attr-defined]
+_ENVELOPE = ("time", "level", "logger", "message")
+
+
+def records(stack: Stack) -> list[dict]:
+    """The access fields of every line the edge's access writer wrote so far."""
+    stream = stack.edge.access_writer.stream
+    assert isinstance(stream, io.StringIO)
+    rows = [json.loads(line) for line in stream.getvalue().splitlines()]
+    assert all(row["logger"] == "tunneld.access" and row["level"] == "info" for row in rows)
+    return [{k: v for k, v in row.items() if k not in _ENVELOPE} for row in rows]
 
 
 async def _url(stack: Stack) -> str:
@@ -58,8 +70,8 @@ async def test_one_record_per_request_with_sizes_and_the_request_id(
         r = await client.head("/bytes", params={"n": 10})
         assert r.status_code == 200
         r = await client.get("/")
-    await wait_until(lambda: len(records(caplog)) == 7, 5, "seven access records")
-    rows = records(caplog)
+    await wait_until(lambda: len(records(logged)) == 7, 5, "seven access records")
+    rows = records(logged)
     assert [(x["method"], x["status"]) for x in rows] == [
         ("GET", 200), ("GET", 200), ("GET", 200), ("GET", 200), ("POST", 200), ("HEAD", 200),
         ("GET", 200),
@@ -85,8 +97,8 @@ async def test_edge_answers_and_unanswered_requests_are_logged_too(
     request = b"GET / HTTP/1.1\r\nHost: " + host + b"\r\n\r\n"
     answer = await raw_request(logged.edge.public_port, request)
     assert answer.startswith(b"HTTP/1.1 502 ")
-    await wait_until(lambda: records(caplog), 5, "the record")
-    (row,) = records(caplog)
+    await wait_until(lambda: records(logged), 5, "the record")
+    (row,) = records(logged)
     assert row["status"] == 502 and row["note"] == "edge: UPSTREAM_CONNECT_FAILED"
 
 
@@ -116,8 +128,8 @@ async def test_a_websocket_upgrade_is_logged_and_then_relayed_untouched(
     finally:
         server.close()
         await server.wait_closed()
-    await wait_until(lambda: records(caplog), 5, "the record")
-    assert records(caplog)[0]["status"] == 101
+    await wait_until(lambda: records(logged), 5, "the record")
+    assert records(logged)[0]["status"] == 101
 
 
 async def test_without_the_access_log_nothing_is_added(stack: Stack) -> None:
@@ -126,3 +138,17 @@ async def test_without_the_access_log_nothing_is_added(stack: Stack) -> None:
         r = await client.get("/headers", headers={"x-request-id": "bad id"})
     assert "x-request-id" not in r.headers
     assert dict(r.json())["x-request-id"] == "bad id"  # passed through as before
+
+
+async def test_no_line_when_the_access_logger_is_above_info(
+    logged: Stack, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``log_level = warning`` silences access lines, as it did through ``logging``; the
+    request id is still made and echoed (the connection follows its responses)."""
+    caplog.set_level(logging.WARNING, "tunneld.access")
+    url = await _url(logged)
+    async with logged.client(url) as client:
+        response = await client.get("/")
+    assert response.status_code == 200 and len(response.headers["x-request-id"]) == 32
+    logged.edge.access_writer.flush()
+    assert records(logged) == []

@@ -1,0 +1,122 @@
+"""AccessWriter: the access log's lines without a logging record each (tunneld/accesslog.py).
+They must read exactly as the stdlib formatter of ``tunneld serve`` writes them, leave in
+writes that never split a line nor exceed PIPE_BUF, and come out at the end of the loop
+iteration that made them."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import logging
+import re
+
+import pytest
+
+from tunneld import accesslog
+from tunneld.accesslog import AccessWriter, new_request_id
+from tunneld.logs import JsonFormatter
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+FIELDS = {"client": "10.0.0.1", "status": 200, "path": "/x y", "bytes_out": None}
+
+
+class Recorder(io.StringIO):
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes: list[str] = []
+
+    def write(self, text: str) -> int:
+        self.writes.append(text)
+        return super().write(text)
+
+
+def _stdlib(fmt: str, message: str) -> str:
+    """What ``tunneld serve``'s logging setup writes for ``message`` (cli._setup_logging)."""
+    record = logging.LogRecord("tunneld.access", logging.INFO, __file__, 1, message, None, None)
+    record.access = FIELDS  # type: ignore[attr-defined]
+    if fmt == "json":
+        return JsonFormatter().format(record)
+    return logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s").format(record)
+
+
+_STAMP = re.compile(r"^\d{4}-\d\d-\d\d[ T]\d\d:\d\d:\d\d[.,]\d{3}Z?")
+
+
+@pytest.mark.parametrize("fmt", ["text", "json"])
+def test_a_line_reads_as_the_stdlib_formatter_writes_it(fmt: str) -> None:
+    loop = asyncio.new_event_loop()
+    try:
+        stream = Recorder()
+        writer = AccessWriter(loop, fmt, stream)
+        writer.write('10.0.0.1 "GET /x y" 200', FIELDS)
+        writer.flush()
+    finally:
+        loop.close()
+    ours = stream.getvalue()
+    theirs = _stdlib(fmt, '10.0.0.1 "GET /x y" 200')
+    assert ours.endswith("\n") and ours.count("\n") == 1
+    if fmt == "json":
+        a, b = json.loads(ours), json.loads(theirs)
+        assert _STAMP.match(a.pop("time")) and _STAMP.match(b.pop("time"))
+        assert a == b
+    else:
+        assert _STAMP.sub("", ours.rstrip("\n")) == _STAMP.sub("", theirs)
+
+
+def test_the_worker_tag_is_the_formatters(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(accesslog, "WORKER", 3)
+    loop = asyncio.new_event_loop()
+    try:
+        text, js = Recorder(), Recorder()
+        AccessWriter(loop, "text", text).write("m", {})
+        AccessWriter(loop, "json", js).write("m", {})
+        loop.run_until_complete(asyncio.sleep(0))  # the flush at the iteration's end
+    finally:
+        loop.close()
+    assert " INFO    tunneld.access[w3]: m\n" in text.getvalue()
+    assert json.loads(js.getvalue())["worker"] == 3
+
+
+@pytest.mark.anyio
+async def test_one_iterations_lines_leave_in_line_aligned_writes_of_at_most_pipe_buf() -> None:
+    stream = Recorder()
+    writer = AccessWriter(asyncio.get_running_loop(), "text", stream)
+    messages = [f"request {i} " + "x" * (i % 300) for i in range(200)]
+    for message in messages:
+        writer.write(message, {})
+    assert stream.writes == []  # nothing yet: written when this iteration ends
+    await asyncio.sleep(0)
+    assert len(stream.writes) >= 2
+    assert all(len(w.encode()) <= 4096 and w.endswith("\n") for w in stream.writes)
+    lines = "".join(stream.writes).splitlines()
+    assert [line.split(": ", 1)[1] for line in lines] == messages
+
+
+@pytest.mark.anyio
+async def test_a_burst_is_written_before_the_iteration_ends() -> None:
+    stream = Recorder()
+    writer = AccessWriter(asyncio.get_running_loop(), "text", stream)
+    for i in range(accesslog._MAX_PENDING):
+        writer.write(str(i), {})
+    assert "".join(stream.writes).count("\n") == accesslog._MAX_PENDING  # bounded, not kept
+
+
+@pytest.mark.anyio
+async def test_a_closed_stream_does_not_break_serving() -> None:
+    stream = io.StringIO()
+    writer = AccessWriter(asyncio.get_running_loop(), "text", stream)
+    stream.close()
+    writer.write("lost", {})
+    writer.flush()  # ValueError from the closed stream is swallowed
+
+
+def test_new_request_ids_are_32_hex_digits_and_distinct() -> None:
+    ids = [new_request_id() for _ in range(1000)]
+    assert len(set(ids)) == 1000
+    assert all(re.fullmatch(rb"[0-9a-f]{32}", i) for i in ids)
