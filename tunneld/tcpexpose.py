@@ -68,6 +68,9 @@ log = logging.getLogger("tunneld.tcp")
 _REFUSAL_LOG_INTERVAL: Final = 10.0
 # Connections accepted per wake-up of a listener before others get the loop again.
 _ACCEPT_BATCH: Final = 64
+# Bytes a connection may have read while its stream is being opened on the owner node: reading
+# is paused then, so this is at most a read or two of the shared buffer; past it, a bug.
+MAX_HELD: Final = 1024 * 1024
 # A peeking connection woken with no new byte and no hang-up: looked at again this much later.
 _PEEK_RETRY: Final = 0.05
 
@@ -98,6 +101,7 @@ class RawConnection(StreamEndpoint):
 
     __slots__ = (
         "_counted_ip",
+        "_held",
         "_seen_activity",
         "activity",
         "kind",
@@ -117,6 +121,7 @@ class RawConnection(StreamEndpoint):
         self.peer = "unknown"
         self.peer_ip = "unknown"
         self._counted_ip: str | None = None
+        self._held = bytearray()  # read while the stream was being opened on another node
         self.activity = 0
         self._seen_activity = -1
 
@@ -190,6 +195,9 @@ class RawConnection(StreamEndpoint):
         server.metrics.forwarded.inc()
         if record.options.proxy_protocol:
             link.session.send_data(sid, proxy_header(transport, self.peer))
+        held, self._held = self._held, bytearray()
+        if held:
+            self.forward(bytes(held))
         link.flush()
         transport.resume_reading()
 
@@ -213,7 +221,16 @@ class RawConnection(StreamEndpoint):
     # -- relay -----------------------------------------------------------------------------------
     def buffer_updated(self, nbytes: int) -> None:
         self.activity += 1
-        self.forward(SHARED.view[:nbytes])
+        if self.mux is not None:
+            self.forward(SHARED.view[:nbytes])
+        elif not self._closed:
+            # Routing to the owner node: kept and sent first once the stream is open. uvloop
+            # starts reading after connection_made even when it paused reading: pause again.
+            self._held += SHARED.view[:nbytes]
+            if self.transport is not None:
+                self.transport.pause_reading()
+            if len(self._held) > MAX_HELD:
+                self.refuse("sent too much before its stream was open")
 
     def receive_from_peer(self, data: bytes) -> None:
         self.activity += 1

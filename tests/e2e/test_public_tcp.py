@@ -27,6 +27,7 @@ import trustme
 from tests.redis_server import RedisServer
 from tunneld.config import ConfigError, load_config
 from tunneld.sni import MAX_HELLO_LENGTH
+from tunneld.store import SqliteStore
 from tunneld.tcpexpose import parse_port_range
 
 from .conftest import Stack, wait_until
@@ -624,3 +625,110 @@ def test_the_settings_from_the_command_line() -> None:
     assert config.public_tcp_ports == "20000-20009"
     assert parse_port_range(config.public_tcp_ports) == range(20000, 20010)
     assert _overrides(args)["public_tls_passthrough"] is True
+
+
+# -- restarts, idle, a cluster ----------------------------------------------------------------
+
+
+async def test_the_public_port_survives_an_edge_restart(tmp_path: Path) -> None:
+    service = await HashService(b"again").start()
+    ports = port_range(16)
+    try:
+        first = Stack(public_tcp_ports=ports)
+        first.store = SqliteStore.open(tmp_path)
+        await first.start()
+        try:
+            await first.agent("sb1")
+            public_port = await expose_tcp(first, "sb1", service.port)
+        finally:
+            await first.close()
+        with pytest.raises(ConnectionRefusedError):  # nobody listens while the edge is down
+            await asyncio.open_connection("127.0.0.1", public_port)
+        second = Stack(public_tcp_ports=ports)
+        second.store = SqliteStore.open(tmp_path)
+        await second.start()
+        try:
+            assert second.edge is not None and public_port in second.edge.tcp.listeners
+            await second.agent("sb1")
+            reader, writer = await asyncio.open_connection("127.0.0.1", public_port)
+            writer.write(b"after a restart")
+            writer.write_eof()
+            answer = await asyncio.wait_for(reader.read(), IO_TIMEOUT)
+            assert answer == hashlib.sha256(b"after a restart").hexdigest().encode() + b"\nagain"
+            writer.close()
+        finally:
+            await second.close()
+    finally:
+        await service.close()
+
+
+async def test_an_idle_connection_is_reset() -> None:
+    stack = await tcp_stack(idle_timeout=0.5)
+    service = await HashService(b"").start()
+    try:
+        await stack.agent("sb1")
+        public_port = await expose_tcp(stack, "sb1", service.port)
+        reader, writer = await asyncio.open_connection("127.0.0.1", public_port)
+        writer.write(b"x")
+        await writer.drain()
+        with pytest.raises(ConnectionResetError):  # within 1x-1.5x the timeout; bound generous
+            await asyncio.wait_for(reader.read(), IO_TIMEOUT)
+        writer.close()
+    finally:
+        await service.close()
+        await stack.close()
+
+
+async def test_a_node_without_the_agent_forwards_to_its_owner(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """Two nodes on one Redis, the agent on A; B (on 127.0.0.2, same port numbers) opens the
+    exposure's public port from the shared store and relays its connections over the node
+    link, PROXY header included."""
+    from tests.cluster.nodes import Cluster
+
+    cluster = Cluster(redis_server)
+    ports = port_range(16)
+    nginx = Nginx(tmp_path / "nginx").start()
+    service = await HashService(os.urandom(100_000)).start()
+    try:
+        a = await cluster.node("node-a", public_tcp_ports=ports)
+        b = await cluster.node("node-b", public_tcp_ports=ports, public_host="127.0.0.2")
+        await cluster.agent(a, "sb1")
+        response = await a.admin.post(
+            "/v1/sandboxes/sb1/ports", json={"port": service.port, "protocol": "tcp"}
+        )
+        assert response.status_code == 200, response.text
+        public_port = response.json()["publicPort"]
+        await wait_until(lambda: public_port in b.edge.tcp.listeners, what="B's listener")
+        reader, writer = await asyncio.open_connection("127.0.0.2", public_port)
+        up = os.urandom(1024 * 1024)
+        writer.write(up)
+        writer.write_eof()
+        answer = await asyncio.wait_for(reader.read(), IO_TIMEOUT)
+        line, _, rest = answer.partition(b"\n")
+        assert line.decode() == hashlib.sha256(up).hexdigest()
+        assert hashlib.sha256(rest).digest() == hashlib.sha256(service.reply).digest()
+        writer.close()
+        metrics = (await b.admin.get("/metrics")).text  # it went over the node link
+        assert "tunneld_connections_forwarded_total 1.0" in metrics
+        # PROXY v2 across the hop: nginx sees the client of B
+        response = await a.admin.post(
+            "/v1/sandboxes/sb1/ports",
+            json={"port": nginx.port, "protocol": "tcp", "proxyProtocol": True},
+        )
+        nginx_public = response.json()["publicPort"]
+        await wait_until(lambda: nginx_public in b.edge.tcp.listeners, what="B's listener")
+        reader, writer = await asyncio.open_connection("127.0.0.2", nginx_public)
+        local = writer.get_extra_info("sockname")
+        writer.write(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        answer = await asyncio.wait_for(reader.read(), IO_TIMEOUT)
+        writer.close()
+        assert answer.rstrip().endswith(f"\n{local[0]}:{local[1]}".encode()), answer
+        # unexposed on A: B closes its listener too
+        await a.admin.delete(f"/v1/sandboxes/sb1/ports/{service.port}")
+        await wait_until(lambda: public_port not in b.edge.tcp.listeners, what="B to close")
+    finally:
+        await cluster.close()
+        await service.close()
+        nginx.stop()
