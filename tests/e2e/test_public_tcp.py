@@ -263,9 +263,18 @@ async def test_tcp_and_tls_exposures_are_off_by_default() -> None:
         await stack.close()
 
 
-async def test_connection_limits_apply(stack: Stack) -> None:
+@pytest.mark.parametrize(
+    ("settings", "code"),
+    [
+        ({"max_connections_per_ip": 2}, "TOO_MANY_CONNECTIONS"),
+        ({"max_connections": 2}, "TOO_MANY_CONNECTIONS"),
+        ({"stream_rate": 0.001, "stream_burst": 2}, "TOO_MANY_STREAMS"),
+    ],
+    ids=["per-ip", "total", "stream-rate"],
+)
+async def test_connection_limits_apply(settings: dict[str, object], code: str) -> None:
+    stack = await tcp_stack(**settings)
     service = await HashService(b"ok").start()
-    stack.config.max_connections_per_ip = 2
     try:
         await stack.agent("sb1")
         public_port = await expose_tcp(stack, "sb1", service.port)
@@ -276,10 +285,32 @@ async def test_connection_limits_apply(stack: Stack) -> None:
             await asyncio.wait_for(reader.read(), IO_TIMEOUT)
         writer.close()
         assert len(service.peers) == 2  # the refused one never reached the sandbox
+        assert stack.admin is not None
+        metrics = (await stack.admin.get("/metrics")).text
+        assert f'tunneld_public_refusals_total{{code="{code}"}} 1.0' in metrics
         for _, w in held:
             w.close()
     finally:
         await service.close()
+        await stack.close()
+
+
+async def test_a_port_another_process_holds_is_skipped() -> None:
+    with socket.socket() as holder:
+        for _ in range(20):
+            first = random.randint(61000, 65000)
+            try:
+                holder.bind(("127.0.0.1", first))
+                break
+            except OSError:
+                continue
+        holder.listen()
+        stack = await tcp_stack(public_tcp_ports=f"{first}-{first + 5}")
+        try:
+            public_port = await expose_tcp(stack, "sb1", 15001)
+            assert first < public_port <= first + 5
+        finally:
+            await stack.close()
 
 
 # -- PROXY protocol v2, read by a real nginx --------------------------------------------------
