@@ -36,14 +36,17 @@ __all__ = ["MAX_RESPONSE_HEAD", "ResponseDone", "ResponseFramer", "ResponseHead"
 MAX_RESPONSE_HEAD: Final = 64 * 1024
 # A whole head, validated in one match (C, not a Python loop per line): the status line, then
 # header lines "name: value" (the value any bytes but CR and LF), then the blank line.
+# Possessive quantifiers: nothing to backtrack into (twice as fast with ``re``).
 _HEAD_RE: Final = re.compile(
-    rb"HTTP/1\.[01] ([1-9][0-9][0-9])(?: [^\r\n]*)?\r\n"
-    rb"(?:[!#$%&'*+.^_`|~0-9A-Za-z-]+:[^\r\n]*\r\n)*\r\n"
+    rb"HTTP/1\.[01] ([1-9][0-9][0-9])(?: [^\r\n]*+)?\r\n"
+    rb"(?:[!#$%&'*+.^_`|~0-9A-Za-z-]++:[^\r\n]*+\r\n)*+\r\n"
 )
-# The three headers the framer reads, found in a valid head (each line starts after a CRLF).
+# The three headers the framer reads, found in a valid head (each line starts after a CRLF);
+# spelled out case by case, which ``re`` matches faster than with IGNORECASE.
 _FRAMING_HEADERS: Final = re.compile(
-    rb"\r\n(content-length|transfer-encoding|x-request-id):[ \t]*([^\r\n]*?)[ \t]*(?=\r\n)",
-    re.IGNORECASE,
+    rb"\r\n([Cc][Oo][Nn][Tt][Ee][Nn][Tt]-[Ll][Ee][Nn][Gg][Tt][Hh]"
+    rb"|[Tt][Rr][Aa][Nn][Ss][Ff][Ee][Rr]-[Ee][Nn][Cc][Oo][Dd][Ii][Nn][Gg]"
+    rb"|[Xx]-[Rr][Ee][Qq][Uu][Ee][Ss][Tt]-[Ii][Dd]):([^\r\n]*+)"
 )
 
 
@@ -114,11 +117,20 @@ class ResponseFramer:
                 events.append(data[pos:])
                 break
             if state == _HEAD:
+                if not self._buf and isinstance(data, bytes):
+                    # a head that starts here: look in ``data``, copy nothing yet
+                    idx = data.find(b"\r\n\r\n", pos)
+                    if idx >= 0:
+                        rest = self._head(events, data[pos : idx + 4], data, idx + 4)
+                        if rest is None:
+                            break
+                        pos = rest
+                        continue
                 self._buf += data[pos:]
                 pos = end
-                rest = self._take_head(events)
-                if rest is not None:
-                    data, pos, end = rest, 0, len(rest)
+                rest_bytes = self._take_head(events)
+                if rest_bytes is not None:
+                    data, pos, end = rest_bytes, 0, len(rest_bytes)
             elif state == _LENGTH:
                 take = min(self._remaining, end - pos)
                 events.append(data[pos : pos + take])
@@ -171,23 +183,29 @@ class ResponseFramer:
         raw = bytes(buf[: idx + 4])
         rest = bytes(buf[idx + 4 :])
         buf.clear()
+        return None if self._head(events, raw, rest, 0) is None else rest
+
+    def _head(self, events: list[Event], raw: bytes, data: bytes, after: int) -> int | None:
+        """Emit the complete head ``raw`` (``data[after:]`` follows it) and set the body state;
+        returns where to go on in ``data``, or None when nothing more is followed (unframed:
+        the rest of ``data`` is emitted as is)."""
         parsed = _parse_head(raw)
         if parsed is None:
             self._unframe(events, "a response head that is not valid HTTP/1.1")
-            events.append(raw + rest)
+            events.append(raw + data[after:])
             return None
         status, length, chunked, has_id = parsed
         events.append(ResponseHead(status, raw, has_id))
         if 100 <= status < 200 and status != 101:
-            return rest  # informational: the final head follows
+            return after  # informational: the final head follows
         method = self._methods.popleft() if self._methods else b"GET"
         self._status = status
         self._body = 0
         if status == 101:
             events.append(ResponseDone(status, 0))
             self._unframe(events, "switched protocols")
-            if rest:
-                events.append(rest)
+            if after < len(data):
+                events.append(data[after:])
             return None
         if method == b"HEAD" or status in (204, 304):
             self._done(events)
@@ -201,12 +219,12 @@ class ResponseFramer:
                 self._done(events)
         elif length is None and chunked is None:
             self._unframe(events, "conflicting body lengths")
-            if rest:
-                events.append(rest)
+            if after < len(data):
+                events.append(data[after:])
             return None
         else:
             self._state = _UNTIL_CLOSE
-        return rest
+        return after
 
     def _done(self, events: list[Event]) -> None:
         events.append(ResponseDone(self._status, self._body))
@@ -232,6 +250,7 @@ def _parse_head(raw: bytes) -> tuple[int, int | None, bool | None, bool] | None:
     has_id = False
     for name, value in _FRAMING_HEADERS.findall(raw, match.end(1)):
         name = name.lower()
+        value = value.strip(b" \t")
         if name == b"content-length":
             lengths.update(v.strip() for v in value.split(b","))
         elif name == b"transfer-encoding":
