@@ -605,7 +605,7 @@ class SniListener:
 
     async def start(self, host: str, port: int, *, reuse_port: bool = False) -> SniListener:
         infos = await self.loop.getaddrinfo(
-            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+            host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
         )
         family, _, _, _, address = infos[0]
         sock = socket.create_server(
@@ -628,6 +628,8 @@ class SniListener:
             sock.close()
         for peek in list(self._peeks):
             peek.drop()
+        for task in self._handoffs:
+            task.cancel()  # a fallback TLS handshake under way: its socket is closed
 
     async def wait_closed(self) -> None:
         tasks = list(self._handoffs)

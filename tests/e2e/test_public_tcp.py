@@ -566,6 +566,25 @@ async def test_other_names_on_the_port_get_the_edges_https(passthrough: Passthro
     assert answer.startswith(b"HTTP/1.1 404"), answer
 
 
+async def test_a_tls_exposure_of_an_offline_sandbox_is_reset(passthrough: Passthrough) -> None:
+    stack = passthrough.stack
+    assert stack.edge is not None
+    await stack.expose("sb9", 18445, protocol="tls", token=TOKEN)  # no agent for sb9
+    with pytest.raises((ConnectionResetError, ssl.SSLError)):
+        await asyncio.wait_for(
+            asyncio.open_connection(
+                "127.0.0.1",
+                stack.edge.public_port,
+                ssl=passthrough.client(passthrough.sandbox_ca),
+                server_hostname=f"18445-sb9-{TOKEN}.{DOMAIN}",
+            ),
+            IO_TIMEOUT,
+        )
+    assert stack.admin is not None
+    metrics = (await stack.admin.get("/metrics")).text
+    assert 'tunneld_public_refusals_total{code="SANDBOX_NOT_CONNECTED"} 1.0' in metrics
+
+
 async def closed_within(port: int, data: bytes, bound: float, *, eof: bool = False) -> None:
     """Send ``data`` (then FIN with ``eof``) and expect the edge to end the connection within
     ``bound`` seconds (EOF or RST), whatever it answers first."""
