@@ -49,6 +49,7 @@ from .responses import ResponseDone, ResponseFramer, ResponseHead, Unframed
 if TYPE_CHECKING:
     from .httphead import RequestHead
     from .inspect import ConnectionRecorder, Record
+    from .metrics import RequestStats
 
 __all__ = ["AccessWriter", "ConnectionLog", "request_id_of"]
 
@@ -120,7 +121,11 @@ class AccessWriter:
         self._stamp = ""
         self._worker = worker if self._json else None
 
-    def write(self, message: str, fields: dict[str, Any]) -> None:
+    @property
+    def json(self) -> bool:
+        return self._json
+
+    def write(self, message: str, fields: dict[str, Any] | None) -> None:
         now = time.time()
         sec = int(now)
         if sec != self._sec:
@@ -139,7 +144,8 @@ class AccessWriter:
             }
             if self._worker is not None:
                 out["worker"] = self._worker
-            out.update(fields)
+            if fields:
+                out.update(fields)
             line = orjson.dumps(out, default=str).decode() + "\n"
         else:
             line = f"{self._stamp},{msecs:03d} INFO    {self._name}: {message}\n"
@@ -198,13 +204,20 @@ class ConnectionLog:
         "quiet",
         "recorder",
         "sandbox_id",
+        "stats",
         "writer",
     )
 
     def __init__(
-        self, client: str, *, quiet: bool = False, writer: AccessWriter | None = None
+        self,
+        client: str,
+        *,
+        quiet: bool = False,
+        writer: AccessWriter | None = None,
+        stats: RequestStats | None = None,
     ) -> None:
         self.client = client
+        self.stats = stats  # the edge's per-request metrics (tunneld/metrics.py)
         self.writer = writer  # None: through the ``logging`` module (one record per line)
         self.quiet = quiet  # no log lines: the connection is here for inspection only
         self.recorder: ConnectionRecorder | None = None
@@ -299,12 +312,14 @@ class ConnectionLog:
     ) -> None:
         if request.record is not None and self.recorder is not None:
             self.recorder.end(request.record, status, note)
+        duration = time.monotonic() - request.started
+        if self.stats is not None:
+            self.stats.observe(duration, request.ttfb, status, request.body_in, body_out or 0)
         if self.quiet or not log.isEnabledFor(logging.INFO):
             return
         if self.writer is not None:
-            self._line(self.writer, request, status, body_out, note)
+            self._line(self.writer, request, duration, status, body_out, note)
             return
-        duration = time.monotonic() - request.started
         fields: dict[str, Any] = {
             "client": self.client,
             "sandbox": self.sandbox_id,
@@ -341,31 +356,34 @@ class ConnectionLog:
         self,
         writer: AccessWriter,
         request: _Request,
+        duration: float,
         status: int | None,
         body_out: int | None,
         note: str | None,
     ) -> None:
-        duration_ms = round((time.monotonic() - request.started) * 1000, 3)
+        duration_ms = round(duration * 1000, 3)
         ttfb = request.ttfb
         ttfb_ms = None if ttfb is None else round(ttfb * 1000, 3)
         method = request.method.decode("latin-1")
         path = request.target.decode("latin-1")
         request_id = request.request_id.decode("ascii")
-        fields: dict[str, Any] = {
-            "client": self.client,
-            "sandbox": self.sandbox_id,
-            "port": self.port,
-            "method": method,
-            "path": path,
-            "status": status,
-            "bytes_in": request.body_in,
-            "bytes_out": body_out,
-            "duration_ms": duration_ms,
-            "ttfb_ms": ttfb_ms,
-            "request_id": request_id,
-        }
-        if note:
-            fields["note"] = note
+        fields: dict[str, Any] | None = None
+        if writer.json:  # the fields as keys; a text line carries them in its message only
+            fields = {
+                "client": self.client,
+                "sandbox": self.sandbox_id,
+                "port": self.port,
+                "method": method,
+                "path": path,
+                "status": status,
+                "bytes_in": request.body_in,
+                "bytes_out": body_out,
+                "duration_ms": duration_ms,
+                "ttfb_ms": ttfb_ms,
+                "request_id": request_id,
+            }
+            if note:
+                fields["note"] = note
         writer.write(
             f'{self.client} "{method} {path}" {"-" if status is None else status} '
             f"{request.body_in} {'-' if body_out is None else body_out}B {duration_ms:.1f}ms "

@@ -287,6 +287,8 @@ class EdgeSession(MuxProtocol):
         self.sandbox_id = sandbox_id
         self.agent_version = hello.version
         server.auth.admit(self, hello.token)  # checked again on reload and at its expiry
+        if server.registry.get(sandbox_id) is not None:  # exposures kept, or a live session
+            server.metrics.agent_reconnects.inc()
         old = server.registry.attach(sandbox_id, self, self.loop.time())
         if old is not None and old is not self:
             log.info("sandbox %s: new session from %s replaces the old one", sandbox_id, self.peer)

@@ -7,9 +7,96 @@ time instead of being maintained.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from bisect import bisect_left
+from collections.abc import Callable, Iterator
+from typing import Final
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+# Request duration and time to first byte: 1 ms (a small local response) to 5 min (a download).
+REQUEST_BUCKETS: Final = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
+)  # fmt: skip
+_STATUS_CLASSES: Final = ("1xx", "2xx", "3xx", "4xx", "5xx")
+
+
+class _Buckets:
+    """A histogram's counts kept as plain ints (prometheus_client's Histogram takes a lock and
+    walks its buckets per observation: several times this, per request)."""
+
+    __slots__ = ("counts", "total")
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(REQUEST_BUCKETS) + 1)  # the last one: above every bound
+        self.total = 0.0
+
+    def family(self, name: str, documentation: str) -> HistogramMetricFamily:
+        cumulative, buckets = 0, []
+        for bound, count in zip((*REQUEST_BUCKETS, float("inf")), self.counts, strict=True):
+            cumulative += count
+            buckets.append(("+Inf" if bound == float("inf") else repr(bound), cumulative))
+        return HistogramMetricFamily(name, documentation, buckets=buckets, sum_value=self.total)
+
+
+class RequestStats(Collector):
+    """Per-request figures of the preview requests whose responses the edge follows (access log
+    or inspection on: tunneld/accesslog.py), read by Prometheus at scrape time: duration and
+    time to first byte histograms, requests by status class, body bytes each way. No label
+    names a sandbox, a path or a client (unbounded cardinality)."""
+
+    def __init__(self) -> None:
+        self.duration = _Buckets()
+        self.ttfb = _Buckets()
+        self.statuses = dict.fromkeys((*_STATUS_CLASSES, "none"), 0)
+        self.bytes_in = 0
+        self.bytes_out = 0
+
+    def observe(
+        self, duration: float, ttfb: float | None, status: int | None, body_in: int, body_out: int
+    ) -> None:
+        d = self.duration
+        d.counts[bisect_left(REQUEST_BUCKETS, duration)] += 1
+        d.total += duration
+        if ttfb is not None:
+            t = self.ttfb
+            t.counts[bisect_left(REQUEST_BUCKETS, ttfb)] += 1
+            t.total += ttfb
+        if status is None or not 100 <= status <= 599:
+            self.statuses["none"] += 1
+        else:
+            self.statuses[_STATUS_CLASSES[status // 100 - 1]] += 1
+        self.bytes_in += body_in
+        self.bytes_out += body_out
+
+    def collect(self) -> Iterator[Metric]:
+        yield self.duration.family(
+            "tunneld_http_request_duration_seconds",
+            "Preview requests from the head's arrival to the response's end (followed responses)",
+        )
+        yield self.ttfb.family(
+            "tunneld_http_ttfb_seconds",
+            "Preview requests from the head's arrival to the response's first byte",
+        )
+        requests = CounterMetricFamily(
+            "tunneld_http_requests",
+            "Preview requests answered, by status class (none: no whole response)",
+            labels=["status"],
+        )
+        for status, count in self.statuses.items():
+            requests.add_metric([status], count)
+        yield requests
+        yield CounterMetricFamily(
+            "tunneld_http_request_body_bytes",
+            "Request body bytes relayed to services (followed requests)",
+            value=self.bytes_in,
+        )
+        yield CounterMetricFamily(
+            "tunneld_http_response_body_bytes",
+            "Response body bytes relayed to clients (followed responses)",
+            value=self.bytes_out,
+        )
 
 
 class Metrics:
@@ -88,6 +175,13 @@ class Metrics:
         )
         self.exposures = Gauge(
             "tunneld_exposures", "Exposed ports across all sandboxes", registry=r
+        )
+        self.requests = RequestStats()
+        r.register(self.requests)
+        self.agent_reconnects = Counter(
+            "tunneld_agent_reconnects",
+            "Agent sessions of a sandbox this edge already knew (exposures or a live session)",
+            registry=r,
         )
         self.store_feed_overflows = Counter(
             "tunneld_store_feed_overflows",

@@ -181,7 +181,10 @@ class PublicConnection(StreamEndpoint):
         if not self._admit():
             return
         if self.server.config.access_log:
-            self._access = ConnectionLog(self._peer_ip, writer=self.server.access_writer)
+            server = self.server
+            self._access = ConnectionLog(
+                self._peer_ip, writer=server.access_writer, stats=server.metrics.requests
+            )
         self.server.public_connections.add(self)
         self._arm_timer("head")
         if self._adopted:
@@ -380,7 +383,9 @@ class PublicConnection(StreamEndpoint):
             ring = server.inspector.wants(route.sandbox_id, state.exposures.get(route.port))
             if ring is not None:
                 if self._access is None:
-                    self._access = ConnectionLog(self._peer_ip, quiet=True)
+                    self._access = ConnectionLog(
+                        self._peer_ip, quiet=True, stats=server.metrics.requests
+                    )
                 self._access.recorder = ConnectionRecorder(
                     server.inspector, ring, route.port, self._peer_ip, config.scheme
                 )

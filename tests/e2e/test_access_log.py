@@ -152,3 +152,71 @@ async def test_no_line_when_the_access_logger_is_above_info(
     assert response.status_code == 200 and len(response.headers["x-request-id"]) == 32
     logged.edge.access_writer.flush()
     assert records(logged) == []
+
+
+async def test_a_text_line_carries_every_field(caplog: pytest.LogCaptureFixture) -> None:
+    """The default (text) format: the fields in the message, as operations.md shows it."""
+    caplog.set_level(logging.INFO, "tunneld.access")
+    stack = await Stack(access_log=True).start()
+    stack.edge.access_writer.stream = io.StringIO()
+    try:
+        url = await _url(stack)
+        async with stack.client(url) as client:
+            response = await client.get("/?q=1")
+        stack.edge.access_writer.flush()
+        (line,) = stack.edge.access_writer.stream.getvalue().splitlines()
+    finally:
+        await stack.close()
+    rid = response.headers["x-request-id"]
+    pattern = (
+        r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} INFO    tunneld\.access: "
+        r'127\.0\.0\.1 "GET /\?q=1" 200 0 (\d+)B [\d.]+ms ttfb [\d.]+ms '
+        rf"sb1:\d+ id={rid}$"
+    )
+    match = re.fullmatch(pattern, line)
+    assert match is not None, line
+    assert int(match.group(1)) == len(response.content)
+
+
+def _metric(text: str, name: str) -> float:
+    match = re.search(rf"^{re.escape(name)} ([0-9.e+]+)$", text, re.MULTILINE)
+    assert match is not None, name
+    return float(match.group(1))
+
+
+async def test_request_metrics_count_what_the_access_log_saw(
+    logged: Stack, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Duration/TTFB histograms, status classes and body bytes in /metrics: the same requests
+    and sizes as the access records, and no per-sandbox or per-path label."""
+    caplog.set_level(logging.INFO, "tunneld.access")
+    url = await _url(logged)
+    async with logged.client(url) as client:
+        for _ in range(3):
+            assert (await client.get("/bytes?n=1000&seed=1")).status_code == 200
+        assert (await client.post("/upload", content=b"x" * 700)).status_code == 200
+        assert (await client.get("/no-such-page")).status_code == 404
+    await wait_until(lambda: len(records(logged)) == 5, 5, "five access records")
+    rows = records(logged)
+    text = (await logged.admin.get("/metrics")).text
+    assert _metric(text, "tunneld_http_request_duration_seconds_count") == 5
+    assert _metric(text, "tunneld_http_ttfb_seconds_count") == 5
+    assert _metric(text, 'tunneld_http_request_duration_seconds_bucket{le="+Inf"}') == 5
+    total = sum(r["duration_ms"] for r in rows) / 1000
+    assert _metric(text, "tunneld_http_request_duration_seconds_sum") == pytest.approx(total, 0.05)
+    assert _metric(text, 'tunneld_http_requests_total{status="2xx"}') == 4
+    assert _metric(text, 'tunneld_http_requests_total{status="4xx"}') == 1
+    assert _metric(text, "tunneld_http_request_body_bytes_total") == 700
+    assert _metric(text, "tunneld_http_response_body_bytes_total") == sum(
+        r["bytes_out"] for r in rows
+    )
+    assert "sb1" not in "".join(ln for ln in text.splitlines() if ln.startswith("tunneld_http_"))
+
+
+async def test_without_followed_responses_the_request_metrics_stay_zero(stack: Stack) -> None:
+    url = await _url(stack)
+    async with stack.client(url) as client:
+        assert (await client.get("/")).status_code == 200
+    text = (await stack.admin.get("/metrics")).text
+    assert _metric(text, "tunneld_http_request_duration_seconds_count") == 0
+    assert _metric(text, 'tunneld_http_requests_total{status="2xx"}') == 0

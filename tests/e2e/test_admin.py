@@ -173,6 +173,8 @@ async def test_reconnect_keeps_urls(stack: Stack) -> None:
     origin = await stack.origin()
     agent = await stack.agent("sb1")
     exposed = await stack.expose("sb1", origin.port)
+    metrics = (await stack.admin.get("/metrics")).text
+    assert "tunneld_agent_reconnects_total 0.0" in metrics  # the first session is no reconnect
     old_session = stack.edge.registry.get("sb1").session
     old_session.transport.abort()  # an unclean loss of the tunnel connection
 
@@ -181,6 +183,8 @@ async def test_reconnect_keeps_urls(stack: Stack) -> None:
         return state.session is not None and state.session is not old_session and agent.connected
 
     await wait_until(reconnected, 10, "the agent to reconnect")
+    metrics = (await stack.admin.get("/metrics")).text
+    assert "tunneld_agent_reconnects_total 1.0" in metrics
     ports = (await stack.admin.get("/v1/sandboxes/sb1/ports")).json()["ports"]
     assert [p["exposedAt"] for p in ports] == [exposed["exposedAt"]]
     # the same URL reaches the service through the new session
