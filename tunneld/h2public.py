@@ -68,6 +68,7 @@ import h11
 from relay.mux import StreamEndpoint
 
 from .accesslog import ConnectionLog
+from .budget import RequestBudget
 from .httphead import MAX_HEAD_SIZE, HeadParser
 from .public import PublicConnection, error_response
 from .responses import MAX_RESPONSE_HEAD
@@ -248,6 +249,11 @@ class H2PublicConnection(asyncio.Protocol):
         self.streams: dict[int, _StreamTransport] = {}
         self.refused: bytes | None = None  # the 503 page of a connection past the limits
         self.client_gone = False  # the client sent GOAWAY
+        # streams the client may reset before their response is complete: a token bucket of
+        # h2_max_streams per second, bursts of twice that
+        self.resets = RequestBudget(
+            config.h2_max_streams, 2 * config.h2_max_streams, self.loop.time()
+        )
         self.closed = False
         self._write_paused = False
         self._read_paused = False
@@ -292,6 +298,13 @@ class H2PublicConnection(asyncio.Protocol):
             elif isinstance(event, h2.events.StreamReset):
                 stream = self.streams.get(event.stream_id)
                 if stream is not None:
+                    if not stream.response_done and not self.resets.take(self.loop.time()):
+                        # "rapid reset" (CVE-2023-44487): each request costs a tunnel stream
+                        log.warning(
+                            "%s: HTTP/2 client resets too many streams; closing", self.entry._peer
+                        )
+                        self._terminate(h2.errors.ErrorCodes.ENHANCE_YOUR_CALM, linger=True)
+                        return
                     stream.client_reset()
             elif isinstance(event, h2.events.WindowUpdated):
                 if event.stream_id:
@@ -425,12 +438,15 @@ class H2PublicConnection(asyncio.Protocol):
         self._terminate(h2.errors.ErrorCodes.NO_ERROR, linger=True)
 
     def end(self) -> None:
-        """Edge shutdown: live streams are reset, then GOAWAY and close."""
+        """Edge shutdown: live streams are reset, then GOAWAY and close at once (a connection
+        lingering after its GOAWAY is closed now too)."""
+        transport = self.transport
         if self.closed:
+            if transport is not None and not transport.is_closing():
+                self._cancel_timer()
+                transport.close()
             return
-        for stream in list(self.streams.values()):
-            stream.abort()
-        self.close()
+        self._terminate(h2.errors.ErrorCodes.NO_ERROR)
 
     def _terminate(self, code: h2.errors.ErrorCodes, linger: bool = False) -> None:
         """Reset live streams, GOAWAY, close. ``linger``: close only after ``GOAWAY_LINGER``
@@ -621,6 +637,9 @@ class _StreamTransport:
     def abort(self) -> None:
         """Cut: RST_STREAM (a cut response must never look complete)."""
         if self.closing:
+            return
+        if self.response_done and not self.raw:
+            self.close()  # the whole response is here: it is sent, not cut
             return
         self.closing = True
         self._reset(h2.errors.ErrorCodes.INTERNAL_ERROR)

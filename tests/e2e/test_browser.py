@@ -28,7 +28,7 @@ from websockets.http11 import Request, Response
 
 from tunneld import h2public
 
-from .conftest import Stack
+from .conftest import Stack, wait_until
 from .test_public_tls import DOMAIN, TOKEN, host_of, tls_stack
 
 pytestmark = pytest.mark.anyio
@@ -37,6 +37,7 @@ PAGE = b"""<!doctype html>
 <html><head><title>preview</title></head><body><p id="out">running</p><script>
 (async () => {
   const nav = performance.getEntriesByType("navigation")[0];
+  await fetch("/ping");  // one more round trip on the HTTP/2 connection before the WebSocket
   let echo = "none";
   try {
     echo = await new Promise((resolve, reject) => {
@@ -162,6 +163,8 @@ async def test_chromium_loads_a_preview_url_over_h2_and_its_websocket_echoes(
         finally:
             browser.kill()
             browser.wait(10)
+        # the browser's connections, cut by its death, are gone from the edge too
+        await wait_until(lambda: not stack.edge.public_connections, 10, "connections closed")
     assert report["protocol"] == "h2", report
     assert report["echo"] == "hello from chromium", report
     # The page, the WebSocket and the report were HTTP/2 streams of the edge, and Chromium

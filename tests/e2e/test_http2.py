@@ -899,3 +899,26 @@ def test_h2_settings_from_the_environment_and_their_bounds(tmp_path: Path) -> No
     for bad in ("0", "1001"):
         with pytest.raises(ConfigError, match="h2_max_streams must be 1-1000"):
             load_config(environ={**env, "TUNNELD_H2_MAX_STREAMS": bad})
+
+
+async def test_rapid_reset_closes_the_connection(ca: trustme.CA, tmp_path: Path) -> None:
+    """Requests reset at once by the client (CVE-2023-44487) each cost a tunnel stream: past
+    h2_max_streams per second (bursts of twice that) the connection is closed."""
+    stack = await tls_stack(ca, tmp_path, h2_max_streams=10)
+    try:
+        url, _ = await exposed_origin(stack)
+        async with RawH2(stack, ca, host_of(url)) as client:
+            terminated = None
+            with pytest.raises(ConnectionError):
+                for _ in range(200):
+                    sid = client.request(b"GET", b"/sse")  # a response that never ends
+                    client.conn.reset_stream(sid)
+                    await client.send()
+                while True:
+                    event = await client.next_event()
+                    if isinstance(event, h2.events.ConnectionTerminated):
+                        terminated = event
+            assert terminated is not None
+            assert terminated.error_code == h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
+    finally:
+        await stack.close()
