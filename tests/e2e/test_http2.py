@@ -18,6 +18,7 @@ import struct
 import subprocess
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import h2.config
 import h2.connection
@@ -922,3 +923,54 @@ async def test_rapid_reset_closes_the_connection(ca: trustme.CA, tmp_path: Path)
             assert terminated.error_code == h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
     finally:
         await stack.close()
+
+
+# -- cluster: the stream lands on a node without the sandbox's agent ---------------------------
+
+
+@pytest.fixture
+async def cluster(redis_server: Any) -> AsyncIterator[Any]:
+    from tests.cluster.nodes import Cluster
+
+    c = Cluster(redis_server)
+    try:
+        yield c
+    finally:
+        await c.close()
+
+
+async def test_h2_stream_for_a_sandbox_on_another_node_goes_over_the_node_link(
+    cluster: Any, ca: trustme.CA, tmp_path: Path
+) -> None:
+    from tests.cluster.nodes import wait_for as cluster_wait
+
+    from .test_public_tls import write_pair
+
+    cert, key = write_pair(ca, tmp_path, "wild", f"*.{DOMAIN}")
+    settings = {"domain": DOMAIN, "scheme": "https", "public_tls_cert": cert, "public_tls_key": key}
+    a = await cluster.node("node-a", **settings)
+    b = await cluster.node("node-b", **settings)
+    origin = await cluster.origin()
+    await cluster.agent(b, "sb1")
+    r = await a.admin.post("/v1/sandboxes/sb1/ports", json={"port": origin.port, "token": TOKEN})
+    assert r.status_code == 200, r.text
+    url = r.json()["exposedAt"]
+    await cluster_wait(lambda: a.edge.cluster.owners.get("sb1", ("",))[0] == "node-b", what="owner")
+    host = host_of(url).rpartition(":")[0]
+    async with httpx.AsyncClient(
+        base_url=f"https://{host}",
+        timeout=30,
+        transport=_Loopback(a.edge.public_port, verify=client_context(ca), http2=True),
+    ) as client:
+        r = await client.get("/bytes", params={"n": 2_000_000})
+        assert r.http_version == "HTTP/2" and r.status_code == 200
+        assert hashlib.sha256(r.content).hexdigest() == pattern_sha256(2_000_000)
+        body = os.urandom(500_000)
+        r = await client.post("/upload", content=body)
+        assert r.json() == {"length": len(body), "sha256": hashlib.sha256(body).hexdigest()}
+        r = await client.get("/headers")
+        seen = dict(r.json())
+        assert seen["x-forwarded-proto"] == "https" and seen["x-forwarded-for"] == "127.0.0.1"
+    # each of the three streams took the node link (one link stream per request)
+    assert b"tunneld_connections_forwarded_total 3.0" in a.edge.metrics.render()
+    assert origin.requests == 3
