@@ -17,7 +17,7 @@ import socket
 import ssl
 import subprocess
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -31,6 +31,7 @@ from tunneld.store import SqliteStore
 from tunneld.tcpexpose import parse_port_range
 
 from .conftest import Stack, wait_until
+from .procs import BIN, Processes, admin_client, is_connected, wait_for
 
 pytestmark = pytest.mark.anyio
 
@@ -320,17 +321,27 @@ class Nginx:
     """nginx with one HTTP server that requires PROXY protocol and answers with what the
     header said: ``$proxy_protocol_addr:$proxy_protocol_port``."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(
+        self, directory: Path, tls_for: Callable[[int], tuple[str, str]] | None = None
+    ) -> None:
         self.dir = directory
         self.dir.mkdir(parents=True, exist_ok=True)
         self.port = 0
         self.proc: subprocess.Popen[bytes] | None = None
+        self.tls_for = tls_for  # port -> (certificate, key) files: the server speaks TLS
 
     def start(self) -> Nginx:
         if not os.path.exists(NGINX):
             pytest.fail("nginx is not installed: run `make ensure-nginx` (apt-get)")
         for _ in range(10):
             self.port = random.randint(20000, 60000)
+            listen = f"listen 127.0.0.1:{self.port} proxy_protocol;"
+            if self.tls_for is not None:
+                cert, key = self.tls_for(self.port)
+                listen = (
+                    f"listen 127.0.0.1:{self.port} ssl proxy_protocol; "
+                    f"ssl_certificate {cert}; ssl_certificate_key {key};"
+                )
             (self.dir / "nginx.conf").write_text(
                 f"""
 daemon off;
@@ -346,7 +357,7 @@ http {{
     uwsgi_temp_path {self.dir}/uwsgi;
     scgi_temp_path {self.dir}/scgi;
     server {{
-        listen 127.0.0.1:{self.port} proxy_protocol;
+        {listen}
         location / {{ return 200 "$proxy_protocol_addr:$proxy_protocol_port\\n"; }}
     }}
 }}
@@ -585,6 +596,36 @@ async def test_a_tls_exposure_of_an_offline_sandbox_is_reset(passthrough: Passth
     assert 'tunneld_public_refusals_total{code="SANDBOX_NOT_CONNECTED"} 1.0' in metrics
 
 
+async def test_tls_passthrough_with_proxy_protocol_to_nginx(
+    passthrough: Passthrough, tmp_path: Path
+) -> None:
+    """nginx in the sandbox terminates TLS itself and reads the PROXY header the edge sent
+    ahead of the client's ClientHello."""
+    stack = passthrough.stack
+
+    def tls_for(port: int) -> tuple[str, str]:
+        cert = passthrough.sandbox_ca.issue_cert(f"{port}-sb1-{TOKEN}.{DOMAIN}")
+        cert_file, key_file = tmp_path / "sandbox.pem", tmp_path / "sandbox.key"
+        cert.cert_chain_pems[0].write_to_path(str(cert_file))
+        cert.private_key_pem.write_to_path(str(key_file))
+        return str(cert_file), str(key_file)
+
+    nginx = Nginx(tmp_path / "nginx-tls", tls_for).start()
+    try:
+        await stack.agent("sb1")
+        await stack.expose("sb1", nginx.port, protocol="tls", token=TOKEN, proxyProtocol=True)
+        assert stack.edge is not None
+        answer, local = await http_get(
+            stack.edge.public_port,
+            f"{nginx.port}-sb1-{TOKEN}.{DOMAIN}",
+            tls=passthrough.client(passthrough.sandbox_ca),
+        )
+        assert answer.startswith(b"HTTP/1.1 200"), (answer, nginx.log())
+        assert answer.rstrip().endswith(f"\n{local[0]}:{local[1]}".encode()), answer
+    finally:
+        nginx.stop()
+
+
 async def closed_within(port: int, data: bytes, bound: float, *, eof: bool = False) -> None:
     """Send ``data`` (then FIN with ``eof``) and expect the edge to end the connection within
     ``bound`` seconds (EOF or RST), whatever it answers first."""
@@ -782,3 +823,51 @@ async def test_a_node_without_the_agent_forwards_to_its_owner(
         await cluster.close()
         await service.close()
         nginx.stop()
+
+
+# -- real processes ---------------------------------------------------------------------------
+
+
+def test_real_processes_redis_cli_through_an_agent_made_tcp_exposure(
+    procs: Processes, redis_tcp_server: RedisServer
+) -> None:
+    """`tunneld serve --public-tcp-ports`, `tunnel-agent run`, `tunnel-agent expose --protocol
+    tcp`, then redis-cli against the public port the edge chose."""
+    ports = port_range(16)
+    procs.start_edge("--public-tcp-ports", ports)
+    _, api_port = procs.start_agent("sb1")
+    wait_for(lambda: is_connected(procs, "sb1"), what="the agent's session")
+    exposed = subprocess.run(
+        [
+            str(BIN / "tunnel-agent"),
+            "expose",
+            str(redis_tcp_server.port),
+            "--protocol",
+            "tcp",
+            "--api",
+            f"http://127.0.0.1:{api_port}",
+        ],
+        capture_output=True,
+        timeout=IO_TIMEOUT,
+    )
+    assert exposed.returncode == 0, exposed
+    with admin_client(procs) as admin:
+        (listed,) = admin.get("/v1/sandboxes/sb1/ports").json()["ports"]
+    assert listed["protocol"] == "tcp"
+    public_port = listed["publicPort"]
+    assert public_port in parse_port_range(ports)
+    cli = subprocess.run(
+        ["redis-cli", "-p", str(public_port), "SET", "k", "through the public port"],
+        capture_output=True,
+        timeout=IO_TIMEOUT,
+    )
+    assert cli.stdout.strip() == b"OK", cli
+    direct = subprocess.run(
+        ["redis-cli", "-p", str(redis_tcp_server.port), "GET", "k"],
+        capture_output=True,
+        timeout=IO_TIMEOUT,
+    )
+    assert direct.stdout.strip() == b"through the public port"
+    assert f"port {redis_tcp_server.port} on public TCP port {public_port}" in procs.output(
+        procs.edge  # type: ignore[arg-type]
+    )
