@@ -1,5 +1,6 @@
 """A/B of the tunnel across commits, in one run:
 ``python -m bench.e2e.ab COMMIT,COMMIT [ROUNDS [small_http,churn,websocket,single_download]]``
+(``COMMIT+access``: that commit with the access log on, lines to tunneld's log file)
 
 For each commit, ``git archive`` of protocol/ relay/ agent/ tunneld/ goes to a temp dir that is put
 first on PYTHONPATH for tunneld and the agent (the bench code, nginx origin and load stay the
@@ -96,10 +97,14 @@ def main(argv: list[str]) -> int:
     with tempfile.TemporaryDirectory(prefix="tunneld-ab-") as tmp:
         for i in range(rounds):
             for c in commits:
-                os.environ["PYTHONPATH"] = str(tree(c, Path(tmp)))
+                commit, _, variant = c.partition("+")  # COMMIT+access: access log on
+                os.environ["PYTHONPATH"] = str(tree(commit, Path(tmp)))
+                if variant == "access":
+                    os.environ["TUNNELD_ACCESS_LOG"] = "true"
                 try:
                     r = one_run(metrics)
                 finally:
+                    os.environ.pop("TUNNELD_ACCESS_LOG", None)
                     if saved is None:
                         os.environ.pop("PYTHONPATH", None)
                     else:
