@@ -871,3 +871,38 @@ def test_real_processes_redis_cli_through_an_agent_made_tcp_exposure(
     assert f"port {redis_tcp_server.port} on public TCP port {public_port}" in procs.output(
         procs.edge  # type: ignore[arg-type]
     )
+
+
+def test_real_workers_share_the_public_tcp_port(
+    procs: Processes, redis_tcp_server: RedisServer
+) -> None:
+    """`--workers 2`: both workers listen on the public TCP port (SO_REUSEPORT); the kernel
+    spreads connections over them, and the worker without the agent relays over its node link."""
+    ports = port_range(16)
+    procs.start_edge("--workers", "2", "--public-tcp-ports", ports)
+    supervisor = procs.edge
+    assert supervisor is not None
+    procs.start_agent("sb1")
+    wait_for(lambda: is_connected(procs, "sb1"), what="the agent's session")
+    with admin_client(procs) as admin:
+        response = admin.post(
+            "/v1/sandboxes/sb1/ports", json={"port": redis_tcp_server.port, "protocol": "tcp"}
+        )
+        assert response.status_code == 200, response.text
+    public_port = response.json()["publicPort"]
+    line = f"port {redis_tcp_server.port} on public TCP port {public_port}"
+    wait_for(lambda: procs.output(supervisor).count(line) == 2, what="both workers' listeners")
+    for i in range(20):
+        value = os.urandom(64).hex()
+        cli = subprocess.run(
+            ["redis-cli", "-p", str(public_port), "SET", f"k{i}", value],
+            capture_output=True,
+            timeout=IO_TIMEOUT,
+        )
+        assert cli.stdout.strip() == b"OK", (cli, procs.output(supervisor)[-3000:])
+        cli = subprocess.run(
+            ["redis-cli", "-p", str(public_port), "GET", f"k{i}"],
+            capture_output=True,
+            timeout=IO_TIMEOUT,
+        )
+        assert cli.stdout.strip() == value.encode(), cli
