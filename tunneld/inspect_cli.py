@@ -111,17 +111,12 @@ def _admin_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _client(args: argparse.Namespace) -> Any:
     from .client import TunnelClient
+    from .portforward import UsageError, read_token
 
-    token = os.environ.get("TUNNELD_ADMIN_TOKEN")
-    token_file = os.environ.get("TUNNELD_ADMIN_TOKEN_FILE")
-    if not token and token_file:
-        try:
-            with open(token_file, encoding="utf-8") as f:
-                token = f.read().strip()
-        except OSError as exc:
-            raise CliError(f"cannot read TUNNELD_ADMIN_TOKEN_FILE {token_file}: {exc}", 2) from None
-    if not token:
-        raise CliError("no admin token: set TUNNELD_ADMIN_TOKEN or TUNNELD_ADMIN_TOKEN_FILE", 2)
+    try:  # the same rules as `tunneld port-forward` (without its --token-file)
+        token = read_token(None, dict(os.environ))
+    except UsageError as exc:
+        raise CliError(str(exc), 2) from None
     url = args.admin_url or os.environ.get("TUNNELD_ADMIN_URL") or DEFAULT_ADMIN_URL
     try:
         return TunnelClient(url, token=token)
