@@ -8,7 +8,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 FIND_PYTHON := $(SHELL) tools/find_python.sh
 
-.PHONY: setup demo test lint typecheck unit bench bench-micro bench-quick clean print-python test-versions ensure-redis ensure-tinyproxy ensure-chromium ensure-nginx
+.PHONY: setup demo test lint typecheck unit bench bench-micro bench-quick clean print-python test-versions ensure-redis ensure-tinyproxy ensure-chromium ensure-nginx ensure-bench-tools
 
 $(STAMP): pyproject.toml
 	@if $(PY) -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then \
@@ -101,7 +101,18 @@ ensure-nginx:
 	    echo "nginx is missing: install it (apt-get install nginx) for tests/e2e/test_public_tcp.py" >&2; exit 2; \
 	fi
 
-unit: $(STAMP) ensure-redis ensure-tinyproxy ensure-chromium ensure-nginx
+# tests/test_bench_https.py runs the bench's HTTPS scenario for one short round: wrk and h2load
+# (Debian's wrk and nghttp2-client), installed the same way.
+ensure-bench-tools:
+	@if command -v wrk >/dev/null 2>&1 && command -v h2load >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing wrk and nghttp2-client with apt-get ..."; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk nghttp2-client >/dev/null || exit 2; \
+	else \
+	    echo "wrk or h2load is missing: install them (apt-get install wrk nghttp2-client) for tests/test_bench_https.py" >&2; exit 2; \
+	fi
+
+unit: $(STAMP) ensure-redis ensure-tinyproxy ensure-chromium ensure-nginx ensure-bench-tools
 	$(PY) -m pytest --cov --cov-report=term --cov-report=html:.coverage-html -p no:cacheprovider -q
 
 test: lint typecheck unit
@@ -109,7 +120,8 @@ test: lint typecheck unit
 bench-micro: $(STAMP)
 	$(PY) -m pytest bench/micro --benchmark-only --benchmark-columns=mean,median,ops -q -p no:cacheprovider -o testpaths=bench
 
-# End to end (nginx + wrk from Debian; installed with apt-get when missing and run as root).
+# End to end (nginx, wrk and h2load from Debian; installed with apt-get when missing and run as
+# root).
 bench: bench-micro
 	$(PY) -m pip install -q -e '.[bench]'
 	BENCH_INSTALL=1 $(PY) -m bench.e2e

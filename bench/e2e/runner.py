@@ -78,6 +78,9 @@ SHOWN: dict[str, list[tuple[str, str]]] = {
     "single_upload": [("mib_per_s", "MiB/s")],
     "websocket": [("msgs_per_s", "msg/s"), ("p50", "ms"), ("p99", "ms")],
     "churn": [("req_s", "req/s"), ("p99", "ms")],
+    "https": [("h1_req_s", "req/s"), ("h1_p99", "ms"), ("h1_cpu_us", "us/req"),
+              ("h1_tunneld_us", "us/req"), ("h2_req_s", "req/s"), ("h2_mean_ms", "ms"),
+              ("h2_cpu_us", "us/req"), ("h2_tunneld_us", "us/req")],
     "head_of_line": _HOL,
     "head_of_line_paced": _HOL,
     "idle_websockets": [("bytes_per_conn", "B/conn"), ("tunneld_bytes_per_conn", "B/conn"),
@@ -118,6 +121,7 @@ def system_info() -> dict[str, Any]:
         "python": platform.python_version(),
         "nginx": out([find_nginx(), "-v"]),
         "wrk": out(["wrk", "-v"]),
+        "h2load": out(["h2load", "--version"]),
         "git": out(["git", "-C", str(ROOT), "describe", "--always", "--dirty"]),
         "loadavg_start": os.getloadavg(),
     }
@@ -162,6 +166,7 @@ def markdown(info: dict[str, Any], settings: Settings, results: dict[str, Result
     lines = [
         f"Run {time.strftime('%Y-%m-%d %H:%M')} · {info['cpu_model']} · {info['cores']} cores · "
         f"Linux {info['kernel']} · Python {info['python']} · {info['nginx']} · {info['wrk']} · "
+        f"{info.get('h2load', '?')} · "
         f"git {info['git']} · {settings.duration:g} s per run, median of {settings.repeat} · "
         f"total {elapsed:.0f} s",
         "",
@@ -244,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeat", type=int)
     ap.add_argument("--loop", choices=["uvloop", "asyncio"], default="uvloop")
     ap.add_argument("--parser", choices=["auto", "httptools", "h11"], default="auto")
-    ap.add_argument("--install", action="store_true", help="apt-get install nginx/wrk if missing")
+    ap.add_argument("--install", action="store_true", help="apt-get install missing tools")
     ap.add_argument("--out", type=Path, default=RESULTS, help="results directory")
     ap.add_argument("--tag", default="latest", help="results file name stem")
     args = ap.parse_args(argv)

@@ -80,6 +80,7 @@ def wrk(
     headers: tuple[str, ...] = (),
     script: str | None = None,
     threads: int = 2,
+    scheme: str = "http",
 ) -> dict[str, Any]:
     argv = [
         "wrk",
@@ -94,7 +95,7 @@ def wrk(
         argv += ["-H", h]
     if script:
         argv += ["-s", script]
-    argv.append(f"http://127.0.0.1:{port}{path}")
+    argv.append(f"{scheme}://127.0.0.1:{port}{path}")
     out = subprocess.run(argv, capture_output=True, text=True, timeout=duration + 60).stdout
     res: dict[str, Any] = {"errors": 0, "non2xx": 0}
     m = re.search(r"Requests/sec:\s+([\d.]+)", out)
@@ -593,6 +594,12 @@ def hostile_flood(stack: Stack, s: Settings) -> Result:
     return res
 
 
+def _https(stack: Stack, s: Settings) -> Result:
+    from .https import https  # it imports this module
+
+    return https(stack, s)
+
+
 SCENARIOS: dict[str, Callable[[Stack, Settings], Result]] = {
     "small_http": small_http,
     "bulk_download": bulk_download,
@@ -601,6 +608,7 @@ SCENARIOS: dict[str, Callable[[Stack, Settings], Result]] = {
     "single_upload": single_upload,
     "websocket": websocket,
     "churn": churn,
+    "https": _https,  # bench/e2e/https.py (issue 10)
     "head_of_line": head_of_line,
     "head_of_line_paced": head_of_line_paced,
     "idle_websockets": idle_websockets,

@@ -290,15 +290,22 @@ class Stack:
         full_env = {**os.environ, **(env or {})}
         if self.loop == "asyncio":
             full_env["TUNNEL_LOOP"] = "asyncio"
-        p = subprocess.Popen(
-            argv,
-            stdout=subprocess.PIPE if name == "echo" else open(log, "wb"),  # noqa: SIM115
-            stderr=open(log, "ab") if name != "echo" else subprocess.DEVNULL,  # noqa: SIM115
-            stdin=subprocess.DEVNULL,
-            env=full_env,
-            cwd=ROOT,
-            preexec_fn=raise_nofile,
-        )
+        out = subprocess.PIPE if name == "echo" else open(log, "wb")  # noqa: SIM115
+        err = open(log, "ab") if name != "echo" else subprocess.DEVNULL  # noqa: SIM115
+        try:
+            p = subprocess.Popen(
+                argv,
+                stdout=out,
+                stderr=err,
+                stdin=subprocess.DEVNULL,
+                env=full_env,
+                cwd=ROOT,
+                preexec_fn=raise_nofile,
+            )
+        finally:  # the child has its own copies (no ResourceWarning in tests/test_bench_https.py)
+            for f in (out, err):
+                if not isinstance(f, int):
+                    f.close()
         proc = Proc(name, p, log)
         self.procs.append(proc)
         return proc
@@ -449,24 +456,27 @@ def find_nginx() -> str:
 
 def missing_tools_message() -> str:
     return (
-        "the end-to-end bench needs nginx and wrk (Debian: `apt-get install -y nginx-light wrk`; "
-        "run `python -m bench.e2e --install` as root to do it)"
+        "the end-to-end bench needs nginx, wrk and h2load (Debian: `apt-get install -y nginx-light "
+        "wrk nghttp2-client`; run `python -m bench.e2e --install` as root to do it)"
     )
 
 
+# tool -> Debian package (h2load: the HTTPS scenario's HTTP/2 load, bench/e2e/https.py)
+TOOLS = {"nginx": "nginx-light", "wrk": "wrk", "h2load": "nghttp2-client"}
+
+
 def ensure_tools(install: bool) -> None:
-    missing = [
-        t for t in ("nginx", "wrk") if not (shutil.which(t) or os.path.exists(f"/usr/sbin/{t}"))
-    ]
+    missing = [t for t in TOOLS if not (shutil.which(t) or os.path.exists(f"/usr/sbin/{t}"))]
     if not missing:
         return
     if install and os.geteuid() == 0 and shutil.which("apt-get"):
         print(f"installing {' '.join(missing)} with apt-get ...", flush=True)
-        pkgs = ["nginx-light" if t == "nginx" else t for t in missing]
+        pkgs = [TOOLS[t] for t in missing]
         subprocess.run(["apt-get", "update", "-qq"], check=False)
         r = subprocess.run(["apt-get", "install", "-y", "-qq", *pkgs], check=False)
         if r.returncode != 0 and "nginx-light" in pkgs:  # newer Debian: just "nginx"
-            subprocess.run(["apt-get", "install", "-y", "-qq", "nginx", "wrk"], check=True)
+            pkgs = ["nginx" if p == "nginx-light" else p for p in pkgs]
+            subprocess.run(["apt-get", "install", "-y", "-qq", *pkgs], check=True)
         return
     raise SystemExit(missing_tools_message())
 
