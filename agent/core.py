@@ -205,6 +205,8 @@ class LocalEndpoint(StreamEndpoint):
         pending, self._pending = self._pending, []
         for data in pending:
             super().receive_from_peer(data)
+        if pending:
+            mux.flush()  # their window updates: the edge may be waiting for them to send more
         if self._pending_end:
             super().peer_ended()
 

@@ -209,3 +209,25 @@ async def test_slow_reader_is_bounded_and_does_not_stall_others(stack: Stack, pe
     # past its high-water mark (the upload loads the edge's tunnel, the downloads the agent's).
     assert peaks.edge_tunnel <= TUNNEL_BOUND, vars(peaks)
     assert peaks.agent_tunnel <= TUNNEL_BOUND, vars(peaks)
+
+
+async def test_an_upload_sent_before_the_agent_dialled_does_not_wait_for_a_heartbeat() -> None:
+    """Bytes that reach the agent while it is still connecting to the service are written once
+    it connects, and their window updates must leave at once: they used to wait for the next
+    heartbeat, stalling any upload over one window (256 KiB) for heartbeat_interval (10 s by
+    default; 60 s here, so the old behaviour cannot pass the 30 s bound below)."""
+    stack = await Stack(heartbeat_interval=60.0, dead_timeout=180.0).start()
+    try:
+        origin = await stack.origin()
+        await stack.agent("sb1", session=SessionConfig(heartbeat_interval=60.0, dead_timeout=180.0))
+        url = (await stack.expose("sb1", origin.port))["exposedAt"]
+        body = bytes(range(256)) * 4096  # 1 MiB: four windows
+        async with stack.client(url) as client:
+            response = await asyncio.wait_for(client.post("/upload", content=body), 30)
+        assert response.status_code == 200
+        assert response.json() == {
+            "length": len(body),
+            "sha256": hashlib.sha256(body).hexdigest(),
+        }
+    finally:
+        await stack.close()
