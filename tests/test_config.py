@@ -71,3 +71,30 @@ def test_missing_secrets(tmp_path) -> None:
             None,
             environ={"TUNNELD_ADMIN_TOKEN_FILE": str(tmp_path / "nope"), "TUNNELD_SECRET": "b"},
         )
+
+
+def test_the_example_config_names_every_setting_and_loads(tmp_path) -> None:
+    """deploy/tunneld.toml.example is "a commented example with every key" (operations.md):
+    every setting appears, set or commented out; every key set in it is one tunneld knows;
+    and it loads as is, once its two secret files exist."""
+    import dataclasses
+    import re
+    import tomllib
+    from pathlib import Path
+
+    from tunneld.config import Config
+
+    example = Path(__file__).parent.parent / "deploy" / "tunneld.toml.example"
+    text = example.read_text()
+    settings = {f.name for f in dataclasses.fields(Config)} - {"admin_token", "secret"}
+    named = set(re.findall(r"^#? ?([a-z_0-9]+)\s*=", text, re.MULTILINE))
+    assert settings - named == set()
+    data = tomllib.loads(text)
+    assert set(data) <= settings | {"admin_token_file", "secret_file", "public_tls"}
+    (tmp_path / "admin-token").write_text("a\n")
+    (tmp_path / "secret").write_text("s\n")
+    local = text.replace("/run/credentials/tunneld.service/", f"{tmp_path}/")
+    (tmp_path / "tunneld.toml").write_text(local)
+    config = load_config(str(tmp_path / "tunneld.toml"), environ={})
+    assert (config.admin_token, config.secret) == ("a", "s")
+    assert config.domain == "preview.example.com" and config.inspect_redact is True
