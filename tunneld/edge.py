@@ -740,8 +740,12 @@ class EdgeServer:
         return []
 
     async def _unexpose_local(self, sandbox_id: str, port: int) -> None:
+        state = self.registry.get(sandbox_id)
+        record = state.exposures.get(port) if state is not None else None
         if await self.registry.commit_unexpose(sandbox_id, port):
             log.info("sandbox %s: port %d unexposed", sandbox_id, port)
+            if record is not None and record.public_port is not None:
+                await self.tcp.unclaim(record.public_port, sandbox_id, port)
         await self.tcp.sync(sandbox_id)  # its public TCP port closes, raw connections reset
         state = self.registry.get(sandbox_id)
         session = state.session if state is not None else None

@@ -22,6 +22,8 @@ several clusters this way):
 ``{prefix}:epochs``                 hash, sandbox_id -> last epoch handed out (never expires)
 ``{prefix}:node:{node_id}``         string, the node's JSON info, with a TTL
 ``{prefix}:nodes``                  set of node ids (members whose record expired are pruned)
+``{prefix}:tcp_ports``              hash, public TCP port -> ``"{sandbox_id} {port} {unix time}"``:
+                                    the claim of a ``tcp`` exposure on it (``claim_public_port``)
 ==================================  =============================================================
 
 Every write is one Lua script (atomic, and one round trip) that changes the keys and PUBLISHes
@@ -72,6 +74,7 @@ import random
 import re
 import secrets
 import socket
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Final, TypeVar
@@ -281,6 +284,26 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then
 end
 return 0
 """
+# Public TCP port claims. KEYS: the tcp_ports hash. ARGV: port, the claim seen (or ""), the new
+# claim. Compare-and-set: taken only when the field still holds what the caller saw.
+_CLAIM_PORT_LUA: Final = """
+local cur = redis.call('HGET', KEYS[1], ARGV[1])
+if (cur or '') ~= ARGV[2] then return 0 end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
+return 1
+"""
+# KEYS: the tcp_ports hash. ARGV: port, "{sandbox_id} {port} " (the claim's prefix).
+_RELEASE_PORT_LUA: Final = """
+local cur = redis.call('HGET', KEYS[1], ARGV[1])
+if cur and string.sub(cur, 1, string.len(ARGV[2])) == ARGV[2] then
+  redis.call('HDEL', KEYS[1], ARGV[1])
+  return 1
+end
+return 0
+"""
+# A claim whose exposure is not stored with that port (a node died between claim and store, or
+# a release was lost) is stale after this long, and another exposure may take the port.
+PORT_CLAIM_GRACE: Final = 60.0
 # KEYS: node key, nodes set. ARGV: node id, info JSON, ttl ms.
 _REGISTER_NODE_LUA: Final = """
 redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
@@ -371,6 +394,8 @@ class RedisStore:
         self._release_script = self._client.register_script(_RELEASE_LUA)
         self._register_node_script = self._client.register_script(_REGISTER_NODE_LUA)
         self._nodes_script = self._client.register_script(_NODES_LUA)
+        self._claim_port_script = self._client.register_script(_CLAIM_PORT_LUA)
+        self._release_port_script = self._client.register_script(_RELEASE_PORT_LUA)
         self._callbacks: list[Callable[[Change], None]] = []
         self._feed: asyncio.Task[None] | None = None
         self._closed = False
@@ -391,6 +416,10 @@ class RedisStore:
     # -- key names -------------------------------------------------------------------------------
     def exposure_key(self, sandbox_id: str) -> str:
         return f"{self.prefix}:exp:{sandbox_id}"
+
+    @property
+    def tcp_ports_key(self) -> str:
+        return f"{self.prefix}:tcp_ports"
 
     def owner_key(self, sandbox_id: str) -> str:
         return f"{self.prefix}:owner:{sandbox_id}"
@@ -516,6 +545,55 @@ class RedisStore:
                 "Redis restarts; set appendonly yes and appendfsync always (docs/operations.md)"
             )
         return None
+
+    # -- public TCP ports: one exposure per port across every node -------------------------------
+    async def claim_public_port(self, public_port: int, sandbox_id: str, port: int) -> bool:
+        """Take ``public_port`` for ``sandbox_id``:``port``; False when another exposure holds
+        it. Nodes (workers of one host with SO_REUSEPORT, or hosts) choosing at the same moment
+        get different ports. A claim is stale, and taken over, when its exposure is not stored
+        with that port and it is older than PORT_CLAIM_GRACE."""
+        owner = f"{sandbox_id} {port} "
+        key = self.tcp_ports_key
+        current = await self._call(
+            "reading a public port claim", self._client.hget(key, public_port)
+        )
+        seen = current.decode() if current is not None else ""
+        if seen and not seen.startswith(owner) and not await self._stale(seen, public_port):
+            return False
+        claimed = await self._call(
+            f"claiming public port {public_port}",
+            self._claim_port_script(
+                keys=[key], args=[public_port, seen, f"{owner}{int(time.time())}"]
+            ),
+        )
+        return bool(claimed)
+
+    async def _stale(self, claim: str, public_port: int) -> bool:
+        try:
+            sandbox_id, port, since = claim.split(" ")
+            if time.time() - float(since) < PORT_CLAIM_GRACE:
+                return False
+            value = await self._call(
+                "reading a claim's exposure",
+                self._client.hget(self.exposure_key(sandbox_id), int(port)),
+            )
+        except ValueError:
+            return True  # not a claim this code writes
+        if value is None:
+            return True
+        try:
+            return bool(orjson.loads(value).get("public_port") != public_port)
+        except (orjson.JSONDecodeError, AttributeError):
+            return True
+
+    async def release_public_port(self, public_port: int, sandbox_id: str, port: int) -> None:
+        """Drop the claim of ``sandbox_id``:``port`` on ``public_port`` (none: nothing)."""
+        await self._call(
+            f"releasing public port {public_port}",
+            self._release_port_script(
+                keys=[self.tcp_ports_key], args=[public_port, f"{sandbox_id} {port} "]
+            ),
+        )
 
     # -- ownership leases ------------------------------------------------------------------------
     async def claim(self, sandbox_id: str, node_id: str, lease_s: float) -> int:

@@ -54,6 +54,7 @@ from relay.mux import StreamEndpoint, abort_with_reset
 from .proxyproto import encode_v2
 from .registry import ExposureRecord, RegistryError
 from .sni import MAX_PEEK, ClientHello, NeedMore, NotClientHello, parse_client_hello
+from .store import StoreError
 
 if TYPE_CHECKING:
     import ssl
@@ -348,6 +349,8 @@ class TcpExposures:
         (bound before the record is stored, so a stored port is one that bound); then the
         listeners and connections of the sandbox follow the new record."""
         self.check_enabled(options.protocol)
+        state = self.server.registry.get(sandbox_id)
+        old = state.exposures.get(port) if state is not None else None
         public_port: int | None = None
         if options.protocol == "tcp" and self.held_port(sandbox_id, port) is None:
             public_port = await self.allocate(sandbox_id, port)
@@ -358,7 +361,10 @@ class TcpExposures:
         except BaseException:
             if public_port is not None:
                 self.release(public_port)
+                await self.unclaim(public_port, sandbox_id, port)
             raise
+        if old is not None and old.public_port not in (None, record.public_port):
+            await self.unclaim(old.public_port, sandbox_id, port)  # no longer a tcp exposure
         await self.sync(sandbox_id)
         return record
 
@@ -378,8 +384,13 @@ class TcpExposures:
                 continue
             self._allocating.add(candidate)
             try:
+                # Nodes sharing a store (workers bind with SO_REUSEPORT, so a bind is no lock)
+                # must not hand one port to two exposures: the store's claim decides.
+                if not await self._claim(candidate, sandbox_id, port):
+                    continue
                 if await self._listen(sandbox_id, port, candidate, quiet=True):
                     return candidate
+                await self.unclaim(candidate, sandbox_id, port)
             finally:
                 self._allocating.discard(candidate)
         raise RegistryError(
@@ -396,6 +407,27 @@ class TcpExposures:
             for r in s.exposures.values()
             if r.public_port is not None
         }
+
+    async def _claim(self, public_port: int, sandbox_id: str, port: int) -> bool:
+        store: Any = self.server.registry.store
+        if not hasattr(store, "claim_public_port"):
+            return True  # one writer (sqlite, memory): this node's view is the whole truth
+        try:
+            return bool(await store.claim_public_port(public_port, sandbox_id, port))
+        except StoreError as exc:
+            raise RegistryError(
+                503, "STORE_UNAVAILABLE", f"The public port could not be claimed ({exc})."
+            ) from None
+
+    async def unclaim(self, public_port: int, sandbox_id: str, port: int) -> None:
+        """Give the store's claim of ``public_port`` up (the exposure is gone or was never
+        stored); a failure leaves a claim that goes stale (PORT_CLAIM_GRACE), never an error."""
+        store: Any = self.server.registry.store
+        if hasattr(store, "release_public_port"):
+            try:
+                await store.release_public_port(public_port, sandbox_id, port)
+            except StoreError as exc:
+                log.warning("public port %d: claim not released (%s)", public_port, exc)
 
     def release(self, public_port: int) -> None:
         """Give up a port ``allocate`` bound whose exposure was not stored after all."""
