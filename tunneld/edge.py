@@ -33,6 +33,7 @@ from protocol.hostnames import (
     DEFAULT_OPTIONS,
     ExposureOptions,
     ValidationError,
+    build_preview_host,
     build_preview_url,
     validate_custom_token,
     validate_exposure_options,
@@ -694,13 +695,22 @@ class EdgeServer:
 
     # -- exposures -------------------------------------------------------------------------------
     def preview_url(self, sandbox_id: str, record: ExposureRecord) -> str:
+        """Where clients reach the exposure: its preview URL; for a ``tcp`` exposure
+        ``tcp://{preview host}:{public port}`` (the wildcard DNS record names the edge; no
+        token is checked there), for a ``tls`` one the preview URL with https (TLS ends in the
+        sandbox)."""
         config = self.config
+        token = record.token if config.tokens else None
+        protocol = record.options.protocol
+        if protocol == "tcp" and record.public_port is not None:
+            host = build_preview_host(record.port, sandbox_id, token, config.domain)
+            return f"tcp://{host}:{record.public_port}"
         return build_preview_url(
             record.port,
             sandbox_id,
-            record.token if config.tokens else None,
+            token,
             config.domain,
-            scheme=config.scheme,
+            scheme="https" if protocol == "tls" else config.scheme,
             public_port=self.public_port if config.url_port is None else config.url_port or None,
         )
 

@@ -328,7 +328,8 @@ class PublicConnection(StreamEndpoint):
                 self.fail(404, "UNKNOWN_HOST", f"No preview URL matches host {host!r}.")
                 return False
             state = server.registry.match(route.sandbox_id, route.port, route.token)
-            if state is None:
+            if state is None or state.exposures[route.port].options.protocol != "http":
+                # a tcp or tls exposure is reached on its own port or by SNI, never as HTTP here
                 server.metrics.preview_denied.inc()
                 self.fail(404, "INVALID_TOKEN", "Access denied: Invalid token or port not exposed")
                 return False

@@ -96,6 +96,26 @@ async def test_redis_through_a_public_tcp_port(stack: Stack, redis_tcp_server: R
         await direct.aclose()
 
 
+async def test_a_tcp_exposure_is_a_tcp_url_and_no_http_preview(stack: Stack) -> None:
+    """exposedAt says where a tcp exposure is reached (its preview host names the edge in
+    DNS, the port is its own); its preview URL is no HTTP way into the raw service: 404, as
+    for a port that is not exposed, and the service sees nothing."""
+    service = await HashService().start()
+    try:
+        await stack.agent("sb1")
+        exposure = await stack.expose("sb1", service.port, protocol="tcp")
+        token = stack.edge.registry.get("sb1").exposures[service.port].token
+        host = f"{service.port}-sb1-{token}.localhost"
+        assert exposure["exposedAt"] == f"tcp://{host}:{exposure['publicPort']}"
+        http_url = f"http://{host}:{stack.edge.public_port}/"
+        async with stack.client(http_url) as client:
+            response = await client.get("/")
+        assert response.status_code == 404 and response.json()["code"] == "INVALID_TOKEN"
+        assert service.peers == []
+    finally:
+        await service.close()
+
+
 # -- half-close, reset, unexpose --------------------------------------------------------------
 
 
@@ -527,6 +547,7 @@ async def test_tls_is_routed_by_sni_to_the_sandbox_unterminated(passthrough: Pas
         await stack.agent("sb1")
         exposure = await stack.expose("sb1", service.port, protocol="tls", token=TOKEN)
         assert exposure["protocol"] == "tls" and "publicPort" not in exposure
+        assert exposure["exposedAt"].startswith("https://")  # TLS, ended in the sandbox
         assert stack.host_of(exposure["exposedAt"]).partition(":")[0] == host
         assert stack.edge is not None
         reader, writer = await asyncio.open_connection(
