@@ -51,3 +51,13 @@ def redis_tcp_server(tmp_path: Path) -> Iterator[RedisServer]:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture
+def redis_tls_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A real redis-server speaking TLS only on 127.0.0.1 (``url``: ``rediss://``, its CA)."""
+    server = RedisServer(tmp_path / "redis-tls", tls=True).start()
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -184,7 +184,7 @@ def parse_redis_url(value: str) -> RedisURL:
                 raise ValueError(f"timeout must be a number of seconds in (0, 60], not {val!r}")
         else:
             rest.append((key, val))
-    query = urlencode(rest)
+    query = urlencode(rest, safe="/")  # ssl_ca_certs=/etc/... stays readable in messages
     # by hand: urlunsplit drops the "//" of an empty netloc (unix:///path -> unix:/path)
     clean = f"{parts.scheme}://{parts.netloc}{parts.path}" + (f"?{query}" if query else "")
     return RedisURL(clean, redact(clean), prefix, timeout)
@@ -439,8 +439,22 @@ class RedisStore:
                 return await operation
         except (RedisError, OSError, TimeoutError) as exc:
             raise StoreError(
-                f"redis at {self.location}: {what} failed ({_describe(exc)})"
+                f"redis at {self.location}: {what} failed ({_describe(exc)}){self._hint(exc)}"
             ) from None
+
+    def _hint(self, exc: BaseException) -> str:
+        # A TLS handshake Redis refuses often ends in a reset, not an alert (the client's first
+        # command is already on its way): say what the reset may mean.
+        if "reset by peer" not in str(exc):
+            return ""
+        if self.location.startswith("redis://"):
+            return "; a Redis that speaks TLS only resets plaintext clients: use rediss://"
+        if self.location.startswith("rediss://") and "ssl_certfile=" not in self.location:
+            return (
+                "; a Redis with tls-auth-clients yes resets clients without a certificate: "
+                "set ssl_certfile and ssl_keyfile"
+            )
+        return ""
 
     def _head(self, op: str, sandbox_id: str, **fields: Any) -> bytes:
         """The change message up to its last value (the scripts append it and the closing)."""
