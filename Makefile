@@ -8,7 +8,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 FIND_PYTHON := $(SHELL) tools/find_python.sh
 
-.PHONY: setup demo test lint typecheck unit bench bench-micro bench-quick clean print-python test-versions ensure-redis ensure-tinyproxy ensure-chromium ensure-nginx ensure-bench-tools
+.PHONY: setup demo test lint typecheck unit bench bench-micro bench-quick clean print-python test-versions ensure-test-tools ensure-redis ensure-tinyproxy ensure-chromium ensure-nginx ensure-bench-tools
 
 $(STAMP): pyproject.toml
 	@if $(PY) -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then \
@@ -57,63 +57,33 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy protocol relay agent tunneld
 
-# The cluster tests (tests/cluster/) run a real redis-server: Debian's package, installed with
-# apt-get when missing (as root, like CI; otherwise the message says what to install).
-ensure-redis:
-	@if command -v redis-server >/dev/null 2>&1 || [ -x /usr/bin/redis-server ]; then :; \
+# Real programs the tests start themselves, from Debian: redis-server (tests/cluster/, raw TCP),
+# tinyproxy (agent proxy egress), chromium and curl (browser and curl --http2 tests), nginx
+# (PROXY protocol v2), wrk and h2load (tests/test_bench_https.py). Missing ones are installed
+# with one apt-get run (as root, like CI; otherwise the message says what to install).
+# TEST_TOOLS: command=package pairs.
+TEST_TOOLS := redis-server=redis-server redis-cli=redis-tools tinyproxy=tinyproxy \
+	chromium=chromium curl=curl nginx=nginx wrk=wrk h2load=nghttp2-client
+ensure-test-tools:
+	@missing=""; \
+	for pair in $(TEST_TOOLS); do \
+	    cmd=$${pair%%=*}; pkg=$${pair#*=}; \
+	    command -v $$cmd >/dev/null 2>&1 || [ -x /usr/sbin/$$cmd ] || [ -x /usr/bin/$$cmd ] || missing="$$missing $$pkg"; \
+	done; \
+	if [ -z "$$missing" ]; then :; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-	    echo "installing redis-server with apt-get ..."; \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null || exit 2; \
+	    echo "installing$$missing with apt-get ..."; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null || exit 2; \
 	else \
-	    echo "redis-server is missing: install it (apt-get install redis-server) for tests/cluster/" >&2; exit 2; \
+	    echo "missing for the tests:$$missing (apt-get install$$missing)" >&2; exit 2; \
 	fi
 
-# tests/faults/test_agent_proxy.py runs the agent through a real tinyproxy (Debian's package),
-# installed the same way.
-ensure-tinyproxy:
-	@if command -v tinyproxy >/dev/null 2>&1 || [ -x /usr/bin/tinyproxy ]; then :; \
-	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-	    echo "installing tinyproxy with apt-get ..."; \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq tinyproxy >/dev/null || exit 2; \
-	else \
-	    echo "tinyproxy is missing: install it (apt-get install tinyproxy) for tests/faults/test_agent_proxy.py" >&2; exit 2; \
-	fi
+# One of them by name, as before (the bench installs nginx and wrk its own way).
+ensure-redis ensure-tinyproxy ensure-chromium ensure-nginx ensure-bench-tools: ensure-test-tools
 
-# tests/e2e/test_browser.py drives a real headless Chromium (Debian's package) and
-# tests/e2e/test_http2.py runs curl --http2 (Debian's curl is built with nghttp2).
-ensure-chromium:
-	@if command -v chromium >/dev/null 2>&1 && command -v curl >/dev/null 2>&1; then :; \
-	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-	    echo "installing chromium and curl with apt-get ..."; \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium curl >/dev/null || exit 2; \
-	else \
-	    echo "chromium is missing: install it (apt-get install chromium curl) for tests/e2e/test_browser.py" >&2; exit 2; \
-	fi
-
-# tests/e2e/test_public_tcp.py reads PROXY protocol v2 headers with a real nginx (Debian's
-# package), installed the same way.
-ensure-nginx:
-	@if command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ]; then :; \
-	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-	    echo "installing nginx with apt-get ..."; \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx >/dev/null || exit 2; \
-	else \
-	    echo "nginx is missing: install it (apt-get install nginx) for tests/e2e/test_public_tcp.py" >&2; exit 2; \
-	fi
-
-# tests/test_bench_https.py runs the bench's HTTPS scenario for one short round: wrk and h2load
-# (Debian's wrk and nghttp2-client), installed the same way.
-ensure-bench-tools:
-	@if command -v wrk >/dev/null 2>&1 && command -v h2load >/dev/null 2>&1; then :; \
-	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-	    echo "installing wrk and nghttp2-client with apt-get ..."; \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk nghttp2-client >/dev/null || exit 2; \
-	else \
-	    echo "wrk or h2load is missing: install them (apt-get install wrk nghttp2-client) for tests/test_bench_https.py" >&2; exit 2; \
-	fi
-
-unit: $(STAMP) ensure-redis ensure-tinyproxy ensure-chromium ensure-nginx ensure-bench-tools
-	$(PY) -m pytest --cov --cov-report=term --cov-report=html:.coverage-html -p no:cacheprovider -q
+unit: $(STAMP) ensure-test-tools
+	$(PY) -m pytest --cov --cov-report=term --cov-report=html:.coverage-html -p no:cacheprovider -q \
+	    --durations=15
 
 test: lint typecheck unit
 
