@@ -44,7 +44,11 @@ from then on DATA frames are relayed raw both ways (END_STREAM <-> FIN).
 
 The connection counts once against ``max_connections`` and ``max_connections_per_ip`` (its
 ``PublicTlsConnection`` is what the edge's set of public connections holds); a refused one is
-answered 503 ``TOO_MANY_CONNECTIONS`` on its first stream, then GOAWAY.
+answered 503 ``TOO_MANY_CONNECTIONS`` on its first stream, then GOAWAY. Each further stream open
+at once counts against ``max_connections_per_ip`` too, as the HTTP/1.1 connection it stands for
+would: what the edge may hold for one client IP (a stream window and a queue per stream) stays
+what it is with HTTP/1.1, instead of ``h2_max_streams`` times that per connection. A stream past
+the limit is refused with ``RST_STREAM(REFUSED_STREAM)``, which clients retry.
 """
 
 from __future__ import annotations
@@ -330,7 +334,12 @@ class H2PublicConnection(asyncio.Protocol):
             self._send_page(sid, self.refused)
             self.close()
             return
+        counted = bool(self.streams)  # the connection itself stands for its first stream
+        if counted and not self._count_stream():
+            self.h2.reset_stream(sid, h2.errors.ErrorCodes.REFUSED_STREAM)
+            return
         stream = _StreamTransport(self, sid)
+        stream.counted_ip = self.entry._peer_ip if counted else None
         self.streams[sid] = stream
         endpoint = H2Stream(self.server, self.entry.parser)
         endpoint._peer, endpoint._peer_ip = self.entry._peer, self.entry._peer_ip
@@ -388,6 +397,7 @@ class H2PublicConnection(asyncio.Protocol):
         self.closed = True
         self._cancel_timer()
         for stream in list(self.streams.values()):
+            self._uncount_stream(stream)
             stream.connection_gone()
         self.streams.clear()
         self._waiting.clear()
@@ -420,7 +430,30 @@ class H2PublicConnection(asyncio.Protocol):
             transport.pause_reading()
             log.warning("%s: HTTP/2 client does not read what it asks for", self.entry._peer)
 
+    def _count_stream(self) -> bool:
+        """One more stream of this client IP, if ``max_connections_per_ip`` allows it."""
+        server = self.server
+        per_ip = server.public_limits.per_ip
+        ip = self.entry._peer_ip
+        count = per_ip.get(ip, 0)
+        if count >= server.config.max_connections_per_ip:
+            server.metrics.public_refusals.labels(code="TOO_MANY_CONNECTIONS").inc()
+            return False
+        per_ip[ip] = count + 1
+        return True
+
+    def _uncount_stream(self, stream: _StreamTransport) -> None:
+        ip, stream.counted_ip = stream.counted_ip, None
+        if ip is not None:
+            per_ip = self.server.public_limits.per_ip
+            left = per_ip.get(ip, 1) - 1
+            if left > 0:
+                per_ip[ip] = left
+            else:
+                per_ip.pop(ip, None)
+
     def stream_done(self, stream: _StreamTransport) -> None:
+        self._uncount_stream(stream)
         if self.streams.get(stream.sid) is stream:
             del self.streams[stream.sid]
         self._waiting.discard(stream)
@@ -528,6 +561,7 @@ class _StreamTransport:
     def __init__(self, conn: H2PublicConnection, sid: int) -> None:
         self.conn = conn
         self.sid = sid
+        self.counted_ip: str | None = None  # counted against max_connections_per_ip
         self.protocol: H2Stream | None = None
         self.response = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_RESPONSE_HEAD)
         self.chunked = False

@@ -753,18 +753,71 @@ async def test_alpn_offers_h2_on_every_sni_certificate_and_can_be_turned_off(
         await stack.close()
 
 
-async def test_connection_limits_count_an_h2_connection_once(
+async def test_streams_open_at_once_count_against_the_per_ip_limit(
+    ca: trustme.CA, tmp_path: Path
+) -> None:
+    """An h2 connection counts once against the limits, and each further stream open at once
+    counts against max_connections_per_ip like the HTTP/1.1 connection it stands for: past it a
+    stream is refused with RST_STREAM(REFUSED_STREAM) (safe to retry), and the places come back
+    when streams end or the connection goes. Without this, one IP could make the edge hold
+    h2_max_streams x (stream window + queue) per connection instead of that per connection."""
+    stack = await tls_stack(ca, tmp_path, max_connections_per_ip=3)
+    try:
+        url, _ = await exposed_origin(stack)
+        async with RawH2(stack, ca, host_of(url)) as first:
+            sids = [first.request(b"GET", b"/") for _ in range(5)]
+            await first.send()
+            status: dict[int, bytes] = {}
+            ends: dict[int, h2.events.Event] = {}
+            while len(ends) < len(sids):  # every stream's events, in whatever order they come
+                event = await first.next_event()
+                sid = getattr(event, "stream_id", None)
+                if isinstance(event, h2.events.ResponseReceived):
+                    status[event.stream_id] = dict(event.headers)[b":status"]
+                elif isinstance(event, h2.events.DataReceived):
+                    first.conn.acknowledge_received_data(event.flow_controlled_length, sid)
+                elif isinstance(event, (h2.events.StreamEnded, h2.events.StreamReset)):
+                    ends[event.stream_id] = event
+            served = [sid for sid in sids if status.get(sid) == b"200"]
+            refused = [
+                sid
+                for sid in sids
+                if isinstance(ends[sid], h2.events.StreamReset)
+                and ends[sid].error_code == h2.errors.ErrorCodes.REFUSED_STREAM
+            ]
+            assert (len(served), len(refused)) == (3, 2)
+            assert stack.edge is not None
+            await wait_until(lambda: not stack.edge.public_limits.per_ip.get("127.0.0.1", 0) > 1,
+                             what="the streams' places given back")  # fmt: skip
+            # the places are back: three streams at once are served again
+            sids = [first.request(b"GET", b"/") for _ in range(3)]
+            await first.send()
+            for sid in sids:
+                headers, body, _ = await first.response(sid)
+                assert headers[b":status"] == b"200" and body == b"hello from origin"
+            async with RawH2(stack, ca, host_of(url)) as second:  # 1 + 1 < 3: admitted
+                sid = second.request(b"GET", b"/")
+                await second.send()
+                headers, _, _ = await second.response(sid)
+                assert headers[b":status"] == b"200"
+        await wait_until(lambda: not stack.edge.public_limits.per_ip, what="every place back")
+        metrics = stack.edge.metrics.render().decode()
+        assert 'tunneld_public_refusals_total{code="TOO_MANY_CONNECTIONS"} 2.0' in metrics
+    finally:
+        await stack.close()
+
+
+async def test_a_connection_past_the_limit_is_refused_on_its_first_stream(
     ca: trustme.CA, tmp_path: Path
 ) -> None:
     stack = await tls_stack(ca, tmp_path, max_connections_per_ip=1)
     try:
         url, _ = await exposed_origin(stack)
         async with RawH2(stack, ca, host_of(url)) as first:
-            sids = [first.request(b"GET", b"/") for _ in range(5)]  # streams are not connections
+            sid = first.request(b"GET", b"/")
             await first.send()
-            for sid in sids:
-                headers, body, _ = await first.response(sid)
-                assert headers[b":status"] == b"200" and body == b"hello from origin"
+            headers, body, _ = await first.response(sid)
+            assert headers[b":status"] == b"200" and body == b"hello from origin"
             async with RawH2(stack, ca, host_of(url)) as second:
                 sid = second.request(b"GET", b"/")
                 await second.send()
