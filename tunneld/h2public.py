@@ -542,6 +542,8 @@ class H2Stream(PublicConnection):
 
     __slots__ = ()
 
+    http_version = "2"  # request inspection records what the client spoke
+
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         StreamEndpoint.connection_made(self, transport)
         if self.server.config.access_log:

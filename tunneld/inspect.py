@@ -480,18 +480,27 @@ class Inspector:
 
 
 class ConnectionRecorder:
-    """What an inspected HTTP/1 connection records into (``ConnectionLog.recorder``)."""
+    """What an inspected connection records into (``ConnectionLog.recorder``). An HTTP/2 stream
+    (tunneld/h2public.py) is relayed as an HTTP/1.1 request built from its pseudo-headers:
+    ``version`` ("2") then says what the client spoke, not the parsed head's "1.1"."""
 
-    __slots__ = ("client", "inspector", "live", "port", "ring", "scheme")
+    __slots__ = ("client", "inspector", "live", "port", "ring", "scheme", "version")
 
     def __init__(
-        self, inspector: Inspector, ring: SandboxRing, port: int, client: str, scheme: str
+        self,
+        inspector: Inspector,
+        ring: SandboxRing,
+        port: int,
+        client: str,
+        scheme: str,
+        version: str | None = None,
     ) -> None:
         self.inspector = inspector
         self.ring = ring
         self.port = port
         self.client = client
         self.scheme = scheme
+        self.version = version  # None: the request head's own
         self.live = 0  # records begun and not ended on this connection
 
     def begin(self, head: RequestHead, request_id: bytes) -> Record | None:
@@ -504,7 +513,7 @@ class ConnectionRecorder:
             client=self.client,
             method=head.method,
             target=head.target,
-            version=head.version,
+            version=self.version or head.version,
             headers=head.headers,
             request_id=request_id,
             scheme=self.scheme,

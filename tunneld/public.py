@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, ClassVar, Final
 
 import orjson
 
@@ -140,6 +140,10 @@ class PublicConnection(StreamEndpoint):
         "sandbox_id",
         "server",
     )
+
+    # What the client speaks, for request inspection when it is not the head's own version
+    # (H2Stream: "2", its HTTP/1.1 head is built from HTTP/2 pseudo-headers).
+    http_version: ClassVar[str | None] = None
 
     def __init__(self, server: EdgeServer, parser: HeadParser) -> None:
         super().__init__(None, 0)  # type: ignore[arg-type]  # bound to a session on the first head
@@ -388,7 +392,12 @@ class PublicConnection(StreamEndpoint):
                         self._peer_ip, quiet=True, stats=server.metrics.requests
                     )
                 self._access.recorder = ConnectionRecorder(
-                    server.inspector, ring, route.port, self._peer_ip, config.scheme
+                    server.inspector,
+                    ring,
+                    route.port,
+                    self._peer_ip,
+                    config.scheme,
+                    self.http_version,
                 )
         access = self._access
         if access is not None:
