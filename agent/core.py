@@ -38,6 +38,7 @@ a failed attempt of that address like any other (failover and backoff unchanged)
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import random
 import socket
@@ -239,7 +240,8 @@ class AgentSession(MuxProtocol):
         self.edge = edge or agent.config.servers[0]
         self.welcomed: asyncio.Future[control.Welcome] = loop.create_future()
         self._dialing: set[asyncio.Task[None]] = set()
-        self._watching: set[asyncio.Task[None]] = set()  # watch_port requests of the edge
+        # watch_port requests of the edge, by request id (unwatch_port cancels one)
+        self._watching: dict[int, asyncio.Task[None]] = {}
         # Why the session ended, for the log: the first of GO_AWAY/terminated/refused/lost.
         self.end_reason: str | None = None
         # The edge's session-level Error, if it refused the Hello: (code, message).
@@ -259,8 +261,8 @@ class AgentSession(MuxProtocol):
 
     def on_link_open(self) -> None:
         config = self.agent.config
-        # WATCH_PORT_VERSION: this agent serves watch_port requests.
-        hello = control.Hello(config.sandbox_id, config.token, control.WATCH_PORT_VERSION)
+        # UNWATCH_PORT_VERSION: this agent serves watch_port requests and unwatch_port.
+        hello = control.Hello(config.sandbox_id, config.token, control.UNWATCH_PORT_VERSION)
         self.session.send_control(hello)
         self.flush()
 
@@ -292,6 +294,11 @@ class AgentSession(MuxProtocol):
             self._ack(message.id)
         elif isinstance(message, control.WatchPort):
             self._start_watch(message)
+        elif isinstance(message, control.UnwatchPort):
+            task = self._watching.get(message.id)
+            if task is not None:  # else it just ended: its reply is on its way or sent
+                log.info("the edge stopped its wait (request %d): its client left", message.id)
+                task.cancel()
 
     def _start_watch(self, message: control.WatchPort) -> None:
         """Probe the port in a task and answer ``Ok`` (ready) or ``Error`` (not ready in time,
@@ -317,8 +324,15 @@ class AgentSession(MuxProtocol):
             message.timeout_s,
         )
         task = self.loop.create_task(self._watch(message.id, spec))
-        self._watching.add(task)
-        task.add_done_callback(self._watching.discard)
+        old = self._watching.pop(message.id, None)
+        if old is not None:  # an edge reusing a live id: the older watch is orphaned
+            old.cancel()
+        self._watching[message.id] = task
+        task.add_done_callback(functools.partial(self._watch_ended, message.id))
+
+    def _watch_ended(self, request_id: int, task: asyncio.Task[None]) -> None:
+        if self._watching.get(request_id) is task:
+            del self._watching[request_id]
 
     async def _watch(self, request_id: int, spec: WatchSpec) -> None:
         watches = self.agent.port_watches
@@ -417,7 +431,7 @@ class AgentSession(MuxProtocol):
         self.pending.fail_all("EDGE_NOT_CONNECTED", "The connection to the edge was lost.")
         for task in list(self._dialing):
             task.cancel()
-        for task in list(self._watching):
+        for task in list(self._watching.values()):
             task.cancel()
         if not self.welcomed.done():
             self.welcomed.set_exception(ConnectionError("connection closed before welcome"))

@@ -8,7 +8,11 @@ chosen by the sender and are answered by ``ok`` or ``error`` with the same ``id`
 its local CLI's), and ``list`` asks the edge for the current set. ``watch_port`` (edge -> agent,
 only to an agent whose hello says version >= 2) asks the agent to probe a port until it is ready:
 ``ok`` when it is, ``error`` ``PORT_NOT_READY`` (with the last HTTP ``status_code`` seen, if any)
-when ``timeout_s`` passed first.
+when ``timeout_s`` passed first. ``unwatch_port {id}`` (edge -> agent, only to an agent whose
+hello says version >= 3) stops the watch of that request at once (its client left); it has no
+reply. On a node link (two edges of a cluster) the same two messages carry a forwarded wait: the
+landing node sends ``watch_port`` with ``sandbox`` set to the owner node, which answers it as the
+admin API would and stops it on ``unwatch_port``.
 
 Every message type is described by one row of ``_SCHEMAS``: wire name, dataclass, and per field a
 checker (type + bounds) and whether the field may be absent. :func:`decode_message` checks the
@@ -31,6 +35,7 @@ __all__ = [
     "MAX_CONTROL_MESSAGE_SIZE",
     "MAX_WATCH_TIMEOUT_S",
     "PROTOCOL_VERSION",
+    "UNWATCH_PORT_VERSION",
     "WATCH_PORT_VERSION",
     "ControlError",
     "Error",
@@ -41,6 +46,7 @@ __all__ = [
     "Message",
     "Ok",
     "Unexpose",
+    "UnwatchPort",
     "WatchPort",
     "Welcome",
     "decode_message",
@@ -54,8 +60,11 @@ MAX_CONTROL_MESSAGE_SIZE: Final = 64 * 1024
 # The base protocol, a Hello's default version. An agent that serves ``watch_port`` says
 # WATCH_PORT_VERSION in its hello: an older agent would take the unknown message for a protocol
 # error and drop its session, so the edge sends ``watch_port`` only to an agent that says so.
+# UNWATCH_PORT_VERSION likewise for ``unwatch_port``. A hello's version is the highest feature
+# level the agent serves; each level includes the ones below it.
 PROTOCOL_VERSION: Final = 1
 WATCH_PORT_VERSION: Final = 2
+UNWATCH_PORT_VERSION: Final = 3
 
 # Request ids are non-negative int32: fit every language's int, never wrap silently.
 _MAX_ID: Final = 2**31 - 1
@@ -163,6 +172,16 @@ class WatchPort:
     status_max: int = 399
     interval_ms: int = 500
     timeout_s: float = 30.0
+    # Node links only (a wait forwarded to the owner node): the sandbox whose agent to ask.
+    sandbox: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class UnwatchPort:
+    """edge -> agent (and node -> owner node): stop the ``watch_port`` request ``id`` now; no
+    reply (an unknown id is ignored: the watch may have just ended)."""
+
+    id: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,7 +203,7 @@ class Error:
     status_code: int | None = None
 
 
-Message = Hello | Welcome | Expose | Unexpose | ListExposures | WatchPort | Ok | Error
+Message = Hello | Welcome | Expose | Unexpose | ListExposures | WatchPort | UnwatchPort | Ok | Error
 
 # --- field checkers ------------------------------------------------------------------------------
 # A checker takes (value, path) and returns the value to store, or raises ControlError(BAD_FIELD).
@@ -377,8 +396,10 @@ _SCHEMAS: Final[Mapping[str, tuple[type[Any], _Fields]]] = {
             "status_max": (_HTTP_STATUS, False),
             "interval_ms": (_int(_MIN_WATCH_INTERVAL_MS, _MAX_WATCH_INTERVAL_MS), False),
             "timeout_s": (_watch_timeout, False),
+            "sandbox": (_optional(_str(1, _MAX_SANDBOX_ID)), False),
         },
     ),
+    "unwatch_port": (UnwatchPort, {"id": (_ID, True)}),
     "ok": (Ok, {"id": (_ID, True), "exposures": (_exposures, False)}),
     "error": (
         Error,

@@ -20,7 +20,12 @@ One task per client connection drives one ``h11.Connection``:
    :class:`Response`, raises :class:`ApiError` (rendered ``{"error": message, "code": code}``), or
    takes the connection over (:meth:`Exchange.detach`, the admin API's WebSocket connect). Any other
    exception is logged with its traceback and answered 500 ``INTERNAL_ERROR``: a traceback never
-   reaches a client. Then the next keep-alive cycle starts.
+   reaches a client. Then the next keep-alive cycle starts. A long handler (the admin API's wait
+   for a port) runs its work through :meth:`Exchange.unless_client_leaves`: the connection is read
+   meanwhile, and the client closing it (EOF, as Go's ``net/http`` takes it, or an error) cancels
+   the work and ends the connection without an answer; bytes of a pipelined next request read
+   meanwhile are kept for it (at most ``max_head_bytes``; past that the connection is no longer
+   watched).
 4. A request that cannot be read (malformed, too large, too slow) is answered with a JSON error and
    ``Connection: close``; then we shut our side down and keep reading and discarding for up to
    ``linger_seconds`` / ``linger_max_bytes`` before closing ("lingering close", as Apache and nginx
@@ -39,7 +44,7 @@ import ssl as ssl_module
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from http import HTTPStatus
-from typing import Final
+from typing import Final, TypeVar
 
 import h11
 import orjson
@@ -49,6 +54,7 @@ __all__ = [
     "MAX_HEAD_BYTES",
     "ApiError",
     "ApiServer",
+    "ClientGone",
     "Exchange",
     "Handler",
     "Limits",
@@ -72,6 +78,7 @@ _MAX_SHOWN: Final = 64
 _STATUSES: Final = frozenset(s.value for s in HTTPStatus)
 # Statuses that never carry a body, so no Content-Type or Content-Length either.
 _NO_BODY: Final = frozenset({204, 304})
+_T = TypeVar("_T")
 
 
 class ApiError(Exception):
@@ -175,12 +182,49 @@ class Exchange:
         buffered.clear()
         return leftover
 
+    async def unless_client_leaves(
+        self, work: Awaitable[_T], max_pipelined: int = MAX_HEAD_BYTES
+    ) -> _T:
+        """Await ``work`` while reading the connection; if the client closes it first, cancel
+        ``work`` (awaiting its end, so its cleanup ran) and raise :class:`ClientGone`. Bytes the
+        client sends meanwhile (a pipelined request) go to h11 for the next cycle."""
+        task = asyncio.ensure_future(work)
+        watch = asyncio.ensure_future(self._client_left(max_pipelined))
+        try:
+            await asyncio.wait((task, watch), return_when=asyncio.FIRST_COMPLETED)
+            if task.done():
+                return task.result()
+            task.cancel()
+            await asyncio.wait((task,))  # its cleanup (the agent told to stop) runs first
+            raise ClientGone
+        finally:
+            for t in (task, watch):
+                if not t.done():
+                    t.cancel()
+            await asyncio.gather(task, watch, return_exceptions=True)
+
+    async def _client_left(self, max_pipelined: int) -> None:
+        """Return once the client's side of the connection is closed; never if it sends more
+        than ``max_pipelined`` bytes first (those are not read: the next cycle reads them)."""
+        try:
+            while len(self._conn.trailing_data[0]) < max_pipelined:
+                data = await self._reader.read(_READ_CHUNK)
+                if not data:
+                    return
+                self._conn.receive_data(data)
+        except ConnectionError:
+            return
+        await asyncio.get_running_loop().create_future()  # watched no more; cancelled at the end
+
 
 Handler = Callable[[Request, Exchange], Awaitable[Response | None]]
 
 
-class _ClientGone(Exception):
-    pass
+class ClientGone(Exception):
+    """The client closed its connection while its request was being served: nobody to answer."""
+
+
+_ClientGone = ClientGone
 
 
 class _Idle(Exception):
@@ -380,6 +424,8 @@ class ApiServer:
             return await self._handler(request, exchange)
         except ApiError as exc:
             return error_response(exc)
+        except ClientGone:
+            raise  # nobody to answer: the connection ends (_on_connection)
         except Exception:
             return self._internal(request, "failed")
 

@@ -26,7 +26,8 @@ sandbox whose agent is connected to another node is reported connected with that
 ownership feed), and a WebSocket connect or raw TCP for it is routed to the owner over a node link
 as one ``direct`` stream carrying exactly the bytes the local path would send to the agent. The
 owner accepts that link stream only when the agent accepted its own (it connected to the port), so
-the landing node learns of the connect the way a single node does.
+the landing node learns of the connect the way a single node does. A wait for a port goes to the
+owner as one control request on the node link instead (tunneld/waitfwd.py).
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ from protocol.hostnames import (
 from relay.httpapi import (
     ApiError,
     ApiServer,
+    ClientGone,
     Exchange,
     Limits,
     Request,
@@ -187,7 +189,7 @@ class AdminServer:
                 return None
             if len(parts) == 6 and parts[5] == "wait":
                 self._allow(method, "POST")
-                return await self._wait_port(sandbox_id, port, request.body)
+                return await self._wait_port(sandbox_id, port, request.body, exchange)
         raise ApiError(404, "NOT_FOUND", f"No such endpoint: {method} {path}")
 
     @staticmethod
@@ -299,12 +301,16 @@ class AdminServer:
         return self._sandbox_json(sandbox_id, owner, read=cluster is not None)
 
     # -- wait for a port -------------------------------------------------------------------------
-    async def _wait_port(self, sandbox_id: str, port: object, body: bytes) -> Response:
+    async def _wait_port(
+        self, sandbox_id: str, port: object, body: bytes, exchange: Exchange
+    ) -> Response:
         """Ask the agent to probe the port until it is ready (Cloudflare's ``waitForPort``).
 
         Answers 200 once ready, 504 PORT_NOT_READY with the last status the probe saw, 503
-        SANDBOX_NOT_CONNECTED when the agent is not connected to this node or leaves meanwhile.
-        The wait is bounded by ``timeout`` plus the edge's control timeout."""
+        SANDBOX_NOT_CONNECTED when the agent is not connected or leaves meanwhile; in a cluster
+        the wait runs on the owner node (tunneld/waitfwd.py). The wait is bounded by ``timeout``
+        plus the edge's control timeout. A client that closes its connection meanwhile stops
+        the wait, and with it the agent's probes (``unwatch_port``)."""
         payload = self._json_body(body) if body.strip() else {}
         unknown = set(payload) - _WAIT_FIELDS
         if unknown:
@@ -315,17 +321,23 @@ class AdminServer:
         interval = payload.get("interval", 500)
         if isinstance(interval, int | float) and not isinstance(interval, bool):
             interval = round(min(max(interval, 100), 10_000))  # clamped, as Cloudflare does
+        wait = self.edge.wait_port(
+            sandbox_id,
+            port,
+            mode=payload.get("mode", "http"),
+            path=payload.get("path", "/"),
+            status_min=payload.get("statusMin", 200),
+            status_max=payload.get("statusMax", 399),
+            interval_ms=interval,
+            timeout_s=payload.get("timeout", 30.0),
+        )
         try:
-            await self.edge.wait_port(
-                sandbox_id,
-                port,
-                mode=payload.get("mode", "http"),
-                path=payload.get("path", "/"),
-                status_min=payload.get("statusMin", 200),
-                status_max=payload.get("statusMax", 399),
-                interval_ms=interval,
-                timeout_s=payload.get("timeout", 30.0),
+            await exchange.unless_client_leaves(wait)
+        except ClientGone:
+            log.info(
+                "sandbox %s: the client waiting for port %d left; wait stopped", sandbox_id, port
             )
+            raise
         except PortNotReady as exc:
             return json_response(
                 504,

@@ -17,6 +17,7 @@ the moment the caller sees it. Unexpose also resets every live preview stream of
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import gc
 import logging
@@ -899,11 +900,14 @@ class EdgeServer:
         status_max: object = 399,
         interval_ms: object = 500,
         timeout_s: object = 30.0,
+        forward: bool = True,
     ) -> None:
         """Ask the sandbox's agent to probe ``port`` until it is ready (``watch_port``); return
         when it is. Raises :class:`PortNotReady` (504) when ``timeout_s`` passed first, and
         :class:`RegistryError` 503 SANDBOX_NOT_CONNECTED when the agent is not connected here or
-        leaves meanwhile. Never waits longer than ``timeout_s`` plus ``control_timeout``."""
+        leaves meanwhile. Never waits longer than ``timeout_s`` plus ``control_timeout``. In a
+        cluster, a sandbox whose agent is on another node is waited for there
+        (:mod:`tunneld.waitfwd`), unless ``forward`` is off (a wait that was forwarded here)."""
         sandbox_id = validate_sandbox_id(sandbox_id)
         try:
             message = control.WatchPort(
@@ -926,6 +930,12 @@ class EdgeServer:
             raise RegistryError(400, "INVALID_REQUEST", "statusMin is greater than statusMax.")
         state = self.registry.get(sandbox_id)
         session = state.session if state is not None else None
+        no_session = session is None or not session.can_open_streams()
+        if no_session and forward and self.cluster is not None:
+            from .waitfwd import forward_wait
+
+            await forward_wait(self.cluster, sandbox_id, message, self.config.control_timeout)
+            return
         if session is None or not session.can_open_streams():
             where = " to this node" if self.cluster is not None else ""
             raise RegistryError(
@@ -947,6 +957,16 @@ class EdgeServer:
         budget = message.timeout_s + self.config.control_timeout
         try:
             await session.request(factory, budget)
+        except asyncio.CancelledError:
+            # The admin client left (or the node that forwarded the wait stopped it): stop the
+            # agent's probes now, not at the timeout. An older agent would drop its session at
+            # the unknown message, so it keeps probing until its own timeout.
+            if request_ids and session.agent_version >= control.UNWATCH_PORT_VERSION:
+                with contextlib.suppress(LocalProtocolError):
+                    if not session.session.closed:
+                        session.session.send_control(control.UnwatchPort(request_ids[0]))
+                        session.flush()
+            raise
         except TimeoutError:
             raise RegistryError(
                 504,

@@ -41,11 +41,22 @@ from .auth import plaintext_refusal
 if TYPE_CHECKING:
     from .cluster import Cluster
 
-__all__ = ["NodeLinkClient", "NodeLinkServer", "node_link_token", "verify_node_link_token"]
+__all__ = [
+    "LINK_VERSION",
+    "WAIT_LINK_VERSION",
+    "NodeLinkClient",
+    "NodeLinkServer",
+    "node_link_token",
+    "verify_node_link_token",
+]
 
 log = logging.getLogger("tunneld.cluster")
 
 TOKEN_MAX_SKEW: Final = 300.0  # seconds between the nodes' clocks (and a replay's window)
+# What a link's acceptor serves, said in its welcome as limits["version"] (absent: 1, streams
+# only). 2: forwarded waits for a port, watch_port / unwatch_port requests (tunneld/waitfwd.py).
+WAIT_LINK_VERSION: Final = 2
+LINK_VERSION: Final = WAIT_LINK_VERSION
 _DOMAIN: Final = b"tunneld-node-link\0"
 
 
@@ -90,6 +101,7 @@ class NodeLinkServer(MuxProtocol):
         self.peer = "unknown"
         self.peer_node: str | None = None
         self._handshake_timer: asyncio.TimerHandle | None = None
+        self.served_waits: dict[int, asyncio.Task[None]] = {}  # forwarded waits (waitfwd.py)
 
     def describe(self) -> str:
         return f"node link from {self.peer_node or '(no hello yet)'} at {self.peer}"
@@ -110,8 +122,16 @@ class NodeLinkServer(MuxProtocol):
             self.transport.abort()
 
     def on_control(self, message: Any) -> None:
-        if self.peer_node is not None or not isinstance(message, control.Hello):
+        if self.peer_node is not None:
+            from .waitfwd import serve_wait, stop_wait
+
+            if isinstance(message, control.WatchPort) and message.sandbox is not None:
+                serve_wait(self, message)
+            elif isinstance(message, control.UnwatchPort):
+                stop_wait(self, message.id)
             return  # nothing else is asked on a link
+        if not isinstance(message, control.Hello):
+            return
         if self._handshake_timer is not None:
             self._handshake_timer.cancel()
             self._handshake_timer = None
@@ -139,8 +159,9 @@ class NodeLinkServer(MuxProtocol):
                 transport.close()
             return
         self.peer_node = message.sandbox_id
+        limits = {"version": LINK_VERSION}  # what this node serves on the link
         self.session.send_control(
-            control.Welcome(self.cluster.node_id, config.heartbeat_interval, {}, ())
+            control.Welcome(self.cluster.node_id, config.heartbeat_interval, limits, ())
         )
         self.flush()
         log.info("node link from %s (%s) up", self.peer_node, self.peer)
@@ -163,6 +184,8 @@ class NodeLinkServer(MuxProtocol):
             self._handshake_timer.cancel()
             self._handshake_timer = None
         self.cluster.server_links.discard(self)
+        for task in list(self.served_waits.values()):
+            task.cancel()  # nobody to answer: stop the agent's probes
 
 
 class NodeLinkClient(MuxProtocol):
@@ -178,6 +201,10 @@ class NodeLinkClient(MuxProtocol):
         self.node_id = node_id  # the node dialled
         self.welcomed: asyncio.Future[None] = loop.create_future()
         self._going_away = False
+        self.peer_version = 1  # the acceptor's limits["version"] (LINK_VERSION)
+        from .waitfwd import LinkWaits
+
+        self.waits = LinkWaits(loop)  # waits forwarded on this link, waiting for their reply
 
     def describe(self) -> str:
         return f"node link to {self.node_id}"
@@ -191,10 +218,13 @@ class NodeLinkClient(MuxProtocol):
     def on_control(self, message: Any) -> None:
         if isinstance(message, control.Welcome):
             if not self.welcomed.done():
+                self.peer_version = message.limits.get("version", 1)
                 self.welcomed.set_result(None)
         elif isinstance(message, control.Error) and not self.welcomed.done():
             refused = ConnectionRefusedError(f"{message.code}: {message.message}")
             self.welcomed.set_exception(refused)
+        elif isinstance(message, (control.Ok, control.Error)):
+            self.waits.resolve(message)
 
     def usable(self) -> bool:
         return (
@@ -212,9 +242,11 @@ class NodeLinkClient(MuxProtocol):
     def on_terminated(self, event: ConnectionTerminated) -> None:
         self._going_away = True
         self.cluster.forget_link(self)
+        self.waits.fail_all(f"link ended: {event.reason}")
 
     def on_disconnected(self, exc: Exception | None) -> None:
         self._going_away = True
+        self.waits.fail_all(f"link lost: {exc}" if exc else "link closed")
         if not self.welcomed.done():
             self.welcomed.set_exception(
                 ConnectionError(f"closed before the welcome: {exc}" if exc else "closed")
