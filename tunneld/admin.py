@@ -10,7 +10,9 @@
     DELETE /v1/sandboxes/{id}/ports/{port}            204, idempotent
     GET    /v1/sandboxes/{id}/ports/{port}/ws?path=/  WebSocket handshake relayed to the sandbox
     GET    /v1/sandboxes/{id}/ports/{port}/tcp        Upgrade: tcp -> 101, then raw bytes to
-                                                      127.0.0.1:PORT (502 when the connect fails)
+                                                      127.0.0.1:PORT (502 when the connect fails);
+                                                      Upgrade: websocket: the same as binary
+                                                      messages (tunneld/tcpws.py)
     POST   /v1/sandboxes/{id}/ports/{port}/wait       {"mode"?, "path"?, "timeout"?...}: 200 ready,
                                                       504 PORT_NOT_READY, 503 not connected
     GET    /v1/sandboxes/{id}/requests?since=&follow= inspected requests (tunneld/inspect.py)
@@ -127,7 +129,10 @@ class AdminServer:
                 "Too many admin API requests; retry later.",
                 [("retry-after", "1")],
             )
-        if not verify_bearer(self.edge.config.admin_token, request.header(b"authorization")):
+        token = self.edge.config.admin_token
+        if not verify_bearer(token, request.header(b"authorization")) and not (
+            len(parts) == 6 and parts[5] == "tcp" and _websocket_bearer(token, request)
+        ):
             raise ApiError(
                 401,
                 "UNAUTHORIZED",
@@ -397,16 +402,27 @@ class AdminServer:
         with a JSON page when it could not; then the connection carries the bytes both ways."""
         upgrade = (request.header(b"upgrade") or b"").strip().lower()
         tokens = {t.strip() for t in (request.header(b"connection") or b"").lower().split(b",")}
-        if upgrade != b"tcp" or b"upgrade" not in tokens:
+        accept = b""
+        if upgrade == b"websocket":  # the same bytes as WebSocket binary messages
+            from .tcpws import accept_response
+
+            accept = accept_response(request)  # a bad handshake: 400/426 before any stream
+        elif upgrade != b"tcp" or b"upgrade" not in tokens:
             raise ApiError(
                 426,
                 "UPGRADE_REQUIRED",
-                "Raw TCP needs the headers Connection: Upgrade and Upgrade: tcp.",
+                "Raw TCP needs the headers Connection: Upgrade and Upgrade: tcp "
+                "(or a WebSocket handshake).",
                 [("upgrade", "tcp")],
             )
         client = _client(request)
         mux, stream_id, where = await self._open_direct(sandbox_id, port, client, exchange)
-        endpoint = _DirectEndpoint(mux, stream_id, upgrade=_SWITCHED_TO_TCP)
+        if accept:
+            from .tcpws import WebSocketTcpEndpoint
+
+            endpoint: _DirectEndpoint = WebSocketTcpEndpoint(mux, stream_id, accept)
+        else:
+            endpoint = _DirectEndpoint(mux, stream_id, upgrade=_SWITCHED_TO_TCP)
         transport, leftover = self._hand_over(endpoint, mux, exchange)
         # The client waits for the 101 before it sends; anything it sent anyway waits in the
         # agent's LocalEndpoint until the connect (bounded by the stream window).
@@ -416,7 +432,12 @@ class AdminServer:
         mux.flush()  # the SYN goes now: no request head follows it
         endpoint.arm_connect_timer(self.edge.loop, TCP_CONNECT_TIMEOUT)
         log.info(
-            "sandbox %s: admin raw TCP to port %d%s (client %s)", sandbox_id, port, where, client
+            "sandbox %s: admin raw TCP%s to port %d%s (client %s)",
+            sandbox_id,
+            " (WebSocket)" if accept else "",
+            port,
+            where,
+            client,
         )
 
     async def _open_direct(
@@ -491,6 +512,14 @@ TCP_CONNECT_TIMEOUT: Final = 30.0
 _SWITCHED_TO_TCP: Final = (
     b"HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: tcp\r\n\r\n"
 )
+
+
+def _websocket_bearer(token: str, request: Request) -> bool:
+    """Raw TCP over WebSocket from a browser, which cannot set Authorization: the token as the
+    subprotocol ``tunneld.bearer.<base64url>`` (tunneld/tcpws.py; this endpoint only)."""
+    from .tcpws import verify_subprotocol_bearer
+
+    return verify_subprotocol_bearer(token, request)
 
 
 def _client(request: Request) -> str:
