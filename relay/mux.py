@@ -182,7 +182,11 @@ class StreamEndpoint(asyncio.BufferedProtocol):
             mux.session.end_stream(self.stream_id)
             mux.flush()
         self._maybe_finish()
-        return True  # keep the write side open: TCP half-close maps to FIN
+        # Keep the write side open: TCP half-close maps to FIN. TLS has no half-close: asyncio
+        # closes its transport after the peer's EOF whatever this returns, and logs a warning
+        # for each True, so a TLS connection answers False (the FIN above is all there is).
+        transport = self.transport
+        return transport is None or transport.get_extra_info("sslcontext") is None
 
     def connection_lost(self, exc: Exception | None) -> None:
         if not self._closed:

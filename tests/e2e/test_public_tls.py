@@ -30,7 +30,7 @@ from tunneld.cli import apply_reload
 from tunneld.config import ConfigError, load_config
 from tunneld.tls import names_match
 
-from .conftest import Stack, raw_request
+from .conftest import Stack, raw_request, wait_until
 from .origin import pattern_sha256
 from .procs import BIN, Processes
 
@@ -478,3 +478,32 @@ def test_sighup_reloads_certificates_in_a_real_process(
         old.close()
     log = procs.logs[procs.edge.pid].read_text()
     assert "Traceback" not in log
+
+
+async def test_a_client_closing_its_tls_connection_logs_no_asyncio_warning(
+    stack: Stack, ca: trustme.CA, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A TLS peer's EOF after its response: the stream ends (FIN to the service) and nothing
+    else is logged. A relay endpoint answered it "keep the write side open" (TCP half-close),
+    which asyncio cannot do on TLS and warned about once per connection."""
+    caplog.set_level(logging.WARNING, "asyncio")
+    origin = await stack.origin()
+    await stack.agent("sb1")
+    host = host_of((await stack.expose("sb1", origin.port, token=TOKEN))["exposedAt"])
+    assert stack.edge is not None
+    for _ in range(3):
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1",
+            stack.edge.public_port,
+            ssl=client_context(ca),
+            server_hostname=host.split(":")[0],
+        )
+        writer.write(f"GET / HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        assert head.startswith(b"HTTP/1.1 200")
+        assert await asyncio.wait_for(reader.readexactly(17), 10) == b"hello from origin"
+        writer.close()  # close_notify, then FIN
+        await writer.wait_closed()
+    await wait_until(lambda: not stack.edge.public_connections, what="the connections closed")
+    warnings = [r.getMessage() for r in caplog.records if r.name == "asyncio"]
+    assert not [w for w in warnings if "eof_received" in w], warnings
