@@ -38,7 +38,7 @@ from ._errors import (
     TunnelTimeoutError,
     ValidationError,
 )
-from ._tcp import TcpStream
+from ._tcp import TcpStream, WebSocketTcpStream
 from ._websocket import WebSocket
 
 __all__ = [
@@ -61,4 +61,5 @@ __all__ = [
     "TunnelTimeoutError",
     "ValidationError",
     "WebSocket",
+    "WebSocketTcpStream",
 ]

@@ -27,7 +27,7 @@ from ._errors import (
     ValidationError,
 )
 from ._http import DEFAULT_MAX_RESPONSE_SIZE, HTTPTransport, Origin, Response
-from ._tcp import TcpStream, open_tcp_stream
+from ._tcp import TCP_SUBPROTOCOL, TcpStream, WebSocketTcpStream, open_tcp_stream
 from ._websocket import DEFAULT_MAX_MESSAGE_SIZE, WebSocket
 
 __all__ = ["ExposedPort", "Sandbox", "SandboxInfo", "TunnelClient"]
@@ -260,9 +260,11 @@ class TunnelClient:
         headers: Mapping[str, str] | None,
         subprotocols: Sequence[str],
         max_message_size: int,
+        timeout: float | None = None,
     ) -> WebSocket:
         stream = await self._transport.open_stream()
-        ws = WebSocket(stream, timeout=self._transport.timeout, max_message_size=max_message_size)
+        timeout = self._transport.timeout if timeout is None else timeout
+        ws = WebSocket(stream, timeout=timeout, max_message_size=max_message_size)
         request_headers = [
             (k, v) for k, v in self._transport.request_headers(self._token) if k != "Host"
         ]
@@ -484,7 +486,9 @@ class Sandbox:
             max_message_size=max_message_size,
         )
 
-    async def open_tcp(self, port: int, *, timeout: float | None = None) -> TcpStream:
+    async def open_tcp(
+        self, port: int, *, timeout: float | None = None, websocket: bool = False
+    ) -> TcpStream:
         """A raw TCP connection to ``127.0.0.1:{port}`` inside the sandbox, via tunneld: an anyio
         byte stream (``send``, ``receive``, ``send_eof``, ``aclose``; ``abort`` resets).
 
@@ -492,6 +496,8 @@ class Sandbox:
         to the port, waiting at most ``timeout`` (default: the client's); nothing listening is
         :class:`TunnelError` with code ``UPSTREAM_CONNECT_FAILED`` (HTTP 502). A reset anywhere
         on the path is ``anyio.BrokenResourceError`` from ``receive``, never a clean EOF.
+        ``websocket=True`` carries the same stream in WebSocket binary messages (a
+        :class:`WebSocketTcpStream`), for a path that passes only WebSockets.
 
         Example::
 
@@ -503,6 +509,15 @@ class Sandbox:
         client = self._client
         if timeout is not None and not _positive(timeout):
             raise ValidationError(f"timeout must be a positive number of seconds, got {timeout!r}.")
+        if websocket:
+            ws = await client._ws_connect(
+                f"{self._path}/ports/{port}/tcp",
+                headers=None,
+                subprotocols=[TCP_SUBPROTOCOL],
+                max_message_size=DEFAULT_MAX_MESSAGE_SIZE,
+                timeout=timeout,
+            )
+            return WebSocketTcpStream(ws)
         return await open_tcp_stream(
             client._transport,
             client._origin.base_path + f"{self._path}/ports/{port}/tcp",

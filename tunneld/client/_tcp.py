@@ -25,14 +25,19 @@ import anyio.abc
 import h11
 
 from ._errors import (
+    ConnectionClosed,
     TunnelConnectionError,
     TunnelError,
     TunnelTimeoutError,
     error_from_response,
 )
 from ._http import HTTPTransport
+from ._websocket import WebSocket
 
-__all__ = ["TcpStream", "open_tcp_stream"]
+__all__ = ["TcpStream", "WebSocketTcpStream", "open_tcp_stream"]
+
+# The subprotocol of raw TCP over WebSocket (tunneld/tcpws.py).
+TCP_SUBPROTOCOL: Final = "tunneld.tcp"
 
 _READ_SIZE: Final = 64 * 1024
 # An error document's body: the admin API's are small JSON objects.
@@ -91,6 +96,51 @@ class TcpStream(anyio.abc.ByteStream):
     @property
     def extra_attributes(self) -> Any:
         return self._stream.extra_attributes
+
+
+class WebSocketTcpStream(TcpStream):
+    """The same byte stream carried in WebSocket binary messages (``open_tcp(port,
+    websocket=True)``), for a path that passes WebSockets only. Ends map as for
+    :class:`TcpStream`: ``send_eof()`` is an empty message (the service reads EOF), the
+    service's end is ``anyio.EndOfStream`` (Close 1000), any other close (1011: a reset) is
+    ``anyio.BrokenResourceError``."""
+
+    def __init__(self, ws: WebSocket) -> None:
+        super().__init__(ws._stream)
+        self._ws = ws
+
+    async def receive(self, max_bytes: int = _READ_SIZE) -> bytes:
+        while not self._buffered:
+            try:
+                message = await self._ws.receive()
+            except ConnectionClosed as exc:
+                if exc.code == 1000:
+                    raise anyio.EndOfStream from None
+                raise anyio.BrokenResourceError(
+                    f"the stream ended abnormally (WebSocket close {exc.code})"
+                ) from None
+            if isinstance(message, str):  # tunneld sends binary messages only
+                await self._ws._abort()
+                raise anyio.BrokenResourceError("unexpected text message from tunneld")
+            self._buffered = message
+        data, self._buffered = self._buffered[:max_bytes], self._buffered[max_bytes:]
+        return data
+
+    async def send(self, item: bytes) -> None:
+        if item:  # an empty message would be the half-close
+            await self._send(bytes(item))
+
+    async def send_eof(self) -> None:
+        await self._send(b"")
+
+    async def _send(self, data: bytes) -> None:
+        try:
+            await self._ws.send(data)
+        except ConnectionClosed as exc:
+            raise anyio.BrokenResourceError(f"WebSocket closed ({exc.code})") from None
+
+    async def aclose(self) -> None:
+        await self._ws.close()
 
 
 async def open_tcp_stream(
