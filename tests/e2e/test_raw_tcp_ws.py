@@ -21,6 +21,8 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosedError, ConnectionClosedOK, InvalidStatus
 
 from protocol.frames import DEFAULT_MAX_STREAM_WINDOW as WINDOW
+from relay.buffers import READ_SIZE
+from relay.mux import StreamEndpoint
 from tests.redis_server import RedisServer
 from tunneld import tcpws
 
@@ -282,8 +284,11 @@ async def test_a_slow_reader_holds_the_service_not_the_edges_memory(
         await ws.send(b"hash %d\n" % size)
         await ws.send(b"")
         # not reading: wait until the edge stops getting more (its writes stall)
+        await wait_until(lambda: peak["written"] > 0, 10, "the answer to start")
         last = -1
-        while peak["written"] != last:
+        for _ in range(120):  # at most a minute
+            if peak["written"] == last:
+                break
             last = peak["written"]
             await asyncio.sleep(0.5)
         assert 0 < peak["written"] < size // 4
@@ -350,3 +355,28 @@ async def test_a_tcp_end_without_a_close_resets_the_service(
         assert await receive_until(ws, lambda b: len(b) >= 5) == b"".join(pattern(5, seed=3))
         ws.transport.write_eof()  # a TCP FIN, no Close frame: not a clean end of a WebSocket
         await wait_until(lambda: hash_server.ends == ["reset"], 10, "the service to see a reset")
+
+
+async def test_a_large_message_is_relayed_piece_by_piece(
+    stack: Stack, hash_server: HashServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One 16 MiB message: the edge relays it as it arrives, never more than one socket read at
+    a time (it never assembles a message), and the service gets every byte."""
+    await stack.agent("sb1")
+    pieces: list[int] = []
+    original = StreamEndpoint.forward
+
+    def measured(self: StreamEndpoint, data: memoryview | bytes) -> None:
+        if isinstance(self, tcpws.WebSocketTcpEndpoint):
+            pieces.append(len(data))
+        original(self, data)
+
+    monkeypatch.setattr(StreamEndpoint, "forward", measured)
+    size = 16 * MIB
+    async with open_ws(stack, hash_server.port) as ws:
+        await ws.send(b"hash 0\n" + b"".join(pattern(size)))  # one message, one frame
+        await ws.send(b"")
+        line = (await receive_all(ws)).rstrip(b"\n")
+    assert line.decode() == hashlib.sha256(b"".join(pattern(size))).hexdigest()
+    assert sum(pieces) == size + len(b"hash 0\n")
+    assert max(pieces) <= READ_SIZE and len(pieces) >= size // READ_SIZE
