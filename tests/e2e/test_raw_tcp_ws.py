@@ -21,6 +21,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosedError, ConnectionClosedOK, InvalidStatus
 
 from protocol.frames import DEFAULT_MAX_STREAM_WINDOW as WINDOW
+from protocol.frames import MAX_FRAME_PAYLOAD
 from relay.buffers import READ_SIZE
 from relay.mux import StreamEndpoint
 from tests.redis_server import RedisServer
@@ -94,6 +95,7 @@ async def receive_all(ws: ClientConnection) -> bytes:
             except ConnectionClosedOK:
                 return bytes(received)
             assert isinstance(message, bytes), "the edge sends binary messages only"
+            assert len(message) <= MAX_FRAME_PAYLOAD  # one tunnel chunk per message
             received += message
 
 
