@@ -186,7 +186,10 @@ class StreamEndpoint(asyncio.BufferedProtocol):
         # closes its transport after the peer's EOF whatever this returns, and logs a warning
         # for each True, so a TLS connection answers False (the FIN above is all there is).
         transport = self.transport
-        return transport is None or transport.get_extra_info("sslcontext") is None
+        try:
+            return transport is None or transport.get_extra_info("sslcontext") is None
+        except AttributeError:  # asyncio's SSL transport, already closed: TLS all the same
+            return False
 
     def connection_lost(self, exc: Exception | None) -> None:
         if not self._closed:
