@@ -9,6 +9,7 @@ import pytest
 from hypothesis import HealthCheck, settings
 
 from tests.e2e.procs import PROXY_VARIABLES, Processes
+from tests.e2e.tcpserver import HashServer
 from tests.redis_server import RedisServer
 
 # The machines that run this suite are shared and noisy: a per-example deadline would turn a busy
@@ -61,3 +62,13 @@ def redis_tls_server(tmp_path: Path) -> Iterator[RedisServer]:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture
+def hash_server() -> Iterator[HashServer]:
+    """A TCP service that hashes what it reads (tests/e2e/tcpserver.py): the raw-TCP tests'."""
+    server = HashServer()
+    try:
+        yield server
+    finally:
+        server.close()

@@ -7,7 +7,6 @@ half-close, 502 when nothing listens, and a reset as a reset."""
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
 
 import anyio
 import pytest
@@ -23,15 +22,6 @@ pytestmark = pytest.mark.anyio
 
 IO_TIMEOUT = 30.0
 MIB = 1 << 20
-
-
-@pytest.fixture
-def hash_server() -> Iterator[HashServer]:
-    server = HashServer()
-    try:
-        yield server
-    finally:
-        server.close()
 
 
 async def test_raw_tcp_through_a_node_without_the_agent(

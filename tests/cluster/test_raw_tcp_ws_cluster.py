@@ -6,7 +6,6 @@ half-close (an empty message), Close 1000 after the service's end; 502 when noth
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
 
 import anyio
 import orjson
@@ -25,15 +24,6 @@ pytestmark = pytest.mark.anyio
 
 IO_TIMEOUT = 30.0
 MIB = 1 << 20
-
-
-@pytest.fixture
-def hash_server() -> Iterator[HashServer]:
-    server = HashServer()
-    try:
-        yield server
-    finally:
-        server.close()
 
 
 def _ws(node: Node, cluster: Cluster, port: int) -> connect:

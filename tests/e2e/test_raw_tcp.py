@@ -36,15 +36,6 @@ IO_TIMEOUT = 30.0
 MIB = 1 << 20
 
 
-@pytest.fixture
-def hash_server() -> Iterator[HashServer]:
-    server = HashServer()
-    try:
-        yield server
-    finally:
-        server.close()
-
-
 def free_port() -> int:
     """A port nothing listens on (bound, then released)."""
     with socket.socket() as s:

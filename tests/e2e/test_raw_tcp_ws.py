@@ -11,7 +11,7 @@ import asyncio
 import base64
 import hashlib
 import socket
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import anyio
@@ -41,15 +41,6 @@ MIB = 1 << 20
 # plus the WebSocket framing of those bytes (at most 10 bytes per message; messages are tunnel
 # chunks, which the agent makes of whole socket reads).
 BUFFER_BOUND = EDGE_STREAM_BOUND + EDGE_STREAM_BOUND // 16
-
-
-@pytest.fixture
-def hash_server() -> Iterator[HashServer]:
-    server = HashServer()
-    try:
-        yield server
-    finally:
-        server.close()
 
 
 def free_port() -> int:

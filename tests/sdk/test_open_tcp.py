@@ -40,15 +40,6 @@ def edge(procs: Processes) -> Iterator[Processes]:
     yield procs
 
 
-@pytest.fixture
-def hash_server() -> Iterator[HashServer]:
-    server = HashServer()
-    try:
-        yield server
-    finally:
-        server.close()
-
-
 def client_of(p: Processes, token: str | None = None) -> TunnelClient:
     return TunnelClient(f"http://127.0.0.1:{p.ports['admin']}", token or p.admin_token)
 
