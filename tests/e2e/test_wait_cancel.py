@@ -17,6 +17,7 @@ import pytest
 
 from agent.portwatch import MIN_INTERVAL_MS
 from protocol import control
+from tunneld.client import TunnelClient
 from tunneld.edge import EdgeSession
 
 from .conftest import Stack, wait_until
@@ -222,3 +223,24 @@ async def test_unwatch_port_and_the_node_link_sandbox_field_on_the_wire() -> Non
         control.decode_message(
             orjson.dumps({"type": "watch_port", "id": 1, "port": 8000, "sandbox": ""})
         )
+
+
+async def test_cancelling_the_sdks_wait_for_port_stops_the_probes(
+    stack: Stack, service: CountingService
+) -> None:
+    """The SDK closes the connection of a call that is cancelled, so the edge sees its client
+    leave."""
+    agent = await stack.agent("sb1")
+    assert stack.edge is not None
+    url = f"http://127.0.0.1:{stack.edge.admin_port}"
+    async with TunnelClient(url, token=stack.admin_token) as client:
+        call = asyncio.ensure_future(
+            client.sandbox("sb1").wait_for_port(service.port, interval=0.1, timeout=120)
+        )
+        await wait_until(lambda: service.connections >= 2, timeout=10, what="the agent's probes")
+        call.cancel()
+        await asyncio.gather(call, return_exceptions=True)
+        await wait_until(
+            lambda: agent.port_watches.active == 0, timeout=5, what="the watch to stop"
+        )
+        await _quiet(service)
