@@ -35,7 +35,8 @@ The admin API works on every node: exposures are in Redis; an expose through nod
 agent on node B through the feed (``EdgeServer._apply_store_change``); a WebSocket connect
 (wsConnect) through node A for a sandbox owned by B goes to B as one ``direct`` link stream
 carrying the rebuilt handshake, which B splices to a ``direct`` stream of its agent
-(``_serve_direct``; resets cross with their code).
+(``_serve_direct``; resets cross with their code); a wait for a port goes to B as one control
+request on the link (:mod:`tunneld.waitfwd`).
 """
 
 from __future__ import annotations
