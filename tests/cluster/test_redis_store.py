@@ -4,6 +4,7 @@ between two nodes, leases, node records, and what an unreachable or hung Redis d
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Callable
 
@@ -346,3 +347,35 @@ async def test_a_stopped_redis_fails_calls_at_once(redis_server, open_stores) ->
     redis_server.start()
     await store.put(rec(port=8001))
     assert [r.port for r in await store.load_all()] == [8000, 8001]
+
+
+async def test_close_is_bounded_when_the_feed_swallows_cancels(
+    redis_server, open_stores, caplog
+) -> None:
+    """close() cancels the feed task and waits `timeout` each time, a bounded number of times:
+    a feed stuck in a read that swallows cancellation (seen once as a hung test teardown)
+    cannot hold a shutdown forever. Here the feed swallows every cancel."""
+    caplog.set_level(logging.WARNING, "tunneld")
+    store = store_on(redis_server, open_stores, timeout=0.2)
+    stuck = asyncio.Event()
+    swallow = True
+
+    async def stubborn() -> None:
+        while True:
+            try:
+                stuck.set()
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                if not swallow:
+                    raise
+                # swallowed, as a buggy read would
+
+    store._feed = feed = asyncio.get_running_loop().create_task(stubborn())
+    await stuck.wait()
+    await asyncio.wait_for(store.close(), 10)  # 3 x 0.2 s, not forever
+    assert "did not stop after 3 cancels" in caplog.text
+    assert not feed.done()  # left behind, as logged
+    swallow = False
+    feed.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await feed
