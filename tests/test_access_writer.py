@@ -87,7 +87,7 @@ def test_the_worker_tag_is_the_formatters(monkeypatch: pytest.MonkeyPatch) -> No
 async def test_one_iterations_lines_leave_in_line_aligned_writes_of_at_most_pipe_buf() -> None:
     stream = Recorder()
     writer = AccessWriter(asyncio.get_running_loop(), "text", stream)
-    messages = [f"request {i} " + "x" * (i % 300) for i in range(200)]
+    messages = [f"request {i} " + "\u00e9" * (i % 300) for i in range(200)]  # 2 bytes each
     for message in messages:
         writer.write(message, {})
     assert stream.writes == []  # nothing yet: written when this iteration ends

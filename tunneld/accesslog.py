@@ -82,8 +82,10 @@ def request_id_of(head: RequestHead) -> bytes:
 # formatter's ``name[wN]`` tag is).
 WORKER: int | None = None
 
-# One write to a pipe of at most PIPE_BUF bytes is atomic (POSIX): workers' lines never mix.
-_WRITE_CHUNK: Final = 4096
+# One write to a pipe of at most PIPE_BUF (4096) bytes is atomic (POSIX): workers' lines never
+# mix. Counted in characters: a line's are at most U+00FF (targets are decoded as latin-1), two
+# bytes each in UTF-8, so 2048 of them fit. A single longer line goes alone, as with logging.
+_WRITE_CHUNK: Final = 2048
 # Lines kept before a write even within one loop iteration (a burst of completions).
 _MAX_PENDING: Final = 256
 
