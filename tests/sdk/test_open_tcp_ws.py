@@ -24,9 +24,9 @@ pytestmark = pytest.mark.anyio
 IO_TIMEOUT = 30.0
 MIB = 1 << 20
 
-# tunneld and an agent as processes, and the hashing service (tests/sdk/test_open_tcp.py's)
+# tunneld and an agent as processes (tests/sdk/test_open_tcp.py's); the hashing service is
+# tests/conftest.py's hash_server
 edge = test_open_tcp.edge
-hash_server = test_open_tcp.hash_server
 
 
 async def test_bytes_by_hash_with_half_close_over_websocket(
