@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -72,3 +73,15 @@ def hash_server() -> Iterator[HashServer]:
         yield server
     finally:
         server.close()
+
+
+@pytest.fixture
+def reserved() -> Iterator[socket.socket]:
+    """A port that is ours and refuses connects until ``listen()`` (bound, not listening):
+    the port-readiness tests make it ready when they choose."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    try:
+        yield sock
+    finally:
+        sock.close()

@@ -71,17 +71,6 @@ async def client(api: LocalAPI) -> AsyncIterator[httpx.AsyncClient]:
         yield c
 
 
-@pytest.fixture
-def reserved() -> Iterator[socket.socket]:
-    """A port that is ours and refuses connects until ``listen()`` (bound, not listening)."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    try:
-        yield sock
-    finally:
-        sock.close()
-
-
 class Health:
     """An HTTP service: GET /health answers 503 ``failures`` times, then 200; counts requests."""
 

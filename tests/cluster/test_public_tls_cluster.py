@@ -14,6 +14,8 @@ import httpx
 import pytest
 import trustme
 
+from tests.e2e.test_public_tls import _Loopback
+
 from .nodes import Cluster, Node, wait_for
 
 pytestmark = pytest.mark.anyio
@@ -33,21 +35,6 @@ def _pair(ca: trustme.CA, directory: Path) -> dict[str, object]:
         "public_tls_key": str(key_file),
         "handover": True,
     }
-
-
-class _Loopback(httpx.AsyncHTTPTransport):
-    """Every request to 127.0.0.1:port, the URL's host kept for Host and SNI."""
-
-    def __init__(self, port: int, **kwargs: object) -> None:
-        super().__init__(**kwargs)  # type: ignore[arg-type]
-        self.port = port
-
-    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        host = request.url.host
-        request.url = request.url.copy_with(host="127.0.0.1", port=self.port)
-        request.headers["host"] = host
-        request.extensions = {**request.extensions, "sni_hostname": host}
-        return await super().handle_async_request(request)
 
 
 def _https(node: Node, ca: trustme.CA, url: str) -> httpx.AsyncClient:

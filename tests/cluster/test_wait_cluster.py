@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 import httpx
 import pytest
@@ -25,17 +25,6 @@ from tunneld.nodelink import NodeLinkClient
 from .nodes import Cluster, Node, wait_for
 
 pytestmark = pytest.mark.anyio
-
-
-@pytest.fixture
-def reserved() -> Iterator[socket.socket]:
-    """A port that is ours and refuses connects until the test makes it listen."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    try:
-        yield sock
-    finally:
-        sock.close()
 
 
 @pytest.fixture

@@ -14,12 +14,10 @@ import base64
 import hashlib
 import shutil
 import subprocess
-from collections.abc import AsyncIterator
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
-import trustme
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from websockets.asyncio.server import ServerConnection, serve
@@ -28,8 +26,9 @@ from websockets.http11 import Request, Response
 
 from tunneld import h2public
 
+from . import test_public_tls
 from .conftest import Stack, wait_until
-from .test_public_tls import DOMAIN, TOKEN, host_of, tls_stack
+from .test_public_tls import DOMAIN, TOKEN, host_of
 
 pytestmark = pytest.mark.anyio
 
@@ -84,18 +83,9 @@ class BrowserOrigin:
             await ws.send(message)
 
 
-@pytest.fixture(scope="module")
-def ca() -> trustme.CA:
-    return trustme.CA()
-
-
-@pytest.fixture
-async def stack(ca: trustme.CA, tmp_path: Path) -> AsyncIterator[Stack]:
-    s = await tls_stack(ca, tmp_path)
-    try:
-        yield s
-    finally:
-        await s.close()
+# the certificate authority and the HTTPS stack of tests/e2e/test_public_tls.py
+ca = test_public_tls.ca
+stack = test_public_tls.stack
 
 
 def _spki_hash(cert_file: str) -> str:

@@ -36,6 +36,7 @@ from protocol.frames import DEFAULT_MAX_STREAM_WINDOW, MAX_FRAME_PAYLOAD
 from tunneld import h2public
 from tunneld.h2public import H2PublicConnection, PublicTlsConnection
 
+from . import test_public_tls
 from .conftest import Stack, wait_until
 from .origin import OriginThread, pattern, pattern_sha256
 from .procs import Processes, admin_client, is_connected, wait_for
@@ -45,18 +46,9 @@ from .test_public_tls import DOMAIN, TOKEN, _Loopback, client_context, host_of, 
 pytestmark = pytest.mark.anyio
 
 
-@pytest.fixture(scope="module")
-def ca() -> trustme.CA:
-    return trustme.CA()
-
-
-@pytest.fixture
-async def stack(ca: trustme.CA, tmp_path: Path) -> AsyncIterator[Stack]:
-    s = await tls_stack(ca, tmp_path)
-    try:
-        yield s
-    finally:
-        await s.close()
+# the certificate authority and the HTTPS stack of tests/e2e/test_public_tls.py
+ca = test_public_tls.ca
+stack = test_public_tls.stack
 
 
 def h2_client(stack: Stack, ca: trustme.CA, url: str, **kwargs: object) -> httpx.AsyncClient:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -27,16 +26,6 @@ from tunneld.client import (
 from .conftest import Stack, wait_until
 
 pytestmark = pytest.mark.anyio
-
-
-@pytest.fixture
-def reserved() -> Iterator[socket.socket]:
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    try:
-        yield sock
-    finally:
-        sock.close()
 
 
 class Health:
