@@ -42,7 +42,7 @@ from urllib.parse import parse_qs, unquote
 
 import orjson
 
-from protocol.errors import LocalProtocolError, ResetCode
+from protocol.errors import LocalProtocolError
 from protocol.hostnames import (
     ValidationError,
     validate_exposure_options,
@@ -59,22 +59,23 @@ from relay.httpapi import (
     Response,
     json_response,
 )
-from relay.linked import LinkedTransport
-from relay.mux import MuxProtocol, StreamEndpoint, abort_with_reset
+from relay.mux import MuxProtocol
 
 from .auth import verify_bearer
 from .budget import RequestBudget
 from .cluster import RouteError
+from .direct import DirectEndpoint
 from .edge import PortNotReady
 from .httphead import H11HeadParser, HeadError
-from .public import error_response, forward_head
+from .public import forward_head
 from .registry import ExposureRecord
 from .store import StoreError
+from .tcpws import WebSocketTcpEndpoint, accept_response, verify_subprotocol_bearer
 
 if TYPE_CHECKING:
     from .edge import EdgeServer
 
-__all__ = ["LIMITS", "AdminServer", "ApiError", "LinkedDirectStream"]
+__all__ = ["LIMITS", "AdminServer", "ApiError"]
 
 log = logging.getLogger("tunneld.admin")
 
@@ -383,7 +384,7 @@ class AdminServer:
             + b"\r\n\r\n"
         )
         mux, stream_id, where = await self._open_direct(sandbox_id, port, client, exchange)
-        endpoint = _DirectEndpoint(mux, stream_id)
+        endpoint = DirectEndpoint(mux, stream_id)
         transport, leftover = self._hand_over(endpoint, mux, exchange)
         endpoint.forward(forward_head(head, b"host: localhost:%d\r\n" % port, trailer))
         if leftover:
@@ -404,8 +405,6 @@ class AdminServer:
         tokens = {t.strip() for t in (request.header(b"connection") or b"").lower().split(b",")}
         accept = b""
         if upgrade == b"websocket":  # the same bytes as WebSocket binary messages
-            from .tcpws import accept_response
-
             accept = accept_response(request)  # a bad handshake: 400/426 before any stream
         elif upgrade != b"tcp" or b"upgrade" not in tokens:
             raise ApiError(
@@ -418,11 +417,9 @@ class AdminServer:
         client = _client(request)
         mux, stream_id, where = await self._open_direct(sandbox_id, port, client, exchange)
         if accept:
-            from .tcpws import WebSocketTcpEndpoint
-
-            endpoint: _DirectEndpoint = WebSocketTcpEndpoint(mux, stream_id, accept)
+            endpoint: DirectEndpoint = WebSocketTcpEndpoint(mux, stream_id, accept)
         else:
-            endpoint = _DirectEndpoint(mux, stream_id, upgrade=_SWITCHED_TO_TCP)
+            endpoint = DirectEndpoint(mux, stream_id, upgrade=_SWITCHED_TO_TCP)
         transport, leftover = self._hand_over(endpoint, mux, exchange)
         # The client waits for the 101 before it sends; anything it sent anyway waits in the
         # agent's LocalEndpoint until the connect (bounded by the stream window).
@@ -477,7 +474,7 @@ class AdminServer:
 
     @staticmethod
     def _hand_over(
-        endpoint: _DirectEndpoint, mux: MuxProtocol, exchange: Exchange
+        endpoint: DirectEndpoint, mux: MuxProtocol, exchange: Exchange
     ) -> tuple[asyncio.Transport, bytes]:
         """The admin connection becomes ``endpoint``'s socket (the shared server lets go of it);
         returns its transport and the bytes the client sent after the request head."""
@@ -517,8 +514,6 @@ _SWITCHED_TO_TCP: Final = (
 def _websocket_bearer(token: str, request: Request) -> bool:
     """Raw TCP over WebSocket from a browser, which cannot set Authorization: the token as the
     subprotocol ``tunneld.bearer.<base64url>`` (tunneld/tcpws.py; this endpoint only)."""
-    from .tcpws import verify_subprotocol_bearer
-
     return verify_subprotocol_bearer(token, request)
 
 
@@ -559,147 +554,6 @@ def _busy(sandbox_id: str) -> ApiError:
     return ApiError(
         503, "SANDBOX_BUSY", f"Sandbox {sandbox_id} cannot take more connections right now."
     )
-
-
-class _DirectEndpoint(StreamEndpoint):
-    """The admin client's connection after the switch to a raw relay. For raw TCP, ``upgrade``
-    holds the 101 response, written when the agent accepts the stream (it connected to the
-    port); a reset or the timeout before that is a JSON page instead."""
-
-    __slots__ = ("_responded", "_timer", "upgrade", "writer")
-
-    def __init__(self, mux: Any, stream_id: int, upgrade: bytes | None = None) -> None:
-        super().__init__(mux, stream_id)
-        self._responded = False
-        self.writer: asyncio.StreamWriter | None = None
-        self.upgrade = upgrade
-        self._timer: asyncio.TimerHandle | None = None
-
-    def arm_connect_timer(self, loop: asyncio.AbstractEventLoop, timeout: float) -> None:
-        self._timer = loop.call_later(timeout, self._connect_timed_out)
-
-    def _connect_timed_out(self) -> None:
-        self._timer = None
-        if self._responded or self._closed:
-            return
-        mux = self.mux
-        if mux.streams.pop(self.stream_id, None) is not None and not mux.session.closed:
-            mux.session.reset_stream(self.stream_id, ResetCode.CANCEL)
-            mux.flush()
-        self._page(
-            504,
-            "UPSTREAM_CONNECT_TIMEOUT",
-            f"The sandbox did not connect to the port within {TCP_CONNECT_TIMEOUT:g}s.",
-        )
-
-    def peer_accepted(self) -> None:
-        upgrade, self.upgrade = self.upgrade, None
-        if upgrade is None or self._responded or self._closed or self.transport is None:
-            return
-        self._responded = True
-        self._cancel_timer()
-        self.transport.write(upgrade)
-        self.transport.resume_reading()
-
-    def receive_from_peer(self, data: bytes) -> None:
-        self._responded = True
-        super().receive_from_peer(data)
-
-    def peer_reset(self, code: Any) -> None:
-        self._cancel_timer()
-        page = _RESET_PAGES.get(code)
-        if page is None and self.upgrade is not None:  # raw TCP: every reset before the 101
-            page = _TCP_RESET_PAGES.get(code) or (
-                502,
-                "UPSTREAM_RESET",
-                f"The sandbox reset the connection before it was established ({code.name}).",
-            )
-        if not self._responded and self.transport is not None and page is not None:
-            # Nothing from the sandbox's server yet: say why in a page, as before the switch. A
-            # reset after its first byte stays a reset (RST), on one node as across a node link.
-            self._page(*page)
-            return
-        super().peer_reset(code)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._cancel_timer()
-        super().connection_lost(exc)
-
-    def _page(self, status: int, code: str, message: str) -> None:
-        self._responded = True
-        self._closed = True
-        if self.transport is not None:
-            self.transport.write(error_response(status, code, message))
-            self.transport.close()
-
-    def _cancel_timer(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-
-
-class LinkedDirectStream(StreamEndpoint):
-    """The owner node's end of a WebSocket connect that another node received
-    (``Cluster._serve_direct``): a ``direct`` stream of the agent's session whose "socket" is a
-    node-link stream (:class:`relay.linked.LinkedTransport`). A reset from the agent crosses the
-    link with its own code, so that the landing node's ``_DirectEndpoint`` still turns
-    CONNECT_REFUSED into its 502 page (aborting the LinkedTransport would say CANCEL); the agent's
-    accept crosses as the link stream's accept (raw TCP answers 101 on it)."""
-
-    __slots__ = ()
-
-    def peer_accepted(self) -> None:
-        transport = self.transport
-        if isinstance(transport, LinkedTransport) and not self._closed:
-            link = transport.mux
-            if transport.stream_id in link.streams and not link.session.closed:
-                try:
-                    link.session.accept_stream(transport.stream_id)
-                except LocalProtocolError:  # the link stream already ended
-                    return
-                link.flush()
-
-    def peer_reset(self, code: ResetCode) -> None:
-        self._closed = True
-        transport = self.transport
-        if isinstance(transport, LinkedTransport):
-            link = transport.mux
-            if link.streams.pop(transport.stream_id, None) is not None and not link.session.closed:
-                link.session.reset_stream(transport.stream_id, code)
-                link.flush()
-        abort_with_reset(transport)  # the LinkedTransport forgets the stream, nothing more
-
-
-# Resets that come before any byte from the sandbox's server, and the page the admin client gets
-# for each (instead of a bare RST). REFUSED_STREAM: the agent's stream limit, or, across a node
-# link, an owner that no longer holds the sandbox's session (it just moved on).
-_RESET_PAGES: Final = {
-    ResetCode.CONNECT_REFUSED: (
-        502,
-        "UPSTREAM_CONNECT_FAILED",
-        "Nothing is listening on that port in the sandbox.",
-    ),
-    ResetCode.CONNECT_FAILED: (
-        502,
-        "UPSTREAM_CONNECT_FAILED",
-        "Nothing is listening on that port in the sandbox.",
-    ),
-    ResetCode.REFUSED_STREAM: (
-        503,
-        "SANDBOX_BUSY",
-        "The sandbox refused a new connection (its stream limit, or its agent just moved to "
-        "another node); retry.",
-    ),
-}
-
-
-_TCP_RESET_PAGES: Final = {
-    ResetCode.PORT_NOT_ALLOWED: (
-        502,
-        "PORT_NOT_ALLOWED",
-        "The sandbox's agent refuses connections to that port (its own control API).",
-    ),
-}
 
 
 def _path_port(text: str) -> object:

@@ -429,7 +429,7 @@ class Cluster:
         landing node already rebuilt any handshake, so the link stream is spliced, unparsed, to a
         ``direct`` stream of the agent's session here; the agent's accept and resets cross with
         their code both ways."""
-        from .admin import LinkedDirectStream
+        from .direct import LinkedDirectStream
 
         session = self._session_of(sandbox_id)
         assert session is not None  # serves() said so

@@ -5,7 +5,7 @@ Theory of operation
 ``GET /v1/sandboxes/{id}/ports/{port}/tcp`` with ``Upgrade: websocket`` is the raw-TCP endpoint
 of tunneld/admin.py for clients that cannot make a custom upgrade (browsers, most WebSocket
 libraries). The route, the ``direct`` stream, the wait for the agent's ACK before the ``101`` and
-the JSON pages before it are admin.py's (``_DirectEndpoint``); this module adds the RFC 6455
+the JSON pages before it are tunneld/direct.py's (``DirectEndpoint``); this module adds the RFC 6455
 handshake and terminates the WebSocket at the edge with wsproto (sans-IO), so the sandbox's
 service sees plain TCP:
 
@@ -50,7 +50,7 @@ from protocol.errors import ResetCode
 from relay.httpapi import ApiError
 from relay.mux import StreamEndpoint
 
-from .admin import _DirectEndpoint
+from .direct import DirectEndpoint
 
 if TYPE_CHECKING:
     from relay.httpapi import Request
@@ -138,7 +138,7 @@ def accept_response(request: Request) -> bytes:
     return head + b"\r\n"
 
 
-class WebSocketTcpEndpoint(_DirectEndpoint):
+class WebSocketTcpEndpoint(DirectEndpoint):
     """The admin client's WebSocket after the ``101``, relayed as raw bytes to the stream (see
     the module docstring)."""
 
