@@ -578,6 +578,76 @@ async def test_tls_is_routed_by_sni_to_the_sandbox_unterminated(passthrough: Pas
         await service.close()
 
 
+class TlsBulk:
+    """A TLS service in the sandbox: reads an 8-byte length and that many bytes, answers their
+    sha256, then an 8-byte length and that many bytes of its own (``reply``)."""
+
+    def __init__(self, context: ssl.SSLContext, reply: bytes) -> None:
+        self.context = context
+        self.reply = reply
+        self.server: asyncio.Server | None = None
+        self.port = 0
+
+    async def start(self) -> TlsBulk:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0, ssl=self.context)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            size = int.from_bytes(await reader.readexactly(8), "big")
+            digest = hashlib.sha256()
+            while size:
+                chunk = await reader.read(min(size, 1 << 16))
+                if not chunk:
+                    raise ConnectionError("cut short")
+                digest.update(chunk)
+                size -= len(chunk)
+            writer.write(digest.digest() + len(self.reply).to_bytes(8, "big") + self.reply)
+            await writer.drain()
+            writer.close()
+        except (ConnectionError, ssl.SSLError, asyncio.IncompleteReadError):
+            writer.transport.abort()
+
+    async def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+
+
+async def test_binary_bytes_both_ways_through_a_tls_exposure(passthrough: Passthrough) -> None:
+    """Megabytes of binary data each way through an SNI-routed exposure, checked by sha256:
+    what the service read is what the client sent, and the reverse."""
+    stack = passthrough.stack
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    reply = os.urandom(3 * 1024 * 1024 + 5)
+    service = await TlsBulk(server_context, reply).start()
+    try:
+        host = f"{service.port}-sb1-{TOKEN}.{DOMAIN}"
+        passthrough.sandbox_ca.issue_cert(host).configure_cert(server_context)
+        await stack.agent("sb1")
+        await stack.expose("sb1", service.port, protocol="tls", token=TOKEN)
+        assert stack.edge is not None
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1",
+            stack.edge.public_port,
+            ssl=passthrough.client(passthrough.sandbox_ca),
+            server_hostname=host,
+        )
+        try:
+            sent = os.urandom(5 * 1024 * 1024 + 3)
+            writer.write(len(sent).to_bytes(8, "big") + sent)
+            await writer.drain()
+            digest = await asyncio.wait_for(reader.readexactly(32), IO_TIMEOUT)
+            assert digest == hashlib.sha256(sent).digest()
+            size = int.from_bytes(await asyncio.wait_for(reader.readexactly(8), IO_TIMEOUT), "big")
+            got = await asyncio.wait_for(reader.readexactly(size), IO_TIMEOUT)
+            assert hashlib.sha256(got).digest() == hashlib.sha256(reply).digest()
+        finally:
+            writer.close()
+    finally:
+        await service.close()
+
+
 async def test_other_names_on_the_port_get_the_edges_https(passthrough: Passthrough) -> None:
     stack = passthrough.stack
     await stack.agent("sb1")
