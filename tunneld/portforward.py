@@ -218,11 +218,15 @@ class PortForward:
             )
         except OSError as exc:
             return self._fail(f"cannot listen on 127.0.0.1:{self.local_port}: {exc}")
-        async with listener:
-            bound = listener.extra(anyio.abc.SocketAttribute.local_port)
-            print(f"Forwarding from 127.0.0.1:{bound} -> {target}", flush=True)
-            log.info("listening on 127.0.0.1:%d for %s via %s", bound, target, self.client.base_url)
-            with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        # The signals are ours before the port is announced: a SIGTERM right after the
+        # "Forwarding from" line must stop cleanly, not kill the process by default.
+        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async with listener:
+                bound = listener.extra(anyio.abc.SocketAttribute.local_port)
+                print(f"Forwarding from 127.0.0.1:{bound} -> {target}", flush=True)
+                log.info(
+                    "listening on 127.0.0.1:%d for %s via %s", bound, target, self.client.base_url
+                )
                 async with anyio.create_task_group() as tg:
                     tg.start_soon(listener.serve, self._serve)
                     async for signum in signals:
