@@ -59,11 +59,13 @@ typecheck: $(STAMP)
 
 # Real programs the tests start themselves, from Debian: redis-server (tests/cluster/, raw TCP),
 # tinyproxy (agent proxy egress), chromium and curl (browser and curl --http2 tests), nginx
-# (PROXY protocol v2), wrk and h2load (tests/test_bench_https.py). Missing ones are installed
-# with one apt-get run (as root, like CI; otherwise the message says what to install).
-# TEST_TOOLS: command=package pairs.
+# (PROXY protocol v2), wrk and h2load (tests/test_bench_https.py), buildah, podman, runc and
+# mmdebstrap (the sandbox image, built and run without a Docker daemon:
+# tests/agent/test_sandbox_image.py). Missing ones are installed with one apt-get run (as root,
+# like CI; otherwise the message says what to install). TEST_TOOLS: command=package pairs.
 TEST_TOOLS := redis-server=redis-server redis-cli=redis-tools tinyproxy=tinyproxy \
-	chromium=chromium curl=curl nginx=nginx wrk=wrk h2load=nghttp2-client
+	chromium=chromium curl=curl nginx=nginx wrk=wrk h2load=nghttp2-client \
+	buildah=buildah podman=podman runc=runc mmdebstrap=mmdebstrap
 ensure-test-tools:
 	@missing=""; \
 	for pair in $(TEST_TOOLS); do \
@@ -107,6 +109,15 @@ bench-quick: $(STAMP)
 AGENT_BUILD ?= all
 agent: $(STAMP)
 	$(PY) tools/build_agent.py --out dist --what $(AGENT_BUILD)
+
+# The example sandbox image (deploy/sandbox-image/), built from its Dockerfile without a Docker
+# daemon or registry: buildah, on a local Debian bookworm base with python3 made by mmdebstrap
+# (cached in build/sandbox-image/cache). The image lands in build/sandbox-image/storage (vfs);
+# deploy/sandbox-image/README.md says how to run it with podman or hand it to Docker.
+.PHONY: sandbox-image
+sandbox-image: AGENT_BUILD = pyz
+sandbox-image: agent ensure-test-tools
+	sh deploy/sandbox-image/build-local.sh
 
 clean:
 	rm -rf $(VENV) .coverage .coverage-html .mypy_cache .ruff_cache .pytest_cache .benchmarks

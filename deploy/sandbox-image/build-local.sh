@@ -1,0 +1,97 @@
+#!/bin/sh
+# Build the example image (Dockerfile here) without a Docker daemon and without Docker Hub:
+# buildah builds the Dockerfile as it is, on a local base instead of python:3.11-slim, a Debian
+# bookworm root with python3 (3.11) made by mmdebstrap from a Debian mirror. `make sandbox-image`
+# runs this script, and tests/agent/test_sandbox_image.py runs it and then the image, with podman.
+#
+#   sh deploy/sandbox-image/build-local.sh [CONTEXT]
+#
+# CONTEXT is the build context (default: the repository root); it holds dist/tunnel-agent.pyz
+# (`make agent AGENT_BUILD=pyz`) and deploy/sandbox-image/. Settings, from the environment:
+#   SANDBOX_IMAGE       the image's name (default localhost/sandbox-with-agent:latest)
+#   SANDBOX_STORE       buildah's (and podman's) storage, vfs driver (default build/sandbox-image/storage)
+#   SANDBOX_CACHE       where the base's root tarball is kept, named by a hash of what makes it
+#                       (default build/sandbox-image/cache); a second build reuses it
+#   SANDBOX_MIRROR      the Debian mirror (default: the one apt uses for bookworm here, else
+#                       http://deb.debian.org/debian)
+#   SANDBOX_BASE_IMAGE  build on this image instead (e.g. python:3.11-slim where a registry is
+#                       reachable); no local base is made then
+# Runs as root (mmdebstrap --mode=root, buildah with --isolation chroot). Prints the image's name.
+set -eu
+
+here=$(cd "$(dirname "$0")" && pwd)
+root=$(cd "$here/../.." && pwd)
+context=${1:-$root}
+image=${SANDBOX_IMAGE:-localhost/sandbox-with-agent:latest}
+store=${SANDBOX_STORE:-$root/build/sandbox-image/storage}
+cache=${SANDBOX_CACHE:-$root/build/sandbox-image/cache}
+
+for tool in buildah mmdebstrap; do
+    command -v "$tool" >/dev/null 2>&1 || {
+        echo "build-local.sh: $tool is missing (apt-get install buildah mmdebstrap, or make ensure-test-tools)" >&2
+        exit 2
+    }
+done
+[ -f "$context/dist/tunnel-agent.pyz" ] || {
+    echo "build-local.sh: no $context/dist/tunnel-agent.pyz (make agent AGENT_BUILD=pyz)" >&2
+    exit 2
+}
+
+buildah() {
+    command buildah --root "$store/root" --runroot "$store/run" --storage-driver vfs "$@"
+}
+
+# The mirror apt uses for Debian bookworm on this machine (deb822 .sources or one-line lists).
+apt_mirror() {
+    for f in /etc/apt/sources.list.d/*.sources /etc/apt/sources.list /etc/apt/sources.list.d/*.list; do
+        [ -r "$f" ] || continue
+        awk '
+            /^[ \t]*#/ { next }
+            /^deb[ \t]/ {  # one-line format: deb [options] URI SUITE COMPONENTS
+                i = 2; if ($i ~ /^\[/) { while ($i !~ /\]$/) i++; i++ }
+                if ($(i + 1) == "bookworm") { print $i; exit }
+                next
+            }
+            /^URIs:/ { uri = $2 }
+            /^Suites:/ { for (j = 2; j <= NF; j++) if ($j == "bookworm") found = 1 }
+            /^[ \t]*$/ { if (found && uri != "") { print uri; exit } uri = ""; found = 0 }
+            END { if (found && uri != "") print uri }
+        ' "$f" | head -n 1
+    done | head -n 1
+}
+
+if [ -n "${SANDBOX_BASE_IMAGE:-}" ]; then
+    base=$SANDBOX_BASE_IMAGE
+else
+    mirror=${SANDBOX_MIRROR:-$(apt_mirror)}
+    mirror=${mirror:-http://deb.debian.org/debian}
+    # What makes the root; its hash names the cached tarball and the base image.
+    recipe="mmdebstrap $(mmdebstrap --version | awk '{print $2}') --variant=minbase --include=python3 bookworm $mirror, no doc/man/locale"
+    key=$(printf '%s\n' "$recipe" | sha256sum | cut -c1-16)
+    tarball=$cache/bookworm-python3-$key.tar
+    base=localhost/tunneld-sandbox-base:$key
+    if [ ! -f "$tarball" ]; then
+        mkdir -p "$cache"
+        echo "build-local.sh: making the base root ($recipe) ..." >&2
+        # Like the slim images: no documentation, manual pages or translations.
+        mmdebstrap --quiet --variant=minbase --include=python3 \
+            --dpkgopt='path-exclude=/usr/share/doc/*' \
+            --dpkgopt='path-exclude=/usr/share/man/*' \
+            --dpkgopt='path-exclude=/usr/share/locale/*' \
+            bookworm "$tarball.part.tar" "$mirror" >&2
+        mv "$tarball.part.tar" "$tarball"
+    fi
+    if ! buildah inspect --type image "$base" >/dev/null 2>&1; then
+        echo "build-local.sh: importing $tarball as $base ..." >&2
+        ctr=$(buildah from scratch)
+        buildah add "$ctr" "$tarball" / >/dev/null
+        buildah config --cmd /bin/bash --env PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin "$ctr"
+        buildah commit --quiet --rm "$ctr" "$base" >/dev/null
+    fi
+fi
+
+echo "build-local.sh: building $image on $base ..." >&2
+buildah bud --quiet --isolation chroot --network host --layers=false \
+    -f "$context/deploy/sandbox-image/Dockerfile" --build-arg "BASE_IMAGE=$base" \
+    -t "$image" "$context" >/dev/null
+echo "$image"
