@@ -35,14 +35,13 @@ from typing import Any
 
 import orjson
 import pytest
-import trustme
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.agent.conftest import BUILD, tls_files
 from tests.e2e.procs import Processes, is_connected, preview_get, wait_for, wait_for_file
 
 ROOT = Path(__file__).resolve().parents[2]
-BUILD = ROOT / "tools" / "build_agent.py"
 ENTRYPOINT = ROOT / "deploy" / "sandbox-image" / "entrypoint.sh"
 ISOLATED = ("-I", "-S", "-u")  # no site-packages, no PYTHON* variables; unbuffered logs
 AGENT_PACKAGES = ("agent", "protocol", "relay")
@@ -84,22 +83,6 @@ def _old_python() -> str | None:
 
 
 OLD_PYTHON = _old_python()
-
-
-@pytest.fixture(scope="module")
-def pyz(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("dist")
-    done = subprocess.run(
-        [sys.executable, str(BUILD), "--what", "pyz", "--out", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr
-    path = out / "tunnel-agent.pyz"
-    assert f"{path}: " in done.stdout  # it reports the size
-    return path
 
 
 def run_pyz(python: str, pyz: Path, *args: str, **kw: Any) -> subprocess.CompletedProcess[str]:
@@ -307,16 +290,11 @@ def test_sandbox_image_entrypoint_starts_the_pyz_agent_over_tls(
     dials the edge with TLS. trust-store: the CA is in the trust store (SSL_CERT_FILE) and nothing
     but the entrypoint's own --tls asks for TLS; private-ca: TUNNEL_AGENT_TLS_CA and a certificate
     naming edge.test, not the address dialled (TUNNEL_AGENT_TLS_SERVER_NAME)."""
-    ca = trustme.CA()
-    cert = ca.issue_cert("edge.test" if private_ca else "127.0.0.1")
-    cert_file, key_file, ca_file = tmp_path / "cert.pem", tmp_path / "key.pem", tmp_path / "ca.pem"
-    cert.private_key_and_cert_chain_pem.write_to_path(str(cert_file))
-    cert.private_key_pem.write_to_path(str(key_file))
-    ca.cert_pem.write_to_path(str(ca_file))
+    tls = tls_files(tmp_path, "edge.test" if private_ca else "127.0.0.1")
     tls_env = (
-        {"TUNNEL_AGENT_TLS_CA": str(ca_file), "TUNNEL_AGENT_TLS_SERVER_NAME": "edge.test"}
+        {"TUNNEL_AGENT_TLS_CA": str(tls.ca), "TUNNEL_AGENT_TLS_SERVER_NAME": "edge.test"}
         if private_ca
-        else {"SSL_CERT_FILE": str(ca_file)}
+        else {"SSL_CERT_FILE": str(tls.ca)}
     )
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
@@ -328,7 +306,7 @@ def test_sandbox_image_entrypoint_starts_the_pyz_agent_over_tls(
 
     p = Processes(tmp_path, "asyncio")
     try:
-        p.start_edge("--tls-cert", str(cert_file), "--tls-key", str(key_file))
+        p.start_edge("--tls-cert", str(tls.cert), "--tls-key", str(tls.key))
         token_file = tmp_path / "token"
         token_file.write_text(p.token("sb-image") + "\n")
         env = {
