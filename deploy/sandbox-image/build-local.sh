@@ -9,7 +9,10 @@
 # CONTEXT is the build context (default: the repository root); it holds dist/tunnel-agent.pyz
 # (`make agent AGENT_BUILD=pyz`) and deploy/sandbox-image/. Settings, from the environment:
 #   SANDBOX_IMAGE       the image's name (default localhost/sandbox-with-agent:latest)
-#   SANDBOX_STORE       buildah's (and podman's) storage, vfs driver (default build/sandbox-image/storage)
+#   SANDBOX_STORE       buildah's and podman's storage (default build/sandbox-image/storage):
+#                       podman --root $SANDBOX_STORE/root --runroot $SANDBOX_STORE/run
+#   SANDBOX_STORAGE_DRIVER  its driver: overlay (default) or vfs where overlayfs is not available
+#                       (several times slower: it copies every layer); one store, one driver
 #   SANDBOX_CACHE       where the base's root tarball is kept, named by a hash of what makes it
 #                       (default build/sandbox-image/cache); a second build reuses it
 #   SANDBOX_MIRROR      the Debian mirror (default: the one apt uses for bookworm here, else
@@ -17,6 +20,7 @@
 #   SANDBOX_BASE_IMAGE  build on this image instead (e.g. python:3.11-slim where a registry is
 #                       reachable); no local base is made then
 # Runs as root (mmdebstrap --mode=root, buildah with --isolation chroot). Prints the image's name.
+# The base is imported with podman (`podman import`: one pass over the tarball).
 set -eu
 
 here=$(cd "$(dirname "$0")" && pwd)
@@ -25,10 +29,11 @@ context=${1:-$root}
 image=${SANDBOX_IMAGE:-localhost/sandbox-with-agent:latest}
 store=${SANDBOX_STORE:-$root/build/sandbox-image/storage}
 cache=${SANDBOX_CACHE:-$root/build/sandbox-image/cache}
+driver=${SANDBOX_STORAGE_DRIVER:-overlay}
 
-for tool in buildah mmdebstrap; do
+for tool in buildah podman mmdebstrap; do
     command -v "$tool" >/dev/null 2>&1 || {
-        echo "build-local.sh: $tool is missing (apt-get install buildah mmdebstrap, or make ensure-test-tools)" >&2
+        echo "build-local.sh: $tool is missing (apt-get install buildah podman mmdebstrap, or make ensure-test-tools)" >&2
         exit 2
     }
 done
@@ -38,7 +43,10 @@ done
 }
 
 buildah() {
-    command buildah --root "$store/root" --runroot "$store/run" --storage-driver vfs "$@"
+    command buildah --root "$store/root" --runroot "$store/run" --storage-driver "$driver" "$@"
+}
+podman() {
+    command podman --root "$store/root" --runroot "$store/run" --storage-driver "$driver" "$@"
 }
 
 # The mirror apt uses for Debian bookworm on this machine (deb822 .sources or one-line lists).
@@ -83,15 +91,14 @@ else
     fi
     if ! buildah inspect --type image "$base" >/dev/null 2>&1; then
         echo "build-local.sh: importing $tarball as $base ..." >&2
-        ctr=$(buildah from scratch)
-        buildah add "$ctr" "$tarball" / >/dev/null
-        buildah config --cmd /bin/bash --env PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin "$ctr"
-        buildah commit --quiet --rm "$ctr" "$base" >/dev/null
+        podman import --quiet --change 'CMD ["/bin/bash"]' \
+            --change 'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
+            "$tarball" "$base" >/dev/null
     fi
 fi
 
 echo "build-local.sh: building $image on $base ..." >&2
-buildah bud --quiet --isolation chroot --network host --layers=false \
+buildah bud --quiet --isolation chroot --network host \
     -f "$context/deploy/sandbox-image/Dockerfile" --build-arg "BASE_IMAGE=$base" \
     -t "$image" "$context" >/dev/null
 echo "$image"
