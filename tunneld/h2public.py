@@ -546,8 +546,11 @@ class H2Stream(PublicConnection):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         StreamEndpoint.connection_made(self, transport)
-        if self.server.config.access_log:
-            self._access = ConnectionLog(self._peer_ip)
+        server = self.server
+        if server.config.access_log:  # as PublicConnection's: the same writer and metrics
+            self._access = ConnectionLog(
+                self._peer_ip, writer=server.access_writer, stats=server.metrics.requests
+            )
 
     def deliver(self, data: bytes) -> None:
         """HTTP/1.1 request bytes built from the h2 stream."""

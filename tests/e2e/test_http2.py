@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import io
 import logging
 import os
 import shutil
@@ -844,8 +845,10 @@ async def test_unexpose_resets_live_h2_streams(stack: Stack, ca: trustme.CA) -> 
 async def test_access_log_and_request_id_over_h2(
     ca: trustme.CA, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
+    """h2 requests are logged by the same writer as HTTP/1.1 ones and counted in /metrics."""
     stack = await tls_stack(ca, tmp_path, access_log=True)
     try:
+        stream = stack.edge.access_writer.stream = io.StringIO()
         url, _ = await exposed_origin(stack)
         with caplog.at_level(logging.INFO, logger="tunneld.access"):
             async with h2_client(stack, ca, url) as client:
@@ -853,12 +856,15 @@ async def test_access_log_and_request_id_over_h2(
                 assert r.http_version == "HTTP/2"
                 assert r.headers["x-request-id"] == "h2-req-1"  # echoed in the response
                 assert dict(r.json())["x-request-id"] == "h2-req-1"  # passed to the service
+                assert (await client.get("/headers")).status_code == 200
             await wait_until(
-                lambda: any("h2-req-1" in rec.getMessage() for rec in caplog.records),
-                what="the access log line",
+                lambda: stream.getvalue().count("tunneld.access") == 2,
+                what="the access log lines",
             )
-        (line,) = [rec.getMessage() for rec in caplog.records if "h2-req-1" in rec.getMessage()]
-        assert " 200 " in line and "/headers" in line
+        (line,) = [ln for ln in stream.getvalue().splitlines() if "h2-req-1" in ln]
+        assert " 200 " in line and '"GET /headers"' in line
+        metrics = (await stack.admin.get("/metrics")).text
+        assert 'tunneld_http_requests_total{status="2xx"} 2.0' in metrics
     finally:
         await stack.close()
 
