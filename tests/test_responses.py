@@ -138,3 +138,88 @@ def test_request_id_header_is_noticed() -> None:
     framer.expect(b"GET")
     (head, *_rest) = framer.feed(b"HTTP/1.1 204 No Content\r\nX-Request-Id: abc\r\n\r\n")
     assert isinstance(head, ResponseHead) and head.has_request_id
+
+
+# -- ResponseFramer.whole: the one-step path for a response that arrives whole ------------------
+
+
+def _outcomes(chunks: list[bytes], methods: list[bytes], *, whole: bool) -> list[object]:
+    """What the access log learns from ``chunks``: (status, body bytes) per finished response,
+    ("head", raw) per head, ("unframed",): through ``whole`` first where it applies (as
+    ConnectionLog.response does) or through ``feed`` only."""
+    framer = ResponseFramer()
+    for m in methods:
+        framer.expect(m)
+    seen: list[object] = []
+    for chunk in chunks:
+        if whole:
+            taken = framer.whole(chunk)
+            if taken is not None:
+                status, end = taken
+                seen += [("head", chunk[:end]), (status, len(chunk) - end)]
+                continue
+        for e in framer.feed(chunk):
+            if isinstance(e, ResponseHead):
+                seen.append(("head", e.raw))
+            elif isinstance(e, ResponseDone):
+                seen.append((e.status, e.body))
+            elif isinstance(e, Unframed):
+                seen.append(("unframed",))
+    for e in framer.close():
+        if isinstance(e, ResponseDone):
+            seen.append((e.status, e.body))
+    return seen
+
+
+@given(st.lists(SPEC, min_size=1, max_size=6), st.lists(st.integers(0, 10_000), max_size=12))
+def test_whole_learns_what_feed_learns_however_the_bytes_are_split(specs, cuts) -> None:
+    data, methods = _responses(specs)
+    points = sorted({c % (len(data) + 1) for c in cuts} | {0, len(data)})
+    chunks = [data[a:b] for a, b in itertools.pairwise(points) if b > a]
+    assert _outcomes(chunks, methods, whole=True) == _outcomes(chunks, methods, whole=False)
+
+
+CL = b"Content-Length: 3\r\n"
+TRICKY = [
+    b"HTTP/1.1 200 OK\r\n" + CL + b"\r\nabc",  # the common case: taken
+    b"HTTP/1.0 404 Not Found\r\ncontent-LENGTH:   3 \t\r\nServer: x\r\n\r\nabc",  # taken
+    b"HTTP/1.1 200 OK\r\n" + CL + b"\r\nab",  # body not all here
+    b"HTTP/1.1 200 OK\r\n" + CL + b"\r\nabcHTTP/1.1 200 OK\r\n" + CL + b"\r\nabc",  # two
+    b"HTTP/1.1 200 OK\r\n" + CL + CL + b"\r\nabc",  # the same length twice
+    b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabcd",
+    b"HTTP/1.1 200 OK\r\nContent-Length: 3, 3\r\n\r\nabc",
+    b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nX-Request-Id: mine\r\n" + CL + b"\r\nabc",  # kept, not added
+    b"HTTP/1.1 200 OK\r\nx-request-id: mine\r\n" + CL + b"\r\nabc",
+    b"HTTP/1.1 200 OK\nContent-Length: 3\n\nabc",  # bare LF: not HTTP/1.1 framing
+    b"HTTP/1.1 200 OK\r\nX: a\nContent-Length: 9\r\n" + CL + b"\r\nabc",
+    b"HTTP/1.1 200 OK\r\nX: a\rContent-Length: 9\r\n" + CL + b"\r\nabc",
+    b"HTTP/1.1 200 OK\r\nX: a\r\n b\r\n" + CL + b"\r\nabc",  # obs-fold
+    b"HTTP/1.1 200 OK\r\nX: Content-Length: 9\r\n" + CL + b"\r\nabc",  # the name in a value
+    b"HTTP/1.1 200 OK\r\nContent-Length : 3\r\n\r\nabc",
+    b"HTTP/1.1 200 OK\r\nContent-Length: +3\r\n\r\nabc",
+    b"HTTP/1.1 200 OK\r\nContent-Length: 1_0\r\n\r\n0123456789",
+    b"HTTP/1.1 204 No Content\r\n" + CL + b"\r\n",
+    b"HTTP/1.1 304 Not Modified\r\n" + CL + b"\r\n",
+    b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\n" + CL + b"\r\nabc",
+    b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n" + CL + b"\r\nabc",
+    b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n",
+    b"HTTP/2 200 OK\r\n" + CL + b"\r\nabc",
+    b"HTTP/1.1 600 Odd\r\n" + CL + b"\r\nabc",
+    b"HTTP/1.1 200 OK\r\nBad Name: x\r\n" + CL + b"\r\nabc",
+    b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nabc\r\n",  # a CRLF after the body
+]
+
+
+def test_whole_takes_only_what_feed_would_frame_the_same_way() -> None:
+    taken = []
+    for i, data in enumerate(TRICKY):
+        for method in (b"GET", b"HEAD"):
+            got = _outcomes([data], [method], whole=True)
+            assert got == _outcomes([data], [method], whole=False), (data, method)
+            framer = ResponseFramer()
+            framer.expect(method)
+            if framer.whole(data) is not None:
+                taken.append((i, method))
+    # the plain ones, the name inside a value, and an empty body; never the answer to HEAD
+    assert taken == [(0, b"GET"), (1, b"GET"), (14, b"GET"), (22, b"GET")]

@@ -54,18 +54,19 @@ if TYPE_CHECKING:
 __all__ = ["AccessWriter", "ConnectionLog", "request_id_of"]
 
 log = logging.getLogger("tunneld.access")
+_INFO: Final = logging.INFO
 
 _VALID_ID: Final = re.compile(rb"[A-Za-z0-9._:-]{1,200}")
 
 
 # New request ids: 16 random hex digits drawn once per process, then a counter (16 more): as
 # unique as 32 random digits across processes and restarts, without a syscall per request.
-_ID_PREFIX: Final = os.urandom(8).hex()
+_ID_PREFIX: Final = os.urandom(8).hex().encode()
 _ID_COUNTER = itertools.count(int.from_bytes(os.urandom(4), "big"))
 
 
 def new_request_id() -> bytes:
-    return b"%s%016x" % (_ID_PREFIX.encode(), next(_ID_COUNTER))
+    return _ID_PREFIX + b"%016x" % next(_ID_COUNTER)
 
 
 def request_id_of(head: RequestHead) -> bytes:
@@ -86,6 +87,8 @@ WORKER: int | None = None
 # mix. Counted in characters: a line's are at most U+00FF (targets are decoded as latin-1), two
 # bytes each in UTF-8, so 2048 of them fit. A single longer line goes alone, as with logging.
 _WRITE_CHUNK: Final = 2048
+# "000" to "999": the milliseconds of a time stamp (a lookup, not a format per line).
+_MSECS: Final = tuple(f"{ms:03d}" for ms in range(1001))
 # Lines kept before a write even within one loop iteration (a burst of completions).
 _MAX_PENDING: Final = 256
 
@@ -97,11 +100,11 @@ class AccessWriter:
     __slots__ = (
         "_json",
         "_loop",
-        "_name",
         "_pending",
         "_scheduled",
         "_sec",
         "_stamp",
+        "_tail",
         "_worker",
         "stream",
     )
@@ -115,7 +118,8 @@ class AccessWriter:
         worker = WORKER
         self._loop = loop
         self._json = fmt == "json"
-        self._name = "tunneld.access" + ("" if worker is None or self._json else f"[w{worker}]")
+        name = "tunneld.access" + ("" if worker is None or self._json else f"[w{worker}]")
+        self._tail = f" INFO    {name}: "  # the text line after its time stamp
         self.stream = stream if stream is not None else sys.stderr
         self._pending: list[str] = []
         self._scheduled = False
@@ -133,13 +137,13 @@ class AccessWriter:
         if sec != self._sec:
             self._sec = sec
             if self._json:
-                self._stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec))
+                self._stamp = time.strftime("%Y-%m-%dT%H:%M:%S.", time.gmtime(sec))
             else:
-                self._stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(sec))
-        msecs = int((now - sec) * 1000)
+                self._stamp = time.strftime("%Y-%m-%d %H:%M:%S,", time.localtime(sec))
+        msecs = _MSECS[int((now - sec) * 1000)]
         if self._json:
             out: dict[str, Any] = {
-                "time": f"{self._stamp}.{msecs:03d}Z",
+                "time": f"{self._stamp}{msecs}Z",
                 "level": "info",
                 "logger": "tunneld.access",
                 "message": message,
@@ -150,7 +154,7 @@ class AccessWriter:
                 out.update(fields)
             line = orjson.dumps(out, default=str).decode() + "\n"
         else:
-            line = f"{self._stamp},{msecs:03d} INFO    {self._name}: {message}\n"
+            line = f"{self._stamp}{msecs}{self._tail}{message}\n"
         pending = self._pending
         pending.append(line)
         if len(pending) >= _MAX_PENDING:
@@ -232,12 +236,19 @@ class ConnectionLog:
     # -- requests --------------------------------------------------------------------------------
     def request(self, head: RequestHead) -> bytes:
         """A request is forwarded; returns the ``x-request-id`` header line it carries."""
-        request_id = request_id_of(head)
-        if len(self._requests) < 1024:  # pipelining without reading: stop recording, not grow
+        # request_id_of, inlined (this runs per request, a call costs ~1 % of the request)
+        for name, value in head.headers:
+            if name == b"x-request-id":
+                request_id = value if _VALID_ID.fullmatch(value) else new_request_id()
+                break
+        else:
+            request_id = _ID_PREFIX + b"%016x" % next(_ID_COUNTER)
+        requests = self._requests
+        if len(requests) < 1024:  # pipelining without reading: stop recording, not grow
             request = _Request(head.method, head.target, request_id)
             if self.recorder is not None:
                 request.record = self.recorder.begin(head, request_id)
-            self._requests.append(request)
+            requests.append(request)
             self.framer.expect(head.method)
         return b"x-request-id: " + request_id + b"\r\n"
 
@@ -249,9 +260,28 @@ class ConnectionLog:
                 request.record.request_body(data)
 
     # -- responses -------------------------------------------------------------------------------
-    def response(self, data: bytes) -> list[bytes | memoryview]:
+    def response(self, data: bytes) -> bytes:
         """The service's bytes -> the bytes to write to the client (the same, plus at most
         one x-request-id line per final response head)."""
+        requests = self._requests
+        if requests and self.recorder is None:
+            # The common case first: one whole response in this read (ResponseFramer.whole).
+            whole = self.framer.whole(data)
+            if whole is not None:
+                status, end = whole
+                request = requests.popleft()
+                now = time.monotonic()
+                request.ttfb = now - request.started
+                self._write(request, status, len(data) - end, None, now)
+                return b"".join(
+                    (
+                        data[: end - 2],
+                        b"x-request-id: ",
+                        request.request_id,
+                        b"\r\n\r\n",
+                        data[end:],
+                    )
+                )
         out: list[bytes | memoryview] = []
         for event in self.framer.feed(data):
             if isinstance(event, (bytes, memoryview)):
@@ -264,7 +294,9 @@ class ConnectionLog:
                 self._done(event)
             elif isinstance(event, Unframed):
                 self._unframed(event.reason)
-        return out
+        if len(out) == 1 and type(out[0]) is bytes:
+            return out[0]
+        return b"".join(out)
 
     def _head(self, head: ResponseHead) -> bytes:
         if head.status < 200 and head.status != 101:
@@ -310,86 +342,58 @@ class ConnectionLog:
             self._write(request, None, None, "response cut short" if cut else "no response")
 
     def _write(
-        self, request: _Request, status: int | None, body_out: int | None, note: str | None
+        self,
+        request: _Request,
+        status: int | None,
+        body_out: int | None,
+        note: str | None,
+        now: float | None = None,
     ) -> None:
         if request.record is not None and self.recorder is not None:
             self.recorder.end(request.record, status, note)
-        duration = time.monotonic() - request.started
+        duration = (time.monotonic() if now is None else now) - request.started
+        ttfb = request.ttfb
         if self.stats is not None:
-            self.stats.observe(duration, request.ttfb, status, request.body_in, body_out or 0)
-        if self.quiet or not log.isEnabledFor(logging.INFO):
+            self.stats.observe(duration, ttfb, status, request.body_in, body_out or 0)
+        if self.quiet or not log.isEnabledFor(_INFO):
             return
-        if self.writer is not None:
-            self._line(self.writer, request, duration, status, body_out, note)
+        # Durations in tenths of a millisecond, integer arithmetic and formatting: float
+        # rounding and formatting cost as much as the rest of the line (``bench.e2e.instr``).
+        d10 = int(duration * 10000.0 + 0.5)
+        if ttfb is None:
+            ttfb_text = "-"
+        else:
+            t10 = int(ttfb * 10000.0 + 0.5)
+            ttfb_text = f"{t10 // 10}.{t10 % 10}ms"
+        method = request.method.decode("latin-1")
+        path = request.target.decode("latin-1")
+        request_id = request.request_id.decode("ascii")
+        message = (
+            f'{self.client} "{method} {path}" {"-" if status is None else status} '
+            f"{request.body_in} {'-' if body_out is None else body_out}B "
+            f"{d10 // 10}.{d10 % 10}ms ttfb {ttfb_text} {self.sandbox_id}:{self.port} "
+            f"id={request_id}{f' ({note})' if note else ''}"
+        )
+        writer = self.writer
+        if writer is not None and not writer.json:
+            writer.write(message, None)
             return
         fields: dict[str, Any] = {
             "client": self.client,
             "sandbox": self.sandbox_id,
             "port": self.port,
-            "method": request.method.decode("latin-1"),
-            "path": request.target.decode("latin-1"),
+            "method": method,
+            "path": path,
             "status": status,
             "bytes_in": request.body_in,
             "bytes_out": body_out,
             "duration_ms": round(duration * 1000, 3),
-            "ttfb_ms": None if request.ttfb is None else round(request.ttfb * 1000, 3),
-            "request_id": request.request_id.decode("ascii"),
+            "ttfb_ms": None if ttfb is None else round(ttfb * 1000, 3),
+            "request_id": request_id,
         }
         if note:
             fields["note"] = note
-        log.info(
-            '%s "%s %s" %s %s %sB %.1fms ttfb %s %s:%d id=%s%s',
-            self.client,
-            fields["method"],
-            fields["path"],
-            status if status is not None else "-",
-            request.body_in,
-            body_out if body_out is not None else "-",
-            fields["duration_ms"],
-            "-" if fields["ttfb_ms"] is None else f"{fields['ttfb_ms']:.1f}ms",
-            self.sandbox_id,
-            self.port,
-            fields["request_id"],
-            f" ({note})" if note else "",
-            extra={"access": fields},
-        )
-
-    def _line(
-        self,
-        writer: AccessWriter,
-        request: _Request,
-        duration: float,
-        status: int | None,
-        body_out: int | None,
-        note: str | None,
-    ) -> None:
-        duration_ms = round(duration * 1000, 3)
-        ttfb = request.ttfb
-        ttfb_ms = None if ttfb is None else round(ttfb * 1000, 3)
-        method = request.method.decode("latin-1")
-        path = request.target.decode("latin-1")
-        request_id = request.request_id.decode("ascii")
-        fields: dict[str, Any] | None = None
-        if writer.json:  # the fields as keys; a text line carries them in its message only
-            fields = {
-                "client": self.client,
-                "sandbox": self.sandbox_id,
-                "port": self.port,
-                "method": method,
-                "path": path,
-                "status": status,
-                "bytes_in": request.body_in,
-                "bytes_out": body_out,
-                "duration_ms": duration_ms,
-                "ttfb_ms": ttfb_ms,
-                "request_id": request_id,
-            }
-            if note:
-                fields["note"] = note
-        writer.write(
-            f'{self.client} "{method} {path}" {"-" if status is None else status} '
-            f"{request.body_in} {'-' if body_out is None else body_out}B {duration_ms:.1f}ms "
-            f"ttfb {'-' if ttfb_ms is None else f'{ttfb_ms:.1f}ms'} {self.sandbox_id}:{self.port} "
-            f"id={request_id}{f' ({note})' if note else ''}",
-            fields,
-        )
+        if writer is not None:  # json: the fields are keys of the line too
+            writer.write(message, fields)
+        else:
+            log.info("%s", message, extra={"access": fields})

@@ -618,11 +618,9 @@ class PublicConnection(StreamEndpoint):
         transport = self.transport
         if transport is None or self._closed:
             return
-        pieces = access.response(data)
-        if len(pieces) == 1:
-            transport.write(pieces[0])
-        elif pieces:
-            transport.write(b"".join(pieces))  # one write: a head and its body are one read
+        out = access.response(data)
+        if out:
+            transport.write(out)  # one write: a head and its body are one read
         if self._write_paused:
             self._held_credit += len(data)
         else:

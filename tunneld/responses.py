@@ -36,10 +36,12 @@ __all__ = ["MAX_RESPONSE_HEAD", "ResponseDone", "ResponseFramer", "ResponseHead"
 MAX_RESPONSE_HEAD: Final = 64 * 1024
 # A whole head, validated in one match (C, not a Python loop per line): the status line, then
 # header lines "name: value" (the value any bytes but CR and LF), then the blank line.
-# Possessive quantifiers: nothing to backtrack into (twice as fast with ``re``).
+# Possessive quantifiers: nothing to backtrack into (twice as fast with ``re``). "Any byte but CR
+# and LF" is spelled as ranges, which ``re`` compiles to a bitmap: a quarter faster per byte
+# than ``[^\r\n]``, a list it searches for each byte.
 _HEAD_RE: Final = re.compile(
-    rb"HTTP/1\.[01] ([1-9][0-9][0-9])(?: [^\r\n]*+)?\r\n"
-    rb"(?:[!#$%&'*+.^_`|~0-9A-Za-z-]++:[^\r\n]*+\r\n)*+\r\n"
+    rb"HTTP/1\.[01] ([1-9][0-9][0-9])(?: [\x00-\x09\x0b\x0c\x0e-\xff]*+)?\r\n"
+    rb"(?:[!#$%&'*+.^_`|~0-9A-Za-z-]++:[\x00-\x09\x0b\x0c\x0e-\xff]*+\r\n)*+\r\n"
 )
 # The three headers the framer reads, found in a valid head (each line starts after a CRLF);
 # spelled out case by case, which ``re`` matches faster than with IGNORECASE.
@@ -47,6 +49,26 @@ _FRAMING_HEADERS: Final = re.compile(
     rb"\r\n([Cc][Oo][Nn][Tt][Ee][Nn][Tt]-[Ll][Ee][Nn][Gg][Tt][Hh]"
     rb"|[Tt][Rr][Aa][Nn][Ss][Ff][Ee][Rr]-[Ee][Nn][Cc][Oo][Dd][Ii][Nn][Gg]"
     rb"|[Xx]-[Rr][Ee][Qq][Uu][Ee][Ss][Tt]-[Ii][Dd]):([^\r\n]*+)"
+)
+
+
+# The common response, in one match: a final status (2xx-5xx), exactly one Content-Length with
+# one value, and no Transfer-Encoding or X-Request-Id line (each other line is checked not to be
+# one of them). A head this matches is one ``_HEAD_RE`` matches too, and ``_parse_head`` would
+# give it (status, length, False, False): ``whole`` takes the response without the general
+# path's events. Names as in ``_FRAMING_HEADERS`` (case by case, which ``re`` matches fastest).
+_OTHER_LINE: Final = (
+    rb"(?![Cc][Oo][Nn][Tt][Ee][Nn][Tt]-[Ll][Ee][Nn][Gg][Tt][Hh]:"
+    rb"|[Tt][Rr][Aa][Nn][Ss][Ff][Ee][Rr]-[Ee][Nn][Cc][Oo][Dd][Ii][Nn][Gg]:"
+    rb"|[Xx]-[Rr][Ee][Qq][Uu][Ee][Ss][Tt]-[Ii][Dd]:)"
+    rb"[!#$%&'*+.^_`|~0-9A-Za-z-]++:[\x00-\x09\x0b\x0c\x0e-\xff]*+\r\n"
+)
+_SIMPLE_RE: Final = re.compile(
+    rb"HTTP/1\.[01] ([2-5][0-9][0-9])(?: [\x00-\x09\x0b\x0c\x0e-\xff]*+)?\r\n(?:"
+    + _OTHER_LINE
+    + rb")*+"
+    rb"[Cc][Oo][Nn][Tt][Ee][Nn][Tt]-[Ll][Ee][Nn][Gg][Tt][Hh]:[ \t]*+([0-9]{1,18})[ \t]*+\r\n"
+    rb"(?:" + _OTHER_LINE + rb")*+\r\n"
 )
 
 
@@ -107,6 +129,26 @@ class ResponseFramer:
         """A request with ``method`` was sent to the service: its response comes in order."""
         if self._state != _RAW and len(self._methods) < 1024:
             self._methods.append(method)
+
+    def whole(self, data: bytes) -> tuple[int, int] | None:
+        """``data`` is exactly one whole response of the common kind (see ``_SIMPLE_RE``) that
+        answers the next expected request, which is not ``HEAD``: take it and return (status,
+        length of its head); the framer then expects the next response. Else None, and nothing
+        changed: ``feed`` it. The same outcome as ``feed``'s head, body and done, in one step
+        (most small responses arrive whole in one read)."""
+        if self._state != _HEAD or self._buf or not self._methods or self._methods[0] == b"HEAD":
+            return None
+        match = _SIMPLE_RE.match(data)
+        if match is None:
+            return None
+        end = match.end()
+        if end + int(match.group(2)) != len(data):
+            return None
+        status = int(match.group(1))
+        if status == 204 or status == 304:
+            return None
+        self._methods.popleft()
+        return status, end
 
     def feed(self, data: bytes | memoryview) -> list[Event]:
         events: list[Event] = []
