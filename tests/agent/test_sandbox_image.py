@@ -1,11 +1,12 @@
 """deploy/sandbox-image/ built and run (issue 10: the sandbox image uses the agent zipapp).
 
 No Docker engine here and no Docker Hub: deploy/sandbox-image/build-local.sh builds the real
-Dockerfile with buildah (daemonless, ``--isolation chroot``), on a local Debian bookworm base with
-python3 3.11 made by mmdebstrap (``--build-arg BASE_IMAGE``; the base's root tarball is cached in
-build/sandbox-image/cache, or $SANDBOX_CACHE, by a hash of what makes it). podman runs the image
-as built: its own ENTRYPOINT (entrypoint.sh), CMD and unprivileged USER, with ``--init`` as the
-README's ``docker run`` has it, on the host's network since every listener here is on loopback.
+Dockerfile with buildah (daemonless, ``--isolation chroot``) on a local base (``--build-arg
+BASE_IMAGE``): Debian bookworm's python3 3.11 and the little else the Dockerfile runs, unpacked by
+mmdebstrap; the root's tarball is cached in build/sandbox-image/cache (or $SANDBOX_CACHE) by a
+hash of what makes it. podman runs the image as built: its own ENTRYPOINT (entrypoint.sh), CMD
+and unprivileged USER, with ``--init`` as the README's ``docker run`` has it, on the host's
+network since every listener here is on loopback.
 
 A real ``tunneld serve`` with a TLS agent listener on 127.0.0.1 is the edge. Inside the container
 ``python3 -m http.server`` serves a file the sandbox user wrote, ``tunnel-agent expose`` prints
@@ -38,8 +39,8 @@ SANDBOX = "sb-image"
 CA_IN_IMAGE = "/run/tunnel-ca.pem"
 SECRET_IN_IMAGE = "/run/secrets/tunnel-agent-token"  # the entrypoint's default token file
 
-# A cold build makes the base root with mmdebstrap (about a minute on an idle machine, three
-# under load) before buildah runs; the test's own steps each have their own timeout below.
+# A cold build first makes the base root with mmdebstrap (20-30 s here); each step of the test
+# has its own timeout below.
 pytestmark = pytest.mark.timeout(900)
 
 
@@ -166,6 +167,13 @@ for pid in filter(str.isdigit, os.listdir("/proc")):
 """
 
 
+PYTHON_PROBE = """
+import importlib.util, sys
+found = [m for m in ("orjson", "uvloop", "h11", "wsproto") if importlib.util.find_spec(m)]
+print(f"{sys.version_info[0]}.{sys.version_info[1]}", found)
+"""
+
+
 @pytest.mark.parametrize("token_from", ["environment", "secret-file"])
 def test_the_image_serves_a_preview_url_through_a_tls_edge(
     image: str, store: Path, pyz: Path, tmp_path: Path, token_from: str
@@ -223,6 +231,9 @@ def test_the_image_serves_a_preview_url_through_a_tls_edge(
             expected += f" --token-file {SECRET_IN_IMAGE}"
         assert command == f"{expected} --api-port {api_port}"
         assert podman("exec", container, "id", "-un").stdout == "sandbox\n"
+        # Debian bookworm's python3 and nothing else: the agent's packages come from the pyz.
+        python = podman("exec", container, "python3", "-c", PYTHON_PROBE).stdout
+        assert python == "3.11 []\n"
         installed = podman("exec", container, "sha256sum", "/usr/local/bin/tunnel-agent").stdout
         assert installed.split()[0] == hashlib.sha256(pyz.read_bytes()).hexdigest()
         mode = podman("exec", container, "stat", "-c", "%a %U", "/usr/local/bin/tunnel-agent")
