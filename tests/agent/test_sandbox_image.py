@@ -254,10 +254,10 @@ def test_the_image_serves_a_preview_url_through_a_tls_edge(
             "127.0.0.1",
         )
         wait_for(lambda: _listening(http_port), timeout=30, what="http.server in the container")
+        api_env = ("--env", f"TUNNEL_AGENT_API=http://127.0.0.1:{api_port}")
         exposed = podman(
             "exec",
-            "--env",
-            f"TUNNEL_AGENT_API=http://127.0.0.1:{api_port}",
+            *api_env,
             container,
             "tunnel-agent",
             "expose",
@@ -267,6 +267,9 @@ def test_the_image_serves_a_preview_url_through_a_tls_edge(
         )
         url = exposed.stdout.strip()
         assert url.startswith(f"http://{http_port}-{SANDBOX}-"), exposed.stdout + exposed.stderr
+
+        status = podman("exec", *api_env, container, "tunnel-agent", "status").stdout
+        assert status == f"sandbox  {SANDBOX}\nedge     connected\n"
 
         answer = preview_get(p, url, "/hello.txt")
         assert answer.status_code == 200, answer.text
