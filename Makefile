@@ -113,7 +113,7 @@ agent: $(STAMP)
 # The example sandbox image (deploy/sandbox-image/), built from its Dockerfile without a Docker
 # daemon or registry: buildah, on a local Debian bookworm base with python3 made by mmdebstrap
 # (cached in build/sandbox-image/cache). The image lands in build/sandbox-image/storage;
-# deploy/sandbox-image/README.md says how to run it with podman or hand it to Docker.
+# deploy/sandbox-image/README.md says how to run it with podman.
 .PHONY: sandbox-image
 sandbox-image: AGENT_BUILD = pyz
 sandbox-image: agent ensure-test-tools

@@ -105,7 +105,10 @@ else
     if [ ! -f "$tarball" ]; then
         mkdir -p "$cache"
         echo "build-local.sh: making the base root (${SANDBOX_BASE_VARIANT:-extract}) ..." >&2
-        mmdebstrap "$@" "$tarball.part.tar" "$mirror" >/dev/null
+        if ! mmdebstrap "$@" "$tarball.part.tar" "$mirror" >"$cache/mmdebstrap.log" 2>&1; then
+            cat "$cache/mmdebstrap.log" >&2
+            exit 1
+        fi
         mv "$tarball.part.tar" "$tarball"
     fi
     if ! buildah inspect --type image "$base" >/dev/null 2>&1; then

@@ -103,19 +103,23 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 
 
 @pytest.fixture(scope="module")
-def image(pyz: Path, store: Path, tmp_path_factory: pytest.TempPathFactory) -> str:
-    """The Dockerfile built by build-local.sh (what ``make sandbox-image`` runs), in a context
-    holding only what it copies: dist/tunnel-agent.pyz and deploy/sandbox-image/."""
+def context(pyz: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A build context holding only what the Dockerfile copies: dist/tunnel-agent.pyz and
+    deploy/sandbox-image/."""
     missing = _missing_tools()
     assert not missing, (
         f"missing for the sandbox image test: {' '.join(missing)} "
         "(make ensure-test-tools installs them; apt-get install buildah podman runc mmdebstrap)"
     )
-    context = tmp_path_factory.mktemp("context")
-    (context / "dist").mkdir()
-    shutil.copyfile(pyz, context / "dist" / "tunnel-agent.pyz")
-    shutil.copytree(ROOT / "deploy" / "sandbox-image", context / "deploy" / "sandbox-image")
-    name = f"localhost/tunneld-test-sandbox:{os.getpid()}"
+    path = tmp_path_factory.mktemp("context")
+    (path / "dist").mkdir()
+    shutil.copyfile(pyz, path / "dist" / "tunnel-agent.pyz")
+    shutil.copytree(ROOT / "deploy" / "sandbox-image", path / "deploy" / "sandbox-image")
+    return path
+
+
+def build_local(context: Path, store: Path, name: str) -> subprocess.CompletedProcess[str]:
+    """build-local.sh, what ``make sandbox-image`` runs, on the test's own storage."""
     built = subprocess.run(
         ["/bin/sh", str(BUILD_LOCAL), str(context)],
         env={**os.environ, "SANDBOX_STORE": str(store), "SANDBOX_IMAGE": name},
@@ -125,7 +129,14 @@ def image(pyz: Path, store: Path, tmp_path_factory: pytest.TempPathFactory) -> s
         check=False,
     )
     assert built.returncode == 0, built.stderr
-    assert built.stdout.strip() == name
+    assert built.stdout == f"{name}\n"
+    return built
+
+
+@pytest.fixture(scope="module")
+def image(context: Path, store: Path) -> str:
+    name = f"localhost/tunneld-test-sandbox:{os.getpid()}"
+    build_local(context, store, name)
     return name
 
 
@@ -137,6 +148,19 @@ def test_the_image_is_the_dockerfiles(image: str, store: Path) -> None:
     assert config["Config"]["Cmd"] == ["sleep", "infinity"]
     assert config["Config"]["WorkingDir"] == "/home/sandbox"
     assert "PYTHONUNBUFFERED=1" in config["Config"]["Env"]
+
+
+def test_a_second_build_reuses_the_base(image: str, context: Path, store: Path) -> None:
+    """The base's tarball (cache) and image (store) are made once: a second build only runs
+    buildah on the Dockerfile, and gives an image with the same configuration."""
+    again = build_local(context, store, f"{image}-again")
+    assert "making the base root" not in again.stderr
+    assert "importing" not in again.stderr
+    assert f"building {image}-again on localhost/tunneld-sandbox-base:" in again.stderr
+    podman = Podman(store)
+    (first,) = json.loads(podman("image", "inspect", image).stdout)
+    (second,) = json.loads(podman("image", "inspect", f"{image}-again").stdout)
+    assert second["Config"] == first["Config"]
 
 
 def _free_port() -> int:
