@@ -105,11 +105,16 @@ else
     if [ ! -f "$tarball" ]; then
         mkdir -p "$cache"
         echo "build-local.sh: making the base root (${SANDBOX_BASE_VARIANT:-extract}) ..." >&2
-        if ! mmdebstrap "$@" "$tarball.part.tar" "$mirror" >"$cache/mmdebstrap.log" 2>&1; then
-            cat "$cache/mmdebstrap.log" >&2
+        # Made under a name of this process's own, then renamed: two builds at once never
+        # read each other's half-written tarball.
+        part=$tarball.$$.part
+        if ! mmdebstrap "$@" "$part.tar" "$mirror" >"$part.log" 2>&1; then
+            cat "$part.log" >&2
+            rm -f "$part.tar" "$part.log"
             exit 1
         fi
-        mv "$tarball.part.tar" "$tarball"
+        mv "$part.tar" "$tarball"
+        rm -f "$part.log"
     fi
     if ! buildah inspect --type image "$base" >/dev/null 2>&1; then
         echo "build-local.sh: importing $tarball as $base ..." >&2
