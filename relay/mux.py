@@ -180,7 +180,7 @@ class StreamEndpoint(asyncio.BufferedProtocol):
         mux = self.mux
         if not mux.session.closed and not self._closed:
             mux.session.end_stream(self.stream_id)
-            mux.flush()
+            mux.schedule_flush()  # with whatever else this loop iteration sends
         self._maybe_finish()
         # Keep the write side open: TCP half-close maps to FIN. TLS has no half-close: asyncio
         # closes its transport after the peer's EOF whatever this returns, and logs a warning
@@ -198,7 +198,7 @@ class StreamEndpoint(asyncio.BufferedProtocol):
             if mux.streams.pop(self.stream_id, None) is not None and not mux.session.closed:
                 if not (self._local_eof and self._peer_eof):
                     mux.session.reset_stream(self.stream_id, ResetCode.CANCEL)
-                mux.flush()
+                mux.schedule_flush()
 
     def pause_writing(self) -> None:
         self._write_paused = True
@@ -307,7 +307,10 @@ class MuxProtocol(asyncio.BufferedProtocol):
                 return
         self.session.receive_data(data, self.loop.time())
         self.process_events()
-        self.flush()
+        # What this read makes the session send (credit, acks) leaves with everything else of
+        # this loop iteration: one write to the tunnel per iteration, not one per read and one
+        # more for the streams' data.
+        self.schedule_flush()
 
     def _unwrap(self, data: bytes | memoryview) -> bytes | memoryview:
         """Edge: tell a raw link from a WebSocket one; both: strip the WebSocket framing."""

@@ -259,6 +259,7 @@ class H2PublicConnection(asyncio.Protocol):
             config.h2_max_streams, 2 * config.h2_max_streams, self.loop.time()
         )
         self.closed = False
+        self._flush_scheduled = False
         self._write_paused = False
         self._read_paused = False
         self._waiting: set[_StreamTransport] = set()  # streams with output to send
@@ -404,6 +405,18 @@ class H2PublicConnection(asyncio.Protocol):
         self.entry.h2_closed()
 
     # -- output ----------------------------------------------------------------------------------
+    def schedule_flush(self) -> None:
+        """Flush once at the end of this loop iteration: the responses of many streams that
+        arrive in one read of the tunnel leave in one TLS write, not one write (and one
+        syscall) per stream and event."""
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self.loop.call_soon(self._scheduled_flush)
+
+    def _scheduled_flush(self) -> None:
+        self._flush_scheduled = False
+        self.flush()
+
     def flush(self) -> None:
         transport = self.transport
         if transport is None or self.closed:
@@ -640,7 +653,7 @@ class _StreamTransport:
                 self._bad_response(str(exc))
                 return
         self.send_pending()
-        self.conn.flush()
+        self.conn.schedule_flush()
         if self.outbound_size > STREAM_HIGH_WATER and not self.write_paused:
             self.write_paused = True
             if self.protocol is not None:
@@ -651,7 +664,7 @@ class _StreamTransport:
         if not self.closing:
             self.end_after = True
             self.send_pending()
-            self.conn.flush()
+            self.conn.schedule_flush()
             if self.eof_delivered:
                 self.close()  # both directions ended
 
@@ -774,7 +787,7 @@ class _StreamTransport:
             self._finish()
         else:
             self.abort()
-        self.conn.flush()
+        self.conn.schedule_flush()
 
     def _queue(self, data: bytes) -> None:
         if data:
@@ -849,7 +862,7 @@ class _StreamTransport:
         if not self.gone:
             self.gone = True
             self.conn.loop.call_soon(self._lost)
-        self.conn.flush()
+        self.conn.schedule_flush()
 
     def _lost(self) -> None:
         protocol = self.protocol
@@ -895,7 +908,7 @@ class _StreamTransport:
         self._deliver_scheduled = False
         if not self.gone:
             self._deliver()
-            self.conn.flush()
+            self.conn.schedule_flush()
 
     def _deliver(self) -> None:
         protocol = self.protocol
