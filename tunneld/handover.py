@@ -14,16 +14,24 @@ Each node listens on an abstract-namespace ``SOCK_SEQPACKET`` Unix socket
 (``\\0tunneld-handover-{node id}-{random}``: no file to clean up, gone with the process) and
 publishes its name and the host's identity (``/proc/sys/kernel/random/boot_id``) in its node
 record. A landing node hands a connection over only when the owner's record names the same
-host and a hand-over socket; one message per connection carries a JSON header (sandbox, port,
-epoch, id), the bytes read so far (at most ``MAX_PRELUDE``) and the descriptor. The owner
-answers ``{"id": .., "ok": true}`` once it adopted the socket, and only then does the landing
-node close its own descriptor, so a refused hand-over loses nothing: on ``false`` (not the
-owner any more, a stale epoch, anything unexpected) or when the message cannot be sent, the
-landing node still holds the connection and falls back to the node link. With no answer within
-``ACK_TIMEOUT`` it cannot know whether the owner adopted the socket, and two processes must
-never serve one connection: it lets go (logged); a socket nobody adopted then ends without a
-response, which the client sees as an error. Closing one of two descriptors of a socket sends
-nothing to the client.
+host and a hand-over socket (``PublicConnection._send_socket``, synchronous: no task per
+connection). The hand-overs to one owner of one loop iteration leave together at its end, one
+message: a JSON header (a list: sandbox, port, epoch, id and prelude length of each), the bytes
+read from each connection so far (at most ``MAX_PRELUDE`` in all; a connection that read more
+goes over the node link) and the descriptors
+(``SCM_RIGHTS``, in the header's order); a connection closed before that message left is
+dropped from it. The owner reads up to ``_BATCH`` messages at once, adopts each socket at once
+(the synchronous part of ``loop.connect_accepted_socket``, which makes the transport; the rest
+runs from the waiter's callback, not in a task) and answers them all in one message of
+``(id, adopted)`` pairs: under load several hand-overs share each message and each wake-up.
+
+The landing node closes its own descriptor only on ``adopted``, so a refused hand-over loses
+nothing: on false (not the owner any more, a stale epoch, a malformed entry, anything
+unexpected) or when the message cannot be sent, the landing node still holds the connection and
+what it read, and falls back to the node link. With no answer within ``ACK_TIMEOUT`` it cannot
+know whether the owner adopted the socket, and two processes must never serve one connection:
+it lets go (logged); a socket nobody adopted then ends without a response, which the client
+sees as an error. Closing one of two descriptors of a socket sends nothing to the client.
 
 Only a process of the same user may hand over (``SO_PEERCRED`` is checked on every accepted
 hand-over connection): abstract sockets have no file permissions.
@@ -31,6 +39,8 @@ hand-over connection): abstract sockets have no file permissions.
 
 from __future__ import annotations
 
+import _socket
+import array
 import asyncio
 import contextlib
 import functools
@@ -40,6 +50,7 @@ import os
 import secrets
 import socket
 import struct
+from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any, Final
 
 import orjson
@@ -54,10 +65,14 @@ log = logging.getLogger("tunneld.cluster")
 # Bytes read before the hand-over that travel with the socket (a head is at most 32 KiB; one
 # read may carry more behind it). Larger: the connection goes over the node link instead.
 MAX_PRELUDE: Final = 128 * 1024
-_MAX_MESSAGE: Final = MAX_PRELUDE + 4096
-ACK_TIMEOUT: Final = 2.0  # the owner answers within this (else the landing node lets go)
+_BATCH: Final = 32  # hand-overs per message at most (and messages read at once)
 _HEADER: Final = struct.Struct("!H")  # length of the JSON header that starts each message
+_MAX_MESSAGE: Final = _HEADER.size + 0xFFFF + MAX_PRELUDE
+ACK_TIMEOUT: Final = 2.0  # the owner answers within this (else the landing node lets go)
 _UCRED: Final = struct.Struct("3i")  # pid, uid, gid
+_ANSWER: Final = struct.Struct("!I?")  # the owner's answer: request id, adopted (one or more)
+_FD: Final = struct.Struct("i")
+_FD_SPACE: Final = socket.CMSG_SPACE(_FD.size * _BATCH)
 
 
 @functools.cache
@@ -73,7 +88,7 @@ def host_identity() -> str:
 
 class HandoverServer:
     """One node's hand-over socket: receives connections from other nodes of the host, and hands
-    its own over to them (``hand_over``)."""
+    its own over to them (``send``, or ``hand_over`` from a coroutine)."""
 
     def __init__(self, server: EdgeServer, node_id: str) -> None:
         self.server = server
@@ -82,8 +97,17 @@ class HandoverServer:
         self._listener: socket.socket | None = None
         self._accepted: set[socket.socket] = set()
         self._peers: dict[str, socket.socket] = {}  # address -> our connection to that node
-        self._waiting: dict[int, asyncio.Future[bool | None]] = {}
+        # request id -> (what to call with the answer, when to stop waiting for it); insertion
+        # order is deadline order (one ACK_TIMEOUT for all), so one timer watches them all
+        self._waiting: dict[int, tuple[Callable[[bool | None], object], float, str]] = {}
+        self._timer: asyncio.TimerHandle | None = None
+        # address -> hand-overs of this loop iteration: (header, socket, prelude)
+        self._outgoing: dict[str, list[tuple[dict[str, Any], Any, bytes]]] = {}
+        self._flush_soon = False
         self._ids = itertools.count(1)
+        from .public import PublicConnection  # (public.py imports this module)
+
+        self._connection = PublicConnection
         self.received = 0  # connections adopted (tests, metrics)
         self.sent = 0  # connections handed over
 
@@ -104,10 +128,16 @@ class HandoverServer:
         self._listener = None
         self._accepted.clear()
         self._peers.clear()
-        for future in self._waiting.values():
-            if not future.done():
-                future.set_result(False)
-        self._waiting.clear()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        # Hand-overs not sent yet are still only ours (False: the caller keeps them); the others
+        # may have been adopted (None: let go, as on a timeout)
+        unsent = {entry["id"] for batch in self._outgoing.values() for entry, _, _ in batch}
+        self._outgoing.clear()
+        waiting, self._waiting = self._waiting, {}
+        for request_id, (on_answer, _deadline, _address) in waiting.items():
+            on_answer(False if request_id in unsent else None)
 
     def info(self) -> dict[str, Any]:
         """What goes in this node's record for the others."""
@@ -134,63 +164,95 @@ class HandoverServer:
         self.loop.add_reader(conn.fileno(), self._on_message, conn)
 
     def _on_message(self, conn: socket.socket) -> None:
-        try:
-            data, fds, _flags, _addr = socket.recv_fds(conn, _MAX_MESSAGE, 1)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
-            data, fds = b"", []
-        if not data:  # the other node closed its end (or died)
-            for fd in fds:
-                os.close(fd)
-            with contextlib.suppress(ValueError, OSError):
-                self.loop.remove_reader(conn.fileno())
-            if conn in self._accepted:
-                self._accepted.discard(conn)
-                conn.close()
+        """Messages on a hand-over connection: hand-overs on one a node opened to this one,
+        answers on one this node opened. Up to ``_BATCH`` at a time, and the answers to them in
+        one message: under load the queue holds several, and each message is a wake-up."""
+        accepted = conn in self._accepted
+        answers: list[bytes] = []
+        for _ in range(_BATCH if accepted else 1):  # answers come batched already
+            try:
+                data, ancdata, _flags, _addr = conn.recvmsg(_MAX_MESSAGE, _FD_SPACE)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:
+                data, ancdata = b"", []
+            fds = _descriptors(ancdata)
+            if not data:  # the other node closed its end (or died)
+                for fd in fds:
+                    os.close(fd)
+                self._disconnected(conn)
+                return
+            if accepted:
+                answers.extend(self._receive(data, fds))
             else:
-                for address, peer in list(self._peers.items()):
-                    if peer is conn:
-                        self._drop_peer(address)
-            return
-        if conn in self._accepted:
-            task = self.loop.create_task(self._receive(conn, data, fds))
-            self.server.background.add(task)
-            task.add_done_callback(self.server.background.discard)
-        else:  # an answer on a connection we opened
-            self._answer(data, fds)
+                self._answer(data, fds)
+        if answers:
+            with contextlib.suppress(OSError):
+                conn.send(b"".join(answers))
 
-    async def _receive(self, conn: socket.socket, data: bytes, fds: list[int]) -> None:
-        """Adopt a handed-over socket, then answer: the landing node lets go only after."""
-        request_id = 0
-        ok = False
+    def _disconnected(self, conn: socket.socket) -> None:
+        with contextlib.suppress(ValueError, OSError):
+            self.loop.remove_reader(conn.fileno())
+        if conn in self._accepted:
+            self._accepted.discard(conn)
+            conn.close()
+        else:
+            for address, peer in list(self._peers.items()):
+                if peer is conn:
+                    self._drop_peer(address)
+
+    def _receive(self, data: bytes, fds: list[int]) -> list[bytes]:
+        """Adopt the sockets of one message; the answers (packed). Synchronous: each socket is
+        in a transport of this process when this returns, so the answers can go at once."""
         try:
             (size,) = _HEADER.unpack_from(data)
-            header = orjson.loads(data[_HEADER.size : _HEADER.size + size])
-            request_id = int(header["id"])
-            prelude = data[_HEADER.size + size :]
-            if len(fds) != 1:
-                raise ValueError("no descriptor")
-            ok = await self._adopt(fds[0], header, prelude)
-        except (ValueError, KeyError, TypeError, OSError, struct.error) as exc:
+            entries = orjson.loads(data[_HEADER.size : _HEADER.size + size])
+            ids = [int(entry["id"]) for entry in entries]
+            if len(fds) != len(ids) or not all(0 < i < 1 << 32 for i in ids):
+                raise ValueError(f"{len(fds)} descriptors for {len(ids)} connections")
+        except (ValueError, KeyError, TypeError, struct.error) as exc:
             log.warning("hand-over: refused a malformed hand-over: %s", exc)
-        finally:
             for fd in fds:
                 os.close(fd)
-        with contextlib.suppress(OSError):
-            conn.send(orjson.dumps({"id": request_id, "ok": ok}))
+            return [_ANSWER.pack(0, False)]
+        answers = []
+        adopted = 0
+        offset = _HEADER.size + size
+        for entry, request_id, fd in zip(entries, ids, fds, strict=True):
+            try:
+                end = offset + int(entry["n"])
+                sandbox, epoch = str(entry["sandbox"]), entry["epoch"]
+                if not offset <= end <= len(data):
+                    raise ValueError("bytes missing")
+            except (ValueError, KeyError, TypeError) as exc:
+                log.warning("hand-over: refused a malformed hand-over: %s", exc)
+                os.close(fd)
+                answers.append(_ANSWER.pack(request_id, False))
+                continue
+            prelude, offset = data[offset:end], end
+            epoch = epoch if type(epoch) is int else None
+            ok = self._adopt(fd, sandbox, epoch, prelude)  # it closes fd if not ok
+            answers.append(_ANSWER.pack(request_id, ok))
+            adopted += ok
+        if adopted:  # the metrics once per message
+            self.received += adopted
+            metrics = self.server.metrics
+            metrics.public_connections.inc(adopted)
+            metrics.adopted.inc(adopted)
+        return answers
 
-    async def _adopt(self, fd: int, header: dict[str, Any], prelude: bytes) -> bool:
-        from .public import PublicConnection
-
+    def _adopt(self, fd: int, sandbox: str, epoch: int | None, prelude: bytes) -> bool:
+        """Serve the connection behind ``fd`` (ours to close, whatever happens)."""
         server = self.server
         cluster = server.cluster
-        epoch = header.get("epoch")
-        if cluster is None or not cluster.serves(
-            str(header["sandbox"]), epoch if type(epoch) is int else None
-        ):
+        if cluster is None or not cluster.serves(sandbox, epoch):
+            os.close(fd)
             return False  # not the owner (any more): the landing node keeps it
-        sock = socket.socket(fileno=os.dup(fd))  # ours; the caller closes the received fd
+        try:  # the kernel says the family and type (protocol 0: one syscall less)
+            sock = _AdoptedSocket(-1, -1, 0, fd)
+        except OSError:  # not a socket at all
+            os.close(fd)
+            return False
         if sock.type != socket.SOCK_STREAM or sock.family not in (
             socket.AF_INET,
             socket.AF_INET6,
@@ -198,84 +260,210 @@ class HandoverServer:
             sock.close()
             return False
         sock.setblocking(False)
-        server.metrics.public_connections.inc()
-        conn = PublicConnection(server, server.parser)
+        conn = self._connection(server, server.parser)
         conn.adopt(prelude)  # replayed in connection_made, before the first read
+        # connect_accepted_socket is a coroutine, but all it does before its only await (for
+        # connection_made, scheduled with call_soon) is to make the transport: step it once
+        # here, and let the waiter's callback finish it, rather than a task per connection.
+        coro = self.loop.connect_accepted_socket(lambda: conn, sock)
         try:
-            await self.loop.connect_accepted_socket(lambda: conn, sock)
-        except OSError as exc:
+            waiter = coro.send(None)
+        except StopIteration:
+            pass
+        except (OSError, ValueError) as exc:
             log.warning("hand-over: could not adopt a connection: %s", exc)
             sock.close()
             return False
-        self.received += 1
-        server.metrics.adopted.inc()
+        else:
+            waiter.add_done_callback(functools.partial(_finish_adoption, coro))
         return True
 
     # -- sending (landing node) ------------------------------------------------------------------
-    async def hand_over(
-        self, address: str, sock: socket.socket, header: dict[str, Any], prelude: bytes
+    def send(
+        self,
+        address: str,
+        sock: Any,
+        header: dict[str, Any],
+        prelude: bytes,
+        on_answer: Callable[[bool | None], object],
     ) -> bool:
-        """Give ``sock`` (and ``prelude``) to the node listening on ``address``. True: it is the
-        owner's now (it adopted it, or did not answer in time and may have: close ours either
-        way); False: it refused, or the message never left (keep serving it)."""
-        if len(prelude) > MAX_PRELUDE:
+        """Give the socket ``sock`` (and ``prelude``, what was read from it) to the node
+        listening on ``address``. False: not possible, the socket is still only ours. True:
+        ``on_answer`` is called later with True (the owner adopted it: close ours), False (it
+        refused, or the message never left: keep serving it) or None (no answer within
+        ``ACK_TIMEOUT``: it may have adopted it, so let go of it too).
+
+        The hand-overs of one loop iteration leave together, one message (``_flush``); the
+        socket's descriptor is read then, and one closed meanwhile is not sent (False)."""
+        if len(prelude) > MAX_PRELUDE or self._connect(address) is None:
             return False
+        batch = self._outgoing.get(address)
+        if batch is not None and (
+            len(batch) >= _BATCH or sum(len(item[2]) for item in batch) + len(prelude) > MAX_PRELUDE
+        ):
+            self._send_batch(address)
+            batch = None
+        if batch is None:
+            batch = self._outgoing[address] = []
+        request_id = next(self._ids) % 0xFFFFFFFF + 1  # fits the answer's 32 bits, never 0
+        batch.append(({**header, "id": request_id, "n": len(prelude)}, sock, prelude))
+        self._waiting[request_id] = (on_answer, self.loop.time() + ACK_TIMEOUT, address)
+        if not self._flush_soon:
+            self._flush_soon = True
+            self.loop.call_soon(self._flush)
+        if self._timer is None:
+            self._timer = self.loop.call_later(ACK_TIMEOUT, self._expire)
+        return True
+
+    async def hand_over(
+        self, address: str, sock: Any, header: dict[str, Any], prelude: bytes
+    ) -> bool:
+        """``send`` for a coroutine. True: it is the owner's now (it adopted it, or did not
+        answer in time and may have: close ours either way); False: it refused, or the message
+        never left (keep serving it)."""
+        future: asyncio.Future[bool | None] = self.loop.create_future()
+        if not self.send(address, sock, header, prelude, functools.partial(_settle, future)):
+            return False
+        return await future is not False
+
+    def _connect(self, address: str) -> socket.socket | None:
         peer = self._peers.get(address)
-        try:
-            if peer is None:
+        if peer is None:
+            try:
                 peer = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_NONBLOCK)
                 self._peers[address] = peer  # closed by _drop_peer if anything below fails
                 peer.connect(address.replace("@", "\0", 1))
                 self.loop.add_reader(peer.fileno(), self._on_message, peer)
-            request_id = next(self._ids)
-            head = orjson.dumps({**header, "id": request_id})
-            future: asyncio.Future[bool | None] = self.loop.create_future()
-            self._waiting[request_id] = future
-            socket.send_fds(peer, [_HEADER.pack(len(head)) + head + prelude], [sock.fileno()])
+            except OSError as exc:  # the owner is gone
+                log.debug("hand-over to %s failed: %s", address, exc)
+                self._drop_peer(address)
+                return None
+        return peer
+
+    def _flush(self) -> None:
+        self._flush_soon = False
+        for address in list(self._outgoing):
+            self._send_batch(address)
+
+    def _send_batch(self, address: str) -> None:
+        batch = self._outgoing.pop(address, [])
+        entries, fds, preludes = [], [], []
+        for entry, sock, prelude in batch:
+            fd = sock.fileno()
+            if fd < 0:  # the connection was closed meanwhile: nothing to hand over
+                self._settle(entry["id"], False)
+                continue
+            entries.append(entry)
+            fds.append(fd)
+            preludes.append(prelude)
+        if not entries:
+            return
+        head = orjson.dumps(entries)
+        peer = self._peers.get(address)
+        try:
+            if peer is None or len(head) > 0xFFFF:
+                raise OSError("no connection to it")
+            peer.sendmsg(
+                [_HEADER.pack(len(head)), head, *preludes],
+                [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())],
+            )
         except OSError as exc:  # the owner is gone, or its queue is full
             log.debug("hand-over to %s failed: %s", address, exc)
+            for entry in entries:  # not sent: still only ours
+                self._settle(entry["id"], False)
             self._drop_peer(address)
+
+    def _settle(self, request_id: int, answer: bool | None) -> bool:
+        """Give ``answer`` to whoever waits for ``request_id``; True: it was adopted."""
+        waiting = self._waiting.pop(request_id, None)
+        if waiting is None:
             return False
-        # A timer on the future rather than asyncio.wait_for: one per connection on the churn
-        # path, and wait_for wraps the future in a task of its own.
-        timer = self.loop.call_later(ACK_TIMEOUT, _settle, future, None)
-        try:
-            answer = await future
-        finally:
-            timer.cancel()
-            self._waiting.pop(request_id, None)
-        if answer is None:
-            # No answer: the owner may still adopt the socket, so serving it here too could
-            # put two readers on one connection. Let go of it; if the owner never adopts it,
-            # the client sees the connection end without a response (an error, not a wrong
-            # answer).
-            log.warning(
-                "hand-over to %s: no answer within %.0fs; connection given up", address, ACK_TIMEOUT
-            )
-            return True
-        if answer:
-            self.sent += 1
-            self.server.metrics.handed_over.inc()
-        return answer
+        waiting[0](answer)
+        return answer is True
 
     def _answer(self, data: bytes, fds: list[int]) -> None:
         for fd in fds:
             os.close(fd)
-        try:
-            reply = orjson.loads(data)
-            future = self._waiting.get(int(reply["id"]))
-        except (ValueError, KeyError, TypeError, orjson.JSONDecodeError):
+        if len(data) % _ANSWER.size:
             return
-        if future is not None and not future.done():
-            future.set_result(reply.get("ok") is True)
+        sent = 0
+        for request_id, ok in _ANSWER.iter_unpack(data):
+            sent += self._settle(request_id, ok is True)
+        if sent:
+            self.sent += sent
+            self.server.metrics.handed_over.inc(sent)
+
+    def _expire(self) -> None:
+        """No answer within ACK_TIMEOUT: the owner may still adopt the socket, so serving it
+        here too could put two readers on one connection. The landing node lets go of it; if
+        the owner never adopts it, the client sees the connection end without a response (an
+        error, not a wrong answer)."""
+        self._timer = None
+        now = self.loop.time()
+        waiting = self._waiting
+        while waiting:
+            request_id = next(iter(waiting))
+            on_answer, deadline, address = waiting[request_id]
+            if deadline > now:
+                self._timer = self.loop.call_later(deadline - now, self._expire)
+                return
+            del waiting[request_id]
+            log.warning(
+                "hand-over to %s: no answer within %.1fs; connection given up", address, ACK_TIMEOUT
+            )
+            on_answer(None)
 
     def _drop_peer(self, address: str) -> None:
+        """Close our connection to ``address``; hand-overs sent on it and not answered get no
+        answer now: the owner may have adopted them (None, as on a timeout, without waiting)."""
         peer = self._peers.pop(address, None)
         if peer is not None:
             if peer.fileno() >= 0:
                 with contextlib.suppress(ValueError, OSError):
                     self.loop.remove_reader(peer.fileno())
             peer.close()
+        if address in self._outgoing:
+            for entry, _sock, _prelude in self._outgoing.pop(address):
+                self._settle(entry["id"], False)  # never sent
+        lost = [i for i, (_cb, _deadline, to) in self._waiting.items() if to == address]
+        if lost:
+            log.warning(
+                "hand-over to %s: the connection to it ended; %d unanswered connection(s) given up",
+                address,
+                len(lost),
+            )
+            for request_id in lost:
+                self._settle(request_id, None)
+
+
+class _AdoptedSocket(socket.socket):
+    """A socket object whose ``family`` and ``type`` are the plain ints of ``_socket``: the
+    event loop reads them (``connect_accepted_socket``) and socket.socket's properties make an
+    enum member on every read."""
+
+    __slots__ = ()
+    family = _socket.socket.family  # type: ignore[assignment]
+    type = _socket.socket.type  # type: ignore[assignment]
+
+
+def _descriptors(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
+    fds: list[int] = []
+    for level, kind, data in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.extend(array.array("i", data[: len(data) - len(data) % _FD.size]))
+    return fds
+
+
+def _finish_adoption(coro: Coroutine[Any, Any, Any], waiter: asyncio.Future[Any]) -> None:
+    """The rest of ``connect_accepted_socket`` once connection_made ran (see ``_adopt``)."""
+    try:
+        coro.send(None)
+    except StopIteration:
+        return
+    except (Exception, asyncio.CancelledError) as exc:  # it closed the transport itself
+        log.warning("hand-over: an adopted connection failed to start: %r", exc)
+        return
+    coro.close()  # it awaited something else: not the coroutine this was written for
 
 
 def _settle(future: asyncio.Future[bool | None], value: bool | None) -> None:

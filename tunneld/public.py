@@ -46,6 +46,7 @@ from relay.mux import StreamEndpoint, abort_with_reset, set_reset_on_close
 from .accesslog import ConnectionLog
 from .budget import RequestBudget
 from .framing import RequestFramer, State, forward_head
+from .handover import MAX_PRELUDE, host_identity
 from .httphead import HeadError, HeadParser, RequestHead
 from .inspect import ConnectionRecorder
 
@@ -410,23 +411,41 @@ class PublicConnection(StreamEndpoint):
 
     # -- cluster: the sandbox's agent is on another node ------------------------------------------
     def _hand_on(self) -> None:
-        """Forward this connection to the owner node (tunneld/cluster.py): reading pauses and
-        the head timer stops while the link is found; ``_hand_on_task`` finishes the job."""
+        """Give this connection to the owner node: its socket itself when the owner runs on this
+        host (tunneld/handover.py; the answer comes to ``_handed_over``), else over a node link
+        (tunneld/cluster.py, ``_hand_on_task``). Reading pauses and the head timer stops."""
         self._cancel_timer()
         self._framer.hand_off()
         if self.transport is not None:
             self.transport.pause_reading()
-        task = self.server.loop.create_task(self._hand_on_task())
+        refresh = False
+        if self.server.handover is not None:
+            sent = self._send_socket()
+            if sent:
+                return
+            refresh = sent is None
+        self._start_hand_on_task(refresh)
+
+    def _start_hand_on_task(self, refresh: bool) -> None:
+        task = self.server.loop.create_task(self._hand_on_task(refresh))
         self.server.background.add(task)
         task.add_done_callback(self.server.background.discard)
 
-    async def _hand_on_task(self) -> None:
+    async def _hand_on_task(self, refresh: bool = False) -> None:
+        """Forward this connection over a node link to the owner; ``refresh``: first read the
+        node records again (the owner's was not known here) and try the hand-over once more."""
         from .cluster import RouteError
 
         cluster = self.server.cluster
         assert cluster is not None
-        if self.server.handover is not None and await self._hand_over_socket():
-            return  # another worker of this host serves it now; this object is done
+        if refresh:
+            try:
+                cluster.nodes = await cluster.store.nodes()
+            except Exception:  # the store is away: the node link path reports it
+                pass
+            else:
+                if self._send_socket():
+                    return  # _handed_over takes it from here
         try:
             link, epoch = await cluster.route(self.sandbox_id)
         except RouteError as exc:
@@ -453,17 +472,17 @@ class PublicConnection(StreamEndpoint):
         link.flush()
         transport.resume_reading()
 
-    async def _hand_over_socket(self) -> bool:
-        """Pass the socket itself to the owner when it runs on this host (tunneld/handover.py);
-        False: not possible or refused, and this connection is still ours to forward."""
-        from .handover import MAX_PRELUDE, host_identity
-
+    def _send_socket(self) -> bool | None:
+        """Pass the socket itself to the owner when it runs on this host (tunneld/handover.py).
+        True: sent, ``_handed_over`` gets the answer; False: not possible, this connection is
+        still ours to forward; None: the owner's node record is not known here (yet)."""
         server = self.server
         cluster = server.cluster
         handover = server.handover
-        assert cluster is not None and handover is not None
         transport = self.transport
-        if transport is None or transport.get_extra_info("sslcontext") is not None:
+        if cluster is None or handover is None or transport is None or transport.is_closing():
+            return False
+        if transport.get_extra_info("sslcontext") is not None:
             # A TLS session's keys and sequence numbers live in this process's SSL object: the
             # socket alone would be undecipherable to the owner. The node link carries it.
             return False
@@ -473,26 +492,36 @@ class PublicConnection(StreamEndpoint):
             return False
         record = cluster.nodes.get(owner[0])
         if record is None:
-            try:
-                cluster.nodes = await cluster.store.nodes()
-            except Exception:  # the store is away: the node link path reports it
-                return False
-            record = cluster.nodes.get(owner[0])
-        if record is None or record.get("host") != host_identity() or not record.get("handover"):
+            return None
+        if record.get("host") != host_identity() or not record.get("handover"):
             return False
-        transport = self.transport
-        sock = transport.get_extra_info("socket") if transport is not None else None
-        if sock is None or transport is None or transport.is_closing():
+        sock = transport.get_extra_info("socket")
+        if sock is None:
             return False
         header = {"sandbox": self.sandbox_id, "port": self.port, "epoch": owner[1]}
-        if not await handover.hand_over(record["handover"], sock, header, bytes(prelude or b"")):
-            cluster.nodes.pop(owner[0], None)  # perhaps a stale record: read it again next time
-            return False
-        # The owner holds its own descriptor of the socket now: closing ours sends nothing.
+        return handover.send(
+            record["handover"], sock, header, bytes(prelude or b""), self._handed_over
+        )
+
+    def _handed_over(self, answer: bool | None) -> None:
+        """The owner's answer to ``_send_socket``. True: it adopted the socket; None: no answer
+        in time, it may have (tunneld/handover.py): either way it is not ours to serve, and
+        closing our descriptor sends nothing to the client. False: it refused, nothing was
+        lost: forward the connection over the node link instead."""
+        transport = self.transport
+        if answer is False:
+            if transport is None or transport.is_closing() or self._closed:
+                return  # the client left before the hand-over message did
+            cluster = self.server.cluster
+            owner = cluster.owners.get(self.sandbox_id) if cluster is not None else None
+            if cluster is not None and owner is not None:
+                cluster.nodes.pop(owner[0], None)  # perhaps a stale record: read it next time
+            self._start_hand_on_task(False)
+            return
         self._prelude = None
         self._closed = True
-        transport.abort()
-        return True
+        if transport is not None:
+            transport.abort()
 
     def adopt(self, prelude: bytes) -> None:
         """A connection another worker of this host handed over: ``prelude`` is what it read.
