@@ -76,7 +76,7 @@ def test_the_worker_tag_is_the_formatters(monkeypatch: pytest.MonkeyPatch) -> No
         text, js = Recorder(), Recorder()
         AccessWriter(loop, "text", text).write("m", {})
         AccessWriter(loop, "json", js).write("m", {})
-        loop.run_until_complete(asyncio.sleep(0))  # the flush at the iteration's end
+        loop.run_until_complete(asyncio.sleep(accesslog.FLUSH_AFTER))  # the timed flush
     finally:
         loop.close()
     assert " INFO    tunneld.access[w3]: m\n" in text.getvalue()
@@ -84,14 +84,18 @@ def test_the_worker_tag_is_the_formatters(monkeypatch: pytest.MonkeyPatch) -> No
 
 
 @pytest.mark.anyio
-async def test_one_iterations_lines_leave_in_line_aligned_writes_of_at_most_pipe_buf() -> None:
+async def test_lines_leave_together_in_line_aligned_writes_of_at_most_pipe_buf() -> None:
     stream = Recorder()
     writer = AccessWriter(asyncio.get_running_loop(), "text", stream)
     messages = [f"request {i} " + "\u00e9" * (i % 300) for i in range(200)]  # 2 bytes each
-    for message in messages:
+    for message in messages[:100]:
         writer.write(message, {})
-    assert stream.writes == []  # nothing yet: written when this iteration ends
     await asyncio.sleep(0)
+    assert stream.writes == []  # nothing yet: written FLUSH_AFTER after the first line
+    for message in messages[100:]:
+        writer.write(message, {})
+    # the writer's timer was armed before this sleep's, so it has fired when the sleep ends
+    await asyncio.sleep(accesslog.FLUSH_AFTER)
     assert len(stream.writes) >= 2
     assert all(len(w.encode()) <= 4096 and w.endswith("\n") for w in stream.writes)
     lines = "".join(stream.writes).splitlines()
@@ -99,7 +103,7 @@ async def test_one_iterations_lines_leave_in_line_aligned_writes_of_at_most_pipe
 
 
 @pytest.mark.anyio
-async def test_a_burst_is_written_before_the_iteration_ends() -> None:
+async def test_a_burst_is_written_at_once() -> None:
     stream = Recorder()
     writer = AccessWriter(asyncio.get_running_loop(), "text", stream)
     for i in range(accesslog._MAX_PENDING):
@@ -120,3 +124,17 @@ def test_new_request_ids_are_32_hex_digits_and_distinct() -> None:
     ids = [new_request_id() for _ in range(1000)]
     assert len(set(ids)) == 1000
     assert all(re.fullmatch(rb"[0-9a-f]{32}", i) for i in ids)
+
+
+@pytest.mark.anyio
+async def test_an_early_flush_writes_once_and_disarms_the_timer() -> None:
+    stream = Recorder()
+    writer = AccessWriter(asyncio.get_running_loop(), "text", stream)
+    writer.write("a", {})
+    writer.flush()  # as the edge's stop does
+    assert len(stream.writes) == 1
+    await asyncio.sleep(accesslog.FLUSH_AFTER * 2)
+    assert len(stream.writes) == 1  # nothing twice, nothing empty
+    writer.write("b", {})  # a new first line arms a new timer
+    await asyncio.sleep(accesslog.FLUSH_AFTER)
+    assert [w.rsplit(": ", 1)[1] for w in stream.writes] == ["a\n", "b\n"]

@@ -20,10 +20,10 @@ The lines are written by an :class:`AccessWriter` (the edge's, one per process),
 ``logging`` record each: a record costs ~30 us of Python per request (LogRecord, handler lock,
 formatter, one write and flush per line), as much as relaying the request itself. The writer
 formats the same line the stdlib formatter would (text: ``asctime level name: message``; json:
-tunneld/logs.py's keys), keeps the lines of one event-loop iteration and writes them at its end
-in writes of at most ``PIPE_BUF`` bytes that end on a line (workers share one stderr: a write
-that size is never interleaved with another's). The ``tunneld.access`` logger's level still
-decides whether lines are written at all.
+tunneld/logs.py's keys), keeps the lines and writes them ``FLUSH_AFTER`` (50 ms) after the first,
+or at 256 lines, or when the edge stops, in writes of at most ``PIPE_BUF`` bytes that end on a
+line (workers share one stderr: a write that size is never interleaved with another's). The
+``tunneld.access`` logger's level still decides whether lines are written at all.
 
 An inspected connection (tunneld/inspect.py) takes this same path, with ``quiet`` when the access
 log is off: its ``recorder`` gets each request's head and body prefix, the response head and
@@ -89,22 +89,26 @@ WORKER: int | None = None
 _WRITE_CHUNK: Final = 2048
 # "000" to "999": the milliseconds of a time stamp (a lookup, not a format per line).
 _MSECS: Final = tuple(f"{ms:03d}" for ms in range(1001))
-# Lines kept before a write even within one loop iteration (a burst of completions).
+# Lines are written this long after the first of them (as nginx's ``access_log ... flush=``):
+# one write per interval, not one per loop iteration, which with one request in flight is a
+# write (a syscall) per request. A crash loses at most this much of the log; a stop writes it.
+FLUSH_AFTER: Final = 0.05
+# Lines kept before a write even within the interval (a burst of completions).
 _MAX_PENDING: Final = 256
 
 
 class AccessWriter:
-    """Formats access lines as the stdlib formatter of ``tunneld serve`` would and writes each
-    event-loop iteration's lines at its end (see the module docstring)."""
+    """Formats access lines as the stdlib formatter of ``tunneld serve`` would and writes them in
+    batches (see the module docstring)."""
 
     __slots__ = (
         "_json",
         "_loop",
         "_pending",
-        "_scheduled",
         "_sec",
         "_stamp",
         "_tail",
+        "_timer",
         "_worker",
         "stream",
     )
@@ -122,7 +126,7 @@ class AccessWriter:
         self._tail = f" INFO    {name}: "  # the text line after its time stamp
         self.stream = stream if stream is not None else sys.stderr
         self._pending: list[str] = []
-        self._scheduled = False
+        self._timer: asyncio.TimerHandle | None = None
         self._sec = -1
         self._stamp = ""
         self._worker = worker if self._json else None
@@ -159,13 +163,14 @@ class AccessWriter:
         pending.append(line)
         if len(pending) >= _MAX_PENDING:
             self.flush()
-        elif not self._scheduled:
-            self._scheduled = True
-            self._loop.call_soon(self.flush)
+        elif self._timer is None:
+            self._timer = self._loop.call_later(FLUSH_AFTER, self.flush)
 
     def flush(self) -> None:
-        """Write the pending lines now (also at the end of each loop iteration, and at stop)."""
-        self._scheduled = False
+        """Write the pending lines now (also ``FLUSH_AFTER`` after the first, and at stop)."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         pending = self._pending
         if not pending:
             return

@@ -40,6 +40,30 @@ def test_json_lines_with_access_fields(procs: Processes) -> None:
         origin.close()
 
 
+def test_lines_still_buffered_at_sigterm_are_written(procs: Processes) -> None:
+    """Access lines leave in batches (accesslog.FLUSH_AFTER after the first): every request
+    of a burst answered just before SIGTERM is in the log once the process exited."""
+    origin = OriginThread()
+    try:
+        procs.start_edge("--log-format", "json", "--access-log")
+        edge = procs.edge
+        assert edge is not None
+        procs.start_agent("sb1")
+        with admin_client(procs) as admin:
+            url = admin.post("/v1/sandboxes/sb1/ports", json={"port": origin.port}).json()[
+                "exposedAt"
+            ]
+        paths = [f"/?n={i}" for i in range(20)]
+        for path in paths:
+            assert preview_get(procs, url, path).status_code == 200
+        assert procs.stop(edge) == 0
+        rows = [json.loads(ln) for ln in procs.output(edge).splitlines() if ln.strip()]
+        logged = [row["path"] for row in rows if row["logger"] == "tunneld.access"]
+        assert logged == paths
+    finally:
+        origin.close()
+
+
 def test_a_bad_log_format_is_a_usage_error(procs: Processes, tmp_path: Path) -> None:
     import subprocess
 
