@@ -88,7 +88,7 @@ def host_identity() -> str:
 
 class HandoverServer:
     """One node's hand-over socket: receives connections from other nodes of the host, and hands
-    its own over to them (``send``, or ``hand_over`` from a coroutine)."""
+    its own over to them (``send``)."""
 
     def __init__(self, server: EdgeServer, node_id: str) -> None:
         self.server = server
@@ -315,17 +315,6 @@ class HandoverServer:
             self._timer = self.loop.call_later(ACK_TIMEOUT, self._expire)
         return True
 
-    async def hand_over(
-        self, address: str, sock: Any, header: dict[str, Any], prelude: bytes
-    ) -> bool:
-        """``send`` for a coroutine. True: it is the owner's now (it adopted it, or did not
-        answer in time and may have: close ours either way); False: it refused, or the message
-        never left (keep serving it)."""
-        future: asyncio.Future[bool | None] = self.loop.create_future()
-        if not self.send(address, sock, header, prelude, functools.partial(_settle, future)):
-            return False
-        return await future is not False
-
     def _connect(self, address: str) -> socket.socket | None:
         peer = self._peers.get(address)
         if peer is None:
@@ -464,8 +453,3 @@ def _finish_adoption(coro: Coroutine[Any, Any, Any], waiter: asyncio.Future[Any]
         log.warning("hand-over: an adopted connection failed to start: %r", exc)
         return
     coro.close()  # it awaited something else: not the coroutine this was written for
-
-
-def _settle(future: asyncio.Future[bool | None], value: bool | None) -> None:
-    if not future.done():
-        future.set_result(value)

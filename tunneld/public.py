@@ -474,8 +474,9 @@ class PublicConnection(StreamEndpoint):
 
     def _send_socket(self) -> bool | None:
         """Pass the socket itself to the owner when it runs on this host (tunneld/handover.py).
-        True: sent, ``_handed_over`` gets the answer; False: not possible, this connection is
-        still ours to forward; None: the owner's node record is not known here (yet)."""
+        True: on its way (it leaves at the end of this loop iteration), ``_handed_over`` gets
+        the answer; False: not possible, this connection is still ours to forward; None: the
+        owner's node record is not known here (yet)."""
         server = self.server
         cluster = server.cluster
         handover = server.handover
