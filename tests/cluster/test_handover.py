@@ -8,6 +8,7 @@ import asyncio
 import hashlib
 import os
 import socket
+from typing import Any
 
 import orjson
 import pytest
@@ -109,6 +110,26 @@ async def test_the_hand_over_socket_refuses_garbage_and_keeps_serving(cluster: C
     assert b.edge.handover.received == 1
 
 
+async def _request_to_fake_owner(cluster: Cluster, name: str) -> tuple[Any, ...]:
+    """Node A, with node B's hand-over socket replaced by a bare listening one of the test's
+    (``name``), and a request on A for a sandbox on B: (A, listener, the accepted hand-over
+    connection from A, the client's (reader, writer))."""
+    a, _b, url = await _two_nodes_agent_on_b(cluster)
+    silent = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    silent.bind(f"\0tunneld-test-{name}-owner")
+    silent.listen(1)
+    a.edge.cluster.nodes = await a.store.nodes()
+    a.edge.cluster.nodes["node-b"]["handover"] = f"@tunneld-test-{name}-owner"
+    loop = asyncio.get_running_loop()
+    host = url.split("//", 1)[1].split("/", 1)[0].encode()
+    client = await asyncio.open_connection("127.0.0.1", a.edge.public_port)
+    client[1].write(b"GET / HTTP/1.1\r\nHost: " + host + b"\r\n\r\n")
+    silent.settimeout(5)
+    conn, _ = await loop.run_in_executor(None, silent.accept)
+    conn.settimeout(5)
+    return a, silent, conn, client
+
+
 async def test_an_owner_that_never_answers_gets_the_socket_and_nobody_serves_it_twice(
     cluster: Cluster, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -117,19 +138,8 @@ async def test_an_owner_that_never_answers_gets_the_socket_and_nobody_serves_it_
     import tunneld.handover as handover
 
     monkeypatch.setattr(handover, "ACK_TIMEOUT", 0.3)
-    a, _b, url = await _two_nodes_agent_on_b(cluster)
-    silent = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    silent.bind("\0tunneld-test-silent-owner")
-    silent.listen(1)
-    a.edge.cluster.nodes = await a.store.nodes()
-    a.edge.cluster.nodes["node-b"]["handover"] = "@tunneld-test-silent-owner"
+    a, silent, conn, (reader, writer) = await _request_to_fake_owner(cluster, "silent")
     loop = asyncio.get_running_loop()
-    host = url.split("//", 1)[1].split("/", 1)[0].encode()
-    reader, writer = await asyncio.open_connection("127.0.0.1", a.edge.public_port)
-    writer.write(b"GET / HTTP/1.1\r\nHost: " + host + b"\r\n\r\n")
-    silent.settimeout(5)
-    conn, _ = await loop.run_in_executor(None, silent.accept)
-    conn.settimeout(5)
     _msg, fds, _flags, _addr = await loop.run_in_executor(None, socket.recv_fds, conn, 65536, 1)
     await wait_for(lambda: not a.edge.public_connections, what="node-a to let go")
     assert a.edge.handover.sent == 0 and not a.edge.cluster.links  # no fallback: no 2nd reader
@@ -299,19 +309,8 @@ async def test_an_owner_whose_socket_closes_unanswered_is_given_the_connection_a
     import tunneld.handover as handover
 
     monkeypatch.setattr(handover, "ACK_TIMEOUT", 60.0)
-    a, _b, url = await _two_nodes_agent_on_b(cluster)
-    silent = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    silent.bind("\0tunneld-test-dying-owner")
-    silent.listen(1)
-    a.edge.cluster.nodes = await a.store.nodes()
-    a.edge.cluster.nodes["node-b"]["handover"] = "@tunneld-test-dying-owner"
+    a, silent, conn, (reader, writer) = await _request_to_fake_owner(cluster, "dying")
     loop = asyncio.get_running_loop()
-    host = url.split("//", 1)[1].split("/", 1)[0].encode()
-    reader, writer = await asyncio.open_connection("127.0.0.1", a.edge.public_port)
-    writer.write(b"GET / HTTP/1.1\r\nHost: " + host + b"\r\n\r\n")
-    silent.settimeout(5)
-    conn, _ = await loop.run_in_executor(None, silent.accept)
-    conn.settimeout(5)
     _msg, fds, _flags, _addr = await loop.run_in_executor(None, socket.recv_fds, conn, 65536, 4)
     assert len(fds) == 1 and a.edge.public_connections  # A still waits for the answer
     for fd in fds:

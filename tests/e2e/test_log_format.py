@@ -4,23 +4,30 @@ fields as keys (a real ``tunneld serve`` process)."""
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 
 from .origin import OriginThread
 from .procs import Processes, admin_client, preview_get, wait_for
 
 
+def _json_edge_exposing(
+    procs: Processes, origin: OriginThread
+) -> tuple[subprocess.Popen[bytes], str]:
+    """A ``tunneld serve --log-format json --access-log`` and an agent exposing ``origin``."""
+    procs.start_edge("--log-format", "json", "--access-log")
+    edge = procs.edge
+    assert edge is not None
+    procs.start_agent("sb1")
+    with admin_client(procs) as admin:
+        url = admin.post("/v1/sandboxes/sb1/ports", json={"port": origin.port}).json()["exposedAt"]
+    return edge, url
+
+
 def test_json_lines_with_access_fields(procs: Processes) -> None:
     origin = OriginThread()
     try:
-        procs.start_edge("--log-format", "json", "--access-log")
-        edge = procs.edge
-        assert edge is not None
-        procs.start_agent("sb1")
-        with admin_client(procs) as admin:
-            url = admin.post("/v1/sandboxes/sb1/ports", json={"port": origin.port}).json()[
-                "exposedAt"
-            ]
+        edge, url = _json_edge_exposing(procs, origin)
         r = preview_get(procs, url, "/?x=1")
         assert r.status_code == 200
 
@@ -45,14 +52,7 @@ def test_lines_still_buffered_at_sigterm_are_written(procs: Processes) -> None:
     of a burst answered just before SIGTERM is in the log once the process exited."""
     origin = OriginThread()
     try:
-        procs.start_edge("--log-format", "json", "--access-log")
-        edge = procs.edge
-        assert edge is not None
-        procs.start_agent("sb1")
-        with admin_client(procs) as admin:
-            url = admin.post("/v1/sandboxes/sb1/ports", json={"port": origin.port}).json()[
-                "exposedAt"
-            ]
+        edge, url = _json_edge_exposing(procs, origin)
         paths = [f"/?n={i}" for i in range(20)]
         for path in paths:
             assert preview_get(procs, url, path).status_code == 200
@@ -65,8 +65,6 @@ def test_lines_still_buffered_at_sigterm_are_written(procs: Processes) -> None:
 
 
 def test_a_bad_log_format_is_a_usage_error(procs: Processes, tmp_path: Path) -> None:
-    import subprocess
-
     from .procs import BIN
 
     out = subprocess.run(
