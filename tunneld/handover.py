@@ -58,7 +58,7 @@ import orjson
 if TYPE_CHECKING:
     from .edge import EdgeServer
 
-__all__ = ["MAX_PRELUDE", "HandoverServer", "host_identity"]
+__all__ = ["MAX_PRELUDE", "HandoverServer", "OpenSocket", "host_identity"]
 
 log = logging.getLogger("tunneld.cluster")
 
@@ -423,6 +423,23 @@ class HandoverServer:
             )
             for request_id in lost:
                 self._settle(request_id, None)
+
+
+class OpenSocket:
+    """The socket of ``transport`` for ``HandoverServer.send``: its descriptor while the
+    transport is open, -1 once it is closing (then it is not sent: the caller hears False).
+    uvloop's transport socket reports its descriptor until libuv closes it, later in the loop
+    iteration, so a connection closed (a timeout, a stop) after ``send`` and before the batch
+    left would still reach the owner, which would serve what this node had given up."""
+
+    __slots__ = ("_sock", "_transport")
+
+    def __init__(self, transport: asyncio.BaseTransport, sock: Any) -> None:
+        self._transport = transport
+        self._sock = sock
+
+    def fileno(self) -> int:
+        return -1 if self._transport.is_closing() else int(self._sock.fileno())
 
 
 class _AdoptedSocket(socket.socket):

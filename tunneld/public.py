@@ -46,7 +46,7 @@ from relay.mux import StreamEndpoint, abort_with_reset, set_reset_on_close
 from .accesslog import ConnectionLog
 from .budget import RequestBudget
 from .framing import RequestFramer, State, forward_head
-from .handover import MAX_PRELUDE, host_identity
+from .handover import MAX_PRELUDE, OpenSocket, host_identity
 from .httphead import HeadError, HeadParser, RequestHead
 from .inspect import ConnectionRecorder
 
@@ -501,7 +501,11 @@ class PublicConnection(StreamEndpoint):
             return False
         header = {"sandbox": self.sandbox_id, "port": self.port, "epoch": owner[1]}
         return handover.send(
-            record["handover"], sock, header, bytes(prelude or b""), self._handed_over
+            record["handover"],
+            OpenSocket(transport, sock),
+            header,
+            bytes(prelude or b""),
+            self._handed_over,
         )
 
     def _handed_over(self, answer: bool | None) -> None:

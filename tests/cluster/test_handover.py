@@ -344,3 +344,45 @@ async def test_a_connection_closed_before_its_hand_over_left_is_not_sent(cluster
     finally:
         for s in (*clients, *accepted):
             s.close()
+
+
+class _Keep(asyncio.Protocol):
+    def __init__(self, into: list[asyncio.BaseTransport]) -> None:
+        self.into = into
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.into.append(transport)
+
+
+@pytest.mark.parametrize(
+    "anyio_backend", [pytest.param(("asyncio", {"use_uvloop": True}), id="uvloop")]
+)
+async def test_a_transport_closed_before_its_hand_over_left_is_not_sent(cluster: Cluster) -> None:
+    """A connection the landing node closes (a timeout, a stop) after asking for its hand-over
+    but before the batch leaves is not handed over: uvloop's transport socket still reports an
+    open descriptor until libuv closes it, so without OpenSocket the owner would adopt and
+    serve a connection its landing node had just given up."""
+    from tunneld.handover import OpenSocket
+
+    a, b, _url = await _two_nodes_agent_on_b(cluster)
+    address = (await a.store.nodes())["node-b"]["handover"]
+    header = {"sandbox": "sb1", "port": 1, "epoch": b.edge.cluster.epochs["sb1"]}
+    loop = asyncio.get_running_loop()
+    transports: list[asyncio.BaseTransport] = []
+    server = await loop.create_server(lambda: _Keep(transports), "127.0.0.1", 0)
+    client = socket.create_connection(server.sockets[0].getsockname()[:2])
+    try:
+        await wait_for(lambda: transports, what="the accepted connection")
+        (transport,) = transports
+        sock = transport.get_extra_info("socket")
+        number = sock.fileno()
+        answers: list[bool | None] = []
+        opened = OpenSocket(transport, sock)
+        assert a.edge.handover.send(address, opened, header, b"", answers.append)
+        transport.abort()  # before this loop iteration ends and the batch leaves
+        assert sock.fileno() == number and opened.fileno() == -1
+        await wait_for(lambda: answers, what="the answer")
+        assert answers == [False] and b.edge.handover.received == 0
+    finally:
+        client.close()
+        server.close()
