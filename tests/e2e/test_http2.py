@@ -1025,3 +1025,40 @@ async def test_h2_stream_for_a_sandbox_on_another_node_goes_over_the_node_link(
     # each of the three streams took the node link (one link stream per request)
     assert b"tunneld_connections_forwarded_total 3.0" in a.edge.metrics.render()
     assert origin.requests == 3
+
+
+@pytest.mark.parametrize("anyio_backend", [("asyncio", {"use_uvloop": False})], ids=["asyncio"])
+async def test_responses_of_many_streams_share_flushes(
+    stack: Stack, ca: trustme.CA, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each stream's response is queued in the h2 connection and written by one flush per loop
+    iteration (H2PublicConnection.schedule_flush), not by a flush (a TLS write) per stream.
+    asyncio only: there the in-process agent's 20 responses reach the edge in a few tunnel
+    reads; on uvloop they arrive one loop iteration each, so there is nothing to share."""
+    streams = 20
+    url, _ = await exposed_origin(stack)
+    flushes: list[int] = []
+    real = H2PublicConnection.flush
+
+    def counted(self: H2PublicConnection) -> None:
+        flushes.append(1)
+        real(self)
+
+    async with RawH2(stack, ca, host_of(url)) as client:
+        sids = [client.request(b"GET", b"/") for _ in range(streams)]
+        monkeypatch.setattr(H2PublicConnection, "flush", counted)
+        await client.send()  # the 20 requests in one write
+        ended: dict[int, bytes] = {}
+        bodies: dict[int, bytearray] = {sid: bytearray() for sid in sids}
+        while len(ended) < streams:
+            event = await client.next_event()
+            if isinstance(event, h2.events.DataReceived):
+                bodies[event.stream_id] += event.data
+                client.conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+            elif isinstance(event, h2.events.StreamEnded):
+                ended[event.stream_id] = bytes(bodies[event.stream_id])
+            elif isinstance(event, h2.events.StreamReset):
+                raise AssertionError(f"stream {event.stream_id} reset")
+        monkeypatch.undo()
+    assert all(body == b"hello from origin" for body in ended.values())
+    assert len(flushes) <= streams // 4, len(flushes)
