@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, ClassVar, Final
 
 import orjson
@@ -73,6 +74,8 @@ _REASONS: Final = {
 
 # Refused connections are logged at most this often (a flood must not flood the log too).
 _REFUSAL_LOG_INTERVAL: Final = 10.0
+# How long a cluster node waits for its change feed before a 404 (``_recheck_miss``).
+MISS_RECHECK_TIMEOUT: Final = 1.0
 
 
 def error_response(status: int, code: str, message: str, retry_after: int = 0) -> bytes:
@@ -124,6 +127,7 @@ class PublicConnection(StreamEndpoint):
         "_holding",
         "_host_line",
         "_misdirected",
+        "_miss_charged",
         "_peer",
         "_peer_ip",
         "_prelude",
@@ -168,6 +172,7 @@ class PublicConnection(StreamEndpoint):
         # own the sandbox: it then gets them all, unparsed; see tunneld/cluster.py).
         self._prelude: bytearray | None = bytearray() if server.cluster is not None else None
         self._adopted = b""  # what another worker read before handing this connection over
+        self._miss_charged = False  # a 404 recheck took this connection's miss token
         self._access: ConnectionLog | None = None  # access log + X-Request-Id (accesslog.py)
         self.port = 0
         self.sandbox_id = ""
@@ -333,6 +338,8 @@ class PublicConnection(StreamEndpoint):
                 self.fail(404, "UNKNOWN_HOST", f"No preview URL matches host {host!r}.")
                 return False
             state = server.registry.match(route.sandbox_id, route.port, route.token)
+            if state is None and self._recheck_miss():
+                return False  # asked again once this node has heard every earlier change
             if state is None or state.exposures[route.port].options.protocol != "http":
                 # a tcp or tls exposure is reached on its own port or by SNI, never as HTTP here
                 server.metrics.preview_denied.inc()
@@ -410,6 +417,53 @@ class PublicConnection(StreamEndpoint):
         return True
 
     # -- cluster: the sandbox's agent is on another node ------------------------------------------
+    def _recheck_miss(self) -> bool:
+        """In a cluster, a preview URL this node does not know may have been exposed through
+        another node a moment ago: its change reaches this node through the Redis feed, a few
+        milliseconds after that node's admin API answered. Before the 404, wait (reading paused,
+        at most ``MISS_RECHECK_TIMEOUT``) until the feed has delivered every change published
+        before now (``RedisStore.caught_up``), then route the connection's bytes again. Once
+        per connection, and it takes the 404's token of the client's miss budget first (an
+        address past its budget gets its 429 at once). True: the recheck is under way."""
+        server = self.server
+        cluster = server.cluster
+        transport = self.transport
+        if cluster is None or self._prelude is None or self._miss_charged or transport is None:
+            return False
+        caught_up = getattr(cluster.store, "caught_up", None)
+        if caught_up is None:
+            return False
+        config = server.config
+        now = server.loop.time()
+        if not server.public_limits.allow_miss(
+            self._peer_ip, now, config.miss_rate, config.miss_burst
+        ):
+            return False
+        self._miss_charged = True
+        self._cancel_timer()
+        transport.pause_reading()
+        task = server.loop.create_task(self._recheck_task(caught_up))
+        server.background.add(task)
+        task.add_done_callback(server.background.discard)
+        return True
+
+    async def _recheck_task(self, caught_up: Callable[[float], Awaitable[bool]]) -> None:
+        await caught_up(MISS_RECHECK_TIMEOUT)
+        transport = self.transport
+        if transport is None or transport.is_closing() or self._closed or self._prelude is None:
+            return  # the client left meanwhile
+        data, self._prelude = bytes(self._prelude), bytearray()
+        self._framer = RequestFramer(self.server.parser)
+        self._feed(data)  # routes it now, or answers the 404 (this time for good)
+        if not (
+            self._closed
+            or transport.is_closing()
+            or self._holding
+            or self._read_paused
+            or self._framer.state is State.TUNNEL  # handed on: that path resumes reading
+        ):
+            transport.resume_reading()
+
     def _hand_on(self) -> None:
         """Give this connection to the owner node: its socket itself when the owner runs on this
         host (tunneld/handover.py; the answer comes to ``_handed_over``), else over a node link
@@ -578,7 +632,7 @@ class PublicConnection(StreamEndpoint):
         transport = self.transport
         if transport is not None and not transport.is_closing():
             if not self._responded:
-                if status == 404:
+                if status == 404 and not self._miss_charged:
                     server = self.server
                     config = server.config
                     if not server.public_limits.allow_miss(

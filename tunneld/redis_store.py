@@ -44,6 +44,9 @@ answer to the PING sent every ``ping_interval`` seconds: a hung Redis looks aliv
 reconnects with jittered exponential backoff and delivers a fresh :class:`Resync`; it subscribes
 before it reads, so nothing published in between is missed (a change may arrive twice: applying
 one again changes nothing). The loss and the return of Redis are logged once each, not per try.
+:meth:`RedisStore.caught_up` publishes a marker (op ``sync``, which nodes ignore as a change)
+and waits for it to come back through this node's subscription: every change published before
+it has then been applied (a node asks this before answering 404 for a URL it does not know).
 
 Failures never hang a caller. Every command has a socket timeout (``timeout``, 2 s by default,
 ``?timeout=SECONDS`` in the URL) and an overall deadline; a broken pooled connection is retried
@@ -407,6 +410,9 @@ class RedisStore:
         self.feed_connected = False  # the feed is subscribed and has delivered its Resync
         self.resyncs = 0  # Resync events delivered so far (tests and metrics)
         self._resync_wanted = False  # a subscriber fell behind: resubscribe and resync
+        # caught_up(): markers this node published, waiting to come back through the feed
+        self._markers: dict[int, asyncio.Future[None]] = {}
+        self._next_marker = 0
 
     @classmethod
     def from_url(cls, url: str, **options: Any) -> RedisStore:
@@ -823,7 +829,48 @@ class RedisStore:
                     await pubsub.ping()
                 next_ping = now + self.ping_interval
 
+    async def caught_up(self, timeout: float) -> bool:
+        """Wait until the change feed has delivered every change published before this call.
+
+        A marker is published on the channel now; Redis delivers a channel's messages to each
+        subscriber in the order it ran the PUBLISHes, so when the marker comes back through this
+        node's subscription, every earlier change (an expose another node answered before this
+        call) has been delivered, and applied: the feed applies each message before reading
+        the next. False: the feed is not connected, Redis fails, or no marker within
+        ``timeout`` (it is lost if the subscription reconnects meanwhile)."""
+        if not self.feed_connected or self._closed:
+            return False
+        self._next_marker += 1
+        token = self._next_marker
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._markers[token] = future
+        marker = orjson.dumps({"op": "sync", "node": self.node_id, "sandbox_id": "", "n": token})
+        try:
+            async with asyncio.timeout(timeout):
+                await self._client.publish(self.channel, marker)
+                await future
+        except (TimeoutError, RedisError, OSError):
+            return False
+        finally:
+            self._markers.pop(token, None)
+        return True
+
+    def _marker(self, data: bytes) -> None:
+        """One of caught_up's markers came back: it and every earlier one are through."""
+        try:
+            message = orjson.loads(data)
+            token = int(message["n"]) if message["node"] == self.node_id else 0
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+            return
+        for n in [n for n in self._markers if n <= token]:
+            future = self._markers.pop(n)
+            if not future.done():
+                future.set_result(None)
+
     def _receive(self, data: bytes) -> None:
+        if data.startswith(b'{"op":"sync"'):
+            self._marker(data)  # (other nodes' markers too: not a change)
+            return
         try:
             change = _parse_change(data)
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:

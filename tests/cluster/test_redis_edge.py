@@ -124,3 +124,49 @@ async def test_a_change_missed_while_cut_off_is_applied_by_the_resync(
         async with b.public(url) as client:
             assert (await client.get("/")).status_code == 404
         await cluster.close()  # before the proxy goes: B's store closes without a new outage
+
+
+def _slow_feed(store: object, delay: float) -> None:
+    """Deliver ``store``'s change feed ``delay`` late, in order (as a loaded node would)."""
+    from collections import deque
+
+    loop = asyncio.get_running_loop()
+    real = store._receive  # type: ignore[attr-defined]
+    queue: deque[bytes] = deque()
+
+    def late(data: bytes) -> None:
+        queue.append(data)
+        loop.call_later(delay, lambda: real(queue.popleft()))
+
+    store._receive = late  # type: ignore[attr-defined]
+
+
+async def test_a_url_exposed_through_another_node_answers_at_once_not_404(
+    cluster: Cluster,
+) -> None:
+    """Node B hears of an expose answered by node A through the Redis feed, later: a request
+    reaching B first waits until B's feed has delivered every change published before it
+    (public.py ``_recheck_miss``) instead of answering 404. The wait takes a token of the
+    client's miss budget; a URL nobody exposed still is a 404 after it, charged once."""
+    a = await cluster.node("node-a")
+    b = await cluster.node("node-b", miss_rate=0.001, miss_burst=50)  # no refill to speak of
+    origin = await cluster.origin()
+    await cluster.agent(a, "sb1")
+    _slow_feed(b.store, 0.3)
+    r = await a.admin.post("/v1/sandboxes/sb1/ports", json={"port": origin.port})
+    assert r.status_code == 200, r.text
+    url = r.json()["exposedAt"]
+    token = a.edge.registry.exposures("sb1")[0].token
+    assert b.edge.registry.match("sb1", origin.port, token) is None  # B has not heard yet
+    async with b.public(url) as client:
+        response = await client.get("/")
+    assert (response.status_code, response.content) == (200, b"hello from origin")
+    bucket = b.edge.public_limits.misses["127.0.0.1"]
+    spent = bucket._burst - bucket._tokens
+    assert spent == pytest.approx(1, abs=0.01)  # the wait is charged like a miss
+
+    wrong = url.replace(token, "x" * len(token))
+    async with b.public(wrong) as client:
+        response = await client.get("/")
+    assert response.status_code == 404 and response.json()["code"] == "INVALID_TOKEN"
+    assert bucket._burst - bucket._tokens - spent == pytest.approx(1, abs=0.01)  # once, not twice
