@@ -448,7 +448,10 @@ class PublicConnection(StreamEndpoint):
         return True
 
     async def _recheck_task(self, caught_up: Callable[[float], Awaitable[bool]]) -> None:
-        await caught_up(MISS_RECHECK_TIMEOUT)
+        try:
+            await caught_up(MISS_RECHECK_TIMEOUT)
+        except Exception:  # whatever the store does, the client gets its answer (the 404)
+            log.exception("waiting for the store feed before a 404")
         transport = self.transport
         if transport is None or transport.is_closing() or self._closed or self._prelude is None:
             return  # the client left meanwhile
