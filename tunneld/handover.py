@@ -12,17 +12,18 @@ read them, and serves it like any connection it accepted.
 
 Each node listens on an abstract-namespace ``SOCK_SEQPACKET`` Unix socket
 (``\\0tunneld-handover-{node id}-{random}``: no file to clean up, gone with the process) and
-publishes its name and the host's identity (``/proc/sys/kernel/random/boot_id``) in its node
-record. A landing node hands a connection over only when the owner's record names the same
-host and a hand-over socket (``PublicConnection._send_socket``, synchronous: no task per
-connection). The hand-overs to one owner of one loop iteration leave together at its end, one
-message: a JSON header (a list: sandbox, port, epoch, id and prelude length of each), the bytes
-read from each connection so far (at most ``MAX_PRELUDE`` in all; a connection that read more
-goes over the node link) and the descriptors
-(``SCM_RIGHTS``, in the header's order); a connection closed before that message left is
-dropped from it. The owner reads up to ``_BATCH`` messages at once, adopts each socket at once
-(the synchronous part of ``loop.connect_accepted_socket``, which makes the transport; the rest
-runs from the waiter's callback, not in a task) and answers them all in one message of
+publishes its name, the host's identity (``/proc/sys/kernel/random/boot_id``) and the message
+format's ``VERSION`` in its node record. A landing node hands a connection over only when the
+owner's record names the same host, the same version and a hand-over socket
+(``PublicConnection._send_socket``, synchronous: no task per connection); between versions
+(workers restarted from upgraded code beside old ones) the node link carries it. The hand-overs
+to one owner of one loop iteration leave together at its end, one message: a JSON header (a
+list: sandbox, port, epoch, id and prelude length of each), the bytes read from each connection
+so far (at most ``MAX_PRELUDE`` in all; a connection that read more goes over the node link) and
+the descriptors (``SCM_RIGHTS``, in the header's order); a connection closed before that message
+left is dropped from it. The owner reads up to ``_BATCH`` messages at once, adopts each socket
+at once (the synchronous part of ``loop.connect_accepted_socket``, which makes the transport;
+the rest runs from the waiter's callback, not in a task) and answers them all in one message of
 ``(id, adopted)`` pairs: under load several hand-overs share each message and each wake-up.
 
 The landing node closes its own descriptor only on ``adopted``, so a refused hand-over loses
@@ -58,13 +59,19 @@ import orjson
 if TYPE_CHECKING:
     from .edge import EdgeServer
 
-__all__ = ["MAX_PRELUDE", "HandoverServer", "OpenSocket", "host_identity"]
+__all__ = ["MAX_PRELUDE", "VERSION", "HandoverServer", "OpenSocket", "host_identity"]
 
 log = logging.getLogger("tunneld.cluster")
 
 # Bytes read before the hand-over that travel with the socket (a head is at most 32 KiB; one
 # read may carry more behind it). Larger: the connection goes over the node link instead.
 MAX_PRELUDE: Final = 128 * 1024
+# The hand-over message format (header, preludes, descriptors, answers). A node hands over only
+# to a node that publishes the same version: workers of one host can run different code for a
+# while (a crashed worker restarted from an upgraded install beside old ones), and a message the
+# owner cannot read would cost the connection (no answer: given up after ACK_TIMEOUT). Between
+# versions the node link carries the connection instead. Bump it with any change of the format.
+VERSION: Final = 1
 _BATCH: Final = 32  # hand-overs per message at most (and messages read at once)
 _HEADER: Final = struct.Struct("!H")  # length of the JSON header that starts each message
 _MAX_MESSAGE: Final = _HEADER.size + 0xFFFF + MAX_PRELUDE
@@ -141,7 +148,11 @@ class HandoverServer:
 
     def info(self) -> dict[str, Any]:
         """What goes in this node's record for the others."""
-        return {"host": host_identity(), "handover": self.address.replace("\0", "@", 1)}
+        return {
+            "host": host_identity(),
+            "handover": self.address.replace("\0", "@", 1),
+            "handover_version": VERSION,
+        }
 
     # -- receiving (owner) -----------------------------------------------------------------------
     def _accept(self) -> None:

@@ -48,6 +48,7 @@ from .accesslog import ConnectionLog
 from .budget import RequestBudget
 from .framing import RequestFramer, State, forward_head
 from .handover import MAX_PRELUDE, OpenSocket, host_identity
+from .handover import VERSION as HANDOVER_VERSION
 from .httphead import HeadError, HeadParser, RequestHead
 from .inspect import ConnectionRecorder
 
@@ -551,7 +552,11 @@ class PublicConnection(StreamEndpoint):
         record = cluster.nodes.get(owner[0])
         if record is None:
             return None
-        if record.get("host") != host_identity() or not record.get("handover"):
+        if (
+            record.get("host") != host_identity()
+            or not record.get("handover")
+            or record.get("handover_version") != HANDOVER_VERSION  # other code: the node link
+        ):
             return False
         sock = transport.get_extra_info("socket")
         if sock is None:

@@ -14,6 +14,7 @@ import orjson
 import pytest
 
 from tunneld.handover import _ANSWER, host_identity
+from tunneld.handover import VERSION as HANDOVER_VERSION
 
 from .nodes import Cluster, Node, wait_for
 from .test_forwarding import raw_exchange
@@ -36,6 +37,7 @@ async def test_a_connection_landing_on_another_worker_is_handed_over(cluster: Cl
     a, b, url = await _two_nodes_agent_on_b(cluster)
     records = await a.store.nodes()
     assert records["node-b"]["host"] == host_identity() and records["node-b"]["handover"]
+    assert records["node-b"]["handover_version"] == HANDOVER_VERSION
     async with a.public(url) as client:  # one keep-alive connection, several requests
         for _ in range(3):
             r = await client.get("/")
@@ -59,6 +61,23 @@ async def test_a_refused_hand_over_falls_back_to_the_node_link(cluster: Cluster)
         r = await client.get("/")
     assert (r.status_code, r.content) == (200, b"hello from origin")
     assert a.edge.handover.sent == 0 and "node-b" in a.edge.cluster.links
+    assert b"tunneld_connections_forwarded_total 1.0" in a.edge.metrics.render()
+
+
+async def test_an_owner_running_another_hand_over_version_gets_the_node_link(
+    cluster: Cluster,
+) -> None:
+    # Workers of one host may run different code for a while (one restarted from an upgraded
+    # install): a hand-over message the owner could not read would cost the connection.
+    a, b, url = await _two_nodes_agent_on_b(cluster)
+    b.edge.cluster.node_info["handover_version"] = HANDOVER_VERSION + 1
+    await b.edge.cluster._register()
+    a.edge.cluster.nodes = await a.store.nodes()
+    assert a.edge.cluster.nodes["node-b"]["handover_version"] == HANDOVER_VERSION + 1
+    async with a.public(url) as client:
+        r = await client.get("/")
+    assert (r.status_code, r.content) == (200, b"hello from origin")
+    assert a.edge.handover.sent == 0 and b.edge.handover.received == 0
     assert b"tunneld_connections_forwarded_total 1.0" in a.edge.metrics.render()
 
 
