@@ -170,3 +170,120 @@ async def test_a_url_exposed_through_another_node_answers_at_once_not_404(
         response = await client.get("/")
     assert response.status_code == 404 and response.json()["code"] == "INVALID_TOKEN"
     assert bucket._burst - bucket._tokens - spent == pytest.approx(1, abs=0.01)  # once, not twice
+
+
+def _stalled_feed(store: object) -> list[bytes]:
+    """``store``'s change feed stops delivering (a stuck subscriber): what it got is kept."""
+    held: list[bytes] = []
+    store._receive = held.append  # type: ignore[attr-defined]
+    return held
+
+
+def _unknown_url(node: object) -> str:
+    return f"http://8080-sb9-wrongtoken12.{node.edge.config.domain}/"  # type: ignore[attr-defined]
+
+
+def _denied(node: object) -> float:
+    value = node.edge.metrics.preview_denied._value.get()  # type: ignore[attr-defined]
+    return float(value)
+
+
+async def test_a_feed_that_never_catches_up_still_ends_in_the_404_at_the_bound(
+    cluster: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The wait before a 404 has a bound: a feed that never brings the marker back (stuck,
+    or the marker lost in a resubscription) costs the client that long, then the 404."""
+    import tunneld.public
+
+    monkeypatch.setattr(tunneld.public, "MISS_RECHECK_TIMEOUT", 0.4)
+    b = await cluster.node("node-b")
+    held = _stalled_feed(b.store)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    async with b.public(_unknown_url(b)) as client:
+        response = await client.get("/")
+    waited = loop.time() - started
+    assert response.status_code == 404 and response.json()["code"] == "INVALID_TOKEN", response.text
+    assert waited >= 0.4  # it did wait for the feed (the marker was published, never applied)
+    assert any(b'"op":"sync"' in m for m in held)
+    assert not b.store._markers  # the timed-out wait left nothing behind
+
+
+async def test_with_the_feed_down_a_404_does_not_wait(
+    cluster: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Redis away: there is no feed to wait for, so an unknown URL is a 404 at once (the
+    recheck's bound set far beyond the client's timeout shows it was not waited out)."""
+    import tunneld.public
+
+    monkeypatch.setattr(tunneld.public, "MISS_RECHECK_TIMEOUT", 60.0)
+    b = await cluster.node("node-b")
+    cluster.redis.stop()
+    try:
+        await wait_for(lambda: not b.store.feed_connected, what="B to notice")
+        async with b.public(_unknown_url(b)) as client:
+            response = await client.get("/")  # the client gives up after 10 s
+        assert response.status_code == 404 and response.json()["code"] == "INVALID_TOKEN"
+    finally:
+        cluster.redis.start()
+
+
+async def test_a_store_failing_during_the_wait_still_gives_the_404(
+    cluster: Cluster, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.ERROR, "tunneld")
+    b = await cluster.node("node-b")
+
+    async def broken(timeout: float) -> bool:
+        raise RuntimeError("store exploded")
+
+    b.store.caught_up = broken  # type: ignore[method-assign]
+    async with b.public(_unknown_url(b)) as client:
+        response = await client.get("/")
+    assert response.status_code == 404 and response.json()["code"] == "INVALID_TOKEN"
+    assert any("before a 404" in r.getMessage() and r.exc_info for r in caplog.records)
+
+
+async def test_a_client_that_leaves_or_half_closes_during_the_wait(
+    cluster: Cluster, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """While its node waits for the feed the connection's reading is paused, so a client that
+    hangs up looks like one that only shut its sending side and still reads (``nc -N``): both
+    get the 404 when the wait ends, the half-closed one reads it, the gone one costs a write
+    into the void, and the node goes on serving without a warning."""
+    import tunneld.public
+
+    caplog.set_level(logging.WARNING)
+    monkeypatch.setattr(tunneld.public, "MISS_RECHECK_TIMEOUT", 0.3)
+    a = await cluster.node("node-a")
+    b = await cluster.node("node-b")
+    origin = await cluster.origin()
+    await cluster.agent(b, "sb1")
+    r = await a.admin.post("/v1/sandboxes/sb1/ports", json={"port": origin.port})
+    url = r.json()["exposedAt"]
+    token = a.edge.registry.exposures("sb1")[0].token
+    await wait_for(lambda: b.edge.registry.match("sb1", origin.port, token), what="B's view")
+    _stalled_feed(b.store)
+    host = _unknown_url(b).split("/")[2]
+    request = f"GET / HTTP/1.1\r\nHost: {host}\r\n\r\n".encode()
+
+    reader, writer = await asyncio.open_connection("127.0.0.1", b.edge.public_port)
+    writer.write(request)
+    await wait_for(lambda: b.store._markers, what="the wait to start")
+    writer.write_eof()  # half-closed: still reading
+    answer = await asyncio.wait_for(reader.read(), 10)
+    writer.close()
+    assert answer.startswith(b"HTTP/1.1 404 ") and b'"code":"INVALID_TOKEN"' in answer
+
+    denied = _denied(b)
+    reader, writer = await asyncio.open_connection("127.0.0.1", b.edge.public_port)
+    writer.write(request)
+    await wait_for(lambda: b.store._markers, what="the wait to start")
+    writer.close()  # gone
+    await wait_for(lambda: not b.edge.public_connections, what="B to let the client go")
+    assert not b.store._markers
+    assert _denied(b) == denied + 1  # answered (into the void), counted once
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    async with b.public(url) as client:  # the node goes on serving
+        response = await client.get("/")
+    assert (response.status_code, response.content) == (200, b"hello from origin")
