@@ -67,6 +67,7 @@ ENV_SANDBOX_ID: Final = "TUNNEL_AGENT_SANDBOX_ID"
 ENV_TOKEN: Final = "TUNNEL_AGENT_TOKEN"
 ENV_LOG_LEVEL: Final = "TUNNEL_AGENT_LOG_LEVEL"
 ENV_PROXY: Final = "TUNNEL_AGENT_PROXY"
+LOG_LEVELS: Final = ("debug", "info", "warning", "error")
 
 _DESCRIPTION = """\
 tunnel-agent gives ports inside this sandbox public preview URLs.
@@ -534,7 +535,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--log-level",
-        choices=("debug", "info", "warning", "error"),
+        choices=LOG_LEVELS,
         default=os.environ.get(ENV_LOG_LEVEL, "info").lower(),
         help=f"log verbosity (env {ENV_LOG_LEVEL}, default info)",
     )
@@ -675,6 +676,12 @@ def _cmd_run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if not args.server:
         parser.error(f"--server HOST:PORT is required (or set {ENV_SERVER})")
     args.token = _read_token(args, parser)
+    if not args.sandbox_id:
+        parser.error(f"--sandbox-id ID is required (or set {ENV_SANDBOX_ID})")
+    if args.log_level not in LOG_LEVELS:  # argparse checks choices on the command line only
+        parser.error(
+            f"{ENV_LOG_LEVEL}: expected one of {', '.join(LOG_LEVELS)}, got {args.log_level!r}"
+        )
     if args.tls_ca or args.tls_server_name:
         args.tls = True
     refusal = plaintext_refusal(args.server, tls=args.tls, insecure=args.insecure_plaintext)
