@@ -190,6 +190,7 @@ _BY_CODE: Final[dict[str, type[TunnelError]]] = {
 }
 
 _BY_STATUS: Final[dict[int, type[TunnelError]]] = {
+    400: ValidationError,  # any other refused value: INVALID_NAME, INVALID_OPTION, INVALID_PATH...
     401: AuthenticationError,
     403: AuthenticationError,
     404: NotFoundError,
