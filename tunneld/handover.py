@@ -219,13 +219,28 @@ class HandoverServer:
             (size,) = _HEADER.unpack_from(data)
             entries = orjson.loads(data[_HEADER.size : _HEADER.size + size])
             ids = [int(entry["id"]) for entry in entries]
-            if len(fds) != len(ids) or not all(0 < i < 1 << 32 for i in ids):
-                raise ValueError(f"{len(fds)} descriptors for {len(ids)} connections")
+            if not all(0 < i < 1 << 32 for i in ids):
+                raise ValueError("a request id out of range")
         except (ValueError, KeyError, TypeError, struct.error) as exc:
             log.warning("hand-over: refused a malformed hand-over: %s", exc)
             for fd in fds:
                 os.close(fd)
             return [_ANSWER.pack(0, False)]
+        if len(fds) != len(ids):
+            # Descriptors missing: the kernel drops those this process has no room for
+            # (RLIMIT_NOFILE; MSG_CTRUNC). Which connection each belonged to is unknown, so
+            # none is adopted, and each is refused by its id: the landing node still holds
+            # them all and forwards them over the node link (which needs no new descriptor
+            # here), instead of waiting ACK_TIMEOUT and letting them go unserved.
+            log.warning(
+                "hand-over: %d descriptor(s) for %d connection(s) (out of file descriptors?); "
+                "refused them, the landing node forwards them",
+                len(fds),
+                len(ids),
+            )
+            for fd in fds:
+                os.close(fd)
+            return [_ANSWER.pack(request_id, False) for request_id in ids]
         answers = []
         adopted = 0
         offset = _HEADER.size + size

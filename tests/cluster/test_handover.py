@@ -81,6 +81,24 @@ async def test_an_owner_running_another_hand_over_version_gets_the_node_link(
     assert b"tunneld_connections_forwarded_total 1.0" in a.edge.metrics.render()
 
 
+async def test_an_owner_that_loses_the_descriptors_refuses_and_the_node_link_serves(
+    cluster: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The kernel drops descriptors a receiver has no room for (out of file descriptors:
+    MSG_CTRUNC); here B reads with no room for any. B refuses each connection by its id and A,
+    which still holds them, forwards them over the node link: served, not dropped after the
+    2 s wait for an answer."""
+    import tunneld.handover
+
+    a, b, url = await _two_nodes_agent_on_b(cluster)
+    monkeypatch.setattr(tunneld.handover, "_FD_SPACE", 0)
+    async with a.public(url) as client:
+        r = await client.get("/")
+    assert (r.status_code, r.content) == (200, b"hello from origin")
+    assert a.edge.handover.sent == 0 and b.edge.handover.received == 0
+    assert b"tunneld_connections_forwarded_total 1.0" in a.edge.metrics.render()
+
+
 async def test_a_stale_owner_refuses_the_socket_and_nothing_is_lost(cluster: Cluster) -> None:
     a, b, url = await _two_nodes_agent_on_b(cluster)
     a.edge.cluster.owners["sb1"] = ("node-b", b.edge.cluster.epochs["sb1"] + 5)  # a newer epoch
@@ -120,7 +138,8 @@ async def test_the_hand_over_socket_refuses_garbage_and_keeps_serving(cluster: C
                 head = orjson.dumps(entries)
                 socket.send_fds(s, [len(head).to_bytes(2, "big") + head], fds)
                 reply = await loop.run_in_executor(None, s.recv, 100)
-                assert reply == _ANSWER.pack(2 if len(entries) == 1 else 0, False), reply
+                # each connection refused by its id (the landing node forwards them)
+                assert reply == b"".join(_ANSWER.pack(e["id"], False) for e in entries), reply
     finally:
         os.close(r_fd)
         os.close(w_fd)
