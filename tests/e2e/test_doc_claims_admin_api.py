@@ -5,12 +5,15 @@ WebSocket connect's refusals, SANDBOX_BUSY, AGENT_TIMEOUT (expose and wait), and
 from __future__ import annotations
 
 import asyncio
+import re
 import socket
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import pytest
 
 from tunneld.admin import LIMITS
+from tunneld.metrics import Metrics
 
 from .conftest import Stack, raw_request
 
@@ -270,3 +273,17 @@ def test_the_admin_limits_are_the_documented_ones() -> None:
     assert (LIMITS.max_head_bytes, LIMITS.max_body_bytes) == (16 * 1024, 64 * 1024)
     assert (LIMITS.request_timeout, LIMITS.idle_timeout) == (10.0, 60.0)
     assert (LIMITS.max_connections, LIMITS.linger_seconds) == (256, 1.0)
+
+
+def test_the_metrics_table_is_what_tunneld_exports() -> None:
+    """docs/admin-api.md's Metrics table: every series tunneld exports, with its type, and no
+    other (the ``_created`` samples of the counters aside)."""
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "admin-api.md").read_text("utf-8")
+    section = doc.split("## Metrics", 1)[1].split("\n## ", 1)[0]
+    documented: dict[str, str] = {}
+    for names, kind in re.findall(r"^\| ((?:`tunneld_[^`]+`(?:, )?)+) \| (\w+) \|", section, re.M):
+        for name in re.findall(r"`(tunneld_[a-z_]+)(?:\{\w+\})?`", names):
+            documented[name] = kind
+    exported = dict(re.findall(r"^# TYPE (\S+) (\S+)$", Metrics().render().decode(), re.M))
+    exported = {k: v for k, v in exported.items() if not k.endswith("_created")}
+    assert documented == exported
