@@ -330,3 +330,81 @@ def _expose(procs: Processes, port: int) -> str:
         r = admin.post("/v1/sandboxes/sb1/ports", json={"port": port})
         assert r.status_code == 200, r.text
         return r.json()["exposedAt"]
+
+
+# -- Limits: public request head, with traffic at the boundary ---------------------------------
+@pytest.mark.parametrize("parser", ["httptools", "h11"])
+async def test_public_head_limits_32_kib_and_100_fields(parser: str) -> None:
+    """Limits: "public request head | 32 KiB, 100 header fields (431)": a head just within
+    each bound is served, just past it is 431 ``HEADERS_TOO_LARGE``."""
+    stack = await _started(parser=parser)
+    try:
+        assert stack.edge is not None
+        host = await _exposed(stack)
+        start = b"GET / HTTP/1.1\r\nHost: " + host + b"\r\nConnection: close\r\n"
+
+        async def status(fields: bytes) -> tuple[int, bytes]:
+            code, _, body = _split(await raw_request(stack.edge.public_port, start + fields))
+            return code, body
+
+        def padded(total: int) -> bytes:  # a head of ``total`` bytes in all
+            return b"X-Pad: " + b"a" * (total - len(start) - 7 - 4) + b"\r\n\r\n"
+
+        assert len(start + padded(32 * 1024 - 64)) == 32 * 1024 - 64
+        assert (await status(padded(32 * 1024 - 64)))[0] == 200
+        code, body = await status(padded(32 * 1024 + 64))
+        assert code == 431 and orjson.loads(body)["code"] == "HEADERS_TOO_LARGE"
+        # Host and Connection are two of the fields
+        assert (await status(b"X-F: 1\r\n" * 98 + b"\r\n"))[0] == 200
+        code, body = await status(b"X-F: 1\r\n" * 99 + b"\r\n")
+        assert code == 431 and orjson.loads(body)["code"] == "HEADERS_TOO_LARGE"
+    finally:
+        await stack.close()
+
+
+# -- Limits: agent writes waiting for the store ------------------------------------------------
+async def test_agent_requests_waiting_for_the_store_are_bounded_at_64() -> None:
+    """Limits: "agent expose/unexpose requests waiting for the store | 64 per session (then
+    `RATE_LIMITED`)": with the store stalled, 64 exposes wait, the 65th is refused at once, and
+    the 64 complete once the store moves again."""
+    from agent.errors import AgentError
+    from tunneld.store import MemoryStore
+
+    class StalledStore(MemoryStore):
+        def __init__(self) -> None:
+            super().__init__()
+            self.gate = asyncio.Event()
+            self.waiting = 0
+
+        async def put(self, record) -> None:  # type: ignore[no-untyped-def]
+            self.waiting += 1
+            await self.gate.wait()
+            await super().put(record)
+
+    store = StalledStore()
+    stack = Stack(control_rate=10_000.0, control_burst=10_000, control_timeout=30.0)
+    stack.store = store
+    await stack.start()
+    try:
+        agent = await stack.agent("sb1")
+        first = [asyncio.ensure_future(agent.expose(port)) for port in range(9001, 9065)]
+        assert stack.edge is not None
+        state = stack.edge.registry.get("sb1")
+        assert state is not None and state.session is not None
+        session = state.session  # one write at the store, the others queued behind it (the
+        # per-sandbox lock): all 64 are the session's writes in flight
+        await wait_until(
+            lambda: store.waiting == 1 and len(session._writes) == 64,
+            what="64 agent writes waiting for the store",
+        )
+        with pytest.raises(AgentError) as refused:
+            await asyncio.wait_for(agent.expose(9065), 5)
+        assert refused.value.code == "RATE_LIMITED"
+        assert agent.connected  # refused, not disconnected
+        store.gate.set()
+        done = await asyncio.wait_for(asyncio.gather(*first), 10)
+        assert sorted(e.port for e in done) == list(range(9001, 9065))
+        await agent.expose(9065)  # room again
+    finally:
+        store.gate.set()
+        await stack.close()
