@@ -220,3 +220,41 @@ async def test_without_followed_responses_the_request_metrics_stay_zero(stack: S
     text = (await stack.admin.get("/metrics")).text
     assert _metric(text, "tunneld_http_request_duration_seconds_count") == 0
     assert _metric(text, 'tunneld_http_requests_total{status="2xx"}') == 0
+
+
+async def test_a_stop_writes_every_pending_line_the_cut_requests_included(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Lines leave in batches (a timer), so a stop must write what is pending, and the lines of
+    the requests the stop itself cuts short, which are made as their connections end during the
+    stop. The timer is pushed out of reach here: only the stop can have written them."""
+    import asyncio
+
+    from tunneld import accesslog
+
+    caplog.set_level(logging.INFO, "tunneld.access")
+    monkeypatch.setattr(accesslog, "FLUSH_AFTER", 3600.0)
+    stack = await Stack(access_log=True, log_format="json").start()
+    stream = io.StringIO()
+    stack.edge.access_writer.stream = stream
+    try:
+        url = await _url(stack)
+        async with stack.client(url) as client:
+            assert (await client.get("/")).status_code == 200
+            host = url.split("//", 1)[1].split("/", 1)[0]
+            reader, writer = await asyncio.open_connection("127.0.0.1", stack.edge.public_port)
+            writer.write(f"GET /sse HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+            assert (await asyncio.wait_for(reader.readuntil(b"data: first"), 10)).startswith(
+                b"HTTP/1.1 200"
+            )
+            assert stream.getvalue() == ""  # both lines pending (no timer will write them)
+            edge, stack.edge = stack.edge, None
+            await edge.stop(grace=0.2)
+            writer.close()
+    finally:
+        await stack.close()
+    rows = [json.loads(line) for line in stream.getvalue().splitlines()]
+    assert [(r["path"], r["status"], r.get("note")) for r in rows] == [
+        ("/", 200, None),
+        ("/sse", None, "response cut short"),
+    ]
