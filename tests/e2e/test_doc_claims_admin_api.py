@@ -287,3 +287,9 @@ def test_the_metrics_table_is_what_tunneld_exports() -> None:
     exported = dict(re.findall(r"^# TYPE (\S+) (\S+)$", Metrics().render().decode(), re.M))
     exported = {k: v for k, v in exported.items() if not k.endswith("_created")}
     assert documented == exported
+    # "the usual _created sample" for prometheus-client's counters, none for tunneld_http_*
+    metrics = Metrics()
+    metrics.requests.observe(0.01, 0.005, 200, 10, 20)
+    samples = re.findall(r"^(tunneld_\w+?)(?:\{[^}]*\})? ", metrics.render().decode(), re.M)
+    assert "tunneld_public_connections_created" in samples
+    assert not [name for name in samples if name.startswith("tunneld_http_") and "created" in name]
