@@ -193,6 +193,18 @@ class AgentClient:
         self._prefix = parts.path.rstrip("/")
         self._timeout = timeout
 
+    def _connect(self) -> http.client.HTTPConnection:
+        """A connection to the agent's API; ``_Unreachable`` if nothing answers the connect
+        (refused, or no answer within the timeout: a black-holed address is unreachable, not
+        an agent that is running but stuck)."""
+        conn = http.client.HTTPConnection(self._host, self._port, timeout=self._timeout)
+        try:
+            conn.connect()
+        except OSError as exc:  # TimeoutError included
+            conn.close()
+            raise _Unreachable(str(exc) or type(exc).__name__) from exc
+        return conn
+
     def request(self, method: str, path: str, body: object = None) -> Any:
         """Send one request; return the decoded JSON (``None`` for an empty body).
 
@@ -202,13 +214,13 @@ class AgentClient:
         headers = {"accept": "application/json"}
         if payload is not None:
             headers["content-type"] = "application/json"
-        conn = http.client.HTTPConnection(self._host, self._port, timeout=self._timeout)
+        conn = self._connect()
         try:
             conn.request(method, self._prefix + path, body=payload, headers=headers)
             response = conn.getresponse()
             status, reason, raw = response.status, response.reason, response.read()
         except TimeoutError:
-            # It answered the connect (loopback) but not the request: running, but stuck.
+            # It answered the connect but not the request: running, but stuck.
             raise _ApiError(
                 f"the tunnel agent at {self.base_url} did not answer within {self._timeout:g} s",
                 "AGENT_TIMEOUT",
@@ -232,7 +244,7 @@ class AgentClient:
     def watch(self, body: dict[str, object]) -> dict[str, Any]:
         """``POST /api/port-watch``: read the event stream to its last event (``ready`` or
         ``error``) and return it. Raises like :meth:`request`."""
-        conn = http.client.HTTPConnection(self._host, self._port, timeout=self._timeout)
+        conn = self._connect()
         try:
             conn.request(
                 "POST",

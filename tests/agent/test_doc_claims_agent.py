@@ -140,6 +140,37 @@ def test_a_request_without_an_answer_exits_1_with_agent_timeout(
     assert err == f"error: the tunnel agent at {url} did not answer within 0.3 s (AGENT_TIMEOUT)\n"
 
 
+def test_a_connect_nothing_answers_exits_3_unreachable(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """'3: nothing answers at the API address', a black-holed one too: the connect times out
+    (its SYN dropped: a listener with a full accept queue), which is not a stuck agent."""
+
+    class Quick(cli.AgentClient):
+        def __init__(self, base_url: str, timeout: float) -> None:
+            super().__init__(base_url, 0.3)
+
+    monkeypatch.setattr(cli, "AgentClient", Quick)
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        address = listener.getsockname()
+        fillers = []
+        try:
+            for _ in range(8):  # fill the accept queue: later SYNs are dropped, unanswered
+                filler = socket.socket()
+                filler.setblocking(False)
+                filler.connect_ex(address)
+                fillers.append(filler)
+            url = f"http://127.0.0.1:{address[1]}"
+            assert main(["status", "--api", url]) == 3
+        finally:
+            for filler in fillers:
+                filler.close()
+    out, err = capsys.readouterr()
+    assert out == "" and "cannot reach the tunnel agent at" in err and url in err
+
+
 # -- the local API's error table -----------------------------------------------------------------
 
 
