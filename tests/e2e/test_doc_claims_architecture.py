@@ -7,6 +7,7 @@ exactly which frames and codes the edge answers with.
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -20,6 +21,7 @@ from protocol.events import (
     DataReceived,
     Event,
     GoAwayReceived,
+    PingAcknowledged,
     StreamOpened,
     StreamReset,
 )
@@ -39,22 +41,26 @@ class RawAgent:
         self.session = Session(Role.AGENT)
         self.events: list[Event] = []
         self.eof = False
+        self.mute = False  # True: read and record, but send nothing (not even PING|ACKs)
         self._changed = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
-    async def start(self, port: int, sandbox_id: str, token: str) -> RawAgent:
+    async def start(
+        self, port: int, sandbox_id: str, token: str, *, welcome: bool = True
+    ) -> RawAgent:
         self.reader, self.writer = await asyncio.open_connection("127.0.0.1", port)
         self.session.send_control(control.Hello(sandbox_id, token, control.UNWATCH_PORT_VERSION))
         self.flush()
         self._task = asyncio.get_running_loop().create_task(self._pump())
-        await self.wait_for(
-            lambda e: isinstance(e, ControlReceived) and isinstance(e.message, control.Welcome)
-        )
+        if welcome:
+            await self.wait_for(
+                lambda e: isinstance(e, ControlReceived) and isinstance(e.message, control.Welcome)
+            )
         return self
 
     def flush(self) -> None:
         data = b"".join(bytes(b) for b in self.session.data_to_send())
-        if data and not self.writer.is_closing():
+        if data and not self.mute and not self.writer.is_closing():
             self.writer.write(data)
 
     async def _pump(self) -> None:
@@ -121,10 +127,13 @@ class RawAgent:
         self.writer.close()
 
 
-async def raw_agent(stack: Stack, sandbox_id: str = "sb1") -> RawAgent:
+async def raw_agent(
+    stack: Stack, sandbox_id: str = "sb1", *, token: str | None = None, welcome: bool = True
+) -> RawAgent:
     assert stack.edge is not None
-    token = agent_token(stack.secret, sandbox_id)
-    return await RawAgent().start(stack.edge.agent_port, sandbox_id, token)
+    if token is None:
+        token = agent_token(stack.secret, sandbox_id)
+    return await RawAgent().start(stack.edge.agent_port, sandbox_id, token, welcome=welcome)
 
 
 @pytest.fixture
@@ -283,4 +292,117 @@ async def test_a_failed_dial_is_a_502_upstream_connect_failed(
         assert answer.startswith(b"HTTP/1.1 502 ")
         assert b'"code":"UPSTREAM_CONNECT_FAILED"' in answer
     finally:
+        await agent.close()
+
+
+# --------------------------------------------------------------------------- handshake, keepalive
+
+
+@pytest.mark.parametrize(
+    ("sandbox_id", "good_token", "code"),
+    [("sb1", False, "AUTH_FAILED"), ("admin", True, "RESERVED_SANDBOX_ID")],
+)
+async def test_a_refused_hello_is_an_error_then_goaway_auth_failed(
+    stack: Stack, sandbox_id: str, good_token: bool, code: str
+) -> None:
+    """protocol.md, handshake and error codes: a refused hello gets CONTROL error {code,
+    message} (no id), then GO_AWAY(AUTH_FAILED) and the connection is closed."""
+    token = agent_token(stack.secret, sandbox_id) if good_token else "wrong-token"
+    agent = await raw_agent(stack, sandbox_id, token=token, welcome=False)
+    try:
+        await agent.wait_closed()
+        (error,) = agent.messages(control.Error)
+        assert (error.code, error.id) == (code, None)
+        assert not agent.messages(control.Welcome)
+        assert agent.of(GoAwayReceived) == [GoAwayReceived(GoAwayCode.AUTH_FAILED)]
+        assert agent.events.index(GoAwayReceived(GoAwayCode.AUTH_FAILED)) > 0  # after the error
+    finally:
+        await agent.close()
+
+
+async def test_the_edge_ends_a_silent_agent_with_goaway_timeout() -> None:
+    """protocol.md, keepalive: a side that receives nothing for the dead timeout sends
+    GO_AWAY(TIMEOUT) and closes (the edge's, configured short here)."""
+    stack = await Stack(heartbeat_interval=0.2, dead_timeout=0.6).start()
+    try:
+        agent = await raw_agent(stack)
+        agent.mute = True  # reads the edge's PINGs, answers none
+        await agent.wait_closed()
+        assert agent.of(GoAwayReceived) == [GoAwayReceived(GoAwayCode.TIMEOUT)]
+        assert not agent.messages(control.Error)
+        await agent.close()
+    finally:
+        await stack.close()
+
+
+# --------------------------------------------------------------------------- control replies
+
+
+async def test_ok_for_an_expose_has_the_one_exposure_and_for_a_list_all_sorted_by_port(
+    stack: Stack,
+) -> None:
+    """protocol.md, error codes: the ok for an agent's expose carries the one resulting
+    exposure; ok for list carries all of them, sorted by port."""
+    agent = await raw_agent(stack)
+    try:
+        for port in (9000, 8000):
+            await stack.expose("sb1", port)
+        agent.session.send_control(control.Expose(1, 8500, name="mid"))
+        agent.flush()
+        await agent.wait_for(
+            lambda e: (
+                isinstance(e, ControlReceived)
+                and isinstance(e.message, control.Ok)
+                and e.message.id == 1
+            )
+        )
+        (ok,) = [m for m in agent.messages(control.Ok) if m.id == 1]
+        assert [(x.port, x.name) for x in ok.exposures] == [(8500, "mid")]
+        agent.session.send_control(control.ListExposures(2))
+        agent.flush()
+        await agent.wait_for(
+            lambda e: (
+                isinstance(e, ControlReceived)
+                and isinstance(e.message, control.Ok)
+                and e.message.id == 2
+            )
+        )
+        (listed,) = [m for m in agent.messages(control.Ok) if m.id == 2]
+        assert [x.port for x in listed.exposures] == [8000, 8500, 9000]
+    finally:
+        await agent.close()
+
+
+# --------------------------------------------------------------------------- raw TCP
+
+
+async def test_raw_tcp_is_answered_101_only_after_the_agents_ack(stack: Stack) -> None:
+    """protocol.md, streams: raw TCP for orchestrators relies on the ACK: the edge answers
+    101 only once it arrives (so a refused connect can still be a 502)."""
+    assert stack.edge is not None
+    agent = await raw_agent(stack)
+    client = socket.create_connection(("127.0.0.1", stack.edge.admin_port), timeout=10)
+    try:
+        client.sendall(
+            b"GET /v1/sandboxes/sb1/ports/8000/tcp HTTP/1.1\r\nhost: admin\r\n"
+            + f"authorization: Bearer {stack.admin_token}\r\n".encode()
+            + b"connection: upgrade\r\nupgrade: tcp\r\n\r\n"
+        )
+        opened = await agent.wait_for(lambda e: isinstance(e, StreamOpened))
+        assert isinstance(opened, StreamOpened) and (opened.port, opened.via) == (8000, "direct")
+        # A PING round trip: everything the edge wrote before answering it (a premature 101
+        # included) is in the client's socket buffer by then (loopback writes are immediate).
+        agent.session.ping(asyncio.get_running_loop().time())
+        agent.flush()
+        await agent.wait_for(lambda e: isinstance(e, PingAcknowledged))
+        client.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            client.recv(4096)  # nothing yet: no ACK, no 101
+        agent.session.accept_stream(opened.stream_id)
+        agent.flush()
+        client.settimeout(10)
+        answer = await asyncio.get_running_loop().run_in_executor(None, client.recv, 4096)
+        assert answer.startswith(b"HTTP/1.1 101 ")
+    finally:
+        client.close()
         await agent.close()
