@@ -253,7 +253,28 @@ class StreamEndpoint(asyncio.BufferedProtocol):
             self.transport.close()
 
 
-class MuxProtocol(asyncio.BufferedProtocol):
+class DeferredFlush:
+    """``schedule_flush``: flush once at the end of this loop iteration, so that what many
+    callbacks of one iteration send leaves in one write (one syscall), not one each. For a
+    protocol with ``loop``, ``flush()`` and ``_flush_scheduled`` (False to start)."""
+
+    loop: asyncio.AbstractEventLoop
+    _flush_scheduled: bool
+
+    def flush(self) -> None:
+        raise NotImplementedError
+
+    def schedule_flush(self) -> None:
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self.loop.call_soon(self._scheduled_flush)
+
+    def _scheduled_flush(self) -> None:
+        self._flush_scheduled = False
+        self.flush()
+
+
+class MuxProtocol(DeferredFlush, asyncio.BufferedProtocol):
     """Drives one ``Session`` over the tunnel connection. Subclassed by the edge and the agent."""
 
     def __init__(self, session: Session, loop: asyncio.AbstractEventLoop) -> None:
@@ -449,16 +470,6 @@ class MuxProtocol(asyncio.BufferedProtocol):
                 self._timer.cancel()
             self._timer_at = at
             self._timer = None if at is None else self.loop.call_at(at, self._on_timer)
-
-    def schedule_flush(self) -> None:
-        """Flush once at the end of this loop iteration (coalesces many small sends)."""
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            self.loop.call_soon(self._scheduled_flush)
-
-    def _scheduled_flush(self) -> None:
-        self._flush_scheduled = False
-        self.flush()
 
     def release_shared(self, stream_id: int) -> None:
         """After ``send_data`` with a view of the shared buffer: retire it if still referenced."""

@@ -69,7 +69,7 @@ import h2.exceptions
 import h2.settings
 import h11
 
-from relay.mux import StreamEndpoint
+from relay.mux import DeferredFlush, StreamEndpoint
 
 from .accesslog import ConnectionLog
 from .budget import RequestBudget
@@ -229,8 +229,9 @@ class PublicTlsConnection(PublicConnection):
         PublicConnection.connection_lost(self, None)
 
 
-class H2PublicConnection(asyncio.Protocol):
-    """One HTTP/2 client connection (see the module docstring)."""
+class H2PublicConnection(DeferredFlush, asyncio.Protocol):
+    """One HTTP/2 client connection (see the module docstring). Its ``schedule_flush``: the
+    responses of many streams that arrive in one read of the tunnel leave in one TLS write."""
 
     def __init__(self, entry: PublicTlsConnection) -> None:
         self.entry = entry
@@ -405,18 +406,6 @@ class H2PublicConnection(asyncio.Protocol):
         self.entry.h2_closed()
 
     # -- output ----------------------------------------------------------------------------------
-    def schedule_flush(self) -> None:
-        """Flush once at the end of this loop iteration: the responses of many streams that
-        arrive in one read of the tunnel leave in one TLS write, not one write (and one
-        syscall) per stream and event."""
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            self.loop.call_soon(self._scheduled_flush)
-
-    def _scheduled_flush(self) -> None:
-        self._flush_scheduled = False
-        self.flush()
-
     def flush(self) -> None:
         transport = self.transport
         if transport is None or self.closed:
