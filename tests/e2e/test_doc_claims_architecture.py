@@ -25,6 +25,7 @@ from protocol.events import (
     StreamOpened,
     StreamReset,
 )
+from protocol.frames import PREFACE
 from protocol.session import Role, Session
 from tunneld.auth import agent_token
 
@@ -323,7 +324,7 @@ async def test_a_refused_hello_is_an_error_then_goaway_auth_failed(
 async def test_the_edge_ends_a_silent_agent_with_goaway_timeout() -> None:
     """protocol.md, keepalive: a side that receives nothing for the dead timeout sends
     GO_AWAY(TIMEOUT) and closes (the edge's, configured short here)."""
-    stack = await Stack(heartbeat_interval=0.2, dead_timeout=0.6).start()
+    stack = await Stack(heartbeat_interval=0.3, dead_timeout=1.0).start()
     try:
         agent = await raw_agent(stack)
         agent.mute = True  # reads the edge's PINGs, answers none
@@ -331,6 +332,24 @@ async def test_the_edge_ends_a_silent_agent_with_goaway_timeout() -> None:
         assert agent.of(GoAwayReceived) == [GoAwayReceived(GoAwayCode.TIMEOUT)]
         assert not agent.messages(control.Error)
         await agent.close()
+    finally:
+        await stack.close()
+
+
+async def test_no_hello_within_the_handshake_timeout_is_a_close_without_goaway() -> None:
+    """protocol.md, keepalive: tunneld's edge does not wait the dead timeout for a hello: a
+    connection that sent none within handshake_timeout is closed, with no GO_AWAY."""
+    stack = await Stack(handshake_timeout=0.5).start()
+    try:
+        assert stack.edge is not None
+        reader, writer = await asyncio.open_connection("127.0.0.1", stack.edge.agent_port)
+        writer.write(PREFACE)  # a valid start, then silence
+        try:
+            received = await asyncio.wait_for(reader.read(), 10)
+        except ConnectionResetError:
+            received = b""
+        writer.close()
+        assert received == b""  # not even a GO_AWAY frame
     finally:
         await stack.close()
 
