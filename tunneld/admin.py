@@ -90,6 +90,11 @@ class AdminServer:
         # every admin request but the probes, all clients together (admin_rate / admin_burst)
         config = edge.config
         self.budget = RequestBudget(config.admin_rate, config.admin_burst, edge.loop.time())
+        # requests without the token have a budget of their own, so they cannot spend the
+        # token holder's (and token guessing stays rate-limited)
+        self.unauthorized_budget = RequestBudget(
+            config.admin_rate, config.admin_burst, edge.loop.time()
+        )
         self.http = ApiServer(
             self._handle,
             name="admin API",
@@ -122,7 +127,12 @@ class AdminServer:
         if parts == ["readyz"]:
             self._allow(method, "GET")
             return self._readiness()
-        if not self.budget.take(self.edge.loop.time()):
+        token = self.edge.config.admin_token
+        authorized = verify_bearer(token, request.header(b"authorization")) or (
+            len(parts) == 6 and parts[5] == "tcp" and _websocket_bearer(token, request)
+        )
+        budget = self.budget if authorized else self.unauthorized_budget
+        if not budget.take(self.edge.loop.time()):
             self.edge.metrics.admin_rate_limited.inc()
             raise ApiError(
                 429,
@@ -130,10 +140,7 @@ class AdminServer:
                 "Too many admin API requests; retry later.",
                 [("retry-after", "1")],
             )
-        token = self.edge.config.admin_token
-        if not verify_bearer(token, request.header(b"authorization")) and not (
-            len(parts) == 6 and parts[5] == "tcp" and _websocket_bearer(token, request)
-        ):
+        if not authorized:
             raise ApiError(
                 401,
                 "UNAUTHORIZED",

@@ -56,7 +56,7 @@ from .inspect import Inspector
 from .metrics import Metrics
 from .public import PublicConnection, PublicLimits
 from .registry import ExposureRecord, Registry, RegistryError
-from .store import Store
+from .store import Store, StoreError
 from .tcpexpose import SniListener, TcpExposures, proxy_header
 from .tls import TLS_SHUTDOWN_TIMEOUT, CertificateSet, public_alpn
 from .tls import public_pairs as tls_pairs
@@ -77,6 +77,39 @@ MAX_WRITES_IN_FLIGHT: Final = 64
 _FREEZE_FROM: Final = 10_000
 # Room kept free in the welcome for everything but the exposures (session id, limits, framing).
 _WELCOME_SLACK: Final = 1024
+
+
+# Warnings about agent connections that never authenticated (no hello in time, a wrong token,
+# plaintext off loopback) can be caused by anyone who reaches the agent port, so they are logged
+# in a burst of _PREAUTH_LOG_BURST, then one a second; the others are counted and summed up.
+_PREAUTH_LOG_RATE: Final = 1.0
+_PREAUTH_LOG_BURST: Final = 10
+
+
+class _PreauthWarnings:
+    __slots__ = ("_budget", "_skipped")
+
+    def __init__(self, now: float) -> None:
+        self._budget = RequestBudget(_PREAUTH_LOG_RATE, _PREAUTH_LOG_BURST, now)
+        self._skipped = 0
+
+    def warn(self, now: float, message: str, *args: object) -> None:
+        if self._budget.take(now):
+            if self._skipped:
+                log.warning(
+                    "%d more warnings about agent connections that did not authenticate "
+                    "were not logged",
+                    self._skipped,
+                )
+                self._skipped = 0
+            log.warning(message, *args)
+            return
+        if not self._skipped:
+            log.warning(
+                "too many agent connections that do not authenticate: further warnings about "
+                "them are not logged one by one (at most one a second, then a count)"
+            )
+        self._skipped += 1
 
 
 # Session ends that are part of normal operation (logged at INFO; anything else at WARNING).
@@ -131,7 +164,8 @@ class EdgeSession(MuxProtocol):
     def _on_handshake_timeout(self) -> None:
         self._handshake_timer = None
         if self.sandbox_id is None and self.transport is not None:
-            log.warning(
+            self.server.preauth_warnings.warn(
+                self.loop.time(),
                 "agent %s sent no hello within %.0fs; closing",
                 self.peer,
                 self.server.config.handshake_timeout,
@@ -273,7 +307,7 @@ class EdgeSession(MuxProtocol):
             self._handshake_timer = None
         refusal = server.auth.link_refusal(self)  # plaintext off loopback: see auth.py
         if refusal is not None:
-            log.warning("agent %s: %s", self.peer, refusal)
+            server.preauth_warnings.warn(self.loop.time(), "agent %s: %s", self.peer, refusal)
             self._refuse("PLAINTEXT_REFUSED", refusal)
             return
         try:
@@ -283,7 +317,12 @@ class EdgeSession(MuxProtocol):
             return
         if not server.auth.verify(sandbox_id, hello.token):
             server.metrics.agent_auth_failures.inc()
-            log.warning("agent %s: authentication failed for sandbox %s", self.peer, sandbox_id)
+            server.preauth_warnings.warn(
+                self.loop.time(),
+                "agent %s: authentication failed for sandbox %s",
+                self.peer,
+                sandbox_id,
+            )
             self._refuse("AUTH_FAILED", "Invalid agent token for this sandbox id.")
             return
         self.sandbox_id = sandbox_id
@@ -471,6 +510,7 @@ class EdgeServer:
             redact=config.inspect_redact,
         )
         self.agent_connections: set[EdgeSession] = set()
+        self.preauth_warnings = _PreauthWarnings(self.loop.time())
         self._servers: list[asyncio.Server] = []
         self._sweeper: asyncio.Task[None] | None = None
         self._feed: _StoreFeed | None = None  # a shared store's changes (Redis), applied here
@@ -544,6 +584,9 @@ class EdgeServer:
             config.agent_host,
             config.agent_port,
             ssl=tls,
+            # the hello timer starts once TLS is up: bound the TLS handshake by the same time,
+            # not the loop's 60 s default (a peer that never sends a ClientHello)
+            ssl_handshake_timeout=config.handshake_timeout if tls is not None else None,
             backlog=1024,
             reuse_port=reuse,
         )
@@ -666,7 +709,11 @@ class EdgeServer:
         # start (measured ~1.5x), and they live as long as the process, so freeze them after.
         gc.disable()
         try:
-            count = self.registry.load(await store.load_all())
+            records = await store.load_all()
+            try:
+                count = self.registry.load(records)
+            except StoreError as exc:  # a record the rules refuse: say where it is stored
+                raise StoreError(f"{store.location}: {exc}") from None
         finally:
             gc.enable()
         if count >= _FREEZE_FROM:
