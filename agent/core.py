@@ -58,6 +58,7 @@ from protocol.hostnames import (
     validate_port,
 )
 from protocol.session import Role, Session, SessionConfig
+from relay.budget import RateLimitedLog
 from relay.mux import MuxProtocol, StreamEndpoint, abort_with_reset
 from relay.requests import ControlRequestError
 from relay.wslink import WebSocketLink
@@ -359,11 +360,14 @@ class AgentSession(MuxProtocol):
         try:
             port = validate_port(event.port)
         except InvalidPortError:
-            log.warning("edge asked for port %s, which the agent never dials", event.port)
+            self.agent.refused_streams.log(
+                self.loop.time(), "edge asked for port %s, which the agent never dials", event.port
+            )
             self.session.reset_stream(event.stream_id, ResetCode.PORT_NOT_ALLOWED)
             return
         if port == self.agent.api_port:
-            log.warning(
+            self.agent.refused_streams.log(
+                self.loop.time(),
                 "edge asked for port %d, the agent's own control API; refused (stream %d)",
                 port,
                 event.stream_id,
@@ -373,7 +377,8 @@ class AgentSession(MuxProtocol):
         if event.via == "preview" and port not in self.agent.exposures:
             # Direct streams are authorised by the admin token at the edge; preview streams only
             # by an exposure, and the agent hears of every one.
-            log.warning(
+            self.agent.refused_streams.log(
+                self.loop.time(),
                 "edge opened a preview stream to port %d, which is not exposed; refused "
                 "(stream %d, client %s)",
                 port,
@@ -454,6 +459,11 @@ class Agent:
         self.api_port: int | None = None
         # (address, port) of every open socket the agent dialled for a stream (is_tunnel_peer).
         self.dialled: set[tuple[str, int]] = set()
+        # Warnings about streams the edge opens to ports the agent refuses: a hostile edge can
+        # open them at will, so a burst, then one a second (relay/budget.py).
+        self.refused_streams = RateLimitedLog(
+            log, "warnings about streams to ports the agent refuses"
+        )
         # Live port watches, the local API's and the edge's together (at most MAX_WATCHES).
         self.port_watches = PortWatches(hosts=config.dial_hosts)
         self.connected_event = asyncio.Event()

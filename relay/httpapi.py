@@ -5,8 +5,11 @@ Theory of operation
 -------------------
 One task per client connection drives one ``h11.Connection``:
 
-1. Past ``Limits.max_connections`` concurrent connections, a new one gets 503
-   ``TOO_MANY_CONNECTIONS`` at once and is closed (after a lingering drain, see 4).
+1. Past ``Limits.max_connections`` concurrent connections, or past
+   ``Limits.max_connections_per_ip`` from the client's IP address, a new one gets 503
+   ``TOO_MANY_CONNECTIONS`` at once and is closed (after a lingering drain, see 4). The warning
+   saying so is rate-limited (:class:`relay.budget.RateLimitedLog`): anyone who can connect can
+   cause one per connection.
 2. Read one whole request. An idle keep-alive connection waits at most ``idle_timeout`` for the
    first byte of its next request and is then closed without a word; from that first byte, the
    head and the body together must arrive within ``request_timeout`` (a client dripping one byte a
@@ -48,6 +51,8 @@ from typing import Final, TypeVar
 
 import h11
 import orjson
+
+from .budget import RateLimitedLog
 
 __all__ = [
     "MAX_BODY_BYTES",
@@ -110,6 +115,9 @@ class Limits:
     request_timeout: float = 10.0
     # Concurrent connections being served; a connection taken over by a handler no longer counts.
     max_connections: int = 64
+    # The same, per client IP address (None: no limit of its own), so one client cannot hold them
+    # all and lock the others out.
+    max_connections_per_ip: int | None = None
     # Lingering close after an error answer: read and discard this long, this much at most.
     linger_seconds: float = 1.0
     linger_max_bytes: int = 1024 * 1024
@@ -255,6 +263,8 @@ class ApiServer:
         self._internal_error = internal_error
         self._server: asyncio.Server | None = None
         self._connections: set[asyncio.Task[None]] = set()
+        self._per_ip: dict[str, int] = {}  # connections being served, by client IP
+        self._refusals = RateLimitedLog(self._log, f"warnings about refused {name} connections")
 
     @property
     def server(self) -> asyncio.Server | None:
@@ -299,20 +309,44 @@ class ApiServer:
         task = asyncio.current_task()
         assert task is not None
         limits = self.limits
-        if len(self._connections) >= limits.max_connections:
-            self._log.warning(
-                "%s: refused a connection, %d already open", self._name, len(self._connections)
-            )
-            err = ApiError(
-                503,
-                "TOO_MANY_CONNECTIONS",
-                f"Too many connections to the {self._name}: the limit is {limits.max_connections}.",
-            )
+        peer = writer.get_extra_info("peername")
+        ip = str(peer[0]) if isinstance(peer, tuple) and peer else ""
+        count = self._per_ip.get(ip, 0)
+        per_ip = limits.max_connections_per_ip
+        if len(self._connections) >= limits.max_connections or (
+            per_ip is not None and count >= per_ip
+        ):
+            now = asyncio.get_running_loop().time()
+            if len(self._connections) >= limits.max_connections:
+                self._refusals.log(
+                    now,
+                    "%s: refused a connection, %d already open",
+                    self._name,
+                    len(self._connections),
+                )
+                message = (
+                    f"Too many connections to the {self._name}: "
+                    f"the limit is {limits.max_connections}."
+                )
+            else:
+                self._refusals.log(
+                    now,
+                    "%s: refused a connection from %s, %d already open from it",
+                    self._name,
+                    ip,
+                    count,
+                )
+                message = (
+                    f"Too many connections to the {self._name} from {ip}: the limit is {per_ip} "
+                    "per client address."
+                )
+            err = ApiError(503, "TOO_MANY_CONNECTIONS", message)
             with contextlib.suppress(Exception):
                 await self._fail(h11.Connection(h11.SERVER), reader, writer, err, limits)
             await _close(writer)
             return
         self._connections.add(task)
+        self._per_ip[ip] = count + 1
         exchange: Exchange | None = None
         try:
             exchange = await self._serve(reader, writer, limits)
@@ -326,6 +360,9 @@ class ApiServer:
             self._log.exception("%s: connection failed", self._name)
         finally:
             self._connections.discard(task)
+            left = self._per_ip.pop(ip) - 1
+            if left:
+                self._per_ip[ip] = left
             if exchange is None or not exchange.detached:
                 await _close(writer)
 

@@ -36,11 +36,24 @@ from protocol.errors import GoAwayCode, ResetCode
 from protocol.frames import MAX_FRAME_PAYLOAD
 from protocol.session import Session
 
+from .budget import RateLimitedLog
 from .buffers import SHARED
 from .requests import OnOk, PendingRequests
 from .wslink import LinkClosed, WebSocketLink
 
 log = logging.getLogger("tunnel.mux")
+
+# "agent link closed" (a bad WebSocket upgrade or frame): anyone who reaches the edge's agent
+# port can cause one per connection, so it is rate-limited; the edge gives each of its servers a
+# RateLimitedLog of its own (``MuxProtocol.link_log``), this one serves the others.
+_LINK_CLOSED: Final = "'agent link closed' lines"
+_LINK_LOG: Final = RateLimitedLog(log, _LINK_CLOSED, level=logging.INFO)
+
+
+def link_closed_log(now: float) -> RateLimitedLog:
+    """A fresh limiter for "agent link closed" lines (one per listening server)."""
+    return RateLimitedLog(log, _LINK_CLOSED, now, level=logging.INFO)
+
 
 # The tunnel transport queues at most this much before the session stops emitting DATA frames.
 # Small enough that a 100-byte write on an interactive stream never waits behind megabytes of a
@@ -294,6 +307,7 @@ class MuxProtocol(DeferredFlush, asyncio.BufferedProtocol):
         # or by the edge once the first bytes (``_sniff``) turn out to be an HTTP upgrade.
         self.link: WebSocketLink | None = None
         self._sniff: bytearray | None = None
+        self.link_log = _LINK_LOG  # "agent link closed" lines, rate-limited
         self._dispatch: dict[type, Callable[[Any], None]] = {
             ev.DataReceived: self._on_data,
             ev.StreamWritable: self._on_writable,
@@ -348,7 +362,7 @@ class MuxProtocol(DeferredFlush, asyncio.BufferedProtocol):
         try:
             payload, reply = link.receive(data)
         except LinkClosed as exc:
-            log.info("agent link closed: %s", exc)
+            self.link_log.log(self.loop.time(), "agent link closed: %s", exc)
             if self.transport is not None:
                 if exc.reply:
                     self.transport.write(exc.reply)

@@ -35,6 +35,7 @@ owner as one control request on the node link instead (tunneld/waitfwd.py).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from typing import TYPE_CHECKING, Any, Final, cast
@@ -64,6 +65,7 @@ from relay.mux import MuxProtocol
 from .auth import verify_bearer
 from .budget import RequestBudget
 from .cluster import RouteError
+from .config import ADMIN_MAX_CONNECTIONS
 from .direct import DirectEndpoint
 from .edge import PortNotReady
 from .httphead import H11HeadParser, HeadError
@@ -80,8 +82,11 @@ __all__ = ["LIMITS", "AdminServer", "ApiError"]
 log = logging.getLogger("tunneld.admin")
 
 # Orchestrators keep a few keep-alive connections; WebSocket connects stop counting once they are
-# handed over to a tunnel stream. Past this, 503 TOO_MANY_CONNECTIONS.
-LIMITS: Final = Limits(idle_timeout=60.0, request_timeout=10.0, max_connections=256)
+# handed over to a tunnel stream. Past this, 503 TOO_MANY_CONNECTIONS; also past
+# admin_max_connections_per_ip from one client IP (set by AdminServer from the config).
+LIMITS: Final = Limits(
+    idle_timeout=60.0, request_timeout=10.0, max_connections=ADMIN_MAX_CONNECTIONS
+)
 
 
 class AdminServer:
@@ -98,7 +103,9 @@ class AdminServer:
         self.http = ApiServer(
             self._handle,
             name="admin API",
-            limits=LIMITS,
+            limits=dataclasses.replace(
+                LIMITS, max_connections_per_ip=config.admin_max_connections_per_ip
+            ),
             accept_upgrades=True,
             internal_error="Internal error; see the tunneld log.",
             logger=log,

@@ -65,6 +65,9 @@ class Config:
     max_connections_per_ip: int = 256  # public connections per client IP (then 503)
     control_timeout: float = 5.0  # seconds to wait for the agent's ack of expose/unexpose
     handshake_timeout: float = 10.0  # seconds for an agent to send hello after connecting
+    # Agent connections not authenticated yet (TLS handshake and hello), all peers together;
+    # past it a new agent connection is closed at once.
+    max_pending_agents: int = 1024
     grace_period: float = 30.0  # SIGTERM: seconds to let live streams finish
     max_streams: int = 32768  # concurrent connections per agent session (then 503 SANDBOX_BUSY)
     heartbeat_interval: float = 10.0
@@ -81,9 +84,13 @@ class Config:
     # New streams (client connections) per second per sandbox session.
     stream_rate: float = 10000.0
     stream_burst: int = 20000
-    # Admin API requests per second, all clients together.
+    # Admin API requests per second: the clients with the admin token together, and those
+    # without it together (a budget of its own, so they cannot spend the token holder's).
     admin_rate: float = 1000.0
     admin_burst: int = 2000
+    # Admin API connections per client IP (of 256 in all; then 503 TOO_MANY_CONNECTIONS), so
+    # that one peer cannot hold them all.
+    admin_max_connections_per_ip: int = 64
     log_level: str = "info"
     log_format: str = "text"  # or "json": one object per line (tunneld/logs.py)
     access_log: bool = False
@@ -174,6 +181,15 @@ class Config:
             )
         if self.max_connections < 1 or self.max_connections_per_ip < 1:
             raise ConfigError("max_connections and max_connections_per_ip must be at least 1")
+        if self.max_pending_agents < 1:
+            raise ConfigError(
+                f"max_pending_agents must be at least 1, not {self.max_pending_agents}"
+            )
+        if not 1 <= self.admin_max_connections_per_ip <= ADMIN_MAX_CONNECTIONS:
+            raise ConfigError(
+                f"admin_max_connections_per_ip must be 1-{ADMIN_MAX_CONNECTIONS}, "
+                f"not {self.admin_max_connections_per_ip}"
+            )
         self.store = check_store(self.store)
         if not 1 <= self.max_exposures_per_sandbox <= 1024:
             # 1024: the most exposures one control message may list (protocol/control.py)
@@ -251,6 +267,9 @@ def parse_tls_pairs(value: object) -> tuple[tuple[str, str], ...]:
         return value  # already parsed (overrides)
     raise ConfigError(f"public_tls: invalid value {value!r}")
 
+
+# The admin API's connections in all (tunneld/admin.py); admin_max_connections_per_ip is at most it.
+ADMIN_MAX_CONNECTIONS: Final = 256
 
 # More worker processes than this is a typo, not a machine: one worker per core is the point.
 MAX_WORKERS: Final = 1024

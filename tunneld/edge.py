@@ -19,9 +19,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import errno
 import gc
 import logging
 import secrets
+import socket
 import ssl
 from typing import TYPE_CHECKING, Any, Final
 
@@ -43,7 +45,8 @@ from protocol.hostnames import (
     validate_sandbox_id,
 )
 from protocol.session import Role, Session, SessionConfig
-from relay.mux import TUNNEL_OUTPUT_CAP, MuxProtocol, StreamEndpoint
+from relay.budget import RateLimitedLog
+from relay.mux import TUNNEL_OUTPUT_CAP, MuxProtocol, StreamEndpoint, link_closed_log
 from relay.requests import ControlRequestError
 
 from .accesslog import AccessWriter
@@ -80,36 +83,11 @@ _WELCOME_SLACK: Final = 1024
 
 
 # Warnings about agent connections that never authenticated (no hello in time, a wrong token,
-# plaintext off loopback) can be caused by anyone who reaches the agent port, so they are logged
-# in a burst of _PREAUTH_LOG_BURST, then one a second; the others are counted and summed up.
-_PREAUTH_LOG_RATE: Final = 1.0
-_PREAUTH_LOG_BURST: Final = 10
-
-
-class _PreauthWarnings:
-    __slots__ = ("_budget", "_skipped")
-
-    def __init__(self, now: float) -> None:
-        self._budget = RequestBudget(_PREAUTH_LOG_RATE, _PREAUTH_LOG_BURST, now)
-        self._skipped = 0
-
-    def warn(self, now: float, message: str, *args: object) -> None:
-        if self._budget.take(now):
-            if self._skipped:
-                log.warning(
-                    "%d more warnings about agent connections that did not authenticate "
-                    "were not logged",
-                    self._skipped,
-                )
-                self._skipped = 0
-            log.warning(message, *args)
-            return
-        if not self._skipped:
-            log.warning(
-                "too many agent connections that do not authenticate: further warnings about "
-                "them are not logged one by one (at most one a second, then a count)"
-            )
-        self._skipped += 1
+# plaintext off loopback, refused past max_pending_agents) can be caused by anyone who reaches the
+# agent port, so they go through a RateLimitedLog (relay/budget.py): a burst, then one a second.
+_PREAUTH_WHAT: Final = "warnings about agent connections that did not authenticate"
+# Connections the TLS agent listener accepts per wake-up (as tcpexpose's SniListener).
+_ACCEPT_BATCH: Final = 64
 
 
 # Session ends that are part of normal operation (logged at INFO; anything else at WARNING).
@@ -117,9 +95,14 @@ _ORDERLY_ENDS: Final = frozenset({GoAwayCode.NORMAL, GoAwayCode.SHUTTING_DOWN, G
 
 
 class EdgeSession(MuxProtocol):
-    """One connected agent."""
+    """One connected agent.
 
-    def __init__(self, server: EdgeServer) -> None:
+    Until its hello is accepted it counts against ``max_pending_agents``
+    (``EdgeServer.pending_agents``): past that a new connection is closed at once. ``admitted``:
+    the entry that counted it so far (a TLS connection, counted from its accept by
+    :class:`_TlsAgentListener`), which the session replaces."""
+
+    def __init__(self, server: EdgeServer, *, admitted: _PendingTls | None = None) -> None:
         config = server.config
         session_config = SessionConfig(
             max_streams=config.max_streams,
@@ -131,6 +114,8 @@ class EdgeSession(MuxProtocol):
         super().__init__(session, server.loop)
         self.session_max_streams = session_config.max_streams
         self.server = server
+        self.link_log = server.link_log
+        self._admitted = admitted
         self.sandbox_id: str | None = None
         self.session_id = secrets.token_hex(8)
         self.peer = "unknown"
@@ -156,6 +141,11 @@ class EdgeSession(MuxProtocol):
         peer = self.transport.get_extra_info("peername")
         if isinstance(peer, tuple):
             self.peer = f"{peer[0]}:{peer[1]}"
+        if self._admitted is not None:
+            self.server.pending_agents.discard(self._admitted)
+            self.server.pending_agents.add(self)
+        elif not self.server.admit_agent(self, self.transport, self.peer):
+            return
         self.server.agent_connections.add(self)
         self._handshake_timer = self.loop.call_later(
             self.server.config.handshake_timeout, self._on_handshake_timeout
@@ -164,7 +154,7 @@ class EdgeSession(MuxProtocol):
     def _on_handshake_timeout(self) -> None:
         self._handshake_timer = None
         if self.sandbox_id is None and self.transport is not None:
-            self.server.preauth_warnings.warn(
+            self.server.preauth_warnings.log(
                 self.loop.time(),
                 "agent %s sent no hello within %.0fs; closing",
                 self.peer,
@@ -307,7 +297,7 @@ class EdgeSession(MuxProtocol):
             self._handshake_timer = None
         refusal = server.auth.link_refusal(self)  # plaintext off loopback: see auth.py
         if refusal is not None:
-            server.preauth_warnings.warn(self.loop.time(), "agent %s: %s", self.peer, refusal)
+            server.preauth_warnings.log(self.loop.time(), "agent %s: %s", self.peer, refusal)
             self._refuse("PLAINTEXT_REFUSED", refusal)
             return
         try:
@@ -317,7 +307,7 @@ class EdgeSession(MuxProtocol):
             return
         if not server.auth.verify(sandbox_id, hello.token):
             server.metrics.agent_auth_failures.inc()
-            server.preauth_warnings.warn(
+            server.preauth_warnings.log(
                 self.loop.time(),
                 "agent %s: authentication failed for sandbox %s",
                 self.peer,
@@ -327,6 +317,7 @@ class EdgeSession(MuxProtocol):
             return
         self.sandbox_id = sandbox_id
         self.agent_version = hello.version
+        server.pending_agents.discard(self)
         server.auth.admit(self, hello.token)  # checked again on reload and at its expiry
         if server.registry.get(sandbox_id) is not None:  # exposures kept, or a live session
             server.metrics.agent_reconnects.inc()
@@ -467,6 +458,7 @@ class EdgeSession(MuxProtocol):
             self._handshake_timer.cancel()
             self._handshake_timer = None
         self.server.agent_connections.discard(self)
+        self.server.pending_agents.discard(self)
         self._detach()
 
     def _detach(self) -> None:
@@ -479,6 +471,103 @@ class EdgeSession(MuxProtocol):
             self.server.registry.detach(self.sandbox_id, self)
             if self.server.cluster is not None:
                 self.server.cluster.on_detach(self)
+
+
+class _TlsAgentListener:
+    """The agent port with TLS: accepts connections itself (as ``tcpexpose.SniListener`` does)
+    so that each counts against ``max_pending_agents`` from its accept, its TLS handshake
+    included, and is refused at once past it; asyncio's own TLS server would only show it to us
+    once the handshake is done. The handshake is bounded by ``handshake_timeout`` (a peer that
+    never sends a ClientHello), then the session's hello timer starts. Quacks like the
+    ``asyncio.Server`` it replaces (``sockets``, ``close``, ``wait_closed``)."""
+
+    def __init__(self, server: EdgeServer, context: ssl.SSLContext) -> None:
+        self.server = server
+        self.loop = server.loop
+        self.context = context
+        self.sockets: list[socket.socket] = []
+        self._handshakes: set[asyncio.Task[Any]] = set()
+        self._closed = False
+
+    async def start(self, host: str, port: int, *, reuse_port: bool = False) -> _TlsAgentListener:
+        infos = await self.loop.getaddrinfo(
+            host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+        family, _, _, _, address = infos[0]
+        sock = socket.create_server(
+            address[:2] if family == socket.AF_INET else address,
+            family=family,
+            backlog=1024,
+            reuse_port=reuse_port,
+        )
+        sock.setblocking(False)
+        self.sockets = [sock]
+        self.loop.add_reader(sock.fileno(), self._accept, sock)
+        return self
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for sock in self.sockets:
+            self.loop.remove_reader(sock.fileno())
+            sock.close()
+        for task in self._handshakes:
+            task.cancel()  # its socket is closed
+
+    async def wait_closed(self) -> None:
+        if self._handshakes:
+            await asyncio.gather(*self._handshakes, return_exceptions=True)
+
+    def _accept(self, listener: socket.socket) -> None:
+        server = self.server
+        for _ in range(_ACCEPT_BATCH):
+            try:
+                sock, address = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if exc.errno in (errno.ECONNABORTED, errno.EPROTO):
+                    continue
+                # EMFILE and friends: stop accepting for a second, as asyncio's servers do (the
+                # listener stays readable, so trying again at once would spin and log each time)
+                log.warning("agent TLS listener: accept failed: %s; retrying in 1 s", exc)
+                self.loop.remove_reader(listener.fileno())
+                self.loop.call_later(1.0, self._resume, listener)
+                return
+            peer = f"{address[0]}:{address[1]}" if isinstance(address, tuple) else "unknown"
+            marker = _PendingTls()
+            if not server.admit_agent(marker, sock, peer):
+                continue
+            sock.setblocking(False)
+            task = self.loop.create_task(self._handshake(sock, marker))
+            self._handshakes.add(task)
+            task.add_done_callback(self._handshakes.discard)
+
+    def _resume(self, listener: socket.socket) -> None:
+        if not self._closed:
+            self.loop.add_reader(listener.fileno(), self._accept, listener)
+
+    async def _handshake(self, sock: socket.socket, marker: _PendingTls) -> None:
+        server = self.server
+        try:
+            await self.loop.connect_accepted_socket(
+                lambda: EdgeSession(server, admitted=marker),
+                sock,
+                ssl=self.context,
+                ssl_handshake_timeout=server.config.handshake_timeout,
+            )
+        except (Exception, asyncio.CancelledError) as exc:  # failed, timed out, or closing
+            log.debug("agent TLS handshake failed: %r", exc)
+            sock.close()
+        finally:
+            server.pending_agents.discard(marker)  # the session counts itself from its start
+
+
+class _PendingTls:
+    """A TLS agent connection in its TLS handshake, in ``EdgeServer.pending_agents``."""
+
+    __slots__ = ()
 
 
 class EdgeServer:
@@ -510,7 +599,11 @@ class EdgeServer:
             redact=config.inspect_redact,
         )
         self.agent_connections: set[EdgeSession] = set()
-        self.preauth_warnings = _PreauthWarnings(self.loop.time())
+        # Agent connections accepted but not authenticated yet (a TLS one from its accept, while
+        # its TLS handshake runs): at most max_pending_agents, then refused at once.
+        self.pending_agents: set[EdgeSession | _PendingTls] = set()
+        self.preauth_warnings = RateLimitedLog(log, _PREAUTH_WHAT, self.loop.time())
+        self.link_log = link_closed_log(self.loop.time())
         self._servers: list[asyncio.Server] = []
         self._sweeper: asyncio.Task[None] | None = None
         self._feed: _StoreFeed | None = None  # a shared store's changes (Redis), applied here
@@ -536,6 +629,33 @@ class EdgeServer:
             public_open=lambda: len(self.public_connections),
         )
         self.registry.on_write = self.metrics.store_write
+
+    def admit_agent(
+        self,
+        conn: EdgeSession | _PendingTls,
+        transport: asyncio.Transport | socket.socket,
+        peer: str,
+    ) -> bool:
+        """Count a new agent connection as pending (not authenticated yet), or, with
+        ``max_pending_agents`` already pending, abort it at once, count it and say so (within
+        the rate of the warnings about unauthenticated agents)."""
+        limit = self.config.max_pending_agents
+        if len(self.pending_agents) >= limit:
+            self.metrics.agent_connections_refused.inc()
+            self.preauth_warnings.log(
+                self.loop.time(),
+                "agent connection from %s refused: %d connections already wait to "
+                "authenticate (max_pending_agents)",
+                peer,
+                limit,
+            )
+            if isinstance(transport, socket.socket):
+                transport.close()
+            else:
+                transport.abort()
+            return False
+        self.pending_agents.add(conn)
+        return True
 
     # -- lifecycle -------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -579,17 +699,20 @@ class EdgeServer:
         # reuse_port: the workers of `tunneld serve --workers N` each listen on the same ports
         # and the kernel spreads connections over them (tunneld/supervisor.py).
         reuse = config.reuse_port
-        agents = await loop.create_server(
-            lambda: EdgeSession(self),
-            config.agent_host,
-            config.agent_port,
-            ssl=tls,
-            # the hello timer starts once TLS is up: bound the TLS handshake by the same time,
-            # not the loop's 60 s default (a peer that never sends a ClientHello)
-            ssl_handshake_timeout=config.handshake_timeout if tls is not None else None,
-            backlog=1024,
-            reuse_port=reuse,
-        )
+        agents: Any
+        if tls is not None:
+            # accepts itself: a connection counts against max_pending_agents from its accept
+            agents = await _TlsAgentListener(self, tls).start(
+                config.agent_host, config.agent_port, reuse_port=reuse
+            )
+        else:
+            agents = await loop.create_server(
+                lambda: EdgeSession(self),
+                config.agent_host,
+                config.agent_port,
+                backlog=1024,
+                reuse_port=reuse,
+            )
         public: Any
         if config.public_tls_passthrough and self.public_tls is not None:
             # TLS routed by server name first: tls exposures unterminated (tunneld/tcpexpose.py)

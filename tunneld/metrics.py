@@ -119,6 +119,11 @@ class Metrics:
         self.agent_auth_failures = Counter(
             "tunneld_agent_auth_failures", "Agent handshakes refused", registry=r
         )
+        self.agent_connections_refused = Counter(
+            "tunneld_agent_connections_refused",
+            "Agent connections closed on accept: max_pending_agents were waiting to authenticate",
+            registry=r,
+        )
         self.agents_connected = Gauge(
             "tunneld_agents_connected", "Agents with a live session", registry=r
         )
