@@ -89,21 +89,13 @@ def test_make_demo_runs_tunneld_demo_after_creating_the_venv(tmp_path: Path) -> 
     assert DEMO_OUT[0].startswith("…") and "creates .venv" in DEMO_OUT[0]
     assert DEMO_OUT[1] == ".venv/bin/tunneld demo"
     fresh = tmp_path / "v"
-    dry = subprocess.run(
-        ["make", "-n", "demo", f"VENV={fresh}"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    dry = _make_dry("demo", f"VENV={fresh}")
     assert dry.returncode == 0, dry.stderr
     assert "-m venv --clear " + str(fresh) in dry.stdout
     assert f"{fresh}/bin/python -m pip install -q -e '.[test]'" in dry.stdout
     assert dry.stdout.splitlines()[-1] == f"{fresh}/bin/tunneld demo"
     assert not fresh.exists()  # -n: nothing was run
-    existing = subprocess.run(
-        ["make", "-n", "demo"], cwd=ROOT, capture_output=True, text=True, timeout=30
-    )
+    existing = _make_dry("demo")
     assert existing.stdout.splitlines()[-1] == DEMO_OUT[1]
 
 
@@ -173,10 +165,23 @@ def test_tunneld_demo_prints_the_readme_lines_serves_the_page_and_stops_on_ctrl_
 
 
 # -- quick start: `make test`, `make agent`, `make test-versions`, `make bench` -------------------
-def _recipe(target: str, *variables: str) -> list[str]:
-    dry = subprocess.run(
-        ["make", "-n", target, *variables], cwd=ROOT, capture_output=True, text=True, timeout=30
+def _make_dry(*args: str) -> subprocess.CompletedProcess[str]:
+    """`make -n ARGS` as a user types it. CI runs this suite under make: without MAKELEVEL and
+    MAKEFLAGS, and with --no-print-directory, the output is the recipe alone, not make's
+    "Entering/Leaving directory" lines."""
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKELEVEL", "MAKEFLAGS", "MFLAGS")}
+    return subprocess.run(
+        ["make", "--no-print-directory", "-n", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env=env,
     )
+
+
+def _recipe(target: str, *variables: str) -> list[str]:
+    dry = _make_dry(target, *variables)
     assert dry.returncode == 0, dry.stderr
     return dry.stdout.splitlines()
 
