@@ -262,6 +262,8 @@ RANGES = [
     ("max_exposures_per_sandbox", 1, 1024, 0, 1025),
     ("lease_s", 1.0, 300.0, 0.99, 300.5),
     ("heartbeat_interval", 0.2, 14.9, 0.19, 15.0),  # below dead_timeout (15)
+    ("admin_max_connections_per_ip", 1, 256, 0, 257),
+    ("max_pending_agents", 1, None, 0, None),
 ]
 
 

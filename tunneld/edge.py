@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import errno
 import gc
 import logging
 import secrets
@@ -56,6 +55,7 @@ from .config import Config
 from .h2public import PublicTlsConnection
 from .httphead import default_parser
 from .inspect import Inspector
+from .listen import Acceptor, bind
 from .metrics import Metrics
 from .public import PublicConnection, PublicLimits
 from .registry import ExposureRecord, Registry, RegistryError
@@ -86,8 +86,6 @@ _WELCOME_SLACK: Final = 1024
 # plaintext off loopback, refused past max_pending_agents) can be caused by anyone who reaches the
 # agent port, so they go through a RateLimitedLog (relay/budget.py): a burst, then one a second.
 _PREAUTH_WHAT: Final = "warnings about agent connections that did not authenticate"
-# Connections the TLS agent listener accepts per wake-up (as tcpexpose's SniListener).
-_ACCEPT_BATCH: Final = 64
 
 
 # Session ends that are part of normal operation (logged at INFO; anything else at WARNING).
@@ -486,32 +484,21 @@ class _TlsAgentListener:
         self.loop = server.loop
         self.context = context
         self.sockets: list[socket.socket] = []
+        self._acceptor = Acceptor(self.loop, "agent TLS listener", self._on_accept)
         self._handshakes: set[asyncio.Task[Any]] = set()
         self._closed = False
 
     async def start(self, host: str, port: int, *, reuse_port: bool = False) -> _TlsAgentListener:
-        infos = await self.loop.getaddrinfo(
-            host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-        )
-        family, _, _, _, address = infos[0]
-        sock = socket.create_server(
-            address[:2] if family == socket.AF_INET else address,
-            family=family,
-            backlog=1024,
-            reuse_port=reuse_port,
-        )
-        sock.setblocking(False)
-        self.sockets = [sock]
-        self.loop.add_reader(sock.fileno(), self._accept, sock)
+        sockets = await bind(self.loop, host, port, backlog=1024, reuse_port=reuse_port)
+        self._acceptor.serve(sockets)
+        self.sockets = sockets
         return self
 
     def close(self) -> None:
         if self._closed:
             return
         self._closed = True
-        for sock in self.sockets:
-            self.loop.remove_reader(sock.fileno())
-            sock.close()
+        self._acceptor.close()
         for task in self._handshakes:
             task.cancel()  # its socket is closed
 
@@ -519,34 +506,14 @@ class _TlsAgentListener:
         if self._handshakes:
             await asyncio.gather(*self._handshakes, return_exceptions=True)
 
-    def _accept(self, listener: socket.socket) -> None:
-        server = self.server
-        for _ in range(_ACCEPT_BATCH):
-            try:
-                sock, address = listener.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:
-                if exc.errno in (errno.ECONNABORTED, errno.EPROTO):
-                    continue
-                # EMFILE and friends: stop accepting for a second, as asyncio's servers do (the
-                # listener stays readable, so trying again at once would spin and log each time)
-                log.warning("agent TLS listener: accept failed: %s; retrying in 1 s", exc)
-                self.loop.remove_reader(listener.fileno())
-                self.loop.call_later(1.0, self._resume, listener)
-                return
-            peer = f"{address[0]}:{address[1]}" if isinstance(address, tuple) else "unknown"
-            marker = _PendingTls()
-            if not server.admit_agent(marker, sock, peer):
-                continue
-            sock.setblocking(False)
-            task = self.loop.create_task(self._handshake(sock, marker))
-            self._handshakes.add(task)
-            task.add_done_callback(self._handshakes.discard)
-
-    def _resume(self, listener: socket.socket) -> None:
-        if not self._closed:
-            self.loop.add_reader(listener.fileno(), self._accept, listener)
+    def _on_accept(self, sock: socket.socket, address: Any) -> None:
+        peer = f"{address[0]}:{address[1]}" if isinstance(address, tuple) else "unknown"
+        marker = _PendingTls()
+        if not self.server.admit_agent(marker, sock, peer):
+            return
+        task = self.loop.create_task(self._handshake(sock, marker))
+        self._handshakes.add(task)
+        task.add_done_callback(self._handshakes.discard)
 
     async def _handshake(self, sock: socket.socket, marker: _PendingTls) -> None:
         server = self.server

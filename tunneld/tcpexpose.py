@@ -37,7 +37,6 @@ raw TCP client has no page to read.
 from __future__ import annotations
 
 import asyncio
-import errno
 import logging
 import select
 import socket
@@ -51,6 +50,7 @@ from protocol.hostnames import ExposureOptions, parse_preview_host
 from relay.buffers import SHARED
 from relay.mux import StreamEndpoint, abort_with_reset
 
+from .listen import Acceptor, bind
 from .proxyproto import encode_v2
 from .registry import ExposureRecord, RegistryError
 from .sni import MAX_PEEK, ClientHello, NeedMore, NotClientHello, parse_client_hello
@@ -67,8 +67,6 @@ log = logging.getLogger("tunneld.tcp")
 
 # Refused connections are logged at most this often (a port scan must not flood the log).
 _REFUSAL_LOG_INTERVAL: Final = 10.0
-# Connections accepted per wake-up of a listener before others get the loop again.
-_ACCEPT_BATCH: Final = 64
 # Bytes a connection may have read while its stream is being opened on the owner node: reading
 # is paused then, so this is at most a read or two of the shared buffer; past it, a bug.
 MAX_HELD: Final = 1024 * 1024
@@ -631,33 +629,22 @@ class SniListener:
         self.handshake_timeout = handshake_timeout
         self.shutdown_timeout = shutdown_timeout
         self.sockets: list[socket.socket] = []
+        self._acceptor = Acceptor(self.loop, "public TLS listener", self._on_accept)
         self._peeks: set[_Peek] = set()
         self._handoffs: set[asyncio.Task[Any]] = set()
         self._closed = False
 
     async def start(self, host: str, port: int, *, reuse_port: bool = False) -> SniListener:
-        infos = await self.loop.getaddrinfo(
-            host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-        )
-        family, _, _, _, address = infos[0]
-        sock = socket.create_server(
-            address[:2] if family == socket.AF_INET else address,
-            family=family,
-            backlog=4096,
-            reuse_port=reuse_port,
-        )
-        sock.setblocking(False)
-        self.sockets = [sock]
-        self.loop.add_reader(sock.fileno(), self._accept, sock)
+        sockets = await bind(self.loop, host, port, backlog=4096, reuse_port=reuse_port)
+        self._acceptor.serve(sockets)
+        self.sockets = sockets
         return self
 
     def close(self) -> None:
         if self._closed:
             return
         self._closed = True
-        for sock in self.sockets:
-            self.loop.remove_reader(sock.fileno())
-            sock.close()
+        self._acceptor.close()
         for peek in list(self._peeks):
             peek.drop()
         for task in self._handoffs:
@@ -668,21 +655,10 @@ class SniListener:
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
 
-    def _accept(self, listener: socket.socket) -> None:
-        for _ in range(_ACCEPT_BATCH):
-            try:
-                sock, address = listener.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:  # EMFILE and friends: the next wake-up tries again
-                if exc.errno not in (errno.ECONNABORTED, errno.EPROTO):
-                    log.warning("public TLS listener: accept failed: %s", exc)
-                    return
-                continue
-            sock.setblocking(False)
-            peek = _Peek(self, sock, address)
-            self._peeks.add(peek)
-            peek.start()
+    def _on_accept(self, sock: socket.socket, address: Any) -> None:
+        peek = _Peek(self, sock, address)
+        self._peeks.add(peek)
+        peek.start()
 
     def hand_off(self, peek: _Peek, route: tuple[str, int] | None) -> None:
         """The ClientHello decided: ``route`` (a ``tls`` exposure) or None (the edge's TLS)."""
