@@ -1,8 +1,11 @@
-"""What tests/agent/test_packaging.py and test_sandbox_image.py share: the zipapp, built once per
-session by tools/build_agent.py (what ``make agent`` runs), and a TLS edge's certificate files."""
+"""What the agent tests share: the zipapp, built once per session by tools/build_agent.py (what
+``make agent`` runs), and a TLS edge's certificate files (test_packaging.py, test_sandbox_image.py);
+``run`` with the agent core stubbed out, and an environment without the agent's variables (the CLI
+tests)."""
 
 from __future__ import annotations
 
+import argparse
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -11,8 +14,40 @@ from pathlib import Path
 import pytest
 import trustme
 
+from agent import cli
+
 ROOT = Path(__file__).resolve().parents[2]
 BUILD = ROOT / "tools" / "build_agent.py"
+
+# The environment variables the agent's CLI reads.
+AGENT_ENV = (
+    "TUNNEL_AGENT_API",
+    "TUNNEL_AGENT_SERVER",
+    "TUNNEL_AGENT_SANDBOX_ID",
+    "TUNNEL_AGENT_TOKEN",
+    "TUNNEL_AGENT_LOG_LEVEL",
+    "TUNNEL_AGENT_PROXY",
+)
+
+
+@pytest.fixture
+def clean_agent_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """None of ``AGENT_ENV`` set, whatever the environment the tests run in has."""
+    for name in AGENT_ENV:
+        monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture
+def fake_core(monkeypatch: pytest.MonkeyPatch) -> list[argparse.Namespace]:
+    """The arguments each ``run`` would start the agent with; the agent is never started."""
+    calls: list[argparse.Namespace] = []
+
+    def run_from_args(args: argparse.Namespace) -> int:
+        calls.append(args)
+        return 0
+
+    monkeypatch.setattr(cli, "run_from_args", run_from_args)
+    return calls
 
 
 @pytest.fixture(scope="session")

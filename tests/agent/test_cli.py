@@ -21,6 +21,9 @@ from agent.local_api import LocalAPI
 
 from .test_local_api import FakeController
 
+# run in an environment without TUNNEL_AGENT_* (tests/agent/conftest.py)
+pytestmark = pytest.mark.usefixtures("clean_agent_env")
+
 REPO = Path(__file__).resolve().parents[2]
 PORT_80 = (
     "error: Invalid port number: 80. Must be 1024-65535, excluding 3000 (sandbox control plane)."
@@ -72,18 +75,6 @@ def controller() -> FakeController:
 def server(controller: FakeController) -> Iterator[ServerThread]:
     with ServerThread(controller) as s:
         yield s
-
-
-@pytest.fixture(autouse=True)
-def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in (
-        "TUNNEL_AGENT_API",
-        "TUNNEL_AGENT_SERVER",
-        "TUNNEL_AGENT_SANDBOX_ID",
-        "TUNNEL_AGENT_TOKEN",
-        "TUNNEL_AGENT_LOG_LEVEL",
-    ):
-        monkeypatch.delenv(name, raising=False)
 
 
 @pytest.fixture
@@ -257,18 +248,6 @@ def test_client_commands_do_not_load_the_core() -> None:
 
 
 # -- run -------------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def fake_core(monkeypatch: pytest.MonkeyPatch) -> list[argparse.Namespace]:
-    calls: list[argparse.Namespace] = []
-
-    def run_from_args(args: argparse.Namespace) -> int:
-        calls.append(args)
-        return 0
-
-    monkeypatch.setattr(cli, "run_from_args", run_from_args)
-    return calls
 
 
 def test_run_passes_flags_to_core(

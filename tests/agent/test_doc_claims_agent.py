@@ -18,32 +18,10 @@ from protocol import hostnames
 
 from .test_local_api import FakeController
 
+# run in an environment without TUNNEL_AGENT_* (tests/agent/conftest.py)
+pytestmark = pytest.mark.usefixtures("clean_agent_env")
+
 DOC = Path(__file__).resolve().parents[2] / "docs" / "agent.md"
-
-
-@pytest.fixture(autouse=True)
-def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in (
-        "TUNNEL_AGENT_API",
-        "TUNNEL_AGENT_SERVER",
-        "TUNNEL_AGENT_SANDBOX_ID",
-        "TUNNEL_AGENT_TOKEN",
-        "TUNNEL_AGENT_LOG_LEVEL",
-        "TUNNEL_AGENT_PROXY",
-    ):
-        monkeypatch.delenv(name, raising=False)
-
-
-@pytest.fixture
-def fake_core(monkeypatch: pytest.MonkeyPatch) -> list[argparse.Namespace]:
-    calls: list[argparse.Namespace] = []
-
-    def run_from_args(args: argparse.Namespace) -> int:
-        calls.append(args)
-        return 0
-
-    monkeypatch.setattr(cli, "run_from_args", run_from_args)
-    return calls
 
 
 # -- run: required settings --------------------------------------------------------------------

@@ -9,24 +9,18 @@ import ssl
 
 import pytest
 
-from agent import cli
 from agent.cli import ServerEntry, agent_config, main, parse_servers, plaintext_refusal
 from agent.core import AgentConfig, EdgeAddress
 
 
 @pytest.fixture
-def started(monkeypatch: pytest.MonkeyPatch) -> list[argparse.Namespace]:
+def started(
+    fake_core: list[argparse.Namespace], monkeypatch: pytest.MonkeyPatch
+) -> list[argparse.Namespace]:
     """The arguments ``run`` would start the agent with (it is not started)."""
-    calls: list[argparse.Namespace] = []
-
-    def run_from_args(args: argparse.Namespace) -> int:
-        calls.append(args)
-        return 0
-
-    monkeypatch.setattr(cli, "run_from_args", run_from_args)
     monkeypatch.setenv("TUNNEL_AGENT_TOKEN", "t0ken")
     monkeypatch.delenv("TUNNEL_AGENT_SERVER", raising=False)
-    return calls
+    return fake_core
 
 
 def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str]:

@@ -18,7 +18,6 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from agent import cli
 from agent.cli import agent_config, main, proxy_choices
 from agent.proxy import (
     MAX_RESPONSE_HEAD,
@@ -414,20 +413,15 @@ async def test_a_non_2xx_answer_closes_the_socket_and_says_why() -> None:
 
 
 @pytest.fixture
-def started(monkeypatch: pytest.MonkeyPatch) -> list[argparse.Namespace]:
+def started(
+    fake_core: list[argparse.Namespace], monkeypatch: pytest.MonkeyPatch
+) -> list[argparse.Namespace]:
     """The arguments ``run`` would start the agent with (it is not started); no proxy env."""
-    calls: list[argparse.Namespace] = []
-
-    def run_from_args(args: argparse.Namespace) -> int:
-        calls.append(args)
-        return 0
-
-    monkeypatch.setattr(cli, "run_from_args", run_from_args)
     monkeypatch.setenv("TUNNEL_AGENT_TOKEN", "t0ken")
     monkeypatch.delenv("TUNNEL_AGENT_SERVER", raising=False)
     for name in PROXY_VARS:
         monkeypatch.delenv(name, raising=False)
-    return calls
+    return fake_core
 
 
 def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str]:
