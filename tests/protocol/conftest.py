@@ -1,19 +1,24 @@
-"""Test helpers for protocol/: a back-to-back session pair (h11's ConnectionPair)."""
+"""Test helpers for protocol/: a back-to-back session pair (h11's ConnectionPair), and the raw
+frames, open metadata and handshaken single sessions the tests that write frames by hand use."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 
+import orjson
 import pytest
 
 from protocol import control
 from protocol.errors import GoAwayCode
-from protocol.events import ConnectionTerminated, Event
-from protocol.frames import PREFACE, FrameReader
+from protocol.events import ConnectionTerminated, ControlReceived, Event
+from protocol.frames import PREFACE, FrameReader, FrameType, encode_frame
 from protocol.session import Role, Session, SessionConfig
 
 HELLO = control.Hello(sandbox_id="abc123", token="secret-token", version=1)
 WELCOME = control.Welcome(session="s-1", heartbeat_s=10.0, limits={}, exposures=())
+
+DATA, WU, PING, GO_AWAY, CONTROL = (int(t) for t in FrameType)
+SYN, ACK, FIN, RST = 1, 2, 4, 8
 
 
 def flatten(bufs: Iterable[bytes | memoryview]) -> bytes:
@@ -32,6 +37,40 @@ def frames_of(data: bytes, *, preface: bool = False) -> list[tuple[int, int, int
         out.append(tuple(frame))
     assert reader.buffered == 0
     return out  # type: ignore[return-value]
+
+
+def ctrl_frame(msg: control.Message) -> bytes:
+    return encode_frame(CONTROL, payload=control.encode_message(msg))
+
+
+def meta(port: int = 8000, via: str = "preview", client: str = "1.2.3.4", **extra: object) -> bytes:
+    """A SYN's open metadata."""
+    return orjson.dumps({"port": port, "via": via, "client": client, **extra})
+
+
+def raw_edge(config: SessionConfig | None = None) -> Session:
+    """An edge that got a valid preface + Hello and answered Welcome; output drained."""
+    edge = Session(Role.EDGE, config or SessionConfig())
+    edge.receive_data(PREFACE + ctrl_frame(HELLO))
+    assert [type(e) for e in edge.events_received()] == [ControlReceived]
+    edge.send_control(WELCOME)
+    edge.data_to_send()
+    return edge
+
+
+def raw_agent() -> Session:
+    """An agent that sent its preface + Hello and got Welcome; output drained."""
+    agent = Session(Role.AGENT)
+    agent.send_control(HELLO)
+    agent.data_to_send()
+    agent.receive_data(ctrl_frame(WELCOME))
+    assert [type(e) for e in agent.events_received()] == [ControlReceived]
+    return agent
+
+
+def sent_frames(session: Session) -> list[tuple[int, int, int, int, bytes]]:
+    """What ``session`` has to send now, parsed."""
+    return frames_of(flatten(session.data_to_send()))
 
 
 class SessionPair:
@@ -113,4 +152,26 @@ def pair() -> SessionPair:
     return SessionPair()
 
 
-__all__ = ["HELLO", "WELCOME", "GoAwayCode", "SessionPair", "flatten", "frames_of", "terminated"]
+__all__ = [
+    "ACK",
+    "CONTROL",
+    "DATA",
+    "FIN",
+    "GO_AWAY",
+    "HELLO",
+    "PING",
+    "RST",
+    "SYN",
+    "WELCOME",
+    "WU",
+    "GoAwayCode",
+    "SessionPair",
+    "ctrl_frame",
+    "flatten",
+    "frames_of",
+    "meta",
+    "raw_agent",
+    "raw_edge",
+    "sent_frames",
+    "terminated",
+]

@@ -22,45 +22,31 @@ from protocol.frames import (
     INITIAL_STREAM_WINDOW,
     MAX_OPEN_METADATA,
     PREFACE,
-    FrameType,
     encode_frame,
 )
 from protocol.session import Role, Session
-from tests.protocol.conftest import HELLO, WELCOME, SessionPair, flatten, frames_of, terminated
-
-DATA, WU, PING, GO_AWAY, CONTROL = (int(t) for t in FrameType)
-SYN, ACK, FIN, RST = 1, 2, 4, 8
-
-
-def ctrl_frame(msg: control.Message) -> bytes:
-    return encode_frame(CONTROL, payload=control.encode_message(msg))
-
-
-def meta(port: int = 8000, **extra: object) -> bytes:
-    return orjson.dumps({"port": port, "via": "preview", "client": "1.2.3.4", **extra})
-
-
-def raw_edge() -> Session:
-    edge = Session(Role.EDGE)
-    edge.receive_data(PREFACE + ctrl_frame(HELLO))
-    edge.events_received()
-    edge.send_control(WELCOME)
-    edge.data_to_send()
-    return edge
-
-
-def raw_agent() -> Session:
-    agent = Session(Role.AGENT)
-    agent.send_control(HELLO)
-    agent.data_to_send()
-    agent.receive_data(ctrl_frame(WELCOME))
-    agent.events_received()
-    return agent
-
-
-def sent(session: Session) -> list[tuple[int, int, int, int, bytes]]:
-    return frames_of(flatten(session.data_to_send()))
-
+from tests.protocol.conftest import (
+    ACK,
+    CONTROL,
+    DATA,
+    FIN,
+    GO_AWAY,
+    HELLO,
+    PING,
+    RST,
+    SYN,
+    WELCOME,
+    WU,
+    SessionPair,
+    ctrl_frame,
+    flatten,
+    frames_of,
+    meta,
+    raw_agent,
+    raw_edge,
+    sent_frames,
+    terminated,
+)
 
 # --------------------------------------------------------------------------- frame header
 
@@ -71,7 +57,7 @@ def test_rst_on_stream_zero_is_a_protocol_error() -> None:
     edge.receive_data(encode_frame(WU, RST, 0, length=ResetCode.CANCEL))
     term = terminated(edge.events_received())
     assert term.code == GoAwayCode.PROTOCOL_ERROR and not term.remote
-    assert sent(edge)[-1] == (GO_AWAY, 0, 0, GoAwayCode.PROTOCOL_ERROR, b"")
+    assert sent_frames(edge)[-1] == (GO_AWAY, 0, 0, GoAwayCode.PROTOCOL_ERROR, b"")
 
 
 def test_the_edge_sends_no_preface() -> None:
@@ -102,10 +88,10 @@ def test_window_update_ack_may_carry_credit() -> None:
     agent = raw_agent()
     sid = agent.open_stream(9000)
     agent.send_data(sid, bytes(INITIAL_STREAM_WINDOW + 100))
-    payload = sum(len(f[4]) for f in sent(agent) if f[0] == DATA and not f[1] & SYN)
+    payload = sum(len(f[4]) for f in sent_frames(agent) if f[0] == DATA and not f[1] & SYN)
     assert payload == INITIAL_STREAM_WINDOW  # the initial window, no more
     agent.receive_data(encode_frame(WU, ACK, sid, length=100))
-    assert sum(len(f[4]) for f in sent(agent) if f[0] == DATA) == 100
+    assert sum(len(f[4]) for f in sent_frames(agent) if f[0] == DATA) == 100
 
 
 # --------------------------------------------------------------------------- handshake
@@ -143,7 +129,7 @@ def test_syn_after_a_received_goaway_is_refused_with_refused_stream() -> None:
     agent.receive_data(encode_frame(GO_AWAY, length=GoAwayCode.NORMAL))
     agent.receive_data(encode_frame(DATA, SYN, 4, meta()))
     assert agent.events_received() == [GoAwayReceived(GoAwayCode.NORMAL)]
-    assert sent(agent) == [(WU, RST, 4, ResetCode.REFUSED_STREAM, b"")]
+    assert sent_frames(agent) == [(WU, RST, 4, ResetCode.REFUSED_STREAM, b"")]
     assert not agent.closed and agent.stream_count == 1
 
 
@@ -161,10 +147,10 @@ def test_stream_credit_is_returned_at_half_the_window() -> None:
     edge.receive_data(encode_frame(DATA, 0, 1, bytes(half // 2)) * 2)
     assert not edge.closed
     edge.acknowledge(1, half - 1)
-    assert sent(edge) == []
+    assert sent_frames(edge) == []
     edge.acknowledge(1, 1)
     # half of the window was used (< 3/4), so the window does not grow: the delta is exactly it
-    assert sent(edge) == [(WU, 0, 1, half, b"")]
+    assert sent_frames(edge) == [(WU, 0, 1, half, b"")]
 
 
 # --------------------------------------------------------------------------- keepalive
@@ -199,7 +185,7 @@ def test_draining_goaway_codes_let_existing_streams_finish(code: GoAwayCode) -> 
     agent.receive_data(encode_frame(DATA, FIN, 2, b"late but delivered"))
     assert agent.events_received() == [DataReceived(2, b"late but delivered", True)]
     agent.send_data(2, b"answer", end_stream=True)
-    frames = sent(agent)
+    frames = sent_frames(agent)
     assert (DATA, FIN, 2, 6, b"answer") in frames
     assert terminated(agent.events_received()) == ConnectionTerminated(
         code, "peer sent GO_AWAY", True
@@ -233,7 +219,7 @@ def test_after_a_protocol_error_all_further_input_is_ignored() -> None:
     edge = raw_edge()
     edge.receive_data(encode_frame(DATA, 0, 9, b"never opened"))
     assert terminated(edge.events_received()).code == GoAwayCode.PROTOCOL_ERROR
-    assert sent(edge) == [(GO_AWAY, 0, 0, GoAwayCode.PROTOCOL_ERROR, b"")]
+    assert sent_frames(edge) == [(GO_AWAY, 0, 0, GoAwayCode.PROTOCOL_ERROR, b"")]
     edge.receive_data(encode_frame(DATA, SYN, 1, meta()) + encode_frame(PING, 0, 0, length=5))
     assert edge.events_received() == []
     assert edge.data_to_send() == []

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import random
 
-import orjson
 import pytest
 
 from protocol import control
@@ -34,45 +33,31 @@ from protocol.frames import (
     INITIAL_STREAM_WINDOW,
     MAX_FRAME_PAYLOAD,
     PREFACE,
-    FrameType,
     encode_frame,
 )
 from protocol.session import Role, Session, SessionConfig
-from tests.protocol.conftest import HELLO, WELCOME, SessionPair, flatten, frames_of, terminated
-
-DATA, WU, PING, GO_AWAY, CONTROL = (int(t) for t in FrameType)
-SYN, ACK, FIN, RST = 1, 2, 4, 8
-
-
-def meta(port: int = 8000, via: str = "preview", client: str = "1.2.3.4") -> bytes:
-    return orjson.dumps({"port": port, "via": via, "client": client})
-
-
-def ctrl_frame(msg: control.Message) -> bytes:
-    return encode_frame(CONTROL, payload=control.encode_message(msg))
-
-
-def raw_edge(config: SessionConfig | None = None) -> Session:
-    """An edge that got a valid preface + Hello and answered Welcome; output drained."""
-    edge = Session(Role.EDGE, config or SessionConfig())
-    edge.receive_data(PREFACE + ctrl_frame(HELLO))
-    assert [type(e) for e in edge.events_received()] == [ControlReceived]
-    edge.send_control(WELCOME)
-    edge.data_to_send()
-    return edge
-
-
-def raw_agent() -> Session:
-    agent = Session(Role.AGENT)
-    agent.send_control(HELLO)
-    agent.data_to_send()
-    agent.receive_data(ctrl_frame(WELCOME))
-    assert [type(e) for e in agent.events_received()] == [ControlReceived]
-    return agent
-
-
-def sent_frames(session: Session) -> list[tuple[int, int, int, int, bytes]]:
-    return frames_of(flatten(session.data_to_send()))
+from tests.protocol.conftest import (
+    ACK,
+    CONTROL,
+    DATA,
+    FIN,
+    GO_AWAY,
+    HELLO,
+    PING,
+    RST,
+    SYN,
+    WELCOME,
+    WU,
+    SessionPair,
+    ctrl_frame,
+    flatten,
+    frames_of,
+    meta,
+    raw_agent,
+    raw_edge,
+    sent_frames,
+    terminated,
+)
 
 
 def assert_protocol_error(session: Session, code: GoAwayCode) -> None:
