@@ -14,7 +14,7 @@ import re
 import subprocess
 import sys
 import threading
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -22,6 +22,7 @@ from websockets.sync.server import ServerConnection, serve
 
 from tests.e2e.conftest import Stack
 from tests.e2e.conftest import no_unhandled_errors as no_unhandled_errors  # autouse there
+from tests.e2e.conftest import stack as stack  # a started Stack, closed after
 
 ROOT = Path(__file__).resolve().parent.parent
 DOC = (ROOT / "docs" / "sdk.md").read_text()
@@ -63,15 +64,6 @@ def service() -> Iterator[int]:
 @pytest.fixture
 def service2() -> Iterator[int]:
     yield from _ws_service()
-
-
-@pytest.fixture
-async def stack() -> AsyncIterator[Stack]:
-    s = await Stack().start()
-    try:
-        yield s
-    finally:
-        await s.close()
 
 
 async def _run(program: str, *args: str) -> subprocess.CompletedProcess[str]:

@@ -3,12 +3,11 @@ which exception class each refusal of tunneld becomes, and the class hierarchy o
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-
 import pytest
 
 from tests.e2e.conftest import Stack
 from tests.e2e.conftest import no_unhandled_errors as no_unhandled_errors  # autouse there
+from tests.e2e.conftest import stack as stack  # a started Stack, closed after
 from tunneld.client import (
     AuthenticationError,
     ConflictError,
@@ -32,15 +31,6 @@ pytestmark = pytest.mark.anyio
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"  # the edge under test is asyncio's
-
-
-@pytest.fixture
-async def stack() -> AsyncIterator[Stack]:
-    s = await Stack().start()
-    try:
-        yield s
-    finally:
-        await s.close()
 
 
 def sdk(stack: Stack) -> TunnelClient:
