@@ -405,7 +405,15 @@ class AgentSession(MuxProtocol):
             return  # LocalEndpoint.connection_made accepted the stream
         if self.streams.pop(endpoint.stream_id, None) is not None and not self.session.closed:
             refused = isinstance(error, ConnectionRefusedError)
-            log.info("stream %d: cannot connect to port %d: %s", endpoint.stream_id, port, error)
+            # One line per stream: any public client of an exposed port whose service is down
+            # causes one per request, so a burst, then one a second (relay/budget.py).
+            self.agent.dial_failures.log(
+                self.loop.time(),
+                "stream %d: cannot connect to port %d: %s",
+                endpoint.stream_id,
+                port,
+                error,
+            )
             self.session.reset_stream(
                 endpoint.stream_id,
                 ResetCode.CONNECT_REFUSED if refused else ResetCode.CONNECT_FAILED,
@@ -463,6 +471,11 @@ class Agent:
         # open them at will, so a burst, then one a second (relay/budget.py).
         self.refused_streams = RateLimitedLog(
             log, "warnings about streams to ports the agent refuses"
+        )
+        # Streams whose port could not be dialled (nothing listens): one per public request to
+        # a service that is down, so as rate-limited as the refusals above.
+        self.dial_failures = RateLimitedLog(
+            log, "lines about ports the agent cannot connect to", level=logging.INFO
         )
         # Live port watches, the local API's and the edge's together (at most MAX_WATCHES).
         self.port_watches = PortWatches(hosts=config.dial_hosts)
