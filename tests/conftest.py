@@ -85,3 +85,10 @@ def reserved() -> Iterator[socket.socket]:
         yield sock
     finally:
         sock.close()
+
+
+@pytest.fixture
+def closed_port(reserved: socket.socket) -> int:
+    """A loopback port where nothing listens: ``reserved``'s, bound (so nobody else takes it) but
+    never listening."""
+    return int(reserved.getsockname()[1])

@@ -8,28 +8,20 @@ and 503 when the sandbox is connected nowhere."""
 from __future__ import annotations
 
 import asyncio
-import socket
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 import orjson
 import pytest
 import websockets
 
 from relay.mux import abort_with_reset
+from tests.e2e.conftest import WS_HANDSHAKE
 from tests.faults.origins import ScriptedOrigin
 from tunneld.client import SandboxNotConnectedError, TunnelClient, TunnelError
 
 from .nodes import Cluster, Node, wait_for
 
 pytestmark = pytest.mark.anyio
-
-# A WebSocket handshake as any client sends it (the key is RFC 6455's example).
-HANDSHAKE = {
-    "upgrade": "websocket",
-    "connection": "Upgrade",
-    "sec-websocket-key": "dGhlIHNhbXBsZSBub25jZQ==",
-    "sec-websocket-version": "13",
-}
 
 
 @pytest.fixture
@@ -51,17 +43,6 @@ async def echo_port() -> AsyncIterator[int]:
     finally:
         server.close()
         await server.wait_closed()
-
-
-@pytest.fixture
-def closed_port() -> Iterator[int]:
-    """A port where nothing listens: bound (so nobody else takes it) but never listening."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    try:
-        yield sock.getsockname()[1]
-    finally:
-        sock.close()
 
 
 async def _three_nodes_agent_on_b(cluster: Cluster, **settings: object) -> list[Node]:
@@ -187,7 +168,7 @@ async def test_nothing_listening_is_the_same_502_through_any_node(
 ) -> None:
     nodes = await _three_nodes_agent_on_b(cluster)
     for node in nodes:
-        r = await node.admin.get(f"/v1/sandboxes/sb1/ports/{closed_port}/ws", headers=HANDSHAKE)
+        r = await node.admin.get(f"/v1/sandboxes/sb1/ports/{closed_port}/ws", headers=WS_HANDSHAKE)
         assert r.status_code == 502, (node.edge.cluster.node_id, r.text)
         assert r.json() == {
             "error": "Nothing is listening on that port in the sandbox.",
@@ -216,7 +197,7 @@ async def test_a_reset_stays_a_reset_across_the_hop(cluster: Cluster) -> None:
         reader, writer = await asyncio.open_connection("127.0.0.1", nodes[0].edge.admin_port)
         head = [f"GET /v1/sandboxes/sb1/ports/{origin.port}/ws HTTP/1.1", "host: x"]
         head += [f"authorization: Bearer {cluster.admin_token}"]
-        head += [f"{k}: {v}" for k, v in HANDSHAKE.items()]
+        head += [f"{k}: {v}" for k, v in WS_HANDSHAKE.items()]
         writer.write(("\r\n".join(head) + "\r\n\r\n").encode())
         received = b""
         try:
@@ -241,7 +222,7 @@ async def test_an_unreachable_owner_is_a_quick_502(cluster: Cluster, echo_port: 
         link.transport.abort()
     loop = asyncio.get_running_loop()
     started = loop.time()
-    r = await nodes[2].admin.get(f"/v1/sandboxes/sb1/ports/{echo_port}/ws", headers=HANDSHAKE)
+    r = await nodes[2].admin.get(f"/v1/sandboxes/sb1/ports/{echo_port}/ws", headers=WS_HANDSHAKE)
     assert r.status_code == 502, r.text
     assert r.json()["code"] == "NODE_UNREACHABLE" and "node-b" in r.json()["error"]
     assert loop.time() - started < 8
@@ -259,9 +240,11 @@ async def test_a_sandbox_connected_nowhere(cluster: Cluster, echo_port: int) -> 
     assert r.status_code == 200
     await wait_for(lambda: b.edge.registry.exposures("offline-1"), what="the exposure")
     for node in (a, b):
-        r = await node.admin.get(f"/v1/sandboxes/offline-1/ports/{echo_port}/ws", headers=HANDSHAKE)
+        r = await node.admin.get(
+            f"/v1/sandboxes/offline-1/ports/{echo_port}/ws", headers=WS_HANDSHAKE
+        )
         assert (r.status_code, r.json()["code"]) == (503, "SANDBOX_NOT_CONNECTED"), r.text
-        r = await node.admin.get(f"/v1/sandboxes/nosuch/ports/{echo_port}/ws", headers=HANDSHAKE)
+        r = await node.admin.get(f"/v1/sandboxes/nosuch/ports/{echo_port}/ws", headers=WS_HANDSHAKE)
         assert (r.status_code, r.json()["code"]) == (404, "SANDBOX_NOT_FOUND"), r.text
         entry = (await node.admin.get("/v1/sandboxes/offline-1")).json()
         assert entry["connected"] is False and "node" not in entry
@@ -278,7 +261,7 @@ async def test_a_stale_owner_refuses_and_the_client_gets_a_503(
     nodes = await _three_nodes_agent_on_b(cluster)
     epoch = nodes[1].edge.cluster.epochs["sb1"]
     nodes[0].edge.cluster.owners["sb1"] = ("node-b", epoch + 1)
-    r = await nodes[0].admin.get(f"/v1/sandboxes/sb1/ports/{echo_port}/ws", headers=HANDSHAKE)
+    r = await nodes[0].admin.get(f"/v1/sandboxes/sb1/ports/{echo_port}/ws", headers=WS_HANDSHAKE)
     assert (r.status_code, r.json()["code"]) == (503, "SANDBOX_BUSY"), r.text
 
 
@@ -289,7 +272,7 @@ async def test_the_owners_stream_limit_refuses_with_a_503(cluster: Cluster, echo
         try:
             await asyncio.wait_for(ws.receive(), 10)
             r = await nodes[0].admin.get(
-                f"/v1/sandboxes/sb1/ports/{echo_port}/ws", headers=HANDSHAKE
+                f"/v1/sandboxes/sb1/ports/{echo_port}/ws", headers=WS_HANDSHAKE
             )
             assert (r.status_code, r.json()["code"]) == (503, "SANDBOX_BUSY"), r.text
         finally:

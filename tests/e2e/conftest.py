@@ -23,6 +23,15 @@ from tunneld.store import Store
 
 from .origin import Origin
 
+# A WebSocket handshake as any client sends it (the key is RFC 6455's example): the headers of an
+# admin API ws connect (GET /v1/sandboxes/{id}/ports/{port}/ws).
+WS_HANDSHAKE = {
+    "upgrade": "websocket",
+    "connection": "Upgrade",
+    "sec-websocket-key": "dGhlIHNhbXBsZSBub25jZQ==",
+    "sec-websocket-version": "13",
+}
+
 
 @pytest.fixture(
     params=[

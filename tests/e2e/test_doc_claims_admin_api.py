@@ -6,8 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import re
-import socket
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -15,24 +14,9 @@ import pytest
 from tunneld.admin import LIMITS
 from tunneld.metrics import Metrics
 
-from .conftest import Stack, raw_request
+from .conftest import WS_HANDSHAKE, Stack, raw_request
 
 pytestmark = pytest.mark.anyio
-
-HANDSHAKE = {
-    "upgrade": "websocket",
-    "connection": "Upgrade",
-    "sec-websocket-key": "dGhlIHNhbXBsZSBub25jZQ==",
-    "sec-websocket-version": "13",
-}
-
-
-@pytest.fixture
-def closed_port() -> Iterator[int]:
-    """A loopback port bound (so nothing else takes it) where nothing listens."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        yield s.getsockname()[1]
 
 
 @pytest.fixture
@@ -171,7 +155,7 @@ async def test_one_sandbox_is_its_list_entry_or_404(stack: Stack) -> None:
 async def test_ws_connect_refusals_before_the_switch(stack: Stack, closed_port: int) -> None:
     assert stack.admin is not None
     await stack.agent("sb1")
-    r = await stack.admin.get(f"/v1/sandboxes/sb1/ports/{closed_port}/ws", headers=HANDSHAKE)
+    r = await stack.admin.get(f"/v1/sandboxes/sb1/ports/{closed_port}/ws", headers=WS_HANDSHAKE)
     assert (r.status_code, r.json()) == (
         502,
         {
@@ -181,19 +165,19 @@ async def test_ws_connect_refusals_before_the_switch(stack: Stack, closed_port: 
     )
     for target in ("x", "ws", "/a b"):
         r = await stack.admin.get(
-            "/v1/sandboxes/sb1/ports/8000/ws", params={"path": target}, headers=HANDSHAKE
+            "/v1/sandboxes/sb1/ports/8000/ws", params={"path": target}, headers=WS_HANDSHAKE
         )
         assert (r.status_code, r.json()) == (
             400,
             {"error": "path must be an absolute path, e.g. /ws.", "code": "INVALID_PATH"},
         ), target
     await stack.expose("offline-1", 8000)
-    r = await stack.admin.get("/v1/sandboxes/offline-1/ports/8000/ws", headers=HANDSHAKE)
+    r = await stack.admin.get("/v1/sandboxes/offline-1/ports/8000/ws", headers=WS_HANDSHAKE)
     assert (r.status_code, r.json()) == (
         503,
         {"error": "Sandbox offline-1 is not connected.", "code": "SANDBOX_NOT_CONNECTED"},
     )
-    r = await stack.admin.get("/v1/sandboxes/nosuch/ports/8000/ws", headers=HANDSHAKE)
+    r = await stack.admin.get("/v1/sandboxes/nosuch/ports/8000/ws", headers=WS_HANDSHAKE)
     assert (r.status_code, r.json()) == (
         404,
         {"error": "Sandbox nosuch is unknown.", "code": "SANDBOX_NOT_FOUND"},
@@ -213,7 +197,7 @@ async def test_ws_connect_at_the_stream_limit_is_sandbox_busy(listener: int) -> 
         )
         head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
         assert head.startswith(b"HTTP/1.1 101 "), head  # the session's one stream is taken
-        r = await stack.admin.get(f"/v1/sandboxes/sb1/ports/{listener}/ws", headers=HANDSHAKE)
+        r = await stack.admin.get(f"/v1/sandboxes/sb1/ports/{listener}/ws", headers=WS_HANDSHAKE)
         assert (r.status_code, r.json()) == (
             503,
             {
