@@ -29,13 +29,17 @@ from ._errors import (
     error_from_response,
 )
 
-__all__ = ["DEFAULT_MAX_RESPONSE_SIZE", "HTTPTransport", "Origin", "Response"]
+__all__ = ["DEFAULT_MAX_RESPONSE_SIZE", "MAX_CONNECTIONS", "HTTPTransport", "Origin", "Response"]
 
 # Admin responses are small JSON documents; even a list of thousands of sandboxes is well below
 # this. The bound keeps a misbehaving server (or a wrong URL) from filling memory.
 DEFAULT_MAX_RESPONSE_SIZE: Final = 8 * 1024 * 1024
 # Parked keep-alive connections. Admin traffic is low-rate; a few cover concurrent callers.
 _MAX_IDLE_CONNECTIONS: Final = 4
+# Requests in flight at once, each on its own connection; more wait for one to finish (within
+# their timeout). Under tunneld's admin_max_connections_per_ip (64 by default), so that one
+# client's burst of calls is queued here instead of being refused with 503 TOO_MANY_CONNECTIONS.
+MAX_CONNECTIONS: Final = 32
 _READ_SIZE: Final = 64 * 1024
 _DEFAULT_PORTS: Final = {"http": 80, "https": 443}
 _USER_AGENT: Final = "tunneld-python/0.1"
@@ -118,6 +122,7 @@ class HTTPTransport:
         self.max_response_size = max_response_size
         self.keepalive = False
         self._idle: list[_Connection] = []
+        self._slots: anyio.Semaphore | None = None  # made in the event loop of the first request
 
     async def open_stream(self) -> anyio.abc.ByteStream:
         """Dial tunneld (TCP or TLS), bounded by ``timeout``; errors become SDK exceptions."""
@@ -163,14 +168,28 @@ class HTTPTransport:
         if body is not None:
             headers += [("Content-Type", "application/json"), ("Content-Length", str(len(body)))]
         target = self.origin.base_path + path
-        if self._idle:
-            conn = self._idle.pop()
-            try:
-                return await self._exchange(conn, method, target, headers, body, timeout)
-            except _Stale:
-                pass
-        conn = _Connection(await self.open_stream())
-        return await self._exchange(conn, method, target, headers, body, timeout)
+        if self._slots is None:
+            self._slots = anyio.Semaphore(MAX_CONNECTIONS)
+        wait = self.timeout if timeout is None else timeout
+        try:
+            with anyio.fail_after(wait):
+                await self._slots.acquire()
+        except TimeoutError:
+            raise TunnelTimeoutError(
+                f"Timed out after {wait:g}s waiting for one of this client's {MAX_CONNECTIONS} "
+                f"connections to tunneld ({method} {target})."
+            ) from None
+        try:
+            if self._idle:
+                conn = self._idle.pop()
+                try:
+                    return await self._exchange(conn, method, target, headers, body, timeout)
+                except _Stale:
+                    pass
+            conn = _Connection(await self.open_stream())
+            return await self._exchange(conn, method, target, headers, body, timeout)
+        finally:
+            self._slots.release()
 
     async def _exchange(
         self,
