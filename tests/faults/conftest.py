@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import pytest
+import trustme
 
 from agent.core import Agent, AgentConfig
 from tests.e2e.conftest import (  # re-exported: the same fixtures as the e2e suite
@@ -30,11 +32,14 @@ __all__ = [
     "FaultStack",
     "Stack",
     "anyio_backend",
+    "closed_within",
     "fault_proxy_to",
     "faulty_stack",
+    "log_messages",
     "no_unhandled_errors",
     "raw_request",
     "stack",
+    "tls_files",
 ]
 
 
@@ -88,3 +93,37 @@ async def fault_proxy_to() -> AsyncIterator[Any]:
     finally:
         for proxy in proxies:
             await proxy.close()
+
+
+async def closed_within(reader: asyncio.StreamReader, timeout: float) -> bytes:
+    """Everything the server sends until it closes (EOF or reset), within ``timeout``."""
+    out = bytearray()
+    async with asyncio.timeout(timeout):
+        while True:
+            try:
+                chunk = await reader.read(65536)
+            except ConnectionError:
+                return bytes(out)
+            if not chunk:
+                return bytes(out)
+            out += chunk
+
+
+def log_messages(caplog: pytest.LogCaptureFixture, text: str) -> list[str]:
+    """The captured log messages that contain ``text``."""
+    return [r.getMessage() for r in caplog.records if text in r.getMessage()]
+
+
+def tls_files(
+    directory: Path, *names: str, ca: trustme.CA | None = None
+) -> tuple[trustme.CA, str, str]:
+    """A certificate for ``names`` (host names or IP addresses) issued by ``ca`` (a new trustme CA
+    by default), written for the edge: ``(ca, cert.pem with the chain, key.pem)``."""
+    ca = trustme.CA() if ca is None else ca
+    cert = ca.issue_cert(*names)
+    cert_file, key_file = directory / "cert.pem", directory / "key.pem"
+    cert.cert_chain_pems[0].write_to_path(str(cert_file))
+    for extra in cert.cert_chain_pems[1:]:
+        extra.write_to_path(str(cert_file), append=True)
+    cert.private_key_pem.write_to_path(str(key_file))
+    return ca, str(cert_file), str(key_file)

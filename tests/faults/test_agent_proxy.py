@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import trustme
 
 from agent import cli
 from agent.core import Agent, AgentConfig, EdgeAddress
@@ -38,7 +37,7 @@ from tests.e2e.origin import OriginThread
 from tests.e2e.procs import BIN, Processes, admin_client, is_connected, preview_get, wait_for
 from tunneld.auth import agent_token
 
-from .conftest import Stack
+from .conftest import Stack, tls_files
 
 LOG = "tunnel.agent"
 USER, PASSWORD = "alice", "s3cret-Pw"
@@ -227,18 +226,6 @@ async def preview_status(stack: Stack, sandbox: str) -> tuple[int, bytes]:
     return r.status_code, r.content
 
 
-def tls_files(tmp_path: Path) -> tuple[trustme.CA, str, str]:
-    """A CA and a certificate for the IP address 127.0.0.1 only (not for ``localhost``)."""
-    ca = trustme.CA()
-    cert = ca.issue_cert("127.0.0.1")
-    cert_file, key_file = tmp_path / "cert.pem", tmp_path / "key.pem"
-    cert.cert_chain_pems[0].write_to_path(str(cert_file))
-    for extra in cert.cert_chain_pems[1:]:
-        extra.write_to_path(str(cert_file), append=True)
-    cert.private_key_pem.write_to_path(str(key_file))
-    return ca, str(cert_file), str(key_file)
-
-
 # -- through the proxy -----------------------------------------------------------------------------
 
 
@@ -253,7 +240,7 @@ async def test_the_agent_reaches_the_edge_through_the_proxy_and_serves_a_preview
     secure = link in ("tls", "wss")
     options: dict[str, Any] = {}
     if secure:
-        ca, cert, key = tls_files(tmp_path)
+        ca, cert, key = tls_files(tmp_path, "127.0.0.1")  # the IP only, not ``localhost``
         stack = await Stack(tls_cert=cert, tls_key=key).start()
         context = ssl.create_default_context()
         ca.configure_trust(context)

@@ -20,7 +20,6 @@ import ssl
 from pathlib import Path
 
 import pytest
-import trustme
 import wsproto
 import wsproto.events as wse
 
@@ -32,26 +31,14 @@ from protocol.session import Role, Session
 from tests.e2e.conftest import Stack, wait_until
 from tunneld.auth import agent_token
 
+from .conftest import closed_within, log_messages, tls_files
+
 pytestmark = pytest.mark.anyio
 
 
 @pytest.fixture
 def anyio_backend():
     return "asyncio"
-
-
-async def _closed_within(reader: asyncio.StreamReader, timeout: float) -> bytes:
-    """Everything the server sends until it closes (EOF or reset), within ``timeout``."""
-    out = bytearray()
-    async with asyncio.timeout(timeout):
-        while True:
-            try:
-                chunk = await reader.read(65536)
-            except ConnectionError:
-                return bytes(out)
-            if not chunk:
-                return bytes(out)
-            out += chunk
 
 
 def _frames(session: Session) -> bytes:
@@ -65,15 +52,11 @@ async def _bad_hello(port: int, sandbox_id: str, token: str) -> list[object]:
         session = Session(Role.AGENT)
         session.send_control(control.Hello(sandbox_id, token))
         writer.write(_frames(session))
-        data = await _closed_within(reader, 10)
+        data = await closed_within(reader, 10)
     finally:
         writer.close()
     session.receive_data(data)
     return [e.message for e in session.events_received() if isinstance(e, ControlReceived)]
-
-
-def _messages(caplog: pytest.LogCaptureFixture, text: str) -> list[str]:
-    return [r.getMessage() for r in caplog.records if text in r.getMessage()]
 
 
 # -- the agent port, before authentication ---------------------------------------------------------
@@ -101,11 +84,11 @@ async def test_silent_and_dripping_agent_connections_end_at_the_handshake_timeou
                     continue
                 except ConnectionError:
                     break
-            return await _closed_within(drip_reader, 5)
+            return await closed_within(drip_reader, 5)
 
         drip_task = asyncio.create_task(dripping())
         for reader, _writer in conns:
-            await _closed_within(reader, 5)
+            await closed_within(reader, 5)
         await asyncio.wait_for(drip_task, 10)
         assert drip_reader.at_eof() or drip_writer.is_closing()
         await wait_until(lambda: not stack.edge.agent_connections, what="no agent connections")
@@ -119,16 +102,8 @@ async def test_tls_agent_port_drops_a_peer_that_never_starts_tls(tmp_path: Path)
     """On a TLS agent port the hello timer only starts once TLS is up; a peer that opens TCP and
     never sends a ClientHello (or stops midway) must still go after handshake_timeout, not after
     the event loop's 60 s default for TLS handshakes."""
-    ca = trustme.CA()
-    cert = ca.issue_cert("edge.test", "127.0.0.1")
-    cert_file, key_file = tmp_path / "cert.pem", tmp_path / "key.pem"
-    cert.cert_chain_pems[0].write_to_path(str(cert_file))
-    for extra in cert.cert_chain_pems[1:]:
-        extra.write_to_path(str(cert_file), append=True)
-    cert.private_key_pem.write_to_path(str(key_file))
-    stack = await Stack(
-        tls_cert=str(cert_file), tls_key=str(key_file), handshake_timeout=0.5
-    ).start()
+    ca, cert_file, key_file = tls_files(tmp_path, "edge.test", "127.0.0.1")
+    stack = await Stack(tls_cert=cert_file, tls_key=key_file, handshake_timeout=0.5).start()
     try:
         assert stack.edge is not None
         port = stack.edge.agent_port
@@ -137,7 +112,7 @@ async def test_tls_agent_port_drops_a_peer_that_never_starts_tls(tmp_path: Path)
         half_reader, half_writer = await asyncio.open_connection("127.0.0.1", port)
         half_writer.write(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + b"\x00" * 20)
         for reader, _writer in [*silent, (half_reader, half_writer)]:
-            await _closed_within(reader, 5)  # 60 s without the bound
+            await closed_within(reader, 5)  # 60 s without the bound
         # a real agent still gets in
         client = ssl.create_default_context()
         ca.configure_trust(client)
@@ -170,10 +145,10 @@ async def test_bad_token_floods_are_refused_each_time_and_logged_boundedly(
                 isinstance(m, control.Error) and m.code == "AUTH_FAILED" for m in messages
             ), messages
         assert stack.edge.metrics.agent_auth_failures._value.get() == 100
-        lines = _messages(caplog, "authentication failed")
+        lines = log_messages(caplog, "authentication failed")
         assert 1 <= len(lines) <= 20, f"{len(lines)} log lines for 100 bad tokens"
         # the log says that the others were not logged one by one
-        assert _messages(caplog, "not logged"), "the suppression itself was never logged"
+        assert log_messages(caplog, "not logged"), "the suppression itself was never logged"
         await wait_until(lambda: not stack.edge.agent_connections, what="no agent connections")
         good = await stack.agent("sb-good")  # a real agent is unaffected
         assert good.session_id
@@ -191,11 +166,11 @@ async def test_silent_peer_floods_are_logged_boundedly(caplog: pytest.LogCapture
             await asyncio.open_connection("127.0.0.1", stack.edge.agent_port) for _ in range(60)
         ]
         for reader, _writer in conns:
-            await _closed_within(reader, 5)
+            await closed_within(reader, 5)
         for _reader, writer in conns:
             writer.close()
         await wait_until(lambda: not stack.edge.agent_connections, what="no agent connections")
-        lines = _messages(caplog, "sent no hello")
+        lines = log_messages(caplog, "sent no hello")
         assert 1 <= len(lines) <= 20, f"{len(lines)} log lines for 60 silent peers"
     finally:
         await stack.close()
@@ -220,9 +195,9 @@ async def test_websocket_agent_upgrades_that_are_not_agents_are_closed(
                 await writer.drain()
         except ConnectionError:
             pass  # closed while we were still sending: the bound at work
-        await _closed_within(reader, 10)
+        await closed_within(reader, 10)
         writer.close()
-        assert _messages(caplog, "agent link closed: WebSocket"), "not closed by the head bound"
+        assert log_messages(caplog, "agent link closed: WebSocket"), "not closed by the head bound"
     finally:
         await stack.close()
     stack = await Stack(handshake_timeout=0.5).start()
@@ -233,13 +208,13 @@ async def test_websocket_agent_upgrades_that_are_not_agents_are_closed(
         ws = wsproto.WSConnection(wsproto.ConnectionType.CLIENT)
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         writer.write(ws.send(wse.Request(host="edge", target="/admin")))
-        answer = await _closed_within(reader, 5)
+        answer = await closed_within(reader, 5)
         assert answer.startswith(b"HTTP/1.1 404 "), answer[:100]
         writer.close()
         # 3. an upgrade cut in the middle, then silence: the hello timer ends it
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         writer.write(b"GET /v1/agent HTTP/1.1\r\nHost: edge\r\nUpgrade: websocket\r\n")
-        await _closed_within(reader, 5)
+        await closed_within(reader, 5)
         writer.close()
         await wait_until(lambda: not stack.edge.agent_connections, what="no agent connections")
     finally:
@@ -373,11 +348,11 @@ async def test_public_heads_that_never_finish_are_408_at_head_timeout() -> None:
             except ConnectionError:
                 break
             break
-        answer += await _closed_within(reader, 5)
+        answer += await closed_within(reader, 5)
         assert answer.startswith(b"HTTP/1.1 408 "), answer[:200]
         writer.close()
         for r, _w in conns:
-            silent = await _closed_within(r, 5)
+            silent = await closed_within(r, 5)
             assert silent.startswith(b"HTTP/1.1 408 "), silent[:200]
         for _r, w in conns:
             w.close()

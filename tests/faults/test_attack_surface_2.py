@@ -19,7 +19,6 @@ import ssl
 from pathlib import Path
 
 import pytest
-import trustme
 import wsproto
 import wsproto.events as wse
 
@@ -30,6 +29,7 @@ from tests.e2e.conftest import Stack, wait_until
 from tunneld.admin import LIMITS
 from tunneld.config import Config
 
+from .conftest import closed_within, log_messages, tls_files
 from .hostile_edge import hostile_edge
 
 pytestmark = pytest.mark.anyio
@@ -38,24 +38,6 @@ pytestmark = pytest.mark.anyio
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
-
-
-async def _closed_within(reader: asyncio.StreamReader, timeout: float) -> bytes:
-    """Everything the server sends until it closes (EOF or reset), within ``timeout``."""
-    out = bytearray()
-    async with asyncio.timeout(timeout):
-        while True:
-            try:
-                chunk = await reader.read(65536)
-            except ConnectionError:
-                return bytes(out)
-            if not chunk:
-                return bytes(out)
-            out += chunk
-
-
-def _messages(caplog: pytest.LogCaptureFixture, text: str) -> list[str]:
-    return [r.getMessage() for r in caplog.records if text in r.getMessage()]
 
 
 async def _connect(
@@ -93,16 +75,16 @@ async def test_pending_agent_connections_are_capped_and_a_real_agent_gets_in_aft
         await wait_until(lambda: len(edge.pending_agents) == 8, what="8 pending agents")
         extra = [await _connect(port) for _ in range(30)]
         for reader, _writer in extra:
-            assert await _closed_within(reader, 1.5) == b""  # closed without a word
+            assert await closed_within(reader, 1.5) == b""  # closed without a word
         # refused at accept, not dropped at the handshake timeout: the 8 are still held
         assert len(edge.pending_agents) == 8
         assert all(s.transport is not None for s in edge.agent_connections)
         assert _refused(stack) == 30
-        lines = _messages(caplog, "connections already wait to authenticate")
+        lines = log_messages(caplog, "connections already wait to authenticate")
         assert 1 <= len(lines) <= 10, f"{len(lines)} log lines for 30 refused connections"
-        assert _messages(caplog, "not logged"), "the suppression itself was never logged"
+        assert log_messages(caplog, "not logged"), "the suppression itself was never logged"
         for reader, _writer in silent:
-            await _closed_within(reader, 5)  # handshake_timeout
+            await closed_within(reader, 5)  # handshake_timeout
         await wait_until(lambda: not edge.pending_agents, what="no pending agents")
         agent = await stack.agent("sb1")
         assert agent.session_id
@@ -113,22 +95,11 @@ async def test_pending_agent_connections_are_capped_and_a_real_agent_gets_in_aft
         await stack.close()
 
 
-def _tls_files(tmp_path: Path) -> tuple[trustme.CA, str, str]:
-    ca = trustme.CA()
-    cert = ca.issue_cert("edge.test", "127.0.0.1")
-    cert_file, key_file = tmp_path / "cert.pem", tmp_path / "key.pem"
-    cert.cert_chain_pems[0].write_to_path(str(cert_file))
-    for more in cert.cert_chain_pems[1:]:
-        more.write_to_path(str(cert_file), append=True)
-    cert.private_key_pem.write_to_path(str(key_file))
-    return ca, str(cert_file), str(key_file)
-
-
 async def test_tls_handshakes_count_as_pending_agents(tmp_path: Path) -> None:
     """On a TLS agent port a connection counts from its accept, while its TLS handshake runs:
     4 peers that never send a ClientHello fill max_pending_agents = 4, and 10 more are closed
     at once. Once the 4 are dropped, a TLS agent connects (and stops counting)."""
-    ca, cert_file, key_file = _tls_files(tmp_path)
+    ca, cert_file, key_file = tls_files(tmp_path, "edge.test", "127.0.0.1")
     stack = await Stack(
         tls_cert=cert_file, tls_key=key_file, max_pending_agents=4, handshake_timeout=2.0
     ).start()
@@ -142,10 +113,10 @@ async def test_tls_handshakes_count_as_pending_agents(tmp_path: Path) -> None:
         await wait_until(lambda: len(edge.pending_agents) == 4, what="4 pending handshakes")
         extra = [await _connect(port) for _ in range(10)]
         for reader, _writer in extra:
-            assert await _closed_within(reader, 1.5) == b""
+            assert await closed_within(reader, 1.5) == b""
         assert len(edge.pending_agents) == 4 and _refused(stack) == 10
         for reader, _writer in silent:
-            await _closed_within(reader, 5)  # the TLS handshake bound
+            await closed_within(reader, 5)  # the TLS handshake bound
         await wait_until(lambda: not edge.pending_agents, what="no pending agents")
         client = ssl.create_default_context()
         ca.configure_trust(client)
@@ -192,7 +163,7 @@ async def test_websocket_upgrade_floods_are_logged_boundedly(
             try:
                 ws = wsproto.WSConnection(wsproto.ConnectionType.CLIENT)
                 writer.write(ws.send(wse.Request(host="edge", target="/admin")))
-                return await _closed_within(reader, 5)
+                return await closed_within(reader, 5)
             finally:
                 writer.close()
 
@@ -204,9 +175,9 @@ async def test_websocket_upgrade_floods_are_logged_boundedly(
 
         answers = await asyncio.gather(*(limited() for _ in range(40)))
         assert all(a.startswith(b"HTTP/1.1 404 ") for a in answers)
-        lines = _messages(caplog, "agent link closed:")
+        lines = log_messages(caplog, "agent link closed:")
         assert 1 <= len(lines) <= 10, f"{len(lines)} log lines for 40 bad upgrades"
-        assert _messages(caplog, "not logged"), "the suppression itself was never logged"
+        assert log_messages(caplog, "not logged"), "the suppression itself was never logged"
     finally:
         await stack.close()
 
@@ -232,21 +203,21 @@ async def test_one_client_ip_cannot_hold_every_admin_connection(
         await wait_until(lambda: edge.admin.http.connections == 4, what="4 admin connections")
         for _ in range(30):
             reader, writer = await _connect(port, "127.0.0.2")
-            answer = await _closed_within(reader, 5)
+            answer = await closed_within(reader, 5)
             writer.close()
             assert answer.startswith(b"HTTP/1.1 503 "), answer[:200]
             assert b'"code":"TOO_MANY_CONNECTIONS"' in answer
             assert b"from 127.0.0.2: the limit is 4 per client address" in answer
-        lines = _messages(caplog, "refused a connection from 127.0.0.2")
+        lines = log_messages(caplog, "refused a connection from 127.0.0.2")
         assert 1 <= len(lines) <= 10, f"{len(lines)} log lines for 30 refused connections"
-        assert _messages(caplog, "not logged")
+        assert log_messages(caplog, "not logged")
         # the token holder, from another address
         reader, writer = await _connect(port, "127.0.0.3")
         writer.write(
             b"GET /v1/sandboxes HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n"
             b"Authorization: Bearer " + stack.admin_token.encode() + b"\r\n\r\n"
         )
-        answer = await _closed_within(reader, 5)
+        answer = await closed_within(reader, 5)
         writer.close()
         assert answer.startswith(b"HTTP/1.1 200 "), answer[:200]
         # one of the peer's connections ends: its count goes down with it
@@ -254,7 +225,7 @@ async def test_one_client_ip_cannot_hold_every_admin_connection(
         await wait_until(lambda: edge.admin.http.connections == 3, what="3 admin connections")
         reader, writer = await _connect(port, "127.0.0.2")
         writer.write(b"GET /healthz HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n")
-        answer = await _closed_within(reader, 5)
+        answer = await closed_within(reader, 5)
         writer.close()
         assert answer.startswith(b"HTTP/1.1 200 "), answer[:200]
     finally:
@@ -287,12 +258,12 @@ async def test_refusals_over_the_connection_cap_are_logged_boundedly(
         await wait_until(lambda: server.connections == 2, what="2 connections")
         for _ in range(40):
             reader, writer = await _connect(port)
-            answer = await _closed_within(reader, 5)
+            answer = await closed_within(reader, 5)
             writer.close()
             assert answer.startswith(b"HTTP/1.1 503 ") and b"the limit is 2." in answer
-        lines = _messages(caplog, "refused a connection")
+        lines = log_messages(caplog, "refused a connection")
         assert 1 <= len(lines) <= 10, f"{len(lines)} log lines for 40 refused connections"
-        assert _messages(caplog, "not logged")
+        assert log_messages(caplog, "not logged")
     finally:
         _close_all(held)
         await server.close()
@@ -318,9 +289,9 @@ async def test_streams_to_refused_ports_are_logged_boundedly(
             assert isinstance(event, StreamReset) and event.code == ResetCode.PORT_NOT_ALLOWED
         lines = [
             m
-            for m in _messages(caplog, "edge ")
+            for m in log_messages(caplog, "edge ")
             if "never dials" in m or "control API; refused" in m or "not exposed; refused" in m
         ]
         assert 1 <= len(lines) <= 10, f"{len(lines)} log lines for 60 refused streams"
-        assert _messages(caplog, "not logged"), "the suppression itself was never logged"
+        assert log_messages(caplog, "not logged"), "the suppression itself was never logged"
         assert agent.connected

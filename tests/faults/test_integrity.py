@@ -21,7 +21,7 @@ import tunneld.auth
 from agent.cli import plaintext_refusal as agent_plaintext_refusal
 from tests.e2e.origin import pattern, pattern_sha256
 
-from .conftest import FaultStack, Stack
+from .conftest import FaultStack, Stack, tls_files
 
 pytestmark = pytest.mark.anyio
 
@@ -29,13 +29,8 @@ MiB = 1 << 20
 
 
 async def _tls_stack(tmp_path, ca: trustme.CA) -> FaultStack:
-    cert = ca.issue_cert("edge.test", "127.0.0.1")
-    cert_file, key_file = tmp_path / "cert.pem", tmp_path / "key.pem"
-    cert.cert_chain_pems[0].write_to_path(str(cert_file))
-    for extra in cert.cert_chain_pems[1:]:
-        extra.write_to_path(str(cert_file), append=True)
-    cert.private_key_pem.write_to_path(str(key_file))
-    return await FaultStack(tls_cert=str(cert_file), tls_key=str(key_file)).start()
+    _, cert_file, key_file = tls_files(tmp_path, "edge.test", "127.0.0.1", ca=ca)
+    return await FaultStack(tls_cert=cert_file, tls_key=key_file).start()
 
 
 async def _download(client: httpx.AsyncClient, n: int, seed: int) -> str:
