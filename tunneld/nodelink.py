@@ -34,6 +34,7 @@ from protocol import control
 from protocol.errors import GoAwayCode, ResetCode
 from protocol.events import ConnectionTerminated, StreamOpened
 from protocol.session import Role, Session, SessionConfig
+from relay.budget import RateLimitedLog
 from relay.mux import MuxProtocol
 
 from .auth import plaintext_refusal
@@ -58,6 +59,14 @@ TOKEN_MAX_SKEW: Final = 300.0  # seconds between the nodes' clocks (and a replay
 WAIT_LINK_VERSION: Final = 2
 LINK_VERSION: Final = WAIT_LINK_VERSION
 _DOMAIN: Final = b"tunneld-node-link\0"
+# Node-link connections accepted and not authenticated yet (no valid hello), all peers together:
+# past it a new one is closed at once. A link sends its hello first thing, so only a peer that is
+# not a node (anyone who reaches node_port) holds one open until handshake_timeout.
+MAX_PENDING_LINKS: Final = 256
+# What anyone who reaches node_port can cause once per connection: a burst, then one a second.
+_UNAUTHENTICATED_LOG: Final = RateLimitedLog(
+    log, "warnings about node-link connections that do not authenticate"
+)
 
 
 def node_link_token(secret: str, node_id: str, now: float | None = None) -> str:
@@ -111,14 +120,28 @@ class NodeLinkServer(MuxProtocol):
         peer = self.transport.get_extra_info("peername")
         if isinstance(peer, tuple):
             self.peer = f"{peer[0]}:{peer[1]}"
-        self.cluster.server_links.add(self)
+        links = self.cluster.server_links
+        pending = sum(1 for link in links if link.peer_node is None)
+        if pending >= MAX_PENDING_LINKS:
+            _UNAUTHENTICATED_LOG.log(
+                self.loop.time(),
+                "node link from %s refused: %d connections already wait for their hello "
+                "(MAX_PENDING_LINKS)",
+                self.peer,
+                pending,
+            )
+            self.transport.abort()
+            return
+        links.add(self)
         timeout = self.cluster.server.config.handshake_timeout
         self._handshake_timer = self.loop.call_later(timeout, self._on_handshake_timeout)
 
     def _on_handshake_timeout(self) -> None:
         self._handshake_timer = None
         if self.peer_node is None and self.transport is not None:
-            log.warning("node link from %s sent no hello in time; closing", self.peer)
+            _UNAUTHENTICATED_LOG.log(
+                self.loop.time(), "node link from %s sent no hello in time; closing", self.peer
+            )
             self.transport.abort()
 
     def on_control(self, message: Any) -> None:
@@ -151,7 +174,9 @@ class NodeLinkServer(MuxProtocol):
         ):
             refusal = "bad node-link token (a different secret, or clocks more than 5 min apart)"
         if refusal is not None:
-            log.warning("node link from %s refused: %s", self.peer, refusal)
+            _UNAUTHENTICATED_LOG.log(
+                self.loop.time(), "node link from %s refused: %s", self.peer, refusal
+            )
             self.session.send_control(control.Error("AUTH_FAILED", refusal, None))
             self.session.close(GoAwayCode.PROTOCOL_ERROR)
             self.flush()
