@@ -68,6 +68,10 @@ REDACTED: Final = "[redacted]"
 # A connection pipelining requests without reading answers: past this many unanswered inspected
 # requests on one connection, further requests on it are not recorded (counted as skipped).
 MAX_LIVE_PER_CONNECTION: Final = 16
+# Sandboxes with a ring on this node (switched on, holding records, or long-polled). Records are
+# bounded by inspect_max_bytes; this bounds the rings themselves, which an admin client could
+# otherwise create for any number of sandbox ids with PUT .../inspect (409 past it).
+MAX_INSPECTED_SANDBOXES = 10_000
 # Fixed bookkeeping per record counted against max_bytes (the objects, not only the bytes).
 _RECORD_OVERHEAD: Final = 512
 
@@ -558,6 +562,18 @@ async def handle_admin(
     kind = rest[0]
     if kind == "inspect" and len(rest) == 1:
         if method in ("PUT", "DELETE"):
+            if (
+                method == "PUT"
+                and inspector.ring(sandbox_id) is None
+                and len(inspector.rings) >= MAX_INSPECTED_SANDBOXES
+            ):
+                raise ApiError(
+                    409,
+                    "TOO_MANY_INSPECTED",
+                    f"Request inspection is on (or has records) for {len(inspector.rings)} "
+                    f"sandboxes on this node, the most it keeps ({MAX_INSPECTED_SANDBOXES}); "
+                    "switch it off for some (DELETE .../inspect) first.",
+                )
             inspector.set_enabled(sandbox_id, method == "PUT")
             if method == "PUT":
                 log.info("sandbox %s: request inspection on", sandbox_id)
