@@ -85,7 +85,7 @@ ensure-redis ensure-tinyproxy ensure-chromium ensure-nginx ensure-bench-tools: e
 
 unit: $(STAMP) ensure-test-tools
 	$(PY) -m pytest --cov --cov-report=term --cov-report=html:.coverage-html -p no:cacheprovider -q \
-	    --durations=15
+	    --durations=15 -n 3 --dist loadfile
 
 test: lint typecheck unit
 

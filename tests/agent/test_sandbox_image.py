@@ -25,6 +25,7 @@ import secrets
 import shutil
 import socket
 import subprocess
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -92,9 +93,11 @@ class Podman:
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """buildah's and podman's storage for this module, removed afterwards (hundreds of MB)."""
-    path = tmp_path_factory.mktemp("containers")
+def store() -> Iterator[Path]:
+    """buildah's and podman's storage for this module, removed afterwards (hundreds of MB).
+    Directly under the temp directory: podman refuses a runroot longer than 50 characters, and
+    pytest's own paths (with pytest-xdist, .../pytest-N/popen-gwN/containers0) are longer."""
+    path = Path(tempfile.mkdtemp(prefix="tsb-"))
     try:
         yield path
     finally:
