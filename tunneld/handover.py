@@ -56,12 +56,18 @@ from typing import TYPE_CHECKING, Any, Final
 
 import orjson
 
+from relay.budget import RateLimitedLog
+
 if TYPE_CHECKING:
     from .edge import EdgeServer
 
 __all__ = ["MAX_PRELUDE", "VERSION", "HandoverServer", "OpenSocket", "host_identity"]
 
 log = logging.getLogger("tunneld.cluster")
+# The hand-over socket is abstract (no file permissions) and its name is in Redis and in
+# /proc/net/unix: any local user can connect, and each refusal is a warning: a burst, then one a
+# second, the rest counted.
+_REFUSED_LOG: Final = RateLimitedLog(log, "warnings about hand-over connections from other users")
 
 # Bytes read before the hand-over that travel with the socket (a head is at most 32 KiB; one
 # read may carry more behind it). Larger: the connection goes over the node link instead.
@@ -167,7 +173,9 @@ class HandoverServer:
         creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
         _pid, uid, _gid = _UCRED.unpack(creds)
         if uid != os.getuid():
-            log.warning("hand-over socket: refused a connection from uid %d", uid)
+            _REFUSED_LOG.log(
+                self.loop.time(), "hand-over socket: refused a connection from uid %d", uid
+            )
             conn.close()
             return
         conn.setblocking(False)
