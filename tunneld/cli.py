@@ -22,7 +22,7 @@ EPILOG = """\
 examples:
   TUNNELD_ADMIN_TOKEN=$(cat /etc/tunneld/admin-token) TUNNELD_SECRET_FILE=/etc/tunneld/secret \\
       tunneld serve --domain preview.example.com --scheme https --url-port 443
-  tunneld serve --domain preview.example.com --public-port 443 --public-redirect-port 80 \
+  tunneld serve --domain preview.example.com --public-port 443 --public-redirect-port 80 \\
       --public-tls-cert /etc/tunneld/wildcard.pem --public-tls-key /etc/tunneld/wildcard.key
   tunneld token abc123            # mint the agent token for sandbox abc123
   tunneld demo                    # edge + agent + sample service on loopback, prints the URL
@@ -73,10 +73,17 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     serve.add_argument(
-        "--config", "-c", metavar="FILE", help="TOML config file (env TUNNELD_CONFIG)"
+        "--config",
+        "-c",
+        metavar="FILE",
+        help="TOML config file (default $TUNNELD_CONFIG, else none: defaults and environment)",
     )
     serve.add_argument("--domain", help="preview domain (default localhost)")
-    serve.add_argument("--scheme", choices=["http", "https"], help="scheme printed in preview URLs")
+    serve.add_argument(
+        "--scheme",
+        choices=["http", "https"],
+        help="scheme printed in preview URLs (default http; https with --public-tls-cert)",
+    )
     serve.add_argument(
         "--url-port", type=int, help="port printed in preview URLs (default: the public port)"
     )
@@ -86,8 +93,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--agent-port", type=int, help="agent listener port (default 7000)")
     serve.add_argument("--admin-host", help="admin API address (default 127.0.0.1)")
     serve.add_argument("--admin-port", type=int, help="admin API port (default 7070)")
-    serve.add_argument("--tls-cert", metavar="FILE", help="TLS certificate for the agent listener")
-    serve.add_argument("--tls-key", metavar="FILE", help="TLS key for the agent listener")
+    serve.add_argument(
+        "--tls-cert",
+        metavar="FILE",
+        help="TLS certificate for the agent listener (default: none, plain TCP from loopback only)",
+    )
+    serve.add_argument("--tls-key", metavar="FILE", help="key of --tls-cert")
     serve.add_argument(
         "--public-tls-cert",
         metavar="FILE",
@@ -102,7 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PORT",
         help="also listen for plain HTTP on this port and redirect (308) to https (default 0: off)",
     )
-    serve.add_argument("--admin-tls-cert", metavar="FILE", help="serve the admin API over HTTPS")
+    serve.add_argument(
+        "--admin-tls-cert", metavar="FILE", help="serve the admin API over HTTPS (default: HTTP)"
+    )
     serve.add_argument("--admin-tls-key", metavar="FILE", help="key of --admin-tls-cert")
     serve.add_argument(
         "--allow-plaintext-agents",
@@ -123,7 +136,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="route TLS by server name on the public HTTPS port to protocol tls exposures, "
         "unterminated (needs --public-tls-cert for every other name)",
     )
-    serve.add_argument("--parser", choices=["auto", "httptools", "h11"], help="request-head parser")
+    serve.add_argument(
+        "--parser",
+        choices=["auto", "httptools", "h11"],
+        help="request-head parser (default auto: httptools when installed, else h11)",
+    )
     serve.add_argument(
         "--no-tokens",
         action="store_const",
@@ -135,16 +152,23 @@ def build_parser() -> argparse.ArgumentParser:
         "--grace-period", type=float, help="seconds to drain streams on SIGTERM (default 30)"
     )
     serve.add_argument(
-        "--access-log", action="store_const", const=True, help="log every preview request"
+        "--access-log",
+        action="store_const",
+        const=True,
+        help="log every preview request (default off)",
     )
-    serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    serve.add_argument(
+        "--log-level", choices=["debug", "info", "warning", "error"], help="default info"
+    )
     serve.add_argument(
         "--log-format",
         choices=["text", "json"],
         help="text (default) or json: one JSON object per line, access log fields as keys",
     )
     serve.add_argument(
-        "--ports-file", metavar="FILE", help="write the bound ports here as JSON (for port 0)"
+        "--ports-file",
+        metavar="FILE",
+        help="write the bound ports here as JSON, for port 0 (default: not written)",
     )
     serve.add_argument(
         "--workers",
@@ -174,7 +198,10 @@ def build_parser() -> argparse.ArgumentParser:
         "closes the agent's session when it expires. Default: no expiry",
     )
     token.add_argument(
-        "--config", "-c", metavar="FILE", help="TOML config file holding secret_file"
+        "--config",
+        "-c",
+        metavar="FILE",
+        help="TOML config file holding secret_file (default $TUNNELD_CONFIG, else none)",
     )
 
     exposures = sub.add_parser(
@@ -205,9 +232,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     for action in (export, importer):
         action.add_argument(
-            "--config", "-c", metavar="FILE", help="TOML config file (for state_dir)"
+            "--config",
+            "-c",
+            metavar="FILE",
+            help="TOML config file, for state_dir (default $TUNNELD_CONFIG, else none)",
         )
-        action.add_argument("--state-dir", metavar="DIR", help="state directory (see serve)")
+        action.add_argument(
+            "--state-dir",
+            metavar="DIR",
+            help="state directory (default as serve: state_dir, $STATE_DIRECTORY under systemd, "
+            "else ~/.local/state/tunneld)",
+        )
 
     from .portforward import add_parser as add_port_forward
 
@@ -223,16 +258,26 @@ def build_parser() -> argparse.ArgumentParser:
         "service on port 8000, exposed through the SDK. Ctrl-C stops it.",
     )
     demo.add_argument(
-        "--public-port", type=int, default=8080, help="public port (default 8080; 0 = any)"
+        "--public-port",
+        type=_demo_public_port,
+        default=8080,
+        help="public port (default 8080, another free one when taken; 0 = any)",
     )
     demo.add_argument(
-        "--service-port", type=int, default=8000, help="sample service port (default 8000)"
+        "--service-port",
+        type=_demo_service_port,
+        default=8000,
+        help="sample service port, 1024-65535 but not 3000 (default 8000, another free one "
+        "when taken; 0 = any)",
     )
     demo.add_argument(
         "--self-test", action="store_true", help="fetch the URL once, print it, exit 0/1"
     )
     demo.add_argument(
-        "--log-level", choices=["debug", "info", "warning", "error"], default="warning"
+        "--log-level",
+        choices=["debug", "info", "warning", "error"],
+        default="warning",
+        help="default warning",
     )
     return parser
 
@@ -254,6 +299,27 @@ def _store_arguments(parser: argparse.ArgumentParser) -> None:
         help="directory of the sqlite store (default $STATE_DIRECTORY under systemd, else "
         "~/.local/state/tunneld)",
     )
+
+
+def _port_number(value: str) -> int:
+    if not (value.isascii() and value.isdigit()) or int(value) > 65535:
+        raise argparse.ArgumentTypeError(f"expected a TCP port 0-65535, not {value!r}")
+    return int(value)
+
+
+def _demo_public_port(value: str) -> int:
+    return _port_number(value)
+
+
+def _demo_service_port(value: str) -> int:
+    from protocol.hostnames import CONTROL_PLANE_PORT, MIN_PORT
+
+    port = _port_number(value)
+    if port != 0 and (port < MIN_PORT or port == CONTROL_PLANE_PORT):  # the agent's own rule
+        raise argparse.ArgumentTypeError(
+            f"expected a port 1024-65535 other than 3000 (or 0: any free one), not {value!r}"
+        )
+    return port
 
 
 def _workers_choice(value: str) -> int:
@@ -287,8 +353,11 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        parser = build_parser()  # imports the subcommands' modules: Ctrl-C may land here
+        args = parser.parse_args(argv)
+    except KeyboardInterrupt:
+        return 130
     try:
         if args.command == "serve":
             config_path = args.config or os.environ.get("TUNNELD_CONFIG")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import tomllib
 from dataclasses import dataclass, fields
@@ -169,6 +170,7 @@ class Config:
             raise ConfigError(f"log_format must be text or json, not {self.log_format!r}")
         if self.keepalive_timeout <= 0:
             raise ConfigError("keepalive_timeout must be > 0")
+        self._check_durations()
         if not 1 <= self.inspect_max_requests <= 100_000:
             raise ConfigError(
                 f"inspect_max_requests must be 1-100000, not {self.inspect_max_requests}"
@@ -210,11 +212,23 @@ class Config:
             "admin_port",
             "node_port",
             "public_redirect_port",
+            "url_port",
         ):
             value = getattr(self, name)
-            if not 0 <= value <= 65535:
+            if value is not None and not 0 <= value <= 65535:
                 raise ConfigError(f"{name} must be 0-65535, not {value}")
         self._check_public_tcp()
+
+    def _check_durations(self) -> None:
+        """Seconds settings: a number, finite, and positive (or 0 where 0 means something)."""
+        for name in ("head_timeout", "control_timeout", "handshake_timeout", "dead_timeout"):
+            value = getattr(self, name)
+            if not 0 < value < math.inf:  # nan fails too
+                raise ConfigError(f"{name} must be a number of seconds > 0, not {value}")
+        for name in ("grace_period", "idle_timeout"):
+            value = getattr(self, name)
+            if not 0 <= value < math.inf:
+                raise ConfigError(f"{name} must be a number of seconds >= 0, not {value}")
 
     def _check_public_tcp(self) -> None:
         from .tcpexpose import parse_port_range
@@ -239,6 +253,8 @@ class Config:
 
         for cert, key in public_pairs(self):
             load_pair(cert, key, "public_tls")
+        if self.tls_cert:
+            load_pair(self.tls_cert, self.tls_key, "tls")
         if self.admin_tls_cert:
             load_pair(self.admin_tls_cert, self.admin_tls_key, "admin_tls")
 
@@ -338,7 +354,9 @@ def _coerce(name: str, value: Any) -> Any:
         raise ConfigError(f"{name}: invalid value {value!r} (expected {kind})") from None
 
 
-def _read_secret_file(path: str, what: str) -> str:
+def _read_secret_file(path: object, what: str) -> str:
+    if not isinstance(path, str) or not path:
+        raise ConfigError(f"{what} must be the path of a file (a string), not {path!r}")
     try:
         return Path(path).read_text().strip()
     except OSError as exc:

@@ -74,7 +74,11 @@ def add_parsers(sub: Any) -> None:
     )
     inspect.add_argument("--json", action="store_true", help="one JSON object per line")
     inspect.add_argument(
-        "--since", type=int, default=0, metavar="ID", help="only requests after this id"
+        "--since",
+        type=int,
+        default=0,
+        metavar="ID",
+        help="only requests after this id (default 0: every request kept)",
     )
     inspect.add_argument(
         "--enable", action="store_true", help="turn inspection on for the sandbox first"
@@ -95,7 +99,8 @@ def add_parsers(sub: Any) -> None:
     replay.add_argument(
         "--connect",
         metavar="HOST:PORT",
-        help="connect here instead of the preview host's address (the Host header is kept)",
+        help="connect here instead of the preview host's address (the Host header is kept; "
+        "default: the recorded Host)",
     )
     _admin_arguments(replay)
 
@@ -110,13 +115,20 @@ def _admin_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _client(args: argparse.Namespace) -> Any:
+    from protocol.hostnames import ValidationError, validate_sandbox_id
+
     from .client import TunnelClient
     from .portforward import UsageError, read_token
 
+    try:  # a malformed id is a usage error, before any request
+        validate_sandbox_id(args.sandbox)
+    except ValidationError as exc:
+        raise CliError(exc.message, 2) from None
     try:  # the same rules as `tunneld port-forward` (without its --token-file)
         token = read_token(None, dict(os.environ))
     except UsageError as exc:
-        raise CliError(str(exc), 2) from None
+        # port-forward's message offers its --token-file, an option these commands lack
+        raise CliError(str(exc).removesuffix(", or pass --token-file"), 2) from None
     url = args.admin_url or os.environ.get("TUNNELD_ADMIN_URL") or DEFAULT_ADMIN_URL
     try:
         return TunnelClient(url, token=token)
@@ -282,6 +294,8 @@ async def _replay(args: argparse.Namespace) -> int:
     text = args.request_id
     if not (text.isascii() and text.isdigit()):
         raise CliError(f"REQUEST_ID must be a number (the id column of inspect), not {text!r}", 2)
+    if args.connect:
+        _target_address({"request": {}}, args.connect)  # a malformed --connect: usage, first
     client = _client(args)
     async with client:
         record = await client.sandbox(args.sandbox).request(int(text))
