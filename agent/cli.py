@@ -6,7 +6,7 @@ thin clients of the local control API (:mod:`agent.local_api`) and use only the
 standard library, so they start fast and work in a minimal sandbox image.
 
 Exit codes: 0 ok, 1 the agent refused or failed the request, 2 usage error, 3 the agent cannot be
-reached.
+reached, 130 interrupted (SIGINT).
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ __all__ = [
     "CLIENT_TIMEOUT",
     "DEFAULT_API",
     "EXIT_API_ERROR",
+    "EXIT_INTERRUPTED",
     "EXIT_OK",
     "EXIT_UNREACHABLE",
     "EXIT_USAGE",
@@ -53,6 +54,7 @@ EXIT_OK: Final = 0
 EXIT_API_ERROR: Final = 1
 EXIT_USAGE: Final = 2  # argparse's own code
 EXIT_UNREACHABLE: Final = 3
+EXIT_INTERRUPTED: Final = 130  # SIGINT (Ctrl-C), as shells report it; no traceback
 
 DEFAULT_API: Final = "http://127.0.0.1:3000"
 # The local API answers in milliseconds unless it waits on the edge, which has its own timeout.
@@ -85,7 +87,8 @@ examples:
   tunnel-agent status
   tunnel-agent wait 8000 --http /health && tunnel-agent expose 8000
 
-exit codes: 0 ok, 1 the agent refused the request, 2 usage error, 3 agent not reachable
+exit codes: 0 ok, 1 the agent refused the request, 2 usage error, 3 agent not reachable,
+130 interrupted (Ctrl-C)
 """
 
 _RUN_EPILOG = f"""\
@@ -675,6 +678,8 @@ def _read_token(args: argparse.Namespace, parser: argparse.ArgumentParser) -> st
                 token = f.read().strip()
         except OSError as exc:
             parser.error(f"cannot read --token-file: {exc.strerror or exc}")
+        except UnicodeDecodeError:
+            parser.error(f"--token-file {args.token_file} is not UTF-8 text")
         if not token:
             parser.error(f"--token-file {args.token_file} is empty")
         return token
@@ -717,7 +722,19 @@ def run_from_args(args: argparse.Namespace) -> int:
     """Run the agent until SIGTERM/SIGINT; the exit code of ``tunnel-agent run``."""
     import asyncio
     import logging
+    import ssl
 
+    if getattr(args, "tls_ca", None):
+        try:  # built again for each connection; first here, so a bad file stops the start
+            _tls_context(args)
+        except (OSError, ssl.SSLError) as exc:
+            detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+            print(
+                f"tunnel-agent: error: --tls-ca {args.tls_ca}: cannot load a CA bundle from it "
+                f"({detail})",
+                file=sys.stderr,
+            )
+            return EXIT_USAGE
     logging.basicConfig(
         level=getattr(logging, str(args.log_level).upper(), logging.INFO),
         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
@@ -939,12 +956,14 @@ def _cmd_wait(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
     try:
+        parser = build_parser()
         args = parser.parse_args(argv)
         return int(args.handler(args, parser))
     except SystemExit as exc:  # argparse: --help (0) and usage errors (2)
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    except KeyboardInterrupt:  # Ctrl-C before `run` handles signals, or during a client command
+        return EXIT_INTERRUPTED
     except _ApiError as exc:
         print(f"error: {exc.message} ({exc.code})", file=sys.stderr)
         return EXIT_API_ERROR
