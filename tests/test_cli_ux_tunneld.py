@@ -278,3 +278,34 @@ def test_ctrl_c_while_the_parser_is_built_exits_130_without_a_traceback(tmp_path
         stderr = err.read()
     assert "Traceback" not in stderr, stderr
     assert status == 130, (status, stderr)
+
+
+# -- serve: a port in use --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("listener", ["agent", "agent with TLS", "public", "admin"])
+def test_a_port_in_use_names_the_listener_and_its_settings(tmp_path: Path, listener: str) -> None:
+    """ "address already in use" alone does not say which of three ports to change."""
+    import trustme
+
+    name = listener.split()[0]
+    args = serve_args(tmp_path)
+    if listener == "agent with TLS":  # the listener that binds by itself (tunneld/listen.py)
+        cert = trustme.CA().issue_cert("edge.test")
+        cert.cert_chain_pems[0].write_to_path(str(tmp_path / "cert.pem"))
+        cert.private_key_pem.write_to_path(str(tmp_path / "key.pem"))
+        args += ["--tls-cert", str(tmp_path / "cert.pem"), "--tls-key", str(tmp_path / "key.pem")]
+    taken = socket.create_server(("127.0.0.1", 0))
+    port = taken.getsockname()[1]
+    args[args.index(f"--{name}-port") + 1] = str(port)
+    try:
+        out = tunneld(*args)
+    finally:
+        taken.close()
+    assert_refused(
+        out,
+        1,
+        f"cannot start: cannot open the {name} listener on 127.0.0.1:{port} "
+        f"({name}_host, {name}_port): ",
+        "address already in use",
+    )

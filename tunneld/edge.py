@@ -24,7 +24,8 @@ import logging
 import secrets
 import socket
 import ssl
-from typing import TYPE_CHECKING, Any, Final
+from collections.abc import Awaitable
+from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 import orjson
 
@@ -531,6 +532,29 @@ class _TlsAgentListener:
             server.pending_agents.discard(marker)  # the session counts itself from its start
 
 
+_T = TypeVar("_T")
+
+
+async def _listening(what: str, host: str, port: int, opening: Awaitable[_T]) -> _T:
+    """``opening``, the ``what`` listener being bound; an OSError it raises says which listener
+    and which settings, as "address already in use" alone does not."""
+    try:
+        return await opening
+    except OSError as exc:
+        where = f"{host or '*'}:{port} ({_LISTENER_SETTINGS[what]})"
+        error = OSError(f"cannot open the {what} listener on {where}: {exc}")
+        error.errno = exc.errno  # str() without a second "[Errno N]"
+        raise error from None
+
+
+_LISTENER_SETTINGS: Final = {
+    "agent": "agent_host, agent_port",
+    "public": "public_host, public_port",
+    "admin": "admin_host, admin_port",
+    "HTTP-to-HTTPS redirect": "public_host, public_redirect_port",
+}
+
+
 class _PendingTls:
     """A TLS agent connection in its TLS handshake, in ``EdgeServer.pending_agents``."""
 
@@ -669,52 +693,83 @@ class EdgeServer:
         agents: Any
         if tls is not None:
             # accepts itself: a connection counts against max_pending_agents from its accept
-            agents = await _TlsAgentListener(self, tls).start(
-                config.agent_host, config.agent_port, reuse_port=reuse
-            )
-        else:
-            agents = await loop.create_server(
-                lambda: EdgeSession(self),
+            agents = await _listening(
+                "agent",
                 config.agent_host,
                 config.agent_port,
-                backlog=1024,
-                reuse_port=reuse,
+                _TlsAgentListener(self, tls).start(
+                    config.agent_host, config.agent_port, reuse_port=reuse
+                ),
+            )
+        else:
+            agents = await _listening(
+                "agent",
+                config.agent_host,
+                config.agent_port,
+                loop.create_server(
+                    lambda: EdgeSession(self),
+                    config.agent_host,
+                    config.agent_port,
+                    backlog=1024,
+                    reuse_port=reuse,
+                ),
             )
         public: Any
         if config.public_tls_passthrough and self.public_tls is not None:
             # TLS routed by server name first: tls exposures unterminated (tunneld/tcpexpose.py)
-            public = await SniListener(
-                self.tcp,
-                public_factory,
-                self.public_tls.context,
-                handshake_timeout=config.head_timeout,
-                shutdown_timeout=TLS_SHUTDOWN_TIMEOUT,
-            ).start(config.public_host, config.public_port, reuse_port=reuse)
-        else:
-            public = await loop.create_server(
-                public_factory,
+            public = await _listening(
+                "public",
                 config.public_host,
                 config.public_port,
-                backlog=4096,
-                reuse_port=reuse,
-                ssl=self.public_tls.context if self.public_tls is not None else None,
-                # the handshake is part of the request head's time budget (slowloris bound)
-                ssl_handshake_timeout=config.head_timeout if self.public_tls is not None else None,
-                ssl_shutdown_timeout=TLS_SHUTDOWN_TIMEOUT if self.public_tls is not None else None,
+                SniListener(
+                    self.tcp,
+                    public_factory,
+                    self.public_tls.context,
+                    handshake_timeout=config.head_timeout,
+                    shutdown_timeout=TLS_SHUTDOWN_TIMEOUT,
+                ).start(config.public_host, config.public_port, reuse_port=reuse),
+            )
+        else:
+            context = self.public_tls.context if self.public_tls is not None else None
+            public = await _listening(
+                "public",
+                config.public_host,
+                config.public_port,
+                loop.create_server(
+                    public_factory,
+                    config.public_host,
+                    config.public_port,
+                    backlog=4096,
+                    reuse_port=reuse,
+                    ssl=context,
+                    # the handshake is part of the request head's time budget (slowloris bound)
+                    ssl_handshake_timeout=config.head_timeout if context is not None else None,
+                    ssl_shutdown_timeout=TLS_SHUTDOWN_TIMEOUT if context is not None else None,
+                ),
             )
         self.admin = AdminServer(self)
-        admin = await self.admin.http.start(
+        admin = await _listening(
+            "admin",
             config.admin_host,
             config.admin_port,
-            reuse_port=reuse,
-            ssl=self.admin_tls.context if self.admin_tls is not None else None,
+            self.admin.http.start(
+                config.admin_host,
+                config.admin_port,
+                reuse_port=reuse,
+                ssl=self.admin_tls.context if self.admin_tls is not None else None,
+            ),
         )
         self._servers = [agents, public, admin]
         if config.public_redirect_port:
             from .tls import RedirectServer
 
-            redirect = await RedirectServer(self).start(
-                config.public_host, config.public_redirect_port, reuse_port=reuse
+            redirect = await _listening(
+                "HTTP-to-HTTPS redirect",
+                config.public_host,
+                config.public_redirect_port,
+                RedirectServer(self).start(
+                    config.public_host, config.public_redirect_port, reuse_port=reuse
+                ),
             )
             self._servers.append(redirect)
             self.redirect_port = redirect.sockets[0].getsockname()[1]
