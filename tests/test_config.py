@@ -45,7 +45,14 @@ def test_precedence(tmp_path) -> None:
     [
         ('admin_token = "inline"\n', "put admin_token in a file"),
         ("nope = 1\n", "unknown setting 'nope'"),
-        ("public_port = 'x'\n", "public_port: invalid value"),
+        ("public_port = 'x'\n", "public_port must be an integer, not 'x'"),
+        # TOML has types: a value of another type is a mistake, not something to convert
+        ("domain = 5\n", "domain must be a string, not 5"),
+        ("public_port = '80'\n", "public_port must be an integer, not '80'"),
+        ("public_port = true\n", "public_port must be an integer, not True"),
+        ("access_log = 'yes'\n", "access_log must be true or false, not 'yes'"),
+        ("grace_period = '5'\n", "grace_period must be a number, not '5'"),
+        ("grace_period = false\n", "grace_period must be a number, not False"),
         ("scheme = 'ftp'\n", "scheme must be http or https"),
         ("public_port = 70000\n", "public_port must be 0-65535"),
         ("[broken\n", "config file"),
@@ -59,6 +66,12 @@ def test_errors_are_clear(tmp_path, text: str, message: str) -> None:
     with pytest.raises(ConfigError) as info:
         load_config(toml, environ={"TUNNELD_ADMIN_TOKEN": "a", "TUNNELD_SECRET": "b"})
     assert message in str(info.value)
+
+
+def test_toml_numbers_and_workers_auto_are_fine(tmp_path) -> None:
+    toml = _write(tmp_path / "t.toml", "grace_period = 5\nworkers = 'auto'\ntokens = false\n")
+    config = load_config(toml, environ={"TUNNELD_ADMIN_TOKEN": "a", "TUNNELD_SECRET": "b"})
+    assert (config.grace_period, config.tokens) == (5.0, False) and config.workers >= 1
 
 
 def test_missing_secrets(tmp_path) -> None:

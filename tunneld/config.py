@@ -354,6 +354,28 @@ def _coerce(name: str, value: Any) -> Any:
         raise ConfigError(f"{name}: invalid value {value!r} (expected {kind})") from None
 
 
+def _toml_typed(path: str, key: str, value: Any) -> Any:
+    """A TOML value of the setting's type: TOML has types, so `domain = 5` or `port = "80"` or
+    `port = true` is a mistake to report, not a value to convert."""
+    if key == "workers":  # a number or "auto" (parse_workers)
+        return value
+    kind = str(_FIELD_TYPES[key])
+    expected: tuple[type, ...] | None = {
+        "str": (str,),
+        "bool": (bool,),
+        "int": (int,),
+        "int | None": (int,),
+        "float": (int, float),
+    }.get(kind)
+    wrong_bool = isinstance(value, bool) and kind != "bool"
+    if expected is not None and (wrong_bool or not isinstance(value, expected)):
+        shown = {"str": "a string", "bool": "true or false", "float": "a number"}.get(
+            kind, "an integer"
+        )
+        raise ConfigError(f"config file {path}: {key} must be {shown}, not {value!r}")
+    return value
+
+
 def _read_secret_file(path: object, what: str) -> str:
     if not isinstance(path, str) or not path:
         raise ConfigError(f"{what} must be the path of a file (a string), not {path!r}")
@@ -388,7 +410,7 @@ def load_config(
             elif key == "public_tls":
                 values["public_tls_extra"] = parse_tls_pairs(value)
             elif key in _FIELD_TYPES:
-                values[key] = _coerce(key, value)
+                values[key] = _coerce(key, _toml_typed(path, key, value))
             else:
                 raise ConfigError(f"config file {path}: unknown setting {key!r}")
     for name in _FIELD_TYPES:
