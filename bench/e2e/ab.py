@@ -9,7 +9,8 @@ direct baseline and the tunnel back to back and prints tunnel/direct for small H
 50 connections), churn (the same with ``Connection: close``), WebSocket echo (100 connections)
 and one download, then the medians. On a shared machine a figure from another day mixes code and
 machine; this compares code only (issue 7 used it for the "did not drop by more than 5 %"
-check). Needs the commits' CLIs to accept the bench's flags.
+check). Needs the commits' CLIs to accept the bench's flags. ``BENCH_DURATION``: seconds per
+measurement (3).
 """
 
 from __future__ import annotations
@@ -25,7 +26,9 @@ from pathlib import Path
 from .scenarios import run_loadgen, wrk
 from .stack import ROOT, Stack, cpu_seconds
 
-DURATION = 3.0
+METRICS = ("small_http", "churn", "websocket", "single_download")
+# seconds per measurement; BENCH_DURATION shortens it (tests/test_bench_entry_points.py)
+DURATION = float(os.environ.get("BENCH_DURATION", "3"))
 
 
 def tree(commit: str, base: Path) -> Path:
@@ -92,6 +95,13 @@ def main(argv: list[str]) -> int:
     metrics = ["small_http", "websocket", "single_download"]
     if len(argv) > 2:
         metrics = argv[2].split(",")
+    unknown = [m for m in metrics if m not in METRICS]
+    if rounds < 1 or unknown:  # one_run() skips what it does not know: nothing would be measured
+        print(
+            f"unknown metric(s) {unknown} or ROUNDS < 1; metrics: {','.join(METRICS)}",
+            file=sys.stderr,
+        )
+        return 2
     runs: dict[str, list[dict[str, float]]] = {c: [] for c in commits}
     saved = os.environ.get("PYTHONPATH")
     with tempfile.TemporaryDirectory(prefix="tunneld-ab-") as tmp:

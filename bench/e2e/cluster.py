@@ -27,6 +27,10 @@ as ``bench.e2e.instr``; a cost the machine's load cannot move): node A and node 
 ratio ``(A owner-landed) / (A + B handed over)`` is what the hand-over costs in tunneld's own
 work; wrk, nginx and the agent do the same work either way, so the wall-clock ratio is higher.
 
+``BENCH_DURATION``: seconds per wrk run of landing and workers (3); ``BENCH_INSTR_CONNS``: the
+connection counts instr measures (``1,16``; ``1``: the sequential requests only). Both for a
+short smoke run.
+
 Needs nginx, wrk and redis-server (Debian packages); ``instr`` needs valgrind too.
 """
 
@@ -52,8 +56,13 @@ from tunneld.private_redis import PrivateRedis
 from .scenarios import wrk
 from .stack import VENV_BIN, Stack, _wait_json, cpu_seconds, tree_pids, tunneld_env
 
-DURATION = 3.0
+# seconds per wrk run of landing and workers; BENCH_DURATION shortens it (a smoke run:
+# tests/test_bench_entry_points.py)
+DURATION = float(os.environ.get("BENCH_DURATION", "3"))
 CONCURRENT = 16  # wrk connections for the concurrent instruction counts
+# instr: the connection counts measured (1: sequential requests; more: 10 s of wrk), "1" alone
+# for a smoke run (wrk under callgrind needs its 10 s)
+INSTR_CONNS = [int(c) for c in os.environ.get("BENCH_INSTR_CONNS", f"1,{CONCURRENT}").split(",")]
 
 
 def _landing(url: str, rounds: int, handover: bool) -> dict[str, list[float]]:
@@ -217,10 +226,9 @@ def _instr(requests: int) -> dict[str, list[float]]:
         counts: dict[str, float] = {}
         pids = {"a": stack.tunneld.pid, "b": b.pid}
         for phase, port, conns in (
-            ("owner", stack.public_port, 1),
-            ("handover", b_public, 1),
-            ("owner", stack.public_port, CONCURRENT),
-            ("handover", b_public, CONCURRENT),
+            (phase, port, conns)
+            for conns in INSTR_CONNS
+            for phase, port in (("owner", stack.public_port), ("handover", b_public))
         ):
             label = f"{phase}_c{conns}"
             for pid in pids.values():
@@ -246,7 +254,7 @@ def _instr(requests: int) -> dict[str, list[float]]:
         else:
             print(f"callgrind dumps in {out}", flush=True)
     runs: dict[str, list[float]] = {}
-    for conns in (1, CONCURRENT):
+    for conns in INSTR_CONNS:
         owner, landing = counts[f"owner_c{conns}_a"], counts[f"handover_c{conns}_b"]
         adopting = counts[f"handover_c{conns}_a"]
         print(
@@ -261,9 +269,16 @@ def _instr(requests: int) -> dict[str, list[float]]:
     return runs
 
 
+PARTS = ("landing", "handover", "forwarded", "workers", "instr")
+
+
 def main(argv: list[str]) -> int:
     rounds = int(argv[0]) if argv else 5
     parts = argv[1].split(",") if len(argv) > 1 else ["landing", "workers"]
+    unknown = [p for p in parts if p not in PARTS]
+    if rounds < 1 or unknown:  # before a misspelt part silently measured nothing
+        print(f"unknown part(s) {unknown} or ROUNDS < 1; parts: {','.join(PARTS)}", file=sys.stderr)
+        return 2
     # The redis-server tunneld runs for --workers without a store of one's own: a private Unix
     # socket, no persistence, stopped at the end.
     redis = PrivateRedis(None)

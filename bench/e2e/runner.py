@@ -273,6 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the stack's processes too
     stack = Stack(loop=args.loop, parser=args.parser).start()
     results: dict[str, Result] = {}
+    failed: list[str] = []
     try:
         for n in names:
             ts = time.perf_counter()
@@ -281,6 +282,7 @@ def main(argv: list[str] | None = None) -> int:
                 results[n] = SCENARIOS[n](stack, settings)
             except Exception as exc:
                 print(f"FAILED: {exc!r}", flush=True)
+                failed.append(n)
                 continue
             summary = ", ".join(
                 f"{k} {'/'.join(_fmt(v.get(p)) for p in ('direct', 'tunnel', 'nginx') if p in v)}"
@@ -313,6 +315,9 @@ def main(argv: list[str] | None = None) -> int:
         f"results: {args.out / args.tag}.md, .json"
         + (", .png" if png else " (no matplotlib: no PNG)")
     )
+    if failed:  # the results are written, but a scenario that broke must not pass for a run
+        print(f"failed scenarios: {', '.join(failed)}", file=sys.stderr)
+        return 1
     return 0
 
 

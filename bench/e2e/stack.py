@@ -28,13 +28,16 @@ VENV_BIN = Path(sys.executable).parent
 ADMIN_TOKEN = "bench-admin-token"
 SECRET = "bench-secret"
 SANDBOX = "sb1"
-BIG_FILE_SIZE = 4 << 30  # real blocks (a sparse file is read at ~400 MiB/s), cached across runs
+# real blocks (a sparse file is read at ~400 MiB/s), cached across runs. BENCH_BIG_FILE_MIB: a
+# smaller one (tests/test_bench_entry_points.py runs the entry points with a few MiB).
+BIG_FILE_SIZE = int(os.environ.get("BENCH_BIG_FILE_MIB", "4096")) << 20
 BIG_FILE_DIR = Path(os.environ.get("BENCH_CACHE_DIR", "/var/tmp/tunneld-bench"))
 
 
 def big_file() -> Path:
     """The multi-GB single-stream file, written once and reused (it stays in the page cache)."""
-    path = BIG_FILE_DIR / f"big-{BIG_FILE_SIZE >> 30}g.bin"
+    gib, rest = divmod(BIG_FILE_SIZE, 1 << 30)
+    path = BIG_FILE_DIR / (f"big-{gib}g.bin" if not rest else f"big-{BIG_FILE_SIZE >> 20}m.bin")
     if not path.exists() or path.stat().st_size != BIG_FILE_SIZE:
         BIG_FILE_DIR.mkdir(parents=True, exist_ok=True)
         BIG_FILE_DIR.chmod(0o755)

@@ -23,12 +23,13 @@ agent in one uvloop process, nginx origin, old order monkeypatched); there the s
 reproduce (old 1,346 MiB vs new 1,324 MiB in 2 s): it depends on the cross-process timing of the
 flush draining the stream below low water within the same call. Kept for the next attempt.
 
-    .venv/bin/python -m bench.experiments.pause_before_flush
+    .venv/bin/python -m bench.experiments.pause_before_flush    # [SECONDS] per upload, 2
 """
 
 from __future__ import annotations
 
 import asyncio
+import sys
 import time
 
 from bench.e2e.stack import Stack as BenchStack
@@ -99,21 +100,28 @@ async def _upload(seconds: float = 2.0) -> float:
         return sent / 2**20
     finally:
         srv.close()
+        # the in-process stack first: nginx's graceful stop (SIGQUIT) waits for the agent's
+        # connections to it, which held every run up for Stack.close()'s 5 s timeout
+        await st.close()
         if origin is not None:
             origin.close()
-        await st.close()
 
 
-def main() -> None:
+def main(argv: list[str]) -> None:
+    """``[SECONDS]``: how long each upload runs (2 by default)."""
     import uvloop
 
+    seconds = float(argv[0]) if argv else 2.0
     current = StreamEndpoint.forward
     StreamEndpoint.forward = _old_forward  # type: ignore[method-assign]
-    old = uvloop.run(_upload())
+    old = uvloop.run(_upload(seconds))
     StreamEndpoint.forward = current  # type: ignore[method-assign]
-    new = uvloop.run(_upload())
-    print(f"flush-then-pause (old): {old:.0f} MiB in 2 s; pause-then-flush (now): {new:.0f} MiB")
+    new = uvloop.run(_upload(seconds))
+    print(
+        f"flush-then-pause (old): {old:.0f} MiB in {seconds:g} s; "
+        f"pause-then-flush (now): {new:.0f} MiB"
+    )
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])
