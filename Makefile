@@ -65,7 +65,7 @@ typecheck: $(STAMP)
 # like CI; otherwise the message says what to install). TEST_TOOLS: command=package pairs.
 TEST_TOOLS := redis-server=redis-server redis-cli=redis-tools tinyproxy=tinyproxy \
 	chromium=chromium curl=curl nginx=nginx wrk=wrk h2load=nghttp2-client \
-	buildah=buildah podman=podman runc=runc mmdebstrap=mmdebstrap
+	buildah=buildah podman=podman runc=runc mmdebstrap=mmdebstrap valgrind=valgrind
 ensure-test-tools:
 	@missing=""; \
 	for pair in $(TEST_TOOLS); do \
