@@ -183,7 +183,9 @@ class EdgeSession(MuxProtocol):
     # -- control channel -------------------------------------------------------------------------
     def on_control(self, message: Any) -> None:
         if self.sandbox_id is None:
-            if isinstance(message, control.Hello):
+            # A hello and a malformed frame in one read: the frame closed the session before
+            # the hello's event was dispatched. Nothing can be sent on it: do not attach.
+            if isinstance(message, control.Hello) and not self.session.closed:
                 self._on_hello(message)
             return
         if isinstance(message, (control.Ok, control.Error)):
