@@ -46,7 +46,7 @@ pytestmark = pytest.mark.anyio
 
 SEED = 20261203
 CASES = 320
-PARALLEL = 24
+PARALLEL = 48
 # Short timeouts, so that a case the edge has to time out ends soon; the deadline of a case is
 # far past the longest of them (the idle sweep closes between 1x and 1.5x idle_timeout).
 TIMEOUTS = {"head_timeout": 1.0, "keepalive_timeout": 1.0, "idle_timeout": 2.0}
@@ -372,7 +372,9 @@ async def fuzz(
     assert len(origins["sb1"].received) > 50, len(origins["sb1"].received)
 
 
-async def setup(stack: Stack) -> tuple[dict[str, RecordingOrigin], bytes, list[bytes]]:
+async def setup(
+    stack: Stack, *, inspect: bool = False
+) -> tuple[dict[str, RecordingOrigin], bytes, list[bytes]]:
     origins: dict[str, RecordingOrigin] = {}
     for sandbox in ("sb1", "sb2"):
         origin = RecordingOrigin()
@@ -380,7 +382,7 @@ async def setup(stack: Stack) -> tuple[dict[str, RecordingOrigin], bytes, list[b
         origins[sandbox] = origin
         stack.origins.append(origin)
         await stack.agent(sandbox)
-    url = (await stack.expose("sb1", origins["sb1"].port))["exposedAt"]
+    url = (await stack.expose("sb1", origins["sb1"].port, inspect=inspect))["exposedAt"]
     other = (await stack.expose("sb2", origins["sb2"].port))["exposedAt"]
     host = stack.host_of(url).encode()
     other_host = stack.host_of(other).encode()
@@ -397,11 +399,19 @@ async def normal_request_works(stack: Stack, host: bytes) -> None:
         assert response.content == b"hello from origin"
 
 
-@pytest.mark.parametrize("parser", ["httptools", "h11"])
-async def test_mutated_requests_get_documented_answers_and_nothing_spoofed(parser: str) -> None:
-    stack = await Stack(parser=parser, **TIMEOUTS).start()
+@pytest.mark.parametrize(
+    ("parser", "logged"),
+    [("httptools", False), ("h11", False), ("httptools", True)],
+    ids=["httptools", "h11", "httptools-access-log-inspect"],
+)
+async def test_mutated_requests_get_documented_answers_and_nothing_spoofed(
+    parser: str, logged: bool
+) -> None:
+    """``logged``: with the access log and request inspection on, responses go through the
+    edge's response framer (tunneld/accesslog.py) and the inspection recorder instead of raw."""
+    stack = await Stack(parser=parser, access_log=logged, **TIMEOUTS).start()
     try:
-        origins, host, others = await setup(stack)
+        origins, host, others = await setup(stack, inspect=logged)
         await fuzz(stack, origins, host, others)
         await normal_request_works(stack, host)
     finally:
