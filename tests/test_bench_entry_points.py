@@ -96,7 +96,10 @@ def needs(*programs: str) -> None:
 
 
 def run(argv: list[str], env: dict[str, str], timeout: float = 150) -> str:
-    """Runs an entry point from the repository root; its stdout, once it exited 0."""
+    """Runs an entry point from the repository root; its stdout, once it exited 0. Without this
+    suite's pytest-xdist variables: pytest-benchmark turns itself off in an xdist worker (and
+    then refuses --benchmark-only), which a `make bench-micro` typed in a shell never is."""
+    env = {k: v for k, v in env.items() if not k.startswith("PYTEST_XDIST")}
     r = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     assert r.returncode == 0, (
         f"{argv} exited {r.returncode}:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"

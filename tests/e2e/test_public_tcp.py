@@ -354,7 +354,9 @@ class Nginx:
         if not os.path.exists(NGINX):
             pytest.fail("nginx is not installed: run `make ensure-nginx` (apt-get)")
         for _ in range(10):
-            self.port = random.randint(20000, 60000)
+            # below the ephemeral range, which port-0 binds of other tests (and of other xdist
+            # workers) draw from; and _answers() checks that what listens there is this nginx
+            self.port = random.randrange(20000, 32000)
             listen = f"listen 127.0.0.1:{self.port} proxy_protocol;"
             if self.tls_for is not None:
                 cert, key = self.tls_for(self.port)
@@ -399,12 +401,33 @@ http {{
             deadline = time.monotonic() + 10
             while time.monotonic() < deadline and self.proc.poll() is None:
                 try:
-                    socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
-                    return self
+                    if self._answers():
+                        return self
                 except OSError:
-                    time.sleep(0.02)
+                    pass
+                time.sleep(0.02)
             self.stop()
         raise RuntimeError(f"nginx did not start: {self.log()}")
+
+    def _answers(self) -> bool:
+        """This nginx listens on the port: it answers a PROXY header with its addresses. (A
+        bare connect would also succeed to another process that holds the port, while this
+        nginx is about to exit with "address in use".)"""
+        sock = socket.create_connection(("127.0.0.1", self.port), timeout=2)
+        try:
+            sock.sendall(b"PROXY TCP4 192.0.2.7 127.0.0.1 4242 80\r\n")
+            if self.tls_for is not None:
+                context = ssl.create_default_context()
+                context.check_hostname = False
+                context.verify_mode = ssl.CERT_NONE
+                sock = context.wrap_socket(sock)
+            sock.sendall(b"GET / HTTP/1.0\r\n\r\n")
+            answer = b""
+            while len(answer) < 4096 and (chunk := sock.recv(4096)):
+                answer += chunk
+        finally:
+            sock.close()
+        return b"192.0.2.7:4242" in answer
 
     def log(self) -> str:
         path = self.dir / "error.log"
