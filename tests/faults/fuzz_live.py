@@ -177,7 +177,7 @@ async def exchange(
                 await writer.drain()
             if half_close and writer.can_write_eof():
                 writer.write_eof()
-        except (ConnectionError, RuntimeError):  # the edge closed first
+        except (OSError, RuntimeError):  # the edge closed first (a reset, ENOTCONN)
             out.reset = True
 
     sender = asyncio.ensure_future(send())
@@ -186,7 +186,7 @@ async def exchange(
             while True:
                 try:
                     chunk = await reader.read(65536)
-                except ConnectionError:
+                except OSError:  # a reset
                     out.reset = True
                     break
                 if not chunk:
