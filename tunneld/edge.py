@@ -885,8 +885,9 @@ class EdgeServer:
             for conn in list(self.public_connections):
                 if conn.idle_check() and conn.transport is not None:
                     log.info("closing a public connection silent for %.0fs", timeout)
-                    # Silent both ways: almost always a keep-alive connection between requests.
-                    conn.close_gracefully()
+                    # Silent both ways: almost always a keep-alive connection between requests
+                    # (see close_idle for why one that has answered ends with RST).
+                    conn.close_idle()
 
     # -- exposures -------------------------------------------------------------------------------
     def preview_url(self, sandbox_id: str, record: ExposureRecord) -> str:

@@ -219,6 +219,12 @@ class PublicTlsConnection(PublicConnection):
         else:
             self.h2.close()
 
+    def close_idle(self) -> None:
+        if self.h2 is None:
+            super().close_idle()
+        else:
+            self.h2.close()  # each HTTP/2 stream ends explicitly: a GOAWAY cuts nothing silently
+
     def idle_check(self) -> bool:
         if self.h2 is None:
             return super().idle_check()

@@ -271,7 +271,7 @@ class PublicConnection(StreamEndpoint):
             self._arm_timer("keepalive")  # bytes moved since: look again one timeout later
             return
         log.debug("%s: keep-alive connection idle for keepalive_timeout; closing", self._peer)
-        self.close_gracefully()
+        self.close_idle()
 
     def _after_input(self) -> None:
         """Re-arm the timer that fits the framer's state; pause reading while an upgrade waits."""
@@ -665,6 +665,32 @@ class PublicConnection(StreamEndpoint):
         never routed is closed normally."""
         mux = self.mux
         if mux is not None and mux.streams.get(self.stream_id) is self:
+            abort_with_reset(self.transport)
+        else:
+            self.close_gracefully()
+
+    def close_idle(self) -> None:
+        """The edge ends a connection silent both ways (``keepalive_timeout``, the idle sweep).
+
+        Once the service has answered on it and while its stream is open, the edge cannot tell
+        a keep-alive pause after a complete response from a response without a length that the
+        service has not finished, and a FIN would make the latter look complete. So the service
+        is asked first: the stream is ended towards it (its HTTP server sees the client's EOF
+        and closes an idle keep-alive connection at once, which ends this one with a FIN, after
+        any response it still had to finish). If it has not ended the stream by the next call
+        (one more timeout of silence), the connection is cut with RST, as at shutdown (``end``).
+        Before any answer, or once the service ended, a graceful close."""
+        mux = self.mux
+        if (
+            self._responded
+            and not self._peer_eof
+            and mux is not None
+            and mux.streams.get(self.stream_id) is self
+        ):
+            if not self._local_eof:
+                log.debug("%s: idle; ending the stream towards the service first", self._peer)
+                self._stop_upstream()
+                return
             abort_with_reset(self.transport)
         else:
             self.close_gracefully()

@@ -194,3 +194,87 @@ async def _wait_for(predicate, timeout: float = 5) -> None:
     while not predicate():
         assert asyncio.get_running_loop().time() < deadline, "condition not met in time"
         await asyncio.sleep(0.02)
+
+
+class _LengthlessOrigin:
+    """A service that answers with a response without a length (it ends when the connection
+    does), sends a first part, then stalls. ``finish_on_eof``: the client's EOF makes it send
+    the rest and close (a server finishing its response); else it ignores the EOF and never
+    closes."""
+
+    def __init__(self, finish_on_eof: bool) -> None:
+        self.finish_on_eof = finish_on_eof
+        self.eof = asyncio.Event()
+        self.server: asyncio.Server | None = None
+        self.writers: list[asyncio.StreamWriter] = []
+
+    async def start(self) -> int:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return self.server.sockets[0].getsockname()[1]
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.writers.append(writer)
+        try:
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nfirst part;")
+            await writer.drain()
+            if await reader.read() == b"":  # the request came; the next thing is the EOF
+                self.eof.set()
+            if self.finish_on_eof:
+                writer.write(b"second part")
+                await writer.drain()
+                writer.close()
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass  # the edge went away (the test failed, or it is over)
+
+    async def close(self) -> None:
+        for writer in self.writers:
+            writer.close()
+        if self.server is not None:
+            self.server.close()
+            await self.server.wait_closed()
+
+
+@pytest.mark.parametrize("finish_on_eof", [False, True], ids=["service-stalls", "service-ends"])
+async def test_an_idle_lengthless_response_is_never_cut_with_a_clean_close(
+    finish_on_eof: bool,
+) -> None:
+    """A response without a length ends when the connection does, so a FIN from the edge in the
+    middle of it makes a cut response look complete. When keepalive_timeout passes with nothing
+    moving, the edge first ends the stream towards the service: a service that then finishes
+    its response ends the connection (all of it, then FIN); one that does not is cut with RST
+    one timeout later."""
+    origin = _LengthlessOrigin(finish_on_eof)
+    port = await origin.start()
+    stack = await _started(keepalive_timeout=0.5)
+    try:
+        await stack.agent("sb1")
+        host = stack.host_of((await stack.expose("sb1", port))["exposedAt"]).encode()
+        assert stack.edge is not None
+        reader, writer = await asyncio.open_connection("127.0.0.1", stack.edge.public_port)
+        writer.write(b"GET /stream HTTP/1.1\r\nHost: " + host + b"\r\n\r\n")
+        received = b""
+        reset = False
+        try:
+            async with asyncio.timeout(10):
+                while chunk := await reader.read(4096):
+                    received += chunk
+        except ConnectionResetError:
+            reset = True
+        try:
+            await asyncio.wait_for(origin.eof.wait(), 5)
+        except TimeoutError:
+            raise AssertionError(
+                f"the service never saw the end of the stream (the client got {received!r}, "
+                f"{'a reset' if reset else 'a clean end'})"
+            ) from None
+        head, body = received.split(b"\r\n\r\n", 1)
+        assert head.startswith(b"HTTP/1.1 200 OK")
+        if finish_on_eof:
+            assert (body, reset) == (b"first part;second part", False)  # whole, then FIN
+        else:
+            assert (body, reset) == (b"first part;", True)  # cut: a reset, never a clean end
+        writer.close()
+    finally:
+        await stack.close()
+        await origin.close()
