@@ -16,6 +16,7 @@ import pytest
 import trustme
 
 from agent.core import Agent, AgentConfig
+from tests.cluster.nodes import Cluster
 from tests.e2e.conftest import (  # re-exported: the same fixtures as the e2e suite
     Stack,
     anyio_backend,
@@ -23,6 +24,7 @@ from tests.e2e.conftest import (  # re-exported: the same fixtures as the e2e su
     raw_request,
     stack,
 )
+from tests.redis_server import RedisServer
 from tunneld.auth import agent_token
 
 from .faultproxy import FaultProxy
@@ -127,3 +129,13 @@ def tls_files(
         extra.write_to_path(str(cert_file), append=True)
     cert.private_key_pem.write_to_path(str(key_file))
     return ca, str(cert_file), str(key_file)
+
+
+@pytest.fixture
+async def nodes(redis_server: RedisServer) -> AsyncIterator[Cluster]:
+    """In-process cluster nodes on a real redis-server (tests/cluster/nodes.py), closed after."""
+    c = Cluster(redis_server)
+    try:
+        yield c
+    finally:
+        await c.close()

@@ -19,14 +19,12 @@ import logging
 import os
 import socket
 import types
-from collections.abc import AsyncIterator
 
 import pytest
 
 import tunneld.handover
 from relay.budget import LOG_BURST, LOG_RATE
 from tests.cluster.nodes import Cluster
-from tests.redis_server import RedisServer
 
 pytestmark = pytest.mark.anyio
 
@@ -37,15 +35,6 @@ BATCH = 20  # below the socket's listen backlog (64)
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
-
-
-@pytest.fixture
-async def nodes(redis_server: RedisServer) -> AsyncIterator[Cluster]:
-    c = Cluster(redis_server)
-    try:
-        yield c
-    finally:
-        await c.close()
 
 
 class _OtherUser(types.ModuleType):

@@ -12,13 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
 
 import pytest
 
 from relay.budget import LOG_BURST, LOG_RATE
 from tests.cluster.nodes import Cluster, wait_for
-from tests.redis_server import RedisServer
 from tunneld.nodelink import MAX_PENDING_LINKS
 
 pytestmark = pytest.mark.anyio
@@ -30,15 +28,6 @@ HANDSHAKE = 5.0  # node B's handshake_timeout: the silent connections end after 
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
-
-
-@pytest.fixture
-async def nodes(redis_server: RedisServer) -> AsyncIterator[Cluster]:
-    c = Cluster(redis_server)
-    try:
-        yield c
-    finally:
-        await c.close()
 
 
 async def _closed_by_peer(reader: asyncio.StreamReader) -> bool:
