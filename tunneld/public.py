@@ -690,7 +690,8 @@ class PublicConnection(StreamEndpoint):
             if not self._local_eof:
                 log.debug("%s: idle; ending the stream towards the service first", self._peer)
                 self._stop_upstream()
-                return
+                if self._local_eof:  # else the stream could not be ended (its session closing)
+                    return
             abort_with_reset(self.transport)
         else:
             self.close_gracefully()
