@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -216,6 +217,49 @@ async def exchange(
     out.data = bytes(received)
     parse_responses(out, upgrades=upgrades, head=head)
     return out
+
+
+async def converse(
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    send: Callable[[], Awaitable[None]],
+    deadline: float,
+    received: bytearray,
+    on_chunk: Callable[[bytes], bool] | None = None,
+) -> bool:
+    """Run ``send`` (a socket error there: the edge closed first) beside reading into
+    ``received`` until the edge closes or resets the connection, or ``on_chunk`` (each chunk)
+    says to stop. True when that happened within ``deadline`` seconds, False when the connection
+    was still open then. ``on_chunk``'s exceptions propagate; the connection is aborted after."""
+
+    async def sending() -> None:
+        try:
+            await send()
+        except (OSError, RuntimeError):  # the edge closed first (a reset, ENOTCONN)
+            pass
+
+    sender = asyncio.ensure_future(sending())
+    try:
+        async with asyncio.timeout(deadline):
+            while True:
+                try:
+                    chunk = await reader.read(65536)
+                except OSError:  # a reset
+                    return True
+                if not chunk:
+                    return True
+                received += chunk
+                if on_chunk is not None and on_chunk(chunk):
+                    return True
+    except TimeoutError:
+        return False
+    finally:
+        sender.cancel()
+        try:
+            await sender
+        except asyncio.CancelledError:
+            pass
+        writer.transport.abort()
 
 
 def _answered(data: bytes, upgrades: bool, head: bool) -> bool:

@@ -29,6 +29,8 @@ from protocol.session import ControlReceived, Role, Session
 from tests.faults.conftest import Stack
 from tunneld.auth import agent_token
 
+from .fuzz_live import converse
+
 pytestmark = pytest.mark.anyio
 
 SEED = 20261206
@@ -141,52 +143,30 @@ async def run_case(port: int, data: bytes, half_close: bool, pace: float) -> Out
     received = bytearray()
 
     async def send() -> None:
-        try:
-            if pace:
-                for i in range(0, len(data), 16):
-                    writer.write(data[i : i + 16])
-                    await writer.drain()
-                    await asyncio.sleep(pace)
-            else:
-                writer.write(data)
+        if pace:
+            for i in range(0, len(data), 16):
+                writer.write(data[i : i + 16])
                 await writer.drain()
-            if half_close and writer.can_write_eof():
-                writer.write_eof()
-        except (OSError, RuntimeError):  # the edge closed first (a reset, ENOTCONN)
-            pass
+                await asyncio.sleep(pace)
+        else:
+            writer.write(data)
+            await writer.drain()
+        if half_close and writer.can_write_eof():
+            writer.write_eof()
 
-    sender = asyncio.ensure_future(send())
     edge = Session(Role.AGENT)
+
+    def welcomed(chunk: bytes) -> bool:
+        edge.receive_data(chunk)
+        for event in edge.events_received():
+            if isinstance(event, ControlReceived) and isinstance(event.message, control.Welcome):
+                out.welcomed = True
+        return out.welcomed
+
     try:
-        async with asyncio.timeout(DEADLINE):
-            while True:
-                try:
-                    chunk = await reader.read(65536)
-                except OSError:  # a reset
-                    break
-                if not chunk:
-                    break
-                received += chunk
-                edge.receive_data(chunk)
-                for event in edge.events_received():
-                    if isinstance(event, ControlReceived) and isinstance(
-                        event.message, control.Welcome
-                    ):
-                        out.welcomed = True
-                if out.welcomed:
-                    break
-        out.closed = True
+        out.closed = await converse(reader, writer, send, DEADLINE, received, welcomed)
     except RemoteProtocolError as exc:
         out.problem = f"the edge sent what is not the protocol ({exc}): {bytes(received[:200])!r}"
-    except TimeoutError:
-        pass
-    finally:
-        sender.cancel()
-        try:
-            await sender
-        except asyncio.CancelledError:
-            pass
-        writer.transport.abort()
     return out
 
 

@@ -35,7 +35,7 @@ import trustme
 from tests.e2e.test_public_tls import TOKEN, client_context, host_of, tls_stack
 from tests.faults.conftest import Stack
 
-from .fuzz_live import RecordingOrigin, forwarding_problems, through_the_edge
+from .fuzz_live import RecordingOrigin, converse, forwarding_problems, through_the_edge
 
 pytestmark = pytest.mark.anyio
 
@@ -335,35 +335,12 @@ async def run_case(
     received = bytearray()
 
     async def send() -> None:
-        try:
-            writer.write(prefix)
-            for f in frames:
-                writer.write(f)
-                await writer.drain()
-        except (OSError, RuntimeError):  # the edge closed first (a reset, ENOTCONN)
-            pass
+        writer.write(prefix)
+        for f in frames:
+            writer.write(f)
+            await writer.drain()
 
-    sender = asyncio.ensure_future(send())
-    try:
-        async with asyncio.timeout(DEADLINE):
-            while True:
-                try:
-                    chunk = await reader.read(65536)
-                except OSError:  # a reset
-                    break
-                if not chunk:
-                    break
-                received += chunk
-        out.closed = True
-    except TimeoutError:
-        pass
-    finally:
-        sender.cancel()
-        try:
-            await sender
-        except asyncio.CancelledError:
-            pass
-        writer.transport.abort()
+    out.closed = await converse(reader, writer, send, DEADLINE, received)
     parse_frames(bytes(received), out)
     return out
 
