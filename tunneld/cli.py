@@ -259,7 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument(
         "--public-port",
-        type=_demo_public_port,
+        type=_port_number,
         default=8080,
         help="public port (default 8080, another free one when taken; 0 = any)",
     )
@@ -305,10 +305,6 @@ def _port_number(value: str) -> int:
     if not (value.isascii() and value.isdigit()) or int(value) > 65535:
         raise argparse.ArgumentTypeError(f"expected a TCP port 0-65535, not {value!r}")
     return int(value)
-
-
-def _demo_public_port(value: str) -> int:
-    return _port_number(value)
 
 
 def _demo_service_port(value: str) -> int:
