@@ -278,3 +278,102 @@ async def test_an_idle_lengthless_response_is_never_cut_with_a_clean_close(
     finally:
         await stack.close()
         await origin.close()
+
+
+async def test_an_idle_close_that_cannot_end_the_stream_cuts_with_rst() -> None:
+    """close_idle's defensive branch: the stream cannot be ended towards the service (its
+    session is over), so there is no service to wait for; the connection is cut with RST at
+    once, never closed cleanly and never left open for a next call that would do the same.
+
+    Every real end of a session resets its streams in the same callback, so the only moment
+    close_idle can find a response mid-way on a dead session is the instant between the end
+    (here the agent's GO_AWAY INTERNAL_ERROR, which ends the edge's session at once) and its
+    teardown reaching the streams: the idle close is run exactly there, as the keep-alive
+    timer or the idle sweep would if they fired then."""
+    from protocol import events as ev
+    from protocol.errors import GoAwayCode
+
+    origin = _LengthlessOrigin(finish_on_eof=False)
+    port = await origin.start()
+    stack = await _started()  # keepalive_timeout 75 s, idle_timeout 1 h: only this test closes
+    try:
+        agent = await stack.agent("sb1")
+        host = stack.host_of((await stack.expose("sb1", port))["exposedAt"]).encode()
+        assert stack.edge is not None
+        reader, writer = await asyncio.open_connection("127.0.0.1", stack.edge.public_port)
+        writer.write(b"GET /stream HTTP/1.1\r\nHost: " + host + b"\r\n\r\n")
+        received = await asyncio.wait_for(reader.readuntil(b"first part;"), 5)
+        (conn,) = stack.edge.public_connections
+        mux = conn.mux
+        assert mux is not None
+        seen: dict[str, bool] = {}
+        teardown = mux._dispatch[ev.ConnectionTerminated]
+
+        def idle_close_then_teardown(event: ev.ConnectionTerminated) -> None:
+            if not seen:
+                seen["session closed, stream still registered"] = (
+                    mux.session.closed and mux.streams.get(conn.stream_id) is conn
+                )
+                conn.close_idle()
+                assert conn.transport is not None
+                seen["cut by close_idle itself"] = conn.transport.is_closing()
+            teardown(event)
+
+        mux._dispatch[ev.ConnectionTerminated] = idle_close_then_teardown
+        assert agent.session is not None
+        agent.session.session.close(GoAwayCode.INTERNAL_ERROR)
+        agent.session.flush()
+        reset = False
+        try:
+            async with asyncio.timeout(10):
+                while chunk := await reader.read(4096):
+                    received += chunk
+        except ConnectionResetError:
+            reset = True
+        assert seen == {
+            "session closed, stream still registered": True,
+            "cut by close_idle itself": True,
+        }
+        assert (received.split(b"\r\n\r\n", 1)[1], reset) == (b"first part;", True)
+        writer.close()
+    finally:
+        await stack.close()
+        await origin.close()
+
+
+async def test_an_idle_request_never_answered_is_closed_cleanly() -> None:
+    """Before any response byte close_idle closes with a FIN: nothing was answered, so an
+    empty reply cannot pass for a complete response, and the service's connection is ended."""
+    eof = asyncio.Event()
+    requests: list[bytes] = []
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            requests.append(await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10))
+            await asyncio.wait_for(reader.read(), 10)  # never answers; waits for the end
+            eof.set()
+        except (ConnectionError, TimeoutError, asyncio.IncompleteReadError):
+            eof.set()
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    stack = await _started(keepalive_timeout=0.5)
+    try:
+        await stack.agent("sb1")
+        exposed = await stack.expose("sb1", server.sockets[0].getsockname()[1])
+        host = stack.host_of(exposed["exposedAt"]).encode()
+        assert stack.edge is not None
+        reader, writer = await asyncio.open_connection("127.0.0.1", stack.edge.public_port)
+        writer.write(b"GET /slow HTTP/1.1\r\nHost: " + host + b"\r\n\r\n")
+        try:
+            got = await asyncio.wait_for(reader.read(), 10)
+        except ConnectionResetError:
+            raise AssertionError("the unanswered idle connection was reset, not closed") from None
+        assert got == b""
+        await asyncio.wait_for(eof.wait(), 5)  # the service's connection ended too
+        assert len(requests) == 1 and requests[0].startswith(b"GET /slow ")
+        writer.close()
+    finally:
+        await stack.close()
+        server.close()
