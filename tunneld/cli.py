@@ -152,6 +152,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--grace-period", type=float, help="seconds to drain streams on SIGTERM (default 30)"
     )
     serve.add_argument(
+        "--max-sandboxes",
+        metavar="N",
+        help="sandboxes that may hold exposures at once; an expose for one more is refused with "
+        "409 TOO_MANY_SANDBOXES (default 100000)",
+    )
+    serve.add_argument(
         "--access-log",
         action="store_const",
         const=True,
@@ -340,7 +346,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         "domain", "scheme", "url_port", "public_host", "public_port", "agent_host", "agent_port",
         "admin_host", "admin_port", "tls_cert", "tls_key", "allow_plaintext_agents", "parser",
         "tokens", "grace_period", "access_log", "log_level", "log_format", "store", "state_dir",
-        "workers",
+        "workers", "max_sandboxes",
         "public_tls_cert", "public_tls_key", "public_redirect_port", "admin_tls_cert",
         "admin_tls_key",
         "public_tcp_ports", "public_tls_passthrough",

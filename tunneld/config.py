@@ -109,6 +109,9 @@ class Config:
     store: str = "sqlite"
     state_dir: str = ""
     max_exposures_per_sandbox: int = 128  # then 409 TOO_MANY_EXPOSURES
+    # Sandboxes holding exposures on this edge (with a Redis store: as this node's view of it
+    # counts them); an expose that would add one more is 409 TOO_MANY_SANDBOXES.
+    max_sandboxes: int = 100_000
     # Cluster (a Redis store: several nodes share exposures; tunneld/cluster.py). Each node
     # listens for node-to-node links on node_host:node_port and registers node_advertise
     # (default node_host:port) for the others to dial; links use TLS when tls_cert is set
@@ -198,6 +201,8 @@ class Config:
             raise ConfigError(
                 f"max_exposures_per_sandbox must be 1-1024, not {self.max_exposures_per_sandbox}"
             )
+        if self.max_sandboxes < 1:
+            raise ConfigError(f"max_sandboxes must be at least 1, not {self.max_sandboxes}")
         if not 1.0 <= self.lease_s <= 300.0:
             raise ConfigError(f"lease_s must be 1-300 seconds, not {self.lease_s}")
         if self.node_advertise and self.node_advertise.rpartition(":")[2].isdigit() is False:

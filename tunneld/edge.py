@@ -576,7 +576,7 @@ class EdgeServer:
         the configured store (:func:`tunneld.store.open_store`)."""
         self.config = config
         self.loop = loop or asyncio.get_running_loop()
-        self.registry = Registry(store, config.max_exposures_per_sandbox)
+        self.registry = Registry(store, config.max_exposures_per_sandbox, config.max_sandboxes)
         self.metrics = Metrics()
         self.auth = AgentAuth(self)
         self.public_connections: set[PublicConnection] = set()

@@ -20,6 +20,12 @@ together). The plain ``expose`` / ``unexpose`` change only the view (tests, memo
 Each sandbox holds at most ``max_exposures`` exposures (at most 1024, the control codec's list
 bound), so stored state stays bounded; the edge sends a reconnecting agent whatever does not fit
 its welcome as Expose requests (``EdgeSession._send_welcome``), so any such set reconnects.
+And at most ``max_sandboxes`` sandboxes hold exposures: an expose that would make one more is
+refused (409 ``TOO_MANY_SANDBOXES``) once as many as that hold exposures or are being given
+their first one (``_new_sandboxes``: the per-sandbox locks do not serialize two new sandboxes, so
+a slot is reserved before the store write). What the view holds is what is counted: records
+loaded at start (all of them, even past the cap: stored data is never dropped) and, with a shared
+store, those other nodes wrote; sandboxes with only a session are not counted.
 """
 
 from __future__ import annotations
@@ -53,6 +59,8 @@ log = logging.getLogger("tunneld")
 # Exposures per sandbox: far above what a dev server uses (a handful), and with the longest names
 # and a domain of up to ~100 characters the welcome stays under the 64 KiB control-message limit.
 DEFAULT_MAX_EXPOSURES: Final = 128
+# Sandboxes holding exposures (Config.max_sandboxes; docs/operations.md says why this number).
+DEFAULT_MAX_SANDBOXES: Final = 100_000
 
 
 class RegistryError(ValidationError):
@@ -99,11 +107,17 @@ class SandboxState:
 
 class Registry:
     def __init__(
-        self, store: Store | None = None, max_exposures: int = DEFAULT_MAX_EXPOSURES
+        self,
+        store: Store | None = None,
+        max_exposures: int = DEFAULT_MAX_EXPOSURES,
+        max_sandboxes: int = DEFAULT_MAX_SANDBOXES,
     ) -> None:
         self._sandboxes: dict[str, SandboxState] = {}
         self.store: Store = store if store is not None else MemoryStore()
         self.max_exposures = max_exposures
+        self.max_sandboxes = max_sandboxes
+        self.exposing = 0  # sandboxes with at least one exposure in the view
+        self._new_sandboxes = 0  # first exposes of sandboxes waiting for the store (reserved)
         self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
         # Told how long each store write took and whether it succeeded (the edge's metrics)
         self.on_write: Callable[[float, bool], None] | None = None
@@ -152,10 +166,33 @@ class Registry:
         """``expose``, answered only once the store has the record (then the view changes).
         ``public_port``: a newly assigned public TCP port (None keeps the one it has)."""
         async with self._sandbox_lock(sandbox_id):
-            record = self._prepare(sandbox_id, port, name, token, None, options, public_port)
-            await self._write(self.store.put(record.stored(sandbox_id)))
-            self._apply(sandbox_id, record)
+            new_sandbox = self._check_room(sandbox_id)
+            self._new_sandboxes += new_sandbox
+            try:
+                record = self._prepare(sandbox_id, port, name, token, None, options, public_port)
+                await self._write(self.store.put(record.stored(sandbox_id)))
+                self._apply(sandbox_id, record)
+            finally:
+                self._new_sandboxes -= new_sandbox
             return record
+
+    def _check_room(self, sandbox_id: str) -> bool:
+        """Whether an expose of ``sandbox_id`` would be its first (a new sandbox with exposures);
+        RegistryError 409 TOO_MANY_SANDBOXES when that would be one more than ``max_sandboxes``."""
+        state = self._sandboxes.get(sandbox_id)
+        if state is not None and state.exposures:
+            return False
+        held = self.exposing + self._new_sandboxes
+        if held >= self.max_sandboxes:
+            raise RegistryError(
+                409,
+                "TOO_MANY_SANDBOXES",
+                f"Sandbox {sandbox_id} cannot get a first exposure: {held} sandboxes already "
+                f"hold exposures on this edge, the maximum (max_sandboxes = "
+                f"{self.max_sandboxes}). Unexpose every port of a sandbox that no longer needs "
+                "them, or raise max_sandboxes.",
+            )
+        return True
 
     async def commit_unexpose(self, sandbox_id: str, port: int) -> bool:
         """``unexpose``, answered only once the store has forgotten the record."""
@@ -200,6 +237,7 @@ class Registry:
     def load(self, records: Iterable[StoredExposure]) -> int:
         """Install stored exposures at start-up; StoreError on a record the rules refuse."""
         count = 0
+        before = self.exposing
         valid_ids: set[str] = set()
         for r in records:
             try:
@@ -227,6 +265,15 @@ class Registry:
                 raise StoreError(f"{where}: {exc.message}{hint}") from None
             self._apply(r.sandbox_id, record)
             count += 1
+        if before <= self.max_sandboxes < self.exposing:  # said once, when the cap is crossed
+            log.warning(
+                "%d sandboxes have stored exposures, more than max_sandboxes (%d): all of them are "
+                "kept and served, but exposes for new sandboxes are refused (409 "
+                "TOO_MANY_SANDBOXES) until fewer than %d hold exposures",
+                self.exposing,
+                self.max_sandboxes,
+                self.max_sandboxes,
+            )
         return count
 
     def records(self) -> list[StoredExposure]:
@@ -301,6 +348,7 @@ class Registry:
     ) -> ExposureRecord:
         """Expose ``port`` (idempotent: re-exposing keeps the token unless a new one is given;
         name and options are replaced by the ones given)."""
+        self._check_room(sandbox_id)
         record = self._prepare(sandbox_id, port, name, token, options=options)
         self._apply(sandbox_id, record)
         return record
@@ -350,6 +398,8 @@ class Registry:
         state = self._sandboxes.get(sandbox_id)
         if state is None:
             state = self._sandboxes[sandbox_id] = SandboxState(sandbox_id)
+        if not state.exposures:
+            self.exposing += 1
         state.exposures[record.port] = record
 
     def unexpose(self, sandbox_id: str, port: int) -> bool:
@@ -357,6 +407,8 @@ class Registry:
         if state is None:
             return False
         removed = state.exposures.pop(port, None) is not None
+        if removed and not state.exposures:
+            self.exposing -= 1  # its last port: the sandbox's slot is free
         self._forget_if_empty(state)
         return removed
 
