@@ -494,7 +494,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="ID",
         type=_sandbox_id,
         default=os.environ.get(ENV_SANDBOX_ID),
-        help=f"this sandbox's id, 1-63 of [a-z0-9-] (env {ENV_SANDBOX_ID})",
+        help=f"this sandbox's id, 1-63 of [a-z0-9-] (required; env {ENV_SANDBOX_ID})",
     )
     run.add_argument(
         "--token-file",
@@ -526,13 +526,15 @@ def build_parser() -> argparse.ArgumentParser:
         "without TLS a corrupted byte on the link goes undetected)",
     )
     run.add_argument(
-        "--tls-ca", metavar="FILE", help="CA bundle to verify the edge with (implies --tls)"
+        "--tls-ca",
+        metavar="FILE",
+        help="CA bundle to verify the edge with (implies --tls; default: the system's CAs)",
     )
     run.add_argument(
         "--tls-server-name",
         metavar="NAME",
-        help="name expected in every edge's certificate, if not each --server entry's host "
-        "(implies --tls)",
+        help="name expected in every edge's certificate (implies --tls; default: each --server "
+        "entry's host)",
     )
     egress = run.add_mutually_exclusive_group()
     egress.add_argument(
@@ -567,7 +569,7 @@ def build_parser() -> argparse.ArgumentParser:
         allow_abbrev=False,
     )
     expose.add_argument("port", metavar="PORT", type=int, help="local port to expose")
-    expose.add_argument("--name", help="a label for the port (shown in `ports`)")
+    expose.add_argument("--name", help="a label for the port, shown in `ports` (default: none)")
     expose.add_argument(
         "--token",
         help="custom URL token, 1-16 of [a-z0-9_] (default: keep the current one or generate one)",

@@ -81,13 +81,21 @@ def add_parser(sub: Any) -> None:
         help=f"tunneld's admin API (default $TUNNELD_ADMIN_URL, else {DEFAULT_ADMIN_URL})",
     )
     parser.add_argument(
-        "--token-file", metavar="FILE", help="read the admin token from FILE (first line)"
+        "--token-file",
+        metavar="FILE",
+        help="read the admin token from FILE (first line; default $TUNNELD_ADMIN_TOKEN, else "
+        "the file named by $TUNNELD_ADMIN_TOKEN_FILE)",
     )
     parser.add_argument(
-        "--cacert", metavar="FILE", help="CA certificate(s) to verify an https:// admin URL"
+        "--cacert",
+        metavar="FILE",
+        help="CA certificate(s) to verify an https:// admin URL (default: the system's CAs)",
     )
     parser.add_argument(
-        "--log-level", choices=["debug", "info", "warning", "error"], default="info"
+        "--log-level",
+        choices=["debug", "info", "warning", "error"],
+        default="info",
+        help="log verbosity on stderr (default info: each connection opened and closed)",
     )
 
 

@@ -1,10 +1,12 @@
 """``tunnel-agent`` as a new user types it: Ctrl-C and bad files end with a documented exit code
-and a clear line, never a Python traceback. Each case runs the installed ``tunnel-agent`` as a
-subprocess in an environment without the agent's variables."""
+and a clear line, never a Python traceback; ``--help`` states the defaults. Each case runs the
+installed ``tunnel-agent`` as a subprocess in an environment without the agent's variables."""
 
 from __future__ import annotations
 
+import argparse
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -107,3 +109,44 @@ def test_a_token_file_that_is_not_text_is_a_usage_error(tmp_path: Path, closed_p
     assert "Traceback" not in out.stderr, out.stderr
     assert out.returncode == EXIT_USAGE, out.stderr
     assert f"error: --token-file {binary} is not UTF-8 text" in out.stderr
+
+
+# -- --help ----------------------------------------------------------------------------------
+
+
+def _subcommands() -> list[str]:
+    from agent.cli import build_parser
+
+    parser = build_parser()
+    action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return sorted(action.choices)
+
+
+def _help_entries(*command: str) -> dict[str, str]:
+    out = subprocess.run(
+        [AGENT, *command, "--help"],
+        capture_output=True,
+        text=True,
+        timeout=RUN_TIMEOUT,
+        env={**_env(), "COLUMNS": "100"},
+    )
+    assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr
+    options = out.stdout.split("\noptions:\n", 1)[1].split("\n\n", 1)[0]
+    entries = re.split(r"\n(?=  -)", options.strip("\n"))
+    return {e.split()[0].rstrip(","): " ".join(e.split()) for e in entries}
+
+
+@pytest.mark.parametrize(
+    "command", [[], *([c] for c in _subcommands())], ids=lambda c: "-".join(c) or "top"
+)
+def test_help_states_the_default_of_every_option_that_takes_a_value(command: list[str]) -> None:
+    """As ``tunneld``'s (tests/test_cli_ux_tunneld.py): a switch's default is off; an option
+    that must be given says it is required; every other one says what happens without it."""
+    missing = []
+    for option, text in _help_entries(*command).items():
+        takes_value = bool(re.match(r"\S+ [A-Z{]", text))
+        if option == "-h" or not takes_value:
+            continue
+        if "default" not in text.lower() and "required" not in text.lower():
+            missing.append(text)
+    assert missing == []
