@@ -192,7 +192,9 @@ class AgentClient:
             raise ValueError(f"expected an http://HOST:PORT URL, got {base_url!r}")
         self.base_url = base_url
         self._host = parts.hostname
-        self._port = parts.port or 80  # raises ValueError on a bad port
+        if parts.port == 0:  # (.port raises ValueError on a malformed or out-of-range port)
+            raise ValueError(f"expected an http://HOST:PORT URL, port 1-65535, got {base_url!r}")
+        self._port = parts.port or 80
         self._prefix = parts.path.rstrip("/")
         self._timeout = timeout
 
@@ -401,6 +403,15 @@ def _tcp_port(text: str) -> int:
     return int(text)
 
 
+def _sandbox_port(text: str) -> int:
+    """argparse type of a PORT inside the sandbox: a TCP port number, checked here so that bad
+    input is a usage error (exit 2) before any connection. Which ports may be exposed or
+    watched (1024-65535, not 3000 nor the agent's own) is the agent's rule, and its refusal."""
+    if not (text.isascii() and text.isdigit() and len(text) <= 5) or not 0 < int(text) < 65536:
+        raise argparse.ArgumentTypeError(f"expected a TCP port number 1-65535, got {text!r}")
+    return int(text)
+
+
 def _status_range(text: str) -> tuple[int, int]:
     low, dash, high = text.partition("-")
     try:
@@ -568,7 +579,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=fmt,
         allow_abbrev=False,
     )
-    expose.add_argument("port", metavar="PORT", type=int, help="local port to expose")
+    expose.add_argument("port", metavar="PORT", type=_sandbox_port, help="local port to expose")
     expose.add_argument("--name", help="a label for the port, shown in `ports` (default: none)")
     expose.add_argument(
         "--token",
@@ -603,7 +614,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=fmt,
         allow_abbrev=False,
     )
-    unexpose.add_argument("port", metavar="PORT", type=int, help="exposed port")
+    unexpose.add_argument("port", metavar="PORT", type=_sandbox_port, help="exposed port")
     unexpose.set_defaults(handler=_cmd_unexpose)
 
     ports = sub.add_parser(
@@ -639,7 +650,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=fmt,
         allow_abbrev=False,
     )
-    wait.add_argument("port", metavar="PORT", type=int, help="local port to watch")
+    wait.add_argument("port", metavar="PORT", type=_sandbox_port, help="local port to watch")
     wait.add_argument(
         "--http",
         metavar="PATH",

@@ -1,16 +1,20 @@
-"""``tunnel-agent`` as a new user types it: Ctrl-C and bad files end with a documented exit code
-and a clear line, never a Python traceback; ``--help`` states the defaults. Each case runs the
-installed ``tunnel-agent`` as a subprocess in an environment without the agent's variables."""
+"""``tunnel-agent`` as a new user types it: Ctrl-C, bad files and bad ports end with a documented
+exit code and a clear line, never a Python traceback; ``--help`` states the defaults. Each case
+runs the installed ``tunnel-agent`` as a subprocess in an environment without the agent's
+variables."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import signal
 import socket
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -109,6 +113,133 @@ def test_a_token_file_that_is_not_text_is_a_usage_error(tmp_path: Path, closed_p
     assert "Traceback" not in out.stderr, out.stderr
     assert out.returncode == EXIT_USAGE, out.stderr
     assert f"error: --token-file {binary} is not UTF-8 text" in out.stderr
+
+
+# -- a PORT that is no TCP port: a usage error, before any connection ----------------------------
+
+
+class _CountingApi:
+    """A stand-in for the agent's local API on 127.0.0.1: counts the connections it gets and
+    answers each request as the agent answers a port it refuses (400 INVALID_PORT, with the
+    ``error`` of /v1/ports and the ``message`` of /api/port-watch)."""
+
+    def __init__(self) -> None:
+        self.connections = 0
+        self._sock = socket.create_server(("127.0.0.1", 0))
+        self._sock.settimeout(0.1)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self.url = f"http://127.0.0.1:{self._sock.getsockname()[1]}"
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self._sock.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            self.connections += 1
+            with conn:
+                conn.settimeout(RUN_TIMEOUT)
+                try:
+                    data = b""
+                    while b"\r\n\r\n" not in data and len(data) < 65536:
+                        chunk = conn.recv(65536)
+                        if not chunk:
+                            break
+                        data += chunk
+                    text = "Invalid port number. Must be 1024-65535, excluding 3000."
+                    body = json.dumps({"error": text, "message": text, "code": "INVALID_PORT"})
+                    conn.sendall(
+                        b"HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\n"
+                        b"content-length: %d\r\nconnection: close\r\n\r\n%s"
+                        % (len(body), body.encode())
+                    )
+                except OSError:
+                    pass
+
+    def __enter__(self) -> _CountingApi:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        self._thread.join(RUN_TIMEOUT)
+        self._sock.close()
+
+
+@pytest.mark.parametrize("value", ["0", "65536", "70000", "-1", "abc", "99999999999999999999"])
+@pytest.mark.parametrize("command", ["expose", "unexpose", "wait"])
+def test_a_port_that_is_no_tcp_port_is_a_usage_error_before_any_connection(
+    command: str, value: str
+) -> None:
+    """``expose 70000`` exited 1, as if the agent or the edge had refused it, and ``wait 0``
+    exited 2 only after asking the agent: bad input is caught here, exit 2, nothing sent."""
+    with _CountingApi() as api:
+        out = agent(command, value, "--api", api.url, env=_env())
+    assert "Traceback" not in out.stderr, out.stderr
+    assert (out.returncode, out.stdout) == (EXIT_USAGE, ""), out.stderr
+    errors = [line for line in out.stderr.splitlines() if "error" in line]
+    assert errors == [
+        f"tunnel-agent {command}: error: argument PORT: expected a TCP port number 1-65535, "
+        f"got {value!r}"
+    ], out.stderr
+    assert api.connections == 0
+
+
+def test_the_counting_api_sees_a_request_for_a_well_formed_port() -> None:
+    """The stand-in of the test above does count: a well-formed port goes to the agent, and its
+    refusal is the agent's (exit 1)."""
+    with _CountingApi() as api:
+        out = agent("expose", "80", "--api", api.url, env=_env())
+    assert (out.returncode, api.connections) == (1, 1), out.stderr
+    assert "(INVALID_PORT)" in out.stderr
+
+
+def test_an_api_url_with_port_0_is_a_usage_error() -> None:
+    """``--api http://127.0.0.1:0`` went to port 80 (``port or 80``)."""
+    for args in (["ports", "--api", "http://127.0.0.1:0"], ["status"]):
+        out = agent(*args, env=_env(TUNNEL_AGENT_API="http://127.0.0.1:0"))
+        assert "Traceback" not in out.stderr, out.stderr
+        assert out.returncode == EXIT_USAGE, out.stderr
+        assert "--api: expected an http://HOST:PORT URL, port 1-65535, got " in out.stderr
+
+
+def test_expose_70000_against_a_running_agent_is_a_usage_error(
+    tmp_path: Path, closed_port: int
+) -> None:
+    """The case as reported, with a real agent (its edge unreachable: the local API serves
+    anyway): 2 for a PORT that is no port, 1 for a port the agent refuses."""
+    ports_file = tmp_path / "agent.json"
+    env = _env(TUNNEL_AGENT_TOKEN="t", TUNNEL_AGENT_PORTS_FILE=str(ports_file))
+    with (tmp_path / "agent.log").open("w") as log:
+        proc = subprocess.Popen(
+            [AGENT, *_run_args(closed_port)], stdout=subprocess.DEVNULL, stderr=log, env=env
+        )
+        try:
+            deadline = time.monotonic() + RUN_TIMEOUT
+            while not ports_file.exists() and proc.poll() is None:
+                assert time.monotonic() < deadline, "the agent never wrote its ports file"
+                time.sleep(0.05)
+            assert proc.poll() is None, (tmp_path / "agent.log").read_text()
+            url = f"http://127.0.0.1:{json.loads(ports_file.read_text())['api']}"
+            out = agent("expose", "70000", "--api", url, env=_env())
+            assert (out.returncode, out.stdout) == (EXIT_USAGE, ""), out.stderr
+            assert "argument PORT: expected a TCP port number 1-65535, got '70000'" in out.stderr
+            out = agent("expose", "80", "--api", url, env=_env())
+            assert out.returncode == 1, out.stderr
+            assert out.stderr == (
+                "error: Invalid port number: 80. Must be 1024-65535, excluding 3000 (sandbox "
+                "control plane). (INVALID_PORT)\n"
+            )
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(RUN_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
 
 
 # -- --help ----------------------------------------------------------------------------------
