@@ -8,6 +8,7 @@ instead of taking anyone's port.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -15,6 +16,8 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -184,6 +187,70 @@ def test_replay_refuses_a_malformed_connect_before_asking_tunneld() -> None:
     url = f"http://127.0.0.1:{_closed_port()}"
     out = tunneld("replay", "sb1", "1", "--connect", "nope", "--admin-url", url)
     assert_refused(out, 2, "tunneld replay: --connect must be HOST:PORT, not 'nope'")
+
+
+@pytest.fixture
+def admin_url(tmp_path: Path) -> Iterator[str]:
+    """The admin API of a running ``tunneld serve`` (memory store, every port 0)."""
+    ports_file = tmp_path / "ports.json"
+    args = serve_args(tmp_path, "--store", "memory", "--ports-file", str(ports_file))
+    with (tmp_path / "tunneld.log").open("w") as log:
+        proc = subprocess.Popen([TUNNELD, *args], stdout=subprocess.DEVNULL, stderr=log, env=_env())
+        try:
+            deadline = time.monotonic() + RUN_TIMEOUT
+            while not ports_file.exists() and proc.poll() is None:
+                assert time.monotonic() < deadline, "tunneld never wrote its ports file"
+                time.sleep(0.05)
+            assert proc.poll() is None, (tmp_path / "tunneld.log").read_text()
+            yield f"http://127.0.0.1:{json.loads(ports_file.read_text())['admin']}"
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(RUN_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
+
+
+def _expose(admin_url: str, sandbox: str, port: int, **options: object) -> None:
+    request = urllib.request.Request(
+        f"{admin_url}/v1/sandboxes/{sandbox}/ports",
+        data=json.dumps({"port": port, **options}).encode(),
+        headers={"authorization": "Bearer admintok", "content-type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=RUN_TIMEOUT) as response:
+        assert response.status == 200
+
+
+def test_inspect_says_inspection_is_off_and_how_to_turn_it_on(admin_url: str) -> None:
+    """It printed nothing and exited 0 (the SDK dropped the answer's ``"inspect": false``), and
+    ``--follow`` waited for requests that are never recorded. Exit 1, as when there is nothing
+    else to show (``replay`` of a request never recorded)."""
+    _expose(admin_url, "sb1", 8000)
+    _expose(admin_url, "sb1", 8001)
+    for follow in ([], ["--follow"]):
+        out = tunneld("inspect", "sb1", *follow, "--admin-url", admin_url)
+        assert_refused(out, 1)
+        assert out.stdout == ""
+        assert out.stderr == (
+            "tunneld inspect: request inspection is off for sandbox sb1's ports 8000, 8001: no "
+            "request is recorded. Turn it on with `tunneld inspect sb1 --enable` (every port, "
+            "until tunneld restarts) or expose the port with inspection (`tunnel-agent expose "
+            "8000 --inspect`, or the SDK's expose_port(8000, inspect=True))\n"
+        )
+    out = tunneld("inspect", "sb2", "--admin-url", admin_url)
+    assert_refused(out, 1, "request inspection is off for sandbox sb2 (it has no exposed HTTP ")
+    assert_refused(
+        tunneld("replay", "sb1", "1", "--admin-url", admin_url), 1, "No recorded request"
+    )
+    # on for one port (the exposure records it, the sandbox switch stays off), or for the sandbox
+    _expose(admin_url, "sb1", 8002, inspect=True)
+    out = tunneld("inspect", "sb1", "--admin-url", admin_url)
+    assert (out.returncode, out.stdout, out.stderr) == (0, "", "")
+    out = tunneld("inspect", "sb2", "--enable", "--admin-url", admin_url)
+    assert (out.returncode, out.stdout, out.stderr) == (0, "", "")
+    out = tunneld("inspect", "sb2", "--admin-url", admin_url)
+    assert (out.returncode, out.stdout, out.stderr) == (0, "", "")
 
 
 # -- --help ----------------------------------------------------------------------------------

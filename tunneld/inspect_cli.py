@@ -7,11 +7,14 @@ from argv (it would show in ps).
 
 ``inspect`` prints one line per completed request, oldest first; ``--follow`` keeps printing new
 ones as they complete (a long-poll of ``GET .../requests?since=ID&wait=25``), ``--json`` prints
-each summary as one JSON object per line. ``replay`` fetches the record and sends the request
-again through the preview URL (the recorded ``Host``, or ``--connect HOST:PORT`` to reach the
-public listener at another address), so it takes the same path as the original, then prints the
-new status. It refuses a request whose body was truncated by ``inspect_body_bytes`` (the replay
-would send another body) unless ``--force``, and a protocol upgrade (WebSocket) always.
+each summary as one JSON object per line. When nothing is being recorded (the sandbox's switch
+off and no exposure with ``inspect``) and there is nothing to show, or ``--follow`` would wait
+for nothing, it says so, naming the ports and how to turn inspection on, and exits 1.
+``replay`` fetches the record and sends the request again through the preview URL (the recorded
+``Host``, or ``--connect HOST:PORT`` to reach the public listener at another address), so it
+takes the same path as the original, then prints the new status. It refuses a request whose
+body was truncated by ``inspect_body_bytes`` (the replay would send another body) unless
+``--force``, and a protocol upgrade (WebSocket) always.
 """
 
 from __future__ import annotations
@@ -66,7 +69,9 @@ def add_parsers(sub: Any) -> None:
         help="print the requests a sandbox's preview URLs served (request inspection)",
         description="Print the recorded requests of SANDBOX, one line each (time, method, path, "
         "status, request and response body sizes, duration, id), oldest first. Inspection must "
-        "be on (PUT /v1/sandboxes/{id}/inspect, --enable, or an exposure with inspect: true).",
+        "be on (PUT /v1/sandboxes/{id}/inspect, --enable, or an exposure with inspect: true); "
+        "when it is off and there is nothing to show (or to follow), a message says so and the "
+        "exit status is 1.",
     )
     inspect.add_argument("sandbox", metavar="SANDBOX")
     inspect.add_argument(
@@ -182,13 +187,48 @@ async def _inspect(args: argparse.Namespace) -> int:
         if args.enable:
             await sb.set_inspection(True)
         since = max(args.since, 0)
+        first = True
         while True:
-            records = await sb.requests(since=since, wait=FOLLOW_WAIT if args.follow else 0)
+            # The first read never waits: it also says whether anything is being recorded.
+            wait = FOLLOW_WAIT if args.follow and not first else 0
+            records = await sb.requests(since=since, wait=wait)
             for r in records:
                 print(orjson.dumps(r).decode() if args.json else format_line(r), flush=True)
                 since = max(since, int(r.get("id", 0)))
+            if first and not records.inspect and (args.follow or not records):
+                # Nothing shown, or nothing more to follow, unless an exposure records its port.
+                off = await _uninspected_ports(sb)
+                if off is not None:
+                    raise CliError(inspection_off_message(args.sandbox, off))
+            first = False
             if not args.follow:
                 return 0
+
+
+async def _uninspected_ports(sb: Any) -> list[int] | None:
+    """The sandbox's HTTP ports, when none of its exposures records requests (``inspect``);
+    None when one does (its requests are recorded whatever the sandbox switch says)."""
+    ports = await sb.get_exposed_ports()
+    if any(p.inspect for p in ports):
+        return None
+    return [p.port for p in ports if p.protocol == "http"]
+
+
+def inspection_off_message(sandbox: str, ports: list[int]) -> str:
+    """Why ``inspect`` has nothing to show, and the two ways to turn inspection on."""
+    if not ports:
+        where = f"sandbox {sandbox} (it has no exposed HTTP port)"
+        example = "PORT"
+    else:
+        named = ", ".join(str(p) for p in ports)
+        where = f"sandbox {sandbox}'s port{'s' if len(ports) > 1 else ''} {named}"
+        example = str(ports[0])
+    return (
+        f"request inspection is off for {where}: no request is recorded. Turn it on with "
+        f"`tunneld inspect {sandbox} --enable` (every port, until tunneld restarts) or expose "
+        f"the port with inspection (`tunnel-agent expose {example} --inspect`, or the SDK's "
+        f"expose_port({example}, inspect=True))"
+    )
 
 
 # -- replay ------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ Example::
 
 from __future__ import annotations
 
-from ._api import ExposedPort, Sandbox, SandboxInfo, TunnelClient
+from ._api import ExposedPort, RequestList, Sandbox, SandboxInfo, TunnelClient
 from ._errors import (
     AuthenticationError,
     ConflictError,
@@ -51,6 +51,7 @@ __all__ = [
     "InvalidTokenError",
     "NotFoundError",
     "PortNotReadyError",
+    "RequestList",
     "Sandbox",
     "SandboxInfo",
     "SandboxNotConnectedError",

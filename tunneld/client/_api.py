@@ -30,7 +30,7 @@ from ._http import DEFAULT_MAX_RESPONSE_SIZE, HTTPTransport, Origin, Response
 from ._tcp import TCP_SUBPROTOCOL, TcpStream, WebSocketTcpStream, open_tcp_stream
 from ._websocket import DEFAULT_MAX_MESSAGE_SIZE, WebSocket
 
-__all__ = ["ExposedPort", "Sandbox", "SandboxInfo", "TunnelClient"]
+__all__ = ["ExposedPort", "RequestList", "Sandbox", "SandboxInfo", "TunnelClient"]
 
 DEFAULT_BASE_URL = "http://127.0.0.1:7070"
 DEFAULT_TIMEOUT = 10.0
@@ -111,6 +111,42 @@ class SandboxInfo:
             raise _bad_response(f"malformed port list {ports!r:.100}")
         parsed = sorted((ExposedPort._from_json(p) for p in ports), key=lambda p: p.port)
         return cls(id=sandbox_id, connected=connected, ports=tuple(parsed))
+
+
+class RequestList(list[dict[str, Any]]):
+    """What :meth:`Sandbox.requests` returns: the recorded requests (summaries, oldest first;
+    a plain list in every other way) and the inspection state the edge answered with them.
+
+    ``inspect`` is whether the sandbox's inspection switch is on (:meth:`Sandbox.set_inspection`);
+    an exposure's ``inspect=True`` records its port whatever the switch says, so with the switch
+    off and no such exposure nothing is being recorded. ``last`` is the newest id kept (0: none),
+    ``skipped`` how many requests were not recorded.
+
+    Example::
+
+        rows = await sb.requests()
+        if not rows and not rows.inspect:
+            print("inspection is off")
+    """
+
+    __slots__ = ("inspect", "last", "skipped")
+
+    def __init__(
+        self, records: Sequence[dict[str, Any]] = (), *, inspect: bool, last: int, skipped: int
+    ) -> None:
+        super().__init__(records)
+        self.inspect = inspect
+        self.last = last
+        self.skipped = skipped
+
+    @classmethod
+    def _from_json(cls, data: object) -> RequestList:
+        if not isinstance(data, dict) or not isinstance(data.get("requests"), list):
+            raise _bad_response(f"expected {{'requests': [...]}}, got {data!r:.100}")
+        inspect, last, skipped = data.get("inspect"), data.get("last"), data.get("skipped")
+        if type(inspect) is not bool or type(last) is not int or type(skipped) is not int:
+            raise _bad_response(f"malformed inspection state {data!r:.200}")
+        return cls(data["requests"], inspect=inspect, last=last, skipped=skipped)
 
 
 def _bad_response(detail: str, status: int | None = None) -> TunnelError:
@@ -541,11 +577,12 @@ class Sandbox:
             raise _bad_response(f"expected {{'inspect': bool}}, got {data!r:.100}")
         return bool(data["inspect"])
 
-    async def requests(self, *, since: int = 0, wait: float = 0) -> list[dict[str, Any]]:
+    async def requests(self, *, since: int = 0, wait: float = 0) -> RequestList:
         """Recorded requests, oldest first (summaries: ``id``, ``time``, ``method``, ``target``,
         ``status``, ``state``, ``requestBytes``, ``responseBytes``, ``durationMs``, ...), those
         with an ``id`` above ``since``; ``wait`` (seconds, at most 30) waits for a new one when
-        there is none yet (long-poll).
+        there is none yet (long-poll). The list also carries the edge's ``inspect`` (the
+        sandbox's switch), ``last`` and ``skipped`` (:class:`RequestList`).
 
         Example::
 
@@ -561,9 +598,7 @@ class Sandbox:
         data = await client._request_json(
             "GET", f"{self._path}/requests{query}", timeout=math.ceil(wait) + client.timeout
         )
-        if not isinstance(data, dict) or not isinstance(data.get("requests"), list):
-            raise _bad_response(f"expected {{'requests': [...]}}, got {data!r:.100}")
-        return list(data["requests"])
+        return RequestList._from_json(data)
 
     async def request(self, request_id: int) -> dict[str, Any]:
         """One recorded request in full: ``request`` and ``response`` with headers (credentials
