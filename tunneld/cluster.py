@@ -96,6 +96,9 @@ class Cluster:
         self._loops: list[asyncio.Task[None]] = []
         self._client_tls: ssl.SSLContext | None = None
         self._redis_down = False
+        # False once a store call failed or a lease expired: the node record may have expired
+        # too, and is made sure of before the next claim (``_ensure_node``).
+        self._node_ok = True
         # More of what other nodes read in this node's record (the hand-over socket: handover.py)
         self.node_info: dict[str, Any] = {}
 
@@ -175,10 +178,18 @@ class Cluster:
         while True:
             await asyncio.sleep(self.lease_s)
             try:
-                if not await self.store.renew_node(self.node_id, self.lease_s * NODE_TTL_FACTOR):
-                    await self._register()  # expired during an outage: say again who we are
+                await self._ensure_node()
             except StoreError:
-                pass  # the lease loop logs Redis outages once
+                self._node_ok = False  # the lease loop logs Redis outages once
+
+    async def _ensure_node(self) -> None:
+        """Extend this node's record, or write it again when it expired (an outage longer than
+        its TTL). Other nodes reach an owner through its record, so a claim must never be
+        visible before it: ``_claim`` calls this first whenever the record may have lapsed."""
+        if not await self.store.renew_node(self.node_id, self.lease_s * NODE_TTL_FACTOR):
+            log.info("cluster: node record %s had expired; registering again", self.node_id)
+            await self._register()
+        self._node_ok = True
 
     # -- ownership -------------------------------------------------------------------------------
     def on_attach(self, session: EdgeSession) -> None:
@@ -189,8 +200,11 @@ class Cluster:
 
     async def _claim(self, sandbox_id: str, session: EdgeSession) -> None:
         try:
+            if not self._node_ok:
+                await self._ensure_node()
             epoch = await self.store.claim(sandbox_id, self.node_id, self.lease_s)
         except StoreError as exc:
+            self._node_ok = False
             # Nobody can claim while Redis is away; the lease loop claims once it is back.
             log.warning("sandbox %s: ownership not recorded (%s); serving anyway", sandbox_id, exc)
             self.epochs.setdefault(sandbox_id, 0)
@@ -247,6 +261,7 @@ class Cluster:
                     elif not await self.store.renew(sandbox_id, self.node_id, epoch, self.lease_s):
                         current = await self.store.owner(sandbox_id)
                         if current is None:
+                            self._node_ok = False  # the lease lapsed: perhaps the record too
                             await self._claim(sandbox_id, session)  # expired, nobody took it
                         else:
                             self._give_up(sandbox_id, f"node {current[0]} owns it now")
@@ -254,6 +269,7 @@ class Cluster:
                         self._redis_down = False
                         log.info("cluster: leases renewed again")
                 except StoreError as exc:
+                    self._node_ok = False
                     if not self._redis_down:
                         self._redis_down = True
                         log.warning("cluster: cannot renew leases (%s); serving on", exc)

@@ -272,6 +272,43 @@ async def test_an_outage_longer_than_the_lease_ends_with_the_owner_claiming_agai
     assert (r.status_code, r.content) == (200, b"hello from origin")
 
 
+async def test_a_claim_after_an_outage_never_precedes_the_owners_node_record(
+    cluster: Cluster,
+) -> None:
+    """Redis away for longer than a node record's TTL: the owner's lease and its node record
+    both expire. Once Redis is back the owner claims its sandbox again at the lease loop's next
+    turn, which may come long before the node record's own renewal (in production the lease
+    loop runs every 5 s, the record's every 15 s). The other nodes route by that record, so the
+    claim must not become visible before it: they would answer 502 NODE_UNREACHABLE for a
+    sandbox whose owner is up. The record's renewal loop is stopped here, the worst case of its
+    timing: only the claim itself can bring the record back."""
+    a = await cluster.node("node-a", lease_s=1.0)
+    b = await cluster.node("node-b", lease_s=1.0)
+    origin = await cluster.origin()
+    await cluster.agent(a, "sb1")
+    r = await b.admin.post("/v1/sandboxes/sb1/ports", json={"port": origin.port})
+    url = r.json()["exposedAt"]
+    await wait_for(lambda: b.edge.cluster.owners.get("sb1", ("",))[0] == "node-a", what="owner")
+    first = a.edge.cluster.epochs["sb1"]
+    renew_node = next(t for t in a.edge.cluster._loops if t.get_name() == "tunneld-cluster-node")
+    renew_node.cancel()
+
+    cluster.redis.stop()
+    await asyncio.sleep(3.5)  # past the record's TTL (3 x lease_s) since its last renewal
+    cluster.redis.start()
+
+    await wait_for(lambda: a.edge.cluster.epochs.get("sb1", 0) > first, 15, "node-a to claim again")
+    assert "node-a" in await b.edge.cluster.store.nodes()  # written before the claim
+    await wait_for(
+        lambda: b.edge.cluster.owners.get("sb1") == ("node-a", a.edge.cluster.epochs["sb1"]),
+        15,
+        "node-b to learn the new epoch",
+    )
+    async with b.public(url) as client:
+        r = await client.get("/")
+    assert (r.status_code, r.content) == (200, b"hello from origin")
+
+
 async def test_a_node_restarted_under_the_same_id_is_found_at_its_new_address(
     cluster: Cluster,
 ) -> None:
