@@ -35,7 +35,15 @@ it lets go (logged); a socket nobody adopted then ends without a response, which
 sees as an error. Closing one of two descriptors of a socket sends nothing to the client.
 
 Only a process of the same user may hand over (``SO_PEERCRED`` is checked on every accepted
-hand-over connection): abstract sockets have no file permissions.
+hand-over connection): abstract sockets have no file permissions. A process of that user is not
+trusted to be a node either (a compromised one must not exhaust the node's descriptors or
+memory): at most ``MAX_HANDOVER_CONNECTIONS`` hand-over connections are open at once (past it a
+new one is closed at once); one that sends no well-formed message within ``IDENTIFY_TIMEOUT`` is
+closed (a node connects to hand over, and does at once); one message is read into
+``_MAX_MESSAGE`` bytes and room for ``_BATCH`` descriptors, and one that did not fit
+(``MSG_TRUNC``, ``MSG_CTRUNC`` with that room full) or lists more than ``_BATCH`` hand-overs ends
+the connection. Every descriptor received is adopted or closed, whatever the message; a message
+whose descriptors were cut (``MSG_CTRUNC``) never has one adopted.
 """
 
 from __future__ import annotations
@@ -51,7 +59,7 @@ import os
 import secrets
 import socket
 import struct
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterable
 from typing import TYPE_CHECKING, Any, Final
 
 import orjson
@@ -61,13 +69,33 @@ from relay.budget import RateLimitedLog
 if TYPE_CHECKING:
     from .edge import EdgeServer
 
-__all__ = ["MAX_PRELUDE", "VERSION", "HandoverServer", "OpenSocket", "host_identity"]
+__all__ = [
+    "IDENTIFY_TIMEOUT",
+    "MAX_HANDOVER_CONNECTIONS",
+    "MAX_PRELUDE",
+    "VERSION",
+    "HandoverServer",
+    "OpenSocket",
+    "host_identity",
+]
 
 log = logging.getLogger("tunneld.cluster")
 # The hand-over socket is abstract (no file permissions) and its name is in Redis and in
 # /proc/net/unix: any local user can connect, and each refusal is a warning: a burst, then one a
 # second, the rest counted.
 _REFUSED_LOG: Final = RateLimitedLog(log, "warnings about hand-over connections from other users")
+# What a process of the same user (let in by SO_PEERCRED, not trusted to be a node) can cause once
+# per connection or message: connections past the cap or silent too long, malformed messages.
+_PEER_LOG: Final = RateLimitedLog(log, "warnings about refused hand-over connections and messages")
+
+# Hand-over connections accepted and open at once, all peers together. Each is another node of
+# this host that hands connections to this one, one per node (--workers is at most 1024:
+# config.MAX_WORKERS); past it a new one is closed at once, so a local process of the same user
+# cannot hold this node's descriptors without end.
+MAX_HANDOVER_CONNECTIONS: Final = 1024
+# A node connects to hand a connection over and sends it at once (the same loop iteration): a
+# hand-over connection with no well-formed message within this is closed.
+IDENTIFY_TIMEOUT: Final = 10.0
 
 # Bytes read before the hand-over that travel with the socket (a head is at most 32 KiB; one
 # read may carry more behind it). Larger: the connection goes over the node link instead.
@@ -78,7 +106,9 @@ MAX_PRELUDE: Final = 128 * 1024
 # owner cannot read would cost the connection (no answer: given up after ACK_TIMEOUT). Between
 # versions the node link carries the connection instead. Bump it with any change of the format.
 VERSION: Final = 1
-_BATCH: Final = 32  # hand-overs per message at most (and messages read at once)
+# Hand-overs per message at most (and messages read at once); the owner reads room for this many
+# descriptors and ends a connection whose message lists or carries more: part of the format.
+_BATCH: Final = 32
 _HEADER: Final = struct.Struct("!H")  # length of the JSON header that starts each message
 _MAX_MESSAGE: Final = _HEADER.size + 0xFFFF + MAX_PRELUDE
 ACK_TIMEOUT: Final = 2.0  # the owner answers within this (else the landing node lets go)
@@ -108,7 +138,9 @@ class HandoverServer:
         self.loop = server.loop
         self.address = f"\0tunneld-handover-{node_id}-{secrets.token_hex(4)}"
         self._listener: socket.socket | None = None
-        self._accepted: set[socket.socket] = set()
+        # accepted hand-over connections -> the timer that closes it while it has sent no
+        # well-formed message (IDENTIFY_TIMEOUT), None once it has
+        self._accepted: dict[socket.socket, asyncio.TimerHandle | None] = {}
         self._peers: dict[str, socket.socket] = {}  # address -> our connection to that node
         # request id -> (what to call with the answer, when to stop waiting for it); insertion
         # order is deadline order (one ACK_TIMEOUT for all), so one timer watches them all
@@ -138,6 +170,9 @@ class HandoverServer:
                 with contextlib.suppress(ValueError, OSError):
                     self.loop.remove_reader(sock.fileno())
                 sock.close()
+        for timer in self._accepted.values():
+            if timer is not None:
+                timer.cancel()
         self._listener = None
         self._accepted.clear()
         self._peers.clear()
@@ -178,9 +213,28 @@ class HandoverServer:
             )
             conn.close()
             return
+        if len(self._accepted) >= MAX_HANDOVER_CONNECTIONS:
+            _PEER_LOG.log(
+                self.loop.time(),
+                "hand-over socket: refused a connection: %d already open "
+                "(MAX_HANDOVER_CONNECTIONS)",
+                len(self._accepted),
+            )
+            conn.close()
+            return
         conn.setblocking(False)
-        self._accepted.add(conn)
+        self._accepted[conn] = self.loop.call_later(IDENTIFY_TIMEOUT, self._unidentified, conn)
         self.loop.add_reader(conn.fileno(), self._on_message, conn)
+
+    def _unidentified(self, conn: socket.socket) -> None:
+        if conn in self._accepted:
+            self._accepted[conn] = None  # this timer has run
+            _PEER_LOG.log(
+                self.loop.time(),
+                "hand-over socket: closed a connection that sent no hand-over within %.0fs",
+                IDENTIFY_TIMEOUT,
+            )
+            self._disconnected(conn)
 
     def _on_message(self, conn: socket.socket) -> None:
         """Messages on a hand-over connection: hand-overs on one a node opened to this one,
@@ -188,83 +242,133 @@ class HandoverServer:
         one message: under load the queue holds several, and each message is a wake-up."""
         accepted = conn in self._accepted
         answers: list[bytes] = []
+        end = False
         for _ in range(_BATCH if accepted else 1):  # answers come batched already
             try:
-                data, ancdata, _flags, _addr = conn.recvmsg(_MAX_MESSAGE, _FD_SPACE)
+                data, ancdata, flags, _addr = conn.recvmsg(_MAX_MESSAGE, _FD_SPACE)
             except (BlockingIOError, InterruptedError):
                 break
             except OSError:
-                data, ancdata = b"", []
+                data, ancdata, flags = b"", [], 0
             fds = _descriptors(ancdata)
             if not data:  # the other node closed its end (or died)
-                for fd in fds:
-                    os.close(fd)
+                _close_all(fds)
                 self._disconnected(conn)
                 return
-            if accepted:
-                answers.extend(self._receive(data, fds))
-            else:
+            if not accepted:
                 self._answer(data, fds)
+            elif end := self._receive(conn, data, fds, flags, answers):
+                break
         if answers:
             with contextlib.suppress(OSError):
                 conn.send(b"".join(answers))
+        if end:
+            self._disconnected(conn)
 
     def _disconnected(self, conn: socket.socket) -> None:
         with contextlib.suppress(ValueError, OSError):
             self.loop.remove_reader(conn.fileno())
         if conn in self._accepted:
-            self._accepted.discard(conn)
+            timer = self._accepted.pop(conn)
+            if timer is not None:
+                timer.cancel()
             conn.close()
         else:
             for address, peer in list(self._peers.items()):
                 if peer is conn:
                     self._drop_peer(address)
 
-    def _receive(self, data: bytes, fds: list[int]) -> list[bytes]:
-        """Adopt the sockets of one message; the answers (packed). Synchronous: each socket is
-        in a transport of this process when this returns, so the answers can go at once."""
+    def _receive(
+        self, conn: socket.socket, data: bytes, fds: list[int], flags: int, answers: list[bytes]
+    ) -> bool:
+        """Adopt the sockets of one message, its answers (packed) appended to ``answers``; True
+        when the connection must end (a message over the format's bounds: not from a node).
+        Synchronous: each socket is in a transport of this process when this returns, so the
+        answers can go at once. Every descriptor in ``fds`` is adopted or closed here, whatever
+        the message (``_read`` marks those it passed on with -1)."""
+        try:
+            return self._read(conn, data, fds, flags, answers)
+        finally:
+            _close_all(fd for fd in fds if fd >= 0)
+
+    def _read(
+        self, conn: socket.socket, data: bytes, fds: list[int], flags: int, answers: list[bytes]
+    ) -> bool:
+        now = self.loop.time()
+        ids: list[int] = []
         try:
             (size,) = _HEADER.unpack_from(data)
             entries = orjson.loads(data[_HEADER.size : _HEADER.size + size])
+            if type(entries) is not list or not entries:
+                raise ValueError("not a list of hand-overs")
             ids = [int(entry["id"]) for entry in entries]
             if not all(0 < i < 1 << 32 for i in ids):
                 raise ValueError("a request id out of range")
-        except (ValueError, KeyError, TypeError, struct.error) as exc:
-            log.warning("hand-over: refused a malformed hand-over: %s", exc)
-            for fd in fds:
-                os.close(fd)
-            return [_ANSWER.pack(0, False)]
-        if len(fds) != len(ids):
+        except (ValueError, LookupError, TypeError, struct.error) as exc:
+            entries, ids = None, []
+            error = str(exc)
+        # Over what a node ever sends: the connection ends (the descriptors are closed by
+        # _receive; the ids are refused, for a node with a bug, when there are not too many)
+        if flags & socket.MSG_TRUNC:
+            over = f"a message over {_MAX_MESSAGE} bytes"
+        elif flags & socket.MSG_CTRUNC and len(fds) >= _BATCH:
+            over = f"more than {_BATCH} descriptors in one message"
+        elif len(ids) > _BATCH:
+            over = f"{len(ids)} hand-overs in one message (at most {_BATCH})"
+        else:
+            over = ""
+        if over:
+            _PEER_LOG.log(now, "hand-over socket: %s; connection closed", over)
+            if len(ids) > _BATCH:
+                answers.append(_ANSWER.pack(0, False))
+            else:
+                answers.extend(_ANSWER.pack(request_id, False) for request_id in ids)
+            return True
+        if entries is None:
+            _PEER_LOG.log(now, "hand-over: refused a malformed hand-over: %s", error)
+            answers.append(_ANSWER.pack(0, False))
+            return False
+        timer = self._accepted.get(conn)
+        if timer is not None:  # a well-formed message: the peer is a node (the deadline is off)
+            timer.cancel()
+            self._accepted[conn] = None
+        if len(fds) != len(ids) or flags & socket.MSG_CTRUNC:
             # Descriptors missing: the kernel drops those this process has no room for
             # (RLIMIT_NOFILE; MSG_CTRUNC). Which connection each belonged to is unknown, so
             # none is adopted, and each is refused by its id: the landing node still holds
             # them all and forwards them over the node link (which needs no new descriptor
             # here), instead of waiting ACK_TIMEOUT and letting them go unserved.
-            log.warning(
+            _PEER_LOG.log(
+                now,
                 "hand-over: %d descriptor(s) for %d connection(s) (out of file descriptors?); "
                 "refused them, the landing node forwards them",
                 len(fds),
                 len(ids),
             )
-            for fd in fds:
-                os.close(fd)
-            return [_ANSWER.pack(request_id, False) for request_id in ids]
-        answers = []
-        adopted = 0
+            answers.extend(_ANSWER.pack(request_id, False) for request_id in ids)
+            return False
+        # Every entry read before any socket is adopted: a message is taken whole or refused
+        items: list[tuple[str, int | None, bytes]] = []
         offset = _HEADER.size + size
-        for entry, request_id, fd in zip(entries, ids, fds, strict=True):
-            try:
+        try:
+            for entry in entries:
                 end = offset + int(entry["n"])
-                sandbox, epoch = str(entry["sandbox"]), entry["epoch"]
+                sandbox, epoch = entry["sandbox"], entry["epoch"]
+                if type(sandbox) is not str:
+                    raise TypeError("a sandbox id that is not a string")
                 if not offset <= end <= len(data):
                     raise ValueError("bytes missing")
-            except (ValueError, KeyError, TypeError) as exc:
-                log.warning("hand-over: refused a malformed hand-over: %s", exc)
-                os.close(fd)
-                answers.append(_ANSWER.pack(request_id, False))
-                continue
-            prelude, offset = data[offset:end], end
-            epoch = epoch if type(epoch) is int else None
+                items.append((sandbox, epoch if type(epoch) is int else None, data[offset:end]))
+                offset = end
+            if offset != len(data):
+                raise ValueError(f"{len(data) - offset} bytes more than announced")
+        except (ValueError, LookupError, TypeError) as exc:
+            _PEER_LOG.log(now, "hand-over: refused a malformed hand-over: %s", exc)
+            answers.extend(_ANSWER.pack(request_id, False) for request_id in ids)
+            return False
+        adopted = 0
+        for i, (request_id, (sandbox, epoch, prelude)) in enumerate(zip(ids, items, strict=True)):
+            fd, fds[i] = fds[i], -1
             ok = self._adopt(fd, sandbox, epoch, prelude)  # it closes fd if not ok
             answers.append(_ANSWER.pack(request_id, ok))
             adopted += ok
@@ -273,7 +377,7 @@ class HandoverServer:
             metrics = self.server.metrics
             metrics.public_connections.inc(adopted)
             metrics.adopted.inc(adopted)
-        return answers
+        return False
 
     def _adopt(self, fd: int, sandbox: str, epoch: int | None, prelude: bytes) -> bool:
         """Serve the connection behind ``fd`` (ours to close, whatever happens)."""
@@ -305,7 +409,7 @@ class HandoverServer:
         except StopIteration:
             pass
         except (OSError, ValueError) as exc:
-            log.warning("hand-over: could not adopt a connection: %s", exc)
+            _PEER_LOG.log(self.loop.time(), "hand-over: could not adopt a connection: %s", exc)
             sock.close()
             return False
         else:
@@ -405,8 +509,7 @@ class HandoverServer:
         return answer is True
 
     def _answer(self, data: bytes, fds: list[int]) -> None:
-        for fd in fds:
-            os.close(fd)
+        _close_all(fds)
         if len(data) % _ANSWER.size:
             return
         sent = 0
@@ -492,6 +595,11 @@ def _descriptors(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
             fds.extend(array.array("i", data[: len(data) - len(data) % _FD.size]))
     return fds
+
+
+def _close_all(fds: Iterable[int]) -> None:
+    for fd in fds:
+        os.close(fd)
 
 
 def _finish_adoption(coro: Coroutine[Any, Any, Any], waiter: asyncio.Future[Any]) -> None:
