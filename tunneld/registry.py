@@ -33,7 +33,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -162,14 +162,22 @@ class Registry:
         token: str | None = None,
         options: ExposureOptions = DEFAULT_OPTIONS,
         public_port: int | None = None,
+        assign_port: Callable[[], Awaitable[int | None]] | None = None,
     ) -> ExposureRecord:
         """``expose``, answered only once the store has the record (then the view changes).
-        ``public_port``: a newly assigned public TCP port (None keeps the one it has)."""
+        ``public_port``: a newly assigned public TCP port (None keeps the one it has).
+        ``assign_port``: awaited once every rule passed (the caps, the token), still under the
+        sandbox's lock, for a public TCP port to bind (None: keep the one it has), so that an
+        expose the rules refuse never binds one (``TcpExposures.commit_expose``)."""
         async with self._sandbox_lock(sandbox_id):
             new_sandbox = self._check_room(sandbox_id)
             self._new_sandboxes += new_sandbox
             try:
                 record = self._prepare(sandbox_id, port, name, token, None, options, public_port)
+                if assign_port is not None:
+                    assigned = await assign_port()
+                    if assigned is not None:
+                        record.public_port = assigned
                 await self._write(self.store.put(record.stored(sandbox_id)))
                 self._apply(sandbox_id, record)
             finally:

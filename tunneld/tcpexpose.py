@@ -343,21 +343,29 @@ class TcpExposures:
         options: ExposureOptions,
     ) -> ExposureRecord:
         """``Registry.commit_expose`` for every expose (admin API, SDK, agent): refused when
-        the protocol is off here; a ``tcp`` exposure without a listener gets a public port
-        (bound before the record is stored, so a stored port is one that bound); then the
+        the protocol is off here; a ``tcp`` exposure without a listener gets a public port,
+        bound only once the registry's rules passed (``max_sandboxes``,
+        ``max_exposures_per_sandbox``, the token: a refused expose never binds nor claims a
+        port) and before the record is stored (a stored port is one that bound); then the
         listeners and connections of the sandbox follow the new record."""
         self.check_enabled(options.protocol)
         state = self.server.registry.get(sandbox_id)
         old = state.exposures.get(port) if state is not None else None
-        public_port: int | None = None
-        if options.protocol == "tcp" and self.held_port(sandbox_id, port) is None:
+        allocated: list[int] = []
+
+        async def assign_port() -> int | None:  # under the sandbox's lock, after the rules
+            if options.protocol != "tcp" or self.held_port(sandbox_id, port) is not None:
+                return None
             public_port = await self.allocate(sandbox_id, port)
+            allocated.append(public_port)
+            return public_port
+
         try:
             record = await self.server.registry.commit_expose(
-                sandbox_id, port, name, token, options, public_port
+                sandbox_id, port, name, token, options, assign_port=assign_port
             )
         except BaseException:
-            if public_port is not None:
+            for public_port in allocated:
                 self.release(public_port)
                 await self.unclaim(public_port, sandbox_id, port)
             raise
