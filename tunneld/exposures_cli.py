@@ -5,12 +5,17 @@ Export reads without the state directory's lock: WAL gives it a consistent snaps
 tunneld writes. Import takes the lock, so it is refused while a tunneld runs on the directory (that
 edge would neither see nor keep the change); every line is checked against the registry's rules
 (sandbox id, port, name, token, the per-sandbox cap, one token per port) before anything is
-written, and the write is one transaction.
+written, and the write is one transaction. More sandboxes with exposures than ``max_sandboxes``
+(read from the configuration as ``tunneld serve`` reads it) is not refused: as at ``serve``'s
+start-up, stored data is never dropped; everything is imported and one warning line says how many
+sandboxes the directory now holds and that new sandboxes will be refused until fewer hold
+exposures.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import time
@@ -38,7 +43,7 @@ _FIELDS = {
 
 
 def _config(args: argparse.Namespace) -> Config:
-    # Only state_dir and the cap matter here; the secrets may be absent on this machine.
+    # Only state_dir and the caps matter here; the secrets may be absent on this machine.
     env = dict(os.environ)
     env.setdefault("TUNNELD_ADMIN_TOKEN", "unused-for-exposures")
     env.setdefault("TUNNELD_SECRET", "unused-for-exposures")
@@ -128,8 +133,14 @@ def _import(state_dir: str, config: Config, path: str | None, replace: bool) -> 
         raise StoreError(f"cannot read {path or 'stdin'}: {exc}") from None
     records = parse_lines(text.splitlines(), time.time())
     store = SqliteStore.open(state_dir)  # the lock: refused while a tunneld runs here
+    registry = Registry(
+        max_exposures=config.max_exposures_per_sandbox, max_sandboxes=config.max_sandboxes
+    )
+    # Registry.load says when the records cross max_sandboxes, counting as of the record that
+    # crossed it; the import says it below instead, with the count it leaves behind.
+    registry_log = logging.getLogger("tunneld")
+    was_disabled, registry_log.disabled = registry_log.disabled, True
     try:
-        registry = Registry(max_exposures=config.max_exposures_per_sandbox)
         if not replace:
             registry.load(store.read_all_now())
         for number, record in enumerate(records, 1):
@@ -139,10 +150,20 @@ def _import(state_dir: str, config: Config, path: str | None, replace: bool) -> 
                 raise StoreError(f"record {number}: {exc}; nothing imported") from None
         count = store.import_now(records, replace=replace)
     finally:
+        registry_log.disabled = was_disabled
         store.close_now()
     print(
         f"imported {count} exposures into {store.path}"
         f"{' (replacing what was there)' if replace else ''}",
         file=sys.stderr,
     )
+    cap = config.max_sandboxes
+    if registry.exposing > cap:  # kept, as tunneld serve keeps them: said, never dropped
+        print(
+            f"tunneld exposures import: warning: {registry.exposing} sandboxes now have stored "
+            f"exposures, more than max_sandboxes ({cap}): all of them were imported and tunneld "
+            "serves them all, but refuses exposes for new sandboxes (409 TOO_MANY_SANDBOXES) "
+            f"until fewer than {cap} hold exposures; raise max_sandboxes to admit new ones",
+            file=sys.stderr,
+        )
     return 0
