@@ -64,8 +64,9 @@ SCHEMA_VERSION: Final = 2
 # Operations one commit may carry: big enough that a burst of exposes shares a few fsyncs,
 # small enough that one transaction never holds the write lock for long.
 MAX_BATCH: Final = 512
-# A write that takes longer than this is reported as a store failure (a hung disk, a stuck NFS
-# mount) instead of holding the API request open forever.
+# A write the writer has not started after this long (a hung disk, a stuck NFS mount, a lock
+# held elsewhere) is dropped and reported as a store failure instead of holding the API request
+# open forever; one it has started is waited for: its outcome decides the answer (_submit).
 WRITE_TIMEOUT: Final = 30.0
 
 _MIGRATIONS: Final[dict[int, str]] = {
@@ -282,12 +283,20 @@ def _rows(conn: sqlite3.Connection) -> Iterator[StoredExposure]:
     )
 
 
+# _Op.state: queued, then taken into a batch by the writer (started) or given up by its caller
+# before that (dropped: the writer skips it). Changed under SqliteStore._states only.
+_QUEUED: Final = 0
+_STARTED: Final = 1
+_DROPPED: Final = 2
+
+
 @dataclass(slots=True)
 class _Op:
     sql: str
     args: tuple[Any, ...]
     done: asyncio.Future[None]
     loop: asyncio.AbstractEventLoop
+    state: int = _QUEUED
 
 
 _PUT: Final = (
@@ -314,8 +323,14 @@ class SqliteStore:
         self._conn = conn
         self._lock_fd = lock_fd
         self._queue: queue.SimpleQueue[_Op | None] = queue.SimpleQueue()
+        self._states = threading.Lock()  # guards every _Op.state
         self._thread: threading.Thread | None = None
         self._closed = False
+        self.write_timeout = WRITE_TIMEOUT
+        self._slow = 0  # callers waiting for a write that outlasted write_timeout
+        # The files this connection writes: one deleted or replaced under us would take every
+        # later write where no restart finds it (checked before each batch: _files_moved).
+        self._files = _file_ids(self.path)
 
     # -- opening ---------------------------------------------------------------------------------
     @classmethod
@@ -365,7 +380,25 @@ class SqliteStore:
             self._queue.put(None)
             await asyncio.to_thread(self._thread.join, WRITE_TIMEOUT)
         self._conn.close()
+        self._drop_stale_wal()
         os.close(self._lock_fd)
+
+    def _drop_stale_wal(self) -> None:
+        """After the database was deleted or replaced under us, SQLite leaves its WAL behind
+        (it does not checkpoint a moved file): the next start would lay those pages over the
+        file now at the path (a restored backup overwritten by the deleted file's last pages).
+        Remove that WAL, and its index, if they are still the ones this connection wrote."""
+        now = _file_ids(self.path)
+        if now[0] == self._files[0] or now[1] is None or now[1] != self._files[1]:
+            return
+        for suffix in ("-wal", "-shm"):
+            with contextlib.suppress(OSError):
+                os.unlink(f"{self.path}{suffix}")
+        log.warning(
+            "%s was deleted or replaced while tunneld ran: removed the WAL it left, so the next "
+            "start reads only the file now at that path",
+            self.path,
+        )
 
     # -- offline use (tunneld exposures import), with the lock held -------------------------------
     def read_all_now(self) -> list[StoredExposure]:
@@ -412,11 +445,38 @@ class SqliteStore:
             )
             self._thread.start()
         done: asyncio.Future[None] = loop.create_future()
-        self._queue.put(_Op(sql, args, done, loop))
+        op = _Op(sql, args, done, loop)
+        self._queue.put(op)
         try:
-            await asyncio.wait_for(asyncio.shield(done), WRITE_TIMEOUT)
-        except TimeoutError:
-            raise StoreError(f"{self.path}: a write took longer than {WRITE_TIMEOUT:g}s") from None
+            await asyncio.wait_for(asyncio.shield(done), self.write_timeout)
+            return
+        except (TimeoutError, asyncio.CancelledError) as exc:
+            # An error must mean "nothing changed": an op the writer has not taken yet is
+            # dropped (skipped when its turn comes); one it took may still commit, so its
+            # outcome is the answer, however long the disk takes.
+            with self._states:
+                if op.state == _QUEUED:
+                    op.state = _DROPPED
+            if op.state == _DROPPED:
+                if isinstance(exc, asyncio.CancelledError):
+                    raise
+                raise StoreError(
+                    f"{self.path}: the write did not start within {self.write_timeout:g}s "
+                    "(the disk or the database lock is held up); it was dropped, not written"
+                ) from None
+            if isinstance(exc, asyncio.CancelledError):
+                raise  # the caller is gone; the change lands (or not) as the writer finishes
+        if not self._slow:  # said once while writes are that slow, not once per caller
+            log.warning(
+                "%s: a write has run for over %gs; its callers wait for the disk to finish it",
+                self.path,
+                self.write_timeout,
+            )
+        self._slow += 1
+        try:
+            await done
+        finally:
+            self._slow -= 1
 
     def _writer(self) -> None:
         conn = self._conn
@@ -434,21 +494,65 @@ class SqliteStore:
                     self._queue.put(None)  # finish this batch, then stop
                     break
                 batch.append(op)
+            with self._states:  # from here on, callers wait for the outcome (_submit)
+                batch = [op for op in batch if op.state == _QUEUED]
+                for op in batch:
+                    op.state = _STARTED
+            if not batch:
+                continue
             error: BaseException | None = None
             try:
+                moved = self._files_moved()
+                if moved:
+                    raise StoreError(moved)
                 conn.execute("BEGIN IMMEDIATE")
                 try:
                     for op in batch:
                         conn.execute(op.sql, op.args)
                     conn.execute("COMMIT")
                 except BaseException:
-                    conn.execute("ROLLBACK")
+                    # SQLite rolls back by itself on a full disk or an I/O error; a ROLLBACK
+                    # then would only fail and hide the error that matters.
+                    if conn.in_transaction:
+                        with contextlib.suppress(sqlite3.Error):
+                            conn.execute("ROLLBACK")
                     raise
-            except sqlite3.Error as exc:
-                log.error("%s: write failed, %d change(s) lost: %s", self.path, len(batch), exc)
-                error = StoreError(f"{self.path}: {exc}")
+            except Exception as exc:  # every caller is answered, whatever went wrong
+                log.error(
+                    "%s: write failed, %d change(s) not saved (answered 503 STORE_UNAVAILABLE): %s",
+                    self.path,
+                    len(batch),
+                    exc,
+                )
+                error = exc if isinstance(exc, StoreError) else StoreError(f"{self.path}: {exc}")
             for op in batch:
-                op.loop.call_soon_threadsafe(_settle, op.done, error)
+                with contextlib.suppress(RuntimeError):  # a loop closed meanwhile
+                    op.loop.call_soon_threadsafe(_settle, op.done, error)
+
+    def _files_moved(self) -> str:
+        """Why writes must stop because the database or its WAL is no longer the file this
+        connection writes (deleted, or another file moved in its place); "" while it is."""
+        if _file_ids(self.path) == self._files:
+            return ""
+        return (
+            f"{self.path} (or its -wal file) was deleted or replaced while tunneld runs: changes "
+            "are refused, as no restart would find them; previews keep serving from memory. "
+            "Stop tunneld, restore exposures.db (`tunneld exposures import` of a backup) and "
+            "start it again; exposes made since that backup must be made again"
+        )
+
+
+def _file_ids(path: Path) -> tuple[tuple[int, int] | None, ...]:
+    """(device, inode) of the database and of its WAL, None for a missing one."""
+    ids: list[tuple[int, int] | None] = []
+    for name in (path, path.with_name(path.name + "-wal")):
+        try:
+            st = os.stat(name)
+        except OSError:
+            ids.append(None)
+        else:
+            ids.append((st.st_dev, st.st_ino))
+    return tuple(ids)
 
 
 def _settle(future: asyncio.Future[None], error: BaseException | None) -> None:
