@@ -97,6 +97,25 @@ def test_every_error_code_is_documented_with_its_status() -> None:
     assert not missing, "not in docs/admin-api.md: " + ", ".join(missing)
 
 
+def documented_rows(doc: str = DOC) -> set[tuple[int, str]]:
+    """(status, code) of every error table row in ``doc`` (``| 409 | `CODE` | ...``)."""
+    return {
+        (int(status), code)
+        for status, code in re.findall(r"^\|\s*(\d{3})\s*\|\s*`([A-Z][A-Z0-9_]+)`", doc, re.M)
+    }
+
+
+def test_every_documented_error_code_is_one_tunneld_answers() -> None:
+    """The other way round: a table row whose status and code nothing raises is a stale claim
+    (a client would wait for an answer tunneld never gives)."""
+    rows = documented_rows()
+    assert len(rows) >= 40  # the scan sees the tables at all
+    found = {(status, code) for status, code, _ in raised_codes()}
+    stale = sorted(f"{status} {code}" for status, code in rows - found)
+    assert not stale, "in docs/admin-api.md but never answered: " + ", ".join(stale)
+    assert documented_rows(DOC + "| 501 | `NOT_AN_ANSWER` | x | y |\n") - found
+
+
 def test_the_check_sees_a_code_missing_from_the_doc() -> None:
     assert documented(409, "TOO_MANY_EXPOSURES")
     assert not documented(409, "NO_SUCH_CODE_ANYWHERE")

@@ -277,6 +277,13 @@ class EdgeSession(MuxProtocol):
                 exposures = await handler(sandbox_id, message)
             except ValidationError as exc:
                 reply: Any = control.Error(exc.code, exc.message, request_id)
+            except Exception:  # a bug: the agent still gets an answer, not its EDGE_TIMEOUT
+                log.exception(
+                    "%s: %s from the agent failed", self.describe(), type(message).__name__
+                )
+                reply = control.Error(
+                    "INTERNAL_ERROR", "Internal error; see the tunneld log.", request_id
+                )
             else:
                 reply = None
             if self.session.closed:

@@ -12,6 +12,7 @@ real edge, a real agent and its local API over HTTP on 127.0.0.1 answer the refu
 from __future__ import annotations
 
 import ast
+import asyncio
 import inspect
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -55,6 +56,7 @@ CONTROL_ERRORS = {
     "RATE_LIMITED": 429,  # past control_rate: retry later, as the admin API's own RATE_LIMITED
     "TOO_LARGE": 502,  # a list reply over one control message: the edge's failure, relayed
     "UNEXPECTED_MESSAGE": 502,  # answers a message that is no request: never an expose
+    "INTERNAL_ERROR": 500,  # a bug while serving an agent's expose/unexpose (logged)
 }
 # Validator codes the edge never answers an expose with: the sandbox id is the session's (checked
 # at hello), the domain is configuration.
@@ -255,3 +257,37 @@ async def test_the_local_api_answers_the_edge_s_refusal_with_the_admin_api_s_sta
     assert stack.admin is not None
     r = await stack.admin.post("/v1/sandboxes/sb1/ports", json=body)
     assert (r.status_code, r.json()["code"]) == (status, code), r.text
+
+
+@pytest.mark.anyio
+async def test_a_failure_serving_the_agent_s_expose_is_answered_500_not_left_to_time_out(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Whatever goes wrong at the edge while it serves an agent's expose, the agent gets an
+    answer at once (500 INTERNAL_ERROR, the traceback only in the edge's log), not silence that
+    ends in its 504 EDGE_TIMEOUT after control_timeout."""
+    stack = await Stack(control_timeout=20.0).start()
+    try:
+        agent = await stack.agent("sb1")
+        api = await agent.serve_local_api("127.0.0.1", 0)
+
+        async def broken(sandbox_id: str, message: object) -> object:
+            raise RuntimeError("a bug in the expose path")
+
+        assert stack.edge is not None
+        stack.edge.expose_from_agent = broken  # type: ignore[method-assign,assignment]
+        try:
+            async with httpx.AsyncClient(
+                base_url=f"http://127.0.0.1:{api.port}", timeout=IO_TIMEOUT
+            ) as client:
+                r = await asyncio.wait_for(client.post("/v1/ports", json={"port": 8000}), 10)
+        finally:
+            await api.close()
+        assert (r.status_code, r.json()["code"]) == (500, "INTERNAL_ERROR"), r.text
+        assert "a bug in the expose path" not in r.text  # the detail stays in the edge's log
+        logged = [r for r in caplog.get_records("call") if "from the agent failed" in r.message]
+        assert logged and logged[0].exc_info is not None
+        for record in logged:  # expected here: not a crash for no_unhandled_errors
+            caplog.get_records("call").remove(record)
+    finally:
+        await stack.close()
