@@ -92,25 +92,32 @@ def abort_with_reset(transport: asyncio.Transport | None) -> None:
     ``transport.abort()`` alone sends FIN when nothing is left unread, which a client reading a
     response without a length takes for a complete body: an abnormal end must look abnormal.
     ``SO_LINGER`` with a zero timeout makes the kernel answer the close with RST instead.
+    A transport already closing gracefully is reset too while it still holds bytes it could
+    not send (a peer that does not read): ``abort()`` drops them, so the peer did not get
+    everything. One that handed everything to the kernel keeps its clean end.
     """
     if transport is None:
         return
-    set_reset_on_close(transport, True)
+    if not transport.is_closing() or transport.get_write_buffer_size():
+        _set_linger(transport, _LINGER_RESET)
     transport.abort()
 
 
 def set_reset_on_close(transport: asyncio.Transport, on: bool) -> None:
     """Arm (or disarm) ``SO_LINGER`` 0: while armed, *any* close of the socket is an RST, the
     kernel's own close of a process that died (kill -9) included. A graceful close must disarm
-    it first, or the RST would discard data still in flight."""
+    it first, or the RST would discard data still in flight. A closing transport is left as it
+    is (an abort may have armed it; only ``abort_with_reset`` arms one that is closing)."""
     if transport.is_closing():
         return
+    _set_linger(transport, _LINGER_RESET if on else _LINGER_OFF)
+
+
+def _set_linger(transport: asyncio.Transport, value: bytes) -> None:
     sock = transport.get_extra_info("socket")
     if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
         try:
-            sock.setsockopt(
-                socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET if on else _LINGER_OFF
-            )
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, value)
         except (OSError, ValueError):  # closed under us (uvloop: ValueError, fd -1)
             pass
 

@@ -140,6 +140,7 @@ class PublicConnection(StreamEndpoint):
         "_timer_activity",
         "_timer_kind",
         "_trailer",
+        "_unsent",
         "activity",
         "parser",
         "port",
@@ -181,6 +182,7 @@ class PublicConnection(StreamEndpoint):
         # timer compare it between two looks (cheaper than reading the clock per chunk).
         self.activity = 0
         self._seen_activity = -1
+        self._unsent = -1  # bytes a closing transport still held at the last idle look
 
     # -- connection ------------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -253,7 +255,15 @@ class PublicConnection(StreamEndpoint):
     def _on_timer(self) -> None:
         self._timer = None
         framer = self._framer
-        if self.transport is None or self.transport.is_closing():
+        transport = self.transport
+        if transport is None:
+            return
+        if transport.is_closing():
+            # A clean close waiting for the client to take the rest: keep-alive bounds it too.
+            if self._timer_kind == "keepalive" and transport.get_write_buffer_size():
+                if self.activity == self._timer_activity:
+                    self.close_idle()
+                self._arm_timer("keepalive")
             return
         if self._timer_kind == "head":
             if self.mux is None and framer.state is State.HEAD:
@@ -679,7 +689,22 @@ class PublicConnection(StreamEndpoint):
         and closes an idle keep-alive connection at once, which ends this one with a FIN, after
         any response it still had to finish). If it has not ended the stream by the next call
         (one more timeout of silence), the connection is cut with RST, as at shutdown (``end``).
-        Before any answer, or once the service ended, a graceful close."""
+        Before any answer, or once the service ended, a graceful close.
+
+        A clean close already under way whose client takes none of the rest (its transport
+        still holds the same unsent bytes as at the previous call) is cut with RST as well:
+        the client did not get everything, and nothing else would ever end it (its slot in
+        the connection limits, its buffer). Bytes the client took count as activity."""
+        transport = self.transport
+        if transport is not None and transport.is_closing():
+            unsent = transport.get_write_buffer_size()
+            if unsent and unsent != self._unsent:
+                self._unsent = unsent
+                self.activity += 1
+            elif unsent:
+                log.info("%s: the client takes nothing of a closing connection; reset", self._peer)
+                abort_with_reset(transport)
+            return
         mux = self.mux
         if (
             self._responded
