@@ -446,9 +446,12 @@ class RedisStore:
             async with asyncio.timeout(deadline or self._deadline):
                 return await operation
         except (RedisError, OSError, TimeoutError) as exc:
-            raise StoreError(
+            error = StoreError(
                 f"redis at {self.location}: {what} failed ({_describe(exc)}){self._hint(exc)}"
-            ) from None
+            )
+            # a write that may have reached Redis may still be applied (see _write)
+            error.outcome_unknown = not _before_sending(exc)
+            raise error from None
 
     def _hint(self, exc: BaseException) -> str:
         # A TLS handshake Redis refuses often ends in a reset, not an alert (the client's first
@@ -894,6 +897,15 @@ class RedisStore:
 
 class _ResyncWanted(Exception):
     """Internal: leave the subscription loop to resubscribe (:meth:`RedisStore.request_resync`)."""
+
+
+def _before_sending(exc: BaseException) -> bool:
+    """Whether ``exc`` ended a call before its command could reach Redis (no connection could
+    be made: refused, no such socket), so Redis cannot apply it later."""
+    if isinstance(exc, (ConnectionRefusedError, FileNotFoundError)):
+        return True
+    # redis-py's own message for a failed connect: "Error 111 connecting to host:port. ..."
+    return isinstance(exc, RedisError) and " connecting to " in str(exc)
 
 
 def _ms(seconds: float) -> int:

@@ -218,6 +218,14 @@ class Registry:
         except StoreError as exc:
             if self.on_write is not None:
                 self.on_write(time.monotonic() - started, False)
+            if exc.outcome_unknown:
+                raise RegistryError(
+                    503,
+                    "STORE_UNAVAILABLE",
+                    f"The store did not confirm the change ({exc}); it may still be applied. "
+                    "List the sandbox's ports to see whether it was: this edge follows what the "
+                    "store holds either way.",
+                ) from None
             raise RegistryError(
                 503,
                 "STORE_UNAVAILABLE",

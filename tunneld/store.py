@@ -92,7 +92,13 @@ _MIGRATIONS: Final[dict[int, str]] = {
 
 
 class StoreError(Exception):
-    """The store cannot be used: the message names the file and says what to do."""
+    """The store cannot be used: the message names the file and says what to do.
+
+    ``outcome_unknown``: a write that failed after it reached the store, which may still apply
+    it (a Redis command that timed out or lost its connection once sent): the caller must not be
+    told that nothing changed."""
+
+    outcome_unknown = False
 
 
 class StoredExposure(NamedTuple):

@@ -287,3 +287,45 @@ async def test_a_client_that_leaves_or_half_closes_during_the_wait(
     async with b.public(url) as client:  # the node goes on serving
         response = await client.get("/")
     assert (response.status_code, response.content) == (200, b"hello from origin")
+
+
+async def test_a_write_redis_may_still_apply_is_not_answered_nothing_changed(
+    cluster: Cluster,
+) -> None:
+    """A 503 STORE_UNAVAILABLE says "nothing changed" only when it is true. A command sent to a
+    hung Redis (SIGSTOP: the kernel takes it, nobody answers) times out, but Redis runs it once
+    it resumes: that answer says the change may still be applied, and the change does reach
+    every node's view, the writer's included. A command that could not be sent at all (Redis
+    stopped: the connect fails) changed nothing, and the answer says so."""
+    a = await cluster.node("node-a")
+    b = await cluster.node("node-b")
+    await cluster.agent(b, "sb1")
+    r = await a.admin.post("/v1/sandboxes/sb1/ports", json={"port": 9000})
+    assert r.status_code == 200, r.text  # (and Redis has the write script: EVALSHA finds it)
+
+    cluster.redis.pause()
+    try:
+        r = await a.admin.post("/v1/sandboxes/sb1/ports", json={"port": 9001})
+    finally:
+        cluster.redis.resume()
+    body = r.json()
+    assert (r.status_code, body["code"]) == (503, "STORE_UNAVAILABLE"), r.text
+    assert "may still be applied" in body["error"] and "nothing changed" not in body["error"]
+    held = [9000, 9001]  # Redis ran it once resumed: every view, the writer's too, follows
+    for node in (a, b):
+        await wait_for(
+            lambda n=node: [e.port for e in n.edge.registry.exposures("sb1")] == held,
+            what=f"{node.edge.cluster.node_id}'s view to follow Redis",
+        )
+    assert sorted(r.port for r in await a.store.load_all() if r.sandbox_id == "sb1") == held
+    listed = await a.admin.get("/v1/sandboxes/sb1/ports")
+    assert [p["port"] for p in listed.json()["ports"]] == held
+
+    cluster.redis.stop()
+    r = await a.admin.post("/v1/sandboxes/sb1/ports", json={"port": 9002})
+    body = r.json()
+    assert (r.status_code, body["code"]) == (503, "STORE_UNAVAILABLE"), r.text
+    assert "nothing changed" in body["error"] and "may still" not in body["error"]
+    cluster.redis.start()
+    await wait_for(lambda: a.store.feed_connected, what="A's feed to resync")
+    assert [e.port for e in a.edge.registry.exposures("sb1")] == held
