@@ -341,6 +341,11 @@ class Session:
         return self._terminated
 
     @property
+    def dead_timeout(self) -> float:
+        """Seconds without a byte from the peer after which the session is over."""
+        return self._dead_timeout
+
+    @property
     def stream_count(self) -> int:
         return len(self._streams)
 

@@ -48,6 +48,8 @@ log = logging.getLogger("tunnel.mux")
 # RateLimitedLog of its own (``MuxProtocol.link_log``), this one serves the others.
 _LINK_CLOSED: Final = "'agent link closed' lines"
 _LINK_LOG: Final = RateLimitedLog(log, _LINK_CLOSED, level=logging.INFO)
+# Peers that stopped reading before their session's last bytes went out (see _check_drain)
+_DRAIN_LOG: Final = RateLimitedLog(log, "warnings about peers reset after their session ended")
 
 
 def link_closed_log(now: float) -> RateLimitedLog:
@@ -310,6 +312,9 @@ class MuxProtocol(DeferredFlush, asyncio.BufferedProtocol):
         self._timer_at: float | None = None
         self._flush_scheduled = False
         self._read_paused = False  # the tunnel socket, past TUNNEL_OUTPUT_CAP
+        # After the session ended: the unsent bytes at the last look (see _check_drain)
+        self._drain_timer: asyncio.TimerHandle | None = None
+        self._drain_left = -1
         # WebSocket carriage of the session (relay/wslink.py): set by the agent before connecting,
         # or by the edge once the first bytes (``_sniff``) turn out to be an HTTP upgrade.
         self.link: WebSocketLink | None = None
@@ -390,6 +395,9 @@ class MuxProtocol(DeferredFlush, asyncio.BufferedProtocol):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        if self._drain_timer is not None:
+            self._drain_timer.cancel()
+            self._drain_timer = None
         if not self.session.closed:
             # The peer vanished without GO_AWAY: treat as a dead link.
             self.session.close(GoAwayCode.INTERNAL_ERROR)
@@ -482,15 +490,45 @@ class MuxProtocol(DeferredFlush, asyncio.BufferedProtocol):
                     return
             elif not data or self._write_paused or not session.has_data_to_send():
                 break
-        if self.session.closed and not self.session.has_data_to_send():
-            transport.close()
-            return
+        if self.session.closed:
+            if self._drain_left < 0:
+                self._drain_left = transport.get_write_buffer_size()
+                self._drain_timer = self.loop.call_later(
+                    self.session.dead_timeout, self._check_drain
+                )
+            if not self.session.has_data_to_send():
+                transport.close()
+                return
         at = self.session.get_timer()
         if at != self._timer_at:
             if self._timer is not None:
                 self._timer.cancel()
             self._timer_at = at
             self._timer = None if at is None else self.loop.call_at(at, self._on_timer)
+
+    def _check_drain(self) -> None:
+        """The session ended, and its last bytes (GO_AWAY, the streams' last frames) are still
+        going out. A peer that reads nothing would keep this connection, its buffers and its
+        place in the edge's tables for ever (the kernel probes a zero window without end), so
+        once a ``dead_timeout`` passes without it taking a byte, the connection is reset."""
+        self._drain_timer = None
+        transport = self.transport
+        if transport is None:
+            return
+        left = transport.get_write_buffer_size()
+        if left and left != self._drain_left:  # it took bytes since the last look
+            self._drain_left = left
+            self._drain_timer = self.loop.call_later(self.session.dead_timeout, self._check_drain)
+            return
+        _DRAIN_LOG.log(
+            self.loop.time(),
+            "%s: the peer read nothing for %gs after the session ended (%d bytes unsent); "
+            "connection reset",
+            self.describe(),
+            self.session.dead_timeout,
+            left,
+        )
+        abort_with_reset(transport)
 
     def release_shared(self, stream_id: int) -> None:
         """After ``send_data`` with a view of the shared buffer: retire it if still referenced."""
