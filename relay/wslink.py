@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Final
 
 from wsproto import ConnectionType, WSConnection
+from wsproto.connection import ConnectionState
 from wsproto.events import (
     AcceptConnection,
     BytesMessage,
@@ -89,5 +90,9 @@ class WebSocketLink:
         return bytes(session), bytes(reply)
 
     def wrap(self, buffers: list[bytes | memoryview]) -> bytes:
-        """Session output as one binary message."""
+        """Session output as one binary message; nothing once the WebSocket is closing or closed
+        (after a Close the socket may stay open while our reply drains, and the session may
+        still flush: its heartbeat, its GO_AWAY at shutdown)."""
+        if self._ws.state is not ConnectionState.OPEN:
+            return b""
         return self._ws.send(BytesMessage(data=b"".join(buffers)))
