@@ -359,6 +359,10 @@ class PublicConnection(StreamEndpoint):
             session: EdgeSession | None = state.session
             if session is None or not session.can_open_streams():
                 if server.cluster is not None:
+                    if self._framer.state is State.DONE:
+                        # What came with the head was refused already (more than an upgrade
+                        # may hold): its HeadError follows in this batch and is answered here.
+                        return True
                     # Its agent is on another node of the cluster: hand the connection on.
                     self.port = route.port
                     self.sandbox_id = route.sandbox_id

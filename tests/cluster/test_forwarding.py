@@ -15,6 +15,7 @@ from protocol.session import Role, Session
 from relay.mux import MuxProtocol, abort_with_reset
 from tests.e2e.origin import pattern_sha256
 from tests.faults.origins import ScriptedOrigin
+from tunneld.framing import MAX_UPGRADE_HOLD
 from tunneld.nodelink import node_link_token, verify_node_link_token
 
 from .nodes import Cluster, Node, wait_for
@@ -88,6 +89,28 @@ async def test_the_owner_checks_every_forwarded_request(cluster: Cluster) -> Non
     assert answer.count(b"hello from origin") == 1, answer
     assert b"6.6.6.6" not in answer and b'"x-sandbox-name","sb1"' in answer
     assert b"HTTP/1.1 421 " in answer
+
+
+async def test_too_much_sent_behind_an_upgrade_is_a_400_on_the_landing_node(
+    cluster: Cluster, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An upgrade request with more than MAX_UPGRADE_HOLD bytes behind it in one read, landing on
+    a node that would forward it: the landing node's framer has already refused those bytes when
+    the head is routed, so it answers the 400 itself (as the owner would), not a traceback per
+    connection from handing a refused connection on."""
+    nodes, url, _port = await _three_nodes_agent_on_b(cluster)
+    head = (
+        b"GET /ws HTTP/1.1\r\nHost: " + _host(url).encode() + b"\r\nConnection: Upgrade\r\n"
+        b"Upgrade: websocket\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+        b"Sec-WebSocket-Version: 13\r\n\r\n"
+    )
+    answer = await raw_exchange(nodes[2].edge.public_port, head + b"x" * (MAX_UPGRADE_HOLD + 1))
+    assert answer.startswith(b"HTTP/1.1 400 "), answer[:200]
+    assert b"Too many bytes sent before the upgrade was accepted" in answer
+    crashes = [r for r in caplog.records if r.exc_info is not None or r.levelname == "ERROR"]
+    assert not crashes, [r.getMessage() for r in crashes]
+    async with nodes[2].public(url) as client:  # the node still serves
+        assert (await client.get("/")).status_code == 200
 
 
 async def test_a_websocket_across_the_forwarded_hop(cluster: Cluster) -> None:
@@ -239,12 +262,8 @@ def test_node_link_tokens_expire_and_bind_the_node_id() -> None:
     assert not verify_node_link_token("s3cret", "node-a", "garbage", now=1_000_000)
 
 
-async def test_an_outage_longer_than_the_lease_ends_with_the_owner_claiming_again(
-    cluster: Cluster,
-) -> None:
-    """Redis away for longer than the lease: the owner keeps serving its own clients, the
-    lease expires in Redis meanwhile, and once Redis is back the owner claims the sandbox again
-    (nobody else did) and the other nodes forward to it again."""
+async def _owner_a_short_leases(cluster: Cluster) -> tuple[Node, Node, str]:
+    """Nodes A and B with 1 s leases, sb1's agent on A, a port exposed through B: A, B, URL."""
     a = await cluster.node("node-a", lease_s=1.0)
     b = await cluster.node("node-b", lease_s=1.0)
     origin = await cluster.origin()
@@ -252,15 +271,11 @@ async def test_an_outage_longer_than_the_lease_ends_with_the_owner_claiming_agai
     r = await b.admin.post("/v1/sandboxes/sb1/ports", json={"port": origin.port})
     url = r.json()["exposedAt"]
     await wait_for(lambda: b.edge.cluster.owners.get("sb1", ("",))[0] == "node-a", what="owner")
-    first = a.edge.cluster.epochs["sb1"]
+    return a, b, url
 
-    cluster.redis.stop()
-    async with a.public(url) as client:  # the owner serves its own clients throughout
-        for _ in range(5):
-            assert (await client.get("/")).status_code == 200
-            await asyncio.sleep(0.5)
-    cluster.redis.start()  # same data (appendonly): the lease has expired meanwhile
 
+async def _claimed_again_and_forwarded(a: Node, b: Node, url: str, first: int) -> None:
+    """A claims sb1 again with a newer epoch than ``first``, B learns it and forwards to A."""
     await wait_for(lambda: a.edge.cluster.epochs.get("sb1", 0) > first, 15, "node-a to claim again")
     await wait_for(
         lambda: b.edge.cluster.owners.get("sb1") == ("node-a", a.edge.cluster.epochs["sb1"]),
@@ -270,6 +285,24 @@ async def test_an_outage_longer_than_the_lease_ends_with_the_owner_claiming_agai
     async with b.public(url) as client:
         r = await client.get("/")
     assert (r.status_code, r.content) == (200, b"hello from origin")
+
+
+async def test_an_outage_longer_than_the_lease_ends_with_the_owner_claiming_again(
+    cluster: Cluster,
+) -> None:
+    """Redis away for longer than the lease: the owner keeps serving its own clients, the
+    lease expires in Redis meanwhile, and once Redis is back the owner claims the sandbox again
+    (nobody else did) and the other nodes forward to it again."""
+    a, b, url = await _owner_a_short_leases(cluster)
+    first = a.edge.cluster.epochs["sb1"]
+
+    cluster.redis.stop()
+    async with a.public(url) as client:  # the owner serves its own clients throughout
+        for _ in range(5):
+            assert (await client.get("/")).status_code == 200
+            await asyncio.sleep(0.5)
+    cluster.redis.start()  # same data (appendonly): the lease has expired meanwhile
+    await _claimed_again_and_forwarded(a, b, url, first)
 
 
 async def test_a_claim_after_an_outage_never_precedes_the_owners_node_record(
@@ -282,13 +315,7 @@ async def test_a_claim_after_an_outage_never_precedes_the_owners_node_record(
     claim must not become visible before it: they would answer 502 NODE_UNREACHABLE for a
     sandbox whose owner is up. The record's renewal loop is stopped here, the worst case of its
     timing: only the claim itself can bring the record back."""
-    a = await cluster.node("node-a", lease_s=1.0)
-    b = await cluster.node("node-b", lease_s=1.0)
-    origin = await cluster.origin()
-    await cluster.agent(a, "sb1")
-    r = await b.admin.post("/v1/sandboxes/sb1/ports", json={"port": origin.port})
-    url = r.json()["exposedAt"]
-    await wait_for(lambda: b.edge.cluster.owners.get("sb1", ("",))[0] == "node-a", what="owner")
+    a, b, url = await _owner_a_short_leases(cluster)
     first = a.edge.cluster.epochs["sb1"]
     renew_node = next(t for t in a.edge.cluster._loops if t.get_name() == "tunneld-cluster-node")
     renew_node.cancel()
@@ -299,14 +326,7 @@ async def test_a_claim_after_an_outage_never_precedes_the_owners_node_record(
 
     await wait_for(lambda: a.edge.cluster.epochs.get("sb1", 0) > first, 15, "node-a to claim again")
     assert "node-a" in await b.edge.cluster.store.nodes()  # written before the claim
-    await wait_for(
-        lambda: b.edge.cluster.owners.get("sb1") == ("node-a", a.edge.cluster.epochs["sb1"]),
-        15,
-        "node-b to learn the new epoch",
-    )
-    async with b.public(url) as client:
-        r = await client.get("/")
-    assert (r.status_code, r.content) == (200, b"hello from origin")
+    await _claimed_again_and_forwarded(a, b, url, first)
 
 
 async def test_a_node_restarted_under_the_same_id_is_found_at_its_new_address(
