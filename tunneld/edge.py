@@ -852,6 +852,9 @@ class EdgeServer:
         for task in list(self.background):
             task.cancel()
         await self.admin.close()
+        # Changes still being written (their callers may be gone) settle into the view first;
+        # bounded: a write the disk holds up past this is left to the store's close.
+        await self.registry.wait_writes(self.registry.write_timeout)
         self.access_writer.flush()
         await self.registry.store.close()
 

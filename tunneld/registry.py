@@ -17,6 +17,16 @@ serialized by a per-sandbox lock, so the cap and the token-uniqueness checks see
 change of that sandbox; different sandboxes write concurrently (the SQLite writer commits them
 together). The plain ``expose`` / ``unexpose`` change only the view (tests, memory-only use).
 
+A change's caller never waits without a bound, and the view follows the store whatever the
+caller does. The write and the change of the view run as one task, shielded from the caller
+(``_write_then_apply``): a caller cancelled meanwhile, or answered 503 "may still be applied"
+because the store could not tell the outcome in time (a SQLite write still running past its
+write timeout: ``StoreError.outcome``), leaves the task to wait for the real outcome, apply the
+change if it committed, and only then give the sandbox's lock back. A later change of that
+sandbox waits for the lock at most the store's write timeout, then is refused (503, nothing
+changed). A Redis write that timed out is not followed here: its echo on the feed applies it
+(``apply_remote_put``).
+
 Each sandbox holds at most ``max_exposures`` exposures (at most 1024, the control codec's list
 bound), so stored state stays bounded; the edge sends a reconnecting agent whatever does not fit
 its welcome as Expose requests (``EdgeSession._send_welcome``), so any such set reconnects.
@@ -36,7 +46,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 from protocol.hostnames import (
     DEFAULT_OPTIONS,
@@ -52,9 +62,11 @@ from protocol.hostnames import (
     validate_sandbox_id,
 )
 
-from .store import MemoryStore, Store, StoredExposure, StoreError
+from .store import WRITE_TIMEOUT, MemoryStore, Store, StoredExposure, StoreError
 
 log = logging.getLogger("tunneld")
+
+_T = TypeVar("_T")
 
 # Exposures per sandbox: far above what a dev server uses (a handful), and with the longest names
 # and a domain of up to ~100 characters the welcome stays under the 64 KiB control-message limit.
@@ -121,6 +133,12 @@ class Registry:
         self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
         # Told how long each store write took and whether it succeeded (the edge's metrics)
         self.on_write: Callable[[float, bool], None] | None = None
+        # Changes being written (_write_then_apply): they hold their sandbox's lock
+        self._writing: set[asyncio.Task[None]] = set()
+        # Told (sandbox, port, the record exposed or None: unexposed) when a change answered 503
+        # "may still be applied" was saved after all and applied to the view, for what follows
+        # the view beyond it (the agent, a tcp exposure's listener)
+        self.on_late_change: Callable[[str, int, ExposureRecord | None], None] | None = None
 
     # -- lookups ---------------------------------------------------------------------------------
     def get(self, sandbox_id: str) -> SandboxState | None:
@@ -154,6 +172,13 @@ class Registry:
         return state
 
     # -- exposures, durable -----------------------------------------------------------------------
+    @property
+    def write_timeout(self) -> float:
+        """How long a change waits for the store, and for an earlier change of its sandbox to be
+        written: the store's own write timeout (``SqliteStore.write_timeout``), else
+        ``WRITE_TIMEOUT`` (a Redis command has a shorter deadline of its own)."""
+        return float(getattr(self.store, "write_timeout", WRITE_TIMEOUT))
+
     async def commit_expose(
         self,
         sandbox_id: str,
@@ -169,20 +194,35 @@ class Registry:
         ``assign_port``: awaited once every rule passed (the caps, the token), still under the
         sandbox's lock, for a public TCP port to bind (None: keep the one it has), so that an
         expose the rules refuse never binds one (``TcpExposures.commit_expose``)."""
-        async with self._sandbox_lock(sandbox_id):
+        lock = await self._lock_for_change(sandbox_id)
+        new_sandbox = False
+        handed = False
+        try:
             new_sandbox = self._check_room(sandbox_id)
             self._new_sandboxes += new_sandbox
-            try:
-                record = self._prepare(sandbox_id, port, name, token, None, options, public_port)
-                if assign_port is not None:
-                    assigned = await assign_port()
-                    if assigned is not None:
-                        record.public_port = assigned
-                await self._write(self.store.put(record.stored(sandbox_id)))
+            record = self._prepare(sandbox_id, port, name, token, None, options, public_port)
+            if assign_port is not None:
+                assigned = await assign_port()
+                if assigned is not None:
+                    record.public_port = assigned
+            stored = record.stored(sandbox_id)
+
+            def apply() -> ExposureRecord:
                 self._apply(sandbox_id, record)
-            finally:
+                return record
+
+            def release() -> None:
+                self._new_sandboxes -= new_sandbox  # the slot is held until the outcome is known
+                self._unlock(sandbox_id, lock)
+
+            handed = True
+            return await self._write_then_apply(
+                sandbox_id, port, record, lambda: self.store.put(stored), apply, release
+            )
+        finally:
+            if not handed:
                 self._new_sandboxes -= new_sandbox
-            return record
+                self._unlock(sandbox_id, lock)
 
     def _check_room(self, sandbox_id: str) -> bool:
         """Whether an expose of ``sandbox_id`` would be its first (a new sandbox with exposures);
@@ -204,51 +244,186 @@ class Registry:
 
     async def commit_unexpose(self, sandbox_id: str, port: int) -> bool:
         """``unexpose``, answered only once the store has forgotten the record."""
-        async with self._sandbox_lock(sandbox_id):
-            state = self._sandboxes.get(sandbox_id)
-            if state is None or port not in state.exposures:
-                return False
-            await self._write(self.store.delete(sandbox_id, port))
-            return self.unexpose(sandbox_id, port)
+        lock = await self._lock_for_change(sandbox_id)
+        state = self._sandboxes.get(sandbox_id)
+        if state is None or port not in state.exposures:
+            self._unlock(sandbox_id, lock)
+            return False
+        return await self._write_then_apply(
+            sandbox_id,
+            port,
+            None,
+            lambda: self.store.delete(sandbox_id, port),
+            lambda: self.unexpose(sandbox_id, port),
+            lambda: self._unlock(sandbox_id, lock),
+        )
 
-    async def _write(self, operation: Any) -> None:
+    async def _write_then_apply(
+        self,
+        sandbox_id: str,
+        port: int,
+        record: ExposureRecord | None,
+        write: Callable[[], Awaitable[None]],
+        apply: Callable[[], _T],
+        release: Callable[[], None],
+    ) -> _T:
+        """Write, then apply the change to the view once the store has it; ``release`` (the
+        sandbox's lock) when the write's real outcome is known.
+
+        This runs as a task of its own, shielded from the caller: a caller cancelled (an edge
+        stopping, a client gone) leaves the view following the store all the same. The caller
+        gets the answer: the change applied, or 503 ``STORE_UNAVAILABLE``, also when the store
+        cannot tell the outcome in time (a write still running past its timeout, which may
+        still commit): the task then waits for that outcome and applies the change only if the
+        write committed, holding the sandbox's lock until then so that no later change of it
+        passes the one in flight (they wait, bounded: ``_lock_for_change``)."""
+        loop = asyncio.get_running_loop()
+        answer: asyncio.Future[_T] = loop.create_future()
+        answer.add_done_callback(_retrieve)  # a caller gone never reads it
+        task = loop.create_task(
+            self._settle(sandbox_id, port, record, write, apply, release, answer)
+        )
+        self._writing.add(task)
+        task.add_done_callback(self._writing.discard)
+        return await asyncio.shield(answer)
+
+    async def _settle(
+        self,
+        sandbox_id: str,
+        port: int,
+        record: ExposureRecord | None,
+        write: Callable[[], Awaitable[None]],
+        apply: Callable[[], _T],
+        release: Callable[[], None],
+        answer: asyncio.Future[_T],
+    ) -> None:
         started = time.monotonic()
+        what = f"the {'expose' if record is not None else 'unexpose'} of port {port}"
         try:
-            await operation
-        except StoreError as exc:
+            try:
+                await write()
+            except StoreError as exc:
+                if self.on_write is not None:
+                    self.on_write(time.monotonic() - started, False)
+                _answer(answer, error=self._refusal(exc))
+                if exc.outcome is None:
+                    return  # not written, or (Redis) its echo tells this view if it was
+                try:
+                    await asyncio.shield(exc.outcome)
+                except StoreError:
+                    log.warning(
+                        "sandbox %s: %s (answered 503, outcome unknown) was not saved after all "
+                        "(%.1fs); nothing changed",
+                        sandbox_id,
+                        what,
+                        time.monotonic() - started,
+                    )
+                    return
+                apply()
+                log.warning(
+                    "sandbox %s: %s (answered 503, outcome unknown) was saved after all (%.1fs); "
+                    "this edge now holds it",
+                    sandbox_id,
+                    what,
+                    time.monotonic() - started,
+                )
+                if self.on_late_change is not None:
+                    self.on_late_change(sandbox_id, port, record)
+                return
             if self.on_write is not None:
-                self.on_write(time.monotonic() - started, False)
-            if exc.outcome_unknown:
-                raise RegistryError(
-                    503,
-                    "STORE_UNAVAILABLE",
-                    f"The store did not confirm the change ({exc}); it may still be applied. "
-                    "List the sandbox's ports to see whether it was: this edge follows what the "
-                    "store holds either way.",
-                ) from None
+                self.on_write(time.monotonic() - started, True)
+            _answer(answer, result=apply())
+        except asyncio.CancelledError:
+            # only at an edge's stop, past its wait (wait_writes): the store decides
+            _answer(answer, error=_may_still_apply(f"{what} was still being written at stop"))
+            raise
+        except Exception as exc:  # a bug: the caller's answer (a 500), not a lost task
+            if answer.done():
+                log.exception("sandbox %s: %s: following its outcome failed", sandbox_id, what)
+            _answer(answer, error=exc)
+        finally:
+            release()
+
+    async def wait_writes(self, timeout: float) -> int:
+        """Wait up to ``timeout`` for the changes still being written (the view then follows
+        their outcome); cancel what is left (the store decides about those). How many were
+        left."""
+        pending = set(self._writing)
+        if pending:
+            _, pending = await asyncio.wait(pending, timeout=timeout)
+        if pending:
+            log.warning(
+                "%d change(s) still being written after %gs at stop: the store decides whether "
+                "they were saved",
+                len(pending),
+                timeout,
+            )
+            for task in pending:
+                task.cancel()
+            await asyncio.wait(pending, timeout=1)
+        return len(pending)
+
+    @staticmethod
+    def _refusal(exc: StoreError) -> RegistryError:
+        if exc.outcome_unknown:
+            return _may_still_apply(str(exc))
+        return RegistryError(
+            503,
+            "STORE_UNAVAILABLE",
+            f"The change could not be saved ({exc}); nothing changed. See the tunneld log.",
+        )
+
+    async def _lock_for_change(self, sandbox_id: str) -> asyncio.Lock:
+        """The sandbox's lock, for a change: waited for at most ``write_timeout``, then 503
+        ``STORE_UNAVAILABLE`` (an earlier change of it is still being written; nothing changed).
+        The caller releases it with ``_unlock``."""
+        lock = self._lock_user(sandbox_id)
+        timeout = self.write_timeout
+        try:
+            async with asyncio.timeout(timeout):
+                await lock.acquire()
+        except TimeoutError:
+            self._drop_lock_user(sandbox_id)
             raise RegistryError(
                 503,
                 "STORE_UNAVAILABLE",
-                f"The change could not be saved ({exc}); nothing changed. See the tunneld log.",
+                f"An earlier change of sandbox {sandbox_id} is still being written (waited "
+                f"{timeout:g}s for the store); nothing changed. List the sandbox's ports to see "
+                "where it stands, and retry. See the tunneld log.",
             ) from None
-        if self.on_write is not None:
-            self.on_write(time.monotonic() - started, True)
+        except BaseException:
+            self._drop_lock_user(sandbox_id)
+            raise
+        return lock
+
+    def _unlock(self, sandbox_id: str, lock: asyncio.Lock) -> None:
+        lock.release()
+        self._drop_lock_user(sandbox_id)
 
     @asynccontextmanager
     async def _sandbox_lock(self, sandbox_id: str) -> AsyncIterator[None]:
-        lock, users = self._locks.get(sandbox_id, (None, 0))
-        if lock is None:
-            lock = asyncio.Lock()
-        self._locks[sandbox_id] = (lock, users + 1)
+        """The sandbox's lock, waited for without a bound (a change from a shared store's feed:
+        it must land, and local writes with such a store are bounded by the store)."""
+        lock = self._lock_user(sandbox_id)
         try:
             async with lock:
                 yield
         finally:
-            lock, users = self._locks[sandbox_id]
-            if users == 1:
-                del self._locks[sandbox_id]
-            else:
-                self._locks[sandbox_id] = (lock, users - 1)
+            self._drop_lock_user(sandbox_id)
+
+    def _lock_user(self, sandbox_id: str) -> asyncio.Lock:
+        lock, users = self._locks.get(sandbox_id, (None, 0))
+        if lock is None:
+            lock = asyncio.Lock()
+        self._locks[sandbox_id] = (lock, users + 1)
+        return lock
+
+    def _drop_lock_user(self, sandbox_id: str) -> None:
+        lock, users = self._locks[sandbox_id]
+        if users == 1:
+            del self._locks[sandbox_id]
+        else:
+            self._locks[sandbox_id] = (lock, users - 1)
 
     def load(self, records: Iterable[StoredExposure]) -> int:
         """Install stored exposures at start-up; StoreError on a record the rules refuse."""
@@ -456,6 +631,32 @@ class Registry:
     def _forget_if_empty(self, state: SandboxState) -> None:
         if not state.exposures and state.session is None:
             self._sandboxes.pop(state.sandbox_id, None)
+
+
+def _may_still_apply(why: str) -> RegistryError:
+    return RegistryError(
+        503,
+        "STORE_UNAVAILABLE",
+        f"The store did not confirm the change ({why}); it may still be applied. List the "
+        "sandbox's ports to see whether it was: this edge follows what the store holds either "
+        "way.",
+    )
+
+
+def _answer(
+    answer: asyncio.Future[_T], result: Any = None, error: BaseException | None = None
+) -> None:
+    if answer.done():
+        return
+    if error is not None:
+        answer.set_exception(error)
+    else:
+        answer.set_result(result)
+
+
+def _retrieve(answer: asyncio.Future[Any]) -> None:
+    if not answer.cancelled():
+        answer.exception()
 
 
 def _stored_options(r: StoredExposure) -> ExposureOptions:

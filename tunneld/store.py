@@ -64,9 +64,11 @@ SCHEMA_VERSION: Final = 2
 # Operations one commit may carry: big enough that a burst of exposes shares a few fsyncs,
 # small enough that one transaction never holds the write lock for long.
 MAX_BATCH: Final = 512
-# A write the writer has not started after this long (a hung disk, a stuck NFS mount, a lock
-# held elsewhere) is dropped and reported as a store failure instead of holding the API request
-# open forever; one it has started is waited for: its outcome decides the answer (_submit).
+# How long a caller waits for its write (a hung disk, a stuck NFS mount, a lock held elsewhere):
+# one the writer has not started by then is dropped (never written: "nothing changed"); one it
+# has started may still commit, so its caller is told the outcome is unknown and handed the
+# write's real outcome to follow (StoreError.outcome; the registry applies the change if it
+# commits). Nobody waits on a write without bound (_submit).
 WRITE_TIMEOUT: Final = 30.0
 
 _MIGRATIONS: Final[dict[int, str]] = {
@@ -96,9 +98,15 @@ class StoreError(Exception):
 
     ``outcome_unknown``: a write that failed after it reached the store, which may still apply
     it (a Redis command that timed out or lost its connection once sent): the caller must not be
-    told that nothing changed."""
+    told that nothing changed.
+
+    ``outcome``: for a write still running when its caller's time was up (SQLite: the writer had
+    started it), the future of its real outcome: None once it committed, a StoreError if it was
+    not written. Whoever keeps a view of the store follows it (``Registry``); None when nobody
+    can tell (Redis: the feed's echo of the write says whether it was applied)."""
 
     outcome_unknown = False
+    outcome: asyncio.Future[None] | None = None
 
 
 class StoredExposure(NamedTuple):
@@ -333,7 +341,7 @@ class SqliteStore:
         self._thread: threading.Thread | None = None
         self._closed = False
         self.write_timeout = WRITE_TIMEOUT
-        self._slow = 0  # callers waiting for a write that outlasted write_timeout
+        self._slow = 0  # writes still running past write_timeout (answered already)
         # The files this connection writes: one deleted or replaced under us would take every
         # later write where no restart finds it (checked before each batch: _files_moved).
         self._files = _file_ids(self.path)
@@ -457,9 +465,8 @@ class SqliteStore:
             await asyncio.wait_for(asyncio.shield(done), self.write_timeout)
             return
         except (TimeoutError, asyncio.CancelledError) as exc:
-            # An error must mean "nothing changed": an op the writer has not taken yet is
-            # dropped (skipped when its turn comes); one it took may still commit, so its
-            # outcome is the answer, however long the disk takes.
+            # "Nothing changed" only where it is true: an op the writer has not taken yet is
+            # dropped (skipped when its turn comes); one it took may still commit.
             with self._states:
                 if op.state == _QUEUED:
                     op.state = _DROPPED
@@ -472,17 +479,29 @@ class SqliteStore:
                 ) from None
             if isinstance(exc, asyncio.CancelledError):
                 raise  # the caller is gone; the change lands (or not) as the writer finishes
+        # Started and still running (a hung disk, a lock held elsewhere): the caller is answered
+        # now, not when the disk is done, and handed the real outcome to follow.
         if not self._slow:  # said once while writes are that slow, not once per caller
             log.warning(
-                "%s: a write has run for over %gs; its callers wait for the disk to finish it",
+                "%s: a write has run for over %gs: answered 503 STORE_UNAVAILABLE (it may still "
+                "commit; the change is applied if it does)",
                 self.path,
                 self.write_timeout,
             )
         self._slow += 1
-        try:
-            await done
-        finally:
-            self._slow -= 1
+        done.add_done_callback(self._slow_write_ended)
+        error = StoreError(
+            f"{self.path}: the write has run for over {self.write_timeout:g}s (the disk or the "
+            "database lock is held up) and may still commit"
+        )
+        error.outcome_unknown = True
+        error.outcome = done
+        raise error
+
+    def _slow_write_ended(self, done: asyncio.Future[None]) -> None:
+        self._slow -= 1
+        if not done.cancelled():
+            done.exception()  # seen here: a caller that did not follow it logs no warning
 
     def _writer(self) -> None:
         conn = self._conn
