@@ -379,7 +379,7 @@ class MuxProtocol(DeferredFlush, asyncio.BufferedProtocol):
                 if exc.reply:
                     self.transport.write(exc.reply)
                 self.transport.close()
-            return b""
+            return exc.session  # what came before the end still reaches the session
         if reply and self.transport is not None:
             self.transport.write(reply)  # a pong or a close reply: capped like any other output
             self._cap_output(self.transport)

@@ -32,11 +32,14 @@ MAX_HANDSHAKE: Final = 16 * 1024
 
 class LinkClosed(Exception):
     """The WebSocket link is over (closed, refused, or the peer broke the protocol); ``reply`` is
-    what still has to be written before closing (a refusal, a close frame)."""
+    what still has to be written before closing (a refusal, a close frame); ``session`` the
+    session bytes of the messages that came before it in the same read (a GO_AWAY sent just
+    before a Close), still to be given to the session."""
 
     def __init__(self, message: str, reply: bytes = b"") -> None:
         super().__init__(message)
         self.reply = reply
+        self.session = b""
 
 
 class WebSocketLink:
@@ -57,9 +60,9 @@ class WebSocketLink:
             self._seen += len(data)
             if self._seen > MAX_HANDSHAKE:
                 raise LinkClosed("WebSocket handshake too large")
+        session = bytearray()
         try:
             self._ws.receive_data(bytes(data))
-            session = bytearray()
             reply = bytearray()
             for event in self._ws.events():
                 if isinstance(event, BytesMessage):
@@ -85,8 +88,13 @@ class WebSocketLink:
                     raise LinkClosed(f"WebSocket upgrade refused with HTTP {event.status_code}")
                 elif isinstance(event, TextMessage):
                     raise LinkClosed("text message on the agent link")
+        except LinkClosed as exc:
+            exc.session = bytes(session)
+            raise
         except (LocalProtocolError, RemoteProtocolError) as exc:
-            raise LinkClosed(f"WebSocket protocol error: {exc}") from None
+            closed = LinkClosed(f"WebSocket protocol error: {exc}")
+            closed.session = bytes(session)
+            raise closed from None
         return bytes(session), bytes(reply)
 
     def wrap(self, buffers: list[bytes | memoryview]) -> bytes:

@@ -187,6 +187,28 @@ async def test_a_close_gets_a_close_and_the_edge_ends_the_session(
     assert [m for m in log_messages(link_log, "sandbox sb1") if "after" in m], "end not logged"
 
 
+async def test_session_bytes_read_with_a_close_still_reach_the_session(
+    stack: Stack,  # noqa: F811
+    link_log: pytest.LogCaptureFixture,
+) -> None:
+    """A GO_AWAY and a Close in one read: the GO_AWAY in front of the Close is not dropped with
+    the link, so the edge logs the agent's orderly end, not a lost link."""
+    peer = await _hostile_agent(stack)
+    try:
+        peer.session.close()  # GO_AWAY(NORMAL), sent in the same write as the Close
+        data = b"".join(peer.session.data_to_send())
+        peer.writer.write(
+            peer.ws.send(wse.BytesMessage(data=data))
+            + peer.ws.send(wse.CloseConnection(code=1000, reason="bye"))
+        )
+        await peer.closed()
+    finally:
+        peer.close()
+    await wait_until(lambda: _no_session_left(stack), 10, "the edge to drop the session")
+    ends = [m for m in log_messages(link_log, "sandbox sb1") if " after " in m]
+    assert ends and "ended after" in ends[0] and "NORMAL by the agent" in ends[0], ends
+
+
 async def test_a_text_message_ends_the_link(
     stack: Stack,  # noqa: F811
     link_log: pytest.LogCaptureFixture,
