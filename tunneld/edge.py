@@ -629,6 +629,7 @@ class EdgeServer:
             public_open=lambda: len(self.public_connections),
         )
         self.registry.on_write = self.metrics.store_write
+        self.registry.on_late_change = self._late_change
 
     def admit_agent(
         self,
@@ -1039,8 +1040,19 @@ class EdgeServer:
                     len(removed),
                 )
 
-    def _remote_exposed(self, sandbox_id: str, record: ExposureRecord) -> None:
-        log.info("sandbox %s: port %d exposed through another node", sandbox_id, record.port)
+    def _late_change(self, sandbox_id: str, port: int, record: ExposureRecord | None) -> None:
+        """A change answered 503 "may still be applied" that the store saved after all (the
+        registry applied it to the view and logged it): the rest of what it does, as for a
+        change made through another node (the agent told, tcp listeners synced)."""
+        if record is not None:
+            self._remote_exposed(sandbox_id, record, "after its 503")
+        else:
+            self._remote_unexposed(sandbox_id, port, "after its 503")
+
+    def _remote_exposed(
+        self, sandbox_id: str, record: ExposureRecord, how: str = "through another node"
+    ) -> None:
+        log.info("sandbox %s: port %d exposed %s", sandbox_id, record.port, how)
         self.tcp.sync_later([sandbox_id])
         self._tell_agent_later(
             sandbox_id,
@@ -1048,8 +1060,10 @@ class EdgeServer:
             f"the expose of port {record.port}",
         )
 
-    def _remote_unexposed(self, sandbox_id: str, port: int) -> None:
-        log.info("sandbox %s: port %d unexposed through another node", sandbox_id, port)
+    def _remote_unexposed(
+        self, sandbox_id: str, port: int, how: str = "through another node"
+    ) -> None:
+        log.info("sandbox %s: port %d unexposed %s", sandbox_id, port, how)
         self.tcp.sync_later([sandbox_id])
         state = self.registry.get(sandbox_id)
         if state is not None and state.session is not None:
@@ -1061,9 +1075,10 @@ class EdgeServer:
     def _tell_agent_later(self, sandbox_id: str, factory: Any, what: str) -> None:
         """``_tell_agent`` without waiting: nobody waits on the answer; a failure is logged."""
         state = self.registry.get(sandbox_id)
-        feed = self._feed
-        if feed is None or state is None or state.session is None:
+        if state is None or state.session is None:
             return  # not connected here: the agent gets the set in its next welcome
+        feed = self._feed
+        tasks = feed.tells if feed is not None else self.background
 
         async def tell() -> None:
             try:
@@ -1072,8 +1087,8 @@ class EdgeServer:
                 log.warning("sandbox %s: agent not told of %s: %s", sandbox_id, what, exc.message)
 
         task = self.loop.create_task(tell())
-        feed.tells.add(task)
-        task.add_done_callback(feed.tells.discard)
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
 
     async def _tell_agent(self, sandbox_id: str, factory: Any) -> None:
         state = self.registry.get(sandbox_id)

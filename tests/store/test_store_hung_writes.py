@@ -28,6 +28,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.e2e.conftest import Stack
 from tests.e2e.procs import Processes, wait_for_file
 from tests.faults.durable import Service, admin, connected, preview, state_dir, wait
 from tunneld.config import Config
@@ -399,3 +400,33 @@ def test_tunneld_serve_answers_a_held_up_expose_in_time_and_follows_its_outcome(
         procs.close()
         for s in services:
             s.close()
+
+
+async def test_a_change_saved_after_its_503_reaches_the_agent_too(tmp_path: Path) -> None:
+    """An expose answered 503 "may still be applied" that then commits: besides the view, the
+    sandbox's connected agent is told (as for a change made through another node), so the
+    preview URL answers rather than its streams being refused as a port the agent never got."""
+    held = _Held(tmp_path / "state")
+    stack = Stack()
+    stack.store = held.store
+    try:
+        await stack.start()
+        assert stack.admin is not None and stack.edge is not None
+        origin = await stack.origin()
+        agent = await stack.agent("sb1")
+        held.hold()
+        r = await stack.admin.post("/v1/sandboxes/sb1/ports", json={"port": origin.port})
+        assert r.status_code == 503 and "may still be applied" in r.json()["error"], r.text
+        assert origin.port not in agent.exposures
+        held.release()
+        await _until(lambda: origin.port in agent.exposures, "the agent to be told")
+        listed = (await stack.admin.get("/v1/sandboxes/sb1/ports")).json()["ports"]
+        host = listed[0]["exposedAt"].split("//", 1)[1].split("/", 1)[0]
+        async with httpx.AsyncClient(timeout=10) as client:
+            answer = await client.get(
+                f"http://127.0.0.1:{stack.edge.public_port}/", headers={"host": host}
+            )
+        assert (answer.status_code, answer.content) == (200, b"hello from origin")
+    finally:
+        held.release()
+        await stack.close()
