@@ -235,6 +235,32 @@ class PublicTlsConnection(PublicConnection):
         PublicConnection.connection_lost(self, None)
 
 
+class _ConnectionStateMachine(h2.connection.H2ConnectionStateMachine):
+    """h2's, except that a GOAWAY received leaves the connection open."""
+
+    _transitions = {
+        **h2.connection.H2ConnectionStateMachine._transitions,
+        (h2.connection.ConnectionState.SERVER_OPEN, h2.connection.ConnectionInputs.RECV_GOAWAY): (
+            None,
+            h2.connection.ConnectionState.SERVER_OPEN,
+        ),
+    }
+
+
+class _H2Connection(h2.connection.H2Connection):
+    """h2's connection, except that the client's GOAWAY stops only new streams (RFC 9113 6.8).
+    h2 closes the connection on it (python-hyper/h2#1181): it drops the output not yet taken
+    and refuses to send another frame, so the responses of the streams the client still has
+    open would stop short, silently."""
+
+    def __init__(self, config: h2.config.H2Configuration) -> None:
+        super().__init__(config)
+        self.state_machine = _ConnectionStateMachine()
+
+    def clear_outbound_data_buffer(self) -> None:
+        """Kept: what is queued (DATA of open streams, acknowledgements) still goes out."""
+
+
 class H2PublicConnection(DeferredFlush, asyncio.Protocol):
     """One HTTP/2 client connection (see the module docstring). Its ``schedule_flush``: the
     responses of many streams that arrive in one read of the tunnel leave in one TLS write."""
@@ -244,9 +270,7 @@ class H2PublicConnection(DeferredFlush, asyncio.Protocol):
         self.server = entry.server
         self.loop = entry.server.loop
         config = entry.server.config
-        self.h2 = h2.connection.H2Connection(
-            h2.config.H2Configuration(client_side=False, header_encoding=None)
-        )
+        self.h2 = _H2Connection(h2.config.H2Configuration(client_side=False, header_encoding=None))
         self.h2.local_settings = h2.settings.Settings(
             client=False,
             initial_values={
