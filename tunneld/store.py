@@ -392,7 +392,18 @@ class SqliteStore:
         self._closed = True
         if self._thread is not None:
             self._queue.put(None)
-            await asyncio.to_thread(self._thread.join, WRITE_TIMEOUT)
+            await asyncio.to_thread(self._thread.join, self.write_timeout)
+            if self._thread.is_alive():
+                # A write still running (a hung disk): closing its connection would block this
+                # thread on SQLite's mutex until the disk answers, and dropping the lock would let
+                # another tunneld in while it may still write. Both go when the process exits.
+                log.error(
+                    "%s: a write was still running %gs after the stop began (a hung disk?); the "
+                    "database is left to close when this process exits, its lock held until then",
+                    self.path,
+                    self.write_timeout,
+                )
+                return
         self._conn.close()
         self._drop_stale_wal()
         os.close(self._lock_fd)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import sqlite3
 import sys
@@ -34,7 +35,7 @@ from tests.faults.durable import Service, admin, connected, preview, state_dir, 
 from tunneld.config import Config
 from tunneld.edge import EdgeServer
 from tunneld.registry import Registry, RegistryError
-from tunneld.store import DB_FILE, SqliteStore, read_exposures
+from tunneld.store import DB_FILE, SqliteStore, StoreError, read_exposures
 
 pytestmark = pytest.mark.anyio
 
@@ -430,3 +431,35 @@ async def test_a_change_saved_after_its_503_reaches_the_agent_too(tmp_path: Path
     finally:
         held.release()
         await stack.close()
+
+
+async def test_closing_the_store_under_a_write_still_running_does_not_wait_for_the_disk(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The last step of a stop, ``SqliteStore.close``, with a write the disk still holds past the
+    write timeout: closing its connection would block the event loop's thread on SQLite's mutex
+    until the disk answers (here up to the 5 s busy timeout; a hung mount: for ever), and giving
+    the state directory's lock back would let another tunneld in while the write may land. Both
+    are left to the process's exit; the log says so."""
+    held = _Held(tmp_path / "state")
+    try:
+        held.hold()
+        caller = asyncio.create_task(held.registry.commit_expose("sb1", 8000))
+        await held.writer_began()
+        with caplog.at_level(logging.ERROR, "tunneld"):
+            await asyncio.wait_for(held.store.close(), ANSWER_GUARD)
+        thread = held.store._thread
+        assert thread is not None and thread.is_alive()  # returned without waiting for it
+        assert "a write was still running" in caplog.text
+        with pytest.raises(StoreError, match="is in use"):
+            SqliteStore.open(held.state)  # the lock is still this process's
+        held.release()
+        with pytest.raises(RegistryError):
+            await asyncio.wait_for(caller, ANSWER_GUARD)
+        await asyncio.to_thread(thread.join, 10)
+        assert not thread.is_alive()
+    finally:
+        held.release()
+        if held.store._thread is not None and not held.store._thread.is_alive():
+            held.store._conn.close()
+            os.close(held.store._lock_fd)
