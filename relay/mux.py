@@ -24,9 +24,11 @@ Memory is therefore bounded by the flow-control windows, never by how fast anyon
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import logging
 import socket
 import struct
+import termios
 from collections.abc import Callable
 from typing import Any, Final, cast
 
@@ -103,6 +105,29 @@ def abort_with_reset(transport: asyncio.Transport | None) -> None:
     if not transport.is_closing() or transport.get_write_buffer_size():
         _set_linger(transport, _LINGER_RESET)
     transport.abort()
+
+
+# The kernel's send queue of a TCP socket: bytes written and not yet acknowledged by the peer
+# (Linux's SIOCOUTQ, the same number as TIOCOUTQ).
+_SIOCOUTQ: Final = getattr(termios, "TIOCOUTQ", None)
+_INT: Final = struct.Struct("i")
+
+
+def unsent_bytes(transport: asyncio.Transport | None) -> int:
+    """Bytes written to ``transport`` that its peer has not taken yet: the transport's own
+    buffer and the kernel's send queue. It shrinks while the peer reads, however slowly, so an
+    idle sweep can tell a slow reader from a stalled one. A sweep's cost (an ioctl), not a
+    per-chunk one."""
+    if transport is None:
+        return 0
+    unsent = transport.get_write_buffer_size()
+    sock = transport.get_extra_info("socket")
+    if sock is not None and _SIOCOUTQ is not None:
+        try:
+            unsent += _INT.unpack(fcntl.ioctl(sock.fileno(), _SIOCOUTQ, bytes(4)))[0]
+        except (OSError, ValueError):  # closed under us, or not a socket the ioctl knows
+            pass
+    return unsent
 
 
 def set_reset_on_close(transport: asyncio.Transport, on: bool) -> None:

@@ -180,6 +180,72 @@ async def test_half_close_is_honoured_both_ways(stack: Stack) -> None:
         await service.close()
 
 
+async def test_a_slow_reader_of_a_finished_stream_is_not_idle() -> None:
+    """The service sent everything and closed; the client takes the end slowly, for several
+    idle timeouts. Bytes reaching the client are not idleness: it gets every byte and a clean
+    end, where the sweep used to cut it with RST (and lose the end) once nothing more came
+    from the service. A client that takes nothing is still cut."""
+    reply = os.urandom(512 * 1024)
+
+    async def send_and_close(_r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        w.write(reply)
+        await w.drain()
+        w.close()
+
+    service = await asyncio.start_server(send_and_close, "127.0.0.1", 0)
+    stack = await tcp_stack(idle_timeout=1.0)
+    try:
+        await stack.agent("sb1")
+        public_port = await expose_tcp(stack, "sb1", service.sockets[0].getsockname()[1])
+
+        def slow_read() -> tuple[bytes, str]:
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.settimeout(IO_TIMEOUT)
+            sock.connect(("127.0.0.1", public_port))
+            got = bytearray()
+            try:
+                for _ in range(10_000):  # ~100 KiB/s: 512 KiB take ~5 idle timeouts
+                    chunk = sock.recv(8192)
+                    if not chunk:
+                        return bytes(got), "clean end"
+                    got += chunk
+                    time.sleep(0.08)
+                return bytes(got), "no end"
+            except ConnectionResetError:
+                return bytes(got), "reset"
+            finally:
+                sock.close()
+
+        def stalled_read() -> tuple[bytes, str]:
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.settimeout(IO_TIMEOUT)
+            sock.connect(("127.0.0.1", public_port))
+            time.sleep(3.0)  # takes nothing for 3 idle timeouts: cut meanwhile
+            got = bytearray()
+            try:
+                for _ in range(10_000):
+                    chunk = sock.recv(65536)
+                    if not chunk:
+                        return bytes(got), "clean end"
+                    got += chunk
+                return bytes(got), "no end"
+            except ConnectionResetError:
+                return bytes(got), "reset"
+            finally:
+                sock.close()
+
+        got, end = await asyncio.to_thread(slow_read)
+        assert (len(got), end) == (len(reply), "clean end")
+        assert hashlib.sha256(got).digest() == hashlib.sha256(reply).digest()
+        got, end = await asyncio.to_thread(stalled_read)
+        assert end == "reset" and len(got) < len(reply)
+    finally:
+        await stack.close()
+        service.close()
+
+
 async def test_a_reset_stays_a_reset(stack: Stack) -> None:
     service = await HashService(mode="reset").start()
     try:
