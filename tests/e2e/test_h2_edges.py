@@ -15,6 +15,7 @@ import hashlib
 import os
 import socket
 import struct
+import time
 from collections import defaultdict
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -868,3 +869,288 @@ async def test_stream_window_updates_restart_a_waiting_stream(stack: Stack, ca: 
         headers, body, last = await client.response(sid)
         assert headers[b":status"] == b"200" and isinstance(last, h2.events.StreamEnded)
         assert hashlib.sha256(body).hexdigest() == pattern_sha256(n, 5)
+
+
+# -- early answers, second upgrades, late writes ---------------------------------------------------
+
+
+def window_whole(conn: H2PublicConnection) -> bool:
+    """Every byte the client sent on the connection is accounted for at the edge: what is open
+    in its receive window plus what was acknowledged but not yet announced is the whole window
+    (nothing received is waiting for a stream that will never take it)."""
+    manager = conn.h2._inbound_flow_control_window_manager
+    return manager.current_window_size + manager._bytes_processed == manager.max_window_size
+
+
+async def test_early_answer_drops_the_unread_upload_without_losing_connection_window(
+    stack: Stack, ca: trustme.CA
+) -> None:
+    """A service answers 413 before reading the upload while request DATA is still queued at the
+    edge (the tunnel took all it could): the queued DATA is dropped, and its flow-control credit
+    goes back to the client's connection window. Done until more than a whole connection window
+    was dropped so, had one byte of it been kept, the client could not upload any more; then a
+    stream on the same connection uploads more than a connection window, every byte."""
+    final = os.urandom(h2public.CONNECTION_WINDOW + 500_000)
+
+    async def script(service: Service, reader, writer) -> None:
+        head = service.heads[-1]
+        if head.startswith(b"POST /final "):
+            n = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+            digest = hashlib.sha256(await asyncio.wait_for(reader.readexactly(n), 15))
+            answer = digest.hexdigest().encode()
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n%s" % (len(answer), answer))
+        else:
+            await service.wait_go()  # the upload is not read
+            service.go.clear()
+            writer.write(b"HTTP/1.1 413 Content Too Large\r\ncontent-length: 9\r\n\r\ntoo large")
+        await writer.drain()
+        service.ends.append(await ending(reader))
+
+    async with Service(script) as service:
+        assert service.server is not None
+        # a small receive buffer: the service's socket holds little of what it does not read
+        service.server.sockets[0].setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        host = await expose(stack, service.port)
+        async with RawH2(stack, ca, host) as client:
+            seen = Seen()
+            loop = asyncio.get_running_loop()
+            chunk = os.urandom(16384)
+            dropped = 0
+            for _ in range(
+                12
+            ):  # bounded (a round drops a stream window's worth, less what was taken)
+                if dropped > h2public.CONNECTION_WINDOW:
+                    break
+                sid = client.request(
+                    b"POST", b"/early", [(b"content-length", b"%d" % (100 << 20))], end=False
+                )
+                await client.send()
+                conn = the_h2_connection(stack)
+                deadline = loop.time() + 30
+                answered = False
+                while not seen.over(sid):
+                    assert loop.time() < deadline, "the upload never got its early answer"
+                    if answered:
+                        await pump(client, seen, lambda s=sid: seen.over(s))
+                        continue
+                    window = min(
+                        client.conn.local_flow_control_window(sid),
+                        client.conn.max_outbound_frame_size,
+                    )
+                    if window > 0:
+                        client.conn.send_data(sid, chunk[:window])
+                        await client.send()
+                        continue
+                    stream = conn.streams.get(sid)
+                    if stream is not None and stream.inbound and not stream.reading:
+                        # request DATA queued at the edge: now the service answers early
+                        answered = True
+                        dropped += sum(flow for _, flow in stream.inbound)
+                        service.go.set()
+                        continue
+                    try:  # the windows are closed: what did the edge send meanwhile?
+                        event = await client.next_event(timeout=0.05)
+                    except TimeoutError:
+                        continue
+                    client.events.insert(0, event)
+                    await pump(client, seen, lambda: not client.events)
+                assert seen.heads[sid][b":status"] == b"413", seen.heads.get(sid)
+                assert bytes(seen.bodies[sid]) == b"too large" and sid in seen.ended
+                client.conn.ping(b"round%03d" % sid)  # the edge has read all the client sent
+                await client.send()
+                await pump(client, seen, lambda s=sid: b"round%03d" % s in seen.pings)
+                assert window_whole(conn), "request DATA dropped without giving its window back"
+                await wait_until(lambda c=conn: not c.streams, what="the round's stream forgotten")
+            assert dropped > h2public.CONNECTION_WINDOW
+            sid = client.request(
+                b"POST", b"/final", [(b"content-length", b"%d" % len(final))], end=False
+            )
+            await client.send()
+            await client.send_body(sid, final, end=True)
+            headers, body, last = await client.response(sid)
+            assert headers[b":status"] == b"200" and isinstance(last, h2.events.StreamEnded)
+            assert body == hashlib.sha256(final).hexdigest().encode()
+            await wait_until(lambda: not conn.streams, what="streams gone")
+        await wait_until(lambda: nothing_left(stack, conn), what="the edge to forget it all")
+
+
+async def test_websocket_second_101_after_the_switch_is_relayed_as_data(
+    stack: Stack, ca: trustme.CA
+) -> None:
+    """A WebSocket whose service sends a second ``101`` head after the first (in the same write,
+    and again later): the stream switched to raw at the first one, so the client gets one
+    ``:status 200`` and every later byte, second heads included, as DATA, unparsed; the
+    WebSocket then ends cleanly both ways."""
+    again = b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: upgrade\r\n\r\n"
+
+    async def script(service: Service, reader, writer) -> None:
+        accept_upgrade(writer, service.heads[-1])
+        writer.write(again + server_frame(b"one"))  # one write with the first 101
+        await writer.drain()
+        await service.wait_go()
+        writer.write(again + server_frame(b"two"))
+        await writer.drain()
+        received = bytearray()
+        while chunk := await asyncio.wait_for(reader.read(65536), 15):
+            received += chunk
+        service.received.append(bytes(received))
+        writer.write_eof()
+        await service.wait_go()
+
+    async with Service(script) as service:
+        host = await expose(stack, service.port)
+        async with RawH2(stack, ca, host) as client:
+            sid = await open_websocket(client)
+            seen = Seen()
+            first = again + server_frame(b"one")
+            await pump(client, seen, lambda: len(seen.bodies[sid]) >= len(first) or seen.over(sid))
+            assert seen.heads[sid][b":status"] == b"200"
+            assert not seen.informational[sid]
+            assert bytes(seen.bodies[sid]) == first
+            service.go.set()
+            both = first + again + server_frame(b"two")
+            await pump(client, seen, lambda: len(seen.bodies[sid]) >= len(both) or seen.over(sid))
+            assert bytes(seen.bodies[sid]) == both
+            service.go.clear()
+            frame = ws_frame(b"bye", 0x2)
+            await client.send_body(sid, frame, end=True)
+            await wait_until(lambda: service.received, timeout=10, what="the service's EOF")
+            assert service.received == [frame]
+            await pump(client, seen, lambda: seen.over(sid))
+            assert sid in seen.ended and sid not in seen.resets
+            assert bytes(seen.bodies[sid]) == both
+            conn = the_h2_connection(stack)
+            await wait_until(lambda: not conn.streams, what="the stream forgotten")
+            service.go.set()
+        await wait_until(lambda: nothing_left(stack, conn), what="the edge to forget it all")
+
+
+async def test_websocket_client_ends_first_then_the_services_last_bytes_then_end_stream(
+    stack: Stack, ca: trustme.CA
+) -> None:
+    """RFC 8441 WebSocket, the client ends its side first (a frame with END_STREAM): the service
+    reads that frame, then EOF; only then it sends its last frame and ends its side. The last
+    frame reaches the client, then END_STREAM (no reset), and the edge forgets the stream and
+    its tunnel stream."""
+    last = os.urandom(100_000)  # more than the client's window: part waits at the edge
+
+    async def script(service: Service, reader, writer) -> None:
+        accept_upgrade(writer, service.heads[-1])
+        await writer.drain()
+        received = bytearray()
+        while chunk := await asyncio.wait_for(reader.read(65536), 15):
+            received += chunk
+        service.received.append(bytes(received))  # EOF: the client's END_STREAM
+        writer.write(server_frame(last))
+        await writer.drain()
+        writer.write_eof()
+        service.ends.append("eof")
+        await service.wait_go()
+
+    async with Service(script) as service:
+        host = await expose(stack, service.port)
+        async with RawH2(stack, ca, host) as client:
+            sid = await open_websocket(client)
+            seen = Seen()
+            await pump(client, seen, lambda: sid in seen.heads or seen.over(sid))
+            assert seen.heads[sid][b":status"] == b"200"
+            frame = ws_frame(b"goodbye", 0x1)
+            await client.send_body(sid, frame, end=True)
+            await wait_until(lambda: service.ends, timeout=10, what="the service's EOF")
+            assert service.received == [frame]
+            assert not seen.bodies[sid] and not seen.over(sid)  # nothing from the service yet
+            await pump(client, seen, lambda: seen.over(sid))
+            assert sid in seen.ended and sid not in seen.resets
+            buf = bytearray(seen.bodies[sid])
+            assert ws_parse(buf) == (0x2, last) and not buf
+            conn = the_h2_connection(stack)
+            assert stack.edge is not None
+            await wait_until(
+                lambda: (
+                    not conn.streams and all(not s.streams for s in stack.edge.agent_connections)
+                ),
+                what="the stream and its tunnel stream forgotten",
+            )
+            service.go.set()
+        await wait_until(lambda: nothing_left(stack, conn), what="the edge to forget it all")
+
+
+def peek(sock: object) -> bytes:
+    """What waits unread in a socket's receive queue (read through a duplicate descriptor)."""
+    fileno = sock.fileno()  # type: ignore[attr-defined]
+    with socket.fromfd(fileno, socket.AF_INET, socket.SOCK_STREAM) as dup:
+        try:
+            return dup.recv(1 << 20, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return b""
+
+
+async def test_late_response_bytes_after_the_clients_reset_are_dropped(
+    stack: Stack, ca: trustme.CA, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The client resets a stream whose response is live, and in the same loop iteration the
+    tunnel brings the service's last chunk (the rest of the response, to its end): the edge
+    drops it (the stream is over for the client), so the cut response does not turn into a
+    complete one on the service's side either: the service sees its connection reset, not the
+    clean FIN of a delivered response. No error, nothing kept, and the connection serves on.
+
+    The same iteration is arranged: the edge stops reading the tunnel until the chunk waits in
+    its socket and the client's RST_STREAM in the TLS socket, then reads both."""
+    writes: list[bool] = []  # for each write of a stream: was the stream closing?
+    write = h2public._StreamTransport.write
+
+    def spy(self: h2public._StreamTransport, data: bytes) -> None:
+        writes.append(self.closing)
+        write(self, data)
+
+    monkeypatch.setattr(h2public._StreamTransport, "write", spy)
+    tail = os.urandom(3000).hex().encode()
+
+    async def script(service: Service, reader, writer) -> None:
+        if b"/other " in service.heads[-1]:
+            await simple(service, reader, writer)
+            return
+        writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n")
+        await writer.drain()
+        await service.wait_go()
+        writer.write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(tail), tail))
+        await writer.drain()
+        service.ends.append(await ending(reader))
+
+    async with Service(script) as service:
+        host = await expose(stack, service.port)
+        async with RawH2(stack, ca, host) as client:
+            sid = client.request(b"GET", b"/")
+            await client.send()
+            seen = Seen()
+            await pump(client, seen, lambda: bytes(seen.bodies[sid]) == b"hello")
+            conn = the_h2_connection(stack)
+            assert stack.edge is not None and conn.transport is not None
+            (session,) = stack.edge.agent_connections
+            assert session.transport is not None
+            session.transport.pause_reading()
+            writes.clear()
+            service.go.set()
+            tunnel = session.transport.get_extra_info("socket")
+            await wait_until(lambda: tail in peek(tunnel), timeout=10, what="the chunk at the edge")
+            client.conn.reset_stream(sid, h2.errors.ErrorCodes.CANCEL)
+            assert client.writer is not None
+            client.writer.write(client.conn.data_to_send())
+            tls = conn.transport.get_extra_info("socket")
+            for _ in range(1000):  # no await: the edge must not read it before the tunnel
+                if peek(tls):
+                    break
+                time.sleep(0.001)
+            assert peek(tls), "the RST_STREAM did not reach the edge's socket"
+            session.transport.resume_reading()
+            await wait_until(lambda: service.ends, timeout=15, what="the service's end")
+            assert True in writes, "the late chunk did not meet the closed stream"
+            assert service.ends == ["reset"]
+            assert bytes(seen.bodies[sid]) == b"hello" and sid not in seen.ended
+            other = client.request(b"GET", b"/other")
+            await client.send()
+            headers, body, last = await client.response(other)
+            assert headers[b":status"] == b"200" and body == b"ok"
+            assert isinstance(last, h2.events.StreamEnded)
+            await wait_until(lambda: not conn.streams, what="streams gone")
+        await wait_until(lambda: nothing_left(stack, conn), what="the edge to forget it all")
