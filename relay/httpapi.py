@@ -343,7 +343,7 @@ class ApiServer:
             err = ApiError(503, "TOO_MANY_CONNECTIONS", message)
             with contextlib.suppress(Exception):
                 await self._fail(h11.Connection(h11.SERVER), reader, writer, err, limits)
-            await _close(writer)
+            await _close(writer, limits.request_timeout)
             return
         self._connections.add(task)
         self._per_ip[ip] = count + 1
@@ -364,7 +364,7 @@ class ApiServer:
             if left:
                 self._per_ip[ip] = left
             if exchange is None or not exchange.detached:
-                await _close(writer)
+                await _close(writer, limits.request_timeout)
 
     async def _serve(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, limits: Limits
@@ -574,7 +574,15 @@ def _serialize(
     return bytes(out)
 
 
-async def _close(writer: asyncio.StreamWriter) -> None:
+async def _close(writer: asyncio.StreamWriter, timeout: float) -> None:
+    """Close after what is written; a client that takes none of it within ``timeout`` (it
+    pipelined requests and reads no answer) is dropped, or the socket, its buffer and this task
+    would wait for it for ever."""
     writer.close()
-    with contextlib.suppress(Exception):
-        await writer.wait_closed()
+    try:
+        async with asyncio.timeout(timeout):
+            await writer.wait_closed()
+    except TimeoutError:
+        writer.transport.abort()
+    except Exception:
+        pass

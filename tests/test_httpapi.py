@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 from typing import Any
@@ -24,6 +25,7 @@ from relay.httpapi import (
     ApiError,
     ApiServer,
     Exchange,
+    Limits,
     Request,
     Response,
     error_response,
@@ -420,3 +422,45 @@ async def test_control_error_reply_is_an_api_error() -> None:
     pending.fail_all("SANDBOX_NOT_CONNECTED", "The session ended.")
     with pytest.raises(ApiError, match=r"The session ended\."):
         await gone
+
+
+async def test_a_client_that_never_reads_its_answers_is_dropped_in_bounded_time() -> None:
+    """Pipelined requests whose answers are never read: the write stalls (request_timeout), and
+    the close after it must not wait for the client either, or the connection's task, socket
+    and buffer would stay for ever (they no longer count against max_connections by then)."""
+    big = b"x" * (1 << 20)
+
+    async def handler(request: Request, exchange: Exchange) -> Response:
+        return Response(200, body=big)
+
+    server = ApiServer(handler, name="test API", limits=Limits(request_timeout=0.3))
+    await server.start("127.0.0.1", 0)
+    sock = socket.socket()
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", _port(server)))
+        await asyncio.get_running_loop().sock_sendall(
+            sock, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" * 8
+        )
+
+        def serving() -> list[asyncio.Task[Any]]:
+            return [
+                t
+                for t in asyncio.all_tasks()
+                if getattr(t.get_coro(), "__qualname__", "") == "ApiServer._on_connection"
+            ]
+
+        for _ in range(100):  # the answer is being written: the connection task exists
+            if serving():
+                break
+            await asyncio.sleep(0.02)
+        assert serving()
+        for _ in range(200):  # bounded: the stalled write (0.3 s), then the close (0.3 s)
+            if not serving():
+                break
+            await asyncio.sleep(0.05)
+        assert not serving(), "the connection's task still waits for a client that reads nothing"
+    finally:
+        sock.close()
+        await server.close()
