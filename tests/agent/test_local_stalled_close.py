@@ -17,14 +17,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-from collections.abc import AsyncIterator
 
 import pytest
 
-from agent.core import Agent, AgentConfig
+from agent.core import Agent
 from protocol.events import DataReceived
 from protocol.session import SessionConfig
-from tests.faults.hostile_edge import HostileEdge
+from tests.faults.hostile_edge import HostileEdge, hostile_edge
 
 pytestmark = pytest.mark.anyio
 
@@ -37,29 +36,11 @@ def anyio_backend() -> str:
     return "asyncio"  # the agent runs on asyncio (or uvloop), never trio
 
 
-@contextlib.asynccontextmanager
-async def _edge_and_agent(port: int) -> AsyncIterator[tuple[HostileEdge, Agent]]:
-    loop = asyncio.get_running_loop()
+def _edge_and_agent(port: int) -> contextlib.AbstractAsyncContextManager[tuple[HostileEdge, Agent]]:
     edge = HostileEdge([port])
     edge.heartbeat_s = 0.5
-    server = await loop.create_server(lambda: edge, "127.0.0.1", 0)
-    config = AgentConfig(
-        "127.0.0.1",
-        server.sockets[0].getsockname()[1],
-        "sb1",
-        "t",
-        session=SessionConfig(heartbeat_interval=0.5, dead_timeout=2.0),
-    )
-    agent = Agent(config)
-    try:
-        await agent.connect_once()
-        yield edge, agent
-    finally:
-        await agent.stop()
-        server.close()
-        if edge.transport is not None:
-            edge.transport.close()
-        await server.wait_closed()
+    session = SessionConfig(heartbeat_interval=0.5, dead_timeout=2.0)
+    return hostile_edge(edge=edge, session=session)
 
 
 async def _wait_for(predicate, what: str) -> None:  # type: ignore[no-untyped-def]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
+from typing import Any
 
 from agent.core import Agent, AgentConfig
 from protocol import control
@@ -122,13 +123,16 @@ class HostileEdge(asyncio.Protocol):
 
 @asynccontextmanager
 async def hostile_edge(
-    exposures: Iterable[int] = (), edge: HostileEdge | None = None
+    exposures: Iterable[int] = (), edge: HostileEdge | None = None, **options: Any
 ) -> AsyncIterator[tuple[HostileEdge, Agent]]:
-    """A started ``HostileEdge`` and an ``Agent`` connected to it (not running its loop)."""
+    """A started ``HostileEdge`` and an ``Agent`` connected to it (not running its loop);
+    ``options`` go to AgentConfig."""
     loop = asyncio.get_running_loop()
     edge = edge or HostileEdge(exposures)
     server = await loop.create_server(lambda: edge, "127.0.0.1", 0)
-    agent = Agent(AgentConfig("127.0.0.1", server.sockets[0].getsockname()[1], "sb1", "t"))
+    agent = Agent(
+        AgentConfig("127.0.0.1", server.sockets[0].getsockname()[1], "sb1", "t", **options)
+    )
     try:
         await agent.connect_once()
         yield edge, agent
