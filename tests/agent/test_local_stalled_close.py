@@ -23,6 +23,7 @@ import pytest
 from agent.core import Agent
 from protocol.events import DataReceived
 from protocol.session import SessionConfig
+from tests.e2e.conftest import wait_until
 from tests.faults.hostile_edge import HostileEdge, hostile_edge
 
 pytestmark = pytest.mark.anyio
@@ -41,14 +42,6 @@ def _edge_and_agent(port: int) -> contextlib.AbstractAsyncContextManager[tuple[H
     edge.heartbeat_s = 0.5
     session = SessionConfig(heartbeat_interval=0.5, dead_timeout=2.0)
     return hostile_edge(edge=edge, session=session)
-
-
-async def _wait_for(predicate, what: str) -> None:  # type: ignore[no-untyped-def]
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + LIVENESS
-    while not predicate():
-        assert loop.time() < deadline, f"not within {LIVENESS}s: {what}"
-        await asyncio.sleep(0.02)
 
 
 async def test_a_service_that_ended_and_stopped_reading_is_reset() -> None:
@@ -102,8 +95,9 @@ async def test_a_service_that_ended_and_stopped_reading_is_reset() -> None:
             edge.flush()
 
             # The agent reset its connection: the stream is gone from its table...
-            await _wait_for(
+            await wait_until(
                 lambda: sid not in session.streams,
+                LIVENESS,
                 "the agent let go of a connection whose service reads nothing",
             )
             assert transport.is_closing()

@@ -111,6 +111,16 @@ async def closed_within(reader: asyncio.StreamReader, timeout: float) -> bytes:
             out += chunk
 
 
+async def get_and_close(port: int, host: bytes) -> bytes:
+    """A ``GET /`` with ``Connection: close`` to a preview host: everything until the end."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(b"GET / HTTP/1.1\r\nHost: " + host + b"\r\nConnection: close\r\n\r\n")
+        return await asyncio.wait_for(reader.read(), 5)
+    finally:
+        writer.close()
+
+
 def log_messages(caplog: pytest.LogCaptureFixture, text: str) -> list[str]:
     """The captured log messages that contain ``text``."""
     return [r.getMessage() for r in caplog.records if text in r.getMessage()]

@@ -14,7 +14,7 @@ import logging
 import orjson
 import pytest
 
-from tests.faults.conftest import Stack
+from tests.faults.conftest import Stack, get_and_close
 
 pytestmark = pytest.mark.anyio
 
@@ -143,7 +143,7 @@ async def test_connections_per_ip_are_capped() -> None:
         assert b"hello from origin" in await asyncio.wait_for(r0.read(), 5)
         w0.close()
         await _wait_for(lambda: len(stack.edge.public_connections) == 1)
-        answer = await _get(port, host)
+        answer = await get_and_close(port, host)
         assert answer.startswith(b"HTTP/1.1 200"), answer[:100]
     finally:
         for w in opened:
@@ -173,20 +173,11 @@ async def test_total_connections_are_capped_and_logged(caplog) -> None:
         for _, w in held:
             w.close()
         await _wait_for(lambda: len(stack.edge.public_connections) == 0)
-        assert (await _get(port, host)).startswith(b"HTTP/1.1 200")
+        assert (await get_and_close(port, host)).startswith(b"HTTP/1.1 200")
     finally:
         for w in opened:
             w.close()
         await stack.close()
-
-
-async def _get(port: int, host: bytes) -> bytes:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    try:
-        writer.write(b"GET / HTTP/1.1\r\nHost: " + host + b"\r\nConnection: close\r\n\r\n")
-        return await asyncio.wait_for(reader.read(), 5)
-    finally:
-        writer.close()
 
 
 async def _wait_for(predicate, timeout: float = 5) -> None:

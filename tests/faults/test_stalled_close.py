@@ -23,20 +23,13 @@ import socket
 
 import pytest
 
-from tests.faults.conftest import Stack
+from tests.e2e.conftest import wait_until
+from tests.faults.conftest import Stack, get_and_close
 
 pytestmark = pytest.mark.anyio
 
 BODY = 384 * 1024
 HEAD = b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n"  # no length: it ends with the connection
-
-
-async def _wait_for(predicate, timeout: float, what: str) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not predicate():
-        assert loop.time() < deadline, f"not within {timeout}s: {what}"
-        await asyncio.sleep(0.02)
 
 
 class _BigThenClose:
@@ -77,7 +70,7 @@ async def _stalled_request(stack: Stack, host: bytes) -> tuple[socket.socket, ob
     client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 2048)
     client.setblocking(False)
     await asyncio.wait_for(loop.sock_connect(client, ("127.0.0.1", edge.public_port)), 5)
-    await _wait_for(lambda: len(edge.public_connections) == 1, 5, "the edge accepted it")
+    await wait_until(lambda: len(edge.public_connections) == 1, 5, "the edge accepted it")
     (conn,) = edge.public_connections
     assert conn.transport is not None
     conn.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8192)
@@ -87,7 +80,7 @@ async def _stalled_request(stack: Stack, host: bytes) -> tuple[socket.socket, ob
         t = conn.transport
         return t is None or (t.is_closing() and t.get_write_buffer_size() > 0)
 
-    await _wait_for(closing_with_unsent, 5, "the edge's clean close, bytes left unsent")
+    await wait_until(closing_with_unsent, 5, "the edge's clean close, bytes left unsent")
     assert conn.transport is not None, "the connection ended before the test could look at it"
     return client, conn
 
@@ -103,15 +96,6 @@ async def _read_to_the_end(client: socket.socket, timeout: float) -> tuple[bytes
     except ConnectionResetError:
         return bytes(received), "reset"
     return bytes(received), "clean EOF"
-
-
-async def _get(port: int, host: bytes) -> bytes:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    try:
-        writer.write(b"GET / HTTP/1.1\r\nHost: " + host + b"\r\nConnection: close\r\n\r\n")
-        return await asyncio.wait_for(reader.read(), 5)
-    finally:
-        writer.close()
 
 
 @pytest.mark.parametrize(
@@ -135,10 +119,12 @@ async def test_a_close_the_client_never_lets_finish_is_reset_and_freed(timeouts)
         client, _ = await _stalled_request(stack, host)
         await asyncio.wait_for(service.closed.wait(), 5)
         # while it lasts, it holds this client IP's only place
-        assert (await _get(edge.public_port, host)).startswith(b"HTTP/1.1 503 ")
-        await _wait_for(lambda: not edge.public_connections, 10, "the stalled connection was ended")
+        assert (await get_and_close(edge.public_port, host)).startswith(b"HTTP/1.1 503 ")
+        await wait_until(
+            lambda: not edge.public_connections, 10, "the stalled connection was ended"
+        )
         assert not edge.public_limits.per_ip
-        assert (await _get(edge.public_port, host)).startswith(b"HTTP/1.1 200 OK")
+        assert (await get_and_close(edge.public_port, host)).startswith(b"HTTP/1.1 200 OK")
         received, ended = await _read_to_the_end(client, 10)
         assert received.startswith(HEAD)
         assert len(received) < len(HEAD) + BODY
@@ -175,7 +161,7 @@ async def test_a_slow_client_that_keeps_reading_gets_the_whole_response() -> Non
             ended = "reset"
         assert (len(received), ended) == (len(HEAD) + BODY, "clean EOF")
         assert stack.edge is not None
-        await _wait_for(
+        await wait_until(
             lambda: conn not in stack.edge.public_connections, 5, "the edge's side ended"
         )
     finally:

@@ -23,13 +23,12 @@ import signal
 import sqlite3
 import sys
 import threading
-from collections.abc import Callable
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.e2e.conftest import Stack
+from tests.e2e.conftest import Stack, wait_until
 from tests.e2e.procs import Processes, wait_for_file
 from tests.faults.durable import Service, admin, connected, preview, state_dir, wait
 from tunneld.config import Config
@@ -64,15 +63,6 @@ async def _reopened(state: Path) -> set[tuple[str, int]]:
         return {(r.sandbox_id, r.port) for r in await store.load_all()}
     finally:
         await store.close()
-
-
-async def _until(predicate: Callable[[], bool], what: str, timeout: float = 15) -> None:
-    """Poll ``predicate`` (bounded: AssertionError after ``timeout``)."""
-    for _ in range(int(timeout / 0.05)):
-        if predicate():
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def _unknown(error: BaseException) -> None:
@@ -164,8 +154,8 @@ async def test_a_held_up_write_is_answered_in_time_and_applied_once_it_commits(
         assert _stored(held.state) == before
 
         held.release()  # the write commits: the view follows
-        await _until(lambda: _stored(held.state) == after, "the held-up write to commit")
-        await _until(lambda: _in_memory(registry) == after, "the view to follow the store")
+        await wait_until(lambda: _stored(held.state) == after, 15, "the held-up write to commit")
+        await wait_until(lambda: _in_memory(registry) == after, 15, "the view to follow the store")
         assert ("sb1", 8002) not in _in_memory(registry)  # the refused change: nowhere
         # the sandbox's lock is free again
         await asyncio.wait_for(registry.commit_expose("sb1", 8003), ANSWER_GUARD)
@@ -195,9 +185,9 @@ async def test_a_held_up_write_that_then_fails_is_in_neither_memory_nor_disk(
                 await asyncio.wait_for(later, ANSWER_GUARD)
             _still_being_written(later_error.value, "sb1")
             # The lock stays held past busy_timeout: the writer gives up.
-            await _until(lambda: "database is locked" in caplog.text, "the write to fail")
+            await wait_until(lambda: "database is locked" in caplog.text, 15, "the write to fail")
             held.release()
-            await _until(lambda: "was not saved after all" in caplog.text, "the registry")
+            await wait_until(lambda: "was not saved after all" in caplog.text, 15, "the registry")
         assert _in_memory(registry) == before
         assert _stored(held.state) == before
         # the sandbox's lock is free again, and writes go through
@@ -223,8 +213,8 @@ async def test_a_caller_cancelled_while_its_write_runs_leaves_memory_and_disk_ag
             await asyncio.wait_for(caller, ANSWER_GUARD)
         held.release()
         wanted = {("sb1", 8000), ("sb1", 8001)}
-        await _until(lambda: _stored(held.state) == wanted, "the write to commit")
-        await _until(lambda: _in_memory(registry) == wanted, "the view to follow the store")
+        await wait_until(lambda: _stored(held.state) == wanted, 15, "the write to commit")
+        await wait_until(lambda: _in_memory(registry) == wanted, 15, "the view to follow the store")
     finally:
         await held.close()
     assert await _reopened(held.state) == wanted
@@ -420,7 +410,7 @@ async def test_a_change_saved_after_its_503_reaches_the_agent_too(tmp_path: Path
         assert r.status_code == 503 and "may still be applied" in r.json()["error"], r.text
         assert origin.port not in agent.exposures
         held.release()
-        await _until(lambda: origin.port in agent.exposures, "the agent to be told")
+        await wait_until(lambda: origin.port in agent.exposures, 15, "the agent to be told")
         listed = (await stack.admin.get("/v1/sandboxes/sb1/ports")).json()["ports"]
         host = listed[0]["exposedAt"].split("//", 1)[1].split("/", 1)[0]
         async with httpx.AsyncClient(timeout=10) as client:
