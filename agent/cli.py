@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Final, NamedTuple, NoReturn
 from urllib.parse import urlsplit
 
-from protocol.hostnames import validate_sandbox_id
+from protocol.hostnames import CONTROL_PLANE_PORT, MIN_PORT, validate_sandbox_id
 
 if TYPE_CHECKING:
     import ssl
@@ -62,6 +62,8 @@ CLIENT_TIMEOUT: Final = 10.0
 # The longest `wait` the agent runs (agent.portwatch.MAX_WATCH_SECONDS; not imported: the client
 # commands stay standard-library only).
 WAIT_MAX_SECONDS: Final = 300.0
+# The longest `wait --http PATH` the agent probes (agent.portwatch.MAX_PATH_LENGTH, as above).
+WAIT_MAX_PATH: Final = 2048
 
 ENV_API: Final = "TUNNEL_AGENT_API"
 ENV_SERVER: Final = "TUNNEL_AGENT_SERVER"
@@ -154,8 +156,8 @@ The agent probes 127.0.0.1:PORT (then ::1) until it is ready: with --http PATH, 
 GET PATH answers with a status in the --status range (default 200-399); without, until a TCP
 connect succeeds. The port need not be exposed.
 
-exit codes: 0 ready, 1 not ready within --timeout (the last status or error is printed),
-2 usage error, 3 agent not reachable
+exit codes: 0 ready, 1 not ready within --timeout (the last status or error is printed) or
+the agent refused the request, 2 usage error, 3 agent not reachable
 
 example:
   $ tunnel-agent wait 8000 --http /health --timeout 60 && tunnel-agent expose 8000
@@ -403,13 +405,47 @@ def _tcp_port(text: str) -> int:
     return int(text)
 
 
+_PORT_RULE: Final = (
+    f"the agent exposes and watches ports {MIN_PORT}-65535 only, except {CONTROL_PLANE_PORT} "
+    "and its own API port"
+)
+
+
 def _sandbox_port(text: str) -> int:
-    """argparse type of a PORT inside the sandbox: a TCP port number, checked here so that bad
-    input is a usage error (exit 2) before any connection. Which ports may be exposed or
-    watched (1024-65535, not 3000 nor the agent's own) is the agent's rule, and its refusal."""
+    """argparse type of the PORT of ``expose``, ``unexpose`` and ``wait``: a port the agent serves,
+    checked here so that bad input is a usage error (exit 2) before any connection: a TCP port
+    number, 1024-65535 and not 3000 (``protocol.hostnames.validate_port``, the agent's and the
+    edge's rule). The agent's own API port is not known here (the ``--api`` URL may reach it
+    through another port): the agent refuses it, and that refusal exits 1 like any other."""
     if not (text.isascii() and text.isdigit() and len(text) <= 5) or not 0 < int(text) < 65536:
         raise argparse.ArgumentTypeError(f"expected a TCP port number 1-65535, got {text!r}")
-    return int(text)
+    port = int(text)
+    if port < MIN_PORT:
+        raise argparse.ArgumentTypeError(
+            f"{port} is below {MIN_PORT} (privileged ports, for system services): {_PORT_RULE}"
+        )
+    if port == CONTROL_PLANE_PORT:
+        raise argparse.ArgumentTypeError(
+            f"{port} is the sandbox control plane's port (the agent's local API by default): "
+            f"{_PORT_RULE}"
+        )
+    return port
+
+
+def _probe_path(text: str) -> str:
+    """argparse type of ``wait --http PATH``: the agent's rule (``agent.portwatch.check_path``),
+    checked here so that a bad path is a usage error before any connection."""
+    if (
+        not text.startswith("/")
+        or len(text) > WAIT_MAX_PATH
+        or not text.isascii()
+        or any(c <= " " or c == "\x7f" for c in text)
+    ):
+        raise argparse.ArgumentTypeError(
+            f"expected an absolute ASCII path without spaces, e.g. /health (at most "
+            f"{WAIT_MAX_PATH} characters), got {text[:64]!r}"
+        )
+    return text
 
 
 def _status_range(text: str) -> tuple[int, int]:
@@ -655,6 +691,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--http",
         metavar="PATH",
         dest="http_path",
+        type=_probe_path,
         help="ready when GET PATH answers with a --status code (default: a TCP connect)",
     )
     wait.add_argument(
@@ -954,13 +991,9 @@ def _cmd_wait(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if args.status is not None:
         body["statusMin"], body["statusMax"] = args.status
     # The agent ends the stream by itself at --timeout; the margin covers a busy machine.
-    client = _client(args, parser, args.timeout + CLIENT_TIMEOUT)
-    try:
-        event = client.watch(body)
-    except _ApiError as exc:
-        if exc.status == 400:
-            parser.error(exc.message)
-        raise
+    # A refusal by the agent (its own API port, a rule of a newer agent) is its answer: exit 1,
+    # as for `expose`; what can be checked here was checked by the argument types.
+    event = _client(args, parser, args.timeout + CLIENT_TIMEOUT).watch(body)
     if event.get("type") == "ready":
         print(f"port {args.port} is ready")
         return EXIT_OK

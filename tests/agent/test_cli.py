@@ -17,6 +17,7 @@ import pytest
 
 from agent import cli
 from agent.cli import AgentClient, main
+from agent.errors import AgentError
 from agent.local_api import LocalAPI
 
 from .test_local_api import FakeController
@@ -25,10 +26,6 @@ from .test_local_api import FakeController
 pytestmark = pytest.mark.usefixtures("clean_agent_env")
 
 REPO = Path(__file__).resolve().parents[2]
-PORT_80 = (
-    "error: Invalid port number: 80. Must be 1024-65535, excluding 3000 (sandbox control plane)."
-    " (INVALID_PORT)\n"
-)
 
 
 class ServerThread:
@@ -168,8 +165,48 @@ def test_status(
 def test_api_error_exit_1(
     server: ServerThread, controller: FakeController, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert run_cli(capsys, "expose", "80", "--api", server.url) == (1, "", PORT_80)
-    assert run_cli(capsys, "unexpose", "80", "--api", server.url) == (1, "", PORT_80)
+    # The agent's own API port is its refusal (the CLI cannot know that port): exit 1, the same
+    # for `expose` and `wait` (`wait` exited 2 for it, `expose` 1).
+    refused = (
+        f"error: Invalid port number: {server.port}. Must be 1024-65535, excluding 3000 and "
+        f"{server.port} (the tunnel agent's control API)."
+    )
+    # (the port watch answers with Cloudflare's code for it)
+    for command, code_shown in (("expose", "INVALID_PORT"), ("wait", "INVALID_PORT_NUMBER")):
+        code, out, err = run_cli(capsys, command, str(server.port), "--api", server.url)
+        assert (code, out, err) == (1, "", f"{refused} ({code_shown})\n"), command
+    controller.fail_with = AgentError("STORE_UNAVAILABLE", "The edge could not save the change.")
+    code, out, err = run_cli(capsys, "unexpose", "8000", "--api", server.url)
+    assert (code, out) == (1, "")
+    assert err == "error: The edge could not save the change. (STORE_UNAVAILABLE)\n"
+    controller.fail_with = None
+    assert controller.calls == [("unexpose", 8000)]
+
+
+@pytest.mark.parametrize("command", ["expose", "unexpose", "wait"])
+@pytest.mark.parametrize("port", ["1", "80", "1023", "3000"])
+def test_a_port_the_agent_never_serves_exits_2_before_any_request(
+    server: ServerThread,
+    controller: FakeController,
+    capsys: pytest.CaptureFixture[str],
+    command: str,
+    port: str,
+) -> None:
+    """``expose 80`` exited 1 (the agent's refusal) and ``wait 80`` 2: the rule (1024-65535, not
+    3000) is known here, so every command that takes a PORT refuses it the same way, before
+    asking the agent."""
+    code, out, err = run_cli(capsys, command, port, "--api", server.url)
+    assert (code, out) == (2, "")
+    why = (
+        "is below 1024 (privileged ports, for system services)"
+        if port != "3000"
+        else "is the sandbox control plane's port (the agent's local API by default)"
+    )
+    assert err.splitlines()[-1] == (
+        f"tunnel-agent {command}: error: argument PORT: {port} {why}: the agent exposes and "
+        "watches ports 1024-65535 only, except 3000 and its own API port"
+    )
+    assert controller.calls == []
     controller.is_connected = False
     code, out, err = run_cli(capsys, "ports", "--api", server.url)
     assert (code, out) == (1, "")
@@ -344,7 +381,11 @@ def test_subprocess_exit_codes(server: ServerThread, dead_url: str) -> None:
     done = _python_m("expose", "8000", "--api", server.url)
     assert (done.returncode, done.stdout) == (0, "http://8000-sb1-tok8000.localhost:8080/\n")
     done = _python_m("expose", "80", "--api", server.url)
-    assert (done.returncode, done.stderr) == (1, PORT_80)
+    assert (done.returncode, done.stdout) == (2, "")
+    assert "argument PORT: 80 is below 1024" in done.stderr
+    done = _python_m("expose", str(server.port), "--api", server.url)  # the agent's refusal
+    assert (done.returncode, done.stdout) == (1, "")
+    assert done.stderr.endswith("(the tunnel agent's control API). (INVALID_PORT)\n")
     done = _python_m("ports", "--api", dead_url)
     assert done.returncode == 3
     assert "cannot reach the tunnel agent" in done.stderr

@@ -188,13 +188,73 @@ def test_a_port_that_is_no_tcp_port_is_a_usage_error_before_any_connection(
     assert api.connections == 0
 
 
-def test_the_counting_api_sees_a_request_for_a_well_formed_port() -> None:
-    """The stand-in of the test above does count: a well-formed port goes to the agent, and its
-    refusal is the agent's (exit 1)."""
+@pytest.mark.parametrize("value", ["80", "1", "1023", "3000"])
+@pytest.mark.parametrize("command", ["expose", "unexpose", "wait"])
+def test_a_port_the_agent_never_serves_is_a_usage_error_before_any_connection(
+    command: str, value: str
+) -> None:
+    """``expose 80`` exited 1 after asking the agent, ``wait 80`` 2: the rule (1024-65535, not
+    3000) is known here, so every command with a PORT refuses it alike: exit 2, saying why and
+    what is allowed, nothing sent."""
     with _CountingApi() as api:
-        out = agent("expose", "80", "--api", api.url, env=_env())
-    assert (out.returncode, api.connections) == (1, 1), out.stderr
-    assert "(INVALID_PORT)" in out.stderr
+        out = agent(command, value, "--api", api.url, env=_env())
+    assert "Traceback" not in out.stderr, out.stderr
+    assert (out.returncode, out.stdout) == (EXIT_USAGE, ""), out.stderr
+    why = (
+        "is the sandbox control plane's port (the agent's local API by default)"
+        if value == "3000"
+        else "is below 1024 (privileged ports, for system services)"
+    )
+    errors = [line for line in out.stderr.splitlines() if "error" in line]
+    assert errors == [
+        f"tunnel-agent {command}: error: argument PORT: {value} {why}: the agent exposes and "
+        "watches ports 1024-65535 only, except 3000 and its own API port"
+    ], out.stderr
+    assert api.connections == 0
+
+
+@pytest.mark.parametrize("path", ["health", "/a b", "/\u00e9t\u00e9", "/" + "x" * 2048])
+def test_a_wait_path_the_agent_refuses_is_a_usage_error_before_any_connection(path: str) -> None:
+    """``wait --http`` takes what the agent probes (agent.portwatch.check_path): an absolute ASCII
+    path, no spaces, at most 2048 characters; anything else is refused here, exit 2."""
+    with _CountingApi() as api:
+        out = agent("wait", "8000", "--http", path, "--api", api.url, env=_env())
+    assert (out.returncode, out.stdout) == (EXIT_USAGE, ""), out.stderr
+    assert (
+        "error: argument --http: expected an absolute ASCII path without spaces, e.g. /health "
+        "(at most 2048 characters), got " in out.stderr
+    )
+    assert api.connections == 0
+
+
+def test_the_wait_path_limit_is_the_agents() -> None:
+    from agent import cli, portwatch
+
+    assert cli.WAIT_MAX_PATH == portwatch.MAX_PATH_LENGTH
+    for path in ("/", "/health?x=1", "/" + "x" * 2047):
+        assert portwatch.check_path(cli._probe_path(path)) == path
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["expose", "8000"],
+        ["expose", "1024"],
+        ["unexpose", "65535"],
+        ["wait", "8000"],
+        ["wait", "8000", "--http", "/" + "x" * 2047],
+    ],
+)
+def test_a_refusal_by_the_agent_exits_1_for_every_command(argv: list[str]) -> None:
+    """The stand-in of the tests above does count: a port the CLI cannot fault goes to the agent,
+    and the agent's refusal (400 INVALID_PORT here) is an error the agent reported: exit 1, for
+    ``wait`` as for ``expose`` (``wait`` exited 2 for it, as if it were a usage error)."""
+    with _CountingApi() as api:
+        out = agent(*argv, "--api", api.url, env=_env())
+    assert (out.returncode, out.stdout, api.connections) == (1, "", 1), out.stderr
+    assert out.stderr == (
+        "error: Invalid port number. Must be 1024-65535, excluding 3000. (INVALID_PORT)\n"
+    )
 
 
 def test_an_api_url_with_port_0_is_a_usage_error() -> None:
@@ -210,7 +270,8 @@ def test_expose_70000_against_a_running_agent_is_a_usage_error(
     tmp_path: Path, closed_port: int
 ) -> None:
     """The case as reported, with a real agent (its edge unreachable: the local API serves
-    anyway): 2 for a PORT that is no port, 1 for a port the agent refuses."""
+    anyway): 2 for a PORT that is no port or one the agent never serves (80), 1 for the port
+    the agent refuses (its own API port), for `expose` and `wait` alike."""
     ports_file = tmp_path / "agent.json"
     env = _env(TUNNEL_AGENT_TOKEN="t", TUNNEL_AGENT_PORTS_FILE=str(ports_file))
     with (tmp_path / "agent.log").open("w") as log:
@@ -227,12 +288,17 @@ def test_expose_70000_against_a_running_agent_is_a_usage_error(
             out = agent("expose", "70000", "--api", url, env=_env())
             assert (out.returncode, out.stdout) == (EXIT_USAGE, ""), out.stderr
             assert "argument PORT: expected a TCP port number 1-65535, got '70000'" in out.stderr
-            out = agent("expose", "80", "--api", url, env=_env())
-            assert out.returncode == 1, out.stderr
-            assert out.stderr == (
-                "error: Invalid port number: 80. Must be 1024-65535, excluding 3000 (sandbox "
-                "control plane). (INVALID_PORT)\n"
-            )
+            for command in ("expose", "wait"):
+                out = agent(command, "80", "--api", url, env=_env())
+                assert (out.returncode, out.stdout) == (EXIT_USAGE, ""), out.stderr
+                assert "argument PORT: 80 is below 1024 (privileged ports" in out.stderr
+                api_port = url.rsplit(":", 1)[1]
+                out = agent(command, api_port, "--api", url, env=_env())
+                assert (out.returncode, out.stdout) == (1, ""), out.stderr
+                assert out.stderr.startswith(
+                    f"error: Invalid port number: {api_port}. Must be 1024-65535, excluding 3000 "
+                    f"and {api_port} (the tunnel agent's control API). (INVALID_PORT"
+                ), out.stderr
         finally:
             proc.terminate()
             try:
