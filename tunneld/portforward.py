@@ -17,6 +17,12 @@ each direction on its own:
 - over an ``https://`` admin URL there is no half-close (TLS has none here): the local client's
   EOF closes the connection both ways, normally.
 
+Bounds: at most ``connection_limit()`` local connections are carried at once (``MAX_CONNECTIONS``,
+fewer when the process's descriptor limit is low: each takes two); one past it is reset at once.
+Out of descriptors anyway (EMFILE), the listener stops accepting for ``ACCEPT_RETRY`` and tries
+again, instead of ending the command. The warnings a local client can cause once per connection
+(refused past the limit, a port tunneld cannot open) are rate-limited: a burst, then one a second.
+
 SIGINT or SIGTERM stops listening, resets the connections still open (they were cut short) and
 exits with status 0. Usage errors exit with status 2. The admin token comes from the
 environment (TUNNELD_ADMIN_TOKEN, or a file: TUNNELD_ADMIN_TOKEN_FILE or ``--token-file``), never
@@ -29,6 +35,7 @@ import argparse
 import asyncio
 import logging
 import os
+import resource
 import signal
 import socket
 import ssl
@@ -36,11 +43,20 @@ import struct
 import sys
 from typing import Any, Final
 
+from relay.budget import RateLimitedLog
+
 DEFAULT_ADMIN_URL: Final = "http://127.0.0.1:7070"
 # open_tcp's wait for the 101: tunneld itself answers 504 after its own 30 s
 # (tunneld.admin.TCP_CONNECT_TIMEOUT), so this only bounds a tunneld that does not answer.
 CONNECT_TIMEOUT: Final = 35.0
 _CHUNK: Final = 64 * 1024
+# Local connections carried at once: tunneld admits at most 256 admin connections (and
+# admin_max_connections_per_ip of them from one address), so more would only be refused there.
+MAX_CONNECTIONS: Final = 256
+# Descriptors kept for everything but the connections (the listener, the client's checks, Python).
+_FD_RESERVE: Final = 32
+# Out of descriptors (EMFILE, ENFILE) at accept: the listener waits this long, then accepts again.
+ACCEPT_RETRY: Final = 1.0
 _LINGER_RESET: Final = struct.pack("ii", 1, 0)
 EXIT_FAILURE: Final = 1
 EXIT_USAGE: Final = 2
@@ -97,6 +113,15 @@ def add_parser(sub: Any) -> None:
         default="info",
         help="log verbosity on stderr (default info: each connection opened and closed)",
     )
+
+
+def connection_limit() -> int:
+    """``MAX_CONNECTIONS``, or fewer when ``RLIMIT_NOFILE`` has no room for that many (each
+    connection holds two descriptors: the local socket and its admin connection)."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return MAX_CONNECTIONS
+    return max(1, min(MAX_CONNECTIONS, (soft - _FD_RESERVE) // 2))
 
 
 class UsageError(Exception):
@@ -196,6 +221,11 @@ class PortForward:
         self.local_port = local_port
         self.count = 0
         self.open: set[Any] = set()  # connections in flight (their pumps' cancel scopes)
+        self.limit = connection_limit()
+        self.carried = 0  # local connections being served (opening or open)
+        self.refused = 0
+        self._refusals = RateLimitedLog(log, "warnings about refused local connections")
+        self._failures = RateLimitedLog(log, "warnings about ports tunneld could not open")
 
     def _fail(self, message: str) -> int:
         print(f"tunneld port-forward: {message}", file=sys.stderr)
@@ -233,10 +263,15 @@ class PortForward:
                 bound = listener.extra(anyio.abc.SocketAttribute.local_port)
                 print(f"Forwarding from 127.0.0.1:{bound} -> {target}", flush=True)
                 log.info(
-                    "listening on 127.0.0.1:%d for %s via %s", bound, target, self.client.base_url
+                    "listening on 127.0.0.1:%d for %s via %s (at most %d connections at once)",
+                    bound,
+                    target,
+                    self.client.base_url,
+                    self.limit,
                 )
                 async with anyio.create_task_group() as tg:
-                    tg.start_soon(listener.serve, self._serve)
+                    for one in listener.listeners:
+                        tg.start_soon(self._accept, one, tg)
                     async for signum in signals:
                         log.info(
                             "%s: stopping; resetting %d open connection(s)",
@@ -247,6 +282,44 @@ class PortForward:
                         break
         log.info("stopped after %d connection(s)", self.count)
         return 0
+
+    async def _accept(self, listener: Any, tg: Any) -> None:
+        """Accept local connections for as long as the command runs: past ``limit`` carried at
+        once a connection is reset at once; out of descriptors, accepting pauses, not ends."""
+        import anyio
+
+        while True:
+            try:
+                local = await listener.accept()
+            except OSError as exc:  # EMFILE, ENFILE, ENOBUFS: the connection waits in the backlog
+                self._refusals.log(
+                    anyio.current_time(),
+                    "cannot accept a local connection (%s); accepting again in %gs",
+                    exc.strerror or exc,
+                    ACCEPT_RETRY,
+                )
+                await anyio.sleep(ACCEPT_RETRY)
+                continue
+            if self.carried >= self.limit:
+                self.refused += 1
+                peer = local.extra(anyio.abc.SocketAttribute.remote_address, ("?", 0))
+                self._refusals.log(
+                    anyio.current_time(),
+                    "connection from %s:%s reset: %d connections are carried already, the limit",
+                    peer[0],
+                    peer[1],
+                    self.limit,
+                )
+                await _abort(local)
+                continue
+            self.carried += 1
+            tg.start_soon(self._carry, local)
+
+    async def _carry(self, local: Any) -> None:
+        try:
+            await self._serve(local)
+        finally:
+            self.carried -= 1
 
     async def _serve(self, local: Any) -> None:
         import anyio
@@ -260,7 +333,14 @@ class PortForward:
         try:
             remote = await self.sandbox.open_tcp(self.port)
         except TunnelError as exc:
-            log.warning("%s: cannot open port %d: %s (%s)", who, self.port, exc.message, exc.code)
+            self._failures.log(
+                anyio.current_time(),
+                "%s: cannot open port %d: %s (%s)",
+                who,
+                self.port,
+                exc.message,
+                exc.code,
+            )
             await _abort(local)
             return
         except BaseException:
