@@ -16,7 +16,8 @@ several clusters this way):
                                     "token": "...", "name": null}`` (``created_at`` first, always;
                                     options only when set: ``"protocol"``, ``"proxy_protocol"``,
                                     ``"inspect"``, ``"public_port"``)
-``{prefix}:sandboxes``              set of the sandbox ids that have a hash
+``{prefix}:sandboxes``              set of the sandbox ids that have a hash: its size is the
+                                    count ``max_sandboxes`` caps
 ``{prefix}:changes``                pub/sub channel: one JSON message per change (below)
 ``{prefix}:owner:{sandbox_id}``     string ``"{epoch} {node_id}"`` with the lease as its TTL
 ``{prefix}:epochs``                 hash, sandbox_id -> last epoch handed out (never expires)
@@ -31,7 +32,12 @@ the change: ``{"node": id, "op": "put", "sandbox_id", "port", "record"}``, ``"op
 or ``"op": "owner"`` with ``"owner": [node_id, epoch]`` or ``null`` (released). ``node`` is the
 writer's id: a node ignores its own echoes. Lease expiry is not published (Redis does not tell
 without keyspace notifications): a reader that cares asks :meth:`RedisStore.owner`. A put keeps
-the ``created_at`` of an existing record, as every store does. The scripts build key names only
+the ``created_at`` of an existing record, as every store does. ``max_sandboxes`` is enforced
+by Redis, not by each node's view: the registry's put (:meth:`RedisStore.put_capped`) is
+refused by its own script, nothing written nor published, when the sandbox is new to
+``{prefix}:sandboxes`` and the set already holds the cap; nodes racing first exposes of
+different sandboxes thus never take the cluster past the cap, and a delete that removes a
+sandbox's last exposure frees its slot in the same script. The scripts build key names only
 from their KEYS, except node pruning: a single Redis (or a primary with replicas), not Redis
 Cluster.
 
@@ -242,8 +248,16 @@ Change = ExposurePut | ExposureDeleted | OwnerChanged | Resync
 
 # -- scripts ---------------------------------------------------------------------------------------
 # KEYS: exposure hash, sandboxes set. ARGV: sandbox id, port, created_at (JSON number), the
-# record's JSON after created_at, channel, message head (the message up to "record":).
+# record's JSON after created_at, channel, message head (the message up to "record":), and
+# optionally max_sandboxes: a sandbox not in the set yet (its first exposure) is then refused,
+# nothing written nor published, when the set already holds that many; the answer is then how
+# many it holds (a number), else the record stored (a string).
 _PUT_LUA: Final = """
+local cap = tonumber(ARGV[7])
+if cap and redis.call('SISMEMBER', KEYS[2], ARGV[1]) == 0 then
+  local held = redis.call('SCARD', KEYS[2])
+  if held >= cap then return held end
+end
 local created = ARGV[3]
 local old = redis.call('HGET', KEYS[1], ARGV[2])
 if old then
@@ -256,12 +270,19 @@ redis.call('SADD', KEYS[2], ARGV[1])
 redis.call('PUBLISH', ARGV[5], ARGV[6] .. value .. '}')
 return value
 """
-# KEYS: exposure hash, sandboxes set. ARGV: sandbox id, port, channel, message.
+# KEYS: exposure hash, sandboxes set. ARGV: sandbox id, port, channel, message. The sandbox
+# leaves the set with its last exposure: the set's size is the count max_sandboxes caps.
 _DELETE_LUA: Final = """
 if redis.call('HDEL', KEYS[1], ARGV[2]) == 0 then return 0 end
 if redis.call('EXISTS', KEYS[1]) == 0 then redis.call('SREM', KEYS[2], ARGV[1]) end
 redis.call('PUBLISH', ARGV[3], ARGV[4])
 return 1
+"""
+# KEYS: exposure hash, sandboxes set. ARGV: sandbox id. A member without a hash (its last field
+# removed by hand: HDEL) leaves the set, so it no longer counts against max_sandboxes.
+_PRUNE_LUA: Final = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return redis.call('SREM', KEYS[2], ARGV[1]) end
+return 0
 """
 # KEYS: owner key, epochs hash. ARGV: sandbox id, node id, lease ms, channel, message head.
 _CLAIM_LUA: Final = """
@@ -394,6 +415,7 @@ class RedisStore:
         self.nodes_key = f"{p}:nodes"
         self._put_script = self._client.register_script(_PUT_LUA)
         self._delete_script = self._client.register_script(_DELETE_LUA)
+        self._prune_script = self._client.register_script(_PRUNE_LUA)
         self._claim_script = self._client.register_script(_CLAIM_LUA)
         self._renew_script = self._client.register_script(_RENEW_LUA)
         self._release_script = self._client.register_script(_RELEASE_LUA)
@@ -487,6 +509,10 @@ class RedisStore:
                     pipe.hgetall(self.exposure_key(sandbox_id))
                 hashes = await pipe.execute()
             for sandbox_id, fields in zip(chunk, hashes, strict=True):
+                if not fields:  # counted, but holds nothing: see _PRUNE_LUA
+                    await self._prune_script(
+                        keys=[self.exposure_key(sandbox_id), self.sandboxes_key], args=[sandbox_id]
+                    )
                 for port in sorted(int(p) for p in fields):
                     records.append(self._decode(sandbox_id, port, fields[str(port).encode()]))
         return records
@@ -501,21 +527,38 @@ class RedisStore:
             ) from None
 
     async def put(self, record: StoredExposure) -> None:
+        """Store ``record``, whatever the number of sandboxes (a copy of stored exposures: the
+        supervisor's, at a ``--workers`` start)."""
+        await self._put(record, None)
+
+    async def put_capped(self, record: StoredExposure, max_sandboxes: int) -> int | None:
+        """Store ``record`` unless it is its sandbox's first exposure and ``max_sandboxes``
+        sandboxes already hold exposures in Redis: then nothing is written and the answer is how
+        many do (else None). The check and the write are one script, so nodes writing first
+        exposures at the same moment cannot take Redis past the cap (``Registry`` answers the
+        refusal as 409 TOO_MANY_SANDBOXES)."""
+        return await self._put(record, max_sandboxes)
+
+    async def _put(self, record: StoredExposure, max_sandboxes: int | None) -> int | None:
         created = orjson.dumps(record.created_at)
         fields = record.to_json()
         for key in ("sandbox_id", "port", "created_at"):
             del fields[key]
         tail = orjson.dumps(fields)[1:]  # token, name, then the options that are set
         head = self._head("put", record.sandbox_id, port=record.port) + b'"record":'
-        await self._write(
+        args: list[Any] = [record.sandbox_id, record.port, created, tail, self.channel, head]
+        if max_sandboxes is not None:
+            args.append(max_sandboxes)
+        result = await self._write(
             record.sandbox_id,
             record.port,
             f"storing {record.sandbox_id} port {record.port}",
             self._put_script(
-                keys=[self.exposure_key(record.sandbox_id), self.sandboxes_key],
-                args=[record.sandbox_id, record.port, created, tail, self.channel, head],
+                keys=[self.exposure_key(record.sandbox_id), self.sandboxes_key], args=args
             ),
+            refused=lambda answer: isinstance(answer, int),
         )
+        return result if isinstance(result, int) else None
 
     async def delete(self, sandbox_id: str, port: int) -> None:
         message = orjson.dumps(
@@ -532,15 +575,24 @@ class RedisStore:
         )
 
     async def _write(
-        self, sandbox_id: str, port: int, what: str, operation: Awaitable[Any]
-    ) -> None:
+        self,
+        sandbox_id: str,
+        port: int,
+        what: str,
+        operation: Awaitable[Any],
+        refused: Callable[[Any], bool] | None = None,
+    ) -> Any:
+        """The script's answer. ``refused``: whether that answer says it wrote nothing (a put
+        past max_sandboxes), which supersedes no earlier write whose outcome is unknown."""
         key = (sandbox_id, port)
         try:
-            await self._call(what, operation)
+            result = await self._call(what, operation)
         except StoreError:
             self._uncertain.add(key)
             raise
-        self._uncertain.discard(key)  # this write superseded the uncertain one
+        if refused is None or not refused(result):
+            self._uncertain.discard(key)  # this write superseded the uncertain one
+        return result
 
     async def close(self) -> None:
         if self._closed:

@@ -35,7 +35,9 @@ refused (409 ``TOO_MANY_SANDBOXES``) once as many as that hold exposures or are 
 their first one (``_new_sandboxes``: the per-sandbox locks do not serialize two new sandboxes, so
 a slot is reserved before the store write). What the view holds is what is counted: records
 loaded at start (all of them, even past the cap: stored data is never dropped) and, with a shared
-store, those other nodes wrote; sandboxes with only a session are not counted.
+store, those other nodes wrote; sandboxes with only a session are not counted. A shared store
+(Redis) also checks the cap itself, atomically with the write (``_put``): two nodes' views miss
+each other's first exposes in flight, the store does not, so the cluster never passes the cap.
 """
 
 from __future__ import annotations
@@ -217,7 +219,7 @@ class Registry:
 
             handed = True
             return await self._write_then_apply(
-                sandbox_id, port, record, lambda: self.store.put(stored), apply, release
+                sandbox_id, port, record, lambda: self._put(stored), apply, release
             )
         finally:
             if not handed:
@@ -232,15 +234,31 @@ class Registry:
             return False
         held = self.exposing + self._new_sandboxes
         if held >= self.max_sandboxes:
-            raise RegistryError(
-                409,
-                "TOO_MANY_SANDBOXES",
-                f"Sandbox {sandbox_id} cannot get a first exposure: {held} sandboxes already "
-                f"hold exposures on this edge, the maximum (max_sandboxes = "
-                f"{self.max_sandboxes}). Unexpose every port of a sandbox that no longer needs "
-                "them, or raise max_sandboxes.",
-            )
+            raise self._too_many_sandboxes(sandbox_id, held)
         return True
+
+    def _too_many_sandboxes(self, sandbox_id: str, held: int) -> RegistryError:
+        return RegistryError(
+            409,
+            "TOO_MANY_SANDBOXES",
+            f"Sandbox {sandbox_id} cannot get a first exposure: {held} sandboxes already "
+            f"hold exposures on this edge, the maximum (max_sandboxes = "
+            f"{self.max_sandboxes}). Unexpose every port of a sandbox that no longer needs "
+            "them, or raise max_sandboxes.",
+        )
+
+    async def _put(self, record: StoredExposure) -> None:
+        """Store ``record``. A store shared by several nodes enforces ``max_sandboxes`` itself,
+        in the same atomic step as the write (``RedisStore.put_capped``): the check above sees
+        only this node's view, which lags other nodes' first exposes. Its refusal is 409
+        TOO_MANY_SANDBOXES, nothing written."""
+        put_capped = getattr(self.store, "put_capped", None)
+        if put_capped is None:
+            await self.store.put(record)
+            return
+        held = await put_capped(record, self.max_sandboxes)
+        if held is not None:
+            raise self._too_many_sandboxes(record.sandbox_id, held)
 
     async def commit_unexpose(self, sandbox_id: str, port: int) -> bool:
         """``unexpose``, answered only once the store has forgotten the record."""
@@ -302,6 +320,11 @@ class Registry:
         try:
             try:
                 await write()
+            except RegistryError as exc:  # the store refused it (its own max_sandboxes)
+                if self.on_write is not None:
+                    self.on_write(time.monotonic() - started, True)
+                _answer(answer, error=exc)
+                return
             except StoreError as exc:
                 if self.on_write is not None:
                     self.on_write(time.monotonic() - started, False)
