@@ -40,7 +40,9 @@ the environment, as they do for a single process) with the ports made explicit, 
 ``READY=1`` (after writing ``--ports-file``), and never again; ``WATCHDOG=1`` only while every
 running worker has pinged within its own interval (half of the supervisor's, given to the workers
 as ``WATCHDOG_USEC``; without ``WATCHDOG_PID``, which cannot be known before the worker starts);
-``STOPPING=1`` when it is told to stop.
+``STOPPING=1`` when it is told to stop. Its socket is abstract, so anyone on the host may send to
+it: a message whose kernel-stamped pid is not a worker's is ignored, and at most
+``MAX_NOTIFICATIONS_PER_WAKEUP`` are read per turn of the loop, so a flood cannot hold it.
 
 **Signals.** SIGHUP is passed to every ready worker (each reloads; one still starting reads the
 new configuration anyway). SIGTERM or SIGINT: ``STOPPING=1``, SIGTERM to every worker, each drains
@@ -69,6 +71,8 @@ import time
 from pathlib import Path
 from typing import Any, Final
 
+from relay.budget import RateLimitedLog
+
 from . import systemd
 from .config import Config, ConfigError, load_config
 from .private_redis import REDIS_DIR, UNSAVED, PrivateRedis
@@ -90,6 +94,9 @@ SUPERVISOR_PID_ENV: Final = "TUNNELD_SUPERVISOR_PID"
 _NOT_FOR_WORKERS: Final = (
     "NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES",
 )  # fmt: skip
+# Notifications read per wake-up of the loop (a worker sends one every few seconds; the socket
+# can be flooded by anyone on the host: _on_notify).
+MAX_NOTIFICATIONS_PER_WAKEUP: Final = 8
 _LISTENERS: Final = ("public", "agent", "admin")
 _PR_SET_PDEATHSIG: Final = 1
 
@@ -206,6 +213,9 @@ class Supervisor:
         self._status = 0
         self._done = asyncio.Event()
         self._silent: set[int] = set()  # worker indexes whose missed watchdog was logged
+        self._strangers = RateLimitedLog(
+            log, "notifications from processes that are not workers", level=logging.DEBUG
+        )
         self._loop: asyncio.AbstractEventLoop | None = None
         self._private: PrivateRedis | None = None  # the workers' store without one of ours
         self._sqlite: SqliteStore | None = None  # held (locked) while the private one runs
@@ -449,12 +459,22 @@ class Supervisor:
 
     # -- notifications from the workers ----------------------------------------------------------
     def _on_notify(self) -> None:
+        """Read the pending notifications, at most ``MAX_NOTIFICATIONS_PER_WAKEUP`` of them: the
+        socket is abstract (no permissions), so anyone on the host can send to it, and a flood
+        must not keep the loop here (signals, restarts and the watchdog wait meanwhile). The
+        reader is level-triggered: what is left is read at the loop's next turn."""
         assert self._notify is not None
-        while (message := systemd.receive_notification(self._notify)) is not None:
+        for _ in range(MAX_NOTIFICATIONS_PER_WAKEUP):
+            message = systemd.receive_notification(self._notify)
+            if message is None:
+                return
             pid, fields = message
             worker = next((w for w in self.workers if pid and w.pid == pid), None)
             if worker is None:
-                log.debug("notification from pid %d, not a worker: ignored", pid)
+                assert self._loop is not None
+                self._strangers.log(
+                    self._loop.time(), "notification from pid %d, not a worker: ignored", pid
+                )
                 continue
             if fields.get("READY") == "1" or fields.get("WATCHDOG") == "1":
                 worker.last_seen = time.monotonic()
