@@ -105,7 +105,9 @@ async def test_stalled_readers_do_not_freeze_their_sandbox(tmp_path: Path) -> No
                 r = await client.get("/")
                 slowest = max(slowest, time.monotonic() - started)
                 assert r.status_code == 200 and r.content == b"hello from origin"
-            assert slowest < 1.0, f"a small request waited {slowest:.1f}s behind stalled readers"
+            # A frozen sandbox (stalled readers holding the session window) fails the GETs
+            # above with the client's 10 s timeout. How fast they are is the bench's
+            # `stalled_readers` scenario (p99 against a baseline), not a timed assert here.
 
             # Memory: each stalled stream may hold its window plus the local high-water mark
             # (and one frame) in the edge, and its sending queue in the agent; window growth
