@@ -59,7 +59,7 @@ from protocol.hostnames import (
 )
 from protocol.session import Role, Session, SessionConfig
 from relay.budget import RateLimitedLog
-from relay.mux import MuxProtocol, StreamEndpoint, abort_with_reset, unsent_bytes
+from relay.mux import MuxProtocol, StalledCloseWatch, StreamEndpoint, abort_with_reset
 from relay.requests import ControlRequestError
 from relay.wslink import WebSocketLink
 
@@ -186,8 +186,7 @@ class LocalEndpoint(StreamEndpoint):
     """A stream bound to a connection to the service on 127.0.0.1:PORT."""
 
     __slots__ = (
-        "_close_timer",
-        "_close_unsent",
+        "_close_watch",
         "_dialled",
         "_pending",
         "_pending_end",
@@ -200,9 +199,8 @@ class LocalEndpoint(StreamEndpoint):
         self._pending_end = False
         self._dialled = mux.agent.dialled
         self._sockname: tuple[str, int] | None = None
-        # Armed by close_gracefully while the service has bytes of ours it has not taken.
-        self._close_timer: asyncio.TimerHandle | None = None
-        self._close_unsent = 0
+        # Started by close_gracefully while the service has bytes of ours it has not taken.
+        self._close_watch: StalledCloseWatch | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -229,9 +227,9 @@ class LocalEndpoint(StreamEndpoint):
             super().peer_ended()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self._close_timer is not None:
-            self._close_timer.cancel()
-            self._close_timer = None
+        if self._close_watch is not None:
+            self._close_watch.cancel()
+            self._close_watch = None
         if self._sockname is not None:
             self._dialled.discard(self._sockname)
         super().connection_lost(exc)
@@ -241,38 +239,19 @@ class LocalEndpoint(StreamEndpoint):
 
         A service that half-closed and reads nothing more would keep that close (the socket, its
         buffer, the stream's entry) for the rest of the session: the kernel probes a zero window
-        without end. So, as for the tunnel socket after a session ends (relay.mux), once a
-        ``dead_timeout`` passes without the service taking a byte, the connection is reset.
+        without end. So, as for the tunnel socket after a session ends, a ``StalledCloseWatch``
+        (relay.mux) resets the connection once a ``dead_timeout`` passes without the service
+        taking a byte.
         """
         super().close_gracefully()
-        transport = self.transport
-        # Nothing left in the transport: asyncio closes the socket at once (the kernel sends
-        # what it holds on its own).
-        if (
-            transport is not None
-            and transport.get_write_buffer_size()
-            and self._close_timer is None
-            and not self._closed
-        ):
-            self._close_unsent = unsent_bytes(transport)
-            self._arm_close_check()
+        if self._close_watch is None and not self._closed:
+            mux = self.mux
+            self._close_watch = StalledCloseWatch.start(
+                self.transport, mux.session.dead_timeout, mux.loop, self._close_stalled
+            )
 
-    def _arm_close_check(self) -> None:
-        mux = self.mux
-        self._close_timer = mux.loop.call_later(mux.session.dead_timeout, self._check_close)
-
-    def _check_close(self) -> None:
-        self._close_timer = None
-        transport = self.transport
-        if self._closed or transport is None:
-            return
-        if not transport.get_write_buffer_size():
-            return  # all handed to the kernel: the close completes by itself
-        unsent = unsent_bytes(transport)
-        if unsent < self._close_unsent:  # a slow reader, not a stalled one
-            self._close_unsent = unsent
-            self._arm_close_check()
-            return
+    def _close_stalled(self, unsent: int, stalled: float | None) -> None:
+        """The ``StalledCloseWatch`` resets the connection: say why."""
         _STALLED_CLOSE_LOG.log(
             self.mux.loop.time(),
             "stream %d: the service ended its side and took none of the last %d bytes for %gs; "
@@ -281,7 +260,6 @@ class LocalEndpoint(StreamEndpoint):
             unsent,
             self.mux.session.dead_timeout,
         )
-        abort_with_reset(transport)
 
     def receive_from_peer(self, data: bytes) -> None:
         if self.transport is None:

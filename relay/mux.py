@@ -50,7 +50,7 @@ log = logging.getLogger("tunnel.mux")
 # RateLimitedLog of its own (``MuxProtocol.link_log``), this one serves the others.
 _LINK_CLOSED: Final = "'agent link closed' lines"
 _LINK_LOG: Final = RateLimitedLog(log, _LINK_CLOSED, level=logging.INFO)
-# Peers that stopped reading before their session's last bytes went out (see _check_drain)
+# Peers that stopped reading before their session's last bytes went out (see _drain_stalled)
 _DRAIN_LOG: Final = RateLimitedLog(log, "warnings about peers reset after their session ended")
 
 
@@ -151,6 +151,133 @@ def _set_linger(transport: asyncio.Transport, value: bytes) -> None:
 
 _LINGER_RESET: Final = struct.pack("ii", 1, 0)
 _LINGER_OFF: Final = struct.pack("ii", 0, 0)
+
+
+# Linux's struct tcp_info: tcpi_bytes_acked (u64) at this offset (since 4.1).
+_TCP_INFO: Final = getattr(socket, "TCP_INFO", None)
+_TCP_INFO_LEN: Final = 128
+_BYTES_ACKED: Final = struct.Struct("=Q")
+_BYTES_ACKED_AT: Final = 120
+
+
+def bytes_taken(transport: asyncio.BaseTransport | None) -> int | None:
+    """How many bytes of ``transport``'s connection its peer has acknowledged so far (Linux's
+    ``tcpi_bytes_acked``), None where the kernel does not say. It only grows, and it grows
+    exactly when the peer takes bytes, whatever was written meanwhile and whichever buffer the
+    rest waits in: the transport's, a TLS layer's (whose own transport's buffer no API
+    shows), the kernel's."""
+    if transport is None or _TCP_INFO is None:
+        return None
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return None
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, _TCP_INFO_LEN)
+    except (OSError, ValueError):  # closed under us, not TCP
+        return None
+    if len(info) < _TCP_INFO_LEN:
+        return None
+    return cast(int, _BYTES_ACKED.unpack_from(info, _BYTES_ACKED_AT)[0])
+
+
+def taken_mark(transport: asyncio.BaseTransport | None) -> int:
+    """A number that grows when ``transport``'s peer takes bytes, and only then (as long as
+    nothing more is written): ``bytes_taken``, else the bytes still unsent, negated."""
+    taken = bytes_taken(transport)
+    if taken is not None:
+        return taken
+    return -unsent_bytes(cast("asyncio.Transport | None", transport))
+
+
+class StalledCloseWatch:
+    """A connection we are closing cleanly whose peer takes none of the bytes still owed to it
+    for a whole ``period`` is reset (RST), not kept for ever.
+
+    A clean close waits for the peer to take the rest; one that reads nothing would keep the
+    close, its socket and buffers, and whatever table holds it, for ever (the kernel probes a
+    zero window without end). So every ``period`` the watch looks at what the peer took
+    (``taken_mark``): anything taken since the previous look (a slow reader, however slow)
+    keeps the connection for one more period; nothing taken while bytes are still owed
+    (``unsent_bytes``) resets it, so the peer, which did not get everything, sees a reset and
+    never a clean end. ``on_reset(unsent, stalled)`` is called just before, for the caller's
+    log line (``stalled``: the seconds the peer took nothing).
+
+    Nothing is watched when there is nothing to watch: a transport without a socket of its own
+    (an HTTP/2 stream: its connection's close decides), or a plain one that holds no byte (it
+    closes its socket at once and the kernel sends the rest by itself). A closing transport
+    whose peer has taken everything stops the watch too. The owner calls ``cancel`` from
+    ``connection_lost``.
+    """
+
+    __slots__ = (
+        "_loop",
+        "_mark",
+        "_on_reset",
+        "_period",
+        "_timer",
+        "transport",
+    )
+
+    def __init__(
+        self,
+        transport: asyncio.Transport,
+        period: float,
+        loop: asyncio.AbstractEventLoop,
+        on_reset: Callable[[int, float | None], None],
+    ) -> None:
+        self.transport = transport
+        self._period = period
+        self._loop = loop
+        self._on_reset = on_reset
+        self._mark = taken_mark(transport)
+        self._timer: asyncio.TimerHandle | None = None
+        self._arm(loop.time())
+
+    @classmethod
+    def start(
+        cls,
+        transport: asyncio.Transport | None,
+        period: float,
+        loop: asyncio.AbstractEventLoop,
+        on_reset: Callable[[int, float | None], None],
+    ) -> StalledCloseWatch | None:
+        """A watch of ``transport``, or None when there is nothing to watch (see above)."""
+        if transport is None or transport.get_extra_info("socket") is None:
+            return None
+        if transport.get_extra_info("ssl_object") is None:
+            if not transport.get_write_buffer_size():
+                return None
+        elif not unsent_bytes(transport):
+            return None
+        return cls(transport, period, loop, on_reset)
+
+    def cancel(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _arm(self, now: float) -> None:
+        self._timer = self._loop.call_at(now + self._period, self._check)
+
+    def _check(self) -> None:
+        self._timer = None
+        transport = self.transport
+        unsent = unsent_bytes(transport)
+        if not unsent and transport.is_closing():
+            return  # all taken: the close completes by itself
+        mark = taken_mark(transport)
+        if mark > self._mark or not unsent:  # bytes taken since the last look, or none owed
+            self._mark = mark
+            self._arm(self._loop.time())
+        else:
+            self._reset(unsent, self._period)
+
+    def _reset(self, unsent: int, stalled: float | None) -> None:
+        self._on_reset(unsent, stalled)
+        # Not abort_with_reset: a closing TLS transport may show no byte of its own while its
+        # socket's transport and the kernel still hold the rest; the peer lacks it either way.
+        _set_linger(self.transport, _LINGER_RESET)
+        self.transport.abort()
 
 
 def _limit_unsent(transport: asyncio.BaseTransport) -> None:
@@ -337,9 +464,9 @@ class MuxProtocol(DeferredFlush, asyncio.BufferedProtocol):
         self._timer_at: float | None = None
         self._flush_scheduled = False
         self._read_paused = False  # the tunnel socket, past TUNNEL_OUTPUT_CAP
-        # After the session ended: the unsent bytes at the last look (see _check_drain)
-        self._drain_timer: asyncio.TimerHandle | None = None
-        self._drain_left = -1
+        # After the session ended: its last bytes going out to a peer that may not read them
+        self._drain_watch: StalledCloseWatch | None = None
+        self._draining = False
         # WebSocket carriage of the session (relay/wslink.py): set by the agent before connecting,
         # or by the edge once the first bytes (``_sniff``) turn out to be an HTTP upgrade.
         self.link: WebSocketLink | None = None
@@ -420,9 +547,9 @@ class MuxProtocol(DeferredFlush, asyncio.BufferedProtocol):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        if self._drain_timer is not None:
-            self._drain_timer.cancel()
-            self._drain_timer = None
+        if self._drain_watch is not None:
+            self._drain_watch.cancel()
+            self._drain_watch = None
         if not self.session.closed:
             # The peer vanished without GO_AWAY: treat as a dead link.
             self.session.close(GoAwayCode.INTERNAL_ERROR)
@@ -516,10 +643,13 @@ class MuxProtocol(DeferredFlush, asyncio.BufferedProtocol):
             elif not data or self._write_paused or not session.has_data_to_send():
                 break
         if self.session.closed:
-            if self._drain_left < 0:
-                self._drain_left = transport.get_write_buffer_size()
-                self._drain_timer = self.loop.call_later(
-                    self.session.dead_timeout, self._check_drain
+            if not self._draining:
+                # Its last bytes (GO_AWAY, the streams' last frames) are still going out. A peer
+                # that reads nothing would keep this connection, its buffers and its place in the
+                # edge's tables for ever, so a dead_timeout without it taking a byte resets it.
+                self._draining = True
+                self._drain_watch = StalledCloseWatch.start(
+                    transport, self.session.dead_timeout, self.loop, self._drain_stalled
                 )
             if not self.session.has_data_to_send():
                 transport.close()
@@ -531,29 +661,16 @@ class MuxProtocol(DeferredFlush, asyncio.BufferedProtocol):
             self._timer_at = at
             self._timer = None if at is None else self.loop.call_at(at, self._on_timer)
 
-    def _check_drain(self) -> None:
-        """The session ended, and its last bytes (GO_AWAY, the streams' last frames) are still
-        going out. A peer that reads nothing would keep this connection, its buffers and its
-        place in the edge's tables for ever (the kernel probes a zero window without end), so
-        once a ``dead_timeout`` passes without it taking a byte, the connection is reset."""
-        self._drain_timer = None
-        transport = self.transport
-        if transport is None:
-            return
-        left = transport.get_write_buffer_size()
-        if left and left != self._drain_left:  # it took bytes since the last look
-            self._drain_left = left
-            self._drain_timer = self.loop.call_later(self.session.dead_timeout, self._check_drain)
-            return
+    def _drain_stalled(self, unsent: int, stalled: float | None) -> None:
+        """The ``StalledCloseWatch`` resets the connection: say why."""
         _DRAIN_LOG.log(
             self.loop.time(),
             "%s: the peer read nothing for %gs after the session ended (%d bytes unsent); "
             "connection reset",
             self.describe(),
             self.session.dead_timeout,
-            left,
+            unsent,
         )
-        abort_with_reset(transport)
 
     def release_shared(self, stream_id: int) -> None:
         """After ``send_data`` with a view of the shared buffer: retire it if still referenced."""

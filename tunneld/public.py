@@ -42,7 +42,7 @@ import orjson
 from protocol.errors import LocalProtocolError, ResetCode
 from protocol.hostnames import parse_preview_host
 from relay.buffers import SHARED
-from relay.mux import StreamEndpoint, abort_with_reset, set_reset_on_close
+from relay.mux import StalledCloseWatch, StreamEndpoint, abort_with_reset, set_reset_on_close
 
 from .accesslog import ConnectionLog
 from .budget import RequestBudget
@@ -123,6 +123,7 @@ class PublicConnection(StreamEndpoint):
     __slots__ = (
         "_access",
         "_adopted",
+        "_close_watch",
         "_counted_ip",
         "_framer",
         "_holding",
@@ -140,7 +141,6 @@ class PublicConnection(StreamEndpoint):
         "_timer_activity",
         "_timer_kind",
         "_trailer",
-        "_unsent",
         "activity",
         "parser",
         "port",
@@ -182,7 +182,7 @@ class PublicConnection(StreamEndpoint):
         # timer compare it between two looks (cheaper than reading the clock per chunk).
         self.activity = 0
         self._seen_activity = -1
-        self._unsent = -1  # bytes a closing transport still held at the last idle look
+        self._close_watch: StalledCloseWatch | None = None  # a clean close the client stalls
 
     # -- connection ------------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -259,12 +259,7 @@ class PublicConnection(StreamEndpoint):
         if transport is None:
             return
         if transport.is_closing():
-            # A clean close waiting for the client to take the rest: keep-alive bounds it too.
-            if self._timer_kind == "keepalive" and transport.get_write_buffer_size():
-                if self.activity == self._timer_activity:
-                    self.close_idle()
-                self._arm_timer("keepalive")
-            return
+            return  # a clean close under way: its StalledCloseWatch bounds it (close_gracefully)
         if self._timer_kind == "head":
             if self.mux is None and framer.state is State.HEAD:
                 self.fail(408, "REQUEST_TIMEOUT", "The request head did not arrive in time.")
@@ -693,21 +688,10 @@ class PublicConnection(StreamEndpoint):
         and closes an idle keep-alive connection at once, which ends this one with a FIN, after
         any response it still had to finish). If it has not ended the stream by the next call
         (one more timeout of silence), the connection is cut with RST, as at shutdown (``end``).
-        Before any answer, or once the service ended, a graceful close.
-
-        A clean close already under way whose client takes none of the rest (its transport
-        still holds the same unsent bytes as at the previous call) is cut with RST as well:
-        the client did not get everything, and nothing else would ever end it (its slot in
-        the connection limits, its buffer). Bytes the client took count as activity."""
+        Before any answer, or once the service ended, a graceful close. A clean close already
+        under way is left to its ``StalledCloseWatch`` (``close_gracefully``)."""
         transport = self.transport
         if transport is not None and transport.is_closing():
-            unsent = transport.get_write_buffer_size()
-            if unsent and unsent != self._unsent:
-                self._unsent = unsent
-                self.activity += 1
-            elif unsent:
-                log.info("%s: the client takes nothing of a closing connection; reset", self._peer)
-                abort_with_reset(transport)
             return
         mux = self.mux
         if (
@@ -726,10 +710,36 @@ class PublicConnection(StreamEndpoint):
             self.close_gracefully()
 
     def close_gracefully(self) -> None:
-        if self.transport is not None:
-            if self._responded:
-                set_reset_on_close(self.transport, False)
-            self.transport.close()
+        """Close with FIN (TLS: ``close_notify``) once the client has taken the rest.
+
+        A client that takes none of the rest would keep the close, its buffer and its place in
+        the connection limits for ever, so a ``StalledCloseWatch`` resets (RST) a connection
+        whose client took nothing for the shorter of ``keepalive_timeout`` and ``idle_timeout``:
+        the client did not get everything. Bytes it takes, however slowly, keep the connection.
+        """
+        transport = self.transport
+        if transport is None:
+            return
+        if self._responded:
+            set_reset_on_close(transport, False)
+        transport.close()
+        if self._close_watch is None:
+            config = self.server.config
+            period = config.keepalive_timeout
+            if 0 < config.idle_timeout < period:
+                period = config.idle_timeout
+            self._close_watch = StalledCloseWatch.start(
+                transport, period, self.server.loop, self._close_stalled
+            )
+
+    def _close_stalled(self, unsent: int, stalled: float | None) -> None:
+        """The ``StalledCloseWatch`` resets the connection: say why."""
+        log.info(
+            "%s: the client took none of the last %d bytes of a closing connection for %gs; reset",
+            self._peer,
+            unsent,
+            stalled,
+        )
 
     def receive_from_peer(self, data: bytes) -> None:
         if not self._responded and self.transport is not None:
@@ -785,7 +795,11 @@ class PublicConnection(StreamEndpoint):
         super().peer_writable()
 
     def idle_check(self) -> bool:
-        """True when nothing moved either way since the previous check (the sweep closes it)."""
+        """True when nothing moved either way since the previous check (the sweep closes it).
+        Never for a clean close under way: its ``StalledCloseWatch`` bounds it."""
+        transport = self.transport
+        if transport is not None and transport.is_closing():
+            return False
         idle = self.activity == self._seen_activity
         self._seen_activity = self.activity
         return idle
@@ -856,6 +870,9 @@ class PublicConnection(StreamEndpoint):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_timer()
+        if self._close_watch is not None:
+            self._close_watch.cancel()
+            self._close_watch = None
         if self._access is not None:
             self._access.closed(self._peer_eof)
         self.server.public_connections.discard(self)

@@ -31,7 +31,7 @@ Limits are the public listener's: a connection counts towards ``max_connections`
 ``max_connections_per_ip`` (the same per-IP table), a new stream takes from the sandbox's
 ``stream_budget``, and ``idle_timeout`` closes a connection silent both ways (RST: a raw stream
 has no way to say "idle" that a peer would not take for a normal end); a client still taking
-what the edge sent is not silent (``unsent_bytes``). Refusals are RSTs, as a raw TCP client has
+what the edge sent is not silent (``taken_mark``). Refusals are RSTs, as a raw TCP client has
 no page to read.
 """
 
@@ -49,7 +49,7 @@ from typing import TYPE_CHECKING, Any, Final
 from protocol.errors import LocalProtocolError, ResetCode
 from protocol.hostnames import ExposureOptions, parse_preview_host
 from relay.buffers import SHARED
-from relay.mux import StreamEndpoint, abort_with_reset, unsent_bytes
+from relay.mux import StreamEndpoint, abort_with_reset, taken_mark
 
 from .listen import Acceptor, bind
 from .proxyproto import encode_v2
@@ -103,7 +103,7 @@ class RawConnection(StreamEndpoint):
         "_counted_ip",
         "_held",
         "_seen_activity",
-        "_seen_unsent",
+        "_seen_taken",
         "activity",
         "kind",
         "manager",
@@ -125,7 +125,7 @@ class RawConnection(StreamEndpoint):
         self._held = bytearray()  # read while the stream was being opened on another node
         self.activity = 0
         self._seen_activity = -1
-        self._seen_unsent = -1
+        self._seen_taken = 0  # taken_mark at the previous idle_check
 
     def describe(self) -> str:
         return (
@@ -251,10 +251,10 @@ class RawConnection(StreamEndpoint):
         """True when no byte moved either way since the previous check: none relayed, and none
         of what is still unsent taken by the client (one still draining the end of a stream the
         service finished is not idle; a cut would lose that end)."""
-        unsent = unsent_bytes(self.transport)
-        idle = self.activity == self._seen_activity and unsent == self._seen_unsent
+        taken = taken_mark(self.transport)
+        idle = self.activity == self._seen_activity and taken <= self._seen_taken
         self._seen_activity = self.activity
-        self._seen_unsent = unsent
+        self._seen_taken = taken
         return idle
 
     def connection_lost(self, exc: Exception | None) -> None:

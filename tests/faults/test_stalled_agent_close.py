@@ -4,7 +4,7 @@ When a session ends (here: the edge's dead-peer timer, as for an agent stopped w
 hostile one), the tunnel transport still holds the bytes the peer did not take. A graceful close
 waits for them to go out, and the kernel keeps probing a zero window without end, so the
 connection, its buffers and its place in ``agent_connections`` stayed for ever. Now a
-``dead_timeout`` without the peer taking a byte resets it (``MuxProtocol._check_drain``).
+``dead_timeout`` without the peer taking a byte resets it (``relay.mux.StalledCloseWatch``).
 """
 
 from __future__ import annotations

@@ -4,8 +4,8 @@ The service sends a response larger than what the kernel can hold for a client t
 read, then closes; the edge begins a clean close of the client connection, but its transport
 keeps the unsent rest as long as the client reads nothing. Such a connection must not hold its
 buffer and its place in ``max_connections`` / ``max_connections_per_ip`` forever: when a look
-of the idle sweep (``idle_timeout``) or of the keep-alive timer (``keepalive_timeout``) finds
-that the client took nothing since the previous one, the connection is reset. The client did
+of its ``StalledCloseWatch`` (every ``keepalive_timeout`` or ``idle_timeout``, the shorter)
+finds that the client took nothing since the previous one, the connection is reset. The client did
 not get the whole response, so it sees a reset, never a clean end after part of the body.
 A client that reads slowly but keeps taking bytes is not cut.
 
@@ -101,8 +101,8 @@ async def _read_to_the_end(client: socket.socket, timeout: float) -> tuple[bytes
 @pytest.mark.parametrize(
     "timeouts",
     [
-        {"idle_timeout": 0.5},  # keepalive_timeout 75 s: the idle sweep ends it
-        {"idle_timeout": 0, "keepalive_timeout": 0.5},  # no sweep: the keep-alive timer does
+        {"idle_timeout": 0.5},  # keepalive_timeout 75 s: the watch looks every idle_timeout
+        {"idle_timeout": 0, "keepalive_timeout": 0.5},  # no sweep: every keepalive_timeout
     ],
     ids=["idle-sweep", "keepalive-timer"],
 )
