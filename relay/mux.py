@@ -200,7 +200,12 @@ class StalledCloseWatch:
     keeps the connection for one more period; nothing taken while bytes are still owed
     (``unsent_bytes``) resets it, so the peer, which did not get everything, sees a reset and
     never a clean end. ``on_reset(unsent, stalled)`` is called just before, for the caller's
-    log line (``stalled``: the seconds the peer took nothing).
+    log line (``stalled``: the seconds the peer took nothing, None at the deadline).
+
+    ``deadline`` (seconds from now): whatever the progress, a connection still owing bytes
+    then is reset. A TLS transport needs it: its shutdown timeout (``ssl_shutdown_timeout``)
+    would end it a little later with a FIN, without ``close_notify``, after which a client
+    may take a cut-short response for a complete one.
 
     Nothing is watched when there is nothing to watch: a transport without a socket of its own
     (an HTTP/2 stream: its connection's close decides), or a plain one that holds no byte (it
@@ -210,6 +215,8 @@ class StalledCloseWatch:
     """
 
     __slots__ = (
+        "_at_deadline",
+        "_deadline",
         "_loop",
         "_mark",
         "_on_reset",
@@ -224,14 +231,18 @@ class StalledCloseWatch:
         period: float,
         loop: asyncio.AbstractEventLoop,
         on_reset: Callable[[int, float | None], None],
+        deadline: float | None = None,
     ) -> None:
         self.transport = transport
         self._period = period
         self._loop = loop
         self._on_reset = on_reset
+        now = loop.time()
+        self._deadline = None if deadline is None else now + deadline
         self._mark = taken_mark(transport)
         self._timer: asyncio.TimerHandle | None = None
-        self._arm(loop.time())
+        self._at_deadline = False
+        self._arm(now)
 
     @classmethod
     def start(
@@ -240,6 +251,7 @@ class StalledCloseWatch:
         period: float,
         loop: asyncio.AbstractEventLoop,
         on_reset: Callable[[int, float | None], None],
+        deadline: float | None = None,
     ) -> StalledCloseWatch | None:
         """A watch of ``transport``, or None when there is nothing to watch (see above)."""
         if transport is None or transport.get_extra_info("socket") is None:
@@ -249,7 +261,7 @@ class StalledCloseWatch:
                 return None
         elif not unsent_bytes(transport):
             return None
-        return cls(transport, period, loop, on_reset)
+        return cls(transport, period, loop, on_reset, deadline)
 
     def cancel(self) -> None:
         if self._timer is not None:
@@ -257,7 +269,11 @@ class StalledCloseWatch:
             self._timer = None
 
     def _arm(self, now: float) -> None:
-        self._timer = self._loop.call_at(now + self._period, self._check)
+        at = now + self._period
+        self._at_deadline = self._deadline is not None and self._deadline <= at
+        if self._deadline is not None and self._at_deadline:
+            at = self._deadline
+        self._timer = self._loop.call_at(at, self._check)
 
     def _check(self) -> None:
         self._timer = None
@@ -265,6 +281,10 @@ class StalledCloseWatch:
         unsent = unsent_bytes(transport)
         if not unsent and transport.is_closing():
             return  # all taken: the close completes by itself
+        if self._at_deadline:
+            if unsent:
+                self._reset(unsent, None)
+            return
         mark = taken_mark(transport)
         if mark > self._mark or not unsent:  # bytes taken since the last look, or none owed
             self._mark = mark

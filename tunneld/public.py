@@ -51,6 +51,7 @@ from .handover import MAX_PRELUDE, OpenSocket, host_identity
 from .handover import VERSION as HANDOVER_VERSION
 from .httphead import HeadError, HeadParser, RequestHead
 from .inspect import ConnectionRecorder
+from .tls import TLS_CLOSE_DEADLINE
 
 if TYPE_CHECKING:
     from .edge import EdgeServer, EdgeSession
@@ -716,6 +717,9 @@ class PublicConnection(StreamEndpoint):
         the connection limits for ever, so a ``StalledCloseWatch`` resets (RST) a connection
         whose client took nothing for the shorter of ``keepalive_timeout`` and ``idle_timeout``:
         the client did not get everything. Bytes it takes, however slowly, keep the connection.
+        Over TLS the watch also resets one that still owes bytes at ``TLS_CLOSE_DEADLINE``, just
+        before the TLS layer's own shutdown timeout would drop them and end with a FIN (no
+        ``close_notify``), which a client could take for a complete response.
         """
         transport = self.transport
         if transport is None:
@@ -728,18 +732,33 @@ class PublicConnection(StreamEndpoint):
             period = config.keepalive_timeout
             if 0 < config.idle_timeout < period:
                 period = config.idle_timeout
+            tls = transport.get_extra_info("ssl_object") is not None
             self._close_watch = StalledCloseWatch.start(
-                transport, period, self.server.loop, self._close_stalled
+                transport,
+                period,
+                self.server.loop,
+                self._close_stalled,
+                TLS_CLOSE_DEADLINE if tls else None,
             )
 
     def _close_stalled(self, unsent: int, stalled: float | None) -> None:
         """The ``StalledCloseWatch`` resets the connection: say why."""
-        log.info(
-            "%s: the client took none of the last %d bytes of a closing connection for %gs; reset",
-            self._peer,
-            unsent,
-            stalled,
-        )
+        if stalled is None:
+            log.info(
+                "%s: the client had not taken the last %d bytes %gs after the close began "
+                "(TLS shutdown); reset",
+                self._peer,
+                unsent,
+                TLS_CLOSE_DEADLINE,
+            )
+        else:
+            log.info(
+                "%s: the client took none of the last %d bytes of a closing connection for %gs; "
+                "reset",
+                self._peer,
+                unsent,
+                stalled,
+            )
 
     def receive_from_peer(self, data: bytes) -> None:
         if not self._responded and self.transport is not None:

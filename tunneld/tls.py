@@ -41,7 +41,14 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("tunneld.tls")
 
-__all__ = ["TLS_SHUTDOWN_TIMEOUT", "CertificateSet", "RedirectServer", "load_pair", "names_match"]
+__all__ = [
+    "TLS_CLOSE_DEADLINE",
+    "TLS_SHUTDOWN_TIMEOUT",
+    "CertificateSet",
+    "RedirectServer",
+    "load_pair",
+    "names_match",
+]
 
 # ALPN offered: HTTP/1.1 only (the admin API), or h2 first (the public listener, unless public_h2
 # is off: public_alpn).
@@ -50,6 +57,11 @@ ALPN_H2: Final = ("h2", "http/1.1")
 # Seconds a closing TLS connection waits for the client's close_notify before the socket is
 # dropped (asyncio's default, 30, would hold a stopping edge that long per silent client).
 TLS_SHUTDOWN_TIMEOUT: Final = 5.0
+# A public connection whose client has not taken everything we owe it (``close_notify``
+# included) this long after the close began is reset (RST) by the edge itself
+# (``PublicConnection.close_gracefully``): the TLS layer's timeout, a little later, would drop
+# what is left and end with a FIN, which a client may take for the end of a complete response.
+TLS_CLOSE_DEADLINE: Final = TLS_SHUTDOWN_TIMEOUT - 1.0
 # The redirect listener reads one request head of at most this many bytes (browsers send < 2 KiB;
 # nginx's large_client_header_buffers default is 8 KiB).
 REDIRECT_MAX_HEAD: Final = 8192
