@@ -12,6 +12,16 @@ Ends map one to one: ``send_eof()`` is a TCP half-close that reaches the service
 half-close, a clean end of the service's output is ``anyio.EndOfStream``, and an abnormal end
 anywhere on the path (service reset, agent killed, tunneld gone) is a reset here, which anyio
 raises as ``anyio.BrokenResourceError``: never a clean ``EndOfStream``.
+
+Every wait but ``receive()`` is bounded: dialling by the client's ``timeout``, the upgrade and
+each 64 KiB piece of a ``send()`` by the ``timeout`` of ``open_tcp`` (default: the client's),
+with both carriers. A service (or a path) that stops taking bytes makes ``send()`` raise
+:class:`TunnelTimeoutError` instead of hanging; one that is slow but reading is not an error,
+however large the send. A send cut short (that timeout, or the caller's cancellation) has sent
+an unknown part of its bytes, so the stream is then reset: the service sees an abnormal end,
+never a clean end of truncated data. ``send_eof()``, ``aclose()`` and ``abort()`` of the raw
+stream do not wait (a shutdown or close of the socket; over TLS no close_notify is awaited);
+the WebSocket's close handshake is bounded by ``timeout``.
 """
 
 from __future__ import annotations
@@ -40,6 +50,9 @@ __all__ = ["TcpStream", "WebSocketTcpStream", "open_tcp_stream"]
 TCP_SUBPROTOCOL: Final = "tunneld.tcp"
 
 _READ_SIZE: Final = 64 * 1024
+# send() writes at most this much per timed wait: the timeout bounds a stall, not a large send
+# to a service that is slow but reading.
+_SEND_PIECE: Final = 64 * 1024
 # An error document's body: the admin API's are small JSON objects.
 _MAX_ERROR_BODY: Final = 64 * 1024
 _LINGER_RESET: Final = struct.pack("ii", 1, 0)
@@ -50,8 +63,11 @@ class TcpStream(anyio.abc.ByteStream):
 
     ``receive()`` returns the service's bytes and raises ``anyio.EndOfStream`` once it ended its
     output normally, ``anyio.BrokenResourceError`` when the connection was reset (an abnormal
-    end). ``send_eof()`` half-closes (the service reads EOF and may still answer); ``aclose()``
-    ends normally; ``abort()`` resets, so the service sees an abnormal end too.
+    end); it waits for data as a socket does (wrap it in ``anyio.fail_after()`` to bound it).
+    ``send()`` raises :class:`TunnelTimeoutError` when nothing takes its bytes for ``timeout``
+    seconds (each 64 KiB piece), and then resets the stream. ``send_eof()`` half-closes (the
+    service reads EOF and may still answer); ``aclose()`` ends normally; ``abort()`` resets, so
+    the service sees an abnormal end too.
 
     Example::
 
@@ -60,9 +76,12 @@ class TcpStream(anyio.abc.ByteStream):
             print(await tcp.receive())   # b"+PONG\\r\\n"
     """
 
-    def __init__(self, stream: anyio.abc.ByteStream, buffered: bytes = b"") -> None:
+    def __init__(
+        self, stream: anyio.abc.ByteStream, buffered: bytes = b"", *, timeout: float
+    ) -> None:
         self._stream = stream
         self._buffered = buffered
+        self._timeout = timeout
 
     async def receive(self, max_bytes: int = _READ_SIZE) -> bytes:
         if self._buffered:
@@ -71,7 +90,24 @@ class TcpStream(anyio.abc.ByteStream):
         return await self._stream.receive(max_bytes)
 
     async def send(self, item: bytes) -> None:
-        await self._stream.send(item)
+        """Send ``item``. Raises :class:`TunnelTimeoutError` if the write stalls: no 64 KiB of it
+        taken within ``timeout`` (the service does not read, or the path to it is stuck). A send
+        that does not complete (that, the caller's cancellation, a broken connection) resets
+        the stream, since an unknown part of ``item`` went out."""
+        completed = False
+        try:
+            for start in range(0, len(item), _SEND_PIECE):
+                with anyio.fail_after(self._timeout):
+                    await self._stream.send(item[start : start + _SEND_PIECE])
+            completed = True
+        except TimeoutError:
+            raise TunnelTimeoutError(
+                f"Write to the raw TCP stream stalled for {self._timeout:g}s (the service is not "
+                "reading, or the path to it is stuck); connection reset."
+            ) from None
+        finally:
+            if not completed:
+                await self.abort()
 
     async def send_eof(self) -> None:
         await self._stream.send_eof()
@@ -88,6 +124,7 @@ class TcpStream(anyio.abc.ByteStream):
         except (
             OSError,
             AttributeError,
+            ValueError,  # uvloop's socket of a closed transport: "negative file descriptor"
             anyio.TypedAttributeLookupError,
         ):  # closed: nothing to reset
             pass
@@ -106,7 +143,7 @@ class WebSocketTcpStream(TcpStream):
     ``anyio.BrokenResourceError``."""
 
     def __init__(self, ws: WebSocket) -> None:
-        super().__init__(ws._stream)
+        super().__init__(ws._stream, timeout=ws._timeout)
         self._ws = ws
 
     async def receive(self, max_bytes: int = _READ_SIZE) -> bytes:
@@ -127,8 +164,18 @@ class WebSocketTcpStream(TcpStream):
         return data
 
     async def send(self, item: bytes) -> None:
-        if item:  # an empty message would be the half-close
-            await self._send(bytes(item))
+        """Send ``item`` in binary messages of at most 64 KiB, each bounded by ``timeout`` as
+        :meth:`TcpStream.send` bounds its pieces (a stalled write raises
+        :class:`TunnelTimeoutError` and aborts the connection). A send cut short between two
+        messages (the caller's cancellation) aborts it too: part of ``item`` went out."""
+        completed = False
+        try:
+            for start in range(0, len(item), _SEND_PIECE):  # nothing: an empty message is EOF
+                await self._send(bytes(item[start : start + _SEND_PIECE]))
+            completed = True
+        finally:
+            if not completed:
+                await self._ws._abort()
 
     async def send_eof(self) -> None:
         await self._send(b"")
@@ -147,10 +194,12 @@ async def open_tcp_stream(
     transport: HTTPTransport, target: str, token: str | None, timeout: float
 ) -> TcpStream:
     """Dial tunneld, ask for the upgrade to raw TCP on ``target``; wait at most ``timeout`` for
-    its answer (it comes once the agent connected to the port)."""
+    its answer (it comes once the agent connected to the port). ``timeout`` then bounds each
+    piece of the stream's ``send()``."""
     stream = await transport.open_stream()
     try:
-        return TcpStream(stream, await _upgrade(stream, transport, target, token, timeout))
+        buffered = await _upgrade(stream, transport, target, token, timeout)
+        return TcpStream(stream, buffered, timeout=timeout)
     except BaseException:
         await anyio.aclose_forcefully(stream)
         raise
