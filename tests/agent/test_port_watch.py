@@ -503,7 +503,7 @@ def test_cli_wait_usage_and_unreachable(agent_process: str, reserved: socket.soc
         ["wait", "8000", "--http", "/", "--status", "abc"],
         ["wait", "8000", "--timeout", "0"],
         ["wait", "8000", "--timeout", "301"],
-        ["wait", "3000"],  # refused by the agent: 400
+        ["wait", "3000"],  # refused by tunnel-agent itself (exit 2, 290cd24)
         ["wait", "8000", "--http", "no-slash"],
     ):
         done = tunnel_agent(*argv, "--api", agent_process)
