@@ -48,6 +48,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from protocol.errors import LocalProtocolError, ResetCode
 from protocol.hostnames import ExposureOptions, parse_preview_host
+from relay.budget import RateLimitedLog
 from relay.buffers import SHARED
 from relay.mux import StreamEndpoint, abort_with_reset, taken_mark
 
@@ -68,6 +69,9 @@ log = logging.getLogger("tunneld.tcp")
 
 # Refused connections are logged at most this often (a port scan must not flood the log).
 _REFUSAL_LOG_INTERVAL: Final = 10.0
+# Public TLS connections closed before or during their hand-over (an oversized ClientHello costs a
+# client 9 bytes and no wait): one line each would let anyone write the log as fast as it connects.
+_PEEK_CLOSED: Final = "lines about public TLS connections closed before their hand-over"
 # Bytes a connection may have read while its stream is being opened on the owner node: reading
 # is paused then, so this is at most a read or two of the shared buffer; past it, a bug.
 MAX_HELD: Final = 1024 * 1024
@@ -649,6 +653,7 @@ class SniListener:
         self._peeks: set[_Peek] = set()
         self._handoffs: set[asyncio.Task[Any]] = set()
         self._closed = False
+        self.closed_log = RateLimitedLog(log, _PEEK_CLOSED, self.loop.time(), level=logging.INFO)
 
     async def start(self, host: str, port: int, *, reuse_port: bool = False) -> SniListener:
         sockets = await bind(self.loop, host, port, backlog=4096, reuse_port=reuse_port)
@@ -700,7 +705,11 @@ class SniListener:
     def _handed_off(self, task: asyncio.Task[Any]) -> None:
         self._handoffs.discard(task)
         if not task.cancelled() and task.exception() is not None:
-            log.info("public TLS connection lost while handed on: %s", task.exception())
+            self.closed_log.log(
+                self.loop.time(),
+                "public TLS connection lost while handed on: %s",
+                task.exception(),
+            )
 
 
 class _Peek:
@@ -761,7 +770,13 @@ class _Peek:
             self._set_lowat(result.total)
             return
         if isinstance(result, NotClientHello) and result.too_large:
-            log.info("public TLS connection from %s: %s; closed", self.ip, result.reason)
+            listener = self.listener
+            listener.closed_log.log(
+                listener.loop.time(),
+                "public TLS connection from %s: %s; closed",
+                self.ip,
+                result.reason,
+            )
             self.drop(reset=True)
             return
         route = self.listener.manager.tls_route(
@@ -796,7 +811,12 @@ class _Peek:
 
     def _on_timeout(self) -> None:
         self.timer = None
-        log.info("public TLS connection from %s: no ClientHello in time; closed", self.ip)
+        listener = self.listener
+        listener.closed_log.log(
+            listener.loop.time(),
+            "public TLS connection from %s: no ClientHello in time; closed",
+            self.ip,
+        )
         self.drop()
 
     def _finish(self) -> bool:
