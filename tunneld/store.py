@@ -70,6 +70,13 @@ MAX_BATCH: Final = 512
 # write's real outcome to follow (StoreError.outcome; the registry applies the change if it
 # commits). Nobody waits on a write without bound (_submit).
 WRITE_TIMEOUT: Final = 30.0
+# Changes waiting for the writer (not yet in a batch), those whose callers gave up included: a
+# write dropped after WRITE_TIMEOUT stays queued until the writer reaches it (skipped then), so
+# while the disk hangs they pile up, one per sandbox per WRITE_TIMEOUT. Past this many a change
+# is refused at once, 503 STORE_UNAVAILABLE, nothing changed. A disk that keeps up never gets
+# near it (one change per sandbox at a time, 512 per commit: 16 commits' worth); at a few hundred
+# bytes each the queue stays under a few MiB.
+MAX_QUEUED: Final = 16 * MAX_BATCH
 
 _MIGRATIONS: Final[dict[int, str]] = {
     # version -> SQL that brings the previous version to it
@@ -341,6 +348,9 @@ class SqliteStore:
         self._thread: threading.Thread | None = None
         self._closed = False
         self.write_timeout = WRITE_TIMEOUT
+        self.max_queued = MAX_QUEUED
+        self._queued = 0  # ops put in _queue and not yet taken into a batch (under _states)
+        self._full = False  # refusals past max_queued logged (until the queue is half empty)
         self._slow = 0  # writes still running past write_timeout (answered already)
         # The files this connection writes: one deleted or replaced under us would take every
         # later write where no restart finds it (checked before each batch: _files_moved).
@@ -469,6 +479,14 @@ class SqliteStore:
                 target=self._writer, name="tunneld-store-writer", daemon=True
             )
             self._thread.start()
+        with self._states:
+            queued = self._queued
+            if queued < self.max_queued:
+                self._queued = queued + 1
+        if queued >= self.max_queued:
+            raise self._queue_full(queued)
+        if queued < self.max_queued // 2:
+            self._full = False  # room again: a queue that fills up once more is logged again
         done: asyncio.Future[None] = loop.create_future()
         op = _Op(sql, args, done, loop)
         self._queue.put(op)
@@ -509,6 +527,22 @@ class SqliteStore:
         error.outcome = done
         raise error
 
+    def _queue_full(self, queued: int) -> StoreError:
+        """The refusal of a change past ``max_queued`` (logged once while the queue is full)."""
+        if not self._full:  # said once while writes are that slow, not once per refused change
+            self._full = True
+            log.warning(
+                "%s: %d changes are waiting to be written (the disk or the database lock is held "
+                "up): further ones are answered 503 STORE_UNAVAILABLE, not written, until the "
+                "writer catches up",
+                self.path,
+                queued,
+            )
+        return StoreError(
+            f"{self.path}: {queued} changes are already waiting to be written: the disk is not "
+            "keeping up (or the database lock is held up); this one was refused, not written"
+        )
+
     def _slow_write_ended(self, done: asyncio.Future[None]) -> None:
         self._slow -= 1
         if not done.cancelled():
@@ -531,6 +565,7 @@ class SqliteStore:
                     break
                 batch.append(op)
             with self._states:  # from here on, callers wait for the outcome (_submit)
+                self._queued -= len(batch)
                 batch = [op for op in batch if op.state == _QUEUED]
                 for op in batch:
                     op.state = _STARTED
