@@ -134,7 +134,51 @@ class PrivateRedis:
         return self.data_dir / UNSAVED if self.data_dir is not None else None
 
     def start(self, *, fresh: bool) -> None:
-        """Start it (``fresh``: drop an old append-only file first); StoreError if it cannot."""
+        """Start it (``fresh``: drop an old append-only file first); StoreError if it cannot.
+        Blocks up to ``START_TIMEOUT``: for a caller with no event loop to keep turning (the
+        supervisor uses :meth:`start_async`)."""
+        self._spawn(fresh=fresh)
+        deadline = time.monotonic() + START_TIMEOUT
+        while time.monotonic() < deadline:
+            if self._started(self.ping()):
+                return
+            time.sleep(0.02)
+        self.stop()
+        raise StoreError(f"the workers' private redis-server did not answer in {START_TIMEOUT}s")
+
+    async def start_async(self, *, fresh: bool) -> None:
+        """:meth:`start` without blocking the event loop: the supervisor's loop goes on taking
+        signals, restarting workers and feeding systemd's watchdog while redis-server comes up
+        (up to ``START_TIMEOUT``). Cancelled, it stops the process it started."""
+        self._spawn(fresh=fresh)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + START_TIMEOUT
+        try:
+            while loop.time() < deadline:
+                if self._started(await self.ping_async()):
+                    return
+                await asyncio.sleep(0.02)
+        except BaseException:
+            await self.stop_async()
+            raise
+        await self.stop_async()
+        raise StoreError(f"the workers' private redis-server did not answer in {START_TIMEOUT}s")
+
+    def _started(self, answered: bool) -> bool:
+        """True once it answered (its socket recorded for `exposures export`); StoreError when
+        it exited."""
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            log = self.log_path
+            tail = log.read_text(errors="replace")[-500:] if log.exists() else ""
+            raise StoreError(f"the workers' private redis-server exited at start: {tail}")
+        if not answered:
+            return False
+        if self.data_dir is not None:
+            (self.data_dir / SOCKET_FILE).write_text(str(self.socket_path))
+        return True
+
+    def _spawn(self, *, fresh: bool) -> None:
         binary = find_redis_server()
         if binary is None:
             raise StoreError(
@@ -165,22 +209,23 @@ class PrivateRedis:
             stdout=subprocess.DEVNULL,
             preexec_fn=_die_with_parent,
         )
-        deadline = time.monotonic() + START_TIMEOUT
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                log = self.log_path
-                tail = log.read_text(errors="replace")[-500:] if log.exists() else ""
-                raise StoreError(f"the workers' private redis-server exited at start: {tail}")
-            if self.ping():
-                if self.data_dir is not None:
-                    (self.data_dir / SOCKET_FILE).write_text(str(self.socket_path))
-                return
-            time.sleep(0.02)
-        self.stop()
-        raise StoreError(f"the workers' private redis-server did not answer in {START_TIMEOUT}s")
 
     def ping(self) -> bool:
         return _ping(str(self.socket_path))
+
+    async def ping_async(self) -> bool:
+        """:meth:`ping` on the event loop (the same 1 s bound)."""
+        writer: asyncio.StreamWriter | None = None
+        try:
+            async with asyncio.timeout(1):
+                reader, writer = await asyncio.open_unix_connection(str(self.socket_path))
+                writer.write(b"PING\r\n")
+                return (await reader.read(16)).startswith(b"+PONG")
+        except (OSError, TimeoutError):
+            return False
+        finally:
+            if writer is not None:
+                writer.close()
 
     def exited(self) -> int | None:
         return None if self.proc is None else self.proc.poll()
@@ -194,6 +239,19 @@ class PrivateRedis:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(STOP_TIMEOUT)
+
+    async def stop_async(self) -> None:
+        """:meth:`stop` without blocking the event loop (the same bounds)."""
+        proc, self.proc = self.proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        for end in (proc.terminate, proc.kill):  # redis-server fsyncs its append-only file
+            end()
+            deadline = time.monotonic() + STOP_TIMEOUT
+            while time.monotonic() < deadline:
+                if proc.poll() is not None:
+                    return
+                await asyncio.sleep(0.02)
 
     def cleanup(self) -> None:
         self.stop()

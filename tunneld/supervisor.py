@@ -24,7 +24,9 @@ down at once.
 Redis store, as between hosts. With the operator's Redis (``store = redis://...``) the workers
 use it; with ``sqlite`` or ``memory`` the supervisor runs a private ``redis-server`` on a Unix
 socket for them and keeps ``exposures.db`` the copy at rest (:mod:`tunneld.private_redis`: why,
-and how the two copies never diverge). A worker is a cluster node like any other: its node id is
+and how the two copies never diverge). Should it die, it is restarted by a task on the loop
+(``_check_private_store``), never by a wait that blocks the loop; a stop meanwhile waits for that
+restart before writing the exposures back. A worker is a cluster node like any other: its node id is
 ``{node_id or hostname}-w{index}``, and its node-link port is ``node_port + index``. An agent
 holds its session with whichever worker the kernel gave its connection to; when that worker
 dies, the agent reconnects and lands on any worker.
@@ -218,6 +220,7 @@ class Supervisor:
         )
         self._loop: asyncio.AbstractEventLoop | None = None
         self._private: PrivateRedis | None = None  # the workers' store without one of ours
+        self._restarting: asyncio.Task[None] | None = None  # the private store coming back
         self._sqlite: SqliteStore | None = None  # held (locked) while the private one runs
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -267,6 +270,11 @@ class Supervisor:
             for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
             self._close()
+            if self._restarting is not None:  # a stop during a restart: let it end (bounded),
+                log.info(  # so that the exposures can be written back
+                    "waiting for the private redis-server's restart to write the exposures back"
+                )
+                await asyncio.wait([self._restarting])
             await self._stop_private_store(save=True)
         log.info("supervisor stopped")
         return self._status
@@ -278,14 +286,14 @@ class Supervisor:
         config = self.config
         if config.store == "memory":
             self._private = PrivateRedis(None)
-            self._private.start(fresh=True)
+            await self._private.start_async(fresh=True)
         else:
             state_dir = config.state_dir or str(default_state_dir())
             self._sqlite = SqliteStore.open(state_dir, unsaved_ok=True)  # holds the lock
             data_dir = self._sqlite.state_dir / REDIS_DIR
             recover = (data_dir / UNSAVED).exists()
             self._private = PrivateRedis(data_dir)
-            self._private.start(fresh=not recover)
+            await self._private.start_async(fresh=not recover)
             if recover:
                 log.warning(
                     "recovering the exposures of a --workers run that did not stop cleanly from "
@@ -309,7 +317,13 @@ class Supervisor:
         private, sqlite = self._private, self._sqlite
         self._private = self._sqlite = None
         try:
-            if private is not None and sqlite is not None and save and private.ping():
+            if private is not None and sqlite is not None and save and not private.ping():
+                log.error(
+                    "exposures NOT written back: the private redis-server does not answer; the "
+                    "next --workers start recovers them"
+                )
+                self._status = self._status or 1
+            elif private is not None and sqlite is not None and save:
                 from .redis_store import RedisStore
 
                 store = RedisStore(private.url, node_id="supervisor")
@@ -326,6 +340,7 @@ class Supervisor:
             log.error(
                 "exposures NOT written back (%s): the next --workers start recovers them", exc
             )
+            self._status = self._status or 1  # not a clean stop: say so
         finally:
             if private is not None:
                 private.cleanup()
@@ -333,17 +348,35 @@ class Supervisor:
                 sqlite.close_now()
 
     def _check_private_store(self) -> None:
-        """SIGCHLD: the private redis-server died: start it again on its own data at once."""
+        """SIGCHLD: the private redis-server died: start it again on its own data at once. The
+        restart runs as a task (up to START_TIMEOUT): the loop goes on taking signals, workers'
+        exits and notifications meanwhile. A stop that arrives during it proceeds; ``run`` waits
+        for the restart to end before it writes the exposures back."""
         private = self._private
-        if private is None or private.exited() is None or self._stopping:
+        if (
+            private is None
+            or self._restarting is not None
+            or private.exited() is None
+            or self._stopping
+        ):
             return
         log.error("the workers' private redis-server exited (%s); restarting it", private.exited())
+        assert self._loop is not None
+        self._restarting = self._loop.create_task(self._restart_private_store(private))
+
+    async def _restart_private_store(self, private: PrivateRedis) -> None:
         try:
-            private.start(fresh=False)
+            await private.start_async(fresh=False)
         except StoreError as exc:
             log.error("cannot restart the private redis-server: %s; stopping", exc)
             self._status = 1
             self._stop("the private store failed")
+        else:
+            log.info("the workers' private redis-server restarted")
+        finally:
+            self._restarting = None
+        # It may have died again while coming up (a SIGCHLD seen during the restart).
+        self._check_private_store()
 
     def _close(self) -> None:
         if self._notify is not None:
