@@ -76,6 +76,12 @@ def hash_server() -> Iterator[HashServer]:
 
 
 @pytest.fixture
+def refusing(reserved: socket.socket) -> int:
+    """A port on 127.0.0.1 where a connect is refused (``reserved``, never listening)."""
+    return int(reserved.getsockname()[1])
+
+
+@pytest.fixture
 def reserved() -> Iterator[socket.socket]:
     """A port that is ours and refuses connects until ``listen()`` (bound, not listening):
     the port-readiness tests make it ready when they choose."""

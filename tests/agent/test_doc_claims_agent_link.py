@@ -12,7 +12,7 @@ import asyncio
 import logging
 import re
 import socket
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -128,17 +128,6 @@ async def running(agent: Agent) -> AsyncIterator[Agent]:
             await asyncio.wait_for(task, 5)
         except asyncio.CancelledError:
             pass
-
-
-@pytest.fixture
-def refusing() -> Iterator[int]:
-    """A port on 127.0.0.1 where a connect is refused: bound, never listening."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    try:
-        yield sock.getsockname()[1]
-    finally:
-        sock.close()
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ import logging
 import re
 import socket
 import ssl
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -31,17 +31,6 @@ from tunneld.auth import agent_token
 from .conftest import FaultProxy, Stack
 
 LOG = "tunnel.agent"
-
-
-@pytest.fixture
-def refusing() -> Iterator[int]:
-    """A port on 127.0.0.1 where a connect is refused: bound, never listening."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    try:
-        yield sock.getsockname()[1]
-    finally:
-        sock.close()
 
 
 @pytest.fixture
