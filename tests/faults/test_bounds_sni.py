@@ -15,16 +15,15 @@ tests/e2e/test_public_tcp.py::test_hostile_client_hellos_are_closed_promptly.)
 from __future__ import annotations
 
 import asyncio
-import ssl
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-import trustme
 
 from tests.e2e.conftest import wait_until
+from tests.test_sni import client_hello
 
-from .conftest import Stack, closed_within
+from .conftest import Stack, closed_within, tls_files
 
 pytestmark = pytest.mark.anyio
 
@@ -34,35 +33,26 @@ HEAD_TIMEOUT = 2.0
 IO_TIMEOUT = 10.0
 
 
-@pytest.fixture
-async def passthrough(tmp_path: Path) -> AsyncIterator[Stack]:
-    cert = trustme.CA().issue_cert(f"*.{DOMAIN}")
-    cert_file, key_file = tmp_path / "edge.pem", tmp_path / "edge.key"
-    cert.cert_chain_pems[0].write_to_path(str(cert_file))
-    cert.private_key_pem.write_to_path(str(key_file))
-    stack = await Stack(
+async def start_passthrough(tmp_path: Path, head_timeout: float) -> Stack:
+    """An edge whose public TLS listener passes TLS through to ``tls`` exposures."""
+    _, cert_file, key_file = tls_files(tmp_path, f"*.{DOMAIN}")
+    return await Stack(
         domain=DOMAIN,
         scheme="https",
-        public_tls_cert=str(cert_file),
-        public_tls_key=str(key_file),
+        public_tls_cert=cert_file,
+        public_tls_key=key_file,
         public_tls_passthrough=True,
-        head_timeout=HEAD_TIMEOUT,
+        head_timeout=head_timeout,
     ).start()
+
+
+@pytest.fixture
+async def passthrough(tmp_path: Path) -> AsyncIterator[Stack]:
+    stack = await start_passthrough(tmp_path, HEAD_TIMEOUT)
     try:
         yield stack
     finally:
         await stack.close()
-
-
-def client_hello(server_hostname: str) -> bytes:
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-    sslobj = context.wrap_bio(incoming, outgoing, server_hostname=server_hostname)
-    try:
-        sslobj.do_handshake()
-    except ssl.SSLWantReadError:
-        return outgoing.read()
-    raise AssertionError("unreachable")
 
 
 class Recorder:

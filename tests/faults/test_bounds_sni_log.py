@@ -22,8 +22,8 @@ from relay.budget import LOG_BURST, LOG_RATE
 from tests.e2e.conftest import wait_until
 from tunneld.sni import MAX_HELLO_LENGTH
 
-from .conftest import Stack, closed_within, tls_files
-from .test_bounds_sni import Recorder, client_hello
+from .conftest import Stack, closed_within
+from .test_bounds_sni import Recorder, client_hello, start_passthrough
 
 pytestmark = pytest.mark.anyio
 
@@ -49,15 +49,7 @@ CLOSED = (
 
 @pytest.fixture
 async def passthrough(tmp_path: Path) -> AsyncIterator[Stack]:
-    _, cert_file, key_file = tls_files(tmp_path, f"*.{DOMAIN}")
-    stack = await Stack(
-        domain=DOMAIN,
-        scheme="https",
-        public_tls_cert=cert_file,
-        public_tls_key=key_file,
-        public_tls_passthrough=True,
-        head_timeout=HEAD_TIMEOUT,
-    ).start()
+    stack = await start_passthrough(tmp_path, HEAD_TIMEOUT)
     try:
         yield stack
     finally:
