@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import fcntl
 import logging
+import math
 import socket
 import struct
 import termios
@@ -96,13 +97,24 @@ def abort_with_reset(transport: asyncio.Transport | None) -> None:
     ``transport.abort()`` alone sends FIN when nothing is left unread, which a client reading a
     response without a length takes for a complete body: an abnormal end must look abnormal.
     ``SO_LINGER`` with a zero timeout makes the kernel answer the close with RST instead.
-    A transport already closing gracefully is reset too while it still holds bytes it could
-    not send (a peer that does not read): ``abort()`` drops them, so the peer did not get
-    everything. One that handed everything to the kernel keeps its clean end.
+    A transport already closing gracefully is reset too while its peer still lacks bytes:
+    ``abort()`` drops what the transport holds, so the peer would not get everything. A plain
+    one that handed everything to the kernel keeps its clean end (the kernel sends the rest).
+    A TLS one is reset while anything is unsent, the kernel's queue included (``unsent_bytes``):
+    its own buffer does not show what the TLS layer's TCP transport holds (``abort()`` drops
+    that too), and that transport holds bytes only while the kernel's queue is full.
     """
     if transport is None:
         return
-    if not transport.is_closing() or transport.get_write_buffer_size():
+    if not transport.is_closing():
+        reset = True
+    else:
+        try:
+            tls = transport.get_extra_info("ssl_object") is not None
+            reset = bool(unsent_bytes(transport) if tls else transport.get_write_buffer_size())
+        except AttributeError:  # asyncio's TLS transport closed twice: it let its connection go
+            reset = False
+    if reset:
         _set_linger(transport, _LINGER_RESET)
     transport.abort()
 
@@ -202,25 +214,40 @@ class StalledCloseWatch:
     never a clean end. ``on_reset(unsent, stalled)`` is called just before, for the caller's
     log line (``stalled``: the seconds the peer took nothing, None at the deadline).
 
-    ``deadline`` (seconds from now): whatever the progress, a connection still owing bytes
-    then is reset. A TLS transport needs it: its shutdown timeout (``ssl_shutdown_timeout``)
-    would end it a little later with a FIN, without ``close_notify``, after which a client
-    may take a cut-short response for a complete one.
+    ``settle`` is for a TLS close, whose end is the TLS layer's: it sends the rest, then
+    ``close_notify``, and waits for the peer's, until its own shutdown timeout
+    (``ssl_shutdown_timeout``, counted from ``close()``: a slow reader's progress does not
+    extend it) drops what is left and ends with a FIN without ``close_notify``, after which a
+    client may take a cut-short response for a complete one. With ``settle`` that timeout is
+    only a far backstop and the watch decides: as above while bytes are owed, and once the
+    peer has taken everything (``close_notify`` included), ``settle`` more seconds for its
+    answer; a close still not over then ends with ``abort()`` (a FIN: the peer lacks nothing).
+    The looks then come every ``min(period, settle)`` seconds; a reset still takes a whole
+    ``period`` (rounded up to a look) without a byte taken.
+
+    ``deadline`` (seconds from now): the longest the close may take, whatever the progress.
+    A connection still owing bytes then is reset; one that owes nothing is closed (``abort``).
+    Give it below the TLS layer's shutdown timeout, so that the layer never acts first.
 
     Nothing is watched when there is nothing to watch: a transport without a socket of its own
     (an HTTP/2 stream: its connection's close decides), or a plain one that holds no byte (it
-    closes its socket at once and the kernel sends the rest by itself). A closing transport
-    whose peer has taken everything stops the watch too. The owner calls ``cancel`` from
-    ``connection_lost``.
+    closes its socket at once and the kernel sends the rest by itself). Without ``settle``, a
+    closing transport whose peer has taken everything stops the watch too. The owner calls
+    ``cancel`` from ``connection_lost``.
     """
 
     __slots__ = (
         "_at_deadline",
         "_deadline",
+        "_drained",
         "_loop",
         "_mark",
         "_on_reset",
-        "_period",
+        "_settle",
+        "_settle_looks",
+        "_stall_looks",
+        "_step",
+        "_still",
         "_timer",
         "transport",
     )
@@ -232,11 +259,18 @@ class StalledCloseWatch:
         loop: asyncio.AbstractEventLoop,
         on_reset: Callable[[int, float | None], None],
         deadline: float | None = None,
+        settle: float | None = None,
     ) -> None:
         self.transport = transport
-        self._period = period
         self._loop = loop
         self._on_reset = on_reset
+        self._settle = settle
+        self._step = step = period if settle is None else min(period, settle)
+        # looks in a row that must find nothing taken (a period), or nothing owed (settle)
+        self._stall_looks = max(1, math.ceil(period / step - 1e-9))
+        self._settle_looks = 1 if settle is None else max(1, math.ceil(settle / step - 1e-9))
+        self._still = 0  # looks in a row that found bytes owed and none taken
+        self._drained = 0  # looks in a row that found nothing owed
         now = loop.time()
         self._deadline = None if deadline is None else now + deadline
         self._mark = taken_mark(transport)
@@ -252,6 +286,7 @@ class StalledCloseWatch:
         loop: asyncio.AbstractEventLoop,
         on_reset: Callable[[int, float | None], None],
         deadline: float | None = None,
+        settle: float | None = None,
     ) -> StalledCloseWatch | None:
         """A watch of ``transport``, or None when there is nothing to watch (see above)."""
         if transport is None or transport.get_extra_info("socket") is None:
@@ -259,9 +294,9 @@ class StalledCloseWatch:
         if transport.get_extra_info("ssl_object") is None:
             if not transport.get_write_buffer_size():
                 return None
-        elif not unsent_bytes(transport):
+        elif settle is None and not unsent_bytes(transport):
             return None
-        return cls(transport, period, loop, on_reset, deadline)
+        return cls(transport, period, loop, on_reset, deadline, settle)
 
     def cancel(self) -> None:
         if self._timer is not None:
@@ -269,7 +304,7 @@ class StalledCloseWatch:
             self._timer = None
 
     def _arm(self, now: float) -> None:
-        at = now + self._period
+        at = now + self._step
         self._at_deadline = self._deadline is not None and self._deadline <= at
         if self._deadline is not None and self._at_deadline:
             at = self._deadline
@@ -279,24 +314,46 @@ class StalledCloseWatch:
         self._timer = None
         transport = self.transport
         unsent = unsent_bytes(transport)
-        if not unsent and transport.is_closing():
-            return  # all taken: the close completes by itself
         if self._at_deadline:
             if unsent:
                 self._reset(unsent, None)
+            else:
+                self._end()
             return
         mark = taken_mark(transport)
-        if mark > self._mark or not unsent:  # bytes taken since the last look, or none owed
-            self._mark = mark
-            self._arm(self._loop.time())
+        if not unsent:
+            if self._settle is None:
+                if transport.is_closing():
+                    return  # all taken: the close completes by itself
+            else:
+                self._drained += 1
+                if self._drained > self._settle_looks:
+                    self._end()
+                    return
+            self._still = 0
         else:
-            self._reset(unsent, self._period)
+            self._drained = 0
+            if mark > self._mark:  # bytes taken since the last look
+                self._still = 0
+            else:
+                self._still += 1
+                if self._still >= self._stall_looks:
+                    self._reset(unsent, self._still * self._step)
+                    return
+        self._mark = mark
+        self._arm(self._loop.time())
 
     def _reset(self, unsent: int, stalled: float | None) -> None:
         self._on_reset(unsent, stalled)
-        # Not abort_with_reset: a closing TLS transport may show no byte of its own while its
-        # socket's transport and the kernel still hold the rest; the peer lacks it either way.
+        # Not abort_with_reset: a closing plain transport may have handed all it holds to a
+        # kernel that cannot send it; the peer lacks it all the same.
         _set_linger(self.transport, _LINGER_RESET)
+        self.transport.abort()
+
+    def _end(self) -> None:
+        """The peer has taken everything; the close is not over (a TLS peer that does not answer
+        ``close_notify``): end it with a FIN."""
+        log.debug("a closed connection whose peer took everything did not end; closing it")
         self.transport.abort()
 
 

@@ -509,7 +509,7 @@ class H2PublicConnection(DeferredFlush, asyncio.Protocol):
         if self.closed:
             if transport is not None and not transport.is_closing():
                 self._cancel_timer()
-                transport.close()
+                self._close_transport()
             return
         self._terminate(h2.errors.ErrorCodes.NO_ERROR)
 
@@ -533,9 +533,20 @@ class H2PublicConnection(DeferredFlush, asyncio.Protocol):
         self.closed = True
         if linger:
             self._cancel_timer()
-            self._timer = self.loop.call_later(GOAWAY_LINGER, transport.close)
+            self._timer = self.loop.call_later(GOAWAY_LINGER, self._close_transport)
         else:
+            self._close_transport()
+
+    def _close_transport(self) -> None:
+        """The TLS close, watched as an HTTP/1.1 connection's is (``_watch_close``): a client
+        that takes nothing of the rest for a while is reset, one that keeps reading gets it all
+        and ``close_notify`` (the TLS layer's own shutdown timeout is only a far backstop)."""
+        transport = self.transport
+        if transport is None:
+            return
+        if not transport.is_closing():
             transport.close()
+        self.entry._watch_close(transport)
 
     def idle_check(self) -> bool:
         """The edge's idle sweep: a stream silent both ways is reset; the connection is idle

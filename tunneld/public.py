@@ -51,7 +51,7 @@ from .handover import MAX_PRELUDE, OpenSocket, host_identity
 from .handover import VERSION as HANDOVER_VERSION
 from .httphead import HeadError, HeadParser, RequestHead
 from .inspect import ConnectionRecorder
-from .tls import TLS_CLOSE_DEADLINE
+from .tls import TLS_CLOSE_DEADLINE, TLS_NOTIFY_WAIT
 
 if TYPE_CHECKING:
     from .edge import EdgeServer, EdgeSession
@@ -717,16 +717,23 @@ class PublicConnection(StreamEndpoint):
         the connection limits for ever, so a ``StalledCloseWatch`` resets (RST) a connection
         whose client took nothing for the shorter of ``keepalive_timeout`` and ``idle_timeout``:
         the client did not get everything. Bytes it takes, however slowly, keep the connection.
-        Over TLS the watch also resets one that still owes bytes at ``TLS_CLOSE_DEADLINE``, just
-        before the TLS layer's own shutdown timeout would drop them and end with a FIN (no
-        ``close_notify``), which a client could take for a complete response.
+        Over TLS the watch also ends the close when the TLS layer would not (its shutdown
+        timeout, ``TLS_SHUTDOWN_TIMEOUT``, is only a backstop): ``TLS_NOTIFY_WAIT`` after the
+        client took everything without answering ``close_notify`` (FIN: nothing is lost), and
+        at ``TLS_CLOSE_DEADLINE`` whatever the progress (RST if bytes are still owed).
         """
         transport = self.transport
         if transport is None:
             return
         if self._responded:
             set_reset_on_close(transport, False)
-        transport.close()
+        if not transport.is_closing():  # (a 2nd close of asyncio's TLS transport breaks it)
+            transport.close()
+        self._watch_close(transport)
+
+    def _watch_close(self, transport: asyncio.Transport) -> None:
+        """The ``StalledCloseWatch`` of ``transport``'s clean close (``close_gracefully``; an
+        HTTP/2 connection's too, whose place in the limits this object holds)."""
         if self._close_watch is None:
             config = self.server.config
             period = config.keepalive_timeout
@@ -739,14 +746,14 @@ class PublicConnection(StreamEndpoint):
                 self.server.loop,
                 self._close_stalled,
                 TLS_CLOSE_DEADLINE if tls else None,
+                TLS_NOTIFY_WAIT if tls else None,
             )
 
     def _close_stalled(self, unsent: int, stalled: float | None) -> None:
         """The ``StalledCloseWatch`` resets the connection: say why."""
         if stalled is None:
             log.info(
-                "%s: the client had not taken the last %d bytes %gs after the close began "
-                "(TLS shutdown); reset",
+                "%s: the client had not taken the last %d bytes %gs after the close began; reset",
                 self._peer,
                 unsent,
                 TLS_CLOSE_DEADLINE,

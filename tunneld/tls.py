@@ -43,6 +43,7 @@ log = logging.getLogger("tunneld.tls")
 
 __all__ = [
     "TLS_CLOSE_DEADLINE",
+    "TLS_NOTIFY_WAIT",
     "TLS_SHUTDOWN_TIMEOUT",
     "CertificateSet",
     "RedirectServer",
@@ -54,14 +55,22 @@ __all__ = [
 # is off: public_alpn).
 ALPN: Final = ("http/1.1",)
 ALPN_H2: Final = ("h2", "http/1.1")
-# Seconds a closing TLS connection waits for the client's close_notify before the socket is
-# dropped (asyncio's default, 30, would hold a stopping edge that long per silent client).
-TLS_SHUTDOWN_TIMEOUT: Final = 5.0
-# A public connection whose client has not taken everything we owe it (``close_notify``
-# included) this long after the close began is reset (RST) by the edge itself
-# (``PublicConnection.close_gracefully``): the TLS layer's timeout, a little later, would drop
-# what is left and end with a FIN, which a client may take for the end of a complete response.
-TLS_CLOSE_DEADLINE: Final = TLS_SHUTDOWN_TIMEOUT - 1.0
+# The longest a public TLS connection's clean close may take, from its start: a client still
+# lacking bytes then is reset (RST), one that has everything but has not finished the close is
+# closed (``StalledCloseWatch``'s deadline, started by ``PublicConnection._watch_close``). Far
+# longer than any close of a client that keeps reading needs: the rest is what the edge's
+# buffers and the kernel's hold (a few MiB), so 10 min is a client below a few KiB/s.
+TLS_CLOSE_DEADLINE: Final = 600.0
+# The TLS layer's own shutdown timeout (``ssl_shutdown_timeout`` of the public listener),
+# counted from ``close()`` whatever the client takes meanwhile: when it fires, the layer drops
+# what it still holds and ends with a FIN without ``close_notify``, which a client may take for
+# the end of a complete response. So it is only a backstop, after TLS_CLOSE_DEADLINE: the
+# public connection's StalledCloseWatch always ends the close first.
+TLS_SHUTDOWN_TIMEOUT: Final = TLS_CLOSE_DEADLINE + 60.0
+# Seconds a closing public TLS connection whose client has taken everything (``close_notify``
+# included) waits for the client's ``close_notify`` (or its close) before closing the socket
+# (FIN) anyway (``StalledCloseWatch``'s ``settle``).
+TLS_NOTIFY_WAIT: Final = 5.0
 # The redirect listener reads one request head of at most this many bytes (browsers send < 2 KiB;
 # nginx's large_client_header_buffers default is 8 KiB).
 REDIRECT_MAX_HEAD: Final = 8192

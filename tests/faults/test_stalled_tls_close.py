@@ -1,17 +1,20 @@
 """The HTTPS version of test_stalled_close.py: a clean close over TLS that the client never lets
-finish ends with RST, never with a FIN that could pass for the end of a complete response.
+finish ends with RST, never with a FIN that could pass for the end of a complete response, and a
+client that keeps reading, however long the rest takes, gets every byte and ``close_notify``.
 
 Over TLS the edge's close is the TLS layer's shutdown: it sends what is left, then
-``close_notify``, and gives up after ``ssl_shutdown_timeout`` (``TLS_SHUTDOWN_TIMEOUT``), dropping
-what it still holds and closing the socket with a FIN. A client that read nothing then gets part
-of the response and a FIN: a response without a length looks complete to a client that does
-not insist on ``close_notify``. So the edge resets such a connection itself at
-``TLS_CLOSE_DEADLINE``, before the TLS layer's timeout, when bytes are still owed; and, as over
-plain HTTP, at the first look of its stalled-close watch that finds nothing taken. A slow client
-that keeps reading gets every byte and the ``close_notify``.
+``close_notify``, and waits for the client's, until ``ssl_shutdown_timeout``
+(``TLS_SHUTDOWN_TIMEOUT``), counted from the close whatever the client takes meanwhile, drops
+what it still holds and closes the socket with a FIN. So that timeout is only a far backstop and
+the connection's ``StalledCloseWatch`` decides: a client that takes nothing for a look of the
+watch is reset; one that keeps taking bytes keeps the connection (here for well over the 5 s
+the TLS layer used to allow); one that took everything but does not answer ``close_notify`` is
+closed ``TLS_NOTIFY_WAIT`` later (a FIN: it lacks nothing); and at ``TLS_CLOSE_DEADLINE`` the
+close ends whatever the progress (RST while bytes are owed).
 
 The client is a real TLS client (``ssl.SSLObject`` over a socket on 127.0.0.1) whose reads the
-test controls; buffers are set small on both sides as in test_stalled_close.py.
+test controls; buffers are set small on both sides as in test_stalled_close.py, or large on the
+edge's side when megabytes must wait for the client at the close.
 """
 
 from __future__ import annotations
@@ -19,16 +22,16 @@ from __future__ import annotations
 import asyncio
 import socket
 import ssl
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import pytest
 
-from relay.mux import unsent_bytes
+from relay.mux import abort_with_reset, unsent_bytes
 from tests.e2e.conftest import wait_until
 from tests.faults.conftest import Stack, tls_files
 from tests.faults.test_stalled_close import BODY, HEAD, _BigThenClose
-from tunneld.tls import TLS_CLOSE_DEADLINE, TLS_SHUTDOWN_TIMEOUT
 
 pytestmark = pytest.mark.anyio
 
@@ -101,7 +104,9 @@ class _TlsClient:
             return bytes(received), "reset"
 
 
-async def _tls_stack(tmp_path: Path, **config: Any) -> tuple[Stack, ssl.SSLContext]:
+async def _tls_stack(
+    tmp_path: Path, alpn: str = "http/1.1", **config: Any
+) -> tuple[Stack, ssl.SSLContext]:
     ca, cert, key = tls_files(tmp_path, f"*.{DOMAIN}")
     stack = await Stack(
         domain=DOMAIN, scheme="https", public_tls_cert=cert, public_tls_key=key, **config
@@ -109,15 +114,34 @@ async def _tls_stack(tmp_path: Path, **config: Any) -> tuple[Stack, ssl.SSLConte
     context = ssl.create_default_context()
     ca.configure_trust(context)
     context.check_hostname = False  # generated tokens may hold "_", which wildcards refuse
-    context.set_alpn_protocols(["http/1.1"])
+    context.set_alpn_protocols([alpn])
     return stack, context
 
 
-async def _stalled_request(
-    stack: Stack, context: ssl.SSLContext, host: str, rcvbuf: int = 2048
-) -> tuple[_TlsClient, object]:
-    """A TLS client that asks for the response and reads nothing; returns it and the edge's
-    connection once the edge's close is under way with bytes the client has not taken."""
+class _BigThenCloseOf(_BigThenClose):
+    """``_BigThenClose`` with a body of ``size`` bytes."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        self.size = size
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+            writer.write(HEAD + b"x" * self.size)
+            await asyncio.wait_for(writer.drain(), 30)
+        except (ConnectionError, TimeoutError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+            self.closed.set()
+
+
+async def _connect(
+    stack: Stack, context: ssl.SSLContext, host: str, rcvbuf: int, sndbuf: int
+) -> tuple[_TlsClient, Any]:
+    """A TLS client with a ``rcvbuf`` receive buffer, and the edge's connection to it, whose
+    socket's send buffer is set to ``sndbuf``."""
     assert stack.edge is not None
     edge = stack.edge
     loop = asyncio.get_running_loop()
@@ -130,38 +154,62 @@ async def _stalled_request(
     await wait_until(lambda: len(edge.public_connections) == 1, 5, "the edge accepted it")
     (conn,) = edge.public_connections
     assert conn.transport is not None
-    conn.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8192)
+    edge_sock = conn.transport.get_extra_info("socket")
+    edge_sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
+    # (the kernel doubles what it is asked for, up to twice net.core.wmem_max)
+    assert edge_sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) >= sndbuf, (
+        f"net.core.wmem_max is below {sndbuf // 2}: the edge's socket cannot hold the response"
+    )
+    return client, conn
+
+
+async def closing_with(transport: Callable[[], Any], unsent: int) -> None:
+    """Wait for the edge's close of ``transport`` to be under way with more than ``unsent``
+    bytes the client has not taken (``transport()``: the transport, None once gone)."""
+
+    def closing() -> bool:
+        t = transport()
+        return t is None or (t.is_closing() and unsent_bytes(t) > unsent)
+
+    await wait_until(closing, 10, f"the edge's close, over {unsent} bytes left unsent")
+    assert transport() is not None, "the connection ended before the test could look at it"
+
+
+async def _stalled_request(
+    stack: Stack,
+    context: ssl.SSLContext,
+    host: str,
+    rcvbuf: int = 2048,
+    sndbuf: int = 8192,
+    unsent: int = 0,
+) -> tuple[_TlsClient, Any]:
+    """A TLS client that asks for the response and reads nothing; returns it and the edge's
+    connection once the edge's close is under way with more than ``unsent`` bytes the client
+    has not taken."""
+    client, conn = await _connect(stack, context, host, rcvbuf, sndbuf)
     await client.send(b"GET /big HTTP/1.1\r\nHost: " + host.encode() + b"\r\n\r\n")
-
-    def closing_with_unsent() -> bool:
-        t = conn.transport
-        return t is None or (t.is_closing() and unsent_bytes(t) > 0)
-
-    await wait_until(closing_with_unsent, 5, "the edge's close, bytes left unsent")
-    assert conn.transport is not None, "the connection ended before the test could look at it"
+    await closing_with(lambda: conn.transport, unsent)
     return client, conn
 
 
 @pytest.mark.parametrize(
-    ("timeouts", "tls_timeouts"),
+    ("timeouts", "deadline"),
     [
-        # no look of the stalled-close watch before the TLS shutdown timeout: the deadline acts
-        ({"idle_timeout": 0, "keepalive_timeout": 60}, None),
-        # the watch's first look (idle_timeout) that finds nothing taken acts: with the TLS
-        # shutdown timeout (and so the deadline) pushed past the test's wait, nothing else would
-        ({"idle_timeout": 0.5}, 60.0),
+        # no look of the stalled-close watch before the close's deadline: the deadline acts
+        ({"idle_timeout": 0, "keepalive_timeout": 60}, 1.0),
+        # the watch's first look (idle_timeout) that finds nothing taken acts
+        ({"idle_timeout": 0.5}, None),
     ],
-    ids=["tls-deadline", "watch"],
+    ids=["close-deadline", "watch"],
 )
 async def test_a_tls_close_the_client_never_lets_finish_ends_with_a_reset(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
-    timeouts: dict[str, float],
-    tls_timeouts: float | None,
+    timeouts: dict[str, Any],
+    deadline: float | None,
 ) -> None:
-    if tls_timeouts is not None:
-        monkeypatch.setattr("tunneld.edge.TLS_SHUTDOWN_TIMEOUT", tls_timeouts + 1)
-        monkeypatch.setattr("tunneld.public.TLS_CLOSE_DEADLINE", tls_timeouts)
+    if deadline is not None:
+        monkeypatch.setattr("tunneld.public.TLS_CLOSE_DEADLINE", deadline)
     service = _BigThenClose()
     port = await service.start()
     stack, context = await _tls_stack(tmp_path, **timeouts)
@@ -174,9 +222,7 @@ async def test_a_tls_close_the_client_never_lets_finish_ends_with_a_reset(
         client, conn = await _stalled_request(stack, context, host)
         await asyncio.wait_for(service.closed.wait(), 5)
         await wait_until(
-            lambda: conn not in edge.public_connections,
-            TLS_SHUTDOWN_TIMEOUT + 10,
-            "the stalled connection was ended",
+            lambda: conn not in edge.public_connections, 15, "the stalled connection was ended"
         )
         received, ended = await client.read_to_the_end(10)
         assert len(received) < len(HEAD) + BODY  # (the reset may discard what the kernel held)
@@ -190,8 +236,8 @@ async def test_a_tls_close_the_client_never_lets_finish_ends_with_a_reset(
 
 async def test_a_slow_tls_client_that_keeps_reading_gets_everything(tmp_path: Path) -> None:
     """Bytes the client takes keep the connection: read slowly over several looks of the watch
-    (0.25 s apart; at most 8 KiB of the socket every 20 ms: about a second for the response,
-    well within ``TLS_CLOSE_DEADLINE``), the whole response arrives, then ``close_notify``."""
+    (0.25 s apart; at most 8 KiB of the socket every 20 ms), the whole response arrives, then
+    ``close_notify``."""
     service = _BigThenClose()
     port = await service.start()
     stack, context = await _tls_stack(tmp_path, idle_timeout=0.25, keepalive_timeout=0.25)
@@ -200,19 +246,136 @@ async def test_a_slow_tls_client_that_keeps_reading_gets_everything(tmp_path: Pa
         await stack.agent("sb1")
         host = stack.host_of((await stack.expose("sb1", port))["exposedAt"])
         client, conn = await _stalled_request(stack, context, host, rcvbuf=16384)
-        received, ended = await client.read_to_the_end(
-            TLS_CLOSE_DEADLINE + 10, chunk=8192, pause=0.02
-        )
+        received, ended = await client.read_to_the_end(30, chunk=8192, pause=0.02)
         assert (len(received), ended) == (len(HEAD) + BODY, "close_notify")
         edge = stack.edge
         assert edge is not None
-        await wait_until(
-            lambda: conn not in edge.public_connections,
-            TLS_SHUTDOWN_TIMEOUT + 5,
-            "the edge's side ended",
-        )
+        await wait_until(lambda: conn not in edge.public_connections, 15, "the edge's side ended")
     finally:
         if client is not None:
             client.sock.close()
         await stack.close()
         await service.close()
+
+
+# The tail of a long response: what the edge still holds when its close begins. The client then
+# takes at most 8 KiB of its socket every 40 ms (at most 200 KiB/s), so the rest (over
+# SLOW_LEFT bytes) takes it more than 6 s: longer than the 5 s the TLS layer used to allow.
+SLOW_BODY: Final = 1536 * 1024
+SLOW_LEFT: Final = 1280 * 1024
+
+
+@pytest.mark.parametrize("passthrough", [False, True], ids=["tls", "tls-passthrough-fallback"])
+async def test_a_slow_tls_client_gets_megabytes_left_at_the_close(
+    tmp_path: Path, passthrough: bool
+) -> None:
+    """A client downloading at about 200 KiB/s with over a MiB still in the edge's buffers and
+    the kernel's when the service finishes gets every byte and ``close_notify``, however long
+    past the close that takes: the watch (0.5 s looks) sees it take bytes at every look. Also
+    through the passthrough listener (``public_tls_passthrough``), whose connections for the
+    edge's own names are terminated by the same TLS layer (``SniListener``)."""
+    service = _BigThenCloseOf(SLOW_BODY)
+    port = await service.start()
+    stack, context = await _tls_stack(
+        tmp_path, idle_timeout=0.5, keepalive_timeout=0.5, public_tls_passthrough=passthrough
+    )
+    client: _TlsClient | None = None
+    try:
+        await stack.agent("sb1")
+        host = stack.host_of((await stack.expose("sb1", port))["exposedAt"])
+        client, conn = await _stalled_request(
+            stack, context, host, rcvbuf=16384, sndbuf=2 * SLOW_BODY, unsent=SLOW_LEFT
+        )
+        received, ended = await client.read_to_the_end(60, chunk=8192, pause=0.04)
+        assert (len(received), ended) == (len(HEAD) + SLOW_BODY, "close_notify")
+        assert received == HEAD + b"x" * SLOW_BODY
+        edge = stack.edge
+        assert edge is not None
+        await wait_until(lambda: conn not in edge.public_connections, 15, "the edge's side ended")
+    finally:
+        if client is not None:
+            client.sock.close()
+        await stack.close()
+        await service.close()
+
+
+async def test_a_tls_client_that_never_answers_close_notify_is_closed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client that took everything, ``close_notify`` included, and neither answers it nor
+    closes: the edge closes the socket ``TLS_NOTIFY_WAIT`` later (here 0.5 s) with a FIN, not
+    at the TLS layer's far backstop (``TLS_SHUTDOWN_TIMEOUT``) nor at ``TLS_CLOSE_DEADLINE``;
+    no look of the watch (keepalive_timeout 60 s) would end it either."""
+    monkeypatch.setattr("tunneld.public.TLS_NOTIFY_WAIT", 0.5)
+    service = _BigThenClose()
+    port = await service.start()
+    stack, context = await _tls_stack(tmp_path, idle_timeout=0, keepalive_timeout=60)
+    client: _TlsClient | None = None
+    try:
+        await stack.agent("sb1")
+        host = stack.host_of((await stack.expose("sb1", port))["exposedAt"])
+        edge = stack.edge
+        assert edge is not None
+        client, conn = await _stalled_request(stack, context, host, rcvbuf=65536)
+        received, ended = await client.read_to_the_end(30)
+        assert (len(received), ended) == (len(HEAD) + BODY, "close_notify")
+        await wait_until(
+            lambda: conn not in edge.public_connections, 15, "the unanswered close was ended"
+        )
+        loop = asyncio.get_running_loop()
+        assert await asyncio.wait_for(loop.sock_recv(client.sock, 65536), 5) == b""  # FIN
+    finally:
+        if client is not None:
+            client.sock.close()
+        await stack.close()
+        await service.close()
+
+
+async def test_a_reset_of_a_closing_tls_connection_owing_bytes_is_a_reset(tmp_path: Path) -> None:
+    """``abort_with_reset`` on a TLS transport whose clean close is under way, with nothing in
+    its own buffer but the rest of what it was given (and ``close_notify``) still in the TLS
+    layer's TCP transport and the kernel: the peer lacks bytes, so it sees a reset, not the FIN
+    of ``abort()`` alone (which drops what the TCP transport holds). A bare TLS server on the
+    test's loop (asyncio's or uvloop's SSL layer), a client that reads only at the end."""
+    ca, cert, key = tls_files(tmp_path, "127.0.0.1")
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_context.load_cert_chain(cert, key)
+    transports: list[asyncio.Transport] = []
+
+    class _Server(asyncio.Protocol):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            transports.append(transport)  # type: ignore[arg-type]  # uvloop's: not a subclass
+
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(_Server, "127.0.0.1", 0, ssl=server_context)
+    client: _TlsClient | None = None
+    try:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.setblocking(False)
+        port = server.sockets[0].getsockname()[1]
+        await asyncio.wait_for(loop.sock_connect(sock, ("127.0.0.1", port)), 5)
+        client_context = ssl.create_default_context()
+        ca.configure_trust(client_context)
+        client = _TlsClient(sock, client_context, "127.0.0.1")
+        await client.handshake()
+        await wait_until(lambda: bool(transports), 5, "the server's side of the connection")
+        (transport,) = transports
+        transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8192)
+        # less than the TCP transport's high-water mark beyond what the kernel takes: none of
+        # it stays in the TLS transport's own buffer
+        transport.write(b"x" * 48 * 1024)
+        transport.close()
+        await wait_until(
+            lambda: not transport.get_write_buffer_size() and unsent_bytes(transport) > 0,
+            5,
+            "the close under way, the rest below the TLS transport",
+        )
+        abort_with_reset(transport)
+        received, ended = await client.read_to_the_end(10)
+        assert len(received) < 48 * 1024
+        assert ended == "reset", f"the reset of a connection owing bytes ended with a {ended}"
+    finally:
+        if client is not None:
+            client.sock.close()
+        server.close()
