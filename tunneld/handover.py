@@ -115,6 +115,10 @@ ACK_TIMEOUT: Final = 2.0  # the owner answers within this (else the landing node
 _UCRED: Final = struct.Struct("3i")  # pid, uid, gid
 _ANSWER: Final = struct.Struct("!I?")  # the owner's answer: request id, adopted (one or more)
 _FD: Final = struct.Struct("i")
+# recvmsg's flags are a plain int: tested against the enum members of socket, each test would
+# make enum objects (several thousand instructions per hand-over message)
+_MSG_TRUNC: Final = int(socket.MSG_TRUNC)
+_MSG_CTRUNC: Final = int(socket.MSG_CTRUNC)
 _FD_SPACE: Final = socket.CMSG_SPACE(_FD.size * _BATCH)
 
 
@@ -260,8 +264,10 @@ class HandoverServer:
             elif end := self._receive(conn, data, fds, flags, answers):
                 break
         if answers:
-            with contextlib.suppress(OSError):
+            try:
                 conn.send(b"".join(answers))
+            except OSError:
+                pass  # the other node is gone: it learns nothing more from us
         if end:
             self._disconnected(conn)
 
@@ -309,9 +315,9 @@ class HandoverServer:
             error = str(exc)
         # Over what a node ever sends: the connection ends (the descriptors are closed by
         # _receive; the ids are refused, for a node with a bug, when there are not too many)
-        if flags & socket.MSG_TRUNC:
+        if flags & _MSG_TRUNC:
             over = f"a message over {_MAX_MESSAGE} bytes"
-        elif flags & socket.MSG_CTRUNC and len(fds) >= _BATCH:
+        elif flags & _MSG_CTRUNC and len(fds) >= _BATCH:
             over = f"more than {_BATCH} descriptors in one message"
         elif len(ids) > _BATCH:
             over = f"{len(ids)} hand-overs in one message (at most {_BATCH})"
@@ -332,7 +338,7 @@ class HandoverServer:
         if timer is not None:  # a well-formed message: the peer is a node (the deadline is off)
             timer.cancel()
             self._accepted[conn] = None
-        if len(fds) != len(ids) or flags & socket.MSG_CTRUNC:
+        if len(fds) != len(ids) or flags & _MSG_CTRUNC:
             # Descriptors missing: the kernel drops those this process has no room for
             # (RLIMIT_NOFILE; MSG_CTRUNC). Which connection each belonged to is unknown, so
             # none is adopted, and each is refused by its id: the landing node still holds
@@ -397,7 +403,8 @@ class HandoverServer:
         ):
             sock.close()
             return False
-        sock.setblocking(False)
+        # Non-blocking already: O_NONBLOCK belongs to the open file, which the landing node's
+        # event loop set (and the loop sets it again when it opens the socket).
         conn = self._connection(server, server.parser)
         conn.adopt(prelude)  # replayed in connection_made, before the first read
         # connect_accepted_socket is a coroutine, but all it does before its only await (for
