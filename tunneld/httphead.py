@@ -133,6 +133,27 @@ def _finish(head: RequestHead) -> RequestHead:
     return head
 
 
+def routing_host(head: bytes | bytearray) -> bytes | None:
+    """The value of the one Host header of a complete head (``head`` ends with its CRLFCRLF),
+    found without parsing the head; None when there is none or more than one (any case).
+
+    Only for choosing where a connection goes, never for answering it: a cluster node that does
+    not hold the sandbox's session passes the connection, bytes unparsed, to the node that does
+    (``PublicConnection._quick_hand_over``), and that node parses the head in full
+    (``HeadParser``), validates it, routes it by its own reading and answers. A parser accepts a
+    head with exactly one Host line, which is then the one found here, with the same value: a
+    line ends at CRLF here, and a value holding a bare CR or LF (a parser that ends lines there
+    reads another) is no preview host, so it routes nowhere and the head is parsed in full. A
+    head the parser refuses may give a value here (obs-fold, say): its owner answers the 400."""
+    lower = head.lower()
+    start = lower.find(b"\r\nhost:")
+    if start < 0 or lower.find(b"\r\nhost:", start + 7) >= 0:
+        return None
+    start += 7
+    value = bytes(head[start : head.find(b"\r\n", start)]).strip()
+    return value or None
+
+
 class HttptoolsHeadParser:
     """llhttp via httptools: the fast path."""
 

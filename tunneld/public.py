@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, ClassVar, Final
 import orjson
 
 from protocol.errors import LocalProtocolError, ResetCode
-from protocol.hostnames import parse_preview_host
+from protocol.hostnames import PreviewRoute, parse_preview_host
 from relay.buffers import SHARED
 from relay.mux import StalledCloseWatch, StreamEndpoint, abort_with_reset, set_reset_on_close
 
@@ -49,7 +49,7 @@ from .budget import RequestBudget
 from .framing import RequestFramer, State, forward_head
 from .handover import MAX_PRELUDE, OpenSocket, host_identity
 from .handover import VERSION as HANDOVER_VERSION
-from .httphead import HeadError, HeadParser, RequestHead
+from .httphead import MAX_HEAD_SIZE, HeadError, HeadParser, RequestHead, routing_host
 from .inspect import ConnectionRecorder
 from .tls import TLS_CLOSE_DEADLINE, TLS_NOTIFY_WAIT
 
@@ -78,6 +78,28 @@ _REASONS: Final = {
 _REFUSAL_LOG_INTERVAL: Final = 10.0
 # How long a cluster node waits for its change feed before a 404 (``_recheck_miss``).
 MISS_RECHECK_TIMEOUT: Final = 1.0
+# The routes of the preview hosts seen lately (``_preview_route``): at most this many, and only
+# hosts no longer than a DNS name with a port.
+_MAX_ROUTES: Final = 4096
+_MAX_ROUTED_HOST: Final = 300
+_ROUTES: dict[tuple[bytes, str, bool], PreviewRoute] = {}
+
+
+def _preview_route(host: bytes, domain: str, tokens: bool) -> PreviewRoute | None:
+    """``parse_preview_host`` of a Host header's bytes, remembered for the hosts that route (a
+    parse is about 20k instructions, a large part of a connection's routing). A host that does
+    not route is parsed each time (its answer is a 404); when ``_MAX_ROUTES`` are remembered,
+    all are forgotten. The key holds the domain and the token mode: a reload changes the route
+    of every host at once."""
+    key = (host, domain, tokens)
+    route = _ROUTES.get(key)
+    if route is None:
+        route = parse_preview_host(host.decode("latin-1"), domain, tokens=tokens)
+        if route is not None and len(host) <= _MAX_ROUTED_HOST:
+            if len(_ROUTES) >= _MAX_ROUTES:
+                _ROUTES.clear()
+            _ROUTES[key] = route
+    return route
 
 
 def error_response(status: int, code: str, message: str, retry_after: int = 0) -> bytes:
@@ -126,6 +148,7 @@ class PublicConnection(StreamEndpoint):
         "_adopted",
         "_close_watch",
         "_counted_ip",
+        "_first_hop",
         "_framer",
         "_holding",
         "_host_line",
@@ -175,6 +198,9 @@ class PublicConnection(StreamEndpoint):
         # own the sandbox: it then gets them all, unparsed; see tunneld/cluster.py).
         self._prelude: bytearray | None = bytearray() if server.cluster is not None else None
         self._adopted = b""  # what another worker read before handing this connection over
+        # This node accepted the connection and may hand it over on a look at its first head's
+        # Host (``_quick_hand_over``); False once adopted from another worker (parsed in full).
+        self._first_hop = server.handover is not None
         self._miss_charged = False  # a 404 recheck took this connection's miss token
         self._access: ConnectionLog | None = None  # access log + X-Request-Id (accesslog.py)
         self.port = 0
@@ -308,6 +334,8 @@ class PublicConnection(StreamEndpoint):
         if self._prelude is not None:
             if self.mux is None:
                 self._prelude += data  # until routed: what another node would need to see
+                if self._first_hop and len(self._prelude) == len(data) and self._quick_hand_over():
+                    return
             else:
                 self._prelude = None
         for event in self._framer.receive_data(data):
@@ -332,16 +360,14 @@ class PublicConnection(StreamEndpoint):
             # A later request on the connection: the same Host bytes as the first one are the
             # same route (the common case, and no parse); any other must name that route too.
             if head.host != self._routed_host:
-                route = parse_preview_host(
-                    head.host.decode("latin-1"), config.domain, tokens=config.tokens
-                )
+                route = _preview_route(head.host, config.domain, config.tokens)
                 if route is None or (route.port, route.sandbox_id, route.token) != self._route:
                     self._misdirect()
                     return False
         else:
-            host = head.host.decode("latin-1")
-            route = parse_preview_host(host, config.domain, tokens=config.tokens)
+            route = _preview_route(head.host, config.domain, config.tokens)
             if route is None:
+                host = head.host.decode("latin-1")
                 self.fail(404, "UNKNOWN_HOST", f"No preview URL matches host {host!r}.")
                 return False
             state = server.registry.match(route.sandbox_id, route.port, route.token)
@@ -478,6 +504,42 @@ class PublicConnection(StreamEndpoint):
         ):
             transport.resume_reading()
 
+    def _quick_hand_over(self) -> bool:
+        """The first read is one whole head for a sandbox whose session is on another node:
+        hand the connection on (``_hand_on``: its socket to a worker of this host, else over a
+        node link) on a look at the head's Host header (``httphead.routing_host``), without
+        parsing the head. The owner parses and validates all of it, as for any connection it
+        accepts, and answers; this node only chose where it goes, and only where the full path
+        would have sent it: an exposed http port, the right token, no session here. A connection
+        adopted from another worker is never routed this way. False: nothing was done, the head
+        is parsed as usual (any other case, or a head that is not plain)."""
+        prelude = self._prelude
+        assert prelude is not None
+        size = prelude.find(b"\r\n\r\n") + 4
+        if size != len(prelude) or size > MAX_HEAD_SIZE:
+            return False  # no whole head yet, more than one head, a body, or too large
+        host = routing_host(prelude)
+        if host is None:
+            return False
+        server = self.server
+        config = server.config
+        route = _preview_route(host, config.domain, config.tokens)
+        if route is None:
+            return False
+        registry = server.registry
+        state = registry.get(route.sandbox_id)
+        if state is None or (state.session is not None and state.session.can_open_streams()):
+            return False  # unknown here (404 or a recheck), or served here: the full path
+        if (
+            registry.match(route.sandbox_id, route.port, route.token) is not state
+            or state.exposures[route.port].options.protocol != "http"
+        ):
+            return False
+        self.port = route.port
+        self.sandbox_id = route.sandbox_id
+        self._hand_on()
+        return True
+
     def _hand_on(self) -> None:
         """Give this connection to the owner node: its socket itself when the owner runs on this
         host (tunneld/handover.py; the answer comes to ``_handed_over``), else over a node link
@@ -605,6 +667,7 @@ class PublicConnection(StreamEndpoint):
         Call before the transport exists: ``connection_made`` replays it before the first read
         from the socket, so later bytes can never overtake it."""
         self._adopted = prelude
+        self._first_hop = False
 
     # -- errors ----------------------------------------------------------------------------------
     def _client_error(self, exc: HeadError) -> None:

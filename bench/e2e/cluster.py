@@ -27,6 +27,12 @@ as ``bench.e2e.instr``; a cost the machine's load cannot move): node A and node 
 ratio ``(A owner-landed) / (A + B handed over)`` is what the hand-over costs in tunneld's own
 work; wrk, nginx and the agent do the same work either way, so the wall-clock ratio is higher.
 
+**floor** (``python -m bench.e2e.cluster N floor``): the same ``N`` x 100 sequential requests
+through the least a landing worker on uvloop does per handed-over connection
+(``bench/e2e/landing_floor.py``: accept, peer address, head timer, one read, find the Host, pass
+the descriptor, read the answer, close), under callgrind the same way: what tunneld's landing
+node (``landing B`` above) is measured against.
+
 ``BENCH_DURATION``: seconds per wrk run of landing and workers (3); ``BENCH_INSTR_CONNS``: the
 connection counts instr measures (``1,16``; ``1``: the sequential requests only). Both for a
 short smoke run.
@@ -269,7 +275,49 @@ def _instr(requests: int) -> dict[str, list[float]]:
     return runs
 
 
-PARTS = ("landing", "handover", "forwarded", "workers", "instr")
+def _floor(requests: int) -> dict[str, list[float]]:
+    """Instructions per request of ``bench/e2e/landing_floor.py``'s landing worker (callgrind)."""
+    out = Path(tempfile.mkdtemp(prefix="tunneld-landing-floor-"))
+    address, ports_file = str(out / "owner.sock"), out / "ports.json"
+    module = [sys.executable, "-m", "bench.e2e.landing_floor"]
+    root = Path(__file__).resolve().parents[2]  # the bench package's, whatever the cwd
+    procs = [subprocess.Popen([*module, "owner", address], cwd=root)]
+    try:
+        deadline = time.monotonic() + 15
+        while not os.path.exists(address) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        wrap = ["valgrind", "--tool=callgrind", "--instr-atstart=no",
+                f"--callgrind-out-file={out / 'floor.callgrind'}"]  # fmt: skip
+        landing = subprocess.Popen(
+            [*wrap, *module, "landing", address, str(ports_file)],
+            cwd=root,
+            stderr=subprocess.DEVNULL,
+        )
+        procs.append(landing)
+        deadline = time.monotonic() + 180
+        while not ports_file.exists():
+            if time.monotonic() > deadline or landing.poll() is not None:
+                raise RuntimeError("the landing floor did not start")
+            time.sleep(0.2)
+        port = json.loads(ports_file.read_text())["public"]
+        host = "8000-bench-tok.localhost"
+        _churn(port, host, 300)  # warm
+        _callgrind(landing.pid, "--instr=on")
+        _churn(port, host, requests)
+        _callgrind(landing.pid, "--instr=off")
+        _callgrind(landing.pid, "--dump")
+        time.sleep(1.0)
+        floor = _instr_totals(out, "floor", "floor") / requests
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait(10)
+        shutil.rmtree(out, ignore_errors=True)
+    print(f"instructions per churn request, the landing floor: {floor:,.0f}", flush=True)
+    return {"instr_c1_landing_floor": [floor]}
+
+
+PARTS = ("landing", "handover", "forwarded", "workers", "instr", "floor")
 
 
 def main(argv: list[str]) -> int:
@@ -292,6 +340,8 @@ def main(argv: list[str]) -> int:
             runs.update(_landing(redis.url, rounds, handover=False))
         if "instr" in parts:
             runs.update(_instr(rounds * 100))
+        if "floor" in parts:
+            runs.update(_floor(rounds * 100))
         if "workers" in parts:
             runs.update(_workers(rounds))
     finally:
