@@ -885,9 +885,13 @@ class PublicConnection(StreamEndpoint):
 
     def idle_check(self) -> bool:
         """True when nothing moved either way since the previous check (the sweep closes it).
-        Never for a clean close under way: its ``StalledCloseWatch`` bounds it."""
+        Never for a clean close under way: its ``StalledCloseWatch`` bounds it. A close that
+        started none (one the transport began itself, on the client's EOF) gets one here, so
+        no closing connection outlives the sweep unwatched."""
         transport = self.transport
         if transport is not None and transport.is_closing():
+            if self._close_watch is None:
+                self._watch_close(transport)
             return False
         idle = self.activity == self._seen_activity
         self._seen_activity = self.activity

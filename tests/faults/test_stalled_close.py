@@ -136,6 +136,37 @@ async def test_a_close_the_client_never_lets_finish_is_reset_and_freed(timeouts)
         await service.close()
 
 
+async def test_a_close_that_started_no_watch_gets_one_from_the_idle_sweep() -> None:
+    """Whatever began a close (the transport itself, on the client's EOF, or a path that does
+    not go through ``close_gracefully``), the idle sweep gives a closing connection that has
+    no ``StalledCloseWatch`` one: a stalled client is still reset, not kept for ever."""
+    service = _BigThenClose()
+    port = await service.start()
+    stack = await Stack(idle_timeout=0.5).start()
+    client: socket.socket | None = None
+    try:
+        await stack.agent("sb1")
+        host = stack.host_of((await stack.expose("sb1", port))["exposedAt"]).encode()
+        assert stack.edge is not None
+        edge = stack.edge
+        client, conn = await _stalled_request(stack, host)
+        watch = conn._close_watch  # type: ignore[attr-defined]
+        assert watch is not None
+        watch.cancel()  # as if the close had started none
+        conn._close_watch = None  # type: ignore[attr-defined]
+        await wait_until(
+            lambda: not edge.public_connections, 10, "the stalled connection was ended"
+        )
+        received, ended = await _read_to_the_end(client, 10)
+        assert len(received) < len(HEAD) + BODY
+        assert ended == "reset", f"a cut response ended with a {ended}"
+    finally:
+        if client is not None:
+            client.close()
+        await stack.close()
+        await service.close()
+
+
 async def test_a_slow_client_that_keeps_reading_gets_the_whole_response() -> None:
     """The other side: bytes the client takes count as activity, so a client that needs many
     idle timeouts to read the rest, but keeps reading, gets all of it and a clean end."""
