@@ -206,12 +206,15 @@ def test_a_private_redis_gone_at_the_stop_is_an_unclean_stop(
         r = admin.post("/v1/sandboxes/sb1/ports", json={"port": 9000, "token": "kept_tok"})
         assert r.status_code == 200, r.text
     supervisor.send_signal(signal.SIGTERM)
-    # Sent after SIGTERM, and SIGTERM (15) is taken before SIGCHLD (17) even when both are
-    # pending: the supervisor is stopping when it learns of the death, and the write-back comes
-    # only after its workers drained and exited.
+    # Killed just after SIGTERM; the write-back comes only after the workers drained and exited.
+    # The supervisor usually takes SIGTERM first, but a loaded machine can let it see the death
+    # first (CI did once): it then restarts the server before it learns of the stop, and that
+    # restart (held at the gate) cannot answer in time either. Either way the exposures are not
+    # written back, and no restart may begin once the stop has.
     os.kill(int((gate / "pid").read_text()), signal.SIGKILL)
     assert supervisor.wait(GRACE + STOP_MARGIN + 15) == 1, log.read_text()[-3000:]
     text = log.read_text()
     assert "exposures NOT written back: the private redis-server does not answer" in text
-    assert "restarting it" not in text
+    stop = text.index("SIGTERM: stopping")
+    assert "restarting it" not in text[stop:], text[stop:]
     assert (tmp_path / "state" / "redis" / "UNSAVED").exists()
