@@ -24,7 +24,7 @@ import logging
 import secrets
 import socket
 import ssl
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 import orjson
@@ -741,12 +741,22 @@ class EdgeServer:
             )
         else:
             context = self.public_tls.context if self.public_tls is not None else None
+            factory: Callable[[], asyncio.BaseProtocol] = public_factory
+            if self.handover is not None and context is None:
+                # A connection may be another worker's: a LandingConnection looks at its first
+                # read and hands it over, or becomes a PublicConnection (tunneld/landing.py).
+                from .landing import LandingConnection
+
+                def factory() -> LandingConnection:
+                    self.metrics.public_connections.inc()
+                    return LandingConnection(self)
+
             public = await _listening(
                 "public",
                 config.public_host,
                 config.public_port,
                 loop.create_server(
-                    public_factory,
+                    factory,
                     config.public_host,
                     config.public_port,
                     backlog=4096,

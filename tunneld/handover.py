@@ -15,7 +15,7 @@ Each node listens on an abstract-namespace ``SOCK_SEQPACKET`` Unix socket
 publishes its name, the host's identity (``/proc/sys/kernel/random/boot_id``) and the message
 format's ``VERSION`` in its node record. A landing node hands a connection over only when the
 owner's record names the same host, the same version and a hand-over socket
-(``PublicConnection._send_socket``, synchronous: no task per connection); between versions
+(``public.send_socket``, synchronous: no task per connection); between versions
 (workers restarted from upgraded code beside old ones) the node link carries it. The hand-overs
 to one owner of one loop iteration leave together at its end, one message: a JSON header (a
 list: sandbox, port, epoch, id and prelude length of each), the bytes read from each connection

@@ -102,6 +102,76 @@ def _preview_route(host: bytes, domain: str, tokens: bool) -> PreviewRoute | Non
     return route
 
 
+def quick_route(server: EdgeServer, head: bytes | bytearray) -> PreviewRoute | None:
+    """The route of a first read that is one whole plain head for a sandbox whose session is
+    on another node, found on a look at its one Host header (``httphead.routing_host``),
+    without parsing the head: the connection is then handed on unparsed. The owner parses and
+    validates all of it, as for any connection it accepts, and answers; this node only chooses
+    where it goes, and only where the full path would have sent it: an exposed http port, the
+    right token, no session here. None: any other case (no whole head, more than one head, a
+    body, two Host lines, an unknown host or token, the session here): the full parse."""
+    size = head.find(b"\r\n\r\n") + 4
+    if size != len(head) or size > MAX_HEAD_SIZE:
+        return None  # no whole head yet, more than one head, a body, or too large
+    host = routing_host(head)
+    if host is None:
+        return None
+    config = server.config
+    route = _preview_route(host, config.domain, config.tokens)
+    if route is None:
+        return None
+    registry = server.registry
+    state = registry.get(route.sandbox_id)
+    if state is None or (state.session is not None and state.session.can_open_streams()):
+        return None  # unknown here (404 or a recheck), or served here: the full path
+    if (
+        registry.match(route.sandbox_id, route.port, route.token) is not state
+        or state.exposures[route.port].options.protocol != "http"
+    ):
+        return None
+    return route
+
+
+def send_socket(
+    server: EdgeServer,
+    transport: asyncio.BaseTransport,
+    sandbox_id: str,
+    port: int,
+    prelude: bytes | bytearray,
+    on_answer: Callable[[bool | None], object],
+) -> bool | None:
+    """Pass a public connection's socket itself to the sandbox's owner when it runs on this
+    host (tunneld/handover.py), with ``prelude``, what was read from it. Not for a TLS
+    connection: its session's keys and sequence numbers live in this process's SSL object,
+    the socket alone would be undecipherable to the owner (the node link carries it). True:
+    on its way (it leaves at the end of this loop iteration), ``on_answer`` gets the answer;
+    False: not possible, the connection is still ours to forward; None: the owner's node
+    record is not known here (yet)."""
+    cluster = server.cluster
+    handover = server.handover
+    if cluster is None or handover is None or transport.is_closing():
+        return False
+    owner = cluster.owners.get(sandbox_id)
+    if owner is None or owner[0] == cluster.node_id or len(prelude) > MAX_PRELUDE:
+        return False
+    record = cluster.nodes.get(owner[0])
+    if record is None:
+        return None
+    if (
+        record.get("host") != host_identity()
+        or not record.get("handover")
+        or record.get("handover_version") != HANDOVER_VERSION  # other code: the node link
+    ):
+        return False
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return False
+    header = {"sandbox": sandbox_id, "port": port, "epoch": owner[1]}
+    return handover.send(
+        record["handover"], OpenSocket(transport, sock), header, bytes(prelude), on_answer
+    )
+
+
 def error_response(status: int, code: str, message: str, retry_after: int = 0) -> bytes:
     """A small JSON error page; the connection closes after it."""
     body = orjson.dumps({"error": message, "code": code})
@@ -218,7 +288,7 @@ class PublicConnection(StreamEndpoint):
         if isinstance(peer, tuple) and len(peer) >= 2:
             self._peer_ip = str(peer[0])
             self._peer = f"{peer[0]}:{peer[1]}" if ":" not in peer[0] else f"[{peer[0]}]:{peer[1]}"
-        if not self._admit():
+        if self._counted_ip is None and not self._admit():  # (counted: ``landed``)
             return
         if self.server.config.access_log:
             server = self.server
@@ -231,6 +301,25 @@ class PublicConnection(StreamEndpoint):
             prelude, self._adopted = self._adopted, b""
             self.activity += 1
             self._feed(prelude)
+
+    def landed(self, ip: str | None, timer: asyncio.TimerHandle | None) -> None:
+        """Call before ``connection_made``: a ``LandingConnection`` (tunneld/landing.py) took the
+        connection first and passes it on here. ``ip``: it counted the connection against
+        ``max_connections_per_ip`` already (None: not counted, ``connection_made`` admits it);
+        ``timer``: the head timer it armed at the accept, kept so that the head's deadline does
+        not move. It looked at the first head's Host already, so this never does again."""
+        self._first_hop = False
+        if ip is not None:
+            self._counted_ip = ip
+        if timer is not None:
+            self._timer = timer
+            self._timer_kind = "head"
+
+    def data_received(self, data: bytes) -> None:
+        """The bytes a ``LandingConnection`` read before this took the connection over (the
+        transport calls ``buffer_updated`` from then on)."""
+        self.activity += 1
+        self._feed(data)
 
     def _admit(self) -> bool:
         """Enforce ``max_connections`` and ``max_connections_per_ip``: 503 and close past them."""
@@ -507,33 +596,14 @@ class PublicConnection(StreamEndpoint):
     def _quick_hand_over(self) -> bool:
         """The first read is one whole head for a sandbox whose session is on another node:
         hand the connection on (``_hand_on``: its socket to a worker of this host, else over a
-        node link) on a look at the head's Host header (``httphead.routing_host``), without
-        parsing the head. The owner parses and validates all of it, as for any connection it
-        accepts, and answers; this node only chose where it goes, and only where the full path
-        would have sent it: an exposed http port, the right token, no session here. A connection
-        adopted from another worker is never routed this way. False: nothing was done, the head
-        is parsed as usual (any other case, or a head that is not plain)."""
+        node link) on a look at the head's Host header (``quick_route``), without parsing the
+        head. A connection adopted from another worker, or one a ``LandingConnection``
+        (tunneld/landing.py) looked at already, is never routed this way. False: nothing was
+        done, the head is parsed as usual."""
         prelude = self._prelude
         assert prelude is not None
-        size = prelude.find(b"\r\n\r\n") + 4
-        if size != len(prelude) or size > MAX_HEAD_SIZE:
-            return False  # no whole head yet, more than one head, a body, or too large
-        host = routing_host(prelude)
-        if host is None:
-            return False
-        server = self.server
-        config = server.config
-        route = _preview_route(host, config.domain, config.tokens)
+        route = quick_route(self.server, prelude)
         if route is None:
-            return False
-        registry = server.registry
-        state = registry.get(route.sandbox_id)
-        if state is None or (state.session is not None and state.session.can_open_streams()):
-            return False  # unknown here (404 or a recheck), or served here: the full path
-        if (
-            registry.match(route.sandbox_id, route.port, route.token) is not state
-            or state.exposures[route.port].options.protocol != "http"
-        ):
             return False
         self.port = route.port
         self.sandbox_id = route.sandbox_id
@@ -555,6 +625,24 @@ class PublicConnection(StreamEndpoint):
                 return
             refresh = sent is None
         self._start_hand_on_task(refresh)
+
+    def hand_on_landed(self, port: int, sandbox_id: str, prelude: bytes, sent: bool | None) -> None:
+        """After ``connection_made``: a ``LandingConnection`` (tunneld/landing.py) routed the
+        first read, ``prelude``, to the sandbox's owner on another node, unparsed, and its
+        socket is not on its way there. ``sent``: what ``send_socket`` said: True (the owner
+        refused it: ``_handed_over``), False (not possible) or None (the owner's node record
+        is not known here). The node link carries it then, as after ``_hand_on``."""
+        self.port = port
+        self.sandbox_id = sandbox_id
+        self._prelude = bytearray(prelude)
+        self._cancel_timer()
+        self._framer.hand_off()
+        if self.transport is not None:
+            self.transport.pause_reading()
+        if sent:
+            self._handed_over(False)
+        else:
+            self._start_hand_on_task(sent is None)
 
     def _start_hand_on_task(self, refresh: bool) -> None:
         task = self.server.loop.create_task(self._hand_on_task(refresh))
@@ -603,42 +691,18 @@ class PublicConnection(StreamEndpoint):
         transport.resume_reading()
 
     def _send_socket(self) -> bool | None:
-        """Pass the socket itself to the owner when it runs on this host (tunneld/handover.py).
-        True: on its way (it leaves at the end of this loop iteration), ``_handed_over`` gets
-        the answer; False: not possible, this connection is still ours to forward; None: the
-        owner's node record is not known here (yet)."""
-        server = self.server
-        cluster = server.cluster
-        handover = server.handover
+        """Pass the socket itself to the owner when it runs on this host (``send_socket``).
+        True: on its way, ``_handed_over`` gets the answer; False: not possible, this
+        connection is still ours to forward; None: the owner's node record is not known here."""
         transport = self.transport
-        if cluster is None or handover is None or transport is None or transport.is_closing():
-            return False
-        if transport.get_extra_info("sslcontext") is not None:
-            # A TLS session's keys and sequence numbers live in this process's SSL object: the
-            # socket alone would be undecipherable to the owner. The node link carries it.
-            return False
-        owner = cluster.owners.get(self.sandbox_id)
-        prelude = self._prelude
-        if owner is None or owner[0] == cluster.node_id or len(prelude or b"") > MAX_PRELUDE:
-            return False
-        record = cluster.nodes.get(owner[0])
-        if record is None:
-            return None
-        if (
-            record.get("host") != host_identity()
-            or not record.get("handover")
-            or record.get("handover_version") != HANDOVER_VERSION  # other code: the node link
-        ):
-            return False
-        sock = transport.get_extra_info("socket")
-        if sock is None:
-            return False
-        header = {"sandbox": self.sandbox_id, "port": self.port, "epoch": owner[1]}
-        return handover.send(
-            record["handover"],
-            OpenSocket(transport, sock),
-            header,
-            bytes(prelude or b""),
+        if transport is None or transport.get_extra_info("sslcontext") is not None:
+            return False  # TLS: see send_socket
+        return send_socket(
+            self.server,
+            transport,
+            self.sandbox_id,
+            self.port,
+            self._prelude or b"",
             self._handed_over,
         )
 
