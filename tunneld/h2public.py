@@ -477,12 +477,7 @@ class H2PublicConnection(DeferredFlush, asyncio.Protocol):
     def _uncount_stream(self, stream: _StreamTransport) -> None:
         ip, stream.counted_ip = stream.counted_ip, None
         if ip is not None:
-            per_ip = self.server.public_limits.per_ip
-            left = per_ip.get(ip, 1) - 1
-            if left > 0:
-                per_ip[ip] = left
-            else:
-                per_ip.pop(ip, None)
+            self.server.public_limits.release(ip)
 
     def stream_done(self, stream: _StreamTransport) -> None:
         self._uncount_stream(stream)

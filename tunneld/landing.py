@@ -117,12 +117,7 @@ class LandingConnection(asyncio.Protocol):
         ip = self._counted_ip
         if ip is not None:
             self._counted_ip = None
-            per_ip = self.server.public_limits.per_ip
-            left = per_ip.get(ip, 1) - 1
-            if left > 0:
-                per_ip[ip] = left
-            else:
-                per_ip.pop(ip, None)
+            self.server.public_limits.release(ip)
 
     # -- handed over -----------------------------------------------------------------------------
     def _hand_over(self, route: PreviewRoute, data: bytes) -> None:

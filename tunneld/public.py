@@ -199,6 +199,15 @@ class PublicLimits:
         self.unlogged = 0
         self.last_log = float("-inf")
 
+    def release(self, ip: str) -> None:
+        """One connection (or HTTP/2 stream) of ``ip`` fewer."""
+        per_ip = self.per_ip
+        left = per_ip.get(ip, 1) - 1
+        if left > 0:
+            per_ip[ip] = left
+        else:
+            per_ip.pop(ip, None)
+
     def allow_miss(self, ip: str, now: float, rate: float, burst: int) -> bool:
         """Take one token of ``ip``'s 404 budget; False when it is spent (answer 429)."""
         budget = self.misses.pop(ip, None)  # re-inserted: the dict stays oldest first
@@ -1036,12 +1045,7 @@ class PublicConnection(StreamEndpoint):
         ip = self._counted_ip
         if ip is not None:
             self._counted_ip = None
-            per_ip = self.server.public_limits.per_ip
-            left = per_ip.get(ip, 1) - 1
-            if left > 0:
-                per_ip[ip] = left
-            else:
-                per_ip.pop(ip, None)
+            self.server.public_limits.release(ip)
         if self.mux is None:
             self._closed = True
             return

@@ -595,7 +595,7 @@ class TcpExposures:
         ip = conn._counted_ip
         if ip is not None:
             conn._counted_ip = None
-            _release_ip(self.server.public_limits.per_ip, ip)
+            self.server.public_limits.release(ip)
 
     def refused(self, peer: str, message: str, code: str) -> None:
         self.server.metrics.public_refusals.labels(code).inc()
@@ -614,14 +614,6 @@ class TcpExposures:
                 if conn.idle_check() and conn.transport is not None:
                     log.info("%s: silent for %.0fs; closed (RST)", conn.describe(), timeout)
                     conn.cut(ResetCode.TIMEOUT)
-
-
-def _release_ip(per_ip: dict[str, int], ip: str) -> None:
-    left = per_ip.get(ip, 1) - 1
-    if left > 0:
-        per_ip[ip] = left
-    else:
-        per_ip.pop(ip, None)
 
 
 # -- the public TLS port with passthrough ------------------------------------------------------
@@ -826,7 +818,7 @@ class _Peek:
             return False
         listener._peeks.discard(self)
         listener.manager.peeking -= 1
-        _release_ip(listener.manager.server.public_limits.per_ip, self.ip)
+        listener.manager.server.public_limits.release(self.ip)
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
