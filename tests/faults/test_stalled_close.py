@@ -19,7 +19,9 @@ service always gets to close.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
+from collections.abc import AsyncIterator
 
 import pytest
 
@@ -85,6 +87,21 @@ async def _stalled_request(stack: Stack, host: bytes) -> tuple[socket.socket, ob
     return client, conn
 
 
+@contextlib.asynccontextmanager
+async def _exposed(**options: object) -> AsyncIterator[tuple[Stack, bytes, _BigThenClose]]:
+    """An edge with ``options``, an agent, and ``_BigThenClose`` exposed: its preview host."""
+    service = _BigThenClose()
+    port = await service.start()
+    stack = await Stack(**options).start()
+    try:
+        await stack.agent("sb1")
+        host = stack.host_of((await stack.expose("sb1", port))["exposedAt"]).encode()
+        yield stack, host, service
+    finally:
+        await stack.close()
+        await service.close()
+
+
 async def _read_to_the_end(client: socket.socket, timeout: float) -> tuple[bytes, str]:
     """Everything the client can still read, and how the connection ended."""
     loop = asyncio.get_running_loop()
@@ -98,6 +115,14 @@ async def _read_to_the_end(client: socket.socket, timeout: float) -> tuple[bytes
     return bytes(received), "clean EOF"
 
 
+async def _expect_cut(client: socket.socket) -> None:
+    """The client's end of a stalled close: part of the response, then a reset."""
+    received, ended = await _read_to_the_end(client, 10)
+    assert received.startswith(HEAD)
+    assert len(received) < len(HEAD) + BODY
+    assert ended == "reset", f"a cut response ended with a {ended}"
+
+
 @pytest.mark.parametrize(
     "timeouts",
     [
@@ -107,96 +132,61 @@ async def _read_to_the_end(client: socket.socket, timeout: float) -> tuple[bytes
     ids=["idle-sweep", "keepalive-timer"],
 )
 async def test_a_close_the_client_never_lets_finish_is_reset_and_freed(timeouts) -> None:
-    service = _BigThenClose()
-    port = await service.start()
-    stack = await Stack(max_connections_per_ip=1, **timeouts).start()
-    client: socket.socket | None = None
-    try:
-        await stack.agent("sb1")
-        host = stack.host_of((await stack.expose("sb1", port))["exposedAt"]).encode()
+    async with _exposed(max_connections_per_ip=1, **timeouts) as (stack, host, service):
         assert stack.edge is not None
         edge = stack.edge
         client, _ = await _stalled_request(stack, host)
-        await asyncio.wait_for(service.closed.wait(), 5)
-        # while it lasts, it holds this client IP's only place
-        assert (await get_and_close(edge.public_port, host)).startswith(b"HTTP/1.1 503 ")
-        await wait_until(
-            lambda: not edge.public_connections, 10, "the stalled connection was ended"
-        )
-        assert not edge.public_limits.per_ip
-        assert (await get_and_close(edge.public_port, host)).startswith(b"HTTP/1.1 200 OK")
-        received, ended = await _read_to_the_end(client, 10)
-        assert received.startswith(HEAD)
-        assert len(received) < len(HEAD) + BODY
-        assert ended == "reset", f"a cut response ended with a {ended}"
-    finally:
-        if client is not None:
-            client.close()
-        await stack.close()
-        await service.close()
+        with client:
+            await asyncio.wait_for(service.closed.wait(), 5)
+            # while it lasts, it holds this client IP's only place
+            assert (await get_and_close(edge.public_port, host)).startswith(b"HTTP/1.1 503 ")
+            await wait_until(
+                lambda: not edge.public_connections, 10, "the stalled connection was ended"
+            )
+            assert not edge.public_limits.per_ip
+            assert (await get_and_close(edge.public_port, host)).startswith(b"HTTP/1.1 200 OK")
+            await _expect_cut(client)
 
 
 async def test_a_close_that_started_no_watch_gets_one_from_the_idle_sweep() -> None:
     """Whatever began a close (the transport itself, on the client's EOF, or a path that does
     not go through ``close_gracefully``), the idle sweep gives a closing connection that has
     no ``StalledCloseWatch`` one: a stalled client is still reset, not kept for ever."""
-    service = _BigThenClose()
-    port = await service.start()
-    stack = await Stack(idle_timeout=0.5).start()
-    client: socket.socket | None = None
-    try:
-        await stack.agent("sb1")
-        host = stack.host_of((await stack.expose("sb1", port))["exposedAt"]).encode()
+    async with _exposed(idle_timeout=0.5) as (stack, host, _):
         assert stack.edge is not None
         edge = stack.edge
         client, conn = await _stalled_request(stack, host)
-        watch = conn._close_watch  # type: ignore[attr-defined]
-        assert watch is not None
-        watch.cancel()  # as if the close had started none
-        conn._close_watch = None  # type: ignore[attr-defined]
-        await wait_until(
-            lambda: not edge.public_connections, 10, "the stalled connection was ended"
-        )
-        received, ended = await _read_to_the_end(client, 10)
-        assert len(received) < len(HEAD) + BODY
-        assert ended == "reset", f"a cut response ended with a {ended}"
-    finally:
-        if client is not None:
-            client.close()
-        await stack.close()
-        await service.close()
+        with client:
+            watch = conn._close_watch  # type: ignore[attr-defined]
+            assert watch is not None
+            watch.cancel()  # as if the close had started none
+            conn._close_watch = None  # type: ignore[attr-defined]
+            await wait_until(
+                lambda: not edge.public_connections, 10, "the stalled connection was ended"
+            )
+            await _expect_cut(client)
 
 
 async def test_a_slow_client_that_keeps_reading_gets_the_whole_response() -> None:
     """The other side: bytes the client takes count as activity, so a client that needs many
     idle timeouts to read the rest, but keeps reading, gets all of it and a clean end."""
-    service = _BigThenClose()
-    port = await service.start()
-    stack = await Stack(idle_timeout=0.5, keepalive_timeout=0.5).start()
-    client: socket.socket | None = None
-    try:
-        await stack.agent("sb1")
-        host = stack.host_of((await stack.expose("sb1", port))["exposedAt"]).encode()
+    async with _exposed(idle_timeout=0.5, keepalive_timeout=0.5) as (stack, host, _):
         client, conn = await _stalled_request(stack, host)
-        loop = asyncio.get_running_loop()
-        received = bytearray()
-        ended = "clean EOF"
-        try:
-            async with asyncio.timeout(60):
-                while chunk := await loop.sock_recv(client, 4096):
-                    received += chunk
-                    # 4 KiB a read, then a pause: the rest (most of 384 KiB) takes at least
-                    # 2.4 s, about 5 idle timeouts of the edge's
-                    await asyncio.sleep(0.025)
-        except ConnectionResetError:
-            ended = "reset"
-        assert (len(received), ended) == (len(HEAD) + BODY, "clean EOF")
-        assert stack.edge is not None
-        await wait_until(
-            lambda: conn not in stack.edge.public_connections, 5, "the edge's side ended"
-        )
-    finally:
-        if client is not None:
-            client.close()
-        await stack.close()
-        await service.close()
+        with client:
+            loop = asyncio.get_running_loop()
+            received = bytearray()
+            ended = "clean EOF"
+            try:
+                async with asyncio.timeout(60):
+                    while chunk := await loop.sock_recv(client, 4096):
+                        received += chunk
+                        # 4 KiB a read, then a pause: the rest (most of 384 KiB) takes at least
+                        # 2.4 s, about 5 idle timeouts of the edge's
+                        await asyncio.sleep(0.025)
+            except ConnectionResetError:
+                ended = "reset"
+            assert (len(received), ended) == (len(HEAD) + BODY, "clean EOF")
+            assert stack.edge is not None
+            await wait_until(
+                lambda: conn not in stack.edge.public_connections, 5, "the edge's side ended"
+            )

@@ -34,7 +34,7 @@ from tests.e2e.conftest import wait_until
 from tests.faults.test_stalled_tls_close import (
     _BigThenCloseOf,
     _connect,
-    _tls_stack,
+    _exposed_tls,
     _TlsClient,
     closing_with,
 )
@@ -103,24 +103,19 @@ async def _download(
     download and the edge's connection) once the edge's close is under way with bytes the
     client has not taken."""
     service = _BigThenCloseOf(BODY)
-    port = await service.start()
-    stack, context = await _tls_stack(tmp_path, alpn="h2", **config)
-    client: _TlsClient | None = None
-    try:
-        await stack.agent("sb1")
-        host = stack.host_of((await stack.expose("sb1", port))["exposedAt"])
-        client, conn = await _connect(stack, context, host, rcvbuf=4096, sndbuf=8192)
-        assert client.tls.selected_alpn_protocol() == "h2"
-        download = _H2Download(client, host)
-        await download.ask()
-        await asyncio.wait_for(service.closed.wait(), 10)
-        await closing_with(lambda: None if conn.h2 is None else conn.h2.transport, 0)
-        yield stack.edge, client, download, conn
-    finally:
-        if client is not None:
-            client.sock.close()
-        await stack.close()
-        await service.close()
+    async with _exposed_tls(tmp_path, service, alpn="h2", **config) as (stack, context, host):
+        client: _TlsClient | None = None
+        try:
+            client, conn = await _connect(stack, context, host, rcvbuf=4096, sndbuf=8192)
+            assert client.tls.selected_alpn_protocol() == "h2"
+            download = _H2Download(client, host)
+            await download.ask()
+            await asyncio.wait_for(service.closed.wait(), 10)
+            await closing_with(lambda: None if conn.h2 is None else conn.h2.transport, 0)
+            yield stack.edge, client, download, conn
+        finally:
+            if client is not None:
+                client.sock.close()
 
 
 async def test_an_h2_close_the_client_never_lets_finish_ends_with_a_reset(tmp_path: Path) -> None:

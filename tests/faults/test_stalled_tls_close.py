@@ -22,7 +22,8 @@ from __future__ import annotations
 import asyncio
 import socket
 import ssl
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, Final
 
@@ -118,6 +119,22 @@ async def _tls_stack(
     return stack, context
 
 
+@asynccontextmanager
+async def _exposed_tls(
+    tmp_path: Path, service: _BigThenClose, alpn: str = "http/1.1", **config: Any
+) -> AsyncIterator[tuple[Stack, ssl.SSLContext, str]]:
+    """An HTTPS edge with ``config``, an agent, and ``service`` exposed: the client's context
+    and the preview host."""
+    port = await service.start()
+    stack, context = await _tls_stack(tmp_path, alpn, **config)
+    try:
+        await stack.agent("sb1")
+        yield stack, context, stack.host_of((await stack.expose("sb1", port))["exposedAt"])
+    finally:
+        await stack.close()
+        await service.close()
+
+
 class _BigThenCloseOf(_BigThenClose):
     """``_BigThenClose`` with a body of ``size`` bytes."""
 
@@ -211,51 +228,44 @@ async def test_a_tls_close_the_client_never_lets_finish_ends_with_a_reset(
     if deadline is not None:
         monkeypatch.setattr("tunneld.public.TLS_CLOSE_DEADLINE", deadline)
     service = _BigThenClose()
-    port = await service.start()
-    stack, context = await _tls_stack(tmp_path, **timeouts)
-    client: _TlsClient | None = None
-    try:
-        await stack.agent("sb1")
-        host = stack.host_of((await stack.expose("sb1", port))["exposedAt"])
-        assert stack.edge is not None
-        edge = stack.edge
-        client, conn = await _stalled_request(stack, context, host)
-        await asyncio.wait_for(service.closed.wait(), 5)
-        await wait_until(
-            lambda: conn not in edge.public_connections, 15, "the stalled connection was ended"
-        )
-        received, ended = await client.read_to_the_end(10)
-        assert len(received) < len(HEAD) + BODY  # (the reset may discard what the kernel held)
-        assert ended == "reset", f"a cut response ended with a {ended}"
-    finally:
-        if client is not None:
-            client.sock.close()
-        await stack.close()
-        await service.close()
+    async with _exposed_tls(tmp_path, service, **timeouts) as (stack, context, host):
+        client: _TlsClient | None = None
+        try:
+            assert stack.edge is not None
+            edge = stack.edge
+            client, conn = await _stalled_request(stack, context, host)
+            await asyncio.wait_for(service.closed.wait(), 5)
+            await wait_until(
+                lambda: conn not in edge.public_connections, 15, "the stalled connection was ended"
+            )
+            received, ended = await client.read_to_the_end(10)
+            assert len(received) < len(HEAD) + BODY  # (the reset may discard what the kernel held)
+            assert ended == "reset", f"a cut response ended with a {ended}"
+        finally:
+            if client is not None:
+                client.sock.close()
 
 
 async def test_a_slow_tls_client_that_keeps_reading_gets_everything(tmp_path: Path) -> None:
     """Bytes the client takes keep the connection: read slowly over several looks of the watch
     (0.25 s apart; at most 8 KiB of the socket every 20 ms), the whole response arrives, then
     ``close_notify``."""
-    service = _BigThenClose()
-    port = await service.start()
-    stack, context = await _tls_stack(tmp_path, idle_timeout=0.25, keepalive_timeout=0.25)
-    client: _TlsClient | None = None
-    try:
-        await stack.agent("sb1")
-        host = stack.host_of((await stack.expose("sb1", port))["exposedAt"])
-        client, conn = await _stalled_request(stack, context, host, rcvbuf=16384)
-        received, ended = await client.read_to_the_end(30, chunk=8192, pause=0.02)
-        assert (len(received), ended) == (len(HEAD) + BODY, "close_notify")
-        edge = stack.edge
-        assert edge is not None
-        await wait_until(lambda: conn not in edge.public_connections, 15, "the edge's side ended")
-    finally:
-        if client is not None:
-            client.sock.close()
-        await stack.close()
-        await service.close()
+    async with _exposed_tls(
+        tmp_path, _BigThenClose(), idle_timeout=0.25, keepalive_timeout=0.25
+    ) as (stack, context, host):
+        client: _TlsClient | None = None
+        try:
+            client, conn = await _stalled_request(stack, context, host, rcvbuf=16384)
+            received, ended = await client.read_to_the_end(30, chunk=8192, pause=0.02)
+            assert (len(received), ended) == (len(HEAD) + BODY, "close_notify")
+            edge = stack.edge
+            assert edge is not None
+            await wait_until(
+                lambda: conn not in edge.public_connections, 15, "the edge's side ended"
+            )
+        finally:
+            if client is not None:
+                client.sock.close()
 
 
 # The tail of a long response: what the edge still holds when its close begins. The client then
@@ -274,29 +284,29 @@ async def test_a_slow_tls_client_gets_megabytes_left_at_the_close(
     past the close that takes: the watch (0.5 s looks) sees it take bytes at every look. Also
     through the passthrough listener (``public_tls_passthrough``), whose connections for the
     edge's own names are terminated by the same TLS layer (``SniListener``)."""
-    service = _BigThenCloseOf(SLOW_BODY)
-    port = await service.start()
-    stack, context = await _tls_stack(
-        tmp_path, idle_timeout=0.5, keepalive_timeout=0.5, public_tls_passthrough=passthrough
-    )
-    client: _TlsClient | None = None
-    try:
-        await stack.agent("sb1")
-        host = stack.host_of((await stack.expose("sb1", port))["exposedAt"])
-        client, conn = await _stalled_request(
-            stack, context, host, rcvbuf=16384, sndbuf=2 * SLOW_BODY, unsent=SLOW_LEFT
-        )
-        received, ended = await client.read_to_the_end(60, chunk=8192, pause=0.04)
-        assert (len(received), ended) == (len(HEAD) + SLOW_BODY, "close_notify")
-        assert received == HEAD + b"x" * SLOW_BODY
-        edge = stack.edge
-        assert edge is not None
-        await wait_until(lambda: conn not in edge.public_connections, 15, "the edge's side ended")
-    finally:
-        if client is not None:
-            client.sock.close()
-        await stack.close()
-        await service.close()
+    async with _exposed_tls(
+        tmp_path,
+        _BigThenCloseOf(SLOW_BODY),
+        idle_timeout=0.5,
+        keepalive_timeout=0.5,
+        public_tls_passthrough=passthrough,
+    ) as (stack, context, host):
+        client: _TlsClient | None = None
+        try:
+            client, conn = await _stalled_request(
+                stack, context, host, rcvbuf=16384, sndbuf=2 * SLOW_BODY, unsent=SLOW_LEFT
+            )
+            received, ended = await client.read_to_the_end(60, chunk=8192, pause=0.04)
+            assert (len(received), ended) == (len(HEAD) + SLOW_BODY, "close_notify")
+            assert received == HEAD + b"x" * SLOW_BODY
+            edge = stack.edge
+            assert edge is not None
+            await wait_until(
+                lambda: conn not in edge.public_connections, 15, "the edge's side ended"
+            )
+        finally:
+            if client is not None:
+                client.sock.close()
 
 
 async def test_a_tls_client_that_never_answers_close_notify_is_closed(
@@ -307,28 +317,26 @@ async def test_a_tls_client_that_never_answers_close_notify_is_closed(
     at the TLS layer's far backstop (``TLS_SHUTDOWN_TIMEOUT``) nor at ``TLS_CLOSE_DEADLINE``;
     no look of the watch (keepalive_timeout 60 s) would end it either."""
     monkeypatch.setattr("tunneld.public.TLS_NOTIFY_WAIT", 0.5)
-    service = _BigThenClose()
-    port = await service.start()
-    stack, context = await _tls_stack(tmp_path, idle_timeout=0, keepalive_timeout=60)
-    client: _TlsClient | None = None
-    try:
-        await stack.agent("sb1")
-        host = stack.host_of((await stack.expose("sb1", port))["exposedAt"])
-        edge = stack.edge
-        assert edge is not None
-        client, conn = await _stalled_request(stack, context, host, rcvbuf=65536)
-        received, ended = await client.read_to_the_end(30)
-        assert (len(received), ended) == (len(HEAD) + BODY, "close_notify")
-        await wait_until(
-            lambda: conn not in edge.public_connections, 15, "the unanswered close was ended"
-        )
-        loop = asyncio.get_running_loop()
-        assert await asyncio.wait_for(loop.sock_recv(client.sock, 65536), 5) == b""  # FIN
-    finally:
-        if client is not None:
-            client.sock.close()
-        await stack.close()
-        await service.close()
+    async with _exposed_tls(tmp_path, _BigThenClose(), idle_timeout=0, keepalive_timeout=60) as (
+        stack,
+        context,
+        host,
+    ):
+        client: _TlsClient | None = None
+        try:
+            edge = stack.edge
+            assert edge is not None
+            client, conn = await _stalled_request(stack, context, host, rcvbuf=65536)
+            received, ended = await client.read_to_the_end(30)
+            assert (len(received), ended) == (len(HEAD) + BODY, "close_notify")
+            await wait_until(
+                lambda: conn not in edge.public_connections, 15, "the unanswered close was ended"
+            )
+            loop = asyncio.get_running_loop()
+            assert await asyncio.wait_for(loop.sock_recv(client.sock, 65536), 5) == b""  # FIN
+        finally:
+            if client is not None:
+                client.sock.close()
 
 
 async def test_a_reset_of_a_closing_tls_connection_owing_bytes_is_a_reset(tmp_path: Path) -> None:
