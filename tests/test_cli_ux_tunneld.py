@@ -22,6 +22,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.cli_help import help_entries
+
 BIN = Path(sys.executable).parent
 TUNNELD = str(BIN / "tunneld")
 # An answer is immediate for all of these; a daemon that started instead is still running then.
@@ -257,17 +259,7 @@ def test_inspect_says_inspection_is_off_and_how_to_turn_it_on(admin_url: str) ->
 
 
 def _help_entries(*command: str) -> dict[str, str]:
-    out = subprocess.run(
-        [TUNNELD, *command, "--help"],
-        capture_output=True,
-        text=True,
-        timeout=RUN_TIMEOUT,
-        env={**_env(), "COLUMNS": "100"},
-    )
-    assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr
-    options = out.stdout.split("\noptions:\n", 1)[1].split("\n\n", 1)[0]
-    entries = re.split(r"\n(?=  -)", options.strip("\n"))
-    return {e.split()[0].rstrip(","): " ".join(e.split()) for e in entries}
+    return help_entries([TUNNELD, *command], _env(), RUN_TIMEOUT)
 
 
 def _subcommands() -> list[tuple[str, ...]]:

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from agent.cli import EXIT_USAGE
+from tests.cli_help import help_entries
 
 from .conftest import AGENT_ENV
 
@@ -320,17 +321,7 @@ def _subcommands() -> list[str]:
 
 
 def _help_entries(*command: str) -> dict[str, str]:
-    out = subprocess.run(
-        [AGENT, *command, "--help"],
-        capture_output=True,
-        text=True,
-        timeout=RUN_TIMEOUT,
-        env={**_env(), "COLUMNS": "100"},
-    )
-    assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr
-    options = out.stdout.split("\noptions:\n", 1)[1].split("\n\n", 1)[0]
-    entries = re.split(r"\n(?=  -)", options.strip("\n"))
-    return {e.split()[0].rstrip(","): " ".join(e.split()) for e in entries}
+    return help_entries([AGENT, *command], _env(), RUN_TIMEOUT)
 
 
 @pytest.mark.parametrize(
