@@ -27,7 +27,7 @@ from tests.cluster.conftest import RedisServer
 from tunneld import admin
 from tunneld.client import TunnelClient, TunnelError
 
-from .conftest import Stack
+from .conftest import Stack, wait_until
 from .origin import pattern, pattern_sha256
 from .procs import BIN, Processes, is_connected, wait_for
 from .tcpserver import HashServer
@@ -196,6 +196,9 @@ async def test_a_service_reset_reaches_the_client_as_a_reset(
             with pytest.raises(anyio.BrokenResourceError):
                 while True:
                     await tcp.receive()  # EndOfStream (a clean end) would fail the test
+    # The service records its end after the close the client already saw (CI once looked
+    # first): wait for the record, then check what it is.
+    await wait_until(lambda: hash_server.ends, IO_TIMEOUT, "the service's record of its end")
     assert hash_server.ends == ["reset sent"]
 
 
