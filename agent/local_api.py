@@ -213,13 +213,19 @@ def _exposurejson_response(exposure: Exposure) -> dict[str, Any]:
     return {"port": exposure.port, "exposedAt": exposure.url, "name": exposure.name}
 
 
-# The legacy container answered with its own codes for the same conditions.
+# The legacy container (sandbox-sdk <= 0.10.3) answered its expose and unexpose endpoints with
+# its own codes for the same conditions. Only those: ``/api/port-watch`` is Cloudflare's current
+# endpoint, which never refuses a port (so has no code of its own for one); a refused port there
+# is ``INVALID_PORT``, as ``tunnel-agent expose`` and the edge's admin API say it (Cloudflare's
+# client reads either code as its ``InvalidPortError``).
 _LEGACY_CODES: Final[Mapping[str, str]] = {"INVALID_PORT": "INVALID_PORT_NUMBER"}
+_LEGACY_CODE_PATHS: Final = re.compile(r"/api/(?:expose-port|exposed-ports(?:/.*)?)")
 
 
-def _legacy_error(exc: _HTTPError) -> Response:
+def _legacy_error(exc: _HTTPError, path: str) -> Response:
+    codes = _LEGACY_CODES if _LEGACY_CODE_PATHS.fullmatch(path) else {}
     body = {
-        "code": _LEGACY_CODES.get(exc.code, exc.code),
+        "code": codes.get(exc.code, exc.code),
         "message": exc.message,
         "context": exc.context if exc.context is not None else {},
         "httpStatus": exc.status,
@@ -358,7 +364,7 @@ class LocalAPI:
             log.exception("local API %s %s failed", shown(request.method), shown(request.path))
             err = _HTTPError("INTERNAL_ERROR", "Internal error in the tunnel agent.")
         if legacy:
-            return _legacy_error(err)
+            return _legacy_error(err, request.path)
         raise err
 
     async def _route(self, request: Request, exchange: Exchange) -> Response | None:

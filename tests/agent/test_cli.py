@@ -165,16 +165,22 @@ def test_status(
 def test_api_error_exit_1(
     server: ServerThread, controller: FakeController, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    # The agent's own API port is its refusal (the CLI cannot know that port): exit 1, the same
-    # for `expose` and `wait` (`wait` exited 2 for it, `expose` 1).
+    # The agent's own API port is its refusal (the CLI cannot know that port): exit 1 and the
+    # same code for `expose` and `wait` (`wait` exited 2 for it, `expose` 1; then `wait` said
+    # INVALID_PORT_NUMBER, the legacy container's code, and `expose` INVALID_PORT).
     refused = (
         f"error: Invalid port number: {server.port}. Must be 1024-65535, excluding 3000 and "
-        f"{server.port} (the tunnel agent's control API)."
+        f"{server.port} (the tunnel agent's control API). (INVALID_PORT)\n"
     )
-    # (the port watch answers with Cloudflare's code for it)
-    for command, code_shown in (("expose", "INVALID_PORT"), ("wait", "INVALID_PORT_NUMBER")):
+    for command in ("expose", "wait"):
         code, out, err = run_cli(capsys, command, str(server.port), "--api", server.url)
-        assert (code, out, err) == (1, "", f"{refused} ({code_shown})\n"), command
+        assert (code, out, err) == (1, "", refused), command
+    # Unexposing it is not refused: the edge's admin API can expose any port of the sandbox
+    # (it does not know the agent's API port), and the sandbox must be able to remove that.
+    code, out, err = run_cli(capsys, "unexpose", str(server.port), "--api", server.url)
+    assert (code, out, err) == (0, f"port {server.port} is no longer exposed\n", "")
+    assert controller.calls == [("unexpose", server.port)]
+    controller.calls.clear()
     controller.fail_with = AgentError("STORE_UNAVAILABLE", "The edge could not save the change.")
     code, out, err = run_cli(capsys, "unexpose", "8000", "--api", server.url)
     assert (code, out) == (1, "")
