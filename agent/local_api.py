@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import re
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
@@ -73,6 +74,7 @@ __all__ = [
     "MAX_HEAD_BYTES",
     "REQUEST_TIMEOUT",
     "ExposureController",
+    "HostCheck",
     "LocalAPI",
     "start_local_api",
 ]
@@ -145,6 +147,44 @@ def _host_name(value: str) -> str:
     if value.startswith("["):
         return value[1:].partition("]")[0]
     return value.partition(":")[0]
+
+
+def _is_ip_address(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
+
+
+class HostCheck:
+    """Which ``Host`` header names the local API answers, decided from the address it binds.
+
+    Always: ``localhost``, ``*.localhost``, ``127.0.0.1``, ``::1`` and the bind address itself.
+    A wildcard bind (``0.0.0.0``, ``::``, ``""``) answers on every address of the machine and
+    cannot list them, so it also takes **any IP address**, but still no other name: a
+    DNS-rebinding page (a name of the attacker's that now resolves to this machine) sends its
+    own name, and a same-origin ``GET`` of that page carries no ``Origin`` to refuse it by, so
+    without this check it could read ``GET /v1/ports`` (every preview URL with its token). A
+    browser sends an IP address as the ``Host`` only for a page loaded from that address, which
+    is this API itself. Names other than localhost are refused on every bind."""
+
+    def __init__(self, bind_host: str) -> None:
+        bind = bind_host.strip().lower().removeprefix("[").removesuffix("]")  # no port here
+        self.wildcard = bind == "" or (
+            _is_ip_address(bind) and ipaddress.ip_address(bind).is_unspecified
+        )
+        names = {"localhost", "127.0.0.1", "::1"}
+        if not self.wildcard:
+            names.add(bind)
+        self._names = frozenset(names)
+
+    def allows(self, host: str) -> bool:
+        """``host``: a ``Host`` header's value (``"[::1]:3000"``, ``"LocalHost"``)."""
+        name = _host_name(host)
+        if name in self._names or name.endswith(".localhost"):
+            return True
+        return self.wildcard and _is_ip_address(name)
 
 
 def _timestamp() -> str:
@@ -250,6 +290,7 @@ class LocalAPI:
         max_connections: int = MAX_CONNECTIONS,
         is_tunnel_peer: TunnelPeerCheck | None = None,
         watches: PortWatches | None = None,
+        host_check: HostCheck | None = None,
     ) -> None:
         self._controller = controller
         # The agent's watch counter (shared with the edge's watch_port requests), else our own.
@@ -258,9 +299,9 @@ class LocalAPI:
         self._is_tunnel_peer = is_tunnel_peer
         self._host = host
         self._requested_port = port
-        # Host names a legitimate client may send; a wildcard bind cannot know its own names.
-        self._allowed_hosts = frozenset({"localhost", "127.0.0.1", "::1", host.lower()})
-        self._check_host = host not in ("", "0.0.0.0", "::")
+        # The Host names a legitimate client may send, from the bind address (``host_check``
+        # only to test a wildcard bind's rule on loopback).
+        self.host_check = host_check if host_check is not None else HostCheck(host)
         limits = Limits(
             max_head_bytes=MAX_HEAD_BYTES,
             max_body_bytes=MAX_BODY_BYTES,
@@ -339,9 +380,9 @@ class LocalAPI:
             )
         if request.header(b"origin") is not None:
             return _HTTPError("FORBIDDEN", "Browser requests are not accepted by the local API.")
-        host = _host_name((request.header(b"host") or b"").decode("ascii", "replace"))
-        if self._check_host and not (host in self._allowed_hosts or host.endswith(".localhost")):
-            return _HTTPError("FORBIDDEN", f"Host {shown(host)!r} is not allowed.")
+        host = (request.header(b"host") or b"").decode("ascii", "replace")
+        if not self.host_check.allows(host):
+            return _HTTPError("FORBIDDEN", f"Host {shown(_host_name(host))!r} is not allowed.")
         return None
 
     async def _handle(self, request: Request, exchange: Exchange) -> Response | None:
@@ -573,7 +614,7 @@ async def start_local_api(
     """Start the local control API and return it (read ``.port``; ``await .close()`` to stop).
 
     ``options`` go to :class:`LocalAPI` (``request_timeout``, ``max_connections``,
-    ``is_tunnel_peer``, ``watches``).
+    ``is_tunnel_peer``, ``watches``, ``host_check``).
     """
     api = LocalAPI(controller, host, port, **options)
     await api.start()
