@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import logging
 import os
 import shutil
 import signal
@@ -50,7 +51,11 @@ REDIS_DIR: Final = "redis"  # in the state directory: the private Redis's append
 UNSAVED: Final = "UNSAVED"  # marker: the private Redis holds exposures not yet in exposures.db
 SOCKET_FILE: Final = "SOCKET"  # where a running private Redis listens (for `exposures export`)
 START_TIMEOUT: Final = 15.0
-STOP_TIMEOUT: Final = 10.0
+STOP_TIMEOUT: Final = 10.0  # SIGTERM -> SIGKILL: redis-server fsyncs its append-only file and exits
+KILL_WAIT: Final = 5.0  # after SIGKILL, the kernel's part
+
+# Its lines are the supervisor's (docs/operations.md, Logs): it runs this redis-server.
+log = logging.getLogger("tunneld.supervisor")
 
 
 def check_unsaved(state_dir: Path) -> None:
@@ -169,8 +174,8 @@ class PrivateRedis:
         it exited."""
         assert self.proc is not None
         if self.proc.poll() is not None:
-            log = self.log_path
-            tail = log.read_text(errors="replace")[-500:] if log.exists() else ""
+            path = self.log_path
+            tail = path.read_text(errors="replace")[-500:] if path.exists() else ""
             raise StoreError(f"the workers' private redis-server exited at start: {tail}")
         if not answered:
             return False
@@ -231,29 +236,67 @@ class PrivateRedis:
         return None if self.proc is None else self.proc.poll()
 
     def stop(self) -> None:
-        proc, self.proc = self.proc, None
-        if proc is not None and proc.poll() is None:
-            proc.terminate()  # redis-server fsyncs its append-only file and exits
-            try:
-                proc.wait(STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(STOP_TIMEOUT)
-
-    async def stop_async(self) -> None:
-        """:meth:`stop` without blocking the event loop (the same bounds)."""
+        """SIGTERM, up to ``STOP_TIMEOUT`` for it to exit, then SIGKILL and up to ``KILL_WAIT``
+        (both logged). Blocks: for a caller with no event loop (the supervisor uses
+        :meth:`stop_async`)."""
         proc, self.proc = self.proc, None
         if proc is None or proc.poll() is not None:
             return
-        for end in (proc.terminate, proc.kill):  # redis-server fsyncs its append-only file
-            end()
-            deadline = time.monotonic() + STOP_TIMEOUT
-            while time.monotonic() < deadline:
-                if proc.poll() is not None:
-                    return
-                await asyncio.sleep(0.02)
+        proc.terminate()  # redis-server fsyncs its append-only file and exits
+        try:
+            proc.wait(STOP_TIMEOUT)
+            return
+        except subprocess.TimeoutExpired:
+            _log_kill(proc)
+        proc.kill()
+        try:
+            proc.wait(KILL_WAIT)
+        except subprocess.TimeoutExpired:
+            _log_unkillable(proc)
+
+    async def stop_async(self) -> None:
+        """:meth:`stop` on the event loop: the loop goes on taking signals while redis-server
+        saves and exits (the same bounds, the same log lines)."""
+        proc, self.proc = self.proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        proc.terminate()  # redis-server fsyncs its append-only file and exits
+        if await _exited(proc, STOP_TIMEOUT):
+            return
+        _log_kill(proc)
+        proc.kill()
+        if not await _exited(proc, KILL_WAIT):
+            _log_unkillable(proc)
 
     def cleanup(self) -> None:
+        """Stop it (:meth:`stop`: a no-op after :meth:`stop_async`) and remove its socket's
+        directory."""
         self.stop()
         with contextlib.suppress(OSError):
             shutil.rmtree(self._tmp)
+
+
+async def _exited(proc: subprocess.Popen[bytes], timeout: float) -> bool:
+    """Whether ``proc`` exited (and was reaped) within ``timeout``, polling on the loop."""
+    deadline = time.monotonic() + timeout
+    while proc.poll() is None:
+        if time.monotonic() >= deadline:
+            return False
+        await asyncio.sleep(0.02)
+    return True
+
+
+def _log_kill(proc: subprocess.Popen[bytes]) -> None:
+    log.warning(
+        "the private redis-server (pid %d) did not exit %.0fs after SIGTERM: SIGKILL",
+        proc.pid,
+        STOP_TIMEOUT,
+    )
+
+
+def _log_unkillable(proc: subprocess.Popen[bytes]) -> None:
+    log.error(
+        "the private redis-server (pid %d) still running %.0fs after SIGKILL: left to the kernel",
+        proc.pid,
+        KILL_WAIT,
+    )

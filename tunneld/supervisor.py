@@ -50,7 +50,14 @@ it: a message whose kernel-stamped pid is not a worker's is ignored, and at most
 new configuration anyway). SIGTERM or SIGINT: ``STOPPING=1``, SIGTERM to every worker, each drains
 for its grace period; a worker still running ``grace_period + STOP_MARGIN`` later is killed; the
 supervisor exits 0. Each worker also asks the kernel for SIGTERM should the supervisor die
-(``PR_SET_PDEATHSIG``), so a killed supervisor leaves no worker holding the ports.
+(``PR_SET_PDEATHSIG``), so a killed supervisor leaves no worker holding the ports. The handlers
+are installed first thing in ``run`` and removed last: the start (ports, the private
+redis-server, the copy into it) is a task that a SIGTERM or SIGINT cancels, which stops the
+redis-server it started (``PrivateRedis.start_async``), starts no worker, and writes back only
+a copy that was complete (exit 0; exit 1 when a recovering start is cut short: its exposures stay
+unsaved). At the end the write-back and the redis-server's stop are on the loop, each wait
+bounded (``PrivateRedis.stop_async``: SIGKILL after ``STOP_TIMEOUT``, logged); a second signal
+then is logged, not the default action that would kill the supervisor mid-stop.
 
 **Restarts.** A worker that exits on its own is logged (exit code or signal) and started again
 after a backoff: 1 s, doubling to 30 s, back to 1 s for a worker that ran 60 s. A worker that
@@ -222,31 +229,66 @@ class Supervisor:
         self._private: PrivateRedis | None = None  # the workers' store without one of ours
         self._restarting: asyncio.Task[None] | None = None  # the private store coming back
         self._sqlite: SqliteStore | None = None  # held (locked) while the private one runs
+        # The private one holds the newest exposures (UNSAVED exists): write them back at the stop.
+        self._write_back = False
+        self._starting: asyncio.Task[None] | None = None  # everything before the first worker
 
     # -- lifecycle -------------------------------------------------------------------------------
     async def run(self) -> int:
         loop = self._loop = asyncio.get_running_loop()
-        config = self.config
-        try:
-            for name in _LISTENERS:
-                host = getattr(config, f"{name}_host")
-                sockets = reserve_port(host, getattr(config, f"{name}_port"))
-                self._reserved += sockets
-                self.ports[name] = sockets[0].getsockname()[1]
-            self._check_node_ports()
-            self._notify, self._notify_name = systemd.open_notify_socket()
-            if not is_redis_url(config.store):
-                await self._start_private_store()
-        except (OSError, ConfigError, StoreError) as exc:
-            log.error("cannot start: %s", exc)
-            self._close()
-            await self._stop_private_store(save=False)
-            return 1 if isinstance(exc, OSError) else 2
-        loop.add_reader(self._notify, self._on_notify)
-        loop.add_signal_handler(signal.SIGCHLD, self._reap)
+        # The signals are ours before anything is started, and until the end. A SIGTERM while
+        # the private redis-server starts (up to START_TIMEOUT) abandons the start and stops what
+        # it began, rather than kill this process and leave it behind; one during the final
+        # write-back and stop of that redis-server is logged, not the end of either.
         loop.add_signal_handler(signal.SIGTERM, self._stop, "SIGTERM")
         loop.add_signal_handler(signal.SIGINT, self._stop, "SIGINT")
         loop.add_signal_handler(signal.SIGHUP, self._reload)
+        try:
+            return await self._run(loop)
+        finally:
+            for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                loop.remove_signal_handler(sig)
+
+    async def _start_up(self) -> None:
+        """Hold the ports, open the notification socket, start the private store: everything
+        before the first worker. A task: a stop signal meanwhile cancels it (``_stop``)."""
+        config = self.config
+        for name in _LISTENERS:
+            host = getattr(config, f"{name}_host")
+            sockets = reserve_port(host, getattr(config, f"{name}_port"))
+            self._reserved += sockets
+            self.ports[name] = sockets[0].getsockname()[1]
+        self._check_node_ports()
+        self._notify, self._notify_name = systemd.open_notify_socket()
+        if not is_redis_url(config.store):
+            await self._start_private_store()
+
+    async def _run(self, loop: asyncio.AbstractEventLoop) -> int:
+        config = self.config
+        start = self._starting = loop.create_task(self._start_up())
+        try:
+            await asyncio.wait([start])  # bounded: START_TIMEOUT for redis-server, then the copy
+        finally:
+            self._starting = None
+        error = None if start.cancelled() else start.exception()
+        if error is not None:
+            expected = isinstance(error, (OSError, ConfigError, StoreError))
+            if expected:
+                log.error("cannot start: %s", error)
+            self._close()
+            await self._stop_private_store(save=False)  # nothing left running, either way
+            if not expected:
+                raise error
+            return 1 if isinstance(error, OSError) else 2
+        if self._stopping:  # SIGTERM or SIGINT during the start: no worker was started
+            self._close()
+            await self._stop_private_store(save=True)  # only if the copy was complete
+            log.info("supervisor stopped")
+            return self._status
+        assert self._notify is not None
+        loop.add_reader(self._notify, self._on_notify)
+        loop.add_signal_handler(signal.SIGCHLD, self._reap)
+        self._check_private_store()  # a death before that handler was there
         log.info(
             "supervisor (pid %d): %d workers on public %s:%d, agents %s:%d, admin %s:%d",
             os.getpid(),
@@ -267,8 +309,6 @@ class Supervisor:
         finally:
             if watchdog is not None:
                 watchdog.cancel()
-            for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-                loop.remove_signal_handler(sig)
             self._close()
             if self._restarting is not None:  # a stop during a restart: let it end (bounded),
                 log.info(  # so that the exposures can be written back
@@ -292,6 +332,7 @@ class Supervisor:
             self._sqlite = SqliteStore.open(state_dir, unsaved_ok=True)  # holds the lock
             data_dir = self._sqlite.state_dir / REDIS_DIR
             recover = (data_dir / UNSAVED).exists()
+            self._write_back = recover  # a stop before it answers cannot: the marker stays
             self._private = PrivateRedis(data_dir)
             await self._private.start_async(fresh=not recover)
             if recover:
@@ -305,6 +346,7 @@ class Supervisor:
                 records = self._sqlite.read_all_now()
                 await _copy(records, self._private.url)
                 _write_marker(data_dir / UNSAVED)
+                self._write_back = True  # before: exposures.db was the newest copy, untouched
                 log.info(
                     "workers share state through a private redis-server: %d exposures copied "
                     "from %s, written back at a clean stop",
@@ -314,10 +356,20 @@ class Supervisor:
         self.overrides["store"] = self._private.url
 
     async def _stop_private_store(self, *, save: bool) -> None:
+        """Write the exposures back into exposures.db (``save``, when the private redis-server
+        holds the newest copy), then stop it. On the loop, every wait bounded: its answer (1 s),
+        each command (RedisStore's timeout), its exit (STOP_TIMEOUT, then SIGKILL, logged);
+        SQLite's one transaction is the only step that blocks."""
         private, sqlite = self._private, self._sqlite
         self._private = self._sqlite = None
+        save = save and self._write_back
         try:
-            if private is not None and sqlite is not None and save and not private.ping():
+            if (
+                private is not None
+                and sqlite is not None
+                and save
+                and not await private.ping_async()
+            ):
                 log.error(
                     "exposures NOT written back: the private redis-server does not answer; the "
                     "next --workers start recovers them"
@@ -332,7 +384,8 @@ class Supervisor:
                 finally:
                     await store.close()
                 count = sqlite.import_now(records, replace=True)
-                private.stop()  # its append-only file is now a stale copy: drop the marker
+                await private.stop_async()  # its append-only file is now a stale copy: drop the
+                # marker (after SIGKILL too, logged: the copy that counts is written back)
                 marker = sqlite.state_dir / REDIS_DIR / UNSAVED
                 marker.unlink(missing_ok=True)
                 log.info("%d exposures written back to %s", count, sqlite.path)
@@ -343,6 +396,7 @@ class Supervisor:
             self._status = self._status or 1  # not a clean stop: say so
         finally:
             if private is not None:
+                await private.stop_async()
                 private.cleanup()
             if sqlite is not None:
                 sqlite.close_now()
@@ -580,9 +634,16 @@ class Supervisor:
 
     def _stop(self, why: str) -> None:
         if self._stopping:
+            if why in ("SIGTERM", "SIGINT"):
+                log.info("%s again: already stopping", why)
             return
         assert self._loop is not None
         self._stopping = True
+        if self._starting is not None:
+            log.info("%s during start-up: stopping before any worker is started", why)
+            systemd.notify("STOPPING=1")
+            self._starting.cancel()  # its redis-server is stopped (PrivateRedis.start_async)
+            return
         running = [w for w in self.workers if w.proc is not None]
         log.info(
             "%s: stopping %d workers (grace period %.0fs)",
