@@ -61,7 +61,12 @@ once (a Redis restart leaves every pooled connection dead), a timeout is not. An
 sessions already attached keep serving from the in-memory view meanwhile. A timeout is
 ambiguous (a hung Redis that resumes still runs what it had read), so the echo of a write that
 failed is delivered to its own node rather than ignored: the node's view follows what Redis
-finally holds, as the other nodes' views do.
+finally holds, as the other nodes' views do. A failed write is "nothing changed"
+(``StoreError.outcome_unknown`` false) only when the connection pool says it never had a
+connection to be sent on, or when it was one script call, sent once, that Redis refused before
+running it (READONLY, OOM, BUSY: redis-py's classes, or the reply's error code). The exception
+text cannot tell: redis-py has no class for "could not connect", and after its retry the
+exception is the reconnect's even when the first try reached Redis (see ``_Attempt``).
 
 Durability. A put returns once Redis has applied it in memory. It survives a Redis crash only
 if Redis writes its append-only file: ``appendonly yes`` with ``appendfsync always`` (each write
@@ -85,6 +90,7 @@ import secrets
 import socket
 import time
 from collections.abc import Awaitable, Callable
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, Final, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit
@@ -94,7 +100,13 @@ import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
+from redis.exceptions import (
+    NoScriptError,
+    OutOfMemoryError,
+    ReadOnlyError,
+    RedisError,
+    ResponseError,
+)
 
 from .store import StoredExposure, StoreError
 
@@ -358,6 +370,106 @@ def default_node_id() -> str:
     return f"{host}-{os.getpid()}-{secrets.token_hex(3)}"
 
 
+# Redis's refusals of a command before it runs any of it, by redis-py's class: a replica's
+# READONLY, OOM past maxmemory (a script is refused at its first write only, never half-way),
+# NOSCRIPT (redis-py loads the script and sends it again; one that still surfaces did not run).
+_REFUSED_CLASSES: Final = (ReadOnlyError, OutOfMemoryError, NoScriptError)
+# The same for replies redis-py has no class for: their error code, the reply's first word.
+# BUSY: a script of someone else's runs past busy-reply-threshold; ours was not started.
+_REFUSED_CODES: Final = frozenset({"BUSY"})
+
+
+def _refused_before_running(exc: BaseException) -> bool:
+    """Whether ``exc`` is Redis refusing a command before running any of it."""
+    if isinstance(exc, _REFUSED_CLASSES):
+        return True
+    return type(exc) is ResponseError and str(exc).partition(" ")[0] in _REFUSED_CODES
+
+
+class _Attempt:
+    """What one store call (:meth:`RedisStore._call`) did, as the connection pool and the retry
+    saw it: how many connections it took to send on (``connections``), whether taking one failed
+    (``unconnected``), and how many tries failed and were retried or given up (``failed_tries``).
+    Until a call has a connection nothing of it can reach Redis."""
+
+    __slots__ = ("connections", "failed_tries", "unconnected")
+
+    def __init__(self) -> None:
+        self.connections = 0
+        self.unconnected = False
+        self.failed_tries = 0
+
+    def nothing_applied(self, exc: BaseException, one_command: bool) -> bool:
+        """Whether the call, failed with ``exc``, certainly changed nothing in Redis: it never
+        had a connection to send on, or it is ``one_command`` (a script call, whose NOSCRIPT
+        redis-py answers by loading it and sending it again) that no try lost, and Redis refused
+        it before running it. Anything else (a command that may have been sent and then lost, a
+        retried one, a refusal after other commands, a failure this store did not see) may
+        still be applied: the safe answer."""
+        if self.connections == 0:
+            return self.unconnected
+        return one_command and self.failed_tries == 0 and _refused_before_running(exc)
+
+
+_ATTEMPT: Final[ContextVar[_Attempt | None]] = ContextVar("tunneld_redis_attempt", default=None)
+
+
+class _Pool(aioredis.BlockingConnectionPool):
+    """The command pool, telling the current store call (``_ATTEMPT``) whether it got a
+    connection. The exception alone cannot say: redis-py has no class for "could not connect"
+    (a ``ConnectionError`` whose message says "connecting to"), and when its retry reconnects
+    after a command was sent on a connection that then broke, the exception raised is the
+    reconnect's (say, connection refused), though Redis may have applied the command."""
+
+    async def get_connection(self, *args: Any, **kwargs: Any) -> Any:
+        attempt = _ATTEMPT.get()
+        try:
+            connection = await super().get_connection(*args, **kwargs)  # type: ignore[no-untyped-call]
+        except BaseException:  # refused, timed out, no free connection in time, cancelled
+            if attempt is not None:
+                attempt.unconnected = True
+            raise
+        if attempt is not None:
+            attempt.connections += 1
+        return connection
+
+
+class _Retry(Retry):
+    """redis-py's retry, counting for the current store call (``_ATTEMPT``) the tries that
+    failed: after a retry, the exception raised is the last try's, whatever an earlier one
+    sent, so a refusal then proves nothing about the first."""
+
+    async def call_with_retry(
+        self,
+        do: Callable[[], Awaitable[T]],
+        fail: Callable[..., Any],
+        is_retryable: Callable[[Exception], bool] | None = None,
+        with_failure_count: bool = False,
+    ) -> T:
+        attempt = _ATTEMPT.get()
+        if attempt is None:
+            return await super().call_with_retry(do, fail, is_retryable, with_failure_count)
+
+        def counted(*args: Any) -> Any:
+            attempt.failed_tries += 1
+            return fail(*args)
+
+        return await super().call_with_retry(do, counted, is_retryable, with_failure_count)
+
+
+def _caused_by(exc: BaseException, kind: type[BaseException]) -> bool:
+    """Whether ``exc`` or an exception it was raised from (or while handling) is a ``kind``:
+    redis-py wraps the socket's error in its own ``ConnectionError``, naming it only in text."""
+    seen: BaseException | None = exc
+    for _ in range(8):  # a chain is short; a cycle must not loop
+        if seen is None:
+            return False
+        if isinstance(seen, kind):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
 def _describe(exc: BaseException) -> str:
     if isinstance(exc, TimeoutError) and not str(exc):
         return "timed out"
@@ -396,11 +508,11 @@ class RedisStore:
         # Typed Any: redis-py's stubs cannot know that decode_responses is off (bytes back).
         # A blocking pool: a burst of writes (1,000 concurrent exposes) queues for a connection
         # within the deadline instead of failing with "too many connections".
-        pool = aioredis.BlockingConnectionPool.from_url(
+        pool = _Pool.from_url(
             parsed.url,
             max_connections=MAX_CONNECTIONS,
             timeout=self._deadline,
-            retry=Retry(NoBackoff(), 1, (RedisConnectionError,)),
+            retry=_Retry(NoBackoff(), 1, (RedisConnectionError,)),
             **options,
         )
         self._client: Any = aioredis.Redis.from_pool(pool)  # closing the client closes the pool
@@ -458,12 +570,18 @@ class RedisStore:
         return f"{self.prefix}:node:{node_id}"
 
     # -- calls -----------------------------------------------------------------------------------
-    async def _call(self, what: str, operation: Awaitable[T], deadline: float = 0.0) -> T:
-        """Await a Redis operation within the deadline; any failure is a StoreError."""
+    async def _call(
+        self, what: str, operation: Awaitable[T], deadline: float = 0.0, one_command: bool = False
+    ) -> T:
+        """Await a Redis operation within the deadline; any failure is a StoreError, with
+        ``outcome_unknown`` unless nothing of it can have been applied. ``one_command``: the
+        operation is one command (a script call), so a refusal of it changed nothing."""
         if self._closed:
             if asyncio.iscoroutine(operation):
                 operation.close()
             raise StoreError(f"redis at {self.location}: the store is closed")
+        attempt = _Attempt()
+        token = _ATTEMPT.set(attempt)
         try:
             async with asyncio.timeout(deadline or self._deadline):
                 return await operation
@@ -472,13 +590,15 @@ class RedisStore:
                 f"redis at {self.location}: {what} failed ({_describe(exc)}){self._hint(exc)}"
             )
             # a write that may have reached Redis may still be applied (see _write)
-            error.outcome_unknown = not _before_sending(exc)
+            error.outcome_unknown = not attempt.nothing_applied(exc, one_command)
             raise error from None
+        finally:
+            _ATTEMPT.reset(token)
 
     def _hint(self, exc: BaseException) -> str:
         # A TLS handshake Redis refuses often ends in a reset, not an alert (the client's first
         # command is already on its way): say what the reset may mean.
-        if "reset by peer" not in str(exc):
+        if not _caused_by(exc, ConnectionResetError):
             return ""
         if self.location.startswith("redis://"):
             return "; a Redis that speaks TLS only resets plaintext clients: use rediss://"
@@ -586,7 +706,7 @@ class RedisStore:
         past max_sandboxes), which supersedes no earlier write whose outcome is unknown."""
         key = (sandbox_id, port)
         try:
-            result = await self._call(what, operation)
+            result = await self._call(what, operation, one_command=True)
         except StoreError:
             self._uncertain.add(key)
             raise
@@ -949,15 +1069,6 @@ class RedisStore:
 
 class _ResyncWanted(Exception):
     """Internal: leave the subscription loop to resubscribe (:meth:`RedisStore.request_resync`)."""
-
-
-def _before_sending(exc: BaseException) -> bool:
-    """Whether ``exc`` ended a call before its command could reach Redis (no connection could
-    be made: refused, no such socket), so Redis cannot apply it later."""
-    if isinstance(exc, (ConnectionRefusedError, FileNotFoundError)):
-        return True
-    # redis-py's own message for a failed connect: "Error 111 connecting to host:port. ..."
-    return isinstance(exc, RedisError) and " connecting to " in str(exc)
 
 
 def _ms(seconds: float) -> int:
