@@ -475,6 +475,16 @@ def _wait_seconds(text: str) -> float:
     return value
 
 
+def _allowed_host(text: str) -> str:
+    name = text.strip().lower().rstrip(".")
+    if not _HOST_NAME.fullmatch(name):
+        raise argparse.ArgumentTypeError(
+            f"expected a host name such as 'agent' or 'sandbox.internal' (no port, no "
+            f"wildcard), got {text!r}"
+        )
+    return name
+
+
 def _sandbox_id(text: str) -> str:
     try:
         return validate_sandbox_id(text)
@@ -564,6 +574,17 @@ def build_parser() -> argparse.ArgumentParser:
         default=3000,
         help="port of the local control API (default 3000; 0 picks a free one, written to "
         "$TUNNEL_AGENT_PORTS_FILE if set); the agent never exposes nor dials this port",
+    )
+    run.add_argument(
+        "--api-allow-host",
+        metavar="NAME",
+        action="append",
+        type=_allowed_host,
+        default=[],
+        help="also answer the local API under the Host name NAME (repeatable): a container "
+        "or service name clients use with --api-host 0.0.0.0. By default the API answers "
+        "localhost, *.localhost, loopback and its bind address, and any IP address on a "
+        "wildcard bind; other names get 403 (a DNS-rebinding page sends its own name)",
     )
     run.add_argument("--tls", action="store_true", help="connect to the edge over TLS")
     run.add_argument(
@@ -884,7 +905,10 @@ async def _run(args: argparse.Namespace) -> int:
     agent = Agent(config)
     loop = asyncio.get_running_loop()
     try:
-        api = await agent.serve_local_api(args.api_host, args.api_port)
+        from .local_api import HostCheck
+
+        host_check = HostCheck(args.api_host, args.api_allow_host)
+        api = await agent.serve_local_api(args.api_host, args.api_port, host_check=host_check)
     except OSError as exc:
         log.error(
             "cannot serve the local API on %s:%s: %s",

@@ -35,7 +35,7 @@ import contextlib
 import ipaddress
 import logging
 import re
-from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, Final, Protocol
 
@@ -167,14 +167,16 @@ class HostCheck:
     own name, and a same-origin ``GET`` of that page carries no ``Origin`` to refuse it by, so
     without this check it could read ``GET /v1/ports`` (every preview URL with its token). A
     browser sends an IP address as the ``Host`` only for a page loaded from that address, which
-    is this API itself. Names other than localhost are refused on every bind."""
+    is this API itself. Other names are refused on every bind, except the ones an operator
+    names (``allowed``, ``tunnel-agent run --api-allow-host``: a container or service name
+    that clients in the sandbox's network use to reach a wildcard-bound API)."""
 
-    def __init__(self, bind_host: str) -> None:
+    def __init__(self, bind_host: str, allowed: Iterable[str] = ()) -> None:
         bind = bind_host.strip().lower().removeprefix("[").removesuffix("]")  # no port here
         self.wildcard = bind == "" or (
             _is_ip_address(bind) and ipaddress.ip_address(bind).is_unspecified
         )
-        names = {"localhost", "127.0.0.1", "::1"}
+        names = {"localhost", "127.0.0.1", "::1"} | {_host_name(name) for name in allowed}
         if not self.wildcard:
             names.add(bind)
         self._names = frozenset(names)

@@ -9,12 +9,15 @@ wildcard bind, which let a DNS-rebinding page (its own name now resolving to thi
 
 from __future__ import annotations
 
+import subprocess
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import httpx
 import pytest
 
 from agent.local_api import HostCheck, LocalAPI
+from tests.e2e.procs import BIN, Processes
 
 from .test_local_api import FakeController
 
@@ -116,3 +119,46 @@ def test_a_local_api_gets_the_rule_of_the_address_it_binds(bind: str, wildcard: 
     assert check.allows("172.17.0.2:3000") is wildcard
     if not wildcard:  # a specific address is answered under its own name
         assert check.allows(f"[{bind}]:3000" if ":" in bind else f"{bind}:3000") is True
+
+
+@pytest.mark.parametrize(
+    ("host", "status"),
+    [
+        ("agent-svc", 200),
+        ("Agent-Svc:3000", 200),
+        ("sandbox.internal", 200),
+        ("other-svc", 403),
+        ("agent-svc.evil.example", 403),
+    ],
+)
+def test_api_allow_host_names_the_extra_names_a_real_agent_answers(
+    tmp_path: Path, host: str, status: int
+) -> None:
+    """``tunnel-agent run --api-allow-host NAME`` (repeatable): the names an operator gives are
+    answered (any case, with a port), every other name is still refused."""
+    procs = Processes(tmp_path)
+    try:
+        procs.start_edge()
+        extra = ["--api-allow-host", "agent-svc", "--api-allow-host", "Sandbox.Internal."]
+        _agent, api_port = procs.start_agent("sb1", extra=extra)
+        with httpx.Client(base_url=f"http://127.0.0.1:{api_port}", timeout=10) as client:
+            r = client.get("/v1/ports", headers={"host": host})
+        assert r.status_code == status, r.text
+        if status == 403:
+            assert r.json()["code"] == "FORBIDDEN"
+        else:
+            assert r.json() == {"ports": []}
+    finally:
+        procs.close()
+
+
+@pytest.mark.parametrize("name", ["a b", "*.example", "agent:3000", "", "agent/x"])
+def test_api_allow_host_refuses_what_is_not_a_host_name(name: str) -> None:
+    done = subprocess.run(
+        [str(BIN / "tunnel-agent"), "run", "--sandbox-id", "sb1", "--api-allow-host", name],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.returncode == 2, done.stderr
+    assert "argument --api-allow-host: expected a host name" in done.stderr

@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -114,14 +115,15 @@ class Processes:
         return out.stdout.decode().strip()
 
     def start_agent(
-        self, sandbox_id: str = "sb1", scheme: str = ""
+        self, sandbox_id: str = "sb1", scheme: str = "", extra: Sequence[str] = ()
     ) -> tuple[subprocess.Popen[bytes], int]:
-        return self.start_agent_at(f"{scheme}127.0.0.1:{self.ports['agent']}", sandbox_id)
+        return self.start_agent_at(f"{scheme}127.0.0.1:{self.ports['agent']}", sandbox_id, extra)
 
     def start_agent_at(
-        self, server: str, sandbox_id: str = "sb1"
+        self, server: str, sandbox_id: str = "sb1", extra: Sequence[str] = ()
     ) -> tuple[subprocess.Popen[bytes], int]:
-        """An agent dialling ``server`` (``[ws://|wss://]host:port``)."""
+        """An agent dialling ``server`` (``[ws://|wss://]host:port``); ``extra``: more of
+        ``tunnel-agent run``'s options."""
         ports_file = self.tmp / f"agent-{len(self.procs)}.json"
         proc = self._spawn(
             "agent",
@@ -134,6 +136,7 @@ class Processes:
                 sandbox_id,
                 "--api-port",
                 "0",
+                *extra,
             ],
             self.env(
                 TUNNEL_AGENT_TOKEN=self.token(sandbox_id), TUNNEL_AGENT_PORTS_FILE=str(ports_file)
