@@ -10,7 +10,11 @@ FIND_PYTHON := $(SHELL) tools/find_python.sh
 
 .PHONY: setup demo test lint typecheck unit bench bench-micro bench-quick clean print-python test-versions ensure-test-tools ensure-redis ensure-tinyproxy ensure-chromium ensure-nginx ensure-bench-tools
 
-$(STAMP): pyproject.toml
+# The install compiles tunneld/_speedups.c (setup.py; optional: without a C compiler or the
+# interpreter's Python.h it installs the pure-Python code, and tests/test_speedups.py fails, so CI
+# always tests the C path). Missing ones are installed with apt-get when run as root (Python.h:
+# python3-dev, for Debian's own python3; pyenv's and python.org's builds ship it).
+$(STAMP): pyproject.toml setup.py tunneld/_speedups.c
 	@if $(PY) -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then \
 	    echo "$(VENV): reusing it ($$($(PY) -V))$(if $(PYTHON), - PYTHON=$(PYTHON) applies only when it is created)"; \
 	else \
@@ -18,8 +22,16 @@ $(STAMP): pyproject.toml
 	    echo "$(VENV): creating it with $$py ($$("$$py" -V))"; \
 	    "$$py" -m venv --clear $(VENV) || exit 2; \
 	fi
+	@inc=$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["include"])'); missing=""; \
+	command -v cc >/dev/null 2>&1 || missing="gcc"; \
+	[ -f "$$inc/Python.h" ] || case "$$inc" in /usr/include/*) missing="$$missing python3-dev";; esac; \
+	if [ -n "$$missing" ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing$$missing with apt-get (to build tunneld/_speedups.c) ..."; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null || exit 2; \
+	fi
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'
+	@$(PY) -c 'from tunneld import speedups; print("tunneld:", speedups.describe())'
 	@touch $(STAMP)
 
 setup: $(STAMP)

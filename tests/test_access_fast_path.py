@@ -20,6 +20,11 @@ from tunneld.accesslog import AccessWriter, ConnectionLog
 from tunneld.httphead import RequestHead
 from tunneld.metrics import FOLD_AFTER, REQUEST_BUCKETS, RequestStats
 
+from .speedups_impl import implementation  # noqa: F401  (the fixture)
+
+# With the C extension's functions and with their pure-Python references (tests/speedups_impl.py).
+pytestmark = pytest.mark.usefixtures("implementation")
+
 
 class Clock:
     """Stands in for time.monotonic_ns and time.time_ns in tunneld.accesslog."""

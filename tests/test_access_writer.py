@@ -17,6 +17,11 @@ from tunneld import accesslog
 from tunneld.accesslog import AccessWriter, new_request_id
 from tunneld.logs import JsonFormatter
 
+from .speedups_impl import implementation  # noqa: F401  (the fixture)
+
+# With the C extension's functions and with their pure-Python references (tests/speedups_impl.py).
+pytestmark = pytest.mark.usefixtures("implementation")
+
 
 @pytest.fixture
 def anyio_backend() -> str:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 
 import h11
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -16,6 +17,11 @@ from tunneld.responses import (
     ResponseHead,
     Unframed,
 )
+
+from .speedups_impl import implementation  # noqa: F401  (the fixture)
+
+# With the C extension's functions and with their pure-Python references (tests/speedups_impl.py).
+pytestmark = pytest.mark.usefixtures("implementation")
 
 
 def _responses(specs: list[tuple[str, int, str, bytes]]) -> tuple[bytes, list[bytes]]:

@@ -30,7 +30,10 @@ in one read (``ResponseFramer.whole``) is taken in one step, its line is joined 
 prepared per connection (client, sandbox and port) and per process (numbers below 1000,
 durations below 100 ms, the time stamp of the current second), and its metrics are kept for a
 batch (``RequestStats.whole``). Each Python operation here costs ~0.5-1 % of relaying a small
-request (``python -m bench.e2e.instr``): the path is written to do few of them.
+request (``python -m bench.e2e.instr``): the path is written to do few of them, and its work is
+done by C functions when tunneld/_speedups.c is built (tunneld/speedups.py): ``request_ids``
+(the request side), ``whole_response`` (validating the head and adding the id line) and
+``text_line``, each with the same results as its pure-Python reference here (``*_py``).
 
 An inspected connection (tunneld/inspect.py) takes this same path, with ``quiet`` when the access
 log is off: its ``recorder`` gets each request's head and body prefix, the response head and
@@ -52,10 +55,13 @@ from typing import TYPE_CHECKING, Any, Final, TextIO
 
 import orjson
 
+from . import speedups
 from .metrics import FOLD_AFTER
-from .responses import ResponseDone, ResponseFramer, ResponseHead, Unframed
+from .responses import ResponseDone, ResponseFramer, ResponseHead, Unframed, whole_response
 
 if TYPE_CHECKING:
+    from collections.abc import Iterable, Iterator
+
     from .httphead import RequestHead
     from .inspect import ConnectionRecorder, Record
     from .metrics import RequestStats
@@ -77,6 +83,21 @@ _NEW_ID: Final = _ID_PREFIX.replace(b"%", b"%%") + b"%016x"  # one format, no co
 
 def new_request_id() -> bytes:
     return _NEW_ID % next(_ID_COUNTER)
+
+
+def request_ids_py(
+    headers: Iterable[tuple[bytes, bytes]], counter: Iterator[int], prefix: bytes
+) -> tuple[bytes, bytes]:
+    """(request id, its ``x-request-id`` header line): the first ``x-request-id`` among
+    ``headers`` when it is well formed, else ``prefix`` and ``next(counter)`` in 16 hex digits.
+    The reference of ``request_ids`` (tunneld/_speedups.c when built: speedups.py)."""
+    for name, value in headers:
+        if name == b"x-request-id":
+            request_id = value if _VALID_ID.fullmatch(value) else prefix + b"%016x" % next(counter)
+            break
+    else:
+        request_id = prefix + b"%016x" % next(counter)
+    return request_id, b"x-request-id: " + request_id + b"\r\n"
 
 
 def request_id_of(head: RequestHead) -> bytes:
@@ -109,6 +130,58 @@ _TENTHS: Final = tuple(b"%d.%d" % divmod(n, 10) for n in range(1000))
 FLUSH_AFTER: Final = 0.05
 # Lines kept before a write even within the interval (a burst of completions).
 _MAX_PENDING: Final = 256
+
+
+def text_line_py(
+    pending: list[bytes],
+    stamp: bytes,
+    ms: int,
+    lead: bytes,
+    request: list[Any],
+    status: int,
+    body_out: int,
+    ns: int,
+    site: bytes,
+) -> int:
+    """Append the text line of a whole response to ``pending`` and return its length: the time
+    stamp (``stamp`` and the milliseconds of ``ms``), ``lead`` (level, logger, client), the
+    request's method and target (non-ASCII bytes as latin-1 characters, in UTF-8), status,
+    body sizes, ``ns`` as the duration and time to first byte, ``site`` and the request id.
+    The reference of ``text_line`` (tunneld/_speedups.c when built: speedups.py); arguments are
+    never negative."""
+    target = request[_TARGET]
+    if not target.isascii():
+        target = target.decode("latin-1").encode()
+    body_in = request[_BODY_IN]
+    d10 = (ns + 50_000) // 100_000  # _tenths(ns), inlined
+    took = _TENTHS[d10] if d10 < 1000 else b"%d.%d" % divmod(d10, 10)
+    pending.append(
+        b"".join(
+            (
+                stamp,
+                _MSECS[ms % 1000],
+                lead,
+                request[_METHOD],
+                b" ",
+                target,
+                b'" ',
+                _NUMBERS[status] if status < 1000 else b"%d" % status,
+                b" ",
+                _NUMBERS[body_in] if body_in < 1000 else b"%d" % body_in,
+                b" ",
+                _NUMBERS[body_out] if body_out < 1000 else b"%d" % body_out,
+                b"B ",
+                took,
+                b"ms ttfb ",
+                took,
+                b"ms",
+                site,
+                request[_ID],
+                b"\n",
+            )
+        )
+    )
+    return len(pending)
 
 
 def _tenths(ns: int) -> bytes:
@@ -280,14 +353,7 @@ class ConnectionLog:
     # -- requests --------------------------------------------------------------------------------
     def request(self, head: RequestHead) -> bytes:
         """A request is forwarded; returns the ``x-request-id`` header line it carries."""
-        # request_id_of, inlined (this runs per request, a call costs ~1 % of the request)
-        for name, value in head.headers:
-            if name == b"x-request-id":
-                request_id = value if _VALID_ID.fullmatch(value) else new_request_id()
-                break
-        else:
-            request_id = _NEW_ID % next(_ID_COUNTER)
-        id_line = b"x-request-id: " + request_id + b"\r\n"
+        request_id, id_line = request_ids(head.headers, _ID_COUNTER, _ID_PREFIX)
         requests = self._requests
         if len(requests) < 1024:  # pipelining without reading: stop recording, not grow
             method = head.method
@@ -313,12 +379,12 @@ class ConnectionLog:
         if requests and self.recorder is None:
             # The common case first: one whole response in this read (ResponseFramer.whole),
             # all of it here, the general path's ``_write`` inlined.
-            whole = self.framer.whole(data)
+            request = requests[0]
+            whole = whole_response(self.framer, data, request[_ID_LINE])
             if whole is not None:
-                status, end = whole
-                request = requests.popleft()
+                out_bytes, status, body_out = whole
+                requests.popleft()
                 ns = monotonic_ns() - request[_STARTED]  # to its first byte and to its end
-                body_out = len(data) - end
                 stats = self.stats
                 if stats is not None:
                     kept = stats.whole
@@ -332,8 +398,7 @@ class ConnectionLog:
                     else:
                         request[_TTFB] = ns
                         self._log(request, status, body_out, None, ns / 1e9)
-                # the x-request-id line goes before the blank line that ends the head
-                return b"".join((data[: end - 2], request[_ID_LINE], data[end - 2 :]))
+                return out_bytes  # with the x-request-id line before the head's blank line
         out: list[bytes | memoryview] = []
         for event in self.framer.feed(data):
             if isinstance(event, (bytes, memoryview)):
@@ -361,39 +426,10 @@ class ConnectionLog:
         if self.sandbox_id is not self._site_of or self.port != self._site_port:
             self._site_of, self._site_port = self.sandbox_id, self.port
             self._site = f" {self.sandbox_id}:{self.port} id=".encode("utf-8", "surrogatepass")
-        target = request[_TARGET]
-        if not target.isascii():  # its bytes are shown as latin-1 characters, in UTF-8
-            target = target.decode("latin-1").encode()
-        body_in = request[_BODY_IN]
-        d10 = (ns + 50_000) // 100_000  # _tenths(ns), inlined
-        took = _TENTHS[d10] if d10 < 1000 else b"%d.%d" % divmod(d10, 10)
-        line = b"".join(
-            (
-                writer.stamp,
-                _MSECS[ms - sec * 1000],
-                self._lead,
-                request[_METHOD],
-                b" ",
-                target,
-                b'" ',
-                _NUMBERS[status],
-                b" ",
-                _NUMBERS[body_in] if body_in < 1000 else b"%d" % body_in,
-                b" ",
-                _NUMBERS[body_out] if body_out < 1000 else b"%d" % body_out,
-                b"B ",
-                took,
-                b"ms ttfb ",
-                took,
-                b"ms",
-                self._site,
-                request[_ID],
-                b"\n",
-            )
+        kept = text_line(  # appends the line; writer.add(line) inlined around it
+            writer.pending, writer.stamp, ms, self._lead, request, status, body_out, ns, self._site
         )
-        pending = writer.pending  # writer.add(line), inlined
-        pending.append(line)
-        if len(pending) >= _MAX_PENDING:
+        if kept >= _MAX_PENDING:
             writer.flush()
         elif writer._timer is None:
             writer._timer = writer._loop.call_later(FLUSH_AFTER, writer.flush)
@@ -506,3 +542,8 @@ class ConnectionLog:
             writer.write(message, fields)
         else:
             log.info("%s", message, extra={"access": fields})
+
+
+# The C versions when built (tunneld/speedups.py), else the references above.
+request_ids = request_ids_py if speedups.c is None else speedups.c.request_ids
+text_line = text_line_py if speedups.c is None else speedups.c.text_line

@@ -28,9 +28,18 @@ import re
 from collections import deque
 from typing import Final
 
+from . import speedups
 from .httphead import ChunkedScanner, HeadError
 
-__all__ = ["MAX_RESPONSE_HEAD", "ResponseDone", "ResponseFramer", "ResponseHead", "Unframed"]
+__all__ = [
+    "MAX_RESPONSE_HEAD",
+    "ResponseDone",
+    "ResponseFramer",
+    "ResponseHead",
+    "Unframed",
+    "simple_head",
+    "whole_response",
+]
 
 # Responses carry bigger heads than requests (many Set-Cookie lines); past this, stop following.
 MAX_RESPONSE_HEAD: Final = 64 * 1024
@@ -78,6 +87,34 @@ _SIMPLE_RE: Final = re.compile(
 
 # The final statuses ``whole`` takes, by their three digits (a lookup, not an int() call).
 _WHOLE_STATUS: Final = {b"%d" % n: 0 if n in (204, 304) else n for n in range(200, 600)}
+
+
+def simple_head_py(data: bytes) -> tuple[int, int] | None:
+    """(status, length of the head) when ``data`` is exactly one whole response of the common
+    kind (``_SIMPLE_RE``, not a 204 or 304, its ``Content-Length`` the rest of ``data``), else
+    None. The reference of ``simple_head`` (tunneld/_speedups.c when built: speedups.py)."""
+    match = _SIMPLE_RE.match(data)
+    if match is None:
+        return None
+    code, length = match.groups()
+    end = match.end()
+    status = _WHOLE_STATUS[code]  # 0: 204 or 304, which have no body
+    if not status or end + int(length) != len(data):
+        return None
+    return status, end
+
+
+def whole_response_py(
+    framer: ResponseFramer, data: bytes, id_line: bytes
+) -> tuple[bytes, int, int] | None:
+    """``framer.whole(data)`` and, when it takes the response, (``data`` with ``id_line`` before
+    the blank line that ends its head, status, body length); else None. The reference of
+    ``whole_response`` (the access log's one step for a whole response)."""
+    taken = framer.whole(data)
+    if taken is None:
+        return None
+    status, end = taken
+    return b"".join((data[: end - 2], id_line, data[end - 2 :])), status, len(data) - end
 
 
 class ResponseHead:
@@ -147,16 +184,10 @@ class ResponseFramer:
         methods = self._methods
         if self._state != _HEAD or self._buf or not methods or methods[0] == b"HEAD":
             return None
-        match = _SIMPLE_RE.match(data)
-        if match is None:
-            return None
-        code, length = match.groups()
-        end = match.end()
-        status = _WHOLE_STATUS[code]  # 0: 204 or 304, which have no body
-        if not status or end + int(length) != len(data):
-            return None
-        methods.popleft()
-        return status, end
+        taken = simple_head(data)
+        if taken is not None:
+            methods.popleft()
+        return taken
 
     def feed(self, data: bytes | memoryview) -> list[Event]:
         events: list[Event] = []
@@ -319,3 +350,8 @@ def _parse_head(raw: bytes) -> tuple[int, int | None, bool | None, bool] | None:
             return status, None, None, has_id
         return status, int(text), False, has_id
     return status, None, False, has_id
+
+
+# The C versions when built (tunneld/speedups.py), else the references above.
+simple_head = simple_head_py if speedups.c is None else speedups.c.simple_head
+whole_response = whole_response_py if speedups.c is None else speedups.c.whole_response

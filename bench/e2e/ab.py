@@ -2,11 +2,12 @@
 ``python -m bench.e2e.ab COMMIT,COMMIT [ROUNDS [small_http,churn,websocket,single_download]]``
 (``COMMIT+access``: that commit with the access log on, lines to tunneld's log file)
 
-For each commit, ``git archive`` of protocol/ relay/ agent/ tunneld/ goes to a temp dir that is put
-first on PYTHONPATH for tunneld and the agent (the bench code, nginx origin and load stay the
-same); the commits alternate, ``ROUNDS`` times, each on a fresh ``Stack``. Each run measures the
-direct baseline and the tunnel back to back and prints tunnel/direct for small HTTP (wrk, 1 KiB,
-50 connections), churn (the same with ``Connection: close``), WebSocket echo (100 connections)
+For each commit, ``git archive`` of protocol/ relay/ agent/ tunneld/ goes to a temp dir (its
+optional C extension compiled in place: ``build_speedups``) that is put first on PYTHONPATH for
+tunneld and the agent (the bench code, nginx origin and load stay the same); the commits
+alternate, ``ROUNDS`` times, each on a fresh ``Stack``. Each run measures the direct baseline
+and the tunnel back to back and prints tunnel/direct for small HTTP (wrk, 1 KiB, 50 connections),
+churn (the same with ``Connection: close``), WebSocket echo (100 connections)
 and one download, then the medians. On a shared machine a figure from another day mixes code and
 machine; this compares code only (issue 7 used it for the "did not drop by more than 5 %"
 check). Needs the commits' CLIs to accept the bench's flags. ``BENCH_DURATION``: seconds per
@@ -20,6 +21,7 @@ import os
 import statistics
 import subprocess
 import sys
+import sysconfig
 import tempfile
 from pathlib import Path
 
@@ -41,7 +43,31 @@ def tree(commit: str, base: Path) -> Path:
             check=True,
         ).stdout
         subprocess.run(["tar", "-x", "-C", str(d)], input=archive, check=True)
+        build_speedups(d)
     return d
+
+
+def build_speedups(d: Path) -> None:
+    """Compile the tree's optional C extension (tunneld/_speedups.c, from the commits that have
+    it) in place, as ``pip install`` does from setup.py, so the run measures it and not the
+    pure-Python fallback."""
+    source = d / "tunneld" / "_speedups.c"
+    if not source.exists():
+        return
+    target = source.with_name("_speedups" + sysconfig.get_config_var("EXT_SUFFIX"))
+    subprocess.run(
+        [
+            *sysconfig.get_config_var("CC").split(),
+            "-shared",
+            "-fPIC",
+            "-O2",
+            f"-I{sysconfig.get_paths()['include']}",
+            str(source),
+            "-o",
+            str(target),
+        ],
+        check=True,
+    )
 
 
 def one_run(metrics: list[str]) -> dict[str, float]:

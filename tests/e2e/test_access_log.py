@@ -13,10 +13,13 @@ from collections.abc import AsyncIterator
 
 import pytest
 
+from tests.speedups_impl import implementation  # noqa: F401  (the fixture)
+
 from .conftest import Stack, raw_request, wait_until
 from .origin import pattern_sha256
 
-pytestmark = pytest.mark.anyio
+# With the C extension's functions and with their pure-Python references (tests/speedups_impl.py).
+pytestmark = [pytest.mark.anyio, pytest.mark.usefixtures("implementation")]
 
 
 @pytest.fixture

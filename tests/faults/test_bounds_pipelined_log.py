@@ -15,12 +15,14 @@ from collections.abc import AsyncIterator
 import pytest
 
 from tests.e2e.conftest import wait_until
+from tests.speedups_impl import implementation  # noqa: F401  (the fixture)
 from tunneld.public import PublicConnection
 
 from .conftest import Stack
 from .origins import ScriptedOrigin
 
-pytestmark = pytest.mark.anyio
+# With the C extension's functions and with their pure-Python references (tests/speedups_impl.py).
+pytestmark = [pytest.mark.anyio, pytest.mark.usefixtures("implementation")]
 
 PIPELINED = 3000
 CAP = 1024

@@ -1,0 +1,380 @@
+"""The optional C extension (tunneld/_speedups.c) against its pure-Python references
+(tunneld/responses.py and tunneld/accesslog.py ``*_py``): the same result on arbitrary and hostile
+bytes, None where the reference finds no match, nothing left behind after many calls, and built
+and used where ``make setup`` installed tunneld (CI)."""
+
+from __future__ import annotations
+
+import gc
+import itertools
+import os
+import subprocess
+import sys
+import tracemalloc
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tunneld import _speedups as C  # not built: this module errors (CI must build it)
+from tunneld import speedups
+from tunneld.accesslog import request_ids_py, text_line_py
+from tunneld.responses import ResponseFramer, simple_head_py, whole_response_py
+
+from .test_responses import _LINE, _STATUS, TRICKY
+
+RESPONSE = (
+    b"HTTP/1.1 200 OK\r\nServer: nginx/1.22.1\r\nDate: Thu, 03 Dec 2026 12:00:00 GMT\r\n"
+    b"Content-Type: application/octet-stream\r\nContent-Length: 5\r\n"
+    b'Connection: keep-alive\r\nETag: "6929a000-5"\r\n\r\nhello'
+)
+
+
+def test_the_extension_is_built_and_used_unless_switched_off() -> None:
+    """``make setup`` (pip install -e) compiles it, so CI runs the C path; the environment
+    variable switches a process to the pure-Python code."""
+    assert not speedups.DISABLED, "the tests run with TUNNELD_NO_EXTENSIONS set"
+    assert speedups.c is C
+    code = (
+        "from tunneld import accesslog, responses, speedups\n"
+        "print(speedups.describe(), responses.simple_head is responses.simple_head_py,"
+        " accesslog.text_line is accesslog.text_line_py,"
+        " accesslog.request_ids is accesslog.request_ids_py,"
+        " accesslog.whole_response is responses.whole_response_py)"
+    )
+    out = {}
+    for value in ("1", ""):
+        env = {**os.environ, "TUNNELD_NO_EXTENSIONS": value}
+        run = subprocess.run(
+            [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60
+        )
+        assert run.returncode == 0, run.stderr
+        out[value] = run.stdout.split()
+    assert out["1"][-4:] == ["True"] * 4 and "TUNNELD_NO_EXTENSIONS" in " ".join(out["1"])
+    assert out[""][-4:] == ["False"] * 4 and out[""][0] == "C"
+
+
+# -- simple_head: _SIMPLE_RE and the checks of ResponseFramer.whole -------------------------------
+
+
+def _same_head(data: bytes) -> None:
+    assert C.simple_head(data) == simple_head_py(data), data
+
+
+def test_simple_head_on_the_tricky_heads_their_prefixes_and_one_byte_changes() -> None:
+    heads = [*TRICKY, RESPONSE]
+    for data in heads:
+        for cut in range(len(data) + 1):
+            _same_head(data[:cut])
+            _same_head(data[:cut] + b"\r\n\r\n")
+    for data in heads:
+        for i in range(len(data)):
+            for byte in (b"\r", b"\n", b" ", b":", b"\t", b"\x00", b"\xff", b"0", b"a", b"A"):
+                _same_head(data[:i] + byte + data[i + 1 :])
+                _same_head(data[:i] + byte + data[i:])
+            _same_head(data[:i] + data[i + 1 :])
+    taken = [d for d in heads if C.simple_head(d) is not None]
+    assert len(taken) >= 10  # the comparison above covers matches, not only "no match"
+
+
+@settings(max_examples=500)
+@given(st.binary(max_size=300))
+def test_simple_head_on_arbitrary_bytes(data: bytes) -> None:
+    _same_head(data)
+    _same_head(b"HTTP/1.1 200 OK\r\n" + data)
+
+
+@settings(max_examples=1000)
+@given(_STATUS, st.lists(_LINE, max_size=6), st.binary(max_size=6), st.integers(0, 12))
+def test_simple_head_on_adversarial_heads(
+    status: bytes, lines: list[bytes], body: bytes, extra: int
+) -> None:
+    data = status + b"\r\n" + b"".join(lines) + b"\r\n" + body
+    _same_head(data)
+    for length in (len(body), len(body) + extra, max(0, len(body) - extra)):
+        fitted = status + b"\r\n" + b"".join(lines) + b"Content-Length: %d\r\n\r\n" % length
+        _same_head(fitted + body)
+        _same_head(fitted + body + b"x" * extra)
+
+
+@settings(max_examples=300)
+@given(
+    st.lists(st.binary(max_size=40).map(lambda v: v.replace(b"\r", b"").replace(b"\n", b""))),
+    st.sampled_from([b"Content-Length", b"content-length", b"CoNtEnT-LeNgTh"]),
+    st.text("0123456789 \t", min_size=0, max_size=22).map(str.encode),
+    st.integers(0, 3),
+)
+def test_simple_head_on_values_and_lengths(
+    values: list[bytes], name: bytes, length: bytes, where: int
+) -> None:
+    """Long values (the eight-bytes-at-a-time scan) and Content-Length values of any shape."""
+    lines = [b"X-V%d: %s\r\n" % (i, v) for i, v in enumerate(values)]
+    lines.insert(min(where, len(lines)), name + b":" + length + b"\r\n")
+    head = b"HTTP/1.1 404 Not Found\r\n" + b"".join(lines) + b"\r\n"
+    digits = length.strip(b" \t")
+    body = b"b" * (int(digits) if digits.isdigit() and int(digits) < 100 else 3)
+    _same_head(head + body)
+
+
+# -- whole_response: the framer's checks, its state after, the id line ----------------------------
+
+
+def _framer(methods: list[bytes], prefix: bytes, raw: bool) -> ResponseFramer:
+    framer = ResponseFramer()
+    for m in methods:
+        framer.expect(m)
+    if prefix:
+        framer.feed(prefix)  # a partial head (kept in _buf) or a body in progress
+    if raw:
+        framer.feed(b"NOT HTTP\r\n\r\n")  # unframed from here
+    return framer
+
+
+def _state(framer: ResponseFramer) -> tuple[object, ...]:
+    return (framer._state, bytes(framer._buf), list(framer._methods), framer._remaining)
+
+
+@settings(max_examples=500)
+@given(
+    st.one_of(st.sampled_from([*TRICKY, RESPONSE]), st.binary(max_size=80)),
+    st.lists(st.sampled_from([b"GET", b"HEAD", b"POST"]), max_size=3),
+    st.sampled_from([b"", b"HTTP/1.1 2", b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\nab"]),
+    st.booleans(),
+    st.binary(max_size=30),
+)
+def test_whole_response_does_what_the_reference_does(
+    data: bytes, methods: list[bytes], prefix: bytes, raw: bool, id_line: bytes
+) -> None:
+    ours, theirs = _framer(methods, prefix, raw), _framer(methods, prefix, raw)
+    got = C.whole_response(ours, data, id_line)
+    assert got == whole_response_py(theirs, data, id_line)
+    assert _state(ours) == _state(theirs)
+
+
+def test_whole_response_inserts_the_line_before_the_blank_line() -> None:
+    framer = _framer([b"GET", b"GET"], b"", False)
+    got = C.whole_response(framer, RESPONSE, b"x-request-id: abc\r\n")
+    assert got is not None
+    out, status, body = got
+    assert out == RESPONSE.replace(b"\r\n\r\n", b"\r\nx-request-id: abc\r\n\r\n")
+    assert (status, body) == (200, 5) and list(framer._methods) == [b"GET"]
+
+
+# -- text_line ------------------------------------------------------------------------------------
+
+_INT = st.one_of(st.integers(0, 1100), st.integers(0, 2**62))
+
+
+@settings(max_examples=500)
+@given(
+    st.binary(max_size=30),
+    _INT,
+    st.binary(max_size=30),
+    st.binary(max_size=10),
+    st.binary(max_size=60),
+    st.binary(max_size=40),
+    _INT,
+    st.integers(100, 999),
+    _INT,
+    st.one_of(_INT, st.integers(2**63 - 50_001, 2**63 - 50_001)),
+    st.binary(max_size=30),
+)
+def test_text_line_writes_what_the_reference_writes(
+    stamp: bytes,
+    ms: int,
+    lead: bytes,
+    method: bytes,
+    target: bytes,
+    rid: bytes,
+    body_in: int,
+    status: int,
+    body_out: int,
+    ns: int,
+    site: bytes,
+) -> None:
+    request = [method, target, rid, 0, None, body_in, None, b""]
+    ours: list[bytes] = [b"before"]
+    theirs: list[bytes] = [b"before"]
+    n = C.text_line(ours, stamp, ms, lead, request, status, body_out, ns, site)
+    assert n == text_line_py(theirs, stamp, ms, lead, request, status, body_out, ns, site) == 2
+    assert ours == theirs
+
+
+def test_text_line_refuses_what_it_cannot_format() -> None:
+    request = [b"GET", b"/", b"id", 0, None, 0, None, b""]
+    good: list[Any] = [[], b"s", 1, b"l", request, 200, 0, 0, b"x"]
+    bad = {
+        0: ((), TypeError),
+        1: ("s", TypeError),
+        2: (-1, ValueError),
+        4: ([b"GET", b"/"], TypeError),
+        5: (2**64, OverflowError),
+        6: (1.5, TypeError),
+        7: (2**63 - 1, OverflowError),
+    }
+    for index, (value, error) in bad.items():
+        args = list(good)
+        args[index] = value
+        with pytest.raises(error):
+            C.text_line(*args)
+    for item, value in ((0, "GET"), (1, None), (2, 3), (5, -1)):
+        broken = list(request)
+        broken[item] = value
+        with pytest.raises((TypeError, ValueError)):
+            C.text_line([], b"s", 1, b"l", broken, 200, 0, 0, b"x")
+    with pytest.raises(TypeError):
+        C.text_line([], b"s", 1)  # type: ignore[call-arg]
+    assert good[0] == []  # nothing appended by a refused call
+
+
+# -- request_ids ----------------------------------------------------------------------------------
+
+_ID_NAME = st.sampled_from(
+    [b"x-request-id", b"X-Request-Id", b"x-request-ids", b"x-request-i", b"host", b""]
+)
+_ID_VALUE = st.one_of(
+    st.text("abcXYZ019._:-", min_size=0, max_size=202).map(str.encode),
+    st.binary(max_size=12),
+    st.sampled_from([b"a" * 200, b"a" * 201, b"ok id", b"\xffid", b"id\x00"]),
+)
+
+
+@settings(max_examples=500)
+@given(
+    st.lists(st.tuples(_ID_NAME, _ID_VALUE), max_size=4),
+    st.one_of(st.integers(0, 2**64 - 1), st.sampled_from([2**64 - 1, 2**64, 2**70, -1, -(2**65)])),
+    st.binary(max_size=20),
+)
+def test_request_ids_are_what_the_reference_makes(
+    headers: list[tuple[bytes, bytes]], start: int, prefix: bytes
+) -> None:
+    ours, theirs = itertools.count(start), itertools.count(start)
+    assert C.request_ids(headers, ours, prefix) == request_ids_py(headers, theirs, prefix)
+    assert next(ours) == next(theirs)  # the counter advanced the same
+
+
+def _outcome(call: Callable[..., object], *args: Any) -> object:
+    try:
+        return call(*args)
+    except Exception as e:  # the kind of error, not its message
+        return type(e)
+
+
+def test_request_ids_refuse_what_the_reference_refuses() -> None:
+    cases: list[tuple[Any, Any]] = [
+        ([(b"x-request-id",)], b""),  # not a pair
+        ([(b"x-request-id", b"a", b"b")], b""),
+        ([(b"x-request-id", "text")], b""),  # a str value
+        ([(b"x-request-id", None)], b""),
+        ([b"xy"], b""),  # bytes unpack into two ints: no error, a new id
+        ([None], b""),
+        (None, b""),
+        (((b"x-request-id", b"gen"),), b""),  # any iterable (here a tuple)
+    ]
+    for headers, prefix in cases:
+        ours = _outcome(C.request_ids, headers, itertools.count(), prefix)
+        theirs = _outcome(request_ids_py, headers, itertools.count(), prefix)
+        assert ours == theirs, (headers, ours, theirs)
+    assert _outcome(C.request_ids, [], itertools.count(), b"") == (
+        b"0000000000000000",
+        b"x-request-id: 0000000000000000\r\n",
+    )
+    counters: list[Any] = [[1, 2], iter([])]
+    for counter in counters:  # not an iterator; exhausted
+        ours = _outcome(C.request_ids, [], counter, b"")
+        assert ours == _outcome(request_ids_py, [], counter, b"")
+        assert ours in (TypeError, StopIteration)
+    with pytest.raises(TypeError):
+        C.request_ids([], itertools.count(), "p")  # type: ignore[arg-type]
+
+
+def test_request_ids_survive_a_name_that_changes_the_headers() -> None:
+    """A name's ``__eq__`` (any object may stand in for bytes) that empties the list being read:
+    no read past its end, the same result as the reference."""
+
+    class Sneaky(bytes):
+        def __eq__(self, other: object) -> bool:
+            headers.clear()
+            return False
+
+        __hash__ = bytes.__hash__
+
+    for impl in (C.request_ids, request_ids_py):
+        headers = [(Sneaky(b"a"), b"b"), (b"x-request-id", b"kept")]
+        rid, _line = impl(headers, itertools.count(5), b"p")
+        assert rid == b"p0000000000000005"
+
+
+# -- nothing left behind --------------------------------------------------------------------------
+
+
+def _grows(call: Callable[[], object], rounds: int = 20_000) -> int:
+    """Bytes still allocated after ``rounds`` calls, beyond what the first 1,000 left."""
+    for _ in range(1000):
+        call()
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for _ in range(rounds):
+            call()
+        gc.collect()
+        return tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+
+
+def _raises(call: Callable[[], object]) -> Callable[[], None]:
+    def run() -> None:
+        try:
+            call()
+        except (TypeError, ValueError, OverflowError, StopIteration):
+            return
+        raise AssertionError("did not raise")
+
+    return run
+
+
+def test_many_calls_leave_nothing_behind() -> None:
+    data = bytearray(RESPONSE)  # a buffer export left behind would block its resizing
+    id_line = b"x-request-id: abc\r\n"
+    headers = [(b"host", b"h"), (b"x-request-id", b"client.id")]
+    bad_headers: list[Any] = [(b"x-request-id", "text")]
+    counter = itertools.count()
+    request = [b"GET", b"/caf\xc3\xa9", b"id", 0, None, 5, None, id_line]
+    watched = [RESPONSE, id_line, headers[1][1], request[1], request[2]]
+    refs = [sys.getrefcount(o) for o in watched]
+
+    def whole() -> None:
+        framer = ResponseFramer()
+        framer.expect(b"GET")
+        assert C.whole_response(framer, RESPONSE, id_line) is not None
+        assert C.whole_response(framer, RESPONSE, id_line) is None  # nothing expected
+
+    def line() -> None:
+        pending: list[bytes] = []
+        C.text_line(pending, b"stamp", 123, b"lead", request, 200, 10**6, 10**9, b"site")
+
+    def bad_line() -> None:
+        C.text_line([], b"stamp", 123, b"lead", request, 200, -1, 0, b"site")
+
+    calls: dict[str, Callable[[], object]] = {
+        "simple_head": lambda: C.simple_head(RESPONSE),
+        "simple_head no match": lambda: C.simple_head(RESPONSE[:-1]),
+        "simple_head bytearray": lambda: C.simple_head(data),  # type: ignore[arg-type]
+        "whole_response": whole,
+        "whole_response bad id line": _raises(
+            lambda: C.whole_response(_framer([b"GET"], b"", False), RESPONSE, None)  # type: ignore[arg-type]
+        ),
+        "text_line": line,
+        "text_line refused": _raises(bad_line),
+        "request_ids client": lambda: C.request_ids(headers, counter, b"p"),
+        "request_ids new": lambda: C.request_ids(headers[:1], counter, b"p"),
+        "request_ids refused": _raises(lambda: C.request_ids(bad_headers, counter, b"p")),
+    }
+    for name, call in calls.items():
+        assert _grows(call) < 64 * 1024, name
+    assert [sys.getrefcount(o) for o in watched] == refs
+    data += b"!"  # no export left: the bytearray can still grow

@@ -1,0 +1,806 @@
+/* Optional C versions of the access log's per-request work (tunneld/speedups.py).
+
+Theory of operation
+-------------------
+With the access log on, every small response used to cost ~48k instructions of the edge's
+Python on top of relaying it (docs/performance.md, "Access log (issue 10)"): a regex that
+validates the response head, joining the x-request-id line into it, formatting the text line,
+and finding the client's X-Request-Id. Each function here does one of those in one call, with
+exactly the result of its pure-Python reference (named in each docstring; the references stay
+the fallback and are what tests/test_speedups.py compares these with, on arbitrary bytes):
+
+- simple_head(data): responses.simple_head_py (``_SIMPLE_RE`` + status + length checks);
+- whole_response(framer, data, id_line): responses.whole_response_py;
+- text_line(pending, stamp, ms, lead, request, status, body_out, ns, site):
+  accesslog.text_line_py;
+- request_ids(headers, counter, prefix): accesslog.request_ids_py.
+
+The bytes come from services, agents and clients, none of them trusted: every read is
+bounds-checked against the buffer's length, output sizes are computed (with overflow checks)
+before one allocation, and no stack buffer holds input (the only one holds a formatted 64-bit
+number). Plain C API, no Cython; built by setup.py as an optional extension.
+*/
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+#include <string.h>
+
+/* RFC 9110 tchar: ! # $ % & ' * + - . ^ _ ` | ~ DIGIT ALPHA */
+static unsigned char is_token[256];
+/* request ids a client may choose: A-Z a-z 0-9 . _ : - (accesslog._VALID_ID) */
+static unsigned char is_id_char[256];
+
+#define MAX_CLIENT_ID 200
+#define MAX_LENGTH_DIGITS 18 /* below 10**18: fits in int64 */
+
+static PyObject *str_state;   /* "_state" */
+static PyObject *str_buf;     /* "_buf" */
+static PyObject *str_methods; /* "_methods" */
+static PyObject *str_popleft; /* "popleft" */
+static PyObject *bytes_head;  /* b"HEAD" */
+static PyObject *bytes_xrid;  /* b"x-request-id" */
+static PyObject *bytes_hex16; /* b"%016x" */
+static PyObject *int_zero;    /* 0, ResponseFramer's _HEAD */
+
+static const char XRID_PREFIX[] = "x-request-id: ";
+#define XRID_PREFIX_LEN (sizeof(XRID_PREFIX) - 1)
+
+/* exactly ``want`` positional arguments (a TypeError as Python's otherwise) */
+static int
+check_nargs(const char *name, Py_ssize_t nargs, Py_ssize_t want)
+{
+    if (nargs != want) {
+        PyErr_Format(PyExc_TypeError, "%s() takes exactly %zd arguments (%zd given)", name, want,
+                     nargs);
+        return 0;
+    }
+    return 1;
+}
+
+static int
+lower_ascii(unsigned char c)
+{
+    return (c >= 'A' && c <= 'Z') ? c + ('a' - 'A') : c;
+}
+
+/* name[0:len] equals the lower-case ASCII ``want`` (of length ``want_len``), ignoring ASCII case */
+static int
+name_is(const unsigned char *name, Py_ssize_t len, const char *want, Py_ssize_t want_len)
+{
+    if (len != want_len) {
+        return 0;
+    }
+    for (Py_ssize_t k = 0; k < len; k++) {
+        if (lower_ascii(name[k]) != (unsigned char)want[k]) {
+            return 0;
+        }
+    }
+    return 1;
+}
+
+/* The first index >= i of p[0:n] that holds CR or LF, or n: the end of a field value or reason
+   phrase (any other byte). Most of a head is values: eight bytes at a time (a word has a CR or
+   LF byte iff x ^ 0x0d0d.. or x ^ 0x0a0a.. has a zero byte), then byte by byte from the word
+   that has one. Reads stay below n: a word is loaded only when i + 8 <= n. */
+#define ONES UINT64_C(0x0101010101010101)
+#define HIGHS UINT64_C(0x8080808080808080)
+static Py_ssize_t
+line_end(const unsigned char *p, Py_ssize_t i, Py_ssize_t n)
+{
+    while (n - i >= 8) {
+        uint64_t v, a, b;
+        memcpy(&v, p + i, 8);
+        a = v ^ (ONES * '\r');
+        b = v ^ (ONES * '\n');
+        if ((((a - ONES) & ~a) | ((b - ONES) & ~b)) & HIGHS) {
+            break;
+        }
+        i += 8;
+    }
+    while (i < n && p[i] != '\r' && p[i] != '\n') {
+        i++;
+    }
+    return i;
+}
+
+/* The head at the start of p[0:n] as _SIMPLE_RE matches it (``match``, not ``fullmatch``):
+   "HTTP/1.[01] " + a status 2xx-5xx + an optional " reason" (no CR or LF) + CRLF, header lines
+   "token: value" (value without CR or LF) + CRLF, exactly one of them Content-Length with 1-18
+   digits between optional spaces and tabs, none Transfer-Encoding or X-Request-Id (ASCII case
+   ignored), then CRLF. Returns 1 and sets *status, *end (just past the blank line) and *length;
+   0 if it does not match. Every index is checked against n before it is read. */
+static int
+match_simple(const unsigned char *p, Py_ssize_t n, int *status, Py_ssize_t *end,
+             long long *length)
+{
+    Py_ssize_t i;
+    int seen_length = 0;
+    long long value = 0;
+
+    if (n < 12 || memcmp(p, "HTTP/1.", 7) != 0 || (p[7] != '0' && p[7] != '1') || p[8] != ' ') {
+        return 0;
+    }
+    if (p[9] < '2' || p[9] > '5' || p[10] < '0' || p[10] > '9' || p[11] < '0' || p[11] > '9') {
+        return 0;
+    }
+    *status = (p[9] - '0') * 100 + (p[10] - '0') * 10 + (p[11] - '0');
+    i = 12;
+    if (i < n && p[i] == ' ') {
+        i = line_end(p, i + 1, n);
+    }
+    if (i + 1 >= n || p[i] != '\r' || p[i + 1] != '\n') {
+        return 0;
+    }
+    i += 2;
+    for (;;) {
+        Py_ssize_t name_start;
+        Py_ssize_t name_len;
+
+        if (i + 1 < n && p[i] == '\r' && p[i + 1] == '\n') {
+            if (!seen_length) {
+                return 0;
+            }
+            *end = i + 2;
+            *length = value;
+            return 1;
+        }
+        name_start = i;
+        while (i < n && is_token[p[i]]) {
+            i++;
+        }
+        name_len = i - name_start;
+        if (name_len == 0 || i >= n || p[i] != ':') {
+            return 0;
+        }
+        i++; /* past ':' */
+        if (name_is(p + name_start, name_len, "content-length", 14)) {
+            Py_ssize_t digits;
+            if (seen_length) {
+                return 0;
+            }
+            seen_length = 1;
+            while (i < n && (p[i] == ' ' || p[i] == '\t')) {
+                i++;
+            }
+            digits = i;
+            value = 0;
+            while (i < n && p[i] >= '0' && p[i] <= '9') {
+                if (i - digits >= MAX_LENGTH_DIGITS) {
+                    return 0; /* 19 digits or more: [0-9]{1,18} cannot be followed by CRLF */
+                }
+                value = value * 10 + (p[i] - '0');
+                i++;
+            }
+            if (i == digits) {
+                return 0;
+            }
+            while (i < n && (p[i] == ' ' || p[i] == '\t')) {
+                i++;
+            }
+        }
+        else if (name_is(p + name_start, name_len, "transfer-encoding", 17) ||
+                 name_is(p + name_start, name_len, "x-request-id", 12)) {
+            return 0;
+        }
+        else {
+            i = line_end(p, i, n);
+        }
+        if (i + 1 >= n || p[i] != '\r' || p[i + 1] != '\n') {
+            return 0;
+        }
+        i += 2;
+    }
+}
+
+/* match_simple plus the checks of ResponseFramer.whole: not 204 or 304, and the body is
+   exactly the rest of the data. */
+static int
+simple_response(const unsigned char *p, Py_ssize_t n, int *status, Py_ssize_t *end)
+{
+    long long length;
+    if (!match_simple(p, n, status, end, &length)) {
+        return 0;
+    }
+    if (*status == 204 || *status == 304) {
+        return 0;
+    }
+    /* *end <= n and length < 10**18: no overflow in the subtraction */
+    return (long long)(n - *end) == length;
+}
+
+static PyObject *
+pair_of_ints(long a, Py_ssize_t b)
+{
+    PyObject *x, *y, *t;
+    if ((x = PyLong_FromLong(a)) == NULL) {
+        return NULL;
+    }
+    if ((y = PyLong_FromSsize_t(b)) == NULL) {
+        Py_DECREF(x);
+        return NULL;
+    }
+    t = PyTuple_Pack(2, x, y);
+    Py_DECREF(x);
+    Py_DECREF(y);
+    return t;
+}
+
+PyDoc_STRVAR(simple_head_doc,
+"simple_head(data, /)\n--\n\n"
+"(status, head length) when ``data`` is one whole response of the common kind, else None\n"
+"(responses.simple_head_py).");
+
+static PyObject *
+simple_head(PyObject *module, PyObject *data)
+{
+    Py_buffer view;
+    int status = 0;
+    Py_ssize_t end = 0;
+    int ok;
+
+    if (PyObject_GetBuffer(data, &view, PyBUF_SIMPLE) < 0) {
+        return NULL;
+    }
+    ok = simple_response((const unsigned char *)view.buf, view.len, &status, &end);
+    PyBuffer_Release(&view);
+    if (!ok) {
+        Py_RETURN_NONE;
+    }
+    return pair_of_ints(status, end);
+}
+
+/* 1: ``framer`` is waiting for a head, holds nothing and its next request is not HEAD;
+   0: not; -1: an error is set. On 1, *methods is a new reference to its deque. */
+static int
+framer_ready(PyObject *framer, PyObject **methods)
+{
+    PyObject *state, *buf, *first;
+    int r;
+
+    *methods = NULL;
+    state = PyObject_GetAttr(framer, str_state);
+    if (state == NULL) {
+        return -1;
+    }
+    r = PyObject_RichCompareBool(state, int_zero, Py_EQ); /* _state == _HEAD */
+    Py_DECREF(state);
+    if (r <= 0) {
+        return r;
+    }
+    buf = PyObject_GetAttr(framer, str_buf);
+    if (buf == NULL) {
+        return -1;
+    }
+    r = PyObject_IsTrue(buf);
+    Py_DECREF(buf);
+    if (r != 0) {
+        return r < 0 ? -1 : 0;
+    }
+    *methods = PyObject_GetAttr(framer, str_methods);
+    if (*methods == NULL) {
+        return -1;
+    }
+    r = PyObject_IsTrue(*methods);
+    if (r <= 0) {
+        Py_CLEAR(*methods);
+        return r;
+    }
+    first = PySequence_GetItem(*methods, 0);
+    if (first == NULL) {
+        Py_CLEAR(*methods);
+        return -1;
+    }
+    r = PyObject_RichCompareBool(first, bytes_head, Py_EQ);
+    Py_DECREF(first);
+    if (r != 0) {
+        Py_CLEAR(*methods);
+        return r < 0 ? -1 : 0;
+    }
+    return 1;
+}
+
+PyDoc_STRVAR(whole_response_doc,
+"whole_response(framer, data, id_line, /)\n--\n\n"
+"ResponseFramer.whole(data) and, when it takes the response, (data with ``id_line`` before\n"
+"its head's blank line, status, body length); else None (responses.whole_response_py).");
+
+static PyObject *
+whole_response(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    PyObject *framer, *data, *id_line, *methods = NULL, *popped, *out, *result, *item;
+    Py_buffer view, idv;
+    int status = 0, r;
+    Py_ssize_t end = 0, total;
+    char *w;
+
+    if (!check_nargs("whole_response", nargs, 3)) {
+        return NULL;
+    }
+    framer = args[0];
+    data = args[1];
+    id_line = args[2];
+    r = framer_ready(framer, &methods);
+    if (r <= 0) {
+        if (r < 0) {
+            return NULL;
+        }
+        Py_RETURN_NONE;
+    }
+    if (PyObject_GetBuffer(data, &view, PyBUF_SIMPLE) < 0) {
+        Py_DECREF(methods);
+        return NULL;
+    }
+    if (!simple_response((const unsigned char *)view.buf, view.len, &status, &end)) {
+        PyBuffer_Release(&view);
+        Py_DECREF(methods);
+        Py_RETURN_NONE;
+    }
+    if (PyObject_GetBuffer(id_line, &idv, PyBUF_SIMPLE) < 0) {
+        PyBuffer_Release(&view);
+        Py_DECREF(methods);
+        return NULL;
+    }
+    popped = PyObject_CallMethodNoArgs(methods, str_popleft);
+    Py_DECREF(methods);
+    if (popped == NULL) {
+        goto fail;
+    }
+    Py_DECREF(popped);
+    if (idv.len > PY_SSIZE_T_MAX - view.len) {
+        PyErr_NoMemory();
+        goto fail;
+    }
+    total = view.len + idv.len;
+    out = PyBytes_FromStringAndSize(NULL, total);
+    if (out == NULL) {
+        goto fail;
+    }
+    /* end >= 2 (the head ends with CRLF CRLF): the id line goes before the last CRLF */
+    w = PyBytes_AS_STRING(out);
+    memcpy(w, view.buf, end - 2);
+    memcpy(w + end - 2, idv.buf, idv.len);
+    memcpy(w + end - 2 + idv.len, (const char *)view.buf + end - 2, view.len - (end - 2));
+    result = PyTuple_New(3);
+    if (result == NULL) {
+        Py_DECREF(out);
+        goto fail;
+    }
+    PyTuple_SET_ITEM(result, 0, out);
+    if ((item = PyLong_FromLong(status)) == NULL) {
+        Py_DECREF(result);
+        goto fail;
+    }
+    PyTuple_SET_ITEM(result, 1, item);
+    if ((item = PyLong_FromSsize_t(view.len - end)) == NULL) {
+        Py_DECREF(result);
+        goto fail;
+    }
+    PyTuple_SET_ITEM(result, 2, item);
+    PyBuffer_Release(&idv);
+    PyBuffer_Release(&view);
+    return result;
+fail:
+    PyBuffer_Release(&idv);
+    PyBuffer_Release(&view);
+    return NULL;
+}
+
+/* A non-negative int argument as long long; -1 with an error set otherwise. */
+static long long
+non_negative(PyObject *v, const char *what)
+{
+    long long x;
+    if (!PyLong_Check(v)) {
+        PyErr_Format(PyExc_TypeError, "%s must be an int", what);
+        return -1;
+    }
+    x = PyLong_AsLongLong(v);
+    if (x == -1 && PyErr_Occurred()) {
+        return -1;
+    }
+    if (x < 0) {
+        PyErr_Format(PyExc_ValueError, "%s must not be negative", what);
+        return -1;
+    }
+    return x;
+}
+
+static int
+need_bytes(PyObject *v, const char *what)
+{
+    if (!PyBytes_Check(v)) {
+        PyErr_Format(PyExc_TypeError, "%s must be bytes", what);
+        return -1;
+    }
+    return 0;
+}
+
+/* A decimal number (and "d.d" tenths) is at most 21 characters: INT64 has 19 digits. */
+#define NUM_MAX 24
+
+/* x >= 0 in decimal into out (at least NUM_MAX bytes); returns the length. No snprintf: it
+   costs more than the rest of the line. */
+static int
+decimal(long long x, char *out)
+{
+    char tmp[NUM_MAX];
+    int k = 0, len;
+    unsigned long long v = (unsigned long long)x;
+    do {
+        tmp[k++] = (char)('0' + v % 10);
+        v /= 10;
+    } while (v != 0 && k < NUM_MAX);
+    len = k;
+    while (k > 0) {
+        *out++ = tmp[--k];
+    }
+    return len;
+}
+
+PyDoc_STRVAR(text_line_doc,
+"text_line(pending, stamp, ms, lead, request, status, body_out, ns, site, /)\n--\n\n"
+"Append the access log's text line of a whole response to ``pending``; return its length\n"
+"(accesslog.text_line_py).");
+
+static PyObject *
+text_line(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    PyObject *pending, *stamp, *lead, *request, *site, *method, *target, *rid, *line;
+    long long ms, status, body_in, body_out, ns, d10;
+    char msecs[3], n_status[NUM_MAX], n_in[NUM_MAX], n_out[NUM_MAX], took[NUM_MAX];
+    int l_status, l_in, l_out, l_took;
+    Py_ssize_t t_len, t_extra = 0, total;
+    const unsigned char *t;
+    char *w;
+    size_t sum;
+
+    if (!check_nargs("text_line", nargs, 9)) {
+        return NULL;
+    }
+    pending = args[0];
+    stamp = args[1];
+    lead = args[3];
+    request = args[4];
+    site = args[8];
+    if (!PyList_Check(pending)) {
+        PyErr_SetString(PyExc_TypeError, "pending must be a list");
+        return NULL;
+    }
+    if (need_bytes(stamp, "stamp") || need_bytes(lead, "lead") || need_bytes(site, "site")) {
+        return NULL;
+    }
+    if (!PyList_Check(request) || PyList_GET_SIZE(request) < 6) {
+        PyErr_SetString(PyExc_TypeError, "request must be a list of at least 6 items");
+        return NULL;
+    }
+    method = PyList_GET_ITEM(request, 0);
+    target = PyList_GET_ITEM(request, 1);
+    rid = PyList_GET_ITEM(request, 2);
+    if (need_bytes(method, "method") || need_bytes(target, "target") ||
+        need_bytes(rid, "request id")) {
+        return NULL;
+    }
+    if ((ms = non_negative(args[2], "ms")) < 0 ||
+        (body_in = non_negative(PyList_GET_ITEM(request, 5), "body_in")) < 0 ||
+        (status = non_negative(args[5], "status")) < 0 ||
+        (body_out = non_negative(args[6], "body_out")) < 0 ||
+        (ns = non_negative(args[7], "ns")) < 0) {
+        return NULL;
+    }
+    if (ns > LLONG_MAX - 50000) {
+        PyErr_SetString(PyExc_OverflowError, "ns too large");
+        return NULL;
+    }
+    d10 = (ns + 50000) / 100000; /* tenths of a millisecond, rounded half up */
+    {
+        int m = (int)(ms % 1000);
+        msecs[0] = (char)('0' + m / 100);
+        msecs[1] = (char)('0' + m / 10 % 10);
+        msecs[2] = (char)('0' + m % 10);
+    }
+    l_status = decimal(status, n_status);
+    l_in = decimal(body_in, n_in);
+    l_out = decimal(body_out, n_out);
+    l_took = decimal(d10 / 10, took);
+    took[l_took++] = '.';
+    took[l_took++] = (char)('0' + d10 % 10);
+    /* the target's bytes as latin-1 characters in UTF-8: each byte >= 0x80 takes two */
+    t = (const unsigned char *)PyBytes_AS_STRING(target);
+    t_len = PyBytes_GET_SIZE(target);
+    for (Py_ssize_t k = 0; k < t_len; k++) {
+        t_extra += t[k] >> 7;
+    }
+    /* stamp msecs lead method " " target '" ' status " " in " " out "B " took "ms ttfb " took
+       "ms" site id "\n": sizes of objects in memory, summed in size_t and checked */
+    sum = (size_t)PyBytes_GET_SIZE(stamp) + 3 + (size_t)PyBytes_GET_SIZE(lead);
+    sum += (size_t)PyBytes_GET_SIZE(method) + 1 + (size_t)t_len + (size_t)t_extra + 2;
+    sum += (size_t)l_status + 1 + (size_t)l_in + 1 + (size_t)l_out + 2 + (size_t)l_took + 8;
+    sum += (size_t)l_took + 2 + (size_t)PyBytes_GET_SIZE(site) + (size_t)PyBytes_GET_SIZE(rid) + 1;
+    if (sum > (size_t)PY_SSIZE_T_MAX) {
+        return PyErr_NoMemory();
+    }
+    total = (Py_ssize_t)sum;
+    line = PyBytes_FromStringAndSize(NULL, total);
+    if (line == NULL) {
+        return NULL;
+    }
+    w = PyBytes_AS_STRING(line);
+#define PUT(src, len) do { memcpy(w, (src), (size_t)(len)); w += (len); } while (0)
+#define PUT_BYTES(o) PUT(PyBytes_AS_STRING(o), PyBytes_GET_SIZE(o))
+    PUT_BYTES(stamp);
+    PUT(msecs, 3);
+    PUT_BYTES(lead);
+    PUT_BYTES(method);
+    PUT(" ", 1);
+    if (t_extra == 0) {
+        PUT(t, t_len);
+    }
+    else {
+        for (Py_ssize_t k = 0; k < t_len; k++) {
+            unsigned char c = t[k];
+            if (c < 0x80) {
+                *w++ = (char)c;
+            }
+            else {
+                *w++ = (char)(0xC0 | (c >> 6));
+                *w++ = (char)(0x80 | (c & 0x3F));
+            }
+        }
+    }
+    PUT("\" ", 2);
+    PUT(n_status, l_status);
+    PUT(" ", 1);
+    PUT(n_in, l_in);
+    PUT(" ", 1);
+    PUT(n_out, l_out);
+    PUT("B ", 2);
+    PUT(took, l_took);
+    PUT("ms ttfb ", 8);
+    PUT(took, l_took);
+    PUT("ms", 2);
+    PUT_BYTES(site);
+    PUT_BYTES(rid);
+    PUT("\n", 1);
+#undef PUT_BYTES
+#undef PUT
+    if (w != PyBytes_AS_STRING(line) + total) { /* cannot happen: the sizes above are exact */
+        Py_DECREF(line);
+        PyErr_SetString(PyExc_SystemError, "text_line: size mismatch");
+        return NULL;
+    }
+    if (PyList_Append(pending, line) < 0) {
+        Py_DECREF(line);
+        return NULL;
+    }
+    Py_DECREF(line);
+    return PyLong_FromSsize_t(PyList_GET_SIZE(pending));
+}
+
+/* 1 if the buffer is a request id a client may choose (accesslog._VALID_ID), 0 if not */
+static int
+valid_client_id(const unsigned char *p, Py_ssize_t n)
+{
+    if (n < 1 || n > MAX_CLIENT_ID) {
+        return 0;
+    }
+    for (Py_ssize_t k = 0; k < n; k++) {
+        if (!is_id_char[p[k]]) {
+            return 0;
+        }
+    }
+    return 1;
+}
+
+/* prefix + "%016x" % next(counter), as bytes */
+static PyObject *
+new_request_id(PyObject *counter, PyObject *prefix)
+{
+    PyObject *n, *digits, *out;
+    Py_ssize_t plen = PyBytes_GET_SIZE(prefix);
+
+    if (!PyIter_Check(counter)) { /* PyIter_Next would call a NULL tp_iternext */
+        PyErr_Format(PyExc_TypeError, "'%.200s' object is not an iterator",
+                     Py_TYPE(counter)->tp_name);
+        return NULL;
+    }
+    n = PyIter_Next(counter);
+    if (n == NULL) {
+        if (!PyErr_Occurred()) {
+            PyErr_SetNone(PyExc_StopIteration);
+        }
+        return NULL;
+    }
+    if (PyLong_CheckExact(n)) {
+        unsigned long long v = PyLong_AsUnsignedLongLong(n);
+        if (!(v == (unsigned long long)-1 && PyErr_Occurred())) {
+            char *w;
+            Py_DECREF(n);
+            if (plen > PY_SSIZE_T_MAX - 16) {
+                return PyErr_NoMemory();
+            }
+            out = PyBytes_FromStringAndSize(NULL, plen + 16);
+            if (out == NULL) {
+                return NULL;
+            }
+            w = PyBytes_AS_STRING(out);
+            memcpy(w, PyBytes_AS_STRING(prefix), (size_t)plen);
+            for (int k = 15; k >= 0; k--) {
+                w[plen + k] = "0123456789abcdef"[v & 0xF];
+                v >>= 4;
+            }
+            return out;
+        }
+        PyErr_Clear(); /* negative or past 64 bits: as Python formats it */
+    }
+    digits = PyNumber_Remainder(bytes_hex16, n);
+    Py_DECREF(n);
+    if (digits == NULL) {
+        return NULL;
+    }
+    out = PyNumber_Add(prefix, digits);
+    Py_DECREF(digits);
+    return out;
+}
+
+PyDoc_STRVAR(request_ids_doc,
+"request_ids(headers, counter, prefix, /)\n--\n\n"
+"(request id, its x-request-id header line): the client's well-formed X-Request-Id among\n"
+"``headers`` ((name, value) pairs), else ``prefix`` and next(counter) in 16 hex digits\n"
+"(accesslog.request_ids_py).");
+
+static PyObject *
+request_ids(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    PyObject *headers, *counter, *prefix, *seq, *rid = NULL, *line, *result;
+    Py_buffer v;
+    char *w;
+
+    if (!check_nargs("request_ids", nargs, 3)) {
+        return NULL;
+    }
+    headers = args[0];
+    counter = args[1];
+    prefix = args[2];
+    if (need_bytes(prefix, "prefix")) {
+        return NULL;
+    }
+    seq = PySequence_Fast(headers, "headers must be iterable");
+    if (seq == NULL) {
+        return NULL;
+    }
+    /* The size is read again each time round: a name's __eq__ (any object may stand in for
+       bytes) could change the list; every item in use is held by a strong reference. */
+    for (Py_ssize_t k = 0; k < PySequence_Fast_GET_SIZE(seq); k++) {
+        PyObject *item, *pair, *name, *value;
+        int is_id;
+
+        item = Py_NewRef(PySequence_Fast_GET_ITEM(seq, k));
+        pair = PySequence_Fast(item, "a header must be a (name, value) pair");
+        Py_DECREF(item);
+        if (pair == NULL) {
+            Py_DECREF(seq);
+            return NULL;
+        }
+        if (PySequence_Fast_GET_SIZE(pair) != 2) {
+            PyErr_Format(PyExc_ValueError, "a header has %zd items, not 2",
+                         PySequence_Fast_GET_SIZE(pair));
+            Py_DECREF(pair);
+            Py_DECREF(seq);
+            return NULL;
+        }
+        name = Py_NewRef(PySequence_Fast_GET_ITEM(pair, 0));
+        value = Py_NewRef(PySequence_Fast_GET_ITEM(pair, 1));
+        Py_DECREF(pair);
+        if (PyBytes_CheckExact(name)) {
+            is_id = PyBytes_GET_SIZE(name) == 12 &&
+                    memcmp(PyBytes_AS_STRING(name), "x-request-id", 12) == 0;
+        }
+        else {
+            is_id = PyObject_RichCompareBool(name, bytes_xrid, Py_EQ);
+        }
+        Py_DECREF(name);
+        if (is_id < 0) {
+            Py_DECREF(value);
+            Py_DECREF(seq);
+            return NULL;
+        }
+        if (is_id) {
+            int ok;
+            if (PyObject_GetBuffer(value, &v, PyBUF_SIMPLE) < 0) {
+                Py_DECREF(value);
+                Py_DECREF(seq);
+                return NULL;
+            }
+            ok = valid_client_id((const unsigned char *)v.buf, v.len);
+            PyBuffer_Release(&v);
+            if (ok) {
+                rid = value; /* the reference taken above */
+            }
+            else {
+                Py_DECREF(value);
+            }
+            break; /* the first x-request-id decides, well formed or not */
+        }
+        Py_DECREF(value);
+    }
+    Py_DECREF(seq);
+    if (rid == NULL) {
+        rid = new_request_id(counter, prefix);
+        if (rid == NULL) {
+            return NULL;
+        }
+    }
+    if (PyObject_GetBuffer(rid, &v, PyBUF_SIMPLE) < 0) {
+        Py_DECREF(rid);
+        return NULL;
+    }
+    if (v.len > PY_SSIZE_T_MAX - (Py_ssize_t)XRID_PREFIX_LEN - 2) {
+        PyBuffer_Release(&v);
+        Py_DECREF(rid);
+        return PyErr_NoMemory();
+    }
+    line = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)XRID_PREFIX_LEN + v.len + 2);
+    if (line == NULL) {
+        PyBuffer_Release(&v);
+        Py_DECREF(rid);
+        return NULL;
+    }
+    w = PyBytes_AS_STRING(line);
+    memcpy(w, XRID_PREFIX, XRID_PREFIX_LEN);
+    memcpy(w + XRID_PREFIX_LEN, v.buf, (size_t)v.len);
+    memcpy(w + XRID_PREFIX_LEN + v.len, "\r\n", 2);
+    PyBuffer_Release(&v);
+    result = PyTuple_Pack(2, rid, line);
+    Py_DECREF(rid);
+    Py_DECREF(line);
+    return result;
+}
+
+static PyMethodDef speedups_methods[] = {
+    {"simple_head", (PyCFunction)simple_head, METH_O, simple_head_doc},
+    {"whole_response", (PyCFunction)(void (*)(void))whole_response, METH_FASTCALL,
+     whole_response_doc},
+    {"text_line", (PyCFunction)(void (*)(void))text_line, METH_FASTCALL, text_line_doc},
+    {"request_ids", (PyCFunction)(void (*)(void))request_ids, METH_FASTCALL, request_ids_doc},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef speedups_module = {
+    PyModuleDef_HEAD_INIT,
+    "tunneld._speedups",
+    "C versions of the access log's per-request work (tunneld/speedups.py).",
+    -1,
+    speedups_methods,
+    NULL,
+    NULL,
+    NULL,
+    NULL,
+};
+
+PyMODINIT_FUNC
+PyInit__speedups(void)
+{
+    const char *tchar = "!#$%&'*+-.^_`|~";
+    const char *idchar = "._:-";
+
+    for (int c = 0; c < 256; c++) {
+        int alnum = (c >= '0' && c <= '9') || (c >= 'A' && c <= 'Z') || (c >= 'a' && c <= 'z');
+        is_token[c] = (unsigned char)(alnum || (c && strchr(tchar, c) != NULL));
+        is_id_char[c] = (unsigned char)(alnum || (c && strchr(idchar, c) != NULL));
+    }
+    if (str_state == NULL) {
+        str_state = PyUnicode_InternFromString("_state");
+        str_buf = PyUnicode_InternFromString("_buf");
+        str_methods = PyUnicode_InternFromString("_methods");
+        str_popleft = PyUnicode_InternFromString("popleft");
+        bytes_head = PyBytes_FromString("HEAD");
+        bytes_xrid = PyBytes_FromString("x-request-id");
+        bytes_hex16 = PyBytes_FromString("%016x");
+        int_zero = PyLong_FromLong(0);
+        if (!int_zero || !str_state || !str_buf || !str_methods || !str_popleft || !bytes_head ||
+            !bytes_xrid || !bytes_hex16) {
+            return NULL;
+        }
+    }
+    return PyModule_Create(&speedups_module);
+}

@@ -1,0 +1,24 @@
+# The C extension's functions (tunneld/_speedups.c); each has the signature and results of its
+# pure-Python reference named in the comment.
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+def simple_head(data: bytes, /) -> tuple[int, int] | None: ...  # responses.simple_head_py
+def whole_response(  # responses.whole_response_py
+    framer: Any, data: bytes, id_line: bytes, /
+) -> tuple[bytes, int, int] | None: ...
+def text_line(  # accesslog.text_line_py
+    pending: list[bytes],
+    stamp: bytes,
+    ms: int,
+    lead: bytes,
+    request: list[Any],
+    status: int,
+    body_out: int,
+    ns: int,
+    site: bytes,
+    /,
+) -> int: ...
+def request_ids(  # accesslog.request_ids_py
+    headers: Iterable[tuple[bytes, bytes]], counter: Iterator[int], prefix: bytes, /
+) -> tuple[bytes, bytes]: ...
