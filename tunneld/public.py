@@ -54,9 +54,10 @@ from .inspect import ConnectionRecorder
 from .tls import TLS_CLOSE_DEADLINE, TLS_NOTIFY_WAIT
 
 if TYPE_CHECKING:
+    from .config import Config
     from .edge import EdgeServer, EdgeSession
 
-__all__ = ["PublicConnection", "error_response", "forward_head"]
+__all__ = ["PublicConnection", "error_response", "forward_head", "stalled_close_period"]
 
 log = logging.getLogger("tunneld.public")
 
@@ -871,14 +872,10 @@ class PublicConnection(StreamEndpoint):
         """The ``StalledCloseWatch`` of ``transport``'s clean close (``close_gracefully``; an
         HTTP/2 connection's too, whose place in the limits this object holds)."""
         if self._close_watch is None:
-            config = self.server.config
-            period = config.keepalive_timeout
-            if 0 < config.idle_timeout < period:
-                period = config.idle_timeout
             tls = transport.get_extra_info("ssl_object") is not None
             self._close_watch = StalledCloseWatch.start(
                 transport,
-                period,
+                stalled_close_period(self.server.config),
                 self.server.loop,
                 self._close_stalled,
                 TLS_CLOSE_DEADLINE if tls else None,
@@ -1050,6 +1047,16 @@ class PublicConnection(StreamEndpoint):
             self._closed = True
             return
         super().connection_lost(exc)
+
+
+def stalled_close_period(config: Config) -> float:
+    """The period of a public connection's ``StalledCloseWatch`` (HTTP/1.1, HTTPS, HTTP/2, raw
+    TCP and TLS passthrough alike): the shorter of ``keepalive_timeout`` and ``idle_timeout``
+    (``keepalive_timeout`` where ``idle_timeout`` is 0: no idle sweep, yet a close is bounded)."""
+    period = config.keepalive_timeout
+    if 0 < config.idle_timeout < period:
+        period = config.idle_timeout
+    return period
 
 
 def _is_node_link(mux: object) -> bool:

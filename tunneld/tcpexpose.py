@@ -31,8 +31,10 @@ Limits are the public listener's: a connection counts towards ``max_connections`
 ``max_connections_per_ip`` (the same per-IP table), a new stream takes from the sandbox's
 ``stream_budget``, and ``idle_timeout`` closes a connection silent both ways (RST: a raw stream
 has no way to say "idle" that a peer would not take for a normal end); a client still taking
-what the edge sent is not silent (``taken_mark``). Refusals are RSTs, as a raw TCP client has
-no page to read.
+what the edge sent is not silent (``taken_mark``). A clean close (both sides ended) is watched
+as every public connection's (``StalledCloseWatch``, ``idle_timeout = 0`` or not): a client
+that takes none of the rest for a look of the watch is reset, a slow one gets it all.
+Refusals are RSTs, as a raw TCP client has no page to read.
 """
 
 from __future__ import annotations
@@ -50,10 +52,11 @@ from protocol.errors import LocalProtocolError, ResetCode
 from protocol.hostnames import ExposureOptions, parse_preview_host
 from relay.budget import RateLimitedLog
 from relay.buffers import SHARED
-from relay.mux import StreamEndpoint, abort_with_reset, taken_mark
+from relay.mux import StalledCloseWatch, StreamEndpoint, abort_with_reset, taken_mark
 
 from .listen import Acceptor, bind
 from .proxyproto import encode_v2
+from .public import stalled_close_period
 from .registry import ExposureRecord, RegistryError
 from .sni import MAX_PEEK, ClientHello, NeedMore, NotClientHello, parse_client_hello
 from .store import StoreError
@@ -104,6 +107,7 @@ class RawConnection(StreamEndpoint):
     """One public connection of a ``tcp`` or ``tls`` exposure, relayed raw to one stream."""
 
     __slots__ = (
+        "_close_watch",
         "_counted_ip",
         "_held",
         "_seen_activity",
@@ -130,6 +134,7 @@ class RawConnection(StreamEndpoint):
         self.activity = 0
         self._seen_activity = -1
         self._seen_taken = 0  # taken_mark at the previous idle_check
+        self._close_watch: StalledCloseWatch | None = None  # a clean close the client stalls
 
     def describe(self) -> str:
         return (
@@ -251,6 +256,34 @@ class RawConnection(StreamEndpoint):
             return False  # not routed yet (reading is paused, so only a race gets here)
         return super().eof_received()
 
+    def close_gracefully(self) -> None:
+        """Both sides ended: close with FIN once the client has taken the rest.
+
+        A client that takes none of it would keep the close, its buffer and its place in the
+        connection limits for ever where no idle sweep runs (``idle_timeout = 0``). So, as for
+        every public connection (``PublicConnection.close_gracefully``), a ``StalledCloseWatch``
+        resets (RST) the connection once the shorter of ``keepalive_timeout`` and
+        ``idle_timeout`` passes without the client taking a byte: it did not get everything.
+        Bytes it takes, however slowly, keep the connection."""
+        super().close_gracefully()
+        if self._close_watch is None and not self._closed:
+            server = self.manager.server
+            self._close_watch = StalledCloseWatch.start(
+                self.transport,
+                stalled_close_period(server.config),
+                server.loop,
+                self._close_stalled,
+            )
+
+    def _close_stalled(self, unsent: int, stalled: float | None) -> None:
+        """The ``StalledCloseWatch`` resets the connection: say why."""
+        log.info(
+            "%s: the client took none of the last %d bytes of a closing connection for %gs; reset",
+            self.describe(),
+            unsent,
+            stalled,
+        )
+
     def idle_check(self) -> bool:
         """True when no byte moved either way since the previous check: none relayed, and none
         of what is still unsent taken by the client (one still draining the end of a stream the
@@ -262,6 +295,9 @@ class RawConnection(StreamEndpoint):
         return idle
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._close_watch is not None:
+            self._close_watch.cancel()
+            self._close_watch = None
         self.manager.connections.discard(self)
         self.manager.uncount(self)
         if self.mux is None:
