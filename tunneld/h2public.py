@@ -58,6 +58,7 @@ import base64
 import logging
 import os
 import re
+import select
 from collections import deque
 from typing import TYPE_CHECKING, Any, Final
 
@@ -74,7 +75,7 @@ from relay.mux import DeferredFlush, StreamEndpoint
 from .accesslog import ConnectionLog
 from .budget import RequestBudget
 from .httphead import MAX_HEAD_SIZE, HeadParser
-from .public import PublicConnection, error_response
+from .public import PublicConnection, error_response, stalled_close_period
 from .responses import MAX_RESPONSE_HEAD
 
 if TYPE_CHECKING:
@@ -298,6 +299,7 @@ class H2PublicConnection(DeferredFlush, asyncio.Protocol):
         self._seen_activity = -1
         self._timer: asyncio.TimerHandle | None = None
         self._timer_activity = -1
+        self._hangup_look: asyncio.TimerHandle | None = None  # (``_look_for_hang_up``)
 
     # -- connection ------------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -386,6 +388,10 @@ class H2PublicConnection(DeferredFlush, asyncio.Protocol):
             return
         stream.start(method, chunked, websocket)
         endpoint.deliver(head)
+        if self._hangup_look is None:
+            self._hangup_look = self.loop.call_later(
+                stalled_close_period(self.server.config), self._look_for_hang_up
+            )
 
     def _on_data(self, event: h2.events.DataReceived) -> None:
         stream = self.streams.get(event.stream_id)
@@ -423,11 +429,38 @@ class H2PublicConnection(DeferredFlush, asyncio.Protocol):
         self.flush()
 
     def eof_received(self) -> bool:
+        """The client is done (its ``close_notify``, or a FIN): the TLS layer closes the
+        connection after this, by itself, whatever it returns, and the rest it holds waits for
+        the client. That close is watched as the edge's own (``_close_transport``): a client
+        that takes none of it for a look of the watch is reset, one that keeps reading gets
+        it all; streams still open when it ends are reset towards their services then."""
+        if self.transport is not None:
+            self.entry._watch_close(self.transport)
         return False
+
+    def _look_for_hang_up(self) -> None:
+        """Every look of the watch's period while streams are open: has the client sent its
+        FIN? uvloop's TLS layer ends the connection on it without a word to this protocol (no
+        ``eof_received``: it keeps that for ``close_notify``), and where no idle sweep runs
+        and a stream has no timer of its own (a WebSocket), nothing else would ever watch that
+        close. The kernel says it (``POLLRDHUP``), whatever the loop."""
+        self._hangup_look = None
+        transport = self.transport
+        if self.closed or transport is None or not self.streams:
+            return
+        if _hung_up(transport):
+            self.entry._watch_close(transport)  # as at eof_received
+            return
+        self._hangup_look = self.loop.call_later(
+            stalled_close_period(self.server.config), self._look_for_hang_up
+        )
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self._cancel_timer()
+        if self._hangup_look is not None:
+            self._hangup_look.cancel()
+            self._hangup_look = None
         for stream in list(self.streams.values()):
             self._uncount_stream(stream)
             stream.connection_gone()
@@ -573,6 +606,21 @@ class H2PublicConnection(DeferredFlush, asyncio.Protocol):
             self._arm_timer(self.server.config.keepalive_timeout)
             return
         self.close()
+
+
+def _hung_up(transport: asyncio.BaseTransport) -> bool:
+    """The peer of ``transport``'s socket sent its FIN (or the connection failed)."""
+    sock = transport.get_extra_info("socket")
+    try:
+        fd = sock.fileno() if sock is not None else -1
+    except (OSError, ValueError):  # closed under us
+        return False
+    if fd < 0:
+        return False
+    gone = select.POLLRDHUP | select.POLLHUP | select.POLLERR
+    poller = select.poll()
+    poller.register(fd, gone)
+    return any(events & gone for _, events in poller.poll(0))
 
 
 class H2Stream(PublicConnection):
