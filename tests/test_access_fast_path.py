@@ -1,5 +1,5 @@
 """The access log's one-step path for a response that arrives whole (tunneld/accesslog.py
-``ConnectionLog.response`` and ``_line``, tunneld/metrics.py ``RequestStats.whole``/``fold``):
+``ConnectionLog.response`` and ``text_line``, tunneld/metrics.py ``RequestStats.whole``/``fold``):
 what it logs, sends and counts must be exactly what the general path (the same response in two
 reads: ``ResponseFramer.feed``, ``_write``, ``RequestStats.observe``) logs, sends and counts."""
 
@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from tunneld import accesslog
 from tunneld.accesslog import AccessWriter, ConnectionLog
 from tunneld.httphead import RequestHead
-from tunneld.metrics import FOLD_AFTER, REQUEST_BUCKETS, RequestStats
+from tunneld.metrics import FOLD_AFTER, REQUEST_BUCKETS, WHOLE_ITEMS, RequestStats
 
 from .speedups_impl import implementation  # noqa: F401  (the fixture)
 
@@ -206,7 +206,7 @@ def test_quiet_and_a_raised_level_write_nothing_but_still_count(clock: Clock) ->
             assert conn.writer is not None
             conn.writer.flush()
             assert stream.getvalue() == ""
-            assert len(stats.whole) == 1
+            assert len(stats.whole) == WHOLE_ITEMS  # one observation
     finally:
         loop.close()
 
@@ -230,7 +230,7 @@ def test_batched_observations_count_as_one_at_a_time(
 ) -> None:
     batched, single = RequestStats(), RequestStats()
     for i, (seconds, status, body_in, body_out) in enumerate(observations):
-        batched.whole.append((seconds, status, body_in, body_out))
+        batched.whole += (seconds, status, body_in, body_out)
         if i % batches == 0:
             batched.fold()
         single.observe(seconds, seconds, status, body_in, body_out)
@@ -251,6 +251,6 @@ def test_kept_observations_are_bounded(clock: Clock) -> None:
     for _ in range(FOLD_AFTER * 3 + 5):
         conn.request(_head(b"/"))
         conn.response(data)
-        assert len(stats.whole) < FOLD_AFTER
-    assert len(stats.whole) == 5
+        assert len(stats.whole) < FOLD_AFTER * WHOLE_ITEMS
+    assert len(stats.whole) == 5 * WHOLE_ITEMS
     assert sum(stats.duration.counts) == FOLD_AFTER * 3

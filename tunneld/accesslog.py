@@ -56,7 +56,7 @@ from typing import TYPE_CHECKING, Any, Final, TextIO
 import orjson
 
 from . import speedups
-from .metrics import FOLD_AFTER
+from .metrics import FOLD_AFTER, WHOLE_ITEMS
 from .responses import ResponseDone, ResponseFramer, ResponseHead, Unframed, whole_response
 
 if TYPE_CHECKING:
@@ -130,6 +130,8 @@ _TENTHS: Final = tuple(b"%d.%d" % divmod(n, 10) for n in range(1000))
 FLUSH_AFTER: Final = 0.05
 # Lines kept before a write even within the interval (a burst of completions).
 _MAX_PENDING: Final = 256
+# RequestStats.whole's length when it holds FOLD_AFTER observations (flat: metrics.py).
+_FOLD_ITEMS: Final = FOLD_AFTER * WHOLE_ITEMS
 
 
 def text_line_py(
@@ -382,23 +384,46 @@ class ConnectionLog:
             request = requests[0]
             whole = whole_response(self.framer, data, request[_ID_LINE])
             if whole is not None:
-                out_bytes, status, body_out = whole
+                out_bytes, status, body_out = whole  # the id line is in out_bytes
                 requests.popleft()
                 ns = monotonic_ns() - request[_STARTED]  # to its first byte and to its end
                 stats = self.stats
                 if stats is not None:
                     kept = stats.whole
-                    kept.append((ns / 1e9, status, request[_BODY_IN], body_out))
-                    if len(kept) >= FOLD_AFTER:
+                    kept += (ns / 1e9, status, request[_BODY_IN], body_out)
+                    if len(kept) >= _FOLD_ITEMS:
                         stats.fold()
                 if not self.quiet and log.isEnabledFor(_INFO):
                     writer = self.writer
-                    if writer is not None and not writer._json:
-                        self._line(writer, request, status, body_out, ns)
-                    else:
+                    if writer is None or writer._json:
                         request[_TTFB] = ns
                         self._log(request, status, body_out, None, ns / 1e9)
-                return out_bytes  # with the x-request-id line before the head's blank line
+                        return out_bytes
+                    # The text line (as ``_log`` writes it) from bytes prepared, appended to
+                    # the writer's pending lines by text_line; writer.add inlined around it.
+                    ms = time_ns() // 1_000_000
+                    if ms // 1000 != writer._sec:
+                        writer.restamp(ms // 1000)
+                    if self.sandbox_id is not self._site_of or self.port != self._site_port:
+                        self._resite()
+                    if (
+                        text_line(
+                            writer.pending,
+                            writer.stamp,
+                            ms,
+                            self._lead,
+                            request,
+                            status,
+                            body_out,
+                            ns,
+                            self._site,
+                        )
+                        >= _MAX_PENDING
+                    ):
+                        writer.flush()
+                    elif writer._timer is None:
+                        writer._timer = writer._loop.call_later(FLUSH_AFTER, writer.flush)
+                return out_bytes
         out: list[bytes | memoryview] = []
         for event in self.framer.feed(data):
             if isinstance(event, (bytes, memoryview)):
@@ -415,24 +440,10 @@ class ConnectionLog:
             return out[0]
         return b"".join(out)
 
-    def _line(
-        self, writer: AccessWriter, request: list[Any], status: int, body_out: int, ns: int
-    ) -> None:
-        """The text line of a whole response (as ``_log`` writes it, from bytes prepared)."""
-        ms = time_ns() // 1_000_000
-        sec = ms // 1000
-        if sec != writer._sec:
-            writer.restamp(sec)
-        if self.sandbox_id is not self._site_of or self.port != self._site_port:
-            self._site_of, self._site_port = self.sandbox_id, self.port
-            self._site = f" {self.sandbox_id}:{self.port} id=".encode("utf-8", "surrogatepass")
-        kept = text_line(  # appends the line; writer.add(line) inlined around it
-            writer.pending, writer.stamp, ms, self._lead, request, status, body_out, ns, self._site
-        )
-        if kept >= _MAX_PENDING:
-            writer.flush()
-        elif writer._timer is None:
-            writer._timer = writer._loop.call_later(FLUSH_AFTER, writer.flush)
+    def _resite(self) -> None:
+        """The shell set another sandbox or port: the text lines' "sandbox:port" again."""
+        self._site_of, self._site_port = self.sandbox_id, self.port
+        self._site = f" {self.sandbox_id}:{self.port} id=".encode("utf-8", "surrogatepass")
 
     def _head(self, head: ResponseHead) -> bytes:
         if head.status < 200 and head.status != 101:
