@@ -1029,7 +1029,15 @@ class PublicConnection(StreamEndpoint):
     def eof_received(self) -> bool:
         if self.mux is None:
             return False  # nothing routed yet: just close
-        return super().eof_received()
+        keep_open = super().eof_received()
+        transport = self.transport
+        if transport is not None and transport.get_extra_info("ssl_object") is not None:
+            # The client's close_notify: the TLS layer shuts the connection down by itself
+            # (whatever this returns), and what it still holds waits for the client. That close
+            # is watched as the edge's own: a client that takes none of it is reset, one that
+            # reads gets it all (as HTTP/2's ``eof_received``).
+            self._watch_close(transport)
+        return keep_open
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_timer()
