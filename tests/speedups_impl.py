@@ -14,8 +14,7 @@ from tunneld import accesslog, responses
 # (module, name it is used by, pure-Python reference): everything tunneld/speedups.py switches
 SWITCHED = (
     (responses, "simple_head", responses.simple_head_py),
-    (responses, "whole_response", responses.whole_response_py),
-    (accesslog, "whole_response", responses.whole_response_py),
+    (accesslog, "whole_response", accesslog.whole_response_py),
     (accesslog, "text_line", accesslog.text_line_py),
     (accesslog, "request_ids", accesslog.request_ids_py),
 )

@@ -20,8 +20,8 @@ from hypothesis import strategies as st
 
 from tunneld import _speedups as C  # not built: this module errors (CI must build it)
 from tunneld import speedups
-from tunneld.accesslog import request_ids_py, text_line_py
-from tunneld.responses import ResponseFramer, simple_head_py, whole_response_py
+from tunneld.accesslog import request_ids_py, text_line_py, whole_response_py
+from tunneld.responses import ResponseFramer, simple_head_py
 
 from .test_responses import _LINE, _STATUS, TRICKY
 
@@ -42,7 +42,7 @@ def test_the_extension_is_built_and_used_unless_switched_off() -> None:
         "print(speedups.describe(), responses.simple_head is responses.simple_head_py,"
         " accesslog.text_line is accesslog.text_line_py,"
         " accesslog.request_ids is accesslog.request_ids_py,"
-        " accesslog.whole_response is responses.whole_response_py)"
+        " accesslog.whole_response is accesslog.whole_response_py)"
     )
     out = {}
     for value in ("1", ""):
@@ -136,6 +136,11 @@ def _state(framer: ResponseFramer) -> tuple[object, ...]:
     return (framer._state, bytes(framer._buf), list(framer._methods), framer._remaining)
 
 
+def _request(id_line: bytes, started: int, body_in: int) -> list[Any]:
+    """A request in flight as ConnectionLog keeps it (tunneld/accesslog.py)."""
+    return [b"GET", b"/", b"id", started, None, body_in, None, id_line, 0, 0]
+
+
 @settings(max_examples=500)
 @given(
     st.one_of(st.sampled_from([*TRICKY, RESPONSE]), st.binary(max_size=80)),
@@ -143,23 +148,55 @@ def _state(framer: ResponseFramer) -> tuple[object, ...]:
     st.sampled_from([b"", b"HTTP/1.1 2", b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\nab"]),
     st.booleans(),
     st.binary(max_size=30),
+    st.integers(0, 2**70),
+    st.integers(0, 2**64),
+    st.integers(0, 10**12),
+    st.booleans(),
 )
 def test_whole_response_does_what_the_reference_does(
-    data: bytes, methods: list[bytes], prefix: bytes, raw: bool, id_line: bytes
+    data: bytes,
+    methods: list[bytes],
+    prefix: bytes,
+    raw: bool,
+    id_line: bytes,
+    now: int,
+    started: int,
+    body_in: int,
+    metrics: bool,
 ) -> None:
     ours, theirs = _framer(methods, prefix, raw), _framer(methods, prefix, raw)
-    got = C.whole_response(ours, data, id_line)
-    assert got == whole_response_py(theirs, data, id_line)
+    request_c, request_py = _request(id_line, started, body_in), _request(id_line, started, body_in)
+    kept_c: list[float] | None = [1.0] if metrics else None
+    kept_py: list[float] | None = [1.0] if metrics else None
+    got = C.whole_response(ours, data, request_c, now, kept_c)
+    assert got == whole_response_py(theirs, data, request_py, now, kept_py)
     assert _state(ours) == _state(theirs)
+    assert request_c == request_py
+    assert kept_c == kept_py
 
 
-def test_whole_response_inserts_the_line_before_the_blank_line() -> None:
+def test_whole_response_notes_the_response_and_inserts_the_line_before_the_blank_line() -> None:
     framer = _framer([b"GET", b"GET"], b"", False)
-    got = C.whole_response(framer, RESPONSE, b"x-request-id: abc\r\n")
-    assert got is not None
-    out, status, body = got
+    request = _request(b"x-request-id: abc\r\n", 1_000, 7)
+    kept: list[float] = []
+    out = C.whole_response(framer, RESPONSE, request, 2_501_000, kept)
     assert out == RESPONSE.replace(b"\r\n\r\n", b"\r\nx-request-id: abc\r\n\r\n")
-    assert (status, body) == (200, 5) and list(framer._methods) == [b"GET"]
+    assert request[4:] == [2_500_000, 7, None, b"x-request-id: abc\r\n", 200, 5]
+    assert kept == [0.0025, 200, 7, 5] and list(framer._methods) == [b"GET"]
+
+
+def test_whole_response_refuses_bad_arguments_before_it_changes_anything() -> None:
+    for request, kept, now in (
+        (_request(b"x", 0, 0)[:9], None, 1),  # too short
+        (_request(None, 0, 0), None, 1),  # type: ignore[arg-type]  # an id line not bytes
+        (_request(b"x", 0, 0), (), 1),  # kept not a list
+        (_request(b"x", 0, 0), None, "1"),  # now not a number
+    ):
+        framer = _framer([b"GET"], b"", False)
+        before = list(request)
+        with pytest.raises(TypeError):
+            C.whole_response(framer, RESPONSE, request, now, kept)  # type: ignore[arg-type]
+        assert list(framer._methods) == [b"GET"] and request == before
 
 
 # -- text_line ------------------------------------------------------------------------------------
@@ -194,36 +231,43 @@ def test_text_line_writes_what_the_reference_writes(
     ns: int,
     site: bytes,
 ) -> None:
-    request = [method, target, rid, 0, None, body_in, None, b""]
+    request = [method, target, rid, 0, ns, body_in, None, b"", status, body_out]
     ours: list[bytes] = [b"before"]
     theirs: list[bytes] = [b"before"]
-    n = C.text_line(ours, stamp, ms, lead, request, status, body_out, ns, site)
-    assert n == text_line_py(theirs, stamp, ms, lead, request, status, body_out, ns, site) == 2
+    n = C.text_line(ours, stamp, ms, lead, request, site)
+    assert n == text_line_py(theirs, stamp, ms, lead, request, site) == 2
     assert ours == theirs
 
 
 def test_text_line_refuses_what_it_cannot_format() -> None:
-    request = [b"GET", b"/", b"id", 0, None, 0, None, b""]
-    good: list[Any] = [[], b"s", 1, b"l", request, 200, 0, 0, b"x"]
+    request = [b"GET", b"/", b"id", 0, 0, 0, None, b"", 200, 0]
+    good: list[Any] = [[], b"s", 1, b"l", request, b"x"]
     bad = {
         0: ((), TypeError),
         1: ("s", TypeError),
         2: (-1, ValueError),
-        4: ([b"GET", b"/"], TypeError),
-        5: (2**64, OverflowError),
-        6: (1.5, TypeError),
-        7: (2**63 - 1, OverflowError),
+        4: (request[:9], TypeError),
+        5: ("x", TypeError),
     }
     for index, (value, error) in bad.items():
         args = list(good)
         args[index] = value
         with pytest.raises(error):
             C.text_line(*args)
-    for item, value in ((0, "GET"), (1, None), (2, 3), (5, -1)):
+    for item, value, error in (
+        (0, "GET", TypeError),
+        (1, None, TypeError),
+        (2, 3, TypeError),
+        (4, None, TypeError),  # no time noted
+        (4, 2**63 - 1, OverflowError),
+        (5, -1, ValueError),
+        (8, 2**64, OverflowError),
+        (9, 1.5, TypeError),
+    ):
         broken = list(request)
         broken[item] = value
-        with pytest.raises((TypeError, ValueError)):
-            C.text_line([], b"s", 1, b"l", broken, 200, 0, 0, b"x")
+        with pytest.raises(error):
+            C.text_line([], b"s", 1, b"l", broken, b"x")
     with pytest.raises(TypeError):
         C.text_line([], b"s", 1)  # type: ignore[call-arg]
     assert good[0] == []  # nothing appended by a refused call
@@ -343,30 +387,34 @@ def test_many_calls_leave_nothing_behind() -> None:
     headers = [(b"host", b"h"), (b"x-request-id", b"client.id")]
     bad_headers: list[Any] = [(b"x-request-id", "text")]
     counter = itertools.count()
-    request = [b"GET", b"/caf\xc3\xa9", b"id", 0, None, 5, None, id_line]
+    request = [b"GET", b"/caf\xc3\xa9", b"id", 0, 10**9, 5, None, id_line, 200, 10**6]
     watched = [RESPONSE, id_line, headers[1][1], request[1], request[2]]
     refs = [sys.getrefcount(o) for o in watched]
 
     def whole() -> None:
         framer = ResponseFramer()
         framer.expect(b"GET")
-        assert C.whole_response(framer, RESPONSE, id_line) is not None
-        assert C.whole_response(framer, RESPONSE, id_line) is None  # nothing expected
+        kept: list[float] = []
+        noted = [b"GET", b"/", b"id", 5, None, 5, None, id_line, 0, 0]
+        assert C.whole_response(framer, RESPONSE, noted, 10**12, kept) is not None
+        assert C.whole_response(framer, RESPONSE, noted, 10**12, kept) is None  # none expected
 
     def line() -> None:
         pending: list[bytes] = []
-        C.text_line(pending, b"stamp", 123, b"lead", request, 200, 10**6, 10**9, b"site")
+        C.text_line(pending, b"stamp", 123, b"lead", request, b"site")
 
     def bad_line() -> None:
-        C.text_line([], b"stamp", 123, b"lead", request, 200, -1, 0, b"site")
+        C.text_line([], b"stamp", -1, b"lead", request, b"site")
 
     calls: dict[str, Callable[[], object]] = {
         "simple_head": lambda: C.simple_head(RESPONSE),
         "simple_head no match": lambda: C.simple_head(RESPONSE[:-1]),
         "simple_head bytearray": lambda: C.simple_head(data),  # type: ignore[arg-type]
         "whole_response": whole,
-        "whole_response bad id line": _raises(
-            lambda: C.whole_response(_framer([b"GET"], b"", False), RESPONSE, None)  # type: ignore[arg-type]
+        "whole_response refused": _raises(
+            lambda: C.whole_response(
+                _framer([b"GET"], b"", False), RESPONSE, _request(b"x", 0, 0), "1", None
+            )
         ),
         "text_line": line,
         "text_line refused": _raises(bad_line),

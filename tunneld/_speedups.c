@@ -10,9 +10,8 @@ exactly the result of its pure-Python reference (named in each docstring; the re
 the fallback and are what tests/test_speedups.py compares these with, on arbitrary bytes):
 
 - simple_head(data): responses.simple_head_py (``_SIMPLE_RE`` + status + length checks);
-- whole_response(framer, data, id_line): responses.whole_response_py;
-- text_line(pending, stamp, ms, lead, request, status, body_out, ns, site):
-  accesslog.text_line_py;
+- whole_response(framer, data, request, now, kept): accesslog.whole_response_py;
+- text_line(pending, stamp, ms, lead, request, site): accesslog.text_line_py;
 - request_ids(headers, counter, prefix): accesslog.request_ids_py.
 
 The bytes come from services, agents and clients, none of them trusted: every read is
@@ -41,6 +40,7 @@ static PyObject *bytes_head;  /* b"HEAD" */
 static PyObject *bytes_xrid;  /* b"x-request-id" */
 static PyObject *bytes_hex16; /* b"%016x" */
 static PyObject *int_zero;    /* 0, ResponseFramer's _HEAD */
+static PyObject *float_1e9;   /* 1e9: ns / 1e9 is seconds */
 
 static const char XRID_PREFIX[] = "x-request-id: ";
 #define XRID_PREFIX_LEN (sizeof(XRID_PREFIX) - 1)
@@ -299,26 +299,54 @@ framer_ready(PyObject *framer, PyObject **methods)
     return 1;
 }
 
+/* The request lists of tunneld/accesslog.py (ConnectionLog): the indices read and written here */
+enum {
+    R_METHOD = 0,
+    R_TARGET = 1,
+    R_ID = 2,
+    R_STARTED = 3,
+    R_TTFB = 4,
+    R_BODY_IN = 5,
+    R_ID_LINE = 7,
+    R_STATUS = 8,
+    R_BODY_OUT = 9,
+    R_SIZE = 10
+};
+
 PyDoc_STRVAR(whole_response_doc,
-"whole_response(framer, data, id_line, /)\n--\n\n"
-"ResponseFramer.whole(data) and, when it takes the response, (data with ``id_line`` before\n"
-"its head's blank line, status, body length); else None (responses.whole_response_py).");
+"whole_response(framer, data, request, now, kept, /)\n--\n\n"
+"When ResponseFramer.whole(data) takes the response: its time, status and body size noted in\n"
+"``request``, its observation added to ``kept`` (unless None), and ``data`` with the\n"
+"request's id line before its head's blank line returned; else None\n"
+"(accesslog.whole_response_py).");
 
 static PyObject *
 whole_response(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
-    PyObject *framer, *data, *id_line, *methods = NULL, *popped, *out, *result, *item;
+    PyObject *framer, *data, *request, *now, *kept, *methods = NULL, *popped;
+    PyObject *id_line = NULL, *started = NULL, *ns = NULL, *seconds = NULL, *body_in = NULL;
+    PyObject *status_obj = NULL, *body_out_obj = NULL, *out = NULL;
     Py_buffer view, idv;
-    int status = 0, r;
-    Py_ssize_t end = 0, total;
+    int status = 0, r, have_view = 0, have_idv = 0;
+    Py_ssize_t end = 0;
     char *w;
 
-    if (!check_nargs("whole_response", nargs, 3)) {
+    if (!check_nargs("whole_response", nargs, 5)) {
         return NULL;
     }
     framer = args[0];
     data = args[1];
-    id_line = args[2];
+    request = args[2];
+    now = args[3];
+    kept = args[4];
+    if (!PyList_Check(request) || PyList_GET_SIZE(request) < R_SIZE) {
+        PyErr_SetString(PyExc_TypeError, "request must be a list of at least 10 items");
+        return NULL;
+    }
+    if (kept != Py_None && !PyList_Check(kept)) {
+        PyErr_SetString(PyExc_TypeError, "kept must be a list or None");
+        return NULL;
+    }
     r = framer_ready(framer, &methods);
     if (r <= 0) {
         if (r < 0) {
@@ -327,61 +355,93 @@ whole_response(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         Py_RETURN_NONE;
     }
     if (PyObject_GetBuffer(data, &view, PyBUF_SIMPLE) < 0) {
-        Py_DECREF(methods);
-        return NULL;
+        goto fail;
     }
+    have_view = 1;
     if (!simple_response((const unsigned char *)view.buf, view.len, &status, &end)) {
         PyBuffer_Release(&view);
         Py_DECREF(methods);
         Py_RETURN_NONE;
     }
-    if (PyObject_GetBuffer(id_line, &idv, PyBUF_SIMPLE) < 0) {
-        PyBuffer_Release(&view);
-        Py_DECREF(methods);
-        return NULL;
-    }
-    popped = PyObject_CallMethodNoArgs(methods, str_popleft);
-    Py_DECREF(methods);
-    if (popped == NULL) {
+    /* Everything that can fail on the caller's arguments before the framer changes. Items are
+       held by strong references: arithmetic on odd objects can run Python code. */
+    if (PyList_GET_SIZE(request) < R_SIZE) {
+        PyErr_SetString(PyExc_TypeError, "request must be a list of at least 10 items");
         goto fail;
     }
-    Py_DECREF(popped);
+    id_line = Py_NewRef(PyList_GET_ITEM(request, R_ID_LINE));
+    started = Py_NewRef(PyList_GET_ITEM(request, R_STARTED));
+    body_in = Py_NewRef(PyList_GET_ITEM(request, R_BODY_IN));
+    if (PyObject_GetBuffer(id_line, &idv, PyBUF_SIMPLE) < 0) {
+        goto fail;
+    }
+    have_idv = 1;
+    if ((ns = PyNumber_Subtract(now, started)) == NULL) {
+        goto fail;
+    }
+    if (kept != Py_None && (seconds = PyNumber_TrueDivide(ns, float_1e9)) == NULL) {
+        goto fail;
+    }
+    if ((status_obj = PyLong_FromLong(status)) == NULL ||
+        (body_out_obj = PyLong_FromSsize_t(view.len - end)) == NULL) {
+        goto fail;
+    }
     if (idv.len > PY_SSIZE_T_MAX - view.len) {
         PyErr_NoMemory();
         goto fail;
     }
-    total = view.len + idv.len;
-    out = PyBytes_FromStringAndSize(NULL, total);
+    out = PyBytes_FromStringAndSize(NULL, view.len + idv.len);
     if (out == NULL) {
         goto fail;
     }
     /* end >= 2 (the head ends with CRLF CRLF): the id line goes before the last CRLF */
     w = PyBytes_AS_STRING(out);
-    memcpy(w, view.buf, end - 2);
-    memcpy(w + end - 2, idv.buf, idv.len);
-    memcpy(w + end - 2 + idv.len, (const char *)view.buf + end - 2, view.len - (end - 2));
-    result = PyTuple_New(3);
-    if (result == NULL) {
-        Py_DECREF(out);
+    memcpy(w, view.buf, (size_t)(end - 2));
+    memcpy(w + end - 2, idv.buf, (size_t)idv.len);
+    memcpy(w + end - 2 + idv.len, (const char *)view.buf + end - 2, (size_t)(view.len - end + 2));
+    popped = PyObject_CallMethodNoArgs(methods, str_popleft);
+    if (popped == NULL) {
         goto fail;
     }
-    PyTuple_SET_ITEM(result, 0, out);
-    if ((item = PyLong_FromLong(status)) == NULL) {
-        Py_DECREF(result);
+    Py_DECREF(popped);
+    /* PyList_SetItem checks the index (the list may have shrunk) and steals the reference */
+    if (PyList_SetItem(request, R_TTFB, Py_NewRef(ns)) < 0 ||
+        PyList_SetItem(request, R_STATUS, Py_NewRef(status_obj)) < 0 ||
+        PyList_SetItem(request, R_BODY_OUT, Py_NewRef(body_out_obj)) < 0) {
         goto fail;
     }
-    PyTuple_SET_ITEM(result, 1, item);
-    if ((item = PyLong_FromSsize_t(view.len - end)) == NULL) {
-        Py_DECREF(result);
+    if (kept != Py_None &&
+        (PyList_Append(kept, seconds) < 0 || PyList_Append(kept, status_obj) < 0 ||
+         PyList_Append(kept, body_in) < 0 || PyList_Append(kept, body_out_obj) < 0)) {
         goto fail;
     }
-    PyTuple_SET_ITEM(result, 2, item);
     PyBuffer_Release(&idv);
     PyBuffer_Release(&view);
-    return result;
+    Py_DECREF(methods);
+    Py_DECREF(id_line);
+    Py_DECREF(started);
+    Py_DECREF(body_in);
+    Py_DECREF(ns);
+    Py_XDECREF(seconds);
+    Py_DECREF(status_obj);
+    Py_DECREF(body_out_obj);
+    return out;
 fail:
-    PyBuffer_Release(&idv);
-    PyBuffer_Release(&view);
+    if (have_idv) {
+        PyBuffer_Release(&idv);
+    }
+    if (have_view) {
+        PyBuffer_Release(&view);
+    }
+    Py_XDECREF(methods);
+    Py_XDECREF(id_line);
+    Py_XDECREF(started);
+    Py_XDECREF(body_in);
+    Py_XDECREF(ns);
+    Py_XDECREF(seconds);
+    Py_XDECREF(status_obj);
+    Py_XDECREF(body_out_obj);
+    Py_XDECREF(out);
     return NULL;
 }
 
@@ -438,7 +498,7 @@ decimal(long long x, char *out)
 }
 
 PyDoc_STRVAR(text_line_doc,
-"text_line(pending, stamp, ms, lead, request, status, body_out, ns, site, /)\n--\n\n"
+"text_line(pending, stamp, ms, lead, request, site, /)\n--\n\n"
 "Append the access log's text line of a whole response to ``pending``; return its length\n"
 "(accesslog.text_line_py).");
 
@@ -454,14 +514,14 @@ text_line(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     char *w;
     size_t sum;
 
-    if (!check_nargs("text_line", nargs, 9)) {
+    if (!check_nargs("text_line", nargs, 6)) {
         return NULL;
     }
     pending = args[0];
     stamp = args[1];
     lead = args[3];
     request = args[4];
-    site = args[8];
+    site = args[5];
     if (!PyList_Check(pending)) {
         PyErr_SetString(PyExc_TypeError, "pending must be a list");
         return NULL;
@@ -469,22 +529,24 @@ text_line(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     if (need_bytes(stamp, "stamp") || need_bytes(lead, "lead") || need_bytes(site, "site")) {
         return NULL;
     }
-    if (!PyList_Check(request) || PyList_GET_SIZE(request) < 6) {
-        PyErr_SetString(PyExc_TypeError, "request must be a list of at least 6 items");
+    if (!PyList_Check(request) || PyList_GET_SIZE(request) < R_SIZE) {
+        PyErr_SetString(PyExc_TypeError, "request must be a list of at least 10 items");
         return NULL;
     }
-    method = PyList_GET_ITEM(request, 0);
-    target = PyList_GET_ITEM(request, 1);
-    rid = PyList_GET_ITEM(request, 2);
+    /* borrowed: nothing below runs Python code before the line is made (ints are read with
+       PyLong_AsLongLong, which calls no __index__ on an int) */
+    method = PyList_GET_ITEM(request, R_METHOD);
+    target = PyList_GET_ITEM(request, R_TARGET);
+    rid = PyList_GET_ITEM(request, R_ID);
     if (need_bytes(method, "method") || need_bytes(target, "target") ||
         need_bytes(rid, "request id")) {
         return NULL;
     }
     if ((ms = non_negative(args[2], "ms")) < 0 ||
-        (body_in = non_negative(PyList_GET_ITEM(request, 5), "body_in")) < 0 ||
-        (status = non_negative(args[5], "status")) < 0 ||
-        (body_out = non_negative(args[6], "body_out")) < 0 ||
-        (ns = non_negative(args[7], "ns")) < 0) {
+        (body_in = non_negative(PyList_GET_ITEM(request, R_BODY_IN), "body_in")) < 0 ||
+        (status = non_negative(PyList_GET_ITEM(request, R_STATUS), "status")) < 0 ||
+        (body_out = non_negative(PyList_GET_ITEM(request, R_BODY_OUT), "body_out")) < 0 ||
+        (ns = non_negative(PyList_GET_ITEM(request, R_TTFB), "ns")) < 0) {
         return NULL;
     }
     if (ns > LLONG_MAX - 50000) {
@@ -797,7 +859,8 @@ PyInit__speedups(void)
         bytes_xrid = PyBytes_FromString("x-request-id");
         bytes_hex16 = PyBytes_FromString("%016x");
         int_zero = PyLong_FromLong(0);
-        if (!int_zero || !str_state || !str_buf || !str_methods || !str_popleft || !bytes_head ||
+        float_1e9 = PyFloat_FromDouble(1e9);
+        if (!int_zero || !float_1e9 || !str_state || !str_buf || !str_methods || !str_popleft || !bytes_head ||
             !bytes_xrid || !bytes_hex16) {
             return NULL;
         }

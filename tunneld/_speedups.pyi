@@ -4,20 +4,11 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 def simple_head(data: bytes, /) -> tuple[int, int] | None: ...  # responses.simple_head_py
-def whole_response(  # responses.whole_response_py
-    framer: Any, data: bytes, id_line: bytes, /
-) -> tuple[bytes, int, int] | None: ...
+def whole_response(  # accesslog.whole_response_py
+    framer: Any, data: bytes, request: list[Any], now: int, kept: list[float] | None, /
+) -> bytes | None: ...
 def text_line(  # accesslog.text_line_py
-    pending: list[bytes],
-    stamp: bytes,
-    ms: int,
-    lead: bytes,
-    request: list[Any],
-    status: int,
-    body_out: int,
-    ns: int,
-    site: bytes,
-    /,
+    pending: list[bytes], stamp: bytes, ms: int, lead: bytes, request: list[Any], site: bytes, /
 ) -> int: ...
 def request_ids(  # accesslog.request_ids_py
     headers: Iterable[tuple[bytes, bytes]], counter: Iterator[int], prefix: bytes, /

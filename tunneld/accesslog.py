@@ -32,8 +32,9 @@ durations below 100 ms, the time stamp of the current second), and its metrics a
 batch (``RequestStats.whole``). Each Python operation here costs ~0.5-1 % of relaying a small
 request (``python -m bench.e2e.instr``): the path is written to do few of them, and its work is
 done by C functions when tunneld/_speedups.c is built (tunneld/speedups.py): ``request_ids``
-(the request side), ``whole_response`` (validating the head and adding the id line) and
-``text_line``, each with the same results as its pure-Python reference here (``*_py``).
+(the request side), ``whole_response`` (validating the head, adding the id line, noting the
+time, status and sizes, keeping the metrics' observation) and ``text_line``, each with the
+same results as its pure-Python reference here (``*_py``).
 
 An inspected connection (tunneld/inspect.py) takes this same path, with ``quiet`` when the access
 log is off: its ``recorder`` gets each request's head and body prefix, the response head and
@@ -57,7 +58,7 @@ import orjson
 
 from . import speedups
 from .metrics import FOLD_AFTER, WHOLE_ITEMS
-from .responses import ResponseDone, ResponseFramer, ResponseHead, Unframed, whole_response
+from .responses import ResponseDone, ResponseFramer, ResponseHead, Unframed
 
 if TYPE_CHECKING:
     from collections.abc import Iterable, Iterator
@@ -135,22 +136,15 @@ _FOLD_ITEMS: Final = FOLD_AFTER * WHOLE_ITEMS
 
 
 def text_line_py(
-    pending: list[bytes],
-    stamp: bytes,
-    ms: int,
-    lead: bytes,
-    request: list[Any],
-    status: int,
-    body_out: int,
-    ns: int,
-    site: bytes,
+    pending: list[bytes], stamp: bytes, ms: int, lead: bytes, request: list[Any], site: bytes
 ) -> int:
     """Append the text line of a whole response to ``pending`` and return its length: the time
     stamp (``stamp`` and the milliseconds of ``ms``), ``lead`` (level, logger, client), the
     request's method and target (non-ASCII bytes as latin-1 characters, in UTF-8), status,
-    body sizes, ``ns`` as the duration and time to first byte, ``site`` and the request id.
-    The reference of ``text_line`` (tunneld/_speedups.c when built: speedups.py); arguments are
-    never negative."""
+    body sizes, time (``_TTFB``, its duration and time to first byte), ``site`` and the request
+    id. The reference of ``text_line`` (tunneld/_speedups.c when built: speedups.py); numbers
+    are never negative."""
+    status, body_out, ns = request[_STATUS], request[_BODY_OUT], request[_TTFB]
     target = request[_TARGET]
     if not target.isascii():
         target = target.decode("latin-1").encode()
@@ -300,10 +294,34 @@ class AccessWriter:
 
 # A request in flight is a list indexed by these, not an object: creating an object costs a
 # Python ``__init__`` call, three times a list's cost, per request.
-_METHOD, _TARGET, _ID, _STARTED, _TTFB, _BODY_IN, _RECORD, _ID_LINE = range(8)
+_METHOD, _TARGET, _ID, _STARTED, _TTFB, _BODY_IN, _RECORD, _ID_LINE, _STATUS, _BODY_OUT = range(10)
 # _STARTED, _TTFB: time.monotonic_ns() at the head's arrival, and ns to the first response byte
 # (None until then); _RECORD: the inspection record (tunneld/inspect.py) or None; _ID_LINE: the
-# ``x-request-id`` header line the request carries, which the response head gets too.
+# ``x-request-id`` header line the request carries, which the response head gets too;
+# _STATUS, _BODY_OUT: set by ``whole_response`` for the text line (the C one reads these indices).
+
+
+def whole_response_py(
+    framer: ResponseFramer, data: bytes, request: list[Any], now: int, kept: list[float] | None
+) -> bytes | None:
+    """The access log's one step for a whole response: when ``framer.whole(data)`` takes it,
+    note its time (``now`` - started, as its duration and time to first byte), status and body
+    size in ``request``, extend ``kept`` (RequestStats.whole, or None) with its observation, and
+    return ``data`` with the request's id line before the blank line that ends its head; else
+    None (nothing changed). The reference of ``whole_response`` (tunneld/_speedups.c when
+    built: speedups.py)."""
+    taken = framer.whole(data)
+    if taken is None:
+        return None
+    status, end = taken
+    ns = now - request[_STARTED]
+    body_out = len(data) - end
+    request[_TTFB] = ns
+    request[_STATUS] = status
+    request[_BODY_OUT] = body_out
+    if kept is not None:
+        kept += (ns / 1e9, status, request[_BODY_IN], body_out)
+    return b"".join((data[: end - 2], request[_ID_LINE], data[end - 2 :]))
 
 
 class ConnectionLog:
@@ -311,6 +329,7 @@ class ConnectionLog:
 
     __slots__ = (
         "_capture",
+        "_kept",
         "_lead",
         "_requests",
         "_site",
@@ -336,6 +355,7 @@ class ConnectionLog:
     ) -> None:
         self.client = client
         self.stats = stats  # the edge's per-request metrics (tunneld/metrics.py)
+        self._kept = None if stats is None else stats.whole  # its observations of whole responses
         self.writer = writer  # None: through the ``logging`` module (one record per line)
         self.quiet = quiet  # no log lines: the connection is here for inspection only
         self.recorder: ConnectionRecorder | None = None
@@ -359,7 +379,18 @@ class ConnectionLog:
         requests = self._requests
         if len(requests) < 1024:  # pipelining without reading: stop recording, not grow
             method = head.method
-            request = [method, head.target, request_id, monotonic_ns(), None, 0, None, id_line]
+            request = [
+                method,
+                head.target,
+                request_id,
+                monotonic_ns(),
+                None,
+                0,
+                None,
+                id_line,
+                0,
+                0,
+            ]
             if self.recorder is not None:
                 request[_RECORD] = self.recorder.begin(head, request_id)
             requests.append(request)
@@ -382,22 +413,17 @@ class ConnectionLog:
             # The common case first: one whole response in this read (ResponseFramer.whole),
             # all of it here, the general path's ``_write`` inlined.
             request = requests[0]
-            whole = whole_response(self.framer, data, request[_ID_LINE])
-            if whole is not None:
-                out_bytes, status, body_out = whole  # the id line is in out_bytes
+            out_bytes = whole_response(self.framer, data, request, monotonic_ns(), self._kept)
+            if out_bytes is not None:  # status, sizes and time now in request; metrics kept
                 requests.popleft()
-                ns = monotonic_ns() - request[_STARTED]  # to its first byte and to its end
-                stats = self.stats
-                if stats is not None:
-                    kept = stats.whole
-                    kept += (ns / 1e9, status, request[_BODY_IN], body_out)
-                    if len(kept) >= _FOLD_ITEMS:
-                        stats.fold()
+                kept = self._kept
+                if kept is not None and len(kept) >= _FOLD_ITEMS:
+                    self.stats.fold()  # type: ignore[union-attr]  # kept: stats.whole
                 if not self.quiet and log.isEnabledFor(_INFO):
                     writer = self.writer
                     if writer is None or writer._json:
-                        request[_TTFB] = ns
-                        self._log(request, status, body_out, None, ns / 1e9)
+                        ns = request[_TTFB]
+                        self._log(request, request[_STATUS], request[_BODY_OUT], None, ns / 1e9)
                         return out_bytes
                     # The text line (as ``_log`` writes it) from bytes prepared, appended to
                     # the writer's pending lines by text_line; writer.add inlined around it.
@@ -406,19 +432,9 @@ class ConnectionLog:
                         writer.restamp(ms // 1000)
                     if self.sandbox_id is not self._site_of or self.port != self._site_port:
                         self._resite()
-                    if (
-                        text_line(
-                            writer.pending,
-                            writer.stamp,
-                            ms,
-                            self._lead,
-                            request,
-                            status,
-                            body_out,
-                            ns,
-                            self._site,
-                        )
-                        >= _MAX_PENDING
+                    pending = writer.pending
+                    if text_line(pending, writer.stamp, ms, self._lead, request, self._site) >= (
+                        _MAX_PENDING
                     ):
                         writer.flush()
                     elif writer._timer is None:
@@ -558,3 +574,4 @@ class ConnectionLog:
 # The C versions when built (tunneld/speedups.py), else the references above.
 request_ids = request_ids_py if speedups.c is None else speedups.c.request_ids
 text_line = text_line_py if speedups.c is None else speedups.c.text_line
+whole_response = whole_response_py if speedups.c is None else speedups.c.whole_response

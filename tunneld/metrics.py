@@ -100,7 +100,7 @@ class RequestStats(Collector):
 
     def fold(self) -> None:
         """Count the observations kept in ``whole``."""
-        whole, self.whole = self.whole, []
+        whole = self.whole  # emptied in place below: connections keep a reference to it
         if not whole:
             return
         ordered = sorted(whole[0::WHOLE_ITEMS])
@@ -113,6 +113,7 @@ class RequestStats(Collector):
             classes[key] += count
         self.bytes_in += int(sum(whole[2::WHOLE_ITEMS]))
         self.bytes_out += int(sum(whole[3::WHOLE_ITEMS]))
+        whole.clear()
 
     def collect(self) -> Iterator[Metric]:
         self.fold()

@@ -38,7 +38,6 @@ __all__ = [
     "ResponseHead",
     "Unframed",
     "simple_head",
-    "whole_response",
 ]
 
 # Responses carry bigger heads than requests (many Set-Cookie lines); past this, stop following.
@@ -102,19 +101,6 @@ def simple_head_py(data: bytes) -> tuple[int, int] | None:
     if not status or end + int(length) != len(data):
         return None
     return status, end
-
-
-def whole_response_py(
-    framer: ResponseFramer, data: bytes, id_line: bytes
-) -> tuple[bytes, int, int] | None:
-    """``framer.whole(data)`` and, when it takes the response, (``data`` with ``id_line`` before
-    the blank line that ends its head, status, body length); else None. The reference of
-    ``whole_response`` (the access log's one step for a whole response)."""
-    taken = framer.whole(data)
-    if taken is None:
-        return None
-    status, end = taken
-    return b"".join((data[: end - 2], id_line, data[end - 2 :])), status, len(data) - end
 
 
 class ResponseHead:
@@ -352,6 +338,5 @@ def _parse_head(raw: bytes) -> tuple[int, int | None, bool | None, bool] | None:
     return status, None, False, has_id
 
 
-# The C versions when built (tunneld/speedups.py), else the references above.
+# The C version when built (tunneld/speedups.py), else the reference above.
 simple_head = simple_head_py if speedups.c is None else speedups.c.simple_head
-whole_response = whole_response_py if speedups.c is None else speedups.c.whole_response
