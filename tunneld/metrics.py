@@ -8,7 +8,6 @@ time instead of being maintained.
 from __future__ import annotations
 
 from bisect import bisect_left, bisect_right
-from collections import Counter as Tally
 from collections.abc import Callable, Iterator
 from typing import Final
 
@@ -21,6 +20,8 @@ REQUEST_BUCKETS: Final = (
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
 )  # fmt: skip
 _STATUS_CLASSES: Final = ("1xx", "2xx", "3xx", "4xx", "5xx")
+# The first status past each class: 1xx is [100, 200), ..., 5xx is [500, 600).
+_STATUS_BOUNDS: Final = (200, 300, 400, 500, 600)
 
 
 class _Buckets:
@@ -33,8 +34,9 @@ class _Buckets:
         self.counts = [0] * (len(REQUEST_BUCKETS) + 1)  # the last one: above every bound
         self.total = 0.0
 
-    def add(self, ordered: list[float]) -> None:
-        """Count many observations at once (``ordered``: sorted): one bisection per bound."""
+    def add(self, ordered: list[float], total: float) -> None:
+        """Count many observations at once (``ordered``: sorted; ``total``: their sum): one
+        bisection per bound."""
         counts = self.counts
         below = 0  # values <= the previous bound
         for i, bound in enumerate(REQUEST_BUCKETS):
@@ -42,7 +44,7 @@ class _Buckets:
             counts[i] += upto - below
             below = upto
         counts[-1] += len(ordered) - below
-        self.total += sum(ordered)
+        self.total += total
 
     def family(self, name: str, documentation: str) -> HistogramMetricFamily:
         cumulative, buckets = 0, []
@@ -104,13 +106,19 @@ class RequestStats(Collector):
         if not whole:
             return
         ordered = sorted(whole[0::WHOLE_ITEMS])
-        self.duration.add(ordered)
-        self.ttfb.add(ordered)
+        total = sum(ordered)
+        self.duration.add(ordered, total)
+        self.ttfb.add(ordered, total)
+        # Statuses by class: sorted (runs of equal ones sort in one pass), one bisection per
+        # class bound; a Counter costs a dictionary update per observation.
+        statuses = sorted(whole[1::WHOLE_ITEMS])
         classes = self.statuses
-        for status, count in Tally(whole[1::WHOLE_ITEMS]).items():
-            code = int(status)
-            key = _STATUS_CLASSES[code // 100 - 1] if 100 <= code <= 599 else "none"
-            classes[key] += count
+        below = bisect_left(statuses, 100)
+        for i, bound in enumerate(_STATUS_BOUNDS):
+            upto = bisect_left(statuses, bound, below)
+            classes[_STATUS_CLASSES[i]] += upto - below
+            below = upto
+        classes["none"] += len(statuses) - below + bisect_left(statuses, 100)
         self.bytes_in += int(sum(whole[2::WHOLE_ITEMS]))
         self.bytes_out += int(sum(whole[3::WHOLE_ITEMS]))
         whole.clear()
