@@ -46,7 +46,14 @@ from protocol.hostnames import (
 )
 from protocol.session import Role, Session, SessionConfig
 from relay.budget import RateLimitedLog
-from relay.mux import TUNNEL_OUTPUT_CAP, MuxProtocol, StreamEndpoint, link_closed_log
+from relay.mux import (
+    TUNNEL_OUTPUT_CAP,
+    MuxProtocol,
+    StreamEndpoint,
+    abort_with_reset,
+    link_closed_log,
+    unsent_bytes,
+)
 from relay.requests import ControlRequestError
 
 from .accesslog import AccessWriter
@@ -89,6 +96,14 @@ _WELCOME_SLACK: Final = 1024
 _PREAUTH_WHAT: Final = "warnings about agent connections that did not authenticate"
 
 
+# The end of a stop, after its grace period: how long it waits for the clean closes it began
+# (an idle connection's, an agent session's after its GO_AWAY) to finish before it cuts what is
+# left, and then for the listeners to let their last connections go. asyncio's
+# ``Server.wait_closed`` waits for every connection of its server since Python 3.12 (3.11's and
+# uvloop's return at once), so a client that stalls a close must not get to hold the stop.
+STOP_CLOSE_WAIT: Final = 1.0
+
+
 # Session ends that are part of normal operation (logged at INFO; anything else at WARNING).
 _ORDERLY_ENDS: Final = frozenset({GoAwayCode.NORMAL, GoAwayCode.SHUTTING_DOWN, GoAwayCode.REPLACED})
 
@@ -121,6 +136,7 @@ class EdgeSession(MuxProtocol):
         self._handshake_timer: asyncio.TimerHandle | None = None
         self._sniff = bytearray()  # raw (preface) or WebSocket (GET) link: the first bytes tell
         self._going_away = False
+        self.stopped = False  # closed by the edge's stop (EdgeServer.stop)
         self._budget = RequestBudget(config.control_rate, config.control_burst, server.loop.time())
         # new public streams per second to this sandbox (429 TOO_MANY_STREAMS past it)
         now = server.loop.time()
@@ -414,6 +430,14 @@ class EdgeSession(MuxProtocol):
         self.session.close(GoAwayCode.REPLACED)
         self.flush()
 
+    def flush(self) -> None:
+        if self.stopped:
+            # Closed by the edge's stop: nothing more goes out. The resets of the public
+            # streams that end meanwhile would still write, and asyncio's writelines() on a
+            # transport after its close() raises TypeError (Python 3.12, 3.13.0).
+            return
+        super().flush()
+
     def go_away(self, code: GoAwayCode = GoAwayCode.SHUTTING_DOWN) -> None:
         self._going_away = True
         if not self.session.closed:
@@ -562,6 +586,20 @@ _LISTENER_SETTINGS: Final = {
     "admin": "admin_host, admin_port",
     "HTTP-to-HTTPS redirect": "public_host, public_redirect_port",
 }
+
+
+def _owes(transport: Any) -> bool:
+    """A public connection's client has not taken everything written to it yet: bytes in the
+    transport's buffer, or, for a TLS connection or a clean close under way, bytes the client
+    has not taken (``unsent_bytes``: a TLS layer holds them below its transport's buffer, and
+    an HTTP/2 connection's last DATA may wait there after its stream is done)."""
+    if transport is None:
+        return False
+    if transport.get_write_buffer_size():
+        return True
+    if transport.is_closing() or transport.get_extra_info("ssl_object") is not None:
+        return unsent_bytes(transport) > 0
+    return False
 
 
 class _PendingTls:
@@ -832,7 +870,10 @@ class EdgeServer:
                 log.warning("%s: turning TLS on or off needs a restart; not changed", what)
 
     async def stop(self, grace: float | None = None) -> None:
-        """Stop accepting, send GO_AWAY to every agent, wait up to ``grace`` for streams, close."""
+        """Stop accepting, send GO_AWAY to every agent, wait up to ``grace`` for streams and for
+        the responses still on their way to clients, then end every connection (``_cut``) and
+        close. Never longer than ``grace`` plus about twice ``STOP_CLOSE_WAIT``, whatever the
+        clients do, before the store and the admin API close."""
         self.draining = True  # /readyz answers 503 from now on
         grace = self.config.grace_period if grace is None else grace
         self.auth.close()
@@ -845,7 +886,10 @@ class EdgeServer:
         for session in list(self.agent_connections):
             session.go_away(GoAwayCode.SHUTTING_DOWN)
         deadline = self.loop.time() + grace
-        while self.loop.time() < deadline and any(s.streams for s in self.agent_connections):
+        while self.loop.time() < deadline and (
+            any(s.streams for s in self.agent_connections)
+            or any(_owes(c.transport) for c in self.public_connections)
+        ):
             await asyncio.sleep(0.05)
         for conn in list(self.public_connections):
             conn.end()  # a live stream is cut with RST, an idle connection closed normally
@@ -853,9 +897,9 @@ class EdgeServer:
         for session in list(self.agent_connections):
             if session.transport is not None:
                 session.flush()
+                session.stopped = True
                 session.transport.close()
-        for server in self._servers:
-            await server.wait_closed()
+        await self._cut(STOP_CLOSE_WAIT)
         if self.handover is not None:
             self.handover.close()
         if self.cluster is not None:
@@ -868,6 +912,43 @@ class EdgeServer:
         await self.registry.wait_writes(self.registry.write_timeout)
         self.access_writer.flush()
         await self.registry.store.close()
+
+    def _open_transports(self) -> list[Any]:
+        """The transports of the public connections and agent sessions still open."""
+        transports = [c.transport for c in self.public_connections]
+        transports += [s.transport for s in self.agent_connections]
+        return [t for t in transports if t is not None]
+
+    async def _cut(self, wait: float) -> None:
+        """The end of a stop, once every connection was ended or closed: up to ``wait`` seconds
+        for the clean closes under way to finish (an idle client answering ``close_notify``,
+        an agent taking its GO_AWAY), then every public connection and agent session still
+        open is aborted, with RST while its peer still lacks bytes (``abort_with_reset``: a
+        client stalling the rest of a response must not see it end like a complete one, as it
+        would once the process exits), else with a FIN. Then up to ``wait`` more for the
+        listeners to let their last connections go (TLS handshakes, redirects: asyncio's
+        ``Server.wait_closed`` waits for them since Python 3.12), never longer. The admin
+        listener is left to ``AdminServer.close``, which ends its connections itself."""
+        loop = self.loop
+        deadline = loop.time() + wait
+        while loop.time() < deadline and self._open_transports():
+            await asyncio.sleep(0.02)
+        for transport in self._open_transports():
+            abort_with_reset(transport)
+        admin = self.admin.http.server
+        servers = [s for s in self._servers if s is not admin]
+        for server in servers:
+            abort_clients = getattr(server, "abort_clients", None)  # asyncio, Python 3.13+
+            if abort_clients is not None:
+                abort_clients()  # the connections no table here holds: a handshake, a redirect
+        try:
+            async with asyncio.timeout(wait):
+                while self._open_transports():  # their connection_lost: the next iteration
+                    await asyncio.sleep(0.01)
+                for server in servers:
+                    await server.wait_closed()
+        except TimeoutError:
+            log.debug("stop: connections still open %gs after the cut", wait)
 
     async def _load_exposures(self) -> None:
         """Read every stored exposure before any listener opens (StoreError: refuse to start)."""
