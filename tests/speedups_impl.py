@@ -17,6 +17,7 @@ SWITCHED = (
     (accesslog, "whole_response", accesslog.whole_response_py),
     (accesslog, "text_line", accesslog.text_line_py),
     (accesslog, "request_ids", accesslog.request_ids_py),
+    (accesslog, "begin_request", accesslog.begin_request_py),
 )
 
 

@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import tracemalloc
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -20,7 +21,8 @@ from hypothesis import strategies as st
 
 from tunneld import _speedups as C  # not built: this module errors (CI must build it)
 from tunneld import speedups
-from tunneld.accesslog import request_ids_py, text_line_py, whole_response_py
+from tunneld.accesslog import begin_request_py, request_ids_py, text_line_py, whole_response_py
+from tunneld.httphead import RequestHead
 from tunneld.responses import ResponseFramer, simple_head_py
 
 from .test_responses import _LINE, _STATUS, TRICKY
@@ -351,6 +353,48 @@ def test_request_ids_survive_a_name_that_changes_the_headers() -> None:
         assert rid == b"p0000000000000005"
 
 
+# -- begin_request --------------------------------------------------------------------------------
+
+
+def _begun(impl: Callable[..., list[Any]], head: RequestHead, waiting: int, raw: bool) -> object:
+    """What ``impl`` returns and leaves behind, from a fresh counter, requests and framer."""
+    requests: deque[list[Any]] = deque([[b"OLD"]] * waiting)
+    framer = _framer([b"GET"] * min(waiting, 1100), b"", raw)
+    counter = itertools.count(41)
+    request = impl(head, counter, b"p", 12345, requests, framer)
+    return request, list(requests)[-1] is request, len(requests), _state(framer), next(counter)
+
+
+@settings(max_examples=300)
+@given(
+    st.lists(st.tuples(_ID_NAME, _ID_VALUE), max_size=4),
+    st.sampled_from([b"GET", b"HEAD", b"POST", b""]),
+    st.binary(max_size=20),
+    st.sampled_from([0, 1, 1023, 1024, 1025]),
+    st.booleans(),
+)
+def test_begin_request_does_what_the_reference_does(
+    headers: list[tuple[bytes, bytes]], method: bytes, target: bytes, waiting: int, raw: bool
+) -> None:
+    head = RequestHead(method, target, b"1.1", headers)
+    assert _begun(C.begin_request, head, waiting, raw) == _begun(
+        begin_request_py, head, waiting, raw
+    )
+
+
+def test_begin_request_refuses_what_the_reference_refuses() -> None:
+    good = RequestHead(b"GET", b"/", b"1.1", [(b"host", b"h")])
+    for head, requests, framer in (
+        (object(), deque(), ResponseFramer()),  # no headers
+        (RequestHead(b"GET", b"/", b"1.1", [(b"x-request-id", "x")]), deque(), ResponseFramer()),
+        (good, object(), ResponseFramer()),  # requests without a length
+        (good, deque(), object()),  # a framer without a state
+    ):
+        ours = _outcome(C.begin_request, head, itertools.count(), b"p", 1, requests, framer)
+        theirs = _outcome(begin_request_py, head, itertools.count(), b"p", 1, requests, framer)
+        assert ours == theirs and isinstance(ours, type), (ours, theirs)
+
+
 # -- nothing left behind --------------------------------------------------------------------------
 
 
@@ -386,9 +430,12 @@ def test_many_calls_leave_nothing_behind() -> None:
     id_line = b"x-request-id: abc\r\n"
     headers = [(b"host", b"h"), (b"x-request-id", b"client.id")]
     bad_headers: list[Any] = [(b"x-request-id", "text")]
+    head = RequestHead(b"GET", b"/x", b"1.1", headers)
+    bad_head = RequestHead(b"GET", b"/x", b"1.1", bad_headers)
+    framer = ResponseFramer()  # expects at most 1024: the list stays bounded
     counter = itertools.count()
     request = [b"GET", b"/caf\xc3\xa9", b"id", 0, 10**9, 5, None, id_line, 200, 10**6]
-    watched = [RESPONSE, id_line, headers[1][1], request[1], request[2]]
+    watched = [RESPONSE, id_line, headers, bad_headers, headers[1][1], request[1], request[2]]
     refs = [sys.getrefcount(o) for o in watched]
 
     def whole() -> None:
@@ -421,6 +468,10 @@ def test_many_calls_leave_nothing_behind() -> None:
         "request_ids client": lambda: C.request_ids(headers, counter, b"p"),
         "request_ids new": lambda: C.request_ids(headers[:1], counter, b"p"),
         "request_ids refused": _raises(lambda: C.request_ids(bad_headers, counter, b"p")),
+        "begin_request": lambda: C.begin_request(head, counter, b"p", 10**12, deque(), framer),
+        "begin_request refused": _raises(
+            lambda: C.begin_request(bad_head, counter, b"p", 1, deque(), framer)
+        ),
     }
     for name, call in calls.items():
         assert _grows(call) < 64 * 1024, name

@@ -12,7 +12,8 @@ the fallback and are what tests/test_speedups.py compares these with, on arbitra
 - simple_head(data): responses.simple_head_py (``_SIMPLE_RE`` + status + length checks);
 - whole_response(framer, data, request, now, kept): accesslog.whole_response_py;
 - text_line(pending, stamp, ms, lead, request, site): accesslog.text_line_py;
-- request_ids(headers, counter, prefix): accesslog.request_ids_py.
+- request_ids(headers, counter, prefix): accesslog.request_ids_py;
+- begin_request(head, counter, prefix, now, requests, framer): accesslog.begin_request_py.
 
 The bytes come from services, agents and clients, none of them trusted: every read is
 bounds-checked against the buffer's length, output sizes are computed (with overflow checks)
@@ -41,6 +42,8 @@ static PyObject *bytes_xrid;  /* b"x-request-id" */
 static PyObject *bytes_hex16; /* b"%016x" */
 static PyObject *int_zero;    /* 0, ResponseFramer's _HEAD */
 static PyObject *float_1e9;   /* 1e9: ns / 1e9 is seconds */
+static PyObject *int_raw;     /* 4, ResponseFramer's _RAW (unframed) */
+static PyObject *str_headers, *str_method, *str_target, *str_append;
 
 static const char XRID_PREFIX[] = "x-request-id: ";
 #define XRID_PREFIX_LEN (sizeof(XRID_PREFIX) - 1)
@@ -710,25 +713,23 @@ PyDoc_STRVAR(request_ids_doc,
 "``headers`` ((name, value) pairs), else ``prefix`` and next(counter) in 16 hex digits\n"
 "(accesslog.request_ids_py).");
 
-static PyObject *
-request_ids(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+/* The request id and its header line of request_ids(), as new references in *rid_out and
+   *line_out; 0, or -1 with an error set (and nothing in them). */
+static int
+make_ids(PyObject *headers, PyObject *counter, PyObject *prefix, PyObject **rid_out,
+         PyObject **line_out)
 {
-    PyObject *headers, *counter, *prefix, *seq, *rid = NULL, *line, *result;
+    PyObject *seq, *rid = NULL, *line;
     Py_buffer v;
     char *w;
 
-    if (!check_nargs("request_ids", nargs, 3)) {
-        return NULL;
-    }
-    headers = args[0];
-    counter = args[1];
-    prefix = args[2];
+    *rid_out = *line_out = NULL;
     if (need_bytes(prefix, "prefix")) {
-        return NULL;
+        return -1;
     }
     seq = PySequence_Fast(headers, "headers must be iterable");
     if (seq == NULL) {
-        return NULL;
+        return -1;
     }
     /* The size is read again each time round: a name's __eq__ (any object may stand in for
        bytes) could change the list; every item in use is held by a strong reference. */
@@ -741,14 +742,14 @@ request_ids(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         Py_DECREF(item);
         if (pair == NULL) {
             Py_DECREF(seq);
-            return NULL;
+            return -1;
         }
         if (PySequence_Fast_GET_SIZE(pair) != 2) {
             PyErr_Format(PyExc_ValueError, "a header has %zd items, not 2",
                          PySequence_Fast_GET_SIZE(pair));
             Py_DECREF(pair);
             Py_DECREF(seq);
-            return NULL;
+            return -1;
         }
         name = Py_NewRef(PySequence_Fast_GET_ITEM(pair, 0));
         value = Py_NewRef(PySequence_Fast_GET_ITEM(pair, 1));
@@ -764,14 +765,14 @@ request_ids(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         if (is_id < 0) {
             Py_DECREF(value);
             Py_DECREF(seq);
-            return NULL;
+            return -1;
         }
         if (is_id) {
             int ok;
             if (PyObject_GetBuffer(value, &v, PyBUF_SIMPLE) < 0) {
                 Py_DECREF(value);
                 Py_DECREF(seq);
-                return NULL;
+                return -1;
             }
             ok = valid_client_id((const unsigned char *)v.buf, v.len);
             PyBuffer_Release(&v);
@@ -789,33 +790,145 @@ request_ids(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     if (rid == NULL) {
         rid = new_request_id(counter, prefix);
         if (rid == NULL) {
-            return NULL;
+            return -1;
         }
     }
     if (PyObject_GetBuffer(rid, &v, PyBUF_SIMPLE) < 0) {
         Py_DECREF(rid);
-        return NULL;
+        return -1;
     }
     if (v.len > PY_SSIZE_T_MAX - (Py_ssize_t)XRID_PREFIX_LEN - 2) {
         PyBuffer_Release(&v);
         Py_DECREF(rid);
-        return PyErr_NoMemory();
+        PyErr_NoMemory();
+        return -1;
     }
     line = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)XRID_PREFIX_LEN + v.len + 2);
     if (line == NULL) {
         PyBuffer_Release(&v);
         Py_DECREF(rid);
-        return NULL;
+        return -1;
     }
     w = PyBytes_AS_STRING(line);
     memcpy(w, XRID_PREFIX, XRID_PREFIX_LEN);
     memcpy(w + XRID_PREFIX_LEN, v.buf, (size_t)v.len);
     memcpy(w + XRID_PREFIX_LEN + v.len, "\r\n", 2);
     PyBuffer_Release(&v);
+    *rid_out = rid;
+    *line_out = line;
+    return 0;
+}
+
+static PyObject *
+request_ids(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    PyObject *rid, *line, *result;
+
+    if (!check_nargs("request_ids", nargs, 3)) {
+        return NULL;
+    }
+    if (make_ids(args[0], args[1], args[2], &rid, &line) < 0) {
+        return NULL;
+    }
     result = PyTuple_Pack(2, rid, line);
     Py_DECREF(rid);
     Py_DECREF(line);
     return result;
+}
+
+PyDoc_STRVAR(begin_request_doc,
+"begin_request(head, counter, prefix, now, requests, framer, /)\n--\n\n"
+"A request forwarded: its list as ConnectionLog keeps it (request_ids of head.headers, its\n"
+"method, target and start ``now``), appended to ``requests`` and its method to the framer's\n"
+"expected ones unless 1024 are waiting (accesslog.begin_request_py).");
+
+#define MAX_WAITING 1024 /* accesslog.ConnectionLog.request, ResponseFramer.expect */
+
+static PyObject *
+begin_request(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    PyObject *head, *counter, *prefix, *now, *requests, *framer;
+    PyObject *headers = NULL, *method = NULL, *target = NULL, *rid = NULL, *line = NULL;
+    PyObject *request = NULL, *state = NULL, *methods = NULL;
+    Py_ssize_t waiting;
+    int r;
+
+    if (!check_nargs("begin_request", nargs, 6)) {
+        return NULL;
+    }
+    head = args[0];
+    counter = args[1];
+    prefix = args[2];
+    now = args[3];
+    requests = args[4];
+    framer = args[5];
+    if ((headers = PyObject_GetAttr(head, str_headers)) == NULL ||
+        (method = PyObject_GetAttr(head, str_method)) == NULL ||
+        (target = PyObject_GetAttr(head, str_target)) == NULL ||
+        make_ids(headers, counter, prefix, &rid, &line) < 0) {
+        goto fail;
+    }
+    if ((request = PyList_New(R_SIZE)) == NULL) {
+        goto fail;
+    }
+    PyList_SET_ITEM(request, R_METHOD, Py_NewRef(method));
+    PyList_SET_ITEM(request, R_TARGET, Py_NewRef(target));
+    PyList_SET_ITEM(request, R_ID, Py_NewRef(rid));
+    PyList_SET_ITEM(request, R_STARTED, Py_NewRef(now));
+    PyList_SET_ITEM(request, R_TTFB, Py_NewRef(Py_None));
+    PyList_SET_ITEM(request, R_BODY_IN, Py_NewRef(int_zero));
+    PyList_SET_ITEM(request, 6, Py_NewRef(Py_None)); /* the inspection record */
+    PyList_SET_ITEM(request, R_ID_LINE, Py_NewRef(line));
+    PyList_SET_ITEM(request, R_STATUS, Py_NewRef(int_zero));
+    PyList_SET_ITEM(request, R_BODY_OUT, Py_NewRef(int_zero));
+    if ((waiting = PyObject_Size(requests)) < 0) {
+        goto fail;
+    }
+    if (waiting < MAX_WAITING) { /* pipelining without reading: stop recording, not grow */
+        PyObject *done = PyObject_CallMethodOneArg(requests, str_append, request);
+        if (done == NULL) {
+            goto fail;
+        }
+        Py_DECREF(done);
+        /* framer.expect(method): not unframed (_RAW) and fewer than 1024 waiting */
+        if ((state = PyObject_GetAttr(framer, str_state)) == NULL) {
+            goto fail;
+        }
+        if ((r = PyObject_RichCompareBool(state, int_raw, Py_NE)) < 0) {
+            goto fail;
+        }
+        if (r) {
+            if ((methods = PyObject_GetAttr(framer, str_methods)) == NULL ||
+                (waiting = PyObject_Size(methods)) < 0) {
+                goto fail;
+            }
+            if (waiting < MAX_WAITING) {
+                done = PyObject_CallMethodOneArg(methods, str_append, method);
+                if (done == NULL) {
+                    goto fail;
+                }
+                Py_DECREF(done);
+            }
+        }
+    }
+    Py_XDECREF(methods);
+    Py_XDECREF(state);
+    Py_DECREF(line);
+    Py_DECREF(rid);
+    Py_DECREF(target);
+    Py_DECREF(method);
+    Py_DECREF(headers);
+    return request;
+fail:
+    Py_XDECREF(request);
+    Py_XDECREF(methods);
+    Py_XDECREF(state);
+    Py_XDECREF(line);
+    Py_XDECREF(rid);
+    Py_XDECREF(target);
+    Py_XDECREF(method);
+    Py_XDECREF(headers);
+    return NULL;
 }
 
 static PyMethodDef speedups_methods[] = {
@@ -824,6 +937,8 @@ static PyMethodDef speedups_methods[] = {
      whole_response_doc},
     {"text_line", (PyCFunction)(void (*)(void))text_line, METH_FASTCALL, text_line_doc},
     {"request_ids", (PyCFunction)(void (*)(void))request_ids, METH_FASTCALL, request_ids_doc},
+    {"begin_request", (PyCFunction)(void (*)(void))begin_request, METH_FASTCALL,
+     begin_request_doc},
     {NULL, NULL, 0, NULL},
 };
 
@@ -860,7 +975,13 @@ PyInit__speedups(void)
         bytes_hex16 = PyBytes_FromString("%016x");
         int_zero = PyLong_FromLong(0);
         float_1e9 = PyFloat_FromDouble(1e9);
-        if (!int_zero || !float_1e9 || !str_state || !str_buf || !str_methods || !str_popleft || !bytes_head ||
+        int_raw = PyLong_FromLong(4);
+        str_headers = PyUnicode_InternFromString("headers");
+        str_method = PyUnicode_InternFromString("method");
+        str_target = PyUnicode_InternFromString("target");
+        str_append = PyUnicode_InternFromString("append");
+        if (!int_zero || !float_1e9 || !int_raw || !str_headers || !str_method || !str_target ||
+            !str_append || !str_state || !str_buf || !str_methods || !str_popleft || !bytes_head ||
             !bytes_xrid || !bytes_hex16) {
             return NULL;
         }

@@ -13,3 +13,6 @@ def text_line(  # accesslog.text_line_py
 def request_ids(  # accesslog.request_ids_py
     headers: Iterable[tuple[bytes, bytes]], counter: Iterator[int], prefix: bytes, /
 ) -> tuple[bytes, bytes]: ...
+def begin_request(  # accesslog.begin_request_py
+    head: Any, counter: Iterator[int], prefix: bytes, now: int, requests: Any, framer: Any, /
+) -> list[Any]: ...

@@ -31,10 +31,10 @@ prepared per connection (client, sandbox and port) and per process (numbers belo
 durations below 100 ms, the time stamp of the current second), and its metrics are kept for a
 batch (``RequestStats.whole``). Each Python operation here costs ~0.5-1 % of relaying a small
 request (``python -m bench.e2e.instr``): the path is written to do few of them, and its work is
-done by C functions when tunneld/_speedups.c is built (tunneld/speedups.py): ``request_ids``
-(the request side), ``whole_response`` (validating the head, adding the id line, noting the
-time, status and sizes, keeping the metrics' observation) and ``text_line``, each with the
-same results as its pure-Python reference here (``*_py``).
+done by C functions when tunneld/_speedups.c is built (tunneld/speedups.py): ``begin_request``
+(the request side: its id, its list, its place in line), ``whole_response`` (validating the
+head, adding the id line, noting the time, status and sizes, keeping the metrics' observation)
+and ``text_line``, each with the same results as its pure-Python reference here (``*_py``).
 
 An inspected connection (tunneld/inspect.py) takes this same path, with ``quiet`` when the access
 log is off: its ``recorder`` gets each request's head and body prefix, the response head and
@@ -301,6 +301,26 @@ _METHOD, _TARGET, _ID, _STARTED, _TTFB, _BODY_IN, _RECORD, _ID_LINE, _STATUS, _B
 # _STATUS, _BODY_OUT: set by ``whole_response`` for the text line (the C one reads these indices).
 
 
+def begin_request_py(
+    head: RequestHead,
+    counter: Iterator[int],
+    prefix: bytes,
+    now: int,
+    requests: deque[list[Any]],
+    framer: ResponseFramer,
+) -> list[Any]:
+    """A request forwarded: its list (``request_ids_py`` of its headers, started ``now``),
+    appended to ``requests`` and its method expected by ``framer`` unless 1024 are waiting
+    (pipelining without reading: stop recording, not grow). The reference of
+    ``begin_request`` (tunneld/_speedups.c when built: speedups.py)."""
+    request_id, id_line = request_ids_py(head.headers, counter, prefix)
+    request = [head.method, head.target, request_id, now, None, 0, None, id_line, 0, 0]
+    if len(requests) < 1024:
+        requests.append(request)
+        framer.expect(head.method)
+    return request
+
+
 def whole_response_py(
     framer: ResponseFramer, data: bytes, request: list[Any], now: int, kept: list[float] | None
 ) -> bytes | None:
@@ -375,27 +395,13 @@ class ConnectionLog:
     # -- requests --------------------------------------------------------------------------------
     def request(self, head: RequestHead) -> bytes:
         """A request is forwarded; returns the ``x-request-id`` header line it carries."""
-        request_id, id_line = request_ids(head.headers, _ID_COUNTER, _ID_PREFIX)
         requests = self._requests
-        if len(requests) < 1024:  # pipelining without reading: stop recording, not grow
-            method = head.method
-            request = [
-                method,
-                head.target,
-                request_id,
-                monotonic_ns(),
-                None,
-                0,
-                None,
-                id_line,
-                0,
-                0,
-            ]
-            if self.recorder is not None:
-                request[_RECORD] = self.recorder.begin(head, request_id)
-            requests.append(request)
-            self.framer.expect(method)
-        return id_line
+        request = begin_request(
+            head, _ID_COUNTER, _ID_PREFIX, monotonic_ns(), requests, self.framer
+        )
+        if self.recorder is not None and requests and requests[-1] is request:
+            request[_RECORD] = self.recorder.begin(head, request[_ID])
+        return request[_ID_LINE]  # type: ignore[no-any-return]
 
     def body(self, data: bytes | memoryview) -> None:
         if self._requests:
@@ -575,3 +581,4 @@ class ConnectionLog:
 request_ids = request_ids_py if speedups.c is None else speedups.c.request_ids
 text_line = text_line_py if speedups.c is None else speedups.c.text_line
 whole_response = whole_response_py if speedups.c is None else speedups.c.whole_response
+begin_request = begin_request_py if speedups.c is None else speedups.c.begin_request
