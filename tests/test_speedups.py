@@ -10,6 +10,7 @@ import itertools
 import os
 import subprocess
 import sys
+import time
 import tracemalloc
 from collections import deque
 from collections.abc import Callable
@@ -19,6 +20,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.e2e.procs import Processes
 from tunneld import _speedups as C  # not built: this module errors (CI must build it)
 from tunneld import speedups
 from tunneld.accesslog import begin_request_py, request_ids_py, text_line_py, whole_response_py
@@ -56,6 +58,25 @@ def test_the_extension_is_built_and_used_unless_switched_off() -> None:
         out[value] = run.stdout.split()
     assert out["1"][-4:] == ["True"] * 4 and "TUNNELD_NO_EXTENSIONS" in " ".join(out["1"])
     assert out[""][-4:] == ["False"] * 4 and out[""][0] == "C"
+
+
+def test_tunneld_serve_says_which_implementation_its_access_log_uses(procs: Processes) -> None:
+    """A real ``tunneld serve --access-log``: its start says C or pure Python (and why)."""
+    for value, said in (("", "C speedups"), ("1", "pure Python (TUNNELD_NO_EXTENSIONS is set)")):
+        env = procs.env(
+            TUNNELD_ADMIN_TOKEN=procs.admin_token,
+            TUNNELD_SECRET=procs.secret,
+            TUNNELD_NO_EXTENSIONS=value,
+        )
+        procs.start_edge("--access-log", env=env)
+        edge = procs.edge
+        assert edge is not None
+        expected = f"access log on, its per-request work in {said}"
+        deadline = time.monotonic() + 30
+        while expected not in procs.output(edge) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert expected in procs.output(edge)
+        assert procs.stop(edge) == 0
 
 
 # -- simple_head: _SIMPLE_RE and the checks of ResponseFramer.whole -------------------------------

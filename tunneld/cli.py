@@ -466,6 +466,10 @@ async def _serve(
         return 1
     if ports_file:
         _write_ports(ports_file, server)
+    if config.access_log:
+        from . import speedups
+
+        log.info("access log on, its per-request work in %s", speedups.describe())
     if not config.tls_cert and not config.allow_plaintext_agents:
         log.info(
             "agent listener without TLS: only agents on loopback are accepted (use tls_cert/"
