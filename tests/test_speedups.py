@@ -230,7 +230,8 @@ _INT = st.one_of(st.integers(0, 1100), st.integers(0, 2**62))
 @settings(max_examples=500)
 @given(
     st.binary(max_size=30),
-    _INT,
+    st.one_of(st.integers(0, 2**62), st.integers(1_780_000_000 * 10**9, 1_790_000_000 * 10**9)),
+    st.integers(-1, 2),
     st.binary(max_size=30),
     st.binary(max_size=10),
     st.binary(max_size=60),
@@ -243,7 +244,8 @@ _INT = st.one_of(st.integers(0, 1100), st.integers(0, 2**62))
 )
 def test_text_line_writes_what_the_reference_writes(
     stamp: bytes,
-    ms: int,
+    now: int,
+    sec_offset: int,
     lead: bytes,
     method: bytes,
     target: bytes,
@@ -254,23 +256,27 @@ def test_text_line_writes_what_the_reference_writes(
     ns: int,
     site: bytes,
 ) -> None:
+    """``sec`` in the second of ``now`` (offset 0: a line) or another (-1: nothing appended)."""
+    sec = now // 10**9 + sec_offset
     request = [method, target, rid, 0, ns, body_in, None, b"", status, body_out]
     ours: list[bytes] = [b"before"]
     theirs: list[bytes] = [b"before"]
-    n = C.text_line(ours, stamp, ms, lead, request, site)
-    assert n == text_line_py(theirs, stamp, ms, lead, request, site) == 2
+    n = C.text_line(ours, stamp, sec, now, lead, request, site)
+    assert n == text_line_py(theirs, stamp, sec, now, lead, request, site)
+    assert n == (2 if sec_offset == 0 else -1)
     assert ours == theirs
 
 
 def test_text_line_refuses_what_it_cannot_format() -> None:
     request = [b"GET", b"/", b"id", 0, 0, 0, None, b"", 200, 0]
-    good: list[Any] = [[], b"s", 1, b"l", request, b"x"]
+    good: list[Any] = [[], b"s", 0, 1, b"l", request, b"x"]
     bad = {
         0: ((), TypeError),
         1: ("s", TypeError),
-        2: (-1, ValueError),
-        4: (request[:9], TypeError),
-        5: ("x", TypeError),
+        2: (0.0, TypeError),
+        3: (-1, ValueError),
+        5: (request[:9], TypeError),
+        6: ("x", TypeError),
     }
     for index, (value, error) in bad.items():
         args = list(good)
@@ -290,7 +296,7 @@ def test_text_line_refuses_what_it_cannot_format() -> None:
         broken = list(request)
         broken[item] = value
         with pytest.raises(error):
-            C.text_line([], b"s", 1, b"l", broken, b"x")
+            C.text_line([], b"s", 0, 1, b"l", broken, b"x")
     with pytest.raises(TypeError):
         C.text_line([], b"s", 1)  # type: ignore[call-arg]
     assert good[0] == []  # nothing appended by a refused call
@@ -469,10 +475,10 @@ def test_many_calls_leave_nothing_behind() -> None:
 
     def line() -> None:
         pending: list[bytes] = []
-        C.text_line(pending, b"stamp", 123, b"lead", request, b"site")
+        C.text_line(pending, b"stamp", 0, 123, b"lead", request, b"site")
 
     def bad_line() -> None:
-        C.text_line([], b"stamp", -1, b"lead", request, b"site")
+        C.text_line([], b"stamp", 0, -1, b"lead", request, b"site")
 
     calls: dict[str, Callable[[], object]] = {
         "simple_head": lambda: C.simple_head(RESPONSE),

@@ -11,7 +11,7 @@ the fallback and are what tests/test_speedups.py compares these with, on arbitra
 
 - simple_head(data): responses.simple_head_py (``_SIMPLE_RE`` + status + length checks);
 - whole_response(framer, data, request, now, kept): accesslog.whole_response_py;
-- text_line(pending, stamp, ms, lead, request, site): accesslog.text_line_py;
+- text_line(pending, stamp, sec, now, lead, request, site): accesslog.text_line_py;
 - request_ids(headers, counter, prefix): accesslog.request_ids_py;
 - begin_request(head, counter, prefix, now, requests, framer): accesslog.begin_request_py.
 
@@ -501,15 +501,16 @@ decimal(long long x, char *out)
 }
 
 PyDoc_STRVAR(text_line_doc,
-"text_line(pending, stamp, ms, lead, request, site, /)\n--\n\n"
-"Append the access log's text line of a whole response to ``pending``; return its length\n"
+"text_line(pending, stamp, sec, now, lead, request, site, /)\n--\n\n"
+"Append the access log's text line of a whole response to ``pending``; return its length,\n"
+"or -1 (nothing appended) when ``now`` is not in second ``sec`` of ``stamp``\n"
 "(accesslog.text_line_py).");
 
 static PyObject *
 text_line(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
     PyObject *pending, *stamp, *lead, *request, *site, *method, *target, *rid, *line;
-    long long ms, status, body_in, body_out, ns, d10;
+    long long sec, now, ms, status, body_in, body_out, ns, d10;
     char msecs[3], n_status[NUM_MAX], n_in[NUM_MAX], n_out[NUM_MAX], took[NUM_MAX];
     int l_status, l_in, l_out, l_took;
     Py_ssize_t t_len, t_extra = 0, total;
@@ -517,14 +518,14 @@ text_line(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     char *w;
     size_t sum;
 
-    if (!check_nargs("text_line", nargs, 6)) {
+    if (!check_nargs("text_line", nargs, 7)) {
         return NULL;
     }
     pending = args[0];
     stamp = args[1];
-    lead = args[3];
-    request = args[4];
-    site = args[5];
+    lead = args[4];
+    request = args[5];
+    site = args[6];
     if (!PyList_Check(pending)) {
         PyErr_SetString(PyExc_TypeError, "pending must be a list");
         return NULL;
@@ -545,12 +546,24 @@ text_line(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         need_bytes(rid, "request id")) {
         return NULL;
     }
-    if ((ms = non_negative(args[2], "ms")) < 0 ||
+    if (!PyLong_Check(args[2])) {
+        PyErr_SetString(PyExc_TypeError, "sec must be an int");
+        return NULL;
+    }
+    sec = PyLong_AsLongLong(args[2]); /* -1 before the first stamp */
+    if (sec == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    if ((now = non_negative(args[3], "now")) < 0 ||
         (body_in = non_negative(PyList_GET_ITEM(request, R_BODY_IN), "body_in")) < 0 ||
         (status = non_negative(PyList_GET_ITEM(request, R_STATUS), "status")) < 0 ||
         (body_out = non_negative(PyList_GET_ITEM(request, R_BODY_OUT), "body_out")) < 0 ||
         (ns = non_negative(PyList_GET_ITEM(request, R_TTFB), "ns")) < 0) {
         return NULL;
+    }
+    ms = now / 1000000;
+    if (ms / 1000 != sec) {
+        return PyLong_FromLong(-1); /* another second: the caller restamps and calls again */
     }
     if (ns > LLONG_MAX - 50000) {
         PyErr_SetString(PyExc_OverflowError, "ns too large");

@@ -8,7 +8,14 @@ def whole_response(  # accesslog.whole_response_py
     framer: Any, data: bytes, request: list[Any], now: int, kept: list[float] | None, /
 ) -> bytes | None: ...
 def text_line(  # accesslog.text_line_py
-    pending: list[bytes], stamp: bytes, ms: int, lead: bytes, request: list[Any], site: bytes, /
+    pending: list[bytes],
+    stamp: bytes,
+    sec: int,
+    now: int,
+    lead: bytes,
+    request: list[Any],
+    site: bytes,
+    /,
 ) -> int: ...
 def request_ids(  # accesslog.request_ids_py
     headers: Iterable[tuple[bytes, bytes]], counter: Iterator[int], prefix: bytes, /

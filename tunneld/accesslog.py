@@ -136,14 +136,24 @@ _FOLD_ITEMS: Final = FOLD_AFTER * WHOLE_ITEMS
 
 
 def text_line_py(
-    pending: list[bytes], stamp: bytes, ms: int, lead: bytes, request: list[Any], site: bytes
+    pending: list[bytes],
+    stamp: bytes,
+    sec: int,
+    now: int,
+    lead: bytes,
+    request: list[Any],
+    site: bytes,
 ) -> int:
     """Append the text line of a whole response to ``pending`` and return its length: the time
-    stamp (``stamp`` and the milliseconds of ``ms``), ``lead`` (level, logger, client), the
-    request's method and target (non-ASCII bytes as latin-1 characters, in UTF-8), status,
-    body sizes, time (``_TTFB``, its duration and time to first byte), ``site`` and the request
-    id. The reference of ``text_line`` (tunneld/_speedups.c when built: speedups.py); numbers
-    are never negative."""
+    stamp (``stamp``, the text of second ``sec``, and the milliseconds of ``now``, ns), ``lead``
+    (level, logger, client), the request's method and target (non-ASCII bytes as latin-1
+    characters, in UTF-8), status, body sizes, time (``_TTFB``, its duration and time to first
+    byte), ``site`` and the request id. -1 and nothing appended when ``now`` is in another
+    second than ``sec`` (the caller restamps). The reference of ``text_line``
+    (tunneld/_speedups.c when built: speedups.py); numbers are never negative."""
+    ms = now // 1_000_000
+    if ms // 1000 != sec:
+        return -1
     status, body_out, ns = request[_STATUS], request[_BODY_OUT], request[_TTFB]
     target = request[_TARGET]
     if not target.isascii():
@@ -355,6 +365,7 @@ class ConnectionLog:
         "_site",
         "_site_of",
         "_site_port",
+        "_text",
         "client",
         "framer",
         "port",
@@ -378,6 +389,8 @@ class ConnectionLog:
         self._kept = None if stats is None else stats.whole  # its observations of whole responses
         self.writer = writer  # None: through the ``logging`` module (one record per line)
         self.quiet = quiet  # no log lines: the connection is here for inspection only
+        # the writer when this connection's lines are text lines it formats (``text_line``)
+        self._text = writer if writer is not None and not quiet and not writer.json else None
         self.recorder: ConnectionRecorder | None = None
         self._capture: Record | None = None  # the record whose response body is flowing
         self.sandbox_id = ""
@@ -425,23 +438,38 @@ class ConnectionLog:
                 kept = self._kept
                 if kept is not None and len(kept) >= _FOLD_ITEMS:
                     self.stats.fold()  # type: ignore[union-attr]  # kept: stats.whole
-                if not self.quiet and log.isEnabledFor(_INFO):
-                    writer = self.writer
-                    if writer is None or writer._json:
+                writer = self._text
+                if writer is None:  # json lines, lines through logging, or quiet
+                    if not self.quiet and log.isEnabledFor(_INFO):
                         ns = request[_TTFB]
                         self._log(request, request[_STATUS], request[_BODY_OUT], None, ns / 1e9)
-                        return out_bytes
+                elif log.isEnabledFor(_INFO):
                     # The text line (as ``_log`` writes it) from bytes prepared, appended to
                     # the writer's pending lines by text_line; writer.add inlined around it.
-                    ms = time_ns() // 1_000_000
-                    if ms // 1000 != writer._sec:
-                        writer.restamp(ms // 1000)
                     if self.sandbox_id is not self._site_of or self.port != self._site_port:
                         self._resite()
-                    pending = writer.pending
-                    if text_line(pending, writer.stamp, ms, self._lead, request, self._site) >= (
-                        _MAX_PENDING
-                    ):
+                    now = time_ns()  # the line's time stamp: big-int arithmetic left to C
+                    kept_lines = text_line(
+                        writer.pending,
+                        writer.stamp,
+                        writer._sec,
+                        now,
+                        self._lead,
+                        request,
+                        self._site,
+                    )
+                    if kept_lines < 0:  # a new second: its stamp, then the line
+                        writer.restamp(now // 1_000_000_000)
+                        kept_lines = text_line(
+                            writer.pending,
+                            writer.stamp,
+                            writer._sec,
+                            now,
+                            self._lead,
+                            request,
+                            self._site,
+                        )
+                    if kept_lines >= _MAX_PENDING:
                         writer.flush()
                     elif writer._timer is None:
                         writer._timer = writer._loop.call_later(FLUSH_AFTER, writer.flush)
