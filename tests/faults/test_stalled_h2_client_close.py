@@ -18,8 +18,6 @@ test_stalled_h2_close.py.
 from __future__ import annotations
 
 import asyncio
-import base64
-import hashlib
 import socket
 import ssl
 from collections.abc import AsyncIterator
@@ -33,6 +31,7 @@ import h2.settings
 import pytest
 
 from tests.e2e.conftest import wait_until
+from tests.e2e.test_h2_edges import accept_upgrade
 from tests.faults.test_stalled_close import _BigThenClose
 from tests.faults.test_stalled_h2_close import BODY, WINDOW, _H2Download
 from tests.faults.test_stalled_tls_close import (
@@ -47,7 +46,6 @@ pytestmark = pytest.mark.anyio
 # Far more than the edge holds for a stream whose client reads nothing (its TLS layer's buffer,
 # a stream queue, a tunnel stream window): the service is still writing when the client ends.
 ENDLESS: Final = 16 * 1024 * 1024
-WS_GUID: Final = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
 
 class _WebSocketFlood(_BigThenClose):
@@ -63,16 +61,7 @@ class _WebSocketFlood(_BigThenClose):
         outcome = "complete"
         try:
             head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
-            key = next(
-                line.split(b":", 1)[1].strip()
-                for line in head.split(b"\r\n")
-                if line.lower().startswith(b"sec-websocket-key:")
-            )
-            accept = base64.b64encode(hashlib.sha1(key + WS_GUID).digest())
-            writer.write(
-                b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\n"
-                b"connection: upgrade\r\nsec-websocket-accept: %s\r\n\r\n" % accept
-            )
+            accept_upgrade(writer, head)
             chunk = b"x" * 65536
             for _ in range(ENDLESS // len(chunk)):
                 writer.write(chunk)
