@@ -43,6 +43,21 @@ def exported(procs: Processes) -> dict[tuple[str, int], str]:
     return {(r["sandbox_id"], r["port"]): r["token"] for r in map(json.loads, out.stdout.split())}
 
 
+def recovered_at_next_start(procs: Processes, token: str = "kept_tok") -> None:
+    """A ``--workers`` start after a run that did not stop cleanly recovers the exposure
+    (sb1:9000 with ``token``) from the private redis-server's file, serves it, and saves it to
+    exposures.db when stopped."""
+    procs.start_edge("--workers", "2")
+    again = procs.edge
+    assert again is not None
+    assert "recovering the exposures" in procs.output(again)
+    with admin_client(procs) as admin:
+        ports = admin.get("/v1/sandboxes/sb1/ports").json()["ports"]
+        assert [p["port"] for p in ports] == [9000] and token in ports[0]["exposedAt"]
+    assert procs.stop(again) == 0
+    assert exported(procs) == {("sb1", 9000): token}
+
+
 def serve_single(procs: Processes) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [str(BIN / "tunneld"), "serve", "--public-port", "0", "--agent-port", "0",
@@ -101,15 +116,7 @@ def test_a_killed_supervisor_is_recovered_never_overwritten(procs: Processes) ->
     assert refused.returncode == 2, refused.stderr
     assert "did not stop cleanly" in refused.stderr and "--workers" in refused.stderr
     # --workers again recovers the exposure made before the kill, and saves it when stopped
-    procs.start_edge("--workers", "2")
-    again = procs.edge
-    assert again is not None
-    assert "recovering the exposures" in procs.output(again)
-    with admin_client(procs) as admin:
-        ports = admin.get("/v1/sandboxes/sb1/ports").json()["ports"]
-        assert [p["port"] for p in ports] == [9000] and "kept_tok" in ports[0]["exposedAt"]
-    assert procs.stop(again) == 0
-    assert exported(procs) == {("sb1", 9000): "kept_tok"}
+    recovered_at_next_start(procs)
 
 
 def test_workers_on_memory_and_a_missing_redis_server(procs: Processes) -> None:

@@ -25,7 +25,7 @@ from pathlib import Path
 from tests.e2e.procs import BIN, Processes, admin_client, wait_for, wait_for_file
 
 from .test_workers import alive, recv_with_sender
-from .test_workers_private_store import exported
+from .test_workers_private_store import exported, recovered_at_next_start
 
 GRACE = 5
 STOP_MARGIN = 10  # tunneld/supervisor.py: SIGTERM -> SIGKILL for a worker hung past its grace
@@ -185,12 +185,7 @@ def test_a_private_redis_that_cannot_be_restarted_stops_the_supervisor_unsaved(
     assert "exposures NOT written back: the private redis-server does not answer" in text
     assert (tmp_path / "state" / "redis" / "UNSAVED").exists()
 
-    procs.start_edge("--workers", "2")  # the real redis-server: recovered from its file
-    again = procs.edge
-    assert again is not None
-    assert "recovering the exposures" in procs.output(again)
-    assert procs.stop(again) == 0
-    assert exported(procs) == {("sb1", 9000): "kept_tok"}
+    recovered_at_next_start(procs)  # the real redis-server: recovered from its file
 
 
 def test_a_private_redis_gone_at_the_stop_is_an_unclean_stop(

@@ -39,7 +39,7 @@ import pytest
 from tests.e2e.procs import BIN, Processes, admin_client, wait_for, wait_for_file
 
 from .test_workers import alive
-from .test_workers_private_store import exported
+from .test_workers_private_store import exported, recovered_at_next_start
 
 GRACE = 5
 STOP_MARGIN = 10  # tunneld/supervisor.py: SIGTERM -> SIGKILL for a worker hung past its grace
@@ -210,12 +210,7 @@ def test_a_stop_signal_while_a_run_is_recovered_is_an_unclean_stop(
     assert "worker 0 started" not in text and not ports.exists()
     assert _unsaved(procs)
 
-    procs.start_edge("--workers", "2")  # the real redis-server: recovered from its file
-    again = procs.edge
-    assert again is not None
-    assert "recovering the exposures" in procs.output(again)
-    assert procs.stop(again) == 0
-    assert exported(procs) == {("sb1", 9000): "kept_tok"}
+    recovered_at_next_start(procs)  # the real redis-server: recovered from its file
 
 
 def test_a_redis_server_that_does_not_stop_is_killed_without_blocking_the_supervisor(
