@@ -303,6 +303,17 @@ class StalledCloseWatch:
             self._timer.cancel()
             self._timer = None
 
+    def allow_clean_end(self) -> None:
+        """The owner vouches that what the transport still holds is the whole rest of what the
+        peer is owed: the socket's "reset on close" (``set_reset_on_close``) is disarmed, so
+        that the close that ends it by itself (the TLS layer's, once the peer answered
+        ``close_notify``) sends the rest and a FIN instead of an RST that drops what the kernel
+        still holds. The watch goes on as before: a peer that stops taking the rest is still
+        reset. Nothing once the watch has reset or ended the connection (an abort under way
+        must stay a reset)."""
+        if self._timer is not None:
+            _set_linger(self.transport, _LINGER_OFF)
+
     def _arm(self, now: float) -> None:
         at = now + self._step
         self._at_deadline = self._deadline is not None and self._deadline <= at

@@ -226,6 +226,7 @@ class PublicConnection(StreamEndpoint):
     __slots__ = (
         "_access",
         "_adopted",
+        "_client_ended",
         "_close_watch",
         "_counted_ip",
         "_first_hop",
@@ -237,6 +238,7 @@ class PublicConnection(StreamEndpoint):
         "_peer",
         "_peer_ip",
         "_prelude",
+        "_reset_begun",
         "_responded",
         "_route",
         "_routed_host",
@@ -290,6 +292,10 @@ class PublicConnection(StreamEndpoint):
         self.activity = 0
         self._seen_activity = -1
         self._close_watch: StalledCloseWatch | None = None  # a clean close the client stalls
+        # The client's close_notify (or FIN) over TLS: the TLS layer closes by itself, and drops
+        # whatever is written after it (eof_received)
+        self._client_ended = False
+        self._reset_begun = False  # the edge cut this connection (RST): never a clean end now
 
     # -- connection ------------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -812,6 +818,7 @@ class PublicConnection(StreamEndpoint):
         never routed is closed normally."""
         mux = self.mux
         if mux is not None and mux.streams.get(self.stream_id) is self:
+            self._reset_begun = True
             abort_with_reset(self.transport)
         else:
             self.close_gracefully()
@@ -843,6 +850,7 @@ class PublicConnection(StreamEndpoint):
                 self._stop_upstream()
                 if self._local_eof:  # else the stream could not be ended (its session closing)
                     return
+            self._reset_begun = True
             abort_with_reset(self.transport)
         else:
             self.close_gracefully()
@@ -884,6 +892,7 @@ class PublicConnection(StreamEndpoint):
 
     def _close_stalled(self, unsent: int, stalled: float | None) -> None:
         """The ``StalledCloseWatch`` resets the connection: say why."""
+        self._reset_begun = True
         if stalled is None:
             log.info(
                 "%s: the client had not taken the last %d bytes %gs after the close began; reset",
@@ -901,6 +910,9 @@ class PublicConnection(StreamEndpoint):
             )
 
     def receive_from_peer(self, data: bytes) -> None:
+        if self._client_ended:
+            self._cut_after_client_end()
+            return
         if not self._responded and self.transport is not None:
             # From the first response byte until a graceful close, any other end of this
             # connection is an RST, even the kernel's close if the edge dies (kill -9): a
@@ -986,7 +998,39 @@ class PublicConnection(StreamEndpoint):
             )
             return
         # HTTP: the service closed its side, so this connection is over.
-        self._finish_error()
+        if transport.is_closing():
+            self._complete_at_client_end(transport)
+        else:
+            self._finish_error()
+
+    def _complete_at_client_end(self, transport: asyncio.Transport) -> None:
+        """The service finished the response while a close is under way that the edge did not
+        begin: the TLS layer's own, on the client's ``close_notify`` (``eof_received``), which
+        came before the stream's end. Unless a byte of the response was lost (``_cut_after_
+        client_end``) or the edge reset the connection, what the TLS layer and the kernel still
+        hold is the whole rest of a complete response: the reset on close armed at the first
+        response byte (``receive_from_peer``) is disarmed, so that the socket's last close,
+        once the TLS layer has the client's answer, lets the kernel send the rest and a FIN,
+        not an RST that drops it. The watch still resets a client that stops taking it."""
+        if self._reset_begun or self._closed or not self._responded:
+            return
+        self._watch_close(transport)
+        if self._close_watch is not None:
+            self._close_watch.allow_clean_end()
+
+    def _cut_after_client_end(self) -> None:
+        """Response bytes after the client's ``close_notify`` (or FIN) over TLS: the TLS layer,
+        shutting down, drops them, so the client cannot get the whole response. It must not
+        see the TLS layer's clean end (its ``close_notify``, then a FIN) after a response cut
+        short: reset the connection at once."""
+        if self._reset_begun or self._closed:
+            return
+        self._reset_begun = True
+        log.info(
+            "%s: the client ended its TLS session before the end of the response; reset",
+            self._peer,
+        )
+        abort_with_reset(self.transport)
 
     def peer_reset(self, code: ResetCode) -> None:
         if self._responded:
@@ -1035,7 +1079,10 @@ class PublicConnection(StreamEndpoint):
             # The client's close_notify: the TLS layer shuts the connection down by itself
             # (whatever this returns), and what it still holds waits for the client. That close
             # is watched as the edge's own: a client that takes none of it is reset, one that
-            # reads gets it all (as HTTP/2's ``eof_received``).
+            # reads gets it all (as HTTP/2's ``eof_received``). Response bytes after it are
+            # dropped by the TLS layer: the response is then cut (``_cut_after_client_end``).
+            # (An HTTP/2 stream's transport has no socket: its eof_received is END_STREAM.)
+            self._client_ended = transport.get_extra_info("socket") is not None
             self._watch_close(transport)
         return keep_open
 

@@ -7,8 +7,17 @@ On the client's ``close_notify`` the TLS layer (asyncio's and uvloop's) shuts th
 down by itself: what it still holds waits for a client that may never read it. Where no idle
 sweep runs (``idle_timeout = 0``) and nothing else times the connection (a WebSocket whose
 service keeps sending), nothing else would ever end that close, and the service stays blocked
-by the tunnel's flow control. Real TLS client on 127.0.0.1 whose reads the test controls
-(``_TlsClient``), small kernel buffers on both sides.
+by the tunnel's flow control.
+
+A client that keeps reading gets the rest of a complete response and a clean end, however the
+client's end and the service's race: the socket's "reset on close" (``SO_LINGER`` 0, armed at
+the first response byte until a graceful close) must not be left armed when the TLS layer,
+not the edge, closes the socket once the client answered, or the kernel drops what it still
+holds (about its send buffer) with an RST. A response the closing TLS layer cannot finish
+(bytes after the client's end, which it drops) ends with a reset.
+
+Real TLS client on 127.0.0.1 whose reads the test controls (``_TlsClient``), small kernel
+buffers on both sides.
 """
 
 from __future__ import annotations
@@ -19,12 +28,15 @@ from pathlib import Path
 import pytest
 
 from tests.e2e.conftest import wait_until
+from tests.faults.test_stalled_close import BODY, HEAD, _BigThenClose
 from tests.faults.test_stalled_h2_client_close import (
     ENDLESS,
+    ENDS,
     _end_from_the_client,
     _WebSocketFlood,
 )
-from tests.faults.test_stalled_tls_close import _connect, _exposed_tls
+from tests.faults.test_stalled_tls_close import _BigThenCloseOf, _connect, _exposed_tls
+from tunneld.public import PublicConnection
 
 pytestmark = pytest.mark.anyio
 
@@ -64,5 +76,119 @@ async def test_a_websocket_client_that_ends_and_reads_nothing_is_reset(tmp_path:
             received, ended = await client.read_to_the_end(10)
             assert ended == "reset", f"a cut WebSocket ended with a {ended}"
             assert len(received) < ENDLESS
+        finally:
+            client.sock.close()
+
+
+@pytest.mark.parametrize("how", ["close_notify", "FIN"])
+async def test_a_slow_client_that_ends_gets_everything(tmp_path: Path, how: str) -> None:
+    """A response read until the close (no length) is all at the edge, its service gone, when
+    the client sends close_notify (or a FIN); the client then reads slowly across many looks of
+    the watch (0.5 s apart; at most 4 KiB every 100 ms, so over 6 s for the rest of BODY): it
+    gets every byte and the edge's close_notify (after a FIN asyncio's TLS layer sends none),
+    never a reset. Whether the stream's end reaches the edge before or after the client's end
+    is a race (on asyncio it came after, on uvloop before); the next test fixes each order."""
+    service = _BigThenCloseOf(BODY)
+    async with _exposed_tls(tmp_path, service, idle_timeout=0, keepalive_timeout=0.5) as (
+        stack,
+        context,
+        host,
+    ):
+        edge = stack.edge
+        assert edge is not None
+        client, conn = await _connect(stack, context, host, rcvbuf=4096, sndbuf=8192)
+        try:
+            await client.send(b"GET / HTTP/1.1\r\nHost: %s\r\n\r\n" % host.encode())
+            await asyncio.wait_for(service.closed.wait(), 10)
+            await _end_from_the_client(client, how)
+            received, ended = await client.read_to_the_end(60, chunk=4096, pause=0.1)
+            assert ended in ENDS[how], f"a complete response ended with a {ended} ({len(received)})"
+            assert received == HEAD + b"x" * BODY
+            await wait_until(
+                lambda: conn not in edge.public_connections, 15, "the edge's side ended"
+            )
+        finally:
+            client.sock.close()
+
+
+class _HeldEnd(_BigThenClose):
+    """Answers with ``HEAD`` and ``first`` body bytes, then waits for ``release`` before it
+    sends ``rest`` more and closes (the end of a response without a length)."""
+
+    def __init__(self, first: int, rest: int) -> None:
+        super().__init__()
+        self.first = first
+        self.rest = rest
+        self.release = asyncio.Event()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+            writer.write(HEAD + b"x" * self.first)
+            await asyncio.wait_for(writer.drain(), 30)
+            await asyncio.wait_for(self.release.wait(), 30)
+            writer.write(b"x" * self.rest)
+            await asyncio.wait_for(writer.drain(), 30)
+        except (ConnectionError, TimeoutError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+            self.closed.set()
+
+
+@pytest.mark.parametrize("rest", [0, 64 * 1024], ids=["complete", "cut"])
+async def test_a_response_that_ends_after_the_clients_close_notify(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, rest: int
+) -> None:
+    """The order the race above may take either way, made certain: HEAD and BODY are all at
+    the edge, then the client's close_notify, and only then (the TLS layer's own close under
+    way) the service's end. "complete": nothing comes before the end, so the response is
+    whole: the client, reading slowly, gets every byte and the edge's close_notify, not the
+    reset armed at the first response byte. "cut": ``rest`` more bytes come first, which the
+    closing TLS layer cannot send: the client must see a reset, never a clean end.
+    (keepalive_timeout 5 s: its timer must not end the quiet stream first.)"""
+    relayed = 0
+    relay = PublicConnection.receive_from_peer
+
+    def counting(self: PublicConnection, data: bytes) -> None:
+        nonlocal relayed
+        relayed += len(data)
+        relay(self, data)
+
+    monkeypatch.setattr(PublicConnection, "receive_from_peer", counting)
+    service = _HeldEnd(BODY, rest)
+    async with _exposed_tls(tmp_path, service, idle_timeout=0, keepalive_timeout=5) as (
+        stack,
+        context,
+        host,
+    ):
+        edge = stack.edge
+        assert edge is not None
+        client, conn = await _connect(stack, context, host, rcvbuf=4096, sndbuf=8192)
+        try:
+            await client.send(b"GET / HTTP/1.1\r\nHost: %s\r\n\r\n" % host.encode())
+            await wait_until(
+                lambda: relayed == len(HEAD) + BODY, 10, "the response so far all at the edge"
+            )
+            await _end_from_the_client(client, "close_notify")
+            await wait_until(
+                lambda: conn.transport is None or conn.transport.is_closing(),
+                10,
+                "the edge's TLS layer closing on the client's close_notify",
+            )
+            assert not service.closed.is_set()
+            service.release.set()
+            received, ended = await client.read_to_the_end(60, chunk=4096, pause=0.1)
+            if rest:
+                assert ended == "reset", f"a cut response ended with a {ended} ({len(received)})"
+                assert len(received) < len(HEAD) + BODY + rest
+            else:
+                assert ended == "close_notify", (
+                    f"a complete response ended with a {ended} after {len(received)} bytes"
+                )
+                assert received == HEAD + b"x" * BODY
+            await wait_until(
+                lambda: conn not in edge.public_connections, 15, "the edge's side ended"
+            )
         finally:
             client.sock.close()
