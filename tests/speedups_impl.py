@@ -18,6 +18,7 @@ SWITCHED = (
     (accesslog, "text_line", accesslog.text_line_py),
     (accesslog, "request_ids", accesslog.request_ids_py),
     (accesslog, "begin_request", accesslog.begin_request_py),
+    (accesslog, "log_response", accesslog.log_response_py),
 )
 
 

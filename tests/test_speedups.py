@@ -23,7 +23,13 @@ from hypothesis import strategies as st
 from tests.e2e.procs import Processes
 from tunneld import _speedups as C  # not built: this module errors (CI must build it)
 from tunneld import speedups
-from tunneld.accesslog import begin_request_py, request_ids_py, text_line_py, whole_response_py
+from tunneld.accesslog import (
+    begin_request_py,
+    log_response_py,
+    request_ids_py,
+    text_line_py,
+    whole_response_py,
+)
 from tunneld.httphead import RequestHead
 from tunneld.responses import ResponseFramer, simple_head_py
 
@@ -422,6 +428,197 @@ def test_begin_request_refuses_what_the_reference_refuses() -> None:
         assert ours == theirs and isinstance(ours, type), (ours, theirs)
 
 
+# -- log_response ---------------------------------------------------------------------------------
+
+
+class _Writer:
+    """Stands in for AccessWriter: its ``lines`` and what was called."""
+
+    def __init__(self, calls: list[object], pending: int, sec: int, armed: bool) -> None:
+        self.calls = calls
+        self.lines: list[Any] = [[b"l"] * pending, b"S%d," % sec, sec, "timer" if armed else None]
+
+    def restamp(self, sec: int) -> None:
+        self.calls.append(("restamp", sec))
+        self.lines[1], self.lines[2] = b"S%d," % sec, sec
+
+    def flush(self) -> None:
+        self.calls.append("flush")
+        self.lines[0], self.lines[3] = [], None
+
+    def arm(self) -> None:
+        self.calls.append("arm")
+        self.lines[3] = "timer"
+
+
+class _Stats:
+    def __init__(self, calls: list[object], kept: list[Any]) -> None:
+        self.calls, self.kept = calls, kept
+
+    def fold(self) -> None:
+        self.calls.append(("fold", len(self.kept)))
+        self.kept.clear()
+
+
+class _Log:
+    def __init__(self, calls: list[object], on: bool) -> None:
+        self.calls, self.on = calls, on
+
+    def isEnabledFor(self, level: int) -> bool:  # logging.Logger's name
+        self.calls.append(("isEnabledFor", level))
+        return self.on
+
+
+class _Conn:
+    """Stands in for ConnectionLog: its sandbox id and port, ``_resite`` into the state."""
+
+    def __init__(self, calls: list[object], sandbox_id: str, port: int) -> None:
+        self.calls, self.sandbox_id, self.port = calls, sandbox_id, port
+        self.state: list[Any] = []
+
+    def _resite(self) -> None:
+        self.calls.append("resite")
+        self.state[8:11] = [
+            b" %s:%d id=" % (self.sandbox_id.encode(), self.port),
+            self.sandbox_id,
+            self.port,
+        ]
+
+
+SANDBOX = "sb"  # one object: "the same sandbox id" is identity, as in ConnectionLog
+
+
+def _logged(impl: Callable[..., object], case: tuple[Any, ...]) -> tuple[Any, ...]:
+    """What ``impl`` (log_response or its reference) returns and leaves behind, on a fresh
+    connection state made from ``case``."""
+    (
+        data,
+        methods,
+        waiting,
+        kept_items,
+        metrics,
+        pending,
+        armed,
+        on,
+        site,
+        mono,
+        wall,
+        sec_offset,
+        bad,
+    ) = case
+    calls: list[object] = []
+    framer = _framer(methods, b"", False)
+    requests: deque[list[Any]] = deque(
+        _request(b"x-request-id: r%d\r\n" % k, 1_000 + k, k) for k in range(waiting)
+    )
+    kept: list[Any] | None = [0.5] * kept_items if metrics else None
+    stats = _Stats(calls, kept if kept is not None else [])
+    writer = _Writer(calls, pending, wall // 10**9 + sec_offset, armed)
+    conn = _Conn(calls, SANDBOX, 8080)
+    clocks = iter([mono, wall])
+    state: list[Any] = [
+        requests, framer, kept, stats, 8, writer.lines, writer, b' INFO a: 1.2.3.4 "',
+        b" old:1 id=", *site, lambda: next(clocks), lambda: next(clocks), _Log(calls, on),
+    ]  # fmt: skip
+    if bad is not None:
+        index, value = bad
+        state[index] = value
+    conn.state = state
+    outcome = _outcome(impl, state, conn, data)
+    return (
+        outcome,
+        calls,
+        [list(r) for r in requests],
+        _state(framer),
+        kept,
+        writer.lines,
+        state[8:11],
+    )
+
+
+_LOG_CASE = st.tuples(
+    st.one_of(  # mostly responses it takes: most of what it does comes after
+        st.just(RESPONSE),
+        st.just(RESPONSE.replace(b"200 OK", b"404 Not Found")),
+        st.sampled_from([RESPONSE[:-1], *TRICKY]),
+        st.binary(max_size=40),
+    ),
+    st.lists(st.sampled_from([b"GET", b"GET", b"HEAD"]), max_size=2),
+    st.integers(0, 2),  # requests waiting
+    st.sampled_from([0, 3, 4, 7]),  # kept items before (fold at 8: 4 + 4)
+    st.booleans(),  # metrics
+    st.sampled_from([0, 1, 254, 255, 256]),  # pending lines before
+    st.booleans(),  # the writer's timer armed
+    st.booleans(),  # the logger logs info
+    st.sampled_from([(SANDBOX, 8080), (SANDBOX, 8081), ("".join("sb"), 8080), (None, 0)]),
+    st.integers(1_000, 2**40),  # monotonic ns
+    st.integers(1_780_000_000 * 10**9, 1_790_000_000 * 10**9),  # wall ns
+    st.sampled_from([0, -1]),  # the writer's second: this one, or the one before
+    st.none(),
+)
+
+# States no ConnectionLog makes: refused with an exception, never a crash (the reference may
+# take some of them: Python's duck typing)
+_BAD_STATES = [
+    (0, object()),  # requests without a length
+    (2, ()),  # kept not a list
+    (4, "8"),  # the fold count not an int
+    (5, None),  # no lines
+    (5, [[], b"S", 0]),  # lines too short
+    (7, "lead"),  # the lead not bytes
+    (11, None),  # the clock not callable
+    (12, lambda: "now"),  # the wall clock not an int
+    (13, object()),  # no isEnabledFor
+]
+
+
+@settings(max_examples=500)
+@given(_LOG_CASE)
+def test_log_response_does_what_the_reference_does(case: tuple[Any, ...]) -> None:
+    """The same bytes out, the same requests left, framer, kept observations, pending lines,
+    site and calls (fold, isEnabledFor, resite, restamp, flush, arm) in the same order, or the
+    same exception, from the same state; ``str`` sandbox ids equal but not identical also
+    make the site again (identity, as ConnectionLog compares)."""
+    assert _logged(C.log_response, case) == _logged(log_response_py, case)
+
+
+def test_log_response_refuses_states_it_cannot_use() -> None:
+    for bad in _BAD_STATES:
+        case = (RESPONSE, [b"GET"], 1, 4, True, 0, False, True, (SANDBOX, 8080), 5_001_000,
+                1_780_000_000_123_456_789, -1, bad)  # fmt: skip
+        ours = _logged(C.log_response, case)
+        assert isinstance(ours[0], type) and issubclass(ours[0], Exception), (bad, ours)
+    with pytest.raises(TypeError):
+        C.log_response([], _Conn([], SANDBOX, 1), RESPONSE)  # too short
+    with pytest.raises(TypeError):
+        C.log_response((), _Conn([], SANDBOX, 1), RESPONSE)  # type: ignore[arg-type]
+
+
+def test_log_response_logs_a_whole_response_in_one_call() -> None:
+    """Its effects spelled out once (the differential test checks the rest)."""
+    case = (RESPONSE, [b"GET"], 2, 4, True, 255, False, True, (SANDBOX, 8080), 5_001_000,
+            1_780_000_000_123_456_789, -1, None)  # fmt: skip
+    out, calls, requests, framer, kept, lines, site = _logged(C.log_response, case)
+    assert out == RESPONSE.replace(b"\r\n\r\n", b"\r\nx-request-id: r0\r\n\r\n")
+    assert [r[2:] for r in requests] == [_request(b"x-request-id: r1\r\n", 1_001, 1)[2:]]
+    assert framer == (0, b"", [], 0) and kept == []
+    assert calls == [("fold", 8), ("isEnabledFor", 20), ("restamp", 1_780_000_000), "flush"]
+    assert lines == [[], b"S1780000000,", 1_780_000_000, None]  # flushed at 256 lines
+    assert site == [b" old:1 id=", SANDBOX, 8080]
+
+
+def test_log_response_keeps_the_line_and_arms_the_writer() -> None:
+    case = (RESPONSE, [b"GET"], 1, 0, False, 0, False, True, ("other", 1), 6_000,
+            1_780_000_000_123_456_789, 0, None)  # fmt: skip
+    _, calls, _, _, _, lines, site = _logged(C.log_response, case)
+    assert calls == [("isEnabledFor", 20), "resite", "arm"]
+    assert site == [b" sb:8080 id=", SANDBOX, 8080]
+    assert lines[0] == [
+        b'S1780000000,123 INFO a: 1.2.3.4 "GET /" 200 0 5B 0.0ms ttfb 0.0ms sb:8080 id=id\n'
+    ]
+    assert lines[3] == "timer"
+
+
 # -- nothing left behind --------------------------------------------------------------------------
 
 
@@ -463,6 +660,7 @@ def test_many_calls_leave_nothing_behind() -> None:
     counter = itertools.count()
     request = [b"GET", b"/caf\xc3\xa9", b"id", 0, 10**9, 5, None, id_line, 200, 10**6]
     watched = [RESPONSE, id_line, headers, bad_headers, headers[1][1], request[1], request[2]]
+    gc.collect()  # what earlier tests left (hypothesis' examples, tracebacks) holds RESPONSE
     refs = [sys.getrefcount(o) for o in watched]
 
     def whole() -> None:
@@ -480,7 +678,32 @@ def test_many_calls_leave_nothing_behind() -> None:
     def bad_line() -> None:
         C.text_line([], b"stamp", 0, -1, b"lead", request, b"site")
 
+    def logged(wall: int, on: bool, pending: int) -> Callable[[], None]:
+        """log_response of one whole response, its line on a new second or not, flushed or
+        armed (the writer's calls in Python), or not logged."""
+
+        def run() -> None:
+            case = (RESPONSE, [b"GET"], 2, 7, True, pending, False, on, ("x", 1), 5_001_000,
+                    wall, -1, None)  # fmt: skip
+            assert isinstance(_logged(C.log_response, case)[0], bytes)
+
+        return run
+
     calls: dict[str, Callable[[], object]] = {
+        "log_response": logged(1_780_000_000_123_456_789, True, 0),
+        "log_response flushed": logged(1_780_000_000_123_456_789, True, 255),
+        "log_response not logged": logged(1_780_000_000_123_456_789, False, 0),
+        "log_response not whole": lambda: _logged(
+            C.log_response,
+            (RESPONSE[:-1], [b"GET"], 1, 0, True, 0, False, True, ("x", 1), 5, 10**18, 0, None),
+        ),
+        "log_response refused": lambda: [
+            _logged(
+                C.log_response,
+                (RESPONSE, [b"GET"], 1, 7, True, 0, False, True, ("x", 1), 5, 10**18, 0, bad),
+            )
+            for bad in _BAD_STATES
+        ],
         "simple_head": lambda: C.simple_head(RESPONSE),
         "simple_head no match": lambda: C.simple_head(RESPONSE[:-1]),
         "simple_head bytearray": lambda: C.simple_head(data),  # type: ignore[arg-type]

@@ -13,7 +13,9 @@ the fallback and are what tests/test_speedups.py compares these with, on arbitra
 - whole_response(framer, data, request, now, kept): accesslog.whole_response_py;
 - text_line(pending, stamp, sec, now, lead, request, site): accesslog.text_line_py;
 - request_ids(headers, counter, prefix): accesslog.request_ids_py;
-- begin_request(head, counter, prefix, now, requests, framer): accesslog.begin_request_py.
+- begin_request(head, counter, prefix, now, requests, framer): accesslog.begin_request_py;
+- log_response(state, conn, data): accesslog.log_response_py (whole_response, the request's
+  end, the metrics' fold, text_line and the writer's flush or timer, in one call).
 
 The bytes come from services, agents and clients, none of them trusted: every read is
 bounds-checked against the buffer's length, output sizes are computed (with overflow checks)
@@ -44,6 +46,8 @@ static PyObject *int_zero;    /* 0, ResponseFramer's _HEAD */
 static PyObject *float_1e9;   /* 1e9: ns / 1e9 is seconds */
 static PyObject *int_raw;     /* 4, ResponseFramer's _RAW (unframed) */
 static PyObject *str_headers, *str_method, *str_target, *str_append;
+static PyObject *str_fold, *str_is_enabled_for, *str_sandbox_id, *str_port, *str_resite;
+static PyObject *str_restamp, *str_flush, *str_arm, *int_info, *int_1e9;
 
 static const char XRID_PREFIX[] = "x-request-id: ";
 #define XRID_PREFIX_LEN (sizeof(XRID_PREFIX) - 1)
@@ -944,6 +948,223 @@ fail:
     return NULL;
 }
 
+/* The state list of a ConnectionLog whose lines are text lines (accesslog.ConnectionLog._fast,
+   made by ConnectionLog.__init__): the indices read here */
+enum {
+    S_REQUESTS = 0, /* deque of request lists */
+    S_FRAMER = 1,   /* ResponseFramer */
+    S_KEPT = 2,     /* RequestStats.whole, or None */
+    S_STATS = 3,    /* RequestStats (fold()), or None */
+    S_FOLD = 4,     /* int: fold() when kept has this many items */
+    S_LINES = 5,    /* AccessWriter.lines: [pending, stamp, sec, timer] */
+    S_WRITER = 6,   /* AccessWriter (restamp(sec), flush(), arm()) */
+    S_LEAD = 7,     /* bytes: the lines' part after the stamp up to the method */
+    S_SITE = 8,     /* bytes: " sandbox:port id=" */
+    S_SITE_OF = 9,  /* the sandbox id S_SITE was made for */
+    S_SITE_PORT = 10, /* the port S_SITE was made for */
+    S_MONO = 11,    /* time.monotonic_ns */
+    S_WALL = 12,    /* time.time_ns */
+    S_LOG = 13,     /* the tunneld.access logger (isEnabledFor) */
+    S_SIZE = 14
+};
+enum { L_PENDING = 0, L_STAMP = 1, L_SEC = 2, L_TIMER = 3, L_SIZE = 4 };
+#define MAX_PENDING 256 /* accesslog._MAX_PENDING */
+
+/* New references to items[0:n] of the list ``lst`` (at least n long) in out[0:n]; -1 with an
+   error set (and nothing in out) if it is not such a list. */
+static int
+items_of(PyObject *lst, Py_ssize_t n, PyObject **out, const char *what)
+{
+    if (!PyList_Check(lst) || PyList_GET_SIZE(lst) < n) {
+        PyErr_Format(PyExc_TypeError, "%s must be a list of at least %zd items", what, n);
+        return -1;
+    }
+    for (Py_ssize_t k = 0; k < n; k++) {
+        out[k] = Py_NewRef(PyList_GET_ITEM(lst, k));
+    }
+    return 0;
+}
+
+static void
+clear_items(PyObject **items, Py_ssize_t n)
+{
+    for (Py_ssize_t k = 0; k < n; k++) {
+        Py_CLEAR(items[k]);
+    }
+}
+
+/* obj.name() and its result dropped; -1 with an error set */
+static int
+call_method0(PyObject *obj, PyObject *name)
+{
+    PyObject *r = PyObject_CallMethodNoArgs(obj, name);
+    if (r == NULL) {
+        return -1;
+    }
+    Py_DECREF(r);
+    return 0;
+}
+
+PyDoc_STRVAR(log_response_doc,
+"log_response(state, conn, data, /)\n--\n\n"
+"ConnectionLog.response's step for a whole response on a connection that writes text lines:\n"
+"whole_response of its oldest request, which then leaves the queue, the metrics folded at\n"
+"``state``'s count, and when the access logger logs info its text line (text_line, the\n"
+"writer restamped on a new second) with the writer's flush or timer. Returns the bytes for\n"
+"the client, or None when whole_response takes nothing (accesslog.log_response_py).");
+
+static PyObject *
+log_response(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    PyObject *st[S_SIZE] = {NULL}, *ln[L_SIZE] = {NULL};
+    PyObject *conn, *data, *request = NULL, *now = NULL, *out = NULL, *r = NULL;
+    PyObject *sid = NULL, *port = NULL, *wall = NULL, *sec = NULL, *site = NULL;
+    PyObject *call[7];
+    Py_ssize_t waiting, count;
+    int on;
+
+    if (!check_nargs("log_response", nargs, 3)) {
+        return NULL;
+    }
+    conn = args[1];
+    data = args[2];
+    /* strong references to everything used: the calls below can run Python code */
+    if (items_of(args[0], S_SIZE, st, "state") < 0) {
+        return NULL;
+    }
+    if ((waiting = PyObject_Size(st[S_REQUESTS])) < 0) {
+        goto fail;
+    }
+    if (waiting == 0) {
+        clear_items(st, S_SIZE);
+        Py_RETURN_NONE;
+    }
+    if ((request = PySequence_GetItem(st[S_REQUESTS], 0)) == NULL ||
+        (now = PyObject_CallNoArgs(st[S_MONO])) == NULL) {
+        goto fail;
+    }
+    call[0] = st[S_FRAMER];
+    call[1] = data;
+    call[2] = request;
+    call[3] = now;
+    call[4] = st[S_KEPT];
+    if ((out = whole_response(module, call, 5)) == NULL) {
+        goto fail;
+    }
+    if (out == Py_None) {
+        goto done; /* not a whole response: the general path */
+    }
+    if (call_method0(st[S_REQUESTS], str_popleft) < 0) {
+        goto fail;
+    }
+    if (st[S_KEPT] != Py_None) {
+        Py_ssize_t fold_at = PyLong_AsSsize_t(st[S_FOLD]);
+        if (fold_at == -1 && PyErr_Occurred()) {
+            goto fail;
+        }
+        /* whole_response checked that kept is a list */
+        if (PyList_GET_SIZE(st[S_KEPT]) >= fold_at && call_method0(st[S_STATS], str_fold) < 0) {
+            goto fail;
+        }
+    }
+    if ((r = PyObject_CallMethodOneArg(st[S_LOG], str_is_enabled_for, int_info)) == NULL) {
+        goto fail;
+    }
+    on = PyObject_IsTrue(r);
+    Py_CLEAR(r);
+    if (on <= 0) {
+        if (on < 0) {
+            goto fail;
+        }
+        goto done;
+    }
+    /* the line's " sandbox:port id=", made again by conn._resite() when either changed */
+    if ((sid = PyObject_GetAttr(conn, str_sandbox_id)) == NULL ||
+        (port = PyObject_GetAttr(conn, str_port)) == NULL) {
+        goto fail;
+    }
+    on = sid != st[S_SITE_OF] ? 1 : PyObject_RichCompareBool(port, st[S_SITE_PORT], Py_NE);
+    if (on < 0) {
+        goto fail;
+    }
+    if (on) {
+        PyObject *fresh[S_SIZE] = {NULL};
+        if (call_method0(conn, str_resite) < 0 || items_of(args[0], S_SIZE, fresh, "state") < 0) {
+            goto fail;
+        }
+        site = Py_NewRef(fresh[S_SITE]);
+        clear_items(fresh, S_SIZE);
+    }
+    else {
+        site = Py_NewRef(st[S_SITE]);
+    }
+    if ((wall = PyObject_CallNoArgs(st[S_WALL])) == NULL ||
+        items_of(st[S_LINES], L_SIZE, ln, "lines") < 0) {
+        goto fail;
+    }
+    call[0] = ln[L_PENDING];
+    call[1] = ln[L_STAMP];
+    call[2] = ln[L_SEC];
+    call[3] = wall;
+    call[4] = st[S_LEAD];
+    call[5] = request;
+    call[6] = site;
+    if ((r = text_line(module, call, 7)) == NULL) {
+        goto fail;
+    }
+    count = PyLong_AsSsize_t(r);
+    Py_CLEAR(r);
+    if (count == -1 && PyErr_Occurred()) {
+        goto fail;
+    }
+    if (count < 0) { /* a new second: its stamp, then the line */
+        if ((sec = PyNumber_FloorDivide(wall, int_1e9)) == NULL) {
+            goto fail;
+        }
+        if ((r = PyObject_CallMethodOneArg(st[S_WRITER], str_restamp, sec)) == NULL) {
+            goto fail;
+        }
+        Py_CLEAR(r);
+        clear_items(ln, L_SIZE);
+        if (items_of(st[S_LINES], L_SIZE, ln, "lines") < 0) {
+            goto fail;
+        }
+        call[0] = ln[L_PENDING];
+        call[1] = ln[L_STAMP];
+        call[2] = ln[L_SEC];
+        if ((r = text_line(module, call, 7)) == NULL) {
+            goto fail;
+        }
+        count = PyLong_AsSsize_t(r);
+        Py_CLEAR(r);
+        if (count == -1 && PyErr_Occurred()) {
+            goto fail;
+        }
+    }
+    if (count >= MAX_PENDING) {
+        if (call_method0(st[S_WRITER], str_flush) < 0) {
+            goto fail;
+        }
+    }
+    else if (ln[L_TIMER] == Py_None && call_method0(st[S_WRITER], str_arm) < 0) {
+        goto fail;
+    }
+done:
+    clear_items(st, S_SIZE);
+    clear_items(ln, L_SIZE);
+    Py_XDECREF(request);
+    Py_XDECREF(now);
+    Py_XDECREF(sid);
+    Py_XDECREF(port);
+    Py_XDECREF(site);
+    Py_XDECREF(wall);
+    Py_XDECREF(sec);
+    return out;
+fail:
+    Py_CLEAR(out);
+    goto done;
+}
+
 static PyMethodDef speedups_methods[] = {
     {"simple_head", (PyCFunction)simple_head, METH_O, simple_head_doc},
     {"whole_response", (PyCFunction)(void (*)(void))whole_response, METH_FASTCALL,
@@ -952,6 +1173,8 @@ static PyMethodDef speedups_methods[] = {
     {"request_ids", (PyCFunction)(void (*)(void))request_ids, METH_FASTCALL, request_ids_doc},
     {"begin_request", (PyCFunction)(void (*)(void))begin_request, METH_FASTCALL,
      begin_request_doc},
+    {"log_response", (PyCFunction)(void (*)(void))log_response, METH_FASTCALL,
+     log_response_doc},
     {NULL, NULL, 0, NULL},
 };
 
@@ -993,6 +1216,20 @@ PyInit__speedups(void)
         str_method = PyUnicode_InternFromString("method");
         str_target = PyUnicode_InternFromString("target");
         str_append = PyUnicode_InternFromString("append");
+        str_fold = PyUnicode_InternFromString("fold");
+        str_is_enabled_for = PyUnicode_InternFromString("isEnabledFor");
+        str_sandbox_id = PyUnicode_InternFromString("sandbox_id");
+        str_port = PyUnicode_InternFromString("port");
+        str_resite = PyUnicode_InternFromString("_resite");
+        str_restamp = PyUnicode_InternFromString("restamp");
+        str_flush = PyUnicode_InternFromString("flush");
+        str_arm = PyUnicode_InternFromString("arm");
+        int_info = PyLong_FromLong(20); /* logging.INFO */
+        int_1e9 = PyLong_FromLong(1000000000L);
+        if (!str_fold || !str_is_enabled_for || !str_sandbox_id || !str_port || !str_resite ||
+            !str_restamp || !str_flush || !str_arm || !int_info || !int_1e9) {
+            return NULL;
+        }
         if (!int_zero || !float_1e9 || !int_raw || !str_headers || !str_method || !str_target ||
             !str_append || !str_state || !str_buf || !str_methods || !str_popleft || !bytes_head ||
             !bytes_xrid || !bytes_hex16) {

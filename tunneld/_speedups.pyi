@@ -23,3 +23,6 @@ def request_ids(  # accesslog.request_ids_py
 def begin_request(  # accesslog.begin_request_py
     head: Any, counter: Iterator[int], prefix: bytes, now: int, requests: Any, framer: Any, /
 ) -> list[Any]: ...
+def log_response(  # accesslog.log_response_py
+    state: list[Any], conn: Any, data: bytes, /
+) -> bytes | None: ...

@@ -34,7 +34,11 @@ request (``python -m bench.e2e.instr``): the path is written to do few of them, 
 done by C functions when tunneld/_speedups.c is built (tunneld/speedups.py): ``begin_request``
 (the request side: its id, its list, its place in line), ``whole_response`` (validating the
 head, adding the id line, noting the time, status and sizes, keeping the metrics' observation)
-and ``text_line``, each with the same results as its pure-Python reference here (``*_py``).
+and ``text_line``, and for a connection that writes text lines ``log_response``, which does all
+of the response side in one call from a per-connection state list (``ConnectionLog._fast``):
+``whole_response``, the request's end, the metrics' fold, the log level's check, the text line
+and the writer's flush or timer. Each has the same results as its pure-Python reference here
+(``*_py``).
 
 An inspected connection (tunneld/inspect.py) takes this same path, with ``quiet`` when the access
 log is off: its ``recorder`` gets each request's head and body prefix, the response head and
@@ -133,6 +137,8 @@ FLUSH_AFTER: Final = 0.05
 _MAX_PENDING: Final = 256
 # RequestStats.whole's length when it holds FOLD_AFTER observations (flat: metrics.py).
 _FOLD_ITEMS: Final = FOLD_AFTER * WHOLE_ITEMS
+# AccessWriter.lines: the pending lines, the time stamp, its second, the timer of the next write
+_L_PENDING, _L_STAMP, _L_SEC, _L_TIMER = range(4)
 
 
 def text_line_py(
@@ -203,11 +209,8 @@ class AccessWriter:
     __slots__ = (
         "_json",
         "_loop",
-        "_sec",
-        "_timer",
         "_worker",
-        "pending",
-        "stamp",
+        "lines",
         "stream",
         "tail",
     )
@@ -224,29 +227,39 @@ class AccessWriter:
         name = "tunneld.access" + ("" if worker is None or self._json else f"[w{worker}]")
         self.tail = f" INFO    {name}: ".encode()  # the text line after its time stamp
         self.stream = stream if stream is not None else sys.stderr
-        self.pending: list[bytes] = []  # lines, UTF-8
-        self._timer: asyncio.TimerHandle | None = None
-        self._sec = -1
-        self.stamp = b""  # the time stamp of second ``_sec``, up to its milliseconds
+        # What changes as lines come, in one list that ``log_response`` reads by index: the
+        # pending lines (UTF-8), the time stamp of second ``sec`` up to its milliseconds, that
+        # second, and the timer of the next write (None: not armed).
+        self.lines: list[Any] = [[], b"", -1, None]
         self._worker = worker if self._json else None
 
     @property
     def json(self) -> bool:
         return self._json
 
+    @property
+    def pending(self) -> list[bytes]:
+        """The lines not written yet."""
+        return self.lines[_L_PENDING]  # type: ignore[no-any-return]
+
+    @property
+    def stamp(self) -> bytes:
+        """The time stamp of the current second, up to its milliseconds."""
+        return self.lines[_L_STAMP]  # type: ignore[no-any-return]
+
     def restamp(self, sec: int) -> None:
         """The time stamp's text for another second."""
-        self._sec = sec
         if self._json:
             stamp = time.strftime("%Y-%m-%dT%H:%M:%S.", time.gmtime(sec))
         else:
             stamp = time.strftime("%Y-%m-%d %H:%M:%S,", time.localtime(sec))
-        self.stamp = stamp.encode()
+        self.lines[_L_STAMP] = stamp.encode()
+        self.lines[_L_SEC] = sec
 
     def write(self, message: str, fields: dict[str, Any] | None) -> None:
         ms = time_ns() // 1_000_000
         sec = ms // 1000
-        if sec != self._sec:
+        if sec != self.lines[_L_SEC]:
             self.restamp(sec)
         msecs = _MSECS[ms - sec * 1000]
         if self._json:
@@ -268,22 +281,29 @@ class AccessWriter:
 
     def add(self, line: bytes) -> None:
         """Keep a whole line (UTF-8, ending with a newline) for the next write."""
-        pending = self.pending
+        pending = self.lines[_L_PENDING]
         pending.append(line)
         if len(pending) >= _MAX_PENDING:
             self.flush()
-        elif self._timer is None:
-            self._timer = self._loop.call_later(FLUSH_AFTER, self.flush)
+        else:
+            self.arm()
+
+    def arm(self) -> None:
+        """Write the pending lines ``FLUSH_AFTER`` from now unless a write is due already."""
+        if self.lines[_L_TIMER] is None:
+            self.lines[_L_TIMER] = self._loop.call_later(FLUSH_AFTER, self.flush)
 
     def flush(self) -> None:
         """Write the pending lines now (also ``FLUSH_AFTER`` after the first, and at stop)."""
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        pending = self.pending
+        lines = self.lines
+        timer = lines[_L_TIMER]
+        if timer is not None:
+            timer.cancel()
+            lines[_L_TIMER] = None
+        pending = lines[_L_PENDING]
         if not pending:
             return
-        self.pending = []
+        lines[_L_PENDING] = []
         try:
             chunk: list[bytes] = []
             size = 0
@@ -354,23 +374,81 @@ def whole_response_py(
     return b"".join((data[: end - 2], request[_ID_LINE], data[end - 2 :]))
 
 
+# ConnectionLog._fast, the state ``log_response`` reads by index (its docstring)
+(
+    _S_REQUESTS,
+    _S_FRAMER,
+    _S_KEPT,
+    _S_STATS,
+    _S_FOLD,
+    _S_LINES,
+    _S_WRITER,
+    _S_LEAD,
+    _S_SITE,
+    _S_SITE_OF,
+    _S_SITE_PORT,
+    _S_MONO,
+    _S_WALL,
+    _S_LOG,
+) = range(14)
+
+
+def log_response_py(state: list[Any], conn: ConnectionLog, data: bytes) -> bytes | None:
+    """``ConnectionLog.response``'s one step for a whole response on a connection that writes
+    text lines. ``state`` is the connection's ``_fast`` list: its requests (a deque), framer,
+    kept observations (RequestStats.whole, or None), stats, the count of kept items to fold at,
+    the writer's ``lines`` and the writer, the lines' lead and " sandbox:port id=" (made for
+    sandbox id and port in the next two), a monotonic and a wall clock (ns), the logger. When
+    ``whole_response_py`` takes ``data`` for the oldest request, that request leaves the
+    queue, the stats fold at the count, and when the logger logs info its line is appended by
+    ``text_line_py`` (``conn._resite()`` first when ``conn``'s sandbox id or port changed, the
+    writer restamped on a new second) and the writer flushes at ``_MAX_PENDING`` lines or is
+    armed; returns the bytes for the client, or None (nothing changed). The reference of
+    ``log_response`` (tunneld/_speedups.c when built: speedups.py)."""
+    requests = state[_S_REQUESTS]
+    if not requests:
+        return None
+    request = requests[0]
+    kept = state[_S_KEPT]
+    out = whole_response_py(state[_S_FRAMER], data, request, state[_S_MONO](), kept)
+    if out is None:
+        return None
+    requests.popleft()
+    if kept is not None and len(kept) >= state[_S_FOLD]:
+        state[_S_STATS].fold()
+    if not state[_S_LOG].isEnabledFor(_INFO):
+        return out
+    if conn.sandbox_id is not state[_S_SITE_OF] or conn.port != state[_S_SITE_PORT]:
+        conn._resite()
+    site = state[_S_SITE]
+    now = state[_S_WALL]()
+    lines = state[_S_LINES]
+    lead = state[_S_LEAD]
+    count = text_line_py(lines[0], lines[1], lines[2], now, lead, request, site)
+    if count < 0:  # a new second: its stamp, then the line
+        state[_S_WRITER].restamp(now // 1_000_000_000)
+        count = text_line_py(lines[0], lines[1], lines[2], now, lead, request, site)
+    if count >= _MAX_PENDING:
+        state[_S_WRITER].flush()
+    elif lines[_L_TIMER] is None:
+        state[_S_WRITER].arm()
+    return out
+
+
 class ConnectionLog:
     """Requests in flight on one connection, in order, and the framer of their responses."""
 
     __slots__ = (
         "_capture",
+        "_fast",
         "_kept",
-        "_lead",
+        "_recorder",
         "_requests",
-        "_site",
-        "_site_of",
-        "_site_port",
-        "_text",
+        "_text_state",
         "client",
         "framer",
         "port",
         "quiet",
-        "recorder",
         "sandbox_id",
         "stats",
         "writer",
@@ -389,21 +467,46 @@ class ConnectionLog:
         self._kept = None if stats is None else stats.whole  # its observations of whole responses
         self.writer = writer  # None: through the ``logging`` module (one record per line)
         self.quiet = quiet  # no log lines: the connection is here for inspection only
-        # the writer when this connection's lines are text lines it formats (``text_line``)
-        self._text = writer if writer is not None and not quiet and not writer.json else None
-        self.recorder: ConnectionRecorder | None = None
+        self._recorder: ConnectionRecorder | None = None
         self._capture: Record | None = None  # the record whose response body is flowing
         self.sandbox_id = ""
         self.port = 0
         self.framer = ResponseFramer()
         self._requests: deque[list[Any]] = deque()
-        # The constant parts of this connection's text lines: after the time stamp up to the
-        # method, and "sandbox:port" (made again if the shell sets another sandbox or port).
-        tail = writer.tail if writer is not None else b""
-        self._lead = tail + client.encode("utf-8", "surrogatepass") + b' "'
-        self._site = b""
-        self._site_of: str | None = None
-        self._site_port = 0
+        # When this connection's lines are text lines the writer formats: the state of
+        # ``log_response`` (its docstring), which takes a whole response in one call. Its
+        # constant parts: the lines' lead (after the time stamp up to the method), and
+        # " sandbox:port id=" (made again if the shell sets another sandbox or port).
+        self._text_state: list[Any] | None = None
+        if writer is not None and not quiet and not writer.json:
+            lead = writer.tail + client.encode("utf-8", "surrogatepass") + b' "'
+            self._text_state = [
+                self._requests,
+                self.framer,
+                self._kept,
+                stats,
+                _FOLD_ITEMS,
+                writer.lines,
+                writer,
+                lead,
+                b"",
+                None,
+                0,
+                monotonic_ns,
+                time_ns,
+                log,
+            ]
+        self._fast = self._text_state  # None while a recorder is set
+
+    @property
+    def recorder(self) -> ConnectionRecorder | None:
+        """The inspection recorder of this connection (tunneld/inspect.py), or None."""
+        return self._recorder
+
+    @recorder.setter
+    def recorder(self, recorder: ConnectionRecorder | None) -> None:
+        self._recorder = recorder
+        self._fast = self._text_state if recorder is None else None
 
     # -- requests --------------------------------------------------------------------------------
     def request(self, head: RequestHead) -> bytes:
@@ -412,8 +515,8 @@ class ConnectionLog:
         request = begin_request(
             head, _ID_COUNTER, _ID_PREFIX, monotonic_ns(), requests, self.framer
         )
-        if self.recorder is not None and requests and requests[-1] is request:
-            request[_RECORD] = self.recorder.begin(head, request[_ID])
+        if self._recorder is not None and requests and requests[-1] is request:
+            request[_RECORD] = self._recorder.begin(head, request[_ID])
         return request[_ID_LINE]  # type: ignore[no-any-return]
 
     def body(self, data: bytes | memoryview) -> None:
@@ -427,10 +530,15 @@ class ConnectionLog:
     def response(self, data: bytes) -> bytes:
         """The service's bytes -> the bytes to write to the client (the same, plus at most
         one x-request-id line per final response head)."""
-        requests = self._requests
-        if requests and self.recorder is None:
-            # The common case first: one whole response in this read (ResponseFramer.whole),
-            # all of it here, the general path's ``_write`` inlined.
+        fast = self._fast
+        if fast is not None:  # text lines: the common case in one call (log_response)
+            out_bytes = log_response(fast, self, data)
+            if out_bytes is not None:
+                return out_bytes
+        elif self._requests and self._recorder is None:
+            # json lines, lines through logging, or quiet: one whole response in this read
+            # (ResponseFramer.whole), all of it here, the general path's ``_write`` inlined.
+            requests = self._requests
             request = requests[0]
             out_bytes = whole_response(self.framer, data, request, monotonic_ns(), self._kept)
             if out_bytes is not None:  # status, sizes and time now in request; metrics kept
@@ -438,41 +546,9 @@ class ConnectionLog:
                 kept = self._kept
                 if kept is not None and len(kept) >= _FOLD_ITEMS:
                     self.stats.fold()  # type: ignore[union-attr]  # kept: stats.whole
-                writer = self._text
-                if writer is None:  # json lines, lines through logging, or quiet
-                    if not self.quiet and log.isEnabledFor(_INFO):
-                        ns = request[_TTFB]
-                        self._log(request, request[_STATUS], request[_BODY_OUT], None, ns / 1e9)
-                elif log.isEnabledFor(_INFO):
-                    # The text line (as ``_log`` writes it) from bytes prepared, appended to
-                    # the writer's pending lines by text_line; writer.add inlined around it.
-                    if self.sandbox_id is not self._site_of or self.port != self._site_port:
-                        self._resite()
-                    now = time_ns()  # the line's time stamp: big-int arithmetic left to C
-                    kept_lines = text_line(
-                        writer.pending,
-                        writer.stamp,
-                        writer._sec,
-                        now,
-                        self._lead,
-                        request,
-                        self._site,
-                    )
-                    if kept_lines < 0:  # a new second: its stamp, then the line
-                        writer.restamp(now // 1_000_000_000)
-                        kept_lines = text_line(
-                            writer.pending,
-                            writer.stamp,
-                            writer._sec,
-                            now,
-                            self._lead,
-                            request,
-                            self._site,
-                        )
-                    if kept_lines >= _MAX_PENDING:
-                        writer.flush()
-                    elif writer._timer is None:
-                        writer._timer = writer._loop.call_later(FLUSH_AFTER, writer.flush)
+                if not self.quiet and log.isEnabledFor(_INFO):
+                    ns = request[_TTFB]
+                    self._log(request, request[_STATUS], request[_BODY_OUT], None, ns / 1e9)
                 return out_bytes
         out: list[bytes | memoryview] = []
         for event in self.framer.feed(data):
@@ -492,8 +568,11 @@ class ConnectionLog:
 
     def _resite(self) -> None:
         """The shell set another sandbox or port: the text lines' "sandbox:port" again."""
-        self._site_of, self._site_port = self.sandbox_id, self.port
-        self._site = f" {self.sandbox_id}:{self.port} id=".encode("utf-8", "surrogatepass")
+        state = self._text_state
+        if state is not None:
+            sandbox_id, port = self.sandbox_id, self.port
+            state[_S_SITE_OF], state[_S_SITE_PORT] = sandbox_id, port
+            state[_S_SITE] = f" {sandbox_id}:{port} id=".encode("utf-8", "surrogatepass")
 
     def _head(self, head: ResponseHead) -> bytes:
         if head.status < 200 and head.status != 101:
@@ -543,8 +622,8 @@ class ConnectionLog:
         self, request: list[Any], status: int | None, body_out: int | None, note: str | None
     ) -> None:
         record = request[_RECORD]
-        if record is not None and self.recorder is not None:
-            self.recorder.end(record, status, note)
+        if record is not None and self._recorder is not None:
+            self._recorder.end(record, status, note)
         duration = (monotonic_ns() - request[_STARTED]) / 1e9
         ttfb = request[_TTFB]
         if self.stats is not None:
@@ -610,3 +689,4 @@ request_ids = request_ids_py if speedups.c is None else speedups.c.request_ids
 text_line = text_line_py if speedups.c is None else speedups.c.text_line
 whole_response = whole_response_py if speedups.c is None else speedups.c.whole_response
 begin_request = begin_request_py if speedups.c is None else speedups.c.begin_request
+log_response = log_response_py if speedups.c is None else speedups.c.log_response
