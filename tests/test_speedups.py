@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import gc
 import itertools
+import logging
 import os
 import subprocess
 import sys
@@ -516,9 +517,16 @@ def _logged(impl: Callable[..., object], case: tuple[Any, ...]) -> tuple[Any, ..
     writer = _Writer(calls, pending, wall // 10**9 + sec_offset, armed)
     conn = _Conn(calls, SANDBOX, 8080)
     clocks = iter([mono, wall])
+    logger: Any = _Log(calls, on)
+    if isinstance(on, str):  # a real logger: the C reads its cache and ``disabled``
+        logger = logging.Logger("t", logging.INFO if on.startswith("info") else logging.WARNING)
+        if "warm" in on:
+            logger.isEnabledFor(logging.INFO)  # the answer in its cache
+        logger.disabled = on.endswith("disabled")
     state: list[Any] = [
         requests, framer, kept, stats, 8, writer.lines, writer, b' INFO a: 1.2.3.4 "',
-        b" old:1 id=", *site, lambda: next(clocks), lambda: next(clocks), _Log(calls, on),
+        b" old:1 id=", *site, lambda: next(clocks), lambda: next(clocks), logger,
+        requests.popleft, getattr(logger, "_cache", None),
     ]  # fmt: skip
     if bad is not None:
         index, value = bad
@@ -549,7 +557,9 @@ _LOG_CASE = st.tuples(
     st.booleans(),  # metrics
     st.sampled_from([0, 1, 254, 255, 256]),  # pending lines before
     st.booleans(),  # the writer's timer armed
-    st.booleans(),  # the logger logs info
+    st.sampled_from(  # the logger logs info: a stand-in's answer, or a real logger's
+        [True, False, "info", "info warm", "warning", "warning warm", "info warm disabled"]
+    ),
     st.sampled_from([(SANDBOX, 8080), (SANDBOX, 8081), ("".join("sb"), 8080), (None, 0)]),
     st.integers(1_000, 2**40),  # monotonic ns
     st.integers(1_780_000_000 * 10**9, 1_790_000_000 * 10**9),  # wall ns
@@ -569,6 +579,8 @@ _BAD_STATES = [
     (11, None),  # the clock not callable
     (12, lambda: "now"),  # the wall clock not an int
     (13, object()),  # no isEnabledFor
+    (14, None),  # no popleft
+    (15, ()),  # the logger's cache not a dict
 ]
 
 
@@ -592,6 +604,48 @@ def test_log_response_refuses_states_it_cannot_use() -> None:
         C.log_response([], _Conn([], SANDBOX, 1), RESPONSE)  # too short
     with pytest.raises(TypeError):
         C.log_response((), _Conn([], SANDBOX, 1), RESPONSE)  # type: ignore[arg-type]
+
+
+def test_log_response_reads_the_clocks_of_time_as_time_does() -> None:
+    """With time.monotonic_ns and time.time_ns in the state the C reads their clocks itself:
+    the request's time lies between two monotonic_ns() calls around it, and the line's stamp
+    is of a second between two time_ns() calls."""
+    writer = _Writer([], 0, 0, True)
+    conn = _Conn([], SANDBOX, 8080)
+    requests: deque[list[Any]] = deque([_request(b"", 0, 0)])
+    logger = logging.Logger("t", logging.INFO)
+    state: list[Any] = [
+        requests, _framer([b"GET"], b"", False), None, None, 8, writer.lines, writer, b"",
+        b" x id=", SANDBOX, 8080, time.monotonic_ns, time.time_ns, logger, requests.popleft,
+        logger._cache,
+    ]  # fmt: skip
+    request = requests[0]
+    wall0, mono0 = time.time_ns(), time.monotonic_ns()
+    request[3] = mono0
+    assert C.log_response(state, conn, RESPONSE) is not None
+    mono1, wall1 = time.monotonic_ns(), time.time_ns()
+    assert 0 <= request[4] <= mono1 - mono0
+    assert wall0 // 10**9 <= writer.lines[2] <= wall1 // 10**9  # restamped to the line's second
+    assert len(writer.lines[0]) == 1
+
+
+def test_log_response_asks_a_logger_what_logging_would_answer() -> None:
+    """The C reads a real logger's cache and ``disabled`` instead of calling isEnabledFor: a
+    line exactly when the reference (which calls it) writes one, each way the logger is set."""
+    lines = {}
+    for on in ("info", "info warm", "warning", "warning warm", "info warm disabled"):
+        case = (RESPONSE, [b"GET"], 1, 0, False, 0, True, on, (SANDBOX, 8080), 5_001_000,
+                1_780_000_000_123_456_789, 0, None)  # fmt: skip
+        ours, theirs = _logged(C.log_response, case), _logged(log_response_py, case)
+        assert ours == theirs, on
+        lines[on] = len(ours[5][0])
+    assert lines == {
+        "info": 1,
+        "info warm": 1,
+        "warning": 0,
+        "warning warm": 0,
+        "info warm disabled": 0,
+    }
 
 
 def test_log_response_logs_a_whole_response_in_one_call() -> None:

@@ -26,6 +26,7 @@ number). Plain C API, no Cython; built by setup.py as an optional extension.
 #include <Python.h>
 #include <stdint.h>
 #include <string.h>
+#include <time.h>
 
 /* RFC 9110 tchar: ! # $ % & ' * + - . ^ _ ` | ~ DIGIT ALPHA */
 static unsigned char is_token[256];
@@ -47,7 +48,8 @@ static PyObject *float_1e9;   /* 1e9: ns / 1e9 is seconds */
 static PyObject *int_raw;     /* 4, ResponseFramer's _RAW (unframed) */
 static PyObject *str_headers, *str_method, *str_target, *str_append;
 static PyObject *str_fold, *str_is_enabled_for, *str_sandbox_id, *str_port, *str_resite;
-static PyObject *str_restamp, *str_flush, *str_arm, *int_info, *int_1e9;
+static PyObject *str_restamp, *str_flush, *str_arm, *int_info, *int_1e9, *str_disabled;
+static PyObject *time_monotonic_ns, *time_time_ns; /* time.monotonic_ns, time.time_ns */
 
 static const char XRID_PREFIX[] = "x-request-id: ";
 #define XRID_PREFIX_LEN (sizeof(XRID_PREFIX) - 1)
@@ -965,7 +967,9 @@ enum {
     S_MONO = 11,    /* time.monotonic_ns */
     S_WALL = 12,    /* time.time_ns */
     S_LOG = 13,     /* the tunneld.access logger (isEnabledFor) */
-    S_SIZE = 14
+    S_POPLEFT = 14, /* S_REQUESTS.popleft */
+    S_LOG_CACHE = 15, /* S_LOG._cache (logging.Logger's cache of isEnabledFor), or None */
+    S_SIZE = 16
 };
 enum { L_PENDING = 0, L_STAMP = 1, L_SEC = 2, L_TIMER = 3, L_SIZE = 4 };
 #define MAX_PENDING 256 /* accesslog._MAX_PENDING */
@@ -991,6 +995,73 @@ clear_items(PyObject **items, Py_ssize_t n)
     for (Py_ssize_t k = 0; k < n; k++) {
         Py_CLEAR(items[k]);
     }
+}
+
+/* clock() when it is time.monotonic_ns or time.time_ns: their clock read here (the same
+   clock_gettime as theirs on Linux, without a call through Python), else called */
+static PyObject *
+clock_ns(PyObject *clock)
+{
+#ifdef __linux__
+    struct timespec ts;
+    clockid_t id;
+    if (clock == time_monotonic_ns) {
+        id = CLOCK_MONOTONIC;
+    }
+    else if (clock == time_time_ns) {
+        id = CLOCK_REALTIME;
+    }
+    else {
+        return PyObject_CallNoArgs(clock);
+    }
+    if (clock_gettime(id, &ts) != 0) {
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    return PyLong_FromLongLong((long long)ts.tv_sec * 1000000000LL + (long long)ts.tv_nsec);
+#else
+    return PyObject_CallNoArgs(clock);
+#endif
+}
+
+/* logger.isEnabledFor(INFO) as logging.Logger's does it: False when ``disabled``, else its
+   ``_cache`` entry (``cache``, the logger's own dict, or None), else the method's answer.
+   1, 0, or -1 with an error set. */
+static int
+info_enabled(PyObject *logger, PyObject *cache)
+{
+    PyObject *r;
+    int on;
+    if (cache != Py_None) {
+        PyObject *disabled, *hit;
+        if (!PyDict_Check(cache)) {
+            PyErr_SetString(PyExc_TypeError, "the logger's cache must be a dict or None");
+            return -1;
+        }
+        if ((disabled = PyObject_GetAttr(logger, str_disabled)) == NULL) {
+            return -1;
+        }
+        on = PyObject_IsTrue(disabled);
+        Py_DECREF(disabled);
+        if (on != 0) {
+            return on < 0 ? -1 : 0;
+        }
+        hit = PyDict_GetItemWithError(cache, int_info); /* borrowed */
+        if (hit != NULL) {
+            Py_INCREF(hit); /* IsTrue can run Python code */
+            on = PyObject_IsTrue(hit);
+            Py_DECREF(hit);
+            return on;
+        }
+        if (PyErr_Occurred()) {
+            return -1;
+        }
+    }
+    if ((r = PyObject_CallMethodOneArg(logger, str_is_enabled_for, int_info)) == NULL) {
+        return -1;
+    }
+    on = PyObject_IsTrue(r);
+    Py_DECREF(r);
+    return on;
 }
 
 /* obj.name() and its result dropped; -1 with an error set */
@@ -1040,7 +1111,7 @@ log_response(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         Py_RETURN_NONE;
     }
     if ((request = PySequence_GetItem(st[S_REQUESTS], 0)) == NULL ||
-        (now = PyObject_CallNoArgs(st[S_MONO])) == NULL) {
+        (now = clock_ns(st[S_MONO])) == NULL) {
         goto fail;
     }
     call[0] = st[S_FRAMER];
@@ -1054,9 +1125,10 @@ log_response(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     if (out == Py_None) {
         goto done; /* not a whole response: the general path */
     }
-    if (call_method0(st[S_REQUESTS], str_popleft) < 0) {
+    if ((r = PyObject_CallNoArgs(st[S_POPLEFT])) == NULL) {
         goto fail;
     }
+    Py_CLEAR(r);
     if (st[S_KEPT] != Py_None) {
         Py_ssize_t fold_at = PyLong_AsSsize_t(st[S_FOLD]);
         if (fold_at == -1 && PyErr_Occurred()) {
@@ -1067,11 +1139,7 @@ log_response(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
             goto fail;
         }
     }
-    if ((r = PyObject_CallMethodOneArg(st[S_LOG], str_is_enabled_for, int_info)) == NULL) {
-        goto fail;
-    }
-    on = PyObject_IsTrue(r);
-    Py_CLEAR(r);
+    on = info_enabled(st[S_LOG], st[S_LOG_CACHE]);
     if (on <= 0) {
         if (on < 0) {
             goto fail;
@@ -1098,7 +1166,7 @@ log_response(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     else {
         site = Py_NewRef(st[S_SITE]);
     }
-    if ((wall = PyObject_CallNoArgs(st[S_WALL])) == NULL ||
+    if ((wall = clock_ns(st[S_WALL])) == NULL ||
         items_of(st[S_LINES], L_SIZE, ln, "lines") < 0) {
         goto fail;
     }
@@ -1226,6 +1294,19 @@ PyInit__speedups(void)
         str_arm = PyUnicode_InternFromString("arm");
         int_info = PyLong_FromLong(20); /* logging.INFO */
         int_1e9 = PyLong_FromLong(1000000000L);
+        str_disabled = PyUnicode_InternFromString("disabled");
+        {
+            PyObject *time_module = PyImport_ImportModule("time");
+            if (time_module == NULL) {
+                return NULL;
+            }
+            time_monotonic_ns = PyObject_GetAttrString(time_module, "monotonic_ns");
+            time_time_ns = PyObject_GetAttrString(time_module, "time_ns");
+            Py_DECREF(time_module);
+        }
+        if (!str_disabled || !time_monotonic_ns || !time_time_ns) {
+            return NULL;
+        }
         if (!str_fold || !str_is_enabled_for || !str_sandbox_id || !str_port || !str_resite ||
             !str_restamp || !str_flush || !str_arm || !int_info || !int_1e9) {
             return NULL;

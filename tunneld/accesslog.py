@@ -35,7 +35,7 @@ done by C functions when tunneld/_speedups.c is built (tunneld/speedups.py): ``b
 (the request side: its id, its list, its place in line), ``whole_response`` (validating the
 head, adding the id line, noting the time, status and sizes, keeping the metrics' observation)
 and ``text_line``, and for a connection that writes text lines ``log_response``, which does all
-of the response side in one call from a per-connection state list (``ConnectionLog._fast``):
+of the response side in one call from a per-connection state list (``ConnectionLog.fast``):
 ``whole_response``, the request's end, the metrics' fold, the log level's check, the text line
 and the writer's flush or timer. Each has the same results as its pure-Python reference here
 (``*_py``).
@@ -374,7 +374,7 @@ def whole_response_py(
     return b"".join((data[: end - 2], request[_ID_LINE], data[end - 2 :]))
 
 
-# ConnectionLog._fast, the state ``log_response`` reads by index (its docstring)
+# ConnectionLog.fast, the state ``log_response`` reads by index (its docstring)
 (
     _S_REQUESTS,
     _S_FRAMER,
@@ -390,15 +390,19 @@ def whole_response_py(
     _S_MONO,
     _S_WALL,
     _S_LOG,
-) = range(14)
+    _S_POPLEFT,
+    _S_LOG_CACHE,
+) = range(16)
 
 
 def log_response_py(state: list[Any], conn: ConnectionLog, data: bytes) -> bytes | None:
     """``ConnectionLog.response``'s one step for a whole response on a connection that writes
-    text lines. ``state`` is the connection's ``_fast`` list: its requests (a deque), framer,
+    text lines. ``state`` is the connection's ``fast`` list: its requests (a deque), framer,
     kept observations (RequestStats.whole, or None), stats, the count of kept items to fold at,
     the writer's ``lines`` and the writer, the lines' lead and " sandbox:port id=" (made for
-    sandbox id and port in the next two), a monotonic and a wall clock (ns), the logger. When
+    sandbox id and port in the next two), a monotonic and a wall clock (ns), the logger, the
+    requests' ``popleft`` and the logger's ``_cache`` (or None; the C reads what
+    ``isEnabledFor`` would: the method is called when the level is not in it). When
     ``whole_response_py`` takes ``data`` for the oldest request, that request leaves the
     queue, the stats fold at the count, and when the logger logs info its line is appended by
     ``text_line_py`` (``conn._resite()`` first when ``conn``'s sandbox id or port changed, the
@@ -440,12 +444,12 @@ class ConnectionLog:
 
     __slots__ = (
         "_capture",
-        "_fast",
         "_kept",
         "_recorder",
         "_requests",
         "_text_state",
         "client",
+        "fast",
         "framer",
         "port",
         "quiet",
@@ -495,8 +499,13 @@ class ConnectionLog:
                 monotonic_ns,
                 time_ns,
                 log,
+                self._requests.popleft,
+                getattr(log, "_cache", None),
             ]
-        self._fast = self._text_state  # None while a recorder is set
+        # ``log_response(fast, self, data)`` first, then ``general(data)`` when it takes
+        # nothing, is ``response(data)`` (tunneld/public.py calls them itself); None while a
+        # recorder is set.
+        self.fast = self._text_state
 
     @property
     def recorder(self) -> ConnectionRecorder | None:
@@ -506,7 +515,7 @@ class ConnectionLog:
     @recorder.setter
     def recorder(self, recorder: ConnectionRecorder | None) -> None:
         self._recorder = recorder
-        self._fast = self._text_state if recorder is None else None
+        self.fast = self._text_state if recorder is None else None
 
     # -- requests --------------------------------------------------------------------------------
     def request(self, head: RequestHead) -> bytes:
@@ -530,7 +539,7 @@ class ConnectionLog:
     def response(self, data: bytes) -> bytes:
         """The service's bytes -> the bytes to write to the client (the same, plus at most
         one x-request-id line per final response head)."""
-        fast = self._fast
+        fast = self.fast
         if fast is not None:  # text lines: the common case in one call (log_response)
             out_bytes = log_response(fast, self, data)
             if out_bytes is not None:
@@ -550,6 +559,10 @@ class ConnectionLog:
                     ns = request[_TTFB]
                     self._log(request, request[_STATUS], request[_BODY_OUT], None, ns / 1e9)
                 return out_bytes
+        return self.general(data)
+
+    def general(self, data: bytes) -> bytes:
+        """``response`` for what its one-step paths do not take."""
         out: list[bytes | memoryview] = []
         for event in self.framer.feed(data):
             if isinstance(event, (bytes, memoryview)):

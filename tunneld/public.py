@@ -44,6 +44,7 @@ from protocol.hostnames import PreviewRoute, parse_preview_host
 from relay.buffers import SHARED
 from relay.mux import StalledCloseWatch, StreamEndpoint, abort_with_reset, set_reset_on_close
 
+from . import accesslog
 from .accesslog import ConnectionLog
 from .budget import RequestBudget
 from .framing import RequestFramer, State, forward_head
@@ -951,7 +952,11 @@ class PublicConnection(StreamEndpoint):
         transport = self.transport
         if transport is None or self._closed:
             return
-        out = access.response(data)
+        fast = access.fast  # access.response(data), its common case without a Python call
+        if fast is None:
+            out = access.response(data)
+        else:
+            out = accesslog.log_response(fast, access, data) or access.general(data)
         if out:
             transport.write(out)  # one write: a head and its body are one read
         if self._write_paused:
