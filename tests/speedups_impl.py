@@ -19,6 +19,7 @@ SWITCHED = (
     (accesslog, "request_ids", accesslog.request_ids_py),
     (accesslog, "begin_request", accesslog.begin_request_py),
     (accesslog, "log_response", accesslog.log_response_py),
+    (accesslog, "log_request", accesslog.log_request_py),
 )
 
 

@@ -26,6 +26,7 @@ from tunneld import _speedups as C  # not built: this module errors (CI must bui
 from tunneld import speedups
 from tunneld.accesslog import (
     begin_request_py,
+    log_request_py,
     log_response_py,
     request_ids_py,
     text_line_py,
@@ -526,7 +527,7 @@ def _logged(impl: Callable[..., object], case: tuple[Any, ...]) -> tuple[Any, ..
     state: list[Any] = [
         requests, framer, kept, stats, 8, writer.lines, writer, b' INFO a: 1.2.3.4 "',
         b" old:1 id=", *site, lambda: next(clocks), lambda: next(clocks), logger,
-        requests.popleft, getattr(logger, "_cache", None),
+        requests.popleft, getattr(logger, "_cache", None), itertools.count(7), b"p",
     ]  # fmt: skip
     if bad is not None:
         index, value = bad
@@ -617,7 +618,7 @@ def test_log_response_reads_the_clocks_of_time_as_time_does() -> None:
     state: list[Any] = [
         requests, _framer([b"GET"], b"", False), None, None, 8, writer.lines, writer, b"",
         b" x id=", SANDBOX, 8080, time.monotonic_ns, time.time_ns, logger, requests.popleft,
-        logger._cache,
+        logger._cache, itertools.count(), b"p",
     ]  # fmt: skip
     request = requests[0]
     wall0, mono0 = time.time_ns(), time.monotonic_ns()
@@ -671,6 +672,59 @@ def test_log_response_keeps_the_line_and_arms_the_writer() -> None:
         b'S1780000000,123 INFO a: 1.2.3.4 "GET /" 200 0 5B 0.0ms ttfb 0.0ms sb:8080 id=id\n'
     ]
     assert lines[3] == "timer"
+
+
+# -- log_request ----------------------------------------------------------------------------------
+
+
+def _requested(impl: Callable[..., object], head: RequestHead, waiting: int, bad: Any) -> object:
+    """What ``impl`` (log_request or its reference) returns and leaves behind."""
+    requests: deque[list[Any]] = deque([[b"OLD"]] * waiting)
+    framer = _framer([b"GET"] * min(waiting, 1100), b"", False)
+    counter = itertools.count(41)
+    clock = iter([12345])
+    state: list[Any] = [requests, framer] + [None] * 9 + [lambda: next(clock)] + [None] * 4
+    state += [counter, b"p"]
+    if bad is not None:
+        state[bad[0]] = bad[1]
+    outcome = _outcome(impl, state, head)
+    return outcome, [list(r) for r in requests], _state(framer), next(counter)
+
+
+@settings(max_examples=300)
+@given(
+    st.lists(st.tuples(_ID_NAME, _ID_VALUE), max_size=4),
+    st.sampled_from([b"GET", b"HEAD", b"POST"]),
+    st.sampled_from([0, 1, 1023, 1024]),
+    st.sampled_from(
+        [
+            None,
+            (0, object()),  # requests without a length
+            (11, None),  # the clock not callable
+            (16, [1]),  # the counter not an iterator
+        ]
+    ),
+)
+def test_log_request_does_what_the_reference_does(
+    headers: list[tuple[bytes, bytes]], method: bytes, waiting: int, bad: Any
+) -> None:
+    """The same id line, the same request list queued (or not, at 1024 waiting), the same
+    framer and counter after, or the same kind of error."""
+    head = RequestHead(method, b"/t", b"1.1", headers)
+    ours, theirs = (
+        _requested(C.log_request, head, waiting, bad),
+        _requested(log_request_py, head, waiting, bad),
+    )
+    assert ours == theirs
+    if bad is None and waiting < 1024:
+        assert ours[1][-1][3] == 12345 and ours[1][-1][7] == ours[0]  # started now, its line
+
+
+def test_log_request_refuses_a_state_too_short_or_a_prefix_not_bytes() -> None:
+    head = RequestHead(b"GET", b"/", b"1.1", [])
+    with pytest.raises(TypeError):
+        C.log_request([None] * 17, head)
+    assert _requested(C.log_request, head, 0, (17, "p"))[:2] == (TypeError, [])
 
 
 # -- nothing left behind --------------------------------------------------------------------------
@@ -744,6 +798,8 @@ def test_many_calls_leave_nothing_behind() -> None:
         return run
 
     calls: dict[str, Callable[[], object]] = {
+        "log_request": lambda: _requested(C.log_request, head, 1, None),
+        "log_request refused": lambda: _requested(C.log_request, bad_head, 1, None),
         "log_response": logged(1_780_000_000_123_456_789, True, 0),
         "log_response flushed": logged(1_780_000_000_123_456_789, True, 255),
         "log_response not logged": logged(1_780_000_000_123_456_789, False, 0),

@@ -15,7 +15,8 @@ the fallback and are what tests/test_speedups.py compares these with, on arbitra
 - request_ids(headers, counter, prefix): accesslog.request_ids_py;
 - begin_request(head, counter, prefix, now, requests, framer): accesslog.begin_request_py;
 - log_response(state, conn, data): accesslog.log_response_py (whole_response, the request's
-  end, the metrics' fold, text_line and the writer's flush or timer, in one call).
+  end, the metrics' fold, text_line and the writer's flush or timer, in one call);
+- log_request(state, head): accesslog.log_request_py (begin_request from that state).
 
 The bytes come from services, agents and clients, none of them trusted: every read is
 bounds-checked against the buffer's length, output sizes are computed (with overflow checks)
@@ -969,7 +970,9 @@ enum {
     S_LOG = 13,     /* the tunneld.access logger (isEnabledFor) */
     S_POPLEFT = 14, /* S_REQUESTS.popleft */
     S_LOG_CACHE = 15, /* S_LOG._cache (logging.Logger's cache of isEnabledFor), or None */
-    S_SIZE = 16
+    S_COUNTER = 16, /* the request ids' counter (log_request) */
+    S_PREFIX = 17,  /* the request ids' prefix (log_request) */
+    S_SIZE = 18
 };
 enum { L_PENDING = 0, L_STAMP = 1, L_SEC = 2, L_TIMER = 3, L_SIZE = 4 };
 #define MAX_PENDING 256 /* accesslog._MAX_PENDING */
@@ -1233,6 +1236,45 @@ fail:
     goto done;
 }
 
+PyDoc_STRVAR(log_request_doc,
+"log_request(state, head, /)\n--\n\n"
+"ConnectionLog.request for a connection with log_response's ``state``: begin_request of\n"
+"``head`` with the state's counter, prefix, monotonic clock, requests and framer; returns the\n"
+"x-request-id line the request carries (accesslog.log_request_py).");
+
+static PyObject *
+log_request(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    PyObject *st[S_SIZE] = {NULL};
+    PyObject *call[6], *now = NULL, *request = NULL, *line = NULL;
+
+    if (!check_nargs("log_request", nargs, 2)) {
+        return NULL;
+    }
+    if (items_of(args[0], S_SIZE, st, "state") < 0) {
+        return NULL;
+    }
+    if ((now = clock_ns(st[S_MONO])) == NULL) {
+        goto done;
+    }
+    call[0] = args[1];
+    call[1] = st[S_COUNTER];
+    call[2] = st[S_PREFIX];
+    call[3] = now;
+    call[4] = st[S_REQUESTS];
+    call[5] = st[S_FRAMER];
+    if ((request = begin_request(module, call, 6)) == NULL) {
+        goto done;
+    }
+    /* begin_request made the list: R_SIZE items, the id line bytes */
+    line = Py_NewRef(PyList_GET_ITEM(request, R_ID_LINE));
+done:
+    clear_items(st, S_SIZE);
+    Py_XDECREF(now);
+    Py_XDECREF(request);
+    return line;
+}
+
 static PyMethodDef speedups_methods[] = {
     {"simple_head", (PyCFunction)simple_head, METH_O, simple_head_doc},
     {"whole_response", (PyCFunction)(void (*)(void))whole_response, METH_FASTCALL,
@@ -1243,6 +1285,7 @@ static PyMethodDef speedups_methods[] = {
      begin_request_doc},
     {"log_response", (PyCFunction)(void (*)(void))log_response, METH_FASTCALL,
      log_response_doc},
+    {"log_request", (PyCFunction)(void (*)(void))log_request, METH_FASTCALL, log_request_doc},
     {NULL, NULL, 0, NULL},
 };
 

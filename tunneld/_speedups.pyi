@@ -26,3 +26,4 @@ def begin_request(  # accesslog.begin_request_py
 def log_response(  # accesslog.log_response_py
     state: list[Any], conn: Any, data: bytes, /
 ) -> bytes | None: ...
+def log_request(state: list[Any], head: Any, /) -> bytes: ...  # accesslog.log_request_py

@@ -392,7 +392,25 @@ def whole_response_py(
     _S_LOG,
     _S_POPLEFT,
     _S_LOG_CACHE,
-) = range(16)
+    _S_COUNTER,
+    _S_PREFIX,
+) = range(18)
+
+
+def log_request_py(state: list[Any], head: RequestHead) -> bytes:
+    """``ConnectionLog.request`` on a connection with ``log_response``'s ``state`` (no
+    recorder): ``begin_request_py`` with the state's id counter and prefix, monotonic clock,
+    requests and framer; returns the ``x-request-id`` line the request carries. The reference
+    of ``log_request`` (tunneld/_speedups.c when built: speedups.py)."""
+    request = begin_request_py(
+        head,
+        state[_S_COUNTER],
+        state[_S_PREFIX],
+        state[_S_MONO](),
+        state[_S_REQUESTS],
+        state[_S_FRAMER],
+    )
+    return request[_ID_LINE]  # type: ignore[no-any-return]
 
 
 def log_response_py(state: list[Any], conn: ConnectionLog, data: bytes) -> bytes | None:
@@ -402,7 +420,8 @@ def log_response_py(state: list[Any], conn: ConnectionLog, data: bytes) -> bytes
     the writer's ``lines`` and the writer, the lines' lead and " sandbox:port id=" (made for
     sandbox id and port in the next two), a monotonic and a wall clock (ns), the logger, the
     requests' ``popleft`` and the logger's ``_cache`` (or None; the C reads what
-    ``isEnabledFor`` would: the method is called when the level is not in it). When
+    ``isEnabledFor`` would: the method is called when the level is not in it), and the request
+    ids' counter and prefix (``log_request``). When
     ``whole_response_py`` takes ``data`` for the oldest request, that request leaves the
     queue, the stats fold at the count, and when the logger logs info its line is appended by
     ``text_line_py`` (``conn._resite()`` first when ``conn``'s sandbox id or port changed, the
@@ -501,10 +520,12 @@ class ConnectionLog:
                 log,
                 self._requests.popleft,
                 getattr(log, "_cache", None),
+                _ID_COUNTER,
+                _ID_PREFIX,
             ]
         # ``log_response(fast, self, data)`` first, then ``general(data)`` when it takes
-        # nothing, is ``response(data)`` (tunneld/public.py calls them itself); None while a
-        # recorder is set.
+        # nothing, is ``response(data)``, and ``log_request(fast, head)`` is ``request(head)``
+        # (tunneld/public.py calls them itself); None while a recorder is set.
         self.fast = self._text_state
 
     @property
@@ -703,3 +724,4 @@ text_line = text_line_py if speedups.c is None else speedups.c.text_line
 whole_response = whole_response_py if speedups.c is None else speedups.c.whole_response
 begin_request = begin_request_py if speedups.c is None else speedups.c.begin_request
 log_response = log_response_py if speedups.c is None else speedups.c.log_response
+log_request = log_request_py if speedups.c is None else speedups.c.log_request

@@ -553,7 +553,9 @@ class PublicConnection(StreamEndpoint):
         access = self._access
         if access is not None:
             access.sandbox_id, access.port = self.sandbox_id, self.port
-            trailer = access.request(head) + self._trailer
+            fast = access.fast  # access.request(head) without a Python call around it
+            id_line = access.request(head) if fast is None else accesslog.log_request(fast, head)
+            trailer = id_line + self._trailer
             self.forward(forward_head(head, self._host_line, trailer, drop_request_id=True))
             return True
         self.forward(forward_head(head, self._host_line, self._trailer))
