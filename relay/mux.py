@@ -704,6 +704,10 @@ class MuxProtocol(DeferredFlush, asyncio.BufferedProtocol):
         if transport is None or (self.link is not None and not self.link.open):
             return  # nothing goes out before the transport (and a WebSocket upgrade) is up
         session = self.session
+        # Once the transport's close began (the session's own end, the edge's stop), frames
+        # queued since (a stream's reset, a PING) cannot go out: taken and dropped, not written
+        # (asyncio's writelines() after close() raises TypeError on Python 3.12 and 3.13.0).
+        closing = transport.is_closing()
         while True:
             # DATA only up to just past the high-water mark: the rest waits in the session, where
             # it is scheduled fairly across streams, instead of queueing in front of everything
@@ -714,7 +718,7 @@ class MuxProtocol(DeferredFlush, asyncio.BufferedProtocol):
                 budget = TUNNEL_HIGH_WATER - transport.get_write_buffer_size()
                 budget = (budget if budget > 0 else 0) + MAX_FRAME_PAYLOAD
             data = session.data_to_send(budget)
-            if data:
+            if data and not closing:
                 if self.link is None:
                     transport.writelines(data)
                 else:
