@@ -368,6 +368,21 @@ class StalledCloseWatch:
         self.transport.abort()
 
 
+def _pause_if_full(transport: asyncio.Transport) -> None:
+    """Have ``transport`` call ``pause_writing`` if ``writelines`` took it past its high-water mark.
+
+    CPython 3.12's selector transport got its own ``writelines`` (``sendmsg``, no copy) that never
+    checks the mark (gh-127655, fixed in later 3.12 and 3.13 releases): ``pause_writing`` then
+    never comes, ``flush`` keeps granting one more frame per loop until the windows run out (the
+    tunnel queue grew past 800 KiB for a 256 KiB mark), and no ``resume_writing`` comes to flush
+    what waits in the session. The transport's own check pauses exactly as ``write`` would, so
+    ``resume_writing`` follows when it drains; where it is already paused, or the transport
+    (uvloop, TLS) checks the mark itself, this is a no-op."""
+    maybe_pause = getattr(transport, "_maybe_pause_protocol", None)
+    if maybe_pause is not None:
+        maybe_pause()
+
+
 def _limit_unsent(transport: asyncio.BaseTransport) -> None:
     option = getattr(socket, "TCP_NOTSENT_LOWAT", None)
     sock = transport.get_extra_info("socket")
@@ -721,6 +736,8 @@ class MuxProtocol(DeferredFlush, asyncio.BufferedProtocol):
             if data and not closing:
                 if self.link is None:
                     transport.writelines(data)
+                    if not self._write_paused:
+                        _pause_if_full(transport)
                 else:
                     transport.write(self.link.wrap(data))
                 if self._write_paused:
