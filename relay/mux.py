@@ -376,11 +376,16 @@ def _pause_if_full(transport: asyncio.Transport) -> None:
     never comes, ``flush`` keeps granting one more frame per loop until the windows run out (the
     tunnel queue grew past 800 KiB for a 256 KiB mark), and no ``resume_writing`` comes to flush
     what waits in the session. The transport's own check pauses exactly as ``write`` would, so
-    ``resume_writing`` follows when it drains; where it is already paused, or the transport
-    (uvloop, TLS) checks the mark itself, this is a no-op."""
-    maybe_pause = getattr(transport, "_maybe_pause_protocol", None)
-    if maybe_pause is not None:
-        maybe_pause()
+    ``resume_writing`` follows when it drains; where it is already paused this is a no-op. Only
+    for that class: uvloop's transports and asyncio's TLS transport check the mark themselves
+    (the TLS one has the method, from ``_FlowControlMixin``, without the mark it reads)."""
+    if _SELECTOR_SOCKET is not None and isinstance(transport, _SELECTOR_SOCKET):
+        cast(Any, transport)._maybe_pause_protocol()
+
+
+_SELECTOR_SOCKET: Final[type | None] = getattr(
+    asyncio.selector_events, "_SelectorSocketTransport", None
+)
 
 
 def _limit_unsent(transport: asyncio.BaseTransport) -> None:
