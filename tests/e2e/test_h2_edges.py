@@ -116,6 +116,21 @@ def the_h2_connection(stack: Stack) -> H2PublicConnection:
     return conn.h2
 
 
+async def h2_connection_at_the_edge(stack: Stack) -> H2PublicConnection:
+    """``the_h2_connection`` once the edge has it: the client's side of the TLS handshake can
+    end (and its first request be sent) before the edge's side has made the connection."""
+
+    def there() -> bool:
+        assert stack.edge is not None
+        return any(
+            isinstance(c, PublicTlsConnection) and isinstance(c.h2, H2PublicConnection)
+            for c in stack.edge.public_connections
+        )
+
+    await wait_until(there, what="the client's HTTP/2 connection at the edge")
+    return the_h2_connection(stack)
+
+
 def nothing_left(stack: Stack, conn: H2PublicConnection | None = None) -> bool:
     """No stream held anywhere at the edge: the h2 connection's table, the agent sessions'
     tunnel streams, the public connections and their per-IP counts."""
@@ -435,7 +450,7 @@ async def test_complete_response_then_service_reset_is_delivered_whole(
         async with RawH2(stack, ca, host) as client:  # a 65,535-byte window
             sid = client.request(b"GET", b"/")
             await client.send()
-            conn = the_h2_connection(stack)
+            conn = await h2_connection_at_the_edge(stack)
             await wait_until(lambda: sid in conn.streams, what="the stream at the edge")
             stream = conn.streams[sid]
             await wait_until(
@@ -925,7 +940,7 @@ async def test_early_answer_drops_the_unread_upload_without_losing_connection_wi
                     b"POST", b"/early", [(b"content-length", b"%d" % (100 << 20))], end=False
                 )
                 await client.send()
-                conn = the_h2_connection(stack)
+                conn = await h2_connection_at_the_edge(stack)
                 deadline = loop.time() + 30
                 answered = False
                 while not seen.over(sid):
