@@ -12,6 +12,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING
 
 import pytest
 
@@ -20,6 +23,9 @@ from protocol.events import ControlReceived
 from protocol.session import Role, Session
 from tests.e2e.conftest import Stack, anyio_backend, no_unhandled_errors
 from tunneld.auth import agent_token
+
+if TYPE_CHECKING:
+    from tunneld.edge import EdgeServer, EdgeSession
 
 __all__ = ["anyio_backend", "no_unhandled_errors"]
 
@@ -64,6 +70,40 @@ async def upload(port: int, host: str) -> asyncio.StreamWriter:
     return writer
 
 
+@asynccontextmanager
+async def silent_agent_flooded(
+    stack: Stack, uploads: int = UPLOADS
+) -> AsyncIterator[tuple[EdgeServer, EdgeSession, socket.socket]]:
+    """sb1's agent reads nothing after its welcome (``connect_silent_agent``) while ``uploads``
+    public clients send it large bodies through an exposed port; the edge's side of its
+    connection has a small send buffer, so what the agent does not take stays in the transport,
+    whatever the kernel's autotuning would have taken in. Yields the edge, its session of sb1
+    and the agent's socket; the clients are cut at the end."""
+    edge = stack.edge
+    assert edge is not None and stack.admin is not None
+    writers: list[asyncio.StreamWriter] = []
+    sock: socket.socket | None = None
+    try:
+        r = await stack.admin.post("/v1/sandboxes/sb1/ports", json={"port": 8000})
+        assert r.status_code == 200, r.text
+        host = stack.host_of(r.json()["exposedAt"])
+        token = agent_token(stack.secret, "sb1")
+        sock = await asyncio.to_thread(connect_silent_agent, edge.agent_port, "sb1", token)
+        (session,) = [c for c in edge.agent_connections if c.sandbox_id == "sb1"]
+        assert session.transport is not None
+        edge_sock = session.transport.get_extra_info("socket")
+        edge_sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8192)
+        writers = list(
+            await asyncio.gather(*(upload(edge.public_port, host) for _ in range(uploads)))
+        )
+        yield edge, session, sock
+    finally:
+        if sock is not None:
+            sock.close()
+        for writer in writers:
+            writer.transport.abort()
+
+
 def read_until_end(sock: socket.socket) -> str:
     """How the edge ended the connection, as the silent agent finally reads it."""
     sock.settimeout(10)
@@ -83,46 +123,24 @@ async def test_an_agent_that_stops_reading_loses_its_ended_session_s_connection(
 ) -> None:
     caplog.set_level(logging.WARNING, "tunnel")
     stack = await Stack(dead_timeout=DEAD_TIMEOUT, heartbeat_interval=0.3).start()
-    writers: list[asyncio.StreamWriter] = []
-    sock: socket.socket | None = None
     try:
-        edge = stack.edge
-        assert edge is not None and stack.admin is not None
-        r = await stack.admin.post("/v1/sandboxes/sb1/ports", json={"port": 8000})
-        assert r.status_code == 200, r.text
-        host = r.json()["exposedAt"].split("//", 1)[1].split("/", 1)[0]
-        token = agent_token(stack.secret, "sb1")
-        sock = await asyncio.to_thread(connect_silent_agent, edge.agent_port, "sb1", token)
-        (session,) = [c for c in edge.agent_connections if c.sandbox_id == "sb1"]
-        assert session.transport is not None
-        # a small send buffer on the edge's side, so what the agent does not take stays in the
-        # transport, whatever the kernel's autotuning would have taken in
-        edge_sock = session.transport.get_extra_info("socket")
-        edge_sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8192)
-        writers = list(
-            await asyncio.gather(*(upload(edge.public_port, host) for _ in range(UPLOADS)))
-        )
+        async with silent_agent_flooded(stack) as (edge, session, sock):
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 10 * DEAD_TIMEOUT
+            while not session.session.closed:
+                assert loop.time() < deadline, "the dead-peer timer did not end the session"
+                await asyncio.sleep(0.05)
+            transport = session.transport
+            assert transport is not None and transport.get_write_buffer_size() > 0  # premise
 
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + 10 * DEAD_TIMEOUT
-        while not session.session.closed:
-            assert loop.time() < deadline, "the dead-peer timer did not end the session"
-            await asyncio.sleep(0.05)
-        transport = session.transport
-        assert transport is not None and transport.get_write_buffer_size() > 0  # the premise
-
-        deadline = loop.time() + 4 * DEAD_TIMEOUT + 5
-        while session in edge.agent_connections:
-            assert loop.time() < deadline, (
-                "the ended session's connection was kept "
-                f"({session.output_backlog} bytes unsent to a peer that reads nothing)"
-            )
-            await asyncio.sleep(0.05)
-        assert await asyncio.to_thread(read_until_end, sock) == "reset"
-        assert any("read nothing" in rec.getMessage() for rec in caplog.records)
+            deadline = loop.time() + 4 * DEAD_TIMEOUT + 5
+            while session in edge.agent_connections:
+                assert loop.time() < deadline, (
+                    "the ended session's connection was kept "
+                    f"({session.output_backlog} bytes unsent to a peer that reads nothing)"
+                )
+                await asyncio.sleep(0.05)
+            assert await asyncio.to_thread(read_until_end, sock) == "reset"
+            assert any("read nothing" in rec.getMessage() for rec in caplog.records)
     finally:
-        if sock is not None:
-            sock.close()
-        for writer in writers:
-            writer.transport.abort()
         await stack.close()

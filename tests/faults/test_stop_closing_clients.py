@@ -27,7 +27,7 @@ import pytest
 
 from relay.mux import unsent_bytes
 from tests.e2e.conftest import Stack, wait_until
-from tests.faults.test_stalled_agent_close import connect_silent_agent, read_until_end, upload
+from tests.faults.test_stalled_agent_close import read_until_end, silent_agent_flooded
 from tests.faults.test_stalled_close import HEAD, _BigThenClose, _expect_cut, _exposed
 from tests.faults.test_stalled_close import _stalled_request as _plain_stalled_request
 from tests.faults.test_stalled_h2_close import BODY as H2_BODY
@@ -39,7 +39,6 @@ from tests.faults.test_stalled_tls_close import (
     _stalled_request,
     _tls_stack,
 )
-from tunneld.auth import agent_token
 
 pytestmark = pytest.mark.anyio
 
@@ -233,31 +232,13 @@ async def test_a_stop_resets_an_agent_that_reads_nothing() -> None:
     for its connection's close (its watch, ``dead_timeout``, 300 s here) and resets it, as
     the GO_AWAY and the rest never reached it."""
     stack = await Stack(dead_timeout=300, heartbeat_interval=100).start()
-    writers: list[asyncio.StreamWriter] = []
-    sock: socket.socket | None = None
     try:
-        edge = stack.edge
-        assert edge is not None and stack.admin is not None
-        r = await stack.admin.post("/v1/sandboxes/sb1/ports", json={"port": 8000})
-        assert r.status_code == 200, r.text
-        host = stack.host_of(r.json()["exposedAt"])
-        token = agent_token(stack.secret, "sb1")
-        sock = await asyncio.to_thread(connect_silent_agent, edge.agent_port, "sb1", token)
-        (session,) = [c for c in edge.agent_connections if c.sandbox_id == "sb1"]
-        assert session.transport is not None
-        session.transport.get_extra_info("socket").setsockopt(
-            socket.SOL_SOCKET, socket.SO_SNDBUF, 8192
-        )
-        writers = list(await asyncio.gather(*(upload(edge.public_port, host) for _ in range(4))))
-        await wait_until(
-            lambda: session.output_backlog > 0, 10, "bytes the agent does not take, unsent"
-        )
-        await _stop(stack, grace=0.5)
-        assert session not in edge.agent_connections
-        assert await asyncio.to_thread(read_until_end, sock) == "reset"
+        async with silent_agent_flooded(stack) as (edge, session, sock):
+            await wait_until(
+                lambda: session.output_backlog > 0, 10, "bytes the agent does not take, unsent"
+            )
+            await _stop(stack, grace=0.5)
+            assert session not in edge.agent_connections
+            assert await asyncio.to_thread(read_until_end, sock) == "reset"
     finally:
-        if sock is not None:
-            sock.close()
-        for writer in writers:
-            writer.transport.abort()
         await stack.close()
