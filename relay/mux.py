@@ -27,6 +27,7 @@ import asyncio
 import fcntl
 import logging
 import math
+import select
 import socket
 import struct
 import termios
@@ -89,6 +90,23 @@ LOCAL_LOW_WATER: Final = 64 * 1024
 # flight (the bandwidth-delay product) is not limited at all. What the kernel refuses stays in
 # the transport, then in the session, where streams take turns.
 TUNNEL_NOTSENT_LOWAT: Final = 128 * 1024
+
+
+def peer_hung_up(transport: asyncio.BaseTransport) -> bool:
+    """The peer of ``transport``'s socket sent its FIN (or the connection failed), as the kernel
+    says it (``POLLRDHUP``), whatever the event loop told the protocol: uvloop's TLS layer ends
+    a connection on a FIN without a word to it (no ``eof_received``, ``is_closing()`` false)."""
+    sock = transport.get_extra_info("socket")
+    try:
+        fd = sock.fileno() if sock is not None else -1
+    except (OSError, ValueError):  # closed under us
+        return False
+    if fd < 0:
+        return False
+    gone = select.POLLRDHUP | select.POLLHUP | select.POLLERR
+    poller = select.poll()
+    poller.register(fd, gone)
+    return any(events & gone for _, events in poller.poll(0))
 
 
 def abort_with_reset(transport: asyncio.Transport | None) -> None:

@@ -58,7 +58,6 @@ import base64
 import logging
 import os
 import re
-import select
 from collections import deque
 from typing import TYPE_CHECKING, Any, Final
 
@@ -70,7 +69,7 @@ import h2.exceptions
 import h2.settings
 import h11
 
-from relay.mux import DeferredFlush, StreamEndpoint
+from relay.mux import DeferredFlush, StreamEndpoint, peer_hung_up
 
 from .accesslog import ConnectionLog
 from .budget import RequestBudget
@@ -448,7 +447,7 @@ class H2PublicConnection(DeferredFlush, asyncio.Protocol):
         transport = self.transport
         if self.closed or transport is None or not self.streams:
             return
-        if _hung_up(transport):
+        if peer_hung_up(transport):
             self.entry._watch_close(transport)  # as at eof_received
             return
         self._hangup_look = self.loop.call_later(
@@ -606,21 +605,6 @@ class H2PublicConnection(DeferredFlush, asyncio.Protocol):
             self._arm_timer(self.server.config.keepalive_timeout)
             return
         self.close()
-
-
-def _hung_up(transport: asyncio.BaseTransport) -> bool:
-    """The peer of ``transport``'s socket sent its FIN (or the connection failed)."""
-    sock = transport.get_extra_info("socket")
-    try:
-        fd = sock.fileno() if sock is not None else -1
-    except (OSError, ValueError):  # closed under us
-        return False
-    if fd < 0:
-        return False
-    gone = select.POLLRDHUP | select.POLLHUP | select.POLLERR
-    poller = select.poll()
-    poller.register(fd, gone)
-    return any(events & gone for _, events in poller.poll(0))
 
 
 class H2Stream(PublicConnection):

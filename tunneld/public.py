@@ -42,7 +42,13 @@ import orjson
 from protocol.errors import LocalProtocolError, ResetCode
 from protocol.hostnames import PreviewRoute, parse_preview_host
 from relay.buffers import SHARED
-from relay.mux import StalledCloseWatch, StreamEndpoint, abort_with_reset, set_reset_on_close
+from relay.mux import (
+    StalledCloseWatch,
+    StreamEndpoint,
+    abort_with_reset,
+    peer_hung_up,
+    set_reset_on_close,
+)
 
 from . import accesslog
 from .accesslog import ConnectionLog
@@ -874,6 +880,16 @@ class PublicConnection(StreamEndpoint):
         if transport is None:
             return
         if self._responded:
+            if (
+                not self._client_ended
+                and transport.get_extra_info("ssl_object") is not None
+                and peer_hung_up(transport)
+            ):
+                # The client's FIN over TLS that the loop did not report (uvloop's TLS layer
+                # shuts down on it and drops what is written after it, without a word): what
+                # was written since may be lost, so a clean end could hide a cut response.
+                self._cut_after_client_end()
+                return
             set_reset_on_close(transport, False)
         if not transport.is_closing():  # (a 2nd close of asyncio's TLS transport breaks it)
             transport.close()

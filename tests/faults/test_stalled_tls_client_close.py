@@ -28,6 +28,7 @@ from typing import Any
 
 import pytest
 
+from relay.mux import peer_hung_up
 from tests.e2e.conftest import wait_until
 from tests.faults.test_stalled_close import BODY, HEAD, _BigThenClose
 from tests.faults.test_stalled_h2_client_close import (
@@ -213,6 +214,57 @@ async def test_a_response_that_ends_after_the_clients_close_notify(
                     f"a complete response ended with a {ended} after {len(received)} bytes"
                 )
                 assert received == HEAD + b"x" * BODY
+            await wait_until(
+                lambda: conn not in edge.public_connections, 15, "the edge's side ended"
+            )
+        finally:
+            client.sock.close()
+
+
+async def test_a_response_cut_by_the_clients_fin_is_never_a_clean_end(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As the "cut" case above, with a FIN instead of close_notify: HEAD and BODY at the edge,
+    the client's FIN (it keeps reading), then 64 KiB more and the service's end. The TLS layer
+    drops what comes after the FIN; asyncio's reports the FIN (``eof_received``), uvloop's does
+    not (the transport is not even closing), so there the edge looks for the FIN at the graceful
+    close (``POLLRDHUP``). Either way the client must see a reset, never the end of a response
+    that looks whole."""
+    relayed = 0
+    relay = PublicConnection.receive_from_peer
+
+    def counting(self: PublicConnection, data: bytes) -> None:
+        nonlocal relayed
+        relayed += len(data)
+        relay(self, data)
+
+    monkeypatch.setattr(PublicConnection, "receive_from_peer", counting)
+    rest = 64 * 1024
+    service = _HeldEnd(BODY, rest)
+    async with _exposed_tls(tmp_path, service, idle_timeout=0, keepalive_timeout=5) as (
+        stack,
+        context,
+        host,
+    ):
+        edge = stack.edge
+        assert edge is not None
+        client, conn = await _connect(stack, context, host, rcvbuf=4096, sndbuf=8192)
+        try:
+            await client.send(b"GET / HTTP/1.1\r\nHost: %s\r\n\r\n" % host.encode())
+            await wait_until(
+                lambda: relayed == len(HEAD) + BODY, 10, "the response so far all at the edge"
+            )
+            await _end_from_the_client(client, "FIN")
+            transport = conn.transport
+            assert transport is not None
+            await wait_until(
+                lambda: peer_hung_up(transport), 10, "the client's FIN at the edge's socket"
+            )
+            assert not service.closed.is_set()
+            service.release.set()
+            received, ended = await client.read_to_the_end(60, chunk=4096, pause=0.1)
+            assert ended == "reset", f"a cut response ended with a {ended} ({len(received)})"
+            assert len(received) < len(HEAD) + BODY + rest
             await wait_until(
                 lambda: conn not in edge.public_connections, 15, "the edge's side ended"
             )
