@@ -163,9 +163,13 @@ class _HeldEnd(_BigThenClose):
             self.closed.set()
 
 
-@pytest.mark.parametrize("rest", [0, 64 * 1024], ids=["complete", "cut"])
+@pytest.mark.parametrize(
+    ("how", "rest"),
+    [("close_notify", 0), ("close_notify", 64 * 1024), ("FIN", 64 * 1024)],
+    ids=["complete", "cut", "cut-by-FIN"],
+)
 async def test_a_response_that_ends_after_the_clients_close_notify(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, rest: int
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, how: str, rest: int
 ) -> None:
     """The order the race above may take either way, made certain: HEAD and BODY are all at
     the edge, then the client's close_notify, and only then (the TLS layer's own close under
@@ -173,7 +177,10 @@ async def test_a_response_that_ends_after_the_clients_close_notify(
     whole: the client, reading slowly, gets every byte and the edge's close_notify, not the
     reset armed at the first response byte. "cut": ``rest`` more bytes come first, which the
     closing TLS layer cannot send: the client must see a reset, never a clean end.
-    (keepalive_timeout 5 s: its timer must not end the quiet stream first.)"""
+    "cut-by-FIN": the same after a FIN (the client keeps reading): the TLS layer drops what
+    comes after it too; asyncio's reports the FIN (``eof_received``), uvloop's does not (the
+    transport is not even closing), so there the edge looks for it at the graceful close
+    (``POLLRDHUP``). (keepalive_timeout 5 s: its timer must not end the quiet stream first.)"""
     relayed = 0
     relay = PublicConnection.receive_from_peer
 
@@ -197,12 +204,17 @@ async def test_a_response_that_ends_after_the_clients_close_notify(
             await wait_until(
                 lambda: relayed == len(HEAD) + BODY, 10, "the response so far all at the edge"
             )
-            await _end_from_the_client(client, "close_notify")
-            await wait_until(
-                lambda: conn.transport is None or conn.transport.is_closing(),
-                10,
-                "the edge's TLS layer closing on the client's close_notify",
-            )
+            await _end_from_the_client(client, how)
+            transport = conn.transport
+            assert transport is not None
+            if how == "FIN":
+                await wait_until(
+                    lambda: peer_hung_up(transport), 10, "the client's FIN at the edge's socket"
+                )
+            else:
+                await wait_until(
+                    transport.is_closing, 10, "the edge's TLS layer closing on the close_notify"
+                )
             assert not service.closed.is_set()
             service.release.set()
             received, ended = await client.read_to_the_end(60, chunk=4096, pause=0.1)
@@ -214,57 +226,6 @@ async def test_a_response_that_ends_after_the_clients_close_notify(
                     f"a complete response ended with a {ended} after {len(received)} bytes"
                 )
                 assert received == HEAD + b"x" * BODY
-            await wait_until(
-                lambda: conn not in edge.public_connections, 15, "the edge's side ended"
-            )
-        finally:
-            client.sock.close()
-
-
-async def test_a_response_cut_by_the_clients_fin_is_never_a_clean_end(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """As the "cut" case above, with a FIN instead of close_notify: HEAD and BODY at the edge,
-    the client's FIN (it keeps reading), then 64 KiB more and the service's end. The TLS layer
-    drops what comes after the FIN; asyncio's reports the FIN (``eof_received``), uvloop's does
-    not (the transport is not even closing), so there the edge looks for the FIN at the graceful
-    close (``POLLRDHUP``). Either way the client must see a reset, never the end of a response
-    that looks whole."""
-    relayed = 0
-    relay = PublicConnection.receive_from_peer
-
-    def counting(self: PublicConnection, data: bytes) -> None:
-        nonlocal relayed
-        relayed += len(data)
-        relay(self, data)
-
-    monkeypatch.setattr(PublicConnection, "receive_from_peer", counting)
-    rest = 64 * 1024
-    service = _HeldEnd(BODY, rest)
-    async with _exposed_tls(tmp_path, service, idle_timeout=0, keepalive_timeout=5) as (
-        stack,
-        context,
-        host,
-    ):
-        edge = stack.edge
-        assert edge is not None
-        client, conn = await _connect(stack, context, host, rcvbuf=4096, sndbuf=8192)
-        try:
-            await client.send(b"GET / HTTP/1.1\r\nHost: %s\r\n\r\n" % host.encode())
-            await wait_until(
-                lambda: relayed == len(HEAD) + BODY, 10, "the response so far all at the edge"
-            )
-            await _end_from_the_client(client, "FIN")
-            transport = conn.transport
-            assert transport is not None
-            await wait_until(
-                lambda: peer_hung_up(transport), 10, "the client's FIN at the edge's socket"
-            )
-            assert not service.closed.is_set()
-            service.release.set()
-            received, ended = await client.read_to_the_end(60, chunk=4096, pause=0.1)
-            assert ended == "reset", f"a cut response ended with a {ended} ({len(received)})"
-            assert len(received) < len(HEAD) + BODY + rest
             await wait_until(
                 lambda: conn not in edge.public_connections, 15, "the edge's side ended"
             )
