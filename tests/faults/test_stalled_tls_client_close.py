@@ -23,6 +23,8 @@ buffers on both sides.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +39,8 @@ from tests.faults.test_stalled_h2_client_close import (
     _end_from_the_client,
     _WebSocketFlood,
 )
-from tests.faults.test_stalled_tls_close import _BigThenCloseOf, _connect, _exposed_tls
+from tests.faults.test_stalled_tls_close import _BigThenCloseOf, _connect, _exposed_tls, _TlsClient
+from tunneld.edge import EdgeServer
 from tunneld.public import PublicConnection
 
 pytestmark = pytest.mark.anyio
@@ -89,6 +92,43 @@ async def test_a_websocket_client_that_ends_and_reads_nothing_is_reset(
             client.sock.close()
 
 
+class _Relayed:
+    """Bytes of the response the edge has relayed to the client so far (``count``)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.count = 0
+        relay = PublicConnection.receive_from_peer
+
+        def counting(conn: PublicConnection, data: bytes) -> None:
+            self.count += len(data)
+            relay(conn, data)
+
+        monkeypatch.setattr(PublicConnection, "receive_from_peer", counting)
+
+
+@asynccontextmanager
+async def _slow_get(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, service: _BigThenClose, keepalive: float
+) -> AsyncIterator[tuple[EdgeServer, _TlsClient, PublicConnection, _Relayed]]:
+    """An HTTPS edge without an idle sweep, ``service`` exposed, and a client with a small
+    receive buffer that sent ``GET /`` and reads nothing yet: the edge, the client, the edge's
+    connection and the count of what it relayed."""
+    relayed = _Relayed(monkeypatch)
+    async with _exposed_tls(tmp_path, service, idle_timeout=0, keepalive_timeout=keepalive) as (
+        stack,
+        context,
+        host,
+    ):
+        edge = stack.edge
+        assert edge is not None
+        client, conn = await _connect(stack, context, host, rcvbuf=4096, sndbuf=8192)
+        try:
+            await client.send(b"GET / HTTP/1.1\r\nHost: %s\r\n\r\n" % host.encode())
+            yield edge, client, conn, relayed
+        finally:
+            client.sock.close()
+
+
 @pytest.mark.parametrize("how", ["close_notify", "FIN"])
 async def test_a_slow_client_that_ends_gets_everything(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, how: str
@@ -103,39 +143,17 @@ async def test_a_slow_client_that_ends_gets_everything(
     ``wait_for`` returns without the extra task's loop iterations that let it through on
     3.11): the test waits until the edge has relayed all of it, or the client's end may come
     first and the response be cut, which must end with a reset (the next test, "cut")."""
-    relayed = 0
-    relay = PublicConnection.receive_from_peer
-
-    def counting(self: PublicConnection, data: bytes) -> None:
-        nonlocal relayed
-        relayed += len(data)
-        relay(self, data)
-
-    monkeypatch.setattr(PublicConnection, "receive_from_peer", counting)
     service = _BigThenCloseOf(BODY)
-    async with _exposed_tls(tmp_path, service, idle_timeout=0, keepalive_timeout=0.5) as (
-        stack,
-        context,
-        host,
-    ):
-        edge = stack.edge
-        assert edge is not None
-        client, conn = await _connect(stack, context, host, rcvbuf=4096, sndbuf=8192)
-        try:
-            await client.send(b"GET / HTTP/1.1\r\nHost: %s\r\n\r\n" % host.encode())
-            await asyncio.wait_for(service.closed.wait(), 10)
-            await wait_until(
-                lambda: relayed == len(HEAD) + BODY, 10, "the whole response at the edge"
-            )
-            await _end_from_the_client(client, how)
-            received, ended = await client.read_to_the_end(60, chunk=4096, pause=0.1)
-            assert ended in ENDS[how], f"a complete response ended with a {ended} ({len(received)})"
-            assert received == HEAD + b"x" * BODY
-            await wait_until(
-                lambda: conn not in edge.public_connections, 15, "the edge's side ended"
-            )
-        finally:
-            client.sock.close()
+    async with _slow_get(tmp_path, monkeypatch, service, 0.5) as (edge, client, conn, relayed):
+        await asyncio.wait_for(service.closed.wait(), 10)
+        await wait_until(
+            lambda: relayed.count == len(HEAD) + BODY, 10, "the whole response at the edge"
+        )
+        await _end_from_the_client(client, how)
+        received, ended = await client.read_to_the_end(60, chunk=4096, pause=0.1)
+        assert ended in ENDS[how], f"a complete response ended with a {ended} ({len(received)})"
+        assert received == HEAD + b"x" * BODY
+        await wait_until(lambda: conn not in edge.public_connections, 15, "the edge's side ended")
 
 
 class _HeldEnd(_BigThenClose):
@@ -181,53 +199,31 @@ async def test_a_response_that_ends_after_the_clients_close_notify(
     comes after it too; asyncio's reports the FIN (``eof_received``), uvloop's does not (the
     transport is not even closing), so there the edge looks for it at the graceful close
     (``POLLRDHUP``). (keepalive_timeout 5 s: its timer must not end the quiet stream first.)"""
-    relayed = 0
-    relay = PublicConnection.receive_from_peer
-
-    def counting(self: PublicConnection, data: bytes) -> None:
-        nonlocal relayed
-        relayed += len(data)
-        relay(self, data)
-
-    monkeypatch.setattr(PublicConnection, "receive_from_peer", counting)
     service = _HeldEnd(BODY, rest)
-    async with _exposed_tls(tmp_path, service, idle_timeout=0, keepalive_timeout=5) as (
-        stack,
-        context,
-        host,
-    ):
-        edge = stack.edge
-        assert edge is not None
-        client, conn = await _connect(stack, context, host, rcvbuf=4096, sndbuf=8192)
-        try:
-            await client.send(b"GET / HTTP/1.1\r\nHost: %s\r\n\r\n" % host.encode())
+    async with _slow_get(tmp_path, monkeypatch, service, 5) as (edge, client, conn, relayed):
+        await wait_until(
+            lambda: relayed.count == len(HEAD) + BODY, 10, "the response so far all at the edge"
+        )
+        await _end_from_the_client(client, how)
+        transport = conn.transport
+        assert transport is not None
+        if how == "FIN":
             await wait_until(
-                lambda: relayed == len(HEAD) + BODY, 10, "the response so far all at the edge"
+                lambda: peer_hung_up(transport), 10, "the client's FIN at the edge's socket"
             )
-            await _end_from_the_client(client, how)
-            transport = conn.transport
-            assert transport is not None
-            if how == "FIN":
-                await wait_until(
-                    lambda: peer_hung_up(transport), 10, "the client's FIN at the edge's socket"
-                )
-            else:
-                await wait_until(
-                    transport.is_closing, 10, "the edge's TLS layer closing on the close_notify"
-                )
-            assert not service.closed.is_set()
-            service.release.set()
-            received, ended = await client.read_to_the_end(60, chunk=4096, pause=0.1)
-            if rest:
-                assert ended == "reset", f"a cut response ended with a {ended} ({len(received)})"
-                assert len(received) < len(HEAD) + BODY + rest
-            else:
-                assert ended == "close_notify", (
-                    f"a complete response ended with a {ended} after {len(received)} bytes"
-                )
-                assert received == HEAD + b"x" * BODY
+        else:
             await wait_until(
-                lambda: conn not in edge.public_connections, 15, "the edge's side ended"
+                transport.is_closing, 10, "the edge's TLS layer closing on the close_notify"
             )
-        finally:
-            client.sock.close()
+        assert not service.closed.is_set()
+        service.release.set()
+        received, ended = await client.read_to_the_end(60, chunk=4096, pause=0.1)
+        if rest:
+            assert ended == "reset", f"a cut response ended with a {ended} ({len(received)})"
+            assert len(received) < len(HEAD) + BODY + rest
+        else:
+            assert ended == "close_notify", (
+                f"a complete response ended with a {ended} after {len(received)} bytes"
+            )
+            assert received == HEAD + b"x" * BODY
+        await wait_until(lambda: conn not in edge.public_connections, 15, "the edge's side ended")
