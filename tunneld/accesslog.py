@@ -71,7 +71,7 @@ if TYPE_CHECKING:
     from .inspect import ConnectionRecorder, Record
     from .metrics import RequestStats
 
-__all__ = ["AccessWriter", "ConnectionLog", "request_id_of"]
+__all__ = ["AccessWriter", "ConnectionLog"]
 
 log = logging.getLogger("tunneld.access")
 _INFO: Final = logging.INFO
@@ -103,16 +103,6 @@ def request_ids_py(
     else:
         request_id = prefix + b"%016x" % next(counter)
     return request_id, b"x-request-id: " + request_id + b"\r\n"
-
-
-def request_id_of(head: RequestHead) -> bytes:
-    """The client's well-formed X-Request-Id, else a new one (32 hex digits)."""
-    for name, value in head.headers:
-        if name == b"x-request-id":
-            if _VALID_ID.fullmatch(value):
-                return value
-            break
-    return new_request_id()
 
 
 # This process's worker index under ``--workers N`` (set with the logging setup, as the stdlib
