@@ -10,6 +10,8 @@ import io
 import json
 import logging
 import re
+import socket
+from typing import TextIO
 
 import pytest
 
@@ -143,3 +145,83 @@ async def test_an_early_flush_writes_once_and_disarms_the_timer() -> None:
     writer.write("b", {})  # a new first line arms a new timer
     await asyncio.sleep(accesslog.FLUSH_AFTER)
     assert [w.rsplit(": ", 1)[1] for w in stream.writes] == ["a\n", "b\n"]
+
+
+def _seqpacket_stream(encoding: str) -> tuple[TextIO, socket.socket]:
+    """A text stream whose descriptor is one end of a SOCK_SEQPACKET pair: each write to it is
+    one message at the other end, so a test sees the writes themselves."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    ours.setblocking(True)
+    stream = open(ours.detach(), "w", encoding=encoding, buffering=1 << 16)  # noqa: SIM115
+    theirs.settimeout(5)
+    return stream, theirs
+
+
+def _messages(sock: socket.socket) -> list[bytes]:
+    out = []
+    sock.setblocking(False)
+    try:
+        while len(out) < 10_000:
+            out.append(sock.recv(1 << 17))
+    except BlockingIOError:
+        pass
+    return out
+
+
+def test_a_utf8_descriptor_gets_the_lines_in_line_aligned_writes_of_at_most_pipe_buf() -> None:
+    """With a descriptor that takes UTF-8 the lines go to it directly (no text round trip): the
+    same bytes, after what the stream held, in line-aligned writes of at most PIPE_BUF, a line
+    longer than that alone."""
+    loop = asyncio.new_event_loop()
+    stream, peer = _seqpacket_stream("utf-8")
+    try:
+        writer = AccessWriter(loop, "text", stream)
+        stream.write("held in the stream\n")  # buffered (no line buffering): must go first
+        messages = [f"request {i} " + "\u00e9" * (i % 300) for i in range(150)]
+        messages.insert(70, "x" * 5000)  # one line longer than PIPE_BUF
+        for message in messages:
+            writer.write(message, {})
+        writer.flush()
+        got = _messages(peer)
+    finally:
+        loop.close()
+        stream.close()
+        peer.close()
+    assert got[0] == b"held in the stream\n"
+    writes = got[1:]
+    assert len(writes) >= 3
+    long_line = [w for w in writes if len(w) > 4096]
+    assert len(long_line) == 1 and long_line[0].count(b"\n") == 1
+    assert all(w.endswith(b"\n") for w in writes)
+    assert all(len(w) <= 4096 for w in writes if w is not long_line[0])
+    lines = b"".join(writes).decode("utf-8").splitlines()
+    assert [line.split(": ", 1)[1] for line in lines] == messages
+
+
+def test_a_stream_of_another_encoding_writes_text() -> None:
+    """A stream that does not write UTF-8 gets text, which it encodes as it does."""
+    loop = asyncio.new_event_loop()
+    stream, peer = _seqpacket_stream("latin-1")
+    try:
+        writer = AccessWriter(loop, "text", stream)
+        writer.write("caf\u00e9", {})
+        writer.flush()
+        got = _messages(peer)
+    finally:
+        loop.close()
+        stream.close()
+        peer.close()
+    assert len(got) == 1 and got[0].endswith(b": caf\xe9\n")
+
+
+@pytest.mark.anyio
+async def test_a_descriptor_closed_under_the_writer_does_not_break_serving() -> None:
+    stream, peer = _seqpacket_stream("utf-8")
+    writer = AccessWriter(asyncio.get_running_loop(), "text", stream)
+    peer.close()  # EPIPE (SIGPIPE is ignored by Python)
+    try:
+        writer.write("lost", {})
+        writer.flush()  # the OSError is swallowed
+        assert writer.pending == []
+    finally:
+        stream.close()

@@ -48,6 +48,7 @@ body prefix, and the end (complete, aborted, edge-answered), at the same points 
 from __future__ import annotations
 
 import asyncio
+import codecs
 import itertools
 import logging
 import os
@@ -55,6 +56,7 @@ import re
 import sys
 import time
 from collections import deque
+from collections.abc import Iterator
 from time import monotonic_ns, time_ns
 from typing import TYPE_CHECKING, Any, Final, TextIO
 
@@ -65,7 +67,7 @@ from .metrics import FOLD_AFTER, WHOLE_ITEMS
 from .responses import ResponseDone, ResponseFramer, ResponseHead, Unframed
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable, Iterator
+    from collections.abc import Iterable
 
     from .httphead import RequestHead
     from .inspect import ConnectionRecorder, Record
@@ -197,11 +199,12 @@ class AccessWriter:
     batches (see the module docstring)."""
 
     __slots__ = (
+        "_fd",
         "_json",
         "_loop",
+        "_stream",
         "_worker",
         "lines",
-        "stream",
         "tail",
     )
 
@@ -216,6 +219,8 @@ class AccessWriter:
         self._json = fmt == "json"
         name = "tunneld.access" + ("" if worker is None or self._json else f"[w{worker}]")
         self.tail = f" INFO    {name}: ".encode()  # the text line after its time stamp
+        self._stream: TextIO = sys.stderr
+        self._fd = -1
         self.stream = stream if stream is not None else sys.stderr
         # What changes as lines come, in one list that ``log_response`` reads by index: the
         # pending lines (UTF-8), the time stamp of second ``sec`` up to its milliseconds, that
@@ -226,6 +231,19 @@ class AccessWriter:
     @property
     def json(self) -> bool:
         return self._json
+
+    @property
+    def stream(self) -> TextIO:
+        """Where the lines go (stderr unless told). When it has a file descriptor and writes
+        UTF-8, the lines are written to the descriptor itself (after what the stream holds):
+        the same bytes as through the stream, without decoding them into text and the stream
+        encoding them back."""
+        return self._stream
+
+    @stream.setter
+    def stream(self, stream: TextIO) -> None:
+        self._stream = stream
+        self._fd = _utf8_fd(stream)
 
     @property
     def pending(self) -> list[bytes]:
@@ -294,22 +312,50 @@ class AccessWriter:
         if not pending:
             return
         lines[_L_PENDING] = []
+        data = b"".join(pending)
+        stream = self._stream
         try:
-            chunk: list[bytes] = []
-            size = 0
-            for line in pending:
-                if size + len(line) > _WRITE_CHUNK and chunk:
-                    self._write(chunk)
-                    chunk, size = [], 0
-                chunk.append(line)
-                size += len(line)
-            self._write(chunk)
-            self.stream.flush()
+            if self._fd >= 0:
+                stream.flush()  # what the stream holds was written first
+                fd = self._fd
+                for chunk in _line_chunks(data):
+                    while chunk:  # a blocking descriptor: a short write only on a signal
+                        chunk = chunk[os.write(fd, chunk) :]
+            else:
+                for chunk in _line_chunks(data):
+                    stream.write(str(chunk, "utf-8", "surrogatepass"))
+                stream.flush()
         except (OSError, ValueError):  # stderr closed or full: never break serving for a log
             pass
 
-    def _write(self, lines: list[bytes]) -> None:
-        self.stream.write(b"".join(lines).decode("utf-8", "surrogatepass"))
+
+def _utf8_fd(stream: TextIO) -> int:
+    """The file descriptor under ``stream`` when it has one and encodes text as UTF-8, else -1."""
+    try:
+        fd = stream.fileno()
+        encoding = stream.encoding
+    except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation: both of the last
+        return -1
+    try:
+        utf8 = isinstance(encoding, str) and codecs.lookup(encoding).name == "utf-8"
+    except LookupError:
+        return -1
+    return fd if utf8 and fd >= 0 else -1
+
+
+def _line_chunks(data: bytes) -> Iterator[memoryview]:
+    """``data`` (whole lines) in pieces of at most ``_WRITE_CHUNK`` bytes that end on a line; a
+    single longer line alone."""
+    view = memoryview(data)
+    start, end = 0, len(data)
+    while end - start > _WRITE_CHUNK:
+        stop = data.rfind(b"\n", start, start + _WRITE_CHUNK) + 1
+        if stop <= start:  # the first line alone is longer
+            stop = data.find(b"\n", start) + 1 or end
+        yield view[start:stop]
+        start = stop
+    if start < end:
+        yield view[start:end]
 
 
 # A request in flight is a list indexed by these, not an object: creating an object costs a
