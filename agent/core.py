@@ -322,7 +322,7 @@ class AgentSession(MuxProtocol):
                 own = self.agent.config.session
                 interval = max(min(message.heartbeat_s, own.heartbeat_interval), MIN_HEARTBEAT)
                 self.session.set_keepalive(interval, max(own.dead_timeout, 1.5 * interval))
-                self.agent.exposures = {e.port for e in message.exposures}
+                self.agent.exposures = self.agent.served({e.port for e in message.exposures})
                 self.welcomed.set_result(message)
         elif isinstance(message, control.Error) and message.id is None:
             log.error("edge refused the session: %s (%s)", message.message, message.code)
@@ -332,6 +332,17 @@ class AgentSession(MuxProtocol):
         elif isinstance(message, (control.Ok, control.Error)):
             self.pending.resolve(message)  # runs the request's on_ok first (see _call)
         elif isinstance(message, control.Expose):
+            if message.port == self.agent.api_port:
+                # A preview URL of the control API would hand it to anyone: refuse, so the
+                # edge answers its caller INVALID_PORT and stores nothing (an older edge
+                # answers 502 and keeps the exposure, which this agent never serves).
+                refusal = api_port_error(message.port)
+                log.warning(
+                    "the edge asked to expose port %d, this agent's own control API; refused",
+                    message.port,
+                )
+                self.session.send_control(control.Error(refusal.code, refusal.message, message.id))
+                return
             self.agent.remember(message.port)
             self._ack(message.id)
         elif isinstance(message, control.Unexpose):
@@ -620,7 +631,27 @@ class Agent:
         return sorted(ok.exposures, key=lambda e: e.port)
 
     def _learn(self, ok: control.Ok) -> None:
-        self.exposures = {e.port for e in ok.exposures}  # the edge's whole, authoritative set
+        # the edge's whole, authoritative set
+        self.exposures = self.served({e.port for e in ok.exposures}, warn=False)
+
+    def served(self, ports: set[int], *, warn: bool = True) -> set[int]:
+        """``ports`` (the edge's exposures of this sandbox) without the local API's own port,
+        which the agent never serves: an exposure of it stored before the agent refused such
+        exposes (or while another port was the API's) is logged (``warn``: at each welcome, not
+        at each list), not served. Remove it with ``tunnel-agent unexpose PORT`` or the admin
+        API's DELETE."""
+        api_port = self.api_port
+        if api_port is not None and api_port in ports:
+            log.log(
+                logging.WARNING if warn else logging.DEBUG,
+                "the edge lists port %d as exposed, but it is this agent's own control API: "
+                "not served (preview requests to it are refused); remove that exposure with "
+                "`tunnel-agent unexpose %d`",
+                api_port,
+                api_port,
+            )
+            ports = ports - {api_port}
+        return ports
 
     def remember(self, port: int) -> None:
         self.exposures.add(port)

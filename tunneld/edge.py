@@ -12,6 +12,8 @@ and the agent gets ``Welcome`` with the edge's exposures of that sandbox.
 Expose/unexpose change the registry first (the edge is authoritative) and then tell the agent on
 the control channel; when the agent is online the call returns after its ``Ok``, so the URL works
 the moment the caller sees it. Unexpose also resets every live preview stream of that port.
+An expose the agent refuses (the port of its own local control API, which only it knows) is
+removed again, from the store too, and the caller gets the agent's code (400 INVALID_PORT).
 """
 
 from __future__ import annotations
@@ -1073,10 +1075,45 @@ class EdgeServer:
         port, name, token = self._validate(port, name, token)
         record = await self.tcp.commit_expose(sandbox_id, port, name, token, options)
         log.info("sandbox %s: port %d exposed%s", sandbox_id, port, _describe(options))
-        await self._tell_agent(
-            sandbox_id, lambda rid: control.Expose(rid, record.port, record.name, record.token)
-        )
+        try:
+            await self._tell_agent(
+                sandbox_id, lambda rid: control.Expose(rid, record.port, record.name, record.token)
+            )
+        except AgentRefused as exc:
+            await self._undo_refused_expose(sandbox_id, port, exc)
+            raise RegistryError(
+                _EXPOSE_REFUSAL_STATUSES.get(exc.code, 502),
+                exc.code,
+                f"{exc.message} Port {port} is not exposed.",
+            ) from None
         return self.exposure_message(sandbox_id, record)
+
+    async def _undo_refused_expose(self, sandbox_id: str, port: int, refusal: AgentRefused) -> None:
+        """The agent answered an expose with an error: it will not serve the port (its own
+        control API's port: INVALID_PORT), so the exposure must not exist. Remove it, from the
+        store too; a removal that fails is the caller's answer (the exposure is still there)."""
+        log.warning(
+            "sandbox %s: the agent refused the expose of port %d (%s: %s); exposure removed",
+            sandbox_id,
+            port,
+            refusal.code,
+            refusal.agent_message,
+        )
+        try:
+            await self._unexpose_local(sandbox_id, port)
+        except RegistryError as exc:
+            log.error(
+                "sandbox %s: port %d, refused by the agent, could not be unexposed: %s",
+                sandbox_id,
+                port,
+                exc.message,
+            )
+            raise RegistryError(
+                exc.status,
+                exc.code,
+                f"{refusal.message} Removing the exposure failed, so it is still recorded: "
+                f"{exc.message}",
+            ) from None
 
     async def unexpose(self, sandbox_id: str, port: object) -> None:
         sandbox_id = validate_sandbox_id(sandbox_id)
@@ -1149,6 +1186,7 @@ class EdgeServer:
             sandbox_id,
             lambda rid: control.Expose(rid, record.port, record.name, record.token),
             f"the expose of port {record.port}",
+            refused_port=record.port,
         )
 
     def _remote_unexposed(
@@ -1163,8 +1201,12 @@ class EdgeServer:
             sandbox_id, lambda rid: control.Unexpose(rid, port), f"the unexpose of port {port}"
         )
 
-    def _tell_agent_later(self, sandbox_id: str, factory: Any, what: str) -> None:
-        """``_tell_agent`` without waiting: nobody waits on the answer; a failure is logged."""
+    def _tell_agent_later(
+        self, sandbox_id: str, factory: Any, what: str, *, refused_port: int | None = None
+    ) -> None:
+        """``_tell_agent`` without waiting: nobody waits on the answer; a failure is logged.
+        ``refused_port``: an expose, undone when the agent refuses it (its control API's port,
+        exposed through another node: that node answered before this agent was asked)."""
         state = self.registry.get(sandbox_id)
         if state is None or state.session is None:
             return  # not connected here: the agent gets the set in its next welcome
@@ -1175,6 +1217,10 @@ class EdgeServer:
             try:
                 await self._tell_agent(sandbox_id, factory)
             except RegistryError as exc:
+                if isinstance(exc, AgentRefused) and refused_port is not None:
+                    with contextlib.suppress(RegistryError):  # logged
+                        await self._undo_refused_expose(sandbox_id, refused_port, exc)
+                    return
                 log.warning("sandbox %s: agent not told of %s: %s", sandbox_id, what, exc.message)
 
         task = self.loop.create_task(tell())
@@ -1198,7 +1244,7 @@ class EdgeServer:
         except ControlRequestError as exc:
             if exc.code == "SANDBOX_NOT_CONNECTED":
                 return  # it went away meanwhile; the registry already has the change
-            raise RegistryError(502, exc.code, f"The agent refused: {exc.message}") from None
+            raise AgentRefused(exc.code, exc.message) from None
 
     async def wait_port(
         self,
@@ -1302,6 +1348,20 @@ class EdgeServer:
         finally:
             for request_id in request_ids:
                 session.port_waits.pop(request_id, None)
+
+
+class AgentRefused(RegistryError):
+    """The agent answered an expose or unexpose with an error (502 unless the caller maps the
+    code); ``agent_message`` is the agent's own sentence."""
+
+    def __init__(self, code: str, agent_message: str) -> None:
+        super().__init__(502, code, f"The agent refused: {agent_message}")
+        self.agent_message = agent_message
+
+
+# An agent's refusal of an orchestrator's expose, as the admin API answers it: the agent's own
+# control API port is a bad port like 3000 (agent/core.py refuses it); any other code is 502.
+_EXPOSE_REFUSAL_STATUSES: Final = {"INVALID_PORT": 400}
 
 
 class PortNotReady(RegistryError):

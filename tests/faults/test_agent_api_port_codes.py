@@ -3,8 +3,9 @@
 Real processes (an edge, an agent with ``--api-port 0``, the ``tunnel-agent`` CLI). ``expose`` and
 ``wait`` of that port are refused with 400 ``INVALID_PORT`` (exit 1 for the CLI): ``wait`` used to
 say ``INVALID_PORT_NUMBER`` (the legacy container's code) where ``expose`` said ``INVALID_PORT``.
-``unexpose`` of it succeeds: the edge cannot know the agent's API port, so the admin API can
-expose it, and the sandbox must be able to take that exposure away again.
+The admin API's expose of it is refused the same way (the agent refuses the edge's ``expose``).
+``unexpose`` of it succeeds: the edge cannot know the agent's API port while the agent is
+offline, so it may hold such an exposure, and the sandbox must be able to take it away again.
 """
 
 from __future__ import annotations
@@ -51,9 +52,11 @@ def test_the_api_port_gets_the_same_code_from_the_cli_and_the_admin_api(tmp_path
             assert waited.json()["code"] == "INVALID_PORT"
             assert "control API" in waited.json()["error"]
 
-            # The edge does not know the port: it exposes it (the agent resets its streams).
+            # The edge does not know the port: the agent refuses its expose, with the same code.
             exposed = admin.post("/v1/sandboxes/sb1/ports", json={"port": api_port})
-            assert exposed.status_code == 200, exposed.text
+            assert exposed.status_code == 400, exposed.text
+            assert exposed.json()["code"] == "INVALID_PORT"
+            assert "control API" in exposed.json()["error"]
             done = _cli(api, "unexpose", str(api_port))
             assert (done.returncode, done.stdout, done.stderr) == (
                 0,
