@@ -37,6 +37,15 @@ Flow control is tied to the tunnel's credit both ways, so nothing is buffered wi
 An abnormal end stays abnormal: a response cut short (the tunnel stream reset, the service gone
 before the body's end) is RST_STREAM ``INTERNAL_ERROR``, never END_STREAM.
 
+A malformed request is a stream error (RFC 9113 8.1.1), not a connection error: h2's header
+checks run per request (``malformed``), and a request that fails them is answered ``400`` on its
+stream (a body still coming is refused with ``RST_STREAM(PROTOCOL_ERROR)``) and never reaches the
+service; malformed trailers cut their request (RST_STREAM, the tunnel stream reset before the
+request's end). The other streams of the connection go on. What h2 itself raises stays a
+connection error (GOAWAY, the close): a header block HPACK cannot decode (``COMPRESSION_ERROR``),
+one past ``MAX_HEADER_LIST_SIZE`` (``ENHANCE_YOUR_CALM``), a ``content-length`` that is no number
+or that DATA contradicts, a ``:status 1xx`` in a request, framing and stream-state errors.
+
 WebSockets over HTTP/2 (RFC 8441): ``SETTINGS_ENABLE_CONNECT_PROTOCOL`` is sent, and an extended
 CONNECT with ``:protocol websocket`` becomes an HTTP/1.1 upgrade request (``GET``, ``Upgrade:
 websocket``, a fresh ``Sec-WebSocket-Key``); the service's ``101`` becomes ``:status 200`` and
@@ -67,7 +76,9 @@ import h2.errors
 import h2.events
 import h2.exceptions
 import h2.settings
+import h2.utilities
 import h11
+import hpack
 
 from relay.mux import DeferredFlush, StreamEndpoint, peer_hung_up
 
@@ -108,14 +119,48 @@ class BadRequest(Exception):
     """An h2 request that cannot be put into an HTTP/1.1 request line (answered 400)."""
 
 
+class MalformedRequest(BadRequest):
+    """A malformed h2 request (RFC 9113 8.1.1): answered 400, and a request body still coming
+    is refused with ``RST_STREAM(PROTOCOL_ERROR)``; the connection serves on."""
+
+
+_REQUEST_BLOCK: Final = h2.utilities.HeaderValidationFlags(
+    is_client=False, is_trailer=False, is_response_header=False, is_push_promise=False
+)
+_TRAILER_BLOCK: Final = _REQUEST_BLOCK._replace(is_trailer=True)
+
+
+def malformed(headers: list[tuple[bytes, bytes]], trailer: bool = False) -> str | None:
+    """Why a received header block is malformed (RFC 9113 8.2, 8.3), or None: h2's own checks
+    (``h2.utilities.validate_headers``: upper-case or invalid names, CR/LF/NUL or surrounding
+    whitespace in values, connection-specific fields, ``te`` other than ``trailers``, missing,
+    duplicate, unknown or misplaced pseudo-fields, an empty ``:path``, ``host`` differing from
+    ``:authority``, pseudo-fields in trailers). They run here, on the event, and not inside h2
+    (``validate_inbound_headers`` is off): h2 turns each into a connection error, which would
+    cut every other stream of the client's connection."""
+    try:
+        for _ in h2.utilities.validate_headers(
+            headers, _TRAILER_BLOCK if trailer else _REQUEST_BLOCK
+        ):
+            pass
+    except h2.exceptions.ProtocolError as exc:
+        why = str(exc)
+        return why if len(why) <= 200 else why[:200] + "..."
+    return None
+
+
 def request_head(
     headers: list[tuple[bytes, bytes]], ended: bool
 ) -> tuple[bytes, bytes, bool, bool]:
     """The HTTP/1.1 request head for an h2 request: (head, method, chunked body, websocket).
 
-    The h2 library has already checked the fields (RFC 9113 8.2/8.3: lower-case names, no
-    connection-specific fields, no CR/LF/NUL, the pseudo-fields a request needs). This adds
-    what an HTTP/1.1 request line and Host need, and raises ``BadRequest`` otherwise."""
+    The fields are checked first as h2 would (``malformed``: RFC 9113 8.2/8.3, lower-case
+    names, no connection-specific fields, no CR/LF/NUL, the pseudo-fields a request needs;
+    ``MalformedRequest`` otherwise). This adds what an HTTP/1.1 request line and Host need,
+    and raises ``BadRequest`` otherwise."""
+    why = malformed(headers)
+    if why is not None:
+        raise MalformedRequest(f"Malformed HTTP/2 request: {why}")
     pseudo: dict[bytes, bytes] = {}
     fields: list[tuple[bytes, bytes]] = []
     host = b""
@@ -247,15 +292,42 @@ class _ConnectionStateMachine(h2.connection.H2ConnectionStateMachine):
     }
 
 
+class _CompressionError(h2.exceptions.ProtocolError):
+    """A header block HPACK cannot decode: the connection's decoding state is lost with it, a
+    connection error of type COMPRESSION_ERROR (RFC 9113 4.3); h2 says PROTOCOL_ERROR."""
+
+    error_code = h2.errors.ErrorCodes.COMPRESSION_ERROR
+
+
+class _Decoder(hpack.Decoder):
+    """hpack's decoder, whose decoding errors (not a header list past its size, which h2 makes
+    ENHANCE_YOUR_CALM) are ``_CompressionError``s, which h2 passes on as they are."""
+
+    def decode(self, data: bytes, raw: bool = False) -> Any:
+        try:
+            return super().decode(data, raw)
+        except hpack.OversizedHeaderListError:
+            raise
+        except (hpack.HPACKError, IndexError, TypeError, UnicodeDecodeError) as exc:
+            raise _CompressionError(f"Error decoding header block: {exc}") from exc
+
+
 class _H2Connection(h2.connection.H2Connection):
     """h2's connection, except that the client's GOAWAY stops only new streams (RFC 9113 6.8).
     h2 closes the connection on it (python-hyper/h2#1181): it drops the output not yet taken
     and refuses to send another frame, so the responses of the streams the client still has
-    open would stop short, silently."""
+    open would stop short, silently. HPACK errors end the connection with COMPRESSION_ERROR.
+
+    It does not check received header blocks (``validate_inbound_headers``): h2 makes every
+    malformed request a connection error (GOAWAY), where RFC 9113 8.1.1 says a stream error.
+    ``malformed`` runs the same checks on each request and trailer block instead."""
 
     def __init__(self, config: h2.config.H2Configuration) -> None:
         super().__init__(config)
         self.state_machine = _ConnectionStateMachine()
+        decoder = _Decoder(self.decoder.max_header_list_size)
+        decoder.max_allowed_table_size = self.decoder.max_allowed_table_size
+        self.decoder = decoder
 
     def clear_outbound_data_buffer(self) -> None:
         """Kept: what is queued (DATA of open streams, acknowledgements) still goes out."""
@@ -270,7 +342,11 @@ class H2PublicConnection(DeferredFlush, asyncio.Protocol):
         self.server = entry.server
         self.loop = entry.server.loop
         config = entry.server.config
-        self.h2 = _H2Connection(h2.config.H2Configuration(client_side=False, header_encoding=None))
+        self.h2 = _H2Connection(
+            h2.config.H2Configuration(
+                client_side=False, header_encoding=None, validate_inbound_headers=False
+            )
+        )
         self.h2.local_settings = h2.settings.Settings(
             client=False,
             initial_values={
@@ -318,8 +394,9 @@ class H2PublicConnection(DeferredFlush, asyncio.Protocol):
         try:
             events = self.h2.receive_data(data)
         except h2.exceptions.ProtocolError as exc:
+            # a connection error: h2 has queued its GOAWAY (with the error's code)
             log.info("%s: HTTP/2 protocol error: %s", self.entry._peer, exc)
-            self._terminate(h2.errors.ErrorCodes.PROTOCOL_ERROR)
+            self._terminate(exc.error_code)
             return
         for event in events:
             if self.closed:
@@ -328,6 +405,8 @@ class H2PublicConnection(DeferredFlush, asyncio.Protocol):
                 self._on_request(event)
             elif isinstance(event, h2.events.DataReceived):
                 self._on_data(event)
+            elif isinstance(event, h2.events.TrailersReceived):
+                self._on_trailers(event)
             elif isinstance(event, h2.events.StreamEnded):
                 stream = self.streams.get(event.stream_id)
                 if stream is not None:
@@ -382,6 +461,9 @@ class H2PublicConnection(DeferredFlush, asyncio.Protocol):
         try:
             head, method, chunked, websocket = request_head(list(event.headers), ended)
         except BadRequest as exc:
+            if isinstance(exc, MalformedRequest):
+                log.info("HTTP/2 stream %d of %s: %s", sid, self.entry._peer, exc)
+                stream.malformed = True
             stream.start(b"GET", False, False)
             endpoint.fail(400, "BAD_REQUEST", str(exc))
             return
@@ -391,6 +473,23 @@ class H2PublicConnection(DeferredFlush, asyncio.Protocol):
             self._hangup_look = self.loop.call_later(
                 stalled_close_period(self.server.config), self._look_for_hang_up
             )
+
+    def _on_trailers(self, event: h2.events.TrailersReceived) -> None:
+        """Trailers are not relayed (the service gets a chunked body's end without them), but
+        malformed ones make the request malformed: it is cut, never completed."""
+        why = malformed(list(event.headers), trailer=True)
+        if why is None:
+            return
+        sid = event.stream_id
+        log.info("HTTP/2 stream %d of %s: malformed trailers: %s", sid, self.entry._peer, why)
+        stream = self.streams.get(sid)
+        if stream is not None:
+            stream.malformed_input()
+        else:
+            try:
+                self.h2.reset_stream(sid, h2.errors.ErrorCodes.PROTOCOL_ERROR)
+            except h2.exceptions.ProtocolError:
+                pass
 
     def _on_data(self, event: h2.events.DataReceived) -> None:
         stream = self.streams.get(event.stream_id)
@@ -550,10 +649,11 @@ class H2PublicConnection(DeferredFlush, asyncio.Protocol):
             return
         for stream in list(self.streams.values()):
             stream.abort()
-        try:
-            self.h2.close_connection(code)
-        except h2.exceptions.ProtocolError:
-            pass
+        if self.h2.state_machine.state is not h2.connection.ConnectionState.CLOSED:
+            try:
+                self.h2.close_connection(code)  # (h2 sent its own at a connection error)
+            except h2.exceptions.ProtocolError:
+                pass
         data = self.h2.data_to_send()
         if data:
             transport.write(data)
@@ -658,6 +758,7 @@ class _StreamTransport:
         self.write_paused = False
         self.timer: asyncio.TimerHandle | None = None
         self._deliver_scheduled = False
+        self.malformed = False  # a malformed request: answered 400, a body refused
 
     def start(self, method: bytes, chunked: bool, websocket: bool) -> None:
         self.chunked = chunked
@@ -874,8 +975,14 @@ class _StreamTransport:
                 self.end_after = False
                 h2conn.end_stream(self.sid)
                 if not self.client_eof and not self.raw:
-                    # the request body is not needed any more (RFC 9113 8.1)
-                    h2conn.reset_stream(self.sid, h2.errors.ErrorCodes.NO_ERROR)
+                    # the request body is not needed any more (RFC 9113 8.1); that of a
+                    # malformed request is a stream error (8.1.1)
+                    h2conn.reset_stream(
+                        self.sid,
+                        h2.errors.ErrorCodes.PROTOCOL_ERROR
+                        if self.malformed
+                        else h2.errors.ErrorCodes.NO_ERROR,
+                    )
         except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
             outbound.clear()
             self.outbound_size = 0
@@ -940,6 +1047,16 @@ class _StreamTransport:
         self.client_eof = True
         if self.reading and not self._deliver_scheduled:
             self._deliver()
+
+    def malformed_input(self) -> None:
+        """Malformed trailers: RST_STREAM(PROTOCOL_ERROR), and the tunnel stream is reset
+        before the request's end reaches the service."""
+        if self.closing:
+            return
+        self.closing = True
+        self.client_eof = True
+        self._reset(h2.errors.ErrorCodes.PROTOCOL_ERROR)
+        self._finish()
 
     def client_reset(self) -> None:
         self.client_eof = True

@@ -1,0 +1,338 @@
+"""A malformed HTTP/2 request is a stream error, not a connection error (RFC 9113 8.1.1): the
+edge (tunneld/h2public.py) answers that one stream ``400 BAD_REQUEST`` (JSON), refuses a request
+body still coming with ``RST_STREAM(PROTOCOL_ERROR)``, never forwards the request to the
+service, and every other stream of the client's connection goes on: a response in flight on
+stream 1 arrives whole and a new request on the same connection is served. Browsers multiplex a
+page's requests over one connection, so one bad request (from a page script) must not cut the
+others, which h2's own header checks did (GOAWAY). Malformed trailers cut their request (RST_STREAM
+PROTOCOL_ERROR, the service's connection reset before the request's end). A header block HPACK
+cannot decode is still a connection error, of type COMPRESSION_ERROR (RFC 9113 4.3): the
+connection's decoding state is lost.
+
+Everything is real: an in-process edge serving HTTPS (ALPN ``h2``), a real agent, a service on
+127.0.0.1 scripted per test (``Service`` of test_h2_edges.py, which records every request head it
+gets), and a client on the ``h2`` library over a real TLS socket whose outbound header checks are
+off (``unchecked_client``), so it sends the header blocks as given."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Final
+
+import h2.errors
+import h2.events
+import hyperframe.frame
+import orjson
+import pytest
+import trustme
+
+from tests.e2e import test_public_tls
+from tests.e2e.conftest import Stack, wait_until
+from tests.e2e.test_h2_edges import (
+    Seen,
+    Service,
+    ending,
+    expose,
+    nothing_left,
+    pump,
+    unchecked_client,
+)
+from tests.e2e.test_http2 import RawH2
+
+pytestmark = pytest.mark.anyio
+
+ca = test_public_tls.ca  # the module's certificate authority fixture
+stack = test_public_tls.stack  # an HTTPS stack with the default configuration
+
+PART: Final = 10_000  # the slow response: PART bytes, then (once the test says) PART more
+PROTOCOL_ERROR: Final = h2.errors.ErrorCodes.PROTOCOL_ERROR
+COMPRESSION_ERROR: Final = h2.errors.ErrorCodes.COMPRESSION_ERROR
+ENHANCE_YOUR_CALM: Final = h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
+
+
+async def slow_or_drain(service: Service, reader: asyncio.StreamReader, writer) -> None:
+    """``GET /slow``: PART bytes of a 2 x PART response, the rest once ``go`` is set. Anything
+    else (an upload): read to the end, record it, answer 200 if the request was complete."""
+    head = service.heads[-1]
+    if head.startswith(b"GET /slow "):
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n" % (2 * PART) + b"a" * PART)
+        await writer.drain()
+        await service.wait_go()
+        if writer.is_closing():  # the edge reset it meanwhile
+            service.ends.append("reset")
+            return
+        writer.write(b"b" * PART)
+        await writer.drain()
+        service.ends.append("served")
+        return
+    if head.startswith(b"GET "):
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+        await writer.drain()
+        service.ends.append("served")
+        return
+    body = bytearray()
+    try:
+        while chunk := await asyncio.wait_for(reader.read(65536), 15):
+            body += chunk
+            if body.endswith(b"0\r\n\r\n"):
+                break
+    except ConnectionResetError:
+        service.received.append(bytes(body))
+        service.ends.append("reset")
+        return
+    service.received.append(bytes(body))
+    if body.endswith(b"0\r\n\r\n"):
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+        await writer.drain()
+        service.ends.append("served")
+    else:
+        service.ends.append(await ending(reader))
+
+
+def base(authority: bytes, path: bytes = b"/malformed") -> list[tuple[bytes, bytes]]:
+    return [
+        (b":method", b"GET"),
+        (b":scheme", b"https"),
+        (b":authority", authority),
+        (b":path", path),
+    ]
+
+
+def malformed_block(kind: str, authority: bytes) -> list[tuple[bytes, bytes]]:
+    """A request header block RFC 9113 8.2 / 8.3 makes malformed (its :path /malformed)."""
+    ok = base(authority)
+    return {
+        "upper-case name": [*ok, (b"X-Upper", b"1")],
+        "connection: keep-alive": [*ok, (b"connection", b"keep-alive")],
+        "transfer-encoding": [*ok, (b"transfer-encoding", b"chunked")],
+        "keep-alive": [*ok, (b"keep-alive", b"timeout=5")],
+        "upgrade": [*ok, (b"upgrade", b"websocket")],
+        "te: gzip": [*ok, (b"te", b"gzip")],
+        "pseudo after regular": [*ok[:3], (b"accept", b"*/*"), ok[3]],
+        "no :path": ok[:3],
+        "empty :path": [*ok[:3], (b":path", b"")],
+        "no :method": ok[1:],
+        "duplicate :path": [*ok, (b":path", b"/again")],
+        ":status in a request": [*ok, (b":status", b"200")],
+        "unknown pseudo-header": [*ok, (b":nonsense", b"1")],
+        ":protocol without CONNECT": [*ok, (b":protocol", b"websocket")],
+        "host and :authority differ": [*ok, (b"host", b"other." + authority)],
+        "CR LF in a value": [*ok, (b"x-split", b"a\r\nx-injected: 1")],
+        "NUL in a value": [*ok, (b"x-nul", b"a\x00b")],
+        "space around a value": [*ok, (b"x-space", b" a ")],
+        "space in a name": [*ok, (b"x bad", b"1")],
+        "colon in a name": [*ok, (b"x:bad", b"1")],
+        "empty name": [*ok, (b"", b"1")],
+    }[kind]
+
+
+KINDS: Final = [
+    "upper-case name",
+    "connection: keep-alive",
+    "transfer-encoding",
+    "keep-alive",
+    "upgrade",
+    "te: gzip",
+    "pseudo after regular",
+    "no :path",
+    "empty :path",
+    "no :method",
+    "duplicate :path",
+    ":status in a request",
+    "unknown pseudo-header",
+    ":protocol without CONNECT",
+    "host and :authority differ",
+    "CR LF in a value",
+    "NUL in a value",
+    "space around a value",
+    "space in a name",
+    "colon in a name",
+    "empty name",
+]
+
+
+def answered_400(seen: Seen, sid: int) -> None:
+    assert seen.heads[sid][b":status"] == b"400", seen.heads.get(sid)
+    page = orjson.loads(bytes(seen.bodies[sid]))
+    assert page["code"] == "BAD_REQUEST"
+    assert page["error"].startswith("Malformed HTTP/2 request: "), page
+
+
+async def the_rest_goes_on(
+    stack: Stack, client: RawH2, seen: Seen, service: Service, slow: int
+) -> None:
+    """No GOAWAY; the response of ``slow`` arrives whole once the service sends the rest; a new
+    request on the same connection is served; the service saw only those two requests."""
+    assert seen.goaway is None and not seen.closed
+    service.go.set()
+    await pump(client, seen, lambda: seen.over(slow))
+    assert slow in seen.ended and slow not in seen.resets
+    assert seen.heads[slow][b":status"] == b"200"
+    assert bytes(seen.bodies[slow]) == b"a" * PART + b"b" * PART
+    fresh = client.request(b"GET", b"/after")
+    await client.send()
+    await pump(client, seen, lambda: seen.over(fresh))
+    assert seen.heads[fresh][b":status"] == b"200" and bytes(seen.bodies[fresh]) == b"ok"
+    assert fresh in seen.ended
+    assert seen.goaway is None and not seen.closed
+    assert [h.split(b" ")[:2] for h in service.heads] == [[b"GET", b"/slow"], [b"GET", b"/after"]]
+
+
+async def goaways_to_the_close(client: RawH2, seen: Seen) -> list[h2.errors.ErrorCodes | int]:
+    """The codes of every GOAWAY the edge sends until it closes the connection (streams that
+    end or are reset meanwhile go into ``seen``)."""
+    codes: list[h2.errors.ErrorCodes | int] = []
+    for _ in range(10_000):  # bounded: each event, or next_event's timeout, ends a turn
+        try:
+            event = await client.next_event(timeout=15)
+        except ConnectionError:
+            return codes
+        if isinstance(event, h2.events.ConnectionTerminated):
+            codes.append(event.error_code if event.error_code is not None else -1)
+        elif isinstance(event, h2.events.StreamEnded):
+            seen.ended.add(event.stream_id)
+        elif isinstance(event, h2.events.StreamReset):
+            seen.resets.setdefault(event.stream_id, event.error_code)
+    raise AssertionError("the edge never closed the connection")
+
+
+async def slow_response_in_flight(client: RawH2, seen: Seen) -> int:
+    slow = client.request(b"GET", b"/slow")
+    await client.send()
+    await pump(client, seen, lambda: len(seen.bodies[slow]) == PART)
+    return slow
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_a_malformed_request_is_answered_on_its_stream_only(
+    stack: Stack, ca: trustme.CA, kind: str
+) -> None:
+    """The malformed request (ended with its HEADERS, as a GET is) gets a 400 and END_STREAM on
+    its own stream, never reaches the service, and the connection carries on."""
+    async with Service(slow_or_drain) as service:
+        host = await expose(stack, service.port)
+        async with unchecked_client(stack, ca, host) as client:
+            seen = Seen()
+            slow = await slow_response_in_flight(client, seen)
+            bad = client.conn.get_next_available_stream_id()
+            client.conn.send_headers(bad, malformed_block(kind, host.encode()), end_stream=True)
+            await client.send()
+            await pump(client, seen, lambda: seen.over(bad) or seen.goaway is not None)
+            assert seen.goaway is None, f"GOAWAY {seen.goaway}"
+            answered_400(seen, bad)
+            assert bad in seen.ended and bad not in seen.resets
+            await the_rest_goes_on(stack, client, seen, service, slow)
+        await wait_until(lambda: nothing_left(stack), what="the edge to forget it all")
+
+
+async def test_a_malformed_request_with_a_body_coming_is_refused_with_protocol_error(
+    stack: Stack, ca: trustme.CA
+) -> None:
+    """A malformed POST whose body is still coming: 400, then RST_STREAM(PROTOCOL_ERROR) for the
+    body; the DATA the client sends meanwhile is dropped (the connection's window is given back,
+    so the next upload is not starved) and reaches no service."""
+    async with Service(slow_or_drain) as service:
+        host = await expose(stack, service.port)
+        async with unchecked_client(stack, ca, host) as client:
+            seen = Seen()
+            slow = await slow_response_in_flight(client, seen)
+            bad = client.conn.get_next_available_stream_id()
+            headers = [(b":method", b"POST"), *base(host.encode())[1:], (b"connection", b"close")]
+            client.conn.send_headers(bad, headers)
+            for _ in range(3):
+                client.conn.send_data(bad, b"x" * 16_000)
+            await client.send()
+            await pump(client, seen, lambda: seen.over(bad) or seen.goaway is not None)
+            await pump(client, seen, lambda: bad in seen.resets or seen.goaway is not None)
+            assert seen.goaway is None, f"GOAWAY {seen.goaway}"
+            answered_400(seen, bad)
+            assert seen.resets[bad] == PROTOCOL_ERROR
+            await the_rest_goes_on(stack, client, seen, service, slow)
+        await wait_until(lambda: nothing_left(stack), what="the edge to forget it all")
+
+
+@pytest.mark.parametrize(
+    "trailers",
+    [
+        [(b":path", b"/x")],  # a pseudo-header in trailers
+        [(b"X-Upper", b"1")],
+        [(b"x-split", b"a\r\nb")],
+        [(b"connection", b"close")],
+    ],
+    ids=["pseudo-header", "upper-case name", "CR LF in a value", "connection"],
+)
+async def test_malformed_trailers_cut_their_request_only(
+    stack: Stack, ca: trustme.CA, trailers: list[tuple[bytes, bytes]]
+) -> None:
+    """An upload whose trailers are malformed: RST_STREAM(PROTOCOL_ERROR) on its stream, and the
+    service's connection is reset before the request's end (the last chunk) reached it: a
+    malformed request is never forwarded whole. The other streams go on."""
+    async with Service(slow_or_drain) as service:
+        host = await expose(stack, service.port)
+        async with unchecked_client(stack, ca, host) as client:
+            seen = Seen()
+            slow = await slow_response_in_flight(client, seen)
+            upload = client.request(b"POST", b"/upload", end=False)
+            client.conn.send_data(upload, b"u" * 1000)
+            await client.send()
+            await wait_until(lambda: len(service.heads) == 2, what="the upload at the service")
+            client.conn.send_headers(upload, trailers, end_stream=True)
+            await client.send()
+            await pump(client, seen, lambda: seen.over(upload) or seen.goaway is not None)
+            assert seen.goaway is None, f"GOAWAY {seen.goaway}"
+            assert seen.resets.get(upload) == PROTOCOL_ERROR, (seen.heads, seen.resets)
+            await wait_until(lambda: len(service.ends) == 1, what="the upload's service end")
+            assert service.ends == ["reset"], service.ends
+            (received,) = service.received
+            assert not received.endswith(b"0\r\n\r\n"), "the malformed request reached its end"
+            service.heads.remove(next(h for h in service.heads if h.startswith(b"POST")))
+            service.ends.clear()
+            await the_rest_goes_on(stack, client, seen, service, slow)
+        await wait_until(lambda: nothing_left(stack), what="the edge to forget it all")
+
+
+@pytest.mark.parametrize(
+    "block",
+    [b"\x80", b"\xff\xff\xff\xff\xff\x0f", b"\x40\x85\xff\xff\xff\xff\xff\x01a"],
+    ids=["index 0", "index past the tables", "bad Huffman"],
+)
+async def test_hpack_garbage_is_a_connection_error_compression_error(
+    stack: Stack, ca: trustme.CA, block: bytes
+) -> None:
+    """A header block HPACK cannot decode leaves the connection's decoding state unknown: GOAWAY
+    COMPRESSION_ERROR and the close (RFC 9113 4.3). The response in flight is cut (never a
+    clean end) and its service connection reset; nothing reaches the service."""
+    async with Service(slow_or_drain) as service:
+        host = await expose(stack, service.port)
+        async with unchecked_client(stack, ca, host) as client:
+            seen = Seen()
+            slow = await slow_response_in_flight(client, seen)
+            frame = hyperframe.frame.HeadersFrame(slow + 2, data=block)
+            frame.flags.add("END_HEADERS")
+            frame.flags.add("END_STREAM")
+            assert client.writer is not None
+            client.writer.write(frame.serialize())
+            await client.writer.drain()
+            assert await goaways_to_the_close(client, seen) == [COMPRESSION_ERROR]
+            assert slow not in seen.ended, "a cut response ended like a complete one"
+        await wait_until(lambda: nothing_left(stack), what="the edge to forget it all")
+        assert len(service.heads) == 1
+
+
+async def test_an_oversized_header_block_is_one_goaway_enhance_your_calm(
+    stack: Stack, ca: trustme.CA
+) -> None:
+    """A header block past SETTINGS_MAX_HEADER_LIST_SIZE (32 KiB) by far is a connection error
+    too (HPACK decoding stops in its middle): one GOAWAY, ENHANCE_YOUR_CALM (h2's code), not a
+    second one that says otherwise; nothing reaches the service."""
+    async with Service(slow_or_drain) as service:
+        host = await expose(stack, service.port)
+        async with unchecked_client(stack, ca, host) as client:
+            seen = Seen()
+            slow = await slow_response_in_flight(client, seen)
+            client.request(b"GET", b"/big", [(b"x-big", b"a" * 100_000)])
+            await client.send()
+            assert await goaways_to_the_close(client, seen) == [ENHANCE_YOUR_CALM]
+            assert slow not in seen.ended, "a cut response ended like a complete one"
+        await wait_until(lambda: nothing_left(stack), what="the edge to forget it all")
+        assert len(service.heads) == 1
