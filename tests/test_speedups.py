@@ -430,6 +430,53 @@ def test_begin_request_refuses_what_the_reference_refuses() -> None:
         assert ours == theirs and isinstance(ours, type), (ours, theirs)
 
 
+# -- attributes of __slots__ classes, read without a lookup while the class stays the same ---------
+
+
+def _whole(impl: Callable[..., object], framer: ResponseFramer) -> object:
+    return _outcome(impl, framer, RESPONSE, _request(b"x-request-id: a\r\n", 0, 0), 7, None)
+
+
+def test_a_changed_class_a_subclass_and_an_unset_slot_read_as_python_reads_them(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The C code reads a slot at its offset, cached per class: after the class changes (here
+    its ``_methods`` and a head's ``method`` become properties), for a subclass that overrides
+    one, and for a slot never set, it must read what Python reads."""
+    for _ in range(3):  # cached by now
+        assert _whole(C.whole_response, _framer([b"GET"], b"", False)) == _whole(
+            whole_response_py, _framer([b"GET"], b"", False)
+        )
+    assert isinstance(_whole(C.whole_response, _framer([b"GET"], b"", False)), bytes)
+    ours, theirs = _framer([b"GET"], b"", False), _framer([b"GET"], b"", False)
+    with monkeypatch.context() as m:
+        m.setattr(ResponseFramer, "_methods", property(lambda self: deque([b"HEAD"])))
+        assert _whole(C.whole_response, ours) is None
+        assert _whole(whole_response_py, theirs) is None
+    assert isinstance(_whole(C.whole_response, _framer([b"GET"], b"", False)), bytes)
+
+    class Headless(ResponseFramer):
+        # always a body in progress (no head is taken); what __init__ sets is dropped
+        _state = property(lambda self: 1, lambda self, value: None)  # type: ignore[assignment]
+
+    for impl in (C.whole_response, whole_response_py):
+        framer = Headless()
+        framer.expect(b"GET")
+        assert _whole(impl, framer) is None
+    unset = ResponseFramer.__new__(ResponseFramer)  # no __init__: no slot holds anything
+    assert _whole(C.whole_response, unset) is AttributeError
+    assert _whole(whole_response_py, unset) is AttributeError
+
+    head = RequestHead(b"GET", b"/", b"1.1", [])
+    ours = _begun(C.begin_request, head, 0, False)
+    assert ours == _begun(begin_request_py, head, 0, False)
+    with monkeypatch.context() as m:
+        m.setattr(RequestHead, "method", property(lambda self: b"PUT"))
+        ours = _begun(C.begin_request, head, 0, False)
+        assert ours == _begun(begin_request_py, head, 0, False)
+        assert ours[0][0] == b"PUT"  # type: ignore[index]
+
+
 # -- log_response ---------------------------------------------------------------------------------
 
 

@@ -25,9 +25,74 @@ number). Plain C API, no Cython; built by setup.py as an optional extension.
 */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <structmember.h> /* T_OBJECT_EX */
 #include <stdint.h>
 #include <string.h>
 #include <time.h>
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
+
+/* Reading an attribute that a class's __slots__ holds, without looking it up each time: what
+   PyObject_GetAttr finds for such a name is the member descriptor of the slot (a data
+   descriptor, so no instance dict can shadow it), and what that returns is the object at its
+   offset. The offset is kept per (type, name) with the type's version tag, which CPython changes
+   (and never reuses) whenever the type or a base changes (the method cache relies on it). The
+   direct read is used only for an instance of exactly that type, with the generic getattr, the
+   tag still the same and the slot set; anything else goes through PyObject_GetAttr (an unset
+   slot's AttributeError, a subclass, a changed class). tests/test_speedups.py compares every
+   function with its Python reference, odd objects included, and checks a changed class. */
+typedef struct {
+    PyObject *name;         /* interned attribute name */
+    PyTypeObject *type;     /* strong reference; NULL: nothing cached */
+    unsigned int version;   /* type->tp_version_tag when cached */
+    Py_ssize_t offset;      /* the slot's offset in an instance */
+} slot_cache;
+
+static void
+cache_slot(PyTypeObject *tp, slot_cache *c)
+{
+    PyObject *descr;
+    PyMemberDef *member;
+
+    Py_CLEAR(c->type);
+    if (tp->tp_getattro != PyObject_GenericGetAttr) {
+        return;
+    }
+    descr = _PyType_Lookup(tp, c->name); /* borrowed; gives the type a version tag */
+    if (descr == NULL || !Py_IS_TYPE(descr, &PyMemberDescr_Type) || tp->tp_version_tag == 0) {
+        return;
+    }
+    member = ((PyMemberDescrObject *)descr)->d_member;
+    if (member->type != T_OBJECT_EX || member->offset <= 0 ||
+        PyDescr_TYPE(descr) == NULL || !PyType_IsSubtype(tp, PyDescr_TYPE(descr))) {
+        return;
+    }
+    c->type = (PyTypeObject *)Py_NewRef((PyObject *)tp);
+    c->version = tp->tp_version_tag;
+    c->offset = member->offset;
+}
+
+/* getattr(obj, c->name) as a new reference, NULL with an error set */
+static PyObject *
+get_slot(PyObject *obj, slot_cache *c)
+{
+    PyTypeObject *tp = Py_TYPE(obj);
+    if (tp == c->type && tp->tp_version_tag == c->version && c->version != 0) {
+        PyObject *v = *(PyObject **)((char *)obj + c->offset);
+        if (v != NULL) {
+            return Py_NewRef(v);
+        }
+    }
+    else {
+        cache_slot(tp, c);
+    }
+    return PyObject_GetAttr(obj, c->name);
+}
+
+static slot_cache slot_framer_state, slot_framer_buf, slot_framer_methods;
+static slot_cache slot_head_headers, slot_head_method, slot_head_target;
+static slot_cache slot_conn_sandbox_id, slot_conn_port;
 
 /* RFC 9110 tchar: ! # $ % & ' * + - . ^ _ ` | ~ DIGIT ALPHA */
 static unsigned char is_token[256];
@@ -67,6 +132,19 @@ check_nargs(const char *name, Py_ssize_t nargs, Py_ssize_t want)
     return 1;
 }
 
+/* An int as long long (OverflowError past it). PyLong_AsLong where long has 64 bits: on 3.11
+   PyLong_AsLongLong converts every int of two 30-bit digits or more (the clocks' values)
+   through _PyLong_AsByteArray, several times the cost. */
+static long long
+as_long_long(PyObject *v)
+{
+#if LONG_MAX == LLONG_MAX
+    return (long long)PyLong_AsLong(v);
+#else
+    return PyLong_AsLongLong(v);
+#endif
+}
+
 static int
 lower_ascii(unsigned char c)
 {
@@ -89,21 +167,40 @@ name_is(const unsigned char *name, Py_ssize_t len, const char *want, Py_ssize_t 
 }
 
 /* The first index >= i of p[0:n] that holds CR or LF, or n: the end of a field value or reason
-   phrase (any other byte). Most of a head is values: eight bytes at a time (a word has a CR or
-   LF byte iff x ^ 0x0d0d.. or x ^ 0x0a0a.. has a zero byte), then byte by byte from the word
-   that has one. Reads stay below n: a word is loaded only when i + 8 <= n. */
+   phrase (any other byte). Most of a head is values: sixteen bytes at a time with SSE2 (two
+   byte compares and a mask), else eight (a word has a CR or LF byte iff x ^ 0x0d0d.. or
+   x ^ 0x0a0a.. has a zero byte; below the first zero byte the test has no false positive, so on
+   a little-endian machine the lowest bit it sets is that byte's), then byte by byte. Reads stay
+   below n: a block is loaded only when it fits. */
 #define ONES UINT64_C(0x0101010101010101)
 #define HIGHS UINT64_C(0x8080808080808080)
 static Py_ssize_t
 line_end(const unsigned char *p, Py_ssize_t i, Py_ssize_t n)
 {
+#if defined(__SSE2__)
+    const __m128i cr = _mm_set1_epi8('\r'), lf = _mm_set1_epi8('\n');
+    while (n - i >= 16) {
+        __m128i v = _mm_loadu_si128((const __m128i *)(const void *)(p + i));
+        unsigned int m = (unsigned int)_mm_movemask_epi8(
+            _mm_or_si128(_mm_cmpeq_epi8(v, cr), _mm_cmpeq_epi8(v, lf)));
+        if (m != 0) {
+            return i + __builtin_ctz(m);
+        }
+        i += 16;
+    }
+#endif
     while (n - i >= 8) {
-        uint64_t v, a, b;
+        uint64_t v, a, b, m;
         memcpy(&v, p + i, 8);
         a = v ^ (ONES * '\r');
         b = v ^ (ONES * '\n');
-        if ((((a - ONES) & ~a) | ((b - ONES) & ~b)) & HIGHS) {
+        m = (((a - ONES) & ~a) | ((b - ONES) & ~b)) & HIGHS;
+        if (m != 0) {
+#if PY_LITTLE_ENDIAN && defined(__GNUC__)
+            return i + (Py_ssize_t)(__builtin_ctzll(m) >> 3);
+#else
             break;
+#endif
         }
         i += 8;
     }
@@ -268,7 +365,7 @@ framer_ready(PyObject *framer, PyObject **methods)
     int r;
 
     *methods = NULL;
-    state = PyObject_GetAttr(framer, str_state);
+    state = get_slot(framer, &slot_framer_state);
     if (state == NULL) {
         return -1;
     }
@@ -277,7 +374,7 @@ framer_ready(PyObject *framer, PyObject **methods)
     if (r <= 0) {
         return r;
     }
-    buf = PyObject_GetAttr(framer, str_buf);
+    buf = get_slot(framer, &slot_framer_buf);
     if (buf == NULL) {
         return -1;
     }
@@ -286,7 +383,7 @@ framer_ready(PyObject *framer, PyObject **methods)
     if (r != 0) {
         return r < 0 ? -1 : 0;
     }
-    *methods = PyObject_GetAttr(framer, str_methods);
+    *methods = get_slot(framer, &slot_framer_methods);
     if (*methods == NULL) {
         return -1;
     }
@@ -322,6 +419,39 @@ enum {
     R_BODY_OUT = 9,
     R_SIZE = 10
 };
+
+/* now - started: in C for two ints whose difference fits (the clocks' values), else as Python
+   does it */
+static PyObject *
+elapsed(PyObject *now, PyObject *started)
+{
+    if (PyLong_CheckExact(now) && PyLong_CheckExact(started)) {
+        long long a = as_long_long(now), b, d;
+        if (!(a == -1 && PyErr_Occurred())) {
+            b = as_long_long(started);
+            if (!(b == -1 && PyErr_Occurred()) && !__builtin_sub_overflow(a, b, &d)) {
+                return PyLong_FromLongLong(d);
+            }
+        }
+        PyErr_Clear(); /* past 64 bits: Python's arithmetic */
+    }
+    return PyNumber_Subtract(now, started);
+}
+
+/* ns / 1e9 as Python computes it: an int within 2**53 converts to a double exactly, and a
+   larger one rounds to nearest as int.__truediv__'s conversion does; else through Python */
+static PyObject *
+ns_to_seconds(PyObject *ns)
+{
+    if (PyLong_CheckExact(ns)) {
+        long long x = as_long_long(ns);
+        if (!(x == -1 && PyErr_Occurred()) && x > -(1LL << 53) && x < (1LL << 53)) {
+            return PyFloat_FromDouble((double)x / 1e9);
+        }
+        PyErr_Clear();
+    }
+    return PyNumber_TrueDivide(ns, float_1e9);
+}
 
 PyDoc_STRVAR(whole_response_doc,
 "whole_response(framer, data, request, now, kept, /)\n--\n\n"
@@ -386,10 +516,10 @@ whole_response(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         goto fail;
     }
     have_idv = 1;
-    if ((ns = PyNumber_Subtract(now, started)) == NULL) {
+    if ((ns = elapsed(now, started)) == NULL) {
         goto fail;
     }
-    if (kept != Py_None && (seconds = PyNumber_TrueDivide(ns, float_1e9)) == NULL) {
+    if (kept != Py_None && (seconds = ns_to_seconds(ns)) == NULL) {
         goto fail;
     }
     if ((status_obj = PyLong_FromLong(status)) == NULL ||
@@ -464,7 +594,7 @@ non_negative(PyObject *v, const char *what)
         PyErr_Format(PyExc_TypeError, "%s must be an int", what);
         return -1;
     }
-    x = PyLong_AsLongLong(v);
+    x = as_long_long(v);
     if (x == -1 && PyErr_Occurred()) {
         return -1;
     }
@@ -545,7 +675,7 @@ text_line(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         return NULL;
     }
     /* borrowed: nothing below runs Python code before the line is made (ints are read with
-       PyLong_AsLongLong, which calls no __index__ on an int) */
+       PyLong_AsLong(Long), which calls no __index__ on an int) */
     method = PyList_GET_ITEM(request, R_METHOD);
     target = PyList_GET_ITEM(request, R_TARGET);
     rid = PyList_GET_ITEM(request, R_ID);
@@ -557,7 +687,7 @@ text_line(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         PyErr_SetString(PyExc_TypeError, "sec must be an int");
         return NULL;
     }
-    sec = PyLong_AsLongLong(args[2]); /* -1 before the first stamp */
+    sec = as_long_long(args[2]); /* -1 before the first stamp */
     if (sec == -1 && PyErr_Occurred()) {
         return NULL;
     }
@@ -882,9 +1012,9 @@ begin_request(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     now = args[3];
     requests = args[4];
     framer = args[5];
-    if ((headers = PyObject_GetAttr(head, str_headers)) == NULL ||
-        (method = PyObject_GetAttr(head, str_method)) == NULL ||
-        (target = PyObject_GetAttr(head, str_target)) == NULL ||
+    if ((headers = get_slot(head, &slot_head_headers)) == NULL ||
+        (method = get_slot(head, &slot_head_method)) == NULL ||
+        (target = get_slot(head, &slot_head_target)) == NULL ||
         make_ids(headers, counter, prefix, &rid, &line) < 0) {
         goto fail;
     }
@@ -911,14 +1041,14 @@ begin_request(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         }
         Py_DECREF(done);
         /* framer.expect(method): not unframed (_RAW) and fewer than 1024 waiting */
-        if ((state = PyObject_GetAttr(framer, str_state)) == NULL) {
+        if ((state = get_slot(framer, &slot_framer_state)) == NULL) {
             goto fail;
         }
         if ((r = PyObject_RichCompareBool(state, int_raw, Py_NE)) < 0) {
             goto fail;
         }
         if (r) {
-            if ((methods = PyObject_GetAttr(framer, str_methods)) == NULL ||
+            if ((methods = get_slot(framer, &slot_framer_methods)) == NULL ||
                 (waiting = PyObject_Size(methods)) < 0) {
                 goto fail;
             }
@@ -1150,8 +1280,8 @@ log_response(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         goto done;
     }
     /* the line's " sandbox:port id=", made again by conn._resite() when either changed */
-    if ((sid = PyObject_GetAttr(conn, str_sandbox_id)) == NULL ||
-        (port = PyObject_GetAttr(conn, str_port)) == NULL) {
+    if ((sid = get_slot(conn, &slot_conn_sandbox_id)) == NULL ||
+        (port = get_slot(conn, &slot_conn_port)) == NULL) {
         goto fail;
     }
     on = sid != st[S_SITE_OF] ? 1 : PyObject_RichCompareBool(port, st[S_SITE_PORT], Py_NE);
@@ -1359,6 +1489,14 @@ PyInit__speedups(void)
             !bytes_xrid || !bytes_hex16) {
             return NULL;
         }
+        slot_framer_state.name = str_state;
+        slot_framer_buf.name = str_buf;
+        slot_framer_methods.name = str_methods;
+        slot_head_headers.name = str_headers;
+        slot_head_method.name = str_method;
+        slot_head_target.name = str_target;
+        slot_conn_sandbox_id.name = str_sandbox_id;
+        slot_conn_port.name = str_port;
     }
     return PyModule_Create(&speedups_module);
 }

@@ -84,22 +84,23 @@ Event = RequestHead | memoryview | bytes | HeadError
 
 
 def forward_head(
-    head: RequestHead, host_line: bytes, trailer: bytes, *, drop_request_id: bool = False
+    head: RequestHead, host_line: bytes, trailer: bytes, id_line: bytes = b""
 ) -> bytes:
     """Rebuild ``head`` for the service: our Host and forwarding headers, internal ones dropped.
 
-    ``drop_request_id``: the caller's ``trailer`` carries the X-Request-Id (accesslog.py).
+    ``id_line``: the request's ``x-request-id`` line (accesslog.py), which replaces the
+    client's X-Request-Id lines (before ``trailer``, which ends the head).
     Every name with ``_`` is dropped too (nginx's ``underscores_in_headers off``): CGI/WSGI
     servers map ``-`` and ``_`` to the same ``HTTP_*`` variable, so ``X_Forwarded_For`` would
     reach them as ``X-Forwarded-For``.
     """
     out = [head.method, b" ", head.target, b" HTTP/", head.version, b"\r\n", host_line]
-    dropped = _DROPPED_WITH_ID if drop_request_id else _DROPPED_NAMES
+    dropped = _DROPPED_WITH_ID if id_line else _DROPPED_NAMES
     for name, value in head.headers:
         if name in dropped or name.startswith(_DROPPED_PREFIXES) or b"_" in name:
             continue
         out += (name, b": ", value, b"\r\n")
-    out.append(trailer)
+    out += (id_line, trailer)
     return b"".join(out)
 
 

@@ -556,13 +556,13 @@ class PublicConnection(StreamEndpoint):
                     config.scheme,
                     self.http_version,
                 )
+            if self._access is not None:  # the route, and so its lines' site, stays
+                self._access.sandbox_id, self._access.port = self.sandbox_id, self.port
         access = self._access
         if access is not None:
-            access.sandbox_id, access.port = self.sandbox_id, self.port
             fast = access.fast  # access.request(head) without a Python call around it
             id_line = access.request(head) if fast is None else accesslog.log_request(fast, head)
-            trailer = id_line + self._trailer
-            self.forward(forward_head(head, self._host_line, trailer, drop_request_id=True))
+            self.forward(forward_head(head, self._host_line, self._trailer, id_line))
             return True
         self.forward(forward_head(head, self._host_line, self._trailer))
         return True
