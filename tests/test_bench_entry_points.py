@@ -237,19 +237,24 @@ def test_make_bench_runs_the_e2e_head_of_line_and_transfer_scenarios(
 
 # -- A/B, instructions, cluster ---------------------------------------------------------------
 def test_ab_compares_two_variants_of_a_commit(bench_env: dict[str, str]) -> None:
-    """``python -m bench.e2e.ab HEAD,HEAD+access 1 small_http``: one round of each (docs: 8
-    rounds of two or three commits), 1 s per measurement; HEAD is ``git archive``d as any
-    commit is."""
+    """``python -m bench.e2e.ab HEAD,HEAD+access,HEAD+access-quiet 1 small_http``: one round
+    of each (docs: 8 rounds of two or three commits), 1 s per measurement; HEAD is ``git
+    archive``d as any commit is. The access log's variants write what they say."""
     needs("nginx", "wrk")
-    out = run([PY, "-m", "bench.e2e.ab", "HEAD,HEAD+access", "1", "small_http"], bench_env)
-    for variant in ("HEAD", "HEAD+access"):
+    variants = ("HEAD", "HEAD+access", "HEAD+access-quiet")
+    out = run([PY, "-m", "bench.e2e.ab", ",".join(variants), "1", "small_http"], bench_env)
+    for variant in variants:
         m = re.search(rf"^round 0 {re.escape(variant)}: \{{'small_http': ({NUM}),", out, re.M)
         assert m and float(m.group(1)) > 0, out
     report = trailing_json(out)
-    assert report["medians"].keys() == {"HEAD", "HEAD+access"}
+    assert report["medians"].keys() == set(variants)
     for medians in report["medians"].values():
         for key in ("small_http", "small_http_tunneld_us", "small_http_agent_us"):
             positive(medians[key])
+    # +access writes a line per request (wrk's, at least); +access-quiet none; off no count
+    assert report["medians"]["HEAD+access"]["access_lines"] > 100
+    assert report["medians"]["HEAD+access-quiet"]["access_lines"] == 0
+    assert "access_lines" not in report["medians"]["HEAD"]
 
 
 def test_instr_counts_instructions_per_request(bench_env: dict[str, str]) -> None:

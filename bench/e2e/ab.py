@@ -1,6 +1,8 @@
 """A/B of the tunnel across commits, in one run:
 ``python -m bench.e2e.ab COMMIT,COMMIT [ROUNDS [small_http,churn,websocket,single_download]]``
-(``COMMIT+access``: that commit with the access log on, lines to tunneld's log file)
+(``COMMIT+access``: that commit with the access log on, every request's line written to
+tunneld's log file at info level; ``COMMIT+access-quiet``: on, but the log level drops the
+lines, as ``bench.e2e.instr`` names them)
 
 For each commit, ``git archive`` of protocol/ relay/ agent/ tunneld/ goes to a temp dir (its
 optional C extension compiled in place: ``build_speedups``) that is put first on PYTHONPATH for
@@ -23,6 +25,7 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
+import time
 from pathlib import Path
 
 from .scenarios import run_loadgen, wrk
@@ -70,8 +73,8 @@ def build_speedups(d: Path) -> None:
     )
 
 
-def one_run(metrics: list[str]) -> dict[str, float]:
-    stack = Stack().start()
+def one_run(metrics: list[str], tunneld_args: tuple[str, ...] = ()) -> dict[str, float]:
+    stack = Stack(tunneld_args=tunneld_args).start()
     try:
         out: dict[str, float] = {}
         (dp, dh), (tp, th) = stack.targets()["direct"], stack.targets()["tunnel"]
@@ -107,6 +110,11 @@ def one_run(metrics: list[str]) -> dict[str, float]:
                 for p, h in ((dp, dh), (tp, th))
             )
             out["websocket"] = t / d
+        if os.environ.get("TUNNELD_ACCESS_LOG") and stack.tunneld is not None:
+            # what the access log wrote (0 when the level drops its lines): the run logged
+            # what its name says (lines leave 50 ms after the first; a scenario ran since)
+            time.sleep(0.2)
+            out["access_lines"] = stack.tunneld.log.read_bytes().count(b" tunneld.access: ")
         return out
     finally:
         stack.close()
@@ -135,10 +143,13 @@ def main(argv: list[str]) -> int:
             for c in commits:
                 commit, _, variant = c.partition("+")  # COMMIT+access: access log on
                 os.environ["PYTHONPATH"] = str(tree(commit, Path(tmp)))
-                if variant == "access":
+                if variant.startswith("access"):
                     os.environ["TUNNELD_ACCESS_LOG"] = "true"
+                # The bench's tunneld logs at warning: with the access log on, its lines are
+                # written only at info (``access``), else the level drops them (``access-quiet``).
+                verbose = ("--log-level", "info") if variant == "access" else ()
                 try:
-                    r = one_run(metrics)
+                    r = one_run(metrics, verbose)
                 finally:
                     os.environ.pop("TUNNELD_ACCESS_LOG", None)
                     if saved is None:
