@@ -33,6 +33,32 @@ number). Plain C API, no Cython; built by setup.py as an optional extension.
 #include <emmintrin.h>
 #endif
 
+/* RFC 9110 tchar: ! # $ % & ' * + - . ^ _ ` | ~ DIGIT ALPHA */
+static unsigned char is_token[256];
+/* request ids a client may choose: A-Z a-z 0-9 . _ : - (accesslog._VALID_ID) */
+static unsigned char is_id_char[256];
+
+#define MAX_CLIENT_ID 200
+#define MAX_LENGTH_DIGITS 18 /* below 10**18: fits in int64 */
+
+static PyObject *str_state;   /* "_state" */
+static PyObject *str_buf;     /* "_buf" */
+static PyObject *str_methods; /* "_methods" */
+static PyObject *str_popleft; /* "popleft" */
+static PyObject *bytes_head;  /* b"HEAD" */
+static PyObject *bytes_xrid;  /* b"x-request-id" */
+static PyObject *bytes_hex16; /* b"%016x" */
+static PyObject *int_zero;    /* 0, ResponseFramer's _HEAD */
+static PyObject *float_1e9;   /* 1e9: ns / 1e9 is seconds */
+static PyObject *int_raw;     /* 4, ResponseFramer's _RAW (unframed) */
+static PyObject *str_headers, *str_method, *str_target, *str_append;
+static PyObject *str_fold, *str_is_enabled_for, *str_sandbox_id, *str_port, *str_resite;
+static PyObject *str_restamp, *str_flush, *str_arm, *int_info, *int_1e9, *str_disabled;
+static PyObject *time_monotonic_ns, *time_time_ns; /* time.monotonic_ns, time.time_ns */
+
+static const char XRID_PREFIX[] = "x-request-id: ";
+#define XRID_PREFIX_LEN (sizeof(XRID_PREFIX) - 1)
+
 /* Reading an attribute that a class's __slots__ holds, without looking it up each time: what
    PyObject_GetAttr finds for such a name is the member descriptor of the slot (a data
    descriptor, so no instance dict can shadow it), and what that returns is the object at its
@@ -90,35 +116,33 @@ get_slot(PyObject *obj, slot_cache *c)
     return PyObject_GetAttr(obj, c->name);
 }
 
+/* collections.deque and its append and popleft (method descriptors): called directly on an
+   exact deque, without looking the method up on each call; anything else by name */
+static PyObject *deque_type, *deque_append, *deque_popleft;
+
+static PyObject *
+append_to(PyObject *obj, PyObject *item)
+{
+    if (Py_TYPE(obj) == (PyTypeObject *)deque_type) {
+        PyObject *args[2] = {obj, item};
+        return PyObject_Vectorcall(deque_append, args, 2, NULL);
+    }
+    return PyObject_CallMethodOneArg(obj, str_append, item);
+}
+
+static PyObject *
+popleft_of(PyObject *obj)
+{
+    if (Py_TYPE(obj) == (PyTypeObject *)deque_type) {
+        PyObject *args[1] = {obj};
+        return PyObject_Vectorcall(deque_popleft, args, 1, NULL);
+    }
+    return PyObject_CallMethodNoArgs(obj, str_popleft);
+}
+
 static slot_cache slot_framer_state, slot_framer_buf, slot_framer_methods;
 static slot_cache slot_head_headers, slot_head_method, slot_head_target;
 static slot_cache slot_conn_sandbox_id, slot_conn_port;
-
-/* RFC 9110 tchar: ! # $ % & ' * + - . ^ _ ` | ~ DIGIT ALPHA */
-static unsigned char is_token[256];
-/* request ids a client may choose: A-Z a-z 0-9 . _ : - (accesslog._VALID_ID) */
-static unsigned char is_id_char[256];
-
-#define MAX_CLIENT_ID 200
-#define MAX_LENGTH_DIGITS 18 /* below 10**18: fits in int64 */
-
-static PyObject *str_state;   /* "_state" */
-static PyObject *str_buf;     /* "_buf" */
-static PyObject *str_methods; /* "_methods" */
-static PyObject *str_popleft; /* "popleft" */
-static PyObject *bytes_head;  /* b"HEAD" */
-static PyObject *bytes_xrid;  /* b"x-request-id" */
-static PyObject *bytes_hex16; /* b"%016x" */
-static PyObject *int_zero;    /* 0, ResponseFramer's _HEAD */
-static PyObject *float_1e9;   /* 1e9: ns / 1e9 is seconds */
-static PyObject *int_raw;     /* 4, ResponseFramer's _RAW (unframed) */
-static PyObject *str_headers, *str_method, *str_target, *str_append;
-static PyObject *str_fold, *str_is_enabled_for, *str_sandbox_id, *str_port, *str_resite;
-static PyObject *str_restamp, *str_flush, *str_arm, *int_info, *int_1e9, *str_disabled;
-static PyObject *time_monotonic_ns, *time_time_ns; /* time.monotonic_ns, time.time_ns */
-
-static const char XRID_PREFIX[] = "x-request-id: ";
-#define XRID_PREFIX_LEN (sizeof(XRID_PREFIX) - 1)
 
 /* exactly ``want`` positional arguments (a TypeError as Python's otherwise) */
 static int
@@ -539,7 +563,7 @@ whole_response(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     memcpy(w, view.buf, (size_t)(end - 2));
     memcpy(w + end - 2, idv.buf, (size_t)idv.len);
     memcpy(w + end - 2 + idv.len, (const char *)view.buf + end - 2, (size_t)(view.len - end + 2));
-    popped = PyObject_CallMethodNoArgs(methods, str_popleft);
+    popped = popleft_of(methods);
     if (popped == NULL) {
         goto fail;
     }
@@ -1035,7 +1059,7 @@ begin_request(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         goto fail;
     }
     if (waiting < MAX_WAITING) { /* pipelining without reading: stop recording, not grow */
-        PyObject *done = PyObject_CallMethodOneArg(requests, str_append, request);
+        PyObject *done = append_to(requests, request);
         if (done == NULL) {
             goto fail;
         }
@@ -1053,7 +1077,7 @@ begin_request(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
                 goto fail;
             }
             if (waiting < MAX_WAITING) {
-                done = PyObject_CallMethodOneArg(methods, str_append, method);
+                done = append_to(methods, method);
                 if (done == NULL) {
                     goto fail;
                 }
@@ -1118,6 +1142,21 @@ items_of(PyObject *lst, Py_ssize_t n, PyObject **out, const char *what)
     }
     for (Py_ssize_t k = 0; k < n; k++) {
         out[k] = Py_NewRef(PyList_GET_ITEM(lst, k));
+    }
+    return 0;
+}
+
+/* items_of for the indices ``which[0:k]`` only (the others stay NULL) */
+static int
+some_items_of(PyObject *lst, Py_ssize_t n, const int *which, int k, PyObject **out,
+              const char *what)
+{
+    if (!PyList_Check(lst) || PyList_GET_SIZE(lst) < n) {
+        PyErr_Format(PyExc_TypeError, "%s must be a list of at least %zd items", what, n);
+        return -1;
+    }
+    for (int j = 0; j < k; j++) {
+        out[which[j]] = Py_NewRef(PyList_GET_ITEM(lst, which[j]));
     }
     return 0;
 }
@@ -1378,10 +1417,13 @@ log_request(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     PyObject *st[S_SIZE] = {NULL};
     PyObject *call[6], *now = NULL, *request = NULL, *line = NULL;
 
+    static const int used[] = {S_MONO, S_COUNTER, S_PREFIX, S_REQUESTS, S_FRAMER};
+
     if (!check_nargs("log_request", nargs, 2)) {
         return NULL;
     }
-    if (items_of(args[0], S_SIZE, st, "state") < 0) {
+    if (some_items_of(args[0], S_SIZE, used, (int)(sizeof(used) / sizeof(used[0])), st,
+                      "state") < 0) {
         return NULL;
     }
     if ((now = clock_ns(st[S_MONO])) == NULL) {
@@ -1488,6 +1530,22 @@ PyInit__speedups(void)
             !str_append || !str_state || !str_buf || !str_methods || !str_popleft || !bytes_head ||
             !bytes_xrid || !bytes_hex16) {
             return NULL;
+        }
+        {
+            PyObject *collections = PyImport_ImportModule("collections");
+            if (collections == NULL) {
+                return NULL;
+            }
+            deque_type = PyObject_GetAttrString(collections, "deque");
+            Py_DECREF(collections);
+            if (deque_type == NULL) {
+                return NULL;
+            }
+            deque_append = PyObject_GetAttrString(deque_type, "append");
+            deque_popleft = PyObject_GetAttrString(deque_type, "popleft");
+            if (deque_append == NULL || deque_popleft == NULL || !PyType_Check(deque_type)) {
+                return NULL;
+            }
         }
         slot_framer_state.name = str_state;
         slot_framer_buf.name = str_buf;
