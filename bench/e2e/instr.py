@@ -1,8 +1,16 @@
 """Instructions per request of the edge and the agent, across commits: a cost that noise can't move.
 
-``python -m bench.e2e.instr COMMIT[,COMMIT...] [REQUESTS]`` (``COMMIT+access``: that commit
-with the access log on, every request logged at info level; ``COMMIT+access-quiet``: on, but
-the log level drops the lines: what following the responses costs)
+``python -m bench.e2e.instr COMMIT[,COMMIT...] [REQUESTS] [--untimed]`` (``COMMIT+access``: that
+commit with the access log on, every request logged at info level; ``COMMIT+access-quiet``: on,
+but the log level drops the lines: what following the responses costs)
+
+``--untimed`` leaves out work done per unit of time rather than per request: timer callbacks
+(uvloop's ``TimerHandle._run``: the access log's batched write 50 ms after its first line, the
+idle sweep) and the access log's once-a-second time stamp (``time.localtime``,
+``time.strftime``). Under callgrind tunneld runs some 50-100 times slower, so that work lands
+on 50-100 times fewer requests than at full speed and weighs that much more per request: a
+50 ms write that carries ~256 lines at full load carries ~15 here. Without the flag the count
+is all the process executed (an upper bound of the per-request cost).
 
 On a shared two-core machine req/s and even CPU-seconds per request swing by 10-30 % with what
 else runs, so a code change of a few percent cannot be seen in them. This runs tunneld and the
@@ -63,15 +71,26 @@ def _control(pid: int, *args: str) -> None:
     subprocess.run(["callgrind_control", *args, str(pid)], check=True, capture_output=True)
 
 
+# --untimed: callgrind's collection is off inside these (and what they call)
+UNTIMED = ("*TimerHandle__run", "time_strftime", "time_localtime")
+
+
 def measure(
-    requests: int, out_dir: Path, access_log: bool = False, quiet: bool = False
+    requests: int,
+    out_dir: Path,
+    access_log: bool = False,
+    quiet: bool = False,
+    untimed: bool = False,
 ) -> dict[str, float]:
     """Instructions tunneld and the agent execute per request (this PYTHONPATH's code)."""
     names = ("tunneld", "agent")
+    # (--toggle-collect makes --collect-atstart default to no: collection starts on, as without)
+    toggles = "".join(f" --toggle-collect={f}" for f in UNTIMED) if untimed else ""
+    toggles = f" --collect-atstart=yes{toggles}" if toggles else ""
     for name in names:
         os.environ[f"BENCH_{name.upper()}_WRAP"] = (
             "valgrind --tool=callgrind --instr-atstart=no "
-            f"--callgrind-out-file={out_dir / name}.callgrind"
+            f"--callgrind-out-file={out_dir / name}.callgrind{toggles}"
         )
     try:
         if access_log:  # every request logged at info level to tunneld's log file
@@ -109,6 +128,8 @@ def measure(
 
 
 def main(argv: list[str]) -> int:
+    untimed = "--untimed" in argv
+    argv = [a for a in argv if a != "--untimed"]
     if not argv:
         print(__doc__)
         return 2
@@ -126,6 +147,7 @@ def main(argv: list[str]) -> int:
                     Path(tmp),
                     access_log=variant.startswith("access"),
                     quiet=variant == "access-quiet",
+                    untimed=untimed,
                 )
             finally:
                 if saved is None:
