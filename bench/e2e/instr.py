@@ -84,9 +84,9 @@ def measure(
 ) -> dict[str, float]:
     """Instructions tunneld and the agent execute per request (this PYTHONPATH's code)."""
     names = ("tunneld", "agent")
-    # (--toggle-collect makes --collect-atstart default to no: collection starts on, as without)
+    # --toggle-collect sets --collect-atstart=no, so that comes after it: collection starts on
     toggles = "".join(f" --toggle-collect={f}" for f in UNTIMED) if untimed else ""
-    toggles = f" --collect-atstart=yes{toggles}" if toggles else ""
+    toggles = f"{toggles} --collect-atstart=yes" if toggles else ""
     for name in names:
         os.environ[f"BENCH_{name.upper()}_WRAP"] = (
             "valgrind --tool=callgrind --instr-atstart=no "
