@@ -290,16 +290,17 @@ class ApiServer:
 
     async def close(self) -> None:
         """Stop listening and drop every connection being served (idle keep-alives included).
-        Connections taken over by a handler are the handler's to close. Idempotent."""
+        Connections taken over by a handler are the handler's to close, so this does not wait
+        for them: no ``server.wait_closed()``, which waits for every connection from 3.12 on
+        (the agent's close would hang on its own open port watches). Idempotent."""
         server, self._server = self._server, None
         if server is not None:
             server.close()
         tasks = list(self._connections)
         for task in tasks:
             task.cancel()
+        # Each served connection's task closes its socket and waits for that before it ends.
         await asyncio.gather(*tasks, return_exceptions=True)
-        if server is not None:
-            await server.wait_closed()
 
     # -- connections -------------------------------------------------------------------------
 
