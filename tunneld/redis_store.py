@@ -425,6 +425,12 @@ class _Pool(aioredis.BlockingConnectionPool):
         attempt = _ATTEMPT.get()
         try:
             connection = await super().get_connection(*args, **kwargs)  # type: ignore[no-untyped-call]
+            writer = getattr(connection, "_writer", None)
+            if writer is not None and writer.transport.is_closing():
+                # A pooled connection the server dropped: on Python 3.12+ writing on it raises
+                # AttributeError, not a ConnectionError (CPython gh-136234: writelines() lacks
+                # write()'s check). Disconnected, it reconnects or fails with a ConnectionError.
+                await connection.disconnect(nowait=True)
         except BaseException:  # refused, timed out, no free connection in time, cancelled
             if attempt is not None:
                 attempt.unconnected = True
