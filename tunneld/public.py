@@ -882,6 +882,7 @@ class PublicConnection(StreamEndpoint):
         if self._responded:
             if (
                 not self._client_ended
+                and not transport.is_closing()  # a 2nd call: the 1st saw no FIN, wrote it all
                 and transport.get_extra_info("ssl_object") is not None
                 and peer_hung_up(transport)
             ):
