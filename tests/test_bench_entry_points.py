@@ -40,6 +40,7 @@ COVERED = {
     "python -m bench.e2e": "test_make_bench_quick_runs_small_http_websocket_and_https",
     "python -m bench.e2e.ab": "test_ab_compares_two_variants_of_a_commit",
     "python -m bench.e2e.instr": "test_instr_counts_instructions_per_request",
+    "python -m bench.e2e.interleave": "test_interleave_compares_variants_running_at_once",
     "python -m bench.e2e.cluster": "test_cluster_handover_and_workers",
     "python -m bench.store_load": "test_store_load_reports_load_time_and_rss",
     "bench/experiments/inplace_frame_parse.py": "test_experiment_inplace_frame_parse",
@@ -270,6 +271,24 @@ def test_instr_counts_instructions_per_request(bench_env: dict[str, str]) -> Non
     for name in ("tunneld", "agent"):
         assert positive(report["HEAD"][name]["ir"]) > 1000  # a request is ~10^5 instructions
         assert number(report["HEAD"][name]["ratio"]) == 1.0
+
+
+def test_interleave_compares_variants_running_at_once(bench_env: dict[str, str]) -> None:
+    """``python -m bench.e2e.interleave HEAD,HEAD+access 2``: both stacks at once, two rounds of
+    1 s bursts (docs: 20 rounds of three variants); tunneld's CPU per request of each, and the
+    median of the rounds' ratios to the first variant with its quartiles."""
+    needs("nginx", "wrk")
+    out = run([PY, "-m", "bench.e2e.interleave", "HEAD,HEAD+access", "2"], bench_env)
+    for i in range(2):
+        for variant in ("HEAD", "HEAD+access"):
+            pattern = rf"^round {i} {re.escape(variant)}: tunneld ({NUM}) us/request, ({NUM}) req/s"
+            m = re.search(pattern, out, re.M)
+            assert m and float(m.group(1)) > 0 and float(m.group(2)) > 0, out
+    report = trailing_json(out)["report"]
+    assert report["HEAD"]["cpu_ratio"] == 1.0 and report["HEAD"]["errors"] == 0
+    on = report["HEAD+access"]
+    assert number(on["cpu_ratio_q1"]) <= number(on["cpu_ratio"]) <= number(on["cpu_ratio_q3"])
+    positive(on["tunneld_us_per_request"])
 
 
 def test_cluster_handover_and_workers(bench_env: dict[str, str]) -> None:
