@@ -259,12 +259,14 @@ def test_ab_compares_two_variants_of_a_commit(bench_env: dict[str, str]) -> None
 
 
 def test_instr_counts_instructions_per_request(bench_env: dict[str, str]) -> None:
-    """``python -m bench.e2e.instr HEAD 10 --untimed``: tunneld and the agent under callgrind,
-    10 counted requests (docs: 1,000; a callgrind run of two commits takes minutes), with
-    collection off in timer callbacks and the time stamp (the run without ``--untimed`` is the
-    same minus those options). Reduced: one commit."""
+    """``python -m bench.e2e.instr HEAD 10 --untimed --in-flight=2``: tunneld and the agent
+    under callgrind, 10 counted requests (docs: 1,000; a callgrind run of two commits takes
+    minutes), with collection off in timer callbacks and the time stamp (the run without
+    ``--untimed`` is the same minus those options), two requests at a time. Reduced: one
+    commit."""
     needs("nginx", "valgrind", "callgrind_control")
-    out = run([PY, "-m", "bench.e2e.instr", "HEAD", "10", "--untimed"], bench_env)
+    argv = [PY, "-m", "bench.e2e.instr", "HEAD", "10", "--untimed", "--in-flight=2"]
+    out = run(argv, bench_env)
     m = re.search(rf"^HEAD: instructions per request: tunneld ({NUM}), agent ({NUM})$", out, re.M)
     assert m, out
     report = trailing_json(out)

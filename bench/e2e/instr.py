@@ -1,8 +1,14 @@
 """Instructions per request of the edge and the agent, across commits: a cost that noise can't move.
 
-``python -m bench.e2e.instr COMMIT[,COMMIT...] [REQUESTS] [--untimed]`` (``COMMIT+access``: that
-commit with the access log on, every request logged at info level; ``COMMIT+access-quiet``: on,
-but the log level drops the lines: what following the responses costs)
+``python -m bench.e2e.instr COMMIT[,COMMIT...] [REQUESTS] [--untimed] [--in-flight=N]``
+(``COMMIT+access``: that commit with the access log on, every request logged at info level;
+``COMMIT+access-quiet``: on, but the log level drops the lines: what following the responses
+costs)
+
+``--in-flight=N`` (1-10, default 1): N requests at a time, each on its own connection, sent
+together and then their responses read: the edge takes several per turn of its event loop, as
+under load, where what a turn costs is shared (with one in flight every request pays a whole
+turn, which weighs per-request overhead).
 
 ``--untimed`` leaves out work done per unit of time rather than per request: timer callbacks
 (uvloop's ``TimerHandle._run``: the access log's batched write 50 ms after its first line, the
@@ -42,26 +48,36 @@ from .stack import Stack
 CONNS = 10
 
 
-def _request_loop(port: int, host: str, count: int) -> None:
+def _read_response(s: socket.socket) -> None:
+    buf = b""
+    while True:
+        chunk = s.recv(65536)
+        if not chunk:
+            raise RuntimeError("the tunnel closed a keep-alive connection")
+        buf += chunk
+        head_end = buf.find(b"\r\n\r\n")
+        if head_end >= 0:
+            m = re.search(rb"content-length: *(\d+)", buf[:head_end], re.I)
+            if m is None or not buf.startswith(b"HTTP/1.1 200"):
+                raise RuntimeError(f"unexpected response: {buf[:200]!r}")
+            if len(buf) >= head_end + 4 + int(m.group(1)):
+                return
+
+
+def _request_loop(port: int, host: str, count: int, in_flight: int = 1) -> None:
+    """``count`` requests on ``CONNS`` connections used in turn, ``in_flight`` at a time (each
+    on its own connection: sent together, then their responses read)."""
     socks = [socket.create_connection(("127.0.0.1", port), timeout=60) for _ in range(CONNS)]
     req = f"GET /1k HTTP/1.1\r\nHost: {host}\r\n\r\n".encode()
     try:
-        for i in range(count):
-            s = socks[i % CONNS]
-            s.sendall(req)
-            buf = b""
-            while True:
-                chunk = s.recv(65536)
-                if not chunk:
-                    raise RuntimeError("the tunnel closed a keep-alive connection")
-                buf += chunk
-                head_end = buf.find(b"\r\n\r\n")
-                if head_end >= 0:
-                    m = re.search(rb"content-length: *(\d+)", buf[:head_end], re.I)
-                    if m is None or not buf.startswith(b"HTTP/1.1 200"):
-                        raise RuntimeError(f"unexpected response: {buf[:200]!r}")
-                    if len(buf) >= head_end + 4 + int(m.group(1)):
-                        break
+        done = 0
+        while done < count:
+            batch = [socks[(done + k) % CONNS] for k in range(min(in_flight, count - done))]
+            for s in batch:
+                s.sendall(req)
+            for s in batch:
+                _read_response(s)
+            done += len(batch)
     finally:
         for s in socks:
             s.close()
@@ -81,6 +97,7 @@ def measure(
     access_log: bool = False,
     quiet: bool = False,
     untimed: bool = False,
+    in_flight: int = 1,
 ) -> dict[str, float]:
     """Instructions tunneld and the agent execute per request (this PYTHONPATH's code)."""
     names = ("tunneld", "agent")
@@ -106,7 +123,7 @@ def measure(
         _request_loop(stack.public_port, stack.http_host, 300)  # warm: caches, JIT translation
         for pid in pids.values():
             _control(pid, "--instr=on")
-        _request_loop(stack.public_port, stack.http_host, requests)
+        _request_loop(stack.public_port, stack.http_host, requests, in_flight)
         for pid in pids.values():
             _control(pid, "--instr=off")
             _control(pid, "--dump")
@@ -129,7 +146,14 @@ def measure(
 
 def main(argv: list[str]) -> int:
     untimed = "--untimed" in argv
-    argv = [a for a in argv if a != "--untimed"]
+    in_flight = 1
+    for a in argv:
+        if a.startswith("--in-flight="):
+            in_flight = int(a.partition("=")[2])
+    if not 1 <= in_flight <= CONNS:
+        print(f"--in-flight=N: 1 to {CONNS}", file=sys.stderr)
+        return 2
+    argv = [a for a in argv if a != "--untimed" and not a.startswith("--in-flight=")]
     if not argv:
         print(__doc__)
         return 2
@@ -148,6 +172,7 @@ def main(argv: list[str]) -> int:
                     access_log=variant.startswith("access"),
                     quiet=variant == "access-quiet",
                     untimed=untimed,
+                    in_flight=in_flight,
                 )
             finally:
                 if saved is None:
