@@ -11,6 +11,7 @@ import json
 import logging
 import re
 import socket
+from collections.abc import Callable
 from typing import TextIO
 
 import pytest
@@ -168,25 +169,35 @@ def _messages(sock: socket.socket) -> list[bytes]:
     return out
 
 
-def test_a_utf8_descriptor_gets_the_lines_in_line_aligned_writes_of_at_most_pipe_buf() -> None:
-    """With a descriptor that takes UTF-8 the lines go to it directly (no text round trip): the
-    same bytes, after what the stream held, in line-aligned writes of at most PIPE_BUF, a line
-    longer than that alone."""
+def _written(encoding: str, feed: Callable[[AccessWriter, TextIO], None]) -> list[bytes]:
+    """The writes an AccessWriter makes on a SOCK_SEQPACKET stream of ``encoding`` after
+    ``feed(writer, stream)`` and a flush."""
     loop = asyncio.new_event_loop()
-    stream, peer = _seqpacket_stream("utf-8")
+    stream, peer = _seqpacket_stream(encoding)
     try:
         writer = AccessWriter(loop, "text", stream)
-        stream.write("held in the stream\n")  # buffered (no line buffering): must go first
-        messages = [f"request {i} " + "\u00e9" * (i % 300) for i in range(150)]
-        messages.insert(70, "x" * 5000)  # one line longer than PIPE_BUF
-        for message in messages:
-            writer.write(message, {})
+        feed(writer, stream)
         writer.flush()
-        got = _messages(peer)
+        return _messages(peer)
     finally:
         loop.close()
         stream.close()
         peer.close()
+
+
+def test_a_utf8_descriptor_gets_the_lines_in_line_aligned_writes_of_at_most_pipe_buf() -> None:
+    """With a descriptor that takes UTF-8 the lines go to it directly (no text round trip): the
+    same bytes, after what the stream held, in line-aligned writes of at most PIPE_BUF, a line
+    longer than that alone."""
+    messages = [f"request {i} " + "\u00e9" * (i % 300) for i in range(150)]
+    messages.insert(70, "x" * 5000)  # one line longer than PIPE_BUF
+
+    def feed(writer: AccessWriter, stream: TextIO) -> None:
+        stream.write("held in the stream\n")  # buffered (no line buffering): must go first
+        for message in messages:
+            writer.write(message, {})
+
+    got = _written("utf-8", feed)
     assert got[0] == b"held in the stream\n"
     writes = got[1:]
     assert len(writes) >= 3
@@ -200,17 +211,7 @@ def test_a_utf8_descriptor_gets_the_lines_in_line_aligned_writes_of_at_most_pipe
 
 def test_a_stream_of_another_encoding_writes_text() -> None:
     """A stream that does not write UTF-8 gets text, which it encodes as it does."""
-    loop = asyncio.new_event_loop()
-    stream, peer = _seqpacket_stream("latin-1")
-    try:
-        writer = AccessWriter(loop, "text", stream)
-        writer.write("caf\u00e9", {})
-        writer.flush()
-        got = _messages(peer)
-    finally:
-        loop.close()
-        stream.close()
-        peer.close()
+    got = _written("latin-1", lambda writer, _: writer.write("caf\u00e9", {}))
     assert len(got) == 1 and got[0].endswith(b": caf\xe9\n")
 
 
