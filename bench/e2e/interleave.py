@@ -8,12 +8,13 @@ time, each on its own ``Stack`` (tunneld, agent, nginx origin; ``COMMIT`` as in
 ``bench.e2e.ab``: its ``git archive`` first on PYTHONPATH, its C extension compiled; ``+access``:
 the access log on and every line written at info level to tunneld's log file;
 ``+access-quiet``: on, the log level dropping the lines), and each round gives every variant in
-turn one short wrk burst (``BENCH_DURATION`` s, default 1; 50 connections, ``GET /1k`` through
-the tunnel), rotating which goes first. For each burst it reads the CPU time tunneld's threads
-spent (``/proc/PID/task/*/schedstat``, nanoseconds) and divides it by the requests wrk
-completed. What varies slowly (another process's load, the CPU's clock) then weighs on the
-variants of a round alike, and the median of the rounds' ratios to the first variant is the
-cost of the code.
+turn one short wrk burst (``BENCH_DURATION`` s, 3 unless set, as for ``bench.e2e.ab``; 50
+connections, ``GET /1k`` through the tunnel), rotating which goes first. For each burst it
+reads the CPU time tunneld's threads spent (``/proc/PID/task/*/schedstat``, nanoseconds) and
+divides it by the requests wrk completed. What varies slowly (another process's load, the
+CPU's clock) then weighs on the variants of a round alike, and the median of the rounds'
+ratios to the first variant is the cost of the code; naming one commit twice (short and full
+hash) gives an A/A control, the noise.
 
 tunneld's CPU per request is what bounds an edge's throughput (on this machine the agent, the
 origin and wrk share the cores too, so req/s mixes all four; it is printed, not compared).
