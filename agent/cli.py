@@ -1025,14 +1025,37 @@ def _cmd_wait(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     return EXIT_API_ERROR
 
 
+def _exit_interrupted(signum: int, frame: object) -> NoReturn:
+    """SIGINT (Ctrl-C) in the ``tunnel-agent`` program: exit 130 at once, without a traceback.
+
+    A ``KeyboardInterrupt`` can land anywhere, e.g. half-way through ``http.client`` building
+    its response objects, whose destructors then print "Exception ignored ... AttributeError"
+    tracebacks at exit. ``os._exit`` runs no destructor: the streams are flushed, then the
+    process ends. ``run`` replaces this handler with its own (a clean stop) while its loop runs.
+    """
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, RuntimeError, ValueError):  # closed, broken pipe, or mid-write
+            pass
+    os._exit(EXIT_INTERRUPTED)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    if argv is None:  # the program itself (the console script), not a caller in-process
+        import signal
+
+        try:
+            signal.signal(signal.SIGINT, _exit_interrupted)
+        except ValueError:  # not the main thread: keep KeyboardInterrupt (handled below)
+            pass
     try:
         parser = build_parser()
         args = parser.parse_args(argv)
         return int(args.handler(args, parser))
     except SystemExit as exc:  # argparse: --help (0) and usage errors (2)
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
-    except KeyboardInterrupt:  # Ctrl-C before `run` handles signals, or during a client command
+    except KeyboardInterrupt:  # main(argv) called in-process, or Ctrl-C after `run`'s loop ended
         return EXIT_INTERRUPTED
     except _ApiError as exc:
         print(f"error: {exc.message} ({exc.code})", file=sys.stderr)

@@ -88,6 +88,81 @@ def test_ctrl_c_during_a_client_command_exits_130_without_a_traceback(tmp_path: 
     assert status == 130, (status, stderr)  # as shells report SIGINT (docs/agent.md)
 
 
+# Runs `tunnel-agent` as its console script does, and raises SIGINT in the process on entering
+# the function named argv[1] (``co_qualname``), or at the latest on the first read of the answer
+# (where a user's Ctrl-C usually lands); the function it stopped at is written to argv[2].
+_INTERRUPT_AT = """
+import signal, sys
+target, marker = sys.argv[1], sys.argv[2]
+def interrupt(frame, event, arg):
+    name = frame.f_code.co_qualname
+    if name in (target, "SocketIO.readinto"):
+        sys.settrace(None)
+        with open(marker, "w") as f:
+            f.write(name)
+        signal.raise_signal(signal.SIGINT)
+from agent.cli import main
+sys.argv = ["tunnel-agent", *sys.argv[3:]]
+sys.settrace(interrupt)
+sys.exit(main())
+"""
+
+# The client command's way to its request, in order; the http.client ones are where a
+# KeyboardInterrupt left half-built objects whose destructors printed "Exception ignored in:
+# <socket.SocketIO ...> AttributeError: ... '_sock'" (and 'HTTPResponse' ... 'fp') at exit.
+_INTERRUPT_POINTS = (
+    "build_parser",
+    "_cmd_wait",
+    "AgentClient.__init__",
+    "AgentClient._connect",
+    "HTTPConnection.__init__",
+    "create_connection",
+    "HTTPConnection.putrequest",
+    "HTTPConnection.endheaders",
+    "HTTPConnection.send",
+    "HTTPConnection.getresponse",
+    "HTTPResponse.__init__",
+    "socket.makefile",
+    "SocketIO.__init__",
+    "HTTPResponse.begin",
+    "HTTPResponse._read_status",
+    "SocketIO.readinto",
+)
+
+
+@pytest.mark.parametrize("point", _INTERRUPT_POINTS)
+def test_ctrl_c_at_any_point_of_a_client_command_exits_130_without_a_traceback(
+    tmp_path: Path, point: str
+) -> None:
+    """Ctrl-C lands wherever the command happens to be: each case raises SIGINT on entering one
+    function of its way to the request (no timing involved), against an API that never answers."""
+    marker = tmp_path / "stopped-at"
+    root = Path(__file__).resolve().parents[2]
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)  # the kernel completes the connect; nothing reads or answers
+        url = f"http://127.0.0.1:{listener.getsockname()[1]}"
+        wait_args = ["wait", "8000", "--timeout", "60", "--api", url]
+        proc = subprocess.Popen(
+            # -X dev: Python 3.11/3.12 print a destructor's error only in development mode
+            [sys.executable, "-X", "dev", "-c", _INTERRUPT_AT, point, str(marker), *wait_args],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=_env(),
+            cwd=root,  # `-c` imports agent/ from here
+        )
+        try:
+            _, stderr = proc.communicate(timeout=RUN_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate(timeout=5)
+            pytest.fail(f"tunnel-agent wait still running after SIGINT at {point}")
+    assert marker.read_text() == point  # the interrupt landed where this case means it to
+    assert "Traceback" not in stderr and "Exception ignored" not in stderr, stderr
+    assert proc.returncode == 130, (proc.returncode, stderr)  # as shells report SIGINT
+
+
 def test_a_missing_tls_ca_file_is_a_usage_error_naming_it(tmp_path: Path, closed_port: int) -> None:
     missing = tmp_path / "ca.pem"
     out = agent(*_run_args(closed_port), "--tls-ca", str(missing), env=_env(TUNNEL_AGENT_TOKEN="t"))
