@@ -18,6 +18,7 @@ measurement (3).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import statistics
@@ -26,6 +27,7 @@ import sys
 import sysconfig
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from .scenarios import run_loadgen, wrk
@@ -71,6 +73,27 @@ def build_speedups(d: Path) -> None:
         ],
         check=True,
     )
+
+
+@contextlib.contextmanager
+def variant_env(variant: str, base: Path) -> Iterator[tuple[str, ...]]:
+    """While a variant's stack starts and runs: ``COMMIT``'s tree (under ``base``) first on
+    PYTHONPATH, and with ``+access`` or ``+access-quiet`` the access log on; yields tunneld's
+    extra arguments. The bench's tunneld logs at warning: with the access log on its lines are
+    written only at info (``+access``), else the level drops them (``+access-quiet``)."""
+    commit, _, kind = variant.partition("+")
+    saved = {k: os.environ.get(k) for k in ("PYTHONPATH", "TUNNELD_ACCESS_LOG")}
+    os.environ["PYTHONPATH"] = str(tree(commit, base))
+    if kind.startswith("access"):
+        os.environ["TUNNELD_ACCESS_LOG"] = "true"
+    try:
+        yield ("--log-level", "info") if kind == "access" else ()
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def one_run(metrics: list[str], tunneld_args: tuple[str, ...] = ()) -> dict[str, float]:
@@ -137,25 +160,11 @@ def main(argv: list[str]) -> int:
         )
         return 2
     runs: dict[str, list[dict[str, float]]] = {c: [] for c in commits}
-    saved = os.environ.get("PYTHONPATH")
     with tempfile.TemporaryDirectory(prefix="tunneld-ab-") as tmp:
         for i in range(rounds):
             for c in commits:
-                commit, _, variant = c.partition("+")  # COMMIT+access: access log on
-                os.environ["PYTHONPATH"] = str(tree(commit, Path(tmp)))
-                if variant.startswith("access"):
-                    os.environ["TUNNELD_ACCESS_LOG"] = "true"
-                # The bench's tunneld logs at warning: with the access log on, its lines are
-                # written only at info (``access``), else the level drops them (``access-quiet``).
-                verbose = ("--log-level", "info") if variant == "access" else ()
-                try:
-                    r = one_run(metrics, verbose)
-                finally:
-                    os.environ.pop("TUNNELD_ACCESS_LOG", None)
-                    if saved is None:
-                        os.environ.pop("PYTHONPATH", None)
-                    else:
-                        os.environ["PYTHONPATH"] = saved
+                with variant_env(c, Path(tmp)) as tunneld_args:
+                    r = one_run(metrics, tunneld_args)
                 runs[c].append(r)
                 shown = {k: round(v, 3) for k, v in r.items()}
                 print(f"round {i} {c}: {shown} load {os.getloadavg()[0]:.1f}", flush=True)

@@ -30,7 +30,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from .ab import DURATION, tree
+from .ab import DURATION, variant_env
 from .scenarios import wrk
 from .stack import Stack
 
@@ -48,20 +48,8 @@ def tunneld_cpu_ns(pid: int) -> int:
 
 
 def start(variant: str, tmp: Path) -> Stack:
-    commit, _, kind = variant.partition("+")
-    saved = {k: os.environ.get(k) for k in ("PYTHONPATH", "TUNNELD_ACCESS_LOG")}
-    os.environ["PYTHONPATH"] = str(tree(commit, tmp))
-    if kind.startswith("access"):
-        os.environ["TUNNELD_ACCESS_LOG"] = "true"
-    try:
-        args = ("--log-level", "info") if kind == "access" else ()
-        return Stack(tunneld_args=args).start()
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    with variant_env(variant, tmp) as tunneld_args:
+        return Stack(tunneld_args=tunneld_args).start()
 
 
 def burst(stack: Stack) -> dict[str, float]:
