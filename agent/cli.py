@@ -25,6 +25,8 @@ from urllib.parse import urlsplit
 
 from protocol.hostnames import CONTROL_PLANE_PORT, MIN_PORT, validate_sandbox_id
 
+from .entry import EXIT_INTERRUPTED, exit_on_sigint
+
 if TYPE_CHECKING:
     import ssl
 
@@ -54,7 +56,7 @@ EXIT_OK: Final = 0
 EXIT_API_ERROR: Final = 1
 EXIT_USAGE: Final = 2  # argparse's own code
 EXIT_UNREACHABLE: Final = 3
-EXIT_INTERRUPTED: Final = 130  # SIGINT (Ctrl-C), as shells report it; no traceback
+# EXIT_INTERRUPTED (130, from agent.entry): SIGINT (Ctrl-C), as shells report it; no traceback
 
 DEFAULT_API: Final = "http://127.0.0.1:3000"
 # The local API answers in milliseconds unless it waits on the edge, which has its own timeout.
@@ -1025,30 +1027,11 @@ def _cmd_wait(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     return EXIT_API_ERROR
 
 
-def _exit_interrupted(signum: int, frame: object) -> NoReturn:
-    """SIGINT (Ctrl-C) in the ``tunnel-agent`` program: exit 130 at once, without a traceback.
-
-    A ``KeyboardInterrupt`` can land anywhere, e.g. half-way through ``http.client`` building
-    its response objects, whose destructors then print "Exception ignored ... AttributeError"
-    tracebacks at exit. ``os._exit`` runs no destructor: the streams are flushed, then the
-    process ends. ``run`` replaces this handler with its own (a clean stop) while its loop runs.
-    """
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (OSError, RuntimeError, ValueError):  # closed, broken pipe, or mid-write
-            pass
-    os._exit(EXIT_INTERRUPTED)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    if argv is None:  # the program itself (the console script), not a caller in-process
-        import signal
-
-        try:
-            signal.signal(signal.SIGINT, _exit_interrupted)
-        except ValueError:  # not the main thread: keep KeyboardInterrupt (handled below)
-            pass
+    if argv is None:  # the program itself, not a caller in-process
+        # Installed already by agent.entry (the console script, `python -m agent`, the zipapp)
+        # before this module's imports; here for `python -m agent.cli` and older installs.
+        exit_on_sigint()
     try:
         parser = build_parser()
         args = parser.parse_args(argv)

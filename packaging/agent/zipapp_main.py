@@ -21,13 +21,19 @@ if sys.version_info < (3, 11):  # noqa: UP036 - the point: say why an older pyth
     )
     sys.exit(2)
 
-import importlib.util
+# Ctrl-C exits 130 without a traceback from here on, also while what follows is imported (the
+# handler of the console script and `python -m agent`: agent/entry.py).
+from agent.entry import exit_on_sigint
+
+exit_on_sigint()
+
+import importlib.util  # noqa: E402 - after the handler (loaded already by runpy)
 
 if importlib.util.find_spec("orjson") is None:
     import _orjson_fallback
 
     sys.modules["orjson"] = _orjson_fallback
 
-from agent.cli import main
+from agent.cli import main  # noqa: E402 - after the handler and the orjson choice
 
 sys.exit(main())
