@@ -48,7 +48,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final, cast
 
 from protocol import control
-from protocol.errors import GoAwayCode, ResetCode
+from protocol.errors import GoAwayCode, LocalProtocolError, ResetCode
 from protocol.events import ConnectionTerminated, StreamOpened
 from protocol.hostnames import (
     DEFAULT_OPTIONS,
@@ -287,6 +287,8 @@ class AgentSession(MuxProtocol):
         self._dialing: set[asyncio.Task[None]] = set()
         # watch_port requests of the edge, by request id (unwatch_port cancels one)
         self._watching: dict[int, asyncio.Task[None]] = {}
+        # unexposes of the local API's port the welcome listed (_drop_api_port_exposure)
+        self._unexposing: set[asyncio.Task[None]] = set()
         # Why the session ended, for the log: the first of GO_AWAY/terminated/refused/lost.
         self.end_reason: str | None = None
         # The edge's session-level Error, if it refused the Hello: (code, message).
@@ -322,8 +324,12 @@ class AgentSession(MuxProtocol):
                 own = self.agent.config.session
                 interval = max(min(message.heartbeat_s, own.heartbeat_interval), MIN_HEARTBEAT)
                 self.session.set_keepalive(interval, max(own.dead_timeout, 1.5 * interval))
-                self.agent.exposures = self.agent.served({e.port for e in message.exposures})
+                listed = {e.port for e in message.exposures}
+                self.agent.exposures = self.agent.served(listed)
                 self.welcomed.set_result(message)
+                api_port = self.agent.api_port
+                if api_port is not None and api_port in listed:
+                    self._drop_api_port_exposure(api_port)
         elif isinstance(message, control.Error) and message.id is None:
             log.error("edge refused the session: %s (%s)", message.message, message.code)
             self.refusal = self.agent.last_refusal = (message.code, message.message)
@@ -409,6 +415,27 @@ class AgentSession(MuxProtocol):
 
     def _ack(self, request_id: int) -> None:
         self.session.send_control(control.Ok(request_id))
+
+    def _drop_api_port_exposure(self, port: int) -> None:
+        """The welcome lists ``port``, the local control API's: an exposure made while this
+        agent was offline (the edge could not ask it then), which it never serves. Refuse it the
+        one way the protocol has after a welcome: ``unexpose`` it, so the edge removes it from
+        its list and its store (every node of a cluster) instead of offering a URL that can
+        never work. A failure is logged; the exposure then stays, never served, until the next
+        welcome."""
+
+        async def unexpose() -> None:
+            try:
+                await self.request(lambda rid: control.Unexpose(rid, port), REQUEST_TIMEOUT)
+            except (TimeoutError, ControlRequestError, LocalProtocolError) as exc:
+                if not self.session.closed:
+                    log.warning("the edge did not remove the exposure of port %d: %s", port, exc)
+                return
+            log.info("the edge removed its exposure of port %d (this agent's control API)", port)
+
+        task = self.loop.create_task(unexpose())
+        self._unexposing.add(task)
+        task.add_done_callback(self._unexposing.discard)
 
     # -- streams ---------------------------------------------------------------------------------
     def on_stream_opened(self, event: StreamOpened) -> None:
@@ -500,6 +527,8 @@ class AgentSession(MuxProtocol):
         for task in list(self._dialing):
             task.cancel()
         for task in list(self._watching.values()):
+            task.cancel()
+        for task in list(self._unexposing):
             task.cancel()
         if not self.welcomed.done():
             self.welcomed.set_exception(ConnectionError("connection closed before welcome"))
@@ -636,19 +665,18 @@ class Agent:
 
     def served(self, ports: set[int], *, warn: bool = True) -> set[int]:
         """``ports`` (the edge's exposures of this sandbox) without the local API's own port,
-        which the agent never serves: an exposure of it stored before the agent refused such
-        exposes (or while another port was the API's) is logged (``warn``: at each welcome, not
-        at each list), not served. Remove it with ``tunnel-agent unexpose PORT`` or the admin
-        API's DELETE."""
+        which the agent never serves: an exposure of it (made while the agent was offline, or
+        stored by an older edge or agent) is logged (``warn``: at each welcome, not at each
+        list), not served; the welcome's session asks the edge to remove it
+        (``AgentSession._drop_api_port_exposure``)."""
         api_port = self.api_port
         if api_port is not None and api_port in ports:
             log.log(
                 logging.WARNING if warn else logging.DEBUG,
                 "the edge lists port %d as exposed, but it is this agent's own control API: "
-                "not served (preview requests to it are refused); remove that exposure with "
-                "`tunnel-agent unexpose %d`",
+                "not served (preview requests to it are refused)%s",
                 api_port,
-                api_port,
+                "; asking the edge to remove that exposure" if warn else "",
             )
             ports = ports - {api_port}
         return ports

@@ -13,7 +13,9 @@ Expose/unexpose change the registry first (the edge is authoritative) and then t
 the control channel; when the agent is online the call returns after its ``Ok``, so the URL works
 the moment the caller sees it. Unexpose also resets every live preview stream of that port.
 An expose the agent refuses (the port of its own local control API, which only it knows) is
-removed again, from the store too, and the caller gets the agent's code (400 INVALID_PORT).
+removed again, from the store too, and the caller gets the agent's code (400 INVALID_PORT). One
+of that port stored while the agent was offline goes when it connects: the agent unexposes it
+when its welcome lists it, or refuses the expose request that replays it past the welcome.
 """
 
 from __future__ import annotations
@@ -411,7 +413,17 @@ class EdgeSession(MuxProtocol):
             return self.request(lambda rid: control.Expose(rid, e.port, e.name, e.token), timeout)
 
         results = await asyncio.gather(*map(expose_request, rest), return_exceptions=True)
-        failed = [r for r in results if isinstance(r, BaseException)]
+        assert self.sandbox_id is not None
+        failed: list[BaseException] = []
+        for exposure, result in zip(rest, results, strict=True):
+            if isinstance(result, ControlRequestError) and result.code != "SANDBOX_NOT_CONNECTED":
+                # The agent refused it (its own control API's port, exposed while it was
+                # offline): it never serves it, so it must not stay listed or stored.
+                refusal = AgentRefused(result.code, result.message)
+                with contextlib.suppress(RegistryError):  # logged
+                    await self.server._undo_refused_expose(self.sandbox_id, exposure.port, refusal)
+            elif isinstance(result, BaseException):
+                failed.append(result)
         if failed and not self.session.closed:
             log.warning(
                 "%s: %d of %d exposures after the welcome not acknowledged (%s)",
@@ -1046,14 +1058,14 @@ class EdgeServer:
         self, sandbox_id: str, message: control.Unexpose
     ) -> list[control.Exposure]:
         port = validate_port(message.port)
-        await self._unexpose_local(sandbox_id, port)
+        await self._unexpose_local(sandbox_id, port, " by the agent")
         return []
 
-    async def _unexpose_local(self, sandbox_id: str, port: int) -> None:
+    async def _unexpose_local(self, sandbox_id: str, port: int, how: str = "") -> None:
         state = self.registry.get(sandbox_id)
         record = state.exposures.get(port) if state is not None else None
         if await self.registry.commit_unexpose(sandbox_id, port):
-            log.info("sandbox %s: port %d unexposed", sandbox_id, port)
+            log.info("sandbox %s: port %d unexposed%s", sandbox_id, port, how)
             if record is not None and record.public_port is not None:
                 await self.tcp.unclaim(record.public_port, sandbox_id, port)
         await self.tcp.sync(sandbox_id)  # its public TCP port closes, raw connections reset
