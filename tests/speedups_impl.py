@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tunneld import accesslog, responses
+from tunneld import accesslog, metrics, responses
 
 # (module, name it is used by, pure-Python reference): everything tunneld/speedups.py switches
 SWITCHED = (
@@ -20,6 +20,7 @@ SWITCHED = (
     (accesslog, "begin_request", accesslog.begin_request_py),
     (accesslog, "log_response", accesslog.log_response_py),
     (accesslog, "log_request", accesslog.log_request_py),
+    (metrics, "tally", metrics.tally_py),
 )
 
 

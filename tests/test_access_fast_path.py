@@ -9,6 +9,7 @@ import asyncio
 import io
 import itertools
 import logging
+import tracemalloc
 from collections.abc import Iterator
 
 import pytest
@@ -18,7 +19,7 @@ from hypothesis import strategies as st
 from tunneld import accesslog
 from tunneld.accesslog import AccessWriter, ConnectionLog
 from tunneld.httphead import RequestHead
-from tunneld.metrics import FOLD_AFTER, REQUEST_BUCKETS, WHOLE_ITEMS, RequestStats
+from tunneld.metrics import FOLD_AFTER, REQUEST_BUCKETS, RequestStats
 
 from .speedups_impl import implementation  # noqa: F401  (the fixture)
 
@@ -206,17 +207,17 @@ def test_quiet_and_a_raised_level_write_nothing_but_still_count(clock: Clock) ->
             assert conn.writer is not None
             conn.writer.flush()
             assert stream.getvalue() == ""
-            assert len(stats.whole) == WHOLE_ITEMS  # one observation
+            assert len(stats.whole) == 1  # one observation
     finally:
         loop.close()
 
 
-# -- RequestStats: whole responses counted in batches ---------------------------------------------
+# -- RequestStats: whole responses counted by its Tally --------------------------------------------
 
 OBSERVATION = st.tuples(
-    st.one_of(
-        st.sampled_from(REQUEST_BUCKETS),  # exactly on a bound: in that bucket, not the next
-        st.floats(0, 400, allow_nan=False),
+    st.one_of(  # ns
+        st.sampled_from([round(b * 1e9) for b in REQUEST_BUCKETS]),  # on a bound: in its bucket
+        st.integers(0, 400 * 10**9),
     ),
     st.integers(0, 999),  # whole responses are 200-599; the fold must class any status
     st.integers(0, 10**9),
@@ -226,16 +227,16 @@ OBSERVATION = st.tuples(
 
 @given(st.lists(OBSERVATION, max_size=50), st.integers(1, 4))
 def test_batched_observations_count_as_one_at_a_time(
-    observations: list[tuple[float, int, int, int]], batches: int
+    observations: list[tuple[int, int, int, int]], batches: int
 ) -> None:
     batched, single = RequestStats(), RequestStats()
-    for i, (seconds, status, body_in, body_out) in enumerate(observations):
-        batched.whole += (seconds, status, body_in, body_out)
+    for i, (ns, status, body_in, body_out) in enumerate(observations):
+        batched.whole.add(ns, status, body_in, body_out)
         if i % batches == 0:
             batched.fold()
-        single.observe(seconds, seconds, status, body_in, body_out)
+        single.observe(ns / 1e9, ns / 1e9, status, body_in, body_out)
     ours, theirs = list(batched.collect()), list(single.collect())  # a scrape folds the rest
-    assert not batched.whole
+    assert len(batched.whole) == 0
     assert [m.name for m in ours] == [m.name for m in theirs]
     for a, b in zip(ours, theirs, strict=True):
         assert len(a.samples) == len(b.samples)
@@ -244,13 +245,31 @@ def test_batched_observations_count_as_one_at_a_time(
             assert x.value == pytest.approx(y.value, rel=1e-9, abs=1e-9)
 
 
-def test_kept_observations_are_bounded(clock: Clock) -> None:
+def test_counting_whole_responses_keeps_nothing_per_response(clock: Clock) -> None:
+    """The Tally's memory stays bounded however many responses it counts between scrapes (the
+    C one keeps no object per response; the Python one at most FOLD_AFTER observations), and
+    every response is counted."""
     stats = RequestStats()
     conn = ConnectionLog("10.1.2.3", quiet=True, stats=stats)
     data = (RESPONSE_HEAD % (200, 2)) + b"ok"
-    for _ in range(FOLD_AFTER * 3 + 5):
-        conn.request(_head(b"/"))
-        conn.response(data)
-        assert len(stats.whole) < FOLD_AFTER * WHOLE_ITEMS
-    assert len(stats.whole) == 5 * WHOLE_ITEMS
-    assert sum(stats.duration.counts) == FOLD_AFTER * 3
+
+    def respond(n: int) -> None:
+        for k in range(n):
+            clock.mono += 1_000 * k  # a float each (under 2**53 ns)
+            conn.request(_head(b"/"))
+            conn.response(data)
+
+    respond(FOLD_AFTER + 1)  # warm: the Python one's batch grown once
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        respond(FOLD_AFTER * 8)
+        grown = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    # kept per response: ~56 bytes (a list slot and a float at least) x 8192 = ~450 KiB
+    assert grown < 128 * 1024
+    assert len(stats.whole) == FOLD_AFTER * 9 + 1
+    stats.fold()
+    assert sum(stats.duration.counts) == FOLD_AFTER * 9 + 1 == stats.statuses["2xx"]
+    assert len(stats.whole) == 0

@@ -33,6 +33,7 @@ from tunneld.accesslog import (
     whole_response_py,
 )
 from tunneld.httphead import RequestHead
+from tunneld.metrics import REQUEST_BUCKETS, tally_py
 from tunneld.responses import ResponseFramer, simple_head_py
 
 from .test_responses import _LINE, _STATUS, TRICKY
@@ -197,30 +198,45 @@ def test_whole_response_does_what_the_reference_does(
 ) -> None:
     ours, theirs = _framer(methods, prefix, raw), _framer(methods, prefix, raw)
     request_c, request_py = _request(id_line, started, body_in), _request(id_line, started, body_in)
-    kept_c: list[float] | None = [1.0] if metrics else None
-    kept_py: list[float] | None = [1.0] if metrics else None
+    kept_c = C.tally(REQUEST_BUCKETS) if metrics else None
+    kept_py = tally_py(REQUEST_BUCKETS) if metrics else None
     got = C.whole_response(ours, data, request_c, now, kept_c)
     assert got == whole_response_py(theirs, data, request_py, now, kept_py)
     assert _state(ours) == _state(theirs)
     assert request_c == request_py
-    assert kept_c == kept_py
+    assert _taken(kept_c) == _taken(kept_py)
+
+
+def _taken(kept: Any) -> object:
+    """What a Tally (or None) counted: its length and ``take()``, the sum of seconds to the ns
+    (the C adds each duration as it comes, the reference a batch sorted: the last bits differ;
+    each duration is whole ns, so the rounded sums are equal)."""
+    if kept is None:
+        return None
+    n = len(kept)
+    counts, total, statuses, body_in, body_out = kept.take()
+    return n, (counts, round(total, 9), statuses, body_in, body_out)
 
 
 def test_whole_response_notes_the_response_and_inserts_the_line_before_the_blank_line() -> None:
     framer = _framer([b"GET", b"GET"], b"", False)
     request = _request(b"x-request-id: abc\r\n", 1_000, 7)
-    kept: list[float] = []
+    kept = C.tally(REQUEST_BUCKETS)
     out = C.whole_response(framer, RESPONSE, request, 2_501_000, kept)
     assert out == RESPONSE.replace(b"\r\n\r\n", b"\r\nx-request-id: abc\r\n\r\n")
     assert request[4:] == [2_500_000, 7, None, b"x-request-id: abc\r\n", 200, 5]
-    assert kept == [0.0025, 200, 7, 5] and list(framer._methods) == [b"GET"]
+    assert list(framer._methods) == [b"GET"]
+    # 0.0025 s: in the bucket of its bound (le="0.0025"), the second
+    assert kept.take() == ([0, 1] + [0] * 15, 0.0025, [0, 1, 0, 0, 0, 0], 7, 5)
 
 
 def test_whole_response_refuses_bad_arguments_before_it_changes_anything() -> None:
     for request, kept, now in (
         (_request(b"x", 0, 0)[:9], None, 1),  # too short
         (_request(None, 0, 0), None, 1),  # type: ignore[arg-type]  # an id line not bytes
-        (_request(b"x", 0, 0), (), 1),  # kept not a list
+        (_request(b"x", 0, 0), (), 1),  # kept not a Tally
+        (_request(b"x", 0, 0), [], 1),  # (a list was, before the Tally)
+        (_request(b"x", 0, 0), tally_py(REQUEST_BUCKETS), 1),  # nor the Python one
         (_request(b"x", 0, 0), None, "1"),  # now not a number
     ):
         framer = _framer([b"GET"], b"", False)
@@ -228,6 +244,62 @@ def test_whole_response_refuses_bad_arguments_before_it_changes_anything() -> No
         with pytest.raises(TypeError):
             C.whole_response(framer, RESPONSE, request, now, kept)  # type: ignore[arg-type]
         assert list(framer._methods) == [b"GET"] and request == before
+
+
+# -- tally: the metrics of whole responses ---------------------------------------------------------
+
+_NS = st.one_of(
+    st.sampled_from([round(b * 1e9) for b in REQUEST_BUCKETS]),  # on a bound: in its bucket
+    st.integers(0, 400 * 10**9),
+    st.integers(-(2**70), 2**70),  # past 2**53: Python's division, as the reference's
+)
+_BYTES = st.one_of(st.integers(0, 10**12), st.integers(2**64 - 3, 2**66))  # past 64 bits: exact
+
+
+@settings(max_examples=300)
+@given(
+    st.lists(
+        st.tuples(
+            _NS, st.one_of(st.integers(100, 599), st.integers(-(2**70), 2**70)), _BYTES, _BYTES
+        ),
+        max_size=40,
+    ),
+    st.integers(1, 50),
+)
+def test_tally_counts_what_the_reference_counts(
+    observations: list[tuple[int, int, int, int]], take_every: int
+) -> None:
+    """The same counts per bucket and status class and the same byte sums (ints of any size,
+    exact), taken at the same points; the sums of seconds agree up to the order of addition."""
+    ours, theirs = C.tally(REQUEST_BUCKETS), tally_py(REQUEST_BUCKETS)
+    for i, observation in enumerate(observations, 1):
+        ours.add(*observation)
+        theirs.add(*observation)
+        assert len(ours) == len(theirs)
+        if i % take_every == 0 or i == len(observations):
+            (c1, t1, s1, i1, o1), (c2, t2, s2, i2, o2) = ours.take(), theirs.take()
+            assert (c1, s1, i1, o1) == (c2, s2, i2, o2)
+            assert t1 == pytest.approx(t2, rel=1e-12, abs=1e-12)
+            assert len(ours) == 0
+    assert ours.take() == theirs.take() == ([0] * 17, 0.0, [0] * 6, 0, 0)
+
+
+def test_tally_refuses_bad_arguments_and_counts_nothing_then() -> None:
+    for bounds in ((0.5, 0.1), (1.0, 1.0), (float("nan"),), tuple(range(65)), ("a",), 3):
+        with pytest.raises((TypeError, ValueError)):
+            C.tally(bounds)  # type: ignore[arg-type]
+    tally = C.tally(REQUEST_BUCKETS)
+    for args in (
+        (1, "200", 0, 0),  # a status not an int
+        ("1", 200, 0, 0),  # a duration not a number
+        (1, 200, b"0", 0),  # sizes not ints
+        (1, 200, 0, None),
+        (1, 200, 0),  # too few
+    ):
+        with pytest.raises(TypeError):
+            tally.add(*args)
+        assert len(tally) == 0
+    assert tally.take() == ([0] * 17, 0.0, [0] * 6, 0, 0)
 
 
 # -- text_line ------------------------------------------------------------------------------------
@@ -500,15 +572,6 @@ class _Writer:
         self.lines[3] = "timer"
 
 
-class _Stats:
-    def __init__(self, calls: list[object], kept: list[Any]) -> None:
-        self.calls, self.kept = calls, kept
-
-    def fold(self) -> None:
-        self.calls.append(("fold", len(self.kept)))
-        self.kept.clear()
-
-
 class _Log:
     def __init__(self, calls: list[object], on: bool) -> None:
         self.calls, self.on = calls, on
@@ -527,7 +590,7 @@ class _Conn:
 
     def _resite(self) -> None:
         self.calls.append("resite")
-        self.state[8:11] = [
+        self.state[6:9] = [
             b" %s:%d id=" % (self.sandbox_id.encode(), self.port),
             self.sandbox_id,
             self.port,
@@ -544,7 +607,7 @@ def _logged(impl: Callable[..., object], case: tuple[Any, ...]) -> tuple[Any, ..
         data,
         methods,
         waiting,
-        kept_items,
+        kept_before,
         metrics,
         pending,
         armed,
@@ -560,8 +623,11 @@ def _logged(impl: Callable[..., object], case: tuple[Any, ...]) -> tuple[Any, ..
     requests: deque[list[Any]] = deque(
         _request(b"x-request-id: r%d\r\n" % k, 1_000 + k, k) for k in range(waiting)
     )
-    kept: list[Any] | None = [0.5] * kept_items if metrics else None
-    stats = _Stats(calls, kept if kept is not None else [])
+    kept: Any = None
+    if metrics:  # the C reads its own Tally; the reference takes either
+        kept = C.tally(REQUEST_BUCKETS) if impl is C.log_response else tally_py(REQUEST_BUCKETS)
+        for _ in range(kept_before):
+            kept.add(1_000_000, 200, 1, 2)
     writer = _Writer(calls, pending, wall // 10**9 + sec_offset, armed)
     conn = _Conn(calls, SANDBOX, 8080)
     clocks = iter([mono, wall])
@@ -572,7 +638,7 @@ def _logged(impl: Callable[..., object], case: tuple[Any, ...]) -> tuple[Any, ..
             logger.isEnabledFor(logging.INFO)  # the answer in its cache
         logger.disabled = on.endswith("disabled")
     state: list[Any] = [
-        requests, framer, kept, stats, 8, writer.lines, writer, b' INFO a: 1.2.3.4 "',
+        requests, framer, kept, writer.lines, writer, b' INFO a: 1.2.3.4 "',
         b" old:1 id=", *site, lambda: next(clocks), lambda: next(clocks), logger,
         requests.popleft, getattr(logger, "_cache", None), itertools.count(7), b"p",
     ]  # fmt: skip
@@ -586,9 +652,9 @@ def _logged(impl: Callable[..., object], case: tuple[Any, ...]) -> tuple[Any, ..
         calls,
         [list(r) for r in requests],
         _state(framer),
-        kept,
+        _taken(kept),
         writer.lines,
-        state[8:11],
+        state[6:9],
     )
 
 
@@ -601,7 +667,7 @@ _LOG_CASE = st.tuples(
     ),
     st.lists(st.sampled_from([b"GET", b"GET", b"HEAD"]), max_size=2),
     st.integers(0, 2),  # requests waiting
-    st.sampled_from([0, 3, 4, 7]),  # kept items before (fold at 8: 4 + 4)
+    st.sampled_from([0, 1, 3]),  # observations counted before
     st.booleans(),  # metrics
     st.sampled_from([0, 1, 254, 255, 256]),  # pending lines before
     st.booleans(),  # the writer's timer armed
@@ -619,16 +685,15 @@ _LOG_CASE = st.tuples(
 # take some of them: Python's duck typing)
 _BAD_STATES = [
     (0, object()),  # requests without a length
-    (2, ()),  # kept not a list
-    (4, "8"),  # the fold count not an int
-    (5, None),  # no lines
-    (5, [[], b"S", 0]),  # lines too short
-    (7, "lead"),  # the lead not bytes
-    (11, None),  # the clock not callable
-    (12, lambda: "now"),  # the wall clock not an int
-    (13, object()),  # no isEnabledFor
-    (14, None),  # no popleft
-    (15, ()),  # the logger's cache not a dict
+    (2, ()),  # kept not a Tally
+    (3, None),  # no lines
+    (3, [[], b"S", 0]),  # lines too short
+    (5, "lead"),  # the lead not bytes
+    (9, None),  # the clock not callable
+    (10, lambda: "now"),  # the wall clock not an int
+    (11, object()),  # no isEnabledFor
+    (12, None),  # no popleft
+    (13, ()),  # the logger's cache not a dict
 ]
 
 
@@ -636,7 +701,7 @@ _BAD_STATES = [
 @given(_LOG_CASE)
 def test_log_response_does_what_the_reference_does(case: tuple[Any, ...]) -> None:
     """The same bytes out, the same requests left, framer, kept observations, pending lines,
-    site and calls (fold, isEnabledFor, resite, restamp, flush, arm) in the same order, or the
+    site and calls (isEnabledFor, resite, restamp, flush, arm) in the same order, or the
     same exception, from the same state; ``str`` sandbox ids equal but not identical also
     make the site again (identity, as ConnectionLog compares)."""
     assert _logged(C.log_response, case) == _logged(log_response_py, case)
@@ -663,7 +728,7 @@ def test_log_response_reads_the_clocks_of_time_as_time_does() -> None:
     requests: deque[list[Any]] = deque([_request(b"", 0, 0)])
     logger = logging.Logger("t", logging.INFO)
     state: list[Any] = [
-        requests, _framer([b"GET"], b"", False), None, None, 8, writer.lines, writer, b"",
+        requests, _framer([b"GET"], b"", False), None, writer.lines, writer, b"",
         b" x id=", SANDBOX, 8080, time.monotonic_ns, time.time_ns, logger, requests.popleft,
         logger._cache, itertools.count(), b"p",
     ]  # fmt: skip
@@ -698,13 +763,15 @@ def test_log_response_asks_a_logger_what_logging_would_answer() -> None:
 
 def test_log_response_logs_a_whole_response_in_one_call() -> None:
     """Its effects spelled out once (the differential test checks the rest)."""
-    case = (RESPONSE, [b"GET"], 2, 4, True, 255, False, True, (SANDBOX, 8080), 5_001_000,
+    case = (RESPONSE, [b"GET"], 2, 1, True, 255, False, True, (SANDBOX, 8080), 5_001_000,
             1_780_000_000_123_456_789, -1, None)  # fmt: skip
     out, calls, requests, framer, kept, lines, site = _logged(C.log_response, case)
     assert out == RESPONSE.replace(b"\r\n\r\n", b"\r\nx-request-id: r0\r\n\r\n")
     assert [r[2:] for r in requests] == [_request(b"x-request-id: r1\r\n", 1_001, 1)[2:]]
-    assert framer == (0, b"", [], 0) and kept == []
-    assert calls == [("fold", 8), ("isEnabledFor", 20), ("restamp", 1_780_000_000), "flush"]
+    assert framer == (0, b"", [], 0)
+    # counted with the one before (1 ms, 200, 1 B in, 2 B out): 5 ms, 200, 0 B in, 5 B out
+    assert kept == (2, ([1, 0, 1] + [0] * 14, 0.006, [0, 2, 0, 0, 0, 0], 1, 7))
+    assert calls == [("isEnabledFor", 20), ("restamp", 1_780_000_000), "flush"]
     assert lines == [[], b"S1780000000,", 1_780_000_000, None]  # flushed at 256 lines
     assert site == [b" old:1 id=", SANDBOX, 8080]
 
@@ -730,7 +797,7 @@ def _requested(impl: Callable[..., object], head: RequestHead, waiting: int, bad
     framer = _framer([b"GET"] * min(waiting, 1100), b"", False)
     counter = itertools.count(41)
     clock = iter([12345])
-    state: list[Any] = [requests, framer] + [None] * 9 + [lambda: next(clock)] + [None] * 4
+    state: list[Any] = [requests, framer] + [None] * 7 + [lambda: next(clock)] + [None] * 4
     state += [counter, b"p"]
     if bad is not None:
         state[bad[0]] = bad[1]
@@ -747,8 +814,8 @@ def _requested(impl: Callable[..., object], head: RequestHead, waiting: int, bad
         [
             None,
             (0, object()),  # requests without a length
-            (11, None),  # the clock not callable
-            (16, [1]),  # the counter not an iterator
+            (9, None),  # the clock not callable
+            (14, [1]),  # the counter not an iterator
         ]
     ),
 )
@@ -770,8 +837,8 @@ def test_log_request_does_what_the_reference_does(
 def test_log_request_refuses_a_state_too_short_or_a_prefix_not_bytes() -> None:
     head = RequestHead(b"GET", b"/", b"1.1", [])
     with pytest.raises(TypeError):
-        C.log_request([None] * 17, head)
-    assert _requested(C.log_request, head, 0, (17, "p"))[:2] == (TypeError, [])
+        C.log_request([None] * 15, head)
+    assert _requested(C.log_request, head, 0, (15, "p"))[:2] == (TypeError, [])
 
 
 # -- nothing left behind --------------------------------------------------------------------------
@@ -821,7 +888,7 @@ def test_many_calls_leave_nothing_behind() -> None:
     def whole() -> None:
         framer = ResponseFramer()
         framer.expect(b"GET")
-        kept: list[float] = []
+        kept = C.tally(REQUEST_BUCKETS)
         noted = [b"GET", b"/", b"id", 5, None, 5, None, id_line, 0, 0]
         assert C.whole_response(framer, RESPONSE, noted, 10**12, kept) is not None
         assert C.whole_response(framer, RESPONSE, noted, 10**12, kept) is None  # none expected
@@ -872,6 +939,12 @@ def test_many_calls_leave_nothing_behind() -> None:
         ),
         "text_line": line,
         "text_line refused": _raises(bad_line),
+        "tally": lambda: [
+            (t := C.tally(REQUEST_BUCKETS)).add(10**12, 200, 2**70, 5),
+            t.add(2**60, 999, 2**64 - 1, 2**64 - 1),
+            t.take(),
+        ],
+        "tally refused": _raises(lambda: C.tally(REQUEST_BUCKETS).add(1, 200, b"0", 0)),
         "request_ids client": lambda: C.request_ids(headers, counter, b"p"),
         "request_ids new": lambda: C.request_ids(headers[:1], counter, b"p"),
         "request_ids refused": _raises(lambda: C.request_ids(bad_headers, counter, b"p")),

@@ -15,8 +15,10 @@ the fallback and are what tests/test_speedups.py compares these with, on arbitra
 - request_ids(headers, counter, prefix): accesslog.request_ids_py;
 - begin_request(head, counter, prefix, now, requests, framer): accesslog.begin_request_py;
 - log_response(state, conn, data): accesslog.log_response_py (whole_response, the request's
-  end, the metrics' fold, text_line and the writer's flush or timer, in one call);
-- log_request(state, head): accesslog.log_request_py (begin_request from that state).
+  end, the metrics' count, text_line and the writer's flush or timer, in one call);
+- log_request(state, head): accesslog.log_request_py (begin_request from that state);
+- tally(bounds): metrics.tally_py, a Tally: the metrics of whole responses, counted as they
+  come (``whole_response`` counts into it without a Python call).
 
 The bytes come from services, agents and clients, none of them trusted: every read is
 bounds-checked against the buffer's length, output sizes are computed (with overflow checks)
@@ -52,7 +54,7 @@ static PyObject *int_zero;    /* 0, ResponseFramer's _HEAD */
 static PyObject *float_1e9;   /* 1e9: ns / 1e9 is seconds */
 static PyObject *int_raw;     /* 4, ResponseFramer's _RAW (unframed) */
 static PyObject *str_headers, *str_method, *str_target, *str_append;
-static PyObject *str_fold, *str_is_enabled_for, *str_sandbox_id, *str_port, *str_resite;
+static PyObject *str_is_enabled_for, *str_sandbox_id, *str_port, *str_resite;
 static PyObject *str_restamp, *str_flush, *str_arm, *int_info, *int_1e9, *str_disabled;
 static PyObject *time_monotonic_ns, *time_time_ns; /* time.monotonic_ns, time.time_ns */
 
@@ -462,20 +464,310 @@ elapsed(PyObject *now, PyObject *started)
     return PyNumber_Subtract(now, started);
 }
 
-/* ns / 1e9 as Python computes it: an int within 2**53 converts to a double exactly, and a
-   larger one rounds to nearest as int.__truediv__'s conversion does; else through Python */
-static PyObject *
-ns_to_seconds(PyObject *ns)
+/* ns / 1e9 as Python computes it, into *out: an int within 2**53 converts to a double exactly,
+   and a larger one rounds to nearest as int.__truediv__'s conversion does; else through Python.
+   0, or -1 with an error set. */
+static int
+ns_to_seconds(PyObject *ns, double *out)
 {
+    PyObject *f;
     if (PyLong_CheckExact(ns)) {
         long long x = as_long_long(ns);
         if (!(x == -1 && PyErr_Occurred()) && x > -(1LL << 53) && x < (1LL << 53)) {
-            return PyFloat_FromDouble((double)x / 1e9);
+            *out = (double)x / 1e9;
+            return 0;
         }
         PyErr_Clear();
     }
-    return PyNumber_TrueDivide(ns, float_1e9);
+    if ((f = PyNumber_TrueDivide(ns, float_1e9)) == NULL) {
+        return -1;
+    }
+    *out = PyFloat_AsDouble(f);
+    Py_DECREF(f);
+    return (*out == -1.0 && PyErr_Occurred()) ? -1 : 0;
 }
+
+/* -- Tally: the metrics' observations of whole responses (metrics.Tally is the reference) ----- */
+
+#define TALLY_CLASSES 6     /* 1xx, 2xx, 3xx, 4xx, 5xx, anything else */
+#define TALLY_MAX_BOUNDS 64 /* metrics.REQUEST_BUCKETS has 16 */
+
+/* Counted as each observation comes: no object is kept per observation. Byte sums that no
+   longer fit in 64 bits go on in Python ints (``carry_*``), so nothing is lost or wraps. */
+typedef struct {
+    PyObject_HEAD
+    Py_ssize_t nbounds;
+    Py_ssize_t n; /* observations since take() */
+    double bounds[TALLY_MAX_BOUNDS];
+    unsigned long long counts[TALLY_MAX_BOUNDS + 1];
+    unsigned long long statuses[TALLY_CLASSES];
+    double total;
+    unsigned long long body_in, body_out;
+    PyObject *carry_in, *carry_out; /* ints, or NULL */
+} TallyObject;
+
+static PyTypeObject Tally_Type;
+
+/* acc += v for a byte count v (an int): in 64 bits while it fits, else into *carry (a new int
+   made by Python's addition, so any int is exact). Nothing changes on error. The new carry is
+   returned in *fresh (a new reference, or NULL when *carry stays as it is). */
+static int
+tally_bytes(unsigned long long acc, PyObject *carry, PyObject *v, unsigned long long *sum,
+            PyObject **fresh)
+{
+    PyObject *base, *plus;
+    *fresh = NULL;
+    if (!PyLong_Check(v)) {
+        PyErr_SetString(PyExc_TypeError, "byte counts must be ints");
+        return -1;
+    }
+    if (PyLong_CheckExact(v)) {
+        unsigned long long x = PyLong_AsUnsignedLongLong(v);
+        if (!(x == (unsigned long long)-1 && PyErr_Occurred())) {
+            if (!__builtin_add_overflow(acc, x, sum)) {
+                return 0;
+            }
+        }
+        else {
+            PyErr_Clear(); /* negative, or past 64 bits */
+        }
+    }
+    /* carry + acc + v, and the 64-bit part starts again from 0 */
+    if ((base = PyLong_FromUnsignedLongLong(acc)) == NULL) {
+        return -1;
+    }
+    if (carry != NULL) {
+        PyObject *b = PyNumber_Add(carry, base);
+        Py_DECREF(base);
+        if ((base = b) == NULL) {
+            return -1;
+        }
+    }
+    plus = PyNumber_Add(base, v);
+    Py_DECREF(base);
+    if (plus == NULL) {
+        return -1;
+    }
+    *fresh = plus;
+    *sum = 0;
+    return 0;
+}
+
+/* One observation: ``ns`` (an int: the duration in ns), a status, body sizes (ints). 0, or -1
+   with an error set and nothing counted. */
+static int
+tally_observe(TallyObject *t, PyObject *ns, long long status, PyObject *body_in,
+              PyObject *body_out)
+{
+    double seconds;
+    Py_ssize_t i = 0;
+    unsigned long long in_sum, out_sum;
+    PyObject *in_carry, *out_carry;
+    int klass;
+
+    if (ns_to_seconds(ns, &seconds) < 0) {
+        return -1;
+    }
+    if (tally_bytes(t->body_in, t->carry_in, body_in, &in_sum, &in_carry) < 0) {
+        return -1;
+    }
+    if (tally_bytes(t->body_out, t->carry_out, body_out, &out_sum, &out_carry) < 0) {
+        Py_XDECREF(in_carry);
+        return -1;
+    }
+    if (in_carry != NULL) {
+        Py_XSETREF(t->carry_in, in_carry);
+    }
+    if (out_carry != NULL) {
+        Py_XSETREF(t->carry_out, out_carry);
+    }
+    t->body_in = in_sum;
+    t->body_out = out_sum;
+    while (i < t->nbounds && t->bounds[i] < seconds) { /* most are in the first buckets */
+        i++;
+    }
+    t->counts[i]++;
+    t->total += seconds;
+    klass = (status >= 100 && status <= 599) ? (int)(status / 100) - 1 : TALLY_CLASSES - 1;
+    t->statuses[klass]++;
+    t->n++;
+    return 0;
+}
+
+PyDoc_STRVAR(tally_doc,
+"tally(bounds, /)\n--\n\n"
+"A new Tally counting durations into the buckets of ``bounds`` (sorted floats)\n"
+"(metrics.tally_py).");
+
+static PyObject *
+tally_new(PyObject *module, PyObject *bounds)
+{
+    PyObject *seq;
+    TallyObject *t;
+    Py_ssize_t n;
+
+    if ((seq = PySequence_Fast(bounds, "bounds must be a sequence")) == NULL) {
+        return NULL;
+    }
+    n = PySequence_Fast_GET_SIZE(seq);
+    if (n > TALLY_MAX_BOUNDS) {
+        Py_DECREF(seq);
+        PyErr_Format(PyExc_ValueError, "at most %d bounds", TALLY_MAX_BOUNDS);
+        return NULL;
+    }
+    t = PyObject_New(TallyObject, &Tally_Type);
+    if (t == NULL) {
+        Py_DECREF(seq);
+        return NULL;
+    }
+    t->nbounds = n;
+    t->n = 0;
+    t->total = 0.0;
+    t->body_in = t->body_out = 0;
+    t->carry_in = t->carry_out = NULL;
+    memset(t->counts, 0, sizeof(t->counts));
+    memset(t->statuses, 0, sizeof(t->statuses));
+    for (Py_ssize_t k = 0; k < n; k++) {
+        double b = PyFloat_AsDouble(PySequence_Fast_GET_ITEM(seq, k));
+        if (b == -1.0 && PyErr_Occurred()) {
+            Py_DECREF(seq);
+            Py_DECREF(t);
+            return NULL;
+        }
+        if (b != b || (k > 0 && !(b > t->bounds[k - 1]))) {
+            Py_DECREF(seq);
+            Py_DECREF(t);
+            PyErr_SetString(PyExc_ValueError, "bounds must be increasing numbers");
+            return NULL;
+        }
+        t->bounds[k] = b;
+    }
+    Py_DECREF(seq);
+    return (PyObject *)t;
+}
+
+static void
+tally_dealloc(TallyObject *t)
+{
+    Py_XDECREF(t->carry_in);
+    Py_XDECREF(t->carry_out);
+    PyObject_Free(t);
+}
+
+static Py_ssize_t
+tally_len(TallyObject *t)
+{
+    return t->n;
+}
+
+static PyObject *
+tally_add(TallyObject *t, PyObject *const *args, Py_ssize_t nargs)
+{
+    long long status;
+    int overflow;
+
+    if (!check_nargs("add", nargs, 4)) {
+        return NULL;
+    }
+    if (!PyLong_Check(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "status must be an int");
+        return NULL;
+    }
+    status = PyLong_AsLongLongAndOverflow(args[1], &overflow);
+    if (status == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    if (overflow) {
+        status = -1; /* far out of range: not a status class */
+    }
+    if (tally_observe(t, args[0], status, args[2], args[3]) < 0) {
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+/* a byte sum as an int: the carry plus the 64-bit part */
+static PyObject *
+tally_sum(unsigned long long part, PyObject *carry)
+{
+    PyObject *v = PyLong_FromUnsignedLongLong(part), *r;
+    if (v == NULL || carry == NULL) {
+        return v;
+    }
+    r = PyNumber_Add(carry, v);
+    Py_DECREF(v);
+    return r;
+}
+
+static PyObject *
+tally_take(TallyObject *t, PyObject *unused)
+{
+    PyObject *counts = NULL, *statuses = NULL, *in = NULL, *out = NULL, *r;
+
+    if ((counts = PyList_New(t->nbounds + 1)) == NULL ||
+        (statuses = PyList_New(TALLY_CLASSES)) == NULL) {
+        goto fail;
+    }
+    for (Py_ssize_t k = 0; k <= t->nbounds; k++) {
+        PyObject *v = PyLong_FromUnsignedLongLong(t->counts[k]);
+        if (v == NULL) {
+            goto fail;
+        }
+        PyList_SET_ITEM(counts, k, v);
+    }
+    for (int k = 0; k < TALLY_CLASSES; k++) {
+        PyObject *v = PyLong_FromUnsignedLongLong(t->statuses[k]);
+        if (v == NULL) {
+            goto fail;
+        }
+        PyList_SET_ITEM(statuses, k, v);
+    }
+    if ((in = tally_sum(t->body_in, t->carry_in)) == NULL ||
+        (out = tally_sum(t->body_out, t->carry_out)) == NULL) {
+        goto fail;
+    }
+    r = Py_BuildValue("(NdNNN)", counts, t->total, statuses, in, out);
+    if (r == NULL) {
+        return NULL; /* "N" took the references, built or not */
+    }
+    memset(t->counts, 0, sizeof(t->counts));
+    memset(t->statuses, 0, sizeof(t->statuses));
+    t->total = 0.0;
+    t->body_in = t->body_out = 0;
+    Py_CLEAR(t->carry_in);
+    Py_CLEAR(t->carry_out);
+    t->n = 0;
+    return r;
+fail:
+    Py_XDECREF(counts);
+    Py_XDECREF(statuses);
+    Py_XDECREF(in);
+    Py_XDECREF(out);
+    return NULL;
+}
+
+static PyMethodDef tally_methods[] = {
+    {"add", (PyCFunction)(void (*)(void))tally_add, METH_FASTCALL,
+     "add(ns, status, body_in, body_out, /)\n--\n\nOne whole response (metrics.Tally.add)."},
+    {"take", (PyCFunction)tally_take, METH_NOARGS,
+     "take()\n--\n\nWhat was counted, then zero (metrics.Tally.take)."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PySequenceMethods tally_as_sequence = {
+    .sq_length = (lenfunc)tally_len,
+};
+
+static PyTypeObject Tally_Type = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "tunneld._speedups.Tally",
+    .tp_basicsize = sizeof(TallyObject),
+    .tp_dealloc = (destructor)tally_dealloc,
+    .tp_as_sequence = &tally_as_sequence,
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "Whole responses' observations, counted as they come (metrics.Tally).",
+    .tp_methods = tally_methods,
+};
 
 PyDoc_STRVAR(whole_response_doc,
 "whole_response(framer, data, request, now, kept, /)\n--\n\n"
@@ -488,7 +780,7 @@ static PyObject *
 whole_response(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
     PyObject *framer, *data, *request, *now, *kept, *methods = NULL, *popped;
-    PyObject *id_line = NULL, *started = NULL, *ns = NULL, *seconds = NULL, *body_in = NULL;
+    PyObject *id_line = NULL, *started = NULL, *ns = NULL, *body_in = NULL;
     PyObject *status_obj = NULL, *body_out_obj = NULL, *out = NULL;
     Py_buffer view, idv;
     int status = 0, r, have_view = 0, have_idv = 0;
@@ -507,8 +799,8 @@ whole_response(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         PyErr_SetString(PyExc_TypeError, "request must be a list of at least 10 items");
         return NULL;
     }
-    if (kept != Py_None && !PyList_Check(kept)) {
-        PyErr_SetString(PyExc_TypeError, "kept must be a list or None");
+    if (kept != Py_None && !Py_IS_TYPE(kept, &Tally_Type)) {
+        PyErr_SetString(PyExc_TypeError, "kept must be a Tally or None");
         return NULL;
     }
     r = framer_ready(framer, &methods);
@@ -543,9 +835,6 @@ whole_response(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     if ((ns = elapsed(now, started)) == NULL) {
         goto fail;
     }
-    if (kept != Py_None && (seconds = ns_to_seconds(ns)) == NULL) {
-        goto fail;
-    }
     if ((status_obj = PyLong_FromLong(status)) == NULL ||
         (body_out_obj = PyLong_FromSsize_t(view.len - end)) == NULL) {
         goto fail;
@@ -575,8 +864,7 @@ whole_response(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         goto fail;
     }
     if (kept != Py_None &&
-        (PyList_Append(kept, seconds) < 0 || PyList_Append(kept, status_obj) < 0 ||
-         PyList_Append(kept, body_in) < 0 || PyList_Append(kept, body_out_obj) < 0)) {
+        tally_observe((TallyObject *)kept, ns, status, body_in, body_out_obj) < 0) {
         goto fail;
     }
     PyBuffer_Release(&idv);
@@ -586,7 +874,6 @@ whole_response(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     Py_DECREF(started);
     Py_DECREF(body_in);
     Py_DECREF(ns);
-    Py_XDECREF(seconds);
     Py_DECREF(status_obj);
     Py_DECREF(body_out_obj);
     return out;
@@ -602,7 +889,6 @@ fail:
     Py_XDECREF(started);
     Py_XDECREF(body_in);
     Py_XDECREF(ns);
-    Py_XDECREF(seconds);
     Py_XDECREF(status_obj);
     Py_XDECREF(body_out_obj);
     Py_XDECREF(out);
@@ -1108,25 +1394,23 @@ fail:
 /* The state list of a ConnectionLog whose lines are text lines (accesslog.ConnectionLog._fast,
    made by ConnectionLog.__init__): the indices read here */
 enum {
-    S_REQUESTS = 0, /* deque of request lists */
-    S_FRAMER = 1,   /* ResponseFramer */
-    S_KEPT = 2,     /* RequestStats.whole, or None */
-    S_STATS = 3,    /* RequestStats (fold()), or None */
-    S_FOLD = 4,     /* int: fold() when kept has this many items */
-    S_LINES = 5,    /* AccessWriter.lines: [pending, stamp, sec, timer] */
-    S_WRITER = 6,   /* AccessWriter (restamp(sec), flush(), arm()) */
-    S_LEAD = 7,     /* bytes: the lines' part after the stamp up to the method */
-    S_SITE = 8,     /* bytes: " sandbox:port id=" */
-    S_SITE_OF = 9,  /* the sandbox id S_SITE was made for */
-    S_SITE_PORT = 10, /* the port S_SITE was made for */
-    S_MONO = 11,    /* time.monotonic_ns */
-    S_WALL = 12,    /* time.time_ns */
-    S_LOG = 13,     /* the tunneld.access logger (isEnabledFor) */
-    S_POPLEFT = 14, /* S_REQUESTS.popleft */
-    S_LOG_CACHE = 15, /* S_LOG._cache (logging.Logger's cache of isEnabledFor), or None */
-    S_COUNTER = 16, /* the request ids' counter (log_request) */
-    S_PREFIX = 17,  /* the request ids' prefix (log_request) */
-    S_SIZE = 18
+    S_REQUESTS = 0,   /* deque of request lists */
+    S_FRAMER = 1,     /* ResponseFramer */
+    S_KEPT = 2,       /* RequestStats.whole (a Tally), or None */
+    S_LINES = 3,      /* AccessWriter.lines: [pending, stamp, sec, timer] */
+    S_WRITER = 4,     /* AccessWriter (restamp(sec), flush(), arm()) */
+    S_LEAD = 5,       /* bytes: the lines' part after the stamp up to the method */
+    S_SITE = 6,       /* bytes: " sandbox:port id=" */
+    S_SITE_OF = 7,    /* the sandbox id S_SITE was made for */
+    S_SITE_PORT = 8,  /* the port S_SITE was made for */
+    S_MONO = 9,       /* time.monotonic_ns */
+    S_WALL = 10,      /* time.time_ns */
+    S_LOG = 11,       /* the tunneld.access logger (isEnabledFor) */
+    S_POPLEFT = 12,   /* S_REQUESTS.popleft */
+    S_LOG_CACHE = 13, /* S_LOG._cache (logging.Logger's cache of isEnabledFor), or None */
+    S_COUNTER = 14,   /* the request ids' counter (log_request) */
+    S_PREFIX = 15,    /* the request ids' prefix (log_request) */
+    S_SIZE = 16
 };
 enum { L_PENDING = 0, L_STAMP = 1, L_SEC = 2, L_TIMER = 3, L_SIZE = 4 };
 #define MAX_PENDING 256 /* accesslog._MAX_PENDING */
@@ -1251,8 +1535,8 @@ call_method0(PyObject *obj, PyObject *name)
 PyDoc_STRVAR(log_response_doc,
 "log_response(state, conn, data, /)\n--\n\n"
 "ConnectionLog.response's step for a whole response on a connection that writes text lines:\n"
-"whole_response of its oldest request, which then leaves the queue, the metrics folded at\n"
-"``state``'s count, and when the access logger logs info its text line (text_line, the\n"
+"whole_response of its oldest request (counted in the state's Tally), which then leaves the\n"
+"queue, and when the access logger logs info its text line (text_line, the\n"
 "writer restamped on a new second) with the writer's flush or timer. Returns the bytes for\n"
 "the client, or None when whole_response takes nothing (accesslog.log_response_py).");
 
@@ -1301,16 +1585,6 @@ log_response(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         goto fail;
     }
     Py_CLEAR(r);
-    if (st[S_KEPT] != Py_None) {
-        Py_ssize_t fold_at = PyLong_AsSsize_t(st[S_FOLD]);
-        if (fold_at == -1 && PyErr_Occurred()) {
-            goto fail;
-        }
-        /* whole_response checked that kept is a list */
-        if (PyList_GET_SIZE(st[S_KEPT]) >= fold_at && call_method0(st[S_STATS], str_fold) < 0) {
-            goto fail;
-        }
-    }
     on = info_enabled(st[S_LOG], st[S_LOG_CACHE]);
     if (on <= 0) {
         if (on < 0) {
@@ -1458,6 +1732,7 @@ static PyMethodDef speedups_methods[] = {
     {"log_response", (PyCFunction)(void (*)(void))log_response, METH_FASTCALL,
      log_response_doc},
     {"log_request", (PyCFunction)(void (*)(void))log_request, METH_FASTCALL, log_request_doc},
+    {"tally", (PyCFunction)tally_new, METH_O, tally_doc},
     {NULL, NULL, 0, NULL},
 };
 
@@ -1499,7 +1774,6 @@ PyInit__speedups(void)
         str_method = PyUnicode_InternFromString("method");
         str_target = PyUnicode_InternFromString("target");
         str_append = PyUnicode_InternFromString("append");
-        str_fold = PyUnicode_InternFromString("fold");
         str_is_enabled_for = PyUnicode_InternFromString("isEnabledFor");
         str_sandbox_id = PyUnicode_InternFromString("sandbox_id");
         str_port = PyUnicode_InternFromString("port");
@@ -1522,7 +1796,7 @@ PyInit__speedups(void)
         if (!str_disabled || !time_monotonic_ns || !time_time_ns) {
             return NULL;
         }
-        if (!str_fold || !str_is_enabled_for || !str_sandbox_id || !str_port || !str_resite ||
+        if (!str_is_enabled_for || !str_sandbox_id || !str_port || !str_resite ||
             !str_restamp || !str_flush || !str_arm || !int_info || !int_1e9) {
             return NULL;
         }
@@ -1555,6 +1829,9 @@ PyInit__speedups(void)
         slot_head_target.name = str_target;
         slot_conn_sandbox_id.name = str_sandbox_id;
         slot_conn_port.name = str_port;
+    }
+    if (PyType_Ready(&Tally_Type) < 0) {
+        return NULL;
     }
     return PyModule_Create(&speedups_module);
 }

@@ -5,7 +5,7 @@ from typing import Any
 
 def simple_head(data: bytes, /) -> tuple[int, int] | None: ...  # responses.simple_head_py
 def whole_response(  # accesslog.whole_response_py
-    framer: Any, data: bytes, request: list[Any], now: int, kept: list[float] | None, /
+    framer: Any, data: bytes, request: list[Any], now: int, kept: Tally | None, /
 ) -> bytes | None: ...
 def text_line(  # accesslog.text_line_py
     pending: list[bytes],
@@ -27,3 +27,10 @@ def log_response(  # accesslog.log_response_py
     state: list[Any], conn: Any, data: bytes, /
 ) -> bytes | None: ...
 def log_request(state: list[Any], head: Any, /) -> bytes: ...  # accesslog.log_request_py
+
+class Tally:  # metrics.Tally
+    def __len__(self) -> int: ...
+    def add(self, ns: int, status: int, body_in: int, body_out: int, /) -> None: ...
+    def take(self) -> tuple[list[int], float, list[int], int, int]: ...
+
+def tally(bounds: tuple[float, ...], /) -> Tally: ...  # metrics.tally_py

@@ -28,17 +28,17 @@ another's). The ``tunneld.access`` logger's level still decides whether lines ar
 The common case takes one short path (``ConnectionLog.response``): a response that arrives whole
 in one read (``ResponseFramer.whole``) is taken in one step, its line is joined from bytes
 prepared per connection (client, sandbox and port) and per process (numbers below 1000,
-durations below 100 ms, the time stamp of the current second), and its metrics are kept for a
-batch (``RequestStats.whole``). Each Python operation here costs ~0.5-1 % of relaying a small
-request (``python -m bench.e2e.instr``): the path is written to do few of them, and its work is
-done by C functions when tunneld/_speedups.c is built (tunneld/speedups.py): ``begin_request``
-(the request side: its id, its list, its place in line), ``whole_response`` (validating the
-head, adding the id line, noting the time, status and sizes, keeping the metrics' observation)
-and ``text_line``, and for a connection that writes text lines ``log_response``, which does all
-of the response side in one call from a per-connection state list (``ConnectionLog.fast``):
-``whole_response``, the request's end, the metrics' fold, the log level's check, the text line
-and the writer's flush or timer. Each has the same results as its pure-Python reference here
-(``*_py``).
+durations below 100 ms, the time stamp of the current second), and its metrics are counted in
+``RequestStats.whole`` (a ``Tally``: tunneld/metrics.py). Each Python operation here costs
+~0.5-1 % of relaying a small request (``python -m bench.e2e.instr``): the path is written to do
+few of them, and its work is done by C functions when tunneld/_speedups.c is built
+(tunneld/speedups.py): ``begin_request`` (the request side: its id, its list, its place in
+line), ``whole_response`` (validating the head, adding the id line, noting the time, status and
+sizes, counting the metrics' observation) and ``text_line``, and for a connection that writes
+text lines ``log_response``, which does all of the response side in one call from a
+per-connection state list (``ConnectionLog.fast``): ``whole_response``, the request's end, the
+log level's check, the text line and the writer's flush or timer. Each has the same results as
+its pure-Python reference here (``*_py``).
 
 An inspected connection (tunneld/inspect.py) takes this same path, with ``quiet`` when the access
 log is off: its ``recorder`` gets each request's head and body prefix, the response head and
@@ -63,7 +63,6 @@ from typing import TYPE_CHECKING, Any, Final, TextIO
 import orjson
 
 from . import speedups
-from .metrics import FOLD_AFTER, WHOLE_ITEMS
 from .responses import ResponseDone, ResponseFramer, ResponseHead, Unframed
 
 if TYPE_CHECKING:
@@ -71,7 +70,7 @@ if TYPE_CHECKING:
 
     from .httphead import RequestHead
     from .inspect import ConnectionRecorder, Record
-    from .metrics import RequestStats
+    from .metrics import RequestStats, Tally
 
 __all__ = ["AccessWriter", "ConnectionLog"]
 
@@ -127,8 +126,6 @@ _TENTHS: Final = tuple(b"%d.%d" % divmod(n, 10) for n in range(1000))
 FLUSH_AFTER: Final = 0.05
 # Lines kept before a write even within the interval (a burst of completions).
 _MAX_PENDING: Final = 256
-# RequestStats.whole's length when it holds FOLD_AFTER observations (flat: metrics.py).
-_FOLD_ITEMS: Final = FOLD_AFTER * WHOLE_ITEMS
 # AccessWriter.lines: the pending lines, the time stamp, its second, the timer of the next write
 _L_PENDING, _L_STAMP, _L_SEC, _L_TIMER = range(4)
 
@@ -388,11 +385,11 @@ def begin_request_py(
 
 
 def whole_response_py(
-    framer: ResponseFramer, data: bytes, request: list[Any], now: int, kept: list[float] | None
+    framer: ResponseFramer, data: bytes, request: list[Any], now: int, kept: Tally | None
 ) -> bytes | None:
     """The access log's one step for a whole response: when ``framer.whole(data)`` takes it,
     note its time (``now`` - started, as its duration and time to first byte), status and body
-    size in ``request``, extend ``kept`` (RequestStats.whole, or None) with its observation, and
+    size in ``request``, add its observation to ``kept`` (RequestStats.whole, or None), and
     return ``data`` with the request's id line before the blank line that ends its head; else
     None (nothing changed). The reference of ``whole_response`` (tunneld/_speedups.c when
     built: speedups.py)."""
@@ -406,7 +403,7 @@ def whole_response_py(
     request[_STATUS] = status
     request[_BODY_OUT] = body_out
     if kept is not None:
-        kept += (ns / 1e9, status, request[_BODY_IN], body_out)
+        kept.add(ns, status, request[_BODY_IN], body_out)
     return b"".join((data[: end - 2], request[_ID_LINE], data[end - 2 :]))
 
 
@@ -415,8 +412,6 @@ def whole_response_py(
     _S_REQUESTS,
     _S_FRAMER,
     _S_KEPT,
-    _S_STATS,
-    _S_FOLD,
     _S_LINES,
     _S_WRITER,
     _S_LEAD,
@@ -430,7 +425,7 @@ def whole_response_py(
     _S_LOG_CACHE,
     _S_COUNTER,
     _S_PREFIX,
-) = range(18)
+) = range(16)
 
 
 def log_request_py(state: list[Any], head: RequestHead) -> bytes:
@@ -452,29 +447,26 @@ def log_request_py(state: list[Any], head: RequestHead) -> bytes:
 def log_response_py(state: list[Any], conn: ConnectionLog, data: bytes) -> bytes | None:
     """``ConnectionLog.response``'s one step for a whole response on a connection that writes
     text lines. ``state`` is the connection's ``fast`` list: its requests (a deque), framer,
-    kept observations (RequestStats.whole, or None), stats, the count of kept items to fold at,
-    the writer's ``lines`` and the writer, the lines' lead and " sandbox:port id=" (made for
+    the metrics' count of whole responses (RequestStats.whole, a ``Tally``, or None), the
+    writer's ``lines`` and the writer, the lines' lead and " sandbox:port id=" (made for
     sandbox id and port in the next two), a monotonic and a wall clock (ns), the logger, the
     requests' ``popleft`` and the logger's ``_cache`` (or None; the C reads what
     ``isEnabledFor`` would: the method is called when the level is not in it), and the request
-    ids' counter and prefix (``log_request``). When
-    ``whole_response_py`` takes ``data`` for the oldest request, that request leaves the
-    queue, the stats fold at the count, and when the logger logs info its line is appended by
-    ``text_line_py`` (``conn._resite()`` first when ``conn``'s sandbox id or port changed, the
-    writer restamped on a new second) and the writer flushes at ``_MAX_PENDING`` lines or is
-    armed; returns the bytes for the client, or None (nothing changed). The reference of
-    ``log_response`` (tunneld/_speedups.c when built: speedups.py)."""
+    ids' counter and prefix (``log_request``). When ``whole_response_py`` takes ``data`` for
+    the oldest request (and counts it), that request leaves the queue, and when the logger logs
+    info its line is appended by ``text_line_py`` (``conn._resite()`` first when ``conn``'s
+    sandbox id or port changed, the writer restamped on a new second) and the writer flushes at
+    ``_MAX_PENDING`` lines or is armed; returns the bytes for the client, or None (nothing
+    changed). The reference of ``log_response`` (tunneld/_speedups.c when built:
+    speedups.py)."""
     requests = state[_S_REQUESTS]
     if not requests:
         return None
     request = requests[0]
-    kept = state[_S_KEPT]
-    out = whole_response_py(state[_S_FRAMER], data, request, state[_S_MONO](), kept)
+    out = whole_response_py(state[_S_FRAMER], data, request, state[_S_MONO](), state[_S_KEPT])
     if out is None:
         return None
     requests.popleft()
-    if kept is not None and len(kept) >= state[_S_FOLD]:
-        state[_S_STATS].fold()
     if not state[_S_LOG].isEnabledFor(_INFO):
         return out
     if conn.sandbox_id is not state[_S_SITE_OF] or conn.port != state[_S_SITE_PORT]:
@@ -543,8 +535,6 @@ class ConnectionLog:
                 self._requests,
                 self.framer,
                 self._kept,
-                stats,
-                _FOLD_ITEMS,
                 writer.lines,
                 writer,
                 lead,
@@ -607,11 +597,8 @@ class ConnectionLog:
             requests = self._requests
             request = requests[0]
             out_bytes = whole_response(self.framer, data, request, monotonic_ns(), self._kept)
-            if out_bytes is not None:  # status, sizes and time now in request; metrics kept
+            if out_bytes is not None:  # status, sizes and time now in request; metrics counted
                 requests.popleft()
-                kept = self._kept
-                if kept is not None and len(kept) >= _FOLD_ITEMS:
-                    self.stats.fold()  # type: ignore[union-attr]  # kept: stats.whole
                 if not self.quiet and log.isEnabledFor(_INFO):
                     ns = request[_TTFB]
                     self._log(request, request[_STATUS], request[_BODY_OUT], None, ns / 1e9)

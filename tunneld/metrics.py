@@ -15,6 +15,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from . import speedups
+
 # Request duration and time to first byte: 1 ms (a small local response) to 5 min (a download).
 REQUEST_BUCKETS: Final = (
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
@@ -34,16 +36,11 @@ class _Buckets:
         self.counts = [0] * (len(REQUEST_BUCKETS) + 1)  # the last one: above every bound
         self.total = 0.0
 
-    def add(self, ordered: list[float], total: float) -> None:
-        """Count many observations at once (``ordered``: sorted; ``total``: their sum): one
-        bisection per bound."""
-        counts = self.counts
-        below = 0  # values <= the previous bound
-        for i, bound in enumerate(REQUEST_BUCKETS):
-            upto = bisect_right(ordered, bound, below)
-            counts[i] += upto - below
-            below = upto
-        counts[-1] += len(ordered) - below
+    def add(self, counts: list[int], total: float) -> None:
+        """Count many observations at once: ``counts`` per bucket, ``total`` their sum."""
+        mine = self.counts
+        for i, n in enumerate(counts):
+            mine[i] += n
         self.total += total
 
     def family(self, name: str, documentation: str) -> HistogramMetricFamily:
@@ -54,10 +51,103 @@ class _Buckets:
         return HistogramMetricFamily(name, documentation, buckets=buckets, sum_value=self.total)
 
 
-# Observations of whole responses kept before they are counted (also at every scrape).
+# Observations of whole responses a pure-Python ``Tally`` keeps before it counts them.
 FOLD_AFTER: Final = 1024
-# Items per observation in ``RequestStats.whole``: seconds, status, body_in, body_out.
+# Items per observation in ``Tally``'s batch: seconds, status, body_in, body_out.
 WHOLE_ITEMS: Final = 4
+_FOLD_ITEMS: Final = FOLD_AFTER * WHOLE_ITEMS
+
+
+class Tally:
+    """The observations of whole responses (``ResponseFramer.whole``: most small ones), counted
+    until ``take``: per bucket of ``bounds`` (a duration ``d`` falls in the first bucket whose
+    bound is >= ``d``, the last bucket holding what is above every bound), their sum in seconds,
+    statuses by class (1xx-5xx, then anything else), and body bytes each way. A whole response's
+    time to first byte is its duration, so one set of counts serves both histograms.
+
+    ``add`` keeps the observation in a flat list and counts ``FOLD_AFTER`` of them at once: a
+    sort and one bisection per bound cost less than a bisection per observation, and one flat
+    list less than a tuple each (the garbage collector, the transposition). This is the
+    reference and the pure-Python fallback of tunneld/_speedups.c's ``Tally``, which counts each
+    observation in C as it comes (``whole_response`` calls it without a Python call): the same
+    counts, and the same sum up to the order its floats are added in."""
+
+    __slots__ = (
+        "_body_in",
+        "_body_out",
+        "_bounds",
+        "_counts",
+        "_kept",
+        "_n",
+        "_statuses",
+        "_total",
+    )
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self._bounds = bounds
+        self._kept: list[float] = []  # WHOLE_ITEMS per observation (ints are floats to mypy)
+        self._reset()
+
+    def _reset(self) -> None:
+        self._counts = [0] * (len(self._bounds) + 1)
+        self._total = 0.0
+        self._statuses = [0] * (len(_STATUS_CLASSES) + 1)
+        self._body_in = 0
+        self._body_out = 0
+        self._n = 0
+
+    def __len__(self) -> int:
+        """Observations added since the last ``take``."""
+        return self._n
+
+    def add(self, ns: int, status: int, body_in: int, body_out: int) -> None:
+        """One whole response: its duration (``ns``), status and body sizes."""
+        kept = self._kept
+        kept += (ns / 1e9, status, body_in, body_out)
+        self._n += 1
+        if len(kept) >= _FOLD_ITEMS:
+            self._fold()
+
+    def _fold(self) -> None:
+        kept = self._kept
+        if not kept:
+            return
+        ordered = sorted(kept[0::WHOLE_ITEMS])
+        counts = self._counts
+        below = 0  # values <= the previous bound
+        for i, bound in enumerate(self._bounds):
+            upto = bisect_right(ordered, bound, below)
+            counts[i] += upto - below
+            below = upto
+        counts[-1] += len(ordered) - below
+        self._total += sum(ordered)
+        # Statuses by class: sorted (runs of equal ones sort in one pass), one bisection per
+        # class bound; a Counter costs a dictionary update per observation.
+        statuses = sorted(kept[1::WHOLE_ITEMS])
+        classes = self._statuses
+        below = bisect_left(statuses, 100)
+        for i, bound in enumerate(_STATUS_BOUNDS):
+            upto = bisect_left(statuses, bound, below)
+            classes[i] += upto - below
+            below = upto
+        classes[-1] += len(statuses) - below + bisect_left(statuses, 100)
+        self._body_in += int(sum(kept[2::WHOLE_ITEMS]))
+        self._body_out += int(sum(kept[3::WHOLE_ITEMS]))
+        kept.clear()
+
+    def take(self) -> tuple[list[int], float, list[int], int, int]:
+        """What was counted since the last ``take`` (then zero): counts per bucket, the sum of
+        the durations, counts per status class (1xx-5xx, other), body bytes in and out."""
+        self._fold()
+        taken = (self._counts, self._total, self._statuses, self._body_in, self._body_out)
+        self._reset()
+        return taken
+
+
+def tally_py(bounds: tuple[float, ...]) -> Tally:
+    """A new ``Tally``. The reference of ``tally`` (tunneld/_speedups.c when built:
+    speedups.py)."""
+    return Tally(bounds)
 
 
 class RequestStats(Collector):
@@ -67,13 +157,9 @@ class RequestStats(Collector):
     names a sandbox, a path or a client (unbounded cardinality).
 
     A response that arrived whole in one read (most small ones: ``ResponseFramer.whole``) is
-    observed by extending ``whole`` with ``(seconds, status, body_in, body_out)`` (its time to
-    first byte is its duration; its status is a final one); ``fold`` counts them in batches,
-    at ``FOLD_AFTER`` of them and before every scrape. Counting one observation in Python costs
-    as much as ~4 % of relaying a small request; a batch costs a sort and one bisection per bucket
-    bound. ``whole`` is one flat list, not a list of tuples: a thousand tuples kept alive cost
-    the garbage collector and the transposition more than the rest of the batch. The other
-    responses go through ``observe``, one at a time."""
+    counted in ``whole`` (a ``Tally``: C when built), taken into the histograms at every scrape;
+    counting one observation in Python costs as much as ~4 % of relaying a small request. The
+    other responses go through ``observe``, one at a time."""
 
     def __init__(self) -> None:
         self.duration = _Buckets()
@@ -81,7 +167,7 @@ class RequestStats(Collector):
         self.statuses = dict.fromkeys((*_STATUS_CLASSES, "none"), 0)
         self.bytes_in = 0
         self.bytes_out = 0
-        self.whole: list[float] = []  # WHOLE_ITEMS per observation (ints are floats to mypy)
+        self.whole = tally(REQUEST_BUCKETS)
 
     def observe(
         self, duration: float, ttfb: float | None, status: int | None, body_in: int, body_out: int
@@ -101,27 +187,15 @@ class RequestStats(Collector):
         self.bytes_out += body_out
 
     def fold(self) -> None:
-        """Count the observations kept in ``whole``."""
-        whole = self.whole  # emptied in place below: connections keep a reference to it
-        if not whole:
-            return
-        ordered = sorted(whole[0::WHOLE_ITEMS])
-        total = sum(ordered)
-        self.duration.add(ordered, total)
-        self.ttfb.add(ordered, total)
-        # Statuses by class: sorted (runs of equal ones sort in one pass), one bisection per
-        # class bound; a Counter costs a dictionary update per observation.
-        statuses = sorted(whole[1::WHOLE_ITEMS])
+        """Take what ``whole`` counted into the histograms and counters."""
+        counts, total, statuses, body_in, body_out = self.whole.take()
+        self.duration.add(counts, total)
+        self.ttfb.add(counts, total)
         classes = self.statuses
-        below = bisect_left(statuses, 100)
-        for i, bound in enumerate(_STATUS_BOUNDS):
-            upto = bisect_left(statuses, bound, below)
-            classes[_STATUS_CLASSES[i]] += upto - below
-            below = upto
-        classes["none"] += len(statuses) - below + bisect_left(statuses, 100)
-        self.bytes_in += int(sum(whole[2::WHOLE_ITEMS]))
-        self.bytes_out += int(sum(whole[3::WHOLE_ITEMS]))
-        whole.clear()
+        for name, n in zip((*_STATUS_CLASSES, "none"), statuses, strict=True):
+            classes[name] += n
+        self.bytes_in += body_in
+        self.bytes_out += body_out
 
     def collect(self) -> Iterator[Metric]:
         self.fold()
@@ -268,3 +342,7 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+# The C version when built (tunneld/speedups.py), else the reference above.
+tally = tally_py if speedups.c is None else speedups.c.tally
