@@ -131,6 +131,20 @@ def test_simple_head_on_adversarial_heads(
         _same_head(fitted + body + b"x" * extra)
 
 
+def test_simple_head_on_every_byte_at_every_place_of_a_long_name() -> None:
+    """A header name is scanned sixteen bytes at a time while it holds letters, digits and '-':
+    every byte value, at each place within and across those blocks (and in the last bytes of
+    the data, where the scan goes byte by byte), is taken or refused as the reference does."""
+    name = bytearray(b"X-Abcdefghijklmnopqrstuvwxyz-0123456789")  # 39: two blocks and a rest
+    for at in (0, 1, 9, 14, 15, 16, 17, 31, 32, 37, 38):
+        for byte in range(256):
+            name[at] = byte
+            fitted = b"HTTP/1.1 200 OK\r\n" + bytes(name) + b": v\r\nContent-Length: 0\r\n\r\n"
+            _same_head(fitted)
+            _same_head(fitted[: len(b"HTTP/1.1 200 OK\r\n") + at + 1])  # ends inside the name
+        name[at] = ord("a")
+
+
 @settings(max_examples=300)
 @given(
     st.lists(st.binary(max_size=40).map(lambda v: v.replace(b"\r", b"").replace(b"\n", b""))),

@@ -236,6 +236,37 @@ line_end(const unsigned char *p, Py_ssize_t i, Py_ssize_t n)
     return i;
 }
 
+/* The first index >= i of p[0:n] that is not a tchar, or n: the end of a header name. Names
+   are mostly letters, digits and '-': sixteen bytes at a time with SSE2 while they are (letters
+   as (c | 0x20) in 'a'..'z', signed compares, so bytes >= 0x80 fail every range), then byte by
+   byte from the first other byte, which takes the other tchars. Reads stay below n. */
+static Py_ssize_t
+token_end(const unsigned char *p, Py_ssize_t i, Py_ssize_t n)
+{
+#if defined(__SSE2__)
+    const __m128i case_bit = _mm_set1_epi8(0x20), dash = _mm_set1_epi8('-');
+    const __m128i before_a = _mm_set1_epi8('a' - 1), after_z = _mm_set1_epi8('z' + 1);
+    const __m128i before_0 = _mm_set1_epi8('0' - 1), after_9 = _mm_set1_epi8('9' + 1);
+    while (n - i >= 16) {
+        __m128i v = _mm_loadu_si128((const __m128i *)(const void *)(p + i));
+        __m128i low = _mm_or_si128(v, case_bit);
+        __m128i alpha = _mm_and_si128(_mm_cmpgt_epi8(low, before_a), _mm_cmpgt_epi8(after_z, low));
+        __m128i digit = _mm_and_si128(_mm_cmpgt_epi8(v, before_0), _mm_cmpgt_epi8(after_9, v));
+        __m128i ok = _mm_or_si128(_mm_or_si128(alpha, digit), _mm_cmpeq_epi8(v, dash));
+        unsigned int m = (unsigned int)_mm_movemask_epi8(ok) ^ 0xFFFFu;
+        if (m != 0) {
+            i += __builtin_ctz(m);
+            break;
+        }
+        i += 16;
+    }
+#endif
+    while (i < n && is_token[p[i]]) {
+        i++;
+    }
+    return i;
+}
+
 /* The head at the start of p[0:n] as _SIMPLE_RE matches it (``match``, not ``fullmatch``):
    "HTTP/1.[01] " + a status 2xx-5xx + an optional " reason" (no CR or LF) + CRLF, header lines
    "token: value" (value without CR or LF) + CRLF, exactly one of them Content-Length with 1-18
@@ -278,9 +309,7 @@ match_simple(const unsigned char *p, Py_ssize_t n, int *status, Py_ssize_t *end,
             return 1;
         }
         name_start = i;
-        while (i < n && is_token[p[i]]) {
-            i++;
-        }
+        i = token_end(p, i, n);
         name_len = i - name_start;
         if (name_len == 0 || i >= n || p[i] != ':') {
             return 0;
