@@ -41,10 +41,16 @@ A malformed request is a stream error (RFC 9113 8.1.1), not a connection error: 
 checks run per request (``malformed``), and a request that fails them is answered ``400`` on its
 stream (a body still coming is refused with ``RST_STREAM(PROTOCOL_ERROR)``) and never reaches the
 service; malformed trailers cut their request (RST_STREAM, the tunnel stream reset before the
-request's end). The other streams of the connection go on. What h2 itself raises stays a
-connection error (GOAWAY, the close): a header block HPACK cannot decode (``COMPRESSION_ERROR``),
-one past ``MAX_HEADER_LIST_SIZE`` (``ENHANCE_YOUR_CALM``), a ``content-length`` that is no number
-or that DATA contradicts, a ``:status 1xx`` in a request, framing and stream-state errors.
+request's end). The same goes for a ``content-length`` that is no number (or not 0 on a request
+ended with its headers) and a ``:status`` (a 1xx too) in a request, which h2 would make
+connection errors (``_RequestStream``); DATA that contradicts the ``content-length`` (more bytes,
+or END_STREAM short of it) is counted here, per stream: none past it reaches the service, and
+the request is cut (RST_STREAM(PROTOCOL_ERROR), the tunnel stream reset), or answered 400 if it
+has not gone to the service yet. Each cut takes from the budget of client resets (``resets``).
+The other streams of the connection go on. What h2 itself raises stays a connection error
+(GOAWAY, the close): a header block HPACK cannot decode (``COMPRESSION_ERROR``), one past
+``MAX_HEADER_LIST_SIZE`` (``ENHANCE_YOUR_CALM``), trailers without END_STREAM, framing and
+stream-state errors.
 
 WebSockets over HTTP/2 (RFC 8441): ``SETTINGS_ENABLE_CONNECT_PROTOCOL`` is sent, and an extended
 CONNECT with ``:protocol websocket`` becomes an HTTP/1.1 upgrade request (``GET``, ``Upgrade:
@@ -76,6 +82,7 @@ import h2.errors
 import h2.events
 import h2.exceptions
 import h2.settings
+import h2.stream
 import h2.utilities
 import h11
 import hpack
@@ -137,16 +144,36 @@ def malformed(headers: list[tuple[bytes, bytes]], trailer: bool = False) -> str 
     duplicate, unknown or misplaced pseudo-fields, an empty ``:path``, ``host`` differing from
     ``:authority``, pseudo-fields in trailers). They run here, on the event, and not inside h2
     (``validate_inbound_headers`` is off): h2 turns each into a connection error, which would
-    cut every other stream of the client's connection."""
+    cut every other stream of the client's connection. A ``content-length`` must be a number
+    (``content_length``), as h2 checks too (a connection error there as well)."""
     try:
         for _ in h2.utilities.validate_headers(
             headers, _TRAILER_BLOCK if trailer else _REQUEST_BLOCK
         ):
             pass
-    except h2.exceptions.ProtocolError as exc:
+        content_length(headers)
+    except (h2.exceptions.ProtocolError, ValueError) as exc:
         why = str(exc)
         return why if len(why) <= 200 else why[:200] + "..."
     return None
+
+
+def content_length(headers: list[tuple[bytes, bytes]]) -> int | None:
+    """A header block's ``content-length`` (None: there is none). ``ValueError`` if one is no
+    number (RFC 9110 8.6: ``1*DIGIT``), too long to be one, or two say different numbers: the
+    request is malformed (RFC 9113 8.1.1). h2 would make that a connection error, and so this
+    runs here, per request, and not inside h2 (``_RequestStream``)."""
+    length: int | None = None
+    for name, value in headers:
+        if name == b"content-length":
+            digits = value.lstrip(b"0") or b"0"
+            if not value.isdigit() or len(digits) > 19:  # (ASCII digits; no int of 4000 digits)
+                raise ValueError(f"Invalid content-length header: {value!r}")
+            number = int(digits)
+            if length is not None and number != length:
+                raise ValueError(f"Conflicting content-length headers: {length} and {number}")
+            length = number
+    return length
 
 
 def request_head(
@@ -155,10 +182,13 @@ def request_head(
     """The HTTP/1.1 request head for an h2 request: (head, method, chunked body, websocket).
 
     The fields are checked first as h2 would (``malformed``: RFC 9113 8.2/8.3, lower-case
-    names, no connection-specific fields, no CR/LF/NUL, the pseudo-fields a request needs;
+    names, no connection-specific fields, no CR/LF/NUL, the pseudo-fields a request needs, a
+    ``content-length`` that is a number and, for a request ended with its headers, 0;
     ``MalformedRequest`` otherwise). This adds what an HTTP/1.1 request line and Host need,
     and raises ``BadRequest`` otherwise."""
     why = malformed(headers)
+    if why is None and ended and content_length(headers):
+        why = "content-length is not 0, but the request ended with its headers"
     if why is not None:
         raise MalformedRequest(f"Malformed HTTP/2 request: {why}")
     pseudo: dict[bytes, bytes] = {}
@@ -312,6 +342,42 @@ class _Decoder(hpack.Decoder):
             raise _CompressionError(f"Error decoding header block: {exc}") from exc
 
 
+class _RequestStream(h2.stream.H2Stream):
+    """h2's stream, less two checks h2 turns into connection errors (GOAWAY: every other stream
+    of the client's connection cut) where RFC 9113 8.1.1 says the request is malformed, a
+    stream error. The edge makes them per stream instead:
+
+    * ``content-length``: h2 raises on one that is no number (``_initialize_content_length``)
+      and on DATA that contradicts it (``InvalidBodyLengthError``, from inside its frame
+      handling: the connection is closed then, and the events of that read are lost). Here h2
+      counts nothing (``_expected_content_length`` stays None); ``malformed`` checks the value
+      and ``_StreamTransport`` counts the DATA (``client_data``, ``client_ended``).
+    * a ``:status`` in a request: h2 takes a ``1xx`` for an informational response, which a
+      server never receives (an invalid stream state, a connection error). h2 sees it with an
+      empty value; the event gets the real one, and ``malformed`` answers it 400."""
+
+    def _initialize_content_length(self, headers: Any) -> None:
+        self._expected_content_length = None
+
+    def receive_headers(
+        self, headers: Any, end_stream: bool, header_encoding: bool | str | None
+    ) -> tuple[list[Any], list[Any]]:
+        block = list(headers)
+        statuses = [value for name, value in block if name == b":status"]
+        if not statuses:
+            return super().receive_headers(block, end_stream, header_encoding)
+        hidden = [(name, b"" if name == b":status" else value) for name, value in block]
+        frames, events = super().receive_headers(hidden, end_stream, header_encoding)
+        event = events[0]
+        if isinstance(event, (h2.events.RequestReceived, h2.events.TrailersReceived)):
+            values = iter(statuses)  # (h2 keeps the fields' order)
+            event.headers = [
+                (name, next(values) if name == b":status" else value)
+                for name, value in event.headers
+            ]
+        return frames, events
+
+
 class _H2Connection(h2.connection.H2Connection):
     """h2's connection, except that the client's GOAWAY stops only new streams (RFC 9113 6.8).
     h2 closes the connection on it (python-hyper/h2#1181): it drops the output not yet taken
@@ -320,7 +386,8 @@ class _H2Connection(h2.connection.H2Connection):
 
     It does not check received header blocks (``validate_inbound_headers``): h2 makes every
     malformed request a connection error (GOAWAY), where RFC 9113 8.1.1 says a stream error.
-    ``malformed`` runs the same checks on each request and trailer block instead."""
+    ``malformed`` runs the same checks on each request and trailer block instead. Its streams
+    are ``_RequestStream``s: no ``content-length`` or ``:status`` connection errors either."""
 
     def __init__(self, config: h2.config.H2Configuration) -> None:
         super().__init__(config)
@@ -331,6 +398,13 @@ class _H2Connection(h2.connection.H2Connection):
 
     def clear_outbound_data_buffer(self) -> None:
         """Kept: what is queued (DATA of open streams, acknowledgements) still goes out."""
+
+    def _begin_new_stream(
+        self, stream_id: int, allowed_ids: h2.connection.AllowedStreamIDs
+    ) -> h2.stream.H2Stream:
+        stream = super()._begin_new_stream(stream_id, allowed_ids)
+        stream.__class__ = _RequestStream  # (h2 makes its own class; this one adds no state)
+        return stream
 
 
 class H2PublicConnection(DeferredFlush, asyncio.Protocol):
@@ -458,8 +532,9 @@ class H2PublicConnection(DeferredFlush, asyncio.Protocol):
         stream.protocol = endpoint
         endpoint.connection_made(stream)  # type: ignore[arg-type]  # a transport by duck typing
         self._cancel_timer()
+        headers = list(event.headers)
         try:
-            head, method, chunked, websocket = request_head(list(event.headers), ended)
+            head, method, chunked, websocket = request_head(headers, ended)
         except BadRequest as exc:
             if isinstance(exc, MalformedRequest):
                 log.info("HTTP/2 stream %d of %s: %s", sid, self.entry._peer, exc)
@@ -468,6 +543,7 @@ class H2PublicConnection(DeferredFlush, asyncio.Protocol):
             endpoint.fail(400, "BAD_REQUEST", str(exc))
             return
         stream.start(method, chunked, websocket)
+        stream.expected = content_length(headers)  # (a number: request_head checked it)
         endpoint.deliver(head)
         if self._hangup_look is None:
             self._hangup_look = self.loop.call_later(
@@ -484,12 +560,25 @@ class H2PublicConnection(DeferredFlush, asyncio.Protocol):
         log.info("HTTP/2 stream %d of %s: malformed trailers: %s", sid, self.entry._peer, why)
         stream = self.streams.get(sid)
         if stream is not None:
-            stream.malformed_input()
+            self.cut_malformed(stream)
         else:
             try:
                 self.h2.reset_stream(sid, h2.errors.ErrorCodes.PROTOCOL_ERROR)
             except h2.exceptions.ProtocolError:
                 pass
+
+    def cut_malformed(self, stream: _StreamTransport) -> None:
+        """Cut a malformed request the service has (malformed trailers, DATA that contradicts
+        the content-length): ``malformed_input``. Each costs a tunnel stream, as a request the
+        client resets does, and takes from the same budget (``resets``): a client that makes
+        the edge cut too many is closed with ENHANCE_YOUR_CALM, as one that resets too many."""
+        if not stream.response_done and not self.resets.take(self.loop.time()):
+            log.warning(
+                "%s: HTTP/2 client sends too many malformed requests; closing", self.entry._peer
+            )
+            self._terminate(h2.errors.ErrorCodes.ENHANCE_YOUR_CALM, linger=True)
+            return
+        stream.malformed_input()
 
     def _on_data(self, event: h2.events.DataReceived) -> None:
         stream = self.streams.get(event.stream_id)
@@ -759,6 +848,8 @@ class _StreamTransport:
         self.timer: asyncio.TimerHandle | None = None
         self._deliver_scheduled = False
         self.malformed = False  # a malformed request: answered 400, a body refused
+        self.expected: int | None = None  # the request's content-length
+        self.received = 0  # DATA bytes of the request so far
 
     def start(self, method: bytes, chunked: bool, websocket: bool) -> None:
         self.chunked = chunked
@@ -1039,18 +1130,54 @@ class _StreamTransport:
 
     # -- client -> service -----------------------------------------------------------------------
     def client_data(self, data: bytes, flow: int) -> None:
+        if self.expected is not None:
+            self.received += len(data)
+            if self.received > self.expected:
+                # none of it goes to the service: past the content-length it would be read
+                # as a request of its own there
+                self.conn.h2.acknowledge_received_data(flow, self.sid)
+                self.bad_body_length(f"more than content-length {self.expected} bytes of DATA")
+                return
         self.inbound.append((data, flow))
         if self.reading and not self._deliver_scheduled:
             self._deliver()
 
     def client_ended(self) -> None:
         self.client_eof = True
+        if self.expected is not None and self.received != self.expected:
+            self.bad_body_length(
+                f"END_STREAM after {self.received} bytes of DATA, content-length {self.expected}"
+            )
+            return
         if self.reading and not self._deliver_scheduled:
             self._deliver()
 
+    def bad_body_length(self, why: str) -> None:
+        """DATA contradicts the request's content-length: malformed (RFC 9113 8.1.1), a stream
+        error. Answered 400 (and RST_STREAM(PROTOCOL_ERROR) if the client is still sending)
+        if the request has not gone to the service yet and nothing was answered; otherwise
+        ``cut_malformed``: RST_STREAM(PROTOCOL_ERROR), the tunnel stream reset."""
+        if self.closing or self.finished_input or self.conn.closed:
+            return
+        log.info("HTTP/2 stream %d of %s: %s", self.sid, self.conn.entry._peer, why)
+        endpoint = self.protocol
+        if (
+            endpoint is not None
+            and endpoint.mux is None
+            and not endpoint._responded
+            and not self.headers_sent
+        ):
+            self.malformed = True
+            self.finished_input = True
+            self._drop_inbound()
+            endpoint.fail(400, "BAD_REQUEST", f"Malformed HTTP/2 request: {why}")
+            return
+        self.conn.cut_malformed(self)
+
     def malformed_input(self) -> None:
-        """Malformed trailers: RST_STREAM(PROTOCOL_ERROR), and the tunnel stream is reset
-        before the request's end reaches the service."""
+        """Malformed trailers, or DATA that contradicts the content-length of a request the
+        service has: RST_STREAM(PROTOCOL_ERROR), and the tunnel stream is reset before the
+        request's end reaches the service."""
         if self.closing:
             return
         self.closing = True

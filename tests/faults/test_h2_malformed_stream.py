@@ -4,10 +4,13 @@ body still coming with ``RST_STREAM(PROTOCOL_ERROR)``, never forwards the reques
 service, and every other stream of the client's connection goes on: a response in flight on
 stream 1 arrives whole and a new request on the same connection is served. Browsers multiplex a
 page's requests over one connection, so one bad request (from a page script) must not cut the
-others, which h2's own header checks did (GOAWAY). Malformed trailers cut their request (RST_STREAM
-PROTOCOL_ERROR, the service's connection reset before the request's end). A header block HPACK
-cannot decode is still a connection error, of type COMPRESSION_ERROR (RFC 9113 4.3): the
-connection's decoding state is lost.
+others, which h2's own header checks did (GOAWAY), as did its ``content-length`` checks (a value
+that is no number; DATA that contradicts it: ``InvalidBodyLengthError``) and a ``:status 1xx`` in
+a request (h2 takes it for an informational response). Malformed trailers, and DATA against the
+content-length of a request the service has, cut their request (RST_STREAM PROTOCOL_ERROR, the
+service's connection reset before the request's end), and each such cut takes from the client's
+rapid-reset budget. A header block HPACK cannot decode is still a connection error, of type
+COMPRESSION_ERROR (RFC 9113 4.3): the connection's decoding state is lost.
 
 Everything is real: an in-process edge serving HTTPS (ALPN ``h2``), a real agent, a service on
 127.0.0.1 scripted per test (``Service`` of test_h2_edges.py, which records every request head it
@@ -17,8 +20,10 @@ off (``unchecked_client``), so it sends the header blocks as given."""
 from __future__ import annotations
 
 import asyncio
-from typing import Final
+from pathlib import Path
+from typing import Any, Final
 
+import h2.connection
 import h2.errors
 import h2.events
 import hyperframe.frame
@@ -26,7 +31,7 @@ import orjson
 import pytest
 import trustme
 
-from tests.e2e import test_public_tls
+from tests.e2e import test_http2, test_public_tls
 from tests.e2e.conftest import Stack, wait_until
 from tests.e2e.test_h2_edges import (
     Seen,
@@ -43,6 +48,7 @@ pytestmark = pytest.mark.anyio
 
 ca = test_public_tls.ca  # the module's certificate authority fixture
 stack = test_public_tls.stack  # an HTTPS stack with the default configuration
+cluster = test_http2.cluster  # two nodes and a Redis store (tests/cluster/nodes.py)
 
 PART: Final = 10_000  # the slow response: PART bytes, then (once the test says) PART more
 PROTOCOL_ERROR: Final = h2.errors.ErrorCodes.PROTOCOL_ERROR
@@ -123,6 +129,16 @@ def malformed_block(kind: str, authority: bytes) -> list[tuple[bytes, bytes]]:
         "space in a name": [*ok, (b"x bad", b"1")],
         "colon in a name": [*ok, (b"x:bad", b"1")],
         "empty name": [*ok, (b"", b"1")],
+        # h2 takes a 1xx :status for an informational response (a connection error there)
+        ":status 1xx in a request": [*ok, (b":status", b"100")],
+        ":status 1xx first": [(b":status", b"103"), *ok],
+        # h2 checks content-length itself (a connection error there)
+        "content-length no number": [*ok, (b"content-length", b"abc")],
+        "content-length negative": [*ok, (b"content-length", b"-1")],
+        "content-length list": [*ok, (b"content-length", b"0, 0")],
+        "content-lengths differ": [*ok, (b"content-length", b"0"), (b"content-length", b"1")],
+        # (h2 lets this one through: the service would wait for a body that never comes)
+        "content-length but no body": [*ok, (b"content-length", b"5")],
     }[kind]
 
 
@@ -148,7 +164,25 @@ KINDS: Final = [
     "space in a name",
     "colon in a name",
     "empty name",
+    ":status 1xx in a request",
+    ":status 1xx first",
+    "content-length no number",
+    "content-length negative",
+    "content-length list",
+    "content-lengths differ",
+    "content-length but no body",
 ]
+
+
+def send_block(
+    client: RawH2, sid: int, headers: list[tuple[bytes, bytes]], end_stream: bool = False
+) -> None:
+    """HEADERS opening ``sid`` with ``headers`` as given. h2 takes the first block of a stream
+    with a leading ``:status 1xx`` for an informational response, which a client cannot send:
+    its stream is made a client's before h2 looks."""
+    stream = client.conn._get_or_create_stream(sid, h2.connection.AllowedStreamIDs.ODD)
+    stream.state_machine.client = True
+    client.conn.send_headers(sid, headers, end_stream=end_stream)
 
 
 def answered_400(seen: Seen, sid: int) -> None:
@@ -215,7 +249,7 @@ async def test_a_malformed_request_is_answered_on_its_stream_only(
             seen = Seen()
             slow = await slow_response_in_flight(client, seen)
             bad = client.conn.get_next_available_stream_id()
-            client.conn.send_headers(bad, malformed_block(kind, host.encode()), end_stream=True)
+            send_block(client, bad, malformed_block(kind, host.encode()), end_stream=True)
             await client.send()
             await pump(client, seen, lambda: seen.over(bad) or seen.goaway is not None)
             assert seen.goaway is None, f"GOAWAY {seen.goaway}"
@@ -225,8 +259,18 @@ async def test_a_malformed_request_is_answered_on_its_stream_only(
         await wait_until(lambda: nothing_left(stack), what="the edge to forget it all")
 
 
+@pytest.mark.parametrize(
+    "field",
+    [
+        (b"connection", b"close"),
+        (b"content-length", b"abc"),
+        (b"content-length", b"5, 6"),
+        (b":status", b"100"),
+    ],
+    ids=["connection", "content-length no number", "content-length list", ":status 1xx"],
+)
 async def test_a_malformed_request_with_a_body_coming_is_refused_with_protocol_error(
-    stack: Stack, ca: trustme.CA
+    stack: Stack, ca: trustme.CA, field: tuple[bytes, bytes]
 ) -> None:
     """A malformed POST whose body is still coming: 400, then RST_STREAM(PROTOCOL_ERROR) for the
     body; the DATA the client sends meanwhile is dropped (the connection's window is given back,
@@ -237,8 +281,8 @@ async def test_a_malformed_request_with_a_body_coming_is_refused_with_protocol_e
             seen = Seen()
             slow = await slow_response_in_flight(client, seen)
             bad = client.conn.get_next_available_stream_id()
-            headers = [(b":method", b"POST"), *base(host.encode())[1:], (b"connection", b"close")]
-            client.conn.send_headers(bad, headers)
+            headers = [(b":method", b"POST"), *base(host.encode())[1:], field]
+            send_block(client, bad, headers)
             for _ in range(3):
                 client.conn.send_data(bad, b"x" * 16_000)
             await client.send()
@@ -258,8 +302,17 @@ async def test_a_malformed_request_with_a_body_coming_is_refused_with_protocol_e
         [(b"X-Upper", b"1")],
         [(b"x-split", b"a\r\nb")],
         [(b"connection", b"close")],
+        [(b":status", b"100")],  # (h2: an informational response, a connection error)
+        [(b"content-length", b"abc")],  # (h2: a connection error)
     ],
-    ids=["pseudo-header", "upper-case name", "CR LF in a value", "connection"],
+    ids=[
+        "pseudo-header",
+        "upper-case name",
+        "CR LF in a value",
+        "connection",
+        ":status 1xx",
+        "content-length no number",
+    ],
 )
 async def test_malformed_trailers_cut_their_request_only(
     stack: Stack, ca: trustme.CA, trailers: list[tuple[bytes, bytes]]
@@ -289,6 +342,127 @@ async def test_malformed_trailers_cut_their_request_only(
             service.ends.clear()
             await the_rest_goes_on(stack, client, seen, service, slow)
         await wait_until(lambda: nothing_left(stack), what="the edge to forget it all")
+
+
+@pytest.mark.parametrize("how", ["more DATA", "END_STREAM short", "trailers short"])
+async def test_data_that_contradicts_content_length_cuts_its_request_only(
+    stack: Stack, ca: trustme.CA, how: str
+) -> None:
+    """An upload of ``content-length: 1000`` whose DATA says otherwise once the service has its
+    head (more bytes; END_STREAM, on DATA or on trailers, after 700): malformed (RFC 9113
+    8.1.1), a stream error. RST_STREAM(PROTOCOL_ERROR) on its stream, and the service's
+    connection is reset: it never gets the 1000 bytes of a complete-looking request, nor a byte
+    past them (which it would read as a request of its own). h2 makes the first two connection
+    errors (``InvalidBodyLengthError``: GOAWAY, every stream cut) and lets the third through
+    (the service would wait for the rest). The other streams go on."""
+    async with Service(slow_or_drain) as service:
+        host = await expose(stack, service.port)
+        async with unchecked_client(stack, ca, host) as client:
+            seen = Seen()
+            slow = await slow_response_in_flight(client, seen)
+            upload = client.request(b"POST", b"/upload", [(b"content-length", b"1000")], end=False)
+            client.conn.send_data(upload, b"u" * 600)
+            await client.send()
+            await wait_until(lambda: len(service.heads) == 2, what="the upload at the service")
+            if how == "more DATA":
+                client.conn.send_data(upload, b"v" * 600)  # (h2 checks nothing it sends)
+            elif how == "END_STREAM short":
+                client.conn.send_data(upload, b"v" * 100, end_stream=True)
+            else:
+                client.conn.send_data(upload, b"v" * 100)
+                client.conn.send_headers(upload, [(b"x-trailer", b"1")], end_stream=True)
+            await client.send()
+            await pump(client, seen, lambda: seen.over(upload) or seen.goaway is not None)
+            assert seen.goaway is None, f"GOAWAY {seen.goaway}"
+            assert seen.resets.get(upload) == PROTOCOL_ERROR, (seen.heads, seen.resets)
+            await wait_until(lambda: len(service.ends) == 1, what="the upload's service end")
+            assert service.ends == ["reset"], service.ends
+            (received,) = service.received
+            assert len(received) < 1000, "the malformed request reached the service whole"
+            assert received.strip(b"uv") == b"" and received.count(b"v") <= 100, received
+            service.heads.remove(next(h for h in service.heads if h.startswith(b"POST")))
+            service.ends.clear()
+            await the_rest_goes_on(stack, client, seen, service, slow)
+        await wait_until(lambda: nothing_left(stack), what="the edge to forget it all")
+
+
+async def test_data_past_content_length_before_the_request_went_anywhere_is_400(
+    cluster: Any, ca: trustme.CA, tmp_path: Path
+) -> None:
+    """On a node without the sandbox's agent, a request waits for the node link to the owner
+    (``_hand_on``): DATA past its content-length that comes with its HEADERS finds it gone
+    nowhere yet, so it is answered 400 on its stream, then RST_STREAM(PROTOCOL_ERROR) (the
+    client is still sending). The origin never sees it, and the connection serves the next
+    request (over the node link)."""
+    from tests.cluster.nodes import wait_for as cluster_wait
+
+    cert, key = test_public_tls.write_pair(ca, tmp_path, "wild", f"*.{test_public_tls.DOMAIN}")
+    settings = {
+        "domain": test_public_tls.DOMAIN,
+        "scheme": "https",
+        "public_tls_cert": cert,
+        "public_tls_key": key,
+    }
+    a = await cluster.node("node-a", **settings)
+    b = await cluster.node("node-b", **settings)
+    origin = await cluster.origin()
+    await cluster.agent(b, "sb1")
+    r = await a.admin.post(
+        "/v1/sandboxes/sb1/ports", json={"port": origin.port, "token": test_public_tls.TOKEN}
+    )
+    assert r.status_code == 200, r.text
+    await cluster_wait(lambda: a.edge.cluster.owners.get("sb1", ("",))[0] == "node-b", what="owner")
+    host = test_public_tls.host_of(r.json()["exposedAt"])
+    async with unchecked_client(a, ca, host) as client:
+        seen = Seen()
+        bad = client.request(b"POST", b"/upload", [(b"content-length", b"3")], end=False)
+        client.conn.send_data(bad, b"x" * 10)
+        await client.send()  # (HEADERS and DATA in one write: one read at the edge)
+        await pump(client, seen, lambda: bad in seen.resets or seen.goaway is not None)
+        assert seen.goaway is None, f"GOAWAY {seen.goaway}"
+        answered_400(seen, bad)
+        assert seen.resets[bad] == PROTOCOL_ERROR
+        fresh = client.request(b"GET", b"/headers")
+        await client.send()
+        await pump(client, seen, lambda: seen.over(fresh))
+        assert seen.heads[fresh][b":status"] == b"200" and fresh in seen.ended
+    assert origin.requests == 1  # the GET only
+
+
+async def test_a_client_that_makes_the_edge_cut_request_after_request_is_closed(
+    ca: trustme.CA, tmp_path: Path
+) -> None:
+    """Each upload cut for DATA past its content-length cost a tunnel stream, as a request the
+    client resets does (CVE-2023-44487), and takes from the same budget: past h2_max_streams
+    (10 here) per second, bursts of twice that, the connection is closed with GOAWAY
+    ENHANCE_YOUR_CALM, not served on one stream error at a time for ever."""
+    stack = await test_public_tls.tls_stack(ca, tmp_path, h2_max_streams=10)
+    try:
+        async with Service(slow_or_drain) as service:
+            host = await expose(stack, service.port)
+            async with unchecked_client(stack, ca, host) as client:
+                seen = Seen()
+                for _ in range(100):  # bounded: 1000 uploads, 10 at a time (the stream limit)
+                    sids = [
+                        client.request(b"POST", b"/up", [(b"content-length", b"0")], end=False)
+                        for _ in range(10)
+                    ]
+                    for sid in sids:
+                        client.conn.send_data(sid, b"x")
+                    await client.send()
+
+                    def cut(sids: list[int] = sids) -> bool:  # (or the GOAWAY after the rest)
+                        return all(seen.resets.get(s) == PROTOCOL_ERROR for s in sids)
+
+                    await pump(client, seen, lambda: seen.goaway is not None or cut())
+                    if seen.goaway is not None or seen.closed:
+                        break
+                assert seen.goaway is not None, (
+                    "closed without GOAWAY" if seen.closed else "1000 uploads cut, served on"
+                )
+                assert seen.goaway.error_code == ENHANCE_YOUR_CALM
+    finally:
+        await stack.close()
 
 
 @pytest.mark.parametrize(
