@@ -63,10 +63,14 @@ ambiguous (a hung Redis that resumes still runs what it had read), so the echo o
 failed is delivered to its own node rather than ignored: the node's view follows what Redis
 finally holds, as the other nodes' views do. A failed write is "nothing changed"
 (``StoreError.outcome_unknown`` false) only when the connection pool says it never had a
-connection to be sent on, or when it was one script call, sent once, that Redis refused before
-running it (READONLY, OOM, BUSY: redis-py's classes, or the reply's error code). The exception
-text cannot tell: redis-py has no class for "could not connect", and after its retry the
-exception is the reconnect's even when the first try reached Redis (see ``_Attempt``).
+connection to be sent on, or when it was one script call (or one command) that Redis refused
+before running any of it, on every try: an error reply LOADING, MISCONF, NOPERM, READONLY, OOM,
+NOREPLICAS, BUSY or NOSCRIPT (``_REFUSALS``; the message keeps Redis's words and adds what they
+mean: "connected to a replica"...). Redis checks a script's commands against the ACL only as
+they run, undoing none, so every write script checks its commands first (``_ACL_CHECK``). The
+exception text cannot tell the rest: redis-py has no class for "could not connect", and after
+its retry the exception is the reconnect's even when the first try reached Redis (see
+``_Attempt``).
 
 Durability. A put returns once Redis has applied it in memory. It survives a Redis crash only
 if Redis writes its append-only file: ``appendonly yes`` with ``appendfsync always`` (each write
@@ -99,14 +103,16 @@ import orjson
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import (
+    BusyLoadingError,
+    NoPermissionError,
     NoScriptError,
     OutOfMemoryError,
     ReadOnlyError,
     RedisError,
     ResponseError,
 )
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from .store import StoredExposure, StoreError
 
@@ -259,12 +265,32 @@ Change = ExposurePut | ExposureDeleted | OwnerChanged | Resync
 
 
 # -- scripts ---------------------------------------------------------------------------------------
+# Every write script starts with this: Redis checks a script's commands against the user's ACL
+# one by one as they run, and does not undo the earlier ones when a later one is refused (a
+# user may HSET the hash but not SADD the set, or not PUBLISH to the channel: the record would
+# be stored half-way, and no node told). So each command a script may write with is checked
+# before its first write (redis.acl_check_cmd, Redis 7.0+; Redis 6 has none, and there a script
+# can still be cut short by the ACL), and a refusal is a NOPERM reply, nothing written.
+_ACL_CHECK: Final = """
+local function denied(...)
+  if redis.acl_check_cmd and not redis.acl_check_cmd(...) then
+    local args = {...}
+    return {err = "NOPERM this user has no permissions to run the '" .. string.lower(args[1])
+      .. "' command on " .. args[2]}
+  end
+end
+"""
 # KEYS: exposure hash, sandboxes set. ARGV: sandbox id, port, created_at (JSON number), the
 # record's JSON after created_at, channel, message head (the message up to "record":), and
 # optionally max_sandboxes: a sandbox not in the set yet (its first exposure) is then refused,
 # nothing written nor published, when the set already holds that many; the answer is then how
 # many it holds (a number), else the record stored (a string).
-_PUT_LUA: Final = """
+_PUT_LUA: Final = (
+    _ACL_CHECK
+    + """
+local refused = denied('HSET', KEYS[1], ARGV[2], '') or denied('SADD', KEYS[2], ARGV[1])
+  or denied('PUBLISH', ARGV[5], '')
+if refused then return refused end
 local cap = tonumber(ARGV[7])
 if cap and redis.call('SISMEMBER', KEYS[2], ARGV[1]) == 0 then
   local held = redis.call('SCARD', KEYS[2])
@@ -282,14 +308,21 @@ redis.call('SADD', KEYS[2], ARGV[1])
 redis.call('PUBLISH', ARGV[5], ARGV[6] .. value .. '}')
 return value
 """
+)
 # KEYS: exposure hash, sandboxes set. ARGV: sandbox id, port, channel, message. The sandbox
 # leaves the set with its last exposure: the set's size is the count max_sandboxes caps.
-_DELETE_LUA: Final = """
+_DELETE_LUA: Final = (
+    _ACL_CHECK
+    + """
+local refused = denied('HDEL', KEYS[1], ARGV[2]) or denied('SREM', KEYS[2], ARGV[1])
+  or denied('PUBLISH', ARGV[3], '')
+if refused then return refused end
 if redis.call('HDEL', KEYS[1], ARGV[2]) == 0 then return 0 end
 if redis.call('EXISTS', KEYS[1]) == 0 then redis.call('SREM', KEYS[2], ARGV[1]) end
 redis.call('PUBLISH', ARGV[3], ARGV[4])
 return 1
 """
+)
 # KEYS: exposure hash, sandboxes set. ARGV: sandbox id. A member without a hash (its last field
 # removed by hand: HDEL) leaves the set, so it no longer counts against max_sandboxes.
 _PRUNE_LUA: Final = """
@@ -297,22 +330,37 @@ if redis.call('EXISTS', KEYS[1]) == 0 then return redis.call('SREM', KEYS[2], AR
 return 0
 """
 # KEYS: owner key, epochs hash. ARGV: sandbox id, node id, lease ms, channel, message head.
-_CLAIM_LUA: Final = """
+_CLAIM_LUA: Final = (
+    _ACL_CHECK
+    + """
+local refused = denied('HINCRBY', KEYS[2], ARGV[1], '1') or denied('SET', KEYS[1], '')
+  or denied('PUBLISH', ARGV[4], '')
+if refused then return refused end
 local epoch = redis.call('HINCRBY', KEYS[2], ARGV[1], 1)
 redis.call('SET', KEYS[1], epoch .. ' ' .. ARGV[2], 'PX', ARGV[3])
 redis.call('PUBLISH', ARGV[4], ARGV[5] .. epoch .. ']}')
 return epoch
 """
+)
 # KEYS: owner key. ARGV: "epoch node", lease ms.
-_RENEW_LUA: Final = """
+_RENEW_LUA: Final = (
+    _ACL_CHECK
+    + """
+local refused = denied('PEXPIRE', KEYS[1], '1')
+if refused then return refused end
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   redis.call('PEXPIRE', KEYS[1], ARGV[2])
   return 1
 end
 return 0
 """
+)
 # KEYS: owner key. ARGV: "epoch node", channel, message.
-_RELEASE_LUA: Final = """
+_RELEASE_LUA: Final = (
+    _ACL_CHECK
+    + """
+local refused = denied('DEL', KEYS[1]) or denied('PUBLISH', ARGV[2], '')
+if refused then return refused end
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   redis.call('DEL', KEYS[1])
   redis.call('PUBLISH', ARGV[2], ARGV[3])
@@ -320,16 +368,26 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then
 end
 return 0
 """
+)
 # Public TCP port claims. KEYS: the tcp_ports hash. ARGV: port, the claim seen (or ""), the new
 # claim. Compare-and-set: taken only when the field still holds what the caller saw.
-_CLAIM_PORT_LUA: Final = """
+_CLAIM_PORT_LUA: Final = (
+    _ACL_CHECK
+    + """
+local refused = denied('HSET', KEYS[1], ARGV[1], '')
+if refused then return refused end
 local cur = redis.call('HGET', KEYS[1], ARGV[1])
 if (cur or '') ~= ARGV[2] then return 0 end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
 return 1
 """
+)
 # KEYS: the tcp_ports hash. ARGV: port, "{sandbox_id} {port} " (the claim's prefix).
-_RELEASE_PORT_LUA: Final = """
+_RELEASE_PORT_LUA: Final = (
+    _ACL_CHECK
+    + """
+local refused = denied('HDEL', KEYS[1], ARGV[1])
+if refused then return refused end
 local cur = redis.call('HGET', KEYS[1], ARGV[1])
 if cur and string.sub(cur, 1, string.len(ARGV[2])) == ARGV[2] then
   redis.call('HDEL', KEYS[1], ARGV[1])
@@ -337,17 +395,23 @@ if cur and string.sub(cur, 1, string.len(ARGV[2])) == ARGV[2] then
 end
 return 0
 """
+)
 # close(): how many times the feed task is cancelled (waiting `timeout` each) before it is left.
 FEED_STOP_ATTEMPTS: Final = 3
 # A claim whose exposure is not stored with that port (a node died between claim and store, or
 # a release was lost) is stale after this long, and another exposure may take the port.
 PORT_CLAIM_GRACE: Final = 60.0
 # KEYS: node key, nodes set. ARGV: node id, info JSON, ttl ms.
-_REGISTER_NODE_LUA: Final = """
+_REGISTER_NODE_LUA: Final = (
+    _ACL_CHECK
+    + """
+local refused = denied('SET', KEYS[1], '') or denied('SADD', KEYS[2], ARGV[1])
+if refused then return refused end
 redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
 redis.call('SADD', KEYS[2], ARGV[1])
 return 1
 """
+)
 # KEYS: nodes set. ARGV: node key prefix. Returns id, info, id, info... pruning expired ones.
 _NODES_LUA: Final = """
 local out = {}
@@ -370,45 +434,101 @@ def default_node_id() -> str:
     return f"{host}-{os.getpid()}-{secrets.token_hex(3)}"
 
 
-# Redis's refusals of a command before it runs any of it, by redis-py's class: a replica's
-# READONLY, OOM past maxmemory (a script is refused at its first write only, never half-way),
-# NOSCRIPT (redis-py loads the script and sends it again; one that still surfaces did not run).
-_REFUSED_CLASSES: Final = (ReadOnlyError, OutOfMemoryError, NoScriptError)
-# The same for replies redis-py has no class for: their error code, the reply's first word.
-# BUSY: a script of someone else's runs past busy-reply-threshold; ours was not started.
-_REFUSED_CODES: Final = frozenset({"BUSY"})
+# Redis's refusals of a command before it runs any of it, by error code (the reply's first word;
+# redis-py strips it from the text of the classes it has), each with what it tells an operator.
+# A script is refused before it starts or at its first write, never half-way: READONLY, OOM
+# past maxmemory, MISCONF and NOREPLICAS are checked at a script's first write (every write
+# script here only reads before it), an ACL at the call itself, and inside the script before
+# its first write (``_ACL_CHECK``). NOSCRIPT: redis-py loads the script and sends it again; one
+# that still surfaces did not run. BUSY: someone else's script runs past busy-reply-threshold;
+# ours was not started. LOADING: Redis is reading its data after a restart (redis-py's
+# BusyLoadingError, a ConnectionError: retried once, refused again).
+_REFUSALS: Final = {
+    "LOADING": "Redis is loading its data; try again",
+    "MISCONF": "Redis refuses writes: its snapshot (RDB) is failing",
+    "NOPERM": "the Redis user lacks permission for {command}",
+    "READONLY": "connected to a replica",
+    "OOM": "Redis is out of memory (maxmemory)",
+    "NOREPLICAS": "Redis has fewer replicas than min-replicas-to-write",
+    "BUSY": "a script is running in Redis past busy-reply-threshold; try again",
+    "NOSCRIPT": "",
+}
+# The codes redis-py turns into classes (redis-py 5 keeps no ``status_code``).
+_CODE_OF_CLASS: Final[tuple[tuple[type[RedisError], str], ...]] = (
+    (BusyLoadingError, "LOADING"),
+    (ReadOnlyError, "READONLY"),
+    (OutOfMemoryError, "OOM"),
+    (NoPermissionError, "NOPERM"),
+    (NoScriptError, "NOSCRIPT"),
+)
+_NOPERM_RE: Final = re.compile(r"'([a-z|]+)' command(?: on (\S+))?", re.IGNORECASE)
 
 
-def _refused_before_running(exc: BaseException) -> bool:
-    """Whether ``exc`` is Redis refusing a command before running any of it."""
-    if isinstance(exc, _REFUSED_CLASSES):
-        return True
-    return type(exc) is ResponseError and str(exc).partition(" ")[0] in _REFUSED_CODES
+def _error_code(exc: BaseException) -> str | None:
+    """The error code of a Redis error reply (``exc``), or None when it is not one."""
+    if not isinstance(exc, (ResponseError, BusyLoadingError)):
+        return None
+    code = getattr(exc, "status_code", None)
+    if isinstance(code, str) and code:
+        return code
+    for kind, code in _CODE_OF_CLASS:
+        if isinstance(exc, kind):
+            return code
+    word = str(exc).partition(" ")[0]
+    return word if word.isalpha() and word.isupper() else None
+
+
+def _refusal(exc: BaseException) -> str | None:
+    """The code of ``exc`` when it is Redis refusing a command before running any of it."""
+    code = _error_code(exc)
+    return code if code in _REFUSALS else None
+
+
+def _refusal_hint(exc: BaseException) -> str:
+    code = _refusal(exc)
+    if code is None or not _REFUSALS[code]:
+        return ""
+    text = str(exc)
+    if code == "MISCONF" and "AOF" in text:
+        return "; Redis refuses writes: writing its append-only file (AOF) fails"
+    if code != "NOPERM":
+        return f"; {_REFUSALS[code]}"
+    named = _NOPERM_RE.search(text)
+    if named is not None:
+        command = named[1].upper() + (f" on {named[2]}" if named[2] else "")
+    elif "channel" in text:
+        command = "the change channel (PUBLISH)"
+    elif "key" in text:
+        command = "the keys it writes (its ACL key patterns)"
+    else:
+        command = "this command"
+    return "; " + _REFUSALS[code].format(command=command)
 
 
 class _Attempt:
     """What one store call (:meth:`RedisStore._call`) did, as the connection pool and the retry
     saw it: how many connections it took to send on (``connections``), whether taking one failed
-    (``unconnected``), and how many tries failed and were retried or given up (``failed_tries``).
+    (``unconnected``), and how many tries failed, retried or given up, other than by Redis
+    refusing the command (``unsure_tries``: a lost reply, a broken connection, a timeout).
     Until a call has a connection nothing of it can reach Redis."""
 
-    __slots__ = ("connections", "failed_tries", "unconnected")
+    __slots__ = ("connections", "unconnected", "unsure_tries")
 
     def __init__(self) -> None:
         self.connections = 0
         self.unconnected = False
-        self.failed_tries = 0
+        self.unsure_tries = 0
 
     def nothing_applied(self, exc: BaseException, one_command: bool) -> bool:
         """Whether the call, failed with ``exc``, certainly changed nothing in Redis: it never
         had a connection to send on, or it is ``one_command`` (a script call, whose NOSCRIPT
-        redis-py answers by loading it and sending it again) that no try lost, and Redis refused
-        it before running it. Anything else (a command that may have been sent and then lost, a
-        retried one, a refusal after other commands, a failure this store did not see) may
-        still be applied: the safe answer."""
+        redis-py answers by loading it and sending it again) that Redis refused before running
+        it, on every try (LOADING is retried). Anything else (a command that may have been sent
+        and then lost, a try lost before a refusal, a refusal after other commands, a failure
+        this store did not see) may still be applied: the safe answer."""
         if self.connections == 0:
             return self.unconnected
-        return one_command and self.failed_tries == 0 and _refused_before_running(exc)
+        return one_command and self.unsure_tries == 0 and _refusal(exc) is not None
 
 
 _ATTEMPT: Final[ContextVar[_Attempt | None]] = ContextVar("tunneld_redis_attempt", default=None)
@@ -442,8 +562,9 @@ class _Pool(aioredis.BlockingConnectionPool):
 
 class _Retry(Retry):
     """redis-py's retry, counting for the current store call (``_ATTEMPT``) the tries that
-    failed: after a retry, the exception raised is the last try's, whatever an earlier one
-    sent, so a refusal then proves nothing about the first."""
+    failed other than by a refusal: after a retry, the exception raised is the last try's,
+    whatever an earlier one sent, so a refusal then proves nothing about the first unless the
+    first was refused too (LOADING, a ConnectionError to redis-py, is retried)."""
 
     async def call_with_retry(
         self,
@@ -456,9 +577,10 @@ class _Retry(Retry):
         if attempt is None:
             return await super().call_with_retry(do, fail, is_retryable, with_failure_count)
 
-        def counted(*args: Any) -> Any:
-            attempt.failed_tries += 1
-            return fail(*args)
+        def counted(error: Exception, *args: Any) -> Any:
+            if _refusal(error) is None:
+                attempt.unsure_tries += 1
+            return fail(error, *args)
 
         return await super().call_with_retry(do, counted, is_retryable, with_failure_count)
 
@@ -479,7 +601,11 @@ def _caused_by(exc: BaseException, kind: type[BaseException]) -> bool:
 def _describe(exc: BaseException) -> str:
     if isinstance(exc, TimeoutError) and not str(exc):
         return "timed out"
-    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    text = str(exc)
+    code = _error_code(exc)
+    if code is not None and not text.startswith(code):
+        text = f"{code} {text}"  # Redis's own words: redis-py strips the code of its classes
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 class RedisStore:
@@ -602,6 +728,9 @@ class RedisStore:
             _ATTEMPT.reset(token)
 
     def _hint(self, exc: BaseException) -> str:
+        refused = _refusal_hint(exc)
+        if refused:
+            return refused
         # A TLS handshake Redis refuses often ends in a reset, not an alert (the client's first
         # command is already on its way): say what the reset may mean.
         if not _caused_by(exc, ConnectionResetError):
@@ -713,8 +842,9 @@ class RedisStore:
         key = (sandbox_id, port)
         try:
             result = await self._call(what, operation, one_command=True)
-        except StoreError:
-            self._uncertain.add(key)
+        except StoreError as exc:
+            if exc.outcome_unknown:  # a refused write supersedes nothing: an uncertain one stays
+                self._uncertain.add(key)
             raise
         if refused is None or not refused(result):
             self._uncertain.discard(key)  # this write superseded the uncertain one
@@ -781,6 +911,7 @@ class RedisStore:
             self._claim_port_script(
                 keys=[key], args=[public_port, seen, f"{owner}{int(time.time())}"]
             ),
+            one_command=True,
         )
         return bool(claimed)
 
@@ -809,6 +940,7 @@ class RedisStore:
             self._release_port_script(
                 keys=[self.tcp_ports_key], args=[public_port, f"{sandbox_id} {port} "]
             ),
+            one_command=True,
         )
 
     # -- ownership leases ------------------------------------------------------------------------
@@ -825,6 +957,7 @@ class RedisStore:
                 keys=[self.owner_key(sandbox_id), self.epochs_key],
                 args=[sandbox_id, node_id, _ms(lease_s), self.channel, head],
             ),
+            one_command=True,
         )
         return int(epoch)
 
@@ -835,6 +968,7 @@ class RedisStore:
             self._renew_script(
                 keys=[self.owner_key(sandbox_id)], args=[f"{epoch} {node_id}", _ms(lease_s)]
             ),
+            one_command=True,
         )
         return bool(renewed)
 
@@ -849,6 +983,7 @@ class RedisStore:
                 keys=[self.owner_key(sandbox_id)],
                 args=[f"{epoch} {node_id}", self.channel, message],
             ),
+            one_command=True,
         )
         return bool(released)
 
@@ -880,6 +1015,7 @@ class RedisStore:
                 keys=[self.node_key(node_id), self.nodes_key],
                 args=[node_id, orjson.dumps(info), _ms(ttl_s)],
             ),
+            one_command=True,
         )
 
     async def renew_node(self, node_id: str, ttl_s: float) -> bool:
@@ -888,6 +1024,7 @@ class RedisStore:
             await self._call(
                 f"renewing node {node_id}",
                 self._client.pexpire(self.node_key(node_id), _ms(ttl_s)),
+                one_command=True,
             )
         )
 
