@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 import signal
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -89,8 +90,8 @@ async def _raw(url: str) -> AsyncIterator[Any]:
         await client.aclose()
 
 
-async def _node_with_9000(cluster: Cluster, url: str | None = None) -> Node:
-    node = await cluster.node("node-a", url)
+async def _node_with_9000(cluster: Cluster, url: str | None = None, **settings: object) -> Node:
+    node = await cluster.node("node-a", url, **settings)
     r = await node.admin.post("/v1/sandboxes/sb1/ports", json={"port": 9000})
     assert r.status_code == 200, r.text
     return node
@@ -221,6 +222,32 @@ async def test_a_busy_refusal_changed_nothing(cluster: Cluster) -> None:
                 await asyncio.wait_for(loop_task, 10)  # killed
         await _settled(node, raw, [9000])
         await _writes_work_again(node, raw)
+
+
+async def test_a_refused_public_tcp_port_claim_binds_and_stores_nothing(cluster: Cluster) -> None:
+    """A ``tcp`` expose first claims its public port in Redis: a replica refuses the claim,
+    the answer says why, no port is held (in Redis or bound) and nothing is stored."""
+    first = random.randint(61000, 65000)
+    node = await _node_with_9000(cluster, public_tcp_ports=f"{first}-{first + 3}")
+    async with _raw(cluster.redis.url) as raw:
+        await raw.replicaof("127.0.0.1", "1")
+        try:
+            r = await node.admin.post(
+                "/v1/sandboxes/sb1/ports", json={"port": 9001, "protocol": "tcp"}
+            )
+        finally:
+            await raw.replicaof("NO", "ONE")
+        body = r.json()
+        assert (r.status_code, body["code"]) == (503, "STORE_UNAVAILABLE"), r.text
+        assert "READONLY" in body["error"] and "connected to a replica" in body["error"], r.text
+        assert "may still" not in body["error"]
+        assert await raw.hgetall("tunneld:tcp_ports") == {}
+        assert not node.edge.tcp.listeners
+        await _settled(node, raw, [9000])
+        r = await node.admin.post("/v1/sandboxes/sb1/ports", json={"port": 9001, "protocol": "tcp"})
+        assert r.status_code == 200, r.text
+        claimed = [int(port) for port in await raw.hkeys("tunneld:tcp_ports")]
+        assert len(claimed) == 1 and first <= claimed[0] <= first + 3
 
 
 # -- LOADING ---------------------------------------------------------------------------------------
