@@ -146,6 +146,21 @@ static slot_cache slot_framer_state, slot_framer_buf, slot_framer_methods;
 static slot_cache slot_head_headers, slot_head_method, slot_head_target;
 static slot_cache slot_conn_sandbox_id, slot_conn_port;
 
+/* PyObject_GetBuffer(o, view, PyBUF_SIMPLE), but an exact bytes object's pointer and size are
+   taken directly (no export, no reference: the caller holds one to ``o`` while it reads, and
+   bytes never change); PyBuffer_Release does nothing for it (its ``obj`` is NULL). */
+static int
+get_view(PyObject *o, Py_buffer *view)
+{
+    if (PyBytes_CheckExact(o)) {
+        view->buf = PyBytes_AS_STRING(o);
+        view->len = PyBytes_GET_SIZE(o);
+        view->obj = NULL;
+        return 0;
+    }
+    return PyObject_GetBuffer(o, view, PyBUF_SIMPLE);
+}
+
 /* exactly ``want`` positional arguments (a TypeError as Python's otherwise) */
 static int
 check_nargs(const char *name, Py_ssize_t nargs, Py_ssize_t want)
@@ -400,7 +415,7 @@ simple_head(PyObject *module, PyObject *data)
     Py_ssize_t end = 0;
     int ok;
 
-    if (PyObject_GetBuffer(data, &view, PyBUF_SIMPLE) < 0) {
+    if (get_view(data, &view) < 0) {
         return NULL;
     }
     ok = simple_response((const unsigned char *)view.buf, view.len, &status, &end);
@@ -839,7 +854,7 @@ whole_response(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         }
         Py_RETURN_NONE;
     }
-    if (PyObject_GetBuffer(data, &view, PyBUF_SIMPLE) < 0) {
+    if (get_view(data, &view) < 0) {
         goto fail;
     }
     have_view = 1;
@@ -857,7 +872,7 @@ whole_response(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     id_line = Py_NewRef(PyList_GET_ITEM(request, R_ID_LINE));
     started = Py_NewRef(PyList_GET_ITEM(request, R_STARTED));
     body_in = Py_NewRef(PyList_GET_ITEM(request, R_BODY_IN));
-    if (PyObject_GetBuffer(id_line, &idv, PyBUF_SIMPLE) < 0) {
+    if (get_view(id_line, &idv) < 0) {
         goto fail;
     }
     have_idv = 1;
@@ -1258,7 +1273,7 @@ make_ids(PyObject *headers, PyObject *counter, PyObject *prefix, PyObject **rid_
         }
         if (is_id) {
             int ok;
-            if (PyObject_GetBuffer(value, &v, PyBUF_SIMPLE) < 0) {
+            if (get_view(value, &v) < 0) {
                 Py_DECREF(value);
                 Py_DECREF(seq);
                 return -1;
@@ -1282,7 +1297,7 @@ make_ids(PyObject *headers, PyObject *counter, PyObject *prefix, PyObject **rid_
             return -1;
         }
     }
-    if (PyObject_GetBuffer(rid, &v, PyBUF_SIMPLE) < 0) {
+    if (get_view(rid, &v) < 0) {
         Py_DECREF(rid);
         return -1;
     }

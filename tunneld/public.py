@@ -941,18 +941,29 @@ class PublicConnection(StreamEndpoint):
         self._responded = True
         self.activity += 1
         framer = self._framer
-        if framer.state is not State.UPGRADE_PENDING:
-            if self._access is None:
-                super().receive_from_peer(data)
-            else:
-                self._write_logged(self._access, data)
-            return
         # The answer to an upgrade request: its status line decides what the connection becomes.
-        accepted = framer.receive_response(data)
-        if self._access is None:
+        upgrade = framer.state is State.UPGRADE_PENDING
+        accepted = framer.receive_response(data) if upgrade else None
+        access = self._access
+        if access is None:
             super().receive_from_peer(data)
-        else:
-            self._write_logged(self._access, data)
+        elif self.transport is not None and not self._closed:
+            # The access log on: the response framer's bytes (the service's, plus an
+            # x-request-id line) are written; credit is what was received. ``fast``:
+            # access.response(data), its common case without a Python call.
+            fast = access.fast
+            if fast is None:
+                out = access.response(data)
+            else:
+                out = accesslog.log_response(fast, access, data) or access.general(data)
+            if out:
+                self.transport.write(out)  # one write: a head and its body are one read
+            if self._write_paused:
+                self._held_credit += len(data)
+            else:
+                self.mux.session.acknowledge(self.stream_id, len(data))
+        if not upgrade:
+            return
         if accepted:
             held = framer.take_held()
             if held and not self._local_eof:
@@ -964,24 +975,6 @@ class PublicConnection(StreamEndpoint):
         elif accepted is False:
             # Not 101: relay this response, then end; nothing more from the client is relayed.
             self._stop_upstream()
-
-    def _write_logged(self, access: ConnectionLog, data: bytes) -> None:
-        """``receive_from_peer`` with the access log on: the response framer's bytes (the
-        service's, plus an x-request-id line) are written; credit is what was received."""
-        transport = self.transport
-        if transport is None or self._closed:
-            return
-        fast = access.fast  # access.response(data), its common case without a Python call
-        if fast is None:
-            out = access.response(data)
-        else:
-            out = accesslog.log_response(fast, access, data) or access.general(data)
-        if out:
-            transport.write(out)  # one write: a head and its body are one read
-        if self._write_paused:
-            self._held_credit += len(data)
-        else:
-            self.mux.session.acknowledge(self.stream_id, len(data))
 
     def peer_writable(self) -> None:
         if self._holding:
