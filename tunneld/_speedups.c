@@ -1656,34 +1656,14 @@ log_response(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     else {
         site = Py_NewRef(st[S_SITE]);
     }
-    if ((wall = clock_ns(st[S_WALL])) == NULL ||
-        items_of(st[S_LINES], L_SIZE, ln, "lines") < 0) {
+    if ((wall = clock_ns(st[S_WALL])) == NULL) {
         goto fail;
     }
-    call[0] = ln[L_PENDING];
-    call[1] = ln[L_STAMP];
-    call[2] = ln[L_SEC];
     call[3] = wall;
     call[4] = st[S_LEAD];
     call[5] = request;
     call[6] = site;
-    if ((r = text_line(module, call, 7)) == NULL) {
-        goto fail;
-    }
-    count = PyLong_AsSsize_t(r);
-    Py_CLEAR(r);
-    if (count == -1 && PyErr_Occurred()) {
-        goto fail;
-    }
-    if (count < 0) { /* a new second: its stamp, then the line */
-        if ((sec = PyNumber_FloorDivide(wall, int_1e9)) == NULL) {
-            goto fail;
-        }
-        if ((r = PyObject_CallMethodOneArg(st[S_WRITER], str_restamp, sec)) == NULL) {
-            goto fail;
-        }
-        Py_CLEAR(r);
-        clear_items(ln, L_SIZE);
+    for (int restamped = 0;; restamped = 1) {
         if (items_of(st[S_LINES], L_SIZE, ln, "lines") < 0) {
             goto fail;
         }
@@ -1698,6 +1678,18 @@ log_response(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         if (count == -1 && PyErr_Occurred()) {
             goto fail;
         }
+        if (count >= 0 || restamped) {
+            break;
+        }
+        /* a new second: its stamp, then the line again (once) */
+        if ((sec = PyNumber_FloorDivide(wall, int_1e9)) == NULL) {
+            goto fail;
+        }
+        if ((r = PyObject_CallMethodOneArg(st[S_WRITER], str_restamp, sec)) == NULL) {
+            goto fail;
+        }
+        Py_CLEAR(r);
+        clear_items(ln, L_SIZE);
     }
     if (count >= MAX_PENDING) {
         if (call_method0(st[S_WRITER], str_flush) < 0) {
