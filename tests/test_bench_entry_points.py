@@ -259,20 +259,34 @@ def test_ab_compares_two_variants_of_a_commit(bench_env: dict[str, str]) -> None
 
 
 def test_instr_counts_instructions_per_request(bench_env: dict[str, str]) -> None:
-    """``python -m bench.e2e.instr HEAD 10 --untimed --in-flight=2``: tunneld and the agent
-    under callgrind, 10 counted requests (docs: 1,000; a callgrind run of two commits takes
-    minutes), with collection off in timer callbacks and the time stamp (the run without
-    ``--untimed`` is the same minus those options), two requests at a time. Reduced: one
-    commit."""
+    """``python -m bench.e2e.instr HEAD 10 --untimed --in-flight=2 --cache-sim``: tunneld and
+    the agent under callgrind with its cache simulation, 10 counted requests (docs: 1,000-3,000;
+    a callgrind run of two commits takes minutes), with collection off in timer callbacks and
+    the time stamp (the run without ``--untimed`` is the same minus those options), two requests
+    at a time, and their L1 misses (without ``--cache-sim``: the same minus that option and the
+    misses). Reduced: one commit."""
     needs("nginx", "valgrind", "callgrind_control")
-    argv = [PY, "-m", "bench.e2e.instr", "HEAD", "10", "--untimed", "--in-flight=2"]
+    argv = [PY, "-m", "bench.e2e.instr", "HEAD", "10", "--untimed", "--in-flight=2", "--cache-sim"]
     out = run(argv, bench_env)
     m = re.search(rf"^HEAD: instructions per request: tunneld ({NUM}), agent ({NUM})$", out, re.M)
+    assert m, out
+    m = re.search(
+        rf"^HEAD: L1 misses per request: tunneld I1 ({NUM}), D1 ({NUM}); "
+        rf"agent I1 ({NUM}), D1 ({NUM})$",
+        out,
+        re.M,
+    )
     assert m, out
     report = trailing_json(out)
     for name in ("tunneld", "agent"):
         assert positive(report["HEAD"][name]["ir"]) > 1000  # a request is ~10^5 instructions
         assert number(report["HEAD"][name]["ratio"]) == 1.0
+        for misses in ("I1", "D1"):  # an L1 miss per ~50-100 instructions of Python
+            assert (
+                10
+                < positive(report["HEAD"][f"{name} {misses}"]["count"])
+                < report["HEAD"][name]["ir"]
+            )
 
 
 def test_interleave_compares_variants_running_at_once(bench_env: dict[str, str]) -> None:
