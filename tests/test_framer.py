@@ -147,3 +147,12 @@ def test_forward_head_drops_internal_and_underscore_headers() -> None:
         b"GET /x HTTP/1.1\r\nhost: localhost:8000\r\nx-kept: yes\r\n"
         b"x-forwarded-for: 1.2.3.4\r\n\r\n"
     )
+
+
+def test_the_module_constants_are_the_states_of_their_names() -> None:
+    """tunneld/framing.py unpacks State into STATE_* in definition order: a member added or
+    moved must not give a constant another state's member."""
+    from tunneld import framing
+
+    for member in State:
+        assert getattr(framing, f"STATE_{member.name}") is member

@@ -66,6 +66,14 @@ class State(enum.Enum):
     DONE = "done"  # nothing more is relayed from the client
 
 
+# The members as module globals, for the per-request paths here and in tunneld/public.py: on
+# Python 3.11 each ``State.X`` goes through ``EnumType.__getattr__``'s type slot (~850
+# instructions, and the attribute load is never specialized: five per small request were ~4 %
+# of relaying it, ``python -m bench.e2e.instr``); a global is one dict lookup. (3.12 dropped
+# that ``__getattr__``.)
+STATE_HEAD, STATE_LENGTH, STATE_CHUNKED, STATE_UPGRADE_PENDING, STATE_TUNNEL, STATE_DONE = State
+
+
 _TRANSITIONS: Final[dict[State, frozenset[State]]] = {
     # any state but DONE -> TUNNEL: hand_off (a cluster node forwards the connection raw)
     State.HEAD: frozenset(
@@ -120,7 +128,7 @@ class RequestFramer:
 
     def __init__(self, parser: HeadParser) -> None:
         self._parser = parser
-        self.state = State.HEAD
+        self.state = STATE_HEAD
         self._head_buf = bytearray()
         self._remaining = 0
         self._scanner: ChunkedScanner | None = None
@@ -132,17 +140,17 @@ class RequestFramer:
     @property
     def idle(self) -> bool:
         """Between requests: the last request is complete and no byte of the next one arrived."""
-        return self.state is State.HEAD and not self._head_buf
+        return self.state is STATE_HEAD and not self._head_buf
 
     @property
     def head_pending(self) -> bool:
         """Part of a request head arrived and the rest has not (the head timeout runs)."""
-        return self.state is State.HEAD and bool(self._head_buf)
+        return self.state is STATE_HEAD and bool(self._head_buf)
 
     @property
     def holding(self) -> bool:
         """Client bytes must not be read now: waiting for the service to accept an upgrade."""
-        return self.state is State.UPGRADE_PENDING
+        return self.state is STATE_UPGRADE_PENDING
 
     def _to(self, state: State) -> None:
         assert state in _TRANSITIONS[self.state], (self.state, state)
@@ -156,11 +164,11 @@ class RequestFramer:
         self._status_buf.clear()
         self._scanner = None
         self._upgrade_after_body = False
-        self._to(State.TUNNEL)
+        self._to(STATE_TUNNEL)
 
     def close(self) -> None:
         """Relay nothing more (an error, a 421, a timeout): later input is ignored."""
-        self.state = State.DONE
+        self.state = STATE_DONE
         self._head_buf.clear()
         self._held.clear()
         self._status_buf.clear()
@@ -174,7 +182,7 @@ class RequestFramer:
         end = len(data)
         while pos < end:
             state = self.state
-            if state is State.HEAD:
+            if state is STATE_HEAD:
                 self._head_buf += data[pos:]
                 pos = end
                 head = self._take_head(events)
@@ -183,14 +191,14 @@ class RequestFramer:
                 if self._head_buf:  # the rest of the read belongs to what follows the head
                     data, self._head_buf = bytes(self._head_buf), bytearray()
                     pos, end = 0, len(data)
-            elif state is State.LENGTH:
+            elif state is STATE_LENGTH:
                 take = min(self._remaining, end - pos)
                 events.append(data[pos : pos + take])
                 pos += take
                 self._remaining -= take
                 if self._remaining == 0:
                     self._body_done()
-            elif state is State.CHUNKED:
+            elif state is STATE_CHUNKED:
                 assert self._scanner is not None
                 try:
                     take = self._scanner.feed(data[pos:])
@@ -206,14 +214,14 @@ class RequestFramer:
                     self._body_done()
                 elif not take:  # pragma: no cover - the scanner always consumes or keeps input
                     break
-            elif state is State.UPGRADE_PENDING:
+            elif state is STATE_UPGRADE_PENDING:
                 self._held += data[pos:]
                 pos = end
                 if len(self._held) > MAX_UPGRADE_HOLD:
                     self.close()
                     error = "Too many bytes sent before the upgrade was accepted."
                     events.append(HeadError(400, "BAD_REQUEST", error))
-            elif state is State.TUNNEL:
+            elif state is STATE_TUNNEL:
                 events.append(data[pos:end])
                 break
             else:  # DONE
@@ -245,11 +253,11 @@ class RequestFramer:
         events.append(head)
         if head.chunked:
             self._upgrade_after_body = head.upgrade is not None
-            self._to(State.CHUNKED)
+            self._to(STATE_CHUNKED)
             self._scanner = ChunkedScanner()
         elif head.content_length:
             self._upgrade_after_body = head.upgrade is not None
-            self._to(State.LENGTH)
+            self._to(STATE_LENGTH)
             self._remaining = head.content_length
         elif head.upgrade is not None:
             self._upgrade_after_body = True
@@ -261,9 +269,9 @@ class RequestFramer:
         if self._upgrade_after_body:
             self._upgrade_after_body = False
             self._status_buf.clear()
-            self._to(State.UPGRADE_PENDING)
+            self._to(STATE_UPGRADE_PENDING)
         else:
-            self._to(State.HEAD)
+            self._to(STATE_HEAD)
 
     # -- service -> client (upgrade requests only) -----------------------------------------------
     def receive_response(self, data: bytes) -> bool | None:
@@ -273,7 +281,7 @@ class RequestFramer:
         state is now ``TUNNEL``; ``take_held()`` gives what the client sent meanwhile), False for
         any other answer (the state is now ``DONE``: relay that response, then close).
         """
-        if self.state is not State.UPGRADE_PENDING:
+        if self.state is not STATE_UPGRADE_PENDING:
             return None
         buf = self._status_buf
         buf += data[: MAX_STATUS_LINE + 2 - len(buf)]
@@ -288,7 +296,7 @@ class RequestFramer:
         # "HTTP/1.1 101 Switching Protocols": the status code is the second field
         parts = line.split(b" ", 2)
         if len(parts) >= 2 and parts[0].startswith(b"HTTP/1.") and parts[1] == b"101":
-            self._to(State.TUNNEL)
+            self._to(STATE_TUNNEL)
             return True
         self.close()
         return False

@@ -53,7 +53,14 @@ from relay.mux import (
 from . import accesslog
 from .accesslog import ConnectionLog
 from .budget import RequestBudget
-from .framing import RequestFramer, State, forward_head
+from .framing import (
+    STATE_DONE,
+    STATE_HEAD,
+    STATE_TUNNEL,
+    STATE_UPGRADE_PENDING,
+    RequestFramer,
+    forward_head,
+)
 from .handover import MAX_PRELUDE, OpenSocket, host_identity
 from .handover import VERSION as HANDOVER_VERSION
 from .httphead import MAX_HEAD_SIZE, HeadError, HeadParser, RequestHead, routing_host
@@ -400,7 +407,7 @@ class PublicConnection(StreamEndpoint):
         if transport.is_closing():
             return  # a clean close under way: its StalledCloseWatch bounds it (close_gracefully)
         if self._timer_kind == "head":
-            if self.mux is None and framer.state is State.HEAD:
+            if self.mux is None and framer.state is STATE_HEAD:
                 self.fail(408, "REQUEST_TIMEOUT", "The request head did not arrive in time.")
             elif framer.head_pending:
                 # a slow head on a live stream: let the service finish, then close
@@ -409,7 +416,7 @@ class PublicConnection(StreamEndpoint):
             self._after_input()
             return
         # keep-alive: between requests, or finishing after _stop_upstream
-        if not (framer.idle or framer.state is State.DONE):
+        if not (framer.idle or framer.state is STATE_DONE):
             return
         if self.activity != self._timer_activity:
             self._arm_timer("keepalive")  # bytes moved since: look again one timeout later
@@ -421,12 +428,12 @@ class PublicConnection(StreamEndpoint):
         """Re-arm the timer that fits the framer's state; pause reading while an upgrade waits."""
         framer = self._framer
         state = framer.state
-        if state is State.HEAD:
+        if state is STATE_HEAD:
             if self.mux is None or framer.head_pending:
                 self._arm_timer("head")  # the first head, or a later one part-way in
             else:
                 self._arm_timer("keepalive")  # between requests
-        elif state is not State.DONE:
+        elif state is not STATE_DONE:
             self._cancel_timer()  # a body, a tunnel, an upgrade: only the idle sweep applies
             if framer.holding and not self._holding:
                 self._holding = True
@@ -437,7 +444,7 @@ class PublicConnection(StreamEndpoint):
     def buffer_updated(self, nbytes: int) -> None:
         self.activity += 1
         framer = self._framer
-        if framer.state is State.TUNNEL:
+        if framer.state is STATE_TUNNEL:
             self.forward(SHARED.view[:nbytes])
             return
         self._feed(SHARED.view[:nbytes])
@@ -493,7 +500,7 @@ class PublicConnection(StreamEndpoint):
             session: EdgeSession | None = state.session
             if session is None or not session.can_open_streams():
                 if server.cluster is not None:
-                    if self._framer.state is State.DONE:
+                    if self._framer.state is STATE_DONE:
                         # What came with the head was refused already (more than an upgrade
                         # may hold): its HeadError follows in this batch and is answered here.
                         return True
@@ -614,7 +621,7 @@ class PublicConnection(StreamEndpoint):
             or transport.is_closing()
             or self._holding
             or self._read_paused
-            or self._framer.state is State.TUNNEL  # handed on: that path resumes reading
+            or self._framer.state is STATE_TUNNEL  # handed on: that path resumes reading
         ):
             transport.resume_reading()
 
@@ -942,7 +949,7 @@ class PublicConnection(StreamEndpoint):
         self.activity += 1
         framer = self._framer
         # The answer to an upgrade request: its status line decides what the connection becomes.
-        upgrade = framer.state is State.UPGRADE_PENDING
+        upgrade = framer.state is STATE_UPGRADE_PENDING
         accepted = framer.receive_response(data) if upgrade else None
         access = self._access
         if access is None:
@@ -1001,7 +1008,7 @@ class PublicConnection(StreamEndpoint):
         transport = self.transport
         if transport is None:
             return
-        if self._framer.state is State.TUNNEL and not self._local_eof:
+        if self._framer.state is STATE_TUNNEL and not self._local_eof:
             if transport.can_write_eof():
                 transport.write_eof()  # WebSocket/raw tunnel: keep TCP half-close semantics
             return
