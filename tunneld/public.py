@@ -953,7 +953,8 @@ class PublicConnection(StreamEndpoint):
         accepted = framer.receive_response(data) if upgrade else None
         access = self._access
         if access is None:
-            super().receive_from_peer(data)
+            # (not super(): its object and lookup cost ~0.3 % of relaying a small request)
+            StreamEndpoint.receive_from_peer(self, data)
         elif self.transport is not None and not self._closed:
             # The access log on: the response framer's bytes (the service's, plus an
             # x-request-id line) are written; credit is what was received. ``fast``:
