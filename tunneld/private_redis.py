@@ -8,8 +8,9 @@ Redis (:mod:`tunneld.redis_store`, :mod:`tunneld.cluster`), so rather than a sec
 for one host (SQLite shared by several writers would need polling for changes and a lease table
 of its own), the supervisor starts a private ``redis-server`` for its workers when the configured
 store is ``sqlite`` or ``memory``: listening only on a Unix socket (mode 0700, in a private
-temporary directory), never on TCP, stopped with the supervisor. The workers get
-``store = unix://...`` and are a cluster of one host.
+temporary directory), never on TCP, in a process group of its own (a terminal's Ctrl-C is
+for the supervisor, which stops it after the write-back), stopped with the supervisor. The
+workers get ``store = unix://...`` and are a cluster of one host.
 
 The operator's ``sqlite`` store stays the durable copy at rest. The supervisor holds the state
 directory's lock for its whole life (no single-process tunneld can open it meanwhile), and:
@@ -213,6 +214,10 @@ class PrivateRedis:
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             preexec_fn=_die_with_parent,
+            # A process group of its own: the SIGINT a terminal's Ctrl-C sends to the whole
+            # foreground group must not stop it before the supervisor has written its exposures
+            # back; the supervisor stops it (and the kernel, should the supervisor die).
+            process_group=0,
         )
 
     def ping(self) -> bool:

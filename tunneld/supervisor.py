@@ -57,7 +57,10 @@ redis-server it started (``PrivateRedis.start_async``), starts no worker, and wr
 a copy that was complete (exit 0; exit 1 when a recovering start is cut short: its exposures stay
 unsaved). At the end the write-back and the redis-server's stop are on the loop, each wait
 bounded (``PrivateRedis.stop_async``: SIGKILL after ``STOP_TIMEOUT``, logged); a second signal
-then is logged, not the default action that would kill the supervisor mid-stop.
+then is logged, not the default action that would kill the supervisor mid-stop. systemd's
+stop sends SIGTERM to the redis-server too (to every process of the unit): one that shut down
+cleanly before the write-back is started again on its append-only file for it
+(``_revive_private_store``).
 
 **Restarts.** A worker that exits on its own is logged (exit code or signal) and started again
 after a backoff: 1 s, doubling to 30 s, back to 1 s for a worker that ran 60 s. A worker that
@@ -364,6 +367,8 @@ class Supervisor:
         self._private = self._sqlite = None
         save = save and self._write_back
         try:
+            if private is not None and sqlite is not None and save:
+                await self._revive_private_store(private)
             if (
                 private is not None
                 and sqlite is not None
@@ -378,11 +383,19 @@ class Supervisor:
             elif private is not None and sqlite is not None and save:
                 from .redis_store import RedisStore
 
-                store = RedisStore(private.url, node_id="supervisor")
-                try:
-                    records = await store.load_all()
-                finally:
-                    await store.close()
+                for attempt in (1, 2):
+                    store = RedisStore(private.url, node_id="supervisor")
+                    try:
+                        records = await store.load_all()
+                        break
+                    except StoreError:
+                        if attempt == 2:
+                            raise
+                    finally:
+                        await store.close()
+                    # It answered the ping, then exited under the read (the same signal, seen
+                    # by it a moment later): once more on its append-only file.
+                    await self._revive_private_store(private)
                 count = sqlite.import_now(records, replace=True)
                 await private.stop_async()  # its append-only file is now a stale copy: drop the
                 # marker (after SIGKILL too, logged: the copy that counts is written back)
@@ -400,6 +413,26 @@ class Supervisor:
                 private.cleanup()
             if sqlite is not None:
                 sqlite.close_now()
+
+    async def _revive_private_store(self, private: PrivateRedis) -> None:
+        """Before the write-back: a redis-server that shut down cleanly on someone else's signal
+        is started again on its append-only file (``appendfsync always``: it holds every
+        exposure). systemd's stop sends SIGTERM to every process of the unit at once
+        (``KillMode=control-group``), so the redis-server gets it with the supervisor and exits
+        (within about 0.1 s, status 0) while the workers drain. One that answers, never
+        answered (``proc`` None: ``start_async`` stopped it), or died otherwise (killed,
+        crashed: an unclean stop, said by the caller) is left as it is."""
+        proc = private.proc
+        if proc is None or (private.exited() is None and await private.ping_async()):
+            return
+        await private.stop_async()  # one still shutting down: let it end (bounded, as at a stop)
+        if proc.returncode != 0:
+            return
+        log.warning(
+            "the private redis-server was stopped before the exposures were written back; "
+            "starting it again on its append-only file to write them back"
+        )
+        await private.start_async(fresh=False)  # StoreError: not written back (logged, exit 1)
 
     def _check_private_store(self) -> None:
         """SIGCHLD: the private redis-server died: start it again on its own data at once. The
