@@ -1,20 +1,70 @@
-"""``tunneld``: the edge daemon's command line (serve, token, exposures, port-forward, demo)."""
+"""``tunneld``: the edge daemon's command line (serve, token, exposures, port-forward, demo).
+
+A stop signal while ``tunneld serve`` starts
+-------------------------------------------
+SIGTERM (systemd, an operator) and SIGINT (Ctrl-C) are this module's from its first lines on,
+before its imports (argparse, asyncio, the configuration ...): :func:`_stop_starting` ends the
+process at once with one line on stderr, exit 0 for SIGTERM (a stop, as after a drain) and 130
+for SIGINT, no traceback, since nothing has been started yet. Everything that starts something
+(a store, listeners, a redis-server, workers) runs on an event loop whose own handlers replace
+that one first: :func:`_serve` installs them before it opens the store, and
+``Supervisor.run`` (tunneld/supervisor.py) before it takes the ports, so a signal there abandons
+the start and stops what it began. The other commands get Python's defaults back once the
+command line is parsed. Only Python's own start and ``import tunneld`` come before the handler.
+"""
 
 from __future__ import annotations
 
-import argparse
-import asyncio
-import logging
 import os
 import signal
 import sys
-import time
-from collections.abc import Sequence
-from typing import Any
+from types import FrameType
 
-from relay.loop import new_event_loop
+EXIT_INTERRUPTED = 130  # SIGINT (Ctrl-C), as shells report it; no traceback
 
-from .config import Config, ConfigError, check_store, load_config, parse_workers
+
+def _stop_starting(signum: int, frame: FrameType | None) -> None:
+    """SIGTERM or SIGINT before ``tunneld serve`` started anything: exit now, one line, no
+    traceback. ``os._exit``: a ``KeyboardInterrupt`` raised inside an import or a half-built
+    object prints tracebacks (and worse); there is nothing to clean up yet."""
+    name = "SIGTERM" if signum == signal.SIGTERM else "SIGINT"
+    try:
+        sys.stderr.write(f"tunneld: {name} during start-up: stopped before serving\n")
+        sys.stderr.flush()
+    except (OSError, RuntimeError, ValueError, AttributeError):  # closed, mid-write, or None
+        pass
+    os._exit(0 if signum == signal.SIGTERM else EXIT_INTERRUPTED)
+
+
+def _handle_start_signals(handler: signal._HANDLER) -> bool:
+    """``handler`` for SIGTERM and SIGINT; False where Python refuses (not the main thread)."""
+    try:
+        signal.signal(signal.SIGTERM, handler)
+        signal.signal(signal.SIGINT, handler)
+    except ValueError:
+        return False
+    return True
+
+
+def _is_the_program() -> bool:
+    """Run as ``tunneld`` (the console script) or ``python -m tunneld.cli`` (a worker), not
+    imported by someone else's process (a test, an embedding program)."""
+    return __name__ == "__main__" or os.path.basename(sys.argv[0] if sys.argv else "") == "tunneld"
+
+
+if _is_the_program():
+    _handle_start_signals(_stop_starting)
+
+import argparse  # noqa: E402 - after the handlers: a signal during these imports is handled
+import asyncio  # noqa: E402
+import logging  # noqa: E402
+import time  # noqa: E402
+from collections.abc import Sequence  # noqa: E402
+from typing import Any  # noqa: E402
+
+from relay.loop import new_event_loop  # noqa: E402
+
+from .config import Config, ConfigError, check_store, load_config, parse_workers  # noqa: E402
 
 log = logging.getLogger("tunneld")
 
@@ -355,11 +405,17 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # The program itself (argv None): SIGTERM and SIGINT stop it cleanly from here on, if the
+    # import did not do it already; a caller in-process keeps its own handling.
+    program = argv is None and _handle_start_signals(_stop_starting)
     try:
         parser = build_parser()  # imports the subcommands' modules: Ctrl-C may land here
         args = parser.parse_args(argv)
     except KeyboardInterrupt:
-        return 130
+        return EXIT_INTERRUPTED
+    if program and args.command != "serve":
+        _handle_start_signals(signal.SIG_DFL)  # what the other commands were written for
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         if args.command == "serve":
             config_path = args.config or os.environ.get("TUNNELD_CONFIG")
@@ -399,7 +455,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"tunneld: configuration error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        return 130
+        return EXIT_INTERRUPTED
     parser.error(f"unknown command {args.command}")
     return 2  # pragma: no cover
 
@@ -445,27 +501,52 @@ async def _serve(
 ) -> int:
     from . import systemd
     from .edge import EdgeServer
-    from .store import StoreError, open_store
+    from .store import Store, StoreError, open_store
 
     loop = asyncio.get_running_loop()
-    try:
+    stop = asyncio.Event()
+    signals: list[str] = []
+    starting: asyncio.Task[None] | None = None
+
+    def on_stop(name: str) -> None:
+        signals.append(name)
+        stop.set()
+        if starting is not None:
+            starting.cancel()  # the start is abandoned: what it began is stopped below
+
+    # SIGTERM and SIGINT are the loop's before the store is opened (until now _stop_starting's,
+    # which ends the process: nothing was started): one during the start cancels it.
+    loop.add_signal_handler(signal.SIGTERM, on_stop, "SIGTERM")
+    loop.add_signal_handler(signal.SIGINT, on_stop, "SIGINT")
+    store: Store | None = None
+    server: EdgeServer | None = None
+
+    async def start() -> None:
+        nonlocal store, server
         store = open_store(config.store, config.state_dir, config.node_id)
-    except StoreError as exc:
-        log.error("cannot start: %s", exc)
-        return 2
-    server = EdgeServer(config, loop, store)
-    try:
+        server = EdgeServer(config, loop, store)
         await server.start()
-    except StoreError as exc:
-        log.error("cannot start: %s", exc)
-        await store.close()
-        return 2
-    except OSError as exc:
-        log.error("cannot start: %s", exc)
-        await store.close()
-        return 1
-    if ports_file:
-        _write_ports(ports_file, server)
+        if ports_file:
+            _write_ports(ports_file, server)
+
+    starting = loop.create_task(start())
+    try:
+        await asyncio.wait([starting])
+    finally:
+        started, starting = starting, None
+    error = None if started.cancelled() else started.exception()
+    if started.cancelled() or error is not None:
+        if store is not None:
+            await _abandon_start(server, store, cancelled=error is None)
+        if error is None:
+            log.info("%s during start-up: stopped before serving", signals[0])
+            systemd.notify("STOPPING=1")
+            return 0 if signals[0] == "SIGTERM" else EXIT_INTERRUPTED
+        if not isinstance(error, (StoreError, OSError)):
+            raise error
+        log.error("cannot start: %s", error)
+        return 2 if isinstance(error, StoreError) else 1
+    assert server is not None
     if config.access_log:
         from . import speedups
 
@@ -475,12 +556,6 @@ async def _serve(
             "agent listener without TLS: only agents on loopback are accepted (use tls_cert/"
             "tls_key, or allow_plaintext_agents = true on a trusted network)"
         )
-    stop = asyncio.Event()
-    signals: list[str] = []
-
-    def on_stop(name: str) -> None:
-        signals.append(name)
-        stop.set()
 
     def on_reload() -> None:
         try:
@@ -492,8 +567,11 @@ async def _serve(
         apply_reload(server, new)
         log.info("SIGHUP: configuration reloaded")
 
-    loop.add_signal_handler(signal.SIGTERM, on_stop, "SIGTERM")
-    loop.add_signal_handler(signal.SIGINT, on_stop, "SIGINT")
+    if stop.is_set():  # the signal came as the start ended (nothing left to cancel)
+        log.info("%s during start-up: stopped before serving", signals[0])
+        systemd.notify("STOPPING=1")
+        await server.stop(0)
+        return 0 if signals[0] == "SIGTERM" else EXIT_INTERRUPTED
     loop.add_signal_handler(signal.SIGHUP, on_reload)
     systemd.notify("READY=1\nSTATUS=serving")
     interval = systemd.watchdog_interval()
@@ -506,6 +584,25 @@ async def _serve(
         watchdog.cancel()
     log.info("stopped")
     return 0
+
+
+async def _abandon_start(server: Any, store: Any, *, cancelled: bool) -> None:
+    """Stop what a start cut short by a signal (``cancelled``) or failed had begun: the cluster
+    node (its record and leases in Redis), the handover server, the store (its lock). The
+    listeners it bound close with the process, which ends next."""
+    try:
+        if server is not None:
+            if server.cluster is not None:
+                await server.cluster.stop()
+            if server.handover is not None:
+                server.handover.close()
+    finally:
+        if cancelled:
+            # A read cancelled on the loop goes on in its thread (SqliteStore.load_all): closing
+            # the database under it crashed the process (SIGSEGV). Let it end first; the store
+            # has no writer thread yet, so its close needs no executor.
+            await asyncio.get_running_loop().shutdown_default_executor()
+        await store.close()
 
 
 def apply_reload(server: Any, new: Config) -> None:

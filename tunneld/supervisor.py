@@ -51,7 +51,8 @@ new configuration anyway). SIGTERM or SIGINT: ``STOPPING=1``, SIGTERM to every w
 for its grace period; a worker still running ``grace_period + STOP_MARGIN`` later is killed; the
 supervisor exits 0. Each worker also asks the kernel for SIGTERM should the supervisor die
 (``PR_SET_PDEATHSIG``), so a killed supervisor leaves no worker holding the ports. The handlers
-are installed first thing in ``run`` and removed last: the start (ports, the private
+are installed first thing in ``run`` (before, tunneld/cli.py's, which end the process at once:
+nothing is started yet) and removed last: the start (ports, the private
 redis-server, the copy into it) is a task that a SIGTERM or SIGINT cancels, which stops the
 redis-server it started (``PrivateRedis.start_async``), starts no worker, and writes back only
 a copy that was complete (exit 0; exit 1 when a recovering start is cut short: its exposures stay
