@@ -470,7 +470,10 @@ class TcpExposures:
             return bool(await store.claim_public_port(public_port, sandbox_id, port))
         except StoreError as exc:
             raise RegistryError(
-                503, "STORE_UNAVAILABLE", f"The public port could not be claimed ({exc})."
+                503,
+                "STORE_UNAVAILABLE",
+                # no exposure was made (a claim that did land goes stale: PORT_CLAIM_GRACE)
+                f"The public port could not be claimed ({exc}); nothing changed.",
             ) from None
 
     async def unclaim(self, public_port: int, sandbox_id: str, port: int) -> None:
