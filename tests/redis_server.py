@@ -15,6 +15,7 @@ The cluster tests use it as the shared store, the raw TCP tests as the service i
 
 from __future__ import annotations
 
+import asyncio
 import os
 import random
 import shutil
@@ -26,7 +27,9 @@ import time
 from pathlib import Path
 
 import pytest
+import redis.asyncio as aioredis
 import trustme
+from redis.exceptions import ResponseError
 
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
 # TCP: ports tried before giving up (a port taken by something else fails the bind).
@@ -172,3 +175,17 @@ class RedisServer:
     def resume(self) -> None:
         if self.proc is not None:
             self.proc.send_signal(signal.SIGCONT)
+
+
+async def until_busy(raw: aioredis.Redis, timeout: float = 10.0) -> None:
+    """Wait until Redis answers BUSY (another client's script runs past
+    ``busy-reply-threshold``), at most ``timeout`` seconds; any other error is raised."""
+    async with asyncio.timeout(timeout):
+        while True:
+            try:
+                await raw.ping()
+            except ResponseError as exc:
+                if str(exc).startswith("BUSY"):
+                    return
+                raise
+            await asyncio.sleep(0.01)

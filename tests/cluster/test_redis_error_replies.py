@@ -31,7 +31,7 @@ from redis.exceptions import ResponseError
 from tunneld.redis_store import RedisStore
 from tunneld.store import StoreError
 
-from ..redis_server import RedisServer
+from ..redis_server import RedisServer, until_busy
 from .nodes import Cluster, Node, wait_for
 
 pytestmark = pytest.mark.anyio
@@ -206,15 +206,7 @@ async def test_a_busy_refusal_changed_nothing(cluster: Cluster) -> None:
         await raw.config_set("busy-reply-threshold", "10")  # ms
         loop_task = asyncio.create_task(looping.eval("while true do end", 0))
         try:
-            async with asyncio.timeout(10):
-                while True:  # until the script runs past the threshold
-                    try:
-                        await raw.ping()
-                    except ResponseError as exc:
-                        if str(exc).startswith("BUSY"):
-                            break
-                        raise
-                    await asyncio.sleep(0.01)
+            await until_busy(raw)  # until the script runs past the threshold
             await _refused_both_ways(node, raw, "BUSY", "a script is running in Redis", read=False)
         finally:
             await raw.script_kill()

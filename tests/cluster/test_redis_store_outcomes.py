@@ -21,7 +21,7 @@ from relay.mux import abort_with_reset
 from tunneld.redis_store import RedisStore
 from tunneld.store import StoredExposure, StoreError
 
-from ..redis_server import RedisServer
+from ..redis_server import RedisServer, until_busy
 
 pytestmark = pytest.mark.anyio
 
@@ -205,15 +205,7 @@ async def test_a_busy_refusal_changed_nothing(redis_server: RedisServer) -> None
         await raw.config_set("busy-reply-threshold", "10")  # ms
         loop_task = asyncio.create_task(looping.eval("while true do end", 0))
         try:
-            async with asyncio.timeout(10):
-                while True:  # until the script runs past the threshold
-                    try:
-                        await raw.ping()
-                    except ResponseError as exc:
-                        if str(exc).startswith("BUSY"):
-                            break
-                        raise
-                    await asyncio.sleep(0.01)
+            await until_busy(raw)  # until the script runs past the threshold
             with pytest.raises(StoreError, match="BUSY") as failed:
                 await store.put(rec(8001))
         finally:

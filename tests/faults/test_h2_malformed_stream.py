@@ -192,11 +192,27 @@ def answered_400(seen: Seen, sid: int) -> None:
     assert page["error"].startswith("Malformed HTTP/2 request: "), page
 
 
+async def cut_at_the_service(client: RawH2, seen: Seen, service: Service, upload: int) -> bytes:
+    """The upload ``upload``, which the service has, is cut: RST_STREAM(PROTOCOL_ERROR) to the
+    client, no GOAWAY, and the service's connection reset. Returns what the service received."""
+    await pump(client, seen, lambda: seen.over(upload) or seen.goaway is not None)
+    assert seen.goaway is None, f"GOAWAY {seen.goaway}"
+    assert seen.resets.get(upload) == PROTOCOL_ERROR, (seen.heads, seen.resets)
+    await wait_until(lambda: len(service.ends) == 1, what="the upload's service end")
+    assert service.ends == ["reset"], service.ends
+    (received,) = service.received
+    return received
+
+
 async def the_rest_goes_on(
-    stack: Stack, client: RawH2, seen: Seen, service: Service, slow: int
+    stack: Stack, client: RawH2, seen: Seen, service: Service, slow: int, cut: bool = False
 ) -> None:
     """No GOAWAY; the response of ``slow`` arrives whole once the service sends the rest; a new
-    request on the same connection is served; the service saw only those two requests."""
+    request on the same connection is served; the service saw only those two requests (``cut``:
+    and the POST ``cut_at_the_service`` saw cut, forgotten here)."""
+    if cut:
+        service.heads.remove(next(h for h in service.heads if h.startswith(b"POST")))
+        service.ends.clear()
     assert seen.goaway is None and not seen.closed
     service.go.set()
     await pump(client, seen, lambda: seen.over(slow))
@@ -331,16 +347,9 @@ async def test_malformed_trailers_cut_their_request_only(
             await wait_until(lambda: len(service.heads) == 2, what="the upload at the service")
             client.conn.send_headers(upload, trailers, end_stream=True)
             await client.send()
-            await pump(client, seen, lambda: seen.over(upload) or seen.goaway is not None)
-            assert seen.goaway is None, f"GOAWAY {seen.goaway}"
-            assert seen.resets.get(upload) == PROTOCOL_ERROR, (seen.heads, seen.resets)
-            await wait_until(lambda: len(service.ends) == 1, what="the upload's service end")
-            assert service.ends == ["reset"], service.ends
-            (received,) = service.received
+            received = await cut_at_the_service(client, seen, service, upload)
             assert not received.endswith(b"0\r\n\r\n"), "the malformed request reached its end"
-            service.heads.remove(next(h for h in service.heads if h.startswith(b"POST")))
-            service.ends.clear()
-            await the_rest_goes_on(stack, client, seen, service, slow)
+            await the_rest_goes_on(stack, client, seen, service, slow, cut=True)
         await wait_until(lambda: nothing_left(stack), what="the edge to forget it all")
 
 
@@ -372,17 +381,10 @@ async def test_data_that_contradicts_content_length_cuts_its_request_only(
                 client.conn.send_data(upload, b"v" * 100)
                 client.conn.send_headers(upload, [(b"x-trailer", b"1")], end_stream=True)
             await client.send()
-            await pump(client, seen, lambda: seen.over(upload) or seen.goaway is not None)
-            assert seen.goaway is None, f"GOAWAY {seen.goaway}"
-            assert seen.resets.get(upload) == PROTOCOL_ERROR, (seen.heads, seen.resets)
-            await wait_until(lambda: len(service.ends) == 1, what="the upload's service end")
-            assert service.ends == ["reset"], service.ends
-            (received,) = service.received
+            received = await cut_at_the_service(client, seen, service, upload)
             assert len(received) < 1000, "the malformed request reached the service whole"
             assert received.strip(b"uv") == b"" and received.count(b"v") <= 100, received
-            service.heads.remove(next(h for h in service.heads if h.startswith(b"POST")))
-            service.ends.clear()
-            await the_rest_goes_on(stack, client, seen, service, slow)
+            await the_rest_goes_on(stack, client, seen, service, slow, cut=True)
         await wait_until(lambda: nothing_left(stack), what="the edge to forget it all")
 
 
