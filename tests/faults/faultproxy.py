@@ -103,6 +103,7 @@ class FaultProxy:
         self._links: set[_Link] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self._dropper: asyncio.Task[None] | None = None
+        self._closing = False
 
     # -- lifecycle ---------------------------------------------------------------------------------
     async def start(self) -> FaultProxy:
@@ -111,6 +112,7 @@ class FaultProxy:
         return self
 
     async def close(self) -> None:
+        self._closing = True  # a connection accepted from now on is reset, not proxied
         self.stop_drop_every()
         if self._server is not None:
             self._server.close()
@@ -222,6 +224,9 @@ class FaultProxy:
         assert task is not None
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        if self._closing:
+            _reset(writer.transport)
+            return
         if self._refusing:
             self.refused += 1
             _reset(writer.transport)
@@ -231,7 +236,10 @@ class FaultProxy:
             up_reader, up_writer = await asyncio.wait_for(
                 asyncio.open_connection(*self.target, limit=STREAM_LIMIT), 10
             )
-        except (OSError, TimeoutError):
+        except (OSError, TimeoutError, asyncio.CancelledError):
+            # close() cancels a connect still pending: the accepted side must end too (3.12+
+            # Server.wait_closed() waits for it). The task ends normally, as below: on a
+            # cancelled one, start_server's done callback raises before 3.13 and closes nothing.
             _reset(writer.transport)
             return
         link = _Link(writer, up_writer)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 from collections.abc import AsyncIterator
 
@@ -225,6 +226,27 @@ async def test_close_cancels_every_task(echo: Echo) -> None:
     with pytest.raises((ConnectionResetError, asyncio.IncompleteReadError)):
         await asyncio.wait_for(reader.readexactly(1), 5)
     writer.close()
+
+
+async def test_close_ends_a_connection_whose_upstream_connect_is_pending() -> None:
+    # The target's accept queue is full (listen(0) and one connection queued), so the kernel drops
+    # the proxy's SYN and its upstream connect hangs. close() must still end the accepted client
+    # connection: on Python 3.12+ Server.wait_closed() waits for it (a TimeoutError after 5 s
+    # here), and before it was a socket left open, a ResourceWarning in some later test.
+    with socket.socket() as target, socket.socket() as queued:
+        target.bind(("127.0.0.1", 0))
+        target.listen(0)
+        queued.settimeout(5)
+        queued.connect(target.getsockname())
+        proxy = await FaultProxy(*target.getsockname()).start()
+        reader, writer = await _connect(proxy)
+        try:
+            await proxy.wait_until(lambda: proxy.accepted == 1)
+            await asyncio.wait_for(proxy.close(), 10)
+            with pytest.raises((ConnectionResetError, asyncio.IncompleteReadError)):
+                await asyncio.wait_for(reader.readexactly(1), 5)
+        finally:
+            writer.close()
 
 
 async def test_faulty_stack_carries_the_agent_link_through_the_proxy(faulty_stack) -> None:
