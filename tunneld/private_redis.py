@@ -52,6 +52,8 @@ REDIS_DIR: Final = "redis"  # in the state directory: the private Redis's append
 UNSAVED: Final = "UNSAVED"  # marker: the private Redis holds exposures not yet in exposures.db
 SOCKET_FILE: Final = "SOCKET"  # where a running private Redis listens (for `exposures export`)
 START_TIMEOUT: Final = 15.0
+# sockaddr_un's sun_path holds 108 bytes with the terminating NUL
+MAX_SOCKET_PATH: Final = 107
 STOP_TIMEOUT: Final = 10.0  # SIGTERM -> SIGKILL: redis-server fsyncs its append-only file and exits
 KILL_WAIT: Final = 5.0  # after SIGKILL, the kernel's part
 
@@ -129,6 +131,10 @@ class PrivateRedis:
     def __init__(self, data_dir: Path | None) -> None:
         self.data_dir = data_dir
         self._tmp = Path(tempfile.mkdtemp(prefix="tunneld-redis-"))  # short: a socket path
+        if len(os.fsencode(self._tmp / "redis.sock")) > MAX_SOCKET_PATH:
+            # a long TMPDIR: redis-server would refuse the socket ("unix socket path too long")
+            self._tmp.rmdir()
+            self._tmp = Path(tempfile.mkdtemp(prefix="tunneld-redis-", dir="/tmp"))
         self._tmp.chmod(0o700)
         self.socket_path = self._tmp / "redis.sock"
         self.url = f"unix://{self.socket_path}"

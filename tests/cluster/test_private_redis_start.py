@@ -119,3 +119,22 @@ def test_a_server_that_exits_at_start_is_a_store_error(
             asyncio.run(asyncio.wait_for(redis.start_async(fresh=True), WAIT))
     finally:
         redis.cleanup()
+
+
+def test_a_long_tmpdir_still_gives_a_socket_redis_server_accepts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """sun_path holds 107 bytes: under a TMPDIR that long (a test runner's, a user's), the real
+    redis-server refused the socket and the start failed; the socket now goes under /tmp."""
+    long_dir = tmp_path / ("d" * (120 - len(str(tmp_path))))
+    long_dir.mkdir()
+    monkeypatch.setenv("TMPDIR", str(long_dir))
+    monkeypatch.setattr(private_redis.tempfile, "tempdir", None)  # re-read TMPDIR
+    redis = PrivateRedis(None)
+    try:
+        assert len(os.fsencode(redis.socket_path)) <= 107
+        asyncio.run(asyncio.wait_for(redis.start_async(fresh=True), WAIT))
+        assert redis.ping()
+    finally:
+        redis.cleanup()
+    assert list(long_dir.iterdir()) == []

@@ -35,6 +35,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -224,8 +225,9 @@ class Run:
         self.hook.mkdir()
         (self.hook / "sitecustomize.py").write_text(_SITECUSTOMIZE)
         self.state = tmp / "state"
-        self.tmpdir = tmp / "tmpdir"  # the private redis-server's socket directory goes here
-        self.tmpdir.mkdir()
+        # the private redis-server's socket directory goes here: short, as a socket path must
+        # be (under xdist tmp_path is too long, and tunneld would take /tmp instead)
+        self.tmpdir = Path(tempfile.mkdtemp(prefix="tunneld-sig-", dir="/tmp"))
         self.marker = tmp / "fired"
         self.ports = tmp / "ports.json"
         self.log = tmp / "tunneld.log"
@@ -310,6 +312,7 @@ def run(tmp_path: Path) -> Iterator[Run]:
         yield r
     finally:
         r.kill()
+        shutil.rmtree(r.tmpdir, ignore_errors=True)
 
 
 SIGNALS = {"SIGTERM": ("TERM", 0), "SIGINT": ("INT", 130)}
