@@ -341,25 +341,6 @@ needs_redis = pytest.mark.skipif(
 
 
 @needs_redis
-@pytest.mark.parametrize("sig", list(SUPERVISOR_SIGNALS))
-@pytest.mark.parametrize("point", SUPERVISOR_EARLY + SUPERVISOR_RUN)
-def test_a_signal_while_the_supervisor_starts_stops_everything_cleanly(
-    run: Run, point: str, sig: str
-) -> None:
-    how, expected = SUPERVISOR_SIGNALS[sig]
-    sig = sig.split()[0]
-    if point in SUPERVISOR_RUN:
-        expected = 0  # the supervisor's own handlers: exit 0 (docs/operations.md, Signals)
-    run.start(point, how, "--workers", "2")
-    status, text = run.wait()
-    run.check_nothing_left(point, status, text)
-    assert status == expected, (status, text[-3000:])
-    # After its start (the workers being started): the stop of a running supervisor.
-    assert f"{sig} during start-up" in text or f"{sig}: stopping" in text, text[-3000:]
-    assert "all 2 workers ready" not in text, text[-3000:]
-
-
-@needs_redis
 @pytest.mark.parametrize("point", WORKER_POINTS)
 def test_a_sigterm_passed_on_to_a_starting_worker_stops_everything_cleanly(
     run: Run, point: str
