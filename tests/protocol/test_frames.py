@@ -58,7 +58,13 @@ def test_header_layout() -> None:
 def test_whole_input() -> None:
     reader = FrameReader()
     reader.feed(encode(SAMPLE))
-    assert read_all(reader) == SAMPLE
+    frames = read_all(reader)
+    assert frames == SAMPLE
+    # Frames, not bare tuples (they compare equal): the decoder builds them with tuple.__new__
+    assert all(type(f) is Frame for f in frames)
+    assert [(f.type, f.stream_id, f.payload) for f in frames] == [
+        (f.type, f.stream_id, f.payload) for f in SAMPLE
+    ]
     assert reader.buffered == 0
 
 
