@@ -82,3 +82,21 @@ def tls_files(directory: Path, name: str) -> TlsFiles:
     issued.private_key_pem.write_to_path(str(files.key))
     ca.cert_pem.write_to_path(str(files.ca))
     return files
+
+
+def stderr_of_interrupted(proc: subprocess.Popen[str], timeout: float, what: str) -> str:
+    """The stderr of ``proc``, a ``tunnel-agent`` sent SIGINT, once it has ended (killed and the
+    test failed if it is still running ``timeout`` s later)."""
+    try:
+        _, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate(timeout=5)
+        pytest.fail(f"{what}: still running {timeout:g} s after SIGINT")
+    return str(stderr)
+
+
+def assert_exited_130_cleanly(proc: subprocess.Popen[str], stderr: str) -> None:
+    """Ctrl-C's end: exit 130 (as shells report SIGINT), no traceback, no destructor's error."""
+    assert "Traceback" not in stderr and "Exception ignored" not in stderr, stderr
+    assert proc.returncode == 130, (proc.returncode, stderr)

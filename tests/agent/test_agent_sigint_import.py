@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import AGENT_ENV
+from .conftest import AGENT_ENV, assert_exited_130_cleanly, stderr_of_interrupted
 
 ROOT = Path(__file__).resolve().parents[2]  # the tree under test (also in a copy of it)
 RUN_TIMEOUT = 20.0
@@ -134,16 +134,10 @@ def _interrupted_at_import(
         env=env,
         cwd=tmp_path,
     )
-    try:
-        _, stderr = proc.communicate(timeout=RUN_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.communicate(timeout=5)
-        pytest.fail(f"still running {RUN_TIMEOUT:g} s after SIGINT at the import of {target}")
+    stderr = stderr_of_interrupted(proc, RUN_TIMEOUT, f"SIGINT at the import of {target}")
     assert marker.is_file(), f"{target} was never imported (exit {proc.returncode}): {stderr}"
     assert marker.read_text() == target  # the interrupt landed where this case means it to
-    assert "Traceback" not in stderr and "Exception ignored" not in stderr, stderr
-    assert proc.returncode == 130, (proc.returncode, stderr)  # as shells report SIGINT
+    assert_exited_130_cleanly(proc, stderr)
 
 
 def _command(target: str, port: int) -> list[str]:

@@ -22,7 +22,7 @@ import pytest
 from agent.cli import EXIT_USAGE
 from tests.cli_help import help_entries
 
-from .conftest import AGENT_ENV
+from .conftest import AGENT_ENV, assert_exited_130_cleanly, stderr_of_interrupted
 
 AGENT = str(Path(sys.executable).parent / "tunnel-agent")
 RUN_TIMEOUT = 15.0
@@ -152,15 +152,9 @@ def test_ctrl_c_at_any_point_of_a_client_command_exits_130_without_a_traceback(
             env=_env(),
             cwd=root,  # `-c` imports agent/ from here
         )
-        try:
-            _, stderr = proc.communicate(timeout=RUN_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.communicate(timeout=5)
-            pytest.fail(f"tunnel-agent wait still running after SIGINT at {point}")
+        stderr = stderr_of_interrupted(proc, RUN_TIMEOUT, f"tunnel-agent wait, SIGINT at {point}")
     assert marker.read_text() == point  # the interrupt landed where this case means it to
-    assert "Traceback" not in stderr and "Exception ignored" not in stderr, stderr
-    assert proc.returncode == 130, (proc.returncode, stderr)  # as shells report SIGINT
+    assert_exited_130_cleanly(proc, stderr)
 
 
 def test_a_missing_tls_ca_file_is_a_usage_error_naming_it(tmp_path: Path, closed_port: int) -> None:
