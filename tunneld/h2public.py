@@ -41,16 +41,16 @@ A malformed request is a stream error (RFC 9113 8.1.1), not a connection error: 
 checks run per request (``malformed``), and a request that fails them is answered ``400`` on its
 stream (a body still coming is refused with ``RST_STREAM(PROTOCOL_ERROR)``) and never reaches the
 service; malformed trailers cut their request (RST_STREAM, the tunnel stream reset before the
-request's end). The same goes for a ``content-length`` that is no number (or not 0 on a request
-ended with its headers) and a ``:status`` (a 1xx too) in a request, which h2 would make
-connection errors (``_RequestStream``); DATA that contradicts the ``content-length`` (more bytes,
+request's end), as do trailers without END_STREAM. The same goes for a ``content-length`` that is
+no number (or not 0 on a request ended with its headers) and a ``:status`` (a 1xx too) in a
+request, which h2 would make connection errors, as it would trailers without END_STREAM
+(``_RequestStream``); DATA that contradicts the ``content-length`` (more bytes,
 or END_STREAM short of it) is counted here, per stream: none past it reaches the service, and
 the request is cut (RST_STREAM(PROTOCOL_ERROR), the tunnel stream reset), or answered 400 if it
 has not gone to the service yet. Each cut takes from the budget of client resets (``resets``).
 The other streams of the connection go on. What h2 itself raises stays a connection error
 (GOAWAY, the close): a header block HPACK cannot decode (``COMPRESSION_ERROR``), one past
-``MAX_HEADER_LIST_SIZE`` (``ENHANCE_YOUR_CALM``), trailers without END_STREAM, framing and
-stream-state errors.
+``MAX_HEADER_LIST_SIZE`` (``ENHANCE_YOUR_CALM``), framing and stream-state errors.
 
 WebSockets over HTTP/2 (RFC 8441): ``SETTINGS_ENABLE_CONNECT_PROTOCOL`` is sent, and an extended
 CONNECT with ``:protocol websocket`` becomes an HTTP/1.1 upgrade request (``GET``, ``Upgrade:
@@ -342,10 +342,14 @@ class _Decoder(hpack.Decoder):
             raise _CompressionError(f"Error decoding header block: {exc}") from exc
 
 
+# the states in which a client's HEADERS after its request's are trailers (h2's state machine)
+_RECEIVING: Final = (h2.stream.StreamState.OPEN, h2.stream.StreamState.HALF_CLOSED_LOCAL)
+
+
 class _RequestStream(h2.stream.H2Stream):
-    """h2's stream, less two checks h2 turns into connection errors (GOAWAY: every other stream
-    of the client's connection cut) where RFC 9113 8.1.1 says the request is malformed, a
-    stream error. The edge makes them per stream instead:
+    """h2's stream, less three checks h2 turns into connection errors (GOAWAY: every other
+    stream of the client's connection cut) where RFC 9113 8.1.1 says the request is malformed,
+    a stream error. The edge makes them per stream instead:
 
     * ``content-length``: h2 raises on one that is no number (``_initialize_content_length``)
       and on DATA that contradicts it (``InvalidBodyLengthError``, from inside its frame
@@ -354,7 +358,13 @@ class _RequestStream(h2.stream.H2Stream):
       and ``_StreamTransport`` counts the DATA (``client_data``, ``client_ended``).
     * a ``:status`` in a request: h2 takes a ``1xx`` for an informational response, which a
       server never receives (an invalid stream state, a connection error). h2 sees it with an
-      empty value; the event gets the real one, and ``malformed`` answers it 400."""
+      empty value; the event gets the real one, and ``malformed`` answers it 400.
+    * trailers without END_STREAM (RFC 9113 8.1: a HEADERS frame after the first one must end
+      the stream): h2 raises (a ``ProtocolError`` from inside its frame handling). Here they
+      are a ``TrailersReceived`` whose ``stream_ended`` is None, made without h2's state
+      machine (which would trip on an assertion at a further HEADERS on the stream, still
+      open), and so is each HEADERS the client sends on the stream after them, until the
+      stream closes (``_on_trailers`` answers the first with RST_STREAM)."""
 
     def _initialize_content_length(self, headers: Any) -> None:
         self._expected_content_length = None
@@ -363,6 +373,17 @@ class _RequestStream(h2.stream.H2Stream):
         self, headers: Any, end_stream: bool, header_encoding: bool | str | None
     ) -> tuple[list[Any], list[Any]]:
         block = list(headers)
+        machine = self.state_machine
+        if (
+            machine.headers_received
+            and machine.state in _RECEIVING
+            and (not end_stream or machine.trailers_received)
+        ):
+            # trailers without END_STREAM, or a HEADERS after them (h2: an assertion)
+            machine.trailers_received = True
+            trailers = h2.events.TrailersReceived(stream_id=self.stream_id)
+            trailers.headers = block  # (stream_ended None: ``_on_trailers`` cuts the request)
+            return [], [trailers]
         statuses = [value for name, value in block if name == b":status"]
         if not statuses:
             return super().receive_headers(block, end_stream, header_encoding)
@@ -387,7 +408,8 @@ class _H2Connection(h2.connection.H2Connection):
     It does not check received header blocks (``validate_inbound_headers``): h2 makes every
     malformed request a connection error (GOAWAY), where RFC 9113 8.1.1 says a stream error.
     ``malformed`` runs the same checks on each request and trailer block instead. Its streams
-    are ``_RequestStream``s: no ``content-length`` or ``:status`` connection errors either."""
+    are ``_RequestStream``s: no ``content-length``, ``:status`` or unended-trailers connection
+    errors either."""
 
     def __init__(self, config: h2.config.H2Configuration) -> None:
         super().__init__(config)
@@ -552,14 +574,24 @@ class H2PublicConnection(DeferredFlush, asyncio.Protocol):
 
     def _on_trailers(self, event: h2.events.TrailersReceived) -> None:
         """Trailers are not relayed (the service gets a chunked body's end without them), but
-        malformed ones make the request malformed: it is cut, never completed."""
-        why = malformed(list(event.headers), trailer=True)
+        malformed ones make the request malformed: it is cut, never completed. So do trailers
+        without END_STREAM (RFC 9113 8.1), which ``_RequestStream`` hands on with no
+        ``stream_ended``, as it does any HEADERS after them (one cut, one charge, per stream):
+        a stream already closing (reset, or its complete response waiting for the client's
+        window) ends as it would, its request's rest refused with PROTOCOL_ERROR."""
+        unended = event.stream_ended is None
+        if unended:
+            why: str | None = "trailers without END_STREAM"
+        else:
+            why = malformed(list(event.headers), trailer=True)
         if why is None:
             return
         sid = event.stream_id
         log.info("HTTP/2 stream %d of %s: malformed trailers: %s", sid, self.entry._peer, why)
         stream = self.streams.get(sid)
-        if stream is not None:
+        if stream is not None and unended and stream.closing:
+            stream.malformed = True  # (RST_STREAM PROTOCOL_ERROR after END_STREAM, not NO_ERROR)
+        elif stream is not None:
             self.cut_malformed(stream)
         else:
             try:

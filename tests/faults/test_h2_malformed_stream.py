@@ -38,6 +38,7 @@ from tests.e2e.test_h2_edges import (
     Service,
     ending,
     expose,
+    h2_connection_at_the_edge,
     nothing_left,
     pump,
     unchecked_client,
@@ -353,6 +354,99 @@ async def test_malformed_trailers_cut_their_request_only(
         await wait_until(lambda: nothing_left(stack), what="the edge to forget it all")
 
 
+def unended_trailers(client: RawH2, sid: int, trailers: list[tuple[bytes, bytes]]) -> bytes:
+    """What the client has to send, then a HEADERS frame of ``trailers`` on ``sid`` without
+    END_STREAM, which the h2 library refuses to send: its block is encoded by the client's HPACK
+    encoder, so that the header tables stay in step. The caller writes it."""
+    frame = hyperframe.frame.HeadersFrame(sid, data=client.conn.encoder.encode(trailers))
+    frame.flags.add("END_HEADERS")
+    return client.conn.data_to_send() + frame.serialize()
+
+
+async def write(client: RawH2, data: bytes) -> None:
+    assert client.writer is not None
+    client.writer.write(data)
+    await client.writer.drain()
+
+
+@pytest.mark.parametrize("then", ["nothing", "DATA with END_STREAM", "trailers with END_STREAM"])
+async def test_trailers_without_end_stream_cut_their_request_only(
+    stack: Stack, ca: trustme.CA, then: str
+) -> None:
+    """An upload whose trailers (a second HEADERS) come without END_STREAM: malformed (RFC 9113
+    8.1), a stream error (8.1.1), which h2 made a connection error ("Trailers must have
+    END_STREAM set": GOAWAY, every stream cut). RST_STREAM(PROTOCOL_ERROR) on its stream, and
+    the service's connection is reset before the request's end (the last chunk) reached it,
+    even when the client ends the stream right after them, in the same write (DATA with
+    END_STREAM, or more trailers with it: h2 itself would trip on an assertion there). The
+    other streams go on."""
+    async with Service(slow_or_drain) as service:
+        host = await expose(stack, service.port)
+        async with unchecked_client(stack, ca, host) as client:
+            seen = Seen()
+            slow = await slow_response_in_flight(client, seen)
+            upload = client.request(b"POST", b"/upload", end=False)
+            client.conn.send_data(upload, b"u" * 1000)
+            await client.send()
+            await wait_until(lambda: len(service.heads) == 2, what="the upload at the service")
+            data = unended_trailers(client, upload, [(b"x-trailer", b"1")])
+            if then == "DATA with END_STREAM":
+                client.conn.send_data(upload, b"v" * 100, end_stream=True)
+            elif then == "trailers with END_STREAM":
+                client.conn.send_headers(upload, [(b"x-trailer", b"2")], end_stream=True)
+            await write(client, data + client.conn.data_to_send())
+            received = await cut_at_the_service(client, seen, service, upload)
+            assert not received.endswith(b"0\r\n\r\n"), "the malformed request reached its end"
+            assert received.strip(b"0123456789abcdef\r\nu") == b"", received
+            await the_rest_goes_on(stack, client, seen, service, slow, cut=True)
+        await wait_until(lambda: nothing_left(stack), what="the edge to forget it all")
+
+
+async def big_then_close(service: Service, reader: asyncio.StreamReader, writer) -> None:
+    """A response of BIG bytes, at once, then the close (whatever the request's body)."""
+    writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n" % BIG + b"z" * BIG)
+    await writer.drain()
+    service.ends.append("served")
+
+
+BIG: Final = 200_000  # past the client's windows (65535)
+
+
+async def test_trailers_without_end_stream_on_a_complete_response_refuse_the_rest(
+    stack: Stack, ca: trustme.CA
+) -> None:
+    """A request answered before its body ended, whose complete response waits at the edge for
+    the client's window, and whose trailers then come without END_STREAM: the response still
+    goes out whole, then RST_STREAM(PROTOCOL_ERROR) refuses the request's rest (the malformed
+    request's stream error), where a request not malformed gets NO_ERROR (RFC 9113 8.1). Not
+    GOAWAY: a new request on the connection is served."""
+    async with Service(big_then_close) as service:
+        host = await expose(stack, service.port)
+        async with unchecked_client(stack, ca, host) as client:
+            seen = Seen()
+            early = client.request(b"POST", b"/early", end=False)
+            client.conn.send_data(early, b"u" * 100)
+            await client.send()
+            conn = await h2_connection_at_the_edge(stack)
+
+            def waiting() -> bool:  # the response complete, its end waiting for a window
+                stream = conn.streams.get(early)
+                return stream is not None and stream.closing and bool(stream.outbound)
+
+            await wait_until(waiting, what="the complete response to wait for the client")
+            await write(client, unended_trailers(client, early, [(b"x-trailer", b"1")]))
+            await pump(client, seen, lambda: early in seen.resets or seen.goaway is not None)
+            assert seen.goaway is None, f"GOAWAY {seen.goaway}"
+            assert early in seen.ended and bytes(seen.bodies[early]) == b"z" * BIG
+            assert seen.resets[early] == PROTOCOL_ERROR
+            fresh = client.request(b"GET", b"/after")
+            await client.send()
+            await pump(client, seen, lambda: seen.over(fresh))
+            assert fresh in seen.ended and bytes(seen.bodies[fresh]) == b"z" * BIG
+            assert seen.goaway is None and not seen.closed
+        await wait_until(lambda: nothing_left(stack), what="the edge to forget it all")
+
+
 @pytest.mark.parametrize("how", ["more DATA", "END_STREAM short", "trailers short"])
 async def test_data_that_contradicts_content_length_cuts_its_request_only(
     stack: Stack, ca: trustme.CA, how: str
@@ -431,13 +525,15 @@ async def test_data_past_content_length_before_the_request_went_anywhere_is_400(
     assert origin.requests == 1  # the GET only
 
 
+@pytest.mark.parametrize("how", ["DATA past content-length", "trailers without END_STREAM"])
 async def test_a_client_that_makes_the_edge_cut_request_after_request_is_closed(
-    ca: trustme.CA, tmp_path: Path
+    ca: trustme.CA, tmp_path: Path, how: str
 ) -> None:
-    """Each upload cut for DATA past its content-length cost a tunnel stream, as a request the
-    client resets does (CVE-2023-44487), and takes from the same budget: past h2_max_streams
-    (10 here) per second, bursts of twice that, the connection is closed with GOAWAY
-    ENHANCE_YOUR_CALM, not served on one stream error at a time for ever."""
+    """Each upload cut (for DATA past its content-length, or trailers without END_STREAM) cost
+    a tunnel stream, as a request the client resets does (CVE-2023-44487), and takes from the
+    same budget: past h2_max_streams (10 here) per second, bursts of twice that, the connection
+    is closed with GOAWAY ENHANCE_YOUR_CALM, not served on one stream error at a time for
+    ever."""
     stack = await test_public_tls.tls_stack(ca, tmp_path, h2_max_streams=10)
     try:
         async with Service(slow_or_drain) as service:
@@ -445,13 +541,21 @@ async def test_a_client_that_makes_the_edge_cut_request_after_request_is_closed(
             async with unchecked_client(stack, ca, host) as client:
                 seen = Seen()
                 for _ in range(100):  # bounded: 1000 uploads, 10 at a time (the stream limit)
-                    sids = [
-                        client.request(b"POST", b"/up", [(b"content-length", b"0")], end=False)
-                        for _ in range(10)
-                    ]
-                    for sid in sids:
-                        client.conn.send_data(sid, b"x")
-                    await client.send()
+                    if how == "DATA past content-length":
+                        sids = [
+                            client.request(b"POST", b"/up", [(b"content-length", b"0")], end=False)
+                            for _ in range(10)
+                        ]
+                        for sid in sids:
+                            client.conn.send_data(sid, b"x")
+                        await client.send()
+                    else:
+                        sids = [client.request(b"POST", b"/up", end=False) for _ in range(10)]
+                        data = b""
+                        for sid in sids:
+                            client.conn.send_data(sid, b"x")
+                            data += unended_trailers(client, sid, [(b"x-trailer", b"1")])
+                        await write(client, data)
 
                     def cut(sids: list[int] = sids) -> bool:  # (or the GOAWAY after the rest)
                         return all(seen.resets.get(s) == PROTOCOL_ERROR for s in sids)
