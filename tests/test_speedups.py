@@ -417,9 +417,32 @@ _ID_VALUE = st.one_of(
 def test_request_ids_are_what_the_reference_makes(
     headers: list[tuple[bytes, bytes]], start: int, prefix: bytes
 ) -> None:
-    ours, theirs = itertools.count(start), itertools.count(start)
-    assert C.request_ids(headers, ours, prefix) == request_ids_py(headers, theirs, prefix)
-    assert next(ours) == next(theirs)  # the counter advanced the same
+    """With itertools.count and with the C's id_counter (whose values make_ids reads in C while
+    they fit in 64 bits), two requests each: the same ids, across 2**64 too."""
+    for ours in (itertools.count(start), C.id_counter(start)):
+        theirs = itertools.count(start)
+        for _ in range(2):
+            assert C.request_ids(headers, ours, prefix) == request_ids_py(headers, theirs, prefix)
+        assert next(ours) == next(theirs)  # the counter advanced the same
+
+
+class _IntStart(int):
+    pass
+
+
+@pytest.mark.parametrize(
+    "start", [0, 7, 2**30 - 1, 2**63, 2**64 - 3, 2**64, 2**70, -2, -(2**65), _IntStart(5), True]
+)
+def test_id_counter_counts_as_itertools_count(start: int) -> None:
+    ours, theirs = C.id_counter(start), itertools.count(start)
+    assert iter(ours) is ours
+    for _ in range(5):
+        a, b = next(ours), next(theirs)
+        assert (a, type(a)) == (b, type(b))
+    with pytest.raises(TypeError):
+        C.id_counter(1.5)  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        C.id_counter("1")  # type: ignore[arg-type]
 
 
 def _outcome(call: Callable[..., object], *args: Any) -> object:
@@ -614,9 +637,12 @@ class _Conn:
 SANDBOX = "sb"  # one object: "the same sandbox id" is identity, as in ConnectionLog
 
 
-def _logged(impl: Callable[..., object], case: tuple[Any, ...]) -> tuple[Any, ...]:
+def _logged(
+    impl: Callable[..., object], case: tuple[Any, ...], first: tuple[Any, Any] | None = None
+) -> tuple[Any, ...]:
     """What ``impl`` (log_response or its reference) returns and leaves behind, on a fresh
-    connection state made from ``case``."""
+    connection state made from ``case``; ``first``: the oldest request's start and body_in
+    instead of 1000 and 0."""
     (
         data,
         methods,
@@ -637,6 +663,8 @@ def _logged(impl: Callable[..., object], case: tuple[Any, ...]) -> tuple[Any, ..
     requests: deque[list[Any]] = deque(
         _request(b"x-request-id: r%d\r\n" % k, 1_000 + k, k) for k in range(waiting)
     )
+    if first is not None and requests:
+        requests[0][3], requests[0][5] = first
     kept: Any = None
     if metrics:  # the C reads its own Tally; the reference takes either
         kept = C.tally(REQUEST_BUCKETS) if impl is C.log_response else tally_py(REQUEST_BUCKETS)
@@ -721,6 +749,40 @@ def test_log_response_does_what_the_reference_does(case: tuple[Any, ...]) -> Non
     assert _logged(C.log_response, case) == _logged(log_response_py, case)
 
 
+class _Int(int):
+    """An int, but not exactly: what the C holds in C numbers only for exact ints."""
+
+
+WALL = 1_780_000_000_123_456_789
+
+
+@pytest.mark.parametrize(
+    "first, mono, wall",
+    [
+        ((_Int(1_000), 0), 5_001_000, WALL),  # a start not exactly an int
+        ((1_000, _Int(3)), 5_001_000, WALL),  # body_in
+        ((1_000, 2**62), 5_001_000, WALL),  # body_in in 64 bits, the sums past them
+        ((2**70, 0), 2**70 + 5_001_000, WALL),  # clocks past 64 bits
+        ((1_000, 0), _Int(5_001_000), WALL),  # the monotonic clock
+        # the wall clock: the numbers taken in C, then the line made from the request's items
+        ((1_000, 0), 5_001_000, _Int(WALL)),
+    ],
+)
+def test_log_response_on_numbers_it_cannot_hold_in_c_does_what_the_reference_does(
+    first: tuple[Any, Any], mono: Any, wall: Any
+) -> None:
+    """Exact ints that fit are read into C (no int objects made or read back); for anything
+    else it takes the general way, whole_response and text_line on the objects, at the same
+    point: the same outcome as the reference each way."""
+    for metrics, kept_before, sec_offset, on in itertools.product(
+        (False, True), (0, 2), (0, -1), (True, "info", False)
+    ):
+        case = (RESPONSE, [b"GET"], 2, kept_before, metrics, 0, False, on, (SANDBOX, 8080), mono,
+                wall, sec_offset, None)  # fmt: skip
+        ours, theirs = _logged(C.log_response, case, first), _logged(log_response_py, case, first)
+        assert ours == theirs, case
+
+
 def test_log_response_refuses_states_it_cannot_use() -> None:
     for bad in _BAD_STATES:
         case = (RESPONSE, [b"GET"], 1, 4, True, 0, False, True, (SANDBOX, 8080), 5_001_000,
@@ -735,14 +797,16 @@ def test_log_response_refuses_states_it_cannot_use() -> None:
 
 def test_log_response_reads_the_clocks_of_time_as_time_does() -> None:
     """With time.monotonic_ns and time.time_ns in the state the C reads their clocks itself:
-    the request's time lies between two monotonic_ns() calls around it, and the line's stamp
-    is of a second between two time_ns() calls."""
+    the request's time (counted in the Tally: the taken request's items are not set) lies
+    between two monotonic_ns() calls around it, and the line's stamp is of a second between
+    two time_ns() calls."""
     writer = _Writer([], 0, 0, True)
     conn = _Conn([], SANDBOX, 8080)
     requests: deque[list[Any]] = deque([_request(b"", 0, 0)])
     logger = logging.Logger("t", logging.INFO)
+    kept = C.tally(REQUEST_BUCKETS)
     state: list[Any] = [
-        requests, _framer([b"GET"], b"", False), None, writer.lines, writer, b"",
+        requests, _framer([b"GET"], b"", False), kept, writer.lines, writer, b"",
         b" x id=", SANDBOX, 8080, time.monotonic_ns, time.time_ns, logger, requests.popleft,
         logger._cache, itertools.count(), b"p",
     ]  # fmt: skip
@@ -751,7 +815,8 @@ def test_log_response_reads_the_clocks_of_time_as_time_does() -> None:
     request[3] = mono0
     assert C.log_response(state, conn, RESPONSE) is not None
     mono1, wall1 = time.monotonic_ns(), time.time_ns()
-    assert 0 <= request[4] <= mono1 - mono0
+    seconds = kept.take()[1]
+    assert 0 <= seconds <= (mono1 - mono0) / 1e9
     assert wall0 // 10**9 <= writer.lines[2] <= wall1 // 10**9  # restamped to the line's second
     assert len(writer.lines[0]) == 1
 

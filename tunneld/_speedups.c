@@ -18,7 +18,14 @@ the fallback and are what tests/test_speedups.py compares these with, on arbitra
   end, the metrics' count, text_line and the writer's flush or timer, in one call);
 - log_request(state, head): accesslog.log_request_py (begin_request from that state);
 - tally(bounds): metrics.tally_py, a Tally: the metrics of whole responses, counted as they
-  come (``whole_response`` counts into it without a Python call).
+  come (``whole_response`` counts into it without a Python call);
+- id_counter(start): itertools.count(start), the request ids' counter, whose values make_ids
+  takes in C.
+
+log_response holds the common case's numbers in C (whole_native: the clocks, the request's
+start and body_in, its duration, status and sizes), so no int object is made or read back for
+them; anything else (an int subclass, one past 64 bits) goes the general way, through
+whole_response and text_line on the objects, with the same results.
 
 The bytes come from services, agents and clients, none of them trusted: every read is
 bounds-checked against the buffer's length, output sizes are computed (with overflow checks)
@@ -597,28 +604,14 @@ tally_bytes(unsigned long long acc, PyObject *carry, PyObject *v, unsigned long 
     return 0;
 }
 
-/* One observation: ``ns`` (an int: the duration in ns), a status, body sizes (ints). 0, or -1
-   with an error set and nothing counted. */
-static int
-tally_observe(TallyObject *t, PyObject *ns, long long status, PyObject *body_in,
-              PyObject *body_out)
+/* The sums' 64-bit parts and carries after one observation (tally_bytes, tally_add_u64) and
+   its duration in seconds: counted. Cannot fail. */
+static void
+tally_count(TallyObject *t, double seconds, long long status, unsigned long long in_sum,
+            PyObject *in_carry, unsigned long long out_sum, PyObject *out_carry)
 {
-    double seconds;
     Py_ssize_t i = 0;
-    unsigned long long in_sum, out_sum;
-    PyObject *in_carry, *out_carry;
     int klass;
-
-    if (ns_to_seconds(ns, &seconds) < 0) {
-        return -1;
-    }
-    if (tally_bytes(t->body_in, t->carry_in, body_in, &in_sum, &in_carry) < 0) {
-        return -1;
-    }
-    if (tally_bytes(t->body_out, t->carry_out, body_out, &out_sum, &out_carry) < 0) {
-        Py_XDECREF(in_carry);
-        return -1;
-    }
     if (in_carry != NULL) {
         Py_XSETREF(t->carry_in, in_carry);
     }
@@ -635,6 +628,70 @@ tally_observe(TallyObject *t, PyObject *ns, long long status, PyObject *body_in,
     klass = (status >= 100 && status <= 599) ? (int)(status / 100) - 1 : TALLY_CLASSES - 1;
     t->statuses[klass]++;
     t->n++;
+}
+
+/* One observation: ``ns`` (an int: the duration in ns), a status, body sizes (ints). 0, or -1
+   with an error set and nothing counted. */
+static int
+tally_observe(TallyObject *t, PyObject *ns, long long status, PyObject *body_in,
+              PyObject *body_out)
+{
+    double seconds;
+    unsigned long long in_sum, out_sum;
+    PyObject *in_carry, *out_carry;
+
+    if (ns_to_seconds(ns, &seconds) < 0) {
+        return -1;
+    }
+    if (tally_bytes(t->body_in, t->carry_in, body_in, &in_sum, &in_carry) < 0) {
+        return -1;
+    }
+    if (tally_bytes(t->body_out, t->carry_out, body_out, &out_sum, &out_carry) < 0) {
+        Py_XDECREF(in_carry);
+        return -1;
+    }
+    tally_count(t, seconds, status, in_sum, in_carry, out_sum, out_carry);
+    return 0;
+}
+
+/* acc + x as tally_bytes adds an int x: in 64 bits while it fits, else into a new carry */
+static int
+tally_add_u64(unsigned long long acc, PyObject *carry, unsigned long long x,
+              unsigned long long *sum, PyObject **fresh)
+{
+    PyObject *v;
+    int r;
+    *fresh = NULL;
+    if (!__builtin_add_overflow(acc, x, sum)) {
+        return 0;
+    }
+    if ((v = PyLong_FromUnsignedLongLong(x)) == NULL) {
+        return -1;
+    }
+    r = tally_bytes(acc, carry, v, sum, fresh);
+    Py_DECREF(v);
+    return r;
+}
+
+/* tally_observe of values held in C: 0 <= ns < 2**53 (exact as a double, as ns_to_seconds),
+   body sizes >= 0. 0, or -1 with an error set (memory for a carry) and nothing counted. */
+static int
+tally_observe_ll(TallyObject *t, long long ns, long long status, long long body_in,
+                 long long body_out)
+{
+    unsigned long long in_sum, out_sum;
+    PyObject *in_carry, *out_carry;
+
+    if (tally_add_u64(t->body_in, t->carry_in, (unsigned long long)body_in, &in_sum,
+                      &in_carry) < 0) {
+        return -1;
+    }
+    if (tally_add_u64(t->body_out, t->carry_out, (unsigned long long)body_out, &out_sum,
+                      &out_carry) < 0) {
+        Py_XDECREF(in_carry);
+        return -1;
+    }
+    tally_count(t, (double)ns / 1e9, status, in_sum, in_carry, out_sum, out_carry);
     return 0;
 }
 
@@ -820,16 +877,74 @@ PyDoc_STRVAR(whole_response_doc,
 "request's id line before its head's blank line returned; else None\n"
 "(accesslog.whole_response_py).");
 
+/* whole_response's first step: 1 when ``framer`` waits for a head with nothing held and its
+   next request is not HEAD, and ``data`` is one whole response of the common kind: *methods (a
+   new reference to the framer's deque) and *view (data's, to release) held, *status and *end
+   (the head's length) set. 0: not (nothing held, nothing changed); -1: an error is set. */
+static int
+match_whole(PyObject *framer, PyObject *data, PyObject **methods, Py_buffer *view, int *status,
+            Py_ssize_t *end)
+{
+    int r = framer_ready(framer, methods);
+    if (r <= 0) {
+        return r;
+    }
+    if (get_view(data, view) < 0) {
+        Py_CLEAR(*methods);
+        return -1;
+    }
+    if (!simple_response((const unsigned char *)view->buf, view->len, status, end)) {
+        PyBuffer_Release(view);
+        Py_CLEAR(*methods);
+        return 0;
+    }
+    return 1;
+}
+
+/* The response (``view``, its head ``end`` bytes long) with the id line ``idv`` before the
+   blank line that ends its head, as new bytes */
+static PyObject *
+with_id_line(const Py_buffer *view, Py_ssize_t end, const Py_buffer *idv)
+{
+    PyObject *out;
+    char *w;
+    if (idv->len > PY_SSIZE_T_MAX - view->len) {
+        return PyErr_NoMemory();
+    }
+    out = PyBytes_FromStringAndSize(NULL, view->len + idv->len);
+    if (out == NULL) {
+        return NULL;
+    }
+    /* end >= 2 (the head ends with CRLF CRLF): the id line goes before the last CRLF */
+    w = PyBytes_AS_STRING(out);
+    memcpy(w, view->buf, (size_t)(end - 2));
+    memcpy(w + end - 2, idv->buf, (size_t)idv->len);
+    memcpy(w + end - 2 + idv->len, (const char *)view->buf + end - 2,
+           (size_t)(view->len - end + 2));
+    return out;
+}
+
+/* The framer's expected method of the response just taken leaves its deque: 0, or -1 */
+static int
+expected_taken(PyObject *methods)
+{
+    PyObject *popped = popleft_of(methods);
+    if (popped == NULL) {
+        return -1;
+    }
+    Py_DECREF(popped);
+    return 0;
+}
+
 static PyObject *
 whole_response(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
-    PyObject *framer, *data, *request, *now, *kept, *methods = NULL, *popped;
+    PyObject *framer, *data, *request, *now, *kept, *methods = NULL;
     PyObject *id_line = NULL, *started = NULL, *ns = NULL, *body_in = NULL;
     PyObject *status_obj = NULL, *body_out_obj = NULL, *out = NULL;
     Py_buffer view, idv;
     int status = 0, r, have_view = 0, have_idv = 0;
     Py_ssize_t end = 0;
-    char *w;
 
     if (!check_nargs("whole_response", nargs, 5)) {
         return NULL;
@@ -847,22 +962,14 @@ whole_response(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         PyErr_SetString(PyExc_TypeError, "kept must be a Tally or None");
         return NULL;
     }
-    r = framer_ready(framer, &methods);
+    r = match_whole(framer, data, &methods, &view, &status, &end);
     if (r <= 0) {
         if (r < 0) {
             return NULL;
         }
         Py_RETURN_NONE;
     }
-    if (get_view(data, &view) < 0) {
-        goto fail;
-    }
     have_view = 1;
-    if (!simple_response((const unsigned char *)view.buf, view.len, &status, &end)) {
-        PyBuffer_Release(&view);
-        Py_DECREF(methods);
-        Py_RETURN_NONE;
-    }
     /* Everything that can fail on the caller's arguments before the framer changes. Items are
        held by strong references: arithmetic on odd objects can run Python code. */
     if (PyList_GET_SIZE(request) < R_SIZE) {
@@ -883,24 +990,9 @@ whole_response(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         (body_out_obj = PyLong_FromSsize_t(view.len - end)) == NULL) {
         goto fail;
     }
-    if (idv.len > PY_SSIZE_T_MAX - view.len) {
-        PyErr_NoMemory();
+    if ((out = with_id_line(&view, end, &idv)) == NULL || expected_taken(methods) < 0) {
         goto fail;
     }
-    out = PyBytes_FromStringAndSize(NULL, view.len + idv.len);
-    if (out == NULL) {
-        goto fail;
-    }
-    /* end >= 2 (the head ends with CRLF CRLF): the id line goes before the last CRLF */
-    w = PyBytes_AS_STRING(out);
-    memcpy(w, view.buf, (size_t)(end - 2));
-    memcpy(w + end - 2, idv.buf, (size_t)idv.len);
-    memcpy(w + end - 2 + idv.len, (const char *)view.buf + end - 2, (size_t)(view.len - end + 2));
-    popped = popleft_of(methods);
-    if (popped == NULL) {
-        goto fail;
-    }
-    Py_DECREF(popped);
     /* PyList_SetItem checks the index (the list may have shrunk) and steals the reference */
     if (PyList_SetItem(request, R_TTFB, Py_NewRef(ns)) < 0 ||
         PyList_SetItem(request, R_STATUS, Py_NewRef(status_obj)) < 0 ||
@@ -911,17 +1003,10 @@ whole_response(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         tally_observe((TallyObject *)kept, ns, status, body_in, body_out_obj) < 0) {
         goto fail;
     }
-    PyBuffer_Release(&idv);
-    PyBuffer_Release(&view);
-    Py_DECREF(methods);
-    Py_DECREF(id_line);
-    Py_DECREF(started);
-    Py_DECREF(body_in);
-    Py_DECREF(ns);
-    Py_DECREF(status_obj);
-    Py_DECREF(body_out_obj);
-    return out;
+    goto done;
 fail:
+    Py_CLEAR(out);
+done:
     if (have_idv) {
         PyBuffer_Release(&idv);
     }
@@ -935,8 +1020,83 @@ fail:
     Py_XDECREF(ns);
     Py_XDECREF(status_obj);
     Py_XDECREF(body_out_obj);
-    Py_XDECREF(out);
-    return NULL;
+    return out;
+}
+
+/* An exact int that fits in a long long, into *out: 1; else 0 (no error set) */
+static int
+exact_ll(PyObject *v, long long *out)
+{
+    long long x;
+    if (!PyLong_CheckExact(v)) {
+        return 0;
+    }
+    x = as_long_long(v);
+    if (x == -1 && PyErr_Occurred()) {
+        PyErr_Clear();
+        return 0;
+    }
+    *out = x;
+    return 1;
+}
+
+/* A whole response's numbers, held in C (log_response) */
+typedef struct {
+    int status;
+    long long ns, body_in, body_out;
+} whole_numbers;
+
+/* whole_response of log_response, on numbers it reads into C: ``request`` an exact list of
+   R_SIZE items or more whose start and body_in are exact ints with 0 <= now - start < 2**53
+   (its Tally's seconds are then exact as in ns_to_seconds) and 0 <= body_in, ``kept`` a Tally
+   or None. The request's items are not set: log_response drops the request it takes (the text
+   line gets ``*n``). 1: taken, *out the bytes for the client; 0: not taken (nothing changed);
+   -1: an error is set; 2: the request's numbers are not such (nothing changed: the caller
+   calls whole_response). */
+static int
+whole_native(PyObject *framer, PyObject *data, PyObject *request, long long now, PyObject *kept,
+             PyObject **out, whole_numbers *n)
+{
+    PyObject *methods = NULL, *id_line = NULL;
+    Py_buffer view, idv;
+    Py_ssize_t end = 0;
+    long long started;
+    int r;
+
+    *out = NULL;
+    r = match_whole(framer, data, &methods, &view, &n->status, &end);
+    if (r <= 0) {
+        return r;
+    }
+    /* read after the framer's: an odd framer runs Python code */
+    if (PyList_GET_SIZE(request) < R_SIZE ||
+        !exact_ll(PyList_GET_ITEM(request, R_STARTED), &started) ||
+        !exact_ll(PyList_GET_ITEM(request, R_BODY_IN), &n->body_in) || n->body_in < 0 ||
+        __builtin_sub_overflow(now, started, &n->ns) || n->ns < 0 || n->ns >= (1LL << 53)) {
+        r = 2;
+        goto done;
+    }
+    id_line = Py_NewRef(PyList_GET_ITEM(request, R_ID_LINE));
+    if (get_view(id_line, &idv) < 0) {
+        r = -1;
+        goto done;
+    }
+    *out = with_id_line(&view, end, &idv);
+    PyBuffer_Release(&idv);
+    n->body_out = view.len - end;
+    if (*out == NULL || expected_taken(methods) < 0 ||
+        (kept != Py_None &&
+         tally_observe_ll((TallyObject *)kept, n->ns, n->status, n->body_in, n->body_out) < 0)) {
+        Py_CLEAR(*out);
+        r = -1;
+        goto done;
+    }
+    r = 1;
+done:
+    PyBuffer_Release(&view);
+    Py_DECREF(methods);
+    Py_XDECREF(id_line);
+    return r;
 }
 
 /* A non-negative int argument as long long; -1 with an error set otherwise. */
@@ -997,11 +1157,44 @@ PyDoc_STRVAR(text_line_doc,
 "or -1 (nothing appended) when ``now`` is not in second ``sec`` of ``stamp``\n"
 "(accesslog.text_line_py).");
 
-static PyObject *
-text_line(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+/* text_line's checks of the objects it reads, with its errors in its order: 0, or -1 */
+static int
+line_objects(PyObject *pending, PyObject *stamp, PyObject *lead, PyObject *request,
+             PyObject *site)
 {
-    PyObject *pending, *stamp, *lead, *request, *site, *method, *target, *rid, *line;
-    long long sec, now, ms, status, body_in, body_out, ns, d10;
+    if (!PyList_Check(pending)) {
+        PyErr_SetString(PyExc_TypeError, "pending must be a list");
+        return -1;
+    }
+    if (need_bytes(stamp, "stamp") || need_bytes(lead, "lead") || need_bytes(site, "site")) {
+        return -1;
+    }
+    if (!PyList_Check(request) || PyList_GET_SIZE(request) < R_SIZE) {
+        PyErr_SetString(PyExc_TypeError, "request must be a list of at least 10 items");
+        return -1;
+    }
+    if (need_bytes(PyList_GET_ITEM(request, R_METHOD), "method") ||
+        need_bytes(PyList_GET_ITEM(request, R_TARGET), "target") ||
+        need_bytes(PyList_GET_ITEM(request, R_ID), "request id")) {
+        return -1;
+    }
+    return 0;
+}
+
+/* text_line's line, from objects line_objects took (nothing may run Python code in between:
+   the request's items are borrowed) and numbers that are not negative (but ``sec``): the
+   number of pending lines after it is appended; -1 (nothing appended) when ``now`` is not in
+   second ``sec``; -2 with an error set. */
+static Py_ssize_t
+put_line(PyObject *pending, PyObject *stamp, long long sec, long long now, PyObject *lead,
+         PyObject *request, PyObject *site, long long status, long long body_in,
+         long long body_out, long long ns)
+{
+    PyObject *method = PyList_GET_ITEM(request, R_METHOD);
+    PyObject *target = PyList_GET_ITEM(request, R_TARGET);
+    PyObject *rid = PyList_GET_ITEM(request, R_ID);
+    PyObject *line;
+    long long ms, d10;
     char msecs[3], n_status[NUM_MAX], n_in[NUM_MAX], n_out[NUM_MAX], took[NUM_MAX];
     int l_status, l_in, l_out, l_took;
     Py_ssize_t t_len, t_extra = 0, total;
@@ -1009,56 +1202,13 @@ text_line(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     char *w;
     size_t sum;
 
-    if (!check_nargs("text_line", nargs, 7)) {
-        return NULL;
-    }
-    pending = args[0];
-    stamp = args[1];
-    lead = args[4];
-    request = args[5];
-    site = args[6];
-    if (!PyList_Check(pending)) {
-        PyErr_SetString(PyExc_TypeError, "pending must be a list");
-        return NULL;
-    }
-    if (need_bytes(stamp, "stamp") || need_bytes(lead, "lead") || need_bytes(site, "site")) {
-        return NULL;
-    }
-    if (!PyList_Check(request) || PyList_GET_SIZE(request) < R_SIZE) {
-        PyErr_SetString(PyExc_TypeError, "request must be a list of at least 10 items");
-        return NULL;
-    }
-    /* borrowed: nothing below runs Python code before the line is made (ints are read with
-       PyLong_AsLong(Long), which calls no __index__ on an int) */
-    method = PyList_GET_ITEM(request, R_METHOD);
-    target = PyList_GET_ITEM(request, R_TARGET);
-    rid = PyList_GET_ITEM(request, R_ID);
-    if (need_bytes(method, "method") || need_bytes(target, "target") ||
-        need_bytes(rid, "request id")) {
-        return NULL;
-    }
-    if (!PyLong_Check(args[2])) {
-        PyErr_SetString(PyExc_TypeError, "sec must be an int");
-        return NULL;
-    }
-    sec = as_long_long(args[2]); /* -1 before the first stamp */
-    if (sec == -1 && PyErr_Occurred()) {
-        return NULL;
-    }
-    if ((now = non_negative(args[3], "now")) < 0 ||
-        (body_in = non_negative(PyList_GET_ITEM(request, R_BODY_IN), "body_in")) < 0 ||
-        (status = non_negative(PyList_GET_ITEM(request, R_STATUS), "status")) < 0 ||
-        (body_out = non_negative(PyList_GET_ITEM(request, R_BODY_OUT), "body_out")) < 0 ||
-        (ns = non_negative(PyList_GET_ITEM(request, R_TTFB), "ns")) < 0) {
-        return NULL;
-    }
     ms = now / 1000000;
     if (ms / 1000 != sec) {
-        return PyLong_FromLong(-1); /* another second: the caller restamps and calls again */
+        return -1; /* another second: the caller restamps and calls again */
     }
     if (ns > LLONG_MAX - 50000) {
         PyErr_SetString(PyExc_OverflowError, "ns too large");
-        return NULL;
+        return -2;
     }
     d10 = (ns + 50000) / 100000; /* tenths of a millisecond, rounded half up */
     {
@@ -1086,12 +1236,13 @@ text_line(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     sum += (size_t)l_status + 1 + (size_t)l_in + 1 + (size_t)l_out + 2 + (size_t)l_took + 8;
     sum += (size_t)l_took + 2 + (size_t)PyBytes_GET_SIZE(site) + (size_t)PyBytes_GET_SIZE(rid) + 1;
     if (sum > (size_t)PY_SSIZE_T_MAX) {
-        return PyErr_NoMemory();
+        PyErr_NoMemory();
+        return -2;
     }
     total = (Py_ssize_t)sum;
     line = PyBytes_FromStringAndSize(NULL, total);
     if (line == NULL) {
-        return NULL;
+        return -2;
     }
     w = PyBytes_AS_STRING(line);
 #define PUT(src, len) do { memcpy(w, (src), (size_t)(len)); w += (len); } while (0)
@@ -1135,14 +1286,50 @@ text_line(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     if (w != PyBytes_AS_STRING(line) + total) { /* cannot happen: the sizes above are exact */
         Py_DECREF(line);
         PyErr_SetString(PyExc_SystemError, "text_line: size mismatch");
-        return NULL;
+        return -2;
     }
     if (PyList_Append(pending, line) < 0) {
         Py_DECREF(line);
-        return NULL;
+        return -2;
     }
     Py_DECREF(line);
-    return PyLong_FromSsize_t(PyList_GET_SIZE(pending));
+    return PyList_GET_SIZE(pending);
+}
+
+static PyObject *
+text_line(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    PyObject *request;
+    long long sec, now, status, body_in, body_out, ns;
+    Py_ssize_t count;
+
+    if (!check_nargs("text_line", nargs, 7)) {
+        return NULL;
+    }
+    request = args[5];
+    if (line_objects(args[0], args[1], args[4], request, args[6]) < 0) {
+        return NULL;
+    }
+    if (!PyLong_Check(args[2])) {
+        PyErr_SetString(PyExc_TypeError, "sec must be an int");
+        return NULL;
+    }
+    sec = as_long_long(args[2]); /* -1 before the first stamp */
+    if (sec == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    /* ints are read with PyLong_AsLong(Long), which calls no __index__ on an int: no Python
+       code runs before the line is made */
+    if ((now = non_negative(args[3], "now")) < 0 ||
+        (body_in = non_negative(PyList_GET_ITEM(request, R_BODY_IN), "body_in")) < 0 ||
+        (status = non_negative(PyList_GET_ITEM(request, R_STATUS), "status")) < 0 ||
+        (body_out = non_negative(PyList_GET_ITEM(request, R_BODY_OUT), "body_out")) < 0 ||
+        (ns = non_negative(PyList_GET_ITEM(request, R_TTFB), "ns")) < 0) {
+        return NULL;
+    }
+    count = put_line(args[0], args[1], sec, now, args[4], request, args[6], status, body_in,
+                     body_out, ns);
+    return count == -2 ? NULL : PyLong_FromSsize_t(count);
 }
 
 /* 1 if the buffer is a request id a client may choose (accesslog._VALID_ID), 0 if not */
@@ -1160,13 +1347,158 @@ valid_client_id(const unsigned char *p, Py_ssize_t n)
     return 1;
 }
 
+/* -- IdCounter: the request ids' counter, itertools.count's values read in C by make_ids ----- */
+
+/* Its values in C while they fit in 64 bits; from 2**64 on (or a start outside them) in an int
+   (``big``), as itertools.count goes on. */
+typedef struct {
+    PyObject_HEAD
+    unsigned long long next;
+    PyObject *big; /* NULL while ``next`` holds the next value */
+} IdCounterObject;
+
+static PyTypeObject IdCounter_Type;
+
+/* The next value in C into *v: 1; 0 when it is no longer held in C (``big``); -1 with an error
+   (nothing taken). */
+static int
+idcounter_take(IdCounterObject *c, unsigned long long *v)
+{
+    if (c->big != NULL) {
+        return 0;
+    }
+    if (c->next == ULLONG_MAX) { /* the next one is 2**64: an int from here on */
+        PyObject *top = PyLong_FromUnsignedLongLong(ULLONG_MAX), *one = PyLong_FromLong(1);
+        c->big = (top == NULL || one == NULL) ? NULL : PyNumber_Add(top, one);
+        Py_XDECREF(top);
+        Py_XDECREF(one);
+        if (c->big == NULL) {
+            return -1;
+        }
+        *v = ULLONG_MAX;
+        return 1;
+    }
+    *v = c->next++;
+    return 1;
+}
+
+static PyObject *
+idcounter_next(IdCounterObject *c)
+{
+    unsigned long long v;
+    PyObject *r, *one, *after;
+    int taken = idcounter_take(c, &v);
+    if (taken != 0) {
+        return taken < 0 ? NULL : PyLong_FromUnsignedLongLong(v);
+    }
+    if ((one = PyLong_FromLong(1)) == NULL) {
+        return NULL;
+    }
+    after = PyNumber_Add(c->big, one);
+    Py_DECREF(one);
+    if (after == NULL) {
+        return NULL;
+    }
+    r = c->big;
+    c->big = after;
+    return r;
+}
+
+static void
+idcounter_dealloc(IdCounterObject *c)
+{
+    Py_XDECREF(c->big);
+    PyObject_Free(c);
+}
+
+PyDoc_STRVAR(id_counter_doc,
+"id_counter(start, /)\n--\n\n"
+"An iterator of start, start + 1, ... as itertools.count(start) for an int ``start``, whose\n"
+"values make_ids takes without making int objects (accesslog's request ids).");
+
+static PyObject *
+id_counter_new(PyObject *module, PyObject *start)
+{
+    IdCounterObject *c;
+    unsigned long long v = 0;
+    int in_c = 0;
+    if (!PyLong_Check(start)) {
+        PyErr_SetString(PyExc_TypeError, "start must be an int");
+        return NULL;
+    }
+    if (PyLong_CheckExact(start)) {
+        v = PyLong_AsUnsignedLongLong(start);
+        in_c = !(v == (unsigned long long)-1 && PyErr_Occurred());
+        PyErr_Clear(); /* negative or past 64 bits: held as an int */
+    }
+    c = PyObject_New(IdCounterObject, &IdCounter_Type);
+    if (c == NULL) {
+        return NULL;
+    }
+    c->next = v;
+    c->big = NULL;
+    if (!in_c) { /* 0 + start: an exact int (count() makes its values so of an int subclass) */
+        PyObject *zero = PyLong_FromLong(0);
+        c->big = zero == NULL ? NULL : PyNumber_Add(zero, start);
+        Py_XDECREF(zero);
+        if (c->big == NULL) {
+            Py_DECREF(c);
+            return NULL;
+        }
+    }
+    return (PyObject *)c;
+}
+
+static PyTypeObject IdCounter_Type = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "tunneld._speedups.IdCounter",
+    .tp_basicsize = sizeof(IdCounterObject),
+    .tp_dealloc = (destructor)idcounter_dealloc,
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "The request ids' counter (itertools.count(start), its values read in C).",
+    .tp_iter = PyObject_SelfIter,
+    .tp_iternext = (iternextfunc)idcounter_next,
+};
+
+/* prefix + "%016x" % v, as bytes (prefix: bytes) */
+static PyObject *
+hex_id(PyObject *prefix, unsigned long long v)
+{
+    Py_ssize_t plen = PyBytes_GET_SIZE(prefix);
+    PyObject *out;
+    char *w;
+    if (plen > PY_SSIZE_T_MAX - 16) {
+        return PyErr_NoMemory();
+    }
+    out = PyBytes_FromStringAndSize(NULL, plen + 16);
+    if (out == NULL) {
+        return NULL;
+    }
+    w = PyBytes_AS_STRING(out);
+    memcpy(w, PyBytes_AS_STRING(prefix), (size_t)plen);
+    for (int k = 15; k >= 0; k--) {
+        w[plen + k] = "0123456789abcdef"[v & 0xF];
+        v >>= 4;
+    }
+    return out;
+}
+
 /* prefix + "%016x" % next(counter), as bytes */
 static PyObject *
 new_request_id(PyObject *counter, PyObject *prefix)
 {
     PyObject *n, *digits, *out;
-    Py_ssize_t plen = PyBytes_GET_SIZE(prefix);
 
+    if (Py_IS_TYPE(counter, &IdCounter_Type)) { /* its value in C, no int made */
+        unsigned long long v;
+        int taken = idcounter_take((IdCounterObject *)counter, &v);
+        if (taken < 0) {
+            return NULL;
+        }
+        if (taken) {
+            return hex_id(prefix, v);
+        }
+    }
     if (!PyIter_Check(counter)) { /* PyIter_Next would call a NULL tp_iternext */
         PyErr_Format(PyExc_TypeError, "'%.200s' object is not an iterator",
                      Py_TYPE(counter)->tp_name);
@@ -1182,22 +1514,8 @@ new_request_id(PyObject *counter, PyObject *prefix)
     if (PyLong_CheckExact(n)) {
         unsigned long long v = PyLong_AsUnsignedLongLong(n);
         if (!(v == (unsigned long long)-1 && PyErr_Occurred())) {
-            char *w;
             Py_DECREF(n);
-            if (plen > PY_SSIZE_T_MAX - 16) {
-                return PyErr_NoMemory();
-            }
-            out = PyBytes_FromStringAndSize(NULL, plen + 16);
-            if (out == NULL) {
-                return NULL;
-            }
-            w = PyBytes_AS_STRING(out);
-            memcpy(w, PyBytes_AS_STRING(prefix), (size_t)plen);
-            for (int k = 15; k >= 0; k--) {
-                w[plen + k] = "0123456789abcdef"[v & 0xF];
-                v >>= 4;
-            }
-            return out;
+            return hex_id(prefix, v);
         }
         PyErr_Clear(); /* negative or past 64 bits: as Python formats it */
     }
@@ -1523,6 +1841,34 @@ clock_ns(PyObject *clock)
 #endif
 }
 
+/* clock() as a long long in *out: 1 (time's clocks read here as clock_ns reads them, or what
+   another clock returned, an exact int that fits); 0: what it returned is no such int, *obj
+   holds it (a new reference); -1: an error is set. */
+static int
+clock_ll(PyObject *clock, long long *out, PyObject **obj)
+{
+    *obj = NULL;
+#ifdef __linux__
+    if (clock == time_monotonic_ns || clock == time_time_ns) {
+        struct timespec ts;
+        if (clock_gettime(clock == time_monotonic_ns ? CLOCK_MONOTONIC : CLOCK_REALTIME, &ts)) {
+            PyErr_SetFromErrno(PyExc_OSError);
+            return -1;
+        }
+        *out = (long long)ts.tv_sec * 1000000000LL + (long long)ts.tv_nsec;
+        return 1;
+    }
+#endif
+    if ((*obj = PyObject_CallNoArgs(clock)) == NULL) {
+        return -1;
+    }
+    if (exact_ll(*obj, out)) {
+        Py_CLEAR(*obj);
+        return 1;
+    }
+    return 0;
+}
+
 /* logger.isEnabledFor(INFO) as logging.Logger's does it: False when ``disabled``, else its
    ``_cache`` entry (``cache``, the logger's own dict, or None), else the method's answer.
    1, 0, or -1 with an error set. */
@@ -1592,7 +1938,9 @@ log_response(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     PyObject *sid = NULL, *port = NULL, *wall = NULL, *sec = NULL, *site = NULL;
     PyObject *call[7];
     Py_ssize_t waiting, count;
-    int on;
+    long long now_ns = 0, wall_ns = 0, sec_ns;
+    whole_numbers n = {0, 0, 0, 0};
+    int on, native = 0, have_wall;
 
     if (!check_nargs("log_response", nargs, 3)) {
         return NULL;
@@ -1611,19 +1959,37 @@ log_response(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         Py_RETURN_NONE;
     }
     if ((request = PySequence_GetItem(st[S_REQUESTS], 0)) == NULL ||
-        (now = clock_ns(st[S_MONO])) == NULL) {
+        (on = clock_ll(st[S_MONO], &now_ns, &now)) < 0) {
         goto fail;
     }
-    call[0] = st[S_FRAMER];
-    call[1] = data;
-    call[2] = request;
-    call[3] = now;
-    call[4] = st[S_KEPT];
-    if ((out = whole_response(module, call, 5)) == NULL) {
-        goto fail;
+    /* The common case on numbers held in C (whole_native): no int objects made or read back */
+    if (on == 1 && PyList_CheckExact(request) &&
+        (st[S_KEPT] == Py_None || Py_IS_TYPE(st[S_KEPT], &Tally_Type))) {
+        native = whole_native(st[S_FRAMER], data, request, now_ns, st[S_KEPT], &out, &n);
+        if (native < 0) {
+            goto fail;
+        }
+        if (native == 0) {
+            out = Py_NewRef(Py_None);
+            goto done;
+        }
+        native = native == 1;
     }
-    if (out == Py_None) {
-        goto done; /* not a whole response: the general path */
+    if (!native) {
+        if (now == NULL && (now = PyLong_FromLongLong(now_ns)) == NULL) {
+            goto fail;
+        }
+        call[0] = st[S_FRAMER];
+        call[1] = data;
+        call[2] = request;
+        call[3] = now;
+        call[4] = st[S_KEPT];
+        if ((out = whole_response(module, call, 5)) == NULL) {
+            goto fail;
+        }
+        if (out == Py_None) {
+            goto done; /* not a whole response: the general path */
+        }
     }
     if ((r = PyObject_CallNoArgs(st[S_POPLEFT])) == NULL) {
         goto fail;
@@ -1656,33 +2022,75 @@ log_response(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     else {
         site = Py_NewRef(st[S_SITE]);
     }
-    if ((wall = clock_ns(st[S_WALL])) == NULL) {
+    if ((have_wall = clock_ll(st[S_WALL], &wall_ns, &wall)) < 0) {
         goto fail;
     }
-    call[3] = wall;
-    call[4] = st[S_LEAD];
-    call[5] = request;
-    call[6] = site;
+    have_wall = have_wall == 1 && wall_ns >= 0;
     for (int restamped = 0;; restamped = 1) {
         if (items_of(st[S_LINES], L_SIZE, ln, "lines") < 0) {
             goto fail;
         }
-        call[0] = ln[L_PENDING];
-        call[1] = ln[L_STAMP];
-        call[2] = ln[L_SEC];
-        if ((r = text_line(module, call, 7)) == NULL) {
-            goto fail;
+        if (native && have_wall && exact_ll(ln[L_SEC], &sec_ns)) {
+            /* text_line on the numbers whole_native found; body_in as the request has it now
+               (the calls above can run Python code) */
+            if (line_objects(ln[L_PENDING], ln[L_STAMP], st[S_LEAD], request, site) < 0) {
+                goto fail;
+            }
+            if ((n.body_in = non_negative(PyList_GET_ITEM(request, R_BODY_IN), "body_in")) < 0) {
+                goto fail;
+            }
+            count = put_line(ln[L_PENDING], ln[L_STAMP], sec_ns, wall_ns, st[S_LEAD], request,
+                             site, n.status, n.body_in, n.body_out, n.ns);
+            if (count == -2) {
+                goto fail;
+            }
         }
-        count = PyLong_AsSsize_t(r);
-        Py_CLEAR(r);
-        if (count == -1 && PyErr_Occurred()) {
-            goto fail;
+        else {
+            if (native) { /* odd clocks or writer: the request's numbers as whole_response's */
+                PyObject *a = PyLong_FromLongLong(n.ns), *b = PyLong_FromLong(n.status);
+                PyObject *c = PyLong_FromLongLong(n.body_out);
+                int bad = a == NULL || b == NULL || c == NULL ||
+                          PyList_SetItem(request, R_TTFB, Py_NewRef(a)) < 0 ||
+                          PyList_SetItem(request, R_STATUS, Py_NewRef(b)) < 0 ||
+                          PyList_SetItem(request, R_BODY_OUT, Py_NewRef(c)) < 0;
+                Py_XDECREF(a);
+                Py_XDECREF(b);
+                Py_XDECREF(c);
+                if (bad) {
+                    goto fail;
+                }
+                native = 0;
+            }
+            if (wall == NULL && (wall = PyLong_FromLongLong(wall_ns)) == NULL) {
+                goto fail;
+            }
+            call[0] = ln[L_PENDING];
+            call[1] = ln[L_STAMP];
+            call[2] = ln[L_SEC];
+            call[3] = wall;
+            call[4] = st[S_LEAD];
+            call[5] = request;
+            call[6] = site;
+            if ((r = text_line(module, call, 7)) == NULL) {
+                goto fail;
+            }
+            count = PyLong_AsSsize_t(r);
+            Py_CLEAR(r);
+            if (count == -1 && PyErr_Occurred()) {
+                goto fail;
+            }
         }
         if (count >= 0 || restamped) {
             break;
         }
         /* a new second: its stamp, then the line again (once) */
-        if ((sec = PyNumber_FloorDivide(wall, int_1e9)) == NULL) {
+        if (wall != NULL) {
+            sec = PyNumber_FloorDivide(wall, int_1e9);
+        }
+        else {
+            sec = PyLong_FromLongLong(wall_ns / 1000000000LL); /* >= 0: floor */
+        }
+        if (sec == NULL) {
             goto fail;
         }
         if ((r = PyObject_CallMethodOneArg(st[S_WRITER], str_restamp, sec)) == NULL) {
@@ -1769,6 +2177,7 @@ static PyMethodDef speedups_methods[] = {
      log_response_doc},
     {"log_request", (PyCFunction)(void (*)(void))log_request, METH_FASTCALL, log_request_doc},
     {"tally", (PyCFunction)tally_new, METH_O, tally_doc},
+    {"id_counter", (PyCFunction)id_counter_new, METH_O, id_counter_doc},
     {NULL, NULL, 0, NULL},
 };
 
@@ -1866,7 +2275,7 @@ PyInit__speedups(void)
         slot_conn_sandbox_id.name = str_sandbox_id;
         slot_conn_port.name = str_port;
     }
-    if (PyType_Ready(&Tally_Type) < 0) {
+    if (PyType_Ready(&Tally_Type) < 0 || PyType_Ready(&IdCounter_Type) < 0) {
         return NULL;
     }
     return PyModule_Create(&speedups_module);

@@ -34,3 +34,8 @@ class Tally:  # metrics.Tally
     def take(self) -> tuple[list[int], float, list[int], int, int]: ...
 
 def tally(bounds: tuple[float, ...], /) -> Tally: ...  # metrics.tally_py
+
+class IdCounter(Iterator[int]):  # itertools.count
+    def __next__(self) -> int: ...
+
+def id_counter(start: int, /) -> IdCounter: ...  # itertools.count
