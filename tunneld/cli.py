@@ -2,62 +2,45 @@
 
 A stop signal while ``tunneld serve`` starts
 -------------------------------------------
-SIGTERM (systemd, an operator) and SIGINT (Ctrl-C) are this module's from its first lines on,
-before its imports (argparse, asyncio, the configuration ...): :func:`_stop_starting` ends the
-process at once with one line on stderr, exit 0 for SIGTERM (a stop, as after a drain) and 130
-for SIGINT, no traceback, since nothing has been started yet. Everything that starts something
-(a store, listeners, a redis-server, workers) runs on an event loop whose own handlers replace
-that one first: :func:`_serve` installs them before it opens the store, and
-``Supervisor.run`` (tunneld/supervisor.py) before it takes the ports, so a signal there abandons
-the start and stops what it began. The other commands get Python's defaults back once the
-command line is parsed. Only Python's own start and ``import tunneld`` come before the handler.
+The program starts in tunneld/entry.py, which takes SIGTERM and SIGINT before this module's
+imports (argparse, asyncio, the configuration ...): they end the process at once with one line
+on stderr, exit 0 for SIGTERM (a stop, as after a drain) and 130 for SIGINT, no traceback, since
+nothing has been started yet. Run as the program
+itself (``python -m tunneld.cli``: the supervisor's workers) this module takes them the same way
+in its first lines. Everything that starts something (a store, listeners, a redis-server,
+workers) runs on an event loop whose own handlers replace those first: :func:`_serve` installs
+them before it opens the store, and ``Supervisor.run`` (tunneld/supervisor.py) before it takes
+the ports, so a SIGTERM or SIGINT there abandons the start and stops what it began. The other
+commands get Python's defaults back once the command line is parsed. Only Python's own start,
+``import tunneld`` and tunneld/entry.py's ``import signal`` come before the handlers.
 """
 
 from __future__ import annotations
 
 import os
-import signal
 import sys
-from types import FrameType
 
-EXIT_INTERRUPTED = 130  # SIGINT (Ctrl-C), as shells report it; no traceback
-
-
-def _stop_starting(signum: int, frame: FrameType | None) -> None:
-    """SIGTERM or SIGINT before ``tunneld serve`` started anything: exit now, one line, no
-    traceback. ``os._exit``: a ``KeyboardInterrupt`` raised inside an import or a half-built
-    object prints tracebacks (and worse); there is nothing to clean up yet."""
-    name = "SIGTERM" if signum == signal.SIGTERM else "SIGINT"
-    try:
-        sys.stderr.write(f"tunneld: {name} during start-up: stopped before serving\n")
-        sys.stderr.flush()
-    except (OSError, RuntimeError, ValueError, AttributeError):  # closed, mid-write, or None
-        pass
-    os._exit(0 if signum == signal.SIGTERM else EXIT_INTERRUPTED)
-
-
-def _handle_start_signals(handler: signal._HANDLER) -> bool:
-    """``handler`` for SIGTERM and SIGINT; False where Python refuses (not the main thread)."""
-    try:
-        signal.signal(signal.SIGTERM, handler)
-        signal.signal(signal.SIGINT, handler)
-    except ValueError:
-        return False
-    return True
+from .entry import (
+    EXIT_INTERRUPTED,
+    handle_start_signals,
+    restore_default_signals,
+)
 
 
 def _is_the_program() -> bool:
-    """Run as ``tunneld`` (the console script) or ``python -m tunneld.cli`` (a worker), not
-    imported by someone else's process (a test, an embedding program)."""
+    """Run as ``tunneld`` (a console script written before tunneld/entry.py, which takes the
+    signals first itself) or ``python -m tunneld.cli`` (a worker), not imported by someone
+    else's process (a test, an embedding program)."""
     return __name__ == "__main__" or os.path.basename(sys.argv[0] if sys.argv else "") == "tunneld"
 
 
 if _is_the_program():
-    _handle_start_signals(_stop_starting)
+    handle_start_signals()
 
 import argparse  # noqa: E402 - after the handlers: a signal during these imports is handled
 import asyncio  # noqa: E402
 import logging  # noqa: E402
+import signal  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Sequence  # noqa: E402
 from typing import Any  # noqa: E402
@@ -405,17 +388,17 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    # The program itself (argv None): SIGTERM and SIGINT stop it cleanly from here on, if the
-    # import did not do it already; a caller in-process keeps its own handling.
-    program = argv is None and _handle_start_signals(_stop_starting)
+    # The program itself (argv None): SIGTERM and SIGINT stop it cleanly from here on, if
+    # tunneld/entry.py or the import did not do it already; a caller in-process keeps its own
+    # handling.
+    program = argv is None and handle_start_signals()
     try:
         parser = build_parser()  # imports the subcommands' modules: Ctrl-C may land here
         args = parser.parse_args(argv)
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
     if program and args.command != "serve":
-        _handle_start_signals(signal.SIG_DFL)  # what the other commands were written for
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+        restore_default_signals()  # what the other commands were written for
     try:
         if args.command == "serve":
             config_path = args.config or os.environ.get("TUNNELD_CONFIG")
