@@ -1,11 +1,12 @@
 """``tunneld``: the edge daemon's command line (serve, token, exposures, port-forward, demo).
 
-A stop signal while ``tunneld serve`` starts
--------------------------------------------
-The program starts in tunneld/entry.py, which takes SIGTERM and SIGINT before this module's
-imports (argparse, asyncio, the configuration ...): they end the process at once with one line
-on stderr, exit 0 for SIGTERM (a stop, as after a drain) and 130 for SIGINT, no traceback, since
-nothing has been started yet. Run as the program
+Signals while ``tunneld serve`` starts
+--------------------------------------
+The program starts in tunneld/entry.py, which takes SIGTERM, SIGINT and SIGHUP before this
+module's imports (argparse, asyncio, the configuration ...): SIGTERM and SIGINT end the process
+at once with one line on stderr, exit 0 for SIGTERM (a stop, as after a drain) and 130 for
+SIGINT, no traceback, since nothing has been started yet; a SIGHUP is deferred, and applied as a
+reload once :func:`_serve` (or the supervisor) installs its reload handler. Run as the program
 itself (``python -m tunneld.cli``: the supervisor's workers) this module takes them the same way
 in its first lines. Everything that starts something (a store, listeners, a redis-server,
 workers) runs on an event loop whose own handlers replace those first: :func:`_serve` installs
@@ -24,6 +25,7 @@ from .entry import (
     EXIT_INTERRUPTED,
     handle_start_signals,
     restore_default_signals,
+    take_deferred_reload,
 )
 
 
@@ -388,9 +390,9 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    # The program itself (argv None): SIGTERM and SIGINT stop it cleanly from here on, if
-    # tunneld/entry.py or the import did not do it already; a caller in-process keeps its own
-    # handling.
+    # The program itself (argv None): SIGTERM and SIGINT stop it cleanly and SIGHUP is deferred
+    # from here on, if tunneld/entry.py or the import did not do it already; a caller
+    # in-process keeps its own handling.
     program = argv is None and handle_start_signals()
     try:
         parser = build_parser()  # imports the subcommands' modules: Ctrl-C may land here
@@ -556,6 +558,9 @@ async def _serve(
         await server.stop(0)
         return 0 if signals[0] == "SIGTERM" else EXIT_INTERRUPTED
     loop.add_signal_handler(signal.SIGHUP, on_reload)
+    if take_deferred_reload():  # a SIGHUP while it started (tunneld/entry.py): a reload now
+        log.info("SIGHUP during start-up: reloading now that the start is done")
+        on_reload()
     systemd.notify("READY=1\nSTATUS=serving")
     interval = systemd.watchdog_interval()
     watchdog = loop.create_task(_watchdog(interval)) if interval else None

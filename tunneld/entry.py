@@ -1,4 +1,4 @@
-"""The ``tunneld`` program's entry point: a stop signal during its start is handled from here on.
+"""The ``tunneld`` program's entry point: its start-up signals are handled from here on.
 
 The console script (``tunneld = "tunneld.entry:main"`` in pyproject.toml) and ``python -m
 tunneld`` (tunneld/__main__.py) start here, not in :mod:`tunneld.cli`, whose imports (argparse,
@@ -8,6 +8,14 @@ serve`` starts anything. :func:`main` takes the signals first and imports the CL
 - SIGTERM (systemd's stop, an operator) and SIGINT (Ctrl-C) end the process at once
   (:func:`_stop_starting`): one line on stderr, exit 0 for SIGTERM and 130 for SIGINT, no
   traceback, since nothing has been started yet.
+- SIGHUP (``systemctl reload``: ``ExecReload`` in deploy/tunneld.service) is deferred
+  (:func:`_defer_reload`): noted, not acted on, and applied once, as a reload, when ``tunneld
+  serve`` (tunneld/cli.py ``_serve``) or the ``--workers`` supervisor (tunneld/supervisor.py
+  ``Supervisor.run``) installs its reload handler (:func:`take_deferred_reload`). Deferred, not
+  ignored: the configuration may have been read already when the SIGHUP came, and a reload asked
+  for must not be lost. Before, SIGHUP had its default action until then: the process died.
+  A SIGHUP that whoever started this process held blocked (the supervisor does, for its workers,
+  across their whole Python start) is let in here, and deferred the same way.
 
 Everything that starts something runs on an event loop whose own handlers replace these first;
 the other commands get Python's defaults back once their command line is parsed
@@ -31,9 +39,12 @@ __all__ = [
     "handle_start_signals",
     "main",
     "restore_default_signals",
+    "take_deferred_reload",
 ]
 
 EXIT_INTERRUPTED = 130  # SIGINT (Ctrl-C), as shells report it; no traceback
+
+_deferred_reload = False  # a SIGHUP came before the reload handler was installed
 
 
 def _stop_starting(signum: int, frame: FrameType | None) -> None:
@@ -49,20 +60,39 @@ def _stop_starting(signum: int, frame: FrameType | None) -> None:
     os._exit(0 if signum == signal.SIGTERM else EXIT_INTERRUPTED)
 
 
+def _defer_reload(signum: int, frame: FrameType | None) -> None:
+    """SIGHUP before the reload handler exists: noted, and applied once that handler is in."""
+    global _deferred_reload
+    _deferred_reload = True
+
+
+def take_deferred_reload() -> bool:
+    """Whether a SIGHUP came before the reload handler; cleared. Called right after the loop's
+    SIGHUP handler is installed, so none is lost (one that comes just as it is installed may be
+    seen by both: a second reload, harmless)."""
+    global _deferred_reload
+    deferred, _deferred_reload = _deferred_reload, False
+    return deferred
+
+
 def handle_start_signals() -> bool:
-    """SIGTERM and SIGINT end the process (:func:`_stop_starting`). False where Python refuses
-    (not the main thread: an embedding program keeps its own handling)."""
+    """SIGTERM and SIGINT end the process (:func:`_stop_starting`), SIGHUP is deferred
+    (:func:`_defer_reload`) and let in if it was blocked. False where Python refuses (not the
+    main thread: an embedding program keeps its own handling)."""
     try:
         signal.signal(signal.SIGTERM, _stop_starting)
         signal.signal(signal.SIGINT, _stop_starting)
+        signal.signal(signal.SIGHUP, _defer_reload)
     except ValueError:
         return False
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
     return True
 
 
 def restore_default_signals() -> None:
-    """Python's own handling of both, for the commands other than ``serve``."""
+    """Python's own handling of the three, for the commands other than ``serve``."""
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.default_int_handler)
 
 

@@ -46,22 +46,23 @@ as ``WATCHDOG_USEC``; without ``WATCHDOG_PID``, which cannot be known before the
 it: a message whose kernel-stamped pid is not a worker's is ignored, and at most
 ``MAX_NOTIFICATIONS_PER_WAKEUP`` are read per turn of the loop, so a flood cannot hold it.
 
-**Signals.** SIGHUP is passed to every ready worker (each reloads; one still starting reads the
-new configuration anyway). SIGTERM or SIGINT: ``STOPPING=1``, SIGTERM to every worker, each drains
-for its grace period; a worker still running ``grace_period + STOP_MARGIN`` later is killed; the
+**Signals.** SIGHUP is passed to every worker (each reloads; one still starting defers it to the
+end of its start, tunneld/entry.py, and the worker's Python start runs with SIGHUP blocked, so that
+it waits for the deferring handler rather than kill it), and one that came before ``run`` took it
+over is applied then. SIGTERM or SIGINT: ``STOPPING=1``, SIGTERM to every worker, each drains for
+its grace period; a worker still running ``grace_period + STOP_MARGIN`` later is killed; the
 supervisor exits 0. Each worker also asks the kernel for SIGTERM should the supervisor die
-(``PR_SET_PDEATHSIG``), so a killed supervisor leaves no worker holding the ports. The handlers
-are installed first thing in ``run`` (before, tunneld/cli.py's, which end the process at once:
-nothing is started yet) and removed last: the start (ports, the private
-redis-server, the copy into it) is a task that a SIGTERM or SIGINT cancels, which stops the
-redis-server it started (``PrivateRedis.start_async``), starts no worker, and writes back only
-a copy that was complete (exit 0; exit 1 when a recovering start is cut short: its exposures stay
-unsaved). At the end the write-back and the redis-server's stop are on the loop, each wait
-bounded (``PrivateRedis.stop_async``: SIGKILL after ``STOP_TIMEOUT``, logged); a second signal
-then is logged, not the default action that would kill the supervisor mid-stop. systemd's
-stop sends SIGTERM to the redis-server too (to every process of the unit): one that shut down
-cleanly before the write-back is started again on its append-only file for it
-(``_revive_private_store``).
+(``PR_SET_PDEATHSIG``), so a killed supervisor leaves no worker holding the ports. The handlers are
+installed first thing in ``run`` (before, tunneld/entry.py's, which end the process at once:
+nothing is started yet) and removed last: the start (ports, the private redis-server, the copy into
+it) is a task that a SIGTERM or SIGINT cancels, which stops the redis-server it started
+(``PrivateRedis.start_async``), starts no worker, and writes back only a copy that was complete
+(exit 0; exit 1 when a recovering start is cut short: its exposures stay unsaved). At the end the
+write-back and the redis-server's stop are on the loop, each wait bounded
+(``PrivateRedis.stop_async``: SIGKILL after ``STOP_TIMEOUT``, logged); a second signal then is
+logged, not the default action that would kill the supervisor mid-stop. systemd's stop sends
+SIGTERM to the redis-server too (to every process of the unit): one that shut down cleanly before
+the write-back is started again on its append-only file for it (``_revive_private_store``).
 
 **Restarts.** A worker that exits on its own is logged (exit code or signal) and started again
 after a backoff: 1 s, doubling to 30 s, back to 1 s for a worker that ran 60 s. A worker that
@@ -88,6 +89,7 @@ from relay.budget import RateLimitedLog
 
 from . import systemd
 from .config import Config, ConfigError, load_config
+from .entry import take_deferred_reload
 from .private_redis import REDIS_DIR, UNSAVED, PrivateRedis
 from .redis_store import is_redis_url
 from .store import SqliteStore, StoredExposure, StoreError
@@ -247,6 +249,9 @@ class Supervisor:
         loop.add_signal_handler(signal.SIGTERM, self._stop, "SIGTERM")
         loop.add_signal_handler(signal.SIGINT, self._stop, "SIGINT")
         loop.add_signal_handler(signal.SIGHUP, self._reload)
+        if take_deferred_reload():  # a SIGHUP before this handler (tunneld/entry.py): now
+            log.info("SIGHUP during start-up: reloading now")
+            self._reload()
         try:
             return await self._run(loop)
         finally:
@@ -516,6 +521,10 @@ class Supervisor:
         argv = [sys.executable, "-m", "tunneld.cli", "serve", "--worker-index", str(worker.index)]
         if self.config_path:
             argv += ["--config", self.config_path]
+        # SIGHUP held blocked across the worker's Python start (the mask is inherited through
+        # exec): one passed on then waits for tunneld/cli.py's first lines, which defer it
+        # (tunneld/entry.py), instead of killing the worker by its default action.
+        held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
         try:
             worker.proc = subprocess.Popen(
                 argv, env=self._worker_env(worker.index), stdin=subprocess.DEVNULL
@@ -528,6 +537,8 @@ class Supervisor:
             else:
                 self._schedule_restart(worker)
             return
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)
         worker.started = worker.last_seen = time.monotonic()
         worker.ready = False
         log.info("worker %d started (pid %d)", worker.index, worker.pid)
@@ -661,10 +672,12 @@ class Supervisor:
         except ConfigError as exc:
             log.error("SIGHUP: configuration not reloaded: %s", exc)
             return
-        ready = [w for w in self.workers if w.ready and w.proc is not None]
-        for worker in ready:
+        # To the workers still starting too: each defers it to its reload handler (a worker may
+        # have read the configuration before this SIGHUP; tunneld/entry.py).
+        running = [w for w in self.workers if w.proc is not None]
+        for worker in running:
             self._signal(worker, signal.SIGHUP)
-        log.info("SIGHUP: passed to %d workers", len(ready))
+        log.info("SIGHUP: passed to %d workers", len(running))
 
     def _stop(self, why: str) -> None:
         if self._stopping:

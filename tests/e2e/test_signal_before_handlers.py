@@ -1,22 +1,29 @@
 """Signals that reach ``tunneld serve`` before its own handlers are in never kill it.
 
 The program starts in tunneld/entry.py (the console script ``tunneld`` that pyproject.toml's
-``[project.scripts]`` makes, and ``python -m tunneld``), which takes SIGTERM and SIGINT before
-it imports tunneld/cli.py and, with it, everything else: SIGTERM exits 0 and SIGINT 130, each
-with exactly one line (``tunneld: SIGTERM during start-up: stopped before serving``), no
-traceback, nothing left.
+``[project.scripts]`` makes, and ``python -m tunneld``), which takes SIGTERM, SIGINT and SIGHUP
+before it imports tunneld/cli.py and, with it, everything else:
+
+- SIGTERM exits 0 and SIGINT 130, each with exactly one line
+  (``tunneld: SIGTERM during start-up: stopped before serving``), no traceback, nothing left;
+- SIGHUP (``systemctl reload``, deploy/tunneld.service's ``ExecReload``) is deferred: the start
+  goes on, and once the reload handler is installed the configuration is read again, so a file
+  rewritten before the SIGHUP is in effect when tunneld serves (deferred, not ignored:
+  docs/operations.md).
 
 No timing: a ``sitecustomize`` on ``PYTHONPATH`` sends the signal the moment a chosen module
 starts to be imported (a meta-path finder) or a chosen function is entered (``sys.setprofile``),
 and each case fails if its point is never reached. The tree under test (ROOT, also a copy of
 it) comes first on ``PYTHONPATH`` and the console script is written from its pyproject.toml,
-as pip writes it.
+as pip writes it. The ``--workers`` cases (the supervisor and its workers) are in
+test_sighup_during_startup_workers.py.
 
 Before tunneld/entry.py (the script ran ``tunneld.cli:main``; no tunneld/__main__.py), 10 of
-these 16 cases failed: at the import of tunneld.cli, before cli.py's own handlers, the console
-script died by SIGTERM's default action (status -15) and printed a KeyboardInterrupt traceback
-on SIGINT; ``python -m tunneld`` was "No module named tunneld.__main__". The 6 others (the
-console script at later imports) check that the handlers stay in.
+the 16 stop-signal cases failed: at the import of tunneld.cli, before cli.py's own handlers, the
+console script died by SIGTERM's default action (status -15) and printed a KeyboardInterrupt
+traceback on SIGINT; ``python -m tunneld`` was "No module named tunneld.__main__". The 6 others
+(the console script at later imports) check that the handlers stay in. Before SIGHUP was
+deferred, each SIGHUP case here killed the process (status -1).
 """
 
 from __future__ import annotations
@@ -340,3 +347,28 @@ def test_a_stop_signal_during_the_imports_ends_it_with_one_line(
     assert status == expected, (status, text[-3000:])
     assert text == f"tunneld: {sig} during start-up: stopped before serving\n", text[-3000:]
     assert not run.state.exists() and not run.ports.exists()
+
+
+@pytest.mark.parametrize(
+    ("program", "point", "loop"),
+    [("script", point, "uvloop") for point in HUP_POINTS]
+    + [
+        ("python -m tunneld", "import:tunneld.cli", "uvloop"),
+        ("script", "call:tunneld/edge.py:EdgeServer.start", "asyncio"),
+    ],
+)
+def test_a_sighup_while_it_starts_is_a_reload_once_it_serves(
+    run: Run, program: str, point: str, loop: str
+) -> None:
+    # The admin token file is rewritten just before the SIGHUP: the token in effect once it
+    # serves is the new one, also where the configuration had been read before the SIGHUP.
+    run.start(program, point, "HUP", rewrite_token=True, loop=loop)
+    ports = run.wait_serving()
+    assert admin_status(ports["admin"], NEW_TOKEN) == 200, run.output()[-3000:]
+    assert admin_status(ports["admin"], OLD_TOKEN) == 401, run.output()[-3000:]
+    status, text = run.stop()
+    run.check_clean_end(point, text)
+    assert status == 0, (status, text[-3000:])
+    assert "SIGHUP during start-up: reloading now" in text, text[-3000:]
+    assert text.count("SIGHUP: configuration reloaded") == 1, text[-3000:]
+    assert "tunneld: stopped" in text, text[-3000:]
