@@ -50,7 +50,11 @@ the request is cut (RST_STREAM(PROTOCOL_ERROR), the tunnel stream reset), or ans
 has not gone to the service yet. Each cut takes from the budget of client resets (``resets``).
 The other streams of the connection go on. What h2 itself raises stays a connection error
 (GOAWAY, the close): a header block HPACK cannot decode (``COMPRESSION_ERROR``), one past
-``MAX_HEADER_LIST_SIZE`` (``ENHANCE_YOUR_CALM``), framing and stream-state errors.
+``MAX_HEADER_LIST_SIZE`` (``ENHANCE_YOUR_CALM``), framing and stream-state errors (a stream's
+WINDOW_UPDATE of 0 and a stream depending on itself too, though the RFC says stream errors: h2
+raises them from its frame parsing and handling). h2's own stream errors (DATA or HEADERS on a
+stream the client ended, STREAM_CLOSED; a stream window past its limit) reset that stream
+alone, and its tunnel stream with it, as a client's reset does.
 
 WebSockets over HTTP/2 (RFC 8441): ``SETTINGS_ENABLE_CONNECT_PROTOCOL`` is sent, and an extended
 CONNECT with ``:protocol websocket`` becomes an HTTP/1.1 upgrade request (``GET``, ``Upgrade:

@@ -6,8 +6,9 @@ stream 1 arrives whole and a new request on the same connection is served. Brows
 page's requests over one connection, so one bad request (from a page script) must not cut the
 others, which h2's own header checks did (GOAWAY), as did its ``content-length`` checks (a value
 that is no number; DATA that contradicts it: ``InvalidBodyLengthError``) and a ``:status 1xx`` in
-a request (h2 takes it for an informational response). Malformed trailers, and DATA against the
-content-length of a request the service has, cut their request (RST_STREAM PROTOCOL_ERROR, the
+a request (h2 takes it for an informational response). Malformed trailers, trailers without
+END_STREAM (which h2 made a connection error too), and DATA against the content-length of a
+request the service has, cut their request (RST_STREAM PROTOCOL_ERROR, the
 service's connection reset before the request's end), and each such cut takes from the client's
 rapid-reset budget. A header block HPACK cannot decode is still a connection error, of type
 COMPRESSION_ERROR (RFC 9113 4.3): the connection's decoding state is lost.
