@@ -42,6 +42,17 @@ number). Plain C API, no Cython; built by setup.py as an optional extension.
 #include <emmintrin.h>
 #endif
 
+/* Code for what is rare goes out of the common path's lines, and code used several times per
+   request is one copy, not inlined at each use: an instruction cache line fetched per request
+   costs more than the instructions it holds (docs/performance.md). */
+#if defined(__GNUC__)
+#define COLD __attribute__((noinline, cold))
+#define NOINLINE __attribute__((noinline))
+#else
+#define COLD
+#define NOINLINE
+#endif
+
 /* RFC 9110 tchar: ! # $ % & ' * + - . ^ _ ` | ~ DIGIT ALPHA */
 static unsigned char is_token[256];
 /* request ids a client may choose: A-Z a-z 0-9 . _ : - (accesslog._VALID_ID) */
@@ -1134,7 +1145,7 @@ need_bytes(PyObject *v, const char *what)
 
 /* x >= 0 in decimal into out (at least NUM_MAX bytes); returns the length. No snprintf: it
    costs more than the rest of the line. */
-static int
+static NOINLINE int
 decimal(long long x, char *out)
 {
     char tmp[NUM_MAX];
@@ -1483,22 +1494,12 @@ hex_id(PyObject *prefix, unsigned long long v)
     return out;
 }
 
-/* prefix + "%016x" % next(counter), as bytes */
-static PyObject *
-new_request_id(PyObject *counter, PyObject *prefix)
+/* new_request_id for a counter whose value is not taken in C: next(counter) as Python does */
+static COLD PyObject *
+next_request_id(PyObject *counter, PyObject *prefix)
 {
     PyObject *n, *digits, *out;
 
-    if (Py_IS_TYPE(counter, &IdCounter_Type)) { /* its value in C, no int made */
-        unsigned long long v;
-        int taken = idcounter_take((IdCounterObject *)counter, &v);
-        if (taken < 0) {
-            return NULL;
-        }
-        if (taken) {
-            return hex_id(prefix, v);
-        }
-    }
     if (!PyIter_Check(counter)) { /* PyIter_Next would call a NULL tp_iternext */
         PyErr_Format(PyExc_TypeError, "'%.200s' object is not an iterator",
                      Py_TYPE(counter)->tp_name);
@@ -1529,26 +1530,72 @@ new_request_id(PyObject *counter, PyObject *prefix)
     return out;
 }
 
+/* prefix + "%016x" % next(counter), as bytes */
+static PyObject *
+new_request_id(PyObject *counter, PyObject *prefix)
+{
+    if (Py_IS_TYPE(counter, &IdCounter_Type)) { /* its value in C, no int made */
+        unsigned long long v;
+        int taken = idcounter_take((IdCounterObject *)counter, &v);
+        if (taken < 0) {
+            return NULL;
+        }
+        if (taken) {
+            return hex_id(prefix, v);
+        }
+    }
+    return next_request_id(counter, prefix);
+}
+
 PyDoc_STRVAR(request_ids_doc,
 "request_ids(headers, counter, prefix, /)\n--\n\n"
 "(request id, its x-request-id header line): the client's well-formed X-Request-Id among\n"
 "``headers`` ((name, value) pairs), else ``prefix`` and next(counter) in 16 hex digits\n"
 "(accesslog.request_ids_py).");
 
-/* The request id and its header line of request_ids(), as new references in *rid_out and
-   *line_out; 0, or -1 with an error set (and nothing in them). */
+/* make_ids' search of ``headers`` for the client's well-formed X-Request-Id when they are what
+   the head parser makes, an exact list of exact (bytes, bytes) tuples: nothing here can run
+   Python code, so nothing is held while it looks. 1: searched, *rid the client's id (a new
+   reference) or NULL; 0: not such headers (nothing done: find_client_id_general looks). */
 static int
-make_ids(PyObject *headers, PyObject *counter, PyObject *prefix, PyObject **rid_out,
-         PyObject **line_out)
+find_client_id(PyObject *headers, PyObject **rid)
 {
-    PyObject *seq, *rid = NULL, *line;
-    Py_buffer v;
-    char *w;
-
-    *rid_out = *line_out = NULL;
-    if (need_bytes(prefix, "prefix")) {
-        return -1;
+    *rid = NULL;
+    if (!PyList_CheckExact(headers)) {
+        return 0;
     }
+    for (Py_ssize_t k = 0; k < PyList_GET_SIZE(headers); k++) {
+        PyObject *pair = PyList_GET_ITEM(headers, k), *name, *value;
+        if (!PyTuple_CheckExact(pair) || PyTuple_GET_SIZE(pair) != 2) {
+            return 0;
+        }
+        name = PyTuple_GET_ITEM(pair, 0);
+        value = PyTuple_GET_ITEM(pair, 1);
+        if (!PyBytes_CheckExact(name) || !PyBytes_CheckExact(value)) {
+            return 0;
+        }
+        if (PyBytes_GET_SIZE(name) == 12 && memcmp(PyBytes_AS_STRING(name), "x-request-id", 12) == 0) {
+            /* the first x-request-id decides, well formed or not */
+            if (valid_client_id((const unsigned char *)PyBytes_AS_STRING(value),
+                                PyBytes_GET_SIZE(value))) {
+                *rid = Py_NewRef(value);
+            }
+            return 1;
+        }
+    }
+    return 1;
+}
+
+/* find_client_id for any ``headers``: an iterable of (name, value) pairs, as request_ids_py
+   unpacks them (any object may stand in for bytes). 0 (*rid a new reference or NULL), or -1
+   with an error set. */
+static COLD int
+find_client_id_general(PyObject *headers, PyObject **rid)
+{
+    PyObject *seq;
+    Py_buffer v;
+
+    *rid = NULL;
     seq = PySequence_Fast(headers, "headers must be iterable");
     if (seq == NULL) {
         return -1;
@@ -1599,7 +1646,7 @@ make_ids(PyObject *headers, PyObject *counter, PyObject *prefix, PyObject **rid_
             ok = valid_client_id((const unsigned char *)v.buf, v.len);
             PyBuffer_Release(&v);
             if (ok) {
-                rid = value; /* the reference taken above */
+                *rid = value; /* the reference taken above */
             }
             else {
                 Py_DECREF(value);
@@ -1609,6 +1656,26 @@ make_ids(PyObject *headers, PyObject *counter, PyObject *prefix, PyObject **rid_
         Py_DECREF(value);
     }
     Py_DECREF(seq);
+    return 0;
+}
+
+/* The request id and its header line of request_ids(), as new references in *rid_out and
+   *line_out; 0, or -1 with an error set (and nothing in them). */
+static int
+make_ids(PyObject *headers, PyObject *counter, PyObject *prefix, PyObject **rid_out,
+         PyObject **line_out)
+{
+    PyObject *rid = NULL, *line;
+    Py_buffer v;
+    char *w;
+
+    *rid_out = *line_out = NULL;
+    if (need_bytes(prefix, "prefix")) {
+        return -1;
+    }
+    if (!find_client_id(headers, &rid) && find_client_id_general(headers, &rid) < 0) {
+        return -1;
+    }
     if (rid == NULL) {
         rid = new_request_id(counter, prefix);
         if (rid == NULL) {
@@ -1930,13 +1997,109 @@ PyDoc_STRVAR(log_response_doc,
 "writer restamped on a new second) with the writer's flush or timer. Returns the bytes for\n"
 "the client, or None when whole_response takes nothing (accesslog.log_response_py).");
 
+/* log_response's general way to the bytes: whole_response on the objects (``*now`` made from
+   now_ns when it is NULL) */
+static COLD PyObject *
+whole_general(PyObject *module, PyObject **st, PyObject *data, PyObject *request,
+              PyObject **now, long long now_ns)
+{
+    PyObject *call[5];
+    if (*now == NULL && (*now = PyLong_FromLongLong(now_ns)) == NULL) {
+        return NULL;
+    }
+    call[0] = st[S_FRAMER];
+    call[1] = data;
+    call[2] = request;
+    call[3] = *now;
+    call[4] = st[S_KEPT];
+    return whole_response(module, call, 5);
+}
+
+/* log_response's general way to the text line: text_line on the objects (``*wall`` made from
+   wall_ns when it is NULL), the request's numbers first set as whole_response sets them when
+   whole_native found them (``*native`` is then cleared). The count, or -2 with an error set. */
+static COLD Py_ssize_t
+line_general(PyObject *module, PyObject **ln, PyObject *lead, PyObject *request,
+             PyObject *site, PyObject **wall, long long wall_ns, int *native,
+             const whole_numbers *n)
+{
+    PyObject *call[7], *r;
+    Py_ssize_t count;
+    if (*native) {
+        PyObject *a = PyLong_FromLongLong(n->ns), *b = PyLong_FromLong(n->status);
+        PyObject *c = PyLong_FromLongLong(n->body_out);
+        int bad = a == NULL || b == NULL || c == NULL ||
+                  PyList_SetItem(request, R_TTFB, Py_NewRef(a)) < 0 ||
+                  PyList_SetItem(request, R_STATUS, Py_NewRef(b)) < 0 ||
+                  PyList_SetItem(request, R_BODY_OUT, Py_NewRef(c)) < 0;
+        Py_XDECREF(a);
+        Py_XDECREF(b);
+        Py_XDECREF(c);
+        if (bad) {
+            return -2;
+        }
+        *native = 0;
+    }
+    if (*wall == NULL && (*wall = PyLong_FromLongLong(wall_ns)) == NULL) {
+        return -2;
+    }
+    call[0] = ln[L_PENDING];
+    call[1] = ln[L_STAMP];
+    call[2] = ln[L_SEC];
+    call[3] = *wall;
+    call[4] = lead;
+    call[5] = request;
+    call[6] = site;
+    if ((r = text_line(module, call, 7)) == NULL) {
+        return -2;
+    }
+    count = PyLong_AsSsize_t(r);
+    Py_DECREF(r);
+    return (count == -1 && PyErr_Occurred()) ? -2 : count;
+}
+
+/* writer.restamp(wall // 10**9): a new second. 0, or -1 with an error set. */
+static COLD int
+restamp(PyObject *writer, PyObject *wall, long long wall_ns)
+{
+    PyObject *sec, *r;
+    if (wall != NULL) {
+        sec = PyNumber_FloorDivide(wall, int_1e9);
+    }
+    else {
+        sec = PyLong_FromLongLong(wall_ns / 1000000000LL); /* >= 0: floor */
+    }
+    if (sec == NULL) {
+        return -1;
+    }
+    r = PyObject_CallMethodOneArg(writer, str_restamp, sec);
+    Py_DECREF(sec);
+    if (r == NULL) {
+        return -1;
+    }
+    Py_DECREF(r);
+    return 0;
+}
+
+/* conn._resite() and the state's new site (a new reference), or NULL with an error set */
+static COLD PyObject *
+resite(PyObject *state, PyObject *conn)
+{
+    PyObject *fresh[S_SIZE] = {NULL}, *site;
+    if (call_method0(conn, str_resite) < 0 || items_of(state, S_SIZE, fresh, "state") < 0) {
+        return NULL;
+    }
+    site = Py_NewRef(fresh[S_SITE]);
+    clear_items(fresh, S_SIZE);
+    return site;
+}
+
 static PyObject *
 log_response(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
     PyObject *st[S_SIZE] = {NULL}, *ln[L_SIZE] = {NULL};
     PyObject *conn, *data, *request = NULL, *now = NULL, *out = NULL, *r = NULL;
-    PyObject *sid = NULL, *port = NULL, *wall = NULL, *sec = NULL, *site = NULL;
-    PyObject *call[7];
+    PyObject *sid = NULL, *port = NULL, *wall = NULL, *site = NULL;
     Py_ssize_t waiting, count;
     long long now_ns = 0, wall_ns = 0, sec_ns;
     whole_numbers n = {0, 0, 0, 0};
@@ -1976,15 +2139,7 @@ log_response(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         native = native == 1;
     }
     if (!native) {
-        if (now == NULL && (now = PyLong_FromLongLong(now_ns)) == NULL) {
-            goto fail;
-        }
-        call[0] = st[S_FRAMER];
-        call[1] = data;
-        call[2] = request;
-        call[3] = now;
-        call[4] = st[S_KEPT];
-        if ((out = whole_response(module, call, 5)) == NULL) {
+        if ((out = whole_general(module, st, data, request, &now, now_ns)) == NULL) {
             goto fail;
         }
         if (out == Py_None) {
@@ -2011,18 +2166,8 @@ log_response(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     if (on < 0) {
         goto fail;
     }
-    if (on) {
-        PyObject *fresh[S_SIZE] = {NULL};
-        if (call_method0(conn, str_resite) < 0 || items_of(args[0], S_SIZE, fresh, "state") < 0) {
-            goto fail;
-        }
-        site = Py_NewRef(fresh[S_SITE]);
-        clear_items(fresh, S_SIZE);
-    }
-    else {
-        site = Py_NewRef(st[S_SITE]);
-    }
-    if ((have_wall = clock_ll(st[S_WALL], &wall_ns, &wall)) < 0) {
+    site = on ? resite(args[0], conn) : Py_NewRef(st[S_SITE]);
+    if (site == NULL || (have_wall = clock_ll(st[S_WALL], &wall_ns, &wall)) < 0) {
         goto fail;
     }
     have_wall = have_wall == 1 && wall_ns >= 0;
@@ -2033,70 +2178,27 @@ log_response(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         if (native && have_wall && exact_ll(ln[L_SEC], &sec_ns)) {
             /* text_line on the numbers whole_native found; body_in as the request has it now
                (the calls above can run Python code) */
-            if (line_objects(ln[L_PENDING], ln[L_STAMP], st[S_LEAD], request, site) < 0) {
-                goto fail;
-            }
-            if ((n.body_in = non_negative(PyList_GET_ITEM(request, R_BODY_IN), "body_in")) < 0) {
+            if (line_objects(ln[L_PENDING], ln[L_STAMP], st[S_LEAD], request, site) < 0 ||
+                (n.body_in = non_negative(PyList_GET_ITEM(request, R_BODY_IN), "body_in")) < 0) {
                 goto fail;
             }
             count = put_line(ln[L_PENDING], ln[L_STAMP], sec_ns, wall_ns, st[S_LEAD], request,
                              site, n.status, n.body_in, n.body_out, n.ns);
-            if (count == -2) {
-                goto fail;
-            }
         }
         else {
-            if (native) { /* odd clocks or writer: the request's numbers as whole_response's */
-                PyObject *a = PyLong_FromLongLong(n.ns), *b = PyLong_FromLong(n.status);
-                PyObject *c = PyLong_FromLongLong(n.body_out);
-                int bad = a == NULL || b == NULL || c == NULL ||
-                          PyList_SetItem(request, R_TTFB, Py_NewRef(a)) < 0 ||
-                          PyList_SetItem(request, R_STATUS, Py_NewRef(b)) < 0 ||
-                          PyList_SetItem(request, R_BODY_OUT, Py_NewRef(c)) < 0;
-                Py_XDECREF(a);
-                Py_XDECREF(b);
-                Py_XDECREF(c);
-                if (bad) {
-                    goto fail;
-                }
-                native = 0;
-            }
-            if (wall == NULL && (wall = PyLong_FromLongLong(wall_ns)) == NULL) {
-                goto fail;
-            }
-            call[0] = ln[L_PENDING];
-            call[1] = ln[L_STAMP];
-            call[2] = ln[L_SEC];
-            call[3] = wall;
-            call[4] = st[S_LEAD];
-            call[5] = request;
-            call[6] = site;
-            if ((r = text_line(module, call, 7)) == NULL) {
-                goto fail;
-            }
-            count = PyLong_AsSsize_t(r);
-            Py_CLEAR(r);
-            if (count == -1 && PyErr_Occurred()) {
-                goto fail;
-            }
+            count = line_general(module, ln, st[S_LEAD], request, site, &wall, wall_ns, &native,
+                                 &n);
+        }
+        if (count == -2) {
+            goto fail;
         }
         if (count >= 0 || restamped) {
             break;
         }
         /* a new second: its stamp, then the line again (once) */
-        if (wall != NULL) {
-            sec = PyNumber_FloorDivide(wall, int_1e9);
-        }
-        else {
-            sec = PyLong_FromLongLong(wall_ns / 1000000000LL); /* >= 0: floor */
-        }
-        if (sec == NULL) {
+        if (restamp(st[S_WRITER], wall, wall_ns) < 0) {
             goto fail;
         }
-        if ((r = PyObject_CallMethodOneArg(st[S_WRITER], str_restamp, sec)) == NULL) {
-            goto fail;
-        }
-        Py_CLEAR(r);
         clear_items(ln, L_SIZE);
     }
     if (count >= MAX_PENDING) {
@@ -2116,7 +2218,6 @@ done:
     Py_XDECREF(port);
     Py_XDECREF(site);
     Py_XDECREF(wall);
-    Py_XDECREF(sec);
     return out;
 fail:
     Py_CLEAR(out);
