@@ -828,6 +828,62 @@ def test_log_response_reads_the_clocks_of_time_as_time_does() -> None:
     assert len(writer.lines[0]) == 1
 
 
+def _sized(body: int) -> bytes:
+    """A whole response of the common kind with a body of ``body`` bytes."""
+    return RESPONSE.replace(b"Content-Length: 5", b"Content-Length: %d" % body)[:-5] + b"b" * body
+
+
+def test_log_response_writes_into_its_last_output_only_when_nothing_else_holds_it() -> None:
+    """Its output is written into the previous one's buffer once no one holds that (the
+    transport wrote it and let it go): with the same bytes, length and hash as a new object
+    would have. An output still held (a transport that could write only part of it keeps it)
+    is never changed, and one past 64 KiB is not kept."""
+    writer = _Writer([], 0, 0, True)
+    requests: deque[list[Any]] = deque()
+    logger = logging.Logger("t", logging.WARNING)  # no lines: the bytes for the client only
+    state: list[Any] = [
+        requests, _framer([], b"", False), None, writer.lines, writer, b"", b" x id=",
+        SANDBOX, 8080, time.monotonic_ns, time.time_ns, logger, requests.popleft,
+        logger._cache, itertools.count(), b"p",
+    ]  # fmt: skip
+    conn = _Conn([], SANDBOX, 8080)
+
+    def respond(body: int) -> bytes:
+        requests.append(_request(b"x-request-id: r%d\r\n" % body, 0, 0))
+        state[1].expect(b"GET")
+        out = C.log_response(state, conn, _sized(body))
+        assert isinstance(out, bytes)
+        return out
+
+    def expected(body: int) -> bytes:
+        head, rest = _sized(body).split(b"\r\n\r\n", 1)
+        return head + b"\r\nx-request-id: r%d\r\n\r\n" % body + rest
+
+    held = respond(300)
+    hash(held)  # its hash cached in the object
+    kept = respond(200)  # the first is held: a new object
+    assert held == expected(300) and kept == expected(200)
+    address = id(kept)
+    del kept
+    for body in (100, 150, 0, 200):  # smaller or as large: into the same buffer
+        out = respond(body)
+        assert id(out) == address
+        assert out == expected(body) and len(out) == len(expected(body))
+        assert hash(out) == hash(bytes(bytearray(out)))  # not the hash of what it held before
+        del out
+    assert held == expected(300)  # held all along: never written into
+    larger = respond(250)  # past its size: a new one (kept from now on)
+    assert id(larger) != address and larger == expected(250)
+    del larger
+    huge = respond(70_000)  # past 64 KiB: not kept
+    assert huge == expected(70_000)
+    address = id(huge)
+    del huge
+    small = respond(10)
+    assert small == expected(10)  # the 250-byte one's buffer, never the huge one's
+    assert id(small) != address
+
+
 def test_log_response_asks_a_logger_what_logging_would_answer() -> None:
     """The C reads a real logger's cache and ``disabled`` instead of calling isEnabledFor: a
     line exactly when the reference (which calls it) writes one, each way the logger is set."""

@@ -912,17 +912,59 @@ match_whole(PyObject *framer, PyObject *data, PyObject **methods, Py_buffer *vie
     return 1;
 }
 
-/* The response (``view``, its head ``end`` bytes long) with the id line ``idv`` before the
-   blank line that ends its head, as new bytes */
+/* log_response's output buffer, reused. Each whole response is a new bytes object of its size
+   plus the id line; at ~1.3 KB for a 1 KB body that is past glibc's per-thread cache (1032
+   bytes), and its malloc and free cost ~430 instructions and ~40 instruction-cache misses per
+   request, more than the copy (docs/performance.md). The last output is kept here, and when
+   nothing but this holds it any more (the transport wrote it and dropped it: a partial write
+   keeps a reference, and then a new one is made) the next output is written into it instead:
+   its size set down to what it holds (never above what it was made with, ``spare_cap``), the
+   NUL after it written, its cached hash cleared. Nothing else can see the change: an object
+   no one else refers to. Outputs above SPARE_MAX are not kept (one per process, never more than
+   that). Only where the refcount says so: not on free-threaded builds. */
+#define SPARE_MAX 65536
+static PyObject *spare;       /* bytes, or NULL */
+static Py_ssize_t spare_cap;  /* the size ``spare`` was made with */
+
 static PyObject *
-with_id_line(const Py_buffer *view, Py_ssize_t end, const Py_buffer *idv)
+output_bytes(Py_ssize_t size)
+{
+    PyObject *out;
+#ifndef Py_GIL_DISABLED
+    if (spare != NULL && Py_REFCNT(spare) == 1 && size <= spare_cap) {
+        Py_SET_SIZE(spare, size);
+        PyBytes_AS_STRING(spare)[size] = '\0';
+#if defined(__GNUC__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wdeprecated-declarations"
+#endif
+        ((PyBytesObject *)spare)->ob_shash = -1; /* deprecated (3.11), still its hash cache */
+#if defined(__GNUC__)
+#pragma GCC diagnostic pop
+#endif
+        return Py_NewRef(spare);
+    }
+#endif
+    out = PyBytes_FromStringAndSize(NULL, size);
+    if (out != NULL && size >= 2 && size <= SPARE_MAX) { /* >= 2: never a shared singleton */
+        Py_XSETREF(spare, Py_NewRef(out));
+        spare_cap = size;
+    }
+    return out;
+}
+
+/* The response (``view``, its head ``end`` bytes long) with the id line ``idv`` before the
+   blank line that ends its head, as bytes (``reuse``: in output_bytes's buffer when it can) */
+static PyObject *
+with_id_line(const Py_buffer *view, Py_ssize_t end, const Py_buffer *idv, int reuse)
 {
     PyObject *out;
     char *w;
     if (idv->len > PY_SSIZE_T_MAX - view->len) {
         return PyErr_NoMemory();
     }
-    out = PyBytes_FromStringAndSize(NULL, view->len + idv->len);
+    out = reuse ? output_bytes(view->len + idv->len)
+                : PyBytes_FromStringAndSize(NULL, view->len + idv->len);
     if (out == NULL) {
         return NULL;
     }
@@ -1001,7 +1043,7 @@ whole_response(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         (body_out_obj = PyLong_FromSsize_t(view.len - end)) == NULL) {
         goto fail;
     }
-    if ((out = with_id_line(&view, end, &idv)) == NULL || expected_taken(methods) < 0) {
+    if ((out = with_id_line(&view, end, &idv, 0)) == NULL || expected_taken(methods) < 0) {
         goto fail;
     }
     /* PyList_SetItem checks the index (the list may have shrunk) and steals the reference */
@@ -1092,7 +1134,7 @@ whole_native(PyObject *framer, PyObject *data, PyObject *request, long long now,
         r = -1;
         goto done;
     }
-    *out = with_id_line(&view, end, &idv);
+    *out = with_id_line(&view, end, &idv, 1);
     PyBuffer_Release(&idv);
     n->body_out = view.len - end;
     if (*out == NULL || expected_taken(methods) < 0 ||
