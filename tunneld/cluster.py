@@ -312,7 +312,9 @@ class Cluster:
 
         A failed dial is tried once more with the owner and its node record read again from
         Redis (the sandbox may have moved; a worker restarted under the same node id listens on
-        another port), unless both turn out unchanged: then the owner really is unreachable."""
+        another port), unless both turn out unchanged: then the owner really is unreachable.
+        Redis failing on the way (the owner, or its node record on a first dial) is a 503, never
+        an exception of the store's (tests/cluster/test_route_store_down.py)."""
         owner = self.owners.get(sandbox_id)
         failed: tuple[tuple[str, int], object] | None = None  # (owner, its link address)
         last = ""
@@ -340,7 +342,9 @@ class Cluster:
                 break  # the same owner at the same address: it really is unreachable
             try:
                 return await self._link(owner[0]), owner[1]
-            except (OSError, TimeoutError, ConnectionError, LookupError) as exc:
+            # StoreError: the owner's node record could not be read (a first dial to it); the
+            # second try reads Redis again and answers 503 if it still cannot.
+            except (OSError, TimeoutError, ConnectionError, LookupError, StoreError) as exc:
                 log.warning("sandbox %s: owner node %s unreachable: %s", sandbox_id, owner[0], exc)
                 last = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
                 failed = (owner, (self.nodes.get(owner[0]) or {}).get("link"))
