@@ -15,10 +15,11 @@ import os
 import socket
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
+
+from tests.signal_hooks import console_script
 
 from .conftest import AGENT_ENV, assert_exited_130_cleanly, stderr_of_interrupted
 
@@ -82,23 +83,6 @@ RUN_MODULES = (
 )
 
 
-def _console_script(directory: Path) -> Path:
-    """The ``tunnel-agent`` script as pip writes it for this tree's ``[project.scripts]``."""
-    with open(ROOT / "pyproject.toml", "rb") as f:
-        entry = tomllib.load(f)["project"]["scripts"]["tunnel-agent"]
-    module, func = entry.split(":")
-    script = directory / "tunnel-agent"
-    script.write_text(
-        f"#!{sys.executable}\n"
-        "import sys\n"
-        f"from {module} import {func}\n"
-        "if __name__ == '__main__':\n"
-        "    sys.argv[0] = sys.argv[0].removesuffix('.exe')\n"
-        f"    sys.exit({func}())\n"
-    )
-    return script
-
-
 @pytest.fixture(scope="module")
 def hooks(tmp_path_factory: pytest.TempPathFactory) -> Path:
     directory = tmp_path_factory.mktemp("sigint-hooks")
@@ -150,7 +134,7 @@ def _command(target: str, port: int) -> list[str]:
 def test_console_script_exits_130_on_ctrl_c_during_an_import(
     tmp_path: Path, hooks: Path, closed_port: int, target: str
 ) -> None:
-    script = _console_script(tmp_path)
+    script = console_script(tmp_path, "tunnel-agent")
     _interrupted_at_import(
         [str(script)], [hooks, ROOT], target, _command(target, closed_port), tmp_path
     )
