@@ -32,13 +32,7 @@ from tests.e2e import test_public_tls
 from tests.e2e.conftest import Stack, wait_until
 from tests.e2e.test_h2_edges import Seen, Service, expose, nothing_left, pump, unchecked_client
 from tests.e2e.test_http2 import RawH2
-from tests.faults.test_h2_malformed_stream import (
-    PART,
-    goaways_to_the_close,
-    slow_or_drain,
-    slow_response_in_flight,
-    write,
-)
+from tests.faults import test_h2_malformed_stream as malformed
 
 pytestmark = pytest.mark.anyio
 
@@ -81,12 +75,12 @@ async def test_stream_state_errors_h2_answers_on_their_stream_only(
     HEADERS from the client, or a WINDOW_UPDATE past the window limit: RST_STREAM with the RFC's
     code on that stream, no GOAWAY; the first one's response arrives whole, and a new request on
     the connection is served."""
-    async with Service(slow_or_drain) as service:
+    async with Service(malformed.slow_or_drain) as service:
         host = await expose(stack, service.port)
         async with unchecked_client(stack, ca, host) as client:
             seen = Seen()
-            slow = await slow_response_in_flight(client, seen)
-            victim = await slow_response_in_flight(client, seen)
+            slow = await malformed.slow_response_in_flight(client, seen)
+            victim = await malformed.slow_response_in_flight(client, seen)
             if case == "DATA":
                 raw = frame(DATA, 0, victim, b"x")
             elif case == "HEADERS":
@@ -95,20 +89,12 @@ async def test_stream_state_errors_h2_answers_on_their_stream_only(
             else:
                 raw = hyperframe.frame.WindowUpdateFrame(victim, window_increment=2**31 - 1)
                 raw = raw.serialize()
-            await write(client, client.conn.data_to_send() + raw)
+            await malformed.write(client, client.conn.data_to_send() + raw)
             await pump(client, seen, lambda: victim in seen.resets or seen.goaway is not None)
             assert seen.goaway is None, f"GOAWAY {seen.goaway}"
             assert seen.resets[victim] == code
             assert victim not in seen.ended
-            service.go.set()
-            await pump(client, seen, lambda: seen.over(slow))
-            assert slow in seen.ended and slow not in seen.resets
-            assert bytes(seen.bodies[slow]) == b"a" * PART + b"b" * PART
-            fresh = client.request(b"GET", b"/after")
-            await client.send()
-            await pump(client, seen, lambda: seen.over(fresh))
-            assert fresh in seen.ended and bytes(seen.bodies[fresh]) == b"ok"
-            assert seen.goaway is None and not seen.closed
+            await malformed.the_slow_response_ends_and_more_is_served(client, seen, service, slow)
         await wait_until(lambda: nothing_left(stack), what="the edge to forget it all")
 
 
@@ -165,17 +151,13 @@ async def test_frame_errors_h2_raises_are_connection_errors(
     """With a response in flight and an upload open: one GOAWAY with the code h2 gives, then
     the close. The response is cut (never a clean end), so is the upload, and nothing else
     reaches the service."""
-    async with Service(slow_or_drain) as service:
+    async with Service(malformed.slow_or_drain) as service:
         host = await expose(stack, service.port)
         async with unchecked_client(stack, ca, host) as client:
             seen = Seen()
-            slow = await slow_response_in_flight(client, seen)
-            upload = client.request(b"POST", b"/upload", end=False)
-            client.conn.send_data(upload, b"u" * 100)
-            await client.send()
-            await wait_until(lambda: len(service.heads) == 2, what="the upload at the service")
-            await write(client, bad_frame(client, case, upload))
-            assert await goaways_to_the_close(client, seen) == [CONNECTION_ERRORS[case]]
+            slow, upload = await malformed.slow_and_an_upload(client, seen, service, 100)
+            await malformed.write(client, bad_frame(client, case, upload))
+            assert await malformed.goaways_to_the_close(client, seen) == [CONNECTION_ERRORS[case]]
             assert slow not in seen.ended and upload not in seen.ended
             await wait_until(lambda: bool(service.ends), what="the upload's service end")
             assert service.ends == ["reset"], service.ends

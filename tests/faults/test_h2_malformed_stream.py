@@ -216,18 +216,27 @@ async def the_rest_goes_on(
         service.heads.remove(next(h for h in service.heads if h.startswith(b"POST")))
         service.ends.clear()
     assert seen.goaway is None and not seen.closed
+    fresh = await the_slow_response_ends_and_more_is_served(client, seen, service, slow)
+    assert seen.heads[slow][b":status"] == b"200"
+    assert seen.heads[fresh][b":status"] == b"200"
+    assert [h.split(b" ")[:2] for h in service.heads] == [[b"GET", b"/slow"], [b"GET", b"/after"]]
+
+
+async def the_slow_response_ends_and_more_is_served(
+    client: RawH2, seen: Seen, service: Service, slow: int
+) -> int:
+    """Once the service sends the rest, the response of ``slow`` arrives whole and a new request
+    on the same connection is served, no GOAWAY. Returns the new request's stream."""
     service.go.set()
     await pump(client, seen, lambda: seen.over(slow))
     assert slow in seen.ended and slow not in seen.resets
-    assert seen.heads[slow][b":status"] == b"200"
     assert bytes(seen.bodies[slow]) == b"a" * PART + b"b" * PART
     fresh = client.request(b"GET", b"/after")
     await client.send()
     await pump(client, seen, lambda: seen.over(fresh))
-    assert seen.heads[fresh][b":status"] == b"200" and bytes(seen.bodies[fresh]) == b"ok"
-    assert fresh in seen.ended
+    assert fresh in seen.ended and bytes(seen.bodies[fresh]) == b"ok"
     assert seen.goaway is None and not seen.closed
-    assert [h.split(b" ")[:2] for h in service.heads] == [[b"GET", b"/slow"], [b"GET", b"/after"]]
+    return fresh
 
 
 async def goaways_to_the_close(client: RawH2, seen: Seen) -> list[h2.errors.ErrorCodes | int]:
@@ -253,6 +262,19 @@ async def slow_response_in_flight(client: RawH2, seen: Seen) -> int:
     await client.send()
     await pump(client, seen, lambda: len(seen.bodies[slow]) == PART)
     return slow
+
+
+async def slow_and_an_upload(
+    client: RawH2, seen: Seen, service: Service, size: int
+) -> tuple[int, int]:
+    """``slow_response_in_flight``, then an upload (``POST /upload``) of ``size`` bytes not
+    ended, once the service has its head. Returns the two streams."""
+    slow = await slow_response_in_flight(client, seen)
+    upload = client.request(b"POST", b"/upload", end=False)
+    client.conn.send_data(upload, b"u" * size)
+    await client.send()
+    await wait_until(lambda: len(service.heads) == 2, what="the upload at the service")
+    return slow, upload
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -342,11 +364,7 @@ async def test_malformed_trailers_cut_their_request_only(
         host = await expose(stack, service.port)
         async with unchecked_client(stack, ca, host) as client:
             seen = Seen()
-            slow = await slow_response_in_flight(client, seen)
-            upload = client.request(b"POST", b"/upload", end=False)
-            client.conn.send_data(upload, b"u" * 1000)
-            await client.send()
-            await wait_until(lambda: len(service.heads) == 2, what="the upload at the service")
+            slow, upload = await slow_and_an_upload(client, seen, service, 1000)
             client.conn.send_headers(upload, trailers, end_stream=True)
             await client.send()
             received = await cut_at_the_service(client, seen, service, upload)
@@ -385,11 +403,7 @@ async def test_trailers_without_end_stream_cut_their_request_only(
         host = await expose(stack, service.port)
         async with unchecked_client(stack, ca, host) as client:
             seen = Seen()
-            slow = await slow_response_in_flight(client, seen)
-            upload = client.request(b"POST", b"/upload", end=False)
-            client.conn.send_data(upload, b"u" * 1000)
-            await client.send()
-            await wait_until(lambda: len(service.heads) == 2, what="the upload at the service")
+            slow, upload = await slow_and_an_upload(client, seen, service, 1000)
             data = unended_trailers(client, upload, [(b"x-trailer", b"1")])
             if then == "DATA with END_STREAM":
                 client.conn.send_data(upload, b"v" * 100, end_stream=True)
