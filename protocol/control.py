@@ -12,7 +12,9 @@ when ``timeout_s`` passed first. ``unwatch_port {id}`` (edge -> agent, only to a
 hello says version >= 3) stops the watch of that request at once (its client left); it has no
 reply. On a node link (two edges of a cluster) the same two messages carry a forwarded wait: the
 landing node sends ``watch_port`` with ``sandbox`` set to the owner node, which answers it as the
-admin API would and stops it on ``unwatch_port``.
+admin API would and stops it on ``unwatch_port``. Likewise an admin ``expose`` with ``sandbox``
+set (node -> owner node): the owner runs it as its own admin API would and answers ``ok`` (the
+exposure) or ``error`` (with the HTTP status in ``status_code``).
 
 Every message type is described by one row of ``_SCHEMAS``: wire name, dataclass, and per field a
 checker (type + bounds) and whether the field may be absent. :func:`decode_message` checks the
@@ -141,6 +143,8 @@ class Expose:
     protocol: str = "http"
     proxy_protocol: bool = False
     inspect: bool = False
+    # Node links only (an admin expose forwarded to the owner node): the sandbox to expose for.
+    sandbox: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,7 +203,8 @@ class Error:
     code: str
     message: str
     id: int | None = None
-    # PORT_NOT_READY: the last HTTP status the probe saw (absent: it saw none).
+    # PORT_NOT_READY: the last HTTP status the probe saw (absent: it saw none). On a node link,
+    # the reply to a forwarded expose: the HTTP status the owner's admin API answers with.
     status_code: int | None = None
 
 
@@ -381,6 +386,7 @@ _SCHEMAS: Final[Mapping[str, tuple[type[Any], _Fields]]] = {
             "protocol": (_protocol, False),
             "proxy_protocol": (_bool, False),
             "inspect": (_bool, False),
+            "sandbox": (_optional(_str(1, _MAX_SANDBOX_ID)), False),
         },
     ),
     "unexpose": (Unexpose, {"id": (_ID, True), "port": (_PORT, True)}),

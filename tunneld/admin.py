@@ -45,6 +45,7 @@ import orjson
 
 from protocol.errors import LocalProtocolError
 from protocol.hostnames import (
+    ExposureOptions,
     ValidationError,
     validate_exposure_options,
     validate_port,
@@ -189,6 +190,9 @@ class AdminServer:
                 options = validate_exposure_options(
                     payload.get("protocol"), payload.get("proxyProtocol"), payload.get("inspect")
                 )
+                forwarded = await self._expose_on_owner(sandbox_id, payload, options)
+                if forwarded is not None:
+                    return forwarded
                 exposure = await edge.expose(
                     sandbox_id, payload["port"], payload.get("name"), payload.get("token"), options
                 )
@@ -211,6 +215,58 @@ class AdminServer:
                 self._allow(method, "POST")
                 return await self._wait_port(sandbox_id, port, request.body, exchange)
         raise ApiError(404, "NOT_FOUND", f"No such endpoint: {method} {path}")
+
+    async def _expose_on_owner(
+        self, sandbox_id: str, payload: dict[str, Any], options: ExposureOptions
+    ) -> Response | None:
+        """In a cluster, an expose for a sandbox whose agent is connected to another node is
+        run there, so that the agent's verdict is the answer (tunneld/exposefwd.py). None: not
+        forwarded (no cluster, the session is here, no owner, or the owner gave no verdict):
+        the caller exposes it here."""
+        from .exposefwd import Refused, expose_message, forward_expose
+
+        edge = self.edge
+        cluster = edge.cluster
+        if cluster is None:
+            return None
+        state = edge.registry.get(sandbox_id)
+        session = state.session if state is not None else None
+        owner = cluster.owners.get(sandbox_id)
+        if session is not None or owner is None or owner[0] == cluster.node_id:
+            return None
+        port, name, token = edge._validate(
+            payload["port"], payload.get("name"), payload.get("token")
+        )
+        try:
+            exposure = await forward_expose(
+                cluster, sandbox_id, expose_message(port, name, token, options)
+            )
+        except Refused as exc:
+            raise ApiError(exc.status, exc.code, exc.message) from None
+        if exposure is None:
+            return None
+        # The owner stored it before answering: once this node's feed delivered everything
+        # published before now, the view has it (or a later change, which is the truth now).
+        caught_up = getattr(cluster.store, "caught_up", None)
+        if caught_up is not None:
+            await caught_up(cluster.store.timeout)
+        state = edge.registry.get(sandbox_id)
+        record = state.exposures.get(port) if state is not None else None
+        if record is not None:
+            return json_response(200, exposure_json(edge.preview_url(sandbox_id, record), record))
+        # The feed is away (or slow): answer with what the owner said it exposed.
+        out: dict[str, Any] = {
+            "port": exposure.port,
+            "exposedAt": exposure.url,
+            "name": exposure.name,
+        }
+        if options.protocol != "http":
+            out["protocol"] = options.protocol
+        if options.proxy_protocol:
+            out["proxyProtocol"] = True
+        if options.inspect:
+            out["inspect"] = True
+        return json_response(200, out)
 
     @staticmethod
     def _allow(method: str, *allowed: str) -> None:

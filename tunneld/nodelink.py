@@ -43,6 +43,7 @@ if TYPE_CHECKING:
     from .cluster import Cluster
 
 __all__ = [
+    "EXPOSE_LINK_VERSION",
     "LINK_VERSION",
     "WAIT_LINK_VERSION",
     "NodeLinkClient",
@@ -56,8 +57,12 @@ log = logging.getLogger("tunneld.cluster")
 TOKEN_MAX_SKEW: Final = 300.0  # seconds between the nodes' clocks (and a replay's window)
 # What a link's acceptor serves, said in its welcome as limits["version"] (absent: 1, streams
 # only). 2: forwarded waits for a port, watch_port / unwatch_port requests (tunneld/waitfwd.py).
+# 3: forwarded admin exposes, expose requests with ``sandbox`` set (tunneld/exposefwd.py). A
+# dialer sends a request only to an acceptor whose welcome says its level: an older one would
+# take it for a protocol error and drop the link.
 WAIT_LINK_VERSION: Final = 2
-LINK_VERSION: Final = WAIT_LINK_VERSION
+EXPOSE_LINK_VERSION: Final = 3
+LINK_VERSION: Final = EXPOSE_LINK_VERSION
 _DOMAIN: Final = b"tunneld-node-link\0"
 # Node-link connections accepted and not authenticated yet (no valid hello), all peers together:
 # past it a new one is closed at once. A link sends its hello first thing, so only a peer that is
@@ -111,6 +116,7 @@ class NodeLinkServer(MuxProtocol):
         self.peer_node: str | None = None
         self._handshake_timer: asyncio.TimerHandle | None = None
         self.served_waits: dict[int, asyncio.Task[None]] = {}  # forwarded waits (waitfwd.py)
+        self.served_exposes: dict[int, asyncio.Task[None]] = {}  # forwarded exposes (exposefwd.py)
 
     def describe(self) -> str:
         return f"node link from {self.peer_node or '(no hello yet)'} at {self.peer}"
@@ -152,6 +158,10 @@ class NodeLinkServer(MuxProtocol):
                 serve_wait(self, message)
             elif isinstance(message, control.UnwatchPort):
                 stop_wait(self, message.id)
+            elif isinstance(message, control.Expose) and message.sandbox is not None:
+                from .exposefwd import serve_expose
+
+                serve_expose(self, message)
             return  # nothing else is asked on a link
         if not isinstance(message, control.Hello):
             return

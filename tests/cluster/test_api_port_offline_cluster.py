@@ -1,8 +1,10 @@
 """The agent's control API port, exposed through the admin API of a cluster while the sandbox
 is offline (through any node): 200 and stored, as no node can ask the agent; when the agent
 connects (to another node), its welcome lists the port, and the agent unexposes it, so every
-node drops it and Redis no longer has it. Exposed through a node that does not hold the agent's
-session (200, then removed by the owner): tests/cluster/test_api_port_expose_cluster.py.
+node drops it and Redis no longer has it. (No node holds a session, so none is asked: a node
+forwards an expose only to the owner the feed names, tunneld/exposefwd.py.) Exposed through a
+node that does not hold the agent's session (400 as on the owner; 200, then removed by the
+owner, when the owner gives no verdict): tests/cluster/test_api_port_expose_cluster.py.
 """
 
 from __future__ import annotations

@@ -27,9 +27,12 @@ async def _two_nodes_agent_on_b(cluster: Cluster) -> tuple[Node, Node, str]:
     b = await cluster.node("node-b", handover=True)
     origin = await cluster.origin()
     await cluster.agent(b, "sb1")
-    r = await a.admin.post("/v1/sandboxes/sb1/ports", json={"port": origin.port})
+    # Exposed through B, the owner: through A it would be forwarded on a node link
+    # (tunneld/exposefwd.py), and these tests check that no request needed one.
+    r = await b.admin.post("/v1/sandboxes/sb1/ports", json={"port": origin.port})
     assert r.status_code == 200, r.text
     await wait_for(lambda: a.edge.cluster.owners.get("sb1", ("",))[0] == "node-b", what="owner")
+    await wait_for(lambda: a.edge.registry.exposures("sb1"), what="A to see the exposure")
     return a, b, r.json()["exposedAt"]
 
 

@@ -300,6 +300,9 @@ async def test_a_write_redis_may_still_apply_is_not_answered_nothing_changed(
     a = await cluster.node("node-a")
     b = await cluster.node("node-b")
     await cluster.agent(b, "sb1")
+    # A forwards the expose to B, the writer (tunneld/exposefwd.py): once A knows B owns sb1,
+    # so that the node link and B's node record are there before Redis hangs.
+    await wait_for(lambda: a.edge.cluster.owners.get("sb1", ("",))[0] == "node-b", what="owner")
     r = await a.admin.post("/v1/sandboxes/sb1/ports", json={"port": 9000})
     assert r.status_code == 200, r.text  # (and Redis has the write script: EVALSHA finds it)
 
