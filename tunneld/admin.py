@@ -255,18 +255,9 @@ class AdminServer:
         if record is not None:
             return json_response(200, exposure_json(edge.preview_url(sandbox_id, record), record))
         # The feed is away (or slow): answer with what the owner said it exposed.
-        out: dict[str, Any] = {
-            "port": exposure.port,
-            "exposedAt": exposure.url,
-            "name": exposure.name,
-        }
-        if options.protocol != "http":
-            out["protocol"] = options.protocol
-        if options.proxy_protocol:
-            out["proxyProtocol"] = True
-        if options.inspect:
-            out["inspect"] = True
-        return json_response(200, out)
+        return json_response(
+            200, exposure_fields(exposure.port, exposure.url, exposure.name, options)
+        )
 
     @staticmethod
     def _allow(method: str, *allowed: str) -> None:
@@ -603,12 +594,22 @@ _EXPOSE_FIELDS: Final = frozenset({"port", "name", "token", "protocol", "proxyPr
 def exposure_json(url: str, record: ExposureRecord) -> dict[str, Any]:
     """An exposure as the admin API shows it: Cloudflare's ``{port, exposedAt, name}``, then
     the options that differ from a plain preview URL."""
-    out: dict[str, Any] = {"port": record.port, "exposedAt": url, "name": record.name}
-    options = record.options
+    return exposure_fields(record.port, url, record.name, record.options, record.public_port)
+
+
+def exposure_fields(
+    port: int,
+    url: str,
+    name: str | None,
+    options: ExposureOptions,
+    public_port: int | None = None,
+) -> dict[str, Any]:
+    """``exposure_json`` of these fields (an exposure another node made: exposefwd.py)."""
+    out: dict[str, Any] = {"port": port, "exposedAt": url, "name": name}
     if options.protocol != "http":
         out["protocol"] = options.protocol
-    if record.public_port is not None:
-        out["publicPort"] = record.public_port
+    if public_port is not None:
+        out["publicPort"] = public_port
     if options.proxy_protocol:
         out["proxyProtocol"] = True
     if options.inspect:
