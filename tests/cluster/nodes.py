@@ -27,6 +27,17 @@ async def wait_for(predicate: Callable[[], object], timeout: float = 10, what: s
         await asyncio.sleep(0.01)
 
 
+async def exposed_through_b(a: Node, b: Node, port: int) -> str:
+    """``port`` of sb1, whose agent is on B, exposed through B, its owner (through A it would be
+    forwarded on a node link: tunneld/exposefwd.py); its preview URL once A knows the owner and
+    sees the exposure."""
+    r = await b.admin.post("/v1/sandboxes/sb1/ports", json={"port": port})
+    assert r.status_code == 200, r.text
+    await wait_for(lambda: a.edge.cluster.owners.get("sb1", ("",))[0] == "node-b", what="owner")
+    await wait_for(lambda: a.edge.registry.exposures("sb1"), what="A to see the exposure")
+    return str(r.json()["exposedAt"])
+
+
 class Node:
     def __init__(self, edge: EdgeServer, admin_token: str) -> None:
         self.edge = edge

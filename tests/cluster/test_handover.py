@@ -16,7 +16,7 @@ import pytest
 from tunneld.handover import _ANSWER, host_identity
 from tunneld.handover import VERSION as HANDOVER_VERSION
 
-from .nodes import Cluster, Node, wait_for
+from .nodes import Cluster, Node, exposed_through_b, wait_for
 from .test_forwarding import raw_exchange
 
 pytestmark = pytest.mark.anyio
@@ -27,13 +27,8 @@ async def _two_nodes_agent_on_b(cluster: Cluster) -> tuple[Node, Node, str]:
     b = await cluster.node("node-b", handover=True)
     origin = await cluster.origin()
     await cluster.agent(b, "sb1")
-    # Exposed through B, the owner: through A it would be forwarded on a node link
-    # (tunneld/exposefwd.py), and these tests check that no request needed one.
-    r = await b.admin.post("/v1/sandboxes/sb1/ports", json={"port": origin.port})
-    assert r.status_code == 200, r.text
-    await wait_for(lambda: a.edge.cluster.owners.get("sb1", ("",))[0] == "node-b", what="owner")
-    await wait_for(lambda: a.edge.registry.exposures("sb1"), what="A to see the exposure")
-    return a, b, r.json()["exposedAt"]
+    # through B: these tests check that no request needed a node link
+    return a, b, await exposed_through_b(a, b, origin.port)
 
 
 async def test_a_connection_landing_on_another_worker_is_handed_over(cluster: Cluster) -> None:

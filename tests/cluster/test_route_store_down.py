@@ -9,7 +9,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from .nodes import Cluster, Node, wait_for
+from .nodes import Cluster, Node, exposed_through_b
 
 pytestmark = pytest.mark.anyio
 
@@ -19,13 +19,10 @@ async def _owner_address_unknown_to_a(cluster: Cluster) -> tuple[Node, str, int]
     b = await cluster.node("node-b")
     origin = await cluster.origin()
     await cluster.agent(b, "sb1")
-    r = await b.admin.post("/v1/sandboxes/sb1/ports", json={"port": origin.port})
-    assert r.status_code == 200, r.text
-    await wait_for(lambda: a.edge.cluster.owners.get("sb1", ("",))[0] == "node-b", what="owner")
-    await wait_for(lambda: a.edge.registry.exposures("sb1"), what="node-a to see the exposure")
+    url = await exposed_through_b(a, b, origin.port)
     assert "node-b" not in a.edge.cluster.nodes and not a.edge.cluster.links  # never dialed
     cluster.redis.stop()
-    return a, r.json()["exposedAt"], origin.port
+    return a, url, origin.port
 
 
 def _store_unreadable(r: httpx.Response) -> None:
