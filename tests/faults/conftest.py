@@ -38,6 +38,7 @@ __all__ = [
     "fault_proxy_to",
     "faulty_stack",
     "log_messages",
+    "logged_stack",
     "no_unhandled_errors",
     "raw_request",
     "stack",
@@ -74,6 +75,16 @@ class FaultStack(Stack):
 @pytest.fixture
 async def faulty_stack() -> AsyncIterator[FaultStack]:
     s = await FaultStack().start()
+    try:
+        yield s
+    finally:
+        await s.close()
+
+
+@pytest.fixture
+async def logged_stack() -> AsyncIterator[Stack]:
+    """A ``Stack`` with the access log on."""
+    s = await Stack(access_log=True).start()
     try:
         yield s
     finally:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import re
 import socket
-from collections.abc import AsyncIterator
 
 import pytest
 
@@ -52,15 +51,6 @@ class Sized(ScriptedOrigin):
             await writer.drain()
 
 
-@pytest.fixture
-async def logged() -> AsyncIterator[Stack]:
-    s = await Stack(access_log=True).start()
-    try:
-        yield s
-    finally:
-        await s.close()
-
-
 async def read_response(reader: asyncio.StreamReader) -> tuple[bytes, bytes]:
     """(head, body) of one response with a Content-Length."""
     head = await reader.readuntil(b"\r\n\r\n")
@@ -72,8 +62,8 @@ def request(host: bytes, tag: str, size: int) -> bytes:
     return b"GET /%s/%d HTTP/1.1\r\nhost: %s\r\n\r\n" % (tag.encode(), size, host)
 
 
-async def test_a_slow_readers_waiting_responses_are_never_written_over(logged: Stack) -> None:
-    stack = logged
+async def test_a_slow_readers_waiting_responses_are_never_written_over(logged_stack: Stack) -> None:
+    stack = logged_stack
     assert stack.edge is not None
     async with Sized() as service:
         await stack.agent("sb1")

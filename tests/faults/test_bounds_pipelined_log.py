@@ -10,7 +10,6 @@ connection instead of growing, and still relays what it reads within the stream'
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 
 import pytest
 
@@ -43,17 +42,8 @@ class Silent(ScriptedOrigin):
         return self.received.count(b"GET /x HTTP/1.1\r\n")
 
 
-@pytest.fixture
-async def logged() -> AsyncIterator[Stack]:
-    s = await Stack(access_log=True).start()
-    try:
-        yield s
-    finally:
-        await s.close()
-
-
-async def test_unanswered_pipelined_requests_are_tracked_up_to_1024(logged: Stack) -> None:
-    stack = logged
+async def test_unanswered_pipelined_requests_are_tracked_up_to_1024(logged_stack: Stack) -> None:
+    stack = logged_stack
     assert stack.edge is not None
     async with Silent() as service:
         await stack.agent("sb1")
