@@ -115,6 +115,12 @@ class Stack:
     def host_of(self, url: str) -> str:
         return url.split("//", 1)[1].split("/", 1)[0]
 
+    async def preview_host(self, port: int, sandbox_id: str = "sb1", **body: object) -> bytes:
+        """An agent for ``sandbox_id`` connected and ``port`` exposed (``body``: the expose's
+        options): its preview URL's Host, as bytes for raw requests."""
+        await self.agent(sandbox_id)
+        return self.host_of((await self.expose(sandbox_id, port, **body))["exposedAt"]).encode()
+
     def client(self, url: str, **kwargs: object) -> httpx.AsyncClient:
         """An httpx client for a preview URL: connects to 127.0.0.1, sends the preview Host."""
         assert self.edge is not None

@@ -66,9 +66,7 @@ async def test_a_slow_readers_waiting_responses_are_never_written_over(logged_st
     stack = logged_stack
     assert stack.edge is not None
     async with Sized() as service:
-        await stack.agent("sb1")
-        url = (await stack.expose("sb1", service.port))["exposedAt"]
-        host = stack.host_of(url).encode()
+        host = await stack.preview_host(service.port)
         port = stack.edge.public_port
 
         slow = socket.create_connection(("127.0.0.1", port))

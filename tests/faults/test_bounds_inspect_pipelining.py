@@ -67,9 +67,7 @@ async def test_a_connection_pipelining_unanswered_requests_keeps_16_live_records
     assert stack.edge is not None and stack.admin is not None
     service = await Withholding().start()
     try:
-        await stack.agent("sb1")
-        url = (await stack.expose("sb1", service.port, inspect=True))["exposedAt"]
-        host = stack.host_of(url).encode()
+        host = await stack.preview_host(service.port, inspect=True)
         reader, writer = await asyncio.open_connection("127.0.0.1", stack.edge.public_port)
         try:
             writer.write(

@@ -46,9 +46,7 @@ async def test_unanswered_pipelined_requests_are_tracked_up_to_1024(logged_stack
     stack = logged_stack
     assert stack.edge is not None
     async with Silent() as service:
-        await stack.agent("sb1")
-        url = (await stack.expose("sb1", service.port))["exposedAt"]
-        host = stack.host_of(url).encode()
+        host = await stack.preview_host(service.port)
         one = b"GET /x HTTP/1.1\r\nhost: " + host + b"\r\n\r\n"
         _reader, writer = await asyncio.open_connection("127.0.0.1", stack.edge.public_port)
         try:
