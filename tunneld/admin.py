@@ -29,7 +29,8 @@ ownership feed), and a WebSocket connect or raw TCP for it is routed to the owne
 as one ``direct`` stream carrying exactly the bytes the local path would send to the agent. The
 owner accepts that link stream only when the agent accepted its own (it connected to the port), so
 the landing node learns of the connect the way a single node does. A wait for a port goes to the
-owner as one control request on the node link instead (tunneld/waitfwd.py).
+owner as one control request on the node link instead (tunneld/waitfwd.py), and so does an expose
+(``EdgeServer.expose``: tunneld/exposefwd.py).
 """
 
 from __future__ import annotations
@@ -76,6 +77,8 @@ from .store import StoreError
 from .tcpws import WebSocketTcpEndpoint, accept_response, verify_subprotocol_bearer
 
 if TYPE_CHECKING:
+    from protocol import control
+
     from .edge import EdgeServer
 
 __all__ = ["LIMITS", "AdminServer", "ApiError"]
@@ -190,13 +193,10 @@ class AdminServer:
                 options = validate_exposure_options(
                     payload.get("protocol"), payload.get("proxyProtocol"), payload.get("inspect")
                 )
-                forwarded = await self._expose_on_owner(sandbox_id, payload, options)
-                if forwarded is not None:
-                    return forwarded
                 exposure = await edge.expose(
                     sandbox_id, payload["port"], payload.get("name"), payload.get("token"), options
                 )
-                return json_response(200, self._port_json(sandbox_id, exposure.port))
+                return json_response(200, self._exposed_json(sandbox_id, exposure, options))
             port = _path_port(parts[4])
             if len(parts) == 5:
                 self._allow(method, "DELETE")
@@ -215,49 +215,6 @@ class AdminServer:
                 self._allow(method, "POST")
                 return await self._wait_port(sandbox_id, port, request.body, exchange)
         raise ApiError(404, "NOT_FOUND", f"No such endpoint: {method} {path}")
-
-    async def _expose_on_owner(
-        self, sandbox_id: str, payload: dict[str, Any], options: ExposureOptions
-    ) -> Response | None:
-        """In a cluster, an expose for a sandbox whose agent is connected to another node is
-        run there, so that the agent's verdict is the answer (tunneld/exposefwd.py). None: not
-        forwarded (no cluster, the session is here, no owner, or the owner gave no verdict):
-        the caller exposes it here."""
-        from .exposefwd import Refused, expose_message, forward_expose
-
-        edge = self.edge
-        cluster = edge.cluster
-        if cluster is None:
-            return None
-        state = edge.registry.get(sandbox_id)
-        session = state.session if state is not None else None
-        owner = cluster.owners.get(sandbox_id)
-        if session is not None or owner is None or owner[0] == cluster.node_id:
-            return None
-        port, name, token = edge._validate(
-            payload["port"], payload.get("name"), payload.get("token")
-        )
-        try:
-            exposure = await forward_expose(
-                cluster, sandbox_id, expose_message(port, name, token, options)
-            )
-        except Refused as exc:
-            raise ApiError(exc.status, exc.code, exc.message) from None
-        if exposure is None:
-            return None
-        # The owner stored it before answering: once this node's feed delivered everything
-        # published before now, the view has it (or a later change, which is the truth now).
-        caught_up = getattr(cluster.store, "caught_up", None)
-        if caught_up is not None:
-            await caught_up(cluster.store.timeout)
-        state = edge.registry.get(sandbox_id)
-        record = state.exposures.get(port) if state is not None else None
-        if record is not None:
-            return json_response(200, exposure_json(edge.preview_url(sandbox_id, record), record))
-        # The feed is away (or slow): answer with what the owner said it exposed.
-        return json_response(
-            200, exposure_fields(exposure.port, exposure.url, exposure.name, options)
-        )
 
     @staticmethod
     def _allow(method: str, *allowed: str) -> None:
@@ -303,6 +260,21 @@ class AdminServer:
             exposure_json(self.edge.preview_url(sandbox_id, r), r)
             for r in self.edge.registry.exposures(sandbox_id)
         ]
+
+    def _exposed_json(
+        self, sandbox_id: str, exposure: control.Exposure, options: ExposureOptions
+    ) -> dict[str, Any]:
+        """The answer to an expose: the exposure as this node's view has it, else (exposed
+        by the owner node, and this node's view has not caught up: tunneld/exposefwd.py) as
+        the owner answered it."""
+        from .exposefwd import OwnersExposure
+
+        state = self.edge.registry.get(sandbox_id)
+        if isinstance(exposure, OwnersExposure) and (
+            state is None or exposure.port not in state.exposures
+        ):
+            return exposure_fields(exposure.port, exposure.url, exposure.name, options)
+        return self._port_json(sandbox_id, exposure.port)
 
     def _port_json(self, sandbox_id: str, port: int) -> dict[str, Any]:
         state = self.edge.registry.get(sandbox_id)

@@ -1081,10 +1081,22 @@ class EdgeServer:
         name: object = None,
         token: object = None,
         options: ExposureOptions = DEFAULT_OPTIONS,
+        *,
+        forward: bool = True,
     ) -> control.Exposure:
-        """Orchestrator-side expose (admin API / SDK); ``options`` already validated."""
+        """Orchestrator-side expose (admin API / SDK); ``options`` already validated. In a
+        cluster, a sandbox whose agent is connected to another node is exposed there, so that
+        its agent's verdict is the answer (:mod:`tunneld.exposefwd`; an owner that gives none
+        leaves it to this node), unless ``forward`` is off (an expose that was forwarded
+        here)."""
         sandbox_id = validate_sandbox_id(sandbox_id)
         port, name, token = self._validate(port, name, token)
+        if forward and self.cluster is not None:
+            from .exposefwd import expose_elsewhere
+
+            exposure = await expose_elsewhere(self, sandbox_id, port, name, token, options)
+            if exposure is not None:
+                return exposure
         record = await self.tcp.commit_expose(sandbox_id, port, name, token, options)
         log.info("sandbox %s: port %d exposed%s", sandbox_id, port, _describe(options))
         try:

@@ -6,15 +6,17 @@ Theory of operation
 (:mod:`tunneld.cluster`) can ask the agent, and the agent may refuse the port (its own control
 API's: 400 ``INVALID_PORT``). So that the answer is the same on every node, a node that holds no
 session for the sandbox while the feed names another node as its owner forwards the expose over
-its node link (the same lookup and dial as a forwarded wait, :mod:`tunneld.waitfwd`) as one
-control request of the link: ``expose`` with the validated fields and ``sandbox`` set. The owner
-runs it as its own admin API would (``EdgeServer.expose``: stored, told to the agent, removed
-again if the agent refuses it; the owner's own validation, so a node can make another do no
-more than that node's admin API does) and answers ``ok`` with the exposure, or ``error`` with
-the admin API's code, message and HTTP status (``status_code``). The owner serves it only for a
-sandbox whose live session it holds (else ``error`` ``SANDBOX_NOT_CONNECTED``), and never
-forwards it again. The landing node then waits until its view of the store has caught up with
-the owner's write (``RedisStore.caught_up``) and answers from it.
+its node link (``EdgeServer.expose``, as ``EdgeServer.wait_port`` forwards a wait: the same
+lookup and dial, :mod:`tunneld.waitfwd`) as one control request of the link: ``expose`` with the
+validated fields and ``sandbox`` set. The owner runs it as its own admin API would
+(``EdgeServer.expose`` with ``forward=False``: stored, told to the agent, removed again if the
+agent refuses it; the owner's own validation, so a node can make another do no more than that
+node's admin API does) and answers ``ok`` with the exposure, or ``error`` with the admin API's
+code, message and HTTP status (``status_code``). The owner serves it only for a sandbox whose
+live session it holds (else ``error`` ``SANDBOX_NOT_CONNECTED``), and never forwards it again.
+The landing node then waits until its view of the store has caught up with the owner's write
+(``RedisStore.caught_up``) and answers from it, or from the owner's answer while its view does
+not have it yet (:class:`OwnersExposure`).
 
 Falling back. Whenever the owner cannot give the verdict, the landing node does what it did
 before forwarding existed: it stores the exposure itself and answers 200, and the owner pushes
@@ -32,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
 from protocol import control
@@ -39,15 +42,18 @@ from protocol.errors import LocalProtocolError
 from protocol.hostnames import ExposureOptions, ValidationError, validate_exposure_options
 
 from .cluster import LINK_TIMEOUT, RouteError
+from .registry import RegistryError
 from .waitfwd import LinkLost
 
 if TYPE_CHECKING:
     from .cluster import Cluster
+    from .edge import EdgeServer
     from .nodelink import NodeLinkServer
 
 __all__ = [
     "MAX_SERVED_EXPOSES",
-    "Refused",
+    "OwnersExposure",
+    "expose_elsewhere",
     "expose_message",
     "forward_expose",
     "reply_budget",
@@ -64,14 +70,11 @@ MAX_SERVED_EXPOSES: Final = 256
 _NO_VERDICT: Final = frozenset({"SANDBOX_NOT_CONNECTED", "NODE_BUSY"})
 
 
-class Refused(Exception):
-    """The owner answered the expose with an error: the admin API's ``status``/``code``."""
-
-    def __init__(self, status: int, code: str, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
+@dataclass(frozen=True, slots=True)
+class OwnersExposure(control.Exposure):
+    """The owner's answer to a forwarded expose, as ``EdgeServer.expose`` returns it when this
+    node's view of the store has not caught up with the owner's write (the feed is away or
+    slow): the admin API answers with it instead of its view's record."""
 
 
 def reply_budget(cluster: Cluster) -> float:
@@ -85,12 +88,51 @@ def reply_budget(cluster: Cluster) -> float:
 # -- the landing node -----------------------------------------------------------------------------
 
 
+async def expose_elsewhere(
+    server: EdgeServer,
+    sandbox_id: str,
+    port: int,
+    name: str | None,
+    token: str | None,
+    options: ExposureOptions,
+) -> control.Exposure | None:
+    """``EdgeServer.expose`` of a validated expose in a cluster, when another node holds the
+    sandbox's session: run there (:func:`forward_expose`), then answered once this node's view
+    caught up with the owner's write: the view's exposure, or the owner's
+    (:class:`OwnersExposure`) when the view does not have it yet. :class:`RegistryError` with
+    the owner's status and code when it refused it. None when the session is here, no other
+    node owns the sandbox, or the owner gave no verdict: the caller exposes it itself."""
+    cluster = server.cluster
+    if cluster is None:
+        return None
+    state = server.registry.get(sandbox_id)
+    session = state.session if state is not None else None
+    owner = cluster.owners.get(sandbox_id)
+    if session is not None or owner is None or owner[0] == cluster.node_id:
+        return None
+    exposure = await forward_expose(cluster, sandbox_id, expose_message(port, name, token, options))
+    if exposure is None:
+        return None
+    # The owner stored it before answering: once this node's feed delivered everything
+    # published before now, the view has it (or a later change, which is the truth now).
+    caught_up = getattr(cluster.store, "caught_up", None)
+    if caught_up is not None:
+        await caught_up(cluster.store.timeout)
+    state = server.registry.get(sandbox_id)
+    record = state.exposures.get(port) if state is not None else None
+    if record is not None:
+        return server.exposure_message(sandbox_id, record)
+    # The feed is away (or slow): answer with what the owner said it exposed.
+    return OwnersExposure(exposure.port, exposure.token, exposure.url, exposure.name)
+
+
 async def forward_expose(
     cluster: Cluster, sandbox_id: str, message: control.Expose
 ) -> control.Exposure | None:
     """Run the validated ``message`` on the sandbox's owner node: its exposure when the owner
-    exposed it, :class:`Refused` when it answered an error, None when it gave no verdict (the
-    caller exposes it itself, as before forwarding existed)."""
+    exposed it, :class:`RegistryError` with the owner's status and code when it answered an
+    error, None when it gave no verdict (the caller exposes it itself, as before forwarding
+    existed)."""
     from .nodelink import EXPOSE_LINK_VERSION
 
     try:
@@ -131,7 +173,7 @@ async def forward_expose(
         return reply.exposures[0] if reply.exposures else None
     if reply.code in _NO_VERDICT:
         return None
-    raise Refused(reply.status_code or 502, reply.code, reply.message)
+    raise RegistryError(reply.status_code or 502, reply.code, reply.message)
 
 
 def _with(message: control.Expose, request_id: int, sandbox_id: str) -> control.Expose:
@@ -189,7 +231,7 @@ async def _serve(link: NodeLinkServer, message: control.Expose) -> None:
                 message.protocol, message.proxy_protocol, message.inspect
             )
             exposure = await server.expose(
-                sandbox_id, message.port, message.name, message.token, options
+                sandbox_id, message.port, message.name, message.token, options, forward=False
             )
         except ValidationError as exc:  # RegistryError too: the admin API's answers
             reply = control.Error(exc.code, exc.message[:4096], message.id, exc.status)
