@@ -76,10 +76,9 @@ class Cluster:
             admin_token=self.admin_token,
             secret=self.secret,
             grace_period=0.2,
-            control_timeout=2.0,
             # nodes of one process share a host: the hand-over would be taken instead of the
             # node link, which these tests are about (tests/cluster/test_handover.py sets it)
-            **{"handover": False, **settings},  # type: ignore[arg-type]
+            **{"handover": False, "control_timeout": 2.0, **settings},  # type: ignore[arg-type]
         )
         store = RedisStore(url or self.redis.url, node_id=name, ping_interval=0.2)
         edge = EdgeServer(config, asyncio.get_running_loop(), store)
