@@ -106,6 +106,11 @@ class Exposure:
     token: str
     url: str
     name: str | None = None
+    # Node links only: in the owner's answer to a forwarded expose, the exposure's public TCP
+    # port (a "tcp" exposure's), to a dialer whose hello says the link version that reads it
+    # (tunneld.nodelink.PUBLIC_PORT_LINK_VERSION). Never sent to an agent: one from before it
+    # would refuse the unknown field.
+    public_port: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -356,6 +361,7 @@ _EXPOSURE_FIELDS: Final[_Fields] = {
     "token": (_str(1, _MAX_TOKEN), True),
     "url": (_str(1, _MAX_URL), True),
     "name": (_optional(_str(0, _MAX_NAME)), False),
+    "public_port": (_optional(_PORT), False),
 }
 
 _SCHEMAS: Final[Mapping[str, tuple[type[Any], _Fields]]] = {
@@ -442,7 +448,13 @@ def _build(cls: type[Any], fields: _Fields, obj: object, path: str) -> Any:
 def _exposure_dict(item: object, path: str) -> dict[str, Any]:
     if type(item) is not Exposure:
         raise _bad(path, "an Exposure", item)
-    return {"port": item.port, "token": item.token, "url": item.url, "name": item.name}
+    return {
+        "port": item.port,
+        "token": item.token,
+        "url": item.url,
+        "name": item.name,
+        "public_port": item.public_port,
+    }
 
 
 def _to_dict(name: str, msg: object) -> dict[str, Any]:

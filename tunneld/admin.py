@@ -266,14 +266,25 @@ class AdminServer:
     ) -> dict[str, Any]:
         """The answer to an expose: the exposure as this node's view has it, else (exposed
         by the owner node, and this node's view has not caught up: tunneld/exposefwd.py) as
-        the owner answered it."""
+        the owner answered it, with the URL this node's view will give it (a ``tcp`` one's
+        needs its public port, which an owner from before ``public_port`` does not say: then
+        the owner's URL)."""
         from .exposefwd import OwnersExposure
 
         state = self.edge.registry.get(sandbox_id)
         if isinstance(exposure, OwnersExposure) and (
             state is None or exposure.port not in state.exposures
         ):
-            return exposure_fields(exposure.port, exposure.url, exposure.name, options)
+            record = ExposureRecord(
+                exposure.port,
+                exposure.token,
+                exposure.name,
+                options=options,
+                public_port=exposure.public_port,
+            )
+            if options.protocol == "tcp" and exposure.public_port is None:
+                return exposure_json(exposure.url, record)
+            return exposure_json(self.edge.preview_url(sandbox_id, record), record)
         return self._port_json(sandbox_id, exposure.port)
 
     def _port_json(self, sandbox_id: str, port: int) -> dict[str, Any]:
@@ -566,22 +577,12 @@ _EXPOSE_FIELDS: Final = frozenset({"port", "name", "token", "protocol", "proxyPr
 def exposure_json(url: str, record: ExposureRecord) -> dict[str, Any]:
     """An exposure as the admin API shows it: Cloudflare's ``{port, exposedAt, name}``, then
     the options that differ from a plain preview URL."""
-    return exposure_fields(record.port, url, record.name, record.options, record.public_port)
-
-
-def exposure_fields(
-    port: int,
-    url: str,
-    name: str | None,
-    options: ExposureOptions,
-    public_port: int | None = None,
-) -> dict[str, Any]:
-    """``exposure_json`` of these fields (an exposure another node made: exposefwd.py)."""
-    out: dict[str, Any] = {"port": port, "exposedAt": url, "name": name}
+    options = record.options
+    out: dict[str, Any] = {"port": record.port, "exposedAt": url, "name": record.name}
     if options.protocol != "http":
         out["protocol"] = options.protocol
-    if public_port is not None:
-        out["publicPort"] = public_port
+    if record.public_port is not None:
+        out["publicPort"] = record.public_port
     if options.proxy_protocol:
         out["proxyProtocol"] = True
     if options.inspect:

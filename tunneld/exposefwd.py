@@ -16,7 +16,10 @@ code, message and HTTP status (``status_code``). The owner serves it only for a 
 live session it holds (else ``error`` ``SANDBOX_NOT_CONNECTED``), and never forwards it again.
 The landing node then waits until its view of the store has caught up with the owner's write
 (``RedisStore.caught_up``) and answers from it, or from the owner's answer while its view does
-not have it yet (:class:`OwnersExposure`).
+not have it yet (:class:`OwnersExposure`). That answer carries the exposure's public TCP port
+(``public_port``, a ``tcp`` exposure's) only to a landing node whose link hello says
+:data:`tunneld.nodelink.PUBLIC_PORT_LINK_VERSION`: an older one would take the field for a
+protocol error.
 
 Falling back. Whenever the owner cannot give the verdict, the landing node does what it did
 before forwarding existed: it stores the exposure itself and answers 200, and the owner pushes
@@ -33,8 +36,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
 from protocol import control
@@ -70,7 +73,7 @@ MAX_SERVED_EXPOSES: Final = 256
 _NO_VERDICT: Final = frozenset({"SANDBOX_NOT_CONNECTED", "NODE_BUSY"})
 
 
-@dataclass(frozen=True, slots=True)
+@dataclasses.dataclass(frozen=True, slots=True)
 class OwnersExposure(control.Exposure):
     """The owner's answer to a forwarded expose, as ``EdgeServer.expose`` returns it when this
     node's view of the store has not caught up with the owner's write (the feed is away or
@@ -123,7 +126,9 @@ async def expose_elsewhere(
     if record is not None:
         return server.exposure_message(sandbox_id, record)
     # The feed is away (or slow): answer with what the owner said it exposed.
-    return OwnersExposure(exposure.port, exposure.token, exposure.url, exposure.name)
+    return OwnersExposure(
+        exposure.port, exposure.token, exposure.url, exposure.name, exposure.public_port
+    )
 
 
 async def forward_expose(
@@ -241,8 +246,24 @@ async def _serve(link: NodeLinkServer, message: control.Expose) -> None:
                 "INTERNAL_ERROR", "Internal error; see the tunneld log.", message.id, 500
             )
         else:
-            reply = control.Ok(message.id, (exposure,))
+            reply = control.Ok(message.id, (_with_public_port(link, sandbox_id, exposure),))
     _reply(link, reply)
+
+
+def _with_public_port(
+    link: NodeLinkServer, sandbox_id: str, exposure: control.Exposure
+) -> control.Exposure:
+    """``exposure`` with the public TCP port its record has, for a dialer that reads it (the
+    landing node answers with it while its view has not caught up: ``publicPort``)."""
+    from .nodelink import PUBLIC_PORT_LINK_VERSION
+
+    if link.peer_version < PUBLIC_PORT_LINK_VERSION:
+        return exposure  # a node from before this: it would take the field for an error
+    state = link.cluster.server.registry.get(sandbox_id)
+    record = state.exposures.get(exposure.port) if state is not None else None
+    if record is None or record.public_port is None:
+        return exposure
+    return dataclasses.replace(exposure, public_port=record.public_port)
 
 
 def _reply(link: NodeLinkServer, reply: control.Ok | control.Error) -> None:

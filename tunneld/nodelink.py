@@ -45,6 +45,7 @@ if TYPE_CHECKING:
 __all__ = [
     "EXPOSE_LINK_VERSION",
     "LINK_VERSION",
+    "PUBLIC_PORT_LINK_VERSION",
     "WAIT_LINK_VERSION",
     "NodeLinkClient",
     "NodeLinkServer",
@@ -59,10 +60,13 @@ TOKEN_MAX_SKEW: Final = 300.0  # seconds between the nodes' clocks (and a replay
 # only). 2: forwarded waits for a port, watch_port / unwatch_port requests (tunneld/waitfwd.py).
 # 3: forwarded admin exposes, expose requests with ``sandbox`` set (tunneld/exposefwd.py). A
 # dialer sends a request only to an acceptor whose welcome says its level: an older one would
-# take it for a protocol error and drop the link.
+# take it for a protocol error and drop the link. The dialer's hello says its own level in
+# ``version`` (absent: 1); 4: it reads an exposure's ``public_port`` in the answer to a
+# forwarded expose, which an acceptor sends only to such a dialer.
 WAIT_LINK_VERSION: Final = 2
 EXPOSE_LINK_VERSION: Final = 3
-LINK_VERSION: Final = EXPOSE_LINK_VERSION
+PUBLIC_PORT_LINK_VERSION: Final = 4
+LINK_VERSION: Final = PUBLIC_PORT_LINK_VERSION
 _DOMAIN: Final = b"tunneld-node-link\0"
 # Node-link connections accepted and not authenticated yet (no valid hello), all peers together:
 # past it a new one is closed at once. A link sends its hello first thing, so only a peer that is
@@ -114,6 +118,7 @@ class NodeLinkServer(MuxProtocol):
         self.cluster = cluster
         self.peer = "unknown"
         self.peer_node: str | None = None
+        self.peer_version = 1  # the dialer's hello.version (LINK_VERSION)
         self._handshake_timer: asyncio.TimerHandle | None = None
         self.served_waits: dict[int, asyncio.Task[None]] = {}  # forwarded waits (waitfwd.py)
         self.served_exposes: dict[int, asyncio.Task[None]] = {}  # forwarded exposes (exposefwd.py)
@@ -194,6 +199,7 @@ class NodeLinkServer(MuxProtocol):
                 transport.close()
             return
         self.peer_node = message.sandbox_id
+        self.peer_version = message.version
         limits = {"version": LINK_VERSION}  # what this node serves on the link
         self.session.send_control(
             control.Welcome(self.cluster.node_id, config.heartbeat_interval, limits, ())
@@ -247,7 +253,8 @@ class NodeLinkClient(MuxProtocol):
     def on_connected(self) -> None:
         config = self.cluster.server.config
         node = self.cluster.node_id
-        self.session.send_control(control.Hello(node, node_link_token(config.secret, node)))
+        token = node_link_token(config.secret, node)
+        self.session.send_control(control.Hello(node, token, LINK_VERSION))
         self.flush()
 
     def on_control(self, message: Any) -> None:
