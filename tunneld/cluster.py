@@ -89,6 +89,9 @@ class Cluster:
         self.nodes: dict[str, dict[str, Any]] = {}  # node id -> record (link address...)
         self.links: dict[str, asyncio.Future[NodeLinkClient]] = {}
         self.server_links: set[NodeLinkServer] = set()
+        # Forwarded admin exposes this node runs for others, whatever link asked (they outlive
+        # a link that drops: tunneld/exposefwd.py); a stop cancels them.
+        self.served_exposes: set[asyncio.Task[None]] = set()
         self.advertise = ""
         self.port = 0
         self._listener: asyncio.Server | None = None
@@ -129,8 +132,11 @@ class Cluster:
         )
 
     async def stop(self) -> None:
+        from .exposefwd import stop_serving
+
         for task in self._loops:
             task.cancel()
+        await stop_serving(self, self.store.timeout)
         if self._listener is not None:
             self._listener.close()
         for link in list(self.server_links):

@@ -29,7 +29,8 @@ is the case for an owner that cannot be reached, one whose link ``welcome`` says
 would be a protocol error), a link that drops, an owner that says it does not hold the session (or
 is busy: :data:`MAX_SERVED_EXPOSES`), and an owner that does not answer within
 :func:`reply_budget`. An owner that is asked keeps running the expose when the link drops, so
-a change it made is told to its agent, or undone, as one it was asked for by its own client.
+a change it made is told to its agent, or undone, as one it was asked for by its own client;
+only its stop cancels it (:func:`stop_serving`, after its agents' sessions ended).
 """
 
 from __future__ import annotations
@@ -61,6 +62,7 @@ __all__ = [
     "forward_expose",
     "reply_budget",
     "serve_expose",
+    "stop_serving",
 ]
 
 log = logging.getLogger("tunneld.cluster")
@@ -214,6 +216,22 @@ def serve_expose(link: NodeLinkServer, message: control.Expose) -> None:
     task = link.loop.create_task(_serve(link, message))
     served[message.id] = task
     task.add_done_callback(lambda t: served.pop(message.id, None))
+    everywhere = link.cluster.served_exposes
+    everywhere.add(task)
+    task.add_done_callback(everywhere.discard)
+
+
+async def stop_serving(cluster: Cluster, timeout: float) -> None:
+    """The node stops: cancel the forwarded exposes it still runs and wait up to ``timeout``
+    for them to end, so that none is left pending past the stop (the edge ended its agents'
+    sessions before, so one still running waits for something else: the store, or a change
+    of the sandbox before it). Their landing nodes see the link close: no verdict, so each
+    stores its exposure itself."""
+    tasks = list(cluster.served_exposes)
+    for task in tasks:
+        task.cancel()
+    if tasks:
+        await asyncio.wait(tasks, timeout=timeout)
 
 
 async def _serve(link: NodeLinkServer, message: control.Expose) -> None:

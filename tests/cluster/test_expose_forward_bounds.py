@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 
 import pytest
 
@@ -128,3 +129,44 @@ async def test_the_owner_bounds_the_exposes_it_runs_for_a_link(
     finally:
         agent.answer_all()
         await agent.close()
+
+
+@pytest.mark.parametrize("waiting_for", ["an earlier change", "the agent"])
+async def test_a_stop_ends_the_exposes_the_node_runs_for_others(
+    cluster: Cluster, caplog: pytest.LogCaptureFixture, waiting_for: str
+) -> None:
+    """node-b stops while it runs an expose node-a forwarded. One that waits for an earlier
+    change of the sandbox (held here: the registry waits up to ``write_timeout``, 30 s, for
+    it) is cancelled by the stop (``exposefwd.stop_serving``); one that waits for the agent ends
+    when the stop ends the agent's session (node-b then answers it: the change is stored). Either
+    way the stop ends promptly, nothing is left pending (a task still pending when the loop
+    closes is "Task was destroyed but it is pending"), nothing is logged as an error, and
+    node-a answers 200 with the exposure stored."""
+    node_a, node_b, agent = await _slow_agent_on_b(cluster)
+    registry = node_b.edge.registry
+    lock = await registry._lock_for_change("sb1") if waiting_for == "an earlier change" else None
+    try:
+        call = asyncio.ensure_future(
+            node_a.admin.post("/v1/sandboxes/sb1/ports", json={"port": 8000})
+        )
+        await wait_for(lambda: _served(node_b) == 1, what="node-b to run it")
+        if lock is None:
+            await wait_for(lambda: agent.exposes, what="node-b to ask its agent")
+        cluster_b = node_b.edge.cluster
+        assert cluster_b is not None
+        (task,) = cluster_b.served_exposes
+        cluster.nodes.remove(node_b)
+        await node_b.admin.aclose()
+        await asyncio.wait_for(node_b.edge.stop(grace=0.2), 10)
+        assert task.done()
+        assert task.cancelled() == (lock is not None)
+        assert not cluster_b.served_exposes
+    finally:
+        if lock is not None:
+            registry._unlock("sb1", lock)
+        await agent.close()
+    r = await asyncio.wait_for(call, 10)
+    assert r.status_code == 200, r.text
+    assert [(s.sandbox_id, s.port) for s in await node_a.store.load_all()] == [("sb1", 8000)]
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
+    assert errors == [], [r.getMessage() for r in errors]
