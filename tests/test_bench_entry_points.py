@@ -41,6 +41,7 @@ COVERED = {
     "python -m bench.e2e.ab": "test_ab_compares_two_variants_of_a_commit",
     "python -m bench.e2e.instr": "test_instr_counts_instructions_per_request",
     "python -m bench.e2e.interleave": "test_interleave_compares_variants_running_at_once",
+    "python -m bench.e2e.toggle": "test_toggle_switches_the_access_log_in_one_process",
     "python -m bench.e2e.cluster": "test_cluster_handover_and_workers",
     "python -m bench.store_load": "test_store_load_reports_load_time_and_rss",
     "bench/experiments/inplace_frame_parse.py": "test_experiment_inplace_frame_parse",
@@ -305,6 +306,28 @@ def test_interleave_compares_variants_running_at_once(bench_env: dict[str, str])
     on = report["HEAD+access"]
     assert number(on["cpu_ratio_q1"]) <= number(on["cpu_ratio"]) <= number(on["cpu_ratio_q3"])
     positive(on["tunneld_us_per_request"])
+
+
+def test_toggle_switches_the_access_log_in_one_process(bench_env: dict[str, str]) -> None:
+    """``python -m bench.e2e.toggle HEAD 1``: one stack, the access log switched by SIGHUP
+    between 1 s bursts (docs: 30 rounds); off, on and off again, each with tunneld's CPU per
+    request, and the ratios to ``off`` with quartiles and a bootstrap interval. The bench itself
+    fails when an ``on`` burst wrote fewer access lines than requests or an ``off`` burst any."""
+    needs("nginx", "wrk")
+    out = run([PY, "-m", "bench.e2e.toggle", "HEAD", "1"], bench_env)
+    for state in ("off", "on", "off2"):
+        m = re.search(rf"^round 0 {state}: tunneld ({NUM}) us/request, ({NUM}) req/s", out, re.M)
+        assert m and float(m.group(1)) > 0 and float(m.group(2)) > 0, out
+    report = trailing_json(out)["report"]
+    assert report["off"]["cpu_ratio"] == 1.0 and report["off"]["errors"] == 0
+    for state in ("on", "off2"):
+        r = report[state]
+        assert (
+            number(r["cpu_ratio_95_low"])
+            <= number(r["cpu_ratio"])
+            <= number(r["cpu_ratio_95_high"])
+        )
+        positive(r["tunneld_us_per_request"])
 
 
 def test_cluster_handover_and_workers(bench_env: dict[str, str]) -> None:
