@@ -338,14 +338,20 @@ class AgentSession(MuxProtocol):
         elif isinstance(message, (control.Ok, control.Error)):
             self.pending.resolve(message)  # runs the request's on_ok first (see _call)
         elif isinstance(message, control.Expose):
-            if message.port == self.agent.api_port:
-                # A preview URL of the control API would hand it to anyone: refuse, so the
-                # edge answers its caller INVALID_PORT and stores nothing (an older edge
-                # answers 502 and keeps the exposure, which this agent never serves).
-                refusal = api_port_error(message.port)
-                log.warning(
-                    "the edge asked to expose port %d, this agent's own control API; refused",
+            try:
+                self.agent.check_port(message.port)
+            except AgentError as refusal:
+                # A preview URL of the control API would hand it to anyone, and a port below
+                # 1024 or 3000 is never dialled: refuse, so the edge answers its caller
+                # INVALID_PORT and stores nothing (an older edge answers 502 and keeps the
+                # exposure, which this agent never serves). tunneld's edge never pushes the
+                # latter (its admin API refuses them first): only a broken or hostile one does.
+                api = message.port == self.agent.api_port
+                self.agent.refused_exposes.log(
+                    self.loop.time(),
+                    "the edge asked to expose port %d, %s; refused",
                     message.port,
+                    "this agent's own control API" if api else "which the agent never serves",
                 )
                 self.session.send_control(control.Error(refusal.code, refusal.message, message.id))
                 return
@@ -555,6 +561,11 @@ class Agent:
         # open them at will, so a burst, then one a second (relay/budget.py).
         self.refused_streams = RateLimitedLog(
             log, "warnings about streams to ports the agent refuses"
+        )
+        # The edge's exposes of ports the agent refuses (its API port, below 1024, 3000): an
+        # edge never sends them unless it is hostile or broken, and then at any rate.
+        self.refused_exposes = RateLimitedLog(
+            log, "warnings about exposes of ports the agent refuses"
         )
         # Streams whose port could not be dialled (nothing listens): one per public request to
         # a service that is down, so as rate-limited as the refusals above.
