@@ -68,7 +68,17 @@ def session_members(sid: int) -> list[str]:
 #   TERM-all  SIGTERM to every process of this session, as systemd's stop sends it to every
 #             process of the unit (KillMode=control-group, the default the unit keeps)
 #   TERM-up   (worker 0) SIGTERM sent to the supervisor; its own SIGTERM, blocked from the
-#             start, is let in once the supervisor passed it on (bounded wait)
+#             start, arrives once the supervisor passed it on (bounded wait): let in then, unless
+#             the worker itself holds it blocked at that point (the supervisor blocks it across
+#             the worker's Python start, tunneld/entry.py lets it in): the worker's own unblocking
+#             before the point is put off to the point, and its mask is then what it would be
+#   TERM-up-stuck  (worker 0) TERM-up, then it stays at that point (up to STUCK_FOR s): a start
+#             that hangs, which only the supervisor's SIGKILL ends
+#   TERM-starved  (the supervisor) SIGTERM to itself and to worker 0, as systemd's stop sends it,
+#             with its own SIGTERM and SIGCHLD held until worker 0 has exited (bounded wait): both
+#             then reach it at once, as when the stop finds it without a CPU while the worker ends
+#   TERM-redis  (the supervisor) SIGTERM to its private redis-server, then a wait (bounded) until
+#             that has exited
 #   HUP-up    (a worker) SIGHUP sent to the supervisor, as systemctl reload does; the worker holds
 #             its own SIGHUP blocked until the supervisor passed it on (at most PASS_ON_WAIT s),
 #             so that it arrives at that point
@@ -77,6 +87,7 @@ def session_members(sid: int) -> list[str]:
 # point fires once per test (not in a process started once the marker file is there).
 # STARTUP_SIGNAL_TREE_ONLY=1: the tree on PYTHONPATH only, without an editable install's finder.
 PASS_ON_WAIT = 10.0
+STUCK_FOR = 120.0
 SITECUSTOMIZE = r"""
 import json, os, signal, sys, time
 
@@ -90,6 +101,36 @@ _overrides = os.environ.get("TUNNELD_WORKER_OVERRIDES")
 _me = "main"
 if _overrides is not None:
     _me = "w" + json.loads(_overrides).get("node_id", "").rsplit("-w", 1)[-1]
+
+
+def _child(name, index=None):  # this process's child of that command name (worker index)
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                head, _, rest = f.read().rpartition(")")
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+        except OSError:
+            continue
+        if int(rest.split()[1]) != os.getpid() or not head.partition("(")[2].startswith(name):
+            continue
+        if index is None:
+            return int(entry)
+        if b"--worker-index" in argv and argv[argv.index(b"--worker-index") + 1] == b"%d" % index:
+            return int(entry)
+    raise RuntimeError(f"no child {name} {index}")
+
+
+def _stat(pid):
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rpartition(")")[2].split()
+
+
+def _zombie(pid):
+    try:
+        return _stat(pid)[0] == "Z"
+    except OSError:
+        return True
 
 
 def _fire():
@@ -117,12 +158,42 @@ def _fire():
                 except OSError:
                     pass
         signal.raise_signal(signal.SIGTERM)
-    elif _how == "TERM-up":
+    elif _how in ("TERM-up", "TERM-up-stuck"):
         os.kill(os.getppid(), signal.SIGTERM)
         deadline = time.monotonic() + 30
         while signal.SIGTERM not in signal.sigpending() and time.monotonic() < deadline:
             time.sleep(0.01)
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+        with open(_marker, "a") as f:
+            passed = signal.SIGTERM in signal.sigpending()
+            f.write("passed on\n" if passed else "not passed on\n")
+            f.write("held by the worker\n" if _term_held else "")
+        signal.pthread_sigmask = _real_sigmask
+        if not _term_held:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+        if _how == "TERM-up-stuck":
+            deadline = time.monotonic() + STUCK_FOR
+            while time.monotonic() < deadline:
+                time.sleep(0.1)
+    elif _how == "TERM-starved":
+        both = {signal.SIGTERM, signal.SIGCHLD}
+        signal.pthread_sigmask(signal.SIG_BLOCK, both)
+        worker = _child("python", 0)
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(worker, signal.SIGTERM)
+        deadline = time.monotonic() + 30
+        while not _zombie(worker) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        with open(_marker, "a") as f:
+            f.write("both pending\n" if both <= signal.sigpending() else "not both pending\n")
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, both)
+    elif _how == "TERM-redis":
+        redis = _child("redis-server")
+        os.kill(redis, signal.SIGTERM)
+        deadline = time.monotonic() + 30
+        while not _zombie(redis) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        with open(_marker, "a") as f:
+            f.write("redis-server exited\n" if _zombie(redis) else "redis-server running\n")
     elif _how == "HUP-up":
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
         os.kill(os.getppid(), signal.SIGHUP)
@@ -142,9 +213,32 @@ if os.environ.get("STARTUP_SIGNAL_TREE_ONLY") == "1":
         f for f in sys.meta_path if "__editable__" not in getattr(f, "__module__", "")
     ]
 
+_real_sigmask = signal.pthread_sigmask
+_term_held = False  # TERM-up: whether the worker itself holds SIGTERM blocked (its own view)
+
+
+def _sigmask(how, mask):
+    # TERM-up, before the point: SIGTERM stays blocked whatever the worker does; what the worker
+    # asked for is noted, and applied at the point (_fire).
+    global _term_held
+    mask = set(mask)
+    held = _term_held
+    if how == signal.SIG_SETMASK:
+        _term_held = signal.SIGTERM in mask
+        old = _real_sigmask(how, mask | {signal.SIGTERM})
+    elif how == signal.SIG_UNBLOCK:
+        _term_held = _term_held and signal.SIGTERM not in mask
+        old = _real_sigmask(how, mask - {signal.SIGTERM})
+    else:
+        _term_held = _term_held or signal.SIGTERM in mask
+        old = _real_sigmask(how, mask)
+    return old if held else old - {signal.SIGTERM}
+
+
 if _point and _where == _me and not (_once and os.path.exists(_marker)):
-    if _how == "TERM-up":  # every thread started later inherits the mask
-        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    if _how in ("TERM-up", "TERM-up-stuck"):  # every thread started later inherits the mask
+        _term_held = signal.SIGTERM in _real_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+        signal.pthread_sigmask = _sigmask
     kind, _, spec = _point.partition(":")
     if kind == "import":
 
@@ -182,7 +276,7 @@ if _point and _where == _me and not (_once and os.path.exists(_marker)):
                 _fire()
 
         sys.setprofile(_profile)
-""".replace("PASS_ON_WAIT", repr(PASS_ON_WAIT))
+""".replace("PASS_ON_WAIT", repr(PASS_ON_WAIT)).replace("STUCK_FOR", repr(STUCK_FOR))
 
 
 class StartRun:

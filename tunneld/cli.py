@@ -13,7 +13,8 @@ workers) runs on an event loop whose own handlers replace those first: :func:`_s
 them before it opens the store, and ``Supervisor.run`` (tunneld/supervisor.py) before it takes
 the ports, so a SIGTERM or SIGINT there abandons the start and stops what it began. The other
 commands get Python's defaults back once the command line is parsed. Only Python's own start,
-``import tunneld`` and tunneld/entry.py's ``import signal`` come before the handlers.
+``import tunneld`` and tunneld/entry.py's ``import signal`` come before the handlers (in a worker
+with the three held blocked by its supervisor until then: tunneld/supervisor.py, **Signals**).
 """
 
 from __future__ import annotations

@@ -14,8 +14,15 @@ serve`` starts anything. :func:`main` takes the signals first and imports the CL
   ``Supervisor.run``) installs its reload handler (:func:`take_deferred_reload`). Deferred, not
   ignored: the configuration may have been read already when the SIGHUP came, and a reload asked
   for must not be lost. Before, SIGHUP had its default action until then: the process died.
-  A SIGHUP that whoever started this process held blocked (the supervisor does, for its workers,
-  across their whole Python start) is let in here, and deferred the same way.
+
+Whoever started this process may have held the three blocked: the ``--workers`` supervisor does,
+for each worker, across the worker's whole Python start (tunneld/supervisor.py ``_start``), so
+that a signal sent to a worker still starting waits for these handlers instead of killing it by
+its default action (which the supervisor would see as a worker killed by SIGTERM or SIGINT).
+:func:`handle_start_signals` lets them in right after installing the handlers: one that came
+meanwhile is taken then, as above (a SIGTERM: exit 0, the worker stopped cleanly). Started with
+none of them blocked (the single process; a worker restarted by a supervisor still running an
+earlier version, which held only SIGHUP or nothing), the unblocking changes nothing.
 
 Everything that starts something runs on an event loop whose own handlers replace these first;
 the other commands get Python's defaults back once their command line is parsed
@@ -23,7 +30,8 @@ the other commands get Python's defaults back once their command line is parsed
 it is run as the program itself (``python -m tunneld.cli``, which the supervisor starts its
 workers with, and console scripts written before this module). What comes before this module's
 handlers: Python's own start, ``import tunneld`` (an empty package), this module's own
-``import signal``, and the console script's ``import sys``.
+``import signal``, and the console script's ``import sys``; there a signal has its default
+action, unless it is held blocked (a worker's).
 
 Besides ``signal`` this module imports only what Python loaded at its start (``os``, ``sys``,
 ``types``).
@@ -36,6 +44,7 @@ from types import FrameType
 
 __all__ = [
     "EXIT_INTERRUPTED",
+    "START_SIGNALS",
     "handle_start_signals",
     "main",
     "restore_default_signals",
@@ -43,6 +52,8 @@ __all__ = [
 ]
 
 EXIT_INTERRUPTED = 130  # SIGINT (Ctrl-C), as shells report it; no traceback
+# What is taken here; the supervisor holds these blocked across a worker's Python start.
+START_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
 
 _deferred_reload = False  # a SIGHUP came before the reload handler was installed
 
@@ -77,15 +88,16 @@ def take_deferred_reload() -> bool:
 
 def handle_start_signals() -> bool:
     """SIGTERM and SIGINT end the process (:func:`_stop_starting`), SIGHUP is deferred
-    (:func:`_defer_reload`) and let in if it was blocked. False where Python refuses (not the
-    main thread: an embedding program keeps its own handling)."""
+    (:func:`_defer_reload`); then the three are let in where they were blocked (a worker's
+    start), so that one pending now is handled at once, by these. False where Python refuses
+    (not the main thread: an embedding program keeps its own handling)."""
     try:
         signal.signal(signal.SIGTERM, _stop_starting)
         signal.signal(signal.SIGINT, _stop_starting)
         signal.signal(signal.SIGHUP, _defer_reload)
     except ValueError:
         return False
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, START_SIGNALS)
     return True
 
 

@@ -46,12 +46,22 @@ as ``WATCHDOG_USEC``; without ``WATCHDOG_PID``, which cannot be known before the
 it: a message whose kernel-stamped pid is not a worker's is ignored, and at most
 ``MAX_NOTIFICATIONS_PER_WAKEUP`` are read per turn of the loop, so a flood cannot hold it.
 
-**Signals.** SIGHUP is passed to every worker (each reloads; one still starting defers it to the
-end of its start, tunneld/entry.py, and the worker's Python start runs with SIGHUP blocked, so that
-it waits for the deferring handler rather than kill it), and one that came before ``run`` took it
-over is applied then. SIGTERM or SIGINT: ``STOPPING=1``, SIGTERM to every worker, each drains for
-its grace period; a worker still running ``grace_period + STOP_MARGIN`` later is killed; the
-supervisor exits 0. Each worker also asks the kernel for SIGTERM should the supervisor die
+**Signals.** A worker's Python start, up to tunneld/cli.py's first lines (which install
+tunneld/entry.py's handlers and then unblock them), runs with SIGHUP, SIGTERM and SIGINT blocked
+(``_start``: the mask is inherited through exec), so that one sent to it then (passed on by the
+supervisor, systemd's stop, a terminal's Ctrl-C) waits for those handlers rather than kill it by
+its default action: a SIGHUP is deferred to the end of its start, a SIGTERM or SIGINT ends it at
+once with one line, exit 0 or 130. SIGHUP is passed to every worker (each reloads, one still
+starting once it serves), and one that came before ``run`` took it over is applied then. SIGTERM
+or SIGINT: ``STOPPING=1``, SIGTERM to every worker, starting or not (``SIGTERM: stopping 2
+workers, 1 of them still starting``), each drains for its grace period (one still starting stops
+what it began); a worker still running ``grace_period + STOP_MARGIN`` later is killed (also one
+whose start hangs with its signals still blocked); the supervisor exits 0. A worker that exits
+once the supervisor is stopping is logged (``worker 1 (pid N) exited with status 0, before it was
+ready``), neither restarted nor a failed start, also when the supervisor sees that exit before
+its own signal: systemd's stop or a Ctrl-C reaches a worker and the supervisor together, and a
+SIGCHLD pending with them is handled first (``_reap_soon``: reaped one turn of the loop later).
+Each worker also asks the kernel for SIGTERM should the supervisor die
 (``PR_SET_PDEATHSIG``), so a killed supervisor leaves no worker holding the ports. The handlers are
 installed first thing in ``run`` (before, tunneld/entry.py's, which end the process at once:
 nothing is started yet) and removed last: the start (ports, the private redis-server, the copy into
@@ -62,12 +72,15 @@ write-back and the redis-server's stop are on the loop, each wait bounded
 (``PrivateRedis.stop_async``: SIGKILL after ``STOP_TIMEOUT``, logged); a second signal then is
 logged, not the default action that would kill the supervisor mid-stop. systemd's stop sends
 SIGTERM to the redis-server too (to every process of the unit): one that shut down cleanly before
-the write-back is started again on its append-only file for it (``_revive_private_store``).
+the write-back is started again on its append-only file for it (``_revive_private_store``; checked
+twice: redis-server goes on answering for up to 0.1 s after its SIGTERM, then exits).
 
-**Restarts.** A worker that exits on its own is logged (exit code or signal) and started again
-after a backoff: 1 s, doubling to 30 s, back to 1 s for a worker that ran 60 s. A worker that
-exits before every worker was ready the first time is a failed start (a bad store URL, a port in
-use): the supervisor stops the others and exits with that worker's status (2 stays 2).
+**Restarts.** A worker that exits on its own (the supervisor not stopping; also one stopped alone
+by someone else's SIGTERM, exit 0) is logged (exit code or signal) and started again after a
+backoff: 1 s, doubling to 30 s, back to 1 s for a worker that ran 60 s. A worker that exits
+before every worker was ready the first time is a failed start (a bad store URL, a port in use; a
+worker stopped alone then too): the supervisor stops the others and exits with that worker's
+status (2 stays 2; 0 becomes 1).
 """
 
 from __future__ import annotations
@@ -89,7 +102,7 @@ from relay.budget import RateLimitedLog
 
 from . import systemd
 from .config import Config, ConfigError, load_config
-from .entry import take_deferred_reload
+from .entry import START_SIGNALS, take_deferred_reload
 from .private_redis import REDIS_DIR, UNSAVED, PrivateRedis
 from .redis_store import is_redis_url
 from .store import SqliteStore, StoredExposure, StoreError
@@ -296,7 +309,7 @@ class Supervisor:
             return self._status
         assert self._notify is not None
         loop.add_reader(self._notify, self._on_notify)
-        loop.add_signal_handler(signal.SIGCHLD, self._reap)
+        loop.add_signal_handler(signal.SIGCHLD, self._reap_soon)
         self._check_private_store()  # a death before that handler was there
         log.info(
             "supervisor (pid %d): %d workers on public %s:%d, agents %s:%d, admin %s:%d",
@@ -375,6 +388,10 @@ class Supervisor:
         try:
             if private is not None and sqlite is not None and save:
                 await self._revive_private_store(private)
+                if not await private.ping_async():
+                    # It answered there, then exited on that same signal: redis-server goes on
+                    # serving after a SIGTERM until its next cron tick (up to 0.1 s). Once more.
+                    await self._revive_private_store(private)
             if (
                 private is not None
                 and sqlite is not None
@@ -521,10 +538,12 @@ class Supervisor:
         argv = [sys.executable, "-m", "tunneld.cli", "serve", "--worker-index", str(worker.index)]
         if self.config_path:
             argv += ["--config", self.config_path]
-        # SIGHUP held blocked across the worker's Python start (the mask is inherited through
-        # exec): one passed on then waits for tunneld/cli.py's first lines, which defer it
-        # (tunneld/entry.py), instead of killing the worker by its default action.
-        held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
+        # SIGHUP, SIGTERM and SIGINT held blocked across the worker's Python start (the mask is
+        # inherited through exec): one passed on (or sent by systemd's stop, a terminal's Ctrl-C)
+        # then waits for tunneld/cli.py's first lines, which let it in to tunneld/entry.py's
+        # handlers (a reload deferred; a stop: exit 0 or 130), instead of killing the worker by
+        # its default action. Ours meanwhile wait the few milliseconds of the spawn.
+        held = signal.pthread_sigmask(signal.SIG_BLOCK, START_SIGNALS)
         try:
             worker.proc = subprocess.Popen(
                 argv, env=self._worker_env(worker.index), stdin=subprocess.DEVNULL
@@ -543,24 +562,41 @@ class Supervisor:
         worker.ready = False
         log.info("worker %d started (pid %d)", worker.index, worker.pid)
 
+    def _reap_soon(self) -> None:
+        """SIGCHLD: :meth:`_reap` at the next turn of the loop, after a stop signal that came with
+        it. systemd's stop (SIGTERM to every process of the unit) or a Ctrl-C (SIGINT to the
+        whole group) reach a worker and this process together; when the worker exits before
+        this process runs again (a busy host), both signals are pending here at once, and Linux
+        runs the higher-numbered one's handler first (each pending signal gets its frame, the
+        last on top): SIGCHLD's before SIGTERM's or SIGINT's. Reaped at once, the worker would
+        be a failed start or a crash to restart; one turn later, ``_stop`` has run first."""
+        assert self._loop is not None
+        self._loop.call_soon(self._reap)
+
     def _reap(self) -> None:
-        """SIGCHLD: collect every worker that exited (signals coalesce: check them all)."""
+        """Collect every worker that exited (signals coalesce: check them all)."""
         self._check_private_store()
         for worker in self.workers:
             proc = worker.proc
             if proc is None or proc.poll() is None:
                 continue
             worker.proc = None
-            worker.ready = False
-            self._on_exit(worker, proc.pid, proc.returncode)
+            ready, worker.ready = worker.ready, False
+            self._on_exit(worker, proc.pid, proc.returncode, ready)
         if self._stopping and all(w.proc is None for w in self.workers):
             self._done.set()
 
-    def _on_exit(self, worker: Worker, pid: int, returncode: int) -> None:
+    def _on_exit(self, worker: Worker, pid: int, returncode: int, ready: bool = True) -> None:
         how = describe_exit(returncode)
         ran = time.monotonic() - worker.started
-        if self._stopping:
-            log.info("worker %d (pid %d) %s", worker.index, pid, how)
+        if self._stopping:  # stopped by us (or with us: systemd's stop, a Ctrl-C): no restart
+            log.info(
+                "worker %d (pid %d) %s%s",
+                worker.index,
+                pid,
+                how,
+                "" if ready else ", before it was ready",
+            )
             return
         if not self._ready_sent:
             log.error("worker %d (pid %d) %s during start-up; stopping", worker.index, pid, how)
@@ -692,10 +728,12 @@ class Supervisor:
             self._starting.cancel()  # its redis-server is stopped (PrivateRedis.start_async)
             return
         running = [w for w in self.workers if w.proc is not None]
+        starting = sum(1 for w in running if not w.ready)
         log.info(
-            "%s: stopping %d workers (grace period %.0fs)",
+            "%s: stopping %d workers%s (grace period %.0fs)",
             why,
             len(running),
+            f", {starting} of them still starting" if starting else "",
             self.config.grace_period,
         )
         if why in ("SIGTERM", "SIGINT"):

@@ -8,8 +8,9 @@ and for worker 0:
 - in the supervisor before ``Supervisor.run`` installs its handlers: deferred (tunneld/entry.py)
   and applied then (``SIGHUP: passed to 0 workers``: none runs yet);
 - in worker 0, from the start of its Python (``import tunneld``, before tunneld/cli.py's first
-  lines: the supervisor starts it with SIGHUP blocked) to its reload handler: deferred, and
-  reloaded once it serves;
+  lines: the supervisor starts it with SIGHUP blocked, and SIGTERM and SIGINT:
+  test_stop_signal_during_startup_workers.py) to its reload handler: deferred, and reloaded once
+  it serves;
 - sent to the supervisor while worker 0 starts, after worker 0 read its configuration: the
   supervisor passes it to the starting worker, which reloads once it serves, so the token file
   rewritten before the SIGHUP is the one every worker uses.

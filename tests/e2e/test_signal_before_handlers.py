@@ -16,7 +16,8 @@ moment a chosen module starts to be imported (a meta-path finder) or a chosen fu
 entered (``sys.setprofile``), and each case fails if its point is never reached. The tree under
 test (ROOT, also a copy of it) comes first on ``PYTHONPATH`` and the console script is written
 from its pyproject.toml, as pip writes it. The ``--workers`` cases (the supervisor and its
-workers) are in test_sighup_during_startup_workers.py.
+workers) are in test_sighup_during_startup_workers.py and, for SIGTERM and SIGINT reaching a
+worker still starting, test_stop_signal_during_startup_workers.py.
 
 Before tunneld/entry.py (the script ran ``tunneld.cli:main``; no tunneld/__main__.py), 10 of
 the 16 stop-signal cases failed: at the import of tunneld.cli, before cli.py's own handlers, the
