@@ -164,15 +164,21 @@ class Config:
                 "heartbeat_interval must be at least 0.2 s and below dead_timeout "
                 f"(got {self.heartbeat_interval} and {self.dead_timeout})"
             )
-        if self.control_rate <= 0 or self.control_burst < 1:
-            raise ConfigError("control_rate must be > 0 and control_burst at least 1")
+        if not 0 < self.control_rate < math.inf or self.control_burst < 1:
+            raise ConfigError(
+                "control_rate must be > 0 and finite and control_burst at least 1, "
+                f"not {self.control_rate} and {self.control_burst}"
+            )
         for kind in ("miss", "stream", "admin"):
-            if getattr(self, f"{kind}_rate") <= 0 or getattr(self, f"{kind}_burst") < 1:
-                raise ConfigError(f"{kind}_rate must be > 0 and {kind}_burst at least 1")
+            rate, burst = getattr(self, f"{kind}_rate"), getattr(self, f"{kind}_burst")
+            if not 0 < rate < math.inf or burst < 1:
+                # nan would pass "> 0" and then refill every bucket whole: no limit at all
+                raise ConfigError(
+                    f"{kind}_rate must be > 0 and finite and {kind}_burst at least 1, "
+                    f"not {rate} and {burst}"
+                )
         if self.log_format not in ("text", "json"):
             raise ConfigError(f"log_format must be text or json, not {self.log_format!r}")
-        if self.keepalive_timeout <= 0:
-            raise ConfigError("keepalive_timeout must be > 0")
         self._check_durations()
         if not 1 <= self.inspect_max_requests <= 100_000:
             raise ConfigError(
@@ -226,7 +232,13 @@ class Config:
 
     def _check_durations(self) -> None:
         """Seconds settings: a number, finite, and positive (or 0 where 0 means something)."""
-        for name in ("head_timeout", "control_timeout", "handshake_timeout", "dead_timeout"):
+        for name in (
+            "head_timeout",
+            "keepalive_timeout",
+            "control_timeout",
+            "handshake_timeout",
+            "dead_timeout",
+        ):
             value = getattr(self, name)
             if not 0 < value < math.inf:  # nan fails too
                 raise ConfigError(f"{name} must be a number of seconds > 0, not {value}")

@@ -1,0 +1,85 @@
+"""docs/operations.md, "Running tunneld": "Configuration errors include a timeout that is
+negative, `nan` or `inf` ..." and "`tunneld serve` exits with 2 and one line on stderr for a
+configuration error". The settings the tables give as seconds or as a rate per second, checked
+for the values a float setting can take that are no number of seconds nor a rate.
+
+Found by these tests: ``nan`` passed the old ``<= 0`` checks of ``keepalive_timeout`` and of the
+four rates, and ``inf`` passed them too. A ``nan`` rate refills its token bucket whole at every
+take (``min(burst, nan)`` is ``burst``), so ``miss_rate = nan`` switched the token-guessing
+limit off without a word (``test_a_nan_miss_rate_would_have_switched_the_404_budget_off``); a
+``nan`` or ``inf`` ``keepalive_timeout`` never closes an idle connection.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tunneld.config import ConfigError, load_config
+from tunneld.public import PublicLimits
+
+ROOT = Path(__file__).resolve().parent.parent.parent
+SECRETS = {"TUNNELD_ADMIN_TOKEN": "a", "TUNNELD_SECRET": "b"}
+
+# (setting, a value no operator means); the rates and keepalive_timeout, as nan and inf
+BAD = [
+    (key, value)
+    for key in ("keepalive_timeout", "control_rate", "miss_rate", "stream_rate", "admin_rate")
+    for value in ("nan", "inf", "-inf")
+]
+
+
+@pytest.mark.parametrize("key, value", BAD, ids=[f"{k}={v}" for k, v in BAD])
+def test_a_non_finite_rate_or_keepalive_timeout_is_a_configuration_error(
+    key: str, value: str, tmp_path: Path
+) -> None:
+    """From the environment and from the TOML file (where ``nan`` and ``inf`` are floats)."""
+    with pytest.raises(ConfigError, match=f"^{key} must be "):
+        load_config(None, environ={**SECRETS, f"TUNNELD_{key.upper()}": value})
+    toml = tmp_path / "t.toml"
+    toml.write_text(f"{key} = {value}\n")
+    with pytest.raises(ConfigError, match=f"{key} must be "):
+        load_config(str(toml), environ=SECRETS)
+
+
+@pytest.mark.parametrize("key", ["keepalive_timeout", "miss_rate", "control_rate"])
+def test_finite_values_are_still_taken(key: str) -> None:
+    config = load_config(None, environ={**SECRETS, f"TUNNELD_{key.upper()}": "0.5"})
+    assert getattr(config, key) == 0.5
+
+
+def test_a_nan_miss_rate_would_have_switched_the_404_budget_off() -> None:
+    """Why nan must be refused: a budget of 2 with a nan rate never runs out."""
+    limits = PublicLimits()
+    taken = [limits.allow_miss("198.51.100.7", 0.0, float("nan"), 2) for _ in range(10)]
+    assert all(taken)  # this is what the configuration check now keeps out
+
+
+def test_tunneld_serve_exits_2_with_one_line_for_a_nan_rate() -> None:
+    """A real ``python -m tunneld serve`` (the tree under test: ``-m`` with this cwd)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TUNNELD_")}
+    env.update(SECRETS, TUNNELD_MISS_RATE="nan")
+    args = ["serve", "--store", "memory", "--public-port", "0", "--agent-port", "0"]
+    with subprocess.Popen(
+        [sys.executable, "-m", "tunneld", *args, "--admin-port", "0"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=ROOT,
+    ) as proc:
+        try:
+            _, stderr = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+            raise AssertionError("tunneld serve started with miss_rate = nan") from None
+    assert proc.returncode == 2, (proc.returncode, stderr)
+    assert stderr == (
+        "tunneld: configuration error: miss_rate must be > 0 and finite and miss_burst at "
+        "least 1, not nan and 50\n"
+    )
