@@ -836,8 +836,10 @@ def proxy_choices(
 
     env = dict(os.environ) if environ is None else environ
     explicit = getattr(args, "proxy", None)
+    source = "--proxy"
     if explicit is None:
         explicit = env.get(ENV_PROXY, "").strip() or None
+        source = ENV_PROXY  # the log and errors name what the operator set
     tls = bool(getattr(args, "tls", False))
     return [
         select_proxy(
@@ -845,6 +847,7 @@ def proxy_choices(
             entry.port,
             tls or entry.scheme == "wss",
             explicit=explicit,
+            explicit_source=source,
             disabled=bool(getattr(args, "no_proxy", False)),
             environ=env,
         )

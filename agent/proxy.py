@@ -173,19 +173,20 @@ def select_proxy(
     secure: bool,
     *,
     explicit: str | None = None,
+    explicit_source: str = "--proxy",
     disabled: bool = False,
     environ: Mapping[str, str],
 ) -> ProxyChoice:
     """The proxy to reach the edge ``host:port`` through (``secure``: a TLS or wss:// link).
 
-    ``explicit`` is ``--proxy`` (or ``TUNNEL_AGENT_PROXY``): "" turns proxies off, as
-    ``disabled`` (``--no-proxy``) does. Raises ProxyConfigError for an unusable chosen URL (a
-    variable that is not chosen is never parsed).
+    ``explicit`` is ``--proxy`` (or ``TUNNEL_AGENT_PROXY``, named by ``explicit_source`` in the
+    log and in errors): "" turns proxies off, as ``disabled`` (``--no-proxy``) does. Raises
+    ProxyConfigError for an unusable chosen URL (a variable that is not chosen is never parsed).
     """
     if disabled or explicit == "":
         return ProxyChoice(None, "proxies disabled")
     if explicit is not None:
-        found: tuple[str, str] | None = ("--proxy", explicit)
+        found: tuple[str, str] | None = (explicit_source, explicit)
     else:
         found = _env(environ, "https_proxy" if secure else "http_proxy") or _env(
             environ, "all_proxy"
