@@ -25,6 +25,7 @@ from tests.e2e.procs import Processes
 from tunneld import _speedups as C  # not built: this module errors (CI must build it)
 from tunneld import speedups
 from tunneld.accesslog import (
+    _logger_dict,
     begin_request_py,
     log_request_py,
     log_response_py,
@@ -681,15 +682,28 @@ def _logged(
     conn = _Conn(calls, SANDBOX, 8080)
     clocks = iter([mono, wall])
     logger: Any = _Log(calls, on)
-    if isinstance(on, str):  # a real logger: the C reads its cache and ``disabled``
+    if isinstance(on, str):  # a real logger: the C reads ``disabled`` and its cache
         logger = logging.Logger("t", logging.INFO if on.startswith("info") else logging.WARNING)
         if "warm" in on:
             logger.isEnabledFor(logging.INFO)  # the answer in its cache
-        logger.disabled = on.endswith("disabled")
+        logger.disabled = on.endswith(" disabled")
+        # odd values where the C reads booleans: what Python's truth and lookups make of them
+        if on.endswith("zero-disabled"):
+            logger.disabled = 0
+        elif on.endswith("one-disabled"):
+            logger.disabled = 1
+        elif on.endswith("no-disabled"):
+            del logger.disabled  # then isEnabledFor's AttributeError, from both
+        elif on.endswith("odd-cache"):
+            logger._cache = {logging.INFO: 1}  # truthy, not True
+        elif on.endswith("list-cache"):
+            logger._cache = []  # type: ignore[assignment]  # IndexError from both
+        elif on.endswith("no-cache"):
+            del logger._cache
     state: list[Any] = [
         requests, framer, kept, writer.lines, writer, b' INFO a: 1.2.3.4 "',
         b" old:1 id=", *site, lambda: next(clocks), lambda: next(clocks), logger,
-        requests.popleft, getattr(logger, "_cache", None), itertools.count(7), b"p",
+        requests.popleft, _logger_dict(logger), itertools.count(7), b"p",
     ]  # fmt: skip
     if bad is not None:
         index, value = bad
@@ -721,7 +735,11 @@ _LOG_CASE = st.tuples(
     st.sampled_from([0, 1, 254, 255, 256]),  # pending lines before
     st.booleans(),  # the writer's timer armed
     st.sampled_from(  # the logger logs info: a stand-in's answer, or a real logger's
-        [True, False, "info", "info warm", "warning", "warning warm", "info warm disabled"]
+        [
+            *(True, False, "info", "info warm", "warning", "warning warm"),
+            *("info warm disabled", "info warm zero-disabled", "info one-disabled"),
+            *("info no-disabled", "info warm odd-cache", "info list-cache", "info no-cache"),
+        ]
     ),
     st.sampled_from([(SANDBOX, 8080), (SANDBOX, 8081), ("".join("sb"), 8080), (None, 0)]),
     st.integers(1_000, 2**40),  # monotonic ns
@@ -742,7 +760,7 @@ _BAD_STATES = [
     (10, lambda: "now"),  # the wall clock not an int
     (11, object()),  # no isEnabledFor
     (12, None),  # no popleft
-    (13, ()),  # the logger's cache not a dict
+    (13, ()),  # the logger's dict not a dict
 ]
 
 
@@ -815,7 +833,7 @@ def test_log_response_reads_the_clocks_of_time_as_time_does() -> None:
     state: list[Any] = [
         requests, _framer([b"GET"], b"", False), kept, writer.lines, writer, b"",
         b" x id=", SANDBOX, 8080, time.monotonic_ns, time.time_ns, logger, requests.popleft,
-        logger._cache, itertools.count(), b"p",
+        _logger_dict(logger), itertools.count(), b"p",
     ]  # fmt: skip
     request = requests[0]
     wall0, mono0 = time.time_ns(), time.monotonic_ns()
@@ -844,7 +862,7 @@ def test_log_response_writes_into_its_last_output_only_when_nothing_else_holds_i
     state: list[Any] = [
         requests, _framer([], b"", False), None, writer.lines, writer, b"", b" x id=",
         SANDBOX, 8080, time.monotonic_ns, time.time_ns, logger, requests.popleft,
-        logger._cache, itertools.count(), b"p",
+        _logger_dict(logger), itertools.count(), b"p",
     ]  # fmt: skip
     conn = _Conn([], SANDBOX, 8080)
 

@@ -74,6 +74,7 @@ static PyObject *int_raw;     /* 4, ResponseFramer's _RAW (unframed) */
 static PyObject *str_headers, *str_method, *str_target, *str_append;
 static PyObject *str_is_enabled_for, *str_sandbox_id, *str_port, *str_resite;
 static PyObject *str_restamp, *str_flush, *str_arm, *int_info, *int_1e9, *str_disabled;
+static PyObject *str_cache; /* "_cache" */
 static PyObject *time_monotonic_ns, *time_time_ns; /* time.monotonic_ns, time.time_ns */
 
 static const char XRID_PREFIX[] = "x-request-id: ";
@@ -457,7 +458,8 @@ framer_ready(PyObject *framer, PyObject **methods)
     if (state == NULL) {
         return -1;
     }
-    r = PyObject_RichCompareBool(state, int_zero, Py_EQ); /* _state == _HEAD */
+    /* _state == _HEAD (0); RichCompareBool's own identity check, without the call */
+    r = state == int_zero ? 1 : PyObject_RichCompareBool(state, int_zero, Py_EQ);
     Py_DECREF(state);
     if (r <= 0) {
         return r;
@@ -466,7 +468,8 @@ framer_ready(PyObject *framer, PyObject **methods)
     if (buf == NULL) {
         return -1;
     }
-    r = PyObject_IsTrue(buf);
+    /* not bool(_buf): an exact bytearray's size read directly */
+    r = PyByteArray_CheckExact(buf) ? PyByteArray_GET_SIZE(buf) != 0 : PyObject_IsTrue(buf);
     Py_DECREF(buf);
     if (r != 0) {
         return r < 0 ? -1 : 0;
@@ -475,7 +478,9 @@ framer_ready(PyObject *framer, PyObject **methods)
     if (*methods == NULL) {
         return -1;
     }
-    r = PyObject_IsTrue(*methods);
+    /* bool(_methods): an exact deque's length is its ob_size (collections.deque's own len) */
+    r = Py_TYPE(*methods) == (PyTypeObject *)deque_type ? Py_SIZE(*methods) != 0
+                                                        : PyObject_IsTrue(*methods);
     if (r <= 0) {
         Py_CLEAR(*methods);
         return r;
@@ -485,7 +490,12 @@ framer_ready(PyObject *framer, PyObject **methods)
         Py_CLEAR(*methods);
         return -1;
     }
-    r = PyObject_RichCompareBool(first, bytes_head, Py_EQ);
+    if (PyBytes_CheckExact(first)) { /* == b"HEAD" for bytes, as bytes' own compare */
+        r = PyBytes_GET_SIZE(first) == 4 && memcmp(PyBytes_AS_STRING(first), "HEAD", 4) == 0;
+    }
+    else {
+        r = PyObject_RichCompareBool(first, bytes_head, Py_EQ);
+    }
     Py_DECREF(first);
     if (r != 0) {
         Py_CLEAR(*methods);
@@ -1185,22 +1195,48 @@ need_bytes(PyObject *v, const char *what)
 /* A decimal number (and "d.d" tenths) is at most 21 characters: INT64 has 19 digits. */
 #define NUM_MAX 24
 
+/* "00" to "99": two digits per step of decimal() */
+static const char DIGIT_PAIRS[] =
+    "0001020304050607080910111213141516171819202122232425262728293031323334353637383940414243"
+    "4445464748495051525354555657585960616263646566676869707172737475767778798081828384858687"
+    "888990919293949596979899";
+
 /* x >= 0 in decimal into out (at least NUM_MAX bytes); returns the length. No snprintf: it
-   costs more than the rest of the line. */
+   costs more than the rest of the line. Statuses, small sizes and durations (below 1000) in
+   one or two steps, the rest two digits at a time. */
 static NOINLINE int
 decimal(long long x, char *out)
 {
     char tmp[NUM_MAX];
-    int k = 0, len;
+    int k = NUM_MAX, len;
     unsigned long long v = (unsigned long long)x;
-    do {
-        tmp[k++] = (char)('0' + v % 10);
-        v /= 10;
-    } while (v != 0 && k < NUM_MAX);
-    len = k;
-    while (k > 0) {
-        *out++ = tmp[--k];
+    if (v < 10) {
+        out[0] = (char)('0' + v);
+        return 1;
     }
+    if (v < 100) {
+        memcpy(out, DIGIT_PAIRS + 2 * v, 2);
+        return 2;
+    }
+    if (v < 1000) {
+        out[0] = (char)('0' + v / 100);
+        memcpy(out + 1, DIGIT_PAIRS + 2 * (v % 100), 2);
+        return 3;
+    }
+    while (v >= 100) { /* at most 20 digits: k stays >= NUM_MAX - 20 */
+        k -= 2;
+        memcpy(tmp + k, DIGIT_PAIRS + 2 * (v % 100), 2);
+        v /= 100;
+    }
+    if (v >= 10) {
+        k -= 2;
+        memcpy(tmp + k, DIGIT_PAIRS + 2 * v, 2);
+    }
+    else {
+        tmp[--k] = (char)('0' + v);
+    }
+    len = NUM_MAX - k;
+    memcpy(out, tmp + k, (size_t)len);
     return len;
 }
 
@@ -1514,6 +1550,9 @@ static PyTypeObject IdCounter_Type = {
 };
 
 /* prefix + "%016x" % v, as bytes (prefix: bytes) */
+/* "00" to "ff" */
+static char HEX_PAIRS[512];
+
 static PyObject *
 hex_id(PyObject *prefix, unsigned long long v)
 {
@@ -1529,9 +1568,9 @@ hex_id(PyObject *prefix, unsigned long long v)
     }
     w = PyBytes_AS_STRING(out);
     memcpy(w, PyBytes_AS_STRING(prefix), (size_t)plen);
-    for (int k = 15; k >= 0; k--) {
-        w[plen + k] = "0123456789abcdef"[v & 0xF];
-        v >>= 4;
+    for (int k = 14; k >= 0; k -= 2) { /* a byte (two digits) at a time */
+        memcpy(w + plen + k, HEX_PAIRS + 2 * (v & 0xFF), 2);
+        v >>= 8;
     }
     return out;
 }
@@ -1878,7 +1917,7 @@ enum {
     S_WALL = 10,      /* time.time_ns */
     S_LOG = 11,       /* the tunneld.access logger (isEnabledFor) */
     S_POPLEFT = 12,   /* S_REQUESTS.popleft */
-    S_LOG_CACHE = 13, /* S_LOG._cache (logging.Logger's cache of isEnabledFor), or None */
+    S_LOG_DICT = 13,  /* S_LOG's instance dict (``disabled``, ``_cache``: info_enabled), or None */
     S_COUNTER = 14,   /* the request ids' counter (log_request) */
     S_PREFIX = 15,    /* the request ids' prefix (log_request) */
     S_SIZE = 16
@@ -1979,28 +2018,56 @@ clock_ll(PyObject *clock, long long *out, PyObject **obj)
 }
 
 /* logger.isEnabledFor(INFO) as logging.Logger's does it: False when ``disabled``, else its
-   ``_cache`` entry (``cache``, the logger's own dict, or None), else the method's answer.
-   1, 0, or -1 with an error set. */
+   ``_cache`` entry, else the method's answer. ``ldict`` is the logger's instance dict (or None:
+   the method is called), taken when its class defines neither name (accesslog._logger_dict), so
+   that ``logger.disabled`` and ``logger._cache`` are what the dict holds: two lookups in a dict,
+   not the generic getattr (its code is not in the instruction cache of a relay that reads
+   attributes through the interpreter's specialized paths: ~15 misses per request). A name
+   missing from the dict goes to the method, which does what Python does. 1, 0, or -1 with an
+   error set. */
 static int
-info_enabled(PyObject *logger, PyObject *cache)
+info_enabled(PyObject *logger, PyObject *ldict)
 {
     PyObject *r;
     int on;
-    if (cache != Py_None) {
-        PyObject *disabled, *hit;
+    if (ldict != Py_None) {
+        PyObject *disabled, *cache, *hit;
+        if (!PyDict_Check(ldict)) {
+            PyErr_SetString(PyExc_TypeError, "the logger's dict must be a dict or None");
+            return -1;
+        }
+        disabled = PyDict_GetItemWithError(ldict, str_disabled); /* borrowed */
+        if (disabled == NULL) {
+            if (PyErr_Occurred()) {
+                return -1;
+            }
+            goto call;
+        }
+        if (disabled != Py_False) {
+            if (disabled == Py_True) {
+                return 0;
+            }
+            Py_INCREF(disabled); /* IsTrue can run Python code */
+            on = PyObject_IsTrue(disabled);
+            Py_DECREF(disabled);
+            if (on != 0) {
+                return on < 0 ? -1 : 0;
+            }
+        }
+        cache = PyDict_GetItemWithError(ldict, str_cache); /* borrowed */
+        if (cache == NULL) {
+            if (PyErr_Occurred()) {
+                return -1;
+            }
+            goto call;
+        }
         if (!PyDict_Check(cache)) {
-            PyErr_SetString(PyExc_TypeError, "the logger's cache must be a dict or None");
-            return -1;
-        }
-        if ((disabled = PyObject_GetAttr(logger, str_disabled)) == NULL) {
-            return -1;
-        }
-        on = PyObject_IsTrue(disabled);
-        Py_DECREF(disabled);
-        if (on != 0) {
-            return on < 0 ? -1 : 0;
+            goto call; /* what ``self._cache[level]`` does with it: the method's to do */
         }
         hit = PyDict_GetItemWithError(cache, int_info); /* borrowed */
+        if (hit == Py_True || hit == Py_False) {
+            return hit == Py_True;
+        }
         if (hit != NULL) {
             Py_INCREF(hit); /* IsTrue can run Python code */
             on = PyObject_IsTrue(hit);
@@ -2011,6 +2078,7 @@ info_enabled(PyObject *logger, PyObject *cache)
             return -1;
         }
     }
+call:
     if ((r = PyObject_CallMethodOneArg(logger, str_is_enabled_for, int_info)) == NULL) {
         return -1;
     }
@@ -2192,7 +2260,7 @@ log_response(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         goto fail;
     }
     Py_CLEAR(r);
-    on = info_enabled(st[S_LOG], st[S_LOG_CACHE]);
+    on = info_enabled(st[S_LOG], st[S_LOG_DICT]);
     if (on <= 0) {
         if (on < 0) {
             goto fail;
@@ -2346,6 +2414,8 @@ PyInit__speedups(void)
         int alnum = (c >= '0' && c <= '9') || (c >= 'A' && c <= 'Z') || (c >= 'a' && c <= 'z');
         is_token[c] = (unsigned char)(alnum || (c && strchr(tchar, c) != NULL));
         is_id_char[c] = (unsigned char)(alnum || (c && strchr(idchar, c) != NULL));
+        HEX_PAIRS[2 * c] = "0123456789abcdef"[c >> 4];
+        HEX_PAIRS[2 * c + 1] = "0123456789abcdef"[c & 0xF];
     }
     if (str_state == NULL) {
         str_state = PyUnicode_InternFromString("_state");
@@ -2372,6 +2442,7 @@ PyInit__speedups(void)
         int_info = PyLong_FromLong(20); /* logging.INFO */
         int_1e9 = PyLong_FromLong(1000000000L);
         str_disabled = PyUnicode_InternFromString("disabled");
+        str_cache = PyUnicode_InternFromString("_cache");
         {
             PyObject *time_module = PyImport_ImportModule("time");
             if (time_module == NULL) {
@@ -2381,7 +2452,7 @@ PyInit__speedups(void)
             time_time_ns = PyObject_GetAttrString(time_module, "time_ns");
             Py_DECREF(time_module);
         }
-        if (!str_disabled || !time_monotonic_ns || !time_time_ns) {
+        if (!str_disabled || !str_cache || !time_monotonic_ns || !time_time_ns) {
             return NULL;
         }
         if (!str_is_enabled_for || !str_sandbox_id || !str_port || !str_resite ||

@@ -425,10 +425,22 @@ def whole_response_py(
     _S_WALL,
     _S_LOG,
     _S_POPLEFT,
-    _S_LOG_CACHE,
+    _S_LOG_DICT,
     _S_COUNTER,
     _S_PREFIX,
 ) = range(16)
+
+
+def _logger_dict(logger: Any) -> dict[str, Any] | None:
+    """``logger``'s instance dict when no class of it defines ``disabled`` or ``_cache``: then
+    ``logger.disabled`` and ``logger._cache`` are what the dict holds (``log_response`` reads
+    them there, two dict lookups instead of Python's getattr; ``logging.Logger`` sets both in
+    ``__init__``). None otherwise (``log_response`` then calls ``isEnabledFor``)."""
+    names = ("disabled", "_cache")
+    if any(name in vars(cls) for cls in type(logger).__mro__ for name in names):
+        return None
+    d = getattr(logger, "__dict__", None)
+    return d if type(d) is dict else None
 
 
 def log_request_py(state: list[Any], head: RequestHead) -> bytes:
@@ -453,8 +465,9 @@ def log_response_py(state: list[Any], conn: ConnectionLog, data: bytes) -> bytes
     the metrics' count of whole responses (RequestStats.whole, a ``Tally``, or None), the
     writer's ``lines`` and the writer, the lines' lead and " sandbox:port id=" (made for
     sandbox id and port in the next two), a monotonic and a wall clock (ns), the logger, the
-    requests' ``popleft`` and the logger's ``_cache`` (or None; the C reads what
-    ``isEnabledFor`` would: the method is called when the level is not in it), and the request
+    requests' ``popleft`` and the logger's instance dict (``_logger_dict``, or None; the C
+    reads ``disabled`` and ``_cache`` from it as ``isEnabledFor`` would, and calls the method
+    when either is not there or the level is not in the cache), and the request
     ids' counter and prefix (``log_request``). When ``whole_response_py`` takes ``data`` for
     the oldest request (and counts it), that request leaves the queue, and when the logger logs
     info its line is appended by ``text_line_py`` (``conn._resite()`` first when ``conn``'s
@@ -548,7 +561,7 @@ class ConnectionLog:
                 time_ns,
                 log,
                 self._requests.popleft,
-                getattr(log, "_cache", None),
+                _logger_dict(log),
                 _ID_COUNTER,
                 _ID_PREFIX,
             ]
