@@ -84,3 +84,21 @@ async def test_an_edge_gets_at_most_the_agents_watches_and_loses_them_with_its_s
             await wait_until(lambda: watches.active == 0, 10, "the watches to end with the link")
         finally:
             await api.close()
+
+
+@pytest.mark.parametrize("port", [22, 1023, 3000])
+async def test_an_edge_watch_of_a_port_the_agent_never_watches_is_refused(port: int) -> None:
+    """docs/agent.md: "the agent exposes and watches ports 1024-65535 only, except 3000 and its
+    own API port" -- also when an edge asks (tunneld's admin API refuses them first)."""
+    async with hostile_edge() as (edge, agent):
+        edge.tell(control.WatchPort(5, port, "tcp", timeout_s=300))
+        reply = await _reply(edge, 5)
+        assert isinstance(reply, control.Error), reply
+        assert reply.code == "INVALID_PORT", reply
+        assert reply.message.startswith(f"Invalid port number: {port}."), reply
+        assert agent.port_watches.active == 0
+        # status_min above status_max: refused before any probe, too.
+        edge.tell(control.WatchPort(6, 8000, status_min=500, status_max=200))
+        reply = await _reply(edge, 6)
+        assert isinstance(reply, control.Error) and reply.code == "INVALID_REQUEST", reply
+        assert agent.port_watches.active == 0
