@@ -13,8 +13,11 @@ from __future__ import annotations
 
 import asyncio
 import re
+from pathlib import Path
 
 import pytest
+
+from tunneld.store import DB_FILE, SqliteStore
 
 from .conftest import Stack, raw_request, wait_until
 
@@ -157,5 +160,28 @@ async def test_no_series_carries_a_sandbox_path_token_or_client_label() -> None:
         assert any(n == "tunneld_http_requests_total" and v > 0 for n, _, v in samples)
         for marker in ("cardinalsb7", "offlinesb8", "tok9", "pathmarker", "127.0.0.5", "marker"):
             assert marker not in text, marker
+    finally:
+        await stack.close()
+
+
+async def test_a_failed_store_write_counts_in_store_write_failures(tmp_path: Path) -> None:
+    """ "Alert on a rising ... `tunneld_store_write_failures_total`": the sqlite database
+    deleted under a running edge makes the next expose 503 STORE_UNAVAILABLE, and the counter
+    (and the write-latency histogram, which observes failures too) moves by one; a write that
+    succeeds moves only the histogram."""
+    stack = Stack()
+    stack.store = SqliteStore.open(tmp_path / "state")
+    await stack.start()
+    try:
+        await stack.expose("sb1", 8000)
+        text = await _metrics(stack)
+        assert _value(text, "tunneld_store_write_failures_total") == 0
+        assert _value(text, "tunneld_store_write_seconds_count") == 1
+        (tmp_path / "state" / DB_FILE).unlink()
+        r = await stack.admin.post("/v1/sandboxes/sb1/ports", json={"port": 8001})
+        assert r.status_code == 503 and r.json()["code"] == "STORE_UNAVAILABLE", r.text
+        text = await _metrics(stack)
+        assert _value(text, "tunneld_store_write_failures_total") == 1
+        assert _value(text, "tunneld_store_write_seconds_count") == 2
     finally:
         await stack.close()
