@@ -25,6 +25,7 @@ import orjson
 import pytest
 
 from tests.e2e.conftest import Stack, wait_until
+from tests.e2e.test_public_tcp import HashService, expose_tcp, port_range
 
 pytestmark = pytest.mark.anyio
 
@@ -175,4 +176,60 @@ async def test_a_client_ip_at_its_connection_limit_does_not_refuse_another_and_g
     finally:
         for writer in held:
             writer.close()
+        await stack.close()
+
+
+async def test_raw_tcp_and_http_connections_share_one_table_and_one_stream_budget() -> None:
+    """Public TCP ports, "Limits are the public listener's: a raw connection counts towards
+    `max_connections` and `max_connections_per_ip` (one table with HTTP connections), takes
+    from the sandbox's `stream_rate`": an address holding one HTTP and one raw connection is at
+    max_connections_per_ip = 2 for both kinds; sb1's stream_burst = 4 spent by raw connections
+    and HTTP requests together refuses both kinds (a raw one with a reset: no page to send)."""
+    stack = await Stack(
+        public_tcp_ports=port_range(4), max_connections_per_ip=2, stream_rate=SLOW, stream_burst=4
+    ).start()
+    service = await HashService(b"ok").start()
+    held: list[asyncio.StreamWriter] = []
+    try:
+        edge = stack.edge
+        assert edge is not None
+        origin = await stack.origin()
+        host = await stack.preview_host(origin.port, "sb1")
+        raw_port = await expose_tcp(stack, "sb1", service.port)
+        per_ip = edge.public_limits.per_ip
+
+        async def refused_raw(source: str) -> None:
+            reader, writer = await _connect(raw_port, source)
+            try:
+                with pytest.raises(ConnectionResetError):
+                    await asyncio.wait_for(reader.read(), 10)
+            finally:
+                writer.close()
+
+        held.append((await _connect(edge.public_port, "127.0.0.2"))[1])  # HTTP, idle
+        held.append((await _connect(raw_port, "127.0.0.2"))[1])  # raw: sb1's 1st stream
+        await wait_until(lambda: len(service.peers) == 1, 5, "the raw connection through")
+        await wait_until(lambda: per_ip.get("127.0.0.2") == 2, 5, "two connections counted")
+        await refused_raw("127.0.0.2")
+        status, _, body = _error(await _request(edge.public_port, host, "127.0.0.2"))
+        assert (status, body["code"]) == (503, "TOO_MANY_CONNECTIONS")
+        # sb1's stream budget: the raw one above, two HTTP requests, one more raw: 4
+        assert [_status(await _request(edge.public_port, host, "127.0.0.3")) for _ in range(2)] == [
+            200,
+            200,
+        ]
+        held.append((await _connect(raw_port, "127.0.0.4"))[1])
+        await wait_until(lambda: len(service.peers) == 2, 5, "the second raw connection through")
+        assert _error(await _request(edge.public_port, host, "127.0.0.3"))[2]["code"] == (
+            "TOO_MANY_STREAMS"
+        )
+        await refused_raw("127.0.0.3")
+        assert len(service.peers) == 2  # no refused connection reached the sandbox
+        metrics = (await stack.admin.get("/metrics")).text
+        assert _metric(metrics, 'tunneld_public_refusals_total{code="TOO_MANY_CONNECTIONS"}') == 2
+        assert _metric(metrics, 'tunneld_public_refusals_total{code="TOO_MANY_STREAMS"}') == 2
+    finally:
+        for writer in held:
+            writer.close()
+        await service.close()
         await stack.close()
