@@ -407,7 +407,10 @@ class AdminServer:
         """Relay the WebSocket handshake to the sandbox and hand the connection over to a tunnel
         stream (the shared server stops serving HTTP on it): a ``direct`` stream of the agent's
         session here, or, in a cluster, of a node link to the node that holds the session."""
-        if not target.startswith("/") or any(c in target for c in "\r\n "):
+        # A request target: printable ASCII without spaces (the rest percent-encoded). Else the
+        # head rebuilt below is malformed, and the client got a 400 BAD_REQUEST quoting it.
+        printable = target.isascii() and target.isprintable() and " " not in target
+        if not target.startswith("/") or not printable:
             raise ApiError(400, "INVALID_PATH", "path must be an absolute path, e.g. /ws.")
         # Rebuild the handshake for the sandbox's server: its path, no admin credentials.
         raw = b"GET " + target.encode() + b" HTTP/1.1\r\n"

@@ -22,7 +22,7 @@ from websockets.asyncio.server import ServerConnection, serve
 from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
 
-from .conftest import Stack
+from .conftest import WS_HANDSHAKE, Stack
 
 pytestmark = pytest.mark.anyio
 
@@ -138,3 +138,29 @@ async def test_without_a_path_the_target_is_the_root(stack: Stack, recorder: Rec
     head = await handshake(stack, recorder.port, "", [])
     assert head.startswith(b"HTTP/1.1 101 "), head
     assert [path for path, _ in recorder.handshakes] == ["/"]
+
+
+@pytest.mark.parametrize("path", ["/caf\u00e9", "/a\tb", "/a\x00b", "/a\x7fb", "/a b", "ws"])
+async def test_a_path_that_is_no_request_target_is_invalid_path(stack: Stack, path: str) -> None:
+    """'400 INVALID_PATH: ws path not an absolute path': a path the edge cannot send as a
+    request target (not printable ASCII, a space) is refused as the path, not answered 400
+    BAD_REQUEST ('malformed HTTP', which the client's request was not) quoting the rebuilt
+    head."""
+    assert stack.admin is not None
+    await stack.agent("sb1")
+    r = await stack.admin.get(
+        "/v1/sandboxes/sb1/ports/8000/ws", params={"path": path}, headers=WS_HANDSHAKE
+    )
+    assert (r.status_code, r.json()) == (
+        400,
+        {"error": "path must be an absolute path, e.g. /ws.", "code": "INVALID_PATH"},
+    )
+
+
+async def test_a_percent_encoded_path_reaches_the_service_as_sent(
+    stack: Stack, recorder: Recorder
+) -> None:
+    await stack.agent("sb1")
+    head = await handshake(stack, recorder.port, "?path=" + quote("/caf%C3%A9?q=%09", safe="/"), [])
+    assert head.startswith(b"HTTP/1.1 101 "), head
+    assert [path for path, _ in recorder.handshakes] == ["/caf%C3%A9?q=%09"]
