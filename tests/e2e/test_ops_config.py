@@ -83,3 +83,54 @@ def test_tunneld_serve_exits_2_with_one_line_for_a_nan_rate() -> None:
         "tunneld: configuration error: miss_rate must be > 0 and finite and miss_burst at "
         "least 1, not nan and 50\n"
     )
+
+
+def _tunneld(*args: str, **environ: str) -> subprocess.CompletedProcess[str]:
+    """``python -m tunneld ARGS`` of the tree under test, with only ``environ`` of TUNNELD_*."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TUNNELD_")}
+    env.update(environ)
+    if args[0] == "serve":  # should it start after all: on ports of its own, nothing kept
+        args = (*args, "--store", "memory", "--public-port", "0", "--agent-port", "0")
+        args = (*args, "--admin-port", "0")
+    try:
+        return subprocess.run(
+            [sys.executable, "-m", "tunneld", *args],
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=ROOT,
+            timeout=30,  # run() kills it then
+        )
+    except subprocess.TimeoutExpired:
+        raise AssertionError(f"tunneld {' '.join(args)} did not exit") from None
+
+
+def test_the_config_file_is_dash_c_else_tunneld_config(tmp_path: Path) -> None:
+    """ "The config file is `--config/-c FILE` or `$TUNNELD_CONFIG`": each is read (its
+    mistake is the one reported), and `-c` wins when both are given. A file that would start
+    tunneld is never needed: each file holds an unknown key, which stops the start (exit 2)."""
+    from_env, from_flag = tmp_path / "env.toml", tmp_path / "flag.toml"
+    from_env.write_text("in_the_env_file = 1\n")
+    from_flag.write_text("in_the_flag_file = 1\n")
+    out = _tunneld("serve", TUNNELD_CONFIG=str(from_env), **SECRETS)
+    assert out.returncode == 2, out.stderr
+    assert f"config file {from_env}: unknown setting 'in_the_env_file'" in out.stderr
+    out = _tunneld("serve", "-c", str(from_flag), TUNNELD_CONFIG=str(from_env), **SECRETS)
+    assert out.returncode == 2, out.stderr
+    assert f"config file {from_flag}: unknown setting 'in_the_flag_file'" in out.stderr
+    assert "in_the_env_file" not in out.stderr
+
+
+def test_tunneld_token_reads_secret_file_from_the_config(tmp_path: Path) -> None:
+    """`tunneld token sb3 -c /etc/tunneld/tunneld.toml  # reads secret_file from the config`,
+    and from `$TUNNELD_CONFIG` alike: the token printed is the one the edge accepts."""
+    from tunneld.auth import agent_token
+
+    (tmp_path / "secret").write_text("s3cret-from-file\n")
+    toml = tmp_path / "tunneld.toml"
+    toml.write_text(f'secret_file = "{tmp_path / "secret"}"\n')
+    expected = agent_token("s3cret-from-file", "sb3") + "\n"
+    out = _tunneld("token", "sb3", "-c", str(toml))
+    assert (out.returncode, out.stdout) == (0, expected), out.stderr
+    out = _tunneld("token", "sb3", TUNNELD_CONFIG=str(toml))
+    assert (out.returncode, out.stdout) == (0, expected), out.stderr
