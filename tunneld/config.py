@@ -177,6 +177,14 @@ class Config:
                     f"{kind}_rate must be > 0 and finite and {kind}_burst at least 1, "
                     f"not {rate} and {burst}"
                 )
+        if self.log_level.lower() not in ("debug", "info", "warning", "error"):
+            # any other name would fall back to info without a word (logging has no such level)
+            raise ConfigError(
+                f"log_level must be debug, info, warning or error, not {self.log_level!r}"
+            )
+        if self.max_streams < 1:
+            # 0 would pass the start and then fail every agent's session as it connects
+            raise ConfigError(f"max_streams must be at least 1, not {self.max_streams}")
         if self.log_format not in ("text", "json"):
             raise ConfigError(f"log_format must be text or json, not {self.log_format!r}")
         self._check_durations()

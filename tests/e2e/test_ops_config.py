@@ -134,3 +134,34 @@ def test_tunneld_token_reads_secret_file_from_the_config(tmp_path: Path) -> None
     assert (out.returncode, out.stdout) == (0, expected), out.stderr
     out = _tunneld("token", "sb3", TUNNELD_CONFIG=str(toml))
     assert (out.returncode, out.stdout) == (0, expected), out.stderr
+
+
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("max_streams", "0", "max_streams must be at least 1, not 0"),
+        ("max_streams", "-1", "max_streams must be at least 1, not -1"),
+        ("log_level", "bogus", "log_level must be debug, info, warning or error, not 'bogus'"),
+        ("log_level", "verbose", "log_level must be debug, info, warning or error, not 'verbose'"),
+    ],
+)
+def test_max_streams_below_1_and_an_unknown_log_level_are_configuration_errors(
+    key: str, value: str, message: str
+) -> None:
+    """`max_streams` (concurrent connections per agent session) of 0 or less started, and
+    then failed every agent's session as it connected (the protocol's SessionConfig refuses it:
+    no agent could ever connect); a `log_level` other than the four the table names was taken
+    as `info` without a word."""
+    with pytest.raises(ConfigError) as info:
+        load_config(None, environ={**SECRETS, f"TUNNELD_{key.upper()}": value})
+    assert str(info.value) == message
+    for good in ("1", "32768") if key == "max_streams" else ("debug", "WARNING", "error"):
+        load_config(None, environ={**SECRETS, f"TUNNELD_{key.upper()}": good})
+
+
+def test_tunneld_serve_exits_2_for_max_streams_0() -> None:
+    out = _tunneld("serve", TUNNELD_MAX_STREAMS="0", **SECRETS)
+    assert (out.returncode, out.stderr) == (
+        2,
+        "tunneld: configuration error: max_streams must be at least 1, not 0\n",
+    )
