@@ -22,6 +22,8 @@ from websockets.asyncio.server import ServerConnection, serve
 from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
 
+from tunneld.tcpws import BEARER_PREFIX
+
 from .conftest import WS_HANDSHAKE, Stack
 
 pytestmark = pytest.mark.anyio
@@ -164,3 +166,24 @@ async def test_a_percent_encoded_path_reaches_the_service_as_sent(
     head = await handshake(stack, recorder.port, "?path=" + quote("/caf%C3%A9?q=%09", safe="/"), [])
     assert head.startswith(b"HTTP/1.1 101 "), head
     assert [path for path, _ in recorder.handshakes] == ["/caf%C3%A9?q=%09"]
+
+
+async def test_a_bearer_subprotocol_never_reaches_the_sandbox(
+    stack: Stack, recorder: Recorder
+) -> None:
+    """'the Authorization header removed': the admin token offered as a subprotocol as well
+    (tunneld.bearer.<base64url>, what a browser sends to the raw TCP endpoint, the only one that
+    takes it) is removed too; the other offers are relayed and the server's choice comes back."""
+    await stack.agent("sb1")
+    bearer = BEARER_PREFIX + base64.urlsafe_b64encode(stack.admin_token.encode()).decode()
+    bearer = bearer.rstrip("=")
+    for offered, relayed in (
+        (f"chat, {bearer}, other", ["chat, other"]),
+        (bearer.upper(), []),
+        (bearer, []),
+    ):
+        head = await handshake(stack, recorder.port, "", [("Sec-WebSocket-Protocol", offered)])
+        assert head.startswith(b"HTTP/1.1 101 "), head
+        headers = recorder.handshakes[-1][1]
+        assert headers.get_all("Sec-WebSocket-Protocol") == relayed, offered
+        assert stack.admin_token not in str(headers), offered
