@@ -274,3 +274,23 @@ async def test_websockets_do_not_count_towards_the_requests_in_flight(
         finally:
             for ws in sockets:
                 await ws.close()
+
+
+async def test_a_requests_long_poll_waits_wait_plus_the_clients_timeout(server: Scripted) -> None:
+    """docs/sdk.md, Request inspection: "wait (0-30 s) waits for one when there is none yet,
+    and the call's timeout is wait plus the client's timeout"."""
+    server.answer = {"sandbox": "sb1", "inspect": True, "last": 0, "skipped": 0, "requests": []}
+    async with TunnelClient(url(server), ADMIN_TOKEN, timeout=0.3) as client:
+        sb = client.sandbox("sb1")
+        assert await sb.requests(since=7) == []
+        server.delay = 1.0
+        with anyio.fail_after(BOUND):
+            rows = await sb.requests(since=7, wait=2.5)
+        assert rows == [] and rows.inspect is True
+        for bad in (-1, 31, True):
+            with pytest.raises(ValidationError):
+                await sb.requests(wait=bad)
+    assert [target for _, target, _ in server.requests] == [
+        "/v1/sandboxes/sb1/requests?since=7",
+        "/v1/sandboxes/sb1/requests?since=7&wait=3",
+    ]
