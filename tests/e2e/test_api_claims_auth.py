@@ -135,3 +135,26 @@ async def test_every_answer_carries_cache_control_no_store(stack: Stack) -> None
     for r in answers:
         assert r.headers.get("cache-control") == "no-store", (r.request.url, r.status_code)
     assert not_found.json() == {"error": "No such endpoint: GET /v1/nothing", "code": "NOT_FOUND"}
+
+
+async def test_ids_and_ports_are_validated_on_the_remaining_paths(stack: Stack) -> None:
+    """'Sandbox ids are validated on every /v1/sandboxes/{id}/… path, ports on every path and
+    body that carries one: a request with an invalid value never reaches the registry or the
+    agent' (the ports, wait and ws paths: tests/e2e/test_doc_claims_admin_api.py)."""
+    assert stack.admin is not None
+    await stack.agent("sb1")
+    tcp = {"connection": "Upgrade", "upgrade": "tcp"}
+    for method, path, headers in (
+        ("GET", "/v1/sandboxes/Bad_ID/ports/8000/tcp", tcp),
+        ("PUT", "/v1/sandboxes/Bad_ID/inspect", {}),
+        ("GET", "/v1/sandboxes/Bad_ID/requests", {}),
+        ("GET", "/v1/sandboxes/Bad_ID/requests/1", {}),
+    ):
+        r = await stack.admin.request(method, path, headers=headers)
+        assert (r.status_code, r.json()["code"]) == (400, "INVALID_SANDBOX_ID"), (method, path)
+    for port in ("80", "3000", "abc", "70000", "0x1f90"):
+        for kind, headers in (("tcp", tcp), ("ws", WS_HANDSHAKE)):
+            path = f"/v1/sandboxes/sb1/ports/{port}/{kind}"
+            r = await stack.admin.get(path, headers=headers)
+            assert (r.status_code, r.json()["code"]) == (400, "INVALID_PORT"), path
+    assert (await stack.admin.get("/v1/sandboxes")).json()["sandboxes"][0]["streams"] == 0
