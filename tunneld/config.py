@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 import tomllib
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -13,6 +14,11 @@ from typing import Any, Final
 
 class ConfigError(Exception):
     """Bad configuration: the CLI prints the message and exits with status 2."""
+
+
+# One label of the preview domain (RFC 1123 host names; "_" too, as some internal zones use it,
+# though TLS clients refuse it under a wildcard: docs/operations.md, "Tokens with _").
+_DOMAIN_LABEL: Final = re.compile(r"[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?")
 
 
 @dataclass(slots=True)
@@ -136,8 +142,15 @@ class Config:
             raise ConfigError(f"scheme must be http or https, not {self.scheme!r}")
         if self.parser not in ("auto", "httptools", "h11"):
             raise ConfigError(f"parser must be auto, httptools or h11, not {self.parser!r}")
-        if not self.domain or self.domain.startswith(".") or "/" in self.domain:
-            raise ConfigError(f"invalid domain {self.domain!r}")
+        labels = self.domain.lower().removesuffix(".").split(".")
+        if not all(_DOMAIN_LABEL.fullmatch(label) for label in labels):
+            # a port, a scheme, a space...: the edge would start, then every expose would be
+            # refused (INVALID_DOMAIN) or print a URL no client can use
+            raise ConfigError(
+                f"invalid domain {self.domain!r}: a DNS name is labels of a-z, 0-9 and '-' "
+                "(1-63 each, not starting or ending with '-') joined by dots, with no port, "
+                "scheme or path"
+            )
         if not self.admin_token:
             raise ConfigError(
                 "no admin token: set TUNNELD_ADMIN_TOKEN or admin_token_file in the config file"

@@ -165,3 +165,38 @@ def test_tunneld_serve_exits_2_for_max_streams_0() -> None:
         2,
         "tunneld: configuration error: max_streams must be at least 1, not 0\n",
     )
+
+
+BAD_DOMAINS = [
+    "example.com:8080",
+    "https://preview.example.com",
+    "a b",
+    "a..b",
+    "-bad.com",
+    "é.com",
+]
+
+
+@pytest.mark.parametrize("domain", BAD_DOMAINS)
+def test_a_domain_that_is_no_dns_name_is_a_configuration_error(domain: str) -> None:
+    """`domain`: "preview domain: hosts are `{port}-{id}-{token}.{domain}`". A value with a port
+    or a scheme started and made every expose 400 INVALID_DOMAIN (the orchestrator blamed for the
+    operator's setting); one with a space printed URLs no client can use."""
+    with pytest.raises(ConfigError, match=r"^invalid domain .*: a DNS name is labels of"):
+        load_config(None, environ={**SECRETS, "TUNNELD_DOMAIN": domain})
+
+
+@pytest.mark.parametrize(
+    "domain", ["localhost", "preview.test", "Preview.Example.com.", "xn--bcher-kva.example"]
+)
+def test_a_dns_name_is_a_domain(domain: str) -> None:
+    assert load_config(None, environ={**SECRETS, "TUNNELD_DOMAIN": domain}).domain == domain
+
+
+def test_tunneld_serve_exits_2_for_a_domain_with_a_port() -> None:
+    out = _tunneld("serve", "--domain", "example.com:8080", **SECRETS)
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.startswith(
+        "tunneld: configuration error: invalid domain 'example.com:8080': a DNS name is"
+    )
+    assert out.stderr.count("\n") == 1
