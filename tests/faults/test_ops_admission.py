@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import re
 
+import httpx
 import orjson
 import pytest
 
@@ -232,4 +233,24 @@ async def test_raw_tcp_and_http_connections_share_one_table_and_one_stream_budge
         for writer in held:
             writer.close()
         await service.close()
+        await stack.close()
+
+
+async def test_the_admin_budgets_with_and_without_the_token_are_apart_and_of_one_size() -> None:
+    """`admin_rate` / `admin_burst`: "requests without the admin token are counted apart, with a
+    budget of the same size": admin_burst = 5 gives 5 answers without the token (401), then 429
+    RATE_LIMITED (Retry-After: 1); the token holder still has all 5 of its own, then 429."""
+    stack = await Stack(admin_rate=SLOW, admin_burst=5).start()
+    try:
+        assert stack.admin is not None and stack.edge is not None
+        async with httpx.AsyncClient(
+            base_url=f"http://127.0.0.1:{stack.edge.admin_port}", timeout=10
+        ) as anon:
+            codes = [(await anon.get("/v1/sandboxes")).status_code for _ in range(7)]
+            assert codes == [401] * 5 + [429] * 2, codes
+            r = await anon.get("/v1/sandboxes")
+            assert r.json()["code"] == "RATE_LIMITED" and r.headers["retry-after"] == "1"
+        codes = [(await stack.admin.get("/v1/sandboxes")).status_code for _ in range(7)]
+        assert codes == [200] * 5 + [429] * 2, codes
+    finally:
         await stack.close()
