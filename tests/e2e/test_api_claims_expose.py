@@ -16,7 +16,7 @@ import re
 
 import pytest
 
-from .conftest import Stack
+from .conftest import Stack, wait_until
 
 pytestmark = pytest.mark.anyio
 
@@ -116,3 +116,30 @@ async def test_the_port_rules_of_the_body(stack: Stack, port: object, shown: str
     )
     for fine in (1024, 65535):
         assert (await stack.expose("sb1", fine))["port"] == fine
+
+
+async def test_a_sandbox_is_listed_while_it_has_exposures_or_a_connected_agent(
+    stack: Stack,
+) -> None:
+    """docs/admin-api.md, List sandboxes: "A sandbox is listed while it has exposures or a
+    connected agent"; GET /v1/sandboxes/{id} is 404 SANDBOX_NOT_FOUND once it has neither."""
+    assert stack.admin is not None
+
+    async def listed() -> list[str]:
+        return [s["id"] for s in (await stack.admin.get("/v1/sandboxes")).json()["sandboxes"]]
+
+    await stack.expose("offline-1", 8000)
+    await stack.expose("offline-1", 8001)
+    agent = await stack.agent("sb1")  # connected, nothing exposed
+    assert await listed() == ["offline-1", "sb1"]
+    await stack.admin.delete("/v1/sandboxes/offline-1/ports/8000")
+    assert await listed() == ["offline-1", "sb1"]  # one exposure left
+    await stack.admin.delete("/v1/sandboxes/offline-1/ports/8001")
+    assert await listed() == ["sb1"]
+    r = await stack.admin.get("/v1/sandboxes/offline-1")
+    assert (r.status_code, r.json()["code"]) == (404, "SANDBOX_NOT_FOUND")
+    await agent.stop()
+    await wait_until(lambda: stack.edge.registry.get("sb1") is None, 10, "sb1 forgotten")
+    assert await listed() == []
+    r = await stack.admin.get("/v1/sandboxes/sb1")
+    assert (r.status_code, r.json()["code"]) == (404, "SANDBOX_NOT_FOUND")
