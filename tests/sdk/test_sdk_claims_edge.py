@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 
 import anyio
 import pytest
 from websockets.asyncio.server import ServerConnection, serve
+from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
 
 from tests.e2e.conftest import Stack
@@ -36,6 +37,7 @@ from tunneld.client import (
 pytestmark = pytest.mark.anyio
 
 BOUND = 20
+HEADERS: list[Headers] = []
 
 
 @pytest.fixture
@@ -58,19 +60,27 @@ def closed_port() -> Iterator[int]:
 
 @pytest.fixture
 async def ws_paths() -> AsyncIterator[tuple[int, list[str]]]:
-    """A WebSocket server in the 'sandbox' that records the path of each handshake."""
+    """A WebSocket server in the 'sandbox' that records the path of each handshake (and its
+    headers, in ``HEADERS``); it selects the subprotocol "chat" when offered."""
     paths: list[str] = []
+    HEADERS.clear()
 
     async def handler(ws: ServerConnection) -> None:
         assert ws.request is not None
         paths.append(ws.request.path)
+        HEADERS.append(ws.request.headers)
         try:
             async for message in ws:
                 await ws.send(message)
         except ConnectionClosed:
             pass
 
-    async with serve(handler, "127.0.0.1", 0, compression=None) as server:
+    def choose(ws: ServerConnection, offered: Sequence[str]) -> str | None:
+        return "chat" if "chat" in offered else None
+
+    async with serve(
+        handler, "127.0.0.1", 0, compression=None, select_subprotocol=choose
+    ) as server:
         yield server.sockets[0].getsockname()[1], paths
 
 
@@ -154,3 +164,29 @@ async def test_ws_connect_paths(stack: Stack, ws_paths: tuple[int, list[str]]) -
             await ws.send("hi")
             assert await ws.receive() == "hi"
     assert paths == ["/caf%C3%A9?room=1&x=a%20b"]
+
+
+async def test_ws_connect_headers_and_subprotocols_reach_the_service(
+    stack: Stack, ws_paths: tuple[int, list[str]]
+) -> None:
+    """docs/sdk.md, WebSocket: "The handshake goes end to end to the sandbox's server, so
+    headers and subprotocols reach it. The selected subprotocol is in ws.subprotocol." The
+    admin token does not reach it."""
+    port, _ = ws_paths
+    await stack.agent("sb1")
+    async with sdk(stack) as client:
+        sb = client.sandbox("sb1")
+        async with await sb.ws_connect(
+            port,
+            headers={"X-Trace": "t1", "Origin": "https://app.example"},
+            subprotocols=["v2", "chat"],
+        ) as ws:
+            assert ws.subprotocol == "chat"
+            await ws.send(b"bytes")
+            assert await ws.receive() == b"bytes"
+    [headers] = HEADERS
+    assert headers.get_all("X-Trace") == ["t1"]
+    assert headers.get_all("Origin") == ["https://app.example"]
+    assert headers.get_all("Sec-WebSocket-Protocol") == ["v2, chat"]
+    assert "Authorization" not in headers
+    assert stack.admin_token not in str(headers)
