@@ -12,8 +12,12 @@ test_admin_and_agent_tokens_are_compared_in_constant_time.)
 
 from __future__ import annotations
 
+import hmac
+
 import httpx
 import pytest
+
+from tunneld.tcpws import BEARER_PREFIX, SUBPROTOCOL
 
 from .conftest import WS_HANDSHAKE, Stack
 
@@ -158,3 +162,30 @@ async def test_ids_and_ports_are_validated_on_the_remaining_paths(stack: Stack) 
             r = await stack.admin.get(path, headers=headers)
             assert (r.status_code, r.json()["code"]) == (400, "INVALID_PORT"), path
     assert (await stack.admin.get("/v1/sandboxes")).json()["sandboxes"][0]["streams"] == 0
+
+
+async def test_no_token_in_the_query_and_the_browser_token_compared_in_constant_time(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """'Never put the token in the query string': the edge takes it nowhere but the header (and
+    the raw TCP endpoint's subprotocol, 'compared in constant time')."""
+    async with anonymous(stack) as anon:
+        for name in ("token", "access_token", "authorization"):
+            r = await anon.get(f"/v1/sandboxes?{name}={stack.admin_token}")
+            assert_the_401(r, name)
+        compared: list[tuple[bytes, bytes]] = []
+        real = hmac.compare_digest
+
+        def spy(a: bytes, b: bytes) -> bool:
+            compared.append((a, b))
+            return real(a, b)
+
+        monkeypatch.setattr(hmac, "compare_digest", spy)
+        wrong = BEARER_PREFIX + "d3Jvbmc"
+        r = await anon.get(
+            "/v1/sandboxes/sb1/ports/8000/tcp",
+            headers={**WS_HANDSHAKE, "sec-websocket-protocol": f"{SUBPROTOCOL}, {wrong}"},
+        )
+        monkeypatch.undo()
+        assert_the_401(r, "subprotocol")
+        assert any(offered == wrong.encode() for offered, _ in compared), compared
