@@ -274,10 +274,11 @@ class Metrics:
             "Public connections relayed to the owner node over a node link",
             registry=r,
         )
-        # Refusals answered with an error page, by code (a fixed set: the codes of public.py)
+        # Refusals of the public side by code (a fixed set: the codes of public.py), the
+        # HTTP-to-HTTPS redirect listener's (tls.py) included
         self.public_refusals = Counter(
             "tunneld_public_refusals",
-            "Preview requests answered with an error page, by its code",
+            "Refusals of the public side (previews, raw TCP, the HTTPS redirect), by code",
             ["code"],
             registry=r,
         )

@@ -252,9 +252,10 @@ class _RedirectConnection(asyncio.Protocol):
     def _on_timeout(self) -> None:
         self.timer = None
         self._answer(
+            "REQUEST_TIMEOUT",
             _json_page(
                 408, "Request Timeout", "REQUEST_TIMEOUT", "The request head did not arrive."
-            )
+            ),
         )
 
     def data_received(self, data: bytes) -> None:
@@ -264,12 +265,13 @@ class _RedirectConnection(asyncio.Protocol):
         end = self.head.find(b"\r\n\r\n")
         if (end < 0 and len(self.head) > REDIRECT_MAX_HEAD) or end + 4 > REDIRECT_MAX_HEAD:
             self._answer(
+                "HEADERS_TOO_LARGE",
                 _json_page(
                     431,
                     "Request Header Fields Too Large",
                     "HEADERS_TOO_LARGE",
                     f"The request head is over {REDIRECT_MAX_HEAD} bytes.",
-                )
+                ),
             )
             return
         if end < 0:
@@ -280,19 +282,25 @@ class _RedirectConnection(asyncio.Protocol):
         except h11.RemoteProtocolError:
             event = None
         if isinstance(event, h11.Request):
-            self._answer(self.server.answer(event))
+            self._answer(*self.server.answer(event))
         else:
-            self._answer(_json_page(400, "Bad Request", "BAD_REQUEST", "Malformed HTTP request."))
+            page = _json_page(400, "Bad Request", "BAD_REQUEST", "Malformed HTTP request.")
+            self._answer("BAD_REQUEST", page)
 
     def eof_received(self) -> bool:
         return False
 
-    def _answer(self, response: bytes) -> None:
+    def _answer(self, code: str, response: bytes) -> None:
+        """Send ``response`` and close; a refusal (anything but the redirect) is counted in
+        ``tunneld_public_refusals_total{code}`` like the public listener's (``code`` is one of
+        a fixed set, so the label stays bounded)."""
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
         transport = self.transport
         if transport is not None and not transport.is_closing():
+            if code != "REDIRECT":
+                self.server.edge.metrics.public_refusals.labels(code).inc()
             transport.write(response)
             transport.close()
 
@@ -317,7 +325,8 @@ class RedirectServer:
         )
         return self.server
 
-    def answer(self, request: h11.Request) -> bytes:
+    def answer(self, request: h11.Request) -> tuple[str, bytes]:
+        """(code, response): ``REDIRECT`` for the 308, else the refusal's code."""
         config = self.edge.config
         domain = config.domain.lower()
         host = b""
@@ -332,15 +341,17 @@ class RedirectServer:
         if not (hostname == domain or hostname.endswith("." + domain)) or not all(
             c.isalnum() or c in "-." for c in hostname
         ):
-            return _json_page(
+            return "UNKNOWN_HOST", _json_page(
                 404, "Not Found", "UNKNOWN_HOST", f"No preview URL matches host {hostname!r}."
             )
         if not target.startswith(b"/") or any(c < 0x21 or c == 0x7F for c in target):
-            return _json_page(400, "Bad Request", "BAD_REQUEST", "Bad request target.")
+            return "BAD_REQUEST", _json_page(
+                400, "Bad Request", "BAD_REQUEST", "Bad request target."
+            )
         port = self.edge.public_port if config.url_port is None else config.url_port or None
         authority = hostname if port in (None, 443) else f"{hostname}:{port}"
         location = b"https://" + authority.encode() + target
-        return _json_page(
+        return "REDIRECT", _json_page(
             308,
             "Permanent Redirect",
             "REDIRECT",
