@@ -28,9 +28,10 @@ from protocol.hostnames import CONTROL_PLANE_PORT, MIN_PORT, validate_sandbox_id
 from .entry import EXIT_INTERRUPTED, exit_on_sigint
 
 if TYPE_CHECKING:
+    import logging
     import ssl
 
-    from .core import AgentConfig
+    from .core import Agent, AgentConfig
     from .proxy import ProxyChoice
 
 __all__ = [
@@ -407,6 +408,12 @@ def _tcp_port(text: str) -> int:
     return int(text)
 
 
+def _connection_count(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= 1_000_000:
+        raise argparse.ArgumentTypeError(f"expected a count 1-1000000, got {text!r}")
+    return int(text)
+
+
 _PORT_RULE: Final = (
     f"the agent exposes and watches ports {MIN_PORT}-65535 only, except {CONTROL_PLANE_PORT} "
     "and its own API port"
@@ -619,6 +626,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-proxy",
         action="store_true",
         help="connect to the edges directly, whatever the proxy environment variables say",
+    )
+    run.add_argument(
+        "--max-connections",
+        metavar="N",
+        type=_connection_count,
+        default=None,
+        help="at most N connections to local services at a time, across all tunnel streams; "
+        "a stream past it is refused (the edge answers 503 SANDBOX_BUSY) so the agent keeps "
+        "file descriptors for its link and its local API (default: the soft RLIMIT_NOFILE "
+        "minus 160, at least a quarter of it, at most 4096)",
     )
     run.add_argument(
         "--log-level",
@@ -883,6 +900,7 @@ def agent_config(args: argparse.Namespace, environ: dict[str, str] | None = None
         server_hostname=getattr(args, "tls_server_name", None),
         websocket=first.websocket,
         servers=servers,
+        max_connections=getattr(args, "max_connections", None),
     )
 
 
@@ -908,6 +926,7 @@ async def _run(args: argparse.Namespace) -> int:
         elif choice.reason != "no proxy configured":
             log.info("edge %s: direct (%s)", edge, choice.reason)
     agent = Agent(config)
+    _log_connection_limit(agent, log)
     loop = asyncio.get_running_loop()
     try:
         from .local_api import HostCheck
@@ -941,6 +960,33 @@ async def _run(args: argparse.Namespace) -> int:
         pass
     await api.close()
     return 0
+
+
+def _log_connection_limit(agent: Agent, log: logging.Logger) -> None:
+    """Say how many local connections the agent holds at most, and warn when ``--max-connections``
+    leaves fewer than ``FD_RESERVE`` descriptors for the link and the local API."""
+    import resource
+
+    from .core import FD_RESERVE
+
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    limit = "unlimited" if soft == resource.RLIM_INFINITY else str(soft)
+    log.info(
+        "at most %d local connections at a time (file descriptor limit %s)",
+        agent.max_connections,
+        limit,
+    )
+    explicit = agent.config.max_connections is not None
+    if explicit and soft != resource.RLIM_INFINITY and agent.max_connections > soft - FD_RESERVE:
+        log.warning(
+            "--max-connections %d leaves fewer than %d of the %d file descriptors for the link "
+            "and the local API: past about %d local connections, dials, reconnects and local API "
+            "requests may fail (raise the limit: ulimit -n)",
+            agent.max_connections,
+            FD_RESERVE,
+            soft,
+            max(soft - FD_RESERVE, 0),
+        )
 
 
 def _client(

@@ -27,6 +27,15 @@ admin API's connect, authorised at the edge) may reach any such port. Anything e
 PORT_NOT_ALLOWED and logged. A refused connect is reset with CONNECT_REFUSED, which the edge turns
 into a 502 naming the port.
 
+Descriptors. Every dialled stream holds one descriptor, and an edge (hostile or broken) may open
+up to its session's stream limit (32768) at once, far past a sandbox's usual RLIMIT_NOFILE of
+1024: the agent would then have none left for its link, a reconnect or its local control API.
+So the agent holds at most ``Agent.max_connections`` local connections (dials in flight
+included) at a time, across sessions: ``AgentConfig.max_connections`` (``--max-connections``),
+by default ``default_max_connections()`` (the soft RLIMIT_NOFILE minus ``FD_RESERVE``, at least
+a quarter of it, at most ``MAX_CONNECTIONS_CAP``). A stream past it is reset with REFUSED_STREAM
+before any dial (the edge answers 503 SANDBOX_BUSY), with a rate-limited warning.
+
 Proxies. An ``EdgeAddress`` may name an HTTP proxy (``tunnel-agent run`` picks it from ``--proxy``
 and the environment: agent/proxy.py). Such an entry is not resolved here, the proxy resolves the
 edge's name, so it is one address of the round; its attempt is a CONNECT through the proxy
@@ -41,6 +50,7 @@ import asyncio
 import functools
 import logging
 import random
+import resource
 import socket
 import ssl
 from collections.abc import Callable
@@ -76,6 +86,25 @@ CONNECT_TIMEOUT: Final = 10.0  # dialing the edge, and dialing a local port
 REQUEST_TIMEOUT: Final = 10.0  # expose/unexpose/list round trip to the edge
 BACKOFF_FIRST: Final = 0.1  # first retry is fast: most losses are a blip or an edge restart
 BACKOFF_CAP: Final = 20.0  # frp's cap; long enough not to hammer a down edge
+
+
+# Descriptors kept out of the local connections' share (default_max_connections): the link and a
+# reconnect's (2 each, a proxy's tunnel included), the local API's listeners and its 64
+# connections, 64 port watches, stdio, the event loop's own and the resolver's, with room to spare.
+FD_RESERVE: Final = 160
+# The default never goes above this, whatever RLIMIT_NOFILE allows (--max-connections may).
+MAX_CONNECTIONS_CAP: Final = 4096
+
+
+def default_max_connections(soft_limit: int | None = None) -> int:
+    """The default cap on concurrent local connections for a soft RLIMIT_NOFILE of
+    ``soft_limit`` (default: this process's): the limit minus ``FD_RESERVE``, at least a quarter
+    of it, at most ``MAX_CONNECTIONS_CAP``."""
+    if soft_limit is None:
+        soft_limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if soft_limit == resource.RLIM_INFINITY or soft_limit <= 0:
+        return MAX_CONNECTIONS_CAP
+    return max(1, min(MAX_CONNECTIONS_CAP, max(soft_limit - FD_RESERVE, soft_limit // 4)))
 
 
 # The shortest keepalive interval the agent adopts from an edge's welcome: well within the PING
@@ -122,8 +151,12 @@ class AgentConfig:
     )  # windows, heartbeat, dead timeout
     servers: tuple[EdgeAddress, ...] = ()
     connect_timeout: float = CONNECT_TIMEOUT  # per address: resolve, connect + TLS, and welcome
+    # Concurrent local connections (dials included); None: default_max_connections().
+    max_connections: int | None = None
 
     def __post_init__(self) -> None:
+        if self.max_connections is not None and self.max_connections < 1:
+            raise ValueError("max_connections must be >= 1")
         if not self.servers:
             self.servers = (
                 EdgeAddress(
@@ -188,6 +221,7 @@ class LocalEndpoint(StreamEndpoint):
     __slots__ = (
         "_close_watch",
         "_dialled",
+        "_holds_slot",
         "_pending",
         "_pending_end",
         "_sockname",
@@ -201,6 +235,15 @@ class LocalEndpoint(StreamEndpoint):
         self._sockname: tuple[str, int] | None = None
         # Started by close_gracefully while the service has bytes of ours it has not taken.
         self._close_watch: StalledCloseWatch | None = None
+        # Counted in Agent.local_connections from the dial until the socket is gone.
+        mux.agent.local_connections += 1
+        self._holds_slot = True
+
+    def release_slot(self) -> None:
+        """Leave ``Agent.local_connections`` (once): the dial failed or the socket is gone."""
+        if self._holds_slot:
+            self._holds_slot = False
+            cast(AgentSession, self.mux).agent.local_connections -= 1
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -232,6 +275,7 @@ class LocalEndpoint(StreamEndpoint):
             self._close_watch = None
         if self._sockname is not None:
             self._dialled.discard(self._sockname)
+        self.release_slot()
         super().connection_lost(exc)
 
     def close_gracefully(self) -> None:
@@ -475,6 +519,20 @@ class AgentSession(MuxProtocol):
             )
             self.session.reset_stream(event.stream_id, ResetCode.PORT_NOT_ALLOWED)
             return
+        agent = self.agent
+        if agent.local_connections >= agent.max_connections:
+            # Before any dial: each local connection is a descriptor, and the link, a reconnect
+            # and the local API need theirs (an edge may open 32768 streams at once).
+            agent.busy_refusals.log(
+                self.loop.time(),
+                "stream %d to port %d refused (REFUSED_STREAM): %d local connections open, the "
+                "limit (--max-connections)",
+                event.stream_id,
+                port,
+                agent.local_connections,
+            )
+            self.session.reset_stream(event.stream_id, ResetCode.REFUSED_STREAM)
+            return
         endpoint = LocalEndpoint(self, event.stream_id)
         self.add_stream(endpoint)
         task = self.loop.create_task(self._dial(endpoint, port))
@@ -483,14 +541,19 @@ class AgentSession(MuxProtocol):
 
     async def _dial(self, endpoint: LocalEndpoint, port: int) -> None:
         error: OSError | None = None
-        for host in self.agent.config.dial_hosts:
-            try:
-                async with asyncio.timeout(CONNECT_TIMEOUT):  # no extra task, unlike wait_for
-                    await self.loop.create_connection(lambda: endpoint, host, port)
-            except OSError as exc:  # TimeoutError included
-                error = exc
-                continue
-            return  # LocalEndpoint.connection_made accepted the stream
+        try:
+            for host in self.agent.config.dial_hosts:
+                try:
+                    async with asyncio.timeout(CONNECT_TIMEOUT):  # no extra task, unlike wait_for
+                        await self.loop.create_connection(lambda: endpoint, host, port)
+                except OSError as exc:  # TimeoutError included
+                    error = exc
+                    continue
+                return  # LocalEndpoint.connection_made accepted the stream
+        except BaseException:  # cancelled with the session: any socket it made is being closed
+            endpoint.release_slot()
+            raise
+        endpoint.release_slot()
         if self.streams.pop(endpoint.stream_id, None) is not None and not self.session.closed:
             refused = isinstance(error, ConnectionRefusedError)
             # One line per stream: any public client of an exposed port whose service is down
@@ -571,6 +634,13 @@ class Agent:
         # a service that is down, so as rate-limited as the refusals above.
         self.dial_failures = RateLimitedLog(
             log, "lines about ports the agent cannot connect to", level=logging.INFO
+        )
+        # Local connections open or being dialled, and the most there may be: a stream past it
+        # is refused before any dial, so descriptors are left for the link and the local API.
+        self.local_connections = 0
+        self.max_connections = config.max_connections or default_max_connections()
+        self.busy_refusals = RateLimitedLog(
+            log, "warnings about streams refused at the local connection limit"
         )
         # Live port watches, the local API's and the edge's together (at most MAX_WATCHES).
         self.port_watches = PortWatches(hosts=config.dial_hosts)
