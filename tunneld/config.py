@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import math
 import os
 import re
+import socket
 import tomllib
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -151,6 +153,8 @@ class Config:
                 "(1-63 each, not starting or ending with '-') joined by dots, with no port, "
                 "scheme or path"
             )
+        for name in ("public_host", "agent_host", "admin_host", "node_host"):
+            check_listen_host(name, getattr(self, name))
         if not self.admin_token:
             raise ConfigError(
                 "no admin token: set TUNNELD_ADMIN_TOKEN or admin_token_file in the config file"
@@ -342,6 +346,40 @@ def parse_workers(value: object) -> int:
     raise ConfigError(f"workers must be a number of processes or auto, not {value!r}")
 
 
+# A host name a listener may be given (labels as in /etc/hosts, "_" allowed); an address is
+# checked by ipaddress instead.
+_HOST_NAME: Final = re.compile(
+    r"(?=.{1,253}\.?$)[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?"
+    r"(?:\.[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?)*\.?",
+    re.I,
+)
+
+
+def check_listen_host(name: str, value: str) -> None:
+    """``value`` is an IP address, a host name or "" (every interface, IPv4 and IPv6: see
+    tunneld/listen.py), else ConfigError: a port, a scheme or brackets would only fail at bind,
+    as a name that does not resolve. A well-formed name that does not resolve does fail there
+    (exit 1, naming the listener): DNS may only be down for now."""
+    if value == "":
+        return
+    try:
+        ipaddress.ip_address(value)
+        return
+    except ValueError:
+        pass
+    if value.replace(".", "").isdigit():  # 999.1.1.1 is no address, nor a name; 127.1 is one
+        try:
+            socket.inet_aton(value)
+            return
+        except OSError:
+            pass
+    if value.replace(".", "").isdigit() or not _HOST_NAME.fullmatch(value):
+        raise ConfigError(
+            f"{name} must be an IP address or a host name, not {value!r} (no port, scheme or "
+            'brackets; "" for every interface)'
+        )
+
+
 def check_store(value: str) -> str:
     """``value`` if it names a store (sqlite, memory, or a Redis URL), else ConfigError."""
     if value in ("sqlite", "memory"):
@@ -463,6 +501,13 @@ def load_config(
     for name, value in (overrides or {}).items():
         if value is not None:
             values[name] = _coerce(name, value)
+    if "state_dir" in values and not str(values["state_dir"]).strip():
+        # "" is how Config says "not set"; set to "" (an unset variable in a unit file, say) it
+        # would put the database in the default place, not where the operator meant
+        raise ConfigError(
+            "state_dir is empty: set a directory, or leave it out for the default "
+            "($STATE_DIRECTORY under systemd, else ~/.local/state/tunneld)"
+        )
     if values.get("public_tls_cert") and values.get("scheme") is None:
         values["scheme"] = "https"  # preview URLs say what the listener serves, unless set
     config = dataclasses.replace(Config(), **values)
