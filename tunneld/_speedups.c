@@ -1549,10 +1549,10 @@ static PyTypeObject IdCounter_Type = {
     .tp_iternext = (iternextfunc)idcounter_next,
 };
 
-/* prefix + "%016x" % v, as bytes (prefix: bytes) */
-/* "00" to "ff" */
+/* "00" to "ff" (filled in PyInit__speedups) */
 static char HEX_PAIRS[512];
 
+/* prefix + "%016x" % v, as bytes (prefix: bytes) */
 static PyObject *
 hex_id(PyObject *prefix, unsigned long long v)
 {
