@@ -19,6 +19,7 @@ connection open, and the agent as a real process (``test_agent_process_*``) or i
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import resource
@@ -31,7 +32,13 @@ from pathlib import Path
 import httpx
 import pytest
 
-from agent.core import FD_RESERVE, MAX_CONNECTIONS_CAP, default_max_connections
+from agent.core import (
+    FD_RESERVE,
+    MAX_CONNECTIONS_CAP,
+    Agent,
+    AgentConfig,
+    default_max_connections,
+)
 from protocol import control
 from protocol.errors import ResetCode
 from protocol.events import ControlReceived, DataReceived, StreamAccepted, StreamReset
@@ -301,3 +308,51 @@ async def test_a_public_request_past_the_cap_gets_503_sandbox_busy(stack: Stack)
         holder.close()
     assert answer.startswith(b"HTTP/1.1 503 "), answer[:200]
     assert json.loads(answer.split(b"\r\n\r\n", 1)[1])["code"] == "SANDBOX_BUSY"
+
+
+async def test_a_lost_link_gives_every_slot_back_and_the_next_session_serves() -> None:
+    """The cap is the agent's, across sessions: the connections of a lost session are closed,
+    and their slots are free for the next session's streams."""
+    holder = Holder()
+    port = await holder.start()
+    edges: list[HostileEdge] = []
+
+    def new_edge() -> HostileEdge:
+        edges.append(HostileEdge([port]))
+        return edges[-1]
+
+    server = await asyncio.get_running_loop().create_server(new_edge, "127.0.0.1", 0)
+    config = AgentConfig("127.0.0.1", server.sockets[0].getsockname()[1], "sb1", "t")
+    config.max_connections = 3
+    agent = Agent(config)
+    runner = asyncio.get_running_loop().create_task(agent.run())
+    try:
+        await asyncio.wait_for(agent.connected_event.wait(), 10)
+        first = edges[0]
+        sids = [first.open(port, flush=False) for _ in range(4)]
+        first.flush()
+        outcomes = await _outcomes(first, sids)
+        assert [e.code for e in outcomes if isinstance(e, StreamReset)] == [
+            ResetCode.REFUSED_STREAM
+        ]
+        assert agent.local_connections == 3
+        assert first.transport is not None
+        first.transport.abort()  # the link is lost with three connections held
+        await wait_until(lambda: len(edges) == 2 and agent.connected, 10, "a new session")
+        await wait_until(lambda: agent.local_connections == 0, 10, "the old connections closed")
+        second = edges[1]
+        sids = [second.open(port, data=HELLO, flush=False) for _ in range(3)]
+        second.flush()
+        outcomes = await _outcomes(second, sids)
+        assert all(isinstance(e, StreamAccepted) for e in outcomes), outcomes
+        assert await _read(second, sids[0], len(HELLO)) == HELLO
+    finally:
+        await agent.stop()
+        runner.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await runner
+        holder.close()
+        server.close()
+        for edge in edges:
+            if edge.transport is not None:
+                edge.transport.close()
