@@ -141,6 +141,25 @@ async def stack() -> AsyncIterator[Stack]:
         await s.close()
 
 
+@pytest.fixture
+async def holding_service() -> AsyncIterator[int]:
+    """The port of a service in the 'sandbox' that accepts every connection and holds it open
+    (a stream that stays), closed at the end."""
+    held: list[asyncio.StreamWriter] = []
+
+    async def hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)
+
+    server = await asyncio.start_server(hold, "127.0.0.1", 0)
+    try:
+        yield server.sockets[0].getsockname()[1]
+    finally:
+        for writer in held:
+            writer.close()
+        server.close()
+        await server.wait_closed()
+
+
 @pytest.fixture(params=["httptools", "h11"])
 async def any_parser_stack(request) -> AsyncIterator[Stack]:
     s = await Stack(parser=request.param).start()

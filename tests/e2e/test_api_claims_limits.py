@@ -8,7 +8,6 @@ its own control plane. (The cap itself: tests/faults/test_attack_surface_2.py.)
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 
 import pytest
 
@@ -23,24 +22,6 @@ PER_IP = 2
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
-
-
-@pytest.fixture
-async def service() -> AsyncIterator[int]:
-    """A service in the 'sandbox' that holds every connection open."""
-    held: list[asyncio.StreamWriter] = []
-
-    async def hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        held.append(writer)
-
-    server = await asyncio.start_server(hold, "127.0.0.1", 0)
-    try:
-        yield server.sockets[0].getsockname()[1]
-    finally:
-        for writer in held:
-            writer.close()
-        server.close()
-        await server.wait_closed()
 
 
 async def upgrade(stack: Stack, port: int, kind: str) -> asyncio.StreamWriter:
@@ -58,7 +39,7 @@ async def upgrade(stack: Stack, port: int, kind: str) -> asyncio.StreamWriter:
     return writer
 
 
-async def test_handed_over_connections_leave_the_per_ip_cap(service: int) -> None:
+async def test_handed_over_connections_leave_the_per_ip_cap(holding_service: int) -> None:
     stack = await Stack(admin_max_connections_per_ip=PER_IP).start()
     held: list[asyncio.StreamWriter] = []
     try:
@@ -66,7 +47,7 @@ async def test_handed_over_connections_leave_the_per_ip_cap(service: int) -> Non
         await stack.agent("sb1")
         http = stack.edge.admin.http
         for kind in ("ws", "tcp") * (PER_IP + 1):  # three of each, more than the cap
-            held.append(await upgrade(stack, service, kind))
+            held.append(await upgrade(stack, holding_service, kind))
             await wait_until(lambda: http.connections == 0, IO_TIMEOUT, "the hand-over")
         await wait_until(
             lambda: (

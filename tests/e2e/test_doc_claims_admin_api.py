@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -17,24 +16,6 @@ from tunneld.metrics import Metrics
 from .conftest import WS_HANDSHAKE, Stack, raw_request
 
 pytestmark = pytest.mark.anyio
-
-
-@pytest.fixture
-async def listener() -> AsyncIterator[int]:
-    """A service in the 'sandbox' that accepts and holds its connections."""
-    held: list[asyncio.StreamWriter] = []
-
-    async def hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        held.append(writer)
-
-    server = await asyncio.start_server(hold, "127.0.0.1", 0)
-    try:
-        yield server.sockets[0].getsockname()[1]
-    finally:
-        for writer in held:
-            writer.close()
-        server.close()
-        await server.wait_closed()
 
 
 @pytest.mark.parametrize(
@@ -184,20 +165,22 @@ async def test_ws_connect_refusals_before_the_switch(stack: Stack, closed_port: 
     )
 
 
-async def test_ws_connect_at_the_stream_limit_is_sandbox_busy(listener: int) -> None:
+async def test_ws_connect_at_the_stream_limit_is_sandbox_busy(holding_service: int) -> None:
     stack = await Stack(max_streams=1).start()
     try:
         assert stack.edge is not None and stack.admin is not None
         await stack.agent("sb1")
         reader, writer = await asyncio.open_connection("127.0.0.1", stack.edge.admin_port)
         writer.write(
-            f"GET /v1/sandboxes/sb1/ports/{listener}/tcp HTTP/1.1\r\nHost: admin\r\n"
+            f"GET /v1/sandboxes/sb1/ports/{holding_service}/tcp HTTP/1.1\r\nHost: admin\r\n"
             f"Authorization: Bearer {stack.admin_token}\r\nConnection: Upgrade\r\n"
             "Upgrade: tcp\r\n\r\n".encode()
         )
         head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
         assert head.startswith(b"HTTP/1.1 101 "), head  # the session's one stream is taken
-        r = await stack.admin.get(f"/v1/sandboxes/sb1/ports/{listener}/ws", headers=WS_HANDSHAKE)
+        r = await stack.admin.get(
+            f"/v1/sandboxes/sb1/ports/{holding_service}/ws", headers=WS_HANDSHAKE
+        )
         assert (r.status_code, r.json()) == (
             503,
             {
