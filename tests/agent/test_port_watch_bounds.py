@@ -22,22 +22,13 @@ import pytest
 
 from agent.local_api import LocalAPI
 from agent.portwatch import WatchSpec, watch_port
-from tests.e2e.conftest import wait_until
+from tests.e2e.conftest import anyio_backend, wait_until
 
 pytestmark = pytest.mark.anyio
+__all__ = ["anyio_backend"]  # asyncio and uvloop
 
 CHUNK = b"x" * 65536
 MOST = 1024  # chunks: at most 64 MiB of status line per connection
-
-
-@pytest.fixture(
-    params=[
-        pytest.param("asyncio", id="asyncio"),
-        pytest.param(("asyncio", {"use_uvloop": True}), id="uvloop"),
-    ]
-)
-def anyio_backend(request: pytest.FixtureRequest) -> Any:
-    return request.param
 
 
 async def test_a_status_line_without_an_end_is_not_an_http_response() -> None:
