@@ -104,6 +104,17 @@ class HostileEdge(asyncio.Protocol):
                 if isinstance(event, (StreamAccepted, StreamReset)) and event.stream_id == sid:
                     return event
 
+    async def reply(self, request_id: int, timeout: float = 10) -> control.Message:
+        """The agent's Ok or Error for control request ``request_id`` (other events are
+        skipped)."""
+        async with asyncio.timeout(timeout):
+            while True:
+                event = await self.events.get()
+                if isinstance(event, ControlReceived):
+                    message = event.message
+                    if isinstance(message, control.Ok | control.Error) and message.id == request_id:
+                        return message
+
     async def read_stream(self, sid: int, timeout: float = 10, limit: int = 1 << 20) -> bytes:
         """Bytes the agent sends on ``sid`` until it ends or resets the stream."""
         out = bytearray()

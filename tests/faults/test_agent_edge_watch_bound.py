@@ -13,7 +13,6 @@ Real sockets on 127.0.0.1: a scripted edge (the sans-IO session) and the agent's
 
 from __future__ import annotations
 
-import asyncio
 import socket
 
 import orjson
@@ -21,10 +20,9 @@ import pytest
 
 from agent.portwatch import MAX_WATCHES
 from protocol import control
-from protocol.events import ControlReceived
 from tests.e2e.conftest import raw_request, wait_until
 
-from .hostile_edge import HostileEdge, hostile_edge
+from .hostile_edge import hostile_edge
 
 pytestmark = pytest.mark.anyio
 
@@ -34,17 +32,6 @@ def _closed_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-async def _reply(edge: HostileEdge, request_id: int, timeout: float = 10) -> control.Message:
-    """The agent's Ok or Error for request ``request_id`` (other events are skipped)."""
-    async with asyncio.timeout(timeout):
-        while True:
-            event = await edge.events.get()
-            if isinstance(event, ControlReceived):
-                message = event.message
-                if isinstance(message, control.Ok | control.Error) and message.id == request_id:
-                    return message
 
 
 async def test_an_edge_gets_at_most_the_agents_watches_and_loses_them_with_its_session() -> None:
@@ -61,7 +48,7 @@ async def test_an_edge_gets_at_most_the_agents_watches_and_loses_them_with_its_s
             await wait_until(lambda: watches.active == MAX_WATCHES, 10, "the edge's watches")
 
             edge.tell(control.WatchPort(MAX_WATCHES + 1, port, "tcp", timeout_s=300))
-            reply = await _reply(edge, MAX_WATCHES + 1)
+            reply = await edge.reply(MAX_WATCHES + 1)
             assert isinstance(reply, control.Error), reply
             assert reply.code == "TOO_MANY_WATCHES", reply
             assert watches.active == MAX_WATCHES
@@ -92,13 +79,13 @@ async def test_an_edge_watch_of_a_port_the_agent_never_watches_is_refused(port: 
     own API port" -- also when an edge asks (tunneld's admin API refuses them first)."""
     async with hostile_edge() as (edge, agent):
         edge.tell(control.WatchPort(5, port, "tcp", timeout_s=300))
-        reply = await _reply(edge, 5)
+        reply = await edge.reply(5)
         assert isinstance(reply, control.Error), reply
         assert reply.code == "INVALID_PORT", reply
         assert reply.message.startswith(f"Invalid port number: {port}."), reply
         assert agent.port_watches.active == 0
         # status_min above status_max: refused before any probe, too.
         edge.tell(control.WatchPort(6, 8000, status_min=500, status_max=200))
-        reply = await _reply(edge, 6)
+        reply = await edge.reply(6)
         assert isinstance(reply, control.Error) and reply.code == "INVALID_REQUEST", reply
         assert agent.port_watches.active == 0

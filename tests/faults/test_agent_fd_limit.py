@@ -41,7 +41,7 @@ from agent.core import (
 )
 from protocol import control
 from protocol.errors import ResetCode
-from protocol.events import ControlReceived, DataReceived, StreamAccepted, StreamReset
+from protocol.events import ControlReceived, StreamAccepted, StreamReset
 from relay.budget import LOG_BURST
 from tests.e2e.conftest import wait_until
 from tests.e2e.procs import PROXY_VARIABLES
@@ -98,23 +98,6 @@ async def _outcomes(edge: HostileEdge, sids: list[int], timeout: float = 20) -> 
     return list(seen.values())
 
 
-async def _read(edge: HostileEdge, sid: int, size: int, timeout: float = 10) -> bytes:
-    """``size`` bytes the agent sends on ``sid`` (less if it ends or resets the stream)."""
-    out = bytearray()
-    async with asyncio.timeout(timeout):
-        while len(out) < size:
-            event = await edge.events.get()
-            if getattr(event, "stream_id", None) != sid:
-                continue
-            if isinstance(event, DataReceived):
-                out += event.data
-                if event.end_stream:
-                    break
-            elif isinstance(event, StreamReset):
-                break
-    return bytes(out)
-
-
 async def _echo(edge: HostileEdge, port: int, attempts: int = 200) -> bytes:
     """Open streams to ``port`` until one is accepted (the agent frees its slots as the held
     connections close), then read back the echo of what it sent."""
@@ -122,7 +105,7 @@ async def _echo(edge: HostileEdge, port: int, attempts: int = 200) -> bytes:
         sid = edge.open(port, data=HELLO)
         event = await edge.outcome(sid)
         if isinstance(event, StreamAccepted):
-            return await _read(edge, sid, len(HELLO))
+            return await edge.read_stream(sid, limit=len(HELLO))
         assert isinstance(event, StreamReset), event
         assert event.code == ResetCode.REFUSED_STREAM, event
         await asyncio.sleep(0.05)
@@ -345,7 +328,7 @@ async def test_a_lost_link_gives_every_slot_back_and_the_next_session_serves() -
         second.flush()
         outcomes = await _outcomes(second, sids)
         assert all(isinstance(e, StreamAccepted) for e in outcomes), outcomes
-        assert await _read(second, sids[0], len(HELLO)) == HELLO
+        assert await second.read_stream(sids[0], limit=len(HELLO)) == HELLO
     finally:
         await agent.stop()
         runner.cancel()

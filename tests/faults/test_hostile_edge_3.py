@@ -29,7 +29,7 @@ from protocol.frames import HEADER, FrameType
 from relay.budget import LOG_BURST
 from tests.e2e.conftest import wait_until
 
-from .hostile_edge import HostileEdge, hostile_edge
+from .hostile_edge import hostile_edge
 
 pytestmark = pytest.mark.anyio
 
@@ -55,16 +55,6 @@ class Recorder:
             self.ends.append("reset")
         finally:
             writer.close()
-
-
-async def _reply(edge: HostileEdge, request_id: int, timeout: float = 10) -> control.Message:
-    async with asyncio.timeout(timeout):
-        while True:
-            event = await edge.events.get()
-            if isinstance(event, ControlReceived):
-                message = event.message
-                if isinstance(message, control.Ok | control.Error) and message.id == request_id:
-                    return message
 
 
 async def test_a_malformed_frame_ends_the_session_with_goaway_and_resets_the_live_stream() -> None:
@@ -109,14 +99,14 @@ async def test_an_edge_expose_of_a_port_the_agent_never_serves_is_an_invalid_por
 ) -> None:
     async with hostile_edge() as (edge, agent):
         edge.tell(control.Expose(41, port))
-        reply = await _reply(edge, 41)
+        reply = await edge.reply(41)
         assert isinstance(reply, control.Error), reply
         assert reply.code == "INVALID_PORT" and reply.id == 41, reply
         assert f"Invalid port number: {port}." in reply.message
         assert port not in agent.exposures
         # A port it serves is still acknowledged, on the same session.
         edge.tell(control.Expose(42, 8000))
-        assert await _reply(edge, 42) == control.Ok(42)
+        assert await edge.reply(42) == control.Ok(42)
         assert 8000 in agent.exposures
 
 
