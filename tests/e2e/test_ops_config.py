@@ -61,25 +61,9 @@ def test_a_nan_miss_rate_would_have_switched_the_404_budget_off() -> None:
 
 def test_tunneld_serve_exits_2_with_one_line_for_a_nan_rate() -> None:
     """A real ``python -m tunneld serve`` (the tree under test: ``-m`` with this cwd)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TUNNELD_")}
-    env.update(SECRETS, TUNNELD_MISS_RATE="nan")
-    args = ["serve", "--store", "memory", "--public-port", "0", "--agent-port", "0"]
-    with subprocess.Popen(
-        [sys.executable, "-m", "tunneld", *args, "--admin-port", "0"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-        cwd=ROOT,
-    ) as proc:
-        try:
-            _, stderr = proc.communicate(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.communicate()
-            raise AssertionError("tunneld serve started with miss_rate = nan") from None
-    assert proc.returncode == 2, (proc.returncode, stderr)
-    assert stderr == (
+    out = _tunneld("serve", TUNNELD_MISS_RATE="nan", **SECRETS)
+    assert out.returncode == 2, (out.returncode, out.stderr)
+    assert out.stderr == (
         "tunneld: configuration error: miss_rate must be > 0 and finite and miss_burst at "
         "least 1, not nan and 50\n"
     )

@@ -26,9 +26,10 @@ from websockets.exceptions import ConnectionClosed
 from tests.e2e.conftest import Stack
 from tests.e2e.conftest import no_unhandled_errors as no_unhandled_errors  # autouse there
 from tests.e2e.conftest import stack as stack  # a started Stack, closed after
+from tests.sdk.test_doc_claims_sdk import anyio_backend as anyio_backend  # the edge's: asyncio
+from tests.sdk.test_doc_claims_sdk import sdk
 from tunneld.client import (
     SandboxNotConnectedError,
-    TunnelClient,
     TunnelError,
     TunnelTimeoutError,
     ValidationError,
@@ -38,16 +39,6 @@ pytestmark = pytest.mark.anyio
 
 BOUND = 20
 HEADERS: list[Headers] = []
-
-
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"  # the edge under test is asyncio's
-
-
-def sdk(stack: Stack) -> TunnelClient:
-    assert stack.edge is not None
-    return TunnelClient(f"http://127.0.0.1:{stack.edge.admin_port}", stack.admin_token)
 
 
 @pytest.fixture
