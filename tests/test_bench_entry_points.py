@@ -330,6 +330,31 @@ def test_toggle_switches_the_access_log_in_one_process(bench_env: dict[str, str]
         positive(r["tunneld_us_per_request"])
 
 
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["bench.e2e.ab", "HEAD", "four"],
+        ["bench.e2e.interleave", "HEAD,HEAD+access", "x"],
+        ["bench.e2e.toggle", "HEAD", "1.5"],
+        ["bench.e2e.instr", "HEAD", "many"],
+        ["bench.e2e.instr", "HEAD", "5", "--in-flight=x"],
+        ["bench.e2e.cluster", "x"],
+    ],
+    ids=["ab", "interleave", "toggle", "instr", "instr-in-flight", "cluster"],
+)
+def test_a_count_that_is_no_whole_number_is_a_usage_error(
+    argv: list[str], bench_env: dict[str, str]
+) -> None:
+    """ROUNDS, N and --in-flight=N given as no whole number: exit 2 with the bench's one usage
+    line, before anything starts (no traceback)."""
+    env = {k: v for k, v in bench_env.items() if not k.startswith("PYTEST_XDIST")}
+    r = subprocess.run(
+        [PY, "-m", *argv], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
+    )
+    assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)
+    assert len(r.stderr.splitlines()) == 1 and "Traceback" not in r.stderr, r.stderr
+
+
 def test_cluster_handover_and_workers(bench_env: dict[str, str]) -> None:
     """``python -m bench.e2e.cluster 1 handover,workers``: one round, 1 s per wrk run (docs:
     ``5``, i.e. landing and workers, and ``3 handover``, 3 s runs). Reduced: ``forwarded``, the

@@ -38,6 +38,15 @@ METRICS = ("small_http", "churn", "websocket", "single_download")
 DURATION = float(os.environ.get("BENCH_DURATION", "3"))
 
 
+def count_arg(text: str) -> int:
+    """A count given on the command line (ROUNDS, N); 0 when ``text`` is no whole number, which
+    every caller's ``< 1`` check refuses with its usage line (exit 2, no traceback)."""
+    try:
+        return int(text)
+    except ValueError:
+        return 0
+
+
 def tree(commit: str, base: Path) -> Path:
     d = base / commit
     if not d.exists():
@@ -148,7 +157,7 @@ def main(argv: list[str]) -> int:
         print(__doc__)
         return 2
     commits = argv[0].split(",")
-    rounds = int(argv[1]) if len(argv) > 1 else 4
+    rounds = count_arg(argv[1]) if len(argv) > 1 else 4
     metrics = ["small_http", "websocket", "single_download"]
     if len(argv) > 2:
         metrics = argv[2].split(",")

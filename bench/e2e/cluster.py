@@ -59,6 +59,7 @@ from typing import Any
 
 from tunneld.private_redis import PrivateRedis
 
+from .ab import count_arg
 from .scenarios import wrk
 from .stack import VENV_BIN, Stack, _wait_json, cpu_seconds, tree_pids, tunneld_env
 
@@ -321,7 +322,7 @@ PARTS = ("landing", "handover", "forwarded", "workers", "instr", "floor")
 
 
 def main(argv: list[str]) -> int:
-    rounds = int(argv[0]) if argv else 5
+    rounds = count_arg(argv[0]) if argv else 5
     parts = argv[1].split(",") if len(argv) > 1 else ["landing", "workers"]
     unknown = [p for p in parts if p not in PARTS]
     if rounds < 1 or unknown:  # before a misspelt part silently measured nothing

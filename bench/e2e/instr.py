@@ -51,7 +51,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .ab import tree
+from .ab import count_arg, tree
 from .stack import Stack
 
 CONNS = 10
@@ -176,7 +176,7 @@ def main(argv: list[str]) -> int:
     in_flight = 1
     for a in argv:
         if a.startswith("--in-flight="):
-            in_flight = int(a.partition("=")[2])
+            in_flight = count_arg(a.partition("=")[2])
     if not 1 <= in_flight <= CONNS:
         print(f"--in-flight=N: 1 to {CONNS}", file=sys.stderr)
         return 2
@@ -186,7 +186,10 @@ def main(argv: list[str]) -> int:
         print(__doc__)
         return 2
     commits = argv[0].split(",")
-    requests = int(argv[1]) if len(argv) > 1 else 2000
+    requests = count_arg(argv[1]) if len(argv) > 1 else 2000
+    if requests < 1:
+        print("N (requests per commit) must be a whole number >= 1", file=sys.stderr)
+        return 2
     saved = os.environ.get("PYTHONPATH")
     results: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory(prefix="tunneld-instr-") as tmp:

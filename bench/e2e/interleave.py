@@ -30,7 +30,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from .ab import DURATION, variant_env
+from .ab import DURATION, count_arg, variant_env
 from .scenarios import wrk
 from .stack import Stack
 
@@ -67,7 +67,7 @@ def main(argv: list[str]) -> int:
         print(__doc__)
         return 2
     variants = argv[0].split(",")
-    rounds = int(argv[1]) if len(argv) > 1 else 20
+    rounds = count_arg(argv[1]) if len(argv) > 1 else 20
     if len(variants) < 2 or len(set(variants)) != len(variants) or rounds < 1:
         print("give two or more distinct variants and ROUNDS >= 1", file=sys.stderr)
         return 2

@@ -33,7 +33,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .ab import DURATION, variant_env
+from .ab import DURATION, count_arg, variant_env
 from .interleave import CONNS, tunneld_cpu_ns
 from .scenarios import wrk
 from .stack import Stack
@@ -117,9 +117,9 @@ def main(argv: list[str]) -> int:
         print(__doc__)
         return 0
     commit = argv[0] if argv else "HEAD"
-    rounds = int(argv[1]) if len(argv) > 1 else 30
+    rounds = count_arg(argv[1]) if len(argv) > 1 else 30
     if rounds < 1:
-        print("ROUNDS must be >= 1", file=sys.stderr)
+        print("ROUNDS must be a whole number >= 1", file=sys.stderr)
         return 2
     runs: dict[str, list[dict[str, float]]] = {s: [] for s in STATES}
     with tempfile.TemporaryDirectory(prefix="tunneld-toggle-") as tmp:
