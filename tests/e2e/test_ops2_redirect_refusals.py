@@ -6,14 +6,13 @@ are no refusal."""
 from __future__ import annotations
 
 import re
-import socket
 from pathlib import Path
 
 import pytest
 import trustme
 
 from .conftest import raw_request
-from .test_public_tls import tls_stack
+from .test_public_tls import redirect_stack
 
 pytestmark = pytest.mark.anyio
 
@@ -28,15 +27,7 @@ def ca() -> trustme.CA:
 async def test_the_redirect_listeners_refusals_are_counted_by_code(
     ca: trustme.CA, tmp_path: Path
 ) -> None:
-    # The edge binds the port with SO_REUSEPORT next to this socket, which holds the port
-    # without listening, so no connection reaches it.
-    holder = socket.socket()
-    holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    holder.bind(("127.0.0.1", 0))
-    port = holder.getsockname()[1]
-    stack = await tls_stack(ca, tmp_path, public_redirect_port=port, reuse_port=True)
-    try:
-        assert stack.edge.redirect_port == port
+    async with redirect_stack(ca, tmp_path) as (stack, port):
         expected = {
             # many hosts, one series: the label is the code, never the host
             b"GET / HTTP/1.1\r\nHost: evil.example\r\n\r\n": b"404",
@@ -60,6 +51,3 @@ async def test_the_redirect_listeners_refusals_are_counted_by_code(
             "HEADERS_TOO_LARGE": 1,
             "REQUEST_TIMEOUT": 1,
         }, text
-    finally:
-        await stack.close()
-        holder.close()

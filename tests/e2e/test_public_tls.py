@@ -16,6 +16,7 @@ import socket
 import ssl
 import subprocess
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import httpx
@@ -127,6 +128,26 @@ async def tls_stack(ca: trustme.CA, tmp_path: Path, **config: object) -> Stack:
         "public_tls_key": key,
     }
     return await Stack(**{**settings, **config}).start()
+
+
+@asynccontextmanager
+async def redirect_stack(ca: trustme.CA, tmp_path: Path) -> AsyncIterator[tuple[Stack, int]]:
+    """A TLS stack with the plain-HTTP redirect listener, and that listener's port."""
+    # The edge binds the port with SO_REUSEPORT next to this socket, which holds the port
+    # without listening, so no connection reaches it.
+    holder = socket.socket()
+    try:
+        holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        holder.bind(("127.0.0.1", 0))
+        port = holder.getsockname()[1]
+        stack = await tls_stack(ca, tmp_path, public_redirect_port=port, reuse_port=True)
+        try:
+            assert stack.edge.redirect_port == port
+            yield stack, port
+        finally:
+            await stack.close()
+    finally:
+        holder.close()
 
 
 @pytest.fixture
@@ -294,15 +315,7 @@ async def test_plain_http_to_the_tls_port_is_closed_cleanly(
 
 
 async def test_redirect_listener(ca: trustme.CA, tmp_path: Path) -> None:
-    # The edge binds the port with SO_REUSEPORT next to this socket, which holds the port
-    # without listening, so no connection reaches it.
-    holder = socket.socket()
-    holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    holder.bind(("127.0.0.1", 0))
-    port = holder.getsockname()[1]
-    stack = await tls_stack(ca, tmp_path, public_redirect_port=port, reuse_port=True)
-    try:
-        assert stack.edge.redirect_port == port
+    async with redirect_stack(ca, tmp_path) as (stack, port):
         public = stack.edge.public_port
         answer = await raw_request(
             port, b"GET /a/b?c=d HTTP/1.1\r\nHost: 8000-sb1-tok.Preview.Test:80\r\n\r\n"
@@ -337,9 +350,6 @@ async def test_redirect_listener(ca: trustme.CA, tmp_path: Path) -> None:
         stack.edge.config.url_port = 443
         answer = await raw_request(port, b"GET / HTTP/1.1\r\nHost: x.preview.test\r\n\r\n")
         assert b"location: https://x.preview.test/\r\n" in answer.lower()
-    finally:
-        await stack.close()
-        holder.close()
 
 
 async def test_admin_api_over_tls(ca: trustme.CA, tmp_path: Path) -> None:
