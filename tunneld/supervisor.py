@@ -72,8 +72,9 @@ write-back and the redis-server's stop are on the loop, each wait bounded
 (``PrivateRedis.stop_async``: SIGKILL after ``STOP_TIMEOUT``, logged); a second signal then is
 logged, not the default action that would kill the supervisor mid-stop. systemd's stop sends
 SIGTERM to the redis-server too (to every process of the unit): one that shut down cleanly before
-the write-back is started again on its append-only file for it (``_revive_private_store``; checked
-twice: redis-server goes on answering for up to 0.1 s after its SIGTERM, then exits).
+the write-back is started again on its append-only file for it (``_revive_private_store``, before
+every check, up to three rounds: redis-server goes on answering for up to 0.1 s after its SIGTERM,
+then exits).
 
 **Restarts.** A worker that exits on its own (the supervisor not stopping; also one stopped alone
 by someone else's SIGTERM, exit 0) is logged (exit code or signal) and started again after a
@@ -386,18 +387,18 @@ class Supervisor:
         self._private = self._sqlite = None
         save = save and self._write_back
         try:
+            answers = False
             if private is not None and sqlite is not None and save:
-                await self._revive_private_store(private)
-                if not await private.ping_async():
-                    # It answered there, then exited on that same signal: redis-server goes on
-                    # serving after a SIGTERM until its next cron tick (up to 0.1 s). Once more.
+                # A redis-server that got the stop's SIGTERM too goes on answering until its next
+                # cron tick (up to 0.1 s), then exits: each check is made after a revival (which
+                # leaves one that answers as it is), never on its own, so an exit between two
+                # checks is revived, not taken for a dead store. Bounded: three rounds.
+                for _ in range(3):
                     await self._revive_private_store(private)
-            if (
-                private is not None
-                and sqlite is not None
-                and save
-                and not await private.ping_async()
-            ):
+                    if await private.ping_async():
+                        answers = True
+                        break
+            if private is not None and sqlite is not None and save and not answers:
                 log.error(
                     "exposures NOT written back: the private redis-server does not answer; the "
                     "next --workers start recovers them"
