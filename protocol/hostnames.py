@@ -50,6 +50,7 @@ __all__ = [
     "build_preview_host",
     "build_preview_url",
     "generate_token",
+    "is_dns_name",
     "parse_preview_host",
     "tokens_equal",
     "validate_custom_token",
@@ -89,6 +90,10 @@ _DEFAULT_PORTS: Final = {"http": 80, "https": 443}
 _MAX_SHOWN_VALUE: Final = 64
 
 _SANDBOX_ID_CHARS = re.compile(r"[a-z0-9-]+")
+# One label of a host name: 1-63 of a-z, 0-9, "-" (not at either end) and "_" (some internal
+# zones use it, though TLS clients refuse it under a wildcard certificate)
+DNS_LABEL: Final = r"[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?"
+_DNS_NAME = re.compile(rf"(?=.{{1,253}}\.?$){DNS_LABEL}(?:\.{DNS_LABEL})*\.?", re.IGNORECASE)
 _TOKEN_CHARS = re.compile(r"[a-z0-9_]+")
 # First label of a preview host. The id group is greedy, and since a token cannot contain "-",
 # the token is exactly what follows the LAST "-" (Cloudflare #352: ids may contain "-").
@@ -321,6 +326,12 @@ def tokens_equal(a: str, b: str) -> bool:
     return hmac.compare_digest(
         a.encode("utf-8", "surrogatepass"), b.encode("utf-8", "surrogatepass")
     )
+
+
+def is_dns_name(name: str) -> bool:
+    """``name`` is a host name: labels (``DNS_LABEL``, any case) joined by dots, at most 253
+    characters, a trailing dot allowed; no port, scheme, path or space."""
+    return _DNS_NAME.fullmatch(name) is not None
 
 
 def _normalize_domain(domain: str) -> str:

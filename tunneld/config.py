@@ -6,21 +6,17 @@ import dataclasses
 import ipaddress
 import math
 import os
-import re
 import socket
 import tomllib
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Final
 
+from protocol.hostnames import is_dns_name
+
 
 class ConfigError(Exception):
     """Bad configuration: the CLI prints the message and exits with status 2."""
-
-
-# One label of the preview domain (RFC 1123 host names; "_" too, as some internal zones use it,
-# though TLS clients refuse it under a wildcard: docs/operations.md, "Tokens with _").
-_DOMAIN_LABEL: Final = re.compile(r"[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?")
 
 
 @dataclass(slots=True)
@@ -144,8 +140,7 @@ class Config:
             raise ConfigError(f"scheme must be http or https, not {self.scheme!r}")
         if self.parser not in ("auto", "httptools", "h11"):
             raise ConfigError(f"parser must be auto, httptools or h11, not {self.parser!r}")
-        labels = self.domain.lower().removesuffix(".").split(".")
-        if not all(_DOMAIN_LABEL.fullmatch(label) for label in labels):
+        if not is_dns_name(self.domain):
             # a port, a scheme, a space...: the edge would start, then every expose would be
             # refused (INVALID_DOMAIN) or print a URL no client can use
             raise ConfigError(
@@ -346,15 +341,6 @@ def parse_workers(value: object) -> int:
     raise ConfigError(f"workers must be a number of processes or auto, not {value!r}")
 
 
-# A host name a listener may be given (labels as in /etc/hosts, "_" allowed); an address is
-# checked by ipaddress instead.
-_HOST_NAME: Final = re.compile(
-    r"(?=.{1,253}\.?$)[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?"
-    r"(?:\.[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?)*\.?",
-    re.I,
-)
-
-
 def check_listen_host(name: str, value: str) -> None:
     """``value`` is an IP address, a host name or "" (every interface, IPv4 and IPv6: see
     tunneld/listen.py), else ConfigError: a port, a scheme or brackets would only fail at bind,
@@ -373,7 +359,7 @@ def check_listen_host(name: str, value: str) -> None:
             return
         except OSError:
             pass
-    if value.replace(".", "").isdigit() or not _HOST_NAME.fullmatch(value):
+    if value.replace(".", "").isdigit() or not is_dns_name(value):
         raise ConfigError(
             f"{name} must be an IP address or a host name, not {value!r} (no port, scheme or "
             'brackets; "" for every interface)'
