@@ -36,4 +36,8 @@ def test_a_signal_while_the_supervisor_starts_stops_everything_cleanly(
     assert status == expected, (status, text[-3000:])
     # After its start (the workers being started): the stop of a running supervisor.
     assert f"{sig} during start-up" in text or f"{sig}: stopping" in text, text[-3000:]
-    assert "all 2 workers ready" not in text, text[-3000:]
+    if point != "call:tunneld/supervisor.py:Supervisor._on_notify":
+        assert "all 2 workers ready" not in text, text[-3000:]
+    # At the first _on_notify the signal is raised while the notifications are read: the loop
+    # runs its handler after that read, which may hold both workers' READY=1 (then "all 2
+    # workers ready" is logged just before "SIGTERM: stopping"; CI saw it once) or one.
