@@ -635,7 +635,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="at most N connections to local services at a time, across all tunnel streams; "
         "a stream past it is refused (the edge answers 503 SANDBOX_BUSY) so the agent keeps "
         "file descriptors for its link and its local API (default: the soft RLIMIT_NOFILE "
-        "minus 160, at least a quarter of it, at most 4096)",
+        "minus 160, at least a quarter of it, at most 4096; at start the agent raises the soft "
+        "limit to the hard one, at most 65536 or what N needs)",
     )
     run.add_argument(
         "--log-level",
@@ -925,7 +926,8 @@ async def _run(args: argparse.Namespace) -> int:
             log.info("edge %s: via proxy %s (%s)", edge, choice.proxy, choice.reason)
         elif choice.reason != "no proxy configured":
             log.info("edge %s: direct (%s)", edge, choice.reason)
-    agent = Agent(config)
+    _raise_fd_limit(config.max_connections, log)
+    agent = Agent(config)  # its default cap follows the raised limit
     _log_connection_limit(agent, log)
     loop = asyncio.get_running_loop()
     try:
@@ -960,6 +962,18 @@ async def _run(args: argparse.Namespace) -> int:
         pass
     await api.close()
     return 0
+
+
+def _raise_fd_limit(max_connections: int | None, log: logging.Logger) -> None:
+    """Raise the soft RLIMIT_NOFILE towards the hard one (agent.core.raise_fd_limit) and say so
+    in one line; a limit that cannot be raised is logged, never fatal."""
+    from .core import raise_fd_limit
+
+    before, after, error = raise_fd_limit(max_connections)
+    if error is not None:
+        log.info("file descriptor limit %d kept: cannot raise it (%s)", before, error)
+    elif after != before:
+        log.info("file descriptor limit raised from %d to %d", before, after)
 
 
 def _log_connection_limit(agent: Agent, log: logging.Logger) -> None:

@@ -33,7 +33,8 @@ up to its session's stream limit (32768) at once, far past a sandbox's usual RLI
 So the agent holds at most ``Agent.max_connections`` local connections (dials in flight
 included) at a time, across sessions: ``AgentConfig.max_connections`` (``--max-connections``),
 by default ``default_max_connections()`` (the soft RLIMIT_NOFILE minus ``FD_RESERVE``, at least
-a quarter of it, at most ``MAX_CONNECTIONS_CAP``). A stream past it is reset with REFUSED_STREAM
+a quarter of it, at most ``MAX_CONNECTIONS_CAP``; ``tunnel-agent run`` first raises the soft limit
+towards the hard one, ``raise_fd_limit()``). A stream past it is reset with REFUSED_STREAM
 before any dial (the edge answers 503 SANDBOX_BUSY), with a rate-limited warning.
 
 Proxies. An ``EdgeAddress`` may name an HTTP proxy (``tunnel-agent run`` picks it from ``--proxy``
@@ -94,6 +95,11 @@ BACKOFF_CAP: Final = 20.0  # frp's cap; long enough not to hammer a down edge
 FD_RESERVE: Final = 160
 # The default never goes above this, whatever RLIMIT_NOFILE allows (--max-connections may).
 MAX_CONNECTIONS_CAP: Final = 4096
+# raise_fd_limit() takes the soft RLIMIT_NOFILE up to the hard limit, but not past this (unless
+# --max-connections needs more): 16 times what the default cap needs (MAX_CONNECTIONS_CAP +
+# FD_RESERVE), and finite, so a hard limit of 2**20 or unlimited does not hand a huge soft limit
+# to code that loops over every possible descriptor.
+FD_LIMIT_CEILING: Final = 1 << 16
 
 
 def default_max_connections(soft_limit: int | None = None) -> int:
@@ -105,6 +111,39 @@ def default_max_connections(soft_limit: int | None = None) -> int:
     if soft_limit == resource.RLIM_INFINITY or soft_limit <= 0:
         return MAX_CONNECTIONS_CAP
     return max(1, min(MAX_CONNECTIONS_CAP, max(soft_limit - FD_RESERVE, soft_limit // 4)))
+
+
+def fd_limit_target(soft: int, hard: int, max_connections: int | None = None) -> int | None:
+    """The soft RLIMIT_NOFILE ``raise_fd_limit`` sets for limits ``(soft, hard)``, None to keep
+    ``soft``: ``min(hard, max(FD_LIMIT_CEILING, max_connections + FD_RESERVE))``, if above it."""
+    target = FD_LIMIT_CEILING
+    if max_connections is not None:
+        target = max(target, max_connections + FD_RESERVE)
+    if hard != resource.RLIM_INFINITY:
+        target = min(target, hard)
+    if soft == resource.RLIM_INFINITY or soft >= target:
+        return None
+    return target
+
+
+def raise_fd_limit(max_connections: int | None = None) -> tuple[int, int, str | None]:
+    """Raise this process's soft RLIMIT_NOFILE towards its hard limit, as Go programs do at start
+    (cloudflared, frp: Go's runtime since 1.19): to ``min(hard, FD_LIMIT_CEILING)``, or to
+    ``max_connections + FD_RESERVE`` when an explicit ``--max-connections`` needs more. Never
+    lowers it. Returns ``(before, after, error)``: the soft limit before and after, and why it
+    could not be raised (None when it was, or needed not be); it never raises."""
+    try:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    except (OSError, ValueError) as exc:  # pragma: no cover - getrlimit does not fail on Linux
+        return (-1, -1, str(exc))
+    target = fd_limit_target(soft, hard, max_connections)
+    if target is None:
+        return (soft, soft, None)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (OSError, ValueError) as exc:  # e.g. a seccomp filter or a container that forbids it
+        return (soft, soft, str(exc))
+    return (soft, target, None)
 
 
 # The shortest keepalive interval the agent adopts from an edge's welcome: well within the PING
