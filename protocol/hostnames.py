@@ -93,7 +93,11 @@ _SANDBOX_ID_CHARS = re.compile(r"[a-z0-9-]+")
 # One label of a host name: 1-63 of a-z, 0-9, "-" (not at either end) and "_" (some internal
 # zones use it, though TLS clients refuse it under a wildcard certificate)
 DNS_LABEL: Final = r"[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?"
-_DNS_NAME = re.compile(rf"(?=.{{1,253}}\.?$){DNS_LABEL}(?:\.{DNS_LABEL})*\.?", re.IGNORECASE)
+# re.ASCII: without it, IGNORECASE lets [a-z] match what Unicode case-folds into it (KELVIN SIGN,
+# LATIN SMALL LETTER LONG S, dotted and dotless i), so such a "DNS name" would pass.
+_DNS_NAME = re.compile(
+    rf"(?=.{{1,253}}\.?$){DNS_LABEL}(?:\.{DNS_LABEL})*\.?", re.IGNORECASE | re.ASCII
+)
 _TOKEN_CHARS = re.compile(r"[a-z0-9_]+")
 # First label of a preview host. The id group is greedy, and since a token cannot contain "-",
 # the token is exactly what follows the LAST "-" (Cloudflare #352: ids may contain "-").
@@ -335,10 +339,15 @@ def is_dns_name(name: str) -> bool:
 
 
 def _normalize_domain(domain: str) -> str:
-    normalized = domain.lower().rstrip(".")
-    if not normalized or ":" in normalized or "/" in normalized or normalized.startswith("."):
-        raise InvalidDomainError(f"Invalid preview domain: '{_js_str(domain)}'.")
-    return normalized
+    """``domain`` lowercased, without its trailing dot, if :func:`is_dns_name` (the rule the
+    configured domain is checked by, tunneld/config.py); else InvalidDomainError."""
+    if not isinstance(domain, str) or not is_dns_name(domain):
+        raise InvalidDomainError(
+            f"Invalid preview domain: '{_js_str(domain)}'. A domain is labels of a-z, 0-9, '-' "
+            "and '_' (1-63 each, not starting or ending with '-') joined by dots, at most 253 "
+            "characters, with no port, scheme or path."
+        )
+    return domain.lower().removesuffix(".")
 
 
 def build_preview_host(port: int, sandbox_id: str, token: str | None, domain: str) -> str:
