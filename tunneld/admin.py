@@ -75,10 +75,10 @@ from .public import forward_head
 from .registry import ExposureRecord
 from .store import StoreError
 from .tcpws import (
-    BEARER_PREFIX,
     WebSocketTcpEndpoint,
     accept_response,
     verify_subprotocol_bearer,
+    without_bearer,
 )
 
 if TYPE_CHECKING:
@@ -424,7 +424,7 @@ class AdminServer:
             if lower == b"authorization":
                 continue
             if lower == b"sec-websocket-protocol":  # a browser's token (tunneld/tcpws.py) too
-                value = _without_bearer(value)
+                value = without_bearer(value)
                 if not value:
                     continue
             raw += name + b": " + value + b"\r\n"
@@ -573,18 +573,6 @@ def _websocket_bearer(token: str, request: Request) -> bool:
     """Raw TCP over WebSocket from a browser, which cannot set Authorization: the token as the
     subprotocol ``tunneld.bearer.<base64url>`` (tunneld/tcpws.py; this endpoint only)."""
     return verify_subprotocol_bearer(token, request)
-
-
-def _without_bearer(offered: bytes) -> bytes:
-    """A ``Sec-WebSocket-Protocol`` value without ``tunneld.bearer.<token>`` offers: the admin
-    token, which only the raw TCP endpoint takes, never reaches a sandbox's server."""
-    if _BEARER not in offered.lower():
-        return offered  # relayed as it came
-    kept = [p.strip() for p in offered.split(b",")]
-    return b", ".join(p for p in kept if p and not p.lower().startswith(_BEARER))
-
-
-_BEARER: Final = BEARER_PREFIX.encode()
 
 
 def _client(request: Request) -> str:

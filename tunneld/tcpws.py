@@ -62,13 +62,17 @@ __all__ = [
     "SUBPROTOCOL",
     "WebSocketTcpEndpoint",
     "accept_response",
+    "split_subprotocols",
     "verify_subprotocol_bearer",
+    "without_bearer",
 ]
 
 log = logging.getLogger("tunneld.admin")
 
 SUBPROTOCOL: Final = "tunneld.tcp"
 BEARER_PREFIX: Final = "tunneld.bearer."
+_SUBPROTOCOL: Final = SUBPROTOCOL.encode()
+_BEARER: Final = BEARER_PREFIX.encode()
 # How long the edge waits for the other side to finish a close handshake it started (the
 # client's Close reply, or the service's end after the client's Close): websockets' default.
 CLOSE_TIMEOUT: Final = 10.0
@@ -84,13 +88,37 @@ INTERNAL_ERROR: Final = 1011
 _NORMAL_CLOSES: Final = frozenset({NORMAL, GOING_AWAY, NO_STATUS})
 
 
-def _offered(request: Request) -> list[str]:
+def split_subprotocols(value: bytes) -> list[bytes]:
+    """The items of one ``Sec-WebSocket-Protocol`` line, a comma list (RFC 9110 5.6.1): split at
+    ``,``, optional whitespace (SP, HTAB) stripped, empty items left out. Both readers of the
+    header use it: the edge's own (:func:`verify_subprotocol_bearer`, :func:`accept_response`)
+    and the wsConnect relay's (:func:`without_bearer`)."""
+    return [item for item in (raw.strip(b" \t") for raw in value.split(b",")) if item]
+
+
+def _offered(request: Request) -> list[bytes]:
     """The subprotocols the client offered (every ``Sec-WebSocket-Protocol`` line)."""
-    out: list[str] = []
+    out: list[bytes] = []
     for name, value in request.headers:
         if name == b"sec-websocket-protocol":
-            out += [p.strip() for p in value.decode("latin-1").split(",") if p.strip()]
+            out += split_subprotocols(value)
     return out
+
+
+def without_bearer(value: bytes) -> bytes:
+    """One ``Sec-WebSocket-Protocol`` line for a sandbox's server (wsConnect): without any item
+    that holds ``tunneld.bearer.`` in any case, anywhere in it (``TUNNELD.BEARER.x``,
+    ``"tunneld.bearer.x"``, ``chat tunneld.bearer.x``, after a no-break space...); ``b""`` when
+    nothing is left, and the line unchanged when it holds none.
+
+    Deliberately looser than what authenticates: subprotocol names are tokens (RFC 6455 4.1,
+    ``1#token``) that the edge, as browsers, compares exactly, so only
+    ``tunneld.bearer.<token>`` spelled so is a bearer offer (:func:`verify_subprotocol_bearer`);
+    but some servers fold case, the admin token in any spelling is no business of a sandbox's
+    service, and no real subprotocol is named so."""
+    if _BEARER not in value.lower():
+        return value
+    return b", ".join(item for item in split_subprotocols(value) if _BEARER not in item.lower())
 
 
 def is_websocket(request: Request) -> bool:
@@ -101,11 +129,11 @@ def verify_subprotocol_bearer(expected: str, request: Request) -> bool:
     """Constant-time check of a ``tunneld.bearer.<base64url token>`` subprotocol (browsers)."""
     if not expected or not is_websocket(request):
         return False
-    want = (BEARER_PREFIX + base64.urlsafe_b64encode(expected.encode()).decode()).rstrip("=")
+    want = _BEARER + base64.urlsafe_b64encode(expected.encode()).rstrip(b"=")
     ok = False
     for offered in _offered(request):
-        if offered.startswith(BEARER_PREFIX):
-            ok |= hmac.compare_digest(offered.encode(), want.encode())
+        if offered.startswith(_BEARER):  # case-sensitive: a subprotocol name is a token
+            ok |= hmac.compare_digest(offered, want)
     return ok
 
 
@@ -133,8 +161,8 @@ def accept_response(request: Request) -> bytes:
         b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: Upgrade\r\n"
         b"sec-websocket-accept: " + generate_accept_token(key) + b"\r\n"
     )
-    if SUBPROTOCOL in _offered(request):
-        head += b"sec-websocket-protocol: " + SUBPROTOCOL.encode() + b"\r\n"
+    if _SUBPROTOCOL in _offered(request):
+        head += b"sec-websocket-protocol: " + _SUBPROTOCOL + b"\r\n"
     return head + b"\r\n"
 
 
