@@ -9,17 +9,23 @@ real agents, each with its own service, over real sockets on 127.0.0.1:
   (Content-Length counting or ChunkedScanner)': a body that holds a request head for another
   sandbox is the first service's body, byte for byte, and never a request;
 - HTTP/2: 'routing per stream by :authority': the streams of one connection each reach their
-  own sandbox's service.
+  own sandbox's service;
+- token-less mode: exposure alone grants access (an unexposed port stays unreachable), and
+  switching tokens back on restores the stored URLs and closes the token-less names again (three
+  edges in one process: the routes remembered by tunneld/public.py must not leak between modes).
 """
 
 from __future__ import annotations
 
 import hashlib
+import re
 from pathlib import Path
 
 import orjson
 import pytest
 import trustme
+
+from tunneld.store import SqliteStore
 
 from . import test_public_tls
 from .conftest import Stack, raw_request
@@ -138,3 +144,73 @@ async def test_h2_streams_of_one_connection_reach_each_sandboxs_own_service(
         assert (one.requests, two.requests) == (1, 1)
     finally:
         await stack.close()
+
+
+async def test_token_less_mode_opens_only_exposed_ports_and_switching_back_restores_the_urls(
+    tmp_path: Path,
+) -> None:
+    """'Token-less mode is a whole-edge switch (tokens = false). Tokens are still generated and
+    stored, so switching back restores the same URLs; with tokens off, exposure alone grants
+    access.' Three edges in turn on one sqlite store: tokens on (expose port A), off (A answers
+    without a token, an unexposed port B whose service listens does not; expose B), on again
+    (A's URL is the one of the first edge, B's has a token, and the token-less names of both
+    reach nobody)."""
+    a, b = Origin(), Origin()
+    await a.start()
+    await b.start()
+
+    async def edge(**config: object) -> Stack:
+        stack = Stack(**config)
+        stack.store = SqliteStore.open(tmp_path)
+        await stack.start()
+        await stack.agent("sb1")
+        return stack
+
+    def label(url: str) -> str:  # the URL's host label: the edge's port differs each time
+        return url.split("//", 1)[1].split(".", 1)[0]
+
+    async def status(stack: Stack, host: str) -> int:
+        assert stack.edge is not None
+        request = b"GET / HTTP/1.1\r\nHost: %s\r\nConnection: close\r\n\r\n" % host.encode()
+        answer = await raw_request(stack.edge.public_port, request)
+        return int(answer.split(b" ", 2)[1])
+
+    try:
+        first = await edge()
+        try:
+            url_a = (await first.expose("sb1", a.port))["exposedAt"]
+        finally:
+            await first.close()
+        assert re.fullmatch(rf"{a.port}-sb1-[a-z0-9]{{16}}", label(url_a)), url_a
+
+        off = await edge(tokens=False)
+        try:
+            assert await status(off, f"{a.port}-sb1.localhost") == 200
+            assert await status(off, f"{b.port}-sb1.localhost") == 404  # not exposed
+            assert b.connections == 0
+            url_b = (await off.expose("sb1", b.port))["exposedAt"]
+            assert label(url_b) == f"{b.port}-sb1", url_b
+            assert await status(off, f"{b.port}-sb1.localhost") == 200
+        finally:
+            await off.close()
+        served = (a.requests, b.requests)
+        assert served == (1, 1)
+
+        on = await edge()
+        try:
+            assert on.admin is not None
+            listed = (await on.admin.get("/v1/sandboxes/sb1/ports")).json()["ports"]
+            urls = {p["port"]: label(p["exposedAt"]) for p in listed}
+            assert urls[a.port] == label(url_a)  # the same URL as before token-less mode
+            assert re.fullmatch(rf"{b.port}-sb1-[a-z0-9]{{16}}", urls[b.port]), urls
+            for port in (a.port, b.port):
+                assert await status(on, f"{port}-sb1.localhost") == 404  # a token is needed
+            assert (a.requests, b.requests) == served
+            for port in (a.port, b.port):
+                assert await status(on, f"{urls[port]}.localhost") == 200
+        finally:
+            await on.close()
+        assert (a.requests, b.requests) == (2, 2)
+    finally:
+        await a.close()
+        await b.close()
