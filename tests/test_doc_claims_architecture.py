@@ -206,3 +206,287 @@ def test_where_state_lives_bounds() -> None:
     assert redis_store.DEFAULT_TIMEOUT == 2.0
     source = inspect.getsource(redis_store.RedisStore)
     assert "retry=_Retry(NoBackoff(), 1, (RedisConnectionError,))" in source
+
+
+# The tests that check each behaviour claim the doc does not cite in place: (the doc's phrase,
+# the tests). test_each_cited_test_exists keeps this list true when a test is renamed or moved.
+CITED: tuple[tuple[str, tuple[str, ...]], ...] = (
+    (
+        "arms the `head_timeout` timer",
+        ("tests/e2e/test_preview.py::test_head_timeout_is_408",),
+    ),
+    (
+        "it counts the connection in the limits, arms the timer and takes the first read",
+        (
+            "tests/cluster/test_landing.py::test_per_ip_limits_count_a_landed_connection_once",
+            "tests/cluster/test_landing.py::test_a_head_that_does_not_arrive_in_time_gets_its_408",
+        ),
+    ),
+    ("(≤ 32 KiB)", ("tests/e2e/test_preview.py::test_oversized_head_is_431",)),
+    (
+        "Failures are small JSON pages (404 `UNKNOWN_HOST`, 404 `INVALID_TOKEN`, 503"
+        " `SANDBOX_NOT_CONNECTED`)",
+        (
+            "tests/e2e/test_preview.py::test_unknown_host_is_404_json",
+            "tests/e2e/test_preview.py::test_errors_unknown_token_and_unexposed_port_look_the_same",
+            "tests/e2e/test_preview.py::test_agent_stopped_is_503",
+        ),
+    ),
+    (
+        "internal and forwarding headers dropped, `X-Forwarded-For/-Host/-Proto` and"
+        " `X-Sandbox-Name` appended",
+        ("tests/e2e/test_preview.py::test_forwarded_headers_and_spoofing",),
+    ),
+    (
+        "so even a hostile edge reaches nothing else",
+        (
+            "tests/faults/test_hostile_edge_2.py::"
+            "test_refused_and_failed_streams_leave_nothing_in_the_agent",
+            "tests/faults/test_hostile_edge_2.py::test_the_edge_cannot_choose_the_host_the_agent_dials",
+            "tests/faults/test_agent_preview_exposures.py::"
+            "test_preview_stream_to_an_unexposed_port_is_reset_and_logged",
+            "tests/faults/test_agent_api_port.py::"
+            "test_hostile_edge_cannot_open_a_stream_to_the_api_port",
+        ),
+    ),
+    (
+        "dials `127.0.0.1:8000` (then `::1`)",
+        (
+            "tests/faults/test_agent_dials_ipv6_loopback.py::"
+            "test_a_preview_stream_reaches_a_service_on_ipv6_loopback_only",
+        ),
+    ),
+    (
+        "(SSE, chunked, multi-GB downloads stream through)",
+        (
+            "tests/e2e/test_preview.py::test_sse_first_event_before_origin_finishes",
+            "tests/e2e/test_preview.py::test_download_1gib_integrity",
+        ),
+    ),
+    (
+        "on `101` the connection becomes a raw two-way tunnel and nothing is parsed any more; on"
+        " anything else that response is relayed and the connection ends",
+        (
+            "tests/faults/test_public_upgrade.py::test_101_makes_a_raw_tunnel_and_early_bytes_arrive",
+            "tests/faults/test_public_upgrade.py::test_refused_upgrade_drops_early_bytes_and_closes",
+        ),
+    ),
+    (
+        "without changing a byte but one `x-request-id` line per head",
+        (
+            "tests/test_responses.py::"
+            "test_every_byte_passes_and_every_response_ends_where_h11_says",
+            "tests/test_speedups.py",
+        ),
+    ),
+    (
+        "a stream that dies before any response byte is a 502/503 JSON page",
+        ("tests/faults/test_public_upstream_failures.py::test_link_drop_before_answer_is_503",),
+    ),
+    (
+        "so even the kernel's close of a killed edge is an RST",
+        ("tests/faults/test_edge_shutdown_cut.py::test_edge_killed_mid_response_is_a_reset",),
+    ),
+    (
+        "the agent resets its connection to the service the same way for a cut upload",
+        ("tests/faults/test_agent_upload_reset.py::test_upload_cut_short_through_the_edge",),
+    ),
+    (
+        "Every session end is logged on both sides with its reason.",
+        (
+            "tests/faults/test_session_end_logged.py::"
+            "test_edge_logs_an_agent_link_cut_with_its_reason",
+            "tests/faults/test_agent_session_end_log.py::test_link_lost_logs_the_connection_error",
+        ),
+    ),
+    (
+        "One client TCP connection is one stream and one TCP connection to the service",
+        ("tests/e2e/test_preview.py::test_keepalive_100_sequential",),
+    ),
+    (
+        "A response that ends abnormally is `RST_STREAM`, never `END_STREAM`.",
+        ("tests/e2e/test_http2.py::test_cut_response_is_a_stream_reset_never_end_stream",),
+    ),
+    (
+        "request DATA is acknowledged to the client only once the tunnel took it",
+        ("tests/e2e/test_http2.py::test_upload_to_a_stalled_service_is_bounded_by_h2_window",),
+    ),
+    (
+        "so it holds the tunnel credit exactly as for a slow socket",
+        ("tests/e2e/test_http2.py::test_slow_h2_reader_is_bounded_by_tunnel_credit",),
+    ),
+    (
+        "with half-close passed on and a reset kept a reset",
+        (
+            "tests/e2e/test_raw_tcp.py::test_bytes_both_ways_by_hash_and_half_close",
+            "tests/e2e/test_raw_tcp.py::test_a_service_reset_reaches_the_client_as_a_reset",
+            "tests/e2e/test_raw_tcp_ws.py::"
+            "test_bytes_both_ways_by_hash_half_close_and_a_clean_close",
+            "tests/e2e/test_public_tcp.py::test_half_close_is_honoured_both_ways",
+            "tests/e2e/test_public_tcp.py::test_a_reset_stays_a_reset",
+        ),
+    ),
+    (
+        "so the TLS session ends in the sandbox",
+        ("tests/e2e/test_public_tcp.py::test_tls_is_routed_by_sni_to_the_sandbox_unterminated",),
+    ),
+    (
+        "so the service sees the client's address",
+        ("tests/e2e/test_public_tcp.py::test_proxy_protocol_tells_nginx_the_real_client",),
+    ),
+    (
+        "another node answers 409 `WRONG_NODE`",
+        (
+            "tests/e2e/test_inspect.py::"
+            "test_in_a_cluster_records_are_on_the_owner_and_other_nodes_say_so",
+        ),
+    ),
+    (
+        "a wrong token is a 404 without any hop",
+        (
+            "tests/cluster/test_handover_quick.py::test_a_wrong_token_is_refused_by_the_landing_worker",
+        ),
+    ),
+    (
+        "then the client gets 502 `NODE_UNREACHABLE`",
+        ("tests/cluster/test_forwarding.py::test_an_unreachable_owner_is_a_quick_502",),
+    ),
+    (
+        "a newer one means B is the stale node",
+        ("tests/cluster/test_forwarding.py::test_a_stale_owner_refuses_a_stream_of_a_newer_epoch",),
+    ),
+    (
+        "answers 421 to a request for another host",
+        ("tests/cluster/test_forwarding.py::test_the_owner_checks_every_forwarded_request",),
+    ),
+    (
+        "so an abnormal end stays abnormal across the hop",
+        (
+            "tests/cluster/test_forwarding.py::test_an_abnormal_end_stays_abnormal_across_the_hop",
+            "tests/cluster/test_forwarding_backpressure.py::"
+            "test_a_reset_mid_response_stays_a_reset_across_a_backed_up_hop",
+        ),
+    ),
+    (
+        "So a slow client at A slows the link stream, then the agent's stream, then the service.",
+        (
+            "tests/cluster/test_forwarding_backpressure.py::"
+            "test_a_large_download_to_a_slow_client_is_bounded_and_lossless",
+        ),
+    ),
+    (
+        "so the newest session wins wherever it is",
+        (
+            "tests/cluster/test_forwarding.py::test_a_new_session_on_another_node_takes_the_sandbox_over",
+        ),
+    ),
+    (
+        "a lease that merely expired meanwhile is claimed again with a new epoch",
+        (
+            "tests/cluster/test_forwarding.py::"
+            "test_an_outage_longer_than_the_lease_ends_with_the_owner_claiming_again",
+        ),
+    ),
+    (
+        "the link dropping fails the landing node's waits on it at once (502)",
+        (
+            "tests/cluster/test_wait_cluster.py::"
+            "test_a_cut_link_fails_the_wait_and_stops_the_probes_on_the_owner",
+        ),
+    ),
+    (
+        "no answer within the wait's timeout + `control_timeout` + `LINK_TIMEOUT` is 504"
+        " `NODE_TIMEOUT`",
+        (
+            "tests/cluster/test_wait_cluster.py::test_an_owner_that_never_answers_is_504_node_timeout",
+        ),
+    ),
+    (
+        "an older one is not asked (501 `NODE_TOO_OLD`)",
+        (
+            "tests/cluster/test_wait_cluster.py::"
+            "test_an_owner_from_before_forwarded_waits_is_not_asked",
+        ),
+    ),
+    (
+        "the agent cancels that watch's task, which closes any probe connection in flight",
+        ("tests/e2e/test_wait_cancel.py::test_client_leaving_mid_wait_stops_the_agents_probes",),
+    ),
+    (
+        "so a refused hand-over loses nothing",
+        (
+            "tests/cluster/test_handover.py::test_a_refused_hand_over_falls_back_to_the_node_link",
+            "tests/cluster/test_handover.py::test_a_stale_owner_refuses_the_socket_and_nothing_is_lost",
+        ),
+    ),
+    (
+        "(an error for the client, never a wrong answer)",
+        (
+            "tests/cluster/test_handover.py::"
+            "test_an_owner_that_never_answers_gets_the_socket_and_nobody_serves_it_twice",
+        ),
+    ),
+    (
+        "Both sides do this.",
+        (
+            "tests/faults/test_stalled_agent_close.py::"
+            "test_an_agent_that_stops_reading_loses_its_ended_session_s_connection",
+            "tests/faults/test_agent_output_cap.py::"
+            "test_an_edge_that_never_reads_its_replies_is_held_at_the_cap_then_dropped",
+        ),
+    ),
+    (
+        "so an interactive stream waits behind at most one frame of each bulk stream",
+        ("tests/protocol/test_session.py::test_fairness_small_write_not_stuck_behind_bulk",),
+    ),
+    (
+        "`tests/e2e/test_backpressure.py` checks this bound",
+        ("tests/e2e/test_backpressure.py::test_slow_reader_is_bounded_and_does_not_stall_others",),
+    ),
+    (
+        "survives agent reconnects and edge restarts",
+        ("tests/faults/test_durable_restart.py::test_exposures_tokens_and_urls_survive_kill_9",),
+    ),
+    (
+        "`attach` swaps a new session in atomically and returns the old one to close with"
+        " `REPLACED`",
+        ("tests/e2e/test_admin.py::test_new_session_replaces_old_one",),
+    ),
+    (
+        "so the cap is exact for the cluster",
+        (
+            "tests/cluster/test_sandbox_cap_redis.py::"
+            "test_two_nodes_racing_first_exposes_stop_exactly_at_the_cap",
+        ),
+    ),
+    (
+        "the preface `TUNL` means a raw link, `GET ` an HTTP upgrade to `/v1/agent`",
+        (
+            "tests/e2e/test_wslink.py::test_agent_over_websocket_serves_preview_traffic",
+            "tests/e2e/test_wslink.py::test_garbage_on_the_agent_port_is_closed",
+        ),
+    ),
+    (
+        "it rewrites the handshake (path, `Host`, no `Authorization`) and relays bytes",
+        ("tests/e2e/test_api_claims_ws.py::test_the_handshake_the_sandbox_gets",),
+    ),
+    (
+        "so a wrong peer or version fails at the first bytes",
+        ("tests/protocol/test_frames.py::test_bad_preface",),
+    ),
+    (
+        'returns `{"ports": []}` rather than 404',
+        ("tests/e2e/test_doc_claims_admin_api.py::test_one_sandbox_is_its_list_entry_or_404",),
+    ),
+)
+
+
+def test_each_cited_test_exists() -> None:
+    """Every phrase of CITED is in the doc, and every test it names is defined in its file."""
+    for phrase, tests in CITED:
+        claim(phrase)
+        for test in tests:
+            path, _, name = test.partition("::")
+            source = (ROOT / path).read_text()
+            if name:
+                assert f"def {name}(" in source, f"{test} is gone (cited for {phrase!r})"
