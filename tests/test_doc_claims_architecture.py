@@ -475,6 +475,118 @@ CITED: tuple[tuple[str, tuple[str, ...]], ...] = (
         ("tests/protocol/test_frames.py::test_bad_preface",),
     ),
     (
+        "starts workers as fresh interpreters (not forks: asyncio and fork do not mix), restarts"
+        " those that die, relays SIGHUP/SIGTERM",
+        ("tests/cluster/test_workers.py::test_workers_serve_restart_reload_and_stop",),
+    ),
+    (
+        "a marker file making a run that did not stop cleanly recoverable and never silently"
+        " overwritten",
+        (
+            "tests/cluster/test_workers_private_store.py::"
+            "test_workers_on_sqlite_share_a_private_redis_and_save_at_a_clean_stop",
+            "tests/cluster/test_workers_private_store.py::"
+            "test_a_killed_supervisor_is_recovered_never_overwritten",
+        ),
+    ),
+    (
+        "only peers of the same user, checked with `SO_PEERCRED`",
+        (
+            "tests/faults/test_bounds_handover_refusals.py::"
+            "test_connections_from_another_user_are_refused_and_logged_boundedly",
+        ),
+    ),
+    (
+        "At most 1024 hand-over connections are open on a node at once",
+        (
+            "tests/cluster/test_handover_bounds.py::"
+            "test_hand_over_connections_past_the_cap_are_closed_at_once_and_warned_in_bounds",
+            "tests/cluster/test_handover_bounds.py::"
+            "test_a_connection_that_sends_no_well_formed_hand_over_is_closed_after_the_deadline",
+            "tests/cluster/test_handover_bounds.py::"
+            "test_a_message_over_the_size_bound_ends_the_connection_and_its_descriptors_are_closed",
+            "tests/cluster/test_handover_bounds.py::"
+            "test_more_hand_overs_than_a_message_may_list_end_the_connection",
+            "tests/cluster/test_handover_bounds.py::"
+            "test_more_descriptors_than_a_message_may_carry_end_it_and_none_is_adopted",
+        ),
+    ),
+    (
+        "Every descriptor that arrives is adopted or closed, whatever the message",
+        (
+            "tests/cluster/test_handover_bounds.py::"
+            "test_descriptors_of_refused_and_malformed_messages_are_closed",
+        ),
+    ),
+    (
+        "each of its connections is refused by id and forwarded instead",
+        (
+            "tests/cluster/test_handover.py::"
+            "test_an_owner_that_loses_the_descriptors_refuses_and_the_node_link_serves",
+        ),
+    ),
+    (
+        "at most 10,000 rings: `MAX_INSPECTED_SANDBOXES`",
+        (
+            "tests/faults/test_bounds_inspect_rings.py::"
+            "test_inspection_for_more_sandboxes_than_the_cap_is_refused_409",
+        ),
+    ),
+    (
+        "(one task each, at most 4096 per link)",
+        (
+            "tests/cluster/test_wait_cluster.py::test_the_owner_bounds_the_waits_it_serves_for_a_link",
+        ),
+    ),
+    (
+        "`Agent.port_watches` (count, at most 64)",
+        (
+            "tests/faults/test_agent_edge_watch_bound.py::"
+            "test_an_edge_gets_at_most_the_agents_watches_and_loses_them_with_its_session",
+        ),
+    ),
+    (
+        "a cache: replaced by `welcome` on every connect",
+        (
+            "tests/faults/test_agent_preview_exposures.py::"
+            "test_exposures_follow_welcome_expose_unexpose_and_list",
+        ),
+    ),
+    (
+        "the public port is chosen once (the lowest free one of `public_tcp_ports`) and kept"
+        " across re-exposes and restarts",
+        (
+            "tests/e2e/test_public_tcp.py::"
+            "test_the_public_port_is_kept_by_a_re_expose_and_reused_after_unexpose",
+            "tests/e2e/test_public_tcp.py::test_the_public_port_survives_an_edge_restart",
+        ),
+    ),
+    (
+        "leaves it holding the sandbox's lock until the write's real outcome is known, then the"
+        " view follows it",
+        (
+            "tests/store/test_store_hung_writes.py::"
+            "test_a_held_up_write_is_answered_in_time_and_applied_once_it_commits",
+            "tests/store/test_store_hung_writes.py::"
+            "test_a_held_up_write_that_then_fails_is_in_neither_memory_nor_disk",
+            "tests/store/test_store_hung_writes.py::"
+            "test_waiting_for_the_writes_at_stop_is_bounded_and_leaves_the_view_settled",
+        ),
+    ),
+    (
+        "which the edge applies to the registry with the side effects of a local change",
+        (
+            "tests/cluster/test_redis_edge.py::test_a_change_missed_while_cut_off_is_applied_by_the_resync",
+        ),
+    ),
+    (
+        "fails as `StoreError` -> 503 `STORE_UNAVAILABLE`; routing never waits on Redis",
+        (
+            "tests/cluster/test_redis_edge.py::"
+            "test_a_redis_outage_keeps_previews_refuses_writes_and_converges",
+        ),
+    ),
+    (
         'returns `{"ports": []}` rather than 404',
         ("tests/e2e/test_doc_claims_admin_api.py::test_one_sandbox_is_its_list_entry_or_404",),
     ),
