@@ -9,16 +9,22 @@ asyncio and fork do not mix), watches them, and is the one process systemd sees.
 
 **Listeners: SO_REUSEPORT.** Every worker binds and listens on the same public, agent and admin
 ports with ``SO_REUSEPORT`` (``Config.reuse_port``). The kernel then keeps one accept queue per
-worker and spreads new connections over them by a hash of the connection's addresses, so the
-workers never contend for one queue or wake each other up for one connection. The known cost: the
-spread is blind to load (a busy worker gets its share anyway), and when a worker dies the
-connections waiting in its accept queue, not yet accepted, are reset (Linux >= 5.14 migrates them
-to another worker instead when ``net.ipv4.tcp_migrate_req = 1``). Before starting any worker the
-supervisor binds each listener once itself, with ``SO_REUSEPORT``, and never listens on it: a
-socket that does not listen receives no connections, but it holds the port. That reservation is
-what makes ``--public-port 0`` work (the supervisor learns the port and gives every worker the
-same explicit one) and keeps the ports ours while a worker restarts, even when every worker is
-down at once.
+worker and spreads new connections over them by a hash of the connection's addresses, so the workers
+never contend for one queue or wake each other up for one connection. The known cost: the spread is
+blind to load (a busy worker gets its share anyway), and when a worker dies the connections waiting
+in its accept queue, not yet accepted, are reset (Linux >= 5.14 migrates them to another worker
+instead when ``net.ipv4.tcp_migrate_req = 1``). Before starting any worker the supervisor binds each
+listener once itself, with ``SO_REUSEADDR`` alone, and never listens on it: a socket that does not
+listen receives no connections, but it holds the port (the workers' listeners, with ``SO_REUSEADDR``
+too, may bind beside a socket that does not listen, socket(7)). That reservation is what makes
+``--public-port 0`` work (the supervisor learns the port and gives every worker the same explicit
+one) and keeps the ports ours while a worker restarts; while every worker is down at once, another
+socket with ``SO_REUSEADDR`` may bind and listen beside it (the same rule). The HTTP-to-HTTPS
+redirect listener, when on, is held the same way. A listener that cannot be held (its port in use,
+also by another process's ``SO_REUSEPORT`` socket; a host that does not resolve) ends the start
+before any worker, with the single process's line and status: ``cannot start: cannot open the public
+listener on 127.0.0.1:8080 (public_host, public_port): [Errno 98] ...``, exit 1 (``reserve_port``,
+``listener_error``).
 
 **State.** Workers share nothing in memory. Exposures and agent ownership live in a shared
 Redis store, as between hosts. With the operator's Redis (``store = redis://...``) the workers
@@ -126,7 +132,16 @@ _NOT_FOR_WORKERS: Final = (
 # Notifications read per wake-up of the loop (a worker sends one every few seconds; the socket
 # can be flooded by anyone on the host: _on_notify).
 MAX_NOTIFICATIONS_PER_WAKEUP: Final = 8
-_LISTENERS: Final = ("public", "agent", "admin")
+# The listeners the supervisor holds, in the order a single process binds them (tunneld/edge.py's
+# EdgeServer.start: the first one that fails is the one named), with the settings that place each
+# (tunneld/edge.py's _LISTENER_SETTINGS: one wording for both, tests/cluster/
+# test_workers_listener_errors.py). The HTTP-to-HTTPS redirect listener only when it is on.
+_LISTENERS: Final = {
+    "agent": ("agent_host", "agent_port"),
+    "public": ("public_host", "public_port"),
+    "admin": ("admin_host", "admin_port"),
+    "HTTP-to-HTTPS redirect": ("public_host", "public_redirect_port"),
+}
 _PR_SET_PDEATHSIG: Final = 1
 
 
@@ -169,8 +184,15 @@ def prepare_worker() -> dict[str, Any]:
 
 
 def reserve_port(host: str, port: int) -> list[socket.socket]:
-    """Bind (never listen) ``SO_REUSEPORT`` sockets on every address of ``host``, all on one port
-    (the first address's, when ``port`` is 0). They hold the port; they receive nothing."""
+    """Bind (never listen) sockets on every address of ``host``, all on one port (the first
+    address's, when ``port`` is 0). They hold the port; they receive nothing.
+
+    ``SO_REUSEADDR``, not ``SO_REUSEPORT``: the workers' listeners (``SO_REUSEADDR`` and
+    ``SO_REUSEPORT``) may bind beside a socket that does not listen, and a port that another
+    socket holds is refused (EADDRINUSE), as a single process's listener is, also when that
+    socket has ``SO_REUSEPORT`` itself (the kernel lets two such sockets of one user share a port:
+    another ``tunneld serve --workers`` on the same ports would start and take half of their
+    connections). A bind error is worded as tunneld/listen.py's ``bind`` words it (asyncio's)."""
     infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     sockets: list[socket.socket] = []
     try:
@@ -178,17 +200,35 @@ def reserve_port(host: str, port: int) -> list[socket.socket]:
             sock = socket.socket(family, kind, proto)
             sockets.append(sock)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             if family == socket.AF_INET6:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)  # as asyncio does
             if port == 0 and len(sockets) > 1:
                 address = (address[0], sockets[0].getsockname()[1], *address[2:])
-            sock.bind(address)
+            try:
+                sock.bind(address)
+            except OSError as exc:
+                raise OSError(
+                    exc.errno,
+                    f"error while attempting to bind on address {address!r}: "
+                    f"{(exc.strerror or str(exc)).lower()}",
+                ) from None
     except OSError:
         for sock in sockets:
             sock.close()
         raise
+    if not sockets:
+        raise OSError(f"no address to listen on for host {host!r}")
     return sockets
+
+
+def listener_error(name: str, host: str, port: int, exc: OSError) -> OSError:
+    """``exc``, met reserving the ``name`` listener, said as a single process says it
+    (tunneld/edge.py's ``_listening``): which listener, where, and which settings place it."""
+    host_setting, port_setting = _LISTENERS[name]
+    where = f"{host or '*'}:{port} ({host_setting}, {port_setting})"
+    error = OSError(f"cannot open the {name} listener on {where}: {exc}")
+    error.errno = exc.errno  # str() without a second "[Errno N]"
+    return error
 
 
 def describe_exit(returncode: int) -> str:
@@ -276,11 +316,17 @@ class Supervisor:
         """Hold the ports, open the notification socket, start the private store: everything
         before the first worker. A task: a stop signal meanwhile cancels it (``_stop``)."""
         config = self.config
-        for name in _LISTENERS:
-            host = getattr(config, f"{name}_host")
-            sockets = reserve_port(host, getattr(config, f"{name}_port"))
+        for name, (host_setting, port_setting) in _LISTENERS.items():
+            host, port = getattr(config, host_setting), getattr(config, port_setting)
+            if name == "HTTP-to-HTTPS redirect" and not port:
+                continue  # off (0 is no port to pick: it means no redirect listener)
+            try:
+                sockets = reserve_port(host, port)
+            except OSError as exc:
+                raise listener_error(name, host, port, exc) from None
             self._reserved += sockets
-            self.ports[name] = sockets[0].getsockname()[1]
+            if name in ("agent", "public", "admin"):  # the redirect port is explicit already
+                self.ports[name] = sockets[0].getsockname()[1]
         self._check_node_ports()
         self._notify, self._notify_name = systemd.open_notify_socket()
         if not is_redis_url(config.store):
