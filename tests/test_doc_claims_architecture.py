@@ -233,6 +233,24 @@ CITED: tuple[tuple[str, tuple[str, ...]], ...] = (
         ),
     ),
     (
+        'yields `(8000, "sb1", "upzsscvle0dn92cj")`',
+        ("tests/e2e/test_doc_claims_architecture_path.py::test_the_routing_example_of_step_3",),
+    ),
+    (
+        'a `DATA|SYN` frame with `{"port":8000,"via":"preview","client":…}`',
+        (
+            "tests/e2e/test_doc_claims_architecture_path.py::"
+            "test_the_head_follows_the_syn_before_the_agent_answers",
+        ),
+    ),
+    (
+        "right behind the SYN, without waiting for the agent",
+        (
+            "tests/e2e/test_doc_claims_architecture_path.py::"
+            "test_the_head_follows_the_syn_before_the_agent_answers",
+        ),
+    ),
+    (
         "internal and forwarding headers dropped, `X-Forwarded-For/-Host/-Proto` and"
         " `X-Sandbox-Name` appended",
         ("tests/e2e/test_preview.py::test_forwarded_headers_and_spoofing",),
