@@ -52,11 +52,12 @@ def _get(host: bytes, *, close: bool = False) -> bytes:
 
 
 async def test_a_keepalive_request_for_another_sandbox_is_421_after_the_first_response(
-    stack: Stack,
+    any_parser_stack: Stack,
 ) -> None:
     """On a connection routed to sb1, a request with sb2's valid preview Host (its own token,
     its agent connected) is answered 421 MISDIRECTED_REQUEST after sb1's response, and reaches
     neither service: sb2's service never sees a connection, sb1's serves only the first."""
+    stack = any_parser_stack
     one, host1, two, host2 = await _two_sandboxes(stack)
     assert stack.edge is not None
     answer = await raw_request(
@@ -75,29 +76,39 @@ async def test_a_keepalive_request_for_another_sandbox_is_421_after_the_first_re
     assert answer.startswith(b"HTTP/1.1 200 ") and two.requests == 1
 
 
-def _chunked(payload: bytes, size: int) -> bytes:
+def _chunked(payload: bytes, size: int, *, odd: bytes = b"") -> bytes:
+    """``payload`` in chunks of ``size``; with ``odd`` (a request head), the legal oddities a
+    framer must follow: upper-case zero-padded sizes, chunk extensions, and ``odd`` in an
+    extension and as a trailer field."""
     out = b""
     for i in range(0, len(payload), size):
         piece = payload[i : i + size]
-        out += b"%x\r\n" % len(piece) + piece + b"\r\n"
-    return out + b"0\r\n\r\n"
+        if odd:
+            out += b'000%X;ext=1;q="%s"\r\n' % (len(piece), odd.split(b"\r\n")[0]) + piece + b"\r\n"
+        else:
+            out += b"%x\r\n" % len(piece) + piece + b"\r\n"
+    lines = odd.split(b"\r\n")
+    trailer = b"X-Trailer: %s\r\n%s\r\n" % (lines[0], lines[1]) if odd else b""  # two fields
+    return out + b"0\r\n" + trailer + b"\r\n"
 
 
-@pytest.mark.parametrize("framing", ["content-length", "chunked"])
+@pytest.mark.parametrize("framing", ["content-length", "chunked", "chunked-odd"])
 async def test_a_body_that_holds_another_sandboxs_request_is_only_a_body(
-    stack: Stack, framing: str
+    any_parser_stack: Stack, framing: str
 ) -> None:
     """An upload to sb1 whose body is made of request heads for sb2 (and, chunked, of bytes
-    that look like the last chunk followed by such a head) arrives at sb1's service unchanged
-    (its length and SHA-256), the request after it is sb1's again, and sb2's service sees
-    nothing: the edge's framing ends the body exactly where sb1's service does."""
+    that look like the last chunk followed by such a head; with extensions, zero-padded
+    upper-case sizes and a trailer) arrives at sb1's service unchanged (its length and
+    SHA-256), the request after it is sb1's again, and sb2's service sees nothing: the edge's
+    framing (either parser) ends the body exactly where sb1's service does."""
+    stack = any_parser_stack
     one, host1, two, host2 = await _two_sandboxes(stack)
     assert stack.edge is not None
     smuggled = _get(host2) + b"POST /upload HTTP/1.1\r\nHost: " + host2 + b"\r\n"
     payload = (b"0\r\n\r\n" + smuggled + b"Content-Length: 4\r\n\r\nabcd") * 50
     head = b"POST /upload HTTP/1.1\r\nHost: " + host1 + b"\r\n"
-    if framing == "chunked":
-        body = _chunked(payload, 1000)
+    if framing.startswith("chunked"):
+        body = _chunked(payload, 1000, odd=smuggled if framing == "chunked-odd" else b"")
         head += b"Transfer-Encoding: chunked\r\n\r\n"
     else:
         body = payload
