@@ -1050,8 +1050,10 @@ class EdgeServer:
         options = validate_exposure_options(
             message.protocol, message.proxy_protocol, message.inspect
         )
+        before = self._exposure(sandbox_id, port)
         record = await self.tcp.commit_expose(sandbox_id, port, name, token, options)
         log.info("sandbox %s: port %d exposed by the agent%s", sandbox_id, port, _describe(options))
+        self._cut_old_token(sandbox_id, before, record)
         return [self.exposure_message(sandbox_id, record)]
 
     async def unexpose_from_agent(
@@ -1097,8 +1099,10 @@ class EdgeServer:
             exposure = await expose_elsewhere(self, sandbox_id, port, name, token, options)
             if exposure is not None:
                 return exposure
+        before = self._exposure(sandbox_id, port)
         record = await self.tcp.commit_expose(sandbox_id, port, name, token, options)
         log.info("sandbox %s: port %d exposed%s", sandbox_id, port, _describe(options))
+        self._cut_old_token(sandbox_id, before, record)
         try:
             await self._tell_agent(
                 sandbox_id, lambda rid: control.Expose(rid, record.port, record.name, record.token)
@@ -1111,6 +1115,29 @@ class EdgeServer:
                 f"{exc.message} Port {port} is not exposed.",
             ) from None
         return self.exposure_message(sandbox_id, record)
+
+    def _exposure(self, sandbox_id: str, port: int) -> ExposureRecord | None:
+        state = self.registry.get(sandbox_id)
+        return state.exposures.get(port) if state is not None else None
+
+    def _cut_old_token(
+        self, sandbox_id: str, before: ExposureRecord | None, after: ExposureRecord | None
+    ) -> None:
+        """A port's token changed: its old URL answers 404 from now on, and the live preview
+        connections opened with it are reset as by an unexpose, or they would keep reaching the
+        service with the old token (docs/architecture.md, step 8)."""
+        if before is None or after is None or before.token == after.token or not self.config.tokens:
+            return
+        state = self.registry.get(sandbox_id)
+        if state is not None and state.session is not None:
+            count = state.session.reset_port(after.port)
+            if count:
+                log.info(
+                    "sandbox %s: port %d has a new token; %d live connections of the old URL reset",
+                    sandbox_id,
+                    after.port,
+                    count,
+                )
 
     async def _undo_refused_expose(self, sandbox_id: str, port: int, refusal: AgentRefused) -> None:
         """The agent answered an expose with an error: it will not serve the port (its own
@@ -1173,9 +1200,11 @@ class EdgeServer:
 
         registry = self.registry
         if isinstance(change, ExposurePut):
+            before = self._exposure(change.record.sandbox_id, change.record.port)
             record = await registry.apply_remote_put(change.record)
             if record is not None:
                 self._remote_exposed(change.record.sandbox_id, record)
+                self._cut_old_token(change.record.sandbox_id, before, record)
         elif isinstance(change, ExposureDeleted):
             if await registry.apply_remote_delete(change.sandbox_id, change.port):
                 self._remote_unexposed(change.sandbox_id, change.port)

@@ -1,0 +1,105 @@
+"""A port's new token closes its old URL for the connections already open too.
+
+docs/admin-api.md: passing a different token to an exposed port changes its URL, and "the old one
+then answers 404 INVALID_TOKEN"; docs/architecture.md, step 8, says the same of the live
+connections. Before, only new connections were refused: a keep-alive connection opened with the
+old token kept reaching the service with it, request after request, so rotating a leaked URL's
+token did not shut out whoever held a connection. Now a token change resets the port's live
+preview streams as an unexpose does (``UNEXPOSED``): a request still waiting for its answer gets
+the 404 ``INVALID_TOKEN`` page a new request to the old URL gets, an idle keep-alive connection
+is cut, and nothing more reaches the service through them. Both ways a token changes are
+checked: the admin API's expose and the agent's own (its local API). A re-expose with the same
+token (an orchestrator's retry) cuts nothing. Real sockets on 127.0.0.1, an in-process edge and
+agent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import orjson
+import pytest
+
+from .conftest import Stack, raw_request, wait_until
+
+pytestmark = pytest.mark.anyio
+
+
+async def _read_to_end(reader: asyncio.StreamReader) -> bytes:
+    """What the edge sends until it closes the connection (EOF or reset), at most 10 s."""
+    out = b""
+    try:
+        async with asyncio.timeout(10):
+            while chunk := await reader.read(65536):
+                out += chunk
+    except ConnectionResetError:
+        pass
+    return out
+
+
+@pytest.mark.parametrize("by", ["admin", "agent"])
+async def test_a_new_token_cuts_the_connections_opened_with_the_old_one(
+    stack: Stack, holding_service: int, by: str
+) -> None:
+    assert stack.edge is not None
+    origin = await stack.origin()
+    agent = await stack.agent("sb1")
+    old = stack.host_of((await stack.expose("sb1", origin.port))["exposedAt"]).encode()
+    held = stack.host_of((await stack.expose("sb1", holding_service))["exposedAt"]).encode()
+
+    # an idle keep-alive connection after one answer, and a request its service holds
+    idle_r, idle_w = await asyncio.open_connection("127.0.0.1", stack.edge.public_port)
+    waiting_r, waiting_w = await asyncio.open_connection("127.0.0.1", stack.edge.public_port)
+    try:
+        idle_w.write(b"GET / HTTP/1.1\r\nHost: " + old + b"\r\n\r\n")
+        await asyncio.wait_for(idle_r.readuntil(b"hello from origin"), 10)
+        waiting_w.write(b"GET / HTTP/1.1\r\nHost: " + held + b"\r\n\r\n")
+        await waiting_w.drain()
+        edge = stack.edge
+
+        def both_open() -> bool:
+            state = edge.registry.get("sb1")
+            return (
+                state is not None and state.session is not None and len(state.session.streams) == 2
+            )
+
+        await wait_until(both_open, 10, "both connections' streams")
+
+        if by == "admin":
+            await stack.expose("sb1", origin.port, token="fresh")
+            await stack.expose("sb1", holding_service, token="fresh2")
+        else:
+            await agent.expose(origin.port, token="fresh")
+            await agent.expose(holding_service, token="fresh2")
+
+        answer = await _read_to_end(waiting_r)
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 404 "), answer
+        assert orjson.loads(body)["code"] == "INVALID_TOKEN"
+        assert await _read_to_end(idle_r) == b""  # cut (before: kept open, and served)
+    finally:
+        idle_w.close()
+        waiting_w.close()
+    assert origin.requests == 1
+    new = old.replace(old.split(b"-")[2].split(b".")[0], b"fresh")
+    request = b"GET / HTTP/1.1\r\nHost: %s\r\nConnection: close\r\n\r\n"
+    assert (await raw_request(edge.public_port, request % new)).endswith(b"hello from origin")
+    assert (await raw_request(edge.public_port, request % old)).startswith(b"HTTP/1.1 404 ")
+
+
+async def test_a_re_expose_with_the_same_token_cuts_nothing(stack: Stack) -> None:
+    assert stack.edge is not None
+    origin = await stack.origin()
+    await stack.agent("sb1")
+    host = stack.host_of((await stack.expose("sb1", origin.port, token="same"))["exposedAt"])
+    reader, writer = await asyncio.open_connection("127.0.0.1", stack.edge.public_port)
+    try:
+        writer.write(f"GET / HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+        await asyncio.wait_for(reader.readuntil(b"hello from origin"), 10)
+        await stack.expose("sb1", origin.port, token="same")
+        await stack.expose("sb1", origin.port)  # no token: keeps the port's own
+        writer.write(f"GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
+        assert (await _read_to_end(reader)).endswith(b"hello from origin")
+    finally:
+        writer.close()
+    assert (origin.requests, origin.connections) == (2, 1)
