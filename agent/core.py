@@ -70,6 +70,7 @@ from protocol.hostnames import (
 )
 from protocol.session import Role, Session, SessionConfig
 from relay.budget import RateLimitedLog
+from relay.fdlimit import nofile_target, raise_nofile
 from relay.mux import MuxProtocol, StalledCloseWatch, StreamEndpoint, abort_with_reset
 from relay.requests import ControlRequestError
 from relay.wslink import WebSocketLink
@@ -113,17 +114,16 @@ def default_max_connections(soft_limit: int | None = None) -> int:
     return max(1, min(MAX_CONNECTIONS_CAP, max(soft_limit - FD_RESERVE, soft_limit // 4)))
 
 
+def _wanted_fd_limit(max_connections: int | None) -> int:
+    if max_connections is None:
+        return FD_LIMIT_CEILING
+    return max(FD_LIMIT_CEILING, max_connections + FD_RESERVE)
+
+
 def fd_limit_target(soft: int, hard: int, max_connections: int | None = None) -> int | None:
     """The soft RLIMIT_NOFILE ``raise_fd_limit`` sets for limits ``(soft, hard)``, None to keep
     ``soft``: ``min(hard, max(FD_LIMIT_CEILING, max_connections + FD_RESERVE))``, if above it."""
-    target = FD_LIMIT_CEILING
-    if max_connections is not None:
-        target = max(target, max_connections + FD_RESERVE)
-    if hard != resource.RLIM_INFINITY:
-        target = min(target, hard)
-    if soft == resource.RLIM_INFINITY or soft >= target:
-        return None
-    return target
+    return nofile_target(soft, hard, _wanted_fd_limit(max_connections))
 
 
 def raise_fd_limit(max_connections: int | None = None) -> tuple[int, int, str | None]:
@@ -131,19 +131,8 @@ def raise_fd_limit(max_connections: int | None = None) -> tuple[int, int, str | 
     (cloudflared, frp: Go's runtime since 1.19): to ``min(hard, FD_LIMIT_CEILING)``, or to
     ``max_connections + FD_RESERVE`` when an explicit ``--max-connections`` needs more. Never
     lowers it. Returns ``(before, after, error)``: the soft limit before and after, and why it
-    could not be raised (None when it was, or needed not be); it never raises."""
-    try:
-        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    except (OSError, ValueError) as exc:  # pragma: no cover - getrlimit does not fail on Linux
-        return (-1, -1, str(exc))
-    target = fd_limit_target(soft, hard, max_connections)
-    if target is None:
-        return (soft, soft, None)
-    try:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-    except (OSError, ValueError) as exc:  # e.g. a seccomp filter or a container that forbids it
-        return (soft, soft, str(exc))
-    return (soft, target, None)
+    could not be raised (None when it was, or needed not be); it never raises (relay/fdlimit.py)."""
+    return raise_nofile(_wanted_fd_limit(max_connections))
 
 
 # The shortest keepalive interval the agent adopts from an edge's welcome: well within the PING

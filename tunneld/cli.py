@@ -413,6 +413,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 overrides, ports_file = prepare_worker(), None
             config = load_config(config_path, overrides)
             _setup_logging(config.log_level, args.worker_index, config.log_format)
+            if args.worker_index is None:  # a worker has the supervisor's, raised already
+                _raise_fd_limit(config)
             if config.workers > 1:
                 from .supervisor import supervise
 
@@ -444,6 +446,39 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_INTERRUPTED
     parser.error(f"unknown command {args.command}")
     return 2  # pragma: no cover
+
+
+# `tunneld serve` raises its soft RLIMIT_NOFILE to the hard limit, at most this: the LimitNOFILE of
+# deploy/tunneld.service (and the kernel's default nr_open), so that started by hand or in a
+# container it has the descriptors it would have under the unit (relay/fdlimit.py).
+NOFILE_CEILING = 1 << 20
+# Descriptors past max_connections for agents, the admin API, the store and the runtime.
+NOFILE_RESERVE = 1024
+
+
+def _raise_fd_limit(config: Config) -> None:
+    """Raise the soft RLIMIT_NOFILE (one line; never fatal) and warn when the limit is below what
+    ``max_connections`` needs."""
+    import resource
+
+    from relay.fdlimit import raise_nofile
+
+    before, after, error = raise_nofile(NOFILE_CEILING)
+    if error is not None:
+        log.info("file descriptor limit %d kept: cannot raise it (%s)", before, error)
+    elif after != before:
+        log.info("file descriptor limit raised from %d to %d", before, after)
+    needed = config.max_connections + NOFILE_RESERVE
+    if after != resource.RLIM_INFINITY and after < needed:
+        log.warning(
+            "file descriptor limit %d is below max_connections (%d) plus %d for agents and the "
+            "admin API: out of descriptors, new public connections wait (asyncio loop) or are "
+            "closed unanswered (uvloop), and so do admin requests and new agents (raise "
+            "LimitNOFILE or ulimit -n, or lower max_connections)",
+            after,
+            config.max_connections,
+            NOFILE_RESERVE,
+        )
 
 
 def _token(args: argparse.Namespace) -> int:

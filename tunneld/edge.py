@@ -67,7 +67,7 @@ from .config import Config
 from .h2public import PublicTlsConnection
 from .httphead import default_parser
 from .inspect import Inspector
-from .listen import Acceptor, bind
+from .listen import Acceptor, bind, guard_accept
 from .metrics import Metrics
 from .public import PublicConnection, PublicLimits
 from .registry import ExposureRecord, Registry, RegistryError
@@ -717,6 +717,7 @@ class EdgeServer:
         config = self.config
         loop = self.loop
         parser = self.parser
+        guard_accept(loop)  # asyncio's listeners out of descriptors: no traceback storm
         await self._load_exposures()
         await self._start_feed()
 
