@@ -1210,11 +1210,15 @@ class EdgeServer:
             if await registry.apply_remote_delete(change.sandbox_id, change.port):
                 self._remote_unexposed(change.sandbox_id, change.port)
         elif isinstance(change, Resync):
+            previous = {
+                (r.sandbox_id, r.port): self._exposure(r.sandbox_id, r.port) for r in change.records
+            }
             installed, removed = registry.resync(change.records)
             for sandbox_id, port in removed:
                 self._remote_unexposed(sandbox_id, port)
             for sandbox_id, record in installed:
                 self._remote_exposed(sandbox_id, record)
+                self._cut_old_token(sandbox_id, previous.get((sandbox_id, record.port)), record)
             if installed or removed:
                 log.info(
                     "store resync: %d exposures installed or changed, %d removed",

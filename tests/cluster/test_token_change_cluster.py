@@ -1,14 +1,17 @@
 """A port's token changed through another node (the change arrives in the owner's feed as an
 ``ExposurePut``): the owner resets the live preview connections opened with the old token, as
 it does for a change made through its own admin API or agent
-(tests/e2e/test_token_change_cuts_live_connections.py). Two in-process edges on one real Redis;
-the change is written through node A's registry, so it reaches B only by the feed."""
+(tests/e2e/test_token_change_cuts_live_connections.py); one it missed while cut off from Redis
+arrives in the Resync, with the same effect. Two in-process edges on one real Redis; the change
+is written through node A's registry, so it reaches B only by the feed."""
 
 from __future__ import annotations
 
 import asyncio
 
 import pytest
+
+from tests.faults.faultproxy import FaultProxy
 
 from .nodes import Cluster, wait_for
 
@@ -31,14 +34,52 @@ async def test_a_token_changed_through_another_node_cuts_the_owners_live_connect
         await asyncio.wait_for(reader.readuntil(b"hello from origin"), 10)
         await a.edge.registry.commit_expose("sb1", origin.port, token="fresh")
         await wait_for(lambda: b.edge.registry.match("sb1", origin.port, "fresh"), what="B's view")
-        rest = b""
-        try:
-            async with asyncio.timeout(10):  # before: the connection stayed open
-                while chunk := await reader.read(65536):
-                    rest += chunk
-        except ConnectionResetError:
-            pass
-        assert rest == b""
+        assert await _rest(reader) == b""  # before: the connection stayed open
     finally:
         writer.close()
     assert origin.requests == 1
+
+
+async def test_a_token_change_missed_while_cut_off_cuts_them_at_the_resync(
+    tcp_cluster: Cluster,
+) -> None:
+    """The owner was cut off from Redis while the token changed: the Resync that brings its view
+    up to date resets the old token's live connections too."""
+    cluster = tcp_cluster
+    async with FaultProxy("127.0.0.1", cluster.redis.port) as proxy:
+        a = await cluster.node("node-a")
+        b = await cluster.node("node-b", f"redis://127.0.0.1:{proxy.port}/0")  # B via the proxy
+        origin = await cluster.origin()
+        await cluster.agent(b, "sb1")
+        r = await b.admin.post("/v1/sandboxes/sb1/ports", json={"port": origin.port})
+        assert r.status_code == 200, r.text
+        host = r.json()["exposedAt"].split("//", 1)[1].split("/", 1)[0].encode()
+        reader, writer = await asyncio.open_connection("127.0.0.1", b.edge.public_port)
+        try:
+            writer.write(b"GET / HTTP/1.1\r\nHost: " + host + b"\r\n\r\n")
+            await asyncio.wait_for(reader.readuntil(b"hello from origin"), 10)
+            proxy.refuse()
+            proxy.drop()  # B misses what A does now
+            await wait_for(lambda: not b.store.feed_connected, what="B to notice")
+            await a.edge.registry.commit_expose("sb1", origin.port, token="fresh")
+            proxy.accept()
+            await wait_for(
+                lambda: b.edge.registry.match("sb1", origin.port, "fresh"), what="the resync"
+            )
+            assert await _rest(reader) == b""
+        finally:
+            writer.close()
+        assert origin.requests == 1
+        await cluster.close()  # before the proxy goes: B's store closes without a new outage
+
+
+async def _rest(reader: asyncio.StreamReader) -> bytes:
+    """What the edge still sends until it closes the connection (EOF or reset), at most 10 s."""
+    rest = b""
+    try:
+        async with asyncio.timeout(10):
+            while chunk := await reader.read(65536):
+                rest += chunk
+    except ConnectionResetError:
+        pass
+    return rest
