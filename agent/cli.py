@@ -930,6 +930,9 @@ async def _run(args: argparse.Namespace) -> int:
     agent = Agent(config)  # its default cap follows the raised limit
     _log_connection_limit(agent, log)
     loop = asyncio.get_running_loop()
+    from relay.accept import guard_accept
+
+    guard_accept(loop)  # the local API out of descriptors (asyncio): no traceback storm
     try:
         from .local_api import HostCheck
 

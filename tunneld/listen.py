@@ -13,16 +13,13 @@ servers do, so that switching a listener to TLS changes nothing else about it:
   fails for want of resources (``EMFILE``, ``ENFILE``, ``ENOBUFS``, ``ENOMEM``) it stops
   accepting on that socket for ``ACCEPT_RETRY_DELAY`` and says so once, rather than spinning
   on a listener that stays readable (asyncio does the same, with the same one-second delay).
-- :func:`guard_accept` gives asyncio's own servers (``loop.create_server``: the plain public,
-  agent and admin listeners) the same behaviour. Its ``_accept_connection`` does rest the
-  listener on EMFILE, but does not stop: it goes on through the whole backlog (4096 for the
-  public port), logging a traceback and scheduling one more retry per failed ``accept``. Under a
-  descriptor limit of 128 and 300 waiting clients, ``tunneld serve`` on the asyncio loop logged
-  about 70,000 tracebacks in 5 s and spent half its CPU doing it. uvloop needs nothing: libuv
-  accepts and closes the connections it has no descriptor for (its "EMFILE trick"), unlogged.
+- :func:`guard_accept` (relay/accept.py) gives asyncio's own servers (``loop.create_server``:
+  the plain public, agent and admin listeners) the same behaviour: asyncio's accept loop logged
+  a traceback per connection waiting in the backlog instead. uvloop needs nothing: libuv
+  accepts and closes the connections it has no descriptor for, unlogged.
 
-Every "accept failed" warning, both kinds of listener, goes through one ``RateLimitedLog`` per
-loop: a burst, then one a second.
+Every "accept failed" warning, both kinds of listener, goes through one rate-limited log per
+loop (``relay.accept.log_accept_failure``): a burst, then one a second.
 """
 
 from __future__ import annotations
@@ -30,14 +27,11 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
-import resource
 import socket
-import types
-import weakref
 from collections.abc import Callable
 from typing import Any, Final
 
-from relay.budget import RateLimitedLog
+from relay.accept import guard_accept, log_accept_failure
 
 __all__ = ["ACCEPT_RETRY_DELAY", "Acceptor", "bind", "guard_accept"]
 
@@ -51,77 +45,6 @@ _ACCEPT_BATCH: Final = 64
 ACCEPT_RETRY_DELAY: Final = 1.0
 # A connection the peer gave up on before it was accepted: skip it, accept the next one.
 _GONE: Final = frozenset({errno.ECONNABORTED, errno.EPROTO})
-# accept() failed for want of resources: the listener stays readable, so it rests.
-_RESOURCES: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
-
-# One rate-limited log of failed accepts per loop (every listener's together).
-_accept_logs: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, RateLimitedLog] = (
-    weakref.WeakKeyDictionary()
-)
-
-
-def _log_accept_failure(loop: asyncio.AbstractEventLoop, name: str, exc: OSError) -> None:
-    accept_log = _accept_logs.get(loop)
-    if accept_log is None:
-        accept_log = _accept_logs[loop] = RateLimitedLog(
-            log, "warnings about failed accepts", loop.time()
-        )
-    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-    limit = "unlimited" if soft == resource.RLIM_INFINITY else str(soft)
-    accept_log.log(
-        loop.time(),
-        "%s: accept failed: %s; not accepting for %.0f s (file descriptor limit %s)",
-        name,
-        exc.strerror or exc,
-        ACCEPT_RETRY_DELAY,
-        limit,
-    )
-
-
-def guard_accept(loop: asyncio.AbstractEventLoop) -> None:
-    """Make ``loop``'s own servers rest a listener after the first ``accept`` that fails for want
-    of resources, with a rate-limited warning (not a traceback per attempt of the backlog). Only
-    asyncio's selector loops need it (and have the methods it relies on); others are left as
-    they are."""
-    accept2: Any = getattr(loop, "_accept_connection2", None)
-    start_serving: Any = getattr(loop, "_start_serving", None)
-    selector_loop = isinstance(loop, asyncio.selector_events.BaseSelectorEventLoop)
-    if not selector_loop or accept2 is None or start_serving is None:
-        return
-
-    def accept_connection(
-        self: asyncio.selector_events.BaseSelectorEventLoop,
-        protocol_factory: Callable[[], asyncio.BaseProtocol],
-        sock: socket.socket,
-        *args: Any,
-    ) -> None:
-        # args: sslcontext, server, backlog, ssl_handshake_timeout, ssl_shutdown_timeout
-        sslcontext, server, backlog = args[0], args[1], args[2]
-        for _ in range(backlog):
-            try:
-                conn, address = sock.accept()
-                conn.setblocking(False)
-            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
-                return
-            except OSError as exc:
-                if exc.errno not in _RESOURCES:
-                    raise  # the loop logs it, as asyncio's own does
-                try:
-                    host, port = sock.getsockname()[:2]
-                    name = f"listener {host}:{port}"
-                except OSError:  # pragma: no cover - a socket being closed
-                    name = "listener"
-                _log_accept_failure(self, name, exc)
-                self._remove_reader(sock.fileno())  # type: ignore[attr-defined]
-                self.call_later(ACCEPT_RETRY_DELAY, start_serving, protocol_factory, sock, *args)
-                return
-            self.create_task(
-                accept2(
-                    protocol_factory, conn, {"peername": address}, sslcontext, server, *args[3:]
-                )
-            )
-
-    loop._accept_connection = types.MethodType(accept_connection, loop)  # type: ignore[attr-defined]
 
 
 async def bind(
@@ -209,7 +132,7 @@ class Acceptor:
                     continue
                 # EMFILE and friends: the listener stays readable, so trying again at once
                 # would spin (and log) until a descriptor is free
-                _log_accept_failure(self.loop, self.name, exc)
+                log_accept_failure(self.loop, self.name, exc, ACCEPT_RETRY_DELAY)
                 fd = listener.fileno()
                 self.loop.remove_reader(fd)
                 self._resting[fd] = self.loop.call_later(ACCEPT_RETRY_DELAY, self._resume, listener)

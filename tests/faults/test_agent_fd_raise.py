@@ -21,6 +21,7 @@ import asyncio
 import logging
 import os
 import resource
+import socket
 import subprocess
 import sys
 import time
@@ -57,7 +58,7 @@ def _limits(soft: int, hard: int) -> Callable[[], None]:
 
 
 def _start(
-    tmp_path: Path, edge_port: int, soft: int, hard: int, *extra: str
+    tmp_path: Path, edge_port: int, soft: int, hard: int, *extra: str, loop: str = "uvloop"
 ) -> tuple[subprocess.Popen[bytes], Path, Path]:
     ports_file = tmp_path / "agent.json"
     log_file = tmp_path / "agent.log"
@@ -65,6 +66,7 @@ def _start(
     env.update(
         TUNNEL_AGENT_TOKEN="t",
         TUNNEL_AGENT_PORTS_FILE=str(ports_file),
+        TUNNEL_LOOP=loop,
         PYTHONUNBUFFERED="1",
     )
     argv = [sys.executable, "-m", "agent", "run", "--server", f"127.0.0.1:{edge_port}"]
@@ -216,3 +218,56 @@ def test_a_limit_that_cannot_be_raised_is_one_info_line_not_a_failure(
             "(not allowed to raise the current limit)",
         )
     ], lines
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_the_local_api_out_of_descriptors_logs_a_little_and_answers_later(
+    tmp_path: Path,
+) -> None:
+    """An explicit ``--max-connections`` past the descriptor limit (allowed, with a warning):
+    the streams take every descriptor, so the local API cannot accept. On the asyncio loop that
+    logged a traceback per connection in the listener's backlog, then again every second; now
+    one rate-limited warning (relay/accept.py), and the request waiting in the backlog is
+    answered once the streams end."""
+    holder = Holder()
+    port = await holder.start()
+    edge = HostileEdge([port])
+    server = await asyncio.get_running_loop().create_server(lambda: edge, "127.0.0.1", 0)
+    edge_port = server.sockets[0].getsockname()[1]
+    proc, ports_file, log_file = _start(
+        tmp_path, edge_port, 256, 256, "--max-connections", "400", loop="asyncio"
+    )
+    api: socket.socket | None = None
+    try:
+        api_port = (await asyncio.to_thread(_wait_for_file, ports_file, proc))["api"]
+        await _hello(edge)
+        sids = [edge.open(port, flush=False) for _ in range(400)]  # past the 256 descriptors
+        edge.flush()
+        await _outcomes(edge, sids)
+        api = socket.create_connection(("127.0.0.1", api_port), timeout=15)
+        api.sendall(f"GET /v1/status HTTP/1.1\r\nhost: 127.0.0.1:{api_port}\r\n\r\n".encode())
+
+        def failures() -> int:
+            output = log_file.read_text(errors="replace")
+            return output.count("accept failed") + output.count("out of system resource")
+
+        deadline = time.monotonic() + 15
+        while failures() < 2:  # a rest, and a retry that failed as well
+            assert time.monotonic() < deadline, "no failed accept logged"
+            assert proc.poll() is None
+            await asyncio.sleep(0.05)
+        _reset_all(edge, sids)
+        answer = await asyncio.to_thread(api.recv, 65536)
+        assert answer.startswith(b"HTTP/1.1 200 "), answer[:200]
+        assert await _stop(proc) == 0
+    finally:
+        if api is not None:
+            api.close()
+        await _stop(proc)
+        holder.close()
+        server.close()
+        if edge.transport is not None:
+            edge.transport.close()
+    output = log_file.read_text(errors="replace")
+    assert "Traceback" not in output, output[-3000:]
+    assert "accept failed: Too many open files; not accepting for 1 s" in output

@@ -1,0 +1,108 @@
+"""asyncio's own servers out of descriptors: rest the listener, one rate-limited warning.
+
+asyncio's selector loop (``BaseSelectorEventLoop._accept_connection``, 3.11 to 3.13) does rest a
+listener for a second when ``accept`` fails with EMFILE (ENFILE, ENOBUFS, ENOMEM), but does not
+stop there: it goes on through the whole backlog (4096 for tunneld's public port, 100 by
+default), logging a traceback and scheduling one more retry per failed ``accept``. Under a
+descriptor limit of 128 and 300 waiting clients, ``tunneld serve`` on the asyncio loop logged
+about 70,000 tracebacks in 5 s and spent half its CPU doing it. :func:`guard_accept` replaces,
+for one loop, that method with one that stops at the first such failure, rests the listener
+for ``ACCEPT_RETRY_DELAY`` and says so through :func:`log_accept_failure`: one rate-limited log
+per loop (a burst, then one a second), shared with tunneld/listen.py's ``Acceptor``. uvloop
+needs nothing: libuv accepts and closes the connections it has no descriptor for, unlogged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import resource
+import socket
+import types
+import weakref
+from collections.abc import Callable
+from typing import Any, Final
+
+from relay.budget import RateLimitedLog
+
+__all__ = ["ACCEPT_RETRY_DELAY", "guard_accept", "log_accept_failure"]
+
+log = logging.getLogger(__name__)
+
+# asyncio's constants.ACCEPT_RETRY_DELAY
+ACCEPT_RETRY_DELAY: Final = 1.0
+# accept() failed for want of resources: the listener stays readable, so it rests.
+_RESOURCES: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+
+# One rate-limited log of failed accepts per loop (every listener's together).
+_accept_logs: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, RateLimitedLog] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def log_accept_failure(
+    loop: asyncio.AbstractEventLoop, name: str, exc: OSError, delay: float = ACCEPT_RETRY_DELAY
+) -> None:
+    """Warn (rate-limited, per loop) that ``name`` rests ``delay`` s after ``exc``."""
+    accept_log = _accept_logs.get(loop)
+    if accept_log is None:
+        accept_log = _accept_logs[loop] = RateLimitedLog(
+            log, "warnings about failed accepts", loop.time()
+        )
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    limit = "unlimited" if soft == resource.RLIM_INFINITY else str(soft)
+    accept_log.log(
+        loop.time(),
+        "%s: accept failed: %s; not accepting for %.0f s (file descriptor limit %s)",
+        name,
+        exc.strerror or exc,
+        delay,
+        limit,
+    )
+
+
+def guard_accept(loop: asyncio.AbstractEventLoop) -> None:
+    """Make ``loop``'s own servers rest a listener after the first ``accept`` that fails for want
+    of resources, with a rate-limited warning (not a traceback per attempt of the backlog). Only
+    asyncio's selector loops need it (and have the methods it relies on); others are left as
+    they are."""
+    accept2: Any = getattr(loop, "_accept_connection2", None)
+    start_serving: Any = getattr(loop, "_start_serving", None)
+    selector_loop = isinstance(loop, asyncio.selector_events.BaseSelectorEventLoop)
+    if not selector_loop or accept2 is None or start_serving is None:
+        return
+
+    def accept_connection(
+        self: asyncio.selector_events.BaseSelectorEventLoop,
+        protocol_factory: Callable[[], asyncio.BaseProtocol],
+        sock: socket.socket,
+        *args: Any,
+    ) -> None:
+        # args: sslcontext, server, backlog, ssl_handshake_timeout, ssl_shutdown_timeout
+        sslcontext, server, backlog = args[0], args[1], args[2]
+        for _ in range(backlog):
+            try:
+                conn, address = sock.accept()
+                conn.setblocking(False)
+            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+                return
+            except OSError as exc:
+                if exc.errno not in _RESOURCES:
+                    raise  # the loop logs it, as asyncio's own does
+                try:
+                    host, port = sock.getsockname()[:2]
+                    name = f"listener {host}:{port}"
+                except OSError:  # pragma: no cover - a socket being closed
+                    name = "listener"
+                log_accept_failure(self, name, exc)
+                self._remove_reader(sock.fileno())  # type: ignore[attr-defined]
+                self.call_later(ACCEPT_RETRY_DELAY, start_serving, protocol_factory, sock, *args)
+                return
+            self.create_task(
+                accept2(
+                    protocol_factory, conn, {"peername": address}, sslcontext, server, *args[3:]
+                )
+            )
+
+    loop._accept_connection = types.MethodType(accept_connection, loop)  # type: ignore[attr-defined]
