@@ -119,14 +119,20 @@ class RawConnection(StreamEndpoint):
         "peer_ip",
         "port",
         "sandbox_id",
+        "token",
     )
 
-    def __init__(self, manager: TcpExposures, sandbox_id: str, port: int, kind: str) -> None:
+    def __init__(
+        self, manager: TcpExposures, sandbox_id: str, port: int, kind: str, token: str | None = None
+    ) -> None:
         super().__init__(None, 0)  # type: ignore[arg-type]  # bound to a session on connect
         self.manager = manager
         self.sandbox_id = sandbox_id
         self.port = port
         self.kind = kind  # "tcp" or "tls"
+        # a "tls" connection: the token of the server name it was routed by (None: tokens off);
+        # when the exposure's token changes, the connection is cut (TcpExposures.sync)
+        self.token = token
         self.peer = "unknown"
         self.peer_ip = "unknown"
         self._counted_ip: str | None = None
@@ -527,7 +533,11 @@ class TcpExposures:
             if conn.sandbox_id != sandbox_id:
                 continue
             record = exposures.get(conn.port)
-            if record is None or record.options.protocol != conn.kind:
+            if (
+                record is None
+                or record.options.protocol != conn.kind
+                or (conn.token is not None and conn.token != record.token)
+            ):
                 conn.cut(ResetCode.UNEXPOSED)
 
     def sync_later(self, sandbox_ids: Iterable[str]) -> None:
@@ -581,9 +591,11 @@ class TcpExposures:
         log.info("sandbox %s: port %d on public TCP port %d", sandbox_id, port, public_port)
         return True
 
-    def _connection(self, sandbox_id: str, port: int, kind: str) -> RawConnection:
+    def _connection(
+        self, sandbox_id: str, port: int, kind: str, token: str | None = None
+    ) -> RawConnection:
         self.server.metrics.public_connections.inc()
-        return RawConnection(self, sandbox_id, port, kind)
+        return RawConnection(self, sandbox_id, port, kind, token)
 
     # -- TLS passthrough -------------------------------------------------------------------------
     def tls_route(self, server_name: str | None) -> tuple[str, int] | None:
@@ -726,8 +738,11 @@ class SniListener:
             )
         else:
             sandbox_id, port = route
+            state = manager.server.registry.get(sandbox_id)
+            record = state.exposures.get(port) if state is not None else None
+            token = record.token if record is not None and manager.server.config.tokens else None
             coro = self.loop.connect_accepted_socket(
-                lambda: manager._connection(sandbox_id, port, "tls"), sock
+                lambda: manager._connection(sandbox_id, port, "tls", token), sock
             )
         task = self.loop.create_task(coro)
         self._handoffs.add(task)

@@ -9,18 +9,24 @@ preview streams as an unexpose does (``UNEXPOSED``): a request still waiting for
 the 404 ``INVALID_TOKEN`` page a new request to the old URL gets, an idle keep-alive connection
 is cut, and nothing more reaches the service through them. Both ways a token changes are
 checked: the admin API's expose and the agent's own (its local API). A re-expose with the same
-token (an orchestrator's retry) cuts nothing. Real sockets on 127.0.0.1, an in-process edge and
-agent.
+token (an orchestrator's retry) cuts nothing. A ``tls`` exposure's passthrough connections,
+routed by a server name that holds the token, are cut the same way. Real sockets on 127.0.0.1,
+an in-process edge and agent.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import ssl
 
 import orjson
 import pytest
 
 from .conftest import Stack, raw_request, wait_until
+from .test_public_tcp import DOMAIN, TOKEN, Passthrough, TlsEcho, passthrough
+
+__all__ = ["passthrough"]  # the fixture
 
 pytestmark = pytest.mark.anyio
 
@@ -103,3 +109,56 @@ async def test_a_re_expose_with_the_same_token_cuts_nothing(stack: Stack) -> Non
     finally:
         writer.close()
     assert (origin.requests, origin.connections) == (2, 1)
+
+
+async def test_a_new_token_cuts_tls_passthrough_connections_of_the_old_name(
+    passthrough: Passthrough,
+) -> None:
+    """A ``tls`` exposure is routed by the server name, which holds the token: a connection
+    opened with the old name is cut when the token changes (before: its TLS session to the
+    sandbox went on), one opened with the new name works, the old name no longer routes."""
+    stack = passthrough.stack
+    assert stack.edge is not None
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    service = await TlsEcho(server_context).start()
+    try:
+        old, new = (f"{service.port}-sb1-{token}.{DOMAIN}" for token in (TOKEN, "tls1token"))
+        passthrough.sandbox_ca.issue_cert(old, new).configure_cert(server_context)
+        await stack.agent("sb1")
+        await stack.expose("sb1", service.port, protocol="tls", token=TOKEN)
+        context = passthrough.client(passthrough.sandbox_ca)
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1", stack.edge.public_port, ssl=context, server_hostname=old
+        )
+        try:
+            writer.write(b"one\n")
+            assert await asyncio.wait_for(reader.readline(), 10) == (
+                hashlib.sha256(b"one\n").hexdigest().encode() + b"\n"
+            )
+            await stack.expose("sb1", service.port, protocol="tls", token="tls1token")
+            rest = b""
+            try:
+                async with asyncio.timeout(10):  # before: the session went on
+                    while chunk := await reader.read(65536):
+                        rest += chunk
+            except (ConnectionResetError, ssl.SSLError):
+                pass
+            assert rest == b""
+        finally:
+            writer.close()
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1", stack.edge.public_port, ssl=context, server_hostname=new
+        )
+        try:
+            writer.write(b"two\n")
+            assert await asyncio.wait_for(reader.readline(), 10) == (
+                hashlib.sha256(b"two\n").hexdigest().encode() + b"\n"
+            )
+        finally:
+            writer.close()
+        with pytest.raises(ssl.SSLCertVerificationError):  # the old name: the edge's own TLS
+            await asyncio.open_connection(
+                "127.0.0.1", stack.edge.public_port, ssl=context, server_hostname=old
+            )
+    finally:
+        await service.close()
