@@ -4,7 +4,7 @@ On the asyncio loop, asyncio's own accept loop rests a listener after ``accept``
 EMFILE, but goes on through the whole backlog (4096 for the public port) first, logging a
 traceback and scheduling one more retry per attempt: under a limit of 128 and 300 waiting
 clients, tunneld logged about 70,000 tracebacks in 5 s and spent half its CPU doing it. Now
-(tunneld/listen.py, ``guard_accept``) the listener rests one second after the first failure,
+(relay/accept.py, ``guard_accept``) the listener rests one second after the first failure,
 with a rate-limited warning, and accepts the waiting clients once descriptors are free again.
 On uvloop, libuv accepts and closes at once the connections it has no descriptor for.
 
