@@ -462,6 +462,14 @@ CITED: tuple[tuple[str, tuple[str, ...]], ...] = (
         ("tests/e2e/test_backpressure.py::test_slow_reader_is_bounded_and_does_not_stall_others",),
     ),
     (
+        "the buffer is retired (`SHARED.swap()`) and a fresh one takes its place",
+        (  # each fails (corrupted bytes) when release_shared never swaps
+            "tests/e2e/test_preview.py::test_download_1gib_integrity",
+            "tests/e2e/test_preview.py::test_upload_256mib_integrity",
+            "tests/e2e/test_backpressure.py::test_slow_reader_is_bounded_and_does_not_stall_others",
+        ),
+    ),
+    (
         "survives agent reconnects and edge restarts",
         ("tests/faults/test_durable_restart.py::test_exposures_tokens_and_urls_survive_kill_9",),
     ),
@@ -603,6 +611,10 @@ CITED: tuple[tuple[str, tuple[str, ...]], ...] = (
             "tests/cluster/test_redis_edge.py::"
             "test_a_redis_outage_keeps_previews_refuses_writes_and_converges",
         ),
+    ),
+    (
+        "404 `SANDBOX_NOT_FOUND` is used by WebSocket connect",
+        ("tests/e2e/test_doc_claims_admin_api.py::test_ws_connect_refusals_before_the_switch",),
     ),
     (
         'returns `{"ports": []}` rather than 404',
