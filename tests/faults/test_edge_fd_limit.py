@@ -19,6 +19,8 @@ raw client sockets on 127.0.0.1.
 
 from __future__ import annotations
 
+import logging
+import resource
 import shutil
 import socket
 import subprocess
@@ -143,14 +145,45 @@ def test_the_edge_out_of_descriptors_logs_a_little_and_recovers(tmp_path: Path, 
 
 
 def test_the_edge_raises_its_soft_limit_to_the_hard_one(tmp_path: Path) -> None:
+    """With ``--workers 2``: the supervisor raises it once, the workers inherit it."""
     procs = LimitedProcesses(tmp_path, "uvloop", NOFILE, 4096)
     try:
-        ports = procs.start_edge()
+        ports = procs.start_edge("--workers", "2")
         assert procs.edge is not None
-        assert _soft_limit_of(procs.edge.pid) == 4096
+        pid = procs.edge.pid
+        assert _soft_limit_of(pid) == 4096
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        commands = [Path(f"/proc/{c}/cmdline").read_bytes().replace(b"\0", b" ") for c in children]
+        pairs = zip(children, commands, strict=True)
+        workers = [child for child, command in pairs if b"--worker" in command]
+        assert len(workers) == 2, commands
+        assert [_soft_limit_of(int(worker)) for worker in workers] == [4096, 4096]
         assert _public_answers(ports["public"])
     finally:
         procs.close()
     output = procs.output(procs.edge)
-    assert f"file descriptor limit raised from {NOFILE} to 4096" in output, output
-    assert "file descriptor limit 4096 is below max_connections (10000)" in output, output
+    assert output.count(f"file descriptor limit raised from {NOFILE} to 4096") == 1, output
+    assert output.count("file descriptor limit 4096 is below max_connections (10000)") == 1
+
+
+def test_a_limit_the_edge_cannot_raise_is_one_info_line(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from tunneld.cli import _raise_fd_limit
+    from tunneld.config import Config
+
+    def refuse(which: int, limits: tuple[int, int]) -> None:
+        raise ValueError("not allowed to raise the current limit")
+
+    monkeypatch.setattr(resource, "getrlimit", lambda which: (2048, 4096))
+    monkeypatch.setattr(resource, "setrlimit", refuse)
+    caplog.set_level(logging.DEBUG, "tunneld")
+    _raise_fd_limit(Config(max_connections=10))  # 2048 is enough for 10: no warning
+    lines = [(r.levelno, r.getMessage()) for r in caplog.records]
+    assert lines == [
+        (
+            logging.INFO,
+            "file descriptor limit 2048 kept: cannot raise it "
+            "(not allowed to raise the current limit)",
+        )
+    ], lines
