@@ -406,6 +406,18 @@ CITED: tuple[tuple[str, tuple[str, ...]], ...] = (
         ),
     ),
     (
+        "released at session end; the newest epoch wins",
+        ("tests/cluster/test_forwarding.py::test_a_stopped_node_releases_its_leases_and_record",),
+    ),
+    (
+        "removed at a clean stop; a node id without a record is not dialed",
+        (
+            "tests/cluster/test_forwarding.py::test_a_stopped_node_releases_its_leases_and_record",
+            "tests/cluster/test_route_store_down.py::"
+            "test_a_preview_request_is_answered_503_when_the_owners_address_cannot_be_read",
+        ),
+    ),
+    (
         "the link dropping fails the landing node's waits on it at once (502)",
         (
             "tests/cluster/test_wait_cluster.py::"
@@ -449,6 +461,21 @@ CITED: tuple[tuple[str, tuple[str, ...]], ...] = (
         (
             "tests/faults/test_stalled_agent_close.py::"
             "test_an_agent_that_stops_reading_loses_its_ended_session_s_connection",
+            "tests/faults/test_agent_output_cap.py::"
+            "test_an_edge_that_never_reads_its_replies_is_held_at_the_cap_then_dropped",
+        ),
+    ),
+    (
+        "PINGs go through a token bucket (10/s, burst 100; past it `GO_AWAY(TOO_MANY_REQUESTS)`)",
+        (
+            "tests/protocol/test_doc_tables_protocol.py::test_the_ping_rate_limit_is_the_documented_one",
+        ),
+    ),
+    (
+        "the tunnel socket stops being read and the peer's own sends block",
+        (
+            "tests/faults/test_bounds_wslink_output.py::"
+            "test_a_pre_hello_ping_flood_that_is_never_read_stops_at_the_output_cap",
             "tests/faults/test_agent_output_cap.py::"
             "test_an_edge_that_never_reads_its_replies_is_held_at_the_cap_then_dropped",
         ),
