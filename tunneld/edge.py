@@ -38,6 +38,7 @@ from protocol.errors import GoAwayCode, LocalProtocolError, ResetCode
 from protocol.events import ConnectionTerminated
 from protocol.hostnames import (
     DEFAULT_OPTIONS,
+    MIN_PORT,
     ExposureOptions,
     ValidationError,
     build_preview_host,
@@ -63,7 +64,7 @@ from relay.requests import ControlRequestError
 from .accesslog import AccessWriter
 from .auth import AgentAuth
 from .budget import RequestBudget
-from .config import Config
+from .config import Config, ConfigError
 from .h2public import PublicTlsConnection
 from .httphead import default_parser
 from .inspect import Inspector
@@ -622,6 +623,24 @@ class _PendingTls:
     __slots__ = ()
 
 
+def _check_preview_config(config: Config) -> None:
+    """ConfigError unless preview URLs can be built under ``config`` (its domain, scheme and
+    url_port: what ``Config.validate()`` checks of them). An embedder's Config that skipped
+    ``validate()`` would otherwise have its exposes stored before the URL fails, and every agent
+    that connects fail in its welcome and reconnect, in a loop."""
+    try:
+        build_preview_url(
+            MIN_PORT,
+            "a",
+            None,
+            config.domain,
+            scheme=config.scheme,
+            public_port=config.url_port or None,
+        )
+    except ValidationError as exc:
+        raise ConfigError(f"cannot build preview URLs: {exc.message}") from None
+
+
 class EdgeServer:
     """All listeners of one tunneld process."""
 
@@ -632,7 +651,9 @@ class EdgeServer:
         store: Store | None = None,
     ) -> None:
         """``store`` None: exposures in memory only (tests, the demo); ``tunneld serve`` passes
-        the configured store (:func:`tunneld.store.open_store`)."""
+        the configured store (:func:`tunneld.store.open_store`). ConfigError when preview URLs
+        cannot be built under ``config`` (a Config that skipped ``validate()``)."""
+        _check_preview_config(config)
         self.config = config
         self.loop = loop or asyncio.get_running_loop()
         self.registry = Registry(store, config.max_exposures_per_sandbox, config.max_sandboxes)
