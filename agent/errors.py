@@ -46,6 +46,7 @@ STATUS_BY_CODE: Final[Mapping[str, int]] = MappingProxyType(
         # The edge refused the expose: the same status as its admin API's for the code.
         "TCP_EXPOSURES_DISABLED": 400,
         "TLS_PASSTHROUGH_DISABLED": 400,
+        "PREVIEW_HOST_TOO_LONG": 400,  # its preview host would not fit DNS
         "TOKEN_IN_USE": 409,
         "TOO_MANY_EXPOSURES": 409,
         "TOO_MANY_SANDBOXES": 409,

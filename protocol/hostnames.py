@@ -9,7 +9,11 @@ with deliberate differences:
 * sandbox ids are restricted to ``[a-z0-9-]`` (Cloudflare accepts anything and only warns), so a
   built hostname always parses back to the same id;
 * a host routes only when everything after the first label is *our* configured domain;
-* a port with a leading zero ("08000") does not route, so each route has exactly one host.
+* a port with a leading zero ("08000") does not route, so each route has exactly one host;
+* an exposure whose host DNS cannot carry (a first label over 63 or a host over 253 characters:
+  a sandbox id past ~40 characters with a 16-character token) is refused when it is made
+  (:func:`check_preview_host_length`, ``PREVIEW_HOST_TOO_LONG``), and such a host never routes.
+  Cloudflare hands out those URLs, which no resolver will look up.
 
 ``parse_preview_host`` is on the per-request hot path: one precompiled ``fullmatch`` per request and
 no exceptions on any path. The validators raise :class:`ValidationError` subclasses whose ``code``,
@@ -30,6 +34,8 @@ __all__ = [
     "EXPOSURE_PROTOCOLS",
     "GENERATED_TOKEN_ALPHABET",
     "MAX_CUSTOM_TOKEN_LENGTH",
+    "MAX_HOST_LENGTH",
+    "MAX_LABEL_LENGTH",
     "MAX_PORT",
     "MAX_PORT_NAME_LENGTH",
     "MAX_SANDBOX_ID_LENGTH",
@@ -45,10 +51,12 @@ __all__ = [
     "InvalidPortError",
     "InvalidSandboxIdError",
     "InvalidTokenError",
+    "PreviewHostTooLongError",
     "PreviewRoute",
     "ValidationError",
     "build_preview_host",
     "build_preview_url",
+    "check_preview_host_length",
     "generate_token",
     "is_dns_name",
     "parse_preview_host",
@@ -68,7 +76,10 @@ MAX_PORT: Final = 65535
 CONTROL_PLANE_PORT: Final = 3000
 # A port's display name (Cloudflare's ``name``): free text, bounded so exposures stay small.
 MAX_PORT_NAME_LENGTH: Final = 256
-# One DNS label holds at most 63 octets (RFC 1035 §2.3.4).
+# One DNS label holds at most 63 octets, a name at most 253 characters (RFC 1035 §2.3.4; 255
+# octets on the wire)
+MAX_LABEL_LENGTH: Final = 63
+MAX_HOST_LENGTH: Final = 253
 MAX_SANDBOX_ID_LENGTH: Final = 63
 # Custom tokens: Cloudflare's limit, short enough to leave room for port and id in one label.
 MAX_CUSTOM_TOKEN_LENGTH: Final = 16
@@ -152,6 +163,12 @@ class InvalidNameError(ValidationError):
 
 class InvalidOptionError(ValidationError):
     code = "INVALID_OPTION"
+
+
+class PreviewHostTooLongError(ValidationError):
+    """The exposure's preview host would not fit DNS (:func:`check_preview_host_length`)."""
+
+    code = "PREVIEW_HOST_TOO_LONG"
 
 
 # What an exposure carries: "http" (a preview URL, the default), "tcp" (a public TCP port, raw
@@ -352,7 +369,8 @@ def _normalize_domain(domain: str) -> str:
 
 def build_preview_host(port: int, sandbox_id: str, token: str | None, domain: str) -> str:
     """``{port}-{sandbox_id}-{token}.{domain}``, or ``{port}-{sandbox_id}.{domain}`` if ``token``
-    is None. Validates every part, so the result always parses back to the same route."""
+    is None. Validates every part, so the result parses back to the same route when it fits DNS
+    (:func:`check_preview_host_length`, which every expose passes; a longer one never routes)."""
     port = validate_port(port)
     validate_sandbox_id(sandbox_id)
     host_domain = _normalize_domain(domain)
@@ -360,6 +378,48 @@ def build_preview_host(port: int, sandbox_id: str, token: str | None, domain: st
         return f"{port}-{sandbox_id}.{host_domain}"
     validate_route_token(token)
     return f"{port}-{sandbox_id}-{token}.{host_domain}"
+
+
+def check_preview_host_length(port: int, sandbox_id: str, token: str | None, domain: str) -> None:
+    """PreviewHostTooLongError if the host :func:`build_preview_host` makes of these (valid)
+    parts does not fit DNS: its first label over ``MAX_LABEL_LENGTH`` (63) or the whole host over
+    ``MAX_HOST_LENGTH`` (253) characters. No resolver looks such a name up, so its URL could never
+    be used. Lengths only, no string built: it runs for every stored exposure at start-up."""
+    port_len = len(str(port))
+    token_len = 0 if token is None else len(token)
+    label = port_len + 1 + len(sandbox_id) + (0 if token is None else 1 + token_len)
+    if label > MAX_LABEL_LENGTH:
+        if token is None:
+            parts = f"port {port_len}, sandbox ID {len(sandbox_id)}, 1 hyphen"
+            fits = (
+                f"It fits with a sandbox ID of at most {MAX_LABEL_LENGTH - port_len - 1} "
+                f"characters (port {port})."
+            )
+        else:
+            parts = f"port {port_len}, sandbox ID {len(sandbox_id)}, token {token_len}, 2 hyphens"
+            id_room = MAX_LABEL_LENGTH - port_len - 2 - token_len
+            fits = (
+                f"It fits with a sandbox ID of at most {id_room} characters (port {port}, a "
+                f"{token_len}-character token)"
+            )
+            token_room = MAX_LABEL_LENGTH - port_len - 2 - len(sandbox_id)
+            if token_room >= 1:
+                fits += f", or with this sandbox ID and a custom token of at most {token_room}"
+            fits += "."
+        raise PreviewHostTooLongError(
+            f"Preview host too long: its first label would be {label} characters ({parts}), "
+            f"more than the {MAX_LABEL_LENGTH} a DNS label holds, so no client could resolve "
+            f"the URL. {fits}"
+        )
+    domain_len = len(domain) - domain.endswith(".")
+    host = label + 1 + domain_len
+    if host > MAX_HOST_LENGTH:
+        raise PreviewHostTooLongError(
+            f"Preview host too long: it would be {host} characters (first label {label}, the "
+            f"domain {domain_len}, 1 dot), more than the {MAX_HOST_LENGTH} a DNS name holds, so "
+            "no client could resolve the URL. Use a shorter sandbox ID or custom token, or a "
+            "shorter preview domain."
+        )
 
 
 def build_preview_url(
@@ -388,8 +448,10 @@ def parse_preview_host(host: str, domain: str, *, tokens: bool = True) -> Previe
 
     Lowercases, strips ``:port``, and requires everything after the first label to equal
     ``domain`` (so only our own domain routes). None for: IPv6 literals, no dot, a port that is not
-    4-5 digits or fails :func:`validate_port`, a token outside ``[a-z0-9_]{1,63}``, a sandbox id
-    that fails :func:`validate_sandbox_id`, non-ASCII input. Never raises."""
+    4-5 digits or fails :func:`validate_port`, a first label over 63 or a name over 253
+    characters (no DNS name: :func:`check_preview_host_length`), a token outside
+    ``[a-z0-9_]{1,63}``, a sandbox id that fails :func:`validate_sandbox_id`, non-ASCII input.
+    Never raises."""
     if not host.isascii():
         return None  # also stops str.lower() folding e.g. KELVIN SIGN into "k"
     host = host.lower()
@@ -397,8 +459,10 @@ def parse_preview_host(host: str, domain: str, *, tokens: bool = True) -> Previe
     if colon and not host_port.isdigit():  # input is ASCII here, so isdigit() means [0-9]+
         return None  # "[::1]:8080", "a:b:c", "host:" - nothing we serve
     label, dot, rest = name.partition(".")
-    if not dot:
-        return None
+    if not dot or len(label) > MAX_LABEL_LENGTH:
+        return None  # no DNS label (check_preview_host_length keeps exposures from such hosts)
+    if len(name) > MAX_HOST_LENGTH and len(name.removesuffix(".")) > MAX_HOST_LENGTH:
+        return None  # no DNS name, as above
     # Second test is the rare path: a domain configured with capitals or a trailing dot, or an FQDN
     # Host header ("...example.com.").
     if rest != domain and rest.rstrip(".") != domain.lower().rstrip("."):

@@ -90,7 +90,14 @@ def test_preview_host_rules() -> None:
     assert parse("800-abc-tok.localhost", "localhost") is None  # 3 digits
     assert parse("800000-abc-tok.localhost", "localhost") is None  # 6 digits
     assert parse("8000-abc-" + "t" * 64 + ".localhost", "localhost") is None
-    assert parse("8000-abc-" + "t" * 63 + ".localhost", "localhost") is not None
+    assert parse("8000-abc-" + "t" * 54 + ".localhost", "localhost") is not None  # label 63
+    assert parse("8000-abc-" + "t" * 55 + ".localhost", "localhost") is None  # label 64
+    assert parse("8000-" + "a" * 56 + "-t.localhost", "localhost") is not None  # label 63
+    assert parse("8000-" + "a" * 57 + "-t.localhost", "localhost") is None  # label 64
+    with pytest.raises(hostnames.ValidationError) as too_long:
+        hostnames.check_preview_host_length(10000, "a" * 41, "t" * 16, "localhost")
+    assert too_long.value.code == "PREVIEW_HOST_TOO_LONG"
+    hostnames.check_preview_host_length(10000, "a" * 40, "t" * 16, "localhost")
     for bad in ("-abc", "abc-", "a" * 64, "", "ab_c"):
         with pytest.raises(hostnames.ValidationError):
             hostnames.validate_sandbox_id(bad)

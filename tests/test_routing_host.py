@@ -88,6 +88,6 @@ def test_routes_are_remembered_for_hosts_that_route_and_bounded(
         host = b"%d-sb1-tok.localhost" % port
         assert public._preview_route(host, "localhost", True) is not None
         assert len(public._ROUTES) <= 3
-    long = b"8000-sb1-" + b"t" * 63 + b".localhost:" + b"0" * 300 + b"8080"
+    long = b"8000-sb1-" + b"t" * 54 + b".localhost:" + b"0" * 300 + b"8080"  # a label of 63
     assert public._preview_route(long, "localhost", True) is not None
     assert (long, "localhost", True) not in public._ROUTES  # too long to keep

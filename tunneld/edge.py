@@ -43,6 +43,7 @@ from protocol.hostnames import (
     ValidationError,
     build_preview_host,
     build_preview_url,
+    check_preview_host_length,
     validate_custom_token,
     validate_exposure_options,
     validate_port,
@@ -703,6 +704,7 @@ class EdgeServer:
         )
         self.registry.on_write = self.metrics.store_write
         self.registry.on_late_change = self._late_change
+        self.registry.host_check = self.check_host
 
     def admit_agent(
         self,
@@ -1047,6 +1049,14 @@ class EdgeServer:
             scheme="https" if protocol == "tls" else config.scheme,
             public_port=self.public_port if config.url_port is None else config.url_port or None,
         )
+
+    def check_host(self, sandbox_id: str, record: ExposureRecord) -> None:
+        """PREVIEW_HOST_TOO_LONG (400) if ``record``'s preview host does not fit DNS under this
+        config (a first label over 63 or a host over 253 characters): its URL would never
+        resolve. Every expose runs it before the store write (``Registry.host_check``)."""
+        config = self.config
+        token = record.token if config.tokens else None
+        check_preview_host_length(record.port, sandbox_id, token, config.domain)
 
     def exposure_message(self, sandbox_id: str, record: ExposureRecord) -> control.Exposure:
         return control.Exposure(

@@ -141,6 +141,10 @@ class Registry:
         # "may still be applied" was saved after all and applied to the view, for what follows
         # the view beyond it (the agent, a tcp exposure's listener)
         self.on_late_change: Callable[[str, int, ExposureRecord | None], None] | None = None
+        # Raises ValidationError for a record whose preview host this edge cannot hand out (DNS
+        # cannot carry it: EdgeServer.check_host): run on every record an expose would install,
+        # before the store write; at load, a stored one it refuses is kept and logged once
+        self.host_check: Callable[[str, ExposureRecord], None] | None = None
 
     # -- lookups ---------------------------------------------------------------------------------
     def get(self, sandbox_id: str) -> SandboxState | None:
@@ -453,6 +457,7 @@ class Registry:
         count = 0
         before = self.exposing
         valid_ids: set[str] = set()
+        unreachable: list[tuple[str, int, str]] = []  # (sandbox, port, why) host_check refused
         for r in records:
             try:
                 if r.sandbox_id not in valid_ids:
@@ -470,6 +475,7 @@ class Registry:
                     float(r.created_at),
                     _stored_options(r),
                     _stored_public_port(r),
+                    check=False,
                 )
             except ValidationError as exc:
                 where = f"stored exposure {r.sandbox_id!r} port {r.port!r}"
@@ -477,8 +483,15 @@ class Registry:
                 if getattr(exc, "code", "") == "TOO_MANY_EXPOSURES":
                     hint = " (raise max_exposures_per_sandbox, or export, trim and import)"
                 raise StoreError(f"{where}: {exc.message}{hint}") from None
+            if self.host_check is not None:
+                try:
+                    self.host_check(r.sandbox_id, record)
+                except ValidationError as exc:
+                    unreachable.append((r.sandbox_id, r.port, exc.message))
             self._apply(r.sandbox_id, record)
             count += 1
+        if unreachable:
+            _log_unreachable(unreachable)
         if before <= self.max_sandboxes < self.exposing:  # said once, when the cap is crossed
             log.warning(
                 "%d sandboxes have stored exposures, more than max_sandboxes (%d): all of them are "
@@ -576,8 +589,11 @@ class Registry:
         created_at: float | None = None,
         options: ExposureOptions = DEFAULT_OPTIONS,
         public_port: int | None = None,
+        *,
+        check: bool = True,
     ) -> ExposureRecord:
-        """The record ``expose`` would install, after the rules; changes nothing."""
+        """The record ``expose`` would install, after the rules (``check``: ``host_check`` too,
+        off for stored records); changes nothing."""
         state = self._sandboxes.get(sandbox_id)
         exposures = state.exposures if state is not None else {}
         existing = exposures.get(port)
@@ -606,7 +622,10 @@ class Registry:
             and existing.options.protocol == options.protocol
         ):
             public_port = existing.public_port  # an assigned public port stays with the exposure
-        return ExposureRecord(port, token, name, created_at, options, public_port)
+        record = ExposureRecord(port, token, name, created_at, options, public_port)
+        if check and self.host_check is not None:
+            self.host_check(sandbox_id, record)  # the token is known here: generated or kept
+        return record
 
     def _apply(self, sandbox_id: str, record: ExposureRecord) -> None:
         state = self._sandboxes.get(sandbox_id)
@@ -694,3 +713,23 @@ def _stored_public_port(r: StoredExposure) -> int | None:
     if isinstance(port, int) and not isinstance(port, bool) and 1 <= port <= 65535:
         return port
     raise InvalidOptionError(f"public_port must be a TCP port number; got {port!r}.")
+
+
+# Stored exposures named in the one warning about those whose preview host DNS cannot carry
+_UNREACHABLE_SHOWN: Final = 5
+
+
+def _log_unreachable(found: list[tuple[str, int, str]]) -> None:
+    """One warning for the stored exposures whose preview host this edge would refuse today
+    (stored before the check, or the domain or the token mode changed since): kept, listed and
+    stored, since another domain or token mode may fit them again, but never routed."""
+    shown = "; ".join(f"{sid} port {port}: {why}" for sid, port, why in found[:_UNREACHABLE_SHOWN])
+    more = len(found) - _UNREACHABLE_SHOWN
+    log.warning(
+        "%d stored exposure(s) have a preview host DNS cannot carry: kept (listed, stored) but "
+        "no request reaches them (404 UNKNOWN_HOST); unexpose them, or expose the port again "
+        "with a shorter custom token. %s%s",
+        len(found),
+        shown,
+        f"; and {more} more" if more > 0 else "",
+    )

@@ -1,8 +1,10 @@
 """Issue 8, acceptance 3: the per-sandbox cap, and the largest welcome it allows.
 
-A sandbox with the longest id exposes the maximum number of ports (the cap, 128) with the
-longest names (256 control characters: 6 bytes each once JSON-escaped) and 16-character custom
-tokens, on a 253-character domain. Expose number 129 is a 409 TOO_MANY_EXPOSURES. The welcome of
+A sandbox with the longest id whose preview hosts fit DNS (40 characters with a 5-digit port and a
+16-character token: PREVIEW_HOST_TOO_LONG past that) exposes the maximum number of ports (the cap,
+128) with the longest names (256 control characters: 6 bytes each once JSON-escaped) and
+16-character custom tokens, on a domain that makes its hosts up to 253 characters, the DNS maximum.
+Expose number 129 is a 409 TOO_MANY_EXPOSURES. The welcome of
 that set does not fit one 64 KiB control message: the edge sends what fits and the rest as
 Expose requests, so the agent (re)connects and learns every port; before, `_on_hello` raised
 and the agent looped on "connection closed before welcome". No traceback on either side.
@@ -17,14 +19,14 @@ from tunneld.config import Config
 
 from .durable import Service, admin, connected, wait
 
-DOMAIN = ".".join(["a" * 63, "b" * 63, "c" * 63, "d" * 61])  # 253: the DNS maximum
-SANDBOX = "s" * 63
+DOMAIN = ".".join(["a" * 63, "b" * 63, "c" * 61])  # 189: with a label of 63, a host of 253
+SANDBOX = "s" * 40  # 5-40-16 and 2 hyphens: a first label of 63, the DNS maximum
 NAME = "\u0001" * 256
 CAP = Config().max_exposures_per_sandbox
 
 
 def test_the_cap_and_the_largest_welcome(tmp_path) -> None:
-    assert len(DOMAIN) == 253 and CAP == 128
+    assert len(DOMAIN) == 189 and CAP == 128
     procs = Processes(tmp_path, "uvloop")
     service = Service()
     try:

@@ -89,7 +89,10 @@ def test_a_dns_name_builds_a_host_that_parses_back(domain: str, suffix: str) -> 
     assert is_dns_name(domain)
     host = build_preview_host(8000, "abc", "tok", domain)
     assert host == f"8000-abc-tok.{suffix}"
-    assert parse_preview_host(host, domain) == PreviewRoute(8000, "abc", "tok")
+    # under a 253-character domain the host is longer than a DNS name: it does not route (and no
+    # expose makes one, PREVIEW_HOST_TOO_LONG: tests/protocol/test_preview_host_length.py)
+    route = PreviewRoute(8000, "abc", "tok") if len(host) <= 253 else None
+    assert parse_preview_host(host, domain) == route
     assert build_preview_host(8000, "abc", None, domain) == f"8000-abc.{suffix}"
 
 
