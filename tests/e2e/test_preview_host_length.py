@@ -162,6 +162,9 @@ async def test_stored_exposures_that_no_longer_fit_are_kept_and_logged_once(
             host = stack.host_of(port["exposedAt"])
             refusal = (404, "UNKNOWN_HOST", f"No preview URL matches host {host!r}.")
             assert await _refused(stack, host) == refusal
+        # its agent connects and is welcomed with it (its URL is built, as listed)
+        agent = await stack.agent(LONG_ID)
+        assert agent.exposures == {8000}
         r = await stack.admin.get(f"/v1/sandboxes/{FITS_ID}/ports")
         (port,) = r.json()["ports"]
         # routed: an offline sandbox's answer, not a 404
