@@ -43,6 +43,7 @@ if _is_the_program():
 import argparse  # noqa: E402 - after the handlers: a signal during these imports is handled
 import asyncio  # noqa: E402
 import logging  # noqa: E402
+import resource  # noqa: E402
 import signal  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Sequence  # noqa: E402
@@ -415,6 +416,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             _setup_logging(config.log_level, args.worker_index, config.log_format)
             if args.worker_index is None:  # a worker has the supervisor's, raised already
                 _raise_fd_limit(config)
+            if args.worker_index is not None or config.workers <= 1:  # each serving process
+                _fit_public_connections(config)
             if config.workers > 1:
                 from .supervisor import supervise
 
@@ -457,10 +460,7 @@ NOFILE_RESERVE = 1024
 
 
 def _raise_fd_limit(config: Config) -> None:
-    """Raise the soft RLIMIT_NOFILE (one line; never fatal) and warn when the limit is below what
-    ``max_connections`` needs."""
-    import resource
-
+    """Raise the soft RLIMIT_NOFILE (one line; never fatal)."""
     from relay.fdlimit import raise_nofile
 
     before, after, error = raise_nofile(NOFILE_CEILING)
@@ -468,17 +468,36 @@ def _raise_fd_limit(config: Config) -> None:
         log.info("file descriptor limit %d kept: cannot raise it (%s)", before, error)
     elif after != before:
         log.info("file descriptor limit raised from %d to %d", before, after)
-    needed = config.max_connections + NOFILE_RESERVE
-    if after != resource.RLIM_INFINITY and after < needed:
+
+
+def public_connections_cap(max_connections: int, nofile: int) -> int:
+    """The public connections a process with the soft descriptor limit ``nofile`` admits:
+    ``max_connections``, or fewer when the limit has no room for them besides
+    ``NOFILE_RESERVE`` (agents, the admin API, the store): the limit minus the reserve, at least
+    half of it."""
+    if nofile == resource.RLIM_INFINITY or nofile >= max_connections + NOFILE_RESERVE:
+        return max_connections
+    return max(1, min(max_connections, max(nofile - NOFILE_RESERVE, nofile // 2)))
+
+
+def _fit_public_connections(config: Config) -> None:
+    """In a process that serves: lower ``config.max_connections`` to what its descriptor limit
+    has room for, with a warning. Past it a client gets 503 TOO_MANY_CONNECTIONS, as past
+    ``max_connections``, instead of an accept that fails for want of a descriptor (uvloop closes
+    such connections unanswered), and agents and the admin API keep descriptors of their own."""
+    nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    cap = public_connections_cap(config.max_connections, nofile)
+    if cap < config.max_connections:
         log.warning(
             "file descriptor limit %d is below max_connections (%d) plus %d for agents and the "
-            "admin API: out of descriptors, new public connections wait (asyncio loop) or are "
-            "closed unanswered (uvloop), and so do admin requests and new agents (raise "
+            "admin API: public connections limited to %d (then 503 TOO_MANY_CONNECTIONS; raise "
             "LimitNOFILE or ulimit -n, or lower max_connections)",
-            after,
+            nofile,
             config.max_connections,
             NOFILE_RESERVE,
+            cap,
         )
+        config.max_connections = cap
 
 
 def _token(args: argparse.Namespace) -> int:

@@ -86,8 +86,86 @@ def _soft_limit_of(pid: int) -> int:
     raise AssertionError(f"no open files limit for {pid}")
 
 
+def _answer(conn: socket.socket) -> bytes | None:
+    """What the edge sent on ``conn`` so far and then closed it with, or None while it is open
+    and silent."""
+    conn.setblocking(False)
+    try:
+        data = conn.recv(65536, socket.MSG_PEEK)
+    except BlockingIOError:
+        return None
+    except OSError:  # reset
+        return b""
+    return data if data == b"" or data.endswith(b"}") else None
+
+
+def test_public_connections_past_the_descriptor_limit_are_503(tmp_path: Path) -> None:
+    """At a limit of 128, ``max_connections`` (10000) is lowered to 64 (the limit less the 1024
+    it keeps for agents and the admin API, at least half of it): the 65th client on is answered
+    503 TOO_MANY_CONNECTIONS at once instead of finding no descriptor (uvloop would close it
+    unanswered), and admin requests are served meanwhile."""
+    cap = NOFILE // 2
+    procs = LimitedProcesses(tmp_path, "uvloop", NOFILE, NOFILE)
+    clients: list[socket.socket] = []
+    try:
+        # The admitted clients send no head: no 408 for them while the test runs.
+        secrets = {"TUNNELD_ADMIN_TOKEN": procs.admin_token, "TUNNELD_SECRET": procs.secret}
+        ports = procs.start_edge(env=procs.env(TUNNELD_HEAD_TIMEOUT="300", **secrets))
+        assert procs.edge is not None
+        procs.start_agent("sb1")
+        wait_for(lambda: is_connected(procs, "sb1"), what="the agent's session")
+        clients = [
+            socket.create_connection(("127.0.0.1", ports["public"]), timeout=10)
+            for _ in range(CLIENTS)
+        ]
+        refused = CLIENTS - cap
+
+        def answered() -> list[bytes]:
+            return [a for a in map(_answer, clients) if a is not None]
+
+        wait_for(lambda: len(answered()) >= refused, what=f"{refused} refusals")
+        answers = answered()
+        assert len(answers) == refused, len(answers)  # the first 64 wait for their heads
+        for answer in answers:
+            assert answer.startswith(b"HTTP/1.1 503 "), answer
+            assert b'"code":"TOO_MANY_CONNECTIONS"' in answer, answer
+            assert f"the limit is {cap} public connections in total".encode() in answer, answer
+        with admin_client(procs) as admin:  # the admin API has descriptors meanwhile
+            assert admin.get("/healthz").status_code == 200
+        for conn in clients:
+            conn.close()
+        clients = []
+        wait_for(lambda: _public_answers(ports["public"]), what="a public answer")
+        assert is_connected(procs, "sb1")
+    finally:
+        for conn in clients:
+            conn.close()
+        procs.close()
+    output = procs.output(procs.edge)
+    assert "Traceback" not in output, output[-3000:]
+    assert "accept failed" not in output, output[-3000:]
+    assert output.count("agent connected") == 1, output[-3000:]
+    assert "file descriptor limit raised" not in output  # hard == soft: nothing to raise
+    assert (
+        f"file descriptor limit {NOFILE} is below max_connections (10000) plus 1024 for agents "
+        f"and the admin API: public connections limited to {cap}"
+    ) in output, output[-3000:]
+
+
+def test_the_cap_follows_the_limit() -> None:
+    from tunneld.cli import NOFILE_RESERVE, public_connections_cap
+
+    assert public_connections_cap(10000, 10000 + NOFILE_RESERVE) == 10000
+    assert public_connections_cap(10000, resource.RLIM_INFINITY) == 10000
+    assert public_connections_cap(10000, 4096) == 4096 - NOFILE_RESERVE
+    assert public_connections_cap(10000, 1024) == 512  # at least half of the limit
+    assert public_connections_cap(100, 1024) == 100  # never above max_connections
+
+
 @pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
 def test_the_edge_out_of_descriptors_logs_a_little_and_recovers(tmp_path: Path, loop: str) -> None:
+    """Descriptors run out all the same through the agent listener (connections that have not
+    said hello yet hold one each, up to ``max_pending_agents``)."""
     procs = LimitedProcesses(tmp_path, loop, NOFILE, NOFILE)
     clients: list[socket.socket] = []
     try:
@@ -97,7 +175,7 @@ def test_the_edge_out_of_descriptors_logs_a_little_and_recovers(tmp_path: Path, 
         wait_for(lambda: is_connected(procs, "sb1"), what="the agent's session")
         started = time.monotonic()
         clients = [
-            socket.create_connection(("127.0.0.1", ports["public"]), timeout=10)
+            socket.create_connection(("127.0.0.1", ports["agent"]), timeout=10)
             for _ in range(CLIENTS)
         ]
         if loop == "asyncio":  # a rest, then a retry that failed as well: a second warning
@@ -134,8 +212,6 @@ def test_the_edge_out_of_descriptors_logs_a_little_and_recovers(tmp_path: Path, 
     output = procs.output(procs.edge)
     assert "Traceback" not in output, output[-3000:]
     assert output.count("agent connected") == 1, output[-3000:]  # the link stayed up
-    assert "file descriptor limit raised" not in output  # hard == soft: nothing to raise
-    assert f"file descriptor limit {NOFILE} is below max_connections (10000)" in output
     warnings = output.count("accept failed")
     assert warnings <= LOG_BURST + 2 + int(elapsed * LOG_RATE), output[-3000:]
     if loop == "asyncio":
@@ -163,7 +239,10 @@ def test_the_edge_raises_its_soft_limit_to_the_hard_one(tmp_path: Path) -> None:
         procs.close()
     output = procs.output(procs.edge)
     assert output.count(f"file descriptor limit raised from {NOFILE} to 4096") == 1, output
-    assert output.count("file descriptor limit 4096 is below max_connections (10000)") == 1
+    # each worker lowers its own max_connections (4096 - 1024)
+    limited = "file descriptor limit 4096 is below max_connections (10000)"
+    assert output.count(limited) == 2, output
+    assert output.count("public connections limited to 3072") == 2, output
 
 
 def test_a_limit_the_edge_cannot_raise_is_one_info_line(
@@ -178,7 +257,7 @@ def test_a_limit_the_edge_cannot_raise_is_one_info_line(
     monkeypatch.setattr(resource, "getrlimit", lambda which: (2048, 4096))
     monkeypatch.setattr(resource, "setrlimit", refuse)
     caplog.set_level(logging.DEBUG, "tunneld")
-    _raise_fd_limit(Config(max_connections=10))  # 2048 is enough for 10: no warning
+    _raise_fd_limit(Config(max_connections=10))
     lines = [(r.levelno, r.getMessage()) for r in caplog.records]
     assert lines == [
         (
