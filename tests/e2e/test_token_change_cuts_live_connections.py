@@ -9,7 +9,8 @@ preview streams as an unexpose does (``UNEXPOSED``): a request still waiting for
 the 404 ``INVALID_TOKEN`` page a new request to the old URL gets, an idle keep-alive connection
 is cut, and nothing more reaches the service through them. Both ways a token changes are
 checked: the admin API's expose and the agent's own (its local API). A re-expose with the same
-token (an orchestrator's retry) cuts nothing. A ``tls`` exposure's passthrough connections,
+token (an orchestrator's retry) cuts nothing. HTTP/2 streams waiting on a browser's connection
+are cut the same way. A ``tls`` exposure's passthrough connections,
 routed by a server name that holds the token, are cut the same way. Real sockets on 127.0.0.1,
 an in-process edge and agent.
 """
@@ -19,14 +20,20 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import ssl
+from pathlib import Path
 
 import orjson
 import pytest
+import trustme
 
+from . import test_public_tls
 from .conftest import Stack, raw_request, wait_until
+from .test_http2 import RawH2
 from .test_public_tcp import DOMAIN, TOKEN, Passthrough, TlsEcho, passthrough
+from .test_public_tls import host_of, tls_stack
 
 __all__ = ["passthrough"]  # the fixture
+ca = test_public_tls.ca  # the certificate authority of the HTTPS stack (a fixture)
 
 pytestmark = pytest.mark.anyio
 
@@ -162,3 +169,51 @@ async def test_a_new_token_cuts_tls_passthrough_connections_of_the_old_name(
             )
     finally:
         await service.close()
+
+
+async def test_a_new_token_cuts_the_h2_streams_of_the_old_url(
+    ca: trustme.CA, tmp_path: Path, holding_service: int
+) -> None:
+    """A browser keeps its HTTP/2 connection: a stream of the old URL waiting for its answer
+    gets the 404 INVALID_TOKEN page, and a new stream with the old URL on the same connection
+    is a 404 that reaches nothing, while the new URL works on it."""
+    stack = await tls_stack(ca, tmp_path)
+    try:
+        origin = await stack.origin()
+        await stack.agent("sb1")
+        held_port = holding_service
+        url = (await stack.expose("sb1", origin.port, token="oldtoken"))["exposedAt"]
+        held_url = (await stack.expose("sb1", held_port, token="heldtoken"))["exposedAt"]
+        async with RawH2(stack, ca, host_of(url)) as client:
+            sid = client.request(b"GET", b"/")
+            await client.send()
+            headers, body, _ = await client.response(sid)
+            assert headers[b":status"] == b"200" and body == b"hello from origin"
+            client.host = host_of(held_url)
+            waiting = client.request(b"GET", b"/")
+            await client.send()
+            await wait_until(lambda: _streams("sb1", stack) == 1, 10, "the held stream")
+            await stack.expose("sb1", held_port, token="heldtoken2")
+            await stack.expose("sb1", origin.port, token="newtoken")
+            headers, body, _ = await client.response(waiting)
+            assert headers[b":status"] == b"404", (headers, body)
+            assert orjson.loads(body)["code"] == "INVALID_TOKEN"
+            client.host = host_of(url)
+            sid = client.request(b"GET", b"/")
+            await client.send()
+            headers, body, _ = await client.response(sid)
+            assert headers[b":status"] == b"404", (headers, body)
+            client.host = host_of(url).replace("oldtoken", "newtoken")
+            sid = client.request(b"GET", b"/")
+            await client.send()
+            headers, body, _ = await client.response(sid)
+            assert headers[b":status"] == b"200" and body == b"hello from origin"
+        assert origin.requests == 2
+    finally:
+        await stack.close()
+
+
+def _streams(sandbox_id: str, stack: Stack) -> int:
+    assert stack.edge is not None
+    state = stack.edge.registry.get(sandbox_id)
+    return len(state.session.streams) if state is not None and state.session is not None else -1
