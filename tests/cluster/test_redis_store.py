@@ -250,27 +250,35 @@ async def test_claims_hand_out_increasing_epochs_and_the_newest_wins(
 
 
 async def test_a_lease_expires_and_cannot_be_renewed_after(redis_server, open_stores) -> None:
+    # The renew while the lease holds comes within a 30 s claim (a 0.2 s one made the test
+    # depend on its next call coming within 0.2 s), and cuts the lease to 0.2 s; a claim of
+    # 0.2 s (sb2's) expires by itself too.
     a = store_on(redis_server, open_stores)
-    epoch = await a.claim("sb1", "node-a", 0.2)
+    short = await a.claim("sb2", "node-a", 0.2)
+    epoch = await a.claim("sb1", "node-a", 30)
     assert await a.renew("sb1", "node-a", epoch, 0.2)
     loop = asyncio.get_running_loop()
     deadline = loop.time() + 5
-    while await a.owner("sb1") is not None:  # Redis expires it; poll, bounded
-        assert loop.time() < deadline, "the lease never expired"
+    while await a.owner("sb1") is not None or await a.owner("sb2") is not None:
+        assert loop.time() < deadline, "the lease never expired"  # Redis expires it; bounded
         await asyncio.sleep(0.05)
     assert not await a.renew("sb1", "node-a", epoch, 10)
+    assert not await a.renew("sb2", "node-a", short, 10)
     assert await a.claim("sb1", "node-b", 10) > epoch
 
 
 # -- node records ----------------------------------------------------------------------------------
 async def test_node_records_live_as_long_as_they_are_renewed(redis_server, open_stores) -> None:
     a = store_on(redis_server, open_stores)
-    await a.register_node("node-a", {"link": "10.0.0.1:7443", "host": "h1"}, ttl_s=0.3)
+    await a.register_node("node-a", {"link": "10.0.0.1:7443", "host": "h1"}, ttl_s=30)
     await a.register_node("node-b", {"link": "10.0.0.2:7443"}, ttl_s=30)
     assert await a.nodes() == {
         "node-a": {"link": "10.0.0.1:7443", "host": "h1"},
         "node-b": {"link": "10.0.0.2:7443"},
     }
+    # registered again with 0.3 s, and not renewed (registered with 0.3 s at first, the listing
+    # above depended on coming within 0.3 s)
+    await a.register_node("node-a", {"link": "10.0.0.1:7443", "host": "h1"}, ttl_s=0.3)
     loop = asyncio.get_running_loop()
     deadline = loop.time() + 5
     while "node-a" in await a.nodes():  # not renewed: it expires, and the set is pruned
