@@ -1257,12 +1257,20 @@ class EdgeServer:
                     len(removed),
                 )
 
-    def _late_change(self, sandbox_id: str, port: int, record: ExposureRecord | None) -> None:
+    def _late_change(
+        self,
+        sandbox_id: str,
+        port: int,
+        record: ExposureRecord | None,
+        before: ExposureRecord | None,
+    ) -> None:
         """A change answered 503 "may still be applied" that the store saved after all (the
         registry applied it to the view and logged it): the rest of what it does, as for a
-        change made through another node (the agent told, tcp listeners synced)."""
+        change made through another node (the agent told, tcp listeners synced, the live
+        connections of a token it replaced cut)."""
         if record is not None:
             self._remote_exposed(sandbox_id, record, "after its 503")
+            self._cut_old_token(sandbox_id, before, record)
         else:
             self._remote_unexposed(sandbox_id, port, "after its 503")
 

@@ -137,10 +137,13 @@ class Registry:
         self.on_write: Callable[[float, bool], None] | None = None
         # Changes being written (_write_then_apply): they hold their sandbox's lock
         self._writing: set[asyncio.Task[None]] = set()
-        # Told (sandbox, port, the record exposed or None: unexposed) when a change answered 503
-        # "may still be applied" was saved after all and applied to the view, for what follows
-        # the view beyond it (the agent, a tcp exposure's listener)
-        self.on_late_change: Callable[[str, int, ExposureRecord | None], None] | None = None
+        # Told (sandbox, port, the record exposed or None: unexposed, the port's record before)
+        # when a change answered 503 "may still be applied" was saved after all and applied to
+        # the view, for what follows the view beyond it (the agent, a tcp exposure's listener,
+        # the live connections of a token it replaced)
+        self.on_late_change: (
+            Callable[[str, int, ExposureRecord | None, ExposureRecord | None], None] | None
+        ) = None
         # Raises ValidationError for a record whose preview host this edge cannot hand out (DNS
         # cannot carry it: EdgeServer.check_host): run on every record an expose would install,
         # before the store write; at load, a stored one it refuses is kept and logged once
@@ -346,6 +349,8 @@ class Registry:
                         time.monotonic() - started,
                     )
                     return
+                state = self._sandboxes.get(sandbox_id)
+                previous = state.exposures.get(port) if state is not None else None
                 apply()
                 log.warning(
                     "sandbox %s: %s (answered 503, outcome unknown) was saved after all (%.1fs); "
@@ -355,7 +360,7 @@ class Registry:
                     time.monotonic() - started,
                 )
                 if self.on_late_change is not None:
-                    self.on_late_change(sandbox_id, port, record)
+                    self.on_late_change(sandbox_id, port, record, previous)
                 return
             if self.on_write is not None:
                 self.on_write(time.monotonic() - started, True)
