@@ -69,11 +69,7 @@ async def bind(
             try:
                 sock.bind(address)
             except OSError as exc:
-                raise OSError(
-                    exc.errno,
-                    f"error while attempting to bind on address {address!r}: "
-                    f"{(exc.strerror or str(exc)).lower()}",
-                ) from None
+                raise bind_error(address, exc) from None
             sock.listen(backlog)
             sock.setblocking(False)
     except BaseException:
@@ -83,6 +79,16 @@ async def bind(
     if not sockets:
         raise OSError(f"no address to listen on for host {host!r}")
     return sockets
+
+
+def bind_error(address: Any, exc: OSError) -> OSError:
+    """``exc``, met binding ``address``, worded as asyncio's ``create_server`` words it (what
+    the listener's start line says: tunneld/edge.py, tunneld/supervisor.py)."""
+    return OSError(
+        exc.errno,
+        f"error while attempting to bind on address {address!r}: "
+        f"{(exc.strerror or str(exc)).lower()}",
+    )
 
 
 class Acceptor:

@@ -110,6 +110,7 @@ from relay.budget import RateLimitedLog
 from . import systemd
 from .config import Config, ConfigError, load_config
 from .entry import START_SIGNALS, take_deferred_reload
+from .listen import bind_error
 from .private_redis import REDIS_DIR, UNSAVED, PrivateRedis
 from .redis_store import is_redis_url
 from .store import SqliteStore, StoredExposure, StoreError
@@ -192,7 +193,8 @@ def reserve_port(host: str, port: int) -> list[socket.socket]:
     socket holds is refused (EADDRINUSE), as a single process's listener is, also when that
     socket has ``SO_REUSEPORT`` itself (the kernel lets two such sockets of one user share a port:
     another ``tunneld serve --workers`` on the same ports would start and take half of their
-    connections). A bind error is worded as tunneld/listen.py's ``bind`` words it (asyncio's)."""
+    connections). A bind error is worded by tunneld/listen.py's ``bind_error``, as its ``bind``
+    words it."""
     infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     sockets: list[socket.socket] = []
     try:
@@ -207,11 +209,7 @@ def reserve_port(host: str, port: int) -> list[socket.socket]:
             try:
                 sock.bind(address)
             except OSError as exc:
-                raise OSError(
-                    exc.errno,
-                    f"error while attempting to bind on address {address!r}: "
-                    f"{(exc.strerror or str(exc)).lower()}",
-                ) from None
+                raise bind_error(address, exc) from None
     except OSError:
         for sock in sockets:
             sock.close()

@@ -11,6 +11,7 @@ import asyncio
 
 import pytest
 
+from tests.e2e.conftest import read_to_end
 from tests.faults.faultproxy import FaultProxy
 
 from .nodes import Cluster, wait_for
@@ -34,7 +35,7 @@ async def test_a_token_changed_through_another_node_cuts_the_owners_live_connect
         await asyncio.wait_for(reader.readuntil(b"hello from origin"), 10)
         await a.edge.registry.commit_expose("sb1", origin.port, token="fresh")
         await wait_for(lambda: b.edge.registry.match("sb1", origin.port, "fresh"), what="B's view")
-        assert await _rest(reader) == b""  # before: the connection stayed open
+        assert await read_to_end(reader) == b""  # before: the connection stayed open
     finally:
         writer.close()
     assert origin.requests == 1
@@ -66,20 +67,8 @@ async def test_a_token_change_missed_while_cut_off_cuts_them_at_the_resync(
             await wait_for(
                 lambda: b.edge.registry.match("sb1", origin.port, "fresh"), what="the resync"
             )
-            assert await _rest(reader) == b""
+            assert await read_to_end(reader) == b""
         finally:
             writer.close()
         assert origin.requests == 1
         await cluster.close()  # before the proxy goes: B's store closes without a new outage
-
-
-async def _rest(reader: asyncio.StreamReader) -> bytes:
-    """What the edge still sends until it closes the connection (EOF or reset), at most 10 s."""
-    rest = b""
-    try:
-        async with asyncio.timeout(10):
-            while chunk := await reader.read(65536):
-                rest += chunk
-    except ConnectionResetError:
-        pass
-    return rest

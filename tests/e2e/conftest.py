@@ -196,6 +196,19 @@ async def raw_request(
         writer.close()
 
 
+async def read_to_end(reader: asyncio.StreamReader, timeout: float = 10) -> bytes:
+    """What the edge sends on a connection until it closes it (EOF or reset), at most
+    ``timeout`` seconds (TimeoutError past them: the connection stayed open)."""
+    out = b""
+    try:
+        async with asyncio.timeout(timeout):
+            while chunk := await reader.read(65536):
+                out += chunk
+    except ConnectionResetError:
+        pass
+    return out
+
+
 def _crashes(records: list[logging.LogRecord]) -> list[str]:
     return [
         f"{r.name}: {r.getMessage()}"

@@ -27,7 +27,7 @@ import pytest
 import trustme
 
 from . import test_public_tls
-from .conftest import Stack, raw_request, wait_until
+from .conftest import Stack, raw_request, read_to_end, wait_until
 from .test_http2 import RawH2
 from .test_public_tcp import DOMAIN, TOKEN, Passthrough, TlsEcho, passthrough
 from .test_public_tls import host_of, tls_stack
@@ -36,18 +36,6 @@ __all__ = ["passthrough"]  # the fixture
 ca = test_public_tls.ca  # the certificate authority of the HTTPS stack (a fixture)
 
 pytestmark = pytest.mark.anyio
-
-
-async def _read_to_end(reader: asyncio.StreamReader) -> bytes:
-    """What the edge sends until it closes the connection (EOF or reset), at most 10 s."""
-    out = b""
-    try:
-        async with asyncio.timeout(10):
-            while chunk := await reader.read(65536):
-                out += chunk
-    except ConnectionResetError:
-        pass
-    return out
 
 
 @pytest.mark.parametrize("by", ["admin", "agent"])
@@ -85,11 +73,11 @@ async def test_a_new_token_cuts_the_connections_opened_with_the_old_one(
             await agent.expose(origin.port, token="fresh")
             await agent.expose(holding_service, token="fresh2")
 
-        answer = await _read_to_end(waiting_r)
+        answer = await read_to_end(waiting_r)
         head, _, body = answer.partition(b"\r\n\r\n")
         assert head.startswith(b"HTTP/1.1 404 "), answer
         assert orjson.loads(body)["code"] == "INVALID_TOKEN"
-        assert await _read_to_end(idle_r) == b""  # cut (before: kept open, and served)
+        assert await read_to_end(idle_r) == b""  # cut (before: kept open, and served)
     finally:
         idle_w.close()
         waiting_w.close()
@@ -112,7 +100,7 @@ async def test_a_re_expose_with_the_same_token_cuts_nothing(stack: Stack) -> Non
         await stack.expose("sb1", origin.port, token="same")
         await stack.expose("sb1", origin.port)  # no token: keeps the port's own
         writer.write(f"GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
-        assert (await _read_to_end(reader)).endswith(b"hello from origin")
+        assert (await read_to_end(reader)).endswith(b"hello from origin")
     finally:
         writer.close()
     assert (origin.requests, origin.connections) == (2, 1)

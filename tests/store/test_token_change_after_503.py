@@ -15,23 +15,11 @@ import asyncio
 
 import pytest
 
-from tests.e2e.conftest import Stack, wait_until
+from tests.e2e.conftest import Stack, read_to_end, wait_until
 
 from .test_store_hung_writes import _Held
 
 pytestmark = pytest.mark.anyio
-
-
-async def _read_to_end(reader: asyncio.StreamReader) -> bytes:
-    """What the edge sends until it closes the connection (EOF or reset), at most 10 s."""
-    out = b""
-    try:
-        async with asyncio.timeout(10):
-            while chunk := await reader.read(65536):
-                out += chunk
-    except ConnectionResetError:
-        pass
-    return out
 
 
 @pytest.mark.parametrize("token", ["fresh", "old"])
@@ -70,7 +58,7 @@ async def test_a_token_change_saved_after_its_503_cuts_the_old_urls_connections(
                 await asyncio.wait_for(reader.readuntil(b"hello from origin"), 10)
                 assert origin.requests == 2
             else:
-                assert await _read_to_end(reader) == b""  # cut (before: kept open, and served)
+                assert await read_to_end(reader) == b""  # cut (before: kept open, and served)
                 assert origin.requests == 1
         finally:
             writer.close()
