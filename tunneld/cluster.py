@@ -109,9 +109,15 @@ class Cluster:
     async def start(self, tls: ssl.SSLContext | None) -> None:
         config = self.server.config
         loop = self.server.loop
-        self._listener = await loop.create_server(
-            lambda: NodeLinkServer(self), config.node_host, config.node_port, ssl=tls
-        )
+        try:
+            self._listener = await loop.create_server(
+                lambda: NodeLinkServer(self), config.node_host, config.node_port, ssl=tls
+            )
+        except OSError as exc:  # said as the other listeners say it (tunneld/edge.py _listening)
+            where = f"{config.node_host or '*'}:{config.node_port} (node_host, node_port)"
+            error = OSError(f"cannot open the node link listener on {where}: {exc}")
+            error.errno = exc.errno  # str() without a second "[Errno N]"
+            raise error from None
         self.port = self._listener.sockets[0].getsockname()[1]
         self.advertise = config.node_advertise or f"{config.node_host}:{self.port}"
         if config.node_tls_ca:
