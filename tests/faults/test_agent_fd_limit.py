@@ -27,6 +27,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -118,8 +119,32 @@ def _reset_all(edge: HostileEdge, sids: list[int]) -> None:
     edge.flush()
 
 
-def _limit_descriptors() -> None:
-    resource.setrlimit(resource.RLIMIT_NOFILE, (NOFILE, NOFILE))
+def _limits(soft: int, hard: int) -> Callable[[], None]:
+    def apply() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+    return apply
+
+
+def _start(
+    tmp_path: Path, edge_port: int, soft: int, hard: int, *extra: str, loop: str = "uvloop"
+) -> tuple[subprocess.Popen[bytes], Path, Path]:
+    ports_file = tmp_path / "agent.json"
+    log_file = tmp_path / "agent.log"
+    env = {k: v for k, v in os.environ.items() if k not in PROXY_VARIABLES}
+    env.update(
+        TUNNEL_AGENT_TOKEN="t",
+        TUNNEL_AGENT_PORTS_FILE=str(ports_file),
+        TUNNEL_LOOP=loop,
+        PYTHONUNBUFFERED="1",
+    )
+    argv = [sys.executable, "-m", "agent", "run", "--server", f"127.0.0.1:{edge_port}"]
+    argv += ["--sandbox-id", "sb1", "--api-port", "0", *extra]
+    with log_file.open("wb") as out:
+        proc = subprocess.Popen(
+            argv, env=env, stdout=out, stderr=subprocess.STDOUT, preexec_fn=_limits(soft, hard)
+        )
+    return proc, ports_file, log_file
 
 
 def _wait_for_file(path: Path, proc: subprocess.Popen[bytes], timeout: float = 15) -> dict:
@@ -150,21 +175,7 @@ async def test_agent_process_refuses_streams_past_its_connection_limit_and_keeps
     edge = HostileEdge([port])
     server = await asyncio.get_running_loop().create_server(lambda: edge, "127.0.0.1", 0)
     edge_port = server.sockets[0].getsockname()[1]
-    ports_file = tmp_path / "agent.json"
-    log_file = tmp_path / "agent.log"
-    env = {k: v for k, v in os.environ.items() if k not in PROXY_VARIABLES}
-    env.update(
-        TUNNEL_AGENT_TOKEN="t",
-        TUNNEL_AGENT_PORTS_FILE=str(ports_file),
-        TUNNEL_LOOP=loop,
-        PYTHONUNBUFFERED="1",
-    )
-    argv = [sys.executable, "-m", "agent", "run", "--server", f"127.0.0.1:{edge_port}"]
-    argv += ["--sandbox-id", "sb1", "--api-port", "0"]
-    with log_file.open("wb") as out:
-        proc = subprocess.Popen(
-            argv, env=env, stdout=out, stderr=subprocess.STDOUT, preexec_fn=_limit_descriptors
-        )
+    proc, ports_file, log_file = _start(tmp_path, edge_port, NOFILE, NOFILE, loop=loop)
     limit = default_max_connections(NOFILE)
     assert limit == NOFILE - FD_RESERVE
     try:

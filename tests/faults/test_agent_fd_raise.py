@@ -19,13 +19,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import resource
 import socket
 import subprocess
-import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -40,42 +37,21 @@ from agent.core import (
     fd_limit_target,
 )
 from protocol.events import StreamAccepted, StreamReset
-from tests.e2e.procs import PROXY_VARIABLES
 
 from .hostile_edge import HostileEdge
-from .test_agent_fd_limit import Holder, _hello, _outcomes, _reset_all, _wait_for_file
+from .test_agent_fd_limit import (
+    Holder,
+    _hello,
+    _limits,
+    _outcomes,
+    _reset_all,
+    _start,
+    _wait_for_file,
+)
 
 pytestmark = pytest.mark.anyio
 
 STREAMS = 200  # past the cap of a soft limit of 256 (96), well within that of 4096 (3936)
-
-
-def _limits(soft: int, hard: int) -> Callable[[], None]:
-    def apply() -> None:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
-
-    return apply
-
-
-def _start(
-    tmp_path: Path, edge_port: int, soft: int, hard: int, *extra: str, loop: str = "uvloop"
-) -> tuple[subprocess.Popen[bytes], Path, Path]:
-    ports_file = tmp_path / "agent.json"
-    log_file = tmp_path / "agent.log"
-    env = {k: v for k, v in os.environ.items() if k not in PROXY_VARIABLES}
-    env.update(
-        TUNNEL_AGENT_TOKEN="t",
-        TUNNEL_AGENT_PORTS_FILE=str(ports_file),
-        TUNNEL_LOOP=loop,
-        PYTHONUNBUFFERED="1",
-    )
-    argv = [sys.executable, "-m", "agent", "run", "--server", f"127.0.0.1:{edge_port}"]
-    argv += ["--sandbox-id", "sb1", "--api-port", "0", *extra]
-    with log_file.open("wb") as out:
-        proc = subprocess.Popen(
-            argv, env=env, stdout=out, stderr=subprocess.STDOUT, preexec_fn=_limits(soft, hard)
-        )
-    return proc, ports_file, log_file
 
 
 def _can_raise_hard(hard: int) -> bool:
