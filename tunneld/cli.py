@@ -480,11 +480,29 @@ def public_connections_cap(max_connections: int, nofile: int) -> int:
     return max(1, min(max_connections, max(nofile - NOFILE_RESERVE, nofile // 2)))
 
 
+# Pending agent connections may take 1/PENDING_AGENTS_SHARE of the descriptors besides the
+# public connections' (see pending_agents_cap).
+PENDING_AGENTS_SHARE = 4
+
+
+def pending_agents_cap(max_pending_agents: int, public_cap: int, nofile: int) -> int:
+    """The agent connections not authenticated yet that a process with the soft descriptor
+    limit ``nofile`` and ``public_cap`` public connections admits: ``max_pending_agents``, or a
+    quarter of the descriptors left besides the public connections when that is fewer, so that
+    connections anyone who reaches the agent port can open leave the rest of the reserve to
+    agent sessions, the admin API, the store and the runtime."""
+    if nofile == resource.RLIM_INFINITY:
+        return max_pending_agents
+    return max(1, min(max_pending_agents, (nofile - public_cap) // PENDING_AGENTS_SHARE))
+
+
 def _fit_public_connections(config: Config) -> None:
     """In a process that serves: lower ``config.max_connections`` to what its descriptor limit
     has room for, with a warning. Past it a client gets 503 TOO_MANY_CONNECTIONS, as past
     ``max_connections``, instead of an accept that fails for want of a descriptor (uvloop closes
-    such connections unanswered), and agents and the admin API keep descriptors of their own."""
+    such connections unanswered), and agents and the admin API keep descriptors of their own.
+    Then ``config.max_pending_agents`` likewise, to a quarter of the rest (``pending_agents_cap``):
+    agent connections that have not said hello cannot take every descriptor of the reserve."""
     nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
     cap = public_connections_cap(config.max_connections, nofile)
     if cap < config.max_connections:
@@ -498,6 +516,19 @@ def _fit_public_connections(config: Config) -> None:
             cap,
         )
         config.max_connections = cap
+    pending = pending_agents_cap(config.max_pending_agents, config.max_connections, nofile)
+    if pending < config.max_pending_agents:
+        log.warning(
+            "file descriptor limit %d leaves %d besides %d public connections: agent connections "
+            "waiting to authenticate limited to %d, a quarter of them (max_pending_agents %d; "
+            "past it a new agent connection is closed at once)",
+            nofile,
+            nofile - config.max_connections,
+            config.max_connections,
+            pending,
+            config.max_pending_agents,
+        )
+        config.max_pending_agents = pending
 
 
 def _token(args: argparse.Namespace) -> int:
