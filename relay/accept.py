@@ -10,6 +10,11 @@ for one loop, that method with one that stops at the first such failure, rests t
 for ``ACCEPT_RETRY_DELAY`` and says so through :func:`log_accept_failure`: one rate-limited log
 per loop (a burst, then one a second), shared with tunneld/listen.py's ``Acceptor``. uvloop
 needs nothing: libuv accepts and closes the connections it has no descriptor for, unlogged.
+
+:func:`lost_listeners` (for ``GET /readyz``) names the listeners whose sockets no longer
+listen, with one ERROR each: uvloop closes a listening socket, unlogged, if libuv ever hands
+its listen callback an error (uvloop 0.23 with libuv 1.52 did not, for any accept error
+tried: tests/faults/test_listener_accept_errors.py).
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from typing import Any, Final
 
 from relay.budget import RateLimitedLog
 
-__all__ = ["ACCEPT_RETRY_DELAY", "guard_accept", "log_accept_failure"]
+__all__ = ["ACCEPT_RETRY_DELAY", "guard_accept", "log_accept_failure", "lost_listeners"]
 
 log = logging.getLogger(__name__)
 
@@ -106,3 +111,36 @@ def guard_accept(loop: asyncio.AbstractEventLoop) -> None:
             )
 
     loop._accept_connection = types.MethodType(accept_connection, loop)  # type: ignore[attr-defined]
+
+
+# Listeners already reported lost (by id: uvloop's Server takes no weak reference; a server
+# lives as long as its process).
+_reported_lost: set[int] = set()
+
+
+def _listening(sock: Any) -> bool:
+    try:
+        return sock.fileno() >= 0 and bool(sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN))
+    except OSError:  # closed under us
+        return False
+
+
+def lost_listeners(servers: list[tuple[str, Any]]) -> list[str]:
+    """The names of the ``(name, server)`` listeners whose sockets no longer listen, each
+    logged once as an ERROR. A listener that the event loop closed (uvloop closes one, without
+    a log line, when libuv hands it an accept error) or that stopped listening would otherwise
+    go unnoticed: the process, and /healthz, look fine."""
+    lost = []
+    for name, server in servers:
+        sockets = list(getattr(server, "sockets", None) or ())
+        if sockets and all(_listening(sock) for sock in sockets):
+            continue
+        lost.append(name)
+        if id(server) not in _reported_lost:
+            _reported_lost.add(id(server))
+            log.error(
+                "%s listener is no longer listening: new connections are refused; "
+                "restart tunneld (/readyz answers 503 meanwhile)",
+                name,
+            )
+    return lost

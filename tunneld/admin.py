@@ -52,6 +52,7 @@ from protocol.hostnames import (
     validate_port,
     validate_sandbox_id,
 )
+from relay.accept import lost_listeners
 from relay.httpapi import (
     ApiError,
     ApiServer,
@@ -242,6 +243,10 @@ class AdminServer:
             reasons.append("starting: listeners or stored exposures not ready yet")
         if edge.draining:
             reasons.append("draining: stopping, no new traffic")
+        elif edge.ready:
+            names = ("agent", "public", "admin", "HTTP-to-HTTPS redirect")
+            for name in lost_listeners(list(zip(names, edge._servers, strict=False))):
+                reasons.append(f"listener lost: the {name} listener no longer listens")
         body: dict[str, Any] = {"status": "ready" if not reasons else "not ready"}
         if reasons:
             body["reasons"] = reasons

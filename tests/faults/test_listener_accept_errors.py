@@ -52,6 +52,7 @@ SHIM = r"""
 
 /* $ACCEPT_FAIL_FILE holds "PORT COUNT ERRNO": the next COUNT accept()/accept4() calls on the
    listener bound to PORT fail with ERRNO and take no connection; the file goes with the last.
+   ERRNO -1: the listener is shut down for reading (it stops listening), accept fails EINVAL.
    While it exists, open() of "/" or "/dev/null" fails with EMFILE. */
 static int fail_now(int fd) {
     const char *path = getenv("ACCEPT_FAIL_FILE");
@@ -77,6 +78,10 @@ static int fail_now(int fd) {
         fclose(f);
     }
     fprintf(stderr, "shim: accept on port %d fails with errno %d\n", port, err);
+    if (err < 0) { /* the listener stops listening (as one closed under the loop would) */
+        shutdown(fd, SHUT_RD);
+        err = EINVAL;
+    }
     errno = err;
     return 1;
 }

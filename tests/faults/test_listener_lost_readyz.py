@@ -1,0 +1,78 @@
+"""A listener that stops listening makes ``/readyz`` answer 503, naming it, with one ERROR line.
+
+No ``accept`` error loses a listener on either loop today (test_listener_accept_errors.py), but
+uvloop closes a listening socket without a log line if libuv ever hands it one, and then the
+process and ``/healthz`` look fine while new clients are refused. ``/readyz`` checks that every
+listener's sockets still listen (``SO_ACCEPTCONN``), so a load balancer or orchestrator takes
+the node out and the log says which listener is gone. docs/operations.md, File descriptors.
+
+A real ``tunneld serve`` on uvloop (the default loop) under the ``LD_PRELOAD`` shim of
+test_listener_accept_errors.py, in its mode that shuts the public listener down for reading
+at its next ``accept`` (the socket stays open but no longer listens, as one the loop closed
+would refuse connections). asyncio's own accept loop is not run here: a listener shut down
+under it is readable for ever and it logs a traceback per attempt.
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.e2e.procs import Processes, wait_for
+from tests.faults.test_listener_accept_errors import SHIM
+
+
+def _refused(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()
+    except (ConnectionRefusedError, ConnectionResetError):  # reset: met the shutdown
+        return True
+    return False
+
+
+def test_a_listener_that_stops_listening_makes_readyz_503(tmp_path: Path) -> None:
+    gcc = shutil.which("gcc")
+    if gcc is None:
+        pytest.skip("gcc is needed to build the accept() shim")
+    (tmp_path / "acceptshim.c").write_text(SHIM)
+    shim = tmp_path / "acceptshim.so"
+    subprocess.run(
+        [gcc, "-shared", "-fPIC", "-O1", "-o", str(shim), str(tmp_path / "acceptshim.c"), "-ldl"],
+        check=True,
+        timeout=60,
+    )
+    procs = Processes(tmp_path, "uvloop")
+    trigger = tmp_path / "fail-accepts"
+    env = procs.env(
+        TUNNELD_ADMIN_TOKEN=procs.admin_token,
+        TUNNELD_SECRET=procs.secret,
+        LD_PRELOAD=str(shim),
+        ACCEPT_FAIL_FILE=str(trigger),
+    )
+    try:
+        ports = procs.start_edge("--public-host", "127.0.0.1", env=env)
+        admin = f"http://127.0.0.1:{ports['admin']}"
+        assert httpx.get(f"{admin}/readyz", timeout=10).status_code == 200
+        trigger.write_text(f"{ports['public']} 1 -1\n")
+        _refused(ports["public"])  # a client: the accept that shuts the listener down
+        wait_for(lambda: not trigger.exists(), what="the shim to shut the listener down")
+        wait_for(lambda: _refused(ports["public"]), what="the public listener to refuse")
+        ready = httpx.get(f"{admin}/readyz", timeout=10)
+        assert ready.status_code == 503
+        assert ready.json() == {
+            "status": "not ready",
+            "reasons": ["listener lost: the public listener no longer listens"],
+        }
+        assert httpx.get(f"{admin}/healthz", timeout=10).status_code == 200  # liveness: alive
+        assert httpx.get(f"{admin}/readyz", timeout=10).status_code == 503  # and stays so
+        assert procs.edge is not None
+        errors = [line for line in procs.output(procs.edge).splitlines() if " ERROR " in line]
+        assert len(errors) == 1, errors  # once, not per probe
+        assert "public listener is no longer listening" in errors[0]
+    finally:
+        procs.close()
