@@ -14,7 +14,9 @@ needs nothing: libuv accepts and closes the connections it has no descriptor for
 :func:`lost_listeners` (for ``GET /readyz``) names the listeners whose sockets no longer
 listen, with one ERROR each: uvloop closes a listening socket, unlogged, if libuv ever hands
 its listen callback an error (uvloop 0.23 with libuv 1.52 did not, for any accept error
-tried: tests/faults/test_listener_accept_errors.py).
+tried: tests/faults/test_listener_accept_errors.py). On asyncio, :func:`guard_accept` leaves a
+listener that no longer listens (``accept`` fails with ``EINVAL``; it stays readable) after its
+first failure, with that ERROR, instead of a traceback per attempt.
 """
 
 from __future__ import annotations
@@ -93,13 +95,19 @@ def guard_accept(loop: asyncio.AbstractEventLoop) -> None:
             except (BlockingIOError, InterruptedError, ConnectionAbortedError):
                 return
             except OSError as exc:
-                if exc.errno not in _RESOURCES:
-                    raise  # the loop logs it, as asyncio's own does
                 try:
                     host, port = sock.getsockname()[:2]
                     name = f"listener {host}:{port}"
                 except OSError:  # pragma: no cover - a socket being closed
                     name = "listener"
+                if exc.errno not in _RESOURCES:
+                    if _listening(sock):
+                        raise  # the loop logs it, as asyncio's own does
+                    # no longer listening (EINVAL): readable for ever, so asyncio would log a
+                    # traceback per attempt; stop here, say so once (/readyz answers 503)
+                    self._remove_reader(sock.fileno())  # type: ignore[attr-defined]
+                    _report_lost(server, f"{name} ({exc.strerror or exc})")
+                    return
                 log_accept_failure(self, name, exc)
                 self._remove_reader(sock.fileno())  # type: ignore[attr-defined]
                 self.call_later(ACCEPT_RETRY_DELAY, start_serving, protocol_factory, sock, *args)
@@ -136,11 +144,15 @@ def lost_listeners(servers: list[tuple[str, Any]]) -> list[str]:
         if sockets and all(_listening(sock) for sock in sockets):
             continue
         lost.append(name)
-        if id(server) not in _reported_lost:
-            _reported_lost.add(id(server))
-            log.error(
-                "%s listener is no longer listening: new connections are refused; "
-                "restart tunneld (/readyz answers 503 meanwhile)",
-                name,
-            )
+        _report_lost(server, f"{name} listener")
     return lost
+
+
+def _report_lost(server: Any, name: str) -> None:
+    if id(server) not in _reported_lost:
+        _reported_lost.add(id(server))
+        log.error(
+            "%s is no longer listening: new connections are refused; "
+            "restart tunneld (/readyz answers 503 meanwhile)",
+            name,
+        )
