@@ -20,8 +20,10 @@ raw client sockets on 127.0.0.1.
 from __future__ import annotations
 
 import logging
+import os
 import resource
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -179,10 +181,16 @@ def test_the_edge_out_of_descriptors_logs_a_little_and_recovers(tmp_path: Path, 
         wait_for(lambda: is_connected(procs, "sb1"), what="the agent's session")
         started = time.monotonic()
         if loop == "asyncio":
-            clients = [
-                socket.create_connection(("127.0.0.1", ports["agent"]), timeout=10)
-                for _ in range(CLIENTS)
-            ]
+            # All of them in the backlog before the edge's next wake-up (it is stopped while
+            # they connect): one burst, however fast this machine runs the two processes.
+            os.kill(procs.edge.pid, signal.SIGSTOP)
+            try:
+                clients = [
+                    socket.create_connection(("127.0.0.1", ports["agent"]), timeout=10)
+                    for _ in range(CLIENTS)
+                ]
+            finally:
+                os.kill(procs.edge.pid, signal.SIGCONT)
         else:
             clients = [
                 socket.create_connection(
