@@ -148,7 +148,7 @@ async def test_hand_over_connections_past_the_cap_are_closed_at_once_and_warned_
 async def test_a_connection_that_sends_no_well_formed_hand_over_is_closed_after_the_deadline(
     cluster: Cluster, monkeypatch: pytest.MonkeyPatch, peer_log: None
 ) -> None:
-    monkeypatch.setattr(tunneld.handover, "IDENTIFY_TIMEOUT", 0.5)
+    monkeypatch.setattr(tunneld.handover, "IDENTIFY_TIMEOUT", 1.0)
     _node_a, handover = await _node(cluster)
     r_fd, w_fd = os.pipe()
     # A node: its first message is well-formed (refused: it owns nothing here), which ends its

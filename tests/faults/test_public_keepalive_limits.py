@@ -47,16 +47,17 @@ async def test_idle_keepalive_connection_is_closed() -> None:
 
 
 async def test_keepalive_timer_restarts_with_each_request() -> None:
-    stack = await _started(keepalive_timeout=1.0)
+    stack = await _started(keepalive_timeout=2.0)
     try:
         host = await _exposed(stack)
         assert stack.edge is not None
         reader, writer = await asyncio.open_connection("127.0.0.1", stack.edge.public_port)
-        for _ in range(4):  # 4 x 0.4 s > the timeout, but never 1 s idle
+        # 4 x 0.6 s > the timeout, but never 2 s idle (1.4 s of margin for a loaded machine)
+        for _ in range(4):
             writer.write(b"GET / HTTP/1.1\r\nHost: " + host + b"\r\n\r\n")
             got = await asyncio.wait_for(reader.readuntil(b"hello from origin"), 5)
             assert got.startswith(b"HTTP/1.1 200")
-            await asyncio.sleep(0.4)
+            await asyncio.sleep(0.6)
         writer.close()
     finally:
         await stack.close()
