@@ -250,6 +250,7 @@ class LocalEndpoint(StreamEndpoint):
         "_close_watch",
         "_dialled",
         "_holds_slot",
+        "_peername",
         "_pending",
         "_pending_end",
         "_sockname",
@@ -261,6 +262,7 @@ class LocalEndpoint(StreamEndpoint):
         self._pending_end = False
         self._dialled = mux.agent.dialled
         self._sockname: tuple[str, int] | None = None
+        self._peername: tuple[str, int] | None = None
         # Started by close_gracefully while the service has bytes of ours it has not taken.
         self._close_watch: StalledCloseWatch | None = None
         # Counted in Agent.local_connections from the dial until the socket is gone.
@@ -276,10 +278,17 @@ class LocalEndpoint(StreamEndpoint):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
         sockname = transport.get_extra_info("sockname")
-        if isinstance(sockname, tuple) and len(sockname) >= 2:
+        peername = transport.get_extra_info("peername")
+        if (
+            isinstance(sockname, tuple)
+            and len(sockname) >= 2
+            and isinstance(peername, tuple)
+            and len(peername) >= 2
+        ):
             # The local API refuses requests from these sockets: they carry tunnel traffic.
             self._sockname = (str(sockname[0]), int(sockname[1]))
-            self._dialled.add(self._sockname)
+            self._peername = (str(peername[0]), int(peername[1]))
+            self._dialled.setdefault(self._sockname, set()).add(self._peername)
         mux = self.mux
         if self._closed or mux.streams.get(self.stream_id) is not self or mux.session.closed:
             # The edge reset the stream (or the link was lost) while we were dialing: RST, so the
@@ -301,8 +310,12 @@ class LocalEndpoint(StreamEndpoint):
         if self._close_watch is not None:
             self._close_watch.cancel()
             self._close_watch = None
-        if self._sockname is not None:
-            self._dialled.discard(self._sockname)
+        if self._sockname is not None and self._peername is not None:
+            services = self._dialled.get(self._sockname)
+            if services is not None:
+                services.discard(self._peername)
+                if not services:
+                    del self._dialled[self._sockname]
         self.release_slot()
         super().connection_lost(exc)
 
@@ -646,8 +659,10 @@ class Agent:
         self.session_id: str | None = None
         # The port the local control API is bound to: never exposed, never dialled.
         self.api_port: int | None = None
-        # (address, port) of every open socket the agent dialled for a stream (is_tunnel_peer).
-        self.dialled: set[tuple[str, int]] = set()
+        # The local (address, port) of every open socket the agent dialled for a stream, with the
+        # (address, port) of each one's service (is_tunnel_peer). Several: Linux gives sockets
+        # to different destinations the same ephemeral port.
+        self.dialled: dict[tuple[str, int], set[tuple[str, int]]] = {}
         # Warnings about streams the edge opens to ports the agent refuses: a hostile edge can
         # open them at will, so a burst, then one a second (relay/budget.py).
         self.refused_streams = RateLimitedLog(
@@ -692,9 +707,11 @@ class Agent:
     def sandbox_id(self) -> str:
         return self.config.sandbox_id
 
-    def is_tunnel_peer(self, address: tuple[str, int]) -> bool:
-        """Is ``address`` one of the agent's own sockets toward a local service?"""
-        return address in self.dialled
+    def is_tunnel_peer(self, address: tuple[str, int], port: int) -> bool:
+        """Is ``address`` one of the agent's own sockets, connected to ``port``? (Only the
+        address would take a client of the local API for a tunnel stream whenever its ephemeral
+        port is one that a stream's socket to another service has too.)"""
+        return any(service[1] == port for service in self.dialled.get(address, ()))
 
     def check_port(self, port: object) -> int:
         """``validate_port``, and never the local API's own port."""

@@ -131,8 +131,9 @@ class _HTTPError(ApiError):
 
 
 _Handler = Callable[[Request, "re.Match[str]", Exchange], Awaitable[Response | None]]
-# ``is_tunnel_peer(("127.0.0.1", 51234))``: is that address one of the agent's own dialled sockets?
-TunnelPeerCheck = Callable[[tuple[str, int]], bool]
+# ``is_tunnel_peer(("127.0.0.1", 51234), 3000)``: is that address one of the agent's own dialled
+# sockets, connected to that port (this API's)?
+TunnelPeerCheck = Callable[[tuple[str, int], int], bool]
 
 
 def _is_proxy_header(name: bytes) -> bool:
@@ -371,11 +372,14 @@ class LocalAPI:
 
         Refuse the tunnel too: a request relayed by the edge (or any proxy) carries
         ``X-Forwarded-*``/``Forwarded``, and a stream the agent dialled to this port comes from one
-        of the agent's own sockets. The agent never dials this port; this is the second lock."""
+        of the agent's own sockets, connected to this port (a client of the API may have the same
+        local address as a socket the agent dialled elsewhere: Linux shares an ephemeral port
+        between connections to different destinations). The agent never dials this port; this is
+        the second lock."""
         if any(_is_proxy_header(name) for name, _ in request.headers) or (
             self._is_tunnel_peer is not None
             and request.peer is not None
-            and self._is_tunnel_peer(request.peer)
+            and self._is_tunnel_peer(request.peer, self.port)
         ):
             return _HTTPError(
                 "FORBIDDEN", "Requests through the tunnel are not accepted by the local API."

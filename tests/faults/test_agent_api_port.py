@@ -16,6 +16,8 @@ import pytest
 from agent.errors import AgentError
 from protocol.errors import ResetCode
 from protocol.events import StreamAccepted, StreamReset
+from relay.httpapi import Request
+from tests.e2e.conftest import wait_until
 from tests.e2e.procs import BIN, Processes
 
 from .hostile_edge import hostile_edge
@@ -135,3 +137,47 @@ def test_agent_process_with_api_port_refuses_it_everywhere(tmp_path) -> None:
             assert admin.get("/v1/sandboxes/sb1/ports").json() == {"ports": []}
     finally:
         procs.close()
+
+
+async def test_a_client_sharing_a_streams_local_address_is_not_taken_for_the_tunnel() -> None:
+    """Linux gives connections to different destinations the same ephemeral port, so a client
+    of the API may come from the very (address, port) of a socket the agent dialled for a
+    stream to a service. Only a socket dialled to the API's own port is the tunnel: with the
+    address alone, an agent holding many streams answered its own CLI 403 FORBIDDEN at random
+    (tests/faults/test_agent_fd_raise.py failed so in CI, 200 streams held)."""
+    peers: list[tuple[str, int]] = []
+
+    def accepted(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peers.append(writer.get_extra_info("peername")[:2])
+
+    service = await asyncio.start_server(accepted, "127.0.0.1", 0)
+    service_port = service.sockets[0].getsockname()[1]
+    async with hostile_edge() as (edge, agent):
+        api = await agent.serve_local_api("127.0.0.1", 0)
+        try:
+            agent.exposures.add(service_port)
+            sid = edge.open(service_port, "direct", b"")
+            assert isinstance(await edge.outcome(sid), StreamAccepted)
+            await wait_until(lambda: peers, 10, "the service to accept the agent's socket")
+            [local] = peers  # the agent's socket's own address, as a client of the API may have
+
+            def request(peer: tuple[str, int]) -> Request:
+                headers = [(b"host", b"localhost")]
+                return Request("GET", "/v1/status", "/v1/status", "", headers, headers, b"", peer)
+
+            assert api._refusal(request(local)) is None  # before: 403 FORBIDDEN, "tunnel"
+            # A stream dialled to the API's own port is still the tunnel (as a bug elsewhere
+            # might let one through: the refusal of that port forgotten).
+            agent.api_port = None
+            tunnel = edge.open(api.port, "direct", b"")
+            assert isinstance(await edge.outcome(tunnel), StreamAccepted)
+            [through] = [a for a, s in agent.dialled.items() if ("127.0.0.1", api.port) in s]
+            refusal = api._refusal(request(through))
+            assert refusal is not None and refusal.code == "FORBIDDEN"
+            for stream in (sid, tunnel):
+                edge.session.reset_stream(stream, ResetCode.CANCEL)
+            edge.flush()
+            await wait_until(lambda: not agent.dialled, 10, "the streams' sockets forgotten")
+        finally:
+            await api.close()
+            service.close()
