@@ -18,30 +18,19 @@ from __future__ import annotations
 import resource
 import socket
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
 from tests.e2e.procs import admin_client, is_connected, preview_get, wait_for
+from tests.faults.test_agent_api_port_admin_expose import _Hello
 from tests.faults.test_edge_fd_limit import LimitedProcesses, _closed_by_peer
 
 NOFILE = 128
 PUBLIC_CAP = NOFILE // 2  # max_connections at 128 (test_edge_fd_limit.py)
 PENDING_CAP = (NOFILE - PUBLIC_CAP) // 4
 CLIENTS = 100  # without the bound, about all the descriptors left
-
-
-class _Hello(BaseHTTPRequestHandler):
-    def do_GET(self) -> None:
-        body = b"hello from the sandbox"
-        self.send_response(200)
-        self.send_header("content-length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args: object) -> None:
-        pass
 
 
 @pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
@@ -86,7 +75,7 @@ def test_pending_agents_past_a_quarter_of_the_reserve_are_refused(
         assert f"tunneld_agent_connections_refused_total {refused}" in metrics, metrics[-2000:]
         answer = preview_get(procs, url)  # through the connected agent
         assert answer.status_code == 200, answer.text
-        assert answer.text == "hello from the sandbox"
+        assert answer.text == "hello from the origin"
         assert is_connected(procs, "sb1")
     finally:
         for conn in clients:

@@ -129,6 +129,35 @@ OPEN(open64)
 """
 
 
+def shimmed_edge(tmp: Path, loop: str) -> tuple[Processes, Path]:
+    """A real tunneld on ``loop`` under the accept() shim (built here with gcc), its public
+    listener on 127.0.0.1; the file that arms the shim (``PORT COUNT ERRNO``)."""
+    gcc = shutil.which("gcc")
+    if gcc is None:
+        pytest.skip("gcc is needed to build the accept() shim")
+    shim = tmp / "acceptshim.so"
+    (tmp / "acceptshim.c").write_text(SHIM)
+    subprocess.run(
+        [gcc, "-shared", "-fPIC", "-O1", "-o", str(shim), str(tmp / "acceptshim.c"), "-ldl"],
+        check=True,
+        timeout=60,
+    )
+    procs = Processes(tmp, loop)
+    trigger = tmp / "fail-accepts"
+    env = procs.env(
+        TUNNELD_ADMIN_TOKEN=procs.admin_token,
+        TUNNELD_SECRET=procs.secret,
+        LD_PRELOAD=str(shim),
+        ACCEPT_FAIL_FILE=str(trigger),
+    )
+    try:
+        procs.start_edge("--public-host", "127.0.0.1", env=env)
+    except BaseException:
+        procs.close()
+        raise
+    return procs, trigger
+
+
 class Edge:
     def __init__(self, procs: Processes, trigger: Path) -> None:
         self.procs = procs
@@ -154,27 +183,9 @@ class Edge:
 def edge(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Edge]:
-    gcc = shutil.which("gcc")
-    if gcc is None:
-        pytest.skip("gcc is needed to build the accept() shim")
     tmp = tmp_path_factory.mktemp(f"accept-errors-{request.param}")
-    shim = tmp / "acceptshim.so"
-    (tmp / "acceptshim.c").write_text(SHIM)
-    subprocess.run(
-        [gcc, "-shared", "-fPIC", "-O1", "-o", str(shim), str(tmp / "acceptshim.c"), "-ldl"],
-        check=True,
-        timeout=60,
-    )
-    procs = Processes(tmp, request.param)
-    trigger = tmp / "fail-accepts"
-    env = procs.env(
-        TUNNELD_ADMIN_TOKEN=procs.admin_token,
-        TUNNELD_SECRET=procs.secret,
-        LD_PRELOAD=str(shim),
-        ACCEPT_FAIL_FILE=str(trigger),
-    )
+    procs, trigger = shimmed_edge(tmp, request.param)
     try:
-        procs.start_edge("--public-host", "127.0.0.1", env=env)
         yield Edge(procs, trigger)
     finally:
         procs.close()

@@ -16,16 +16,14 @@ as a closed one would). Such a listener is readable for ever: uvloop (libuv) ret
 
 from __future__ import annotations
 
-import shutil
 import socket
-import subprocess
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.e2e.procs import Processes, wait_for
-from tests.faults.test_listener_accept_errors import SHIM
+from tests.e2e.procs import wait_for
+from tests.faults.test_listener_accept_errors import shimmed_edge
 
 
 def _refused(port: int) -> bool:
@@ -38,26 +36,9 @@ def _refused(port: int) -> bool:
 
 @pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
 def test_a_listener_that_stops_listening_makes_readyz_503(tmp_path: Path, loop: str) -> None:
-    gcc = shutil.which("gcc")
-    if gcc is None:
-        pytest.skip("gcc is needed to build the accept() shim")
-    (tmp_path / "acceptshim.c").write_text(SHIM)
-    shim = tmp_path / "acceptshim.so"
-    subprocess.run(
-        [gcc, "-shared", "-fPIC", "-O1", "-o", str(shim), str(tmp_path / "acceptshim.c"), "-ldl"],
-        check=True,
-        timeout=60,
-    )
-    procs = Processes(tmp_path, loop)
-    trigger = tmp_path / "fail-accepts"
-    env = procs.env(
-        TUNNELD_ADMIN_TOKEN=procs.admin_token,
-        TUNNELD_SECRET=procs.secret,
-        LD_PRELOAD=str(shim),
-        ACCEPT_FAIL_FILE=str(trigger),
-    )
+    procs, trigger = shimmed_edge(tmp_path, loop)
     try:
-        ports = procs.start_edge("--public-host", "127.0.0.1", env=env)
+        ports = procs.ports
         admin = f"http://127.0.0.1:{ports['admin']}"
         assert httpx.get(f"{admin}/readyz", timeout=10).status_code == 200
         trigger.write_text(f"{ports['public']} 1 -1\n")
