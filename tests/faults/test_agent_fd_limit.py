@@ -147,6 +147,28 @@ def _start(
     return proc, ports_file, log_file
 
 
+async def _stop(proc: subprocess.Popen[bytes]) -> int:
+    if proc.poll() is None:
+        proc.terminate()
+    try:
+        return await asyncio.to_thread(proc.wait, 15)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            await asyncio.to_thread(proc.wait, 10)
+
+
+async def _stop_all(
+    proc: subprocess.Popen[bytes], holder: Holder, server: asyncio.Server, edge: HostileEdge
+) -> None:
+    """The end of a test with an agent process: it, the service, the edge's server and link."""
+    await _stop(proc)
+    holder.close()
+    server.close()
+    if edge.transport is not None:
+        edge.transport.close()
+
+
 def _wait_for_file(path: Path, proc: subprocess.Popen[bytes], timeout: float = 15) -> dict:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -206,16 +228,9 @@ async def test_agent_process_refuses_streams_past_its_connection_limit_and_keeps
         async with httpx.AsyncClient(timeout=10) as client:
             again = await client.get(f"http://127.0.0.1:{api_port}/v1/status")
         assert again.status_code == 200, again.text
-        proc.terminate()
-        assert await asyncio.to_thread(proc.wait, 15) == 0
+        assert await _stop(proc) == 0
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            await asyncio.to_thread(proc.wait, 10)
-        holder.close()
-        server.close()
-        if edge.transport is not None:
-            edge.transport.close()
+        await _stop_all(proc, holder, server, edge)
     output = log_file.read_text(errors="replace")
     assert "Traceback" not in output, output[-3000:]
     assert "Too many open files" not in output, output[-3000:]

@@ -46,6 +46,8 @@ from .test_agent_fd_limit import (
     _outcomes,
     _reset_all,
     _start,
+    _stop,
+    _stop_all,
     _wait_for_file,
 )
 
@@ -68,17 +70,6 @@ def _soft_limit_of(pid: int) -> int:
         if line.startswith("Max open files"):
             return int(line.split()[3])
     raise AssertionError(f"no open files limit for {pid}")
-
-
-async def _stop(proc: subprocess.Popen[bytes]) -> int:
-    if proc.poll() is None:
-        proc.terminate()
-    try:
-        return await asyncio.to_thread(proc.wait, 15)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            await asyncio.to_thread(proc.wait, 10)
 
 
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
@@ -107,11 +98,7 @@ async def test_the_agent_raises_its_soft_limit_and_its_default_cap_follows(tmp_p
         _reset_all(edge, sids)
         assert await _stop(proc) == 0
     finally:
-        await _stop(proc)
-        holder.close()
-        server.close()
-        if edge.transport is not None:
-            edge.transport.close()
+        await _stop_all(proc, holder, server, edge)
     output = log_file.read_text(errors="replace")
     assert "Traceback" not in output, output[-3000:]
     assert "file descriptor limit raised from 256 to 4096" in output, output[-3000:]
@@ -239,11 +226,7 @@ async def test_the_local_api_out_of_descriptors_logs_a_little_and_answers_later(
     finally:
         if api is not None:
             api.close()
-        await _stop(proc)
-        holder.close()
-        server.close()
-        if edge.transport is not None:
-            edge.transport.close()
+        await _stop_all(proc, holder, server, edge)
     output = log_file.read_text(errors="replace")
     assert "Traceback" not in output, output[-3000:]
     assert "accept failed: Too many open files; not accepting for 1 s" in output
