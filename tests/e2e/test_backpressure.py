@@ -105,15 +105,17 @@ async def test_slow_reader_is_bounded_and_does_not_stall_others(stack: Stack, pe
     agent = await stack.agent("sb1")
     exposed = await stack.expose("sb1", origin.port)
     host = stack.host_of(exposed["exposedAt"]).encode()
-    # Small kernel receive buffers on the tunnel (set before any bulk transfer, so the advertised
-    # window never grew): a stalled reader then backs its peer up into the transport within a
-    # window's worth of data, instead of into megabytes of loopback buffers.
+    # Small kernel buffers on the tunnel, both ways (set before any bulk transfer, so the advertised
+    # window never grew, and fixed, so send-buffer autotuning cannot grow them): a stalled reader
+    # then backs its peer up into the transport within a window's worth of data, instead of into
+    # megabytes of loopback buffers. Without SO_SNDBUF a sender's buffer could autotune past
+    # everything its credit allowed it to send, and its transport never backed up (a CI failure).
     edge_mux = stack.edge.registry.get("sb1").session
     agent_mux = agent.session
     for mux in (edge_mux, agent_mux):
-        mux.transport.get_extra_info("socket").setsockopt(
-            socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024
-        )
+        tunnel_sock = mux.transport.get_extra_info("socket")
+        for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+            tunnel_sock.setsockopt(socket.SOL_SOCKET, option, 64 * 1024)
 
     # The slow client: a small receive buffer, reading 64 KiB every 62.5 ms (1 MiB/s).
     sock = socket.socket()
@@ -168,14 +170,18 @@ async def test_slow_reader_is_bounded_and_does_not_stall_others(stack: Stack, pe
 
             async def stall_each_tunnel_reader() -> None:
                 """Stop one side reading the tunnel, then the other: the writer's tunnel queue
-                must fill up to its mark and stop there (a fast loopback never fills it)."""
-                for reader_mux, side in ((edge_mux, "agent_tunnel"), (agent_mux, "edge_tunnel")):
+                must fill up towards its mark while the reader is stalled (a fast loopback never
+                fills it), and the peaks below show it stopped there."""
+                for reader_mux, writer_mux in ((edge_mux, agent_mux), (agent_mux, edge_mux)):
                     reader_mux.transport.pause_reading()
                     try:
                         await wait_until(
-                            lambda side=side: getattr(peaks, side) >= TUNNEL_HIGH_WATER // 2,
-                            10,
-                            f"{side} to back up while its reader is stalled",
+                            lambda w=writer_mux: (
+                                w.transport.get_write_buffer_size() >= TUNNEL_HIGH_WATER // 2
+                            ),
+                            20,
+                            f"{type(writer_mux).__name__}'s tunnel to back up while its reader "
+                            "is stalled",
                         )
                     finally:
                         reader_mux.transport.resume_reading()
