@@ -598,9 +598,11 @@ class TcpExposures:
         return RawConnection(self, sandbox_id, port, kind, token)
 
     # -- TLS passthrough -------------------------------------------------------------------------
-    def tls_route(self, server_name: str | None) -> tuple[str, int] | None:
-        """``(sandbox_id, port)`` when ``server_name`` is the preview host of a ``tls``
-        exposure (token checked in constant time), else None: the edge terminates TLS."""
+    def tls_route(self, server_name: str | None) -> tuple[str, int, str | None] | None:
+        """``(sandbox_id, port, token)`` when ``server_name`` is the preview host of a ``tls``
+        exposure (token checked in constant time; None when tokens are off: what a connection
+        is cut by when it changes), else None: the edge terminates TLS. One registry lookup:
+        ``SniListener.hand_off`` takes the route as it is."""
         if not server_name:
             return None
         config = self.server.config
@@ -613,7 +615,7 @@ class TcpExposures:
         record = state.exposures.get(route.port)
         if record is None or record.options.protocol != "tls":
             return None
-        return route.sandbox_id, route.port
+        return route.sandbox_id, route.port, record.token if config.tokens else None
 
     # -- limits ----------------------------------------------------------------------------------
     def total(self) -> int:
@@ -724,7 +726,7 @@ class SniListener:
         self._peeks.add(peek)
         peek.start()
 
-    def hand_off(self, peek: _Peek, route: tuple[str, int] | None) -> None:
+    def hand_off(self, peek: _Peek, route: tuple[str, int, str | None] | None) -> None:
         """The ClientHello decided: ``route`` (a ``tls`` exposure) or None (the edge's TLS)."""
         sock = peek.sock
         manager = self.manager
@@ -737,10 +739,7 @@ class SniListener:
                 ssl_shutdown_timeout=self.shutdown_timeout,
             )
         else:
-            sandbox_id, port = route
-            state = manager.server.registry.get(sandbox_id)
-            record = state.exposures.get(port) if state is not None else None
-            token = record.token if record is not None and manager.server.config.tokens else None
+            sandbox_id, port, token = route
             coro = self.loop.connect_accepted_socket(
                 lambda: manager._connection(sandbox_id, port, "tls", token), sock
             )
