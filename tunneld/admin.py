@@ -244,8 +244,7 @@ class AdminServer:
         if edge.draining:
             reasons.append("draining: stopping, no new traffic")
         elif edge.ready:
-            names = ("agent", "public", "admin", "HTTP-to-HTTPS redirect")
-            for name in lost_listeners(list(zip(names, edge._servers, strict=False))):
+            for name in lost_listeners(list(edge.listeners.items())):
                 reasons.append(f"listener lost: the {name} listener no longer listens")
         body: dict[str, Any] = {"status": "ready" if not reasons else "not ready"}
         if reasons:

@@ -678,7 +678,9 @@ class EdgeServer:
         self.pending_agents: set[EdgeSession | _PendingTls] = set()
         self.preauth_warnings = RateLimitedLog(log, _PREAUTH_WHAT, self.loop.time())
         self.link_log = link_closed_log(self.loop.time())
-        self._servers: list[asyncio.Server] = []
+        # The listeners by name, in the order opened (agent, public, admin, then the
+        # HTTP-to-HTTPS redirect when configured): /readyz names a lost one by its key
+        self.listeners: dict[str, Any] = {}
         self._sweeper: asyncio.Task[None] | None = None
         self._feed: _StoreFeed | None = None  # a shared store's changes (Redis), applied here
         # With a Redis store: ownership of agent sessions and node links (tunneld/cluster.py)
@@ -855,7 +857,7 @@ class EdgeServer:
                 ssl=self.admin_tls.context if self.admin_tls is not None else None,
             ),
         )
-        self._servers = [agents, public, admin]
+        self.listeners = {"agent": agents, "public": public, "admin": admin}
         if config.public_redirect_port:
             from .tls import RedirectServer
 
@@ -867,7 +869,7 @@ class EdgeServer:
                     config.public_host, config.public_redirect_port, reuse_port=reuse
                 ),
             )
-            self._servers.append(redirect)
+            self.listeners["HTTP-to-HTTPS redirect"] = redirect
             self.redirect_port = redirect.sockets[0].getsockname()[1]
         if config.idle_timeout > 0:
             self._sweeper = loop.create_task(self._sweep_idle(config.idle_timeout))
@@ -890,6 +892,11 @@ class EdgeServer:
             config.admin_host,
             self.admin_port,
         )
+
+    @property
+    def _servers(self) -> list[Any]:
+        """The listeners in the order opened (tests/test_listen.py reads them so)."""
+        return list(self.listeners.values())
 
     def reload_tls(self, config: Config) -> None:
         """SIGHUP: re-read the certificate files for new handshakes (open connections keep
@@ -918,7 +925,7 @@ class EdgeServer:
         await self._stop_feed()
         if self._sweeper is not None:
             self._sweeper.cancel()
-        for server in self._servers:
+        for server in self.listeners.values():
             server.close()
         self.tcp.close_listeners()
         for session in list(self.agent_connections):
@@ -974,7 +981,7 @@ class EdgeServer:
         for transport in self._open_transports():
             abort_with_reset(transport)
         admin = self.admin.http.server
-        servers = [s for s in self._servers if s is not admin]
+        servers = [s for s in self.listeners.values() if s is not admin]
         for server in servers:
             abort_clients = getattr(server, "abort_clients", None)  # asyncio, Python 3.13+
             if abort_clients is not None:

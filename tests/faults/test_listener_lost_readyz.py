@@ -6,6 +6,11 @@ process and ``/healthz`` look fine while new clients are refused. ``/readyz`` ch
 listener's sockets still listen (``SO_ACCEPTCONN``), so a load balancer or orchestrator takes
 the node out and the log says which listener is gone. docs/operations.md, File descriptors.
 
+``/readyz`` names a lost listener by the name the edge opened it under
+(``EdgeServer.listeners``), whichever listeners it has:
+``test_readyz_names_the_lost_listener_with_and_without_the_redirect`` loses the agent
+listener of an edge without and of one with the HTTP-to-HTTPS redirect listener, then that one.
+
 A real ``tunneld serve`` per loop under the ``LD_PRELOAD`` shim of
 test_listener_accept_errors.py, in its mode that shuts the public listener down for reading
 at its next ``accept`` (the socket stays open but no longer listens, and refuses connections
@@ -16,14 +21,17 @@ as a closed one would). Such a listener is readable for ever: uvloop (libuv) ret
 
 from __future__ import annotations
 
+import shutil
 import socket
+import subprocess
 from pathlib import Path
 
 import httpx
 import pytest
+import trustme
 
-from tests.e2e.procs import wait_for
-from tests.faults.test_listener_accept_errors import shimmed_edge
+from tests.e2e.procs import Processes, wait_for
+from tests.faults.test_listener_accept_errors import SHIM, shimmed_edge
 
 
 def _refused(port: int) -> bool:
@@ -62,6 +70,75 @@ def test_a_listener_that_stops_listening_makes_readyz_503(tmp_path: Path, loop: 
             assert (
                 f"listener 127.0.0.1:{ports['public']} (Invalid argument) is no longer" in errors[0]
             )
+        assert "Traceback" not in procs.output(procs.edge)
+    finally:
+        procs.close()
+
+
+def _lose(trigger: Path, port: int) -> None:
+    """Make the listener on ``port`` stop listening at its next accept, and wait till it has."""
+    trigger.write_text(f"{port} 1 -1\n")
+    _refused(port)  # a client: the accept that shuts the listener down
+    wait_for(lambda: not trigger.exists(), what=f"the shim to shut listener {port} down")
+    wait_for(lambda: _refused(port), what=f"listener {port} to refuse")
+
+
+def _reasons(admin: str) -> list[str]:
+    ready = httpx.get(f"{admin}/readyz", timeout=10)
+    assert ready.status_code == 503, ready.text
+    reasons: list[str] = ready.json()["reasons"]
+    return reasons
+
+
+@pytest.mark.parametrize("redirect", [False, True], ids=["no-redirect", "redirect"])
+def test_readyz_names_the_lost_listener_with_and_without_the_redirect(
+    tmp_path: Path, redirect: bool
+) -> None:
+    """/readyz once zipped fixed names with the edge's listeners by position: right only while
+    the edge opened exactly those, in that order. Now each listener is kept with its name."""
+    gcc = shutil.which("gcc")
+    if gcc is None:
+        pytest.skip("gcc is needed to build the accept() shim")
+    shim = tmp_path / "acceptshim.so"
+    (tmp_path / "acceptshim.c").write_text(SHIM)
+    subprocess.run(
+        [gcc, "-shared", "-fPIC", "-O1", "-o", str(shim), str(tmp_path / "acceptshim.c"), "-ldl"],
+        check=True,
+        timeout=60,
+    )
+    args = ["--public-host", "127.0.0.1"]
+    if redirect:
+        issued = trustme.CA().issue_cert("*.localhost", "localhost")
+        issued.cert_chain_pems[0].write_to_path(str(tmp_path / "cert.pem"))
+        issued.private_key_pem.write_to_path(str(tmp_path / "key.pem"))
+        with socket.create_server(("127.0.0.1", 0)) as probe:
+            free = probe.getsockname()[1]  # free a moment ago
+        args += ["--public-tls-cert", str(tmp_path / "cert.pem")]
+        args += ["--public-tls-key", str(tmp_path / "key.pem")]
+        args += ["--public-redirect-port", str(free)]
+    procs = Processes(tmp_path, "uvloop")
+    trigger = tmp_path / "fail-accepts"
+    env = procs.env(
+        TUNNELD_ADMIN_TOKEN=procs.admin_token,
+        TUNNELD_SECRET=procs.secret,
+        LD_PRELOAD=str(shim),
+        ACCEPT_FAIL_FILE=str(trigger),
+    )
+    try:
+        ports = procs.start_edge(*args, env=env)
+        assert ("redirect" in ports) is redirect, ports
+        admin = f"http://127.0.0.1:{ports['admin']}"
+        assert httpx.get(f"{admin}/readyz", timeout=10).status_code == 200
+        _lose(trigger, ports["agent"])
+        assert _reasons(admin) == ["listener lost: the agent listener no longer listens"]
+        if redirect:
+            _lose(trigger, ports["redirect"])
+            assert _reasons(admin) == [
+                "listener lost: the agent listener no longer listens",
+                "listener lost: the HTTP-to-HTTPS redirect listener no longer listens",
+            ]
+        assert httpx.get(f"{admin}/healthz", timeout=10).status_code == 200
+        assert procs.edge is not None
         assert "Traceback" not in procs.output(procs.edge)
     finally:
         procs.close()
