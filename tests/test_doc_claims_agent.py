@@ -121,6 +121,10 @@ def test_the_reconnect_and_link_numbers() -> None:
     assert "asyncio.shield(session.welcomed), config.connect_timeout" in once
     claim("(`GO_AWAY REPLACED`) it waits 20\u201340 s")
     assert "delay = BACKOFF_CAP * 2" in run  # uniform(delay / 2, delay): 20-40 s
+    claim("gives the streams in flight up to 2 s to finish")
+    stop = inspect.getsource(core.Agent.stop)
+    assert "session.session.close(GoAwayCode.NORMAL)" in stop
+    assert "await asyncio.wait_for(asyncio.shield(session.closed), 2.0)" in stop
     claim("once the session's `dead_timeout` (15 s by default) passes")
     assert frames.DEAD_TIMEOUT == 15.0 == SessionConfig().dead_timeout
 
@@ -283,6 +287,24 @@ CITED: tuple[tuple[str, tuple[str, ...]], ...] = (
         "`0` picks a free port (written to `TUNNEL_AGENT_PORTS_FILE`)",
         (
             "tests/agent/test_agent_doc_local_api.py::test_the_api_port_0_is_a_free_port_in_the_ports_file",
+        ),
+    ),
+    (
+        "A local API address it cannot listen on (`--api-port` in use, an `--api-host` that is not"
+        " an address of the machine) is one error line and exit 1",
+        (
+            "tests/agent/test_agent_doc_run.py::"
+            "test_a_local_api_address_it_cannot_listen_on_is_one_error_line_and_exit_1",
+        ),
+    ),
+    (
+        "cuts the rest (their clients get 503 `SANDBOX_NOT_CONNECTED`), closes the local API and"
+        " exits 0",
+        (
+            "tests/agent/test_agent_doc_run.py::"
+            "test_a_signal_stops_the_agent_after_its_request_in_flight_and_it_exits_0",
+            "tests/agent/test_agent_doc_run.py::"
+            "test_a_request_that_outlasts_the_drain_is_cut_and_the_agent_exits_0",
         ),
     ),
     (
