@@ -257,6 +257,7 @@ class Session:
         "_config",
         "_ctrl",
         "_dead_timeout",
+        "_early_pongs",
         "_events",
         "_grown",
         "_handlers",
@@ -321,6 +322,9 @@ class Session:
         self._dead_timeout = config.dead_timeout
         self._ping_tokens = _PING_BURST
         self._ping_at = now
+        # PINGs the peer sent before our handshake message: answered right after it, since the
+        # first frame a peer receives must be the handshake message (bounded by the ping bucket)
+        self._early_pongs: list[int] = []
         self._handlers = (
             self._on_data,
             self._on_window_update,
@@ -497,6 +501,9 @@ class Session:
                 self._ctrl.append(_pack(VERSION, _WINDOW_UPDATE, 0, 0, self._initial_update))
                 self._recv_avail += self._initial_update
                 self._initial_update = 0
+            for value in self._early_pongs:
+                self._ctrl.append(_pack(VERSION, _PING, _ACK, 0, value))
+            self._early_pongs.clear()
             self._maybe_start_keepalive()
 
     def open_stream(
@@ -938,7 +945,10 @@ class Session:
             if tokens < 1.0:
                 raise RemoteProtocolError("too many pings", GoAwayCode.TOO_MANY_REQUESTS)
             self._ping_tokens = tokens - 1.0
-            self._ctrl.append(_pack(VERSION, _PING, _ACK, 0, value))
+            if self._sent_first:
+                self._ctrl.append(_pack(VERSION, _PING, _ACK, 0, value))
+            else:  # a PING right behind the Hello: our Welcome (or Error) goes out first
+                self._early_pongs.append(value)
 
     def _on_go_away(self, frame: Frame) -> None:
         if frame.stream_id:
