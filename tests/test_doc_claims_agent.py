@@ -234,6 +234,41 @@ def test_the_port_watch_numbers() -> None:
     assert "Host: localhost:" in inspect.getsource(portwatch)
 
 
+def test_the_embedding_signatures_are_the_codes() -> None:
+    """'Embedding': ``start_local_api(controller, host=..., port=...)``, ``agent.serve_local_api(
+    host, port)`` and the ExposureController's methods, as the code declares them. The doc had
+    ``expose(port, name=None, token=None)``: a controller written to it failed every
+    ``POST /v1/ports`` (the API passes ``options=``) with a 500."""
+    claim("api = await start_local_api(controller, host=args.api_host, port=args.api_port)")
+    assert list(inspect.signature(local_api.start_local_api).parameters)[:3] == [
+        "controller",
+        "host",
+        "port",
+    ]
+    claim("`await agent.serve_local_api(host, port)`")
+    assert list(inspect.signature(core.Agent.serve_local_api).parameters)[1:3] == ["host", "port"]
+    claim(
+        "`async expose(port, name=None, token=None, options=DEFAULT_OPTIONS) ->"
+        " protocol.control.Exposure` (`options`: a `protocol.hostnames.ExposureOptions`"
+    )
+    controller = local_api.ExposureController
+    expose = inspect.signature(controller.expose).parameters
+    assert [(p.name, p.default) for p in list(expose.values())[1:]] == [
+        ("port", inspect.Parameter.empty),
+        ("name", None),
+        ("token", None),
+        ("options", hostnames.DEFAULT_OPTIONS),
+    ]
+    assert hostnames.ExposureOptions() == hostnames.DEFAULT_OPTIONS
+    assert "options=options" in inspect.getsource(local_api.LocalAPI._expose)
+    claim("`async unexpose(port)`, `async list_exposures() -> list[Exposure]`")
+    assert list(inspect.signature(controller.unexpose).parameters) == ["self", "port"]
+    assert list(inspect.signature(controller.list_exposures).parameters) == ["self"]
+    for name in ("expose", "unexpose", "list_exposures"):
+        assert inspect.iscoroutinefunction(getattr(controller, name)), name
+        assert inspect.iscoroutinefunction(getattr(core.Agent, name)), name
+
+
 # The tests that check each behaviour claim the doc does not cite in place: (the doc's phrase,
 # the tests). test_each_cited_test_exists keeps this list true when a test is renamed or moved.
 CITED: tuple[tuple[str, tuple[str, ...]], ...] = (

@@ -9,7 +9,9 @@ the agent and the edge do together."""
 
 from __future__ import annotations
 
+import json
 import socket
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,8 +69,6 @@ def test_the_api_port_0_is_a_free_port_in_the_ports_file(world: World) -> None:
     Security: 'it listens on `127.0.0.1` only, by default'."""
     files = sorted(world.procs.tmp.glob("agent-*.json"))
     assert files, "the agent wrote no ports file"
-    import json
-
     port = json.loads(files[0].read_text())["api"]
     assert world.api == f"http://127.0.0.1:{port}"
     assert port not in (0, 3000)
@@ -149,3 +149,54 @@ def test_without_the_edge_status_says_so_and_changes_are_503_edge_not_connected(
         assert proc.poll() is None  # still running, still retrying
     finally:
         world.procs.stop(proc)
+
+
+def test_a_port_watch_probe_is_get_path_with_host_localhost_and_reads_the_status_line_only(
+    world: World,
+) -> None:
+    """'Waiting for a port': 'an `http` probe sends `GET path` with `Host: localhost:PORT` and
+    reads only the status line' (a service that sends nothing after it is ready all the same),
+    to a port that is not exposed; the answer is '`200 text/event-stream` (`Cache-Control:
+    no-cache`)', 'chunked, then the connection closes'."""
+    heads: list[bytes] = []
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        listener.settimeout(15)
+        port = listener.getsockname()[1]
+
+        def serve_one() -> None:
+            conn, _ = listener.accept()
+            with conn:
+                conn.settimeout(15)
+                head = b""
+                while b"\r\n\r\n" not in head:
+                    chunk = conn.recv(4096)
+                    if not chunk:
+                        break
+                    head += chunk
+                heads.append(head)
+                conn.sendall(b"HTTP/1.1 204 No Content\r\n")  # no headers, no end of head
+                conn.recv(1)  # held open until the agent closes it
+
+        thread = threading.Thread(target=serve_one, daemon=True)
+        thread.start()
+        body = {"port": port, "mode": "http", "path": "/health", "timeout": 20_000}
+        with (
+            httpx.Client(timeout=30) as client,
+            client.stream("POST", f"{world.api}/api/port-watch", json=body) as r,
+        ):
+            assert r.status_code == 200
+            assert r.headers["content-type"] == "text/event-stream"
+            assert r.headers["cache-control"] == "no-cache"
+            assert r.headers["transfer-encoding"] == "chunked"
+            assert r.headers["connection"] == "close"
+            events = [line for line in r.iter_lines() if line.startswith("data: ")]
+        thread.join(15)
+    assert [json.loads(e[6:]) for e in events] == [
+        {"type": "watching", "port": port},
+        {"type": "ready", "port": port, "statusCode": 204},
+    ]
+    assert heads and heads[0].startswith(
+        b"GET /health HTTP/1.1\r\nHost: localhost:%d\r\n" % port
+    ), heads
