@@ -11,6 +11,8 @@ import re
 import resource
 from pathlib import Path
 
+import pytest
+
 from agent import cli, core, entry, local_api, portwatch, proxy
 from agent.errors import STATUS_BY_CODE
 from protocol import frames, hostnames
@@ -63,9 +65,12 @@ def test_the_run_defaults_and_ranges() -> None:
     claim("`127.0.0.1:3000` (Cloudflare's sandbox control-plane port")
     assert (local_api.DEFAULT_HOST, local_api.DEFAULT_PORT) == ("127.0.0.1", 3000)
     assert hostnames.CONTROL_PLANE_PORT == 3000
-    claim("| (required) | 1\u201363 of `[a-z0-9-]` |")
+    claim("| (required) | 1\u201363 of `[a-z0-9-]`, no `-` at either end, not a reserved id")
     assert hostnames.MAX_SANDBOX_ID_LENGTH == 63
     assert hostnames.validate_sandbox_id("a" * 63) and hostnames.validate_sandbox_id("a-0")
+    reserved = re.search(r"not a reserved id \(([^)]*)\); another is a usage error \(exit 2\)", DOC)
+    assert reserved
+    assert set(re.findall(r"`([a-z]+)`", reserved.group(1))) == hostnames.RESERVED_SANDBOX_IDS
     claim("| `info` | `debug`, `info`, `warning`, `error` (any case in the variable) |")
     assert cli.LOG_LEVELS == ("debug", "info", "warning", "error")
     claim("soft `RLIMIT_NOFILE` (raised at start) \u2212 160 (\u2265 \u00bc of it, \u2264 4096)")
@@ -79,6 +84,21 @@ def test_the_run_defaults_and_ranges() -> None:
     claim("(`at most 3936 local connections at a time (file descriptor limit 4096)`")
     assert core.default_max_connections(4096) == 3936
     claim("`--max-connections` above the limit minus 160 is allowed, with a warning")
+
+
+@pytest.mark.parametrize(
+    "sandbox_id", ["a" * 64, "-abc", "abc-", "api", "Workers", "ab_c", "ab.c"], ids=repr
+)
+def test_a_sandbox_id_outside_the_rule_is_a_usage_error(
+    sandbox_id: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The flag table: an id outside '1-63 of [a-z0-9-], no - at either end, not a reserved id'
+    is 'a usage error (exit 2)', before anything starts (no token is even looked for)."""
+    monkeypatch.delenv("TUNNEL_AGENT_TOKEN", raising=False)  # were the id taken, no agent runs
+    argv = ["run", "--server", "127.0.0.1:7000", f"--sandbox-id={sandbox_id}"]
+    assert cli.main(argv) == cli.EXIT_USAGE == 2
+    err = capsys.readouterr().err
+    assert "tunnel-agent run: error: argument --sandbox-id: " in err and "Traceback" not in err
 
 
 def test_the_descriptor_limit_numbers() -> None:
