@@ -20,6 +20,7 @@ SWITCHED = (
     (accesslog, "begin_request", accesslog.begin_request_py),
     (accesslog, "log_response", accesslog.log_response_py),
     (accesslog, "log_request", accesslog.log_request_py),
+    (accesslog, "spill", accesslog.spill_py),
     (metrics, "tally", metrics.tally_py),
 )
 

@@ -5,6 +5,7 @@ and used where ``make setup`` installed tunneld (CI)."""
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import itertools
 import logging
@@ -25,6 +26,8 @@ from tests.e2e.procs import Processes
 from tunneld import _speedups as C  # not built: this module errors (CI must build it)
 from tunneld import speedups
 from tunneld.accesslog import (
+    AccessWriter,
+    ConnectionLog,
     _logger_dict,
     begin_request_py,
     log_request_py,
@@ -703,7 +706,7 @@ def _logged(
     state: list[Any] = [
         requests, framer, kept, writer.lines, writer, b' INFO a: 1.2.3.4 "',
         b" old:1 id=", *site, lambda: next(clocks), lambda: next(clocks), logger,
-        requests.popleft, _logger_dict(logger), itertools.count(7), b"p",
+        requests.popleft, _logger_dict(logger), itertools.count(7), b"p", None,
     ]  # fmt: skip
     if bad is not None:
         index, value = bad
@@ -833,7 +836,7 @@ def test_log_response_reads_the_clocks_of_time_as_time_does() -> None:
     state: list[Any] = [
         requests, _framer([b"GET"], b"", False), kept, writer.lines, writer, b"",
         b" x id=", SANDBOX, 8080, time.monotonic_ns, time.time_ns, logger, requests.popleft,
-        _logger_dict(logger), itertools.count(), b"p",
+        _logger_dict(logger), itertools.count(), b"p", None,
     ]  # fmt: skip
     request = requests[0]
     wall0, mono0 = time.time_ns(), time.monotonic_ns()
@@ -862,7 +865,7 @@ def test_log_response_writes_into_its_last_output_only_when_nothing_else_holds_i
     state: list[Any] = [
         requests, _framer([], b"", False), None, writer.lines, writer, b"", b" x id=",
         SANDBOX, 8080, time.monotonic_ns, time.time_ns, logger, requests.popleft,
-        _logger_dict(logger), itertools.count(), b"p",
+        _logger_dict(logger), itertools.count(), b"p", None,
     ]  # fmt: skip
     conn = _Conn([], SANDBOX, 8080)
 
@@ -958,7 +961,7 @@ def _requested(impl: Callable[..., object], head: RequestHead, waiting: int, bad
     counter = itertools.count(41)
     clock = iter([12345])
     state: list[Any] = [requests, framer] + [None] * 7 + [lambda: next(clock)] + [None] * 4
-    state += [counter, b"p"]
+    state += [counter, b"p", None]
     if bad is not None:
         state[bad[0]] = bad[1]
     outcome = _outcome(impl, state, head)
@@ -1072,7 +1075,33 @@ def test_many_calls_leave_nothing_behind() -> None:
 
         return run
 
+    # a connection whose one request in flight is held in C (a Pending), as public.py drives
+    # it: the request and its whole response; a second request before it (the first moves to
+    # the deque), both responses in one read; a request with a body (moved by ``body``)
+    loop = asyncio.new_event_loop()
+    devnull = open(os.devnull, "w")  # noqa: SIM115  (closed below)
+    conn = ConnectionLog("1.2.3.4", writer=AccessWriter(loop, "text", devnull))
+    conn.sandbox_id, conn.port = "sb", 1
+    fast = conn.fast
+    assert fast is not None
+
+    def held() -> None:
+        C.log_request(fast, head)
+        assert C.log_response(fast, conn, RESPONSE) is not None
+
+    def moved() -> None:
+        C.log_request(fast, head)
+        C.log_request(fast, head)
+        assert C.log_response(fast, conn, RESPONSE) is not None
+        assert C.log_response(fast, conn, RESPONSE) is not None
+        C.log_request(fast, head)
+        conn.body(b"body")
+        assert C.log_response(fast, conn, RESPONSE) is not None
+        assert not conn._requests and not fast[16].busy
+
     calls: dict[str, Callable[[], object]] = {
+        "held": held,
+        "moved": moved,
         "log_request": lambda: _requested(C.log_request, head, 1, None),
         "log_request refused": lambda: _requested(C.log_request, bad_head, 1, None),
         "log_response": logged(1_780_000_000_123_456_789, True, 0),
@@ -1114,7 +1143,11 @@ def test_many_calls_leave_nothing_behind() -> None:
             lambda: C.begin_request(bad_head, counter, b"p", 1, deque(), framer)
         ),
     }
-    for name, call in calls.items():
-        assert _grows(call) < 64 * 1024, name
+    try:
+        for name, call in calls.items():
+            assert _grows(call) < 64 * 1024, name
+    finally:
+        loop.close()
+        devnull.close()
     assert [sys.getrefcount(o) for o in watched] == refs
     data += b"!"  # no export left: the bytearray can still grow

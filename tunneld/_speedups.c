@@ -1814,14 +1814,49 @@ PyDoc_STRVAR(begin_request_doc,
 
 #define MAX_WAITING 1024 /* accesslog.ConnectionLog.request, ResponseFramer.expect */
 
+/* framer.expect(method) as begin_request does it: not when unframed (_RAW), nor past 1024
+   waiting. 0, or -1 with an error set. */
+static int
+framer_expect(PyObject *framer, PyObject *method)
+{
+    PyObject *state, *methods, *done;
+    Py_ssize_t waiting;
+    int r;
+
+    if ((state = get_slot(framer, &slot_framer_state)) == NULL) {
+        return -1;
+    }
+    r = PyObject_RichCompareBool(state, int_raw, Py_NE);
+    Py_DECREF(state);
+    if (r <= 0) {
+        return r;
+    }
+    if ((methods = get_slot(framer, &slot_framer_methods)) == NULL) {
+        return -1;
+    }
+    if ((waiting = PyObject_Size(methods)) < 0) {
+        Py_DECREF(methods);
+        return -1;
+    }
+    if (waiting < MAX_WAITING) {
+        done = append_to(methods, method);
+        if (done == NULL) {
+            Py_DECREF(methods);
+            return -1;
+        }
+        Py_DECREF(done);
+    }
+    Py_DECREF(methods);
+    return 0;
+}
+
 static PyObject *
 begin_request(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
     PyObject *head, *counter, *prefix, *now, *requests, *framer;
     PyObject *headers = NULL, *method = NULL, *target = NULL, *rid = NULL, *line = NULL;
-    PyObject *request = NULL, *state = NULL, *methods = NULL;
+    PyObject *request = NULL;
     Py_ssize_t waiting;
-    int r;
 
     if (!check_nargs("begin_request", nargs, 6)) {
         return NULL;
@@ -1860,29 +1895,10 @@ begin_request(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
             goto fail;
         }
         Py_DECREF(done);
-        /* framer.expect(method): not unframed (_RAW) and fewer than 1024 waiting */
-        if ((state = get_slot(framer, &slot_framer_state)) == NULL) {
+        if (framer_expect(framer, method) < 0) {
             goto fail;
-        }
-        if ((r = PyObject_RichCompareBool(state, int_raw, Py_NE)) < 0) {
-            goto fail;
-        }
-        if (r) {
-            if ((methods = get_slot(framer, &slot_framer_methods)) == NULL ||
-                (waiting = PyObject_Size(methods)) < 0) {
-                goto fail;
-            }
-            if (waiting < MAX_WAITING) {
-                done = append_to(methods, method);
-                if (done == NULL) {
-                    goto fail;
-                }
-                Py_DECREF(done);
-            }
         }
     }
-    Py_XDECREF(methods);
-    Py_XDECREF(state);
     Py_DECREF(line);
     Py_DECREF(rid);
     Py_DECREF(target);
@@ -1891,8 +1907,6 @@ begin_request(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     return request;
 fail:
     Py_XDECREF(request);
-    Py_XDECREF(methods);
-    Py_XDECREF(state);
     Py_XDECREF(line);
     Py_XDECREF(rid);
     Py_XDECREF(target);
@@ -1920,7 +1934,8 @@ enum {
     S_LOG_DICT = 13,  /* S_LOG's instance dict (``disabled``, ``_cache``: info_enabled), or None */
     S_COUNTER = 14,   /* the request ids' counter (log_request) */
     S_PREFIX = 15,    /* the request ids' prefix (log_request) */
-    S_SIZE = 16
+    S_INLINE = 16,    /* a Pending (the request in flight held out of S_REQUESTS), or None */
+    S_SIZE = 17
 };
 enum { L_PENDING = 0, L_STAMP = 1, L_SEC = 2, L_TIMER = 3, L_SIZE = 4 };
 #define MAX_PENDING 256 /* accesslog._MAX_PENDING */
@@ -2099,6 +2114,314 @@ call_method0(PyObject *obj, PyObject *name)
     return 0;
 }
 
+/* The request in flight of a keep-alive connection, held out of its deque
+   ---------------------------------------------------------------------
+   Most connections carry one request at a time: a request, its whole response, the next.
+   For them the deque of requests, the framer's deque of expected methods and a new request
+   list per request are bookkeeping that costs more than the rest of the access log's request
+   side (an allocation and a free, four deque operations, the framer's checks, the start as an
+   int: ~1,500 instructions a request, docs/performance.md). A Pending (the state's S_INLINE)
+   holds such a request instead: log_request puts it there when nothing else is in flight (the
+   deque empty, the framer waiting for a head with nothing held or expected) and it is not a
+   HEAD, and log_response takes a whole response for it without the framer (which then has
+   nothing to frame: it was idle, and only these two touch the pair while the request is
+   held). Its list is used again for the next request when nothing else kept it. Any other
+   step first puts the request where the general path looks (``spill``: its list into the
+   deque, its method into the framer's, as begin_request would have), so the Python code of
+   accesslog.ConnectionLog never sees the difference: it calls spill before it reads the deque
+   or the framer (``ConnectionLog._spill``). The pure-Python reference keeps no such request
+   (its spill does nothing): after a spill the two have the same state. */
+typedef struct {
+    PyObject_HEAD
+    PyObject *req;     /* a request list of R_SIZE items (R_STARTED set by spill), or NULL */
+    long long started; /* the clock's ns at the request's head... */
+    int started_obj;   /* ...unless it was no int that fits: then R_STARTED holds it */
+    int busy;          /* req is the connection's request in flight */
+} PendingObject;
+
+static PyTypeObject Pending_Type;
+
+static void
+pending_dealloc(PendingObject *p)
+{
+    Py_XDECREF(p->req);
+    PyObject_Free(p);
+}
+
+PyDoc_STRVAR(pending_doc,
+"pending()\n--\n\n"
+"The holder of a connection's request in flight for log_request and log_response (the\n"
+"state's item 16); ``busy`` says whether it holds one (accesslog.ConnectionLog).");
+
+static PyObject *
+pending_new(PyObject *module, PyObject *unused)
+{
+    PendingObject *p = PyObject_New(PendingObject, &Pending_Type);
+    if (p == NULL) {
+        return NULL;
+    }
+    p->req = NULL;
+    p->started = 0;
+    p->started_obj = 0;
+    p->busy = 0;
+    return (PyObject *)p;
+}
+
+static PyMemberDef pending_members[] = {
+    {"busy", T_INT, offsetof(PendingObject, busy), READONLY,
+     "1 while it holds the connection's request in flight"},
+    {NULL, 0, 0, 0, NULL},
+};
+
+static PyTypeObject Pending_Type = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "tunneld._speedups.Pending",
+    .tp_basicsize = sizeof(PendingObject),
+    .tp_dealloc = (destructor)pending_dealloc,
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "A connection's request in flight, held out of its deque (log_request).",
+    .tp_members = pending_members,
+};
+
+/* The held request into ``requests`` and its method into the framer's, as begin_request puts
+   a request (not past 1024 waiting): 0, or -1 with an error set. Nothing when none is held. */
+static int
+pending_spill(PendingObject *p, PyObject *requests, PyObject *framer)
+{
+    PyObject *req, *started, *method, *done;
+    Py_ssize_t waiting;
+    int r = 0;
+
+    if (!p->busy) {
+        return 0;
+    }
+    started = p->started_obj ? NULL : PyLong_FromLongLong(p->started);
+    if (started == NULL && !p->started_obj) {
+        return -1;
+    }
+    /* the holder lets go first: the calls below can run Python code */
+    req = p->req; /* its reference moves to this function */
+    p->req = NULL;
+    p->busy = 0;
+    if (started != NULL) {
+        Py_SETREF(PyList_GET_ITEM(req, R_STARTED), started); /* R_SIZE items (ours) */
+    }
+    method = Py_NewRef(PyList_GET_ITEM(req, R_METHOD));
+    if ((waiting = PyObject_Size(requests)) < 0) {
+        r = -1;
+    }
+    else if (waiting < MAX_WAITING) {
+        if ((done = append_to(requests, req)) == NULL) {
+            r = -1;
+        }
+        else {
+            Py_DECREF(done);
+            r = framer_expect(framer, method);
+        }
+    }
+    Py_DECREF(method);
+    Py_DECREF(req);
+    return r;
+}
+
+PyDoc_STRVAR(spill_doc,
+"spill(state, /)\n--\n\n"
+"The request in flight that log_request holds in the state's Pending (item 16) into the\n"
+"state's requests and its method into the framer's, where ConnectionLog's Python code looks\n"
+"(accesslog.spill_py, which has none to move).");
+
+static PyObject *
+spill(PyObject *module, PyObject *state)
+{
+    PyObject *st[S_SIZE] = {NULL};
+    static const int used[] = {S_REQUESTS, S_FRAMER, S_INLINE};
+    int r = 0;
+
+    if (some_items_of(state, S_SIZE, used, (int)(sizeof(used) / sizeof(used[0])), st,
+                      "state") < 0) {
+        return NULL;
+    }
+    if (Py_IS_TYPE(st[S_INLINE], &Pending_Type)) {
+        r = pending_spill((PendingObject *)st[S_INLINE], st[S_REQUESTS], st[S_FRAMER]);
+    }
+    clear_items(st, S_SIZE);
+    if (r < 0) {
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+/* 1: ``framer`` waits for a head, holds nothing and expects nothing; 0: not; -1: an error */
+static int
+framer_idle(PyObject *framer)
+{
+    PyObject *v;
+    int r;
+
+    if ((v = get_slot(framer, &slot_framer_state)) == NULL) {
+        return -1;
+    }
+    r = v == int_zero ? 1 : PyObject_RichCompareBool(v, int_zero, Py_EQ);
+    Py_DECREF(v);
+    if (r <= 0) {
+        return r;
+    }
+    if ((v = get_slot(framer, &slot_framer_buf)) == NULL) {
+        return -1;
+    }
+    r = PyByteArray_CheckExact(v) ? PyByteArray_GET_SIZE(v) != 0 : PyObject_IsTrue(v);
+    Py_DECREF(v);
+    if (r != 0) {
+        return r < 0 ? -1 : 0;
+    }
+    if ((v = get_slot(framer, &slot_framer_methods)) == NULL) {
+        return -1;
+    }
+    r = Py_TYPE(v) == (PyTypeObject *)deque_type ? Py_SIZE(v) != 0 : PyObject_IsTrue(v);
+    Py_DECREF(v);
+    return r < 0 ? -1 : !r;
+}
+
+/* list[i] = v (a new reference), the old item dropped (ours: bytes, ints or None) */
+static void
+put_item(PyObject *list, Py_ssize_t i, PyObject *v)
+{
+    PyObject *old = PyList_GET_ITEM(list, i);
+    PyList_SET_ITEM(list, i, v);
+    Py_XDECREF(old);
+}
+
+/* log_request's common case: ``head`` becomes the Pending's request when nothing else is in
+   flight (``st``: the state's items, S_REQUESTS, S_FRAMER, S_MONO, S_COUNTER and S_PREFIX
+   among them). 1: held (its id line is the list's R_ID_LINE); 0: not (nothing read but the
+   head's attributes, nothing changed: begin_request does it all again); -1: an error is set.
+   Every check that can say no comes before make_ids, which takes a value of the counter. */
+static int
+pending_begin(PendingObject *p, PyObject *head, PyObject **st)
+{
+    PyObject *headers = NULL, *method = NULL, *target = NULL, *rid = NULL, *line = NULL;
+    PyObject *req, *started = NULL;
+    long long now = 0;
+    int r;
+
+    if (Py_TYPE(st[S_REQUESTS]) != (PyTypeObject *)deque_type || Py_SIZE(st[S_REQUESTS]) != 0) {
+        return 0;
+    }
+    if ((r = framer_idle(st[S_FRAMER])) <= 0) {
+        return r;
+    }
+    /* begin_request's reads, in its order (the same errors) */
+    if ((headers = get_slot(head, &slot_head_headers)) == NULL ||
+        (method = get_slot(head, &slot_head_method)) == NULL ||
+        (target = get_slot(head, &slot_head_target)) == NULL) {
+        r = -1;
+        goto done;
+    }
+    if (!PyBytes_CheckExact(method) || !PyBytes_CheckExact(target) ||
+        (PyBytes_GET_SIZE(method) == 4 && memcmp(PyBytes_AS_STRING(method), "HEAD", 4) == 0)) {
+        r = 0; /* a HEAD's response has no body: the framer's to follow */
+        goto done;
+    }
+    /* the clock, then the ids, as begin_request has them: from here on it is held */
+    if (clock_ll(st[S_MONO], &now, &started) < 0 ||
+        make_ids(headers, st[S_COUNTER], st[S_PREFIX], &rid, &line) < 0) {
+        r = -1;
+        goto done;
+    }
+    req = p->req;
+    if (req == NULL || Py_REFCNT(req) != 1 || !PyList_CheckExact(req) ||
+        PyList_GET_SIZE(req) != R_SIZE) {
+        if ((req = PyList_New(R_SIZE)) == NULL) {
+            r = -1;
+            goto done;
+        }
+        for (Py_ssize_t k = 0; k < R_SIZE; k++) {
+            PyList_SET_ITEM(req, k, Py_NewRef(Py_None));
+        }
+        Py_XSETREF(p->req, req);
+    }
+    /* begin_request's list: method, target, id, started (spill sets it), ttfb None, body_in 0,
+       no record, id line, status and body_out 0 */
+    put_item(req, R_METHOD, Py_NewRef(method));
+    put_item(req, R_TARGET, Py_NewRef(target));
+    put_item(req, R_ID, Py_NewRef(rid));
+    if (started != NULL || PyList_GET_ITEM(req, R_STARTED) != Py_None) {
+        put_item(req, R_STARTED, Py_NewRef(started != NULL ? started : Py_None));
+    }
+    if (PyList_GET_ITEM(req, R_TTFB) != Py_None) {
+        put_item(req, R_TTFB, Py_NewRef(Py_None));
+    }
+    if (PyList_GET_ITEM(req, R_BODY_IN) != int_zero) {
+        put_item(req, R_BODY_IN, Py_NewRef(int_zero));
+    }
+    put_item(req, R_ID_LINE, Py_NewRef(line));
+    if (PyList_GET_ITEM(req, R_STATUS) != int_zero) {
+        put_item(req, R_STATUS, Py_NewRef(int_zero));
+    }
+    if (PyList_GET_ITEM(req, R_BODY_OUT) != int_zero) {
+        put_item(req, R_BODY_OUT, Py_NewRef(int_zero));
+    }
+    p->started = now;
+    p->started_obj = started != NULL;
+    p->busy = 1;
+    r = 1;
+done:
+    Py_XDECREF(started);
+    Py_XDECREF(headers);
+    Py_XDECREF(method);
+    Py_XDECREF(target);
+    Py_XDECREF(rid);
+    Py_XDECREF(line);
+    return r;
+}
+
+/* log_response's common case: ``data`` is a whole response of the common kind for the
+   Pending's request (whole_native's checks, but the framer's: it is idle), ``now`` the clock's
+   value in C (NULL: it was no int that fits). 1: taken, *out the bytes for the client, *n its
+   numbers, counted in the state's Tally, the request no longer held (its list, with a new
+   reference in *req, is the text line's); 0: not taken, the request spilled to the deque
+   first (log_response goes on as before, with the clock already read); -1: an error is set. */
+static int
+pending_take(PendingObject *p, PyObject **st, PyObject *data, const long long *now,
+             PyObject **out, PyObject **req, whole_numbers *n)
+{
+    PyObject *line = PyList_GET_ITEM(p->req, R_ID_LINE);
+    Py_buffer view, idv;
+    Py_ssize_t end = 0;
+    int ok;
+
+    *out = *req = NULL;
+    if (now != NULL && !p->started_obj && PyBytes_CheckExact(line) &&
+        (st[S_KEPT] == Py_None || Py_IS_TYPE(st[S_KEPT], &Tally_Type))) {
+        if (get_view(data, &view) < 0) {
+            return -1;
+        }
+        ok = simple_response((const unsigned char *)view.buf, view.len, &n->status, &end) &&
+             !__builtin_sub_overflow(*now, p->started, &n->ns) && n->ns >= 0 &&
+             n->ns < (1LL << 53);
+        if (ok) {
+            idv.buf = PyBytes_AS_STRING(line); /* exact bytes: no Python code runs */
+            idv.len = PyBytes_GET_SIZE(line);
+            *out = with_id_line(&view, end, &idv, 1);
+            n->body_in = 0; /* a request with a body was spilled (ConnectionLog.body) */
+            n->body_out = view.len - end;
+            PyBuffer_Release(&view);
+            if (*out == NULL ||
+                (st[S_KEPT] != Py_None &&
+                 tally_observe_ll((TallyObject *)st[S_KEPT], n->ns, n->status, 0,
+                                  n->body_out) < 0)) {
+                Py_CLEAR(*out);
+                return -1;
+            }
+            p->busy = 0;
+            *req = Py_NewRef(p->req);
+            return 1;
+        }
+        PyBuffer_Release(&view);
+    }
+    return pending_spill(p, st[S_REQUESTS], st[S_FRAMER]);
+}
+
 PyDoc_STRVAR(log_response_doc,
 "log_response(state, conn, data, /)\n--\n\n"
 "ConnectionLog.response's step for a whole response on a connection that writes text lines:\n"
@@ -2213,7 +2536,7 @@ log_response(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     Py_ssize_t waiting, count;
     long long now_ns = 0, wall_ns = 0, sec_ns;
     whole_numbers n = {0, 0, 0, 0};
-    int on, native = 0, have_wall;
+    int on = 0, native = 0, have_wall, clock_read = 0;
 
     if (!check_nargs("log_response", nargs, 3)) {
         return NULL;
@@ -2224,15 +2547,32 @@ log_response(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     if (items_of(args[0], S_SIZE, st, "state") < 0) {
         return NULL;
     }
+    if (Py_IS_TYPE(st[S_INLINE], &Pending_Type) && ((PendingObject *)st[S_INLINE])->busy) {
+        /* the clock read once, here: the deque's way below uses it if this does not take */
+        if ((on = clock_ll(st[S_MONO], &now_ns, &now)) < 0) {
+            goto fail;
+        }
+        clock_read = 1;
+        native = pending_take((PendingObject *)st[S_INLINE], st, data, on ? &now_ns : NULL,
+                              &out, &request, &n);
+        if (native < 0) {
+            goto fail;
+        }
+        if (native == 1) {
+            goto taken; /* not in the deque: nothing to pop */
+        }
+        /* spilled: the deque's way below */
+    }
     if ((waiting = PyObject_Size(st[S_REQUESTS])) < 0) {
         goto fail;
     }
     if (waiting == 0) {
         clear_items(st, S_SIZE);
+        Py_XDECREF(now);
         Py_RETURN_NONE;
     }
     if ((request = PySequence_GetItem(st[S_REQUESTS], 0)) == NULL ||
-        (on = clock_ll(st[S_MONO], &now_ns, &now)) < 0) {
+        (!clock_read && (on = clock_ll(st[S_MONO], &now_ns, &now)) < 0)) {
         goto fail;
     }
     /* The common case on numbers held in C (whole_native): no int objects made or read back */
@@ -2260,6 +2600,7 @@ log_response(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         goto fail;
     }
     Py_CLEAR(r);
+taken:
     on = info_enabled(st[S_LOG], st[S_LOG_DICT]);
     if (on <= 0) {
         if (on < 0) {
@@ -2346,7 +2687,7 @@ log_request(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     PyObject *st[S_SIZE] = {NULL};
     PyObject *call[6], *now = NULL, *request = NULL, *line = NULL;
 
-    static const int used[] = {S_MONO, S_COUNTER, S_PREFIX, S_REQUESTS, S_FRAMER};
+    static const int used[] = {S_MONO, S_COUNTER, S_PREFIX, S_REQUESTS, S_FRAMER, S_INLINE};
 
     if (!check_nargs("log_request", nargs, 2)) {
         return NULL;
@@ -2354,6 +2695,20 @@ log_request(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     if (some_items_of(args[0], S_SIZE, used, (int)(sizeof(used) / sizeof(used[0])), st,
                       "state") < 0) {
         return NULL;
+    }
+    if (Py_IS_TYPE(st[S_INLINE], &Pending_Type)) {
+        /* one request in flight: held in the Pending (pending_begin); a second one: the
+           first goes to the deque, in order, before it */
+        PendingObject *p = (PendingObject *)st[S_INLINE];
+        int r = p->busy ? pending_spill(p, st[S_REQUESTS], st[S_FRAMER])
+                        : pending_begin(p, args[1], st);
+        if (r < 0) {
+            goto done;
+        }
+        if (r == 1) {
+            line = Py_NewRef(PyList_GET_ITEM(p->req, R_ID_LINE));
+            goto done;
+        }
     }
     if ((now = clock_ns(st[S_MONO])) == NULL) {
         goto done;
@@ -2389,6 +2744,8 @@ static PyMethodDef speedups_methods[] = {
     {"log_request", (PyCFunction)(void (*)(void))log_request, METH_FASTCALL, log_request_doc},
     {"tally", (PyCFunction)tally_new, METH_O, tally_doc},
     {"id_counter", (PyCFunction)id_counter_new, METH_O, id_counter_doc},
+    {"pending", (PyCFunction)pending_new, METH_NOARGS, pending_doc},
+    {"spill", (PyCFunction)spill, METH_O, spill_doc},
     {NULL, NULL, 0, NULL},
 };
 
@@ -2489,7 +2846,8 @@ PyInit__speedups(void)
         slot_conn_sandbox_id.name = str_sandbox_id;
         slot_conn_port.name = str_port;
     }
-    if (PyType_Ready(&Tally_Type) < 0 || PyType_Ready(&IdCounter_Type) < 0) {
+    if (PyType_Ready(&Tally_Type) < 0 || PyType_Ready(&IdCounter_Type) < 0 ||
+        PyType_Ready(&Pending_Type) < 0) {
         return NULL;
     }
     return PyModule_Create(&speedups_module);

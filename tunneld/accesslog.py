@@ -38,7 +38,13 @@ sizes, counting the metrics' observation) and ``text_line``, and for a connectio
 text lines ``log_response``, which does all of the response side in one call from a
 per-connection state list (``ConnectionLog.fast``): ``whole_response``, the request's end, the
 log level's check, the text line and the writer's flush or timer. Each has the same results as
-its pure-Python reference here (``*_py``).
+its pure-Python reference here (``*_py``). With the C functions, a connection's one request in
+flight (the keep-alive common case: a request, its whole response, the next request) is not put
+in the deque at all: ``log_request`` holds it in the state's ``Pending`` and ``log_response``
+takes its whole response without the framer (no list, deque or framer work per request:
+docs/performance.md); any other step (a second request, a body, a response not whole, the
+end) first moves it to the deque and the framer (``spill``, ``ConnectionLog._spill``), so the
+Python code here never sees the difference (tests/test_access_pending.py).
 
 An inspected connection (tunneld/inspect.py) takes this same path, with ``quiet`` when the access
 log is off: its ``recorder`` gets each request's head and body prefix, the response head and
@@ -428,7 +434,8 @@ def whole_response_py(
     _S_LOG_DICT,
     _S_COUNTER,
     _S_PREFIX,
-) = range(16)
+    _S_INLINE,
+) = range(17)
 
 
 def _logger_dict(logger: Any) -> dict[str, Any] | None:
@@ -457,6 +464,13 @@ def log_request_py(state: list[Any], head: RequestHead) -> bytes:
         state[_S_FRAMER],
     )
     return request[_ID_LINE]  # type: ignore[no-any-return]
+
+
+def spill_py(state: list[Any]) -> None:
+    """The reference of ``spill`` (tunneld/_speedups.c when built: speedups.py), which moves
+    the request in flight that ``log_request`` holds in C (the state's ``_S_INLINE``, a
+    ``Pending``: the connection's one request, kept out of the deque) to the state's requests
+    and its method to the framer's. ``log_request_py`` keeps none there: nothing to do."""
 
 
 def log_response_py(state: list[Any], conn: ConnectionLog, data: bytes) -> bytes | None:
@@ -564,6 +578,7 @@ class ConnectionLog:
                 _logger_dict(log),
                 _ID_COUNTER,
                 _ID_PREFIX,
+                None if speedups.c is None else speedups.c.pending(),
             ]
         # ``log_response(fast, self, data)`` first, then ``general(data)`` when it takes
         # nothing, is ``response(data)``, and ``log_request(fast, head)`` is ``request(head)``
@@ -577,12 +592,21 @@ class ConnectionLog:
 
     @recorder.setter
     def recorder(self, recorder: ConnectionRecorder | None) -> None:
+        self._spill()
         self._recorder = recorder
         self.fast = self._text_state if recorder is None else None
 
     # -- requests --------------------------------------------------------------------------------
+    def _spill(self) -> None:
+        """Before the deque or the framer is read here: the request in flight that
+        ``log_request`` may hold in C moves to them (``spill``; accesslog's C keeps a
+        connection's one request out of the deque while nothing else is in flight)."""
+        if self._text_state is not None:
+            spill(self._text_state)
+
     def request(self, head: RequestHead) -> bytes:
         """A request is forwarded; returns the ``x-request-id`` header line it carries."""
+        self._spill()
         requests = self._requests
         request = begin_request(
             head, _ID_COUNTER, _ID_PREFIX, monotonic_ns(), requests, self.framer
@@ -592,6 +616,8 @@ class ConnectionLog:
         return request[_ID_LINE]  # type: ignore[no-any-return]
 
     def body(self, data: bytes | memoryview) -> None:
+        if self._text_state is not None:
+            spill(self._text_state)  # _spill() without the call
         if self._requests:
             request = self._requests[-1]
             request[_BODY_IN] += len(data)
@@ -623,6 +649,7 @@ class ConnectionLog:
 
     def general(self, data: bytes) -> bytes:
         """``response`` for what its one-step paths do not take."""
+        self._spill()
         out: list[bytes | memoryview] = []
         for event in self.framer.feed(data):
             if isinstance(event, (bytes, memoryview)):
@@ -675,12 +702,14 @@ class ConnectionLog:
 
     def edge_answered(self, status: int, code: str) -> None:
         """The edge answered the oldest request itself (an error page) and closes."""
+        self._spill()
         if self._requests:
             self._write(self._requests.popleft(), status, None, f"edge: {code}")
 
     def closed(self, service_ended: bool = True) -> None:
         """The connection ended: a body read until close is complete if the service ended it
         (``service_ended``: its FIN, not a reset); the rest got no (whole) response."""
+        self._spill()
         if service_ended:
             for event in self.framer.close():
                 if isinstance(event, ResponseDone):
@@ -764,3 +793,4 @@ whole_response = whole_response_py if speedups.c is None else speedups.c.whole_r
 begin_request = begin_request_py if speedups.c is None else speedups.c.begin_request
 log_response = log_response_py if speedups.c is None else speedups.c.log_response
 log_request = log_request_py if speedups.c is None else speedups.c.log_request
+spill = spill_py if speedups.c is None else speedups.c.spill
