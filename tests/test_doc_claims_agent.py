@@ -36,6 +36,29 @@ def test_every_link_of_agent_md_resolves() -> None:
     assert check_links(ROOT / "docs" / "agent.md") >= 3
 
 
+def test_every_file_and_test_the_doc_names_exists() -> None:
+    """Each `tests/...py::name` (or a following `::name`, of the file named last), and each file
+    under tests/, bench/, tools/, deploy/ or packaging/ the doc names, is there; a `name_*` names
+    at least one test."""
+    text = (ROOT / "docs" / "agent.md").read_text(encoding="utf-8")
+    last: Path | None = None
+    seen = 0
+    for path, name in re.findall(
+        r"`((?:tests|bench|tools|deploy|packaging)/[\w/.-]+)?(::[\w*]+)?`", text
+    ):
+        if path:
+            last = ROOT / path
+            assert last.exists(), f"docs/agent.md names {path}, which is gone"
+            seen += 1
+        if name:
+            assert last is not None and last.suffix == ".py", name
+            source = last.read_text(encoding="utf-8")
+            pattern = re.escape(f"def {name[2:]}").replace(r"\*", r"\w*") + r"\("
+            assert re.search(pattern, source), f"{last.name}{name} is gone"
+            seen += 1
+    assert seen >= 30  # the scan sees the doc's references at all
+
+
 def test_the_install_numbers() -> None:
     """The zipapp and the wheel: 'python3 >= 3.11', the wheel's file name (its version), the
     older python's message and exit 2, the shebang, what the pyz vendors."""
