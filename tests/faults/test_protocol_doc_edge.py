@@ -26,6 +26,7 @@ from tests.e2e.procs import Processes, admin_client
 DATA, WU, PING, GO_AWAY, CONTROL = (int(t) for t in FrameType)
 SYN, ACK, FIN, RST = 1, 2, 4, 8
 TIMEOUT = 15.0  # every read of this file is bounded by it
+HANDSHAKE_TIMEOUT = 1.0  # the edge's, for this file
 STREAM_SANDBOX = "sbstreams"  # its port 8000 is exposed before any agent of it connects
 
 
@@ -48,7 +49,15 @@ class Edge:
 def edge(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Edge]:
     procs = Processes(Path(tmp_path_factory.mktemp("protocol-doc-edge")))
     try:
-        procs.start_edge()
+        # a short handshake timeout: the one test that waits for it takes a second; the others
+        # send their hello with the preface, or a bad preface the edge answers at once
+        procs.start_edge(
+            env=procs.env(
+                TUNNELD_ADMIN_TOKEN=procs.admin_token,
+                TUNNELD_SECRET=procs.secret,
+                TUNNELD_HANDSHAKE_TIMEOUT=str(HANDSHAKE_TIMEOUT),
+            )
+        )
         edge = Edge(procs)
         with admin_client(procs) as admin:
             exposed = admin.post(f"/v1/sandboxes/{STREAM_SANDBOX}/ports", json={"port": 8000})
@@ -153,6 +162,14 @@ def test_a_bad_preface_is_one_goaway_then_the_end(link: Link, wire: bytes, code:
     for byte in wire:
         link.send(bytes([byte]))
     assert [header(f) for f in link.until_eof()] == [goaway(GoAwayCode(code))]
+
+
+def test_fewer_than_four_bytes_are_not_judged_before_the_handshake_timeout(link: Link) -> None:
+    """Preface: tunneld's edge judges from the fourth byte on (the first four also tell a raw
+    link from a WebSocket upgrade), so one wrong byte gets no GO_AWAY: the connection is closed
+    by the handshake timeout (no GO_AWAY, as for any connection that sent no hello)."""
+    link.send(b"X")
+    assert link.until_eof() == []
 
 
 # --------------------------------------------------------------------------- handshake

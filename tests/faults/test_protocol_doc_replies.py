@@ -1,0 +1,72 @@
+"""docs/protocol.md, the error codes tunneld sends: an agent's `expose` or `unexpose` that the edge
+fails on for a reason of its own (a bug, an unexpected store error) still gets an answer,
+`error {id, code: "INTERNAL_ERROR"}`, rather than nothing (the agent would wait for its
+EDGE_TIMEOUT), and the session goes on. A real in-process edge on 127.0.0.1 whose exposure
+write is made to raise; the agent is a hand-driven session over a real socket."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import pytest
+
+from protocol import control
+from protocol.events import ControlReceived
+from tests.e2e.conftest import Stack
+from tests.e2e.test_doc_claims_architecture import raw_agent
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"  # the behaviour is the edge's, not the loop's
+
+
+def _reply(request_id: int) -> Any:
+    def match(event: object) -> bool:
+        message = getattr(event, "message", None)
+        return isinstance(event, ControlReceived) and getattr(message, "id", None) == request_id
+
+    return match
+
+
+@pytest.mark.parametrize(
+    ("method", "message"),
+    [
+        ("expose_from_agent", control.Expose(1, 8000)),
+        ("unexpose_from_agent", control.Unexpose(1, 8000)),
+    ],
+    ids=["expose", "unexpose"],
+)
+async def test_a_request_the_edge_fails_on_gets_internal_error(
+    stack: Stack, caplog: pytest.LogCaptureFixture, method: str, message: Any
+) -> None:
+    assert stack.edge is not None
+
+    async def broken(*args: object) -> object:
+        raise RuntimeError("the store broke in an unexpected way")
+
+    setattr(stack.edge, method, broken)
+    agent = await raw_agent(stack)
+    try:
+        agent.session.send_control(message)
+        agent.flush()
+        event = await agent.wait_for(_reply(1))
+        assert isinstance(event, ControlReceived)
+        error = event.message
+        assert isinstance(error, control.Error)
+        assert (error.code, error.id) == ("INTERNAL_ERROR", 1)
+        assert "tunneld log" in error.message
+        # the session goes on: the next request is served
+        agent.session.send_control(control.ListExposures(2))
+        agent.flush()
+        event = await agent.wait_for(_reply(2))
+        assert isinstance(event, ControlReceived) and event.message == control.Ok(2)
+        assert not agent.eof
+    finally:
+        await agent.close()
+    logged = [r for r in caplog.records if r.levelno == logging.ERROR and r.exc_info]
+    assert any("failed" in r.getMessage() for r in logged), logged
+    caplog.clear()  # the traceback is the point here, not a crash of the test's own making
