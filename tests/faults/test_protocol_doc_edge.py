@@ -338,3 +338,20 @@ def test_any_other_goaway_code_drops_the_live_stream_at_once(link: Link, edge: E
         link.until_eof()
     finally:
         client.close()
+
+
+def test_a_newer_session_for_the_sandbox_replaces_the_older_with_goaway_replaced(
+    edge: Edge,
+) -> None:
+    """GO_AWAY codes: 'REPLACED | 6 | a newer session for the same sandbox took over': the older
+    link gets GO_AWAY(REPLACED) and, holding no stream, is closed; the newer one is served."""
+    older, newer = Link(edge), Link(edge)
+    try:
+        welcomed(older, edge, "sbreplaced")
+        welcomed(newer, edge, "sbreplaced")
+        assert [header(f) for f in older.until_eof()[1:]] == [goaway(GoAwayCode.REPLACED)]
+        newer.send(pack_header(PING, 0, 0, 5))
+        assert header(newer.until(lambda f: f.type == PING)) == (PING, ACK, 0, 5)
+    finally:
+        older.close()
+        newer.close()

@@ -5,10 +5,11 @@ or tests/test_doc_claims_protocol.py's CITED table names them). Raw frames again
 from __future__ import annotations
 
 import orjson
+import pytest
 
 from protocol import control
-from protocol.errors import GoAwayCode
-from protocol.events import ControlReceived, StreamOpened
+from protocol.errors import GoAwayCode, LocalProtocolError
+from protocol.events import ControlReceived, DataReceived, StreamOpened
 from protocol.frames import INITIAL_SESSION_WINDOW, INITIAL_STREAM_WINDOW, PREFACE, encode_frame
 from protocol.session import Role, Session, SessionConfig
 from tests.protocol.conftest import (
@@ -130,3 +131,22 @@ def test_window_growth_takes_what_is_left_of_the_budget() -> None:
     transfer(pair, sid, 16 * INITIAL_STREAM_WINDOW)
     assert pair.agent._streams[sid].recv_size == INITIAL_STREAM_WINDOW + budget
     pair.assert_alive()
+
+
+def test_a_side_that_sent_or_got_a_goaway_opens_no_stream() -> None:
+    """Ending a session: 'GO_AWAY(code): the sender accepts no new streams ... and opens none';
+    the receiver of a GO_AWAY opens none either ('a GO_AWAY was sent or received'). A live
+    stream keeps both sessions up, so this is the going-away state, not a closed session."""
+    for goaway_sender in ("edge", "agent"):
+        pair = SessionPair()
+        sid = open_accepted(pair)
+        sender = pair.edge if goaway_sender == "edge" else pair.agent
+        sender.close(GoAwayCode.NORMAL)
+        pair.pump()
+        pair.assert_alive()
+        for side in (pair.edge, pair.agent):
+            with pytest.raises(LocalProtocolError, match="going away"):
+                side.open_stream(8000)
+        pair.edge.send_data(sid, b"the live stream still works")
+        pair.pump()
+        assert any(isinstance(e, DataReceived) for e in pair.take(pair.agent))
