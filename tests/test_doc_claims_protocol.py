@@ -362,6 +362,16 @@ P = "tests/protocol/"
 EDGE = "tests/faults/test_protocol_doc_edge.py::"
 CITED: tuple[tuple[str, tuple[str, ...]], ...] = (
     (
+        "subprotocol `tunneld.v1`, after which the same byte stream travels in binary messages"
+        " whose boundaries carry no meaning",
+        (
+            EDGE + "test_over_a_websocket_message_boundaries_carry_no_meaning",
+            "tests/e2e/test_wslink.py::test_agent_over_websocket_serves_preview_traffic",
+            "tests/e2e/test_wslink.py::test_websocket_upgrade_for_another_path_is_refused",
+            "tests/faults/test_wslink_hostile.py::test_a_text_message_ends_the_link",
+        ),
+    ),
+    (
         "`ver`: always 1. Anything else → `GO_AWAY(PROTOCOL_ERROR)`.",
         (
             P + "test_frames.py::test_bad_headers",
@@ -636,7 +646,19 @@ CITED: tuple[tuple[str, tuple[str, ...]], ...] = (
     ),
     (
         "ignores all further input, and closes the connection",
-        (EDGE + "test_a_bad_frame_is_goaway_protocol_error_and_nothing_after_it_is_read",),
+        (
+            EDGE + "test_a_bad_frame_is_goaway_protocol_error_and_nothing_after_it_is_read",
+            "tests/faults/test_hostile_edge_3.py::"
+            "test_a_malformed_frame_ends_the_session_with_goaway_and_resets_the_live_stream",
+        ),
+    ),
+    (
+        "(never sent to an agent, nor to an older node: either would refuse the unknown field)",
+        (
+            EDGE + "test_an_agent_is_never_sent_a_public_port",
+            "tests/cluster/test_expose_forward_fallback.py::"
+            "test_a_node_from_before_public_port_is_not_sent_it",
+        ),
     ),
     (
         "Unknown codes from a newer peer are treated as `INTERNAL_ERROR` (GO_AWAY) / `INTERNAL`"

@@ -10,6 +10,7 @@ One edge process serves the whole file.
 
 from __future__ import annotations
 
+import itertools
 import socket
 import time
 from collections.abc import Callable, Iterator
@@ -17,17 +18,22 @@ from pathlib import Path
 
 import orjson
 import pytest
+import wsproto
+import wsproto.events as wse
 
 from protocol import control
 from protocol.errors import GoAwayCode
 from protocol.frames import PREFACE, Frame, FrameReader, FrameType, encode_frame, pack_header
 from tests.e2e.procs import Processes, admin_client
+from tests.e2e.test_public_tcp import port_range
+from tunneld.auth import agent_token
 
 DATA, WU, PING, GO_AWAY, CONTROL = (int(t) for t in FrameType)
 SYN, ACK, FIN, RST = 1, 2, 4, 8
 TIMEOUT = 15.0  # every read of this file is bounded by it
 HANDSHAKE_TIMEOUT = 1.0  # the edge's, for this file
 STREAM_SANDBOX = "sbstreams"  # its port 8000 is exposed before any agent of it connects
+TCP_SANDBOX = "sbtcp"  # its port 9000 is exposed as raw TCP, with a public port of its own
 
 
 class Edge:
@@ -37,10 +43,11 @@ class Edge:
         self.public_port = procs.ports["public"]
         self.tokens: dict[str, str] = {}
         self.preview_host = ""
+        self.tcp_public_port = 0
 
     def hello(self, sandbox_id: str = "sb1") -> bytes:
         if sandbox_id not in self.tokens:
-            self.tokens[sandbox_id] = self.procs.token(sandbox_id)
+            self.tokens[sandbox_id] = agent_token(self.procs.secret, sandbox_id)
         hello = control.Hello(sandbox_id, self.tokens[sandbox_id], control.UNWATCH_PORT_VERSION)
         return encode_frame(CONTROL, payload=control.encode_message(hello))
 
@@ -52,17 +59,23 @@ def edge(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Edge]:
         # a short handshake timeout: the one test that waits for it takes a second; the others
         # send their hello with the preface, or a bad preface the edge answers at once
         procs.start_edge(
+            "--public-tcp-ports",
+            port_range(4),
             env=procs.env(
                 TUNNELD_ADMIN_TOKEN=procs.admin_token,
                 TUNNELD_SECRET=procs.secret,
                 TUNNELD_HANDSHAKE_TIMEOUT=str(HANDSHAKE_TIMEOUT),
-            )
+            ),
         )
         edge = Edge(procs)
         with admin_client(procs) as admin:
             exposed = admin.post(f"/v1/sandboxes/{STREAM_SANDBOX}/ports", json={"port": 8000})
             assert exposed.status_code == 200, exposed.text
             edge.preview_host = exposed.json()["exposedAt"].split("//", 1)[1].split("/", 1)[0]
+            tcp = {"port": 9000, "protocol": "tcp"}
+            exposed = admin.post(f"/v1/sandboxes/{TCP_SANDBOX}/ports", json=tcp)
+            assert exposed.status_code == 200, exposed.text
+            edge.tcp_public_port = exposed.json()["publicPort"]
         yield edge
     finally:
         procs.close()
@@ -355,3 +368,58 @@ def test_a_newer_session_for_the_sandbox_replaces_the_older_with_goaway_replaced
     finally:
         older.close()
         newer.close()
+
+
+def test_an_agent_is_never_sent_a_public_port(link: Link, edge: Edge) -> None:
+    """Exposure: `public_port` is 'never sent to an agent, nor to an older node: either would
+    refuse the unknown field'. A `tcp` exposure has one (the admin API says it), yet neither the
+    welcome that lists it nor the `ok` to the agent's own `tcp` expose carries it."""
+    assert edge.tcp_public_port
+    welcome = welcomed(link, edge, TCP_SANDBOX).until(is_welcome)
+    (listed,) = orjson.loads(welcome.payload)["exposures"]
+    assert listed["port"] == 9000 and "public_port" not in listed, listed
+    link.send(_ctrl({"type": "expose", "id": 1, "port": 9001, "protocol": "tcp"}))
+    ok = link.until(lambda f: f.type == CONTROL and b'"type":"ok"' in f.payload)
+    (exposure,) = orjson.loads(ok.payload)["exposures"]
+    assert exposure["port"] == 9001 and "public_port" not in exposure, exposure
+
+
+def test_over_a_websocket_message_boundaries_carry_no_meaning(edge: Edge) -> None:
+    """'an upgrade `GET /v1/agent` on the agent port, subprotocol `tunneld.v1`, after which the
+    same byte stream travels in binary messages whose boundaries carry no meaning': the preface,
+    hello and a PING cut at odd places (mid-preface, mid-header, two frames in one message) get
+    the welcome and the PING|ACK, whatever messages the edge puts them in."""
+    ws = wsproto.WSConnection(wsproto.ConnectionType.CLIENT)
+    sock = socket.create_connection(("127.0.0.1", edge.port), timeout=TIMEOUT)
+    try:
+        request = wse.Request(host="edge", target="/v1/agent", subprotocols=["tunneld.v1"])
+        sock.sendall(ws.send(request))
+        reader = FrameReader()
+        got: list[Frame] = []
+        accepted: list[wse.AcceptConnection] = []
+
+        def read_until(done: Callable[[], bool]) -> None:
+            deadline = time.monotonic() + TIMEOUT
+            while not done():
+                assert time.monotonic() < deadline, f"no answer in time: {got}"
+                data = sock.recv(65536)
+                assert data, f"the edge closed the link: {got}"
+                ws.receive_data(data)
+                for event in ws.events():
+                    if isinstance(event, wse.AcceptConnection):
+                        accepted.append(event)
+                    elif isinstance(event, wse.BytesMessage):
+                        reader.feed(event.data)
+                        while (frame := reader.next_frame()) is not None:
+                            got.append(frame)
+
+        read_until(lambda: bool(accepted))
+        assert accepted[0].subprotocol == "tunneld.v1"
+        stream = PREFACE + edge.hello() + pack_header(PING, 0, 0, 3)
+        cuts = [0, 1, 5, len(PREFACE) + 7, len(stream) - 14, len(stream) - 5, len(stream)]
+        for start, end in itertools.pairwise(cuts):
+            sock.sendall(ws.send(wse.BytesMessage(stream[start:end])))
+        read_until(lambda: any(f.type == PING for f in got))
+        assert is_welcome(got[0]) and header(got[1]) == (PING, ACK, 0, 3), got
+    finally:
+        sock.close()
