@@ -2137,15 +2137,35 @@ typedef struct {
     long long started; /* the clock's ns at the request's head... */
     int started_obj;   /* ...unless it was no int that fits: then R_STARTED holds it */
     int busy;          /* req is the connection's request in flight */
+    int idle;          /* the framer was idle when last looked at, and untouched since */
 } PendingObject;
 
 static PyTypeObject Pending_Type;
 
+/* GC-tracked: its list holds the head's objects (exact bytes but for a request id found by
+   find_client_id_general, which may be anything the headers held) */
+static int
+pending_traverse(PendingObject *p, visitproc visit, void *arg)
+{
+    Py_VISIT(p->req);
+    return 0;
+}
+
+static int
+pending_clear(PendingObject *p)
+{
+    p->busy = 0;
+    p->idle = 0;
+    Py_CLEAR(p->req);
+    return 0;
+}
+
 static void
 pending_dealloc(PendingObject *p)
 {
-    Py_XDECREF(p->req);
-    PyObject_Free(p);
+    PyObject_GC_UnTrack(p);
+    pending_clear(p);
+    PyObject_GC_Del(p);
 }
 
 PyDoc_STRVAR(pending_doc,
@@ -2156,7 +2176,7 @@ PyDoc_STRVAR(pending_doc,
 static PyObject *
 pending_new(PyObject *module, PyObject *unused)
 {
-    PendingObject *p = PyObject_New(PendingObject, &Pending_Type);
+    PendingObject *p = PyObject_GC_New(PendingObject, &Pending_Type);
     if (p == NULL) {
         return NULL;
     }
@@ -2164,6 +2184,8 @@ pending_new(PyObject *module, PyObject *unused)
     p->started = 0;
     p->started_obj = 0;
     p->busy = 0;
+    p->idle = 0;
+    PyObject_GC_Track(p);
     return (PyObject *)p;
 }
 
@@ -2178,8 +2200,10 @@ static PyTypeObject Pending_Type = {
     .tp_name = "tunneld._speedups.Pending",
     .tp_basicsize = sizeof(PendingObject),
     .tp_dealloc = (destructor)pending_dealloc,
-    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
     .tp_doc = "A connection's request in flight, held out of its deque (log_request).",
+    .tp_traverse = (traverseproc)pending_traverse,
+    .tp_clear = (inquiry)pending_clear,
     .tp_members = pending_members,
 };
 
@@ -2192,6 +2216,7 @@ pending_spill(PendingObject *p, PyObject *requests, PyObject *framer)
     Py_ssize_t waiting;
     int r = 0;
 
+    p->idle = 0; /* the caller's code goes to the framer next */
     if (!p->busy) {
         return 0;
     }
@@ -2307,8 +2332,14 @@ pending_begin(PendingObject *p, PyObject *head, PyObject **st)
     if (Py_TYPE(st[S_REQUESTS]) != (PyTypeObject *)deque_type || Py_SIZE(st[S_REQUESTS]) != 0) {
         return 0;
     }
-    if ((r = framer_idle(st[S_FRAMER])) <= 0) {
-        return r;
+    /* The framer's state is read once: it stays idle while only the Pending's requests and
+       their whole responses pass (pending_take does not feed it); every other way to it
+       clears ``idle`` first (spill, and the deque's ways of log_request and log_response). */
+    if (!p->idle) {
+        if ((r = framer_idle(st[S_FRAMER])) <= 0) {
+            return r;
+        }
+        p->idle = 1;
     }
     /* begin_request's reads, in its order (the same errors) */
     if ((headers = get_slot(head, &slot_head_headers)) == NULL ||
@@ -2563,6 +2594,9 @@ log_response(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         }
         /* spilled: the deque's way below */
     }
+    if (Py_IS_TYPE(st[S_INLINE], &Pending_Type)) {
+        ((PendingObject *)st[S_INLINE])->idle = 0; /* the deque's way goes to the framer */
+    }
     if ((waiting = PyObject_Size(st[S_REQUESTS])) < 0) {
         goto fail;
     }
@@ -2709,6 +2743,7 @@ log_request(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
             line = Py_NewRef(PyList_GET_ITEM(p->req, R_ID_LINE));
             goto done;
         }
+        p->idle = 0; /* begin_request below goes to the framer */
     }
     if ((now = clock_ns(st[S_MONO])) == NULL) {
         goto done;
