@@ -423,3 +423,38 @@ def test_over_a_websocket_message_boundaries_carry_no_meaning(edge: Edge) -> Non
         assert is_welcome(got[0]) and header(got[1]) == (PING, ACK, 0, 3), got
     finally:
         sock.close()
+
+
+def _reply_to(link: Link, request_id: int) -> dict[str, object]:
+    frame = link.until(
+        lambda f: f.type == CONTROL and orjson.loads(f.payload).get("id") == request_id
+    )
+    reply: dict[str, object] = orjson.loads(frame.payload)
+    return reply
+
+
+def test_an_agents_expose_is_refused_with_the_admin_apis_codes(link: Link, edge: Edge) -> None:
+    """Error codes: 'An agent's `expose`/`unexpose` is answered like the admin API would
+    (`INVALID_PORT`, `INVALID_TOKEN_FORMAT`, `TOKEN_IN_USE`)', each an `error` with the request's
+    id, and the session goes on. A name past 256 characters never reaches that check: the
+    message does not decode (the codec bounds it), a protocol error."""
+    welcomed(link, edge, "sbrequests")
+    requests = [
+        (1, {"type": "expose", "port": 80}, "INVALID_PORT"),
+        (2, {"type": "expose", "port": 3000}, "INVALID_PORT"),
+        (3, {"type": "unexpose", "port": 1023}, "INVALID_PORT"),
+        (4, {"type": "expose", "port": 8000, "token": "Not-Valid"}, "INVALID_TOKEN_FORMAT"),
+        (5, {"type": "expose", "port": 8000, "token": "t1"}, None),
+        (6, {"type": "expose", "port": 8001, "token": "t1"}, "TOKEN_IN_USE"),
+    ]
+    for request_id, request, code in requests:
+        link.send(_ctrl({**request, "id": request_id}))
+        reply = _reply_to(link, request_id)
+        if code is None:
+            assert reply["type"] == "ok", reply
+        else:
+            assert (reply["type"], reply["code"]) == ("error", code), reply
+    link.send(_ctrl({"type": "expose", "id": 7, "port": 8002, "name": "n" * 257}))
+    assert [header(f) for f in link.until_eof() if f.type == GO_AWAY] == [
+        goaway(GoAwayCode.PROTOCOL_ERROR)
+    ]
