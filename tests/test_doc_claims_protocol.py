@@ -759,6 +759,49 @@ CITED: tuple[tuple[str, tuple[str, ...]], ...] = (
         (P + "test_doc_claims_protocol.py::test_string_lengths_are_counted_in_characters",),
     ),
     (
+        "| `TOO_LARGE` | more than `MAX_CONTROL_MESSAGE_SIZE` bytes |",
+        (P + "test_control.py::test_too_large",),
+    ),
+    (
+        "| `MALFORMED` | not JSON, invalid UTF-8, a number beyond a double's range, nesting too"
+        " deep, or not a JSON object |",
+        (P + "test_control.py::test_malformed", P + "test_control.py::test_not_an_object"),
+    ),
+    (
+        "| `UNKNOWN_TYPE` | `type` is not one of the nine names (names are case-sensitive) |",
+        (P + "test_control.py::test_unknown_type",),
+    ),
+    (
+        '| `MISSING_FIELD` | a required field, or `type` itself, is absent (`"type": null` counts'
+        " as absent) |",
+        (P + "test_control.py::test_missing_field",),
+    ),
+    (
+        "| `UNKNOWN_FIELD` | a field that the message type does not define |",
+        (P + "test_control.py::test_unknown_field",),
+    ),
+    (
+        "| `BAD_FIELD` | wrong JSON type, or a value out of range or too long |",
+        (
+            P + "test_control.py::test_bad_field",
+            P + "test_control.py::test_huge_integers_are_rejected_not_crashing",
+        ),
+    ),
+    (
+        "ready / PORT_NOT_READY (status_code: the last",
+        (
+            "tests/e2e/test_wait_port.py::test_admin_wait_returns_once_the_service_is_healthy",
+            "tests/e2e/test_wait_port.py::test_timeout_is_504_with_the_last_status",
+            "tests/e2e/test_wait_port.py::test_the_agents_watch_limit_is_429",
+            "tests/faults/test_agent_edge_watch_bound.py::"
+            "test_an_edge_gets_at_most_the_agents_watches_and_loses_them_with_its_session",
+        ),
+    ),
+    (
+        "an id with no live watch is ignored",
+        ("tests/e2e/test_wait_cancel.py::test_the_agent_ignores_an_unwatch_for_no_watch",),
+    ),
+    (
         "`decode_message` raises `ControlError(code, message)` and nothing else.",
         (
             P + "test_control.py::test_fuzz_random_bytes",
