@@ -61,7 +61,13 @@ EXIT_UNREACHABLE: Final = 3
 
 DEFAULT_API: Final = "http://127.0.0.1:3000"
 # The local API answers in milliseconds unless it waits on the edge, which has its own timeout.
+# Also the bound on connecting to the API, for every command.
 CLIENT_TIMEOUT: Final = 10.0
+# expose, unexpose and ports wait on the edge: the agent's timeout for that (agent.core's
+# REQUEST_TIMEOUT, 35 s; not imported, as above) plus CLIENT_TIMEOUT, so that the agent's own
+# answer (the edge's STORE_UNAVAILABLE, or 504 EDGE_TIMEOUT) arrives before this client gives up
+# and blames a stuck agent (AGENT_TIMEOUT).
+EDGE_CLIENT_TIMEOUT: Final = 45.0
 # The longest `wait` the agent runs (agent.portwatch.MAX_WATCH_SECONDS; not imported: the client
 # commands stay standard-library only).
 WAIT_MAX_SECONDS: Final = 300.0
@@ -207,12 +213,15 @@ class AgentClient:
         """A connection to the agent's API; ``_Unreachable`` if nothing answers the connect
         (refused, or no answer within the timeout: a black-holed address is unreachable, not
         an agent that is running but stuck)."""
-        conn = http.client.HTTPConnection(self._host, self._port, timeout=self._timeout)
+        connect_timeout = min(self._timeout, CLIENT_TIMEOUT)  # a long answer, not a long connect
+        conn = http.client.HTTPConnection(self._host, self._port, timeout=connect_timeout)
         try:
             conn.connect()
         except OSError as exc:  # TimeoutError included
             conn.close()
             raise _Unreachable(str(exc) or type(exc).__name__) from exc
+        assert conn.sock is not None
+        conn.sock.settimeout(self._timeout)
         return conn
 
     def request(self, method: str, path: str, body: object = None) -> Any:
@@ -1032,7 +1041,7 @@ def _cmd_expose(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
         body["proxyProtocol"] = True
     if args.inspect:
         body["inspect"] = True
-    data = _client(args, parser).request("POST", "/v1/ports", body)
+    data = _client(args, parser, EDGE_CLIENT_TIMEOUT).request("POST", "/v1/ports", body)
     if args.json:
         _print_json(data)
     else:
@@ -1041,13 +1050,13 @@ def _cmd_expose(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
 
 
 def _cmd_unexpose(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    _client(args, parser).request("DELETE", f"/v1/ports/{args.port}")
+    _client(args, parser, EDGE_CLIENT_TIMEOUT).request("DELETE", f"/v1/ports/{args.port}")
     print(f"port {args.port} is no longer exposed")
     return EXIT_OK
 
 
 def _cmd_ports(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    ports = _client(args, parser).request("GET", "/v1/ports")["ports"]
+    ports = _client(args, parser, EDGE_CLIENT_TIMEOUT).request("GET", "/v1/ports")["ports"]
     if args.json:
         _print_json(ports)
         return EXIT_OK

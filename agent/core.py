@@ -85,7 +85,11 @@ if TYPE_CHECKING:
 log = logging.getLogger("tunnel.agent")
 
 CONNECT_TIMEOUT: Final = 10.0  # dialing the edge, and dialing a local port
-REQUEST_TIMEOUT: Final = 10.0  # expose/unexpose/list round trip to the edge
+# expose/unexpose/list round trip to the edge: longer than the edge's own bound on a store write
+# (tunneld.store.WRITE_TIMEOUT, 30 s), so a hung store is answered with the edge's words (503
+# STORE_UNAVAILABLE: the change "may still be applied"), not a 504 EDGE_TIMEOUT that knows nothing.
+# agent.cli's EDGE_CLIENT_TIMEOUT is this plus 10 s.
+REQUEST_TIMEOUT: Final = 35.0
 BACKOFF_FIRST: Final = 0.1  # first retry is fast: most losses are a blip or an edge restart
 BACKOFF_CAP: Final = 20.0  # frp's cap; long enough not to hammer a down edge
 
@@ -97,9 +101,9 @@ FD_RESERVE: Final = 160
 # The default never goes above this, whatever RLIMIT_NOFILE allows (--max-connections may).
 MAX_CONNECTIONS_CAP: Final = 4096
 # raise_fd_limit() takes the soft RLIMIT_NOFILE up to the hard limit, but not past this (unless
-# --max-connections needs more): 16 times what the default cap needs (MAX_CONNECTIONS_CAP +
-# FD_RESERVE), and finite, so a hard limit of 2**20 or unlimited does not hand a huge soft limit
-# to code that loops over every possible descriptor.
+# --max-connections needs more): 16 times the default cap (MAX_CONNECTIONS_CAP), and finite, so a
+# hard limit of 2**20 or unlimited does not hand a huge soft limit to code that loops over every
+# possible descriptor.
 FD_LIMIT_CEILING: Final = 1 << 16
 
 

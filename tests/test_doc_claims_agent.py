@@ -20,6 +20,7 @@ from protocol.session import SessionConfig
 from relay import accept, budget
 from tests.agent.test_local_api import FakeController
 from tests.test_doc_claims_readme import check_links
+from tunneld import store as tunneld_store
 from tunneld.config import Config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -201,8 +202,12 @@ def test_the_cli_numbers() -> None:
     path bound of `wait`, its defaults, and the exit codes table."""
     claim("env `TUNNEL_AGENT_API`, default `http://127.0.0.1:3000`")
     assert cli.ENV_API == "TUNNEL_AGENT_API" and cli.DEFAULT_API == "http://127.0.0.1:3000"
-    claim("with a 10 s timeout (`wait`: its `--timeout` plus 10 s)")
+    claim("with a 10 s timeout to connect and for `status`'s answer;")
     assert cli.CLIENT_TIMEOUT == 10.0
+    claim("`expose`, `unexpose` and `ports` wait 45 s for theirs, 10 s more than the agent waits")
+    assert cli.EDGE_CLIENT_TIMEOUT == 45.0 == core.REQUEST_TIMEOUT + 10
+    claim("`wait` waits its `--timeout` plus 10 s")
+    claim("no answer within its timeout (10 s; 45 s for `expose`, `unexpose` and `ports`) exits 1")
     claim("absolute ASCII path without spaces of at most 2048 characters")
     assert cli.WAIT_MAX_PATH == portwatch.MAX_PATH_LENGTH == 2048
     claim("`--timeout` defaults to 30 s (at most 300), `--interval` to 0.5 s")
@@ -216,7 +221,6 @@ def test_the_cli_numbers() -> None:
     claim("| 3 | nothing answers at the API address |")
     claim("| 130 | interrupted (Ctrl-C, SIGINT)")
     assert entry.EXIT_INTERRUPTED == 130
-    claim("A request that connects but gets no answer within 10 s exits 1 with code")
 
 
 def test_the_local_api_numbers() -> None:
@@ -249,6 +253,12 @@ def test_the_local_api_numbers() -> None:
     api = local_api.LocalAPI(FakeController(), port=0)
     limits = api.http.limits
     assert (limits.max_head_bytes, limits.max_body_bytes) == (16 * KiB, 64 * KiB)
+    claim(
+        "| `EDGE_TIMEOUT` | 504 | the edge did not answer within 35 s (longer than the edge's own"
+    )
+    claim("30 s bound on a store write")
+    assert core.REQUEST_TIMEOUT == 35.0
+    assert tunneld_store.WRITE_TIMEOUT == 30.0
     claim(
         "| `REQUEST_TIMEOUT` | 408 | the request was not received within 10 s of its first byte |"
     )
@@ -560,7 +570,7 @@ CITED: tuple[tuple[str, tuple[str, ...]], ...] = (
         ),
     ),
     (
-        "| `EDGE_TIMEOUT` | 504 | the edge did not answer in time |",
+        "| `EDGE_TIMEOUT` | 504 | the edge did not answer within 35 s",
         (
             "tests/faults/test_agent_edge_timeout.py::"
             "test_an_edge_that_never_answers_is_504_edge_timeout_and_leaves_nothing",
