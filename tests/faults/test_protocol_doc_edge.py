@@ -458,3 +458,17 @@ def test_an_agents_expose_is_refused_with_the_admin_apis_codes(link: Link, edge:
     assert [header(f) for f in link.until_eof() if f.type == GO_AWAY] == [
         goaway(GoAwayCode.PROTOCOL_ERROR)
     ]
+
+
+def test_a_message_the_edge_does_not_serve_gets_an_error_without_an_id(
+    link: Link, edge: Edge
+) -> None:
+    """Error codes: 'a message the edge does not serve gets `UNEXPECTED_MESSAGE`, an `error`
+    without an `id` even when the message had one'; the session goes on."""
+    welcomed(link, edge, "sbunexpected")
+    link.send(_ctrl({"type": "watch_port", "id": 7, "port": 8000}))
+    error = link.until(lambda f: f.type == CONTROL and b'"type":"error"' in f.payload)
+    reply = orjson.loads(error.payload)
+    assert reply["code"] == "UNEXPECTED_MESSAGE" and "id" not in reply, reply
+    link.send(_ctrl({"type": "list", "id": 8}))
+    assert _reply_to(link, 8)["type"] == "ok"
