@@ -200,3 +200,21 @@ def test_a_port_watch_probe_is_get_path_with_host_localhost_and_reads_the_status
     assert heads and heads[0].startswith(
         b"GET /health HTTP/1.1\r\nHost: localhost:%d\r\n" % port
     ), heads
+
+
+def test_a_port_watch_field_not_in_the_table_is_refused_before_the_stream(world: World) -> None:
+    """'Bad input is refused before the stream starts, in the legacy error shape ...; so is a
+    field not in the table above (`Unknown field(s): statusmax.`)'."""
+    body = {"port": 8000, "mode": "http", "statusmax": 200}  # statusMax, misspelt
+    r = httpx.post(f"{world.api}/api/port-watch", json=body, timeout=10)
+    assert r.status_code == 400, r.text
+    assert r.headers["content-type"] == "application/json"
+    answer = r.json()
+    assert (answer["code"], answer["httpStatus"]) == ("INVALID_REQUEST", 400)
+    assert answer["message"] == "Unknown field(s): statusmax."
+    known = {
+        "port": 8000, "mode": "tcp", "path": "/", "statusMin": 200, "statusMax": 399,
+        "interval": 500, "timeout": 100, "processId": "p1",
+    }  # fmt: skip
+    with httpx.stream("POST", f"{world.api}/api/port-watch", json=known, timeout=10) as ok:
+        assert ok.status_code == 200  # every field of the table is taken
