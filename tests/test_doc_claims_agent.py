@@ -635,6 +635,63 @@ CITED: tuple[tuple[str, tuple[str, ...]], ...] = (
         ),
     ),
     (
+        "so is a field not in the table above (`Unknown field(s): statusmax.`)",
+        (
+            "tests/agent/test_agent_doc_local_api.py::"
+            "test_a_port_watch_field_not_in_the_table_is_refused_before_the_stream",
+        ),
+    ),
+    (
+        "an `http` probe sends `GET path` with `Host: localhost:PORT` and reads only the status"
+        " line",
+        (
+            "tests/agent/test_agent_doc_local_api.py::"
+            "test_a_port_watch_probe_is_get_path_with_host_localhost_and_reads_the_status_line_only",
+        ),
+    ),
+    (
+        "1. `--proxy URL`, else `TUNNEL_AGENT_PROXY`, if set, is used for every edge;",
+        (
+            "tests/agent/test_proxy_config.py::test_explicit_proxy_wins_over_every_variable",
+            "tests/agent/test_proxy_config.py::test_run_proxy_flag_and_its_environment_variable",
+        ),
+    ),
+    (
+        "`http_proxy` / `HTTP_PROXY` for a plain TCP or `ws://` one (the other variable is never a"
+        " fallback), then `all_proxy` / `ALL_PROXY`;",
+        (
+            "tests/agent/test_proxy_config.py::test_plain_links_use_http_proxy_and_tls_links_https_proxy",
+            "tests/agent/test_proxy_config.py::test_all_proxy_is_the_fallback_for_both_schemes",
+        ),
+    ),
+    (
+        "the chosen proxy is skipped, and the edge dialled directly, when the entry's host matches",
+        (
+            "tests/agent/test_proxy_config.py::test_no_proxy_matching",
+            "tests/agent/test_proxy_config.py::test_no_proxy_applies_to_an_explicit_proxy_too",
+            "tests/faults/test_agent_proxy.py::test_no_proxy_sends_the_agent_straight_to_the_edge",
+        ),
+    ),
+    (
+        "`https://` proxies (TLS to the proxy itself) and `socks5://` are not supported: the agent"
+        " exits 2 naming the variable or flag.",
+        (
+            "tests/agent/test_proxy_config.py::"
+            "test_bad_proxy_urls_are_refused_without_showing_credentials",
+            "tests/agent/test_proxy_credentials_warning.py::"
+            "test_an_unusable_proxy_from_the_environment_is_named_by_its_variable",
+        ),
+    ),
+    (
+        "On a 2xx the socket carries exactly what a direct one would",
+        (
+            "tests/agent/test_proxy_config.py::"
+            "test_bytes_right_behind_the_answer_stay_in_the_socket_for_the_edge",
+            "tests/faults/test_agent_proxy.py::"
+            "test_the_agent_reaches_the_edge_through_the_proxy_and_serves_a_preview",
+        ),
+    ),
+    (
         "accepted and ignored: the agent does not start processes",
         ("tests/agent/test_port_watch.py::test_process_id_is_accepted_and_ignored",),
     ),
