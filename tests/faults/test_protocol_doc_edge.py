@@ -472,3 +472,21 @@ def test_a_message_the_edge_does_not_serve_gets_an_error_without_an_id(
     assert reply["code"] == "UNEXPECTED_MESSAGE" and "id" not in reply, reply
     link.send(_ctrl({"type": "list", "id": 8}))
     assert _reply_to(link, 8)["type"] == "ok"
+
+
+def test_an_agent_cannot_expose_for_another_sandbox(link: Link, edge: Edge) -> None:
+    """Messages: `expose`'s `sandbox?` is 'node -> owner node on a node link only'. From an
+    agent it counts for nothing: the port is exposed for the agent's own sandbox, never for the
+    sandbox it names."""
+    welcomed(link, edge, "sbown")
+    link.send(_ctrl({"type": "expose", "id": 1, "port": 8000, "sandbox": "sbvictim"}))
+    reply = _reply_to(link, 1)
+    assert reply["type"] == "ok", reply
+    exposures = reply["exposures"]
+    assert isinstance(exposures, list) and len(exposures) == 1, reply
+    exposure = exposures[0]
+    assert "-sbown-" in exposure["url"], exposure
+    with admin_client(edge.procs) as admin:
+        sandboxes = {s["id"]: s for s in admin.get("/v1/sandboxes").json()["sandboxes"]}
+    assert [p["port"] for p in sandboxes["sbown"]["ports"]] == [8000]
+    assert "sbvictim" not in sandboxes
