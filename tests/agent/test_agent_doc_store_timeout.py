@@ -10,7 +10,7 @@ applied. Now the agent waits 35 s (``agent.core.REQUEST_TIMEOUT``) and ``expose`
 
 A real ``tunneld serve`` (its SQLite store held by another connection, as a hung disk would),
 a real ``tunnel-agent run`` and a real ``tunnel-agent expose``, with every timeout shortened: the
-edge's by 15 (2 s), the agent's and the CLI's by 10 (3.5 s and 4.5 s; they were 1 s and 1 s),
+edge's by 15 (2 s), the agent's and the CLI's by 7 (5 s and 6.4 s; they were 1.4 s and 1.4 s),
 which keeps the order of each pair as it is at full length, before the fix and after it.
 """
 
@@ -29,7 +29,7 @@ from tests.e2e.procs import Processes, wait_for, wait_for_file
 from tunneld import store
 
 EDGE_SCALE = 15.0
-AGENT_SCALE = 10.0
+AGENT_SCALE = 7.0
 
 # `tunneld serve` with the store's write timeout divided by argv[1]
 _EDGE = """
