@@ -704,8 +704,23 @@ CITED: tuple[tuple[str, tuple[str, ...]], ...] = (
         ),
     ),
     (
+        "| PORT_NOT_ALLOWED | 3 | the port may not be dialled (e.g. 3000, the control plane) |",
+        (
+            "tests/faults/test_attack_surface_2.py::test_streams_to_refused_ports_are_logged_boundedly",
+            "tests/faults/test_hostile_edge_2.py::"
+            "test_refused_and_failed_streams_leave_nothing_in_the_agent",
+            "tests/e2e/test_raw_tcp.py::test_the_agents_own_api_port_is_a_502_port_not_allowed",
+        ),
+    ),
+    (
         "| STREAM_CLOSED | 5 | DATA after FIN |",
         (P + "test_session.py::test_data_after_peer_fin_resets_only_that_stream",),
+    ),
+    (
+        "| TIMEOUT | 8 | the stream timed out |",
+        (
+            "tests/faults/test_protocol_doc_replies.py::test_an_idle_public_tcp_stream_is_reset_with_timeout",
+        ),
     ),
     (
         "the agent's cap on local connections: `--max-connections`",

@@ -1,20 +1,24 @@
-"""docs/protocol.md, the error codes tunneld sends: an agent's `expose` or `unexpose` that the edge
-fails on for a reason of its own (a bug, an unexpected store error) still gets an answer,
-`error {id, code: "INTERNAL_ERROR"}`, rather than nothing (the agent would wait for its
-EDGE_TIMEOUT), and the session goes on. A real in-process edge on 127.0.0.1 whose exposure
-write is made to raise; the agent is a hand-driven session over a real socket."""
+"""docs/protocol.md, what the edge answers an agent with where the edge's own state decides: an
+`expose` or `unexpose` that the edge fails on for a reason of its own (a bug, an unexpected store
+error) still gets an answer, `error {id, code: "INTERNAL_ERROR"}`, rather than nothing (the agent
+would wait for its EDGE_TIMEOUT), and the session goes on; a public TCP stream the edge cuts for
+idleness is reset with the TIMEOUT code. A real in-process edge on 127.0.0.1 (its exposure write
+made to raise, or a short idle timeout); the agent is a hand-driven session over a real socket."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
 import pytest
 
 from protocol import control
-from protocol.events import ControlReceived
+from protocol.errors import ResetCode
+from protocol.events import ControlReceived, StreamOpened, StreamReset
 from tests.e2e.conftest import Stack
 from tests.e2e.test_doc_claims_architecture import raw_agent
+from tests.e2e.test_public_tcp import expose_tcp, tcp_stack
 
 pytestmark = pytest.mark.anyio
 
@@ -70,3 +74,31 @@ async def test_a_request_the_edge_fails_on_gets_internal_error(
     logged = [r for r in caplog.records if r.levelno == logging.ERROR and r.exc_info]
     assert any("failed" in r.getMessage() for r in logged), logged
     caplog.clear()  # the traceback is the point here, not a crash of the test's own making
+
+
+async def test_an_idle_public_tcp_stream_is_reset_with_timeout() -> None:
+    """Reset codes: 'TIMEOUT | 8 | the stream timed out': a public TCP connection silent both
+    ways past the edge's idle_timeout is cut, and the agent is told with RST(TIMEOUT) on its
+    stream (the client gets a TCP reset, tests/e2e/test_public_tcp.py)."""
+    stack = await tcp_stack(idle_timeout=0.5)
+    try:
+        agent = await raw_agent(stack)
+        try:
+            public_port = await expose_tcp(stack, "sb1", 9000)
+            _reader, writer = await asyncio.open_connection("127.0.0.1", public_port)
+            try:
+                opened = await agent.wait_for(lambda e: isinstance(e, StreamOpened))
+                assert isinstance(opened, StreamOpened) and opened.port == 9000
+                sid = opened.stream_id
+                agent.session.accept_stream(sid)
+                agent.flush()
+                reset = await agent.wait_for(
+                    lambda e: isinstance(e, StreamReset) and e.stream_id == sid
+                )
+                assert reset == StreamReset(sid, ResetCode.TIMEOUT, True)
+            finally:
+                writer.close()
+        finally:
+            await agent.close()
+    finally:
+        await stack.close()
