@@ -438,6 +438,15 @@ CITED: tuple[tuple[str, tuple[str, ...]], ...] = (
         ),
     ),
     (
+        "Each side sends a PING every 10 s (`HEARTBEAT_INTERVAL`) after the handshake and answers"
+        " every PING",
+        (
+            "tests/faults/test_protocol_doc_replies.py::"
+            "test_the_edge_pings_every_heartbeat_after_the_handshake",
+            P + "test_session.py::test_keepalive_and_dead_peer_timeout",
+        ),
+    ),
+    (
         "the sender will accept no new streams and ends the session",
         (
             P + "test_session.py::test_syn_refused_while_going_away",
@@ -533,6 +542,15 @@ CITED: tuple[tuple[str, tuple[str, ...]], ...] = (
         (
             "tests/e2e/test_doc_claims_architecture_path.py::"
             "test_the_head_follows_the_syn_before_the_agent_answers",
+        ),
+    ),
+    (
+        "The receiver answers `WINDOW_UPDATE|ACK` (accepted; the agent dialled the port) or"
+        " `WINDOW_UPDATE|RST` with a reason",
+        (
+            "tests/e2e/test_raw_tcp.py::test_the_port_needs_no_exposure_and_101_comes_after_the_connect",
+            "tests/e2e/test_raw_tcp.py::test_refused_port_is_a_502_page_not_a_101",
+            "tests/e2e/test_raw_tcp_ws.py::test_nothing_listening_is_a_502_page_not_a_101",
         ),
     ),
     (

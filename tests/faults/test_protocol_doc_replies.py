@@ -16,9 +16,13 @@ import pytest
 from protocol import control
 from protocol.errors import ResetCode
 from protocol.events import ControlReceived, StreamOpened, StreamReset
+from protocol.frames import PREFACE, Frame, FrameReader, FrameType, encode_frame, pack_header
 from tests.e2e.conftest import Stack
 from tests.e2e.test_doc_claims_architecture import raw_agent
 from tests.e2e.test_public_tcp import expose_tcp, tcp_stack
+from tunneld.auth import agent_token
+
+PING, CONTROL, ACK = int(FrameType.PING), int(FrameType.CONTROL), 2
 
 pytestmark = pytest.mark.anyio
 
@@ -100,5 +104,37 @@ async def test_an_idle_public_tcp_stream_is_reset_with_timeout() -> None:
                 writer.close()
         finally:
             await agent.close()
+    finally:
+        await stack.close()
+
+
+async def test_the_edge_pings_every_heartbeat_after_the_handshake() -> None:
+    """Keepalive: 'Each side sends a PING every 10 s (`HEARTBEAT_INTERVAL`) after the
+    handshake' - the edge's interval (configured short here) is its welcome's `heartbeat_s`, and
+    its PINGs come on the wire, each with a new value, while the agent only answers them."""
+    stack = await Stack(heartbeat_interval=0.2, dead_timeout=5.0).start()
+    try:
+        assert stack.edge is not None
+        reader, writer = await asyncio.open_connection("127.0.0.1", stack.edge.agent_port)
+        try:
+            hello = control.Hello("sb1", agent_token(stack.secret, "sb1"))
+            writer.write(PREFACE + encode_frame(CONTROL, payload=control.encode_message(hello)))
+            frames = FrameReader()
+            seen: list[Frame] = []
+            while len([f for f in seen if f.type == PING]) < 3:
+                data = await asyncio.wait_for(reader.read(65536), 10)
+                assert data, f"the edge closed the link: {seen}"
+                frames.feed(data)
+                while (frame := frames.next_frame()) is not None:
+                    seen.append(frame)
+                    if frame.type == PING:  # answered, as an agent must
+                        writer.write(pack_header(PING, ACK, 0, frame.length))
+            welcome = control.decode_message(seen[0].payload)
+            assert isinstance(welcome, control.Welcome) and welcome.heartbeat_s == 0.2
+            pings = [f for f in seen if f.type == PING]
+            assert all(f.flags == 0 and f.stream_id == 0 for f in pings)
+            assert len({f.length for f in pings}) == len(pings)  # a new value each time
+        finally:
+            writer.close()
     finally:
         await stack.close()
