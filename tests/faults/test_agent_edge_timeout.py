@@ -1,11 +1,12 @@
 """An edge that never answers the agent's requests: 504 ``EDGE_TIMEOUT``, and nothing kept.
 
 docs/agent.md, Local HTTP API: ``EDGE_TIMEOUT`` 504 "the edge did not answer in time" (the
-agent's request timeout, 10 s; 0.5 s here). tests/agent/test_local_api.py checks the mapping
-with a fake controller; here a real agent and its local API face a scripted edge that reads the
-``expose`` and says nothing: the process in the sandbox gets 504 ``EDGE_TIMEOUT``, the agent
-keeps no pending request for it (a mute edge cannot make it hold one per call), does not count
-the port as exposed, ignores the reply if it comes later, and its session stays up.
+agent's request timeout, agent/core.py ``REQUEST_TIMEOUT``, 35 s; 0.5 s here).
+tests/agent/test_local_api.py checks the mapping with a fake controller; here a real agent and
+its local API face a scripted edge that reads the ``expose`` and says nothing: the process in
+the sandbox gets 504 ``EDGE_TIMEOUT``, the agent keeps no pending request for it (a mute edge
+cannot make it hold one per call), does not count the port as exposed, ignores the reply if it
+comes later, and its session stays up.
 
 Real sockets on 127.0.0.1.
 """
