@@ -19,6 +19,7 @@ import pytest
 
 from agent import cli as agent_cli
 from agent import core as agent_core
+from agent.core import AgentConfig
 from protocol import control, frames, hostnames, session
 from protocol.errors import GoAwayCode, ResetCode
 from protocol.frames import Flag, FrameType
@@ -185,6 +186,9 @@ def test_keepalive_numbers() -> None:
     assert "max(own.dead_timeout, 1.5 * interval)" in inspect.getsource(agent_core)
     claim("`handshake_timeout` (10 s,")
     assert Config().handshake_timeout == 10.0
+    claim("tunnel-agent likewise waits for the `welcome` at most its connect timeout (10 s,")
+    assert agent_core.CONNECT_TIMEOUT == 10.0
+    assert AgentConfig("127.0.0.1", 1, "sb1", "t").connect_timeout == agent_core.CONNECT_TIMEOUT
 
 
 def test_ending_a_session_and_the_code_tables() -> None:

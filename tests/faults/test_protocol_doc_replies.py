@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from agent.core import Agent, AgentConfig
 from protocol import control
 from protocol.errors import ResetCode
 from protocol.events import ControlReceived, StreamOpened, StreamReset
@@ -138,3 +139,41 @@ async def test_the_edge_pings_every_heartbeat_after_the_handshake() -> None:
             writer.close()
     finally:
         await stack.close()
+
+
+async def test_the_agent_waits_its_connect_timeout_for_the_welcome_then_resets() -> None:
+    """Keepalive: tunnel-agent, like the edge, does not wait the dead timeout for the other
+    side's handshake message: with no `welcome` within its connect timeout (short here) it
+    resets the connection, with no GO_AWAY, having sent its preface and `hello` only."""
+    received = bytearray()
+    loop = asyncio.get_running_loop()
+    ended: asyncio.Future[str] = loop.create_future()
+
+    async def silent_edge(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(65536):
+                received.extend(data)
+            ended.set_result("eof")
+        except ConnectionResetError:
+            ended.set_result("reset")
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(silent_edge, "127.0.0.1", 0)
+    try:
+        port = server.sockets[0].getsockname()[1]
+        agent = Agent(AgentConfig("127.0.0.1", port, "sb1", "token", connect_timeout=0.5))
+        with pytest.raises(TimeoutError):
+            await agent.connect_once()
+        assert await asyncio.wait_for(ended, 10) == "reset"
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert bytes(received).startswith(PREFACE)
+    frames = FrameReader()
+    frames.feed(bytes(received[len(PREFACE) :]))
+    sent = []
+    while (frame := frames.next_frame()) is not None:
+        sent.append(frame)
+    assert [f.type for f in sent] == [CONTROL]
+    assert isinstance(control.decode_message(sent[0].payload), control.Hello)
