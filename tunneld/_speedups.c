@@ -2371,6 +2371,9 @@ pending_begin(PendingObject *p, PyObject *head, PyObject **st)
         }
         Py_XSETREF(p->req, req);
     }
+    /* held while it is filled: an old item dropped below could be an object whose __del__
+       runs Python code that comes back here and lets go of p->req */
+    Py_INCREF(req);
     /* begin_request's list: method, target, id, started (spill sets it), ttfb None, body_in 0,
        no record, id line, status and body_out 0 */
     put_item(req, R_METHOD, Py_NewRef(method));
@@ -2396,6 +2399,7 @@ pending_begin(PendingObject *p, PyObject *head, PyObject **st)
     p->started_obj = started != NULL;
     p->busy = 1;
     r = 1;
+    Py_DECREF(req);
 done:
     Py_XDECREF(started);
     Py_XDECREF(headers);
@@ -2424,9 +2428,10 @@ pending_take(PendingObject *p, PyObject **st, PyObject *data, const long long *n
     *out = *req = NULL;
     if (now != NULL && !p->started_obj && PyBytes_CheckExact(line) &&
         (st[S_KEPT] == Py_None || Py_IS_TYPE(st[S_KEPT], &Tally_Type))) {
-        if (get_view(data, &view) < 0) {
-            return -1;
+        if (!PyBytes_CheckExact(data)) {
+            return pending_spill(p, st[S_REQUESTS], st[S_FRAMER]); /* what tunneld never sends */
         }
+        get_view(data, &view); /* exact bytes: no export, no Python code, cannot fail */
         ok = simple_response((const unsigned char *)view.buf, view.len, &n->status, &end) &&
              !__builtin_sub_overflow(*now, p->started, &n->ns) && n->ns >= 0 &&
              n->ns < (1LL << 53);
