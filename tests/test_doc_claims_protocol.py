@@ -451,6 +451,14 @@ CITED: tuple[tuple[str, tuple[str, ...]], ...] = (
         ),
     ),
     (
+        "promptly, up to 10 PINGs a second on average with bursts of 100; past that the session"
+        " ends",
+        (
+            EDGE + "test_a_ping_flood_gets_its_burst_answered_then_goaway_too_many_requests",
+            P + "test_doc_tables_protocol.py::test_the_ping_rate_limit_is_the_documented_one",
+        ),
+    ),
+    (
         "the sender will accept no new streams and ends the session",
         (
             P + "test_session.py::test_syn_refused_while_going_away",

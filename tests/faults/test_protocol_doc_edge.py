@@ -490,3 +490,16 @@ def test_an_agent_cannot_expose_for_another_sandbox(link: Link, edge: Edge) -> N
         sandboxes = {s["id"]: s for s in admin.get("/v1/sandboxes").json()["sandboxes"]}
     assert [p["port"] for p in sandboxes["sbown"]["ports"]] == [8000]
     assert "sbvictim" not in sandboxes
+
+
+def test_a_ping_flood_gets_its_burst_answered_then_goaway_too_many_requests(
+    link: Link, edge: Edge
+) -> None:
+    """PING: answered 'up to 10 PINGs a second on average with bursts of 100; past that the
+    session ends with GO_AWAY(TOO_MANY_REQUESTS)'. 101 PINGs in one write: 100 PING|ACKs with
+    their values, in order, then the GO_AWAY, and the edge closes the connection."""
+    welcomed(link, edge, "sbpings")
+    link.send(b"".join(pack_header(PING, 0, 0, 1000 + i) for i in range(101)))
+    after = [header(f) for f in link.until_eof()[1:]]
+    assert after[:100] == [(PING, ACK, 0, 1000 + i) for i in range(100)]
+    assert after[100:] == [goaway(GoAwayCode.TOO_MANY_REQUESTS)]
