@@ -290,6 +290,11 @@ def test_preview_hostname_numbers() -> None:
     """validate_port's range and exact message; sandbox ids of 1-63 and the reserved seven;
     custom tokens of 1-16 over 37 characters; generated tokens of 16 over 36 (~82.7 bits);
     hostname ports of 4-5 digits; route tokens up to 63."""
+    claim("Validation errors are `ValidationError(ValueError)` with `code`, `message` and `status`")
+    claim("(400). They map directly to the admin API's")
+    assert issubclass(hostnames.ValidationError, ValueError)
+    for error in (hostnames.InvalidPortError, hostnames.InvalidSandboxIdError):
+        assert issubclass(error, hostnames.ValidationError) and error.status == 400
     claim("an `int` (not bool, str or float) in 1024\u201365535, not 3000")
     claim(
         "`Invalid port number: {port}. Must be 1024-65535, excluding 3000 (sandbox control plane).`"
@@ -802,6 +807,18 @@ CITED: tuple[tuple[str, tuple[str, ...]], ...] = (
     (
         "String lengths are counted in characters.",
         (P + "test_doc_claims_protocol.py::test_string_lengths_are_counted_in_characters",),
+    ),
+    (
+        "| `type` | Dataclass | Direction | Fields (wire name: JSON type, bounds).",
+        (
+            P + "test_doc_claims_control_bounds.py::"
+            "test_each_documented_bound_is_the_codecs_at_both_ends",
+            P + "test_doc_claims_control_bounds.py::test_welcome_limits_bounds",
+            P + "test_doc_claims_control_bounds.py::test_welcome_heartbeat_bounds",
+            P + "test_doc_claims_control_bounds.py::"
+            "test_the_table_states_no_bound_this_file_does_not_check",
+            P + "test_doc_tables_protocol.py::test_the_messages_table_lists_every_message_type",
+        ),
     ),
     (
         "| `TOO_LARGE` | more than `MAX_CONTROL_MESSAGE_SIZE` bytes |",
