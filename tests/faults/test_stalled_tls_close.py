@@ -29,7 +29,7 @@ from typing import Any, Final
 
 import pytest
 
-from relay.mux import abort_with_reset, unsent_bytes
+from relay.mux import StalledCloseWatch, abort_with_reset, unsent_bytes
 from tests.e2e.conftest import wait_until
 from tests.faults.conftest import Stack, tls_files
 from tests.faults.test_stalled_close import BODY, HEAD, _BigThenClose
@@ -246,23 +246,127 @@ async def test_a_tls_close_the_client_never_lets_finish_ends_with_a_reset(
                 client.sock.close()
 
 
-async def test_a_slow_tls_client_that_keeps_reading_gets_everything(tmp_path: Path) -> None:
-    """Bytes the client takes keep the connection: read slowly over several looks of the watch
-    (0.25 s apart; at most 8 KiB of the socket every 20 ms), the whole response arrives, then
-    ``close_notify``."""
+# What the client of the next test takes at most at each look of the watch (socket bytes).
+BITE: Final = 64 * 1024
+
+
+class _BiteAtEveryLook:
+    """A client socket that takes bytes only when the ``StalledCloseWatch`` of its connection is
+    armed (when the edge's close begins, then after each look), and then at most ``BITE``: what
+    its receive buffer holds, read right there in the watch's callback (non-blocking).
+
+    So the client takes nothing for almost a whole period each time, yet something between
+    every two looks, whatever the machine's load: the order comes from the watch itself, not
+    from a client's timer racing it (a test process stalled for a period right after a look
+    delayed such a client's read past the next look, which then found nothing taken)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.sock: socket.socket | None = None
+        self.raw = bytearray()  # taken, not yet given to the TLS client
+        self.ended: str | None = None  # "reset" or "FIN" once the socket said so
+        self.looks = -1  # arms of the watch of this client's connection after its first
+        self.bitten = asyncio.Event()
+        arm = StalledCloseWatch._arm
+
+        def armed(watch: StalledCloseWatch, now: float) -> None:
+            arm(watch, now)
+            self._bite(watch)
+
+        monkeypatch.setattr(StalledCloseWatch, "_arm", armed)
+
+    def _bite(self, watch: StalledCloseWatch) -> None:
+        sock = self.sock
+        if sock is None or self.ended is not None:
+            return
+        if watch.transport.get_extra_info("peername") != sock.getsockname():
+            return  # another connection's watch
+        self.looks += 1  # (the first arm is the close's start: counted from -1)
+        self._take(sock, BITE)
+        self.bitten.set()
+
+    def _take(self, sock: socket.socket, most: int) -> bool:
+        """Up to ``most`` bytes the socket holds now; False once it has nothing more now (or
+        has ended)."""
+        taken = 0
+        while taken < most and self.ended is None:
+            try:
+                data = sock.recv(min(65536, most - taken))
+            except (BlockingIOError, InterruptedError):
+                return False
+            except ConnectionResetError:
+                self.ended = "reset"
+            else:
+                if not data:
+                    self.ended = "FIN"
+                self.raw += data
+                taken += len(data)
+        return self.ended is None
+
+    async def read_to_the_end(
+        self, client: _TlsClient, gone: Callable[[], bool], timeout: float
+    ) -> tuple[bytes, str]:
+        """The plaintext the bites brought, and how the connection ended (as
+        ``_TlsClient.read_to_the_end``). Once the edge's side is ``gone`` no watch is left to
+        take bites at: the client then reads all its socket still holds, up to the end."""
+        received = bytearray()
+        async with asyncio.timeout(timeout):
+            while True:
+                try:
+                    await asyncio.wait_for(self.bitten.wait(), 0.1)
+                except TimeoutError:
+                    if not gone() or self.sock is None:
+                        continue
+                    while self._take(self.sock, 1 << 20):
+                        pass
+                self.bitten.clear()
+                raw, self.raw = self.raw, bytearray()
+                if raw:
+                    client.incoming.write(raw)
+                if self.ended == "FIN":
+                    client.incoming.write_eof()
+                try:
+                    while plain := client.tls.read(65536):
+                        received += plain
+                    return bytes(received), "close_notify"
+                except ssl.SSLWantReadError:
+                    pass
+                except ssl.SSLZeroReturnError:
+                    return bytes(received), "close_notify"
+                except ssl.SSLError as exc:
+                    return bytes(received), f"TLS error ({exc.reason})"
+                if self.ended == "reset":
+                    return bytes(received), "reset"
+                if self.ended == "FIN":
+                    return bytes(received), "FIN without close_notify"
+
+
+async def test_a_slow_tls_client_that_keeps_reading_gets_everything(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Bytes the client takes keep the connection: taking at most 64 KiB of the socket at each
+    look of the watch (0.25 s apart), nothing in between, over several looks, the client gets the
+    whole response, then ``close_notify``. (``TLS_NOTIFY_WAIT`` is 0.5 s here: the client does
+    not answer ``close_notify``, and the edge's side then ends that much later.)"""
+    monkeypatch.setattr("tunneld.public.TLS_NOTIFY_WAIT", 0.5)
+    bites = _BiteAtEveryLook(monkeypatch)
     async with _exposed_tls(
         tmp_path, _BigThenClose(), idle_timeout=0.25, keepalive_timeout=0.25
     ) as (stack, context, host):
         client: _TlsClient | None = None
         try:
-            client, conn = await _stalled_request(stack, context, host, rcvbuf=16384)
-            received, ended = await client.read_to_the_end(30, chunk=8192, pause=0.02)
-            assert (len(received), ended) == (len(HEAD) + BODY, "close_notify")
+            client, conn = await _connect(stack, context, host, rcvbuf=16384, sndbuf=8192)
+            bites.sock = client.sock
+            await client.send(b"GET /big HTTP/1.1\r\nHost: " + host.encode() + b"\r\n\r\n")
             edge = stack.edge
             assert edge is not None
-            await wait_until(
-                lambda: conn not in edge.public_connections, 15, "the edge's side ended"
-            )
+
+            def gone() -> bool:
+                return conn not in edge.public_connections
+
+            received, ended = await bites.read_to_the_end(client, gone, 30)
+            assert (len(received), ended) == (len(HEAD) + BODY, "close_notify")
+            assert bites.looks >= 3, f"the response took {bites.looks} looks of the watch"
+            await wait_until(gone, 15, "the edge's side ended")
         finally:
             if client is not None:
                 client.sock.close()
