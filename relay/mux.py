@@ -630,11 +630,27 @@ class MuxProtocol(DeferredFlush, asyncio.BufferedProtocol):
             data = self._unwrap(data)
             if not data:
                 return
-        self.session.receive_data(data, self.loop.time())
-        self.process_events()
+        try:
+            self.session.receive_data(data, self.loop.time())
+            self.process_events()
+        except Exception:
+            self._internal_error()
+            return
         # Now, not at the end of the iteration: with one request in flight a deferred flush
         # costs a loop iteration more per request (+4 % instructions, bench.e2e.instr).
         self.flush()
+
+    def _internal_error(self) -> None:
+        """An exception escaped the session or an event handler: a bug here, not the peer's
+        doing. The peer gets GO_AWAY(INTERNAL_ERROR) (docs/protocol.md) and the connection ends,
+        its streams reset (connection_lost), with the traceback in the log; left to the event
+        loop, its "Fatal error" would drop the connection without a word to the peer."""
+        log.exception("%s: internal error; closing the session", self.describe())
+        if not self.session.closed:
+            self.session.close(GoAwayCode.INTERNAL_ERROR)
+        self.flush()
+        if self.transport is not None:
+            self.transport.close()
 
     def _unwrap(self, data: bytes | memoryview) -> bytes | memoryview:
         """Edge: tell a raw link from a WebSocket one; both: strip the WebSocket framing."""
@@ -815,8 +831,12 @@ class MuxProtocol(DeferredFlush, asyncio.BufferedProtocol):
     def _on_timer(self) -> None:
         self._timer = None
         self._timer_at = None
-        self.session.handle_timer(self.loop.time())
-        self.process_events()
+        try:
+            self.session.handle_timer(self.loop.time())
+            self.process_events()
+        except Exception:
+            self._internal_error()
+            return
         self.flush()
 
     def process_events(self) -> None:

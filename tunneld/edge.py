@@ -272,6 +272,11 @@ class EdgeSession(MuxProtocol):
             exposures = handler(self.sandbox_id, message)
         except ValidationError as exc:
             self.session.send_control(control.Error(exc.code, exc.message, request_id))
+        except Exception:  # a bug: an answer, as _reply_after_write gives one, not a dead link
+            log.exception("%s: %s from the agent failed", self.describe(), type(message).__name__)
+            self.session.send_control(
+                control.Error("INTERNAL_ERROR", "Internal error; see the tunneld log.", request_id)
+            )
         else:
             self._send_ok(request_id, exposures)
 
