@@ -85,7 +85,7 @@ MAX_SANDBOX_ID_LENGTH: Final = 63
 MAX_CUSTOM_TOKEN_LENGTH: Final = 16
 # Tokens found in a hostname: anything that fits a DNS label (Cloudflare's parser allows 1-63).
 MAX_TOKEN_LENGTH: Final = 63
-# Generated tokens: 16 chars as Cloudflare's, from the same 37-char alphabet.
+# Generated tokens: 16 chars as Cloudflare's, from its 37-char alphabet less "_" (36, below).
 TOKEN_LENGTH: Final = 16
 TOKEN_ALPHABET: Final = "abcdefghijklmnopqrstuvwxyz0123456789_"  # what a custom token may use
 # Generated tokens leave out "_": a hostname label with "_" does not match a wildcard certificate

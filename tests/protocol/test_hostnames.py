@@ -261,7 +261,7 @@ def test_generate_token_charset_length_uniqueness() -> None:
         assert set(tok) <= allowed
         assert validate_custom_token(tok) == tok
     assert len(set(tokens)) == 1000
-    # 16000 draws over 37 symbols: every symbol shows up (a chance failure is ~37 * e^-432).
+    # 16000 draws over 36 symbols: every symbol shows up (a chance failure is ~36 * e^-450).
     assert set("".join(tokens)) == allowed
 
 
