@@ -419,6 +419,11 @@ class AgentSession(MuxProtocol):
                 api_port = self.agent.api_port
                 if api_port is not None and api_port in listed:
                     self._drop_api_port_exposure(api_port)
+        elif isinstance(message, control.Error) and message.id is None and self.welcomed.done():
+            # An error about no request once the session is up: the edge did not take a message
+            # of ours (UNEXPECTED_MESSAGE: an older edge, say) and the session goes on. Not a
+            # refusal: the session's end, whenever it comes, is told as what it is.
+            log.warning("the edge did not take a message: %s (%s)", message.message, message.code)
         elif isinstance(message, control.Error) and message.id is None:
             log.error("edge refused the session: %s (%s)", message.message, message.code)
             self.refusal = self.agent.last_refusal = (message.code, message.message)
