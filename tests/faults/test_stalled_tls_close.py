@@ -252,7 +252,7 @@ BITE: Final = 64 * 1024
 
 class _BiteAtEveryLook:
     """A client socket that takes bytes only when the ``StalledCloseWatch`` of its connection is
-    armed (when the edge's close begins, then after each look), and then at most ``BITE``: what
+    armed (when the edge's close begins, then after each look), and then at most ``most``: what
     its receive buffer holds, read right there in the watch's callback (non-blocking).
 
     So the client takes nothing for almost a whole period each time, yet something between
@@ -260,7 +260,13 @@ class _BiteAtEveryLook:
     from a client's timer racing it (a test process stalled for a period right after a look
     delayed such a client's read past the next look, which then found nothing taken)."""
 
-    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+    def __init__(
+        self, monkeypatch: pytest.MonkeyPatch, most: int = BITE, unless_read: int | None = None
+    ) -> None:
+        self.most = most
+        # ``unless_read``: no bite when the client's own reads took that much since the last arm
+        self.unless_read = unless_read
+        self.read = 0  # what the client's own reads took since the last arm
         self.sock: socket.socket | None = None
         self.raw = bytearray()  # taken, not yet given to the TLS client
         self.ended: str | None = None  # "reset" or "FIN" once the socket said so
@@ -281,7 +287,10 @@ class _BiteAtEveryLook:
         if watch.transport.get_extra_info("peername") != sock.getsockname():
             return  # another connection's watch
         self.looks += 1  # (the first arm is the close's start: counted from -1)
-        self._take(sock, BITE)
+        read, self.read = self.read, 0
+        if self.unless_read is not None and read >= self.unless_read:
+            return
+        self._take(sock, self.most)
         self.bitten.set()
 
     def _take(self, sock: socket.socket, most: int) -> bool:
@@ -319,25 +328,49 @@ class _BiteAtEveryLook:
                     while self._take(self.sock, 1 << 20):
                         pass
                 self.bitten.clear()
-                raw, self.raw = self.raw, bytearray()
-                if raw:
-                    client.incoming.write(raw)
-                if self.ended == "FIN":
-                    client.incoming.write_eof()
-                try:
-                    while plain := client.tls.read(65536):
-                        received += plain
-                    return bytes(received), "close_notify"
-                except ssl.SSLWantReadError:
-                    pass
-                except ssl.SSLZeroReturnError:
-                    return bytes(received), "close_notify"
-                except ssl.SSLError as exc:
-                    return bytes(received), f"TLS error ({exc.reason})"
-                if self.ended == "reset":
-                    return bytes(received), "reset"
-                if self.ended == "FIN":
-                    return bytes(received), "FIN without close_notify"
+                if (ended := self._feed(client, received)) is not None:
+                    return bytes(received), ended
+
+    async def read_paced(
+        self, client: _TlsClient, timeout: float, chunk: int, pause: float
+    ) -> tuple[bytes, str]:
+        """As ``_TlsClient.read_to_the_end`` (at most ``chunk`` socket bytes every ``pause``
+        seconds), plus the bites: every read is a non-blocking one made right then, into the
+        one buffer, so the bytes stay in order whoever took them."""
+        assert self.sock is not None
+        received = bytearray()
+        async with asyncio.timeout(timeout):
+            while True:
+                before = len(self.raw)
+                self._take(self.sock, chunk)
+                self.read += len(self.raw) - before
+                if (ended := self._feed(client, received)) is not None:
+                    return bytes(received), ended
+                await asyncio.sleep(pause)
+
+    def _feed(self, client: _TlsClient, received: bytearray) -> str | None:
+        """Give what was taken to the TLS client, its plaintext to ``received``; how the
+        connection ended, or None while it goes on."""
+        raw, self.raw = self.raw, bytearray()
+        if raw:
+            client.incoming.write(raw)
+        if self.ended == "FIN":
+            client.incoming.write_eof()
+        try:
+            while plain := client.tls.read(65536):
+                received += plain
+            return "close_notify"
+        except ssl.SSLWantReadError:
+            pass
+        except ssl.SSLZeroReturnError:
+            return "close_notify"
+        except ssl.SSLError as exc:
+            return f"TLS error ({exc.reason})"
+        if self.ended == "reset":
+            return "reset"
+        if self.ended == "FIN":
+            return "FIN without close_notify"
+        return None
 
 
 async def test_a_slow_tls_client_that_keeps_reading_gets_everything(
@@ -381,13 +414,21 @@ SLOW_LEFT: Final = 1280 * 1024
 
 @pytest.mark.parametrize("passthrough", [False, True], ids=["tls", "tls-passthrough-fallback"])
 async def test_a_slow_tls_client_gets_megabytes_left_at_the_close(
-    tmp_path: Path, passthrough: bool
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, passthrough: bool
 ) -> None:
     """A client downloading at about 200 KiB/s with over a MiB still in the edge's buffers and
     the kernel's when the service finishes gets every byte and ``close_notify``, however long
     past the close that takes: the watch (0.5 s looks) sees it take bytes at every look. Also
     through the passthrough listener (``public_tls_passthrough``), whose connections for the
-    edge's own names are terminated by the same TLS layer (``SniListener``)."""
+    edge's own names are terminated by the same TLS layer (``SniListener``). When its reads on
+    its own timer took less than 32 KiB since the previous look of the watch (the test process,
+    which runs the edge too, stalled for a look: right after the previous one or after the close
+    began), the client empties its receive buffer at the look (``_BiteAtEveryLook``), so such a
+    stall cannot reset a correct edge; otherwise it reads only on its timer. The client
+    does not answer ``close_notify``: the edge's side ends ``TLS_NOTIFY_WAIT`` (0.5 s here)
+    after it took everything."""
+    monkeypatch.setattr("tunneld.public.TLS_NOTIFY_WAIT", 0.5)  # the client does not answer
+    bites = _BiteAtEveryLook(monkeypatch, unless_read=32 * 1024)
     async with _exposed_tls(
         tmp_path,
         _BigThenCloseOf(SLOW_BODY),
@@ -397,10 +438,11 @@ async def test_a_slow_tls_client_gets_megabytes_left_at_the_close(
     ) as (stack, context, host):
         client: _TlsClient | None = None
         try:
-            client, conn = await _stalled_request(
-                stack, context, host, rcvbuf=16384, sndbuf=2 * SLOW_BODY, unsent=SLOW_LEFT
-            )
-            received, ended = await client.read_to_the_end(60, chunk=8192, pause=0.04)
+            client, conn = await _connect(stack, context, host, 16384, 2 * SLOW_BODY)
+            bites.sock = client.sock
+            await client.send(b"GET /big HTTP/1.1\r\nHost: " + host.encode() + b"\r\n\r\n")
+            await closing_with(lambda: conn.transport, SLOW_LEFT)
+            received, ended = await bites.read_paced(client, 60, chunk=8192, pause=0.04)
             assert (len(received), ended) == (len(HEAD) + SLOW_BODY, "close_notify")
             assert received == HEAD + b"x" * SLOW_BODY
             edge = stack.edge
