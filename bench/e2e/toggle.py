@@ -1,6 +1,9 @@
 """The access log's cost in ONE tunneld process, switched on and off between wrk bursts:
 ``python -m bench.e2e.toggle [COMMIT] [ROUNDS]`` (COMMIT as in ``bench.e2e.ab``, default HEAD;
-ROUNDS 30 unless given).
+ROUNDS 30 unless given). ``python -m bench.e2e.toggle --pool OUT [OUT...]``: the same report over
+the rounds of several saved outputs of runs of one code (each run's stdout), pooled: runs on a
+shared machine differ from each other by more than their own intervals say, and the pooled
+median of 360 rounds has an interval about half as wide as one run's.
 
 ``bench.e2e.interleave`` compares variants on stacks of their own, run at the same time: two
 stacks of the same code (its A/A control) still differ by up to 4 % in the median and 20 % in a
@@ -112,10 +115,60 @@ class Toggled:
         return {"tunneld_ns": spent / requests, "req_s": run["req_s"], "errors": run["errors"]}
 
 
+def report_of(runs: dict[str, list[dict[str, float]]]) -> dict[str, dict[str, float]]:
+    """Per state: medians, and the ratios to the ``off`` burst of the same round (their median,
+    quartiles and a 95 % bootstrap interval of the median)."""
+    base = runs["off"]
+    report: dict[str, dict[str, float]] = {}
+    for state in STATES:
+        ratios = [r["tunneld_ns"] / b["tunneld_ns"] for r, b in zip(runs[state], base, strict=True)]
+        q1, _, q3 = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else (ratios * 3)
+        low, high = bootstrap_median(ratios)
+        ns = statistics.median(r["tunneld_ns"] for r in runs[state])
+        report[state] = {
+            "tunneld_us_per_request": ns / 1000,
+            "req_s": statistics.median(r["req_s"] for r in runs[state]),
+            "errors": sum(r["errors"] for r in runs[state]),
+            "cpu_ratio": statistics.median(ratios),
+            "cpu_ratio_q1": q1,
+            "cpu_ratio_q3": q3,
+            "cpu_ratio_95_low": low,
+            "cpu_ratio_95_high": high,
+        }
+    return report
+
+
+def pool(paths: list[str]) -> int:
+    """``--pool``: the report over the rounds of saved outputs (their JSON after the round
+    lines), with each file's commit; 2 with a message for a file that holds no such output."""
+    runs: dict[str, list[dict[str, float]]] = {s: [] for s in STATES}
+    commits = []
+    for path in paths:
+        try:
+            text = Path(path).read_text()
+            saved, _ = json.JSONDecoder().raw_decode(text[text.index("\n{") + 1 :])
+            for state in STATES:
+                runs[state].extend(saved["runs"][state])
+            commits.append(saved["commit"])
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            print(f"{path}: not the output of a toggle run ({exc})", file=sys.stderr)
+            return 2
+        if len({len(runs[state]) for state in STATES}) != 1:
+            print(f"{path}: its states have different numbers of rounds", file=sys.stderr)
+            return 2
+    print(json.dumps({"commits": commits, "report": report_of(runs)}, indent=1))
+    return 0
+
+
 def main(argv: list[str]) -> int:
     if argv and argv[0] in ("-h", "--help"):
         print(__doc__)
         return 0
+    if argv and argv[0] == "--pool":
+        if len(argv) < 2:
+            print("--pool needs the saved output of at least one run", file=sys.stderr)
+            return 2
+        return pool(argv[1:])
     commit = argv[0] if argv else "HEAD"
     rounds = count_arg(argv[1]) if len(argv) > 1 else 30
     if rounds < 1:
@@ -139,24 +192,7 @@ def main(argv: list[str]) -> int:
                     )
         finally:
             toggled.stack.close()
-    base = runs["off"]
-    report: dict[str, dict[str, float]] = {}
-    for state in STATES:
-        ratios = [r["tunneld_ns"] / b["tunneld_ns"] for r, b in zip(runs[state], base, strict=True)]
-        q1, _, q3 = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else (ratios * 3)
-        low, high = bootstrap_median(ratios)
-        ns = statistics.median(r["tunneld_ns"] for r in runs[state])
-        report[state] = {
-            "tunneld_us_per_request": ns / 1000,
-            "req_s": statistics.median(r["req_s"] for r in runs[state]),
-            "errors": sum(r["errors"] for r in runs[state]),
-            "cpu_ratio": statistics.median(ratios),
-            "cpu_ratio_q1": q1,
-            "cpu_ratio_q3": q3,
-            "cpu_ratio_95_low": low,
-            "cpu_ratio_95_high": high,
-        }
-    print(json.dumps({"commit": commit, "runs": runs, "report": report}, indent=1))
+    print(json.dumps({"commit": commit, "runs": runs, "report": report_of(runs)}, indent=1))
     return 0
 
 
