@@ -20,7 +20,11 @@ the fallback and are what tests/test_speedups.py compares these with, on arbitra
 - tally(bounds): metrics.tally_py, a Tally: the metrics of whole responses, counted as they
   come (``whole_response`` counts into it without a Python call);
 - id_counter(start): itertools.count(start), the request ids' counter, whose values make_ids
-  takes in C.
+  takes in C;
+- pending() and spill(state): a connection's one request in flight held out of its deque by
+  log_request and log_response (the state's last item), and moved back to the deque and the
+  framer before the Python code looks (accesslog.spill_py does nothing: the reference holds
+  none). See "The request in flight of a keep-alive connection" below.
 
 log_response holds the common case's numbers in C (whole_native: the clocks, the request's
 start and body_in, its duration, status and sizes), so no int object is made or read back for
