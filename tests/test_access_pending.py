@@ -26,20 +26,7 @@ from tunneld.httphead import RequestHead
 from tunneld.metrics import RequestStats
 
 from .speedups_impl import SWITCHED
-
-
-class Clock:
-    """time.monotonic_ns and time.time_ns for tunneld.accesslog, moved by the test."""
-
-    def __init__(self) -> None:
-        self.mono = 5_000_000_000
-        self.wall = 1_780_000_000_123_456_789
-
-    def monotonic_ns(self) -> int:
-        return self.mono
-
-    def time_ns(self) -> int:
-        return self.wall
+from .test_access_fast_path import Clock
 
 
 def _response(status: int, body: bytes, **extra: bytes) -> bytes:

@@ -1,11 +1,10 @@
 """A bug on the edge's side of an agent session must still answer the agent (docs/protocol.md:
-`INTERNAL_ERROR` is "a bug in the sender"): a `list` the edge fails on gets `error {id,
-INTERNAL_ERROR}` and the session goes on, as `expose` and `unexpose` do
-(tests/faults/test_protocol_doc_replies.py); an exception that escapes an event handler ends the
-session with GO_AWAY(INTERNAL_ERROR) and the traceback in the log, where the event loop's own
-"Fatal error" used to drop the connection without a word to the agent. A real in-process edge on
-127.0.0.1 with one of its methods made to raise; the agent is a hand-driven session over a real
-socket."""
+`INTERNAL_ERROR` is "a bug in the sender"; a request the edge fails on gets `error {id,
+INTERNAL_ERROR}`: tests/faults/test_protocol_doc_replies.py): an exception that escapes an event
+handler ends the session with GO_AWAY(INTERNAL_ERROR) and the traceback in the log, where the
+event loop's own "Fatal error" used to drop the connection without a word to the agent. A real
+in-process edge on 127.0.0.1 with one of its methods made to raise; the agent is a hand-driven
+session over a real socket."""
 
 from __future__ import annotations
 
@@ -16,9 +15,10 @@ import pytest
 
 from protocol import control
 from protocol.errors import GoAwayCode
-from protocol.events import ControlReceived, GoAwayReceived
+from protocol.events import GoAwayReceived
 from tests.e2e.conftest import Stack
 from tests.e2e.test_doc_claims_architecture import raw_agent
+from tests.faults.test_protocol_doc_replies import _reply
 from tunneld.edge import EdgeSession
 
 pytestmark = pytest.mark.anyio
@@ -27,47 +27,6 @@ pytestmark = pytest.mark.anyio
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"  # the behaviour is the edge's, not the loop's
-
-
-def _reply(request_id: int) -> Any:
-    def match(event: object) -> bool:
-        message = getattr(event, "message", None)
-        return isinstance(event, ControlReceived) and getattr(message, "id", None) == request_id
-
-    return match
-
-
-async def test_a_list_the_edge_fails_on_gets_internal_error_and_the_session_goes_on(
-    stack: Stack, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    assert stack.edge is not None
-
-    def broken(sandbox_id: str) -> list[control.Exposure]:
-        raise RuntimeError("the registry broke in an unexpected way")
-
-    agent = await raw_agent(stack)
-    try:
-        with monkeypatch.context() as m:
-            m.setattr(stack.edge, "exposure_messages", broken)
-            agent.session.send_control(control.ListExposures(1))
-            agent.flush()
-            event = await agent.wait_for(_reply(1))
-        assert isinstance(event, ControlReceived)
-        error = event.message
-        assert isinstance(error, control.Error)
-        assert (error.code, error.id) == ("INTERNAL_ERROR", 1)
-        assert "tunneld log" in error.message
-        # the session goes on: the next request is served
-        agent.session.send_control(control.ListExposures(2))
-        agent.flush()
-        event = await agent.wait_for(_reply(2))
-        assert isinstance(event, ControlReceived) and event.message == control.Ok(2)
-        assert not agent.eof
-    finally:
-        await agent.close()
-    logged = [r for r in caplog.records if r.levelno == logging.ERROR and r.exc_info]
-    assert any("ListExposures from the agent failed" in r.getMessage() for r in logged), logged
-    caplog.clear()  # the traceback is the point here, not a crash of the test's own making
 
 
 async def test_an_exception_in_an_event_handler_ends_the_session_with_go_away_internal_error(

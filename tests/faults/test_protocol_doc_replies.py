@@ -46,19 +46,20 @@ def _reply(request_id: int) -> Any:
     [
         ("expose_from_agent", control.Expose(1, 8000)),
         ("unexpose_from_agent", control.Unexpose(1, 8000)),
+        ("exposure_messages", control.ListExposures(1)),  # served at once, not after a write
     ],
-    ids=["expose", "unexpose"],
+    ids=["expose", "unexpose", "list"],
 )
 async def test_a_request_the_edge_fails_on_gets_internal_error(
     stack: Stack, caplog: pytest.LogCaptureFixture, method: str, message: Any
 ) -> None:
     assert stack.edge is not None
 
-    async def broken(*args: object) -> object:
+    def broken(*args: object) -> object:  # raises when called, awaited or not
         raise RuntimeError("the store broke in an unexpected way")
 
+    agent = await raw_agent(stack)  # welcomed first: the welcome lists the exposures too
     setattr(stack.edge, method, broken)
-    agent = await raw_agent(stack)
     try:
         agent.session.send_control(message)
         agent.flush()
@@ -69,6 +70,7 @@ async def test_a_request_the_edge_fails_on_gets_internal_error(
         assert (error.code, error.id) == ("INTERNAL_ERROR", 1)
         assert "tunneld log" in error.message
         # the session goes on: the next request is served
+        delattr(stack.edge, method)  # the edge's own method again
         agent.session.send_control(control.ListExposures(2))
         agent.flush()
         event = await agent.wait_for(_reply(2))
