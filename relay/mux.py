@@ -417,6 +417,22 @@ def _limit_unsent(transport: asyncio.BaseTransport) -> None:
         pass
 
 
+def write_eof_or_abort(transport: asyncio.WriteTransport) -> bool:
+    """``transport.write_eof()``; False, with the transport aborted, when its socket is gone:
+    asyncio's ``write_eof`` is a ``shutdown(SHUT_WR)`` at once, which raises ENOTCONN for a socket
+    its peer reset before the transport noticed: on the edge a client's RST racing the service's
+    FIN, in the agent the service's RST racing the client's. Raised from a stream's end inside the
+    tunnel's event dispatch, it ended the whole session, every stream of the sandbox; it ends this
+    one connection, abnormally (its ``connection_lost`` resets the stream), and nothing else
+    (tests/faults/test_write_eof_reset.py)."""
+    try:
+        transport.write_eof()
+    except OSError:
+        transport.abort()
+        return False
+    return True
+
+
 class StreamEndpoint(asyncio.BufferedProtocol):
     """One stream of the session, bound to a local socket."""
 
@@ -524,8 +540,13 @@ class StreamEndpoint(asyncio.BufferedProtocol):
     def peer_ended(self) -> None:
         self._peer_eof = True
         transport = self.transport
-        if transport is not None and not transport.is_closing() and transport.can_write_eof():
-            transport.write_eof()
+        if (
+            transport is not None
+            and not transport.is_closing()
+            and transport.can_write_eof()
+            and not write_eof_or_abort(transport)
+        ):
+            return  # the local socket was reset: connection_lost resets the stream
         self._maybe_finish()
 
     def peer_accepted(self) -> None:

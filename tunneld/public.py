@@ -48,6 +48,7 @@ from relay.mux import (
     abort_with_reset,
     peer_hung_up,
     set_reset_on_close,
+    write_eof_or_abort,
 )
 
 from . import accesslog
@@ -1010,8 +1011,8 @@ class PublicConnection(StreamEndpoint):
         if transport is None:
             return
         if self._framer.state is STATE_TUNNEL and not self._local_eof:
-            if transport.can_write_eof():
-                transport.write_eof()  # WebSocket/raw tunnel: keep TCP half-close semantics
+            if transport.can_write_eof():  # WebSocket/raw tunnel: keep TCP half-close semantics
+                write_eof_or_abort(transport)  # a client's reset ends only this connection
             return
         if not self._responded and self._misdirected is None:
             # The service closed without a byte of response: say so instead of an empty reply.
