@@ -28,25 +28,35 @@ pytestmark = pytest.mark.anyio
 __all__ = ["anyio_backend"]  # asyncio and uvloop
 
 
+class Service:
+    """The sandbox's service: keeps what it receives and counts the resets it sees (the agent
+    passes a client's reset on); ``switch``: its answer to a request head first (a 101)."""
+
+    def __init__(self, switch: bytes | None = None) -> None:
+        self.switch = switch
+        self.received = bytearray()
+        self.resets = 0
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            if self.switch is not None:
+                await reader.readuntil(b"\r\n\r\n")
+                writer.write(self.switch)
+            while data := await reader.read(65536):
+                self.received.extend(data)
+        except ConnectionResetError:
+            self.resets += 1
+        finally:
+            writer.close()
+
+
 async def test_a_reset_client_at_the_service_s_end_loses_its_connection_only() -> None:
     stack = await tcp_stack()
     try:
         agent = await stack.agent("sb1")
-        accepted: list[asyncio.StreamWriter] = []
-        resets: list[asyncio.StreamWriter] = []
-        received = bytearray()
-
-        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            accepted.append(writer)
-            try:
-                while data := await reader.read(65536):
-                    received.extend(data)
-            except ConnectionResetError:
-                resets.append(writer)  # the agent passes the client's reset on
-            finally:
-                writer.close()
-
-        service = await asyncio.start_server(serve, "127.0.0.1", 0)
+        svc = Service()
+        received = svc.received
+        service = await asyncio.start_server(svc.serve, "127.0.0.1", 0)
         try:
             port = service.sockets[0].getsockname()[1]
             public_port = await expose_tcp(stack, "sb1", port)
@@ -63,7 +73,7 @@ async def test_a_reset_client_at_the_service_s_end_loses_its_connection_only() -
             endpoint.peer_ended()  # the agent's FIN for the stream, handled now
             # this connection is over, as a reset: the service's side is closed by the agent
             await wait_until(lambda: not session.streams, 10, "the stream to end")
-            await wait_until(lambda: resets == accepted[:1], 10, "the service to see a reset")
+            await wait_until(lambda: svc.resets == 1, 10, "the service to see a reset")
             # ...and the sandbox's tunnel goes on: a new connection through it works
             assert stack.edge.registry.get("sb1").session is session and not session.session.closed
             assert agent.session is not None and not agent.session.session.closed
@@ -103,20 +113,8 @@ async def test_a_reset_client_of_an_upgraded_connection_loses_it_only() -> None:
     stack = await tcp_stack()
     try:
         agent = await stack.agent("sb1")
-        resets: list[bool] = []
-
-        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            try:
-                await reader.readuntil(b"\r\n\r\n")
-                writer.write(SWITCHED)
-                while await reader.read(65536):
-                    pass
-            except ConnectionResetError:
-                resets.append(True)  # the agent passes the client's reset on
-            finally:
-                writer.close()
-
-        service = await asyncio.start_server(serve, "127.0.0.1", 0)
+        svc = Service(SWITCHED)
+        service = await asyncio.start_server(svc.serve, "127.0.0.1", 0)
         try:
             port = service.sockets[0].getsockname()[1]
             exposed = await stack.expose("sb1", port)
@@ -130,7 +128,7 @@ async def test_a_reset_client_of_an_upgraded_connection_loses_it_only() -> None:
             time.sleep(0.2)  # blocks the loop: the edge cannot notice the reset meanwhile
             endpoint.peer_ended()  # the service's end of the upgraded connection, handled now
             await wait_until(lambda: not session.streams, 10, "the stream to end")
-            await wait_until(lambda: resets == [True], 10, "the service to see a reset")
+            await wait_until(lambda: svc.resets == 1, 10, "the service to see a reset")
             assert stack.edge.registry.get("sb1").session is session and not session.session.closed
             assert agent.session is not None and not agent.session.session.closed
             (await _upgraded(stack.edge.public_port, host)).close()  # the tunnel still serves
