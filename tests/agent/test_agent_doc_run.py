@@ -12,15 +12,22 @@ import socket
 import subprocess
 import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import httpx
 import pytest
 
-from tests.e2e.procs import BIN, Processes, admin_client, preview_get, wait_for
+from tests.e2e.procs import (
+    BIN,
+    Processes,
+    ThreadedHTTPService,
+    admin_client,
+    preview_get,
+    wait_for,
+)
 
 
-class Service:
+class Service(ThreadedHTTPService):
     """An HTTP service on 127.0.0.1: ``GET /held`` is answered once ``release`` is set."""
 
     def __init__(self) -> None:
@@ -42,16 +49,11 @@ class Service:
             def log_message(self, *args: object) -> None:
                 pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.port = self.server.server_address[1]
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
+        super().__init__(Handler)
 
     def close(self) -> None:
         self.release.set()
-        self.server.shutdown()
-        self.server.server_close()
+        super().close()
 
 
 @pytest.fixture(scope="module")

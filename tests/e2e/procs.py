@@ -13,8 +13,10 @@ import secrets
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Sequence
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -197,3 +199,20 @@ def is_connected(p: Processes, sandbox: str) -> bool:
     with admin_client(p) as admin:
         sandboxes = admin.get("/v1/sandboxes").json()["sandboxes"]
     return any(s["id"] == sandbox and s["connected"] for s in sandboxes)
+
+
+class ThreadedHTTPService:
+    """An HTTP service on 127.0.0.1 (port 0) that ``handler`` (a BaseHTTPRequestHandler class)
+    answers, each request on a thread of its own, until ``close``."""
+
+    def __init__(self, handler: type[BaseHTTPRequestHandler]) -> None:
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(5)

@@ -6,17 +6,24 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
 import httpx
 
-from tests.e2e.procs import BIN, Processes, admin_client, is_connected, preview_get, wait_for
+from tests.e2e.procs import (
+    BIN,
+    Processes,
+    ThreadedHTTPService,
+    admin_client,
+    is_connected,
+    preview_get,
+    wait_for,
+)
 
 
-class Service:
+class Service(ThreadedHTTPService):
     """A service in the sandbox: answers ``port <n>`` on 127.0.0.1:<port 0>."""
 
     def __init__(self) -> None:
@@ -31,16 +38,7 @@ class Service:
             def log_message(self, *args: Any) -> None:
                 pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.port = self.server.server_address[1]
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join(5)
+        super().__init__(Handler)
 
 
 def admin(p: Processes) -> httpx.Client:
