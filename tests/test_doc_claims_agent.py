@@ -19,7 +19,7 @@ from protocol import frames, hostnames
 from protocol.session import SessionConfig
 from relay import accept, budget
 from tests.agent.test_local_api import FakeController
-from tests.test_doc_claims_readme import check_links
+from tests.test_doc_claims_readme import check_cited, check_links
 from tunneld import store as tunneld_store
 from tunneld.config import Config
 
@@ -752,10 +752,4 @@ CITED: tuple[tuple[str, tuple[str, ...]], ...] = (
 
 def test_each_cited_test_exists() -> None:
     """Every phrase of CITED is in the doc, and every test it names is defined in its file."""
-    for phrase, tests in CITED:
-        claim(phrase)
-        for test in tests:
-            path, _, name = test.partition("::")
-            source = (ROOT / path).read_text()
-            if name:
-                assert f"def {name}(" in source, f"{test} is gone (cited for {phrase!r})"
+    check_cited(CITED, claim)

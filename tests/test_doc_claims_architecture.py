@@ -13,7 +13,7 @@ from agent import portwatch
 from protocol import control, frames, hostnames, session
 from relay import buffers, mux
 from tests.faults import test_hostile_agent, test_isolation
-from tests.test_doc_claims_readme import check_links
+from tests.test_doc_claims_readme import check_cited, check_links
 from tunneld import (
     cluster,
     edge,
@@ -659,10 +659,4 @@ CITED: tuple[tuple[str, tuple[str, ...]], ...] = (
 
 def test_each_cited_test_exists() -> None:
     """Every phrase of CITED is in the doc, and every test it names is defined in its file."""
-    for phrase, tests in CITED:
-        claim(phrase)
-        for test in tests:
-            path, _, name = test.partition("::")
-            source = (ROOT / path).read_text()
-            if name:
-                assert f"def {name}(" in source, f"{test} is gone (cited for {phrase!r})"
+    check_cited(CITED, claim)

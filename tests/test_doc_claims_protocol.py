@@ -26,7 +26,7 @@ from protocol.frames import Flag, FrameType
 from protocol.session import Role, Session, SessionConfig
 from relay import mux, wslink
 from tests.faults import test_agent_stalled_service_bound, test_isolation
-from tests.test_doc_claims_readme import check_links
+from tests.test_doc_claims_readme import check_cited, check_links
 from tunneld import edge, nodelink
 from tunneld.config import Config
 
@@ -942,10 +942,4 @@ CITED: tuple[tuple[str, tuple[str, ...]], ...] = (
 
 def test_each_cited_test_exists() -> None:
     """Every phrase of CITED is in the doc, and every test it names is defined in its file."""
-    for phrase, tests in CITED:
-        claim(phrase)
-        for test in tests:
-            path, _, name = test.partition("::")
-            source = (ROOT / path).read_text(encoding="utf-8")
-            if name:
-                assert f"def {name}(" in source, f"{test} is gone (cited for {phrase!r})"
+    check_cited(CITED, claim)

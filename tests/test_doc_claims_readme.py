@@ -19,7 +19,7 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -571,6 +571,21 @@ def slug(heading: str) -> str:
 def anchors(path: Path) -> set[str]:
     text = re.sub(r"^```.*?^```$", "", path.read_text(), flags=re.S | re.M)
     return {slug(h) for h in re.findall(r"^#+ (.+)$", text, re.M)}
+
+
+def check_cited(
+    cited: tuple[tuple[str, tuple[str, ...]], ...], claim: Callable[[str], None]
+) -> None:
+    """A doc audit's CITED table: each phrase is in the doc (``claim(phrase)`` asserts it) and
+    each test named next to it (``path::name``, from the repository's root) is defined in its
+    file, so a renamed or deleted test cannot leave a claim unguarded."""
+    for phrase, tests in cited:
+        claim(phrase)
+        for test in tests:
+            path, _, name = test.partition("::")
+            source = (ROOT / path).read_text(encoding="utf-8")
+            if name:
+                assert f"def {name}(" in source, f"{test} is gone (cited for {phrase!r})"
 
 
 def check_links(doc: Path) -> int:
