@@ -129,9 +129,8 @@ OPEN(open64)
 """
 
 
-def shimmed_edge(tmp: Path, loop: str) -> tuple[Processes, Path]:
-    """A real tunneld on ``loop`` under the accept() shim (built here with gcc), its public
-    listener on 127.0.0.1; the file that arms the shim (``PORT COUNT ERRNO``)."""
+def build_shim(tmp: Path) -> Path:
+    """The accept() shim (SHIM) built with gcc into ``tmp``: its shared object, for LD_PRELOAD."""
     gcc = shutil.which("gcc")
     if gcc is None:
         pytest.skip("gcc is needed to build the accept() shim")
@@ -142,6 +141,13 @@ def shimmed_edge(tmp: Path, loop: str) -> tuple[Processes, Path]:
         check=True,
         timeout=60,
     )
+    return shim
+
+
+def shimmed_edge(tmp: Path, loop: str) -> tuple[Processes, Path]:
+    """A real tunneld on ``loop`` under the accept() shim (build_shim), its public listener on
+    127.0.0.1; the file that arms the shim (``PORT COUNT ERRNO``)."""
+    shim = build_shim(tmp)
     procs = Processes(tmp, loop)
     trigger = tmp / "fail-accepts"
     env = procs.env(

@@ -21,9 +21,7 @@ as a closed one would). Such a listener is readable for ever: uvloop (libuv) ret
 
 from __future__ import annotations
 
-import shutil
 import socket
-import subprocess
 from pathlib import Path
 
 import httpx
@@ -31,7 +29,7 @@ import pytest
 import trustme
 
 from tests.e2e.procs import Processes, wait_for
-from tests.faults.test_listener_accept_errors import SHIM, shimmed_edge
+from tests.faults.test_listener_accept_errors import build_shim, shimmed_edge
 
 
 def _refused(port: int) -> bool:
@@ -96,16 +94,7 @@ def test_readyz_names_the_lost_listener_with_and_without_the_redirect(
 ) -> None:
     """/readyz once zipped fixed names with the edge's listeners by position: right only while
     the edge opened exactly those, in that order. Now each listener is kept with its name."""
-    gcc = shutil.which("gcc")
-    if gcc is None:
-        pytest.skip("gcc is needed to build the accept() shim")
-    shim = tmp_path / "acceptshim.so"
-    (tmp_path / "acceptshim.c").write_text(SHIM)
-    subprocess.run(
-        [gcc, "-shared", "-fPIC", "-O1", "-o", str(shim), str(tmp_path / "acceptshim.c"), "-ldl"],
-        check=True,
-        timeout=60,
-    )
+    shim = build_shim(tmp_path)
     args = ["--public-host", "127.0.0.1"]
     if redirect:
         issued = trustme.CA().issue_cert("*.localhost", "localhost")
