@@ -82,10 +82,13 @@ def test_a_stop_while_a_worker_starts_stops_it_cleanly_with_the_supervisor(
     check_no_signal_death(text)
     # The supervisor stops; worker 0 took the signal with tunneld/entry.py's handler: its line,
     # its exit status, and the supervisor's word that it was stopped before it was ready.
+    # Ctrl-C: the supervisor, stopping on its SIGINT, sends the workers SIGTERM too, and either
+    # can reach worker 0 first (seen in a CI run: SIGTERM first, status 0): both are clean stops.
     worker_sig = "SIGINT" if how == "INT" else "SIGTERM"
+    codes = f"({code}|0)" if how == "INT" else str(code)
     assert f"tunneld: {worker_sig} during start-up: stopped before serving" in text, text[-3000:]
     assert re.search(rf"{sig}: stopping 2 workers, [12] of them still starting", text), text[-3000:]
-    exited = rf"worker 0 \(pid \d+\) exited with status {code}, before it was ready"
+    exited = rf"worker 0 \(pid \d+\) exited with status {codes}, before it was ready"
     assert re.search(exited, text), text[-3000:]
     assert "during start-up; stopping" not in text, text[-3000:]  # not a failed start
     assert "supervisor stopped" in text, text[-3000:]
